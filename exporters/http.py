@@ -1,0 +1,104 @@
+"""A small threaded HTTP server for ``/metrics``: content negotiation and gzip as Prometheus asks.
+
+One thread per connection, each with a socket timeout, so a slow or stalled client holds only its
+own thread and never the collection loop or other scrapers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+log = logging.getLogger("tally.http")
+
+_LANDING = b"""<!doctype html>
+<html><head><title>tally</title></head>
+<body><h1>tally</h1>
+<p>Utilisation telemetry. Metrics: <a href="/metrics">/metrics</a></p></body></html>
+"""
+
+CLIENT_TIMEOUT_SECONDS = 10.0
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    registry: CollectorRegistry
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    timeout = CLIENT_TIMEOUT_SECONDS
+    server_version = "tally"
+    sys_version = ""
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._metrics()
+        elif path == "/":
+            self._send(200, "text/html; charset=utf-8", _LANDING)
+        elif path in ("/-/healthy", "/-/ready"):
+            self._send(200, "text/plain; charset=utf-8", b"OK\n")
+        else:
+            self._send(404, "text/plain; charset=utf-8", b"not found\n")
+
+    def _metrics(self) -> None:
+        encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+        try:
+            body = encoder(self.server.registry)
+        except Exception:
+            log.exception("rendering /metrics failed")
+            self._send(500, "text/plain; charset=utf-8", b"internal error rendering metrics\n")
+            return
+        self._send(200, content_type, body, compress=True)
+
+    def _send(self, status: int, content_type: str, body: bytes, compress: bool = False) -> None:
+        accept = self.headers.get("Accept-Encoding", "")
+        gzipped = compress and "gzip" in [p.split(";")[0].strip() for p in accept.split(",")]
+        if gzipped:
+            body = gzip.compress(body, compresslevel=6)
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        if gzipped:
+            self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s " + format, self.address_string(), *args)
+
+
+class MetricsServer:
+    """Serves ``registry`` on ``host:port`` from a background thread (port 0 picks a free one)."""
+
+    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        class Server(_Server):
+            address_family = family
+
+        self._httpd = Server((host, port), _Handler)
+        self._httpd.registry = registry
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, name="tally-http", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)

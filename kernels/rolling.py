@@ -1,0 +1,67 @@
+"""Trailing time-weighted windows over many series at once (SPEC §6 ``*_avg_ratio{window}``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kernels.backend import array_namespace
+from kernels.series import segment_bounds
+
+
+def window_start_index(times_sorted: Any, row_start: Any, at: Any, window_ns: int) -> Any:
+    """For each row index in ``at``, the first row of its series with time > t_at - window.
+
+    Rows must be sorted by (series, time). A vectorised bisection over each row's own series:
+    O(n log n) element operations, no Python loop over rows.
+    """
+    xp = array_namespace(times_sorted, row_start, at)
+    target = times_sorted[at] - window_ns
+    lo = row_start[at].astype(xp.int64)
+    hi = at.astype(xp.int64)  # t_at > target always holds, so the answer is in [lo, at]
+    while True:
+        active = lo < hi
+        if not bool(active.any()):
+            return lo
+        mid = (lo + hi) // 2
+        later = times_sorted[mid] > target
+        hi = xp.where(active & later, mid, hi)
+        lo = xp.where(active & ~later, mid + 1, lo)
+
+
+def trailing_sums(
+    codes_sorted: Any, times_sorted: Any, values: list[Any], window_ns: int, at: Any | None = None
+) -> list[Any]:
+    """Sums of each array in ``values`` over the rows of the same series with t in (t_at - W, t_at].
+
+    Each row's value stands for the interval that ends at that row, so a window holds the
+    intervals whose end lies inside it. Integer inputs give exact integer sums. ``at`` selects the
+    rows to evaluate (default: every row).
+    """
+    xp = array_namespace(codes_sorted, times_sorted, *values)
+    n = times_sorted.shape[0]
+    if at is None:
+        at = xp.arange(n, dtype=xp.int64)
+    if n == 0:
+        return [xp.zeros(0, dtype=v.dtype) for v in values]
+    _, row_start = segment_bounds(codes_sorted)
+    first = window_start_index(times_sorted, row_start, at, window_ns)
+    sums = []
+    for v in values:
+        csum = xp.concatenate([xp.zeros(1, dtype=v.dtype), xp.cumsum(v)])
+        sums.append(csum[at + 1] - csum[first])
+    return sums
+
+
+def trailing_ratio(
+    codes_sorted: Any,
+    times_sorted: Any,
+    numerator: Any,
+    denominator: Any,
+    window_ns: int,
+    at: Any | None = None,
+) -> Any:
+    """Time-weighted mean Σnum / Σden over each trailing window; NaN where Σden is 0."""
+    xp = array_namespace(numerator, denominator)
+    num, den = trailing_sums(codes_sorted, times_sorted, [numerator, denominator], window_ns, at)
+    safe = xp.where(den > 0, den, 1)
+    return xp.where(den > 0, num.astype(xp.float64) / safe, xp.nan)

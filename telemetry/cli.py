@@ -1,0 +1,251 @@
+"""The ``tally`` command line: ``daemon`` and ``replay``.
+
+Exit codes: 0 ok, 2 bad usage, configuration or input (one line on stderr), 1 unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import traceback
+from pathlib import Path
+from typing import Any, NoReturn
+
+from telemetry import __version__
+from telemetry.collectors import REGISTRY
+from telemetry.config import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_INTERVAL_SECONDS,
+    DEFAULT_LISTEN,
+    DEFAULT_MAX_GAP_SECONDS,
+    DaemonConfig,
+    load_config_file,
+    parse_duration,
+    parse_listen,
+)
+from telemetry.errors import TallyError
+from telemetry.logs import setup as setup_logging
+from telemetry.schema import SchemaError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage, so every error is one line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise TallyError(f"{self.prog}: {message} (see --help)")
+
+
+def _duration(what: str) -> Any:
+    def parse(text: str) -> float:
+        try:
+            return parse_duration(text, what)
+        except TallyError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="tally", description="Utilisation telemetry: collect, store, aggregate, export."
+    )
+    parser.add_argument("--version", action="version", version=f"tally {__version__}")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    d = sub.add_parser("daemon", help="collect this node's telemetry, store it, serve /metrics")
+    d.add_argument("--config", type=Path, help="TOML file of flag values (command line wins)")
+    d.add_argument("--listen", help=f"ADDR:PORT to serve /metrics on (default {DEFAULT_LISTEN})")
+    d.add_argument(
+        "--data-dir", type=Path, help=f"dataset directory to write (default {DEFAULT_DATA_DIR})"
+    )
+    d.add_argument(
+        "--interval",
+        type=_duration("interval"),
+        help=f"seconds between rounds (default {DEFAULT_INTERVAL_SECONDS:g})",
+    )
+    d.add_argument(
+        "--max-gap",
+        type=_duration("max-gap"),
+        help=f"longest interval that still counts (default {DEFAULT_MAX_GAP_SECONDS:g}s)",
+    )
+    d.add_argument(
+        "--path.procfs", dest="path_procfs", type=Path, help="procfs mount point (default /proc)"
+    )
+    d.add_argument(
+        "--path.sysfs", dest="path_sysfs", type=Path, help="sysfs mount point (default /sys)"
+    )
+    d.add_argument("--node", help="node name to record (default: the host name)")
+    for name, cls in REGISTRY.items():
+        state = "on" if cls.default_enabled else "off"
+        d.add_argument(
+            f"--collector.{name}",
+            dest=f"collector_{name}",
+            action="store_true",
+            default=None,
+            help=f"enable the {name} collector: {cls.help} (default {state})",
+        )
+        d.add_argument(
+            f"--no-collector.{name}",
+            dest=f"collector_{name}",
+            action="store_false",
+            default=None,
+            help=f"disable the {name} collector",
+        )
+
+    r = sub.add_parser("replay", help="feed a stored dataset through aggregation and the exporter")
+    r.add_argument("dataset", type=Path)
+    r.add_argument("--listen", help="ADDR:PORT to keep serving the final state on")
+    r.add_argument("--speed", type=_positive, help="pace the replay at X times real time")
+    r.add_argument(
+        "--once", action="store_true", help="print the final exposition to stdout and exit"
+    )
+    r.add_argument(
+        "--max-gap",
+        type=_duration("max-gap"),
+        default=DEFAULT_MAX_GAP_SECONDS,
+        help=f"longest interval that still counts (default {DEFAULT_MAX_GAP_SECONDS:g}s)",
+    )
+    return parser
+
+
+# Config-file keys and the argparse destination each one sets.
+_CONFIG_KEYS = {
+    "listen": "listen",
+    "data-dir": "data_dir",
+    "interval": "interval",
+    "max-gap": "max_gap",
+    "path.procfs": "path_procfs",
+    "path.sysfs": "path_sysfs",
+    "node": "node",
+    **{f"collector.{name}": f"collector_{name}" for name in REGISTRY},
+}
+
+
+def daemon_config(args: argparse.Namespace) -> DaemonConfig:
+    """Resolve daemon settings: command line, then ``--config`` file, then defaults."""
+    file_values: dict[str, Any] = {}
+    if args.config is not None:
+        raw = load_config_file(args.config, set(_CONFIG_KEYS))
+        for key, raw_value in raw.items():
+            dest = _CONFIG_KEYS[key]
+            value = raw_value
+            if dest in ("interval", "max_gap"):
+                value = parse_duration(str(raw_value), f"config {args.config}: {key}")
+            elif key.startswith("collector.") and not isinstance(raw_value, bool):
+                raise TallyError(f"config {args.config}: {key} must be true or false")
+            elif dest in ("data_dir", "path_procfs", "path_sysfs"):
+                value = Path(str(raw_value))
+            file_values[dest] = value
+
+    def pick(dest: str, default: Any) -> Any:
+        value = getattr(args, dest)
+        if value is not None:
+            return value
+        return file_values.get(dest, default)
+
+    return DaemonConfig(
+        listen=pick("listen", DEFAULT_LISTEN),
+        data_dir=pick("data_dir", Path(DEFAULT_DATA_DIR)),
+        interval_seconds=pick("interval", DEFAULT_INTERVAL_SECONDS),
+        max_gap_seconds=pick("max_gap", DEFAULT_MAX_GAP_SECONDS),
+        procfs=pick("path_procfs", Path("/proc")),
+        sysfs=pick("path_sysfs", Path("/sys")),
+        node=pick("node", ""),
+        collectors={
+            name: pick(f"collector_{name}", cls.default_enabled) for name, cls in REGISTRY.items()
+        },
+        log_level=args.log_level,
+    )
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from telemetry.daemon import run_daemon
+
+    return run_daemon(daemon_config(args))
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from exporters.http import MetricsServer
+    from exporters.prometheus import TallyCollector
+    from telemetry.replay import load_dataset, replay
+    from telemetry.state import Snapshot
+
+    listen = parse_listen(args.listen) if args.listen and not args.once else None
+    tables, stats = load_dataset(args.dataset)
+    current: list[Snapshot] = [Snapshot()]
+    registry = CollectorRegistry()
+    registry.register(TallyCollector(lambda: current[0]))
+    server = None
+    if listen is not None:
+        try:
+            server = MetricsServer(registry, *listen)
+        except OSError as exc:
+            raise TallyError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
+        server.start()
+        print(f"tally replay: serving http://{args.listen}/metrics", file=sys.stderr, flush=True)
+    stop = threading.Event()
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def publish(snapshot: Snapshot) -> None:
+        current[0] = snapshot
+
+    replay(tables, args.max_gap, args.speed, publish, stop)
+    if stats.files_quarantined or stats.files_skipped:
+        print(
+            f"tally replay: {stats.files} files read, {stats.files_quarantined} quarantined, "
+            f"{stats.files_skipped} skipped",
+            file=sys.stderr,
+        )
+    if server is None:
+        sys.stdout.buffer.write(generate_latest(registry))
+        sys.stdout.flush()
+        return 0
+    stop.wait()
+    server.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``tally`` console script; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        setup_logging(args.log_level)
+        if args.command == "daemon":
+            return cmd_daemon(args)
+        return cmd_replay(args)
+    except (TallyError, SchemaError) as exc:
+        print(f"tally: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+    except Exception:
+        traceback.print_exc()
+        print(
+            "tally: unexpected error (a bug); please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Collectors, one per module, registered by name in :data:`REGISTRY`.
+
+Importing this package registers the built-in collectors; the daemon derives its
+``--collector.NAME`` / ``--no-collector.NAME`` flags from the registry.
+"""
+
+from __future__ import annotations
+
+from telemetry.collectors import cpu, rapl
+from telemetry.collectors.base import (
+    REGISTRY,
+    Collector,
+    CollectorContext,
+    CollectorStatus,
+    Round,
+    Runner,
+    assemble,
+    register,
+)
+
+__all__ = [
+    "REGISTRY",
+    "Collector",
+    "CollectorContext",
+    "CollectorStatus",
+    "Round",
+    "Runner",
+    "assemble",
+    "cpu",
+    "rapl",
+    "register",
+]

@@ -1,0 +1,160 @@
+"""The collector framework: a registry by name, a per-collector error boundary, row merging.
+
+A collector reads one source (``/proc/stat``, RAPL zones, NVML, …) and returns partial rows for
+one or more sample tables. The daemon runs every enabled collector each round, each inside its
+own error boundary, and merges their rows by series key, so that e.g. the ``cpu`` and ``rapl``
+collectors together fill one ``cpu`` table row. Nothing here hard-codes a filesystem root: the
+roots come in a :class:`CollectorContext`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+from telemetry.logs import OnceLogger
+from telemetry.schema import SCHEMAS, SERIES_KEYS
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CollectorContext:
+    """What collectors may know of the host: injected filesystem roots, node name, USER_HZ."""
+
+    procfs: Path
+    sysfs: Path
+    node: str
+    user_hz: int = 100
+
+
+class Collector:
+    """Base class: subclasses set ``name``/``help`` and implement :meth:`collect`.
+
+    ``collect`` returns ``{table: [row, …]}`` with partial rows (``time`` and ``node`` are filled
+    in by the caller) and raises any exception to fail this round; state that must survive
+    between rounds (previous counter readings) lives on the instance.
+    """
+
+    name: ClassVar[str] = ""
+    help: ClassVar[str] = ""
+    default_enabled: ClassVar[bool] = True
+
+    def __init__(self, ctx: CollectorContext) -> None:
+        self.ctx = ctx
+
+    def collect(self) -> dict[str, list[Row]]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the collector holds (files, libraries); default: nothing."""
+
+
+REGISTRY: dict[str, type[Collector]] = {}
+
+
+def register(cls: type[Collector]) -> type[Collector]:
+    """Class decorator: make a collector available by its ``name``."""
+    if not cls.name or cls.name in REGISTRY:
+        raise ValueError(f"collector name {cls.name!r} is empty or registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+@dataclass
+class CollectorStatus:
+    """Outcome of one collector in one round (feeds ``tally_collector_*``)."""
+
+    success: bool
+    duration_seconds: float
+    error: str | None = None
+
+
+@dataclass
+class Round:
+    """Everything one collection round produced."""
+
+    time_ns: int
+    tables: dict[str, pa.Table]
+    status: dict[str, CollectorStatus] = field(default_factory=dict)
+    rows_dropped: int = 0
+
+
+class Runner:
+    """Runs enabled collectors with one error boundary each and assembles Arrow tables."""
+
+    def __init__(
+        self,
+        collectors: list[Collector],
+        clock_ns: Callable[[], int] = time.time_ns,
+        once: OnceLogger | None = None,
+    ) -> None:
+        self.collectors = collectors
+        self.clock_ns = clock_ns
+        self.once = once or OnceLogger()
+
+    def run(self) -> Round:
+        """Collect one round. Never raises for a collector's fault; it is reported in status."""
+        now = self.clock_ns()
+        partial: dict[str, list[Row]] = {}
+        status: dict[str, CollectorStatus] = {}
+        for collector in self.collectors:
+            start = time.perf_counter()
+            try:
+                produced = collector.collect()
+            except Exception as exc:
+                took = time.perf_counter() - start
+                message = f"collector {collector.name} failed: {_one_line(exc)}"
+                self.once.warning(f"collector:{collector.name}", message)
+                status[collector.name] = CollectorStatus(False, took, _one_line(exc))
+                continue
+            status[collector.name] = CollectorStatus(True, time.perf_counter() - start)
+            self.once.clear(f"collector:{collector.name}")
+            for table, rows in produced.items():
+                partial.setdefault(table, []).extend(rows)
+        node = self.collectors[0].ctx.node if self.collectors else ""
+        tables, dropped = assemble(partial, now, node)
+        return Round(time_ns=now, tables=tables, status=status, rows_dropped=dropped)
+
+    def close(self) -> None:
+        for collector in self.collectors:
+            collector.close()
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().replace("\n", " ") or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def assemble(
+    partial: dict[str, list[Row]], time_ns: int, node: str
+) -> tuple[dict[str, pa.Table], int]:
+    """Merge partial rows of one round by series key into one Arrow table per sample table.
+
+    Rows lacking a non-nullable column after merging (e.g. only RAPL energy because the ``cpu``
+    collector failed) are dropped; their count is returned.
+    """
+    tables: dict[str, pa.Table] = {}
+    dropped = 0
+    for table, rows in partial.items():
+        schema = SCHEMAS[table]
+        keys = SERIES_KEYS[table]
+        merged: dict[tuple[Any, ...], Row] = {}
+        for row in rows:
+            full = {"time": time_ns, "node": node, **row}
+            merged.setdefault(tuple(full[k] for k in keys), {}).update(full)
+        required = [f.name for f in schema if not f.nullable]
+        complete = []
+        for row in merged.values():
+            if all(row.get(name) is not None for name in required):
+                complete.append(row)
+            else:
+                dropped += 1
+        if complete:
+            tables[table] = pa.Table.from_pylist(complete, schema=schema)
+    return tables, dropped

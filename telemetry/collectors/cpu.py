@@ -1,0 +1,149 @@
+"""``cpu`` collector: /proc/stat CPU time per mode, CPUs online, /proc/meminfo totals.
+
+Parsers are pure functions of the file text. The collector keeps the counters monotonic: the
+aggregate iowait can step backwards on NO_HZ kernels and CPU hotplug can move other modes back;
+such a step is held at the previous value rather than reported as a restart, which SPEC §3 would
+turn into a huge increase.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from telemetry.collectors.base import Collector, CollectorContext, Row, register
+from telemetry.errors import ParseError
+from telemetry.schema import CPU_MODES
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    """CPU seconds per mode summed over all CPUs, and the number of CPUs online."""
+
+    seconds: dict[str, float]
+    cpus_online: int
+
+
+def parse_proc_stat(text: str, user_hz: int, source: str = "/proc/stat") -> ProcStat:
+    """Parse /proc/stat: the aggregate ``cpu`` line (USER_HZ ticks → seconds) and ``cpuN`` lines.
+
+    Kernels older than 2.6.11 print fewer than eight modes; missing trailing modes count as 0.
+    Raises ``ParseError`` when the aggregate line is missing or not numeric, or no CPU is listed.
+    """
+    if user_hz <= 0:
+        raise ValueError(f"user_hz must be positive, got {user_hz}")
+    aggregate: list[int] | None = None
+    online = 0
+    for line in text.splitlines():
+        if not line.startswith("cpu"):
+            continue
+        head, _, rest = line.partition(" ")
+        if head == "cpu":
+            fields = rest.split()
+            if len(fields) < 4:
+                raise ParseError(
+                    f"{source}: aggregate cpu line has {len(fields)} fields, need >= 4"
+                )
+            try:
+                aggregate = [int(v) for v in fields[: len(CPU_MODES)]]
+            except ValueError:
+                raise ParseError(
+                    f"{source}: aggregate cpu line is not numeric: {line[:80]!r}"
+                ) from None
+            if any(v < 0 for v in aggregate):
+                raise ParseError(f"{source}: negative CPU time in {line[:80]!r}")
+        elif head[3:].isdigit():
+            online += 1
+    if aggregate is None:
+        raise ParseError(f"{source}: no aggregate 'cpu' line")
+    if online == 0:
+        raise ParseError(f"{source}: no per-CPU 'cpuN' lines")
+    aggregate += [0] * (len(CPU_MODES) - len(aggregate))
+    seconds = {mode: ticks / user_hz for mode, ticks in zip(CPU_MODES, aggregate, strict=True)}
+    return ProcStat(seconds=seconds, cpus_online=online)
+
+
+@dataclass(frozen=True)
+class MemInfo:
+    """Memory totals in bytes."""
+
+    total_bytes: int
+    available_bytes: int
+
+
+def parse_meminfo(text: str, source: str = "/proc/meminfo") -> MemInfo:
+    """Parse /proc/meminfo ``MemTotal`` and ``MemAvailable`` (kB → bytes).
+
+    Before Linux 3.14 there is no ``MemAvailable``; it is estimated as MemFree + Buffers + Cached.
+    Raises ``ParseError`` when MemTotal is missing or a value is not a number.
+    """
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        key, sep, rest = line.partition(":")
+        if not sep:
+            continue
+        parts = rest.split()
+        if not parts:
+            continue
+        try:
+            number = int(parts[0])
+        except ValueError:
+            raise ParseError(f"{source}: {key} is not a number: {rest.strip()[:40]!r}") from None
+        unit = parts[1] if len(parts) > 1 else ""
+        values[key] = number * 1024 if unit == "kB" else number
+    if "MemTotal" not in values:
+        raise ParseError(f"{source}: no MemTotal line")
+    available = values.get("MemAvailable")
+    if available is None:
+        available = sum(values.get(k, 0) for k in ("MemFree", "Buffers", "Cached"))
+    return MemInfo(total_bytes=values["MemTotal"], available_bytes=available)
+
+
+class MonotonicCounters:
+    """Turns readings that may step backwards into counters that never do.
+
+    The first reading is taken as is; afterwards each counter advances by the reading's increase
+    and holds still when the reading goes back.
+    """
+
+    def __init__(self) -> None:
+        self._last_raw: dict[str, float] = {}
+        self._value: dict[str, float] = {}
+
+    def update(self, raw: dict[str, float]) -> dict[str, float]:
+        out = {}
+        for key, reading in raw.items():
+            if key not in self._value:
+                self._value[key] = reading
+            else:
+                step = reading - self._last_raw[key]
+                if step > 0:
+                    self._value[key] += step
+            self._last_raw[key] = reading
+            out[key] = self._value[key]
+        return out
+
+
+@register
+class CpuCollector(Collector):
+    name = "cpu"
+    help = "CPU time per mode and CPUs online from /proc/stat, memory from /proc/meminfo"
+
+    def __init__(self, ctx: CollectorContext) -> None:
+        super().__init__(ctx)
+        self._counters = MonotonicCounters()
+
+    def collect(self) -> dict[str, list[Row]]:
+        stat_path = self.ctx.procfs / "stat"
+        mem_path = self.ctx.procfs / "meminfo"
+        stat = parse_proc_stat(
+            stat_path.read_text(errors="replace"), self.ctx.user_hz, str(stat_path)
+        )
+        mem = parse_meminfo(mem_path.read_text(errors="replace"), str(mem_path))
+        seconds = self._counters.update(stat.seconds)
+        row: Row = {f"{mode}_seconds": seconds[mode] for mode in CPU_MODES}
+        row.update(
+            cpus=stat.cpus_online,
+            memory_total_bytes=mem.total_bytes,
+            memory_available_bytes=mem.available_bytes,
+        )
+        return {"cpu": [row]}

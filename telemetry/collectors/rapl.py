@@ -1,0 +1,115 @@
+"""``rapl`` collector: CPU package energy from powercap RAPL zones into ``cpu.energy_joules``.
+
+Reads ``<sysfs>/class/powercap/intel-rapl:N`` (top-level zones whose ``name`` starts with
+``package``; sub-zones and ``psys`` would count the same joules twice). The hardware counter wraps
+at ``max_energy_range_uj`` — every few minutes on a busy server — so the collector keeps its own
+accumulator, which starts at 0 when the daemon starts. Since Linux 5.10 ``energy_uj`` is readable
+by root only: then the energy is null and one line is logged, not an error every round.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from telemetry.collectors.base import Collector, CollectorContext, Row, register
+from telemetry.errors import ParseError
+from telemetry.logs import OnceLogger, log
+
+_ZONE = re.compile(r"^intel-rapl:\d+$")
+
+
+def parse_microjoules(text: str, source: str) -> int:
+    """Parse a powercap counter file (one non-negative integer, µJ). Raises ``ParseError``."""
+    value = text.strip()
+    if not value.isdigit():
+        raise ParseError(f"{source}: expected a non-negative integer, got {value[:40]!r}")
+    return int(value)
+
+
+def wrap_delta(previous_uj: int, current_uj: int, max_range_uj: int) -> int:
+    """Energy increase in µJ between two readings of a counter that wraps at ``max_range_uj``."""
+    if current_uj >= previous_uj:
+        return current_uj - previous_uj
+    if max_range_uj > previous_uj:
+        return max_range_uj - previous_uj + current_uj
+    return current_uj  # no usable range: count from zero, as a restart
+
+
+def package_zones(sysfs: Path) -> list[Path]:
+    """Top-level RAPL package zones under ``sysfs``, sorted by name."""
+    root = sysfs / "class" / "powercap"
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return []
+    zones = []
+    for entry in entries:
+        if not _ZONE.match(entry.name):
+            continue
+        try:
+            name = (entry / "name").read_text().strip()
+        except OSError:
+            continue
+        if name.startswith("package"):
+            zones.append(entry)
+    return zones
+
+
+@dataclass
+class _ZoneState:
+    last_uj: int
+    max_range_uj: int
+
+
+@register
+class RaplCollector(Collector):
+    name = "rapl"
+    help = "CPU package energy from powercap RAPL zones (wrap-corrected)"
+
+    def __init__(self, ctx: CollectorContext) -> None:
+        super().__init__(ctx)
+        self._state: dict[str, _ZoneState] = {}
+        self._joules = 0.0
+        self._once = OnceLogger(log)
+
+    def collect(self) -> dict[str, list[Row]]:
+        zones = package_zones(self.ctx.sysfs)
+        if not zones:
+            self._once.warning(
+                "none",
+                f"rapl: no package zones under {self.ctx.sysfs}/class/powercap; "
+                "energy_joules stays null",
+            )
+            return {}
+        increase_uj = 0
+        for zone in zones:
+            counter = zone / "energy_uj"
+            try:
+                text = counter.read_text()
+            except PermissionError:
+                self._once.warning(
+                    f"perm:{zone.name}",
+                    f"rapl: {counter} is not readable (root only since Linux 5.10); "
+                    "energy_joules is null",
+                )
+                return {"cpu": [{"energy_joules": None}]}
+            current = parse_microjoules(text, str(counter))
+            self._once.clear(f"perm:{zone.name}")
+            state = self._state.get(zone.name)
+            if state is None:
+                self._state[zone.name] = _ZoneState(current, self._max_range(zone))
+                continue
+            increase_uj += wrap_delta(state.last_uj, current, state.max_range_uj)
+            state.last_uj = current
+        self._joules += increase_uj / 1e6
+        return {"cpu": [{"energy_joules": self._joules}]}
+
+    @staticmethod
+    def _max_range(zone: Path) -> int:
+        path = zone / "max_energy_range_uj"
+        try:
+            return parse_microjoules(path.read_text(), str(path))
+        except (OSError, ParseError):
+            return 0

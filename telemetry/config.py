@@ -1,0 +1,123 @@
+"""Daemon settings: defaults, value parsers (listen address, durations) and the TOML config file.
+
+Precedence is command line > config file > defaults. Every parser raises ``TallyError`` with a
+message that names the offending value (and file and key for the config file).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from telemetry.errors import TallyError
+
+# Outside 9100-9999, which Prometheus' default port allocation list has filled, and not a port
+# other common monitoring software defaults to.
+DEFAULT_PORT = 8469
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_DATA_DIR = "./data"
+DEFAULT_INTERVAL_SECONDS = 5.0
+DEFAULT_MAX_GAP_SECONDS = 60.0
+
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+
+
+def parse_duration(text: str, what: str = "duration") -> float:
+    """Seconds in ``text``: a number with an optional unit ms, s, m, h, d or w (``5``, ``15m``)."""
+    match = _DURATION.match(str(text))
+    if not match:
+        raise TallyError(f"{what}: {text!r} is not a duration like 5s, 15m, 1h or 7d")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+def parse_window(text: str) -> int:
+    """A window length in whole seconds, at least 60 (``15m``, ``1h``, ``1d``, ``7d``)."""
+    seconds = parse_duration(text, "window")
+    if seconds != int(seconds) or seconds < 60:
+        raise TallyError(f"window: {text!r} must be a whole number of seconds, at least 60")
+    return int(seconds)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """Split ``ADDR:PORT`` (``[v6]:PORT`` for IPv6; empty ADDR means all IPv4 addresses)."""
+    text = str(text).strip()
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise TallyError(f"listen address {text!r}: expected [IPv6]:PORT")
+    else:
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise TallyError(f"listen address {text!r}: expected ADDR:PORT, e.g. {DEFAULT_LISTEN}")
+        host = host or "0.0.0.0"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise TallyError(f"listen address {text!r}: port must be a number 0-65535")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise TallyError(f"listen address {text!r}: {host!r} is not an IP address") from None
+    return host, int(port)
+
+
+@dataclass
+class DaemonConfig:
+    """Resolved settings of ``tally daemon``."""
+
+    listen: str = DEFAULT_LISTEN
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    interval_seconds: float = DEFAULT_INTERVAL_SECONDS
+    max_gap_seconds: float = DEFAULT_MAX_GAP_SECONDS
+    procfs: Path = Path("/proc")
+    sysfs: Path = Path("/sys")
+    node: str = ""
+    collectors: dict[str, bool] = field(default_factory=dict)
+    log_level: str = "info"
+
+    def check(self) -> None:
+        """Raise ``TallyError`` for settings that cannot work together."""
+        parse_listen(self.listen)
+        if self.interval_seconds <= 0:
+            raise TallyError("interval must be positive")
+        if self.interval_seconds * 2 > self.max_gap_seconds:
+            raise TallyError(
+                f"interval {self.interval_seconds:g}s is more than half of max-gap "
+                f"{self.max_gap_seconds:g}s: every interval would risk counting as a gap; "
+                "raise --max-gap or lower --interval"
+            )
+        for name, path in (("path.procfs", self.procfs), ("path.sysfs", self.sysfs)):
+            if not path.is_dir():
+                raise TallyError(f"--{name} {path}: not a directory")
+
+
+def load_config_file(path: Path, known: set[str]) -> dict[str, Any]:
+    """Read a TOML config file into ``{flag-name: value}``; nested tables join with dots.
+
+    ``known`` holds the accepted flag names (``listen``, ``path.procfs``, ``collector.rapl``, …).
+    Raises ``TallyError`` naming the file and key for unreadable TOML or an unknown key.
+    """
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise TallyError(f"config {path}: {exc.strerror or exc}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise TallyError(f"config {path}: not valid TOML: {exc}") from None
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, table: dict[str, Any]) -> None:
+        for key, value in table.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                walk(name + ".", value)
+            elif name not in known:
+                raise TallyError(f"config {path}: unknown key {name!r}")
+            else:
+                flat[name] = value
+
+    walk("", data)
+    return flat

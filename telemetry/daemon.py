@@ -1,0 +1,141 @@
+"""``tally daemon``: collect every interval, journal to Parquet, aggregate, serve /metrics.
+
+The collection loop runs in the main thread on a fixed schedule (a late round is not made up
+for); the HTTP server answers scrapes from its own threads with the newest published snapshot.
+SIGTERM and SIGINT end the loop; the store then compacts its journals and the daemon exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from types import FrameType
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.process_collector import ProcessCollector
+
+from exporters.http import MetricsServer
+from exporters.prometheus import TallyCollector
+from telemetry.collectors import REGISTRY, CollectorContext, Runner
+from telemetry.config import DaemonConfig, parse_listen
+from telemetry.errors import TallyError
+from telemetry.logs import OnceLogger
+from telemetry.state import Snapshot, State
+from telemetry.store import Store
+
+log = logging.getLogger("tally.daemon")
+
+
+class Daemon:
+    """One node daemon; :meth:`run` blocks until :meth:`stop` or a signal."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        config.check()
+        self.config = config
+        self.node = config.node or socket.gethostname()
+        self.stop_event = threading.Event()
+        self.state = State(config.max_gap_seconds)
+        self.store = Store(config.data_dir, self.node)
+        self.store_errors = 0
+        self._snapshot = Snapshot()
+        self._once = OnceLogger(log)
+        ctx = CollectorContext(
+            procfs=config.procfs,
+            sysfs=config.sysfs,
+            node=self.node,
+            user_hz=os.sysconf("SC_CLK_TCK"),
+        )
+        enabled = [
+            name
+            for name, cls in REGISTRY.items()
+            if config.collectors.get(name, cls.default_enabled)
+        ]
+        self.runner = Runner([REGISTRY[name](ctx) for name in enabled])
+        self.registry = CollectorRegistry()
+        self.registry.register(TallyCollector(lambda: self._snapshot))
+        ProcessCollector(namespace="", registry=self.registry)
+        self.server: MetricsServer | None = None
+
+    def stop(self, *_: object) -> None:
+        self.stop_event.set()
+
+    def round(self) -> None:
+        """Collect once, persist, aggregate and publish a new snapshot."""
+        result = self.runner.run()
+        for table, batch in result.tables.items():
+            try:
+                self.store.append(table, batch)
+            except OSError as exc:
+                self.store_errors += 1
+                self._once.warning(
+                    "store", f"cannot write {table} samples to {self.config.data_dir}: {exc}"
+                )
+            else:
+                self._once.clear("store")
+            self.state.ingest(table, batch)
+        snapshot = self.state.snapshot(result.status)
+        snapshot.store = {"rows_written": self.store.rows_written, "errors": self.store_errors}
+        self._snapshot = snapshot
+
+    def run(self) -> int:
+        host, port = parse_listen(self.config.listen)
+        self.store.open()
+        try:
+            try:
+                self.server = MetricsServer(self.registry, host, port)
+            except OSError as exc:
+                raise TallyError(
+                    f"cannot listen on {self.config.listen}: {exc.strerror or exc}"
+                ) from None
+            self.server.start()
+            shown = f"[{host}]" if ":" in host else host
+            names = ", ".join(c.name for c in self.runner.collectors) or "none"
+            print(
+                f"tally daemon: node {self.node}, "
+                f"serving http://{shown}:{self.server.port}/metrics, "
+                f"writing {self.config.data_dir} every {self.config.interval_seconds:g}s "
+                f"(collectors: {names})",
+                flush=True,
+            )
+            self._loop()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _loop(self) -> None:
+        interval = self.config.interval_seconds
+        start = time.monotonic()
+        tick = 0
+        while not self.stop_event.is_set():
+            self.round()
+            tick += 1
+            now = time.monotonic()
+            # Keep the schedule; a round that overran skips the slots it missed.
+            next_at = start + tick * interval
+            if next_at < now:
+                tick = int((now - start) / interval) + 1
+                next_at = start + tick * interval
+            self.stop_event.wait(next_at - now)
+
+    def _shutdown(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        self.runner.close()
+        self.store.close()
+        log.info("stopped; %d rows written", self.store.rows_written)
+
+
+def run_daemon(config: DaemonConfig) -> int:
+    """Run a daemon until SIGTERM/SIGINT; returns the exit code."""
+    daemon = Daemon(config)
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        daemon.stop()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    return daemon.run()

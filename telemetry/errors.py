@@ -1,0 +1,11 @@
+"""Error types that carry a clear one-line message to the operator (CLI exit code 2)."""
+
+from __future__ import annotations
+
+
+class TallyError(Exception):
+    """Bad usage, configuration or input: reported as one line on stderr, exit code 2."""
+
+
+class ParseError(TallyError):
+    """A /proc or /sys file does not have the expected format; the message names the file."""

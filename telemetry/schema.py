@@ -1,0 +1,139 @@
+"""Arrow schemas of the three sample tables (SPEC §2) and the one validator for them.
+
+Every table tally writes or reads is checked against these schemas: columns must be present with
+the right type, extra columns may follow when they are nullable. Types that convert without loss
+(large strings, coarser timestamps, a time zone other than UTC) are cast; anything else is a
+``SchemaError`` that names the table and the column.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+TIME = pa.timestamp("ns", tz="UTC")
+
+GPU_SCHEMA = pa.schema(
+    [
+        pa.field("time", TIME, nullable=False),
+        pa.field("node", pa.string(), nullable=False),
+        pa.field("gpu_uuid", pa.string(), nullable=False),
+        pa.field("gpu_index", pa.int16(), nullable=False),
+        pa.field("gpu_model", pa.string(), nullable=False),
+        pa.field("utilization_ratio", pa.float32()),
+        pa.field("sm_active_ratio", pa.float32()),
+        pa.field("memory_used_bytes", pa.int64(), nullable=False),
+        pa.field("memory_total_bytes", pa.int64(), nullable=False),
+        pa.field("power_watts", pa.float32()),
+        pa.field("energy_joules", pa.float64()),
+        pa.field("temperature_celsius", pa.float32()),
+        pa.field("job_id", pa.string()),
+    ]
+)
+
+CPU_MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+# Modes that count as busy CPU time (SPEC §3); idle, iowait and steal do not.
+CPU_BUSY_MODES = ("user", "nice", "system", "irq", "softirq")
+
+CPU_SCHEMA = pa.schema(
+    [
+        pa.field("time", TIME, nullable=False),
+        pa.field("node", pa.string(), nullable=False),
+        pa.field("cpus", pa.int32(), nullable=False),
+        *[pa.field(f"{mode}_seconds", pa.float64(), nullable=False) for mode in CPU_MODES],
+        pa.field("memory_total_bytes", pa.int64(), nullable=False),
+        pa.field("memory_available_bytes", pa.int64(), nullable=False),
+        pa.field("energy_joules", pa.float64()),
+    ]
+)
+
+JOB_SCHEMA = pa.schema(
+    [
+        pa.field("time", TIME, nullable=False),
+        pa.field("node", pa.string(), nullable=False),
+        pa.field("job_id", pa.string(), nullable=False),
+        pa.field("user", pa.string(), nullable=False),
+        pa.field("account", pa.string(), nullable=False),
+        pa.field("cpus_allocated", pa.float32(), nullable=False),
+        pa.field("gpus_allocated", pa.float32(), nullable=False),
+        pa.field("cpu_seconds", pa.float64(), nullable=False),
+        pa.field("memory_bytes", pa.int64(), nullable=False),
+    ]
+)
+
+SCHEMAS: dict[str, pa.Schema] = {"gpu": GPU_SCHEMA, "cpu": CPU_SCHEMA, "job": JOB_SCHEMA}
+
+# Columns that identify one time series in each table (SPEC §2).
+SERIES_KEYS: dict[str, tuple[str, ...]] = {
+    "gpu": ("node", "gpu_uuid"),
+    "cpu": ("node",),
+    "job": ("node", "job_id"),
+}
+
+
+class SchemaError(ValueError):
+    """A table does not match its SPEC §2 schema; the message names the table and column."""
+
+
+def _castable(actual: pa.DataType, expected: pa.DataType) -> bool:
+    """True when ``actual`` converts to ``expected`` without changing any value's meaning."""
+    if actual == expected:
+        return True
+    if pa.types.is_timestamp(expected):
+        # A naive timestamp has no instant; any tz-aware one names the same instant in UTC.
+        return bool(pa.types.is_timestamp(actual) and actual.tz is not None)
+    if pa.types.is_string(expected):
+        return bool(pa.types.is_large_string(actual) or pa.types.is_string_view(actual))
+    if pa.types.is_integer(expected) and pa.types.is_integer(actual):
+        return True  # range is checked by the safe cast itself
+    if pa.types.is_floating(expected):
+        return bool(pa.types.is_floating(actual) or pa.types.is_integer(actual))
+    return False
+
+
+def validate(table: pa.Table, name: str) -> pa.Table:
+    """Check ``table`` against the schema of table ``name`` and return it conformed.
+
+    The result has the schema's columns first, in order and with the exact types, followed by any
+    extra nullable columns. Raises ``SchemaError`` naming the first wrong column: missing, of a type
+    that does not convert, holding values that do not fit, or holding nulls where none are allowed.
+    """
+    try:
+        schema = SCHEMAS[name]
+    except KeyError:
+        raise SchemaError(f"unknown table {name!r}; expected one of {', '.join(SCHEMAS)}") from None
+    names = table.column_names
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise SchemaError(f"{name}: column {dup!r} appears more than once")
+    columns: list[pa.ChunkedArray] = []
+    for field in schema:
+        if field.name not in names:
+            raise SchemaError(f"{name}: missing column {field.name!r} ({field.type})")
+        column = table.column(field.name)
+        if not _castable(column.type, field.type):
+            raise SchemaError(
+                f"{name}: column {field.name!r} has type {column.type}, expected {field.type}"
+            )
+        if column.type != field.type:
+            try:
+                column = pc.cast(column, field.type, safe=True)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise SchemaError(
+                    f"{name}: column {field.name!r} does not fit {field.type}: {exc}"
+                ) from None
+        if not field.nullable and column.null_count:
+            raise SchemaError(f"{name}: column {field.name!r} has {column.null_count} null values")
+        columns.append(column)
+    fields = list(schema)
+    for extra in names:
+        if extra not in schema.names:
+            column = table.column(extra)
+            fields.append(pa.field(extra, column.type))
+            columns.append(column)
+    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+
+
+def empty(name: str) -> pa.Table:
+    """An empty table of table ``name``'s schema."""
+    return SCHEMAS[name].empty_table()

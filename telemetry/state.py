@@ -1,0 +1,233 @@
+"""Live aggregation state shared by the daemon and replay: ingest sample batches, keep what the
+trailing windows need, accumulate SPEC §3 counters, and publish a snapshot for the exporter.
+
+All row work is done by the ``kernels`` functions on whole columns; Python loops run over
+tables and series, never over rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+import kernels
+from telemetry.collectors.base import CollectorStatus
+from telemetry.schema import CPU_BUSY_MODES, SCHEMAS, SERIES_KEYS, validate
+
+NS = 1_000_000_000
+# Trailing windows of SPEC §6, label → seconds.
+WINDOWS: dict[str, int] = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600}
+DEFAULT_MAX_GAP_SECONDS = 60
+
+_KEY_SEP = "\x1f"
+
+
+def series_codes(table: pa.Table, name: str) -> tuple[np.ndarray, list[tuple[str, ...]]]:
+    """Integer code per row for the table's series key, and the key tuple of each code."""
+    keys = SERIES_KEYS[name]
+    if len(keys) == 1:
+        joined = table.column(keys[0])
+    else:
+        joined = pc.binary_join_element_wise(*[table.column(k) for k in keys], _KEY_SEP)
+    encoded = pc.dictionary_encode(joined).combine_chunks()
+    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    labels = [tuple(str(v).split(_KEY_SEP)) for v in encoded.dictionary.to_pylist()]
+    return codes, labels
+
+
+def float_column(table: pa.Table, name: str) -> np.ndarray:
+    """A numeric column as float64 with nulls as NaN."""
+    return np.asarray(table.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)
+
+
+def contributions(table: pa.Table, name: str, iv: kernels.Intervals) -> dict[str, np.ndarray]:
+    """SPEC §3 per-row integer contributions of a sorted, de-duplicated table."""
+    if name == "gpu":
+        return kernels.gpu_contributions(
+            iv,
+            float_column(table, "utilization_ratio"),
+            float_column(table, "energy_joules"),
+            float_column(table, "power_watts"),
+        )
+    if name == "cpu":
+        busy = sum(float_column(table, f"{mode}_seconds") for mode in CPU_BUSY_MODES)
+        return kernels.cpu_contributions(
+            iv,
+            float_column(table, "cpus"),
+            np.asarray(busy, dtype=np.float64),
+            float_column(table, "energy_joules"),
+        )
+    return kernels.job_contributions(
+        iv,
+        float_column(table, "cpus_allocated"),
+        float_column(table, "gpus_allocated"),
+        float_column(table, "cpu_seconds"),
+    )
+
+
+# Which contributions make each table's trailing utilisation ratio (busy / capacity).
+RATIO_PARTS: dict[str, tuple[str, str]] = {
+    "gpu": ("busy_us", "capacity_us"),
+    "cpu": ("busy_us", "capacity_us"),
+}
+
+
+@dataclass
+class IngestStats:
+    """Rows offered to a table, and how many were dropped as duplicates or late (out of order)."""
+
+    rows: int = 0
+    duplicates: int = 0
+    late: int = 0
+
+
+@dataclass
+class TableSnapshot:
+    """Current series of one table: their newest row, accumulated totals and window ratios.
+
+    ``totals`` holds int64 arrays (µs, mJ) aligned with ``latest``'s rows; ``windows`` maps a
+    window label to float64 ratios (NaN when the window holds no interval).
+    """
+
+    latest: pa.Table
+    totals: dict[str, np.ndarray] = field(default_factory=dict)
+    windows: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class Snapshot:
+    """What the exporter renders: table snapshots plus the collectors' last status."""
+
+    tables: dict[str, TableSnapshot] = field(default_factory=dict)
+    collectors: dict[str, CollectorStatus] = field(default_factory=dict)
+    ingest: dict[str, IngestStats] = field(default_factory=dict)
+    # Store counters (daemon only): rows written and failed writes.
+    store: dict[str, int] = field(default_factory=dict)
+
+
+class TableState:
+    """Incremental state of one sample table.
+
+    Keeps, per series, the rows the longest window still needs (window + max gap), and int64
+    totals of every contribution since the series was first seen. Rows at or before a series'
+    newest retained time are duplicates (same time) or late (older) and are dropped and counted.
+    """
+
+    def __init__(self, name: str, max_gap_seconds: float = DEFAULT_MAX_GAP_SECONDS) -> None:
+        self.name = name
+        self.max_gap_ns = int(max_gap_seconds * NS)
+        self.retain_ns = max(WINDOWS.values()) * NS + self.max_gap_ns
+        self.schema = SCHEMAS[name]
+        self.retained = self.schema.empty_table()
+        self.totals: dict[tuple[str, ...], dict[str, int]] = {}
+        self.stats = IngestStats()
+
+    def ingest(self, batch: pa.Table) -> None:
+        """Add rows (any order, any series); raises ``SchemaError`` for a non-conforming table."""
+        new = validate(batch, self.name).select(self.schema.names)
+        if new.num_rows == 0:
+            return
+        self.stats.rows += new.num_rows
+        n_old = self.retained.num_rows
+        combined = pa.concat_tables([self.retained, new])
+        is_new = np.zeros(combined.num_rows, dtype=bool)
+        is_new[n_old:] = True
+        codes, labels = series_codes(combined, self.name)
+        times = combined.column("time").cast(pa.int64()).to_numpy()
+
+        order = kernels.series_order(codes, times)
+        codes, times, is_new = codes[order], times[order], is_new[order]
+        keep = kernels.dedup_mask(codes, times)
+        self.stats.duplicates += int(np.count_nonzero(~keep & is_new))
+        newest_old = np.full(len(labels), np.iinfo(np.int64).min, dtype=np.int64)
+        np.maximum.at(newest_old, codes[~is_new], times[~is_new])
+        late = keep & is_new & (times < newest_old[codes])
+        self.stats.late += int(np.count_nonzero(late))
+        keep &= ~late
+
+        order, codes, times, is_new = order[keep], codes[keep], times[keep], is_new[keep]
+        table = combined.take(pa.array(order))
+        iv = kernels.intervals(codes, times, self.max_gap_ns)
+        parts = contributions(table, self.name, iv)
+
+        starts, _ = kernels.segment_bounds(codes)
+        for part, values in parts.items():
+            sums = kernels.segment_sum(np.where(is_new, values, 0), starts)
+            for code, total in zip(codes[starts].tolist(), sums.tolist(), strict=True):
+                series = self.totals.setdefault(labels[code], {})
+                series[part] = series.get(part, 0) + total
+
+        last = kernels.last_rows(codes)
+        code_newest = np.empty(len(labels), dtype=np.int64)
+        code_newest[codes[last]] = times[last]
+        horizon = int(times[last].max()) - self.retain_ns
+        alive = code_newest > horizon
+        for code in codes[last][~alive[codes[last]]].tolist():
+            self.totals.pop(labels[code], None)
+        keep_rows = (times > code_newest[codes] - self.retain_ns) & alive[codes]
+        self.retained = table.filter(pa.array(keep_rows))
+
+    def snapshot(self) -> TableSnapshot:
+        """Newest row, totals and trailing ratios of every current series.
+
+        A series is current while its newest sample is within ``max_gap`` of its node's newest.
+        """
+        table = self.retained
+        if table.num_rows == 0:
+            return TableSnapshot(latest=table)
+        codes, labels = series_codes(table, self.name)
+        times = table.column("time").cast(pa.int64()).to_numpy()
+        # retained is sorted by (code at ingest, time); codes here may number series differently.
+        order = kernels.series_order(codes, times)
+        codes, times = codes[order], times[order]
+        table = table.take(pa.array(order))
+        last = kernels.last_rows(codes)
+        latest = table.take(pa.array(last))
+
+        nodes = latest.column("node")
+        node_codes, _ = series_codes(pa.table({"node": nodes}), "cpu")
+        node_newest = np.full(int(node_codes.max()) + 1, np.iinfo(np.int64).min, dtype=np.int64)
+        np.maximum.at(node_newest, node_codes, times[last])
+        current = times[last] >= node_newest[node_codes] - self.max_gap_ns
+
+        windows: dict[str, np.ndarray] = {}
+        if self.name in RATIO_PARTS:
+            iv = kernels.intervals(codes, times, self.max_gap_ns)
+            parts = contributions(table, self.name, iv)
+            num, den = RATIO_PARTS[self.name]
+            for label, seconds in WINDOWS.items():
+                ratio = kernels.trailing_ratio(
+                    codes, times, parts[num], parts[den], seconds * NS, last
+                )
+                windows[label] = np.clip(ratio, 0.0, 1.0)[current]
+        keys = [labels[c] for c in codes[last][current].tolist()]
+        names = sorted({p for k in keys for p in self.totals.get(k, {})})
+        totals = {
+            p: np.array([self.totals.get(k, {}).get(p, 0) for k in keys], dtype=np.int64)
+            for p in names
+        }
+        return TableSnapshot(
+            latest=latest.filter(pa.array(current)), totals=totals, windows=windows
+        )
+
+
+class State:
+    """The three table states plus the collectors' last status; thread-safe snapshot swap is the
+    caller's job (the daemon publishes each new :class:`Snapshot` by reference)."""
+
+    def __init__(self, max_gap_seconds: float = DEFAULT_MAX_GAP_SECONDS) -> None:
+        self.tables = {name: TableState(name, max_gap_seconds) for name in SCHEMAS}
+
+    def ingest(self, name: str, batch: pa.Table) -> None:
+        self.tables[name].ingest(batch)
+
+    def snapshot(self, collectors: dict[str, CollectorStatus] | None = None) -> Snapshot:
+        tables = {name: st.snapshot() for name, st in self.tables.items() if st.retained.num_rows}
+        ingest = {name: IngestStats(**vars(st.stats)) for name, st in self.tables.items()}
+        return Snapshot(tables=tables, collectors=dict(collectors or {}), ingest=ingest)
+
+    def stats(self) -> dict[str, IngestStats]:
+        return {name: st.stats for name, st in self.tables.items()}
