@@ -91,6 +91,7 @@ class Daemon:
                 raise TallyError(
                     f"cannot listen on {self.config.listen}: {exc.strerror or exc}"
                 ) from None
+            self.round()  # the first scrape already sees data
             self.server.start()
             shown = f"[{host}]" if ":" in host else host
             names = ", ".join(c.name for c in self.runner.collectors) or "none"
@@ -111,7 +112,6 @@ class Daemon:
         start = time.monotonic()
         tick = 0
         while not self.stop_event.is_set():
-            self.round()
             tick += 1
             now = time.monotonic()
             # Keep the schedule; a round that overran skips the slots it missed.
@@ -119,7 +119,9 @@ class Daemon:
             if next_at < now:
                 tick = int((now - start) / interval) + 1
                 next_at = start + tick * interval
-            self.stop_event.wait(next_at - now)
+            if self.stop_event.wait(next_at - now):
+                break
+            self.round()
 
     def _shutdown(self) -> None:
         if self.server is not None:

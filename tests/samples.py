@@ -1,0 +1,100 @@
+"""Synthetic sample tables with known values, for store, dataset, exporter and CLI tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from telemetry.schema import CPU_MODES, CPU_SCHEMA, GPU_SCHEMA, JOB_SCHEMA
+from telemetry.store import partition_dir
+
+NS = 1_000_000_000
+# 2026-09-01T00:00:00Z, a whole day since the epoch.
+T0 = 1_788_220_800 * NS
+
+
+def cpu_table(node: str, times_s: list[float], cpus: int = 8, busy_share: float = 0.25) -> pa.Table:
+    """A cpu table whose busy modes grow at ``busy_share`` of capacity (user+system split 3:1)."""
+    t = np.asarray(times_s, dtype=np.float64)
+    elapsed = t - t[0] + 1000.0
+    busy = elapsed * cpus * busy_share
+    data: dict[str, object] = {
+        "time": (T0 + np.rint(t * NS)).astype(np.int64),
+        "node": [node] * len(t),
+        "cpus": np.full(len(t), cpus, dtype=np.int32),
+    }
+    for mode in CPU_MODES:
+        data[f"{mode}_seconds"] = np.zeros(len(t))
+    data["user_seconds"] = busy * 0.75
+    data["system_seconds"] = busy * 0.25
+    data["idle_seconds"] = elapsed * cpus - busy
+    data["memory_total_bytes"] = np.full(len(t), 64 << 30, dtype=np.int64)
+    data["memory_available_bytes"] = np.full(len(t), 40 << 30, dtype=np.int64)
+    data["energy_joules"] = elapsed * 150.0
+    return pa.table(data, schema=CPU_SCHEMA)
+
+
+def gpu_table(
+    node: str,
+    uuid: str,
+    index: int,
+    times_s: list[float],
+    util: float | None = 0.5,
+    job_id: str | None = None,
+    model: str = "NVIDIA H100 80GB HBM3",
+) -> pa.Table:
+    t = np.asarray(times_s, dtype=np.float64)
+    n = len(t)
+    return pa.table(
+        {
+            "time": (T0 + np.rint(t * NS)).astype(np.int64),
+            "node": [node] * n,
+            "gpu_uuid": [uuid] * n,
+            "gpu_index": np.full(n, index, dtype=np.int16),
+            "gpu_model": [model] * n,
+            "utilization_ratio": [util] * n,
+            "sm_active_ratio": [None] * n,
+            "memory_used_bytes": np.full(n, 1 << 30, dtype=np.int64),
+            "memory_total_bytes": np.full(n, 80 << 30, dtype=np.int64),
+            "power_watts": np.full(n, 300.0, dtype=np.float32),
+            "energy_joules": (t - t[0]) * 300.0 + 5.0e6,
+            "temperature_celsius": np.full(n, 45.0, dtype=np.float32),
+            "job_id": [job_id] * n,
+        },
+        schema=GPU_SCHEMA,
+    )
+
+
+def job_table(
+    node: str, job_id: str, times_s: list[float], user: str = "alice", account: str = "acme"
+) -> pa.Table:
+    t = np.asarray(times_s, dtype=np.float64)
+    n = len(t)
+    return pa.table(
+        {
+            "time": (T0 + np.rint(t * NS)).astype(np.int64),
+            "node": [node] * n,
+            "job_id": [job_id] * n,
+            "user": [user] * n,
+            "account": [account] * n,
+            "cpus_allocated": np.full(n, 4.0, dtype=np.float32),
+            "gpus_allocated": np.full(n, 1.0, dtype=np.float32),
+            "cpu_seconds": (t - t[0]) * 3.0,
+            "memory_bytes": np.full(n, 8 << 30, dtype=np.int64),
+        },
+        schema=JOB_SCHEMA,
+    )
+
+
+def write_dataset(root: Path, table_name: str, table: pa.Table, name: str = "part-0") -> Path:
+    """Write ``table`` (one node, one day) as one Parquet file in the SPEC §2 layout."""
+    first = int(table.column("time").cast(pa.int64())[0].as_py())
+    node = table.column("node")[0].as_py()
+    directory = partition_dir(root, table_name, first, node)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.parquet"
+    pq.write_table(table, path)
+    return path

@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from telemetry.cli import build_parser, daemon_config, main
+from telemetry.collectors import REGISTRY
+from tests.conftest import free_port, promtool_check
+from tests.samples import cpu_table, gpu_table, job_table, write_dataset
+
+
+def _tally(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "telemetry.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["daemon", "--bogus"], "unrecognized arguments: --bogus"),
+        (["daemon", "--listen", "nonsense"], "expected ADDR:PORT"),
+        (["daemon", "--listen", "127.0.0.1:99999"], "port must be a number"),
+        (["daemon", "--interval", "-1"], "is not a duration"),
+        (["daemon", "--interval", "45s"], "more than half of max-gap"),
+        (
+            ["daemon", "--path.procfs", "/nonexistent/proc"],
+            "--path.procfs /nonexistent/proc: not a directory",
+        ),
+        (
+            ["replay", "/nonexistent/dataset", "--once"],
+            "dataset /nonexistent/dataset does not exist",
+        ),
+        (["replay", "/tmp", "--speed", "0"], "must be positive"),
+        (["frobnicate"], "invalid choice"),
+        ([], "the following arguments are required"),
+    ],
+)
+def test_bad_usage_is_one_line_and_exit_2(args: list[str], message: str) -> None:
+    result = _tally(*args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("tally: error: ") and message in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_unwritable_data_dir_and_busy_port_exit_2(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = _tally(
+        "daemon", "--data-dir", str(blocker / "data"), "--listen", f"127.0.0.1:{free_port()}"
+    )
+    assert result.returncode == 2 and "data dir" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        result = _tally(
+            "daemon", "--data-dir", str(tmp_path / "d"), "--listen", f"127.0.0.1:{port}"
+        )
+    assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_collector_flags_come_from_the_registry() -> None:
+    parser = build_parser()
+    for name in REGISTRY:
+        args = parser.parse_args(["daemon", f"--no-collector.{name}"])
+        assert daemon_config(args).collectors[name] is False
+        args = parser.parse_args(["daemon", f"--collector.{name}"])
+        assert daemon_config(args).collectors[name] is True
+    assert set(daemon_config(parser.parse_args(["daemon"])).collectors) == set(REGISTRY)
+
+
+def test_config_file_precedence_and_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "tally.toml"
+    config.write_text(
+        'listen = "127.0.0.1:9999"\ninterval = "10s"\ndata-dir = "/var/lib/tally"\n'
+        '[path]\nprocfs = "/host/proc"\n[collector]\nrapl = false\n'
+    )
+    parser = build_parser()
+    cfg = daemon_config(parser.parse_args(["daemon", "--config", str(config), "--interval", "2"]))
+    assert cfg.interval_seconds == 2.0  # command line beats the file
+    assert cfg.listen == "127.0.0.1:9999" and str(cfg.data_dir) == "/var/lib/tally"
+    assert str(cfg.procfs) == "/host/proc" and cfg.collectors["rapl"] is False
+    assert cfg.collectors["cpu"] is True  # default
+    config.write_text('listen = "x:1"\nlisen = "typo"\n')
+    assert main(["daemon", "--config", str(config)]) == 2
+    assert "unknown key 'lisen'" in capsys.readouterr().err
+    config.write_text("listen = \n")
+    assert main(["daemon", "--config", str(config)]) == 2
+    assert f"config {config}: not valid TOML" in capsys.readouterr().err
+
+
+def test_replay_once_prints_a_promtool_clean_exposition(tmp_path: Path, promtool: str) -> None:
+    times = [float(t) for t in range(0, 900, 10)]
+    write_dataset(tmp_path, "cpu", cpu_table("n1", times, busy_share=0.4))
+    write_dataset(tmp_path, "gpu", gpu_table("n1", "GPU-a", 0, times, util=0.75, job_id="9"))
+    write_dataset(tmp_path, "job", job_table("n1", "9", times))
+    result = _tally("replay", str(tmp_path), "--once")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert 'tally_cpu_utilization_ratio{node="n1",window="5m"} 0.4' in out
+    assert (
+        'tally_gpu_utilization_avg_ratio{gpu="0",node="n1",uuid="GPU-a",window="15m"} 0.75' in out
+    )
+    assert 'tally_gpu_job_info{gpu="0",job="9",node="n1",uuid="GPU-a"} 1.0' in out
+    # 89 intervals of 10 s at 75 %.
+    assert 'tally_gpu_busy_seconds_total{gpu="0",node="n1",uuid="GPU-a"} 667.5' in out
+    assert "process_" not in out, "replay output is a function of the dataset only"
+    check = promtool_check(promtool, result.stdout.encode())
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_replay_paced_reaches_the_same_final_state(tmp_path: Path) -> None:
+    times = [float(t) for t in range(0, 120, 5)]
+    write_dataset(tmp_path, "cpu", cpu_table("n1", times, busy_share=0.3))
+    fast = _tally("replay", str(tmp_path), "--once")
+    paced = _tally("replay", str(tmp_path), "--once", "--speed", "200")
+    assert fast.returncode == paced.returncode == 0
+    assert fast.stdout == paced.stdout

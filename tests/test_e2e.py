@@ -1,0 +1,186 @@
+"""End to end: the daemon as a subprocess on this machine's real /proc, scraped over HTTP."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from telemetry.dataset import ReadStats, discover, read_table
+from tests.conftest import free_port, promtool_check
+
+pytestmark = pytest.mark.e2e
+
+INTERVAL = "0.2"
+
+
+class Daemon:
+    def __init__(self, data: Path, port: int) -> None:
+        self.port = port
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "telemetry.cli", "daemon", "--listen", f"127.0.0.1:{port}",
+             "--data-dir", str(data), "--interval", INTERVAL, "--node", "e2e"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        banner = self.proc.stdout.readline()
+        assert f"serving http://127.0.0.1:{port}/metrics" in banner, self.proc.stderr.read()  # type: ignore[union-attr]
+
+    def scrape(self) -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
+            return resp.read()  # type: ignore[no-any-return]
+
+    def value(self, name: str, **labels: str) -> float:
+        for family in text_string_to_metric_families(self.scrape().decode()):
+            for s in family.samples:
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                    return float(s.value)
+        raise KeyError(name)
+
+    def wait_rows(self, at_least: int, timeout: float = 20) -> float:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = self.value("tally_store_rows_written_total")
+            if rows >= at_least:
+                return rows
+            time.sleep(0.1)
+        raise TimeoutError(f"fewer than {at_least} rows written")
+
+    def terminate(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=15)
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path / "data"
+
+
+def _read(data: Path) -> pa.Table:
+    stats = ReadStats()
+    table = read_table(data, "cpu", discover(data)["cpu"], stats)
+    assert stats.files_quarantined == 0 and stats.files_skipped == 0, stats.problems
+    return table
+
+
+def _meminfo_total_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no MemTotal")
+
+
+def _online_cpus() -> int:
+    count = 0
+    for part in Path("/sys/devices/system/cpu/online").read_text().strip().split(","):
+        lo, _, hi = part.partition("-")
+        count += int(hi or lo) - int(lo) + 1
+    return count
+
+
+def test_daemon_collects_serves_persists_and_replays(data: Path, promtool: str) -> None:
+    daemon = Daemon(data, free_port())
+    try:
+        daemon.wait_rows(5)
+        text = daemon.scrape()
+        check = promtool_check(promtool, text)
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert daemon.value("tally_collector_success", collector="cpu") == 1
+        assert daemon.value("tally_memory_total_bytes", node="e2e") == _meminfo_total_bytes()
+        if Path("/sys/devices/system/cpu/online").exists():
+            assert daemon.value("tally_cpus", node="e2e") == _online_cpus()
+        ratio = daemon.value("tally_cpu_utilization_ratio", node="e2e", window="1m")
+        assert 0.0 <= ratio <= 1.0
+        gz = urllib.request.Request(
+            f"http://127.0.0.1:{daemon.port}/metrics", headers={"Accept-Encoding": "gzip"}
+        )
+        with urllib.request.urlopen(gz, timeout=5) as resp:
+            assert resp.headers["Content-Encoding"] == "gzip"
+        written = daemon.value("tally_store_rows_written_total")
+    finally:
+        code = daemon.terminate()
+    assert code == 0, daemon.proc.stderr.read()  # type: ignore[union-attr]
+    assert not list(data.rglob("*.arrows")), "SIGTERM compacts every journal"
+    table = _read(data)
+    assert table.num_rows >= written
+    times = table.column("time").cast(pa.int64()).to_numpy()
+    assert (times[1:] > times[:-1]).all(), "one row per round, in order, no duplicates"
+    user = table.column("user_seconds").to_numpy()
+    assert (user[1:] >= user[:-1]).all()
+
+    replay = subprocess.run(
+        [sys.executable, "-m", "telemetry.cli", "replay", str(data), "--once"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert replay.returncode == 0, replay.stderr
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(replay.stdout)
+        for s in f.samples
+    }
+    last_user = table.column("user_seconds")[-1].as_py()
+    assert samples[("tally_cpu_seconds_total", (("mode", "user"), ("node", "e2e")))] == last_user
+    assert samples[("tally_samples_ingested_total", (("table", "cpu"),))] == table.num_rows
+    assert promtool_check(promtool, replay.stdout.encode()).returncode == 0
+
+
+def test_kill_9_loses_nothing_but_the_interval_in_flight(data: Path) -> None:
+    port = free_port()
+    first = Daemon(data, port)
+    try:
+        first.wait_rows(5)
+        written = first.value("tally_store_rows_written_total")
+    finally:
+        first.proc.kill()
+        first.proc.wait(timeout=10)
+    journals = list(data.rglob("*.arrows"))
+    assert journals, "the open hour lives in a journal"
+    # Readable by any reader right after the crash, without the daemon's help.
+    assert _read(data).num_rows >= written
+
+    second = Daemon(data, port)
+    try:
+        assert not any(j.exists() for j in journals), "recovery compacts the crashed journal"
+        second.wait_rows(3)
+    finally:
+        assert second.terminate() == 0
+    table = _read(data)
+    times = table.column("time").cast(pa.int64()).to_numpy()
+    assert len(set(times.tolist())) == len(times), "no sample stored twice"
+    assert table.num_rows >= written + 3
+    assert not (data / "quarantine").exists()
+
+
+def test_replay_listen_serves_the_final_state_until_sigterm(tmp_path: Path) -> None:
+    from tests.samples import cpu_table, write_dataset
+
+    write_dataset(tmp_path, "cpu", cpu_table("n9", [0.0, 5.0, 10.0]))
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "telemetry.cli", "replay", str(tmp_path),
+         "--listen", f"127.0.0.1:{port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        body = b""
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    body = r.read()
+                if b'tally_cpus{node="n9"}' in body:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        assert b'tally_cpus{node="n9"} 8.0' in body
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0

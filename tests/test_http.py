@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import gzip
+import http.client
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from exporters.http import MetricsServer
+from exporters.prometheus import TallyCollector
+from telemetry.state import State
+from tests.samples import cpu_table
+
+
+@pytest.fixture
+def server() -> Iterator[MetricsServer]:
+    state = State()
+    state.ingest("cpu", cpu_table("n1", [0, 5, 10]))
+    snapshot = state.snapshot()
+    registry = CollectorRegistry()
+    registry.register(TallyCollector(lambda: snapshot))
+    srv = MetricsServer(registry, "127.0.0.1", 0)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def _get(port: int, path: str, headers: dict[str, str] | None = None) -> http.client.HTTPResponse:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("GET", path, headers=headers or {})
+    return conn.getresponse()
+
+
+def test_metrics_plain_text(server: MetricsServer) -> None:
+    resp = _get(server.port, "/metrics")
+    body = resp.read()
+    assert resp.status == 200
+    assert resp.getheader("Content-Type", "").startswith("text/plain; version=0.0.4")
+    assert resp.getheader("Content-Encoding") is None
+    assert b'tally_cpus{node="n1"} 8.0' in body
+
+
+def test_gzip_only_when_asked(server: MetricsServer) -> None:
+    plain = _get(server.port, "/metrics").read()
+    resp = _get(server.port, "/metrics", {"Accept-Encoding": "gzip, deflate"})
+    assert resp.getheader("Content-Encoding") == "gzip"
+    assert gzip.decompress(resp.read()) == plain
+
+
+def test_openmetrics_negotiated(server: MetricsServer) -> None:
+    accept = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"
+    resp = _get(server.port, "/metrics", {"Accept": accept})
+    body = resp.read()
+    assert resp.getheader("Content-Type", "").startswith("application/openmetrics-text")
+    assert body.rstrip().endswith(b"# EOF")
+
+
+def test_other_paths(server: MetricsServer) -> None:
+    assert _get(server.port, "/").status == 200
+    assert _get(server.port, "/-/healthy").read() == b"OK\n"
+    assert _get(server.port, "/nope").status == 404
+
+
+def test_stalled_client_does_not_block_others(server: MetricsServer) -> None:
+    stalled = socket.create_connection(("127.0.0.1", server.port))
+    stalled.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never finishes its headers
+    try:
+        start = time.monotonic()
+        for _ in range(5):
+            assert _get(server.port, "/metrics").status == 200
+        assert time.monotonic() - start < 2.0
+    finally:
+        stalled.close()
+
+
+def test_ipv6_loopback_when_available() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        srv = MetricsServer(CollectorRegistry(), "::1", 0)
+    except OSError:
+        pytest.skip("IPv6 loopback not configured")
+    srv.start()
+    try:
+        conn = http.client.HTTPConnection("::1", srv.port, timeout=5)
+        conn.request("GET", "/-/healthy")
+        assert conn.getresponse().status == 200
+    finally:
+        srv.stop()

@@ -1,0 +1,191 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from telemetry.errors import TallyError
+from telemetry.schema import validate
+from telemetry.store import HOUR_NS, Store, compact, read_journal
+from tests.samples import NS, T0, cpu_table
+
+
+def _rounds(times_s: list[float]) -> list[pa.Table]:
+    whole = cpu_table("n1", times_s)
+    return [whole.slice(i, 1) for i in range(whole.num_rows)]
+
+
+def _files(root: Path, pattern: str) -> list[Path]:
+    return sorted(p for p in root.rglob(pattern) if "quarantine" not in p.parts)
+
+
+def _read_all(root: Path) -> pa.Table:
+    parts = [pq.read_table(p) for p in _files(root, "*.parquet")]
+    return pa.concat_tables(parts).sort_by("time")
+
+
+def test_append_then_close_writes_valid_zstd_parquet_in_layout(tmp_path: Path) -> None:
+    store = Store(tmp_path, "n1")
+    store.open()
+    rounds = _rounds([0, 5, 10, 15])
+    for batch in rounds:
+        store.append("cpu", batch)
+    assert _files(tmp_path, "*.arrows"), "rows go to a journal while the hour is open"
+    store.close()
+    assert not _files(tmp_path, "*.arrows")
+    files = _files(tmp_path, "*.parquet")
+    assert len(files) == 1
+    assert files[0].parent.relative_to(tmp_path).as_posix() == "cpu/date=2026-09-01/node=n1"
+    meta = pq.read_metadata(files[0])
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+    table = validate(pq.read_table(files[0]), "cpu")
+    assert table.equals(pa.concat_tables(rounds))
+    assert store.rows_written == 4
+
+
+def test_rotates_at_each_hour_boundary(tmp_path: Path) -> None:
+    store = Store(tmp_path, "n1")
+    store.open()
+    start = 3600 - 10  # 10 s before the first hour boundary after T0
+    for batch in _rounds([start, start + 5, start + 10, start + 15, start + 3615]):
+        store.append("cpu", batch)
+    # Hours 0 and 1 were compacted when the first row of the following hour arrived.
+    assert len(_files(tmp_path, "*.parquet")) == 2
+    assert len(_files(tmp_path, "*.arrows")) == 1
+    store.close()
+    files = _files(tmp_path, "*.parquet")
+    assert len(files) == 3
+    hours = [
+        {int(t) // HOUR_NS for t in pq.read_table(f).column("time").cast(pa.int64()).to_pylist()}
+        for f in files
+    ]
+    assert all(len(h) == 1 for h in hours)
+    assert _read_all(tmp_path).num_rows == 5
+
+
+def test_day_change_goes_to_a_new_date_partition(tmp_path: Path) -> None:
+    store = Store(tmp_path, "n1")
+    store.open()
+    for batch in _rounds([86400 - 5, 86400]):
+        store.append("cpu", batch)
+    store.close()
+    dates = sorted(p.parent.parent.name for p in _files(tmp_path, "*.parquet"))
+    assert dates == ["date=2026-09-01", "date=2026-09-02"]
+
+
+def test_node_names_are_escaped_in_the_partition(tmp_path: Path) -> None:
+    store = Store(tmp_path, "odd/node name")
+    store.open()
+    store.append("cpu", cpu_table("odd/node name", [0]))
+    store.close()
+    (path,) = _files(tmp_path, "*.parquet")
+    assert path.parent.name == "node=odd%2Fnode%20name"
+
+
+def test_crash_leaves_journal_that_recovery_compacts_without_loss(tmp_path: Path) -> None:
+    store = Store(tmp_path, "n1")
+    store.open()
+    rounds = _rounds([0, 5, 10])
+    for batch in rounds:
+        store.append("cpu", batch)
+    # Simulate kill -9: the process vanishes without closing anything.
+    (journal,) = _files(tmp_path, "*.arrows")
+    store._lock_file.close()  # type: ignore[union-attr]  # the kernel drops the lock with the process
+    recovered = Store(tmp_path, "n1")
+    recovered.open()
+    assert not journal.exists()
+    assert _read_all(tmp_path).equals(pa.concat_tables(rounds))
+    recovered.close()
+
+
+def test_truncated_journal_keeps_every_complete_batch(tmp_path: Path) -> None:
+    store = Store(tmp_path, "n1")
+    store.open()
+    rounds = _rounds([0, 5, 10, 15])
+    for batch in rounds:
+        store.append("cpu", batch)
+    (journal,) = _files(tmp_path, "*.arrows")
+    size = journal.stat().st_size
+    with open(journal, "r+b") as f:  # cut into the last batch: a write in flight at the crash
+        f.truncate(size - 40)
+    data, clean = read_journal(journal)
+    assert not clean and data is not None and data.num_rows == 3
+    compact(journal, tmp_path, "cpu")
+    assert _read_all(tmp_path).equals(pa.concat_tables(rounds[:3]))
+
+
+def test_journal_already_compacted_before_crash_is_not_stored_twice(tmp_path: Path) -> None:
+    store = Store(tmp_path, "n1")
+    store.open()
+    for batch in _rounds([0, 5]):
+        store.append("cpu", batch)
+    (journal,) = _files(tmp_path, "*.arrows")
+    copy = journal.read_bytes()
+    store.close()  # compacts and deletes the journal
+    journal.write_bytes(copy)  # as if the crash came between rename and unlink
+    again = Store(tmp_path, "n1")
+    again.open()
+    again.close()
+    assert not _files(tmp_path, "*.arrows")
+    assert _read_all(tmp_path).num_rows == 2
+
+
+def test_recovery_removes_temporary_and_quarantines_unreadable_files(tmp_path: Path) -> None:
+    part = tmp_path / "cpu" / "date=2026-09-01" / "node=n1"
+    part.mkdir(parents=True)
+    (part / "part-x.parquet.tmp").write_bytes(b"PAR1 half written")
+    (part / "part-y.parquet").write_bytes(b"PAR1 no footer")
+    (part / "part-z.arrows").write_bytes(b"\xff\xff\xff\xff garbage")
+    (part / "part-empty.arrows").write_bytes(b"")
+    other = tmp_path / "cpu" / "date=2026-09-01" / "node=n2"
+    other.mkdir(parents=True)
+    (other / "part-live.arrows").write_bytes(b"another node's journal")
+    store = Store(tmp_path, "n1")
+    store.open()
+    store.close()
+    assert sorted(p.name for p in part.iterdir()) == []
+    quarantined = sorted(p.name for p in (tmp_path / "quarantine").rglob("*") if p.is_file())
+    assert quarantined == ["part-y.parquet", "part-z.arrows"]
+    assert (other / "part-live.arrows").exists(), "another node's files are not ours to touch"
+
+
+def test_second_daemon_on_the_same_node_is_refused(tmp_path: Path) -> None:
+    first = Store(tmp_path, "n1")
+    first.open()
+    with pytest.raises(TallyError, match="another tally daemon"):
+        Store(tmp_path, "n1").open()
+    Store(tmp_path, "n2").open()  # other nodes may share the directory
+    first.close()
+
+
+def test_unwritable_data_dir_is_a_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(TallyError, match=r"data dir .*file"):
+        Store(blocker / "data", "n1").open()
+
+
+def test_write_failure_abandons_the_journal_and_the_next_append_recovers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(tmp_path, "n1")
+    store.open()
+    rounds = _rounds([0, 5, 10])
+    store.append("cpu", rounds[0])
+    journal = store._journals["cpu"]
+
+    def full(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(journal.writer, "write_table", full, raising=False)
+    with pytest.raises(OSError, match="No space"):
+        store.append("cpu", rounds[1])
+    monkeypatch.undo()
+    store.append("cpu", rounds[2])
+    store.close()
+    # The abandoned journal holds round 0 and is compacted by the next start.
+    Store(tmp_path, "n1").open()
+    times = _read_all(tmp_path).column("time").cast(pa.int64()).to_pylist()
+    assert times == [T0, T0 + 10 * NS]
