@@ -107,6 +107,7 @@ class Runner:
             start = time.perf_counter()
             try:
                 produced = collector.collect()
+                check_rows(produced)
             except Exception as exc:
                 took = time.perf_counter() - start
                 message = f"collector {collector.name} failed: {_one_line(exc)}"
@@ -124,6 +125,25 @@ class Runner:
     def close(self) -> None:
         for collector in self.collectors:
             collector.close()
+
+
+def check_rows(produced: dict[str, list[Row]]) -> None:
+    """Raise ``ValueError`` unless every value fits its table's column type.
+
+    Run inside a collector's error boundary, so a value that would not convert (an int64
+    overflow, a string for a number) fails that collector alone, not the round's assembly.
+    """
+    for table, rows in produced.items():
+        schema = SCHEMAS.get(table)
+        if schema is None:
+            raise ValueError(f"rows for unknown table {table!r}")
+        for name in sorted({key for row in rows for key in row}):
+            if schema.get_field_index(name) < 0:
+                raise ValueError(f"{table}: unknown column {name!r}")
+            try:
+                pa.array([row.get(name) for row in rows], type=schema.field(name).type)
+            except (pa.ArrowException, OverflowError, TypeError) as exc:
+                raise ValueError(f"{table}.{name}: {exc}") from None
 
 
 def _one_line(exc: BaseException) -> str:

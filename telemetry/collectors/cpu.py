@@ -58,8 +58,15 @@ def parse_proc_stat(text: str, user_hz: int, source: str = "/proc/stat") -> Proc
     if online == 0:
         raise ParseError(f"{source}: no per-CPU 'cpuN' lines")
     aggregate += [0] * (len(CPU_MODES) - len(aggregate))
-    seconds = {mode: ticks / user_hz for mode, ticks in zip(CPU_MODES, aggregate, strict=True)}
+    try:
+        seconds = {mode: ticks / user_hz for mode, ticks in zip(CPU_MODES, aggregate, strict=True)}
+    except OverflowError:
+        raise ParseError(f"{source}: CPU time out of range in the aggregate cpu line") from None
     return ProcStat(seconds=seconds, cpus_online=online)
+
+
+_INT64_MAX = 2**63 - 1
+_MEMINFO_KEYS = frozenset({"MemTotal", "MemAvailable", "MemFree", "Buffers", "Cached"})
 
 
 @dataclass(frozen=True)
@@ -74,12 +81,14 @@ def parse_meminfo(text: str, source: str = "/proc/meminfo") -> MemInfo:
     """Parse /proc/meminfo ``MemTotal`` and ``MemAvailable`` (kB → bytes).
 
     Before Linux 3.14 there is no ``MemAvailable``; it is estimated as MemFree + Buffers + Cached.
-    Raises ``ParseError`` when MemTotal is missing or a value is not a number.
+    Lines tally does not use are not checked (2.4 kernels open with a table, newer ones may add
+    anything). Raises ``ParseError`` when MemTotal is missing, a used value is not a number, or a
+    result does not fit the int64 columns.
     """
     values: dict[str, int] = {}
     for line in text.splitlines():
         key, sep, rest = line.partition(":")
-        if not sep:
+        if not sep or key not in _MEMINFO_KEYS:
             continue
         parts = rest.split()
         if not parts:
@@ -95,6 +104,9 @@ def parse_meminfo(text: str, source: str = "/proc/meminfo") -> MemInfo:
     available = values.get("MemAvailable")
     if available is None:
         available = sum(values.get(k, 0) for k in ("MemFree", "Buffers", "Cached"))
+    for name, value in (("MemTotal", values["MemTotal"]), ("MemAvailable", available)):
+        if not 0 <= value <= _INT64_MAX:  # the columns are int64
+            raise ParseError(f"{source}: {name} does not fit in int64 bytes")
     return MemInfo(total_bytes=values["MemTotal"], available_bytes=available)
 
 

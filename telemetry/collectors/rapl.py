@@ -23,9 +23,12 @@ _ZONE = re.compile(r"^intel-rapl:\d+$")
 def parse_microjoules(text: str, source: str) -> int:
     """Parse a powercap counter file (one non-negative integer, µJ). Raises ``ParseError``."""
     value = text.strip()
-    if not value.isdigit():
-        raise ParseError(f"{source}: expected a non-negative integer, got {value[:40]!r}")
-    return int(value)
+    try:
+        if not (value.isascii() and value.isdigit()):
+            raise ValueError
+        return int(value)
+    except ValueError:  # also raised by int() for numbers too long to convert
+        raise ParseError(f"{source}: expected a non-negative integer, got {value[:40]!r}") from None
 
 
 def wrap_delta(previous_uj: int, current_uj: int, max_range_uj: int) -> int:
@@ -83,7 +86,9 @@ class RaplCollector(Collector):
                 "energy_joules stays null",
             )
             return {}
-        increase_uj = 0
+        # Read every zone before touching any state: a round that fails or is null part-way must
+        # not advance some zones' last readings, or their increase in that round would be lost.
+        readings: list[tuple[Path, int]] = []
         for zone in zones:
             counter = zone / "energy_uj"
             try:
@@ -95,8 +100,10 @@ class RaplCollector(Collector):
                     "energy_joules is null",
                 )
                 return {"cpu": [{"energy_joules": None}]}
-            current = parse_microjoules(text, str(counter))
+            readings.append((zone, parse_microjoules(text, str(counter))))
             self._once.clear(f"perm:{zone.name}")
+        increase_uj = 0
+        for zone, current in readings:
             state = self._state.get(zone.name)
             if state is None:
                 self._state[zone.name] = _ZoneState(current, self._max_range(zone))
