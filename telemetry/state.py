@@ -22,20 +22,29 @@ NS = 1_000_000_000
 WINDOWS: dict[str, int] = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600}
 DEFAULT_MAX_GAP_SECONDS = 60
 
-_KEY_SEP = "\x1f"
-
 
 def series_codes(table: pa.Table, name: str) -> tuple[np.ndarray, list[tuple[str, ...]]]:
-    """Integer code per row for the table's series key, and the key tuple of each code."""
-    keys = SERIES_KEYS[name]
-    if len(keys) == 1:
-        joined = table.column(keys[0])
-    else:
-        joined = pc.binary_join_element_wise(*[table.column(k) for k in keys], _KEY_SEP)
-    encoded = pc.dictionary_encode(joined).combine_chunks()
-    codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    labels = [tuple(str(v).split(_KEY_SEP)) for v in encoded.dictionary.to_pylist()]
-    return codes, labels
+    """Integer code per row for the table's series key, and the key tuple of each code.
+
+    Each key column is dictionary-encoded on its own and the codes combined, so no value of a
+    key (whatever characters it holds) can make two series collide.
+    """
+    combined = np.zeros(table.num_rows, dtype=np.int64)
+    dictionaries: list[list[str]] = []
+    for key in SERIES_KEYS[name]:
+        encoded = pc.dictionary_encode(table.column(key)).combine_chunks()
+        codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+        dictionaries.append([str(v) for v in encoded.dictionary.to_pylist()])
+        combined = combined * len(dictionaries[-1]) + codes
+    unique, inverse = np.unique(combined, return_inverse=True)
+    labels = []
+    for code in unique.tolist():
+        parts, rest = [], code
+        for dictionary in reversed(dictionaries):
+            rest, index = divmod(rest, len(dictionary))
+            parts.append(dictionary[index])
+        labels.append(tuple(reversed(parts)))
+    return inverse.astype(np.int64), labels
 
 
 def float_column(table: pa.Table, name: str) -> np.ndarray:
@@ -112,8 +121,10 @@ class TableState:
     """Incremental state of one sample table.
 
     Keeps, per series, the rows the longest window still needs (window + max gap), and int64
-    totals of every contribution since the series was first seen. Rows at or before a series'
-    newest retained time are duplicates (same time) or late (older) and are dropped and counted.
+    totals of every contribution since the series was first seen; a series silent for 1h + max
+    gap or longer (behind the table's newest sample) is forgotten with its totals. Rows at or
+    before a series' newest retained time are duplicates (same time) or late (older) and are
+    dropped and counted.
     """
 
     def __init__(self, name: str, max_gap_seconds: float = DEFAULT_MAX_GAP_SECONDS) -> None:

@@ -1,0 +1,445 @@
+"""telemetry.state against the plain-Python reference of SPEC §3 and §6."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import pyarrow as pa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from telemetry.schema import CPU_MODES, CPU_SCHEMA, GPU_SCHEMA, JOB_SCHEMA, SERIES_KEYS
+from telemetry.state import State, TableSnapshot, TableState
+from tests import reference as ref
+
+NS = 1_000_000_000
+T0 = 1_788_220_800 * NS  # 2026-09-01T00:00:00Z
+RETAIN_S = 3600 + 60  # longest window + max gap
+SCHEMAS = {"gpu": GPU_SCHEMA, "cpu": CPU_SCHEMA, "job": JOB_SCHEMA}
+Row = dict[str, Any]
+
+
+# --- rows and tables ----------------------------------------------------------------------------
+
+
+def gpu_row(
+    node: str,
+    uuid: str,
+    t_ns: int,
+    util: float | None = 0.5,
+    energy: float | None = None,
+    power: float | None = 300.0,
+    job_id: str | None = None,
+) -> Row:
+    return {
+        "time": t_ns,
+        "node": node,
+        "gpu_uuid": uuid,
+        "gpu_index": 0,
+        "gpu_model": "NVIDIA H100 80GB HBM3",
+        "utilization_ratio": util,
+        "sm_active_ratio": None,
+        "memory_used_bytes": 1 << 30,
+        "memory_total_bytes": 80 << 30,
+        "power_watts": power,
+        "energy_joules": energy,
+        "temperature_celsius": 40.0,
+        "job_id": job_id,
+    }
+
+
+def cpu_row(
+    node: str,
+    t_ns: int,
+    cpus: int = 8,
+    busy: tuple[float, float, float, float, float] = (0.0, 0.0, 0.0, 0.0, 0.0),
+    energy: float | None = None,
+    idle: float = 0.0,
+) -> Row:
+    row: Row = {"time": t_ns, "node": node, "cpus": cpus}
+    for mode in CPU_MODES:
+        row[f"{mode}_seconds"] = 0.0
+    for mode, value in zip(ref.BUSY_MODES, busy, strict=True):
+        row[f"{mode}_seconds"] = value
+    row["idle_seconds"] = idle
+    row["memory_total_bytes"] = 64 << 30
+    row["memory_available_bytes"] = 32 << 30
+    row["energy_joules"] = energy
+    return row
+
+
+def job_row(
+    node: str,
+    job_id: str,
+    t_ns: int,
+    cpus: float = 4.0,
+    gpus: float = 1.0,
+    cpu_seconds: float = 0.0,
+) -> Row:
+    return {
+        "time": t_ns,
+        "node": node,
+        "job_id": job_id,
+        "user": "alice",
+        "account": "acme",
+        "cpus_allocated": cpus,
+        "gpus_allocated": gpus,
+        "cpu_seconds": cpu_seconds,
+        "memory_bytes": 1 << 30,
+    }
+
+
+def table(name: str, rows: list[Row]) -> pa.Table:
+    return pa.Table.from_pylist(rows, schema=SCHEMAS[name])
+
+
+def ts(seconds: float) -> int:
+    return T0 + round(seconds * NS)
+
+
+def snapshot_dict(name: str, snap: TableSnapshot | None) -> dict[tuple[str, ...], dict[str, Any]]:
+    """A TableSnapshot in the shape of ``reference.table_snapshot`` (NaN ratios as None)."""
+    if snap is None:
+        return {}
+    latest = snap.latest
+    keys = list(zip(*[latest.column(k).to_pylist() for k in SERIES_KEYS[name]], strict=True))
+    times = latest.column("time").cast(pa.int64()).to_pylist()
+    for values in [*snap.totals.values(), *snap.windows.values()]:
+        assert len(values) == len(keys)
+    out = {}
+    for i, key in enumerate(keys):
+        windows = {}
+        for label, ratios in snap.windows.items():
+            r = float(ratios[i])
+            windows[label] = None if math.isnan(r) else r
+        out[key] = {
+            "time": times[i],
+            "totals": {p: int(v[i]) for p, v in snap.totals.items()},
+            "windows": windows,
+        }
+    return out
+
+
+def check_against_reference(state: State, data: dict[str, list[Row]]) -> None:
+    snap = state.snapshot()
+    for name, rows in data.items():
+        st_ = state.tables[name]
+        assert st_.totals == ref.table_totals(name, rows), name
+        assert snapshot_dict(name, snap.tables.get(name)) == ref.table_snapshot(name, rows), name
+
+
+# --- generated data -----------------------------------------------------------------------------
+
+STEP_NS = st.one_of(
+    st.just(0),  # duplicate time
+    st.integers(1, 60).map(lambda s: s * NS),
+    st.just(61 * NS),  # gap
+    st.integers(61, 600).map(lambda s: s * NS),
+    st.integers(1, 60 * NS),
+)
+MAYBE_RATIO = st.one_of(st.none(), st.floats(0, 1, width=32))
+
+
+@st.composite
+def counter(
+    draw: st.DrawFn, n: int, nullable: bool, max_inc: float = 2000, start: float = 1e5
+) -> list[float | None]:
+    out: list[float | None] = []
+    x = draw(st.floats(0, start))
+    kinds = ["inc", "inc", "inc", "restart", *(["null"] if nullable else [])]
+    for _ in range(n):
+        kind = draw(st.sampled_from(kinds))
+        if kind == "null":
+            out.append(None)
+            continue
+        x = draw(st.floats(0, 50)) if kind == "restart" else x + draw(st.floats(0, max_inc))
+        out.append(x)
+    return out
+
+
+@st.composite
+def series_times(draw: st.DrawFn) -> list[int]:
+    t = T0 + draw(st.integers(0, 4000)) * NS
+    times = [t]
+    for _ in range(draw(st.integers(0, 11))):
+        t += draw(STEP_NS)
+        times.append(t)
+    return times
+
+
+@st.composite
+def datasets(draw: st.DrawFn) -> dict[str, list[Row]]:
+    """Rows of the three tables on one or two nodes, in generation order (series by series)."""
+    data: dict[str, list[Row]] = {"gpu": [], "cpu": [], "job": []}
+    nodes = draw(st.lists(st.sampled_from(["n1", "n2", "n3"]), min_size=1, max_size=2, unique=True))
+    for node in nodes:
+        times = draw(series_times())
+        n = len(times)
+        modes = [draw(counter(n, nullable=False, max_inc=50, start=100)) for _ in ref.BUSY_MODES]
+        energy = draw(counter(n, nullable=True))
+        cpus = draw(st.integers(1, 32))
+        for i, t in enumerate(times):
+            busy = tuple(m[i] for m in modes)
+            data["cpu"].append(cpu_row(node, t, cpus, busy, energy[i]))  # type: ignore[arg-type]
+        for uuid in draw(st.lists(st.sampled_from(["GPU-a", "GPU-b", "MIG-c"]), unique=True)):
+            times = draw(series_times())
+            n = len(times)
+            energy = draw(counter(n, nullable=True))
+            for i, t in enumerate(times):
+                util = draw(MAYBE_RATIO)
+                power = draw(st.one_of(st.none(), st.floats(0, 700, width=32)))
+                data["gpu"].append(gpu_row(node, uuid, t, util, energy[i], power))
+        for job in draw(st.lists(st.sampled_from(["101", "102", "103"]), max_size=2, unique=True)):
+            times = draw(series_times())
+            used = draw(counter(len(times), nullable=False))
+            for i, t in enumerate(times):
+                c = draw(st.floats(0, 64, width=32))
+                g = draw(st.floats(0, 8, width=32))
+                data["job"].append(job_row(node, job, t, c, g, used[i]))  # type: ignore[arg-type]
+    return data
+
+
+def ingest_all(state: State, data: dict[str, list[Row]]) -> None:
+    for name, rows in data.items():
+        if rows:
+            state.ingest(name, table(name, rows))
+
+
+def n_duplicates(name: str, rows: list[Row]) -> int:
+    return len(rows) - sum(len(s) for s in ref.table_series(name, rows).values())
+
+
+# --- properties -----------------------------------------------------------------------------
+
+
+@settings(max_examples=100, deadline=None)
+@given(datasets(), st.randoms(use_true_random=False))
+def test_one_batch_in_any_order_matches_reference(data: dict[str, list[Row]], rnd: Any) -> None:
+    for rows in data.values():
+        rnd.shuffle(rows)  # the reference's "first occurrence" follows this order too
+    state = State()
+    ingest_all(state, data)
+    check_against_reference(state, data)
+    for name, rows in data.items():
+        stats = state.tables[name].stats
+        assert (stats.rows, stats.duplicates, stats.late) == (
+            len(rows),
+            n_duplicates(name, rows),
+            0,
+        )
+
+
+@settings(max_examples=80, deadline=None)
+@given(datasets(), st.lists(st.integers(0, 200), max_size=6))
+def test_time_ordered_batches_equal_one_batch(data: dict[str, list[Row]], cuts: list[int]) -> None:
+    ordered = {name: sorted(rows, key=lambda r: r["time"]) for name, rows in data.items()}
+    whole = State()
+    ingest_all(whole, ordered)
+    split = State()
+    for name, rows in ordered.items():
+        bounds = sorted({0, len(rows), *(c for c in cuts if c < len(rows))})
+        for lo, hi in itertools.pairwise(bounds):
+            split.ingest(name, table(name, rows[lo:hi]))
+
+    check_against_reference(whole, ordered)
+    check_against_reference(split, ordered)
+    a, b = whole.snapshot(), split.snapshot()
+    assert sorted(a.tables) == sorted(b.tables)
+    for name in a.tables:
+        assert snapshot_dict(name, a.tables[name]) == snapshot_dict(name, b.tables[name])
+        assert a.tables[name].latest.equals(b.tables[name].latest)
+    for name in ordered:
+        assert vars(whole.tables[name].stats) == vars(split.tables[name].stats)
+        assert split.tables[name].stats.late == 0
+
+
+@settings(max_examples=80, deadline=None)
+@given(datasets(), st.randoms(use_true_random=False))
+def test_resent_rows_are_duplicates_and_change_nothing(
+    data: dict[str, list[Row]], rnd: Any
+) -> None:
+    state = State()
+    ingest_all(state, data)
+    before = state.snapshot()
+    totals = {name: {k: dict(v) for k, v in s.totals.items()} for name, s in state.tables.items()}
+    stats = {name: dict(vars(s.stats)) for name, s in state.tables.items()}
+
+    for name, rows in data.items():
+        # Re-send rows the state still holds: of live series, within 1h + max_gap of their newest.
+        alive = ref.alive_series(ref.table_series(name, rows), 60)
+        newest = {k: s[-1]["time"] for k, s in alive.items()}
+        keys = SERIES_KEYS[name]
+        held = [
+            r
+            for r in rows
+            if tuple(r[k] for k in keys) in newest
+            and r["time"] > newest[tuple(r[k] for k in keys)] - RETAIN_S * NS
+        ]
+        resend = rnd.sample(held, rnd.randint(0, len(held)))
+        if resend:
+            state.ingest(name, table(name, resend))
+        s = state.tables[name].stats
+        assert s.duplicates == stats[name]["duplicates"] + len(resend)
+        assert s.late == stats[name]["late"]
+        assert s.rows == stats[name]["rows"] + len(resend)
+        assert state.tables[name].totals == totals[name]
+
+    after = state.snapshot()
+    for name in data:
+        assert snapshot_dict(name, after.tables.get(name)) == snapshot_dict(
+            name, before.tables.get(name)
+        )
+
+
+# --- hand-computed cases ----------------------------------------------------------------------
+
+
+def test_cpu_totals_hand_computed() -> None:
+    state = TableState("cpu")
+    rows = [
+        cpu_row("n1", ts(0), 4, (100.0, 0.0, 0.0, 0.0, 0.0), energy=1000.0),
+        cpu_row("n1", ts(10), 4, (110.0, 1.0, 4.0, 0.5, 0.5), energy=1500.0),  # 16 s busy
+        cpu_row("n1", ts(20), 4, (3.0, 0.0, 1.0, 0.0, 0.0), energy=None),  # restart: 4 s
+        cpu_row("n1", ts(100), 4, (10.0, 0.0, 1.0, 0.0, 0.0), energy=10.0),  # 80 s gap
+        cpu_row(
+            "n1", ts(130), 2, (20.0, 0.0, 1.0, 0.0, 0.0), energy=40.0
+        ),  # 2 cpus x 30 s, 10 s busy, 30 J
+    ]
+    state.ingest(table("cpu", rows))
+    assert state.totals == {
+        ("n1",): {
+            "capacity_us": 40_000_000 + 40_000_000 + 60_000_000,
+            "busy_us": 16_000_000 + 4_000_000 + 10_000_000,
+            "energy_mj": 500_000 + 30_000,
+            "gap_us": 80_000_000,
+        }
+    }
+    snap = state.snapshot()
+    # 1m window: intervals ending in (70, 130] → only the one ending at 130 (the gap adds nothing)
+    assert snap.windows["1m"].tolist() == [10 / 60]
+    assert snap.windows["5m"].tolist() == [30 / 140]
+    assert snap.totals["busy_us"].tolist() == [30_000_000]
+
+
+def test_gpu_totals_equal_reference_after_batches() -> None:
+    rows = [
+        gpu_row("n1", "GPU-a", ts(s), util, energy, power)
+        for s, util, energy, power in [
+            (0, 0.5, 100.0, 300.0),
+            (5, 0.5, 1600.0, 300.0),
+            (10, None, None, 250.0),
+            (15, 1.0, 3000.0, None),
+            (20, 1.0, 10.0, None),
+        ]
+    ]
+    state = TableState("gpu")
+    for row in rows:
+        state.ingest(table("gpu", [row]))
+    expected = {
+        "capacity_us": 20_000_000,
+        "busy_us": 2_500_000 + 0 + 5_000_000 + 5_000_000,
+        "energy_mj": 1_500_000 + 1_250_000 + 0 + 10_000,
+        "gap_us": 0,
+    }
+    assert state.totals == {("n1", "GPU-a"): expected}
+    assert ref.table_totals("gpu", rows) == {("n1", "GPU-a"): expected}
+
+
+def test_duplicates_counted_and_ignored_even_with_other_values() -> None:
+    state = TableState("job")
+    state.ingest(table("job", [job_row("n1", "7", ts(s), cpu_seconds=s) for s in (0, 10, 20)]))
+    before = {k: dict(v) for k, v in state.totals.items()}
+    assert before == {
+        ("n1", "7"): {
+            "cpus_allocated_us": 80_000_000,
+            "gpus_allocated_us": 20_000_000,
+            "cpu_used_us": 20_000_000,
+        }
+    }
+    # the same series and time twice more, with other values
+    state.ingest(table("job", [job_row("n1", "7", ts(20), cpus=64.0, cpu_seconds=999.0)] * 2))
+    assert state.stats.duplicates == 2
+    assert state.stats.late == 0
+    assert state.totals == before
+
+
+def test_late_rows_are_counted_and_dropped() -> None:
+    state = TableState("cpu")
+    busy = [(float(s), 0.0, 0.0, 0.0, 0.0) for s in range(5)]
+    state.ingest(table("cpu", [cpu_row("n1", ts(10 * i), 1, busy[i]) for i in range(4)]))
+    before = {k: dict(v) for k, v in state.totals.items()}
+    late = [
+        cpu_row("n1", ts(15), 1, (100.0, 0.0, 0.0, 0.0, 0.0)),
+        cpu_row("n1", ts(25), 1, (200.0, 0.0, 0.0, 0.0, 0.0)),
+        cpu_row("n1", ts(30), 1, (300.0, 0.0, 0.0, 0.0, 0.0)),  # duplicate, not late
+        cpu_row("n2", ts(5), 2, (0.0, 0.0, 0.0, 0.0, 0.0)),  # a new series is never late
+        cpu_row("n2", ts(15), 2, (5.0, 0.0, 0.0, 0.0, 0.0)),
+    ]
+    state.ingest(table("cpu", late))
+    assert (state.stats.rows, state.stats.late, state.stats.duplicates) == (9, 2, 1)
+    assert state.totals[("n1",)] == before[("n1",)]
+    assert state.totals[("n2",)]["capacity_us"] == 20_000_000
+    assert state.totals[("n2",)]["busy_us"] == 5_000_000
+    # the late rows left no trace: the next row's interval starts at 30 s
+    state.ingest(table("cpu", [cpu_row("n1", ts(40), 1, busy[4])]))
+    assert state.totals[("n1",)]["capacity_us"] == 40_000_000
+    assert state.totals[("n1",)]["busy_us"] == 4_000_000
+    assert state.stats.late == 2
+
+
+def test_series_far_behind_its_node_is_not_current() -> None:
+    rows = []
+    for uuid, last in [("GPU-a", 300), ("GPU-b", 200), ("GPU-c", 240), ("GPU-d", 239)]:
+        rows += [gpu_row("n1", uuid, ts(s)) for s in range(0, last + 1, 20 if last != 239 else 1)]
+    rows += [gpu_row("n2", "GPU-e", ts(s)) for s in (980, 1000)]
+    state = State()
+    state.ingest("gpu", table("gpu", rows))
+    snap = state.snapshot().tables["gpu"]
+    columns = [snap.latest.column(k).to_pylist() for k in ("node", "gpu_uuid")]
+    current = set(zip(*columns, strict=True))
+    # b is 100 s behind n1's newest, d 61 s; c exactly max_gap (60 s) behind is still current;
+    # n2 being far ahead of n1 does not matter.
+    assert current == {("n1", "GPU-a"), ("n1", "GPU-c"), ("n2", "GPU-e")}
+    assert set(snapshot_dict("gpu", snap)) == set(ref.table_snapshot("gpu", rows))
+    assert snap.windows["1m"].tolist() == [0.5, 0.5, 0.5]
+    # their totals stay in the state, they are only left out of the snapshot
+    assert state.tables["gpu"].totals[("n1", "GPU-b")]["capacity_us"] == 200_000_000
+
+
+def test_silent_series_is_evicted_with_its_totals() -> None:
+    rows_n1 = [cpu_row("n1", ts(s), 2) for s in range(0, 101, 10)]
+    rows_n3 = [cpu_row("n3", ts(s), 2) for s in range(0, 401, 10)]
+    tail = [cpu_row("n2", ts(s), 2) for s in range(0, 100 + RETAIN_S + 61, 30)]
+    state = TableState("cpu")
+    state.ingest(table("cpu", rows_n1 + rows_n3 + tail[:10]))
+    assert set(state.totals) == {("n1",), ("n2",), ("n3",)}
+    assert state.totals[("n1",)]["capacity_us"] == 200_000_000
+    state.ingest(table("cpu", tail[10:]))
+    newest = tail[-1]["time"]
+    assert newest - rows_n1[-1]["time"] > RETAIN_S * NS  # n1 silent for more than 1h + max gap
+    assert newest - rows_n3[-1]["time"] < RETAIN_S * NS  # n3 not yet
+    assert set(state.totals) == {("n2",), ("n3",)}
+    snap = state.snapshot()
+    assert sorted(snap.latest.column("node").to_pylist()) == ["n2", "n3"]
+    assert not any(n == "n1" for n in state.retained.column("node").to_pylist())
+    # the same rows at once give the same result, and the reference agrees
+    rows = rows_n1 + rows_n3 + tail
+    at_once = TableState("cpu")
+    at_once.ingest(table("cpu", rows))
+    assert at_once.totals == state.totals == ref.table_totals("cpu", rows)
+    # a series that comes back after eviction starts from zero
+    state.ingest(table("cpu", [cpu_row("n1", newest, 2), cpu_row("n1", newest + 10 * NS, 2)]))
+    assert state.totals[("n1",)]["capacity_us"] == 20_000_000
+
+
+def test_key_values_with_separator_characters_do_not_collide() -> None:
+    from telemetry.state import series_codes
+    from tests.samples import gpu_table
+
+    a = gpu_table("n\x1fGPU", "x", 0, [0.0, 5.0])
+    b = gpu_table("n", "GPU\x1fx", 1, [0.0, 5.0])
+    codes, labels = series_codes(pa.concat_tables([a, b]), "gpu")
+    assert sorted(labels) == [("n", "GPU\x1fx"), ("n\x1fGPU", "x")]
+    assert len(set(codes.tolist())) == 2
