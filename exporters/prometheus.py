@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from telemetry import __version__
@@ -183,8 +184,6 @@ def _sorted(snapshot: TableSnapshot, keys: list[str]) -> TableSnapshot:
     latest = snapshot.latest
     if latest.num_rows < 2:
         return snapshot
-    import pyarrow.compute as pc
-
     order = pc.sort_indices(latest, sort_keys=[(k, "ascending") for k in keys]).to_numpy()
     return TableSnapshot(
         latest=latest.take(pa.array(order)),
