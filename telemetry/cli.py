@@ -23,6 +23,7 @@ from telemetry.config import (
     load_config_file,
     parse_duration,
     parse_listen,
+    parse_window,
 )
 from telemetry.errors import TallyError
 from telemetry.logs import setup as setup_logging
@@ -119,6 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_GAP_SECONDS,
         help=f"longest interval that still counts (default {DEFAULT_MAX_GAP_SECONDS:g}s)",
     )
+
+    b = sub.add_parser("bill", help="bill a stored dataset per window, pool, tenant and job")
+    b.add_argument("dataset", type=Path)
+    b.add_argument("--inventory", type=Path, required=True, help="TOML inventory of pools")
+    b.add_argument(
+        "--window", default="1h", help="window length, whole seconds >= 60 (15m, 1h, 1d, 7d)"
+    )
+    b.add_argument("--from", dest="start", help="first window: ISO-8601 date or time (UTC)")
+    b.add_argument("--to", dest="end", help="end of the last window: ISO-8601 date or time (UTC)")
+    b.add_argument("--format", choices=["json", "csv", "parquet", "table"], default="json")
+    b.add_argument("--out", type=Path, help="output file (json, table) or prefix (csv, parquet)")
+    b.add_argument("--backend", choices=["auto", "numpy"], default="auto")
     return parser
 
 
@@ -224,6 +237,31 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bill(args: argparse.Namespace) -> int:
+    from exporters.bill import write
+    from kernels import get_namespace
+    from telemetry.bill import compute_bill
+    from telemetry.inventory import load_inventory
+
+    window = parse_window(args.window)
+    if args.format in ("csv", "parquet") and args.out is None:
+        raise TallyError(f"--format {args.format} writes three files: give --out PREFIX")
+    if args.out is not None and not args.out.parent.is_dir():
+        raise TallyError(f"--out {args.out}: directory {args.out.parent} does not exist")
+    get_namespace(args.backend)
+    inventory = load_inventory(args.inventory)
+
+    def warn(message: str) -> None:
+        print(f"tally: warning: {message}", file=sys.stderr)
+
+    bill = compute_bill(args.dataset, inventory, window, args.start, args.end, warn=warn)
+    try:
+        write(bill, args.format, args.out)
+    except OSError as exc:
+        raise TallyError(f"--out {args.out}: {exc.strerror or exc}") from None
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tally`` console script; returns the exit code."""
     parser = build_parser()
@@ -232,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(args.log_level)
         if args.command == "daemon":
             return cmd_daemon(args)
+        if args.command == "bill":
+            return cmd_bill(args)
         return cmd_replay(args)
     except (TallyError, SchemaError) as exc:
         print(f"tally: error: {exc}", file=sys.stderr)

@@ -1,0 +1,34 @@
+"""Exact grouped sums for bills: int64 totals per group key, on NumPy or CuPy.
+
+Groups are formed by sorting on the key columns (CUB radix sorts on a GPU) and summing each run
+with int64 cumulative sums, so every total is exact and independent of the input's order.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kernels.backend import array_namespace
+from kernels.series import first_of_runs, segment_sum
+
+
+def window_index(times_ns: Any, window_ns: int) -> Any:
+    """Index of the window [k·W, (k+1)·W) that contains each time (floor division)."""
+    xp = array_namespace(times_ns)
+    return xp.floor_divide(times_ns, window_ns)
+
+
+def group_sums(keys: list[Any], values: list[Any]) -> tuple[list[Any], list[Any]]:
+    """Unique key tuples (sorted lexicographically) and the int64 sum of each value per group.
+
+    ``keys`` are integer arrays of equal length (first is the most significant); ``values`` are
+    int64 arrays of that length.
+    """
+    xp = array_namespace(*keys, *values)
+    if keys[0].shape[0] == 0:
+        return [k[:0] for k in keys], [v[:0] for v in values]
+    order = xp.lexsort(xp.stack(list(reversed(keys))))
+    sorted_keys = [k[order] for k in keys]
+    starts = xp.nonzero(first_of_runs(*sorted_keys))[0]
+    sums = [segment_sum(v[order], starts) for v in values]
+    return [k[starts] for k in sorted_keys], sums

@@ -1,0 +1,161 @@
+"""Time-ordered chunks of a dataset, for bills that must fit in bounded memory.
+
+Planning reads only Parquet footers: each row group's time range and row count (the time column
+itself when a file has no statistics). Chunks are consecutive time ranges [a, b) sized so that
+each holds about ``budget_rows`` rows; a chunk reads the row groups that overlap it and keeps the
+rows inside it. Files that cannot be opened are quarantined and counted; a file whose columns do
+not match its table's schema is an error naming the file and the column.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from telemetry.dataset import ReadStats
+from telemetry.errors import TallyError
+from telemetry.schema import SCHEMAS, TIME, SchemaError, validate
+from telemetry.store import JOURNAL_SUFFIX, QUARANTINE, quarantine, read_journal
+
+log = logging.getLogger("tally.chunks")
+
+DEFAULT_BUDGET_ROWS = 4_000_000
+_UNIT_NS = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One readable unit: a Parquet row group, or a whole journal (``row_group`` -1)."""
+
+    table: str
+    path: Path
+    row_group: int
+    min_ns: int
+    max_ns: int
+    rows: int
+
+
+def _check_columns(path: Path, table: str, schema: pa.Schema) -> None:
+    try:
+        validate(schema.empty_table(), table)
+    except SchemaError as exc:
+        raise TallyError(f"{path}: {exc}") from None
+
+
+def _time_range(values: pa.ChunkedArray | pa.Array) -> tuple[int, int]:
+    ns = pc.cast(values, TIME).cast(pa.int64())
+    if len(ns) == 0 or ns.null_count == len(ns):
+        return 0, -1
+    bounds = pc.min_max(ns)
+    return int(bounds["min"].as_py()), int(bounds["max"].as_py())
+
+
+def _parquet_pieces(path: Path, table: str) -> list[Piece]:
+    meta = pq.read_metadata(path)
+    arrow_schema = meta.schema.to_arrow_schema()
+    _check_columns(path, table, arrow_schema)
+    time_type = arrow_schema.field("time").type
+    scale = _UNIT_NS[time_type.unit]
+    column = arrow_schema.get_field_index("time")
+    pieces = []
+    reader: pq.ParquetFile | None = None
+    for i in range(meta.num_row_groups):
+        group = meta.row_group(i)
+        if group.num_rows == 0:
+            continue
+        stats = group.column(column).statistics
+        if stats is not None and stats.has_min_max:
+            low, high = int(stats.min_raw) * scale, int(stats.max_raw) * scale
+        else:
+            reader = reader or pq.ParquetFile(path)
+            low, high = _time_range(reader.read_row_group(i, columns=["time"]).column("time"))
+        pieces.append(Piece(table, path, i, low, high, group.num_rows))
+    return pieces
+
+
+def plan(root: Path, files: dict[str, list[Path]], stats: ReadStats) -> list[Piece]:
+    """Every readable piece of the dataset; unreadable files are quarantined and counted."""
+    pieces: list[Piece] = []
+    for table, paths in files.items():
+        for path in paths:
+            if QUARANTINE in path.relative_to(root).parts:
+                continue
+            try:
+                if path.suffix == JOURNAL_SUFFIX:
+                    data, _ = read_journal(path)
+                    if data is None:
+                        raise pa.ArrowInvalid("not an Arrow IPC stream")
+                    _check_columns(path, table, data.schema)
+                    if data.num_rows:
+                        low, high = _time_range(data.column("time"))
+                        pieces.append(Piece(table, path, -1, low, high, data.num_rows))
+                else:
+                    pieces.extend(_parquet_pieces(path, table))
+            except (pa.ArrowException, OSError) as exc:
+                stats.problems.append(f"{path}: {exc}")
+                if path.suffix != JOURNAL_SUFFIX and quarantine(root, path, str(exc)) is not None:
+                    stats.files_quarantined += 1
+                else:
+                    stats.files_skipped += 1
+                continue
+            stats.files += 1
+    return pieces
+
+
+def _read_piece(piece: Piece) -> pa.Table:
+    if piece.row_group < 0:
+        data, _ = read_journal(piece.path)
+        assert data is not None
+    else:
+        data = pq.ParquetFile(piece.path).read_row_group(piece.row_group)
+    try:
+        return validate(data, piece.table).select(SCHEMAS[piece.table].names)
+    except SchemaError as exc:
+        raise TallyError(f"{piece.path}: {exc}") from None
+
+
+def chunk_bounds(
+    pieces: list[Piece], low: int, high: int, budget_rows: int
+) -> list[tuple[int, int]]:
+    """Consecutive [a, b) ranges covering [low, high] of about ``budget_rows`` rows each.
+
+    Rows are assumed spread evenly over each piece's time range, which holds for telemetry.
+    """
+    if high < low:
+        return []
+    total = sum(p.rows for p in pieces if p.max_ns >= low and p.min_ns <= high)
+    parts = max(1, -(-total // max(1, budget_rows)))
+    step = max(1_000_000_000, -(-(high + 1 - low) // parts))
+    return [(a, min(a + step, high + 1)) for a in range(low, high + 1, step)]
+
+
+def read_chunks(
+    root: Path, pieces: list[Piece], bounds: list[tuple[int, int]], stats: ReadStats
+) -> Iterator[dict[str, pa.Table]]:
+    """For each [a, b) in ``bounds``, every table's rows with a <= time < b."""
+    for a, b in bounds:
+        parts: dict[str, list[pa.Table]] = {name: [] for name in SCHEMAS}
+        for piece in pieces:
+            if piece.max_ns < a or piece.min_ns >= b:
+                continue
+            try:
+                data = _read_piece(piece)
+            except (pa.ArrowException, OSError) as exc:
+                quarantine(root, piece.path, str(exc))
+                raise TallyError(
+                    f"{piece.path}: corrupt ({exc}); moved to quarantine, run the bill again"
+                ) from None
+            times = data.column("time").cast(pa.int64())
+            keep = pc.and_(pc.greater_equal(times, a), pc.less(times, b))
+            parts[piece.table].append(data.filter(keep))
+        stats.rows += sum(sum(t.num_rows for t in tables) for tables in parts.values())
+        yield {
+            name: pa.concat_tables(tables) if tables else SCHEMAS[name].empty_table()
+            for name, tables in parts.items()
+        }
