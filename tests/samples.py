@@ -69,7 +69,13 @@ def gpu_table(
 
 
 def job_table(
-    node: str, job_id: str, times_s: list[float], user: str = "alice", account: str = "acme"
+    node: str,
+    job_id: str,
+    times_s: list[float],
+    user: str = "alice",
+    account: str = "acme",
+    cpus: float = 4.0,
+    gpus: float = 1.0,
 ) -> pa.Table:
     t = np.asarray(times_s, dtype=np.float64)
     n = len(t)
@@ -80,8 +86,8 @@ def job_table(
             "job_id": [job_id] * n,
             "user": [user] * n,
             "account": [account] * n,
-            "cpus_allocated": np.full(n, 4.0, dtype=np.float32),
-            "gpus_allocated": np.full(n, 1.0, dtype=np.float32),
+            "cpus_allocated": np.full(n, cpus, dtype=np.float32),
+            "gpus_allocated": np.full(n, gpus, dtype=np.float32),
             "cpu_seconds": (t - t[0]) * 3.0,
             "memory_bytes": np.full(n, 8 << 30, dtype=np.int64),
         },

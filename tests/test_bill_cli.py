@@ -1,0 +1,243 @@
+"""``tally bill`` end to end: every output format, every error path, the progress bar."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from exporters.bill import SCHEMAS
+from tests.samples import cpu_table, gpu_table, job_table, write_dataset
+
+INVENTORY = """
+currency = "CNY"
+[[pool]]
+name = "gpu-own"
+kind = "gpu"
+ownership = "own"
+nodes = ["g*"]
+cost_per_unit_hour = 6.5
+price_per_unit_hour = 12.0
+[[pool]]
+name = "cpu-leased"
+kind = "cpu"
+ownership = "leased"
+nodes = ["c*", "g*"]
+cost_per_unit_hour = 0.02
+price_per_unit_hour = 0.05
+"""
+
+
+def _tally(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "telemetry.cli", *args],
+        capture_output=True, text=True, timeout=120, **kw,  # type: ignore[call-overload]
+    )  # fmt: skip
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "ds"
+    times = [float(t) for t in range(0, 3 * 3600, 30)]
+    write_dataset(root, "cpu", cpu_table("c1", times, cpus=32, busy_share=0.5))
+    write_dataset(root, "cpu", cpu_table("g1", times, cpus=64, busy_share=0.1))
+    write_dataset(root, "gpu", gpu_table("g1", "GPU-1", 0, times, util=0.8, job_id="101"))
+    write_dataset(root, "gpu", gpu_table("g1", "GPU-2", 1, times, util=0.0, job_id=None), "part-1")
+    write_dataset(root, "job", job_table("g1", "101", times, user="bob", account="lab-x"))
+    write_dataset(
+        root, "job", job_table("c1", "102", times, user="eve", account="corp-y", gpus=0.0)
+    )
+    inventory = tmp_path / "inv.toml"
+    inventory.write_text(INVENTORY)
+    return root, inventory
+
+
+def test_json_to_stdout_and_file_are_the_same_bytes(
+    dataset: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, inv = dataset
+    out = tmp_path / "bill.json"
+    a = _tally("bill", str(root), "--inventory", str(inv))
+    b = _tally("bill", str(root), "--inventory", str(inv), "--out", str(out))
+    assert a.returncode == b.returncode == 0, a.stderr + b.stderr
+    assert out.read_text() == a.stdout
+    bill = json.loads(a.stdout)
+    assert set(bill) == {"pools", "tenants", "jobs", "input"}
+    assert bill["input"] == {"files": 6, "rows": 6 * 360, "rows_skipped": 0, "files_quarantined": 0}
+    gpu = [p for p in bill["pools"] if p["pool"] == "gpu-own"]
+    assert [p["window_start"] for p in gpu] == [
+        "2026-09-01T00:00:00Z", "2026-09-01T01:00:00Z", "2026-09-01T02:00:00Z",
+    ]  # fmt: skip
+    # Second hour: two GPUs all hour, one allocated (1 GPU) at 80 %.
+    hour = gpu[1]
+    assert hour["capacity_unit_hours"] == 2.0 and hour["allocated_unit_hours"] == 1.0
+    assert hour["busy_ratio"] == pytest.approx(0.4) and hour["allocation_ratio"] == 0.5
+    assert hour["cost"] == 13.0 and hour["revenue"] == 12.0 and hour["idle_cost"] == 6.5
+    assert hour["unit_cost"] == 13.0 and hour["gross_margin_ratio"] == pytest.approx(-1 / 12)
+    tenants = {(t["pool"], t["tenant"]) for t in bill["tenants"]}
+    assert tenants == {("gpu-own", "lab-x"), ("cpu-leased", "lab-x"), ("cpu-leased", "corp-y")}
+
+
+def test_csv_and_parquet_write_three_files_matching_json(
+    dataset: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, inv = dataset
+    bill = json.loads(_tally("bill", str(root), "--inventory", str(inv)).stdout)
+    assert (
+        _tally(
+            "bill",
+            str(root),
+            "--inventory",
+            str(inv),
+            "--format",
+            "csv",
+            "--out",
+            str(tmp_path / "b.csv"),
+        ).returncode
+        == 0
+    )
+    assert (
+        _tally(
+            "bill",
+            str(root),
+            "--inventory",
+            str(inv),
+            "--format",
+            "parquet",
+            "--out",
+            str(tmp_path / "b"),
+        ).returncode
+        == 0
+    )
+    for kind, schema in SCHEMAS.items():
+        with open(tmp_path / f"b-{kind}.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        assert list(rows[0]) == schema.names
+        assert len(rows) == len(bill[kind])
+        for got, want in zip(rows, bill[kind], strict=True):
+            for key, value in want.items():
+                if isinstance(value, float):
+                    assert float(got[key]) == value, key
+                else:
+                    assert got[key] == ("" if value is None else str(value)), key
+        table = pq.read_table(tmp_path / f"b-{kind}.parquet")
+        assert table.schema.equals(schema)
+        for got, want in zip(table.to_pylist(), bill[kind], strict=True):
+            assert got["window_start"].strftime("%Y-%m-%dT%H:%M:%SZ") == want["window_start"]
+            assert {k: v for k, v in got.items() if not k.startswith("window")} == {
+                k: v for k, v in want.items() if not k.startswith("window")
+            }
+
+
+def test_table_format_is_for_people(dataset: tuple[Path, Path]) -> None:
+    root, inv = dataset
+    result = _tally(
+        "bill", str(root), "--inventory", str(inv), "--format", "table", "--window", "1d"
+    )
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert text.index("POOLS") < text.index("TENANTS")
+    assert "CNY" in text and "gpu-own" in text and "lab-x" in text
+    assert "input: 6 files" in text
+
+
+def test_progress_bar_only_on_a_terminal(dataset: tuple[Path, Path]) -> None:
+    root, inv = dataset
+    plain = _tally("bill", str(root), "--inventory", str(inv))
+    assert "billing:" not in plain.stderr
+    main, replica = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "telemetry.cli", "bill", str(root), "--inventory", str(inv)],
+            stdout=subprocess.PIPE, stderr=replica, timeout=120,
+        )  # fmt: skip
+        os.close(replica)
+        seen = b""
+        while True:
+            try:
+                data = os.read(main, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            seen += data
+    finally:
+        os.close(main)
+    assert proc.returncode == 0
+    assert b"billing: chunk 1/1" in seen
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--window", "30s"], "at least 60"),
+        (["--window", "90.5s"], "whole number of seconds"),
+        (["--from", "yesterday"], "--from: 'yesterday' is not an ISO-8601"),
+        (["--from", "2026-09-02", "--to", "2026-09-01"], "select no whole"),
+        (["--format", "csv"], "give --out PREFIX"),
+        (["--format", "xml"], "invalid choice"),
+        (["--backend", "cupy"], "invalid choice"),
+        (["--out", "/nonexistent/dir/bill.json"], "does not exist"),
+    ],
+)
+def test_bad_arguments_exit_2(dataset: tuple[Path, Path], extra: list[str], message: str) -> None:
+    root, inv = dataset
+    result = _tally("bill", str(root), "--inventory", str(inv), *extra)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_inventory_errors_exit_2_naming_file(dataset: tuple[Path, Path], tmp_path: Path) -> None:
+    root, _ = dataset
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[pool]]\nname = "x"\nkind = "gpu"\n')
+    result = _tally("bill", str(root), "--inventory", str(bad))
+    assert result.returncode == 2 and f"inventory {bad}: pool[0]: missing key" in result.stderr
+    missing = _tally("bill", str(root))
+    assert missing.returncode == 2 and "--inventory" in missing.stderr
+
+
+def test_unused_glob_is_a_warning(dataset: tuple[Path, Path], tmp_path: Path) -> None:
+    root, _ = dataset
+    inv = tmp_path / "inv2.toml"
+    inv.write_text(INVENTORY.replace('nodes = ["g*"]', 'nodes = ["g*", "h100-*"]'))
+    result = _tally("bill", str(root), "--inventory", str(inv))
+    assert result.returncode == 0
+    assert "tally: warning:" in result.stderr and "'h100-*' matches no node" in result.stderr
+
+
+def test_missing_required_column_is_an_error_naming_file_and_column(
+    dataset: tuple[Path, Path],
+) -> None:
+    root, inv = dataset
+    times = [0.0, 30.0]
+    path = write_dataset(
+        root, "cpu", cpu_table("c9", times).drop_columns(["idle_seconds"]), name="old"
+    )
+    result = _tally("bill", str(root), "--inventory", str(inv))
+    assert result.returncode == 2
+    assert str(path) in result.stderr and "'idle_seconds'" in result.stderr
+
+
+def test_corrupt_files_are_quarantined_and_the_bill_goes_on(dataset: tuple[Path, Path]) -> None:
+    root, inv = dataset
+    before = json.loads(_tally("bill", str(root), "--inventory", str(inv)).stdout)
+    part = next((root / "gpu").rglob("*.parquet")).parent
+    (part / "torn.parquet").write_bytes(b"PAR1" + b"\x00" * 50)
+    (part / "notes.parquet").write_text("hello")
+    after = json.loads(_tally("bill", str(root), "--inventory", str(inv)).stdout)
+    assert after["input"]["files_quarantined"] == 2
+    assert {k: v for k, v in after.items() if k != "input"} == {
+        k: v for k, v in before.items() if k != "input"
+    }
+    assert sorted(p.name for p in (root / "quarantine").rglob("*.parquet")) == [
+        "notes.parquet",
+        "torn.parquet",
+    ]
