@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from telemetry import __version__
+from telemetry.billing import LiveTotals
 from telemetry.schema import CPU_MODES
 from telemetry.state import Snapshot, TableSnapshot
 
@@ -151,6 +152,31 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Failed writes to the data directory (disk full, read-only, ...).",
         (),
     ),
+    "tally_pool_capacity_unit_seconds": (
+        "counter",
+        "Unit-seconds of capacity (GPU-seconds or core-seconds) since start.",
+        ("pool", "kind"),
+    ),
+    "tally_pool_allocated_unit_seconds": (
+        "counter",
+        "Unit-seconds allocated to jobs since start.",
+        ("pool", "kind"),
+    ),
+    "tally_pool_busy_unit_seconds": (
+        "counter",
+        "Utilisation-weighted unit-seconds since start.",
+        ("pool", "kind"),
+    ),
+    "tally_tenant_allocated_unit_seconds": (
+        "counter",
+        "Unit-seconds allocated to the tenant's jobs since start.",
+        ("pool", "kind", "tenant"),
+    ),
+    "tally_tenant_charge": (
+        "counter",
+        "What the tenant owes for allocated unit-time since start, in the currency.",
+        ("pool", "kind", "tenant", "currency"),
+    ),
     "tally_build_info": ("gauge", "tally build; always 1.", ("version",)),
 }
 
@@ -266,6 +292,23 @@ def job_families(snap: TableSnapshot) -> Iterator[Family]:
     yield _add_values(_family("tally_job_memory_bytes"), ids, _numbers(t, "memory_bytes"))
 
 
+def pool_families(live: LiveTotals) -> Iterator[Family]:
+    """Pool and tenant counters from the live bill (all-time totals)."""
+    names = ("capacity", "allocated", "busy")
+    families = [_family(f"tally_pool_{n}_unit_seconds") for n in names]
+    for pool, kind, *values in live.pools:
+        for family, value in zip(families, values, strict=True):
+            family.add_metric([pool, kind], value)
+    yield from families
+    allocated = _family("tally_tenant_allocated_unit_seconds")
+    charge = _family("tally_tenant_charge")
+    for pool, kind, tenant, seconds, money in live.tenants:
+        allocated.add_metric([pool, kind, tenant], seconds)
+        charge.add_metric([pool, kind, tenant, live.currency], money)
+    yield allocated
+    yield charge
+
+
 def self_families(snapshot: Snapshot) -> Iterator[Family]:
     names = sorted(snapshot.collectors)
     if names:
@@ -318,4 +361,6 @@ class TallyCollector:
             snap = snapshot.tables.get(table)
             if snap is not None and snap.latest.num_rows:
                 yield from render(snap)
+        if snapshot.pools is not None:
+            yield from pool_families(snapshot.pools)
         yield from self_families(snapshot)

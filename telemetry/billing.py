@@ -23,7 +23,7 @@ import kernels
 from kernels.billing import group_sums, window_index
 from telemetry.inventory import Inventory, Pool
 from telemetry.schema import SCHEMAS
-from telemetry.state import contributions, series_codes
+from telemetry.series import contributions, series_codes
 
 NS = 1_000_000_000
 US_PER_HOUR = 3_600_000_000
@@ -99,6 +99,19 @@ class Bill:
     jobs: list[dict[str, Any]]
     input: dict[str, int]
     currency: str = ""
+
+
+@dataclass
+class LiveTotals:
+    """All-time totals per pool and per (pool, tenant), for counters (SPEC §6, pools).
+
+    ``pools`` rows are (pool, kind, capacity_s, allocated_s, busy_s); ``tenants`` rows are
+    (pool, kind, tenant, allocated_s, charge), in unit-seconds and the inventory's currency.
+    """
+
+    currency: str
+    pools: list[tuple[str, str, float, float, float]]
+    tenants: list[tuple[str, str, str, float, float]]
 
 
 def _iso(ns: int) -> str:
@@ -269,6 +282,26 @@ class Biller:
         tenants = group_sums([keys[0], keys[1], tenant], sums)
         per_job = group_sums([keys[0], keys[1], keys[3], user, tenant], sums)
         return tenants, per_job
+
+    def live_totals(self) -> LiveTotals:
+        """Totals over every window so far, per pool and per (pool, tenant)."""
+        keys, sums = self.pool_totals()
+        by_pool, by_pool_sums = group_sums([keys[1]], sums)
+        pools = []
+        for i in range(by_pool[0].size):
+            pool = self.pools[int(by_pool[0][i])]
+            capacity, allocated, busy = (int(by_pool_sums[j][i]) / 1e6 for j in range(3))
+            pools.append((pool.name, pool.kind, capacity, allocated, busy))
+        (tk, ts), _ = self.tenant_and_job_totals()
+        by_tenant, tenant_sums = group_sums([tk[1], tk[2]], ts)
+        tenants = []
+        for i in range(by_tenant[0].size):
+            pool = self.pools[int(by_tenant[0][i])]
+            allocated_s = int(tenant_sums[0][i]) / 1e6
+            charge = allocated_s / 3600.0 * pool.price_per_unit_hour
+            tenant = self.names.values[int(by_tenant[1][i])]
+            tenants.append((pool.name, pool.kind, tenant, allocated_s, charge))
+        return LiveTotals(self.inventory.currency, sorted(pools), sorted(tenants))
 
     def bill(self, input_stats: dict[str, int] | None = None) -> Bill:
         """The bill of everything added so far."""

@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--path.sysfs", dest="path_sysfs", type=Path, help="sysfs mount point (default /sys)"
     )
     d.add_argument("--node", help="node name to record (default: the host name)")
+    d.add_argument("--inventory", type=Path, help="TOML inventory: export pool and tenant counters")
     for name, cls in REGISTRY.items():
         state = "on" if cls.default_enabled else "off"
         d.add_argument(
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("dataset", type=Path)
     r.add_argument("--listen", help="ADDR:PORT to keep serving the final state on")
     r.add_argument("--speed", type=_positive, help="pace the replay at X times real time")
+    r.add_argument("--inventory", type=Path, help="TOML inventory: export pool and tenant counters")
     r.add_argument(
         "--once", action="store_true", help="print the final exposition to stdout and exit"
     )
@@ -144,6 +146,7 @@ _CONFIG_KEYS = {
     "path.procfs": "path_procfs",
     "path.sysfs": "path_sysfs",
     "node": "node",
+    "inventory": "inventory",
     **{f"collector.{name}": f"collector_{name}" for name in REGISTRY},
 }
 
@@ -160,7 +163,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
                 value = parse_duration(str(raw_value), f"config {args.config}: {key}")
             elif key.startswith("collector.") and not isinstance(raw_value, bool):
                 raise TallyError(f"config {args.config}: {key} must be true or false")
-            elif dest in ("data_dir", "path_procfs", "path_sysfs"):
+            elif dest in ("data_dir", "path_procfs", "path_sysfs", "inventory"):
                 value = Path(str(raw_value))
             file_values[dest] = value
 
@@ -182,6 +185,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
             name: pick(f"collector_{name}", cls.default_enabled) for name, cls in REGISTRY.items()
         },
         log_level=args.log_level,
+        inventory=pick("inventory", None),
     )
 
 
@@ -196,10 +200,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     from exporters.http import MetricsServer
     from exporters.prometheus import TallyCollector
+    from telemetry.inventory import load_inventory
     from telemetry.replay import load_dataset, replay
     from telemetry.state import Snapshot
 
     listen = parse_listen(args.listen) if args.listen and not args.once else None
+    inventory = load_inventory(args.inventory) if args.inventory is not None else None
     tables, stats = load_dataset(args.dataset)
     current: list[Snapshot] = [Snapshot()]
     registry = CollectorRegistry()
@@ -221,7 +227,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     def publish(snapshot: Snapshot) -> None:
         current[0] = snapshot
 
-    replay(tables, args.max_gap, args.speed, publish, stop)
+    replay(tables, args.max_gap, args.speed, publish, stop, inventory)
     if stats.files_quarantined or stats.files_skipped:
         print(
             f"tally replay: {stats.files} files read, {stats.files_quarantined} quarantined, "

@@ -78,6 +78,7 @@ class DaemonConfig:
     node: str = ""
     collectors: dict[str, bool] = field(default_factory=dict)
     log_level: str = "info"
+    inventory: Path | None = None
 
     def check(self) -> None:
         """Raise ``TallyError`` for settings that cannot work together."""

@@ -23,6 +23,7 @@ from exporters.prometheus import TallyCollector
 from telemetry.collectors import REGISTRY, CollectorContext, Runner
 from telemetry.config import DaemonConfig, parse_listen
 from telemetry.errors import TallyError
+from telemetry.inventory import load_inventory
 from telemetry.logs import OnceLogger
 from telemetry.state import Snapshot, State
 from telemetry.store import Store
@@ -38,7 +39,8 @@ class Daemon:
         self.config = config
         self.node = config.node or socket.gethostname()
         self.stop_event = threading.Event()
-        self.state = State(config.max_gap_seconds)
+        inventory = load_inventory(config.inventory) if config.inventory is not None else None
+        self.state = State(config.max_gap_seconds, inventory)
         self.store = Store(config.data_dir, self.node)
         self.store_errors = 0
         self._snapshot = Snapshot()

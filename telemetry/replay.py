@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from telemetry.dataset import ReadStats, discover, read_table
+from telemetry.inventory import Inventory
 from telemetry.schema import SCHEMAS
 from telemetry.state import Snapshot, State
 
@@ -41,13 +42,15 @@ def replay(
     speed: float | None = None,
     publish: Callable[[Snapshot], None] = lambda _: None,
     stop: threading.Event | None = None,
+    inventory: Inventory | None = None,
 ) -> Snapshot:
     """Ingest ``tables`` into a fresh state and return the final snapshot.
 
     With ``speed`` the rows are fed in time order at ``speed`` × real time, calling ``publish``
-    after each step; ``stop`` ends a paced replay early.
+    after each step; ``stop`` ends a paced replay early. With ``inventory`` the pool and tenant
+    counters are computed too.
     """
-    state = State(max_gap_seconds)
+    state = State(max_gap_seconds, inventory)
     if speed is None:
         for name, table in tables.items():
             state.ingest(name, table)

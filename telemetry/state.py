@@ -11,70 +11,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 import kernels
+from telemetry.billing import Biller, LiveTotals
 from telemetry.collectors.base import CollectorStatus
-from telemetry.schema import CPU_BUSY_MODES, SCHEMAS, SERIES_KEYS, validate
+from telemetry.inventory import Inventory
+from telemetry.schema import SCHEMAS, validate
+from telemetry.series import contributions, series_codes
 
 NS = 1_000_000_000
 # Trailing windows of SPEC §6, label → seconds.
 WINDOWS: dict[str, int] = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600}
 DEFAULT_MAX_GAP_SECONDS = 60
-
-
-def series_codes(table: pa.Table, name: str) -> tuple[np.ndarray, list[tuple[str, ...]]]:
-    """Integer code per row for the table's series key, and the key tuple of each code.
-
-    Each key column is dictionary-encoded on its own and the codes combined, so no value of a
-    key (whatever characters it holds) can make two series collide.
-    """
-    combined = np.zeros(table.num_rows, dtype=np.int64)
-    dictionaries: list[list[str]] = []
-    for key in SERIES_KEYS[name]:
-        encoded = pc.dictionary_encode(table.column(key)).combine_chunks()
-        codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-        dictionaries.append([str(v) for v in encoded.dictionary.to_pylist()])
-        combined = combined * len(dictionaries[-1]) + codes
-    unique, inverse = np.unique(combined, return_inverse=True)
-    labels = []
-    for code in unique.tolist():
-        parts, rest = [], code
-        for dictionary in reversed(dictionaries):
-            rest, index = divmod(rest, len(dictionary))
-            parts.append(dictionary[index])
-        labels.append(tuple(reversed(parts)))
-    return inverse.astype(np.int64), labels
-
-
-def float_column(table: pa.Table, name: str) -> np.ndarray:
-    """A numeric column as float64 with nulls as NaN."""
-    return np.asarray(table.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)
-
-
-def contributions(table: pa.Table, name: str, iv: kernels.Intervals) -> dict[str, np.ndarray]:
-    """SPEC §3 per-row integer contributions of a sorted, de-duplicated table."""
-    if name == "gpu":
-        return kernels.gpu_contributions(
-            iv,
-            float_column(table, "utilization_ratio"),
-            float_column(table, "energy_joules"),
-            float_column(table, "power_watts"),
-        )
-    if name == "cpu":
-        busy = sum(float_column(table, f"{mode}_seconds") for mode in CPU_BUSY_MODES)
-        return kernels.cpu_contributions(
-            iv,
-            float_column(table, "cpus"),
-            np.asarray(busy, dtype=np.float64),
-            float_column(table, "energy_joules"),
-        )
-    return kernels.job_contributions(
-        iv,
-        float_column(table, "cpus_allocated"),
-        float_column(table, "gpus_allocated"),
-        float_column(table, "cpu_seconds"),
-    )
 
 
 # Which contributions make each table's trailing utilisation ratio (busy / capacity).
@@ -115,6 +63,8 @@ class Snapshot:
     ingest: dict[str, IngestStats] = field(default_factory=dict)
     # Store counters (daemon only): rows written and failed writes.
     store: dict[str, int] = field(default_factory=dict)
+    # Pool and tenant totals since start, when an inventory was given (one all-time window).
+    pools: LiveTotals | None = None
 
 
 class TableState:
@@ -225,20 +175,36 @@ class TableState:
         )
 
 
+# The live bill's single window: longer than any daemon lives, so its totals are all-time.
+LIVE_WINDOW_SECONDS = 10**9
+
+
 class State:
     """The three table states plus the collectors' last status; thread-safe snapshot swap is the
-    caller's job (the daemon publishes each new :class:`Snapshot` by reference)."""
+    caller's job (the daemon publishes each new :class:`Snapshot` by reference).
 
-    def __init__(self, max_gap_seconds: float = DEFAULT_MAX_GAP_SECONDS) -> None:
+    With an inventory, every batch also feeds a bill engine whose pool and tenant totals are
+    exported as counters (SPEC §6, pools).
+    """
+
+    def __init__(
+        self, max_gap_seconds: float = DEFAULT_MAX_GAP_SECONDS, inventory: Inventory | None = None
+    ) -> None:
         self.tables = {name: TableState(name, max_gap_seconds) for name in SCHEMAS}
+        self.biller = None if inventory is None else Biller(inventory, LIVE_WINDOW_SECONDS)
 
     def ingest(self, name: str, batch: pa.Table) -> None:
         self.tables[name].ingest(batch)
+        if self.biller is not None:
+            self.biller.add({name: batch})
 
     def snapshot(self, collectors: dict[str, CollectorStatus] | None = None) -> Snapshot:
         tables = {name: st.snapshot() for name, st in self.tables.items() if st.retained.num_rows}
         ingest = {name: IngestStats(**vars(st.stats)) for name, st in self.tables.items()}
-        return Snapshot(tables=tables, collectors=dict(collectors or {}), ingest=ingest)
+        pools = self.biller.live_totals() if self.biller is not None else None
+        return Snapshot(
+            tables=tables, collectors=dict(collectors or {}), ingest=ingest, pools=pools
+        )
 
     def stats(self) -> dict[str, IngestStats]:
         return {name: st.stats for name, st in self.tables.items()}

@@ -241,3 +241,70 @@ def test_corrupt_files_are_quarantined_and_the_bill_goes_on(dataset: tuple[Path,
         "notes.parquet",
         "torn.parquet",
     ]
+
+
+def test_replay_pool_counters_equal_the_bill_summed(
+    dataset: tuple[Path, Path], promtool: str
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.conftest import promtool_check
+
+    root, inv = dataset
+    bill = json.loads(_tally("bill", str(root), "--inventory", str(inv)).stdout)
+    replay = _tally("replay", str(root), "--once", "--inventory", str(inv))
+    assert replay.returncode == 0, replay.stderr
+    assert promtool_check(promtool, replay.stdout.encode()).returncode == 0
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(replay.stdout)
+        for s in f.samples
+    }
+    for pool, kind in {(p["pool"], p["kind"]) for p in bill["pools"]}:
+        rows = [p for p in bill["pools"] if (p["pool"], p["kind"]) == (pool, kind)]
+        for field in ("capacity", "allocated", "busy"):
+            key = (f"tally_pool_{field}_unit_seconds_total", (("kind", kind), ("pool", pool)))
+            assert samples[key] == pytest.approx(sum(r[f"{field}_unit_hours"] for r in rows) * 3600)
+    kinds = {p["pool"]: p["kind"] for p in bill["pools"]}
+    for pool, tenant in {(t["pool"], t["tenant"]) for t in bill["tenants"]}:
+        rows = [t for t in bill["tenants"] if (t["pool"], t["tenant"]) == (pool, tenant)]
+        labels = (("currency", "CNY"), ("kind", kinds[pool]), ("pool", pool), ("tenant", tenant))
+        assert samples[("tally_tenant_charge_total", labels)] == pytest.approx(
+            sum(r["charge"] for r in rows)
+        )
+
+
+def test_daemon_with_inventory_exports_pool_counters(tmp_path: Path) -> None:
+    import signal
+    import time
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    inv = tmp_path / "inv.toml"
+    inv.write_text(
+        '[[pool]]\nname = "this-node"\nkind = "cpu"\nownership = "own"\nnodes = ["inv-node"]\n'
+        "cost_per_unit_hour = 0.01\nprice_per_unit_hour = 0.02\n"
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "telemetry.cli", "daemon", "--listen", f"127.0.0.1:{port}",
+         "--data-dir", str(tmp_path / "data"), "--interval", "0.2", "--node", "inv-node",
+         "--inventory", str(inv)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and "serving" in proc.stdout.readline()
+        time.sleep(1.5)
+        url = f"http://127.0.0.1:{port}/metrics"
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    line = next(
+        x for x in text.splitlines() if x.startswith("tally_pool_capacity_unit_seconds_total")
+    )
+    assert 'pool="this-node"' in line and 'kind="cpu"' in line
+    cpus = next(float(x.split()[-1]) for x in text.splitlines() if x.startswith("tally_cpus{"))
+    # About 1.5 s of rounds at `cpus` cores; generous bounds for a loaded CI machine.
+    assert 0.2 * cpus <= float(line.split()[-1]) <= 3.0 * cpus
