@@ -69,10 +69,10 @@ def compute_bill(
     if pieces:
         first = min(p.min_ns for p in pieces)
         last = max(p.max_ns for p in pieces)
-        # Rows before the first selected window may still open its first interval.
-        low = first if lo is None else max(first, lo - biller.max_gap_ns)
-        high = last if hi is None else min(last, hi - 1)
-        bounds = chunk_bounds(pieces, low, high, budget_rows)
+        # Every row is read, whatever --from/--to select (the biller counts only the selected
+        # windows): the interval ending at a series' first selected row may be a gap opened long
+        # before the start, and a job's user and tenant come from its latest row anywhere.
+        bounds = chunk_bounds(pieces, first, last, budget_rows)
         for i, chunk in enumerate(read_chunks(root, pieces, bounds, stats), start=1):
             biller.add(chunk)
             if progress is not None:

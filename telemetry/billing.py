@@ -101,6 +101,31 @@ class Bill:
     currency: str = ""
 
 
+def canonical_duplicates(table: pa.Table, order: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``order`` with each run of duplicates (same series and time) led by a canonical row.
+
+    Rows that share a series and a time but differ elsewhere would otherwise be chosen by read
+    order, and the bill would depend on how rows were split into files. The run's rows are
+    sorted by every column and the first is kept, whatever order they arrived in.
+    """
+    n = keep.size
+    in_run = ~keep.copy()
+    in_run[:-1] |= ~keep[1:]  # the first row of a run is followed by a dropped one
+    positions = np.nonzero(in_run)[0]
+    run_id = np.cumsum(keep)[positions]
+    subset = table.take(pa.array(order[positions])).append_column("__run", pa.array(run_id))
+    keys = [("__run", "ascending")] + [(name, "ascending") for name in table.column_names]
+    ranked = pc.sort_indices(subset, sort_keys=keys).to_numpy()  # nulls sort last
+    first_of_run = np.ones(ranked.size, dtype=bool)
+    first_of_run[1:] = run_id[ranked][1:] != run_id[ranked][:-1]
+    leaders = ranked[first_of_run]
+    result = order.copy()
+    lead_positions = positions[np.nonzero(keep[positions])[0]]
+    result[lead_positions] = order[positions[leaders]]
+    assert lead_positions.size == leaders.size <= n
+    return result
+
+
 @dataclass
 class LiveTotals:
     """All-time totals per pool and per (pool, tenant), for counters (SPEC §6, pools).
@@ -184,6 +209,8 @@ class Biller:
         codes, times, is_new = codes[order], times[order], is_new[order]
         keep = kernels.dedup_mask(codes, times)
         self.duplicates += int(np.count_nonzero(~keep & is_new))
+        if not keep.all():
+            order = canonical_duplicates(combined, order, keep)
         order, codes, times, is_new = order[keep], codes[keep], times[keep], is_new[keep]
         table = combined.take(pa.array(order))
         self.carry[name] = table.take(pa.array(kernels.last_rows(codes)))
