@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from telemetry.schema import CPU_MODES, CPU_SCHEMA, GPU_SCHEMA, JOB_SCHEMA
+from telemetry.schema import CPU_MODES, CPU_SCHEMA, GPU_SCHEMA, JOB_SCHEMA, OPTIONAL_COLUMNS
 from telemetry.store import partition_dir
 
 NS = 1_000_000_000
@@ -86,7 +86,7 @@ def generate(root: Path, nodes: int, hours: int, seed: int = 1) -> int:
                 "memory_used_bytes": np.full(size, 40 << 30, np.int64), "memory_total_bytes": np.full(size, 80 << 30, np.int64),
                 "power_watts": power, "energy_joules": energy, "temperature_celsius": np.full(size, 55.0, np.float32),
                 "job_id": jobs,
-            }, schema=GPU_SCHEMA), node, day_ns)  # fmt: skip
+            }, schema=pa.schema([f for f in GPU_SCHEMA if f.name not in OPTIONAL_COLUMNS["gpu"]])), node, day_ns)  # fmt: skip
             share = rng.choice([0.46, 1.0], size=size).astype(np.float32)
             _write(root, "job", pa.table({
                 "time": t_rep, "node": np.full(size, node), "job_id": jobs,

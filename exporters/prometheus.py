@@ -99,6 +99,31 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Time-weighted GPU utilisation over the trailing window (0-1).",
         ("node", "gpu", "uuid", "window"),
     ),
+    "tally_gpu_ecc_errors": (
+        "counter",
+        "ECC errors since the driver loaded (volatile), by type corrected or uncorrected.",
+        ("node", "gpu", "uuid", "type"),
+    ),
+    "tally_gpu_remapped_rows_pending": (
+        "gauge",
+        "1 if a row remapping is pending (the GPU needs a reset), else 0.",
+        ("node", "gpu", "uuid"),
+    ),
+    "tally_gpu_clock_event_reasons": (
+        "gauge",
+        "Bitmask of NVML clock event (throttle) reasons; 0 means clocks are not held back.",
+        ("node", "gpu", "uuid"),
+    ),
+    "tally_gpu_xid_errors": (
+        "counter",
+        "XID critical error events seen since tally started.",
+        ("node", "gpu", "uuid"),
+    ),
+    "tally_gpu_last_xid": (
+        "gauge",
+        "Number of the last XID critical error.",
+        ("node", "gpu", "uuid"),
+    ),
     "tally_gpu_job_info": (
         "gauge",
         "Job holding a GPU; always 1. Join on it rather than labelling every GPU series.",
@@ -271,6 +296,21 @@ def gpu_families(snap: TableSnapshot) -> Iterator[Family]:
     for window, ratios in snap.windows.items():
         _add_values(avg, [[*i, window] for i in ids], ratios.tolist())
     yield avg
+    ecc = _family("tally_gpu_ecc_errors")
+    for kind, column in (
+        ("corrected", "ecc_corrected_errors"),
+        ("uncorrected", "ecc_uncorrected_errors"),
+    ):
+        _add_values(ecc, [[*i, kind] for i in ids], _numbers(t, column))
+    yield ecc
+    yield _add_values(
+        _family("tally_gpu_remapped_rows_pending"), ids, _numbers(t, "remapped_rows_pending")
+    )
+    yield _add_values(
+        _family("tally_gpu_clock_event_reasons"), ids, _numbers(t, "clock_event_reasons")
+    )
+    yield _add_values(_family("tally_gpu_xid_errors"), ids, _numbers(t, "xid_errors"))
+    yield _add_values(_family("tally_gpu_last_xid"), ids, _numbers(t, "xid_last"))
     holder = _family("tally_gpu_job_info")
     for i, job in zip(ids, t.column("job_id").to_pylist(), strict=True):
         if job is not None:
@@ -346,14 +386,63 @@ _RENDERERS: dict[str, Callable[[TableSnapshot], Iterator[Family]]] = {
 }
 
 
-class TallyCollector:
-    """prometheus-client collector rendering whatever snapshot ``source`` returns at scrape time."""
+# dcgm-exporter's names, units and labels, so its dashboards work unchanged (opt-in; these are
+# the only series in percent, MiB and mJ). Gauges: dcgm-exporter's energy counter has no _total.
+DCGM_METRICS: dict[str, tuple[str, str, float]] = {
+    "DCGM_FI_DEV_GPU_UTIL": ("GPU utilization (in %).", "utilization_ratio", 100.0),
+    "DCGM_FI_DEV_FB_USED": ("Framebuffer memory used (in MiB).", "memory_used_bytes", 1 / 2**20),
+    "DCGM_FI_DEV_POWER_USAGE": ("Power draw (in W).", "power_watts", 1.0),
+    "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION": (
+        "Total energy consumption since boot (in mJ).",
+        "energy_joules",
+        1000.0,
+    ),
+    "DCGM_FI_PROF_SM_ACTIVE": (
+        "Ratio of cycles an SM has at least 1 warp assigned.",
+        "sm_active_ratio",
+        1.0,
+    ),
+}
+DCGM_LABELS = ["gpu", "UUID", "device", "modelName", "Hostname"]
 
-    def __init__(self, source: Callable[[], Snapshot]) -> None:
+
+def dcgm_families(snap: TableSnapshot) -> Iterator[Family]:
+    snap = _sorted(snap, ["node", "gpu_index", "gpu_uuid"])
+    t = snap.latest
+    indexes = _strings(t, "gpu_index")
+    labels = [
+        [index, uuid, f"nvidia{index}", model, node]
+        for index, uuid, model, node in zip(
+            indexes,
+            _strings(t, "gpu_uuid"),
+            _strings(t, "gpu_model"),
+            _strings(t, "node"),
+            strict=True,
+        )
+    ]
+    for name, (doc, column, scale) in DCGM_METRICS.items():
+        family = GaugeMetricFamily(name, doc, labels=DCGM_LABELS)
+        values = [None if v is None else v * scale for v in _numbers(t, column)]
+        yield _add_values(family, labels, values)
+
+
+class TallyCollector:
+    """prometheus-client collector rendering whatever snapshot ``source`` returns at scrape time.
+
+    ``dcgm_compat`` adds dcgm-exporter's metric names for existing dashboards.
+    """
+
+    def __init__(self, source: Callable[[], Snapshot], dcgm_compat: bool = False) -> None:
         self._source = source
+        self._dcgm = dcgm_compat
 
     def describe(self) -> list[Metric]:
-        return [_family(name) for name in METRICS]
+        families: list[Metric] = [_family(name) for name in METRICS]
+        if self._dcgm:
+            families += [
+                GaugeMetricFamily(n, d, labels=DCGM_LABELS) for n, (d, _, _) in DCGM_METRICS.items()
+            ]
+        return families
 
     def collect(self) -> Iterator[Metric]:
         snapshot = self._source()
@@ -361,6 +450,8 @@ class TallyCollector:
             snap = snapshot.tables.get(table)
             if snap is not None and snap.latest.num_rows:
                 yield from render(snap)
+                if table == "gpu" and self._dcgm:
+                    yield from dcgm_families(snap)
         if snapshot.pools is not None:
             yield from pool_families(snapshot.pools)
         yield from self_families(snapshot)

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import kernels
 from kernels.billing import group_sums, window_index
 from telemetry.inventory import Inventory, Pool
-from telemetry.schema import SCHEMAS
+from telemetry.schema import SCHEMAS, validate
 from telemetry.series import contributions, series_codes
 
 NS = 1_000_000_000
@@ -185,7 +185,7 @@ class Biller:
         for name in ("gpu", "cpu", "job"):
             table = chunk.get(name)
             if table is not None and table.num_rows:
-                self._add_table(name, table.select(SCHEMAS[name].names))
+                self._add_table(name, validate(table, name).select(SCHEMAS[name].names))
 
     def _pool_of(self, node_ids: np.ndarray, kind: str) -> np.ndarray:
         known = self._node_pool[kind]

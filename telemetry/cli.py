@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--node", help="node name to record (default: the host name)")
     d.add_argument("--inventory", type=Path, help="TOML inventory: export pool and tenant counters")
+    d.add_argument(
+        "--dcgm-compat",
+        action="store_true",
+        default=None,
+        help="also export dcgm-exporter's GPU metric names",
+    )
+    # Testing hook: MODULE:ATTR names an object that stands in for the pynvml module.
+    d.add_argument("--nvml.module", dest="nvml_module", help=argparse.SUPPRESS)
     for name, cls in REGISTRY.items():
         state = "on" if cls.default_enabled else "off"
         d.add_argument(
@@ -113,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--listen", help="ADDR:PORT to keep serving the final state on")
     r.add_argument("--speed", type=_positive, help="pace the replay at X times real time")
     r.add_argument("--inventory", type=Path, help="TOML inventory: export pool and tenant counters")
+    r.add_argument(
+        "--dcgm-compat", action="store_true", help="also export dcgm-exporter's GPU metric names"
+    )
     r.add_argument(
         "--once", action="store_true", help="print the final exposition to stdout and exit"
     )
@@ -147,6 +158,7 @@ _CONFIG_KEYS = {
     "path.sysfs": "path_sysfs",
     "node": "node",
     "inventory": "inventory",
+    "dcgm-compat": "dcgm_compat",
     **{f"collector.{name}": f"collector_{name}" for name in REGISTRY},
 }
 
@@ -186,6 +198,8 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
         },
         log_level=args.log_level,
         inventory=pick("inventory", None),
+        dcgm_compat=bool(pick("dcgm_compat", False)),
+        nvml_module=args.nvml_module,
     )
 
 
@@ -209,7 +223,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     tables, stats = load_dataset(args.dataset)
     current: list[Snapshot] = [Snapshot()]
     registry = CollectorRegistry()
-    registry.register(TallyCollector(lambda: current[0]))
+    registry.register(TallyCollector(lambda: current[0], dcgm_compat=args.dcgm_compat))
     server = None
     if listen is not None:
         try:

@@ -6,6 +6,7 @@ message that names the offending value (and file and key for the config file).
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import re
 import tomllib
@@ -79,6 +80,9 @@ class DaemonConfig:
     collectors: dict[str, bool] = field(default_factory=dict)
     log_level: str = "info"
     inventory: Path | None = None
+    dcgm_compat: bool = False
+    # MODULE:ATTR of a stand-in for pynvml (tests); None means the real library.
+    nvml_module: str | None = None
 
     def check(self) -> None:
         """Raise ``TallyError`` for settings that cannot work together."""
@@ -94,6 +98,15 @@ class DaemonConfig:
         for name, path in (("path.procfs", self.procfs), ("path.sysfs", self.sysfs)):
             if not path.is_dir():
                 raise TallyError(f"--{name} {path}: not a directory")
+
+
+def load_object(spec: str) -> Any:
+    """The object named ``MODULE:ATTR``; raises ``TallyError``."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise TallyError(f"cannot load {spec!r}: {exc}") from None
 
 
 def load_config_file(path: Path, known: set[str]) -> dict[str, Any]:

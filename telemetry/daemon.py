@@ -21,7 +21,7 @@ from prometheus_client.process_collector import ProcessCollector
 from exporters.http import MetricsServer
 from exporters.prometheus import TallyCollector
 from telemetry.collectors import REGISTRY, CollectorContext, Runner
-from telemetry.config import DaemonConfig, parse_listen
+from telemetry.config import DaemonConfig, load_object, parse_listen
 from telemetry.errors import TallyError
 from telemetry.inventory import load_inventory
 from telemetry.logs import OnceLogger
@@ -50,6 +50,7 @@ class Daemon:
             sysfs=config.sysfs,
             node=self.node,
             user_hz=os.sysconf("SC_CLK_TCK"),
+            nvml_module=load_object(config.nvml_module) if config.nvml_module else None,
         )
         enabled = [
             name
@@ -58,7 +59,7 @@ class Daemon:
         ]
         self.runner = Runner([REGISTRY[name](ctx) for name in enabled])
         self.registry = CollectorRegistry()
-        self.registry.register(TallyCollector(lambda: self._snapshot))
+        self.registry.register(TallyCollector(lambda: self._snapshot, config.dcgm_compat))
         ProcessCollector(namespace="", registry=self.registry)
         self.server: MetricsServer | None = None
 

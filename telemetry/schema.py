@@ -28,8 +28,33 @@ GPU_SCHEMA = pa.schema(
         pa.field("energy_joules", pa.float64()),
         pa.field("temperature_celsius", pa.float32()),
         pa.field("job_id", pa.string()),
+        # Optional extra columns (SPEC §2 allows nullable additions): absent in older files,
+        # filled with nulls on reading.
+        pa.field("mig_profile", pa.string()),
+        pa.field("ecc_corrected_errors", pa.int64()),
+        pa.field("ecc_uncorrected_errors", pa.int64()),
+        pa.field("remapped_rows_pending", pa.int64()),
+        pa.field("clock_event_reasons", pa.int64()),
+        pa.field("xid_errors", pa.int64()),
+        pa.field("xid_last", pa.int32()),
     ]
 )
+# Columns a table may lack (they are added as nulls); all others are required.
+OPTIONAL_COLUMNS: dict[str, frozenset[str]] = {
+    "gpu": frozenset(
+        {
+            "mig_profile",
+            "ecc_corrected_errors",
+            "ecc_uncorrected_errors",
+            "remapped_rows_pending",
+            "clock_event_reasons",
+            "xid_errors",
+            "xid_last",
+        }
+    ),
+    "cpu": frozenset(),
+    "job": frozenset(),
+}
 
 CPU_MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 # Modes that count as busy CPU time (SPEC §3); idle, iowait and steal do not.
@@ -109,6 +134,9 @@ def validate(table: pa.Table, name: str) -> pa.Table:
     columns: list[pa.ChunkedArray] = []
     for field in schema:
         if field.name not in names:
+            if field.name in OPTIONAL_COLUMNS[name]:
+                columns.append(pa.chunked_array([pa.nulls(table.num_rows, field.type)]))
+                continue
             raise SchemaError(f"{name}: missing column {field.name!r} ({field.type})")
         column = table.column(field.name)
         if not _castable(column.type, field.type):

@@ -8,7 +8,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from telemetry.schema import CPU_MODES, CPU_SCHEMA, GPU_SCHEMA, JOB_SCHEMA
+from telemetry.schema import (
+    CPU_MODES,
+    CPU_SCHEMA,
+    GPU_SCHEMA,
+    JOB_SCHEMA,
+    OPTIONAL_COLUMNS,
+    validate,
+)
 from telemetry.store import partition_dir
 
 NS = 1_000_000_000
@@ -48,7 +55,7 @@ def gpu_table(
 ) -> pa.Table:
     t = np.asarray(times_s, dtype=np.float64)
     n = len(t)
-    return pa.table(
+    table = pa.table(
         {
             "time": (T0 + np.rint(t * NS)).astype(np.int64),
             "node": [node] * n,
@@ -64,8 +71,9 @@ def gpu_table(
             "temperature_celsius": np.full(n, 45.0, dtype=np.float32),
             "job_id": [job_id] * n,
         },
-        schema=GPU_SCHEMA,
+        schema=pa.schema([f for f in GPU_SCHEMA if f.name not in OPTIONAL_COLUMNS["gpu"]]),
     )
+    return validate(table, "gpu")  # adds the optional columns as nulls
 
 
 def job_table(

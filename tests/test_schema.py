@@ -17,6 +17,9 @@ def test_schemas_follow_the_spec_column_for_column() -> None:
         ("memory_total_bytes", pa.int64()), ("power_watts", pa.float32()),
         ("energy_joules", pa.float64()), ("temperature_celsius", pa.float32()),
         ("job_id", pa.string()),
+        ("mig_profile", pa.string()), ("ecc_corrected_errors", pa.int64()),
+        ("ecc_uncorrected_errors", pa.int64()), ("remapped_rows_pending", pa.int64()),
+        ("clock_event_reasons", pa.int64()), ("xid_errors", pa.int64()), ("xid_last", pa.int32()),
     ]  # fmt: skip
     modes = ["user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"]
     assert [(f.name, f.type) for f in CPU_SCHEMA] == [
@@ -34,7 +37,9 @@ def test_schemas_follow_the_spec_column_for_column() -> None:
     nullable = {name: {f.name for f in s if f.nullable} for name, s in SCHEMAS.items()}
     assert nullable == {
         "gpu": {"utilization_ratio", "sm_active_ratio", "power_watts", "energy_joules",
-                "temperature_celsius", "job_id"},
+                "temperature_celsius", "job_id", "mig_profile", "ecc_corrected_errors",
+                "ecc_uncorrected_errors", "remapped_rows_pending", "clock_event_reasons",
+                "xid_errors", "xid_last"},
         "cpu": {"energy_joules"},
         "job": set(),
     }  # fmt: skip
@@ -95,3 +100,14 @@ def test_values_that_do_not_fit_are_refused() -> None:
 def test_unknown_table() -> None:
     with pytest.raises(SchemaError, match="unknown table"):
         validate(cpu_table("n1", [0]), "disk")
+
+
+def test_optional_extra_columns_are_added_as_nulls_to_older_files() -> None:
+    from telemetry.schema import OPTIONAL_COLUMNS
+
+    table = gpu_table("n1", "GPU-a", 0, [0, 5]).drop_columns(sorted(OPTIONAL_COLUMNS["gpu"]))
+    out = validate(table, "gpu")
+    assert out.schema.names == GPU_SCHEMA.names
+    assert all(out.column(c).null_count == 2 for c in OPTIONAL_COLUMNS["gpu"])
+    with pytest.raises(SchemaError, match="'job_id'"):
+        validate(table.drop_columns(["job_id"]), "gpu")

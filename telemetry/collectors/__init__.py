@@ -6,7 +6,7 @@ Importing this package registers the built-in collectors; the daemon derives its
 
 from __future__ import annotations
 
-from telemetry.collectors import cpu, rapl
+from telemetry.collectors import cpu, gpu, rapl, slurm
 from telemetry.collectors.base import (
     REGISTRY,
     Collector,
@@ -27,6 +27,8 @@ __all__ = [
     "Runner",
     "assemble",
     "cpu",
+    "gpu",
     "rapl",
     "register",
+    "slurm",
 ]

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
+from telemetry.attribution import attribute_gpus
 from telemetry.logs import OnceLogger
 from telemetry.schema import SCHEMAS, SERIES_KEYS
 
@@ -31,6 +32,8 @@ class CollectorContext:
     sysfs: Path
     node: str
     user_hz: int = 100
+    # A stand-in for the ``pynvml`` module (tests, --nvml.module); None means the real library.
+    nvml_module: Any = None
 
 
 class Collector:
@@ -119,6 +122,8 @@ class Runner:
             for table, rows in produced.items():
                 partial.setdefault(table, []).extend(rows)
         node = self.collectors[0].ctx.node if self.collectors else ""
+        if self.collectors:
+            attribute_gpus(partial, self.collectors[0].ctx.procfs)
         tables, dropped = assemble(partial, now, node)
         return Round(time_ns=now, tables=tables, status=status, rows_dropped=dropped)
 
@@ -134,6 +139,8 @@ def check_rows(produced: dict[str, list[Row]]) -> None:
     overflow, a string for a number) fails that collector alone, not the round's assembly.
     """
     for table, rows in produced.items():
+        if table.startswith("_"):
+            continue  # side outputs for attribution, not sample tables
         schema = SCHEMAS.get(table)
         if schema is None:
             raise ValueError(f"rows for unknown table {table!r}")
@@ -162,6 +169,8 @@ def assemble(
     tables: dict[str, pa.Table] = {}
     dropped = 0
     for table, rows in partial.items():
+        if table.startswith("_"):
+            continue
         schema = SCHEMAS[table]
         keys = SERIES_KEYS[table]
         merged: dict[tuple[Any, ...], Row] = {}

@@ -1,0 +1,49 @@
+"""Which job holds each GPU (SPEC §2 ``gpu.job_id``), from what the collectors saw this round.
+
+First the job whose ``SLURM_JOB_GPUS`` names the GPU's index (side output ``_gpu_job`` of the
+``job`` collector); where no job claims it, the Slurm job of a process NVML lists on the GPU
+(side output ``_gpu_pids`` of the ``gpu`` collector), found through ``<procfs>/<pid>/cgroup``.
+MIG instances are matched by their processes first: a Slurm claim names the whole GPU.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+_JOB = re.compile(r"/job_(\d+)(?:/|$)")
+
+
+def job_id_from_cgroup(text: str) -> str | None:
+    """The Slurm job id in the text of ``/proc/<pid>/cgroup`` (v1 or v2), or None."""
+    for line in text.splitlines():
+        match = _JOB.search(line.rpartition(":")[2])
+        if match:
+            return match.group(1)
+    return None
+
+
+def _job_of_pids(procfs: Path, pids: list[int]) -> str | None:
+    for pid in pids:
+        try:
+            text = (procfs / str(pid) / "cgroup").read_text(errors="replace")
+        except OSError:
+            continue  # the process ended, or is not ours to read
+        job = job_id_from_cgroup(text)
+        if job is not None:
+            return job
+    return None
+
+
+def attribute_gpus(partial: dict[str, list[dict[str, Any]]], procfs: Path) -> None:
+    """Fill ``job_id`` of this round's gpu rows in place and drop the side outputs."""
+    claims = {int(r["gpu_index"]): str(r["job_id"]) for r in partial.pop("_gpu_job", [])}
+    processes = {str(r["gpu_uuid"]): r for r in partial.pop("_gpu_pids", [])}
+    for row in partial.get("gpu", []):
+        if row.get("job_id") is not None:
+            continue
+        seen = processes.get(str(row.get("gpu_uuid")), {})
+        by_process = _job_of_pids(procfs, list(seen.get("pids", [])))
+        by_claim = claims.get(int(row["gpu_index"]))
+        row["job_id"] = (by_process or by_claim) if seen.get("mig") else (by_claim or by_process)

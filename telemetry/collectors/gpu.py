@@ -1,0 +1,279 @@
+"""``gpu`` collector: every GPU and MIG instance through the NVML gateway (SPEC §2 gpu table).
+
+Per device one batched field-value read (energy, ECC, row remapping) plus the calls NVML has no
+field for. SM activity comes from GPM (Hopper and later): the previous round's sample is kept
+and compared with this round's, so the collector never sleeps. XID critical errors arrive through
+an NVML event set drained without blocking. A lost GPU is logged once and skipped until NVML
+answers for it again; the others go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from telemetry.collectors.base import Collector, CollectorContext, Row, register
+from telemetry.logs import OnceLogger
+from telemetry.nvml import Gateway, GpuLost
+
+log = logging.getLogger("tally.gpu")
+
+GPM_MIN_SECONDS = 0.1
+_MIG_PROFILE = re.compile(r"\bMIG\s+(\S+)\s*$")
+
+
+def mig_profile(name: str) -> str | None:
+    """The MIG profile in an NVML MIG device name (``… MIG 1g.10gb`` → ``1g.10gb``)."""
+    match = _MIG_PROFILE.search(name)
+    return match.group(1) if match else None
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return str(value)
+
+
+@dataclass
+class _DeviceState:
+    gpm_sample: Any = None
+    gpm_time: float = 0.0
+    xid_total: int = 0
+    xid_last: int | None = None
+    spare: list[Any] = field(default_factory=list)
+
+
+@register
+class GpuCollector(Collector):
+    name = "gpu"
+    help = "GPUs and MIG instances through NVML: utilisation, memory, power, energy, health"
+
+    def __init__(self, ctx: CollectorContext, gateway: Gateway | None = None) -> None:
+        super().__init__(ctx)
+        self.gw = gateway or Gateway(ctx.nvml_module)
+        self._state: dict[str, _DeviceState] = {}
+        self._lost: set[int] = set()
+        self._events: Any = None
+        self._events_ready = False
+        self._once = OnceLogger(log)
+        self._gpm_ok: dict[str, bool] = {}
+
+    # ------------------------------------------------------------------ round
+    def collect(self) -> dict[str, list[Row]]:
+        m = self.gw.nvml  # raises NvmlUnavailable: this collector fails, the daemon goes on
+        count = self.gw.call("nvmlDeviceGetCount") or 0
+        handles = []
+        for index in range(count):
+            try:
+                handle = self.gw.call("nvmlDeviceGetHandleByIndex", index)
+            except GpuLost:
+                self._mark_lost(index)
+                continue
+            if handle is not None:
+                handles.append((index, handle))
+        self._setup_events(handles)
+        xids = self._drain_xids(handles)
+        rows: list[Row] = []
+        pids: list[Row] = []
+        for index, handle in handles:
+            try:
+                device_rows, device_pids = self._read_device(m, index, handle, xids)
+            except GpuLost:
+                self._mark_lost(index)
+                continue
+            if index in self._lost:
+                self._lost.discard(index)
+                self._once.clear(f"lost:{index}")
+                log.warning("gpu %d answers again", index)
+            rows.extend(device_rows)
+            pids.extend(device_pids)
+        return {"gpu": rows, "_gpu_pids": pids}
+
+    def _mark_lost(self, index: int) -> None:
+        self._lost.add(index)
+        self._once.warning(
+            f"lost:{index}", f"gpu {index}: GPU is lost; skipped until it answers again"
+        )
+
+    # ------------------------------------------------------------------ one device
+    def _read_device(
+        self, m: Any, index: int, handle: Any, xids: dict[int, list[int]]
+    ) -> tuple[list[Row], list[Row]]:
+        uuid = _text(self.gw.call("nvmlDeviceGetUUID", handle))
+        model = _text(self.gw.call("nvmlDeviceGetName", handle) or "unknown")
+        state = self._state.setdefault(uuid, _DeviceState())
+        fields = self.gw.field_values(
+            handle,
+            [
+                m.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION,
+                m.NVML_FI_DEV_ECC_SBE_VOL_TOTAL,
+                m.NVML_FI_DEV_ECC_DBE_VOL_TOTAL,
+                m.NVML_FI_DEV_REMAPPED_PENDING,
+            ],
+        )
+        energy_mj = fields[m.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION]
+        if energy_mj is None:
+            energy_mj = self.gw.call("nvmlDeviceGetTotalEnergyConsumption", handle)
+        util = self.gw.call("nvmlDeviceGetUtilizationRates", handle)
+        memory = self.gw.memory_info(handle)
+        power_mw = self.gw.call("nvmlDeviceGetPowerUsage", handle)
+        temperature = self.gw.variant("temperature", handle, m.NVML_TEMPERATURE_GPU)
+        reasons = self.gw.variant("clock_reasons", handle)
+        for code in xids.get(index, []):
+            state.xid_total += 1
+            state.xid_last = code
+        row: Row = {
+            "gpu_uuid": uuid,
+            "gpu_index": index,
+            "gpu_model": model,
+            "utilization_ratio": None if util is None else util.gpu / 100.0,
+            "sm_active_ratio": self._sm_active(m, uuid, handle, state),
+            "memory_used_bytes": 0 if memory is None else int(memory.used),
+            "memory_total_bytes": 0 if memory is None else int(memory.total),
+            "power_watts": None if power_mw is None else power_mw / 1000.0,
+            "energy_joules": None if energy_mj is None else energy_mj / 1000.0,
+            "temperature_celsius": None if temperature is None else float(temperature),
+            "job_id": None,
+            "mig_profile": None,
+            "ecc_corrected_errors": _int(fields[m.NVML_FI_DEV_ECC_SBE_VOL_TOTAL]),
+            "ecc_uncorrected_errors": _int(fields[m.NVML_FI_DEV_ECC_DBE_VOL_TOTAL]),
+            "remapped_rows_pending": _int(fields[m.NVML_FI_DEV_REMAPPED_PENDING]),
+            "clock_event_reasons": None if reasons is None else int(reasons),
+            "xid_errors": state.xid_total,
+            "xid_last": state.xid_last,
+        }
+        rows = [row]
+        pids = [{"gpu_uuid": uuid, "gpu_index": index, "pids": self._pids(handle)}]
+        for mig_row, mig_pids in self._mig_devices(handle, index, model):
+            rows.append(mig_row)
+            pids.append(mig_pids)
+        return rows, pids
+
+    def _pids(self, handle: Any) -> list[int]:
+        processes = self.gw.variant("processes", handle) or []
+        return [int(p.pid) for p in processes]
+
+    def _mig_devices(self, handle: Any, index: int, parent_model: str) -> list[tuple[Row, Row]]:
+        mode = self.gw.call("nvmlDeviceGetMigMode", handle)
+        if not mode or not mode[0]:
+            return []
+        slots = self.gw.call("nvmlDeviceGetMaxMigDeviceCount", handle) or 0
+        out = []
+        for slot in range(slots):
+            try:
+                mig = self.gw.nvml.nvmlDeviceGetMigDeviceHandleByIndex(handle, slot)
+            except self.gw.nvml.NVMLError_NotFound:
+                continue
+            except self.gw.nvml.NVMLError_GpuIsLost:
+                raise GpuLost("MIG handle: GPU is lost") from None
+            except self.gw.nvml.NVMLError:
+                continue
+            uuid = _text(self.gw.call("nvmlDeviceGetUUID", mig))
+            name = _text(self.gw.call("nvmlDeviceGetName", mig) or parent_model)
+            memory = self.gw.memory_info(mig)
+            util = self.gw.call("nvmlDeviceGetUtilizationRates", mig)
+            row: Row = {
+                "gpu_uuid": uuid,
+                "gpu_index": index,
+                "gpu_model": parent_model,
+                "utilization_ratio": None if util is None else util.gpu / 100.0,
+                "memory_used_bytes": 0 if memory is None else int(memory.used),
+                "memory_total_bytes": 0 if memory is None else int(memory.total),
+                "job_id": None,
+                "mig_profile": mig_profile(name) or name,
+            }
+            out.append(
+                (row, {"gpu_uuid": uuid, "gpu_index": index, "pids": self._pids(mig), "mig": True})
+            )
+        return out
+
+    # ------------------------------------------------------------------ GPM
+    def _sm_active(self, m: Any, uuid: str, handle: Any, state: _DeviceState) -> float | None:
+        if self._gpm_ok.get(uuid) is False:
+            return None
+        if uuid not in self._gpm_ok:
+            support = self.gw.call("nvmlGpmQueryDeviceSupport", handle)
+            self._gpm_ok[uuid] = bool(support is not None and support.isSupportedDevice)
+            if not self._gpm_ok[uuid]:
+                return None
+        sample = state.spare.pop() if state.spare else self.gw.call("nvmlGpmSampleAlloc")
+        if sample is None or self.gw.call("nvmlGpmSampleGet", handle, sample) is None:
+            self._gpm_ok[uuid] = False
+            return None
+        now = time.monotonic()
+        previous, previous_time = state.gpm_sample, state.gpm_time
+        ratio = None
+        if previous is not None and now - previous_time >= GPM_MIN_SECONDS:
+            metrics = m.c_nvmlGpmMetricsGet_t()
+            metrics.version = m.NVML_GPM_METRICS_GET_VERSION
+            metrics.numMetrics = 1
+            metrics.sample1 = previous
+            metrics.sample2 = sample
+            metrics.metrics[0].metricId = m.NVML_GPM_METRIC_SM_UTIL
+            result = self.gw.call("nvmlGpmMetricsGet", metrics)
+            if result is not None and metrics.metrics[0].nvmlReturn == 0:
+                ratio = min(max(float(metrics.metrics[0].value) / 100.0, 0.0), 1.0)
+        elif previous is not None:
+            state.spare.append(sample)  # too soon: keep the older sample as the baseline
+            return None
+        if previous is not None:
+            state.spare.append(previous)
+        state.gpm_sample, state.gpm_time = sample, now
+        return ratio
+
+    # ------------------------------------------------------------------ XID events
+    def _setup_events(self, handles: list[tuple[int, Any]]) -> None:
+        if self._events_ready:
+            return
+        self._events_ready = True
+        m = self.gw.nvml
+        events = self.gw.call("nvmlEventSetCreate")
+        if events is None:
+            return
+        for _, handle in handles:
+            self.gw.call(
+                "nvmlDeviceRegisterEvents", handle, m.nvmlEventTypeXidCriticalError, events
+            )
+        self._events = events
+
+    def _drain_xids(self, handles: list[tuple[int, Any]]) -> dict[int, list[int]]:
+        if self._events is None:
+            return {}
+        m = self.gw.nvml
+        by_handle = {id(h): i for i, h in handles}
+        found: dict[int, list[int]] = {}
+        for _ in range(1000):  # bounded: never hold the loop on an event storm
+            try:
+                data = m.nvmlEventSetWait_v2(self._events, 0)
+            except m.NVMLError_Timeout:
+                break
+            except m.NVMLError as exc:
+                self._once.warning("xid", f"gpu: reading XID events failed: {exc}")
+                break
+            index = by_handle.get(id(data.device))
+            if index is None:
+                index = _device_index(m, data.device)
+            if index is not None:
+                found.setdefault(index, []).append(int(data.eventData))
+        return found
+
+    def close(self) -> None:
+        if self._events is not None:
+            with contextlib.suppress(Exception):  # closing anyway
+                self.gw.call("nvmlEventSetFree", self._events)
+        self.gw.shutdown()
+
+
+def _device_index(m: Any, device: Any) -> int | None:
+    try:
+        return int(m.nvmlDeviceGetIndex(device))
+    except Exception:
+        return None
+
+
+def _int(value: float | None) -> int | None:
+    return None if value is None else int(value)

@@ -1,0 +1,198 @@
+"""The one NVML gateway: every NVML call of tally goes through :class:`Gateway`.
+
+- The library (nvidia-ml-py, imported as ``pynvml``) is imported and initialised lazily, under a
+  lock, on first use, and shut down at exit; tests inject a stand-in module instead.
+- ``NotSupported``/``FunctionNotFound`` (and a symbol the binding or driver lacks) give ``None``,
+  logged once per function; a function found missing is never called again.
+- Versioned symbols (``nvmlDeviceGetTemperatureV``, memory info v2, ``…_v3`` process lists,
+  clock event reasons) are probed once and the first that works is used from then on.
+- ``GpuIsLost`` raises :class:`GpuLost` for that device only; the caller marks it and goes on.
+- No library or no driver raises :class:`NvmlUnavailable` with a one-line reason.
+
+Nothing here shells out to ``nvidia-smi``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from telemetry.logs import OnceLogger
+
+log = logging.getLogger("tally.nvml")
+
+
+class NvmlUnavailable(RuntimeError):
+    """NVML cannot be used on this host (no library, no driver, init failed)."""
+
+
+class GpuLost(RuntimeError):
+    """The device fell off the bus (NVML ``GpuIsLost``)."""
+
+
+# Versioned symbols, newest first: the first one the library and driver answer is kept.
+_VARIANTS: dict[str, tuple[str, ...]] = {
+    "temperature": ("nvmlDeviceGetTemperatureV", "nvmlDeviceGetTemperature"),
+    "processes": (
+        "nvmlDeviceGetComputeRunningProcesses_v3",
+        "nvmlDeviceGetComputeRunningProcesses",
+    ),
+    "clock_reasons": (
+        "nvmlDeviceGetCurrentClocksEventReasons",
+        "nvmlDeviceGetCurrentClocksThrottleReasons",
+    ),
+}
+
+
+class Gateway:
+    """Lazy, locked, fault-tolerant access to NVML (or an injected stand-in ``module``)."""
+
+    def __init__(self, module: Any = None) -> None:
+        self._module = module
+        self._lock = threading.RLock()
+        self._ready = False
+        self._missing: set[str] = set()
+        self._chosen: dict[str, str] = {}
+        self._memory_v2: bool | None = None
+        self._once = OnceLogger(log)
+
+    # ------------------------------------------------------------------ life cycle
+    @property
+    def nvml(self) -> Any:
+        """The initialised module; raises ``NvmlUnavailable``."""
+        with self._lock:
+            if not self._ready:
+                self._init()
+            return self._module
+
+    def _init(self) -> None:
+        if self._module is None:
+            try:
+                self._module = importlib.import_module("pynvml")
+            except ImportError as exc:
+                raise NvmlUnavailable(f"nvidia-ml-py is not installed ({exc})") from None
+        m = self._module
+        try:
+            m.nvmlInit()
+        except m.NVMLError as exc:
+            raise NvmlUnavailable(f"NVML init failed: {_reason(exc)}") from None
+        except OSError as exc:  # a broken libnvidia-ml.so
+            raise NvmlUnavailable(f"NVML library unusable: {exc}") from None
+        self._ready = True
+        atexit.register(self.shutdown)
+
+    def shutdown(self) -> None:
+        """Shut NVML down if this gateway initialised it (safe to call twice)."""
+        with self._lock:
+            if self._ready:
+                self._ready = False
+                try:
+                    self._module.nvmlShutdown()
+                except Exception as exc:
+                    log.debug("nvmlShutdown: %s", exc)
+
+    # ------------------------------------------------------------------ calls
+    def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        """``module.name(*args)``; ``None`` when unsupported or failing, logged once.
+
+        Raises ``GpuLost`` for ``GpuIsLost`` and ``NvmlUnavailable`` when NVML went away.
+        """
+        m = self.nvml
+        if name in self._missing:
+            return None
+        function = getattr(m, name, None)
+        if function is None:
+            self._missing.add(name)
+            self._once.warning(
+                f"missing:{name}", f"nvml: {name} is not in this binding; its value is null"
+            )
+            return None
+        try:
+            return function(*args, **kwargs)
+        except m.NVMLError_GpuIsLost:
+            raise GpuLost(f"{name}: GPU is lost") from None
+        except m.NVMLError_FunctionNotFound:
+            self._missing.add(name)
+            self._once.warning(
+                f"missing:{name}", f"nvml: the driver has no {name}; its value is null"
+            )
+            return None
+        except m.NVMLError_NotSupported:
+            self._once.warning(
+                f"unsupported:{name}", f"nvml: {name} is not supported on some device; null"
+            )
+            return None
+        except (m.NVMLError_Uninitialized, m.NVMLError_DriverNotLoaded) as exc:
+            with self._lock:
+                self._ready = False
+            raise NvmlUnavailable(f"{name}: {_reason(exc)}") from None
+        except m.NVMLError as exc:
+            self._once.warning(f"error:{name}", f"nvml: {name} failed: {_reason(exc)}; null")
+            return None
+
+    def variant(self, kind: str, *args: Any) -> Any:
+        """Call the newest working symbol of a versioned family (probed once)."""
+        chosen = self._chosen.get(kind)
+        if chosen is not None:
+            return self.call(chosen, *args)
+        for name in _VARIANTS[kind]:
+            before = len(self._missing)
+            value = self.call(name, *args)
+            if name in self._missing and len(self._missing) > before:
+                continue  # not in this library or driver: try the older symbol
+            self._chosen[kind] = name
+            return value
+        return None
+
+    def memory_info(self, handle: Any) -> Any:
+        """Memory info, v2 (``used`` excludes reserved memory) when the driver has it."""
+        m = self.nvml
+        if self._memory_v2 is None:
+            version = getattr(m, "nvmlMemory_v2", None)
+            if version is not None:
+                try:
+                    info = m.nvmlDeviceGetMemoryInfo(handle, version=version)
+                    self._memory_v2 = True
+                    return info
+                except m.NVMLError_GpuIsLost:
+                    raise GpuLost("nvmlDeviceGetMemoryInfo: GPU is lost") from None
+                except (m.NVMLError_FunctionNotFound, m.NVMLError_NotSupported, TypeError):
+                    pass
+                except m.NVMLError as exc:
+                    if "Version" not in type(exc).__name__:
+                        raise
+            self._memory_v2 = False
+        if self._memory_v2:
+            return self.call("nvmlDeviceGetMemoryInfo", handle, version=m.nvmlMemory_v2)
+        return self.call("nvmlDeviceGetMemoryInfo", handle)
+
+    def field_values(self, handle: Any, field_ids: Sequence[int]) -> dict[int, float | None]:
+        """Several fields in one NVML call; each unsupported field is ``None``."""
+        values = self.call("nvmlDeviceGetFieldValues", handle, list(field_ids))
+        out: dict[int, float | None] = dict.fromkeys(field_ids)
+        if values is None:
+            return out
+        m = self.nvml
+        readers: dict[int, Callable[[Any], float]] = {
+            m.NVML_VALUE_TYPE_DOUBLE: lambda v: v.dVal,
+            m.NVML_VALUE_TYPE_UNSIGNED_INT: lambda v: v.uiVal,
+            m.NVML_VALUE_TYPE_UNSIGNED_LONG: lambda v: v.ulVal,
+            m.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG: lambda v: v.ullVal,
+            m.NVML_VALUE_TYPE_SIGNED_LONG_LONG: lambda v: v.sllVal,
+        }
+        signed_int = getattr(m, "NVML_VALUE_TYPE_SIGNED_INT", None)
+        if signed_int is not None:
+            readers[signed_int] = lambda v: v.siVal
+        for field_id, value in zip(field_ids, values, strict=False):
+            if value.nvmlReturn == 0 and value.valueType in readers:
+                out[field_id] = float(readers[value.valueType](value.value))
+        return out
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text or type(exc).__name__
