@@ -12,13 +12,24 @@ import re
 from pathlib import Path
 from typing import Any
 
-_JOB = re.compile(r"/job_(\d+)(?:/|$)")
+_CGROUP_JOB = re.compile(
+    r"(?:^|/)(?:slurm[^/]*/uid_[0-9]+|[^/]*slurmstepd\.scope)/job_([0-9]+)(?=/|$)"
+)
 
 
 def job_id_from_cgroup(text: str) -> str | None:
-    """The Slurm job id in the text of ``/proc/<pid>/cgroup`` (v1 or v2), or None."""
+    """The Slurm job id in ``/proc/<pid>/cgroup`` text, or ``None`` if the process is in no job.
+
+    Understands cgroup v1 lines (``4:cpuacct:/slurm/uid_1000/job_123/step_0``, also
+    ``/slurm_<nodename>/…``) and the v2 line
+    (``0::/system.slice/slurmstepd.scope/job_123/step_0/user/task_0``, also
+    ``<nodename>_slurmstepd.scope``). The first line naming a job wins.
+    """
     for line in text.splitlines():
-        match = _JOB.search(line.rpartition(":")[2])
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        match = _CGROUP_JOB.search(parts[2])
         if match:
             return match.group(1)
     return None

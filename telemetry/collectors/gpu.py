@@ -249,8 +249,8 @@ class GpuCollector(Collector):
         for _ in range(1000):  # bounded: never hold the loop on an event storm
             try:
                 data = m.nvmlEventSetWait_v2(self._events, 0)
-            except m.NVMLError_Timeout:
-                break
+            except (m.NVMLError_Timeout, m.NVMLError_GpuIsLost):
+                break  # nothing pending; a lost GPU is reported by the device loop
             except m.NVMLError as exc:
                 self._once.warning("xid", f"gpu: reading XID events failed: {exc}")
                 break

@@ -48,9 +48,6 @@ _GONE = frozenset({errno.ENOENT, errno.ESRCH, errno.ENODEV})
 
 _JOB_DIR = re.compile(r"job_([0-9]+)")
 _UID_DIR = re.compile(r"uid_([0-9]+)")
-_CGROUP_JOB = re.compile(
-    r"(?:^|/)(?:slurm[^/]*/uid_[0-9]+|[^/]*slurmstepd\.scope)/job_([0-9]+)(?=/|$)"
-)
 
 
 # ---------------------------------------------------------------- pure parsers
@@ -132,24 +129,6 @@ def parse_environ(data: bytes) -> dict[str, str]:
         if key not in env:
             env[key] = value.decode("utf-8", errors="replace")[:MAX_VALUE_CHARS]
     return env
-
-
-def job_id_from_cgroup(text: str) -> str | None:
-    """The Slurm job id in ``/proc/<pid>/cgroup`` text, or ``None`` if the process is in no job.
-
-    Understands cgroup v1 lines (``4:cpuacct:/slurm/uid_1000/job_123/step_0``, also
-    ``/slurm_<nodename>/…``) and the v2 line
-    (``0::/system.slice/slurmstepd.scope/job_123/step_0/user/task_0``, also
-    ``<nodename>_slurmstepd.scope``). The first line naming a job wins.
-    """
-    for line in text.splitlines():
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        match = _CGROUP_JOB.search(parts[2])
-        if match:
-            return match.group(1)
-    return None
 
 
 def _list_entries(value: str) -> list[str]:

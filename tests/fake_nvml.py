@@ -1,0 +1,1162 @@
+"""A stand-in for the ``pynvml`` module (nvidia-ml-py) for tests on machines without a GPU.
+
+Tests inject a :class:`FakeNVML` instance into tally's NVML gateway wherever the gateway would
+use the real ``pynvml`` module.  The instance exposes, under the same names and with the same
+parameter names and return types, the subset of nvidia-ml-py that tally uses:
+
+* the real exception classes and constants, copied from the installed ``pynvml`` (so
+  ``fake.NVMLError_NotSupported is pynvml.NVMLError_NotSupported`` and errors are raised the way
+  pynvml raises them: ``pynvml.NVMLError(code)``, which instantiates the per-code subclass);
+* the real ctypes structure classes (``c_nvmlMemory_t``, ``c_nvmlFieldValue_t``,
+  ``c_nvmlGpmMetricsGet_t``, ``c_nvmlEventData_t`` ...): every function returns the very
+  structure type pynvml returns, handles are ``pynvml.c_nvmlDevice_t`` pointers, event sets are
+  ``c_nvmlEventSet_t`` and GPM samples are ``c_nvmlGpmSample_t``;
+* the ``nvml*`` functions listed in ``FakeNVML.__doc__``.  A function of pynvml that the fake
+  does not implement is absent (``AttributeError``), so a gateway that starts using a new call
+  fails loudly instead of silently getting a default.
+
+Building a fake::
+
+    fake = FakeNVML([H100_LOADED, H100_IDLE])        # two GPUs, index 0 and 1
+    fake = FakeNVML([PROFILES["h100_mig"]])            # one MIG-partitioned H100
+    fake = FakeNVML([H100_IDLE] * 8, clock=FakeClock(start=0.0))
+
+Fault injection (all from tests, at any time)::
+
+    fake.library_present = False           # nvmlInit -> NVMLError_LibraryNotFound
+    fake.driver_loaded = False             # nvmlInit -> NVMLError_DriverNotLoaded
+    FakeNVML(..., old_driver=True)         # versioned symbols -> NVMLError_FunctionNotFound
+    FakeNVML(..., hidden=["nvmlDeviceGetTemperatureV"])   # attribute absent (old bindings)
+    fake.lose_gpu(0, after_calls=3)        # 4th handle call on GPU 0 onwards -> GpuIsLost
+    fake.restore_gpu(0)
+    fake.set_unsupported(1, "nvmlDeviceGetTotalEnergyConsumption")   # -> NotSupported
+    fake.set_unsupported_fields(1, pynvml.NVML_FI_DEV_REMAPPED_PENDING)
+    fake.inject_xid(0, 79)                 # delivered to event sets registered for XIDs
+    fake.set_processes(0, [(4242, 512 * MiB)])
+    fake.devices[0].power_mw = 350_000     # energy integrates power over fake.clock
+    fake.clock.advance(10.0)
+    fake.calls["nvmlDeviceGetFieldValues"] # per-function call counter (every call, even failing)
+    fake.handle_calls[("nvmlDeviceGetPowerUsage", uuid)]   # per-function, per-handle counter
+
+Device profiles and where their numbers come from
+-------------------------------------------------
+Every profile carries its source in ``DeviceProfile.source``.  All captures are public
+``nvidia-smi`` captures from the repository ``utkuozdemir/nvidia_gpu_exporter`` (folder
+``internal/captures``, collected with its ``collect.sh``; identifiers are masked by that tool with
+format-preserving placeholders, e.g. ``GPU-00000000-0000-0000-0000-000000000000``):
+
+``h100_idle``   ``linux-x86_64__nvidia-h100-80gb-hbm3__590.48.01.txt`` (commit c58c3331e071),
+                section ``idle :: query (-q)`` (+ ``idle :: query-gpu`` CSV for the clocks
+                event reason bitmask).
+``h100_loaded`` same file, section ``load :: query (-q)`` (gpu-burn + 2 memhog processes) and
+                ``load :: query-gpu`` CSV for the bitmask.
+``h200_idle``   ``linux-x86_64__nvidia-h200__580.173.02.txt`` (commit 18a7dc5a4958),
+                section ``idle :: query (-q)``.  That capture has no load section.
+``h200_loaded`` APPROXIMATION - no public capture of a loaded, non-MIG H200 was found.  Built
+                from ``linux-x86_64__nvidia-h200-mig__590.48.01.txt`` (commit 0eee0d3187e2),
+                section ``load :: query (-q)``, whole-GPU readings (power, temperatures,
+                framebuffer, processes) taken while the GPU was MIG-partitioned and presented
+                here as a MIG-disabled GPU.  Whole-GPU utilisation is N/A in MIG mode, so
+                utilisation 97 % / 7 % comes from the same file's ``idle :: query-accounted-apps``
+                row for the gpu_burn process (pid 10550).
+``h100_mig``    ``linux-x86_64__nvidia-h100-mig__590.48.01.txt`` (commit c58c3331e071),
+                sections ``capabilities :: list (-L)`` (MIG device names/UUIDs) and
+                ``load :: query (-q)`` (instances 3g.40gb, 2g.20gb and two 1g.10gb; gpu_burn and
+                two memhog processes in GPU instance 2).
+
+Memory values are the capture's MiB figures times 1 MiB; ``free`` is derived as
+``total - reserved - used`` so it can be 1 MiB below nvidia-smi's rounded display.  Power is the
+capture's "Average Power Draw" (what ``nvmlDeviceGetPowerUsage`` reports on Hopper), the
+``NVML_FI_DEV_POWER_INSTANT`` field is "Instantaneous Power Draw".
+
+Not taken from a capture (the fake's choices, documented where they are made):
+the energy counter's starting value (``SYNTHETIC_ENERGY_START_MJ``), the GPM SM activity (defaults
+to the profile's GPU utilisation), ``NVML_VALUE_TYPE_*`` of field values (chosen to match the C
+type of the equivalent direct getter), the symbol set of the "old driver" and the error codes of a
+few MIG corner cases.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import threading
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, TypeVar
+
+import pynvml
+
+MiB = 1024 * 1024
+
+#: What NVML writes into ``gpuInstanceId``/``computeInstanceId`` outside MIG (nvidia-smi: "N/A").
+NVML_INVALID_ID = 0xFFFFFFFF
+
+#: Captures carry no energy counter.  A real counter starts when the driver loads, so the fake
+#: starts from a non-zero value (1 kWh in mJ) to catch code that assumes it starts at zero.
+SYNTHETIC_ENERGY_START_MJ = 3_600_000_000
+
+#: C symbols a driver older than the installed bindings lacks.  pynvml resolves symbols lazily, so
+#: calling a wrapper whose symbol is missing raises ``NVMLError_FunctionNotFound``.  Note that
+#: pynvml's ``nvmlDeviceGetComputeRunningProcesses`` calls the ``_v3`` symbol, and
+#: ``nvmlDeviceGetMemoryInfo(h, version=...)`` the ``_v2`` symbol.  This set models "an older
+#: libnvidia-ml" for fault injection; it is not the exact symbol table of one release.
+OLD_DRIVER_MISSING_SYMBOLS = frozenset(
+    {
+        "nvmlDeviceGetTemperatureV",
+        "nvmlDeviceGetComputeRunningProcesses_v3",
+        "nvmlDeviceGetMemoryInfo_v2",
+        "nvmlDeviceGetCurrentClocksEventReasons",
+        "nvmlGpmQueryDeviceSupport",
+        "nvmlGpmSampleAlloc",
+        "nvmlGpmSampleGet",
+        "nvmlGpmSampleFree",
+        "nvmlGpmMetricsGet",
+    }
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Profiles (immutable data taken from captures)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProcessProfile:
+    pid: int
+    used_gpu_memory: int  # bytes
+    gpu_instance_id: int | None = None  # None outside MIG
+    compute_instance_id: int | None = None
+
+
+@dataclass(frozen=True)
+class MigInstanceProfile:
+    profile: str  # e.g. "1g.10gb"
+    uuid: str  # "MIG-..."
+    gpu_instance_id: int
+    compute_instance_id: int
+    memory_total: int  # bytes
+    memory_used: int  # bytes
+    sm_count: int
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    key: str
+    source: str
+    name: str
+    uuid: str
+    pci_bus_id: str
+    driver_version: str
+    memory_total: int  # bytes
+    memory_reserved: int  # bytes
+    memory_used: int  # bytes
+    utilization_gpu: int | None  # percent; None -> NotSupported (whole GPU in MIG mode)
+    utilization_memory: int | None
+    power_mw: int  # nvmlDeviceGetPowerUsage
+    power_instant_mw: int  # NVML_FI_DEV_POWER_INSTANT
+    power_limit_mw: int
+    temperature_gpu: int  # C
+    temperature_memory: int  # C, NVML_FI_DEV_MEMORY_TEMP
+    clocks_event_reasons: int  # bitmask
+    ecc_corrected_volatile: int = 0
+    ecc_uncorrected_volatile: int = 0
+    ecc_corrected_aggregate: int = 0
+    ecc_uncorrected_aggregate: int = 0
+    remapped_rows: tuple[int, int, int, int] | None = (0, 0, 0, 0)  # None -> NotSupported
+    mig_mode: tuple[int, int] = (0, 0)  # (current, pending)
+    max_mig_devices: int = 7
+    mig_instances: tuple[MigInstanceProfile, ...] = ()
+    processes: tuple[ProcessProfile, ...] = ()
+    sm_activity_pct: float | None = None  # GPM SM util; None -> utilization_gpu (approximation)
+    gpm_supported: bool = True
+    energy_start_mj: int = SYNTHETIC_ENERGY_START_MJ
+
+
+_EXPORTER = "utkuozdemir/nvidia_gpu_exporter"
+_H100_FILE = "internal/captures/linux-x86_64__nvidia-h100-80gb-hbm3__590.48.01.txt"
+_H100_MIG_FILE = "internal/captures/linux-x86_64__nvidia-h100-mig__590.48.01.txt"
+_H200_FILE = "internal/captures/linux-x86_64__nvidia-h200__580.173.02.txt"
+_H200_MIG_FILE = "internal/captures/linux-x86_64__nvidia-h200-mig__590.48.01.txt"
+_MASKED_GPU_UUID = "GPU-00000000-0000-0000-0000-000000000000"
+
+H100_IDLE = DeviceProfile(
+    key="h100_idle",
+    source=f"{_EXPORTER} {_H100_FILE} @c58c3331e071, 'idle :: query (-q)'",
+    name="NVIDIA H100 80GB HBM3",
+    uuid=_MASKED_GPU_UUID,
+    pci_bus_id="00000000:00:09.0",
+    driver_version="590.48.01",
+    memory_total=81559 * MiB,
+    memory_reserved=479 * MiB,
+    memory_used=0,
+    utilization_gpu=0,
+    utilization_memory=0,
+    power_mw=69_850,  # Average Power Draw 69.85 W
+    power_instant_mw=69_620,  # Instantaneous Power Draw 69.62 W
+    power_limit_mw=700_000,
+    temperature_gpu=41,
+    temperature_memory=48,
+    clocks_event_reasons=pynvml.nvmlClocksEventReasonGpuIdle,  # CSV: 0x0000000000000001
+)
+
+H100_LOADED = replace(
+    H100_IDLE,
+    key="h100_loaded",
+    source=f"{_EXPORTER} {_H100_FILE} @c58c3331e071, 'load :: query (-q)'",
+    memory_used=19818 * MiB,
+    utilization_gpu=100,
+    utilization_memory=11,
+    power_mw=629_450,  # 629.45 W
+    power_instant_mw=588_390,  # 588.39 W
+    temperature_gpu=59,
+    temperature_memory=55,
+    clocks_event_reasons=pynvml.nvmlClocksEventReasonNone,  # CSV: 0x0000000000000000
+    processes=(
+        ProcessProfile(11327, 2566 * MiB),  # /root/tools/memhog
+        ProcessProfile(11328, 1542 * MiB),  # /root/tools/memhog
+        ProcessProfile(11345, 15690 * MiB),  # ./gpu_burn
+    ),
+)
+
+H200_IDLE = DeviceProfile(
+    key="h200_idle",
+    source=f"{_EXPORTER} {_H200_FILE} @18a7dc5a4958, 'idle :: query (-q)'",
+    name="NVIDIA H200",
+    uuid=_MASKED_GPU_UUID,
+    pci_bus_id="00000000:83:00.0",
+    driver_version="580.173.02",
+    memory_total=143771 * MiB,
+    memory_reserved=616 * MiB,
+    memory_used=0,
+    utilization_gpu=0,
+    utilization_memory=0,
+    power_mw=85_160,  # 85.16 W
+    power_instant_mw=84_760,  # 84.76 W
+    power_limit_mw=700_000,
+    temperature_gpu=37,
+    temperature_memory=38,
+    clocks_event_reasons=pynvml.nvmlClocksEventReasonGpuIdle,  # Idle: Active
+)
+
+H200_LOADED = replace(
+    H200_IDLE,
+    key="h200_loaded",
+    source=(
+        f"APPROXIMATION: {_EXPORTER} {_H200_MIG_FILE} @0eee0d3187e2, 'load :: query (-q)' "
+        "whole-GPU readings taken in MIG mode, presented MIG-disabled; utilisation from "
+        "'idle :: query-accounted-apps' (gpu_burn, pid 10550)"
+    ),
+    driver_version="590.48.01",
+    memory_reserved=614 * MiB,
+    memory_used=16959 * MiB,
+    utilization_gpu=97,
+    utilization_memory=7,
+    power_mw=294_940,  # 294.94 W
+    power_instant_mw=292_140,  # 292.14 W
+    temperature_gpu=36,
+    temperature_memory=39,
+    clocks_event_reasons=pynvml.nvmlClocksEventReasonNone,  # Idle: Not Active
+    processes=(
+        ProcessProfile(12249, 2194 * MiB),  # /root/tools/memhog
+        ProcessProfile(12250, 1170 * MiB),  # /root/tools/memhog
+        ProcessProfile(12267, 13526 * MiB),  # ./gpu_burn
+    ),
+)
+
+
+def _mig(
+    n: int, profile: str, gi: int, ci: int, total: int, used: int, sms: int
+) -> MigInstanceProfile:
+    # The capture's masked MIG UUIDs: MIG-0000000N-0000-0000-0000-00000000000N.
+    uuid = f"MIG-{n:08x}-0000-0000-0000-{n:012x}"
+    return MigInstanceProfile(profile, uuid, gi, ci, total * MiB, used * MiB, sms)
+
+
+H100_MIG = replace(
+    H100_IDLE,
+    key="h100_mig",
+    source=f"{_EXPORTER} {_H100_MIG_FILE} @c58c3331e071, 'capabilities :: list (-L)' and "
+    "'load :: query (-q)'",
+    memory_used=11125 * MiB,
+    utilization_gpu=None,  # "Utilization GPU: N/A" in MIG mode
+    utilization_memory=None,
+    power_mw=432_210,  # 432.21 W
+    power_instant_mw=444_720,  # 444.72 W
+    temperature_gpu=53,
+    temperature_memory=58,
+    clocks_event_reasons=pynvml.nvmlClocksEventReasonNone,
+    remapped_rows=None,  # "Remapped Rows: N/A" in MIG mode
+    mig_mode=(pynvml.NVML_DEVICE_MIG_ENABLE, pynvml.NVML_DEVICE_MIG_ENABLE),
+    mig_instances=(  # "-L" order; (profile, GI, CI, FB total MiB, FB used MiB, SMs)
+        _mig(0, "3g.40gb", 2, 0, 40448, 11091, 60),
+        _mig(1, "2g.20gb", 3, 0, 20096, 17, 32),
+        _mig(2, "1g.10gb", 9, 0, 9984, 9, 16),
+        _mig(3, "1g.10gb", 10, 0, 9984, 9, 16),
+    ),
+    processes=(
+        ProcessProfile(21180, 2296 * MiB, 2, 0),  # /root/tools/memhog
+        ProcessProfile(21181, 1272 * MiB, 2, 0),  # /root/tools/memhog
+        ProcessProfile(21198, 7484 * MiB, 2, 0),  # ./gpu_burn
+    ),
+    # Approximation: gpu_burn busy on GI 2 (60 of the H100's 132 SMs) -> ~45 % of the whole GPU.
+    sm_activity_pct=45.0,
+)
+
+PROFILES: dict[str, DeviceProfile] = {
+    p.key: p for p in (H100_IDLE, H100_LOADED, H200_IDLE, H200_LOADED, H100_MIG)
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Runtime state
+# --------------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    """Manually advanced clock in seconds; callable, so it can stand in for ``time.monotonic``."""
+
+    def __init__(self, start: float = 1_000.0) -> None:
+        self._now = float(start)
+
+    def now(self) -> float:
+        return self._now
+
+    def __call__(self) -> float:
+        return self._now
+
+    def advance(self, seconds: float) -> float:
+        if seconds < 0:
+            raise ValueError("a clock does not go backwards")
+        self._now += seconds
+        return self._now
+
+
+def _raise(code: int) -> Any:
+    # pynvml raises NVMLError(code); NVMLError.__new__ picks the per-code subclass.
+    raise pynvml.NVMLError(code)
+
+
+class _Anchored:
+    """An object with a stable address, used as the target of a ctypes handle."""
+
+    def __init__(self) -> None:
+        self._anchor = ctypes.create_string_buffer(1)
+
+    @property
+    def address(self) -> int:
+        return ctypes.addressof(self._anchor)
+
+
+class FakeDevice(_Anchored):
+    """Mutable state of one physical GPU (tests may change any attribute)."""
+
+    is_mig = False
+
+    def __init__(self, index: int, profile: DeviceProfile, uuid: str, clock: FakeClock) -> None:
+        super().__init__()
+        self.index = index
+        self.profile = profile
+        self.name = profile.name
+        self.uuid = uuid
+        self.pci_bus_id = profile.pci_bus_id
+        self.memory_total = profile.memory_total
+        self.memory_reserved = profile.memory_reserved
+        self.memory_used = profile.memory_used
+        self.utilization_gpu = profile.utilization_gpu
+        self.utilization_memory = profile.utilization_memory
+        self.power_instant_mw = profile.power_instant_mw
+        self.power_limit_mw = profile.power_limit_mw
+        self.temperature_gpu = profile.temperature_gpu
+        self.temperature_memory = profile.temperature_memory
+        self.clocks_event_reasons = profile.clocks_event_reasons
+        self.ecc_corrected_volatile = profile.ecc_corrected_volatile
+        self.ecc_uncorrected_volatile = profile.ecc_uncorrected_volatile
+        self.ecc_corrected_aggregate = profile.ecc_corrected_aggregate
+        self.ecc_uncorrected_aggregate = profile.ecc_uncorrected_aggregate
+        self.remapped_rows = profile.remapped_rows
+        self.mig_mode = list(profile.mig_mode)
+        self.max_mig_devices = profile.max_mig_devices
+        self.gpm_supported = profile.gpm_supported
+        self.processes: list[ProcessProfile] = list(profile.processes)
+        self.mig_devices: list[FakeMigDevice] = []
+        #: Python function names (e.g. "nvmlDeviceGetPowerUsage") that raise NotSupported here.
+        self.unsupported: set[str] = set()
+        #: Field ids that come back with nvmlReturn == NVML_ERROR_NOT_SUPPORTED.
+        self.unsupported_fields: set[int] = set()
+        self.lost = False
+        self.lost_after: int | None = None
+        self._clock = clock
+        self._t_last = clock.now()
+        self._power_mw = profile.power_mw
+        default_sm = profile.utilization_gpu or 0
+        self._sm_activity = float(
+            profile.sm_activity_pct if profile.sm_activity_pct is not None else default_sm
+        )
+        self._energy_mj = float(profile.energy_start_mj)
+        self._sm_integral = 0.0  # percent * seconds
+
+    @property
+    def mig_enabled(self) -> bool:
+        return bool(self.mig_mode[0] == pynvml.NVML_DEVICE_MIG_ENABLE)
+
+    def _settle(self) -> None:
+        now = self._clock.now()
+        dt = now - self._t_last
+        if dt > 0:
+            self._energy_mj += self._power_mw * dt  # mW * s = mJ
+            self._sm_integral += self._sm_activity * dt
+            self._t_last = now
+
+    @property
+    def power_mw(self) -> int:
+        return self._power_mw
+
+    @power_mw.setter
+    def power_mw(self, value: int) -> None:
+        self._settle()  # energy up to now accrued at the old power
+        self._power_mw = int(value)
+
+    @property
+    def sm_activity_pct(self) -> float:
+        return self._sm_activity
+
+    @sm_activity_pct.setter
+    def sm_activity_pct(self, value: float) -> None:
+        self._settle()
+        self._sm_activity = float(value)
+
+    def energy_mj(self) -> int:
+        self._settle()
+        return int(self._energy_mj)
+
+    def sm_integral(self) -> float:
+        self._settle()
+        return self._sm_integral
+
+    @property
+    def root(self) -> FakeDevice:
+        return self
+
+
+class FakeMigDevice(_Anchored):
+    """One MIG device (GPU instance + compute instance) of a MIG-enabled :class:`FakeDevice`."""
+
+    is_mig = True
+
+    def __init__(self, parent: FakeDevice, mig_index: int, p: MigInstanceProfile, uuid: str):
+        super().__init__()
+        self.parent = parent
+        self.mig_index = mig_index
+        self.profile = p
+        self.name = f"{parent.name} MIG {p.profile}"
+        self.uuid = uuid
+        self.gpu_instance_id = p.gpu_instance_id
+        self.compute_instance_id = p.compute_instance_id
+        self.memory_total = p.memory_total
+        self.memory_reserved = 0
+        self.memory_used = p.memory_used
+        self.unsupported: set[str] = set()
+        self.unsupported_fields: set[int] = set()
+
+    @property
+    def root(self) -> FakeDevice:
+        return self.parent
+
+
+class _EventSet(_Anchored):
+    def __init__(self) -> None:
+        super().__init__()
+        self.registrations: dict[int, int] = {}  # device index -> event type mask
+        self.queue: deque[tuple[FakeDevice, int, int, int]] = deque()
+
+
+class _GpmSample(_Anchored):
+    def __init__(self) -> None:
+        super().__init__()
+        self.device: FakeDevice | None = None
+        self.timestamp = 0.0
+        self.sm_integral = 0.0
+
+
+def _unique_uuid(uuid: str, taken: set[str]) -> str:
+    """Keep the capture's (masked) UUID format; bump the last group until it is unique."""
+    if uuid not in taken:
+        return uuid
+    head, _, last = uuid.rpartition("-")
+    n = int(last, 16)
+    while True:
+        n += 1
+        candidate = f"{head}-{n:0{len(last)}x}"
+        if candidate not in taken:
+            return candidate
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _nvml_api(
+    symbol: str | Callable[..., str] | None = None, *, device: bool = False
+) -> Callable[[_F], _F]:
+    """Wrap a fake NVML function the way pynvml + libnvidia-ml behave.
+
+    Order of checks, as in pynvml: library not loaded -> Uninitialized (pynvml's
+    ``_nvmlGetFunctionPointer``), C symbol missing -> FunctionNotFound, not initialised ->
+    Uninitialized (returned by the C library), then for device functions: bad handle ->
+    InvalidArgument, GPU lost -> GpuIsLost, function marked unsupported -> NotSupported.
+    """
+
+    def decorate(fn: _F) -> _F:
+        name = fn.__name__
+
+        @functools.wraps(fn)
+        def wrapper(self: FakeNVML, *args: Any, **kwargs: Any) -> Any:
+            sym = symbol(*args, **kwargs) if callable(symbol) else (symbol or name)
+            with self._lock:
+                self.calls[name] += 1
+                self._gate(sym)
+                if not device:
+                    return fn(self, *args, **kwargs)
+                if args:
+                    handle, rest = args[0], args[1:]
+                else:
+                    first = fn.__code__.co_varnames[1]
+                    handle, rest = kwargs.pop(first), ()
+                dev = self._resolve(handle)
+                self._touch(dev, name)
+                return fn(self, dev, *rest, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _memory_symbol(*args: Any, **kwargs: Any) -> str:
+    version = args[1] if len(args) > 1 else kwargs.get("version")
+    return "nvmlDeviceGetMemoryInfo_v2" if version else "nvmlDeviceGetMemoryInfo"
+
+
+_Dev = FakeDevice | FakeMigDevice
+
+
+# --------------------------------------------------------------------------------------------
+# The module stand-in
+# --------------------------------------------------------------------------------------------
+
+
+class FakeNVML:
+    """Drop-in for the ``pynvml`` module.
+
+    Implemented functions: nvmlInit, nvmlInitWithFlags, nvmlShutdown, nvmlErrorString,
+    nvmlSystemGetDriverVersion, nvmlDeviceGetCount, nvmlDeviceGetHandleByIndex,
+    nvmlDeviceGetHandleByUUID, nvmlDeviceGetIndex, nvmlDeviceGetUUID, nvmlDeviceGetName,
+    nvmlDeviceGetUtilizationRates, nvmlDeviceGetMemoryInfo, nvmlDeviceGetPowerUsage,
+    nvmlDeviceGetTotalEnergyConsumption, nvmlDeviceGetPowerManagementLimit,
+    nvmlDeviceGetEnforcedPowerLimit, nvmlDeviceGetTemperature, nvmlDeviceGetTemperatureV,
+    nvmlDeviceGetMigMode, nvmlDeviceGetMaxMigDeviceCount, nvmlDeviceGetMigDeviceHandleByIndex,
+    nvmlDeviceGetDeviceHandleFromMigDeviceHandle, nvmlDeviceIsMigDeviceHandle,
+    nvmlDeviceGetGpuInstanceId, nvmlDeviceGetComputeInstanceId, nvmlDeviceGetFieldValues,
+    nvmlDeviceGetTotalEccErrors, nvmlDeviceGetRemappedRows,
+    nvmlDeviceGetCurrentClocksEventReasons, nvmlDeviceGetCurrentClocksThrottleReasons,
+    nvmlDeviceGetComputeRunningProcesses (+ _v2, _v3), nvmlGpmQueryDeviceSupport,
+    nvmlGpmSampleAlloc, nvmlGpmSampleGet, nvmlGpmSampleFree, nvmlGpmMetricsGet,
+    nvmlEventSetCreate, nvmlDeviceRegisterEvents, nvmlEventSetWait_v2, nvmlEventSetFree.
+    """
+
+    def __init__(
+        self,
+        profiles: Sequence[DeviceProfile] = (H100_IDLE,),
+        *,
+        clock: FakeClock | None = None,
+        driver_version: str | None = None,
+        library_present: bool = True,
+        driver_loaded: bool = True,
+        old_driver: bool = False,
+        missing_symbols: Iterable[str] = (),
+        hidden: Iterable[str] = (),
+        blocking_event_wait: bool = False,
+    ) -> None:
+        self._lock = threading.RLock()
+        self._events_changed = threading.Condition(self._lock)
+        self.clock = clock if clock is not None else FakeClock()
+        self.driver_version = driver_version or (
+            profiles[0].driver_version if profiles else "590.48.01"
+        )
+        #: False: nvmlInit raises LibraryNotFound, every other call Uninitialized (as pynvml).
+        self.library_present = library_present
+        #: False: nvmlInit raises DriverNotLoaded.
+        self.driver_loaded = driver_loaded
+        #: Any other NVML error code nvmlInit should fail with (e.g. NVML_ERROR_NO_PERMISSION).
+        self.init_error: int | None = None
+        #: C symbols absent from the fake libnvidia-ml -> NVMLError_FunctionNotFound.
+        self.missing_symbols: set[str] = set(missing_symbols)
+        if old_driver:
+            self.missing_symbols |= OLD_DRIVER_MISSING_SYMBOLS
+        #: Python attribute names that do not exist at all (older nvidia-ml-py bindings).
+        self.hidden: set[str] = set(hidden)
+        #: True: nvmlEventSetWait_v2 really waits (up to its timeout) for inject_xid from
+        #: another thread.  False: it raises NVMLError_Timeout at once when nothing is pending.
+        self.blocking_event_wait = blocking_event_wait
+        self.calls: Counter[str] = Counter()
+        self.handle_calls: Counter[tuple[str, str]] = Counter()
+        self._lib_loaded = False
+        self._init_count = 0
+        self._objects: dict[int, Any] = {}
+        self.devices: list[FakeDevice] = []
+        taken: set[str] = set()
+        for index, profile in enumerate(profiles):
+            dev = FakeDevice(index, profile, _unique_uuid(profile.uuid, taken), self.clock)
+            taken.add(dev.uuid)
+            for mig_index, inst in enumerate(profile.mig_instances):
+                mig = FakeMigDevice(dev, mig_index, inst, _unique_uuid(inst.uuid, taken))
+                taken.add(mig.uuid)
+                dev.mig_devices.append(mig)
+                self._objects[mig.address] = mig
+            self.devices.append(dev)
+            self._objects[dev.address] = dev
+
+    def __getattribute__(self, name: str) -> Any:
+        if name.startswith("nvml") and name in object.__getattribute__(self, "hidden"):
+            raise AttributeError(name)
+        return object.__getattribute__(self, name)
+
+    def __repr__(self) -> str:
+        return f"FakeNVML({[d.profile.key for d in self.devices]!r}, driver={self.driver_version})"
+
+    # ---------------------------------------------------------------- test controls
+
+    def reset_calls(self) -> None:
+        with self._lock:
+            self.calls.clear()
+            self.handle_calls.clear()
+
+    def lose_gpu(self, index: int, after_calls: int = 0) -> None:
+        """GPU ``index`` falls off the bus after ``after_calls`` more calls on its handles."""
+        with self._lock:
+            dev = self.devices[index]
+            if after_calls <= 0:
+                dev.lost = True
+            else:
+                dev.lost_after = after_calls
+
+    def restore_gpu(self, index: int) -> None:
+        with self._lock:
+            dev = self.devices[index]
+            dev.lost = False
+            dev.lost_after = None
+
+    def set_unsupported(
+        self, index: int, *function_names: str, mig_index: int | None = None
+    ) -> None:
+        """Make ``function_names`` raise NotSupported on GPU ``index`` (or on one MIG device)."""
+        with self._lock:
+            dev = self.devices[index]
+            target = dev if mig_index is None else dev.mig_devices[mig_index]
+            target.unsupported.update(function_names)
+
+    def set_unsupported_fields(self, index: int, *field_ids: int) -> None:
+        with self._lock:
+            self.devices[index].unsupported_fields.update(field_ids)
+
+    def set_processes(
+        self, index: int, processes: Iterable[ProcessProfile | tuple[int, int] | int]
+    ) -> None:
+        """Replace the compute processes of GPU ``index`` (pid, or (pid, used bytes))."""
+        procs: list[ProcessProfile] = []
+        for p in processes:
+            if isinstance(p, ProcessProfile):
+                procs.append(p)
+            elif isinstance(p, int):
+                procs.append(ProcessProfile(p, 0))
+            else:
+                procs.append(ProcessProfile(p[0], p[1]))
+        with self._lock:
+            self.devices[index].processes = procs
+
+    def inject_xid(
+        self,
+        index: int,
+        xid: int,
+        *,
+        gpu_instance_id: int = NVML_INVALID_ID,
+        compute_instance_id: int = NVML_INVALID_ID,
+    ) -> int:
+        """Raise an XID on GPU ``index``; returns how many event sets received it.
+
+        Like the driver, an event reaches only the event sets that registered this GPU for
+        ``nvmlEventTypeXidCriticalError`` before it happened; otherwise it is dropped.
+        """
+        delivered = 0
+        with self._lock:
+            dev = self.devices[index]
+            for obj in self._objects.values():
+                if not isinstance(obj, _EventSet):
+                    continue
+                mask = obj.registrations.get(index, 0)
+                if mask & pynvml.nvmlEventTypeXidCriticalError:
+                    obj.queue.append((dev, xid, gpu_instance_id, compute_instance_id))
+                    delivered += 1
+            self._events_changed.notify_all()
+        return delivered
+
+    # ---------------------------------------------------------------- internals
+
+    def _gate(self, symbol: str) -> None:
+        if not self._lib_loaded:
+            _raise(pynvml.NVML_ERROR_UNINITIALIZED)
+        if symbol in self.missing_symbols:
+            _raise(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+        if self._init_count == 0:
+            _raise(pynvml.NVML_ERROR_UNINITIALIZED)
+
+    def _lookup(self, ptr: Any, kind: Any) -> Any:
+        try:
+            address = ctypes.cast(ptr, ctypes.c_void_p).value
+        except (ctypes.ArgumentError, TypeError):
+            address = None
+        obj = self._objects.get(address) if address else None
+        if not isinstance(obj, kind):
+            _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return obj
+
+    def _resolve(self, handle: Any) -> _Dev:
+        return self._lookup(handle, (FakeDevice, FakeMigDevice))  # type: ignore[no-any-return]
+
+    def _touch(self, dev: _Dev, name: str) -> None:
+        self.handle_calls[(name, dev.uuid)] += 1
+        root = dev.root
+        if not root.lost and root.lost_after is not None:
+            if root.lost_after <= 0:
+                root.lost = True
+            else:
+                root.lost_after -= 1
+        if root.lost:
+            _raise(pynvml.NVML_ERROR_GPU_IS_LOST)
+        if name in dev.unsupported:
+            _raise(pynvml.NVML_ERROR_NOT_SUPPORTED)
+
+    @staticmethod
+    def _handle(obj: _Anchored, ptr_type: Any = None) -> Any:
+        return ctypes.cast(ctypes.c_void_p(obj.address), ptr_type or pynvml.c_nvmlDevice_t)
+
+    @staticmethod
+    def _whole_gpu(dev: _Dev) -> FakeDevice:
+        # Real drivers answer most per-GPU queries on a MIG device handle with NOT_SUPPORTED
+        # (nvidia-smi shows N/A for utilisation/power/temperature of MIG devices).
+        if isinstance(dev, FakeMigDevice):
+            _raise(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        assert isinstance(dev, FakeDevice)
+        return dev
+
+    # ---------------------------------------------------------------- init / system
+
+    def _init(self, name: str) -> None:
+        with self._lock:
+            self.calls[name] += 1
+            if not self.library_present:
+                _raise(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+            self._lib_loaded = True
+            if "nvmlInitWithFlags" in self.missing_symbols:
+                _raise(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+            if not self.driver_loaded:
+                _raise(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
+            if self.init_error is not None:
+                _raise(self.init_error)
+            self._init_count += 1
+
+    def nvmlInit(self) -> None:
+        self._init("nvmlInit")
+
+    def nvmlInitWithFlags(self, flags: int) -> None:
+        self._init("nvmlInitWithFlags")
+
+    @_nvml_api()
+    def nvmlShutdown(self) -> None:
+        self._init_count -= 1
+
+    def nvmlErrorString(self, result: int) -> str:
+        with self._lock:
+            self.calls["nvmlErrorString"] += 1
+            if not self._lib_loaded:
+                _raise(pynvml.NVML_ERROR_UNINITIALIZED)
+            return str(pynvml.NVMLError._errcode_to_string.get(result, "Unknown Error"))
+
+    @_nvml_api()
+    def nvmlSystemGetDriverVersion(self) -> str:
+        return self.driver_version
+
+    @_nvml_api("nvmlDeviceGetCount_v2")
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.devices)
+
+    # ---------------------------------------------------------------- handles / identity
+
+    @_nvml_api("nvmlDeviceGetHandleByIndex_v2")
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> Any:
+        if not isinstance(index, int) or not 0 <= index < len(self.devices):
+            _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        dev = self.devices[index]
+        self._touch(dev, "nvmlDeviceGetHandleByIndex")
+        return self._handle(dev)
+
+    @_nvml_api()
+    def nvmlDeviceGetHandleByUUID(self, uuid: str | bytes) -> Any:
+        wanted = uuid.decode() if isinstance(uuid, bytes) else uuid
+        for dev in self.devices:
+            candidates: list[_Dev] = [dev, *dev.mig_devices]
+            for candidate in candidates:
+                if candidate.uuid == wanted:
+                    self._touch(candidate, "nvmlDeviceGetHandleByUUID")
+                    return self._handle(candidate)
+        return _raise(pynvml.NVML_ERROR_NOT_FOUND)
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetIndex(self, handle: Any) -> int:
+        return self._whole_gpu(handle).index  # MIG handle: NotSupported (fake's choice)
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetUUID(self, handle: Any) -> str:
+        return str(handle.uuid)  # pynvml decodes the C string (convertStrBytes)
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetName(self, handle: Any) -> str:
+        return str(handle.name)
+
+    # ---------------------------------------------------------------- telemetry
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetUtilizationRates(self, handle: Any) -> Any:
+        dev = self._whole_gpu(handle)
+        if dev.mig_enabled or dev.utilization_gpu is None:
+            _raise(pynvml.NVML_ERROR_NOT_SUPPORTED)  # captures: "GPU: N/A" in MIG mode
+        util = pynvml.c_nvmlUtilization_t()
+        util.gpu = dev.utilization_gpu
+        util.memory = dev.utilization_memory or 0
+        return util
+
+    @_nvml_api(_memory_symbol, device=True)
+    def nvmlDeviceGetMemoryInfo(self, handle: Any, version: int | None = None) -> Any:
+        total, reserved, used = handle.memory_total, handle.memory_reserved, handle.memory_used
+        free = max(total - reserved - used, 0)
+        if not version:
+            # v1 (nvmlMemory_t): "used" is reserved + allocated, i.e. total - free.
+            mem = pynvml.c_nvmlMemory_t()
+            mem.total, mem.free, mem.used = total, free, total - free
+            return mem
+        if version != pynvml.nvmlMemory_v2:
+            _raise(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+        mem2 = pynvml.c_nvmlMemory_v2_t()
+        mem2.version = version
+        mem2.total, mem2.reserved, mem2.free, mem2.used = total, reserved, free, used
+        return mem2
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetPowerUsage(self, handle: Any) -> int:
+        return self._whole_gpu(handle).power_mw
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: Any) -> int:
+        return self._whole_gpu(handle).energy_mj()
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetPowerManagementLimit(self, handle: Any) -> int:
+        return self._whole_gpu(handle).power_limit_mw
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetEnforcedPowerLimit(self, handle: Any) -> int:
+        return self._whole_gpu(handle).power_limit_mw
+
+    def _temperature(self, dev: _Dev, sensor: int) -> int:
+        gpu = self._whole_gpu(dev)
+        if not isinstance(sensor, int) or not 0 <= sensor < pynvml.NVML_TEMPERATURE_COUNT:
+            _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if sensor != pynvml.NVML_TEMPERATURE_GPU:
+            _raise(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return gpu.temperature_gpu
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> int:
+        return self._temperature(handle, sensor)
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetTemperatureV(
+        self, handle: Any, sensor: int, version: int = pynvml.nvmlTemperature_v1
+    ) -> int:
+        if version != pynvml.nvmlTemperature_v1:
+            _raise(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+        return self._temperature(handle, sensor)
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetCurrentClocksEventReasons(self, handle: Any) -> int:
+        return self._whole_gpu(handle).clocks_event_reasons
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle: Any) -> int:
+        return self._whole_gpu(handle).clocks_event_reasons
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetTotalEccErrors(self, handle: Any, errorType: int, counterType: int) -> int:
+        dev = self._whole_gpu(handle)
+        table = {
+            (pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED, pynvml.NVML_VOLATILE_ECC): (
+                dev.ecc_corrected_volatile
+            ),
+            (pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, pynvml.NVML_VOLATILE_ECC): (
+                dev.ecc_uncorrected_volatile
+            ),
+            (pynvml.NVML_MEMORY_ERROR_TYPE_CORRECTED, pynvml.NVML_AGGREGATE_ECC): (
+                dev.ecc_corrected_aggregate
+            ),
+            (pynvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, pynvml.NVML_AGGREGATE_ECC): (
+                dev.ecc_uncorrected_aggregate
+            ),
+        }
+        if (errorType, counterType) not in table:
+            _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return table[(errorType, counterType)]
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetRemappedRows(self, device: Any) -> tuple[int, int, int, int]:
+        dev = self._whole_gpu(device)
+        if dev.remapped_rows is None:
+            _raise(pynvml.NVML_ERROR_NOT_SUPPORTED)  # captures: "Remapped Rows: N/A" in MIG mode
+        assert dev.remapped_rows is not None
+        return tuple(dev.remapped_rows)  # type: ignore[return-value]
+
+    # ---------------------------------------------------------------- field values
+
+    def _field(self, dev: _Dev, field_id: int) -> tuple[int, int, int | float] | None:
+        """(nvmlReturn, valueType, value) for one field, None when not supported."""
+        if isinstance(dev, FakeMigDevice) or field_id in dev.unsupported_fields:
+            return None
+        ull, ui = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
+        remap = dev.remapped_rows
+        values: dict[int, tuple[int, int | float] | None] = {
+            pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION: (ull, dev.energy_mj()),
+            pynvml.NVML_FI_DEV_ECC_SBE_VOL_TOTAL: (ull, dev.ecc_corrected_volatile),
+            pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL: (ull, dev.ecc_uncorrected_volatile),
+            pynvml.NVML_FI_DEV_ECC_SBE_AGG_TOTAL: (ull, dev.ecc_corrected_aggregate),
+            pynvml.NVML_FI_DEV_ECC_DBE_AGG_TOTAL: (ull, dev.ecc_uncorrected_aggregate),
+            pynvml.NVML_FI_DEV_REMAPPED_COR: (ui, remap[0]) if remap else None,
+            pynvml.NVML_FI_DEV_REMAPPED_UNC: (ui, remap[1]) if remap else None,
+            pynvml.NVML_FI_DEV_REMAPPED_PENDING: (ui, remap[2]) if remap else None,
+            pynvml.NVML_FI_DEV_REMAPPED_FAILURE: (ui, remap[3]) if remap else None,
+            pynvml.NVML_FI_DEV_MEMORY_TEMP: (ui, dev.temperature_memory),
+            pynvml.NVML_FI_DEV_POWER_INSTANT: (ui, dev.power_instant_mw),
+        }
+        found = values.get(field_id)
+        return None if found is None else (pynvml.NVML_SUCCESS, *found)
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetFieldValues(self, handle: Any, fieldIds: Sequence[Any]) -> Any:
+        values = (pynvml.c_nvmlFieldValue_t * len(fieldIds))()
+        timestamp_us = int(self.clock.now() * 1_000_000)
+        for i, requested in enumerate(fieldIds):
+            try:
+                values[i].fieldId, values[i].scopeId = requested
+            except TypeError:
+                values[i].fieldId = requested
+            values[i].timestamp = timestamp_us
+            result = self._field(handle, values[i].fieldId)
+            if result is None:
+                values[i].nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+                continue
+            values[i].nvmlReturn, values[i].valueType, value = result
+            if values[i].valueType == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT:
+                values[i].value.uiVal = int(value)
+            else:
+                values[i].value.ullVal = int(value)
+        return values
+
+    # ---------------------------------------------------------------- processes
+
+    def _processes(self, dev: _Dev) -> list[Any]:
+        root = dev.root
+        procs = root.processes
+        if isinstance(dev, FakeMigDevice):
+            procs = [
+                p
+                for p in procs
+                if p.gpu_instance_id == dev.gpu_instance_id
+                and p.compute_instance_id in (None, dev.compute_instance_id)
+            ]
+        result = []
+        for p in procs:
+            info = pynvml.c_nvmlProcessInfo_v3_t()
+            info.pid = p.pid
+            info.usedGpuMemory = p.used_gpu_memory
+            info.gpuInstanceId = NVML_INVALID_ID if p.gpu_instance_id is None else p.gpu_instance_id
+            info.computeInstanceId = (
+                NVML_INVALID_ID if p.compute_instance_id is None else p.compute_instance_id
+            )
+            result.append(pynvml.nvmlStructToFriendlyObject(info))
+        return result
+
+    @_nvml_api("nvmlDeviceGetComputeRunningProcesses_v3", device=True)
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: Any) -> list[Any]:
+        return self._processes(handle)
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetComputeRunningProcesses_v3(self, handle: Any) -> list[Any]:
+        return self._processes(handle)
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetComputeRunningProcesses_v2(self, handle: Any) -> list[Any]:
+        return self._processes(handle)
+
+    # ---------------------------------------------------------------- MIG
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetMigMode(self, device: Any) -> list[int]:
+        return list(self._whole_gpu(device).mig_mode)
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetMaxMigDeviceCount(self, device: Any) -> int:
+        return self._whole_gpu(device).max_mig_devices
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, device: Any, index: int) -> Any:
+        if isinstance(device, FakeMigDevice):
+            _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if not isinstance(index, int) or not 0 <= index < device.max_mig_devices:
+            _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if not device.mig_enabled or index >= len(device.mig_devices):
+            _raise(pynvml.NVML_ERROR_NOT_FOUND)  # empty slot
+        return self._handle(device.mig_devices[index])
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, migDevice: Any) -> Any:
+        if not isinstance(migDevice, FakeMigDevice):
+            _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return self._handle(migDevice.parent)
+
+    @_nvml_api(device=True)
+    def nvmlDeviceIsMigDeviceHandle(self, device: Any) -> Any:
+        # pynvml returns the c_uint itself here, not its .value.
+        return ctypes.c_uint(1 if isinstance(device, FakeMigDevice) else 0)
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetGpuInstanceId(self, device: Any) -> int:
+        if not isinstance(device, FakeMigDevice):
+            _raise(pynvml.NVML_ERROR_NOT_SUPPORTED)  # fake's choice for a full-GPU handle
+        return int(device.gpu_instance_id)
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetComputeInstanceId(self, device: Any) -> int:
+        if not isinstance(device, FakeMigDevice):
+            _raise(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        return int(device.compute_instance_id)
+
+    # ---------------------------------------------------------------- GPM
+
+    @_nvml_api(device=True)
+    def nvmlGpmQueryDeviceSupport(self, device: Any) -> Any:
+        dev = self._whole_gpu(device)
+        support = pynvml.c_nvmlGpmSupport_t()
+        support.version = pynvml.NVML_GPM_SUPPORT_VERSION
+        support.isSupportedDevice = 1 if dev.gpm_supported else 0
+        return support
+
+    @_nvml_api()
+    def nvmlGpmSampleAlloc(self) -> Any:
+        sample = _GpmSample()
+        self._objects[sample.address] = sample
+        return self._handle(sample, pynvml.c_nvmlGpmSample_t)
+
+    @_nvml_api()
+    def nvmlGpmSampleFree(self, gpmSample: Any) -> None:
+        sample = self._lookup(gpmSample, _GpmSample)
+        del self._objects[sample.address]
+
+    @_nvml_api(device=True)
+    def nvmlGpmSampleGet(self, device: Any, gpmSample: Any) -> Any:
+        dev = self._whole_gpu(device)
+        if not dev.gpm_supported:
+            _raise(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        sample = self._lookup(gpmSample, _GpmSample)
+        sample.device = dev
+        sample.timestamp = self.clock.now()
+        sample.sm_integral = dev.sm_integral()
+        return gpmSample
+
+    @_nvml_api()
+    def nvmlGpmMetricsGet(self, metricsGet: Any) -> Any:
+        if metricsGet.version != pynvml.NVML_GPM_METRICS_GET_VERSION:
+            _raise(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+        if metricsGet.numMetrics > pynvml.NVML_GPM_METRIC_MAX:
+            _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        s1 = self._lookup(metricsGet.sample1, _GpmSample)
+        s2 = self._lookup(metricsGet.sample2, _GpmSample)
+        if s1.device is None or s1.device is not s2.device or s2.timestamp <= s1.timestamp:
+            _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)  # fake's choice for unusable samples
+        if s1.device.lost:
+            _raise(pynvml.NVML_ERROR_GPU_IS_LOST)
+        sm_util = (s2.sm_integral - s1.sm_integral) / (s2.timestamp - s1.timestamp)
+        for i in range(metricsGet.numMetrics):
+            metric = metricsGet.metrics[i]
+            if metric.metricId == pynvml.NVML_GPM_METRIC_SM_UTIL:
+                metric.value = sm_util
+                metric.nvmlReturn = pynvml.NVML_SUCCESS
+            else:
+                metric.value = 0.0
+                metric.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+        return metricsGet
+
+    # ---------------------------------------------------------------- events
+
+    @_nvml_api()
+    def nvmlEventSetCreate(self) -> Any:
+        event_set = _EventSet()
+        self._objects[event_set.address] = event_set
+        return self._handle(event_set, pynvml.c_nvmlEventSet_t)
+
+    @_nvml_api(device=True)
+    def nvmlDeviceRegisterEvents(self, handle: Any, eventTypes: int, eventSet: Any) -> None:
+        dev = self._whole_gpu(handle)  # register on the parent; MIG events carry the GI id
+        event_set = self._lookup(eventSet, _EventSet)
+        event_set.registrations[dev.index] = event_set.registrations.get(dev.index, 0) | int(
+            eventTypes
+        )
+
+    @_nvml_api()
+    def nvmlEventSetWait_v2(self, eventSet: Any, timeoutms: int) -> Any:
+        event_set = self._lookup(eventSet, _EventSet)
+        if not event_set.queue and self.blocking_event_wait and timeoutms > 0:
+            self._events_changed.wait_for(lambda: bool(event_set.queue), timeoutms / 1000.0)
+        if not event_set.queue:
+            if any(self.devices[i].lost for i in event_set.registrations):
+                _raise(pynvml.NVML_ERROR_GPU_IS_LOST)
+            _raise(pynvml.NVML_ERROR_TIMEOUT)
+        dev, xid, gi, ci = event_set.queue.popleft()
+        data = pynvml.c_nvmlEventData_t()
+        data.device = self._handle(dev)
+        data.eventType = pynvml.nvmlEventTypeXidCriticalError
+        data.eventData = xid
+        data.gpuInstanceId = gi
+        data.computeInstanceId = ci
+        return data
+
+    @_nvml_api()
+    def nvmlEventSetFree(self, eventSet: Any) -> None:
+        event_set = self._lookup(eventSet, _EventSet)
+        del self._objects[event_set.address]
+
+
+def _is_exported(name: str, value: Any) -> bool:
+    if name.startswith("_") or hasattr(FakeNVML, name):
+        return False
+    if isinstance(value, type):  # NVMLError*, c_nvml* structures, pointer types
+        return True
+    if callable(value):  # functions the fake does not implement stay absent
+        return False
+    return name.startswith(("NVML", "nvml", "c_nvml"))
+
+
+# Copy constants, exception classes and ctypes structures from the installed bindings, so that
+# `fake.NVMLError_NotSupported is pynvml.NVMLError_NotSupported` etc.
+for _name, _value in vars(pynvml).items():
+    if _is_exported(_name, _value):
+        setattr(FakeNVML, _name, _value)
+FakeNVML.nvmlStructToFriendlyObject = staticmethod(pynvml.nvmlStructToFriendlyObject)  # type: ignore[attr-defined]
+FakeNVML.nvmlExceptionClass = staticmethod(pynvml.nvmlExceptionClass)  # type: ignore[attr-defined]

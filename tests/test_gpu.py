@@ -1,0 +1,295 @@
+"""The gpu collector and NVML gateway against a stand-in built from real H100/H200 readings."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporters.prometheus import TallyCollector
+from telemetry.collectors import CollectorContext, Runner
+from telemetry.collectors.gpu import GpuCollector, mig_profile
+from telemetry.nvml import Gateway, NvmlUnavailable
+from telemetry.state import State
+from tests.conftest import free_port, promtool_check
+from tests.fake_nvml import H100_IDLE, H100_LOADED, H100_MIG, H200_LOADED, FakeClock, FakeNVML, MiB
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _ctx(fake: Any, procfs: Path | None = None) -> CollectorContext:
+    proc = procfs or FIXTURES / "normal_host" / "proc"
+    return CollectorContext(
+        procfs=proc, sysfs=FIXTURES / "normal_host" / "sys", node="gpu-a1", nvml_module=fake
+    )
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    """One clock for the stand-in and the collector's GPM spacing."""
+    fake_clock = FakeClock(start=1000.0)
+    monkeypatch.setattr("telemetry.collectors.gpu.time.monotonic", fake_clock.now)
+    return fake_clock
+
+
+def _rows(collector: GpuCollector) -> dict[str, dict[str, Any]]:
+    out = collector.collect()
+    return {r["gpu_uuid"]: r for r in out["gpu"]}
+
+
+def test_values_come_through_in_base_units(clock: FakeClock) -> None:
+    fake = FakeNVML([H100_LOADED, H100_IDLE, H200_LOADED], clock=clock)
+    rows = list(_rows(GpuCollector(_ctx(fake))).values())
+    assert [r["gpu_index"] for r in rows] == [0, 1, 2]
+    for row, device in zip(rows, fake.devices, strict=True):
+        p = device.profile
+        assert row["gpu_uuid"] == device.uuid and row["gpu_model"] == p.name
+        assert row["utilization_ratio"] == p.utilization_gpu / 100
+        assert row["memory_used_bytes"] == p.memory_used
+        assert row["memory_total_bytes"] == p.memory_total
+        assert row["power_watts"] == p.power_mw / 1000
+        assert row["temperature_celsius"] == p.temperature_gpu
+        assert row["energy_joules"] == pytest.approx(device.energy_mj() / 1000, abs=1)
+        assert row["ecc_uncorrected_errors"] == p.ecc_uncorrected_volatile
+        assert row["mig_profile"] is None and row["job_id"] is None
+    # The H100 capture: 19818 MiB used of 81559 MiB, 629.45 W at 100 %.
+    assert rows[0]["memory_total_bytes"] == 81559 * MiB and rows[0]["power_watts"] == 629.45
+
+
+def test_energy_is_the_cumulative_counter_in_joules(clock: FakeClock) -> None:
+    fake = FakeNVML([H100_LOADED], clock=clock)
+    collector = GpuCollector(_ctx(fake))
+    first = next(iter(_rows(collector).values()))["energy_joules"]
+    clock.advance(10.0)
+    second = next(iter(_rows(collector).values()))["energy_joules"]
+    assert second - first == pytest.approx(629.45 * 10.0, rel=1e-3)
+
+
+def test_sm_activity_from_gpm_needs_two_samples_100ms_apart(clock: FakeClock) -> None:
+    fake = FakeNVML([H100_LOADED], clock=clock)
+    fake.devices[0].sm_activity_pct = 73.0
+    collector = GpuCollector(_ctx(fake))
+    assert next(iter(_rows(collector).values()))["sm_active_ratio"] is None  # first sample only
+    clock.advance(0.05)
+    assert next(iter(_rows(collector).values()))["sm_active_ratio"] is None  # too soon
+    clock.advance(1.0)
+    assert next(iter(_rows(collector).values()))["sm_active_ratio"] == pytest.approx(0.73)
+    fake.devices[0].sm_activity_pct = 20.0
+    clock.advance(1.0)
+    assert next(iter(_rows(collector).values()))["sm_active_ratio"] == pytest.approx(0.20)
+    assert fake.calls["nvmlGpmQueryDeviceSupport"] == 1
+
+
+def test_mig_instances_are_rows_with_their_profile(clock: FakeClock) -> None:
+    fake = FakeNVML([H100_MIG], clock=clock)
+    rows = _rows(GpuCollector(_ctx(fake)))
+    parent = fake.devices[0]
+    migs = [r for r in rows.values() if r["mig_profile"] is not None]
+    assert sorted(r["mig_profile"] for r in migs) == sorted(
+        i.profile for i in H100_MIG.mig_instances
+    )
+    for mig in parent.mig_devices:
+        row = rows[mig.uuid]
+        assert row["gpu_uuid"].startswith("MIG-") and row["gpu_index"] == 0
+        assert row["memory_total_bytes"] == mig.profile.memory_total
+        assert row["utilization_ratio"] is None  # NotSupported on MIG handles, as on real drivers
+    assert rows[parent.uuid]["mig_profile"] is None
+    assert mig_profile("NVIDIA H100 80GB HBM3 MIG 1g.10gb") == "1g.10gb"
+    assert mig_profile("NVIDIA H100 80GB HBM3") is None
+
+
+def test_a_lost_gpu_is_skipped_logged_once_and_comes_back(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeNVML([H100_LOADED, H100_IDLE], clock=clock)
+    collector = GpuCollector(_ctx(fake))
+    assert len(_rows(collector)) == 2
+    fake.lose_gpu(1)
+    with caplog.at_level(logging.WARNING, logger="tally"):
+        for _ in range(3):
+            rows = _rows(collector)
+            assert [r["gpu_index"] for r in rows.values()] == [0]
+    lost = [r.message for r in caplog.records if "GPU is lost" in r.message]
+    assert len(lost) == 1, lost
+    fake.restore_gpu(1)
+    assert len(_rows(collector)) == 2
+
+
+def test_unsupported_fields_are_null_and_logged_once(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeNVML([H100_LOADED], clock=clock)
+    fake.set_unsupported(0, "nvmlDeviceGetPowerUsage")
+    fake.set_unsupported_fields(0, fake.NVML_FI_DEV_ECC_DBE_VOL_TOTAL)
+    collector = GpuCollector(_ctx(fake))
+    with caplog.at_level(logging.WARNING, logger="tally"):
+        for _ in range(3):
+            row = next(iter(_rows(collector).values()))
+            assert row["power_watts"] is None and row["ecc_uncorrected_errors"] is None
+            assert row["utilization_ratio"] == 1.0
+    assert sum("nvmlDeviceGetPowerUsage" in r.message for r in caplog.records) == 1
+
+
+def test_field_values_are_batched_and_versioned_symbols_probed_once(clock: FakeClock) -> None:
+    fake = FakeNVML([H100_LOADED, H100_IDLE], clock=clock, old_driver=True)
+    collector = GpuCollector(_ctx(fake))
+    for _ in range(3):
+        rows = list(_rows(collector).values())
+        assert rows[0]["temperature_celsius"] == H100_LOADED.temperature_gpu  # the old symbol
+        assert rows[0]["clock_event_reasons"] == H100_LOADED.clocks_event_reasons
+    assert fake.calls["nvmlDeviceGetFieldValues"] == 6  # one per device per round
+    assert fake.calls["nvmlDeviceGetTemperatureV"] == 1  # probed once, then the older symbol
+    assert fake.calls["nvmlDeviceGetTemperature"] == 6
+    assert fake.calls["nvmlDeviceGetCurrentClocksEventReasons"] == 1
+    assert fake.calls["nvmlGpmQueryDeviceSupport"] <= 2  # once per device, never again
+
+
+def test_no_library_or_driver_fails_the_collector_not_the_round(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    from telemetry.collectors.cpu import CpuCollector
+
+    for fake in (
+        FakeNVML([H100_LOADED], library_present=False),
+        FakeNVML([H100_LOADED], driver_loaded=False),
+    ):
+        ctx = _ctx(fake)
+        runner = Runner([CpuCollector(ctx), GpuCollector(ctx)])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tally"):
+            for _ in range(3):
+                result = runner.run()
+                assert result.status["cpu"].success and not result.status["gpu"].success
+                assert "gpu" not in result.tables and result.tables["cpu"].num_rows == 1
+        assert sum("collector gpu failed" in r.message for r in caplog.records) == 1
+    with pytest.raises(NvmlUnavailable, match="NVML init failed"):
+        _ = Gateway(FakeNVML(library_present=False)).nvml
+
+
+def test_xid_events_are_counted_without_blocking(clock: FakeClock) -> None:
+    fake = FakeNVML([H100_LOADED, H100_IDLE], clock=clock)
+    collector = GpuCollector(_ctx(fake))
+    _rows(collector)  # registers the event set
+    fake.inject_xid(1, 79)
+    fake.inject_xid(1, 48)
+    start = time.perf_counter()
+    rows = list(_rows(collector).values())
+    assert time.perf_counter() - start < 0.5
+    assert (rows[1]["xid_errors"], rows[1]["xid_last"]) == (2, 48)
+    assert (rows[0]["xid_errors"], rows[0]["xid_last"]) == (0, None)
+
+
+def test_gpu_job_from_slurm_claim_else_from_process_cgroup(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    fake = FakeNVML([H100_LOADED, H100_IDLE], clock=clock)
+    fake.set_processes(0, [])
+    fake.set_processes(1, [4242])
+    proc = tmp_path / "proc"
+    (proc / "4242").mkdir(parents=True)
+    (proc / "4242" / "cgroup").write_text(
+        "0::/system.slice/slurmstepd.scope/job_777/step_0/user/task_0\n"
+    )
+    collector = GpuCollector(_ctx(fake, proc))
+
+    class Claims(GpuCollector):
+        name = "claims-test"
+
+        def collect(self) -> dict[str, list[dict[str, Any]]]:
+            return {"_gpu_job": [{"gpu_index": 0, "job_id": "555"}]}
+
+    result = Runner([collector, Claims(_ctx(fake, proc))]).run()
+    jobs = dict(
+        zip(
+            result.tables["gpu"].column("gpu_index").to_pylist(),
+            result.tables["gpu"].column("job_id").to_pylist(),
+            strict=True,
+        )
+    )
+    assert jobs == {0: "555", 1: "777"}
+
+
+def assert_promtool_clean_but_dcgm_labels(promtool: str, text: bytes) -> None:
+    """dcgm-exporter's camelCase labels (UUID, modelName, Hostname) are what its dashboards use;
+    promtool's style lint flags exactly those and nothing else."""
+    check = promtool_check(promtool, text)
+    complaints = [line for line in check.stderr.decode().splitlines() if line.strip()]
+    assert all(c.startswith("DCGM_") and "camelCase" in c for c in complaints), complaints
+    without = b"\n".join(line for line in text.splitlines() if b"DCGM_" not in line) + b"\n"
+    clean = promtool_check(promtool, without)
+    assert clean.returncode == 0, clean.stdout + clean.stderr
+
+
+def _exposition(fake: FakeNVML, clock: FakeClock, dcgm: bool) -> bytes:
+    ctx = _ctx(fake)
+    runner = Runner([GpuCollector(ctx)])
+    state = State()
+    for _ in range(3):
+        result = runner.run()
+        state.ingest("gpu", result.tables["gpu"])
+        clock.advance(5.0)
+        time.sleep(0.002)  # distinct sample times
+    snapshot = state.snapshot(result.status)
+    registry = CollectorRegistry()
+    registry.register(TallyCollector(lambda: snapshot, dcgm_compat=dcgm))
+    return generate_latest(registry)
+
+
+def test_exposition_with_dcgm_compat_passes_promtool(clock: FakeClock, promtool: str) -> None:
+    fake = FakeNVML([H100_LOADED, H100_MIG], clock=clock)
+    text = _exposition(fake, clock, dcgm=True)
+    assert_promtool_clean_but_dcgm_labels(promtool, text)
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text.decode())
+        for s in f.samples
+    }
+    h100 = fake.devices[0]
+    labels = (
+        ("Hostname", "gpu-a1"),
+        ("UUID", h100.uuid),
+        ("device", "nvidia0"),
+        ("gpu", "0"),
+        ("modelName", H100_LOADED.name),
+    )
+    assert samples[("DCGM_FI_DEV_FB_USED", labels)] == H100_LOADED.memory_used / MiB
+    assert samples[("DCGM_FI_DEV_GPU_UTIL", labels)] == 100.0
+    assert samples[("DCGM_FI_DEV_POWER_USAGE", labels)] == pytest.approx(629.45)
+    migs = [k for k in samples if k[0] == "tally_gpu_info" and dict(k[1])["mig_profile"]]
+    assert len(migs) == len(H100_MIG.mig_instances)
+    plain = _exposition(FakeNVML([H100_LOADED], clock=clock), clock, dcgm=False)
+    assert b"DCGM_" not in plain
+
+
+def test_daemon_end_to_end_with_the_stand_in(tmp_path: Path, promtool: str) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "telemetry.cli", "daemon", "--listen", f"127.0.0.1:{port}",
+         "--data-dir", str(tmp_path / "data"), "--interval", "0.2", "--node", "gpu-e2e",
+         "--path.procfs", str(FIXTURES / "normal_host" / "proc"),
+         "--path.sysfs", str(FIXTURES / "normal_host" / "sys"),
+         "--nvml.module", "tests.nvml_standin:NVML", "--dcgm-compat"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and "serving" in proc.stdout.readline()
+        time.sleep(1.0)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    assert_promtool_clean_but_dcgm_labels(promtool, text)
+    assert b'tally_collector_success{collector="gpu"} 1.0' in text
+    assert text.count(b"tally_gpu_info{") == 2 + len(H100_MIG.mig_instances)
+    assert b'tally_cpus{node="gpu-e2e"} 64.0' in text
+    gpu_files = list((tmp_path / "data" / "gpu").rglob("*.parquet"))
+    assert gpu_files, "gpu samples were stored"

@@ -1,0 +1,703 @@
+"""The Slurm ``job`` collector on cgroup v2 and v1 fixture trees, its parsers, and its faults.
+
+Expected rows are worked out by hand from the fixture files (see the README of each tree) and
+cross-checked against the files' text with small independent splitters.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from telemetry.attribution import job_id_from_cgroup
+from telemetry.collectors import REGISTRY, CollectorContext, Runner, slurm
+from telemetry.collectors.base import assemble, check_rows
+from telemetry.collectors.slurm import (
+    MAX_VALUE_CHARS,
+    SlurmJobCollector,
+    gpus_from_environ,
+    parse_cpu_list,
+    parse_cpu_stat_usage_usec,
+    parse_environ,
+)
+from telemetry.errors import ParseError
+from telemetry.schema import JOB_SCHEMA
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+V2 = FIXTURES / "slurm_v2"
+V1 = FIXTURES / "slurm_v1"
+V2_SCOPE = Path("sys/fs/cgroup/system.slice/slurmstepd.scope")
+T0 = 1_788_220_800_000_000_000
+
+# The hostile strings of jobs 1004 (v2) and 504 (v1), as written into their environ files:
+# SLURM_JOB_USER=m\xffal"lory'}\n{"user": "root"}\  (one byte that is not UTF-8)
+# SLURM_JOB_ACCOUNT=acct},"drop\r\n + 3000 × "A"      (cut to 1024 characters)
+HOSTILE_USER = 'm\ufffdal"lory\'}\n{"user": "root"}\\'
+HOSTILE_ACCOUNT = ('acct},"drop\r\n' + "A" * 3000)[:1024]
+
+
+def v2_job_uid(job: str) -> int:
+    """Owner of a v2 job directory: whoever checked the fixtures out."""
+    return (V2 / V2_SCOPE / f"job_{job}").stat().st_uid
+
+
+def names(uid: int) -> str:
+    """The test's user resolver: a name no real passwd has."""
+    return f"user-{uid}"
+
+
+def row(
+    user: str, account: str, cpus: float, gpus: float, seconds: float, memory: int
+) -> dict[str, Any]:
+    return {
+        "user": user,
+        "account": account,
+        "cpus_allocated": cpus,
+        "gpus_allocated": gpus,
+        "cpu_seconds": seconds,
+        "memory_bytes": memory,
+    }
+
+
+# job_id → row without job_id. cpu_seconds: cpu.stat usage_usec / 1e6.
+V2_EXPECTED = {
+    # cpuset 0-3; environ of PID 3003 (slurmstepd) has no SLURM_JOB_*, PID 3004 has.
+    "1001": row("alice", "physics", 4.0, 0.0, 7212.345678, 2_147_483_648),
+    # cpuset 4-7,10-11; SLURM_JOB_GPUS=0,1
+    "1002": row("bob", "chemistry", 6.0, 2.0, 45000.0, 68_719_476_736),
+    # cpuset 8-9; only CUDA_VISIBLE_DEVICES, two GPU- UUIDs
+    "1003": row("carol", "biology", 2.0, 2.0, 1.000001, 536_870_912),
+    # cpuset.cpus.effective empty → cpuset.cpus 12-13; SLURM_JOB_GPUS= empty, no CUDA variable
+    "1004": row(HOSTILE_USER, HOSTILE_ACCOUNT, 2.0, 0.0, 0.000999, 4096),
+    # cpuset 14; no readable environ → owner of the job directory through the resolver
+    "1005": row(names(v2_job_uid("1005")), "unknown", 1.0, 0.0, 0.0, 0),
+    # node07_slurmstepd.scope; cpuset 16-31; SLURM_JOB_GPUS=3 (CUDA_VISIBLE_DEVICES=0)
+    "2001": row("dave", "astro", 16.0, 1.0, 3600.0, 17_179_869_184),
+}
+V2_CLAIMS = [(0, "1002"), (1, "1002"), (3, "2001")]
+
+# cpu_seconds: cpuacct.usage / 1e9; user of job 505 from its uid_4242 directory.
+V1_EXPECTED = {
+    "501": row("alice", "physics", 4.0, 0.0, 123.456789012, 1_073_741_824),  # 0-1,8-9
+    "502": row("bob", "chemistry", 4.0, 2.0, 7000.0, 34_359_738_368),  # 2-5; GPUS=0,1
+    "503": row("carol", "biology", 1.0, 1.0, 5e-9, 65536),  # 6; one MIG- UUID
+    "504": row(HOSTILE_USER, HOSTILE_ACCOUNT, 1.0, 0.0, 1.5, 8192),  # effective empty → 7
+    "505": row("user-4242", "unknown", 4.0, 0.0, 0.0, 0),  # 20-23; no environ
+    "506": row("alice", "physics", 2.0, 0.0, 2.0, 1_048_576),  # no effective_cpus file: 10-11
+    "601": row("dave", "astro", 4.0, 1.0, 60.0, 4_294_967_296),  # slurm_node07/; 12-15; GPUS=2
+}
+V1_CLAIMS = [(0, "502"), (1, "502"), (2, "601")]
+
+
+def ctx(root: Path) -> CollectorContext:
+    return CollectorContext(procfs=root / "proc", sysfs=root / "sys", node="n1")
+
+
+def collect(root: Path, **kwargs: Any) -> tuple[dict[str, dict[str, Any]], list[tuple[int, str]]]:
+    """Run one collection: rows by job id (without job_id) and sorted (gpu_index, job_id)."""
+    out = SlurmJobCollector(ctx(root), **kwargs).collect()
+    return by_job(out), claims_of(out)
+
+
+def by_job(out: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    assert set(out) == {"job", "_gpu_job"}
+    rows = {r["job_id"]: {k: v for k, v in r.items() if k != "job_id"} for r in out["job"]}
+    assert len(rows) == len(out["job"]), "a job id appears twice"
+    return rows
+
+
+def claims_of(out: dict[str, list[dict[str, Any]]]) -> list[tuple[int, str]]:
+    return sorted((c["gpu_index"], c["job_id"]) for c in out["_gpu_job"])
+
+
+def copy_tree(src: Path, tmp_path: Path) -> Path:
+    root = tmp_path / src.name
+    shutil.copytree(src, root)
+    return root
+
+
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def warnings() -> Iterator[list[str]]:
+    """Warnings of the ``tally`` logger, caught by a handler on it (whatever else is set up)."""
+    logger = logging.getLogger("tally")
+    handler = _Collect()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+# ---------------------------------------------------------------- fixture cross-checks
+
+
+def cpus_in(text: str) -> int:
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        a, _, b = part.partition("-")
+        cpus.update(range(int(a), int(b or a) + 1))
+    return len(cpus)
+
+
+def test_expected_values_match_the_fixture_files() -> None:
+    for job, want in V2_EXPECTED.items():
+        scope = "node07_slurmstepd.scope" if job == "2001" else "slurmstepd.scope"
+        d = V2 / "sys/fs/cgroup/system.slice" / scope / f"job_{job}"
+        effective = (d / "cpuset.cpus.effective").read_text()
+        cpus = effective if effective.strip() else (d / "cpuset.cpus").read_text()
+        assert cpus_in(cpus) == want["cpus_allocated"], job
+        stat = dict(line.split() for line in (d / "cpu.stat").read_text().splitlines())
+        assert int(stat["usage_usec"]) / 1e6 == want["cpu_seconds"], job
+        assert int((d / "memory.current").read_text()) == want["memory_bytes"], job
+    for job, want in V1_EXPECTED.items():
+        [acct] = (V1 / "sys/fs/cgroup/cpuacct").glob(f"slurm*/uid_*/job_{job}")
+        rel = acct.relative_to(V1 / "sys/fs/cgroup/cpuacct")
+        cpuset = V1 / "sys/fs/cgroup/cpuset" / rel
+        eff = cpuset / "cpuset.effective_cpus"
+        text = eff.read_text() if eff.exists() else ""
+        text = text if text.strip() else (cpuset / "cpuset.cpus").read_text()
+        assert cpus_in(text) == want["cpus_allocated"], job
+        assert int((acct / "cpuacct.usage").read_text()) / 1e9 == want["cpu_seconds"], job
+        mem = V1 / "sys/fs/cgroup/memory" / rel / "memory.usage_in_bytes"
+        assert int(mem.read_text()) == want["memory_bytes"], job
+    raw = (V2 / "proc/3301/environ").read_bytes()
+    assert b"SLURM_JOB_USER=" + HOSTILE_USER.replace("\ufffd", "\xff").encode("latin-1") in raw
+
+
+# ---------------------------------------------------------------- the collector
+
+
+def test_registered_as_job() -> None:
+    assert REGISTRY["job"] is SlurmJobCollector
+    assert SlurmJobCollector.default_enabled is True
+    assert SlurmJobCollector.help
+
+
+def test_cgroup_v2_tree() -> None:
+    rows, claims = collect(V2, resolve_user=names)
+    assert rows == V2_EXPECTED
+    assert claims == V2_CLAIMS
+
+
+def test_cgroup_v1_tree() -> None:
+    rows, claims = collect(V1, resolve_user=names)
+    assert rows == V1_EXPECTED
+    assert claims == V1_CLAIMS
+
+
+def test_rows_fit_the_job_schema_and_survive_parquet() -> None:
+    for root in (V2, V1):
+        out = SlurmJobCollector(ctx(root), resolve_user=names).collect()
+        check_rows({"job": out["job"]})
+        tables, dropped = assemble({"job": out["job"]}, T0, "n1")
+        assert dropped == 0
+        assert tables["job"].schema == JOB_SCHEMA
+        buf = io.BytesIO()
+        pq.write_table(tables["job"], buf)
+        back = pq.read_table(io.BytesIO(buf.getvalue()))
+        users = set(back.column("user").to_pylist())
+        accounts = set(back.column("account").to_pylist())
+        assert HOSTILE_USER in users
+        assert HOSTILE_ACCOUNT in accounts
+        assert max(len(a) for a in accounts) == MAX_VALUE_CHARS
+
+
+def test_through_the_runner() -> None:
+    runner = Runner([SlurmJobCollector(ctx(V2), resolve_user=names)], clock_ns=lambda: T0)
+    rnd = runner.run()
+    assert rnd.status["job"].success, rnd.status["job"].error
+    assert set(rnd.tables) == {"job"}  # the _gpu_job side output is no table
+    table = rnd.tables["job"]
+    assert table.schema == JOB_SCHEMA
+    assert set(table.column("node").to_pylist()) == {"n1"}
+    assert sorted(table.column("job_id").to_pylist()) == sorted(V2_EXPECTED)
+
+
+def test_no_cgroup_tree_means_no_jobs(tmp_path: Path) -> None:
+    assert SlurmJobCollector(ctx(tmp_path)).collect() == {"job": [], "_gpu_job": []}
+    (tmp_path / "sys/fs/cgroup/system.slice/slurmstepd.scope").mkdir(parents=True)
+    (tmp_path / "sys/fs/cgroup/cpuacct/slurm/uid_0").mkdir(parents=True)
+    assert SlurmJobCollector(ctx(tmp_path)).collect() == {"job": [], "_gpu_job": []}
+
+
+def test_default_resolver_and_module_patch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pwd
+
+    me = os.getuid()
+    assert slurm.user_name_for_uid(me) == pwd.getpwuid(me).pw_name
+    monkeypatch.setattr(slurm, "user_name_for_uid", names)
+    rows, _ = collect(V1)  # no resolver given: the module-level function is used
+    assert rows["505"]["user"] == "user-4242"
+
+
+def test_resolver_without_answer_gives_the_numeric_uid() -> None:
+    calls: list[int] = []
+
+    def unknown(uid: int) -> str:
+        calls.append(uid)
+        raise KeyError(uid)
+
+    collector = SlurmJobCollector(ctx(V1), resolve_user=unknown)
+    for _ in range(2):
+        assert by_job(collector.collect())["505"]["user"] == "4242"
+    assert calls == [4242, 4242]  # failures are asked again, not remembered
+
+
+def test_resolver_answers_are_cached() -> None:
+    calls: list[int] = []
+
+    def resolve(uid: int) -> str:
+        calls.append(uid)
+        return names(uid)
+
+    collector = SlurmJobCollector(ctx(V1), resolve_user=resolve)
+    for _ in range(3):
+        assert by_job(collector.collect())["505"]["user"] == "user-4242"
+    assert calls == [4242]
+
+
+def test_job_info_is_kept_while_the_job_lives(tmp_path: Path) -> None:
+    root = copy_tree(V2, tmp_path)
+    collector = SlurmJobCollector(ctx(root), resolve_user=names)
+    assert by_job(collector.collect())["1001"]["user"] == "alice"
+    for pid in (3004, 3005):  # the job's processes exit; the job is still there
+        (root / f"proc/{pid}/environ").unlink()
+    assert by_job(collector.collect())["1001"]["user"] == "alice"
+    # The job ends and a new one with the same id starts: its environment is read afresh.
+    job = root / V2_SCOPE / "job_1001"
+    job.rename(tmp_path / "away")
+    assert "1001" not in by_job(collector.collect())
+    (tmp_path / "away").rename(job)
+    env = parse_environ((V2 / "proc/3004/environ").read_bytes())
+    env["SLURM_JOB_USER"] = "zed"
+    data = b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items())
+    (root / "proc/3004/environ").write_bytes(data)
+    assert by_job(collector.collect())["1001"]["user"] == "zed"
+
+
+# ---------------------------------------------------------------- jobs that vanish
+
+
+def test_job_vanishing_between_listing_and_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, warnings: list[str]
+) -> None:
+    root = copy_tree(V2, tmp_path)
+    job = root / V2_SCOPE / "job_1002"
+    real = slurm.read_text
+
+    def read_text(path: Path) -> str:
+        if path == job / "cpu.stat":
+            shutil.rmtree(job)  # the job ends after listing, mid-way through reading it
+        return real(path)
+
+    monkeypatch.setattr(slurm, "read_text", read_text)
+    rows, claims = collect(root, resolve_user=names)
+    assert rows == {job: r for job, r in V2_EXPECTED.items() if job != "1002"}
+    assert claims == [(3, "2001")]
+    assert warnings == []  # a job that ended is no fault
+
+
+def test_job_vanishing_while_its_processes_are_searched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = copy_tree(V2, tmp_path)
+    job = root / V2_SCOPE / "job_1005"
+    real = slurm.read_environ
+
+    def read_environ(path: Path) -> bytes:
+        if path.parent.name == "3401":
+            shutil.rmtree(job)  # gone before its owner can be looked up
+        return real(path)
+
+    monkeypatch.setattr(slurm, "read_environ", read_environ)
+    rows, _ = collect(root, resolve_user=names)
+    assert set(rows) == set(V2_EXPECTED) - {"1005"}
+
+
+def test_v1_job_vanishing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = copy_tree(V1, tmp_path)
+    rel = Path("sys/fs/cgroup/{}/slurm/uid_1001/job_502")
+    real = slurm.read_text
+
+    def read_text(path: Path) -> str:
+        if path.name == "cpuacct.usage" and path.parent.name == "job_502":
+            for controller in ("cpuset", "cpuacct", "memory"):
+                shutil.rmtree(root / str(rel).format(controller))
+        return real(path)
+
+    monkeypatch.setattr(slurm, "read_text", read_text)
+    rows, claims = collect(root, resolve_user=names)
+    assert set(rows) == set(V1_EXPECTED) - {"502"}
+    assert claims == [(2, "601")]
+
+
+def test_process_lookup_error_skips_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = slurm.read_text
+
+    def read_text(path: Path) -> str:
+        if path.name == "memory.current" and path.parent.name == "job_2001":
+            raise ProcessLookupError(3, "No such process")
+        return real(path)
+
+    monkeypatch.setattr(slurm, "read_text", read_text)
+    rows, claims = collect(V2, resolve_user=names)
+    assert set(rows) == set(V2_EXPECTED) - {"2001"}
+    assert claims == [(0, "1002"), (1, "1002")]
+
+
+def test_missing_file_in_a_live_job_is_logged_once(tmp_path: Path, warnings: list[str]) -> None:
+    root = copy_tree(V2, tmp_path)
+    (root / V2_SCOPE / "job_1003/memory.current").unlink()  # memory controller not enabled
+    collector = SlurmJobCollector(ctx(root), resolve_user=names)
+    for _ in range(3):
+        assert set(by_job(collector.collect())) == set(V2_EXPECTED) - {"1003"}
+    assert len(warnings) == 1
+    assert "memory.current" in warnings[0]
+
+
+# ---------------------------------------------------------------- unreadable environments
+
+
+def test_unreadable_environ_tries_the_next_pid(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = slurm.read_environ
+    tried: list[str] = []
+
+    def read_environ(path: Path) -> bytes:
+        tried.append(path.parent.name)
+        if path.parent.name == "3102":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(slurm, "read_environ", read_environ)
+    rows, claims = collect(V2, resolve_user=names)
+    assert rows["1002"] == V2_EXPECTED["1002"]  # from PID 3103
+    assert claims == V2_CLAIMS
+    assert tried.index("3102") < tried.index("3103")
+
+
+def test_no_environ_readable_falls_back_to_the_owner(monkeypatch: pytest.MonkeyPatch) -> None:
+    def read_environ(path: Path) -> bytes:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(slurm, "read_environ", read_environ)
+    rows, claims = collect(V2, resolve_user=names)
+    assert claims == []
+    for job, got in rows.items():
+        want = dict(V2_EXPECTED[job], account="unknown", gpus_allocated=0.0)
+        want["user"] = names(v2_job_uid(job) if job != "2001" else _uid_2001())
+        assert got == want, job
+    rows1, _ = collect(V1, resolve_user=names)
+    assert rows1["502"]["user"] == "user-1001"  # from the uid_1001 directory
+
+
+def _uid_2001() -> int:
+    path = V2 / "sys/fs/cgroup/system.slice/node07_slurmstepd.scope/job_2001"
+    return path.stat().st_uid
+
+
+def test_hostile_cgroup_procs_are_ignored(tmp_path: Path) -> None:
+    root = copy_tree(V2, tmp_path)
+    procs = root / V2_SCOPE / "job_1001/step_batch/slurm/cgroup.procs"
+    procs.write_text("../../etc\n-5\n0\n٣\n99999999999999999999\n3003\n")
+    rows, _ = collect(root, resolve_user=names)
+    assert rows["1001"] == V2_EXPECTED["1001"]
+
+
+# ---------------------------------------------------------------- malformed files
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("cpuset.cpus.effective", "0-3,zz\n"),
+        ("cpu.stat", "user_usec 5\n"),
+        ("cpu.stat", "usage_usec -4\n"),
+        ("memory.current", "max\n"),
+        ("memory.current", f"{2**64}\n"),
+    ],
+)
+def test_malformed_cgroup_file_fails_the_round(tmp_path: Path, name: str, text: str) -> None:
+    root = copy_tree(V2, tmp_path)
+    (root / V2_SCOPE / "job_1003" / name).write_text(text)
+    with pytest.raises(ParseError, match=name.replace(".", r"\.")):
+        SlurmJobCollector(ctx(root), resolve_user=names).collect()
+    runner = Runner([SlurmJobCollector(ctx(root), resolve_user=names)], clock_ns=lambda: T0)
+    rnd = runner.run()
+    assert not rnd.status["job"].success
+    assert "job" not in rnd.tables
+
+
+# ---------------------------------------------------------------- parsers: examples
+
+
+@pytest.mark.parametrize(
+    ("text", "count"),
+    [
+        ("4-7,10-11", 6),
+        ("4-7,10-11\n", 6),
+        ("0", 1),
+        ("0-0", 1),
+        ("", 0),
+        ("\n", 0),
+        ("0-3,2-5", 6),
+        ("5,5,5", 1),
+        ("0-63", 64),
+        ("8191", 1),
+    ],
+)
+def test_parse_cpu_list(text: str, count: int) -> None:
+    assert parse_cpu_list(text) == count
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a",
+        "3-1",
+        "1,,2",
+        "-1",
+        "1-",
+        "1-2-3",
+        "٣",
+        "1_0",
+        " 1, 2",
+        "0x1",
+        "99999999",
+        "1048576",
+        ",",
+    ],
+)
+def test_parse_cpu_list_rejects_garbage(text: str) -> None:
+    with pytest.raises(ParseError):
+        parse_cpu_list(text, "x/cpuset.cpus")
+
+
+def test_parse_cpu_stat() -> None:
+    text = (V2 / V2_SCOPE / "job_1001/cpu.stat").read_text()
+    assert parse_cpu_stat_usage_usec(text) == 7_212_345_678
+    assert parse_cpu_stat_usage_usec("user_usec 1\nusage_usec 7\n") == 7
+    for bad in ["", "usage_usec\n", "usage_usec x\n", "usage_usec 1e3\n", f"usage_usec {2**63}"]:
+        with pytest.raises(ParseError):
+            parse_cpu_stat_usage_usec(bad)
+
+
+def test_parse_environ() -> None:
+    data = b"A=1\0B=x=y\0no-equals\0=anon\0A=2\0EMPTY=\0BAD=\xff\xfe\0LONG=" + b"z" * 5000 + b"\0\0"
+    assert parse_environ(data) == {
+        "A": "1",
+        "B": "x=y",
+        "EMPTY": "",
+        "BAD": "\ufffd\ufffd",
+        "LONG": "z" * MAX_VALUE_CHARS,
+    }
+    assert parse_environ(b"") == {}
+    assert parse_environ(b"\0\0\0") == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "job"),
+    [
+        (
+            "12:memory:/slurm/uid_1000/job_123/step_0/task_0\n"
+            "11:cpuset:/slurm/uid_1000/job_123/step_0\n"
+            "4:cpu,cpuacct:/slurm/uid_1000/job_123/step_0/task_0\n"
+            "1:name=systemd:/system.slice/slurmd.service\n",
+            "123",
+        ),
+        ("4:cpuacct:/slurm/uid_1000/job_123/step_0", "123"),
+        ("0::/system.slice/slurmstepd.scope/job_123/step_0/user/task_0\n", "123"),
+        ("0::/system.slice/node07_slurmstepd.scope/job_9/step_batch/user/task_0", "9"),
+        ("0::/system.slice/slurmstepd.scope/job_77", "77"),
+        ("5:memory:/slurm_node07/uid_0/job_5/step_extern", "5"),
+        ("1:name=systemd:/user.slice\n0::/system.slice/slurmstepd.scope/job_5/step_0", "5"),
+        ("0::/user.slice/user-1000.slice/session-3.scope\n", None),
+        ("0::/system.slice/docker-abc.scope/job_5", None),
+        ("0::/system.slice/slurmstepd.scope/system", None),
+        ("0::/system.slice/slurmstepd.scope/job_12x/step_0", None),
+        ("4:cpuacct:/myslurm/uid_1/job_2", None),
+        ("0::/slurm/job_4", None),
+        ("", None),
+        ("garbage without colons /slurm/uid_1/job_2", None),
+    ],
+)
+def test_job_id_from_cgroup(text: str, job: str | None) -> None:
+    assert job_id_from_cgroup(text) == job
+
+
+def test_job_id_from_the_fixture_cgroup_file() -> None:
+    assert job_id_from_cgroup((V2 / "proc/3402/cgroup").read_text()) == "1005"
+
+
+@pytest.mark.parametrize(
+    ("env", "gpus", "claims"),
+    [
+        ({}, 0, ()),
+        ({"SLURM_JOB_GPUS": "0,1", "CUDA_VISIBLE_DEVICES": "0"}, 2, (0, 1)),
+        ({"SLURM_JOB_GPUS": "3"}, 1, (3,)),
+        ({"SLURM_JOB_GPUS": "1,1,2"}, 2, (1, 2)),
+        ({"SLURM_JOB_GPUS": "", "CUDA_VISIBLE_DEVICES": "0,1,2"}, 3, ()),
+        ({"SLURM_JOB_GPUS": "0,99999,x"}, 3, (0,)),
+        ({"CUDA_VISIBLE_DEVICES": "GPU-a,MIG-b"}, 2, ()),
+        ({"CUDA_VISIBLE_DEVICES": ""}, 0, ()),
+        ({"CUDA_VISIBLE_DEVICES": "NoDevFiles"}, 0, ()),
+        ({"CUDA_VISIBLE_DEVICES": "-1"}, 0, ()),
+        ({"CUDA_VISIBLE_DEVICES": "0,-1,1"}, 1, ()),
+    ],
+)
+def test_gpus_from_environ(env: dict[str, str], gpus: int, claims: tuple[int, ...]) -> None:
+    assert gpus_from_environ(env) == (gpus, claims)
+
+
+# ---------------------------------------------------------------- parsers: properties
+
+_spans = st.lists(st.tuples(st.integers(0, 300), st.integers(0, 40)), min_size=1, max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(spans=_spans)
+def test_property_cpu_list_counts_distinct_cpus(spans: list[tuple[int, int]]) -> None:
+    text = ",".join(f"{a}" if n == 0 else f"{a}-{a + n}" for a, n in spans)
+    assert parse_cpu_list(text) == len({c for a, n in spans for c in range(a, a + n + 1)})
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=st.one_of(st.text(), st.text(alphabet="0123456789-, \n\t٣")))
+@example(text="9" * 5000)
+@example(text="0-" + "9" * 5000)
+@example(text="1048575")
+def test_fuzz_cpu_list(text: str) -> None:
+    try:
+        count = parse_cpu_list(text)
+    except ParseError:
+        return
+    assert 0 <= count <= 1 << 20
+
+
+# codec="utf-8": no lone surrogates, which no decoded environment can hold.
+_names = st.text(st.characters(codec="utf-8", exclude_characters="\0="), min_size=1, max_size=20)
+_values = st.text(st.characters(codec="utf-8", exclude_characters="\0"))
+
+
+@settings(max_examples=300, deadline=None)
+@given(env=st.dictionaries(_names, _values))
+@example(env={"SLURM_JOB_USER": "ü" * 2000})
+def test_property_environ_round_trip(env: dict[str, str]) -> None:
+    data = b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items())
+    assert parse_environ(data) == {k: v[:MAX_VALUE_CHARS] for k, v in env.items()}
+
+
+@settings(max_examples=500, deadline=None)
+@given(data=st.one_of(st.binary(), st.lists(st.binary(max_size=40)).map(b"\0".join)))
+@example(data=b"A=" + b"\xff" * 5000)
+@example(data=b"=\0=\0==\0")
+def test_fuzz_environ(data: bytes) -> None:
+    env = parse_environ(data)
+    for key, value in env.items():
+        assert key and len(key) <= MAX_VALUE_CHARS and len(value) <= MAX_VALUE_CHARS
+        key.encode("utf-8")  # no lone surrogates: Arrow and Parquet take it
+        value.encode("utf-8")
+        assert "\0" not in key + value and "=" not in key
+    gpus, claims = gpus_from_environ(env)
+    assert gpus >= 0 and all(0 <= i < 2**15 for i in claims)
+
+
+_component = st.one_of(
+    st.sampled_from(
+        [
+            "slurm",
+            "slurm_n1",
+            "uid_0",
+            "uid_1000",
+            "job_1",
+            "job_42",
+            "step_0",
+            "user",
+            "task_0",
+            "slurmstepd.scope",
+            "n7_slurmstepd.scope",
+            "system.slice",
+            "job_",
+            "",
+        ]
+    ),
+    st.text(max_size=8),
+)
+_cgroup_line = st.builds(
+    lambda n, ctl, parts: f"{n}:{ctl}:/" + "/".join(parts),
+    st.integers(0, 13),
+    st.sampled_from(["", "cpuacct", "memory", "name=systemd", "cpu,cpuacct"]),
+    st.lists(_component, max_size=7),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(text=st.one_of(st.text(), st.lists(st.one_of(_cgroup_line, st.text())).map("\n".join)))
+def test_fuzz_job_id_from_cgroup(text: str) -> None:
+    job = job_id_from_cgroup(text)
+    assert job is None or (job.isascii() and job.isdigit())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    job=st.integers(0, 10**12),
+    scope=st.sampled_from(["slurmstepd.scope", "n7_slurmstepd.scope"]),
+    rest=st.lists(st.sampled_from(["step_0", "step_batch", "user", "task_0", "slurm"])),
+)
+def test_property_job_id_from_v2_path(job: int, scope: str, rest: list[str]) -> None:
+    path = "/".join(["", "system.slice", scope, f"job_{job}", *rest])
+    assert job_id_from_cgroup(f"0::{path}\n") == str(job)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(user=st.binary(max_size=2000), account=st.binary(max_size=2000))
+def test_fuzz_hostile_environ_through_the_collector(user: bytes, account: bytes) -> None:
+    user = user.replace(b"\0", b"")
+    account = account.replace(b"\0", b"")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        job = root / "sys/fs/cgroup/system.slice/slurmstepd.scope/job_7"
+        (job / "step_0").mkdir(parents=True)
+        (job / "cpuset.cpus.effective").write_text("0\n")
+        (job / "cpu.stat").write_text("usage_usec 1\n")
+        (job / "memory.current").write_text("1\n")
+        (job / "step_0/cgroup.procs").write_text("11\n")
+        (root / "proc/11").mkdir(parents=True)
+        (root / "proc/11/environ").write_bytes(
+            b"SLURM_JOB_USER=" + user + b"\0SLURM_JOB_ACCOUNT=" + account + b"\0"
+        )
+        job_uid = job.stat().st_uid
+        out = SlurmJobCollector(ctx(root), resolve_user=names).collect()
+    [got] = out["job"]
+    want_user = user.decode("utf-8", errors="replace")[:MAX_VALUE_CHARS]
+    assert got["user"] == (want_user or names(job_uid))
+    assert got["account"] == (
+        account.decode("utf-8", errors="replace")[:MAX_VALUE_CHARS] or "unknown"
+    )
+    check_rows({"job": out["job"]})
+    tables, _ = assemble({"job": out["job"]}, T0, "n1")
+    assert tables["job"].num_rows == 1
+    assert isinstance(tables["job"], pa.Table)
