@@ -293,3 +293,43 @@ def test_daemon_end_to_end_with_the_stand_in(tmp_path: Path, promtool: str) -> N
     assert b'tally_cpus{node="gpu-e2e"} 64.0' in text
     gpu_files = list((tmp_path / "data" / "gpu").rglob("*.parquet"))
     assert gpu_files, "gpu samples were stored"
+
+
+def test_daemon_attributes_gpus_to_slurm_jobs_end_to_end(tmp_path: Path, promtool: str) -> None:
+    """Fixture roots with Slurm cgroups v2 and the stand-in: job 1002 claims GPUs 0 and 1."""
+    import shutil
+
+    root = tmp_path / "node"
+    shutil.copytree(FIXTURES / "slurm_v2", root)
+    for name in ("stat", "meminfo"):
+        shutil.copy(FIXTURES / "normal_host" / "proc" / name, root / "proc" / name)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "telemetry.cli", "daemon", "--listen", f"127.0.0.1:{port}",
+         "--data-dir", str(tmp_path / "data"), "--interval", "0.2", "--node", "node07",
+         "--path.procfs", str(root / "proc"), "--path.sysfs", str(root / "sys"),
+         "--nvml.module", "tests.nvml_standin:NVML"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and "serving" in proc.stdout.readline()
+        time.sleep(1.0)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    check = promtool_check(promtool, text)
+    assert check.returncode == 0, check.stdout + check.stderr
+    samples = [
+        (s.name, s.labels, s.value)
+        for f in text_string_to_metric_families(text.decode())
+        for s in f.samples
+    ]
+    held = {(lab["gpu"], lab["job"]) for name, lab, _ in samples if name == "tally_gpu_job_info"}
+    # GPU 0 (whole H100) and GPU 1 (MIG parent and its instances) belong to job 1002.
+    assert ("0", "1002") in held and ("1", "1002") in held
+    jobs = {lab["job"]: lab for name, lab, _ in samples if name == "tally_job_info"}
+    assert {"1001", "1002", "1003", "1004", "1005", "2001"} <= set(jobs)
+    assert jobs["1002"]["user"] == "bob" and jobs["1002"]["account"] == "chemistry"
+    alloc = {lab["job"]: v for name, lab, v in samples if name == "tally_job_gpus_allocated"}
+    assert alloc["1002"] == 2.0 and alloc["1001"] == 0.0
