@@ -37,7 +37,7 @@ def test_real_gpus_give_sane_rows(gateway: Gateway) -> None:
     for row in table.to_pylist():
         assert row["gpu_uuid"].startswith(("GPU-", "MIG-"))
         assert (
-            0 < row["memory_total_bytes"]
+            row["memory_total_bytes"] > 0
             and 0 <= row["memory_used_bytes"] <= row["memory_total_bytes"]
         )
         if row["utilization_ratio"] is not None:
@@ -47,6 +47,5 @@ def test_real_gpus_give_sane_rows(gateway: Gateway) -> None:
         if row["temperature_celsius"] is not None:
             assert 0.0 < row["temperature_celsius"] < 120.0
     assert first.tables["gpu"].num_rows == table.num_rows
-    print(
-        f"\n{table.num_rows} GPU rows; round took {second.status['gpu'].duration_seconds * 1e3:.2f} ms"
-    )
+    took_ms = second.status["gpu"].duration_seconds * 1e3
+    print(f"\n{table.num_rows} GPU rows; round took {took_ms:.2f} ms")
