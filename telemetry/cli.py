@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # Testing hook: MODULE:ATTR names an object that stands in for the pynvml module.
     d.add_argument("--nvml.module", dest="nvml_module", help=argparse.SUPPRESS)
+    # Testing hook: compact journals this often instead of hourly (crash tests).
+    d.add_argument(
+        "--store.rotate",
+        dest="store_rotate",
+        type=_duration("store.rotate"),
+        help=argparse.SUPPRESS,
+    )
     for name, cls in REGISTRY.items():
         state = "on" if cls.default_enabled else "off"
         d.add_argument(
@@ -200,6 +207,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
         inventory=pick("inventory", None),
         dcgm_compat=bool(pick("dcgm_compat", False)),
         nvml_module=args.nvml_module,
+        rotate_seconds=args.store_rotate or 3600.0,
     )
 
 

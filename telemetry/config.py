@@ -83,6 +83,7 @@ class DaemonConfig:
     dcgm_compat: bool = False
     # MODULE:ATTR of a stand-in for pynvml (tests); None means the real library.
     nvml_module: str | None = None
+    rotate_seconds: float = 3600.0
 
     def check(self) -> None:
         """Raise ``TallyError`` for settings that cannot work together."""

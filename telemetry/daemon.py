@@ -41,7 +41,7 @@ class Daemon:
         self.stop_event = threading.Event()
         inventory = load_inventory(config.inventory) if config.inventory is not None else None
         self.state = State(config.max_gap_seconds, inventory)
-        self.store = Store(config.data_dir, self.node)
+        self.store = Store(config.data_dir, self.node, config.rotate_seconds)
         self.store_errors = 0
         self._snapshot = Snapshot()
         self._once = OnceLogger(log)

@@ -163,9 +163,12 @@ class _Journal:
 class Store:
     """Appends sample batches of one node to a dataset directory. Not thread-safe."""
 
-    def __init__(self, root: Path, node: str) -> None:
+    def __init__(self, root: Path, node: str, rotate_seconds: float = 3600) -> None:
         self.root = root
         self.node = node
+        # Journals are compacted when a sample falls into a new slot of this length (an hour by
+        # default; shorter in crash tests, which need many rotations to kill one mid-way).
+        self.rotate_ns = max(1, int(rotate_seconds * 1_000_000_000))
         self._journals: dict[str, _Journal] = {}
         self._lock_file: BinaryIO | None = None
         self.rows_written = 0
@@ -212,7 +215,7 @@ class Store:
         if batch.num_rows == 0:
             return
         first_ns = int(batch.column("time").cast(pa.int64())[0].as_py())
-        hour = first_ns // HOUR_NS
+        hour = first_ns // self.rotate_ns
         journal = self._journals.get(table)
         if journal is not None and journal.hour != hour:
             self._close_journal(table)
