@@ -9,12 +9,15 @@ from __future__ import annotations
 import gzip
 import logging
 import socket
+import ssl
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+
+from exporters.webconfig import WebConfig
 
 log = logging.getLogger("tally.http")
 
@@ -30,6 +33,19 @@ CLIENT_TIMEOUT_SECONDS = 10.0
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     registry: CollectorRegistry
+    web: WebConfig | None = None
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        # The TLS handshake runs here, in the connection's own thread, so a client that stalls
+        # it holds only that thread (wrapping the listening socket would stall accept()).
+        if self.web is not None and self.web.tls is not None:
+            request.settimeout(CLIENT_TIMEOUT_SECONDS)
+            try:
+                request = self.web.tls.wrap_socket(request, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                log.debug("TLS handshake with %s failed: %s", client_address, exc)
+                return
+        super().finish_request(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -39,6 +55,15 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
 
     def do_GET(self) -> None:
+        web = self.server.web
+        if web is not None and not web.authorized(self.headers.get("Authorization")):
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Basic realm="tally"')
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", "13")
+            self.end_headers()
+            self.wfile.write(b"unauthorized\n")
+            return
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
             self._metrics()
@@ -79,7 +104,9 @@ class _Handler(BaseHTTPRequestHandler):
 class MetricsServer:
     """Serves ``registry`` on ``host:port`` from a background thread (port 0 picks a free one)."""
 
-    def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, host: str, port: int, web: WebConfig | None = None
+    ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
         class Server(_Server):
@@ -87,6 +114,7 @@ class MetricsServer:
 
         self._httpd = Server((host, port), _Handler)
         self._httpd.registry = registry
+        self._httpd.web = web
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="tally-http", daemon=True
         )

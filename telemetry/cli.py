@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--node", help="node name to record (default: the host name)")
     d.add_argument("--inventory", type=Path, help="TOML inventory: export pool and tenant counters")
     d.add_argument(
+        "--web.config.file",
+        dest="web_config",
+        type=Path,
+        help="YAML: TLS and basic auth for /metrics (exporter-toolkit format)",
+    )
+    d.add_argument(
         "--dcgm-compat",
         action="store_true",
         default=None,
@@ -128,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--listen", help="ADDR:PORT to keep serving the final state on")
     r.add_argument("--speed", type=_positive, help="pace the replay at X times real time")
     r.add_argument("--inventory", type=Path, help="TOML inventory: export pool and tenant counters")
+    r.add_argument(
+        "--web.config.file",
+        dest="web_config",
+        type=Path,
+        help="YAML: TLS and basic auth for --listen",
+    )
     r.add_argument(
         "--dcgm-compat", action="store_true", help="also export dcgm-exporter's GPU metric names"
     )
@@ -166,6 +178,7 @@ _CONFIG_KEYS = {
     "node": "node",
     "inventory": "inventory",
     "dcgm-compat": "dcgm_compat",
+    "web.config.file": "web_config",
     **{f"collector.{name}": f"collector_{name}" for name in REGISTRY},
 }
 
@@ -182,7 +195,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
                 value = parse_duration(str(raw_value), f"config {args.config}: {key}")
             elif key.startswith("collector.") and not isinstance(raw_value, bool):
                 raise TallyError(f"config {args.config}: {key} must be true or false")
-            elif dest in ("data_dir", "path_procfs", "path_sysfs", "inventory"):
+            elif dest in ("data_dir", "path_procfs", "path_sysfs", "inventory", "web_config"):
                 value = Path(str(raw_value))
             file_values[dest] = value
 
@@ -208,6 +221,7 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
         dcgm_compat=bool(pick("dcgm_compat", False)),
         nvml_module=args.nvml_module,
         rotate_seconds=args.store_rotate or 3600.0,
+        web_config=pick("web_config", None),
     )
 
 
@@ -222,6 +236,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     from exporters.http import MetricsServer
     from exporters.prometheus import TallyCollector
+    from exporters.webconfig import load_web_config
     from telemetry.inventory import load_inventory
     from telemetry.replay import load_dataset, replay
     from telemetry.state import Snapshot
@@ -234,8 +249,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     registry.register(TallyCollector(lambda: current[0], dcgm_compat=args.dcgm_compat))
     server = None
     if listen is not None:
+        web = load_web_config(args.web_config) if args.web_config is not None else None
         try:
-            server = MetricsServer(registry, *listen)
+            server = MetricsServer(registry, *listen, web=web)
         except OSError as exc:
             raise TallyError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
         server.start()

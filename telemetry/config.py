@@ -84,6 +84,7 @@ class DaemonConfig:
     # MODULE:ATTR of a stand-in for pynvml (tests); None means the real library.
     nvml_module: str | None = None
     rotate_seconds: float = 3600.0
+    web_config: Path | None = None
 
     def check(self) -> None:
         """Raise ``TallyError`` for settings that cannot work together."""

@@ -20,6 +20,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from exporters.http import MetricsServer
 from exporters.prometheus import TallyCollector
+from exporters.webconfig import load_web_config
 from telemetry.collectors import REGISTRY, CollectorContext, Runner
 from telemetry.config import DaemonConfig, load_object, parse_listen
 from telemetry.errors import TallyError
@@ -62,6 +63,7 @@ class Daemon:
         self.registry.register(TallyCollector(lambda: self._snapshot, config.dcgm_compat))
         ProcessCollector(namespace="", registry=self.registry)
         self.server: MetricsServer | None = None
+        self.web = load_web_config(config.web_config) if config.web_config is not None else None
 
     def stop(self, *_: object) -> None:
         self.stop_event.set()
@@ -89,7 +91,7 @@ class Daemon:
         self.store.open()
         try:
             try:
-                self.server = MetricsServer(self.registry, host, port)
+                self.server = MetricsServer(self.registry, host, port, web=self.web)
             except OSError as exc:
                 raise TallyError(
                     f"cannot listen on {self.config.listen}: {exc.strerror or exc}"
@@ -97,10 +99,11 @@ class Daemon:
             self.round()  # the first scrape already sees data
             self.server.start()
             shown = f"[{host}]" if ":" in host else host
+            scheme = "https" if self.web is not None and self.web.tls is not None else "http"
             names = ", ".join(c.name for c in self.runner.collectors) or "none"
             print(
                 f"tally daemon: node {self.node}, "
-                f"serving http://{shown}:{self.server.port}/metrics, "
+                f"serving {scheme}://{shown}:{self.server.port}/metrics, "
                 f"writing {self.config.data_dir} every {self.config.interval_seconds:g}s "
                 f"(collectors: {names})",
                 flush=True,

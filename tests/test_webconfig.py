@@ -1,0 +1,192 @@
+"""--web.config.file: TLS and basic auth with a real TLS client, as Prometheus exporters do it."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import bcrypt
+import pytest
+from prometheus_client import CollectorRegistry
+
+from exporters.http import MetricsServer
+from exporters.webconfig import WebConfig, load_web_config
+from telemetry.errors import TallyError
+from tests.conftest import free_port
+
+TLS = Path(__file__).parent / "fixtures" / "tls"
+# bcrypt at cost 4 keeps the tests fast; the format is the same as htpasswd -B.
+TLS_KEYS = "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+HASH = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
+
+
+def _config(tmp_path: Path, body: str) -> Path:
+    for name in ("server.crt", "server.key", "ca.crt"):
+        shutil.copy(TLS / name, tmp_path / name)
+    path = tmp_path / "web.yml"
+    path.write_text(body)
+    return path
+
+
+def _client_context(cert: bool = False) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(TLS / "ca.crt"))
+    if cert:
+        context.load_cert_chain(TLS / "client.crt", TLS / "client.key")
+    return context
+
+
+def _auth(user: str, password: str) -> dict[str, str]:
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[MetricsServer]:
+    web = load_web_config(
+        _config(
+            tmp_path,
+            f"tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+            f"basic_auth_users:\n  prometheus: '{HASH}'\n",
+        )
+    )
+    srv = MetricsServer(CollectorRegistry(), "127.0.0.1", 0, web=web)
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def _get(port: int, headers: dict[str, str], context: ssl.SSLContext | None) -> tuple[int, bytes]:
+    conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=5)
+    conn.request("GET", "/metrics", headers=headers)
+    resp = conn.getresponse()
+    return resp.status, resp.read()
+
+
+def test_tls_and_right_password(server: MetricsServer) -> None:
+    status, body = _get(server.port, _auth("prometheus", "s3cret"), _client_context())
+    assert status == 200 and b"tally_build_info" not in body  # an empty registry, served
+
+
+def test_wrong_password_unknown_user_and_no_header_get_401(server: MetricsServer) -> None:
+    for headers in (_auth("prometheus", "wrong"), _auth("mallory", "s3cret"), {}):
+        status, _ = _get(server.port, headers, _client_context())
+        assert status == 401
+    conn = http.client.HTTPSConnection(
+        "localhost", server.port, context=_client_context(), timeout=5
+    )
+    conn.request("GET", "/metrics", headers={"Authorization": "Basic !!!not-base64"})
+    resp = conn.getresponse()
+    assert resp.status == 401 and resp.getheader("WWW-Authenticate") == 'Basic realm="tally"'
+
+
+def test_plain_http_to_a_tls_port_gets_no_metrics(server: MetricsServer) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+        conn.request("GET", "/metrics")
+        conn.getresponse().read()
+
+
+def test_untrusted_certificate_is_refused_by_the_client(server: MetricsServer) -> None:
+    with pytest.raises(ssl.SSLError):
+        _get(server.port, _auth("prometheus", "s3cret"), ssl.create_default_context())
+
+
+def test_client_certificates_when_required(tmp_path: Path) -> None:
+    web = load_web_config(
+        _config(
+            tmp_path,
+            "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+            "  client_auth_type: RequireAndVerifyClientCert\n  client_ca_file: ca.crt\n",
+        )
+    )
+    srv = MetricsServer(CollectorRegistry(), "127.0.0.1", 0, web=web)
+    srv.start()
+    try:
+        assert _get(srv.port, {}, _client_context(cert=True))[0] == 200
+        with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
+            _get(srv.port, {}, _client_context(cert=False))
+    finally:
+        srv.stop()
+
+
+def test_verified_passwords_are_cached_wrong_ones_are_not() -> None:
+    web = WebConfig(source="x", users={"u": bcrypt.hashpw(b"pw", bcrypt.gensalt(rounds=4))})
+    assert web.authorized(_auth("u", "pw")["Authorization"])
+    assert len(web._verified) == 1
+    assert not web.authorized(_auth("u", "px")["Authorization"])
+    assert len(web._verified) == 1
+    assert WebConfig(source="x").authorized(None), "no users: open"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("tls_server_config: [\n", "not valid YAML"),
+        ("- a\n", "expected a mapping"),
+        ("colour: blue\n", "colour: unknown key"),
+        ("tls_server_config:\n  cert_file: server.crt\n", "tls_server_config.key_file: required"),
+        (
+            "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n  ciphers: x\n",
+            "tls_server_config.ciphers: unknown key",
+        ),
+        ("tls_server_config:\n  cert_file: nope.crt\n  key_file: server.key\n", "cannot load"),
+        (
+            TLS_KEYS + "  min_version: TLS10\n",
+            "min_version: must be one of",
+        ),
+        (
+            TLS_KEYS + "  client_auth_type: RequireAndVerifyClientCert\n",
+            "client_ca_file: required",
+        ),
+        ("basic_auth_users:\n  alice: plaintext\n", "basic_auth_users.alice: not a bcrypt hash"),
+        (
+            "basic_auth_users:\n  alice: $2b$10$short\n",
+            "basic_auth_users.alice: malformed bcrypt hash",
+        ),
+        ("basic_auth_users: [alice]\n", "expected a mapping of user"),
+    ],
+)
+def test_bad_web_configs_name_the_file_and_key(tmp_path: Path, body: str, message: str) -> None:
+    path = _config(tmp_path, body)
+    with pytest.raises(TallyError) as info:
+        load_web_config(path)
+    assert str(info.value).startswith(f"web config {path}") and message in str(info.value)
+
+
+def test_daemon_with_web_config_end_to_end(tmp_path: Path) -> None:
+    config = _config(
+        tmp_path,
+        f"tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+        f"basic_auth_users:\n  prometheus: '{HASH}'\n",
+    )
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "telemetry.cli", "daemon", "--listen", f"127.0.0.1:{port}",
+         "--data-dir", str(tmp_path / "data"), "--interval", "0.2", "--node", "tls",
+         "--web.config.file", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert f"serving https://127.0.0.1:{port}/metrics" in proc.stdout.readline()
+        status, body = _get(port, _auth("prometheus", "s3cret"), _client_context())
+        assert status == 200 and b'tally_cpus{node="tls"}' in body
+        assert _get(port, _auth("prometheus", "nope"), _client_context())[0] == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    bad = tmp_path / "bad.yml"
+    bad.write_text("nonsense: 1\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "telemetry.cli", "daemon", "--listen", f"127.0.0.1:{free_port()}",
+         "--data-dir", str(tmp_path / "d2"), "--web.config.file", str(bad)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 2 and "nonsense: unknown key" in result.stderr
