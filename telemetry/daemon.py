@@ -15,6 +15,7 @@ import threading
 import time
 from types import FrameType
 
+import pyarrow as pa
 from prometheus_client import CollectorRegistry
 from prometheus_client.process_collector import ProcessCollector
 
@@ -31,6 +32,10 @@ from telemetry.store import Store
 
 log = logging.getLogger("tally.daemon")
 
+# Rows held in memory while the data dir cannot be written (disk full, read-only): about an
+# hour of a busy GPU node at 5 s; beyond that the oldest batches are given up.
+MAX_PENDING_ROWS = 200_000
+
 
 class Daemon:
     """One node daemon; :meth:`run` blocks until :meth:`stop` or a signal."""
@@ -44,6 +49,10 @@ class Daemon:
         self.state = State(config.max_gap_seconds, inventory)
         self.store = Store(config.data_dir, self.node, config.rotate_seconds)
         self.store_errors = 0
+        self._pending: list[tuple[str, pa.Table]] = []
+        self.pending_dropped = 0
+        self._last_time_ns = 0
+        self.clock_dropped: dict[str, int] = {}
         self._snapshot = Snapshot()
         self._once = OnceLogger(log)
         ctx = CollectorContext(
@@ -71,20 +80,47 @@ class Daemon:
     def round(self) -> None:
         """Collect once, persist, aggregate and publish a new snapshot."""
         result = self.runner.run()
+        if result.time_ns <= self._last_time_ns:
+            # The system clock stepped back: these samples would sit before ones already
+            # stored and turn counter deltas into false restarts. Drop and count them.
+            for table, batch in result.tables.items():
+                self.clock_dropped[table] = self.clock_dropped.get(table, 0) + batch.num_rows
+            self._once.warning(
+                "clock", "system clock stepped backwards; samples dropped until it catches up"
+            )
+            result.tables = {}
+        else:
+            self._last_time_ns = result.time_ns
+            self._once.clear("clock")
         for table, batch in result.tables.items():
+            self._pending.append((table, batch))
+            self.state.ingest(table, batch)
+        self._flush_pending()
+        snapshot = self.state.snapshot(result.status)
+        for table, rows in self.clock_dropped.items():
+            snapshot.ingest[table].late += rows
+        snapshot.store = {"rows_written": self.store.rows_written, "errors": self.store_errors}
+        self._snapshot = snapshot
+
+    def _flush_pending(self) -> None:
+        """Write held batches oldest first; on a write error keep them (bounded) for next round."""
+        while self._pending:
+            table, batch = self._pending[0]
             try:
                 self.store.append(table, batch)
             except OSError as exc:
                 self.store_errors += 1
                 self._once.warning(
-                    "store", f"cannot write {table} samples to {self.config.data_dir}: {exc}"
+                    "store",
+                    f"cannot write samples to {self.config.data_dir} ({exc}); retrying each round",
                 )
-            else:
-                self._once.clear("store")
-            self.state.ingest(table, batch)
-        snapshot = self.state.snapshot(result.status)
-        snapshot.store = {"rows_written": self.store.rows_written, "errors": self.store_errors}
-        self._snapshot = snapshot
+                held = sum(b.num_rows for _, b in self._pending)
+                while held > MAX_PENDING_ROWS and len(self._pending) > 1:
+                    held -= self._pending.pop(0)[1].num_rows
+                    self.pending_dropped += 1
+                return
+            self._pending.pop(0)
+            self._once.clear("store")
 
     def run(self) -> int:
         host, port = parse_listen(self.config.listen)

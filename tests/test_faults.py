@@ -1,0 +1,115 @@
+"""Environment faults: data dir full or read-only, the clock stepping back, NVML lost mid-run."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from prometheus_client import generate_latest
+
+from telemetry.config import DaemonConfig
+from telemetry.daemon import Daemon
+from telemetry.dataset import ReadStats, discover, read_table
+from telemetry.store import Store
+from tests.fake_nvml import H100_LOADED, FakeNVML
+
+FIXTURES = Path(__file__).parent / "fixtures" / "normal_host"
+FAKE = FakeNVML([H100_LOADED])
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    config = DaemonConfig(
+        listen="127.0.0.1:0",
+        data_dir=tmp_path / "data",
+        procfs=FIXTURES / "proc",
+        sysfs=FIXTURES / "sys",
+        node="faulty",
+        nvml_module="tests.test_faults:FAKE",
+        collectors={"cpu": True, "rapl": False, "gpu": True, "job": False},
+    )
+    d = Daemon(config)
+    d.store.open()
+    yield d
+    d.runner.close()
+    d.store.close()
+
+
+def _clock(d: Daemon, seconds: list[float]) -> None:
+    ticks = iter(int((1_800_000_000 + s) * 1e9) for s in seconds)
+    d.runner.clock_ns = lambda: next(ticks)
+
+
+def _stored(root: Path, table: str = "cpu") -> list[int]:
+    data = read_table(root, table, discover(root)[table], ReadStats())
+    return sorted(data.column("time").cast(pa.int64()).to_pylist())
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_unwritable_data_dir_keeps_serving_counts_and_catches_up(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    _clock(daemon, [0, 5, 10, 15, 20, 25])
+    daemon.round()
+    real_append = Store.append
+
+    def failing(self: Store, table: str, batch: pa.Table) -> None:
+        raise OSError(code, "injected")
+
+    monkeypatch.setattr(Store, "append", failing)
+    for _ in range(3):
+        daemon.round()
+    text = generate_latest(daemon.registry).decode()
+    assert "tally_store_errors_total 3.0" in text  # one failed attempt per round
+    assert 'tally_cpus{node="faulty"} 64.0' in text, "metrics keep flowing"
+    monkeypatch.setattr(Store, "append", real_append)
+    daemon.round()
+    daemon.round()
+    daemon.store.close()
+    times = _stored(daemon.config.data_dir)
+    assert len(times) == 6 and len(set(times)) == 6, "held rounds were written once space returned"
+
+
+def test_held_rows_are_bounded(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("telemetry.daemon.MAX_PENDING_ROWS", 3)
+    _clock(daemon, [float(i) for i in range(10)])
+    monkeypatch.setattr(
+        Store, "append", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "x"))
+    )
+    for _ in range(10):
+        daemon.round()
+    assert sum(b.num_rows for _, b in daemon._pending) <= 3 * 2  # cpu and gpu rows per round
+    assert daemon.pending_dropped > 0
+
+
+def test_clock_stepping_back_drops_and_counts_never_crashes(daemon: Daemon) -> None:
+    _clock(daemon, [0, 5, 10, 3, 7, 12, 15])
+    for _ in range(7):
+        daemon.round()
+    text = generate_latest(daemon.registry).decode()
+    assert 'tally_samples_dropped_total{reason="late",table="cpu"} 2.0' in text
+    daemon.store.close()
+    stored = _stored(daemon.config.data_dir)
+    assert [round(t / 1e9 - 1_800_000_000) for t in stored] == [0, 5, 10, 12, 15]
+
+
+def test_nvml_lost_mid_run_then_back(daemon: Daemon) -> None:
+    _clock(daemon, [float(i) for i in range(6)])
+    daemon.round()
+    assert daemon._snapshot.collectors["gpu"].success
+    FAKE.driver_loaded = False
+    while FAKE._init_count:  # the driver goes away under the daemon
+        FAKE.nvmlShutdown()
+    try:
+        daemon.round()
+        daemon.round()
+        status = daemon._snapshot.collectors
+        assert not status["gpu"].success and status["cpu"].success
+    finally:
+        FAKE.driver_loaded = True
+    daemon.round()
+    assert daemon._snapshot.collectors["gpu"].success, "re-initialised when NVML came back"
+    assert daemon._snapshot.tables["gpu"].latest.num_rows == 1
