@@ -9,7 +9,7 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 from telemetry.billing import NS, Bill, Biller
-from telemetry.chunks import DEFAULT_BUDGET_ROWS, chunk_bounds, plan, read_chunks
+from telemetry.chunks import DEFAULT_BUDGET_ROWS, DamagedFile, chunk_bounds, plan, read_chunks
 from telemetry.dataset import ReadStats, discover
 from telemetry.errors import TallyError
 from telemetry.inventory import Inventory
@@ -61,10 +61,37 @@ def compute_bill(
 ) -> Bill:
     """The bill of the dataset at ``root``; raises ``TallyError`` for unusable input."""
     lo, hi = selected_range(window_s, start, end)
-    stats = ReadStats()
-    pieces = plan(root, discover(root), stats)
     if progress is None and sys.stderr.isatty():
         progress = _progress
+    stats = ReadStats()
+    while True:
+        # Files quarantined by earlier attempts are inside quarantine/ now: carry their count.
+        stats = ReadStats(files_quarantined=stats.files_quarantined)
+        try:
+            return _bill_once(root, inventory, window_s, lo, hi, budget_rows, progress, warn, stats)
+        except DamagedFile as exc:
+            # Found only while reading rows: set the file aside and bill again without it, so
+            # the result is exactly the bill of the remaining files.
+            if not exc.quarantined:
+                raise TallyError(
+                    f"{exc}; it cannot be moved to quarantine, remove it and bill again"
+                ) from None
+            warn(f"{exc.path}: damaged ({exc.reason}); quarantined, billing again without it")
+            stats.files_quarantined += 1
+
+
+def _bill_once(
+    root: Path,
+    inventory: Inventory,
+    window_s: int,
+    lo: int | None,
+    hi: int | None,
+    budget_rows: int,
+    progress: Callable[[int, int, int], None] | None,
+    warn: Callable[[str], None],
+    stats: ReadStats,
+) -> Bill:
+    pieces = plan(root, discover(root), stats)
     biller = Biller(inventory, window_s, lo, hi)
     if pieces:
         first = min(p.min_ns for p in pieces)

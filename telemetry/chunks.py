@@ -29,6 +29,16 @@ DEFAULT_BUDGET_ROWS = 4_000_000
 _UNIT_NS = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
 
 
+class DamagedFile(Exception):
+    """A file whose footer was fine turned out damaged while its rows were read."""
+
+    def __init__(self, path: Path, reason: str, quarantined: bool) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+        self.quarantined = quarantined
+
+
 @dataclass(frozen=True)
 class Piece:
     """One readable unit: a Parquet row group, or a whole journal (``row_group`` -1)."""
@@ -42,10 +52,14 @@ class Piece:
 
 
 def _check_columns(path: Path, table: str, schema: pa.Schema) -> None:
+    """A missing required column is the operator's error to fix (exit 2); a column of another
+    type marks a foreign or damaged file, which is quarantined like an unreadable one."""
     try:
         validate(schema.empty_table(), table)
     except SchemaError as exc:
-        raise TallyError(f"{path}: {exc}") from None
+        if exc.missing:
+            raise TallyError(f"{path}: {exc}") from None
+        raise pa.ArrowInvalid(f"schema does not match: {exc}") from None
 
 
 def _time_range(values: pa.ChunkedArray | pa.Array) -> tuple[int, int]:
@@ -117,7 +131,7 @@ def _read_piece(piece: Piece) -> pa.Table:
     try:
         return validate(data, piece.table).select(SCHEMAS[piece.table].names)
     except SchemaError as exc:
-        raise TallyError(f"{piece.path}: {exc}") from None
+        raise pa.ArrowInvalid(str(exc)) from None
 
 
 def chunk_bounds(
@@ -147,10 +161,8 @@ def read_chunks(
             try:
                 data = _read_piece(piece)
             except (pa.ArrowException, OSError) as exc:
-                quarantine(root, piece.path, str(exc))
-                raise TallyError(
-                    f"{piece.path}: corrupt ({exc}); moved to quarantine, run the bill again"
-                ) from None
+                moved = quarantine(root, piece.path, str(exc)) is not None
+                raise DamagedFile(piece.path, str(exc), moved) from None
             times = data.column("time").cast(pa.int64())
             keep = pc.and_(pc.greater_equal(times, a), pc.less(times, b))
             parts[piece.table].append(data.filter(keep))

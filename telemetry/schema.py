@@ -97,7 +97,15 @@ SERIES_KEYS: dict[str, tuple[str, ...]] = {
 
 
 class SchemaError(ValueError):
-    """A table does not match its SPEC §2 schema; the message names the table and column."""
+    """A table does not match its SPEC §2 schema; the message names the table and column.
+
+    ``missing`` is True when a required column is absent (a file of an older or other layout),
+    as opposed to a column of the wrong type or content (a foreign or corrupted file).
+    """
+
+    def __init__(self, message: str, missing: bool = False) -> None:
+        super().__init__(message)
+        self.missing = missing
 
 
 def _castable(actual: pa.DataType, expected: pa.DataType) -> bool:
@@ -137,7 +145,7 @@ def validate(table: pa.Table, name: str) -> pa.Table:
             if field.name in OPTIONAL_COLUMNS[name]:
                 columns.append(pa.chunked_array([pa.nulls(table.num_rows, field.type)]))
                 continue
-            raise SchemaError(f"{name}: missing column {field.name!r} ({field.type})")
+            raise SchemaError(f"{name}: missing column {field.name!r} ({field.type})", missing=True)
         column = table.column(field.name)
         if not _castable(column.type, field.type):
             raise SchemaError(
@@ -152,6 +160,11 @@ def validate(table: pa.Table, name: str) -> pa.Table:
                 ) from None
         if not field.nullable and column.null_count:
             raise SchemaError(f"{name}: column {field.name!r} has {column.null_count} null values")
+        if pa.types.is_string(field.type):
+            try:
+                column.validate(full=True)
+            except pa.ArrowInvalid:
+                raise SchemaError(f"{name}: column {field.name!r} holds invalid UTF-8") from None
         columns.append(column)
     fields = list(schema)
     for extra in names:
