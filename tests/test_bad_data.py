@@ -203,3 +203,38 @@ def test_fuzzed_windows_raise_only_tally_error(text: str) -> None:
 @pytest.mark.parametrize("text", ["15m", "1h", "1d", "7d", "60", "90s", "2w"])
 def test_windows_people_write(text: str) -> None:
     assert parse_window(text) in {900, 3600, 86400, 604800, 60, 90, 1209600}
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.text(max_size=300),
+        st.lists(
+            st.sampled_from(
+                [
+                    "usage_usec",
+                    "user_usec 5",
+                    "usage_usec 12",
+                    "usage_usec -1",
+                    "usage_usec 1e9",
+                    " ",
+                    "nr_periods 0",
+                ]
+            ),
+            max_size=6,
+        ).map("\n".join),
+    )
+)
+def test_fuzzed_cgroup_counter_files_raise_only_parse_error(text: str) -> None:
+    from telemetry.collectors.slurm import parse_counter, parse_cpu_stat_usage_usec
+    from telemetry.errors import ParseError
+
+    for parse in (
+        lambda t: parse_cpu_stat_usage_usec(t, "cpu.stat"),
+        lambda t: parse_counter(t, "memory.current"),
+    ):
+        try:
+            value = parse(text)
+        except ParseError:
+            continue
+        assert isinstance(value, int) and value >= 0
