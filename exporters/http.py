@@ -32,6 +32,9 @@ CLIENT_TIMEOUT_SECONDS = 10.0
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 drops connections when a few dozen scrapers (or
+    # federation and dashboards at once) connect together; the kernel caps it at somaxconn.
+    request_queue_size = 128
     registry: CollectorRegistry
     web: WebConfig | None = None
 
