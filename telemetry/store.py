@@ -16,6 +16,7 @@ read at all are moved to ``<root>/quarantine/``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import logging
 import os
@@ -40,6 +41,7 @@ PARQUET_SUFFIX = ".parquet"
 TMP_SUFFIX = ".tmp"
 QUARANTINE = "quarantine"
 HOUR_NS = 3600 * 1_000_000_000
+_JOIN_BATCHES = 512
 
 
 def node_dir_name(node: str) -> str:
@@ -74,15 +76,19 @@ def quarantine(root: Path, path: Path, reason: str) -> Path | None:
 def read_journal(path: Path) -> tuple[pa.Table | None, bool]:
     """Every complete batch of an IPC stream journal, and whether the stream ended cleanly.
 
-    Returns ``(None, False)`` when not even the schema can be read.
+    A journal holds one small batch per round, thousands an hour; they are joined into
+    contiguous chunks as they are read, so the many small batch objects never all exist at once
+    (they cost far more memory than their rows). Returns ``(None, False)`` when not even the
+    schema can be read.
     """
     try:
-        with pa.OSFile(str(path), "rb") as source:
+        with pa.memory_map(str(path), "r") as source:
             try:
                 reader = pa.ipc.open_stream(source)
             except (pa.ArrowInvalid, OSError):
                 return None, False
-            batches = []
+            parts: list[pa.Table] = []
+            batches: list[pa.RecordBatch] = []
             clean = True
             while True:
                 try:
@@ -92,9 +98,22 @@ def read_journal(path: Path) -> tuple[pa.Table | None, bool]:
                 except (pa.ArrowInvalid, OSError):
                     clean = False
                     break
-            return pa.Table.from_batches(batches, schema=reader.schema), clean
+                if len(batches) >= _JOIN_BATCHES:
+                    parts.append(
+                        pa.Table.from_batches(batches, schema=reader.schema).combine_chunks()
+                    )
+                    batches.clear()
+            parts.append(pa.Table.from_batches(batches, schema=reader.schema).combine_chunks())
+            return pa.concat_tables(parts), clean
     except OSError:
         return None, False
+
+
+def release_memory() -> None:
+    """Hand freed memory back to the OS (Arrow's pool and glibc's heap), after big jobs."""
+    pa.default_memory_pool().release_unused()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -147,7 +166,11 @@ def compact(journal: Path, root: Path, table: str) -> Path | None:
     if data.num_rows == 0:
         journal.unlink(missing_ok=True)
         return None
-    write_parquet_atomic(data, target)
+    # One contiguous table keeps the Parquet row groups large; handing the freed memory back
+    # keeps the daemon's RSS flat across hourly rotations.
+    write_parquet_atomic(data.combine_chunks(), target)
+    del data
+    release_memory()
     journal.unlink(missing_ok=True)
     return target
 
