@@ -104,7 +104,7 @@ def _bill_once(
             biller.add(chunk)
             if progress is not None:
                 progress(i, len(bounds), stats.rows)
-        if progress is not None and bounds:
+        if progress is _progress and bounds:  # end the terminal progress line
             print(file=sys.stderr)
     for problem in inventory.unused_globs(set(biller.nodes.values)):
         warn(f"inventory {inventory.source}: {problem} matches no node in the dataset")

@@ -57,17 +57,8 @@ def _positive(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="tally", description="Utilisation telemetry: collect, store, aggregate, export."
-    )
-    parser.add_argument("--version", action="version", version=f"tally {__version__}")
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
-    )
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    d = sub.add_parser("daemon", help="collect this node's telemetry, store it, serve /metrics")
+def _node_arguments(d: argparse.ArgumentParser) -> None:
+    """The flags of ``daemon``, shared with ``doctor`` so it checks the same settings."""
     d.add_argument("--config", type=Path, help="TOML file of flag values (command line wins)")
     d.add_argument("--listen", help=f"ADDR:PORT to serve /metrics on (default {DEFAULT_LISTEN})")
     d.add_argument(
@@ -128,6 +119,26 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help=f"disable the {name} collector",
         )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="tally", description="Utilisation telemetry: collect, store, aggregate, export."
+    )
+    parser.add_argument("--version", action="version", version=f"tally {__version__}")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
+    parser.add_argument(
+        "--quiet", action="store_true", help="errors only: no progress, no warnings"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    d = sub.add_parser("daemon", help="collect this node's telemetry, store it, serve /metrics")
+    _node_arguments(d)
+    doc = sub.add_parser("doctor", help="check what works on this node and what does not, and why")
+    _node_arguments(doc)
 
     r = sub.add_parser("replay", help="feed a stored dataset through aggregation and the exporter")
     r.add_argument("dataset", type=Path)
@@ -296,9 +307,21 @@ def cmd_bill(args: argparse.Namespace) -> int:
     inventory = load_inventory(args.inventory)
 
     def warn(message: str) -> None:
-        print(f"tally: warning: {message}", file=sys.stderr)
+        if not args.quiet:
+            print(f"tally: warning: {message}", file=sys.stderr)
 
-    bill = compute_bill(args.dataset, inventory, window, args.start, args.end, warn=warn)
+    def silent(done: int, total: int, rows: int) -> None:
+        return None
+
+    bill = compute_bill(
+        args.dataset,
+        inventory,
+        window,
+        args.start,
+        args.end,
+        warn=warn,
+        progress=silent if args.quiet else None,
+    )
     try:
         write(bill, args.format, args.out)
     except OSError as exc:
@@ -311,11 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        setup_logging(args.log_level)
+        setup_logging("error" if args.quiet else args.log_level, args.log_format)
         if args.command == "daemon":
             return cmd_daemon(args)
         if args.command == "bill":
             return cmd_bill(args)
+        if args.command == "doctor":
+            from telemetry.doctor import run_doctor
+
+            return run_doctor(daemon_config(args))
         return cmd_replay(args)
     except (TallyError, SchemaError) as exc:
         print(f"tally: error: {exc}", file=sys.stderr)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+from datetime import UTC, datetime
 
 log = logging.getLogger("tally")
 
@@ -35,10 +37,29 @@ class OnceLogger:
             self._seen.pop(key, None)
 
 
-def setup(level: str = "info") -> None:
-    """Send ``tally`` logs to stderr, one line each, at ``level``."""
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time (RFC 3339 UTC), level, logger, message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds")
+        body = {
+            "time": stamp.replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            body["exception"] = self.formatException(record.exc_info)
+        return json.dumps(body, ensure_ascii=False)
+
+
+def setup(level: str = "info", fmt: str = "text") -> None:
+    """Send ``tally`` logs to stderr, one line each, at ``level``, as text or JSON."""
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("tally")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

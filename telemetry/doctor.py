@@ -1,0 +1,263 @@
+"""``tally doctor``: what works on this node, what does not, why, and the fix — one line each.
+
+It checks what the daemon would use with the same flags: /proc and /sys, RAPL, NVML and GPM,
+Slurm cgroups, the data directory and the listen port. Exit code 0 when nothing failed, 1 when
+something did (warnings do not count).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from telemetry.collectors.cpu import parse_meminfo, parse_proc_stat
+from telemetry.collectors.rapl import package_zones
+from telemetry.config import DaemonConfig, load_object, parse_listen
+from telemetry.errors import TallyError
+from telemetry.nvml import Gateway, GpuLost, NvmlUnavailable
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+
+
+@dataclass
+class Finding:
+    status: str
+    what: str
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        fix = f"  -> {self.fix}" if self.fix and self.status != OK else ""
+        return f"[{self.status:>4}] {self.what}: {self.detail}{fix}"
+
+
+def check_procfs(config: DaemonConfig) -> list[Finding]:
+    stat, meminfo = config.procfs / "stat", config.procfs / "meminfo"
+    try:
+        parsed = parse_proc_stat(
+            stat.read_text(errors="replace"), os.sysconf("SC_CLK_TCK"), str(stat)
+        )
+        memory = parse_meminfo(meminfo.read_text(errors="replace"), str(meminfo))
+    except (OSError, TallyError) as exc:
+        return [
+            Finding(
+                FAIL,
+                "procfs",
+                str(exc),
+                f"mount the host's /proc and pass --path.procfs (now {config.procfs})",
+            )
+        ]
+    return [
+        Finding(
+            OK,
+            "procfs",
+            f"{parsed.cpus_online} CPUs online, {memory.total_bytes / 2**30:.1f} GiB memory",
+        )
+    ]
+
+
+def check_rapl(config: DaemonConfig) -> list[Finding]:
+    zones = package_zones(config.sysfs)
+    if not zones:
+        return [
+            Finding(
+                WARN,
+                "rapl",
+                f"no package zones under {config.sysfs}/class/powercap",
+                "CPU energy stays null (normal in VMs; load intel_rapl_common / amd powercap on bare metal)",
+            )
+        ]
+    unreadable = []
+    for zone in zones:
+        try:
+            (zone / "energy_uj").read_text()
+        except PermissionError:
+            unreadable.append(zone.name)
+        except OSError as exc:
+            unreadable.append(f"{zone.name} ({exc.strerror})")
+    if unreadable:
+        return [
+            Finding(
+                FAIL,
+                "rapl",
+                f"energy_uj not readable in {', '.join(unreadable)}",
+                "run as root or grant read access (energy_uj is root-only since Linux 5.10), e.g. a udev rule or CAP_DAC_READ_SEARCH",
+            )
+        ]
+    return [Finding(OK, "rapl", f"{len(zones)} package zone(s) readable")]
+
+
+def check_nvml(config: DaemonConfig) -> list[Finding]:
+    module = load_object(config.nvml_module) if config.nvml_module else None
+    gateway = Gateway(module)
+    try:
+        _ = gateway.nvml
+    except NvmlUnavailable as exc:
+        return [
+            Finding(
+                WARN,
+                "nvml",
+                str(exc),
+                "no GPU metrics on this node; on a GPU node install the NVIDIA driver (libnvidia-ml.so.1)",
+            )
+        ]
+    try:
+        count = gateway.call("nvmlDeviceGetCount") or 0
+        driver = gateway.call("nvmlSystemGetDriverVersion")
+        findings = [Finding(OK, "nvml", f"driver {driver}, {count} GPU(s)")]
+        gpm = []
+        for index in range(count):
+            try:
+                handle = gateway.call("nvmlDeviceGetHandleByIndex", index)
+                support = gateway.call("nvmlGpmQueryDeviceSupport", handle)
+            except GpuLost:
+                findings.append(
+                    Finding(
+                        FAIL,
+                        f"gpu {index}",
+                        "GPU is lost (fell off the bus)",
+                        "check `dmesg` for XID 79; a reset or reboot is needed",
+                    )
+                )
+                continue
+            gpm.append(bool(support is not None and support.isSupportedDevice))
+        if count:
+            if all(gpm):
+                findings.append(Finding(OK, "gpm", "SM activity (GPM) supported on every GPU"))
+            else:
+                findings.append(
+                    Finding(
+                        WARN,
+                        "gpm",
+                        f"GPM unsupported on {gpm.count(False)} of {len(gpm)} GPU(s)",
+                        "sm_active_ratio stays null there (GPM needs Hopper or later and a recent driver)",
+                    )
+                )
+        return findings
+    finally:
+        gateway.shutdown()
+
+
+def check_slurm(config: DaemonConfig) -> list[Finding]:
+    root = config.sysfs / "fs" / "cgroup"
+    if not root.is_dir():
+        return [
+            Finding(
+                WARN,
+                "slurm",
+                f"no cgroup filesystem at {root}",
+                "job attribution needs the host's /sys/fs/cgroup",
+            )
+        ]
+    v2 = (root / "cgroup.controllers").exists()
+    if v2:
+        scopes = (
+            list((root / "system.slice").glob("*slurmstepd.scope"))
+            if (root / "system.slice").is_dir()
+            else []
+        )
+        jobs = sum(1 for s in scopes for j in s.glob("job_*"))
+        if scopes:
+            return [
+                Finding(
+                    OK,
+                    "slurm",
+                    f"cgroup v2, {len(scopes)} slurmstepd scope(s), {jobs} job(s) running",
+                )
+            ]
+        return [
+            Finding(
+                WARN,
+                "slurm",
+                "cgroup v2, no slurmstepd.scope",
+                "no Slurm jobs here (or slurmd is not using cgroup/v2 task containment)",
+            )
+        ]
+    slurm_dirs = (
+        [d for d in (root / "cpuacct").glob("slurm*")] if (root / "cpuacct").is_dir() else []
+    )
+    if slurm_dirs:
+        jobs = sum(1 for d in slurm_dirs for j in d.glob("uid_*/job_*"))
+        return [Finding(OK, "slurm", f"cgroup v1, {jobs} job(s) running")]
+    return [
+        Finding(
+            WARN,
+            "slurm",
+            "cgroup v1, no slurm hierarchy",
+            "no Slurm jobs here (TaskPlugin=task/cgroup enables them)",
+        )
+    ]
+
+
+def check_data_dir(config: DaemonConfig) -> list[Finding]:
+    directory = config.data_dir
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # the daemon creates the rest; the doctor creates nothing
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(existing))
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".tally-doctor-") as probe:
+            probe.write(b"x")
+            probe.flush()
+        free = os.statvfs(existing)
+    except OSError as exc:
+        return [
+            Finding(
+                FAIL,
+                "data dir",
+                f"{directory}: {exc.strerror or exc}",
+                "create it and make it writable by the daemon's user, or pass --data-dir",
+            )
+        ]
+    free_gib = free.f_bavail * free.f_frsize / 2**30
+    status = OK if free_gib >= 1 else WARN
+    created = "" if existing == directory else f" (will be created under {existing})"
+    return [
+        Finding(
+            status,
+            "data dir",
+            f"{directory} writable{created}, {free_gib:.1f} GiB free",
+            "free space: the daemon holds samples in memory while the disk is full",
+        )
+    ]
+
+
+def check_port(config: DaemonConfig) -> list[Finding]:
+    host, port = parse_listen(config.listen)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return [
+                Finding(
+                    FAIL,
+                    "listen",
+                    f"{config.listen}: {exc.strerror or exc}",
+                    "another process holds the port (a running tally daemon?); pick another with --listen",
+                )
+            ]
+    return [Finding(OK, "listen", f"{config.listen} is free")]
+
+
+CHECKS: list[Callable[[DaemonConfig], list[Finding]]] = [
+    check_procfs, check_rapl, check_nvml, check_slurm, check_data_dir, check_port,
+]  # fmt: skip
+
+
+def run_doctor(config: DaemonConfig, out: Callable[[str], None] = print) -> int:
+    """Print one line per finding; 1 if any check failed, else 0."""
+    findings = [f for check in CHECKS for f in check(config)]
+    for finding in findings:
+        out(finding.line())
+    failed = sum(f.status == FAIL for f in findings)
+    out(
+        f"{len(findings)} checks: {failed} failed, {sum(f.status == WARN for f in findings)} warnings"
+    )
+    sys.stdout.flush()
+    return 1 if failed else 0

@@ -1,0 +1,148 @@
+"""``tally doctor`` on fixture roots and the NVML stand-in; --quiet and --log-format json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from telemetry.config import DaemonConfig
+from telemetry.doctor import run_doctor
+from tests.conftest import free_port
+from tests.fake_nvml import H100_LOADED, FakeNVML
+
+FIXTURES = Path(__file__).parent / "fixtures"
+HEALTHY = FakeNVML([H100_LOADED, H100_LOADED])
+OLD = FakeNVML([H100_LOADED], old_driver=True)
+LOSING = FakeNVML([H100_LOADED, H100_LOADED])
+
+
+def _doctor(tmp_path: Path, **overrides: object) -> tuple[int, list[str]]:
+    settings: dict[str, object] = {
+        "procfs": FIXTURES / "normal_host" / "proc",
+        "sysfs": FIXTURES / "normal_host" / "sys",
+        "data_dir": tmp_path / "data",
+        "listen": f"127.0.0.1:{free_port()}",
+        "nvml_module": "tests.test_doctor:HEALTHY",
+    }
+    settings.update(overrides)
+    lines: list[str] = []
+    code = run_doctor(DaemonConfig(**settings), out=lines.append)  # type: ignore[arg-type]
+    return code, lines
+
+
+def _line(lines: list[str], what: str) -> str:
+    return next(line for line in lines if f"] {what}:" in line)
+
+
+def test_a_healthy_gpu_node(tmp_path: Path) -> None:
+    code, lines = _doctor(tmp_path)
+    assert code == 0, lines
+    assert "64 CPUs online" in _line(lines, "procfs")
+    assert "2 package zone(s) readable" in _line(lines, "rapl")
+    assert f"driver {H100_LOADED.driver_version}, 2 GPU(s)" in _line(lines, "nvml")
+    assert _line(lines, "gpm").startswith("[  ok]")
+    assert _line(lines, "slurm").startswith("[warn]")  # no cgroup tree in this fixture
+    assert not (tmp_path / "data").exists(), "the doctor creates nothing"
+    assert lines[-1].endswith("0 failed, 1 warnings")
+
+
+def test_slurm_v2_and_old_driver(tmp_path: Path) -> None:
+    root = tmp_path / "node"
+    shutil.copytree(FIXTURES / "slurm_v2", root)
+    for name in ("stat", "meminfo"):
+        shutil.copy(FIXTURES / "normal_host" / "proc" / name, root / "proc" / name)
+    (root / "sys" / "fs" / "cgroup" / "cgroup.controllers").write_text(
+        "cpuset cpu io memory pids\n"
+    )
+    code, lines = _doctor(
+        tmp_path, procfs=root / "proc", sysfs=root / "sys", nvml_module="tests.test_doctor:OLD"
+    )
+    assert code == 0
+    assert "cgroup v2, 2 slurmstepd scope(s), 6 job(s) running" in _line(lines, "slurm")
+    gpm = _line(lines, "gpm")
+    assert gpm.startswith("[warn]") and "Hopper" in gpm
+
+
+def test_failures_come_with_their_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        LOSING.lose_gpu(1)
+        code, lines = _doctor(
+            tmp_path,
+            procfs=tmp_path / "no-proc",
+            data_dir=blocker / "data",
+            listen=f"127.0.0.1:{port}",
+            nvml_module="tests.test_doctor:LOSING",
+        )
+    assert code == 1
+    assert "--path.procfs" in _line(lines, "procfs")
+    assert "not a directory" in _line(lines, "data dir").lower()
+    assert "another process holds the port" in _line(lines, "listen")
+    assert "XID 79" in _line(lines, "gpu 1")
+    real_read = Path.read_text
+
+    def denied(self: Path, *args: object, **kwargs: object) -> str:
+        if self.name == "energy_uj":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    code, lines = _doctor(tmp_path)
+    rapl = _line(lines, "rapl")
+    assert code == 1 and rapl.startswith("[FAIL]") and "root-only since Linux 5.10" in rapl
+
+
+def test_no_nvml_is_a_warning_not_a_failure(tmp_path: Path) -> None:
+    code, lines = _doctor(tmp_path, nvml_module=None)
+    assert code == 0 and _line(lines, "nvml").startswith("[warn]")
+
+
+def _tally(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "telemetry.cli", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_doctor_on_the_command_line(tmp_path: Path) -> None:
+    normal = FIXTURES / "normal_host"
+    result = _tally(
+        "doctor", "--path.procfs", str(normal / "proc"), "--path.sysfs", str(normal / "sys"),
+        "--data-dir", str(tmp_path / "d"), "--listen", f"127.0.0.1:{free_port()}",
+        "--nvml.module", "tests.test_doctor:HEALTHY",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    # procfs, rapl, nvml, gpm, slurm, data dir, listen
+    assert result.stdout.splitlines()[-1] == "7 checks: 0 failed, 1 warnings"
+
+
+def test_log_format_json_and_quiet(tmp_path: Path) -> None:
+    from tests.samples import gpu_table, write_dataset
+
+    result = _tally("--log-format", "json", "replay", str(tmp_path / "missing"), "--once")
+    assert result.returncode == 2  # errors stay one plain line on stderr
+    write_dataset(tmp_path / "ds", "gpu", gpu_table("n1", "GPU-1", 0, [0.0, 30.0]))
+    part = next((tmp_path / "ds").rglob("*.parquet")).parent
+    (part / "junk.parquet").write_text("junk")
+    logged = _tally("--log-format", "json", "replay", str(tmp_path / "ds"), "--once")
+    records = [json.loads(line) for line in logged.stderr.splitlines() if line.startswith("{")]
+    assert any(r["level"] == "warning" and "quarantined" in r["message"] for r in records)
+    assert all(set(r) >= {"time", "level", "logger", "message"} for r in records)
+    inv = tmp_path / "inv.toml"
+    inv.write_text(
+        '[[pool]]\nname = "p"\nkind = "gpu"\nownership = "own"\nnodes = ["nothing-*"]\n'
+        "cost_per_unit_hour = 1\nprice_per_unit_hour = 2\n"
+    )
+    loud = _tally("bill", str(tmp_path / "ds"), "--inventory", str(inv))
+    quiet = _tally("--quiet", "bill", str(tmp_path / "ds"), "--inventory", str(inv))
+    assert "tally: warning" in loud.stderr
+    assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == loud.stdout
