@@ -1,0 +1,40 @@
+"""What operators install: the example config covers every flag, the unit runs it, the metric
+reference is the code's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from exporters.reference import render
+from telemetry.cli import _CONFIG_KEYS, build_parser, daemon_config
+from telemetry.collectors import REGISTRY
+from telemetry.config import load_config_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_example_config_sets_every_flag_and_loads() -> None:
+    example = ROOT / "deploy" / "tally.toml"
+    values = load_config_file(example, set(_CONFIG_KEYS))
+    assert set(values) == set(_CONFIG_KEYS), (
+        "every daemon flag is settable and shown in the example"
+    )
+    assert {f"collector.{name}" for name in REGISTRY} <= set(values)
+    config = daemon_config(build_parser().parse_args(["daemon", "--config", str(example)]))
+    assert config.listen == "0.0.0.0:8469" and config.interval_seconds == 5.0
+    assert str(config.data_dir) == "/var/lib/tally" and config.collectors == dict.fromkeys(
+        REGISTRY, True
+    )
+
+
+def test_systemd_unit_runs_the_daemon_with_that_config() -> None:
+    unit = (ROOT / "deploy" / "systemd" / "tally.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    assert "tally" in exec_start and " daemon --config /etc/tally/tally.toml" in exec_start
+    assert "KillSignal=SIGTERM" in unit and "ReadWritePaths=/var/lib/tally" in unit
+
+
+def test_metric_reference_is_generated_from_the_code() -> None:
+    assert (ROOT / "docs" / "metrics.md").read_text() == render(), (
+        "run: python -m exporters.reference > docs/metrics.md"
+    )
