@@ -164,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"longest interval that still counts (default {DEFAULT_MAX_GAP_SECONDS:g}s)",
     )
 
+    s = sub.add_parser("sample", help="write a small realistic sample dataset and inventory")
+    s.add_argument("out", type=Path, help="directory to create (must not exist)")
+    s.add_argument("--nodes", type=int, default=4, help="GPU nodes of 8 GPUs (default 4)")
+    s.add_argument("--hours", type=_positive, default=6.0, help="hours of samples (default 6)")
+    s.add_argument("--seed", type=int, default=1)
+
     b = sub.add_parser("bill", help="bill a stored dataset per window, pool, tenant and job")
     b.add_argument("dataset", type=Path)
     b.add_argument("--inventory", type=Path, required=True, help="TOML inventory of pools")
@@ -292,6 +298,18 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    from telemetry.sample import generate_sample
+
+    if args.out.exists():
+        raise TallyError(f"{args.out} already exists; give a new directory")
+    if not 1 <= args.nodes <= 1000:
+        raise TallyError("--nodes must be between 1 and 1000")
+    rows = generate_sample(args.out, args.nodes, args.hours, seed=args.seed)
+    print(f"wrote {rows:,} rows and {args.out / 'inventory.toml'}")
+    return 0
+
+
 def cmd_bill(args: argparse.Namespace) -> int:
     from exporters.bill import write
     from kernels import get_namespace
@@ -339,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_daemon(args)
         if args.command == "bill":
             return cmd_bill(args)
+        if args.command == "sample":
+            return cmd_sample(args)
         if args.command == "doctor":
             from telemetry.doctor import run_doctor
 

@@ -1,0 +1,209 @@
+"""``tally sample DIR``: a small, realistic dataset for the tour, demos and tests.
+
+Job shapes (CPU, whole and fractional GPUs, QoS class, duration) are 400 pods of the public
+Alibaba GPU cluster trace 2023 (Weng et al., "Beware of Fragmentation: Scheduling GPU-Sharing
+Workloads with Fragmentation Gradient Descent", USENIX ATC '23), kept in ``sample_shapes.csv``.
+The trace has allocations only; utilisation is generated per QoS class (latency-sensitive
+services run light, best-effort training runs hot, a few jobs sit allocated and idle), so a
+bill and a replay of the sample show pools, tenants and waste the way a real cluster does.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from telemetry.schema import CPU_MODES, validate
+from telemetry.store import partition_dir
+
+NS = 1_000_000_000
+SHAPES = Path(__file__).with_name("sample_shapes.csv")
+TENANTS = {
+    "LS": "inference-co",
+    "BE": "research-lab",
+    "Burstable": "startup-x",
+    "Guaranteed": "bank-y",
+}
+INVENTORY = """max_gap_seconds = 90
+currency = "USD"
+
+[[pool]]
+name = "h100-own"
+kind = "gpu"
+ownership = "own"
+nodes = ["gpu-a*"]
+cost_per_unit_hour = 1.90
+price_per_unit_hour = 2.80
+
+[[pool]]
+name = "h100-leased"
+kind = "gpu"
+ownership = "leased"
+nodes = ["gpu-b*"]
+cost_per_unit_hour = 2.40
+price_per_unit_hour = 2.80
+
+[[pool]]
+name = "cpu"
+kind = "cpu"
+ownership = "own"
+nodes = ["*"]
+cost_per_unit_hour = 0.012
+price_per_unit_hour = 0.030
+"""
+
+
+@dataclass
+class _Job:
+    job_id: str
+    node: int
+    gpus: list[int]
+    share: float  # of each GPU
+    cpus: float
+    account: str
+    start: int
+    end: int
+    busy: float
+
+
+def _shapes() -> list[dict[str, str]]:
+    with open(SHAPES, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _schedule(
+    nodes: int, gpus: int, steps: int, interval: int, rng: np.random.Generator
+) -> list[_Job]:
+    """Place trace jobs onto GPUs over time: whole GPUs exclusive, fractions packed together."""
+    free_at = np.zeros((nodes, gpus))  # step when each GPU frees up
+    used = np.zeros((nodes, gpus))  # share in use while busy
+    jobs: list[_Job] = []
+    for i, shape in enumerate(_shapes() * 4):
+        want, milli = int(shape["num_gpu"]), int(shape["gpu_milli"])
+        if want == 0:
+            continue
+        share = milli / 1000 if want == 1 else 1.0
+        node = i % nodes
+        start = int(free_at[node].min())
+        if start >= steps:
+            continue
+        duration = int(np.clip(int(shape["duration_s"]), 1200, 4 * 3600) // interval)
+        order = np.argsort(free_at[node] + used[node] * 0.5)
+        if want == 1 and share < 1:
+            candidates = [g for g in order if used[node, g] + share <= 1.0]
+            chosen = candidates[:1] or list(order[:1])
+        else:
+            chosen = list(order[:want])
+        if len(chosen) < want:
+            continue
+        start = int(max(free_at[node, g] for g in chosen)) if share >= 1 else start
+        end = min(steps, start + duration)
+        for g in chosen:
+            if share >= 1 or used[node, g] + share > 1.0:
+                free_at[node, g], used[node, g] = end, share
+            else:
+                used[node, g] += share
+                free_at[node, g] = max(free_at[node, g], end)
+        qos = shape["qos"]
+        busy = {"LS": 0.35, "BE": 0.85}.get(qos, 0.6) * float(rng.uniform(0.7, 1.15))
+        if rng.random() < 0.08:
+            busy = 0.02  # allocated and idle: the waste a report should show
+        jobs.append(
+            _Job(
+                str(100000 + i),
+                node,
+                [int(g) for g in chosen],
+                share,
+                int(shape["cpu_milli"]) / 1000,
+                TENANTS.get(qos, "other"),
+                start,
+                end,
+                min(busy, 1.0),
+            )
+        )
+    return jobs
+
+
+def generate_sample(
+    out: Path, nodes: int = 4, hours: float = 6, interval: int = 30, seed: int = 1
+) -> int:
+    """Write the sample dataset and ``inventory.toml`` under ``out``; returns the row count."""
+    rng = np.random.default_rng(seed)
+    gpus = 8
+    steps = int(hours * 3600 // interval)
+    start_ns = 1_788_220_800 * NS  # 2026-09-01T00:00:00Z
+    times = start_ns + np.arange(steps, dtype=np.int64) * interval * NS
+    names = [f"gpu-{'a' if n < (nodes + 1) // 2 else 'b'}{n + 1:02d}" for n in range(nodes)]
+    jobs = _schedule(nodes, gpus, steps, interval, rng)
+    rows = 0
+    for n, node in enumerate(names):
+        util = np.zeros((gpus, steps))
+        holder = np.full((gpus, steps), None, dtype=object)
+        job_rows = []
+        for job in (j for j in jobs if j.node == n):
+            span = slice(job.start, job.end)
+            for g in job.gpus:
+                util[g, span] += job.busy * job.share
+                holder[g, span] = np.where(holder[g, span] == None, job.job_id, holder[g, span])  # noqa: E711
+            k = job.end - job.start
+            if k <= 0:
+                continue
+            job_rows.append({
+                "time": times[span], "node": [node] * k, "job_id": [job.job_id] * k,
+                "user": [f"u{int(job.job_id) % 17:02d}"] * k, "account": [job.account] * k,
+                "cpus_allocated": np.full(k, job.cpus, np.float32),
+                "gpus_allocated": np.full(k, len(job.gpus) * job.share, np.float32),
+                "cpu_seconds": np.cumsum(np.full(k, job.cpus * interval * 0.6)),
+                "memory_bytes": np.full(k, int(job.cpus * 4) << 30, np.int64),
+            })  # fmt: skip
+        util = np.clip(util + rng.normal(0, 0.02, util.shape), 0, 1).astype(np.float32)
+        power = (70 + 630 * util).astype(np.float32)
+        energy = np.cumsum(power.astype(np.float64) * interval, axis=1) + 3.6e6
+        gpu = pa.table({
+            "time": np.tile(times, gpus), "node": [node] * (gpus * steps),
+            "gpu_uuid": [f"GPU-{n:04x}{g:04x}-5a1e-4c6d-9e3f-{seed:012x}" for g in range(gpus) for _ in range(steps)],
+            "gpu_index": np.repeat(np.arange(gpus, dtype=np.int16), steps),
+            "gpu_model": ["NVIDIA H100 80GB HBM3"] * (gpus * steps),
+            "utilization_ratio": util.ravel(), "sm_active_ratio": (util * 0.8).ravel(),
+            "memory_used_bytes": (util.ravel() * 60e9).astype(np.int64), "memory_total_bytes": np.full(gpus * steps, 81559 << 20, np.int64),
+            "power_watts": power.ravel(), "energy_joules": energy.ravel(),
+            "temperature_celsius": (35 + 30 * util).ravel(), "job_id": list(holder.ravel()),
+        })  # fmt: skip
+        cpus = 112
+        core_steps = sum((j.cpus * (j.end - j.start) for j in jobs if j.node == n), 0.0)
+        busy_cores = min(core_steps / steps * 0.6, cpus)  # jobs use 60 % of their cores
+        elapsed = np.arange(1, steps + 1) * interval
+        cpu: dict[str, object] = {
+            "time": times,
+            "node": [node] * steps,
+            "cpus": np.full(steps, cpus, np.int32),
+        }
+        for mode in CPU_MODES:
+            cpu[f"{mode}_seconds"] = np.zeros(steps)
+        cpu["user_seconds"] = elapsed * busy_cores * 0.8 + 1e6
+        cpu["system_seconds"] = elapsed * busy_cores * 0.2 + 2e5
+        cpu["idle_seconds"] = elapsed * (cpus - busy_cores) + 5e6
+        cpu.update(
+            memory_total_bytes=np.full(steps, 2 << 40, np.int64),
+            memory_available_bytes=np.full(steps, 1 << 40, np.int64),
+            energy_joules=elapsed * 350.0,
+        )
+        tables = {"gpu": gpu, "cpu": pa.table(cpu)}
+        if job_rows:
+            tables["job"] = pa.concat_tables([pa.table(r) for r in job_rows])
+        for name, table in tables.items():
+            stamped = table.set_column(
+                0, "time", table.column("time").cast(pa.timestamp("ns", tz="UTC"))
+            )
+            data = validate(stamped, name)
+            directory = partition_dir(out, name, int(times[0]), node)
+            directory.mkdir(parents=True, exist_ok=True)
+            pq.write_table(data, directory / "sample.parquet", compression="zstd")
+            rows += data.num_rows
+    (out / "inventory.toml").write_text(INVENTORY)
+    return rows
