@@ -226,8 +226,9 @@ class Biller:
         nodes = self.nodes.encode(table.column("node"))
         zeros = np.zeros(times.size, dtype=np.int64)
         m = counted
-        if name == "gpu":
-            pool = self._pool_of(nodes, "gpu")
+        if name in ("gpu", "cpu"):
+            # Capacity rows: gpu rows feed gpu pools, cpu rows cpu pools.
+            pool = self._pool_of(nodes, name)
             self.pool_parts.add(
                 [window[m], pool[m]],
                 [
@@ -238,25 +239,14 @@ class Biller:
                     parts["gap_us"][m],
                 ],
             )
+        if name == "gpu":
             jobs = self.jobs.encode(table.column("job_id"))
             held = m & (jobs >= 0)
             self.job_parts.add(
                 [window[held], pool[held], nodes[held], jobs[held]],
                 [zeros[held], parts["busy_us"][held], parts["energy_mj"][held], zeros[held]],
             )
-        elif name == "cpu":
-            pool = self._pool_of(nodes, "cpu")
-            self.pool_parts.add(
-                [window[m], pool[m]],
-                [
-                    parts["capacity_us"][m],
-                    zeros[m],
-                    parts["busy_us"][m],
-                    parts["energy_mj"][m],
-                    parts["gap_us"][m],
-                ],
-            )
-        else:
+        elif name == "job":
             jobs = self.jobs.encode(table.column("job_id"))
             for kind, allocated in (("gpu", "gpus_allocated_us"), ("cpu", "cpus_allocated_us")):
                 pool = self._pool_of(nodes, kind)
