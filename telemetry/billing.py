@@ -23,7 +23,7 @@ import kernels
 from kernels.billing import group_sums, window_index
 from telemetry.inventory import Inventory, Pool
 from telemetry.schema import SCHEMAS, validate
-from telemetry.series import contributions, series_codes
+from telemetry.series import merge_rows
 
 NS = 1_000_000_000
 US_PER_HOUR = 3_600_000_000
@@ -101,31 +101,6 @@ class Bill:
     currency: str = ""
 
 
-def canonical_duplicates(table: pa.Table, order: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """``order`` with each run of duplicates (same series and time) led by a canonical row.
-
-    Rows that share a series and a time but differ elsewhere would otherwise be chosen by read
-    order, and the bill would depend on how rows were split into files. The run's rows are
-    sorted by every column and the first is kept, whatever order they arrived in.
-    """
-    n = keep.size
-    in_run = ~keep.copy()
-    in_run[:-1] |= ~keep[1:]  # the first row of a run is followed by a dropped one
-    positions = np.nonzero(in_run)[0]
-    run_id = np.cumsum(keep)[positions]
-    subset = table.take(pa.array(order[positions])).append_column("__run", pa.array(run_id))
-    keys = [("__run", "ascending")] + [(name, "ascending") for name in table.column_names]
-    ranked = pc.sort_indices(subset, sort_keys=keys).to_numpy()  # nulls sort last
-    first_of_run = np.ones(ranked.size, dtype=bool)
-    first_of_run[1:] = run_id[ranked][1:] != run_id[ranked][:-1]
-    leaders = ranked[first_of_run]
-    result = order.copy()
-    lead_positions = positions[np.nonzero(keep[positions])[0]]
-    result[lead_positions] = order[positions[leaders]]
-    assert lead_positions.size == leaders.size <= n
-    return result
-
-
 @dataclass
 class LiveTotals:
     """All-time totals per pool and per (pool, tenant), for counters (SPEC §6, pools).
@@ -199,23 +174,14 @@ class Biller:
 
     def _add_table(self, name: str, new: pa.Table) -> None:
         self.rows += new.num_rows
-        carried = self.carry[name]
-        combined = pa.concat_tables([carried, new]) if carried.num_rows else new
-        is_new = np.ones(combined.num_rows, dtype=bool)
-        is_new[: carried.num_rows] = False
-        codes, _ = series_codes(combined, name)
-        times = combined.column("time").cast(pa.int64()).to_numpy()
-        order = kernels.series_order(codes, times)
-        codes, times, is_new = codes[order], times[order], is_new[order]
-        keep = kernels.dedup_mask(codes, times)
-        self.duplicates += int(np.count_nonzero(~keep & is_new))
-        if not keep.all():
-            order = canonical_duplicates(combined, order, keep)
-        order, codes, times, is_new = order[keep], codes[keep], times[keep], is_new[keep]
-        table = combined.take(pa.array(order))
+        merged = merge_rows(
+            self.carry[name], new, name, self.max_gap_ns, canonical=True, drop_late=False
+        )
+        self.duplicates += merged.duplicates
+        table, codes, times, is_new, parts = (
+            merged.table, merged.codes, merged.times, merged.is_new, merged.parts,
+        )  # fmt: skip
         self.carry[name] = table.take(pa.array(kernels.last_rows(codes)))
-        iv = kernels.intervals(codes, times, self.max_gap_ns)
-        parts = contributions(table, name, iv)
 
         counted = is_new.copy()
         if self.start_ns is not None:

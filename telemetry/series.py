@@ -5,6 +5,8 @@ Shared by the live state (daemon, replay) and the bill engine, so both integrate
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -64,4 +66,86 @@ def contributions(table: pa.Table, name: str, iv: kernels.Intervals) -> dict[str
         float_column(table, "cpus_allocated"),
         float_column(table, "gpus_allocated"),
         float_column(table, "cpu_seconds"),
+    )
+
+
+def canonical_duplicates(table: pa.Table, order: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``order`` with each run of duplicates (same series and time) led by a canonical row.
+
+    Rows that share a series and a time but differ elsewhere would otherwise be chosen by read
+    order, and the bill would depend on how rows were split into files. The run's rows are
+    sorted by every column and the first is kept, whatever order they arrived in.
+    """
+    n = keep.size
+    in_run = ~keep.copy()
+    in_run[:-1] |= ~keep[1:]  # the first row of a run is followed by a dropped one
+    positions = np.nonzero(in_run)[0]
+    run_id = np.cumsum(keep)[positions]
+    subset = table.take(pa.array(order[positions])).append_column("__run", pa.array(run_id))
+    keys = [("__run", "ascending")] + [(name, "ascending") for name in table.column_names]
+    ranked = pc.sort_indices(subset, sort_keys=keys).to_numpy()  # nulls sort last
+    first_of_run = np.ones(ranked.size, dtype=bool)
+    first_of_run[1:] = run_id[ranked][1:] != run_id[ranked][:-1]
+    leaders = ranked[first_of_run]
+    result = order.copy()
+    lead_positions = positions[np.nonzero(keep[positions])[0]]
+    result[lead_positions] = order[positions[leaders]]
+    assert lead_positions.size == leaders.size <= n
+    return result
+
+
+@dataclass
+class MergedRows:
+    """Earlier rows and new rows of one table, sorted by (series, time) and de-duplicated, with
+    each row's interval and SPEC §3 contributions. ``is_new`` marks the rows of ``new``;
+    ``duplicates`` and ``late`` count new rows dropped."""
+
+    table: pa.Table
+    codes: np.ndarray
+    labels: list[tuple[str, ...]]
+    times: np.ndarray
+    is_new: np.ndarray
+    parts: dict[str, np.ndarray]
+    duplicates: int
+    late: int
+
+
+def merge_rows(
+    earlier: pa.Table,
+    new: pa.Table,
+    name: str,
+    max_gap_ns: int,
+    *,
+    canonical: bool,
+    drop_late: bool,
+) -> MergedRows:
+    """Merge ``new`` rows after ``earlier`` ones (which open the intervals of new rows).
+
+    Of duplicates the earlier row wins, and among new rows the first read, or with
+    ``canonical`` the first by every column (independent of read order). With ``drop_late``,
+    new rows older than their series' newest earlier row are dropped.
+    """
+    combined = pa.concat_tables([earlier, new]) if earlier.num_rows else new
+    is_new = np.ones(combined.num_rows, dtype=bool)
+    is_new[: earlier.num_rows] = False
+    codes, labels = series_codes(combined, name)
+    times = combined.column("time").cast(pa.int64()).to_numpy()
+    order = kernels.series_order(codes, times)
+    codes, times, is_new = codes[order], times[order], is_new[order]
+    keep = kernels.dedup_mask(codes, times)
+    duplicates = int(np.count_nonzero(~keep & is_new))
+    if canonical and not keep.all():
+        order = canonical_duplicates(combined, order, keep)
+    late = 0
+    if drop_late:
+        newest_earlier = np.full(len(labels), np.iinfo(np.int64).min, dtype=np.int64)
+        np.maximum.at(newest_earlier, codes[~is_new], times[~is_new])
+        is_late = keep & is_new & (times < newest_earlier[codes])
+        late = int(np.count_nonzero(is_late))
+        keep &= ~is_late
+    order, codes, times, is_new = order[keep], codes[keep], times[keep], is_new[keep]
+    table = combined.take(pa.array(order))
+    iv = kernels.intervals(codes, times, max_gap_ns)
+    return MergedRows(
+        table, codes, labels, times, is_new, contributions(table, name, iv), duplicates, late
     )

@@ -17,7 +17,7 @@ from telemetry.billing import Biller, LiveTotals
 from telemetry.collectors.base import CollectorStatus
 from telemetry.inventory import Inventory
 from telemetry.schema import SCHEMAS, validate
-from telemetry.series import contributions, series_codes
+from telemetry.series import contributions, merge_rows, series_codes
 
 NS = 1_000_000_000
 # Trailing windows of SPEC §6, label → seconds.
@@ -92,27 +92,13 @@ class TableState:
         if new.num_rows == 0:
             return
         self.stats.rows += new.num_rows
-        n_old = self.retained.num_rows
-        combined = pa.concat_tables([self.retained, new])
-        is_new = np.zeros(combined.num_rows, dtype=bool)
-        is_new[n_old:] = True
-        codes, labels = series_codes(combined, self.name)
-        times = combined.column("time").cast(pa.int64()).to_numpy()
-
-        order = kernels.series_order(codes, times)
-        codes, times, is_new = codes[order], times[order], is_new[order]
-        keep = kernels.dedup_mask(codes, times)
-        self.stats.duplicates += int(np.count_nonzero(~keep & is_new))
-        newest_old = np.full(len(labels), np.iinfo(np.int64).min, dtype=np.int64)
-        np.maximum.at(newest_old, codes[~is_new], times[~is_new])
-        late = keep & is_new & (times < newest_old[codes])
-        self.stats.late += int(np.count_nonzero(late))
-        keep &= ~late
-
-        order, codes, times, is_new = order[keep], codes[keep], times[keep], is_new[keep]
-        table = combined.take(pa.array(order))
-        iv = kernels.intervals(codes, times, self.max_gap_ns)
-        parts = contributions(table, self.name, iv)
+        merged = merge_rows(
+            self.retained, new, self.name, self.max_gap_ns, canonical=False, drop_late=True
+        )
+        self.stats.duplicates += merged.duplicates
+        self.stats.late += merged.late
+        table, codes, labels, times = merged.table, merged.codes, merged.labels, merged.times
+        is_new, parts = merged.is_new, merged.parts
 
         starts, _ = kernels.segment_bounds(codes)
         for part, values in parts.items():
