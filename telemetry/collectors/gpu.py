@@ -76,7 +76,7 @@ class GpuCollector(Collector):
             if handle is not None:
                 handles.append((index, handle))
         self._setup_events(handles)
-        xids = self._drain_xids(handles)
+        xids = self._drain_xids()
         rows: list[Row] = []
         pids: list[Row] = []
         for index, handle in handles:
@@ -240,11 +240,10 @@ class GpuCollector(Collector):
             )
         self._events = events
 
-    def _drain_xids(self, handles: list[tuple[int, Any]]) -> dict[int, list[int]]:
+    def _drain_xids(self) -> dict[int, list[int]]:
         if self._events is None:
             return {}
         m = self.gw.nvml
-        by_handle = {id(h): i for i, h in handles}
         found: dict[int, list[int]] = {}
         for _ in range(1000):  # bounded: never hold the loop on an event storm
             try:
@@ -254,9 +253,7 @@ class GpuCollector(Collector):
             except m.NVMLError as exc:
                 self._once.warning("xid", f"gpu: reading XID events failed: {exc}")
                 break
-            index = by_handle.get(id(data.device))
-            if index is None:
-                index = _device_index(m, data.device)
+            index = _device_index(m, data.device)  # events carry a fresh handle object
             if index is not None:
                 found.setdefault(index, []).append(int(data.eventData))
         return found
