@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from exporters.webconfig import WebConfig
+from telemetry.errors import TallyError
 
 log = logging.getLogger("tally.http")
 
@@ -105,7 +106,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class MetricsServer:
-    """Serves ``registry`` on ``host:port`` from a background thread (port 0 picks a free one)."""
+    """Serves ``registry`` on ``host:port`` from a background thread (port 0 picks a free one).
+
+    Raises ``TallyError`` when the address cannot be bound (in use, not local, no permission).
+    """
 
     def __init__(
         self, registry: CollectorRegistry, host: str, port: int, web: WebConfig | None = None
@@ -115,7 +119,11 @@ class MetricsServer:
         class Server(_Server):
             address_family = family
 
-        self._httpd = Server((host, port), _Handler)
+        try:
+            self._httpd = Server((host, port), _Handler)
+        except OSError as exc:
+            shown = f"[{host}]" if ":" in host else host
+            raise TallyError(f"cannot listen on {shown}:{port}: {exc.strerror or exc}") from None
         self._httpd.registry = registry
         self._httpd.web = web
         self._thread = threading.Thread(

@@ -267,10 +267,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     server = None
     if listen is not None:
         web = load_web_config(args.web_config) if args.web_config is not None else None
-        try:
-            server = MetricsServer(registry, *listen, web=web)
-        except OSError as exc:
-            raise TallyError(f"cannot listen on {args.listen}: {exc.strerror or exc}") from None
+        server = MetricsServer(registry, *listen, web=web)
         server.start()
         print(f"tally replay: serving http://{args.listen}/metrics", file=sys.stderr, flush=True)
     stop = threading.Event()

@@ -24,7 +24,6 @@ from exporters.prometheus import TallyCollector
 from exporters.webconfig import load_web_config
 from telemetry.collectors import REGISTRY, CollectorContext, Runner
 from telemetry.config import DaemonConfig, load_object, parse_listen
-from telemetry.errors import TallyError
 from telemetry.inventory import load_inventory
 from telemetry.logs import OnceLogger
 from telemetry.state import Snapshot, State
@@ -126,12 +125,7 @@ class Daemon:
         host, port = parse_listen(self.config.listen)
         self.store.open()
         try:
-            try:
-                self.server = MetricsServer(self.registry, host, port, web=self.web)
-            except OSError as exc:
-                raise TallyError(
-                    f"cannot listen on {self.config.listen}: {exc.strerror or exc}"
-                ) from None
+            self.server = MetricsServer(self.registry, host, port, web=self.web)
             self.round()  # the first scrape already sees data
             self.server.start()
             shown = f"[{host}]" if ":" in host else host
