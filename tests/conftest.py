@@ -37,3 +37,29 @@ def artifacts() -> Path:
     path = Path(__file__).resolve().parent.parent / "test-artifacts"
     path.mkdir(exist_ok=True)
     return path
+
+
+def scrape_daemon(data_dir: Path, node: str, *flags: str, settle: float = 1.0) -> bytes:
+    """Run ``tally daemon`` (0.2 s interval, a free loopback port) with ``flags``, scrape
+    /metrics once after ``settle`` seconds, stop it with SIGTERM and require exit 0."""
+    import signal
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "telemetry.cli", "daemon", "--listen", f"127.0.0.1:{port}",
+         "--data-dir", str(data_dir), "--interval", "0.2", "--node", node, *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and "serving" in proc.stdout.readline()
+        time.sleep(settle)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text: bytes = resp.read()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=15)
+    assert code == 0, proc.stderr.read() if proc.stderr else code
+    return text

@@ -275,32 +275,16 @@ def test_replay_pool_counters_equal_the_bill_summed(
 
 
 def test_daemon_with_inventory_exports_pool_counters(tmp_path: Path) -> None:
-    import signal
-    import time
-    import urllib.request
-
-    from tests.conftest import free_port
+    from tests.conftest import scrape_daemon
 
     inv = tmp_path / "inv.toml"
     inv.write_text(
         '[[pool]]\nname = "this-node"\nkind = "cpu"\nownership = "own"\nnodes = ["inv-node"]\n'
         "cost_per_unit_hour = 0.01\nprice_per_unit_hour = 0.02\n"
     )
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "telemetry.cli", "daemon", "--listen", f"127.0.0.1:{port}",
-         "--data-dir", str(tmp_path / "data"), "--interval", "0.2", "--node", "inv-node",
-         "--inventory", str(inv)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None and "serving" in proc.stdout.readline()
-        time.sleep(1.5)
-        url = f"http://127.0.0.1:{port}/metrics"
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
+    text = scrape_daemon(
+        tmp_path / "data", "inv-node", "--inventory", str(inv), settle=1.5
+    ).decode()
     line = next(
         x for x in text.splitlines() if x.startswith("tally_pool_capacity_unit_seconds_total")
     )

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import logging
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +16,7 @@ from telemetry.collectors import CollectorContext, Runner
 from telemetry.collectors.gpu import GpuCollector, mig_profile
 from telemetry.nvml import Gateway, NvmlUnavailable
 from telemetry.state import State
-from tests.conftest import free_port, promtool_check
+from tests.conftest import promtool_check, scrape_daemon
 from tests.fake_nvml import H100_IDLE, H100_LOADED, H100_MIG, H200_LOADED, FakeClock, FakeNVML, MiB
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -271,22 +267,12 @@ def test_exposition_with_dcgm_compat_passes_promtool(clock: FakeClock, promtool:
 
 
 def test_daemon_end_to_end_with_the_stand_in(tmp_path: Path, promtool: str) -> None:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "telemetry.cli", "daemon", "--listen", f"127.0.0.1:{port}",
-         "--data-dir", str(tmp_path / "data"), "--interval", "0.2", "--node", "gpu-e2e",
-         "--path.procfs", str(FIXTURES / "normal_host" / "proc"),
-         "--path.sysfs", str(FIXTURES / "normal_host" / "sys"),
-         "--nvml.module", "tests.nvml_standin:NVML", "--dcgm-compat"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    text = scrape_daemon(
+        tmp_path / "data", "gpu-e2e",
+        "--path.procfs", str(FIXTURES / "normal_host" / "proc"),
+        "--path.sysfs", str(FIXTURES / "normal_host" / "sys"),
+        "--nvml.module", "tests.nvml_standin:NVML", "--dcgm-compat",
     )  # fmt: skip
-    try:
-        assert proc.stdout is not None and "serving" in proc.stdout.readline()
-        time.sleep(1.0)
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
     assert_promtool_clean_but_dcgm_labels(promtool, text)
     assert b'tally_collector_success{collector="gpu"} 1.0' in text
     assert text.count(b"tally_gpu_info{") == 2 + len(H100_MIG.mig_instances)
@@ -303,21 +289,11 @@ def test_daemon_attributes_gpus_to_slurm_jobs_end_to_end(tmp_path: Path, promtoo
     shutil.copytree(FIXTURES / "slurm_v2", root)
     for name in ("stat", "meminfo"):
         shutil.copy(FIXTURES / "normal_host" / "proc" / name, root / "proc" / name)
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "telemetry.cli", "daemon", "--listen", f"127.0.0.1:{port}",
-         "--data-dir", str(tmp_path / "data"), "--interval", "0.2", "--node", "node07",
-         "--path.procfs", str(root / "proc"), "--path.sysfs", str(root / "sys"),
-         "--nvml.module", "tests.nvml_standin:NVML"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    text = scrape_daemon(
+        tmp_path / "data", "node07",
+        "--path.procfs", str(root / "proc"), "--path.sysfs", str(root / "sys"),
+        "--nvml.module", "tests.nvml_standin:NVML",
     )  # fmt: skip
-    try:
-        assert proc.stdout is not None and "serving" in proc.stdout.readline()
-        time.sleep(1.0)
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
     check = promtool_check(promtool, text)
     assert check.returncode == 0, check.stdout + check.stderr
     samples = [
