@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Protocol
+
+import pyarrow as pa
 
 from telemetry.billing import NS, Bill, Biller
 from telemetry.chunks import DEFAULT_BUDGET_ROWS, DamagedFile, chunk_bounds, plan, read_chunks
 from telemetry.dataset import ReadStats, discover
 from telemetry.errors import TallyError
 from telemetry.inventory import Inventory
+from telemetry.progress import Progress
 
 log = logging.getLogger("tally.bill")
 
@@ -45,8 +48,63 @@ def selected_range(
     return lo, hi
 
 
-def _progress(done: int, total: int, rows: int) -> None:
-    print(f"\rbilling: chunk {done}/{total}, {rows:,} rows", end="", file=sys.stderr, flush=True)
+class ChunkConsumer(Protocol):
+    """Anything fed the dataset's time-ordered chunks (the bill engine, the report's grids)."""
+
+    def add(self, chunk: dict[str, pa.Table]) -> None: ...
+
+
+def scan(
+    root: Path,
+    start: Callable[[], Sequence[ChunkConsumer]],
+    budget_rows: int = DEFAULT_BUDGET_ROWS,
+    progress: Callable[[int, int, int], None] | None = None,
+    warn: Callable[[str], None] = log.warning,
+) -> tuple[Sequence[ChunkConsumer], ReadStats]:
+    """Feed every chunk of the dataset at ``root`` to fresh consumers from ``start()``.
+
+    A file found damaged only while its rows are read is quarantined and the scan starts over
+    with new consumers, so the result is exactly that of the remaining files. Raises
+    ``TallyError`` for unusable input.
+    """
+    stats = ReadStats()
+    while True:
+        # Files quarantined by earlier attempts are inside quarantine/ now: carry their count.
+        stats = ReadStats(files_quarantined=stats.files_quarantined)
+        consumers = start()
+        try:
+            _scan_once(root, consumers, budget_rows, progress, stats)
+            return consumers, stats
+        except DamagedFile as exc:
+            if not exc.quarantined:
+                raise TallyError(
+                    f"{exc}; it cannot be moved to quarantine, remove it and read again"
+                ) from None
+            warn(f"{exc.path}: damaged ({exc.reason}); quarantined, reading again without it")
+            stats.files_quarantined += 1
+
+
+def _scan_once(
+    root: Path,
+    consumers: Sequence[ChunkConsumer],
+    budget_rows: int,
+    progress: Callable[[int, int, int], None] | None,
+    stats: ReadStats,
+) -> None:
+    pieces = plan(root, discover(root), stats)
+    if not pieces:
+        return
+    first = min(p.min_ns for p in pieces)
+    last = max(p.max_ns for p in pieces)
+    # Every row is read, whatever --from/--to select (the biller counts only the selected
+    # windows): the interval ending at a series' first selected row may be a gap opened long
+    # before the start, and a job's user and tenant come from its latest row anywhere.
+    bounds = chunk_bounds(pieces, first, last, budget_rows)
+    for i, chunk in enumerate(read_chunks(root, pieces, bounds, stats), start=1):
+        for consumer in consumers:
+            consumer.add(chunk)
+        if progress is not None:
+            progress(i, len(bounds), stats.rows)
 
 
 def compute_bill(
@@ -59,53 +117,27 @@ def compute_bill(
     progress: Callable[[int, int, int], None] | None = None,
     warn: Callable[[str], None] = log.warning,
 ) -> Bill:
-    """The bill of the dataset at ``root``; raises ``TallyError`` for unusable input."""
+    """The bill of the dataset at ``root``; raises ``TallyError`` for unusable input.
+
+    Without ``progress`` a progress bar is drawn on stderr when it is a terminal.
+    """
     lo, hi = selected_range(window_s, start, end)
-    if progress is None and sys.stderr.isatty():
-        progress = _progress
-    stats = ReadStats()
-    while True:
-        # Files quarantined by earlier attempts are inside quarantine/ now: carry their count.
-        stats = ReadStats(files_quarantined=stats.files_quarantined)
-        try:
-            return _bill_once(root, inventory, window_s, lo, hi, budget_rows, progress, warn, stats)
-        except DamagedFile as exc:
-            # Found only while reading rows: set the file aside and bill again without it, so
-            # the result is exactly the bill of the remaining files.
-            if not exc.quarantined:
-                raise TallyError(
-                    f"{exc}; it cannot be moved to quarantine, remove it and bill again"
-                ) from None
-            warn(f"{exc.path}: damaged ({exc.reason}); quarantined, billing again without it")
-            stats.files_quarantined += 1
+    bar = Progress("billing") if progress is None else None
+    try:
+        consumers, stats = scan(
+            root, lambda: [Biller(inventory, window_s, lo, hi)], budget_rows, progress or bar, warn
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    biller = consumers[0]
+    assert isinstance(biller, Biller)
+    return finish_bill(biller, stats, warn)
 
 
-def _bill_once(
-    root: Path,
-    inventory: Inventory,
-    window_s: int,
-    lo: int | None,
-    hi: int | None,
-    budget_rows: int,
-    progress: Callable[[int, int, int], None] | None,
-    warn: Callable[[str], None],
-    stats: ReadStats,
-) -> Bill:
-    pieces = plan(root, discover(root), stats)
-    biller = Biller(inventory, window_s, lo, hi)
-    if pieces:
-        first = min(p.min_ns for p in pieces)
-        last = max(p.max_ns for p in pieces)
-        # Every row is read, whatever --from/--to select (the biller counts only the selected
-        # windows): the interval ending at a series' first selected row may be a gap opened long
-        # before the start, and a job's user and tenant come from its latest row anywhere.
-        bounds = chunk_bounds(pieces, first, last, budget_rows)
-        for i, chunk in enumerate(read_chunks(root, pieces, bounds, stats), start=1):
-            biller.add(chunk)
-            if progress is not None:
-                progress(i, len(bounds), stats.rows)
-        if progress is _progress and bounds:  # end the terminal progress line
-            print(file=sys.stderr)
+def finish_bill(biller: Biller, stats: ReadStats, warn: Callable[[str], None]) -> Bill:
+    """The bill of a finished scan, warning about inventory globs that matched no node."""
+    inventory = biller.inventory
     for problem in inventory.unused_globs(set(biller.nodes.values)):
         warn(f"inventory {inventory.source}: {problem} matches no node in the dataset")
     return biller.bill(

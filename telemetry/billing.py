@@ -62,7 +62,7 @@ class Registry:
 
 
 @dataclass
-class _Parts:
+class PartialSums:
     """Grouped int64 partial sums, compacted now and then by re-grouping."""
 
     width: int
@@ -148,8 +148,8 @@ class Biller:
         self.names = Registry()  # users and tenants
         self._node_pool = {"gpu": np.zeros(0, np.int64), "cpu": np.zeros(0, np.int64)}
         self.carry = {name: SCHEMAS[name].empty_table() for name in SCHEMAS}
-        self.pool_parts = _Parts(width=2)  # (window, pool)
-        self.job_parts = _Parts(width=4)  # (window, pool, node, job)
+        self.pool_parts = PartialSums(width=2)  # (window, pool)
+        self.job_parts = PartialSums(width=4)  # (window, pool, node, job)
         self.owner: dict[tuple[int, int], tuple[int, int, int]] = {}  # → (time, user, tenant)
         self.rows = 0
         self.duplicates = 0

@@ -1,4 +1,4 @@
-"""The ``tally`` command line: ``daemon`` and ``replay``.
+"""The ``tally`` command line: ``daemon``, ``doctor``, ``replay``, ``bill``, ``report``, ``sample``.
 
 Exit codes: 0 ok, 2 bad usage, configuration or input (one line on stderr), 1 unexpected.
 """
@@ -181,6 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--format", choices=["json", "csv", "parquet", "table"], default="json")
     b.add_argument("--out", type=Path, help="output file (json, table) or prefix (csv, parquet)")
     b.add_argument("--backend", choices=["auto", "numpy"], default="auto")
+
+    rep = sub.add_parser(
+        "report", help="write a self-contained HTML utilisation and billing report"
+    )
+    rep.add_argument("dataset", type=Path)
+    rep.add_argument("--inventory", type=Path, required=True, help="TOML inventory of pools")
+    rep.add_argument("--out", type=Path, required=True, help="HTML file to write")
+    rep.add_argument(
+        "--window",
+        default="auto",
+        help="window of the charts, whole seconds >= 60 (default auto: at most 240 windows)",
+    )
+    rep.add_argument("--from", dest="start", help="first window: ISO-8601 date or time (UTC)")
+    rep.add_argument("--to", dest="end", help="end of the last window: ISO-8601 date or time (UTC)")
     return parser
 
 
@@ -255,12 +269,17 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from exporters.prometheus import TallyCollector
     from exporters.webconfig import load_web_config
     from telemetry.inventory import load_inventory
+    from telemetry.progress import Progress, silent
     from telemetry.replay import load_dataset, replay
     from telemetry.state import Snapshot
 
     listen = parse_listen(args.listen) if args.listen and not args.once else None
     inventory = load_inventory(args.inventory) if args.inventory is not None else None
-    tables, stats = load_dataset(args.dataset)
+    bar = Progress("replay", step="file")
+    try:
+        tables, stats = load_dataset(args.dataset, silent if args.quiet else bar)
+    finally:
+        bar.close()
     current: list[Snapshot] = [Snapshot()]
     registry = CollectorRegistry()
     registry.register(TallyCollector(lambda: current[0], dcgm_compat=args.dcgm_compat))
@@ -312,6 +331,7 @@ def cmd_bill(args: argparse.Namespace) -> int:
     from kernels import get_namespace
     from telemetry.bill import compute_bill
     from telemetry.inventory import load_inventory
+    from telemetry.progress import silent
 
     window = parse_window(args.window)
     if args.format in ("csv", "parquet") and args.out is None:
@@ -324,9 +344,6 @@ def cmd_bill(args: argparse.Namespace) -> int:
     def warn(message: str) -> None:
         if not args.quiet:
             print(f"tally: warning: {message}", file=sys.stderr)
-
-    def silent(done: int, total: int, rows: int) -> None:
-        return None
 
     bill = compute_bill(
         args.dataset,
@@ -344,6 +361,49 @@ def cmd_bill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from exporters.report import render_report
+    from telemetry.inventory import load_inventory
+    from telemetry.progress import Progress, silent
+    from telemetry.report import collect_report
+
+    window = None if args.window == "auto" else parse_window(args.window)
+    if args.out.is_dir():
+        raise TallyError(f"--out {args.out} is a directory; give a file name")
+    if not args.out.parent.is_dir():
+        raise TallyError(f"--out {args.out}: directory {args.out.parent} does not exist")
+    inventory = load_inventory(args.inventory)
+
+    def warn(message: str) -> None:
+        if not args.quiet:
+            print(f"tally: warning: {message}", file=sys.stderr)
+
+    bar = Progress("report")
+    try:
+        data = collect_report(
+            args.dataset,
+            inventory,
+            window,
+            args.start,
+            args.end,
+            progress=silent if args.quiet else bar,
+            warn=warn,
+        )
+    finally:
+        bar.close()
+    document = render_report(data)
+    partial = args.out.with_name(f".{args.out.name}.tmp")
+    try:
+        partial.write_text(document, encoding="utf-8")
+        partial.replace(args.out)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise TallyError(f"--out {args.out}: {exc.strerror or exc}") from None
+    if not args.quiet:
+        print(f"wrote {args.out} ({len(document.encode()) / 1e6:.1f} MB)", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``tally`` console script; returns the exit code."""
     parser = build_parser()
@@ -356,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_bill(args)
         if args.command == "sample":
             return cmd_sample(args)
+        if args.command == "report":
+            return cmd_report(args)
         if args.command == "doctor":
             from telemetry.doctor import run_doctor
 

@@ -10,6 +10,7 @@ not match the schema is skipped; both are counted and logged with the file and t
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,10 +78,21 @@ def read_file(path: Path, table: str) -> pa.Table:
     return validate(data, table)
 
 
-def read_table(root: Path, table: str, files: list[Path], stats: ReadStats) -> pa.Table:
-    """Read and concatenate ``files`` of one table; bad files are set aside and counted."""
+def read_table(
+    root: Path,
+    table: str,
+    files: list[Path],
+    stats: ReadStats,
+    on_file: Callable[[], None] | None = None,
+) -> pa.Table:
+    """Read and concatenate ``files`` of one table; bad files are set aside and counted.
+
+    ``on_file`` is called before each file is read (for a progress bar).
+    """
     parts: list[pa.Table] = []
     for path in files:
+        if on_file is not None:
+            on_file()
         if QUARANTINE in path.relative_to(root).parts:
             continue
         try:

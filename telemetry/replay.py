@@ -26,11 +26,28 @@ log = logging.getLogger("tally.replay")
 _MIN_SLEEP_SECONDS = 0.01
 
 
-def load_dataset(root: Path) -> tuple[dict[str, pa.Table], ReadStats]:
-    """Every table of the dataset at ``root``, read and validated; raises ``TallyError``."""
+def load_dataset(
+    root: Path, progress: Callable[[int, int, int], None] | None = None
+) -> tuple[dict[str, pa.Table], ReadStats]:
+    """Every table of the dataset at ``root``, read and validated; raises ``TallyError``.
+
+    ``progress(files_done, files_total, rows)`` is called as files are read.
+    """
     stats = ReadStats()
     files = discover(root)
-    tables = {table: read_table(root, table, files.get(table, []), stats) for table in SCHEMAS}
+    total = sum(len(found) for found in files.values())
+    done = [0]
+
+    def on_file() -> None:
+        if progress is not None:
+            progress(done[0], total, stats.rows)
+        done[0] += 1
+
+    tables = {
+        table: read_table(root, table, files.get(table, []), stats, on_file) for table in SCHEMAS
+    }
+    if progress is not None:
+        progress(total, total, stats.rows)
     for problem in stats.problems:
         log.debug("%s", problem)
     return tables, stats

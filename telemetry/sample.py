@@ -4,8 +4,9 @@ Job shapes (CPU, whole and fractional GPUs, QoS class, duration) are 400 pods of
 Alibaba GPU cluster trace 2023 (Weng et al., "Beware of Fragmentation: Scheduling GPU-Sharing
 Workloads with Fragmentation Gradient Descent", USENIX ATC '23), kept in ``sample_shapes.csv``.
 The trace has allocations only; utilisation is generated per QoS class (latency-sensitive
-services run light, best-effort training runs hot, a few jobs sit allocated and idle), so a
-bill and a replay of the sample show pools, tenants and waste the way a real cluster does.
+services run light, best-effort training runs hot, a few jobs sit allocated and idle), and the
+last node misses 20 minutes of samples, so a bill, a report and a replay of the sample show
+pools, tenants, waste and gaps the way a real cluster does.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from telemetry.schema import CPU_MODES, validate
@@ -140,6 +142,12 @@ def generate_sample(
     times = start_ns + np.arange(steps, dtype=np.int64) * interval * NS
     names = [f"gpu-{'a' if n < (nodes + 1) // 2 else 'b'}{n + 1:02d}" for n in range(nodes)]
     jobs = _schedule(nodes, gpus, steps, interval, rng)
+    # The last node's daemon is down for 20 minutes at 60 % of the span (a reboot, say), so the
+    # report's coverage section and the bill's gap_hours have something real to show.
+    outage = None
+    if nodes > 1 and hours >= 1:
+        begin = int(times[int(steps * 0.6)])
+        outage = (begin, begin + 1200 * NS)
     rows = 0
     for n, node in enumerate(names):
         util = np.zeros((gpus, steps))
@@ -196,7 +204,11 @@ def generate_sample(
         tables = {"gpu": gpu, "cpu": pa.table(cpu)}
         if job_rows:
             tables["job"] = pa.concat_tables([pa.table(r) for r in job_rows])
-        for name, table in tables.items():
+        for name, whole in tables.items():
+            table = whole
+            if outage is not None and n == nodes - 1:
+                t = whole.column("time")
+                table = whole.filter(pc.or_(pc.less(t, outage[0]), pc.greater_equal(t, outage[1])))
             stamped = table.set_column(
                 0, "time", table.column("time").cast(pa.timestamp("ns", tz="UTC"))
             )

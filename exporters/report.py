@@ -1,0 +1,558 @@
+"""The HTML report: one self-contained file (plotly.js inlined, no network needed to view it).
+
+Every string from the data (node, tenant, job, user names) is escaped: in HTML by ``html.escape``
+and inside the charts by plotly's JSON encoder, which escapes ``<``, ``>`` and ``/``.
+"""
+
+from __future__ import annotations
+
+import html
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+import plotly.io as pio
+from plotly.offline import get_plotlyjs
+from plotly.subplots import make_subplots
+
+from telemetry.billing import NS
+from telemetry.report import ReportData, coarsen, totals_by
+
+HEATMAP_MAX_COLUMNS = 240
+# A GPU-window is "allocated but idle" when a job held it at least this share of the covered
+# time and the GPU was busy less than IDLE_BELOW of it.
+HELD_AT_LEAST = 0.5
+IDLE_BELOW = 0.10
+TOP_JOBS = 25
+TOP_TENANT_LINES = 8
+CELL_MAX_CHARS = 40
+UNITS = {"gpu": "GPU-hours", "cpu": "core-hours"}
+_CONFIG = {"displaylogo": False, "responsive": True}
+_LAYOUT: dict[str, Any] = {
+    "template": "plotly_white",
+    "margin": {"l": 60, "r": 20, "t": 50, "b": 40},
+    "legend": {"orientation": "h", "y": -0.15},
+}
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
+       max-width: 1400px; padding: 0 1rem; color: #1d2330; }
+h1 { margin-bottom: 0.2rem; } h2 { margin-top: 2.5rem; border-bottom: 1px solid #d8dde6; }
+.meta { color: #5a6478; }
+table { border-collapse: collapse; margin: 0.8rem 0; font-size: 0.9rem; }
+th, td { padding: 0.25rem 0.7rem; border-bottom: 1px solid #e6e9ef; text-align: right; }
+th { background: #f3f5f9; } td.text, th.text { text-align: left; }
+.note { color: #5a6478; font-size: 0.9rem; max-width: 60rem; }
+.bad { color: #b3261e; font-weight: 600; }
+"""
+
+# Installed before plotly.js so that any error while the page renders is recorded on <body>
+# (headless browsers and tests read it back from the DOM).
+_ERROR_TRAP = """
+window.__tallyErrors = [];
+window.addEventListener("error", function (e) {
+  window.__tallyErrors.push(String(e.message));
+  document.documentElement.setAttribute("data-errors", window.__tallyErrors.join(" | "));
+});
+"""
+
+
+def _iso(ns: int | None) -> str:
+    if ns is None:
+        return "—"
+    return datetime.fromtimestamp(ns // NS, tz=UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _duration(seconds: int) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _num(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+def _table(headers: list[str], rows: list[list[str]], text_columns: int = 1) -> str:
+    """An HTML table; cells are escaped here, so callers pass plain text."""
+
+    def cell(tag: str, i: int, value: str) -> str:
+        cls = ' class="text"' if i < text_columns else ""
+        if len(value) > CELL_MAX_CHARS:  # the whole value stays readable on hover
+            shown = value[: CELL_MAX_CHARS - 1] + "…"
+            return f'<{tag}{cls} title="{html.escape(value)}">{html.escape(shown)}</{tag}>'
+        return f"<{tag}{cls}>{html.escape(value)}</{tag}>"
+
+    head = "".join(cell("th", i, h) for i, h in enumerate(headers))
+    body = "".join(
+        "<tr>" + "".join(cell("td", i, v) for i, v in enumerate(row)) + "</tr>" for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+class _Charts:
+    """Numbers the chart divs and renders each figure without plotly.js (inlined once)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, figure: go.Figure, height: int = 420) -> str:
+        self.count += 1
+        figure.update_layout(**_LAYOUT, height=height)
+        return str(
+            pio.to_html(
+                figure,
+                full_html=False,
+                include_plotlyjs=False,
+                div_id=f"chart-{self.count}",
+                config=_CONFIG,
+                default_height=f"{height}px",
+            )
+        )
+
+
+def render_report(data: ReportData) -> str:
+    """The report as one HTML document (str)."""
+    charts = _Charts()
+    bill = data.bill
+    currency = bill.currency
+    sections = [
+        _pools_section(data, charts, currency),
+        _heatmap_section(data, charts),
+        _tenants_section(data, charts, currency),
+        _jobs_section(data, charts),
+        _coverage_section(data, charts),
+    ]
+    title = f"tally report — {data.dataset}"
+    inputs = bill.input
+    meta = (
+        f"Samples from {_iso(data.first_ns)} to {_iso(data.last_ns)}, "
+        f"window {_duration(data.window_s)}; {inputs.get('files', 0):,} files, "
+        f"{inputs.get('rows', 0):,} rows read."
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{_CSS}</style>"
+        f"<script>{_ERROR_TRAP}</script>"
+        f'<script type="text/javascript">{get_plotlyjs()}</script></head><body>'
+        f"<h1>Utilisation and billing report</h1>"
+        f'<p class="meta">{html.escape(data.dataset)} — {html.escape(meta)}</p>'
+        + "".join(sections)
+        + f'<p class="meta" id="charts-count" data-charts="{charts.count}">'
+        "Generated by tally from stored samples; every figure is derived from the same integer "
+        "microsecond and millijoule sums as <code>tally bill</code>.</p></body></html>\n"
+    )
+
+
+def _pools_section(data: ReportData, charts: _Charts, currency: str) -> str:
+    rows = data.bill.pools
+    fields = (
+        "capacity_unit_hours",
+        "allocated_unit_hours",
+        "busy_unit_hours",
+        "energy_kwh",
+        "cost",
+        "revenue",
+        "idle_cost",
+        "gap_hours",
+    )
+    totals = sorted(totals_by(rows, ("pool", "kind", "ownership"), fields), key=lambda r: r["pool"])
+    table_rows = []
+    for t in totals:
+        capacity, allocated = t["capacity_unit_hours"], t["allocated_unit_hours"]
+        table_rows.append(
+            [
+                t["pool"],
+                t["kind"],
+                t["ownership"] or "—",
+                f"{_num(capacity, 1)} {UNITS[t['kind']]}",
+                _pct(_ratio(allocated, capacity)),
+                _pct(_ratio(t["busy_unit_hours"], capacity)),
+                _num(t["energy_kwh"], 1),
+                f"{_num(t['cost'])} {currency}",
+                f"{_num(t['revenue'])} {currency}",
+                f"{_num(_ratio(t['cost'], allocated), 4)} {currency}",
+                _pct(_ratio(t["revenue"] - t["cost"], t["revenue"])),
+                f"{_num(t['idle_cost'])} {currency}",
+            ]
+        )
+    headers = [
+        "pool",
+        "kind",
+        "ownership",
+        "capacity",
+        "allocation",
+        "busy",
+        "energy kWh",
+        "cost",
+        "revenue",
+        "unit cost",
+        "gross margin",
+        "idle cost",
+    ]
+    ratios = make_subplots(
+        rows=max(1, len(totals)),
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.06,
+        subplot_titles=[
+            f"{t['pool']} ({t['kind']}, {t['ownership'] or 'no owner'})" for t in totals
+        ],
+    )
+    money = go.Figure()
+    for row, t in enumerate(totals, start=1):
+        mine = [r for r in rows if r["pool"] == t["pool"] and r["kind"] == t["kind"]]
+        x = [r["window_start"] for r in mine]
+        name = f"{t['pool']} ({t['kind']})"
+        first = row == 1
+        ratios.add_trace(
+            go.Scatter(x=x, y=[r["allocation_ratio"] for r in mine], name="allocation ratio",
+                       line={"color": "#1f5fbf"}, legendgroup="a", showlegend=first),
+            row=row, col=1,
+        )  # fmt: skip
+        ratios.add_trace(
+            go.Scatter(x=x, y=[r["busy_ratio"] for r in mine], name="busy ratio",
+                       line={"color": "#e07b00"}, legendgroup="b", showlegend=first),
+            row=row, col=1,
+        )  # fmt: skip
+        ratios.update_yaxes(tickformat=".0%", range=[0, 1.05], row=row, col=1)
+        money.add_trace(go.Scatter(x=x, y=[r["revenue"] for r in mine], name=f"{name} revenue"))
+        money.add_trace(go.Scatter(x=x, y=[r["cost"] for r in mine], name=f"{name} cost",
+                                   line={"dash": "dash"}))  # fmt: skip
+    ratios.update_layout(title="Allocation ratio and busy ratio per window")
+    money.update_layout(title=f"Revenue (solid) and cost (dashed) per window ({currency})")
+    return (
+        "<h2>Pools</h2>"
+        + _table(headers, table_rows, text_columns=3)
+        + '<p class="note">Unit cost is cost per allocated unit-hour; gross margin is '
+        "(revenue − cost) / revenue; idle cost is the cost of capacity nobody was allocated.</p>"
+        + charts(ratios, height=140 + 200 * max(1, len(totals)))
+        + charts(money, height=380)
+    )
+
+
+def _heatmap_section(data: ReportData, charts: _Charts) -> str:
+    parts = ["<h2>GPU utilisation</h2>"]
+    gpu = data.gpu
+    if not gpu.labels:
+        return (
+            parts[0] + "<p>No GPU samples in the selected range.</p>" + _cpu_heatmap(data, charts)
+        )
+    sums, starts = coarsen(gpu.sums, gpu.window_starts_ns, HEATMAP_MAX_COLUMNS)
+    capacity = sums["capacity_us"].astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        busy = np.where(capacity > 0, sums["busy_us"] / capacity, np.nan)
+        held = np.where(capacity > 0, sums["held_us"] / capacity, np.nan)
+    idle = np.where((held >= HELD_AT_LEAST) & (busy < IDLE_BELOW), 1.0, np.nan)
+    x = [_iso(int(s)) for s in starts]
+    y = list(range(len(gpu.labels)))
+    names = [f"{d['node']} · GPU {d.get('index', '?')}" for d in gpu.details]
+    hover = np.stack(
+        [held, np.broadcast_to(np.array(names, dtype=object)[:, None], busy.shape)], axis=-1
+    )
+    figure = go.Figure()
+    figure.add_trace(
+        go.Heatmap(
+            z=busy,
+            x=x,
+            y=y,
+            zmin=0,
+            zmax=1,
+            colorscale="Viridis",
+            customdata=hover,
+            colorbar={"title": {"text": "busy"}, "tickformat": ".0%"},
+            hovertemplate="%{customdata[1]}<br>%{x}<br>busy %{z:.0%}, allocated "
+            "%{customdata[0]:.0%}<extra></extra>",
+            name="busy",
+        )
+    )
+    figure.add_trace(
+        go.Heatmap(
+            z=idle,
+            x=x,
+            y=y,
+            zmin=0,
+            zmax=1,
+            showscale=False,
+            hoverinfo="skip",
+            colorscale=[[0, "rgba(215,38,38,0.9)"], [1, "rgba(215,38,38,0.9)"]],
+            name="allocated but idle",
+        )
+    )
+    boundaries = [
+        i - 0.5
+        for i in range(1, len(gpu.details))
+        if gpu.details[i]["node"] != gpu.details[i - 1]["node"]
+    ]
+    for b in boundaries:
+        figure.add_hline(y=b, line={"color": "white", "width": 2})
+    figure.update_yaxes(tickvals=y, ticktext=names, autorange="reversed", title="node · GPU")
+    figure.update_layout(
+        title="GPU busy ratio per window, grouped by node (red: allocated but idle)"
+    )
+    rows = len(names)
+    height = int(160 + rows * min(18, max(4, 1800 // max(rows, 1))))
+    idle_cells = int(np.count_nonzero(idle == 1.0))
+    window_s = int((starts[1] - starts[0]) // NS) if starts.size > 1 else data.window_s
+    parts.append(
+        f'<p class="note">Each cell is one GPU over {_duration(window_s)}: colour is the busy '
+        f"ratio (blank: no samples); red marks cells where a job held the GPU at least "
+        f"{HELD_AT_LEAST:.0%} of the time while it was busy less than {IDLE_BELOW:.0%} — "
+        f'<span class="bad" id="idle-cells">{idle_cells}</span> such cells.</p>'
+    )
+    parts.append(charts(figure, height=height))
+    return "".join(parts) + _cpu_heatmap(data, charts)
+
+
+def _cpu_heatmap(data: ReportData, charts: _Charts) -> str:
+    cpu = data.cpu
+    if not cpu.labels:
+        return ""
+    sums, starts = coarsen(cpu.sums, cpu.window_starts_ns, HEATMAP_MAX_COLUMNS)
+    capacity = sums["capacity_us"].astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        busy = np.where(capacity > 0, sums["busy_us"] / capacity, np.nan)
+    names = [d["node"] for d in cpu.details]
+    y = list(range(len(names)))
+    figure = go.Figure(
+        go.Heatmap(
+            z=busy,
+            x=[_iso(int(s)) for s in starts],
+            y=y,
+            zmin=0,
+            zmax=1,
+            colorscale="Viridis",
+            colorbar={"title": {"text": "busy"}, "tickformat": ".0%"},
+            hovertemplate="%{x}<br>CPU busy %{z:.0%}<extra></extra>",
+        )
+    )
+    figure.update_yaxes(tickvals=y, ticktext=names, autorange="reversed", title="node")
+    figure.update_layout(title="CPU busy ratio per window and node")
+    height = int(160 + len(names) * min(18, max(4, 1200 // max(len(names), 1))))
+    return "<h2>CPU utilisation</h2>" + charts(figure, height=height)
+
+
+def _tenants_section(data: ReportData, charts: _Charts, currency: str) -> str:
+    rows = data.bill.tenants
+    kinds = {(p["pool"]): p["kind"] for p in data.bill.pools}
+    per: dict[str, dict[str, float]] = {}
+    for r in rows:
+        t = per.setdefault(
+            r["tenant"],
+            {"charge": 0.0, "gpu_alloc": 0.0, "gpu_busy": 0.0, "cpu_alloc": 0.0, "cpu_busy": 0.0},
+        )
+        kind = kinds.get(r["pool"], "gpu")
+        t["charge"] += r["charge"]
+        t[f"{kind}_alloc"] += r["allocated_unit_hours"]
+        t[f"{kind}_busy"] += r["busy_unit_hours"]
+    ranked = sorted(per.items(), key=lambda item: (-item[1]["charge"], item[0]))
+    table_rows = [
+        [
+            str(rank),
+            tenant,
+            f"{_num(t['charge'])} {currency}",
+            _num(t["gpu_alloc"], 1),
+            _pct(_ratio(t["gpu_busy"], t["gpu_alloc"])),
+            _num(t["cpu_alloc"], 1),
+            _pct(_ratio(t["cpu_busy"], t["cpu_alloc"])),
+        ]
+        for rank, (tenant, t) in enumerate(ranked, start=1)
+    ]
+    headers = [
+        "#",
+        "tenant",
+        "charge",
+        "GPU-hours",
+        "GPU efficiency",
+        "core-hours",
+        "CPU efficiency",
+    ]
+    if not ranked:
+        return "<h2>Tenants</h2><p>No allocations in the selected range.</p>"
+    bars = go.Figure(
+        go.Bar(
+            x=[t for t, _ in ranked],
+            y=[v["charge"] for _, v in ranked],
+            marker={
+                "color": [_ratio(v["gpu_busy"], v["gpu_alloc"]) or 0.0 for _, v in ranked],
+                "colorscale": "RdYlGn",
+                "cmin": 0,
+                "cmax": 1,
+                "colorbar": {"title": {"text": "GPU eff."}, "tickformat": ".0%"},
+            },
+            hovertemplate="%{x}<br>%{y:,.2f} " + html.escape(currency) + "<extra></extra>",
+        )
+    )
+    bars.update_layout(title=f"Charge per tenant ({currency}), coloured by GPU efficiency")
+    top = [t for t, _ in ranked[:TOP_TENANT_LINES]]
+    over_time = go.Figure()
+    for tenant in top:
+        charge: dict[str, float] = {}
+        for r in rows:
+            if r["tenant"] == tenant:
+                charge[r["window_start"]] = charge.get(r["window_start"], 0.0) + r["charge"]
+        x = sorted(charge)
+        over_time.add_trace(go.Scatter(x=x, y=[charge[k] for k in x], name=tenant, mode="lines"))
+    over_time.update_layout(title=f"Charge per window of the top {len(top)} tenants ({currency})")
+    return (
+        "<h2>Tenants</h2>"
+        '<p class="note">Ranked by charge. Efficiency is busy / allocated unit-hours.</p>'
+        + _table(headers, table_rows, text_columns=2)
+        + charts(bars, height=380)
+        + charts(over_time, height=380)
+    )
+
+
+def _jobs_section(data: ReportData, charts: _Charts) -> str:
+    kinds = {p["pool"]: p["kind"] for p in data.bill.pools}
+    gpu_rows = [r for r in data.bill.jobs if kinds.get(r["pool"]) == "gpu"]
+    fields = ("allocated_unit_hours", "busy_unit_hours", "charge")
+    jobs = totals_by(gpu_rows, ("pool", "job_id", "user", "tenant"), fields)
+    for j in jobs:
+        j["wasted"] = max(0.0, j["allocated_unit_hours"] - j["busy_unit_hours"])
+        j["efficiency"] = _ratio(j["busy_unit_hours"], j["allocated_unit_hours"])
+    jobs.sort(key=lambda j: (-j["wasted"], j["job_id"], j["pool"]))
+    if not jobs:
+        return "<h2>Jobs that wasted most</h2><p>No GPU jobs in the selected range.</p>"
+    top = jobs[:TOP_JOBS]
+    table_rows = [
+        [
+            j["job_id"],
+            j["user"] or "—",
+            j["tenant"],
+            j["pool"],
+            _num(j["allocated_unit_hours"]),
+            _num(j["busy_unit_hours"]),
+            _pct(j["efficiency"]),
+            _num(j["wasted"]),
+        ]
+        for j in top
+    ]
+    headers = [
+        "job",
+        "user",
+        "tenant",
+        "pool",
+        "GPU-hours allocated",
+        "busy",
+        "efficiency",
+        "idle GPU-hours",
+    ]
+    scatter = go.Figure(
+        go.Scatter(
+            x=[j["allocated_unit_hours"] for j in jobs],
+            y=[j["efficiency"] for j in jobs],
+            mode="markers",
+            text=[f"job {j['job_id']} ({j['tenant']})" for j in jobs],
+            marker={
+                "size": 8,
+                "color": [j["wasted"] for j in jobs],
+                "colorscale": "Reds",
+                "colorbar": {"title": {"text": "idle GPU-h"}},
+            },
+            hovertemplate="%{text}<br>%{x:.2f} GPU-hours, efficiency %{y:.0%}<extra></extra>",
+        )
+    )
+    scatter.update_layout(title="Every GPU job: allocated GPU-hours against efficiency")
+    scatter.update_xaxes(title="allocated GPU-hours", type="log")
+    scatter.update_yaxes(title="busy / allocated", tickformat=".0%")
+    return (
+        f"<h2>Jobs that wasted most</h2>"
+        f'<p class="note">The {len(top)} GPU jobs with the most allocated-but-idle GPU-hours '
+        "(allocated − busy), of "
+        f"{len(jobs)} GPU jobs.</p>"
+        + _table(headers, table_rows, text_columns=4)
+        + charts(scatter, height=420)
+    )
+
+
+def _coverage_section(data: ReportData, charts: _Charts) -> str:
+    inputs = data.bill.input
+    summary = _table(
+        ["files read", "rows read", "duplicate rows skipped", "files quarantined"],
+        [
+            [
+                f"{inputs.get('files', 0):,}",
+                f"{inputs.get('rows', 0):,}",
+                f"{inputs.get('rows_skipped', 0):,}",
+                f"{inputs.get('files_quarantined', 0):,}",
+            ]
+        ],
+        text_columns=0,
+    )
+    parts = ["<h2>Data coverage</h2>", summary]
+    gaps: dict[str, dict[str, float]] = {}
+    for kind, grid in (("gpu", data.gpu), ("cpu", data.cpu)):
+        for d, gap, seen in zip(
+            grid.details,
+            grid.sums["gap_us"].sum(axis=1),
+            grid.sums["seen_us"].sum(axis=1),
+            strict=True,
+        ):
+            node = gaps.setdefault(d["node"], {"gpu_gap": 0.0, "cpu_gap": 0.0, "cpu_seen": 0.0})
+            node[f"{kind}_gap"] += int(gap) / 3.6e9
+            if kind == "cpu":
+                node["cpu_seen"] += int(seen) / 3.6e9
+    with_gaps = sorted(
+        ((n, g) for n, g in gaps.items() if g["gpu_gap"] or g["cpu_gap"]),
+        key=lambda item: (-item[1]["cpu_gap"] - item[1]["gpu_gap"], item[0]),
+    )
+    parts.append(
+        f"<p>Nodes with gaps (intervals longer than max_gap, which count nowhere): "
+        f'<span id="gap-nodes">{len(with_gaps)}</span> of {len(gaps)}.</p>'
+    )
+    if with_gaps:
+        parts.append(
+            _table(
+                ["node", "node gap hours", "GPU gap GPU-hours", "node hours covered"],
+                [
+                    [n, _num(g["cpu_gap"]), _num(g["gpu_gap"]), _num(g["cpu_seen"])]
+                    for n, g in with_gaps
+                ],
+            )
+        )
+    cpu = data.cpu
+    if cpu.labels:
+        sums, starts = coarsen(cpu.sums, cpu.window_starts_ns, HEATMAP_MAX_COLUMNS)
+        span_us = (int(starts[1] - starts[0]) if starts.size > 1 else data.window_s * NS) / 1000
+        covered = np.clip(sums["seen_us"] / span_us, 0, 1)
+        names = [d["node"] for d in cpu.details]
+        y = list(range(len(names)))
+        figure = go.Figure(
+            go.Heatmap(
+                z=covered,
+                x=[_iso(int(s)) for s in starts],
+                y=y,
+                zmin=0,
+                zmax=1,
+                colorscale=[[0, "#b3261e"], [0.5, "#f2c14e"], [1, "#2e7d32"]],
+                colorbar={"title": {"text": "covered"}, "tickformat": ".0%"},
+                hovertemplate="%{x}<br>covered %{z:.0%}<extra></extra>",
+            )
+        )
+        figure.update_yaxes(tickvals=y, ticktext=names, autorange="reversed")
+        figure.update_layout(title="Share of each window covered by a node's samples")
+        height = int(160 + len(names) * min(18, max(4, 1200 // max(len(names), 1))))
+        parts.append(charts(figure, height=height))
+    if data.quarantined:
+        parts.append(
+            f'<p class="bad">{len(data.quarantined)} files in quarantine (unreadable or not '
+            "sample files; the log says why each was moved):</p>"
+            + _table(
+                ["file", "bytes"],
+                [[q.path, f"{q.size_bytes:,}"] for q in data.quarantined],
+            )
+        )
+    else:
+        parts.append("<p>No files in quarantine.</p>")
+    return "".join(parts)

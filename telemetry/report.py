@@ -1,0 +1,283 @@
+"""``tally report``: what the HTML report shows, computed from a stored dataset in one scan.
+
+The bill engine gives the per-window pool, tenant and job rows; alongside it, grids of every GPU
+(and every node's CPUs) × window hold SPEC §3 integer sums — capacity, busy, held by a job and
+gap time — so the heatmaps agree with the bill to the microsecond. Money and ratios are derived
+from those sums only here, at the end.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+import kernels
+from kernels.billing import window_index
+from telemetry.bill import finish_bill, scan, selected_range
+from telemetry.billing import NS, Bill, Biller, PartialSums
+from telemetry.chunks import DEFAULT_BUDGET_ROWS, plan
+from telemetry.dataset import ReadStats, discover
+from telemetry.errors import TallyError
+from telemetry.inventory import Inventory
+from telemetry.schema import SCHEMAS, validate
+from telemetry.series import merge_rows
+from telemetry.store import QUARANTINE
+
+# Report windows tried by ``--window auto``: the shortest that keeps the charts readable.
+AUTO_WINDOWS_S = (60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400)
+AUTO_MAX_POINTS = 240
+GRID_FIELDS = ("capacity_us", "busy_us", "held_us", "gap_us", "seen_us")
+
+
+def auto_window(first_ns: int, last_ns: int) -> int:
+    """The shortest of ``AUTO_WINDOWS_S`` giving at most ``AUTO_MAX_POINTS`` windows."""
+    span_s = max(0, last_ns - first_ns) / NS
+    for window in AUTO_WINDOWS_S:
+        if span_s / window <= AUTO_MAX_POINTS:
+            return window
+    return AUTO_WINDOWS_S[-1]
+
+
+class SeriesGrid:
+    """Integer sums per (series, window) of one sample table (``gpu`` or ``cpu``).
+
+    A series is a GPU (node, uuid) or a node's CPUs. ``held_us`` is capacity time during which
+    a GPU's sample named a job; ``gap_us`` is time lost to gaps longer than ``max_gap``;
+    ``seen_us`` is time covered by intervals that count (wall time, not unit time).
+    """
+
+    def __init__(
+        self,
+        table: str,
+        window_s: int,
+        max_gap_s: float,
+        start_ns: int | None = None,
+        end_ns: int | None = None,
+    ) -> None:
+        self.table = table
+        self.window_ns = window_s * NS
+        self.max_gap_ns = int(max_gap_s * NS)
+        self.start_ns, self.end_ns = start_ns, end_ns
+        self.carry = SCHEMAS[table].empty_table()
+        self.parts = PartialSums(width=2)
+        self.ids: dict[tuple[str, ...], int] = {}
+        self.labels: list[tuple[str, ...]] = []
+        self.details: list[dict[str, Any]] = []  # per series: index, model of a GPU
+
+    def add(self, chunk: dict[str, pa.Table]) -> None:
+        new = chunk.get(self.table)
+        if new is None or not new.num_rows:
+            return
+        new = validate(new, self.table).select(SCHEMAS[self.table].names)
+        merged = merge_rows(
+            self.carry, new, self.table, self.max_gap_ns, canonical=True, drop_late=False
+        )
+        table, times = merged.table, merged.times
+        self.carry = table.take(pa.array(kernels.last_rows(merged.codes)))
+        local = np.array([self._id(label, table, merged.codes, i)
+                          for i, label in enumerate(merged.labels)], dtype=np.int64)  # fmt: skip
+        series = local[merged.codes] if merged.codes.size else merged.codes
+        counted = merged.is_new.copy()
+        if self.start_ns is not None:
+            counted &= times >= self.start_ns
+        if self.end_ns is not None:
+            counted &= times < self.end_ns
+        parts = merged.parts
+        if self.table == "gpu":
+            held = pc.is_valid(table.column("job_id")).to_numpy(zero_copy_only=False)
+        else:
+            held = np.zeros(times.size, dtype=bool)
+        codes = merged.codes
+        seen = np.zeros(times.size, np.int64)
+        if times.size > 1:
+            step = times[1:] - times[:-1]
+            counts = (codes[1:] == codes[:-1]) & (step <= self.max_gap_ns)
+            seen[1:] = np.where(counts, step // 1000, 0)
+        m = counted
+        self.parts.add(
+            [series[m], window_index(times, self.window_ns)[m]],
+            [
+                parts["capacity_us"][m],
+                parts["busy_us"][m],
+                np.where(held, parts["capacity_us"], 0)[m],
+                parts["gap_us"][m],
+                seen[m],
+            ],
+        )
+
+    def _id(self, label: tuple[str, ...], table: pa.Table, codes: np.ndarray, code: int) -> int:
+        found = self.ids.get(label)
+        if found is None:
+            found = self.ids[label] = len(self.labels)
+            self.labels.append(label)
+            detail: dict[str, Any] = {"node": label[0]}
+            if self.table == "gpu":
+                row = int(np.argmax(codes == code))
+                detail["index"] = int(table.column("gpu_index")[row].as_py())
+                detail["model"] = str(table.column("gpu_model")[row].as_py())
+            self.details.append(detail)
+        return found
+
+    def matrices(self, first_window: int, windows: int) -> dict[str, np.ndarray]:
+        """``GRID_FIELDS`` as int64 [series × windows] from window index ``first_window``."""
+        keys, sums = self.parts.compact()
+        out = {name: np.zeros((len(self.labels), windows), np.int64) for name in GRID_FIELDS}
+        if keys[0].size:
+            column = keys[1] - first_window
+            inside = (column >= 0) & (column < windows)
+            for name, values in zip(GRID_FIELDS, sums, strict=True):
+                out[name][keys[0][inside], column[inside]] = values[inside]
+        return out
+
+
+@dataclass
+class Grid:
+    """One table's grid: series labels, window starts (ns) and the int64 sums."""
+
+    labels: list[tuple[str, ...]]
+    details: list[dict[str, Any]]
+    window_starts_ns: np.ndarray
+    sums: dict[str, np.ndarray]
+
+
+@dataclass
+class QuarantinedFile:
+    path: str
+    size_bytes: int
+
+
+@dataclass
+class ReportData:
+    """Everything the report shows."""
+
+    dataset: str
+    window_s: int
+    bill: Bill
+    gpu: Grid
+    cpu: Grid
+    quarantined: list[QuarantinedFile] = field(default_factory=list)
+    first_ns: int | None = None
+    last_ns: int | None = None
+
+
+def collect_report(
+    root: Path,
+    inventory: Inventory,
+    window: int | None,
+    start: str | None = None,
+    end: str | None = None,
+    budget_rows: int = DEFAULT_BUDGET_ROWS,
+    progress: Callable[[int, int, int], None] | None = None,
+    warn: Callable[[str], None] = lambda _: None,
+) -> ReportData:
+    """Scan the dataset at ``root`` once; ``window`` None picks one (``auto_window``).
+
+    Raises ``TallyError`` for unusable input, as ``tally bill`` does.
+    """
+    looked = ReadStats()
+    pieces = plan(root, discover(root), looked)
+    if not pieces:
+        raise TallyError(f"dataset {root} holds no readable rows")
+    first = min(p.min_ns for p in pieces)
+    last = max(p.max_ns for p in pieces)
+    if window is None:
+        lo, hi = selected_range(60, start, end)
+        window = auto_window(max(first, lo or first), min(last, (hi or last + 1) - 1))
+    lo, hi = selected_range(window, start, end)
+    max_gap = inventory.max_gap_seconds
+
+    def fresh() -> list[Any]:
+        return [
+            Biller(inventory, window, lo, hi),
+            SeriesGrid("gpu", window, max_gap, lo, hi),
+            SeriesGrid("cpu", window, max_gap, lo, hi),
+        ]
+
+    consumers, stats = scan(root, fresh, budget_rows, progress, warn)
+    stats.files_quarantined += looked.files_quarantined
+    biller, gpu, cpu = consumers
+    assert isinstance(biller, Biller) and isinstance(gpu, SeriesGrid)
+    assert isinstance(cpu, SeriesGrid)
+    bill = finish_bill(biller, stats, warn)
+    window_ns = window * NS
+    w_first = (lo if lo is not None else first) // window_ns
+    w_last = ((hi - 1) if hi is not None else last) // window_ns
+    windows = max(0, int(w_last - w_first + 1))
+    starts = (np.arange(windows, dtype=np.int64) + w_first) * window_ns
+    grids = [
+        Grid(g.labels, g.details, starts, g.matrices(int(w_first), windows)) for g in (gpu, cpu)
+    ]
+    for grid in grids:
+        _sort_by_node(grid)
+    return ReportData(
+        dataset=str(root),
+        window_s=window,
+        bill=bill,
+        gpu=grids[0],
+        cpu=grids[1],
+        quarantined=_quarantined(root),
+        first_ns=first if lo is None else max(first, lo),
+        last_ns=last if hi is None else min(last, hi - 1),
+    )
+
+
+def _sort_by_node(grid: Grid) -> None:
+    order = sorted(
+        range(len(grid.labels)),
+        key=lambda i: (grid.labels[i][0], grid.details[i].get("index", 0), grid.labels[i]),
+    )
+    grid.labels = [grid.labels[i] for i in order]
+    grid.details = [grid.details[i] for i in order]
+    index = np.asarray(order, dtype=np.int64)
+    grid.sums = {name: m[index] if m.shape[0] else m for name, m in grid.sums.items()}
+
+
+def _quarantined(root: Path) -> list[QuarantinedFile]:
+    base = root / QUARANTINE
+    found: list[QuarantinedFile] = []
+    if base.is_dir():
+        for directory, _, names in os.walk(base):
+            for name in sorted(names):
+                path = Path(directory) / name
+                try:
+                    size = path.stat().st_size
+                except OSError:
+                    size = 0
+                found.append(QuarantinedFile(str(path.relative_to(root)), size))
+    return sorted(found, key=lambda f: f.path)
+
+
+def coarsen(
+    sums: dict[str, np.ndarray], starts: np.ndarray, at_most: int
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Merge adjacent windows (exact integer sums) until there are at most ``at_most``."""
+    windows = starts.size
+    if windows <= at_most:
+        return sums, starts
+    k = -(-windows // at_most)
+    pad = (-windows) % k
+    out = {}
+    for name, m in sums.items():
+        padded = np.pad(m, ((0, 0), (0, pad)))
+        out[name] = padded.reshape(m.shape[0], -1, k).sum(axis=2)
+    return out, starts[::k]
+
+
+def totals_by(
+    rows: list[dict[str, Any]], keys: tuple[str, ...], fields: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """Sum ``fields`` of bill rows over windows, per distinct ``keys``; None counts as 0."""
+    merged: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in rows:
+        key = tuple(row[k] for k in keys)
+        into = merged.setdefault(key, {**{k: row[k] for k in keys}, **dict.fromkeys(fields, 0.0)})
+        for f in fields:
+            into[f] += row[f] or 0.0
+    return list(merged.values())
