@@ -3,27 +3,27 @@
 :class:`TallyCollector` is a custom prometheus-client collector: every scrape rebuilds all metric
 families from the newest snapshot (no ``remove()`` bookkeeping, a vanished series simply is not
 rendered), and ``describe()`` lists the families so registering it triggers no collection.
-Sample timestamps are never exported; label values are escaped by the client's text encoder, so
-no input can add a series.
+Families are built as columns (:mod:`exporters.exposition`): the text format is rendered from
+them directly, OpenMetrics through prometheus-client. Sample timestamps are never exported;
+label values are escaped, so no input can add a series.
 """
 
 from __future__ import annotations
 
-import math
+import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import Metric
 
+from exporters.exposition import ColumnFamily, LabelColumn, render_text, strings, to_client_metric
 from telemetry import __version__
+from telemetry.aggregate import AggregateSnapshot
 from telemetry.billing import LiveTotals
 from telemetry.schema import CPU_MODES
 from telemetry.state import Snapshot, TableSnapshot
-
-Family = GaugeMetricFamily | CounterMetricFamily
 
 # name → (type, help, label names); the single source for describe() and collect().
 METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -203,31 +203,61 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         ("pool", "kind", "tenant", "currency"),
     ),
     "tally_build_info": ("gauge", "tally build; always 1.", ("version",)),
+    "tally_pool_allocation_ratio": (
+        "gauge",
+        "Allocated over capacity unit-time of the pool in the trailing window (aggregator, 0-1).",
+        ("pool", "kind", "window"),
+    ),
+    "tally_pool_busy_ratio": (
+        "gauge",
+        "Busy over capacity unit-time of the pool in the trailing window (aggregator, 0-1).",
+        ("pool", "kind", "window"),
+    ),
+    "tally_aggregate_rows_read": (
+        "counter",
+        "Sample rows the aggregator read from the dataset, by table.",
+        ("table",),
+    ),
+    "tally_aggregate_rows_dropped": (
+        "counter",
+        "Rows the aggregator could not bill live: duplicate, or late (older than their series).",
+        ("reason",),
+    ),
+    "tally_aggregate_files_quarantined": (
+        "counter",
+        "Unreadable files the aggregator moved to quarantine/.",
+        (),
+    ),
+    "tally_aggregate_newest_sample_age_seconds": (
+        "gauge",
+        "Seconds between now and the newest sample in the dataset (how far behind it is).",
+        (),
+    ),
+    "tally_aggregate_poll_duration_seconds": (
+        "gauge",
+        "Seconds the last poll of the dataset took.",
+        (),
+    ),
 }
 
 
-def _family(name: str) -> Family:
+def _family(name: str) -> ColumnFamily:
     kind, doc, labels = METRICS[name]
-    cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-    return cls(name, doc, labels=list(labels))
+    return ColumnFamily(name, kind, doc, labels)
 
 
-def _strings(table: pa.Table, column: str, default: str = "") -> list[str]:
+def _column(table: pa.Table, column: str, default: str = "") -> LabelColumn:
+    """A label column as strings (null → empty); ``default`` when the table lacks it."""
     if column not in table.column_names:
-        return [default] * table.num_rows
-    return ["" if v is None else str(v) for v in table.column(column).to_pylist()]
+        return default
+    values = table.column(column).combine_chunks()
+    return pc.fill_null(pc.cast(values, pa.string()), "")
 
 
-def _numbers(table: pa.Table, column: str) -> list[float | None]:
-    values = table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
-    return [None if math.isnan(v) else v for v in values.tolist()]
-
-
-def _add_values(family: Family, labels: list[list[str]], values: Any) -> Family:
-    for label_values, value in zip(labels, values, strict=True):
-        if value is not None and not (isinstance(value, float) and math.isnan(value)):
-            family.add_metric(label_values, float(value))
-    return family
+def _numbers(table: pa.Table, column: str) -> np.ndarray:
+    """A column as float64, null → NaN (not exported)."""
+    values: np.ndarray = table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
+    return values
 
 
 def _sorted(snapshot: TableSnapshot, keys: list[str]) -> TableSnapshot:
@@ -243,143 +273,114 @@ def _sorted(snapshot: TableSnapshot, keys: list[str]) -> TableSnapshot:
     )
 
 
-def cpu_families(snap: TableSnapshot) -> Iterator[Family]:
+def _one(name: str, columns: list[LabelColumn], values: np.ndarray) -> ColumnFamily:
+    family = _family(name)
+    family.add(columns, values)
+    return family
+
+
+def cpu_families(snap: TableSnapshot) -> Iterator[ColumnFamily]:
     snap = _sorted(snap, ["node"])
     t = snap.latest
-    nodes = [[n] for n in _strings(t, "node")]
+    nodes = [_column(t, "node")]
     seconds = _family("tally_cpu_seconds")
     for mode in CPU_MODES:
-        for node, value in zip(nodes, _numbers(t, f"{mode}_seconds"), strict=True):
-            if value is not None:
-                seconds.add_metric([node[0], mode], value)
+        seconds.add([*nodes, mode], _numbers(t, f"{mode}_seconds"))
     yield seconds
-    yield _add_values(_family("tally_cpus"), nodes, _numbers(t, "cpus"))
-    yield _add_values(_family("tally_memory_total_bytes"), nodes, _numbers(t, "memory_total_bytes"))
-    yield _add_values(
-        _family("tally_memory_available_bytes"), nodes, _numbers(t, "memory_available_bytes")
-    )
-    yield _add_values(_family("tally_cpu_energy_joules"), nodes, _numbers(t, "energy_joules"))
+    yield _one("tally_cpus", nodes, _numbers(t, "cpus"))
+    yield _one("tally_memory_total_bytes", nodes, _numbers(t, "memory_total_bytes"))
+    yield _one("tally_memory_available_bytes", nodes, _numbers(t, "memory_available_bytes"))
+    yield _one("tally_cpu_energy_joules", nodes, _numbers(t, "energy_joules"))
     util = _family("tally_cpu_utilization_ratio")
     for window, ratios in snap.windows.items():
-        _add_values(util, [[n[0], window] for n in nodes], ratios.tolist())
+        util.add([*nodes, window], ratios)
     yield util
 
 
-def gpu_families(snap: TableSnapshot) -> Iterator[Family]:
+def gpu_families(snap: TableSnapshot) -> Iterator[ColumnFamily]:
     snap = _sorted(snap, ["node", "gpu_index", "gpu_uuid"])
     t = snap.latest
-    node, index, uuid = _strings(t, "node"), _strings(t, "gpu_index"), _strings(t, "gpu_uuid")
-    ids = [list(x) for x in zip(node, index, uuid, strict=True)]
-    info = _family("tally_gpu_info")
-    for i, model, mig in zip(
-        ids, _strings(t, "gpu_model"), _strings(t, "mig_profile"), strict=True
-    ):
-        info.add_metric([*i, model, mig], 1.0)
-    yield info
-    yield _add_values(_family("tally_gpu_utilization_ratio"), ids, _numbers(t, "utilization_ratio"))
-    yield _add_values(_family("tally_gpu_sm_active_ratio"), ids, _numbers(t, "sm_active_ratio"))
-    yield _add_values(
-        _family("tally_gpu_busy_seconds"), ids, (snap.totals["busy_us"] / 1e6).tolist()
-    )
-    yield _add_values(_family("tally_gpu_memory_used_bytes"), ids, _numbers(t, "memory_used_bytes"))
-    yield _add_values(
-        _family("tally_gpu_memory_total_bytes"), ids, _numbers(t, "memory_total_bytes")
-    )
-    yield _add_values(_family("tally_gpu_power_watts"), ids, _numbers(t, "power_watts"))
-    yield _add_values(
-        _family("tally_gpu_energy_joules"), ids, (snap.totals["energy_mj"] / 1e3).tolist()
-    )
-    yield _add_values(
-        _family("tally_gpu_temperature_celsius"), ids, _numbers(t, "temperature_celsius")
-    )
+    ids = [_column(t, "node"), _column(t, "gpu_index"), _column(t, "gpu_uuid")]
+    ones = np.ones(t.num_rows)
+    yield _one("tally_gpu_info", [*ids, _column(t, "gpu_model"), _column(t, "mig_profile")], ones)
+    yield _one("tally_gpu_utilization_ratio", ids, _numbers(t, "utilization_ratio"))
+    yield _one("tally_gpu_sm_active_ratio", ids, _numbers(t, "sm_active_ratio"))
+    yield _one("tally_gpu_busy_seconds", ids, snap.totals["busy_us"] / 1e6)
+    yield _one("tally_gpu_memory_used_bytes", ids, _numbers(t, "memory_used_bytes"))
+    yield _one("tally_gpu_memory_total_bytes", ids, _numbers(t, "memory_total_bytes"))
+    yield _one("tally_gpu_power_watts", ids, _numbers(t, "power_watts"))
+    yield _one("tally_gpu_energy_joules", ids, snap.totals["energy_mj"] / 1e3)
+    yield _one("tally_gpu_temperature_celsius", ids, _numbers(t, "temperature_celsius"))
     avg = _family("tally_gpu_utilization_avg_ratio")
     for window, ratios in snap.windows.items():
-        _add_values(avg, [[*i, window] for i in ids], ratios.tolist())
+        avg.add([*ids, window], ratios)
     yield avg
     ecc = _family("tally_gpu_ecc_errors")
     for kind, column in (
         ("corrected", "ecc_corrected_errors"),
         ("uncorrected", "ecc_uncorrected_errors"),
     ):
-        _add_values(ecc, [[*i, kind] for i in ids], _numbers(t, column))
+        ecc.add([*ids, kind], _numbers(t, column))
     yield ecc
-    yield _add_values(
-        _family("tally_gpu_remapped_rows_pending"), ids, _numbers(t, "remapped_rows_pending")
-    )
-    yield _add_values(
-        _family("tally_gpu_clock_event_reasons"), ids, _numbers(t, "clock_event_reasons")
-    )
-    yield _add_values(_family("tally_gpu_xid_errors"), ids, _numbers(t, "xid_errors"))
-    yield _add_values(_family("tally_gpu_last_xid"), ids, _numbers(t, "xid_last"))
-    holder = _family("tally_gpu_job_info")
-    for i, job in zip(ids, t.column("job_id").to_pylist(), strict=True):
-        if job is not None:
-            holder.add_metric([*i, job], 1.0)
-    yield holder
+    yield _one("tally_gpu_remapped_rows_pending", ids, _numbers(t, "remapped_rows_pending"))
+    yield _one("tally_gpu_clock_event_reasons", ids, _numbers(t, "clock_event_reasons"))
+    yield _one("tally_gpu_xid_errors", ids, _numbers(t, "xid_errors"))
+    yield _one("tally_gpu_last_xid", ids, _numbers(t, "xid_last"))
+    held = pc.is_valid(t.column("job_id")).to_numpy(zero_copy_only=False)
+    yield _one("tally_gpu_job_info", [*ids, _column(t, "job_id")], np.where(held, 1.0, np.nan))
 
 
-def job_families(snap: TableSnapshot) -> Iterator[Family]:
+def job_families(snap: TableSnapshot) -> Iterator[ColumnFamily]:
     snap = _sorted(snap, ["node", "job_id"])
     t = snap.latest
-    ids = [list(x) for x in zip(_strings(t, "node"), _strings(t, "job_id"), strict=True)]
-    info = _family("tally_job_info")
-    for i, user, account in zip(ids, _strings(t, "user"), _strings(t, "account"), strict=True):
-        info.add_metric([*i, user, account], 1.0)
-    yield info
-    yield _add_values(_family("tally_job_cpu_seconds"), ids, _numbers(t, "cpu_seconds"))
-    yield _add_values(_family("tally_job_cpus_allocated"), ids, _numbers(t, "cpus_allocated"))
-    yield _add_values(_family("tally_job_gpus_allocated"), ids, _numbers(t, "gpus_allocated"))
-    yield _add_values(_family("tally_job_memory_bytes"), ids, _numbers(t, "memory_bytes"))
+    ids = [_column(t, "node"), _column(t, "job_id")]
+    owner = [_column(t, "user"), _column(t, "account")]
+    yield _one("tally_job_info", [*ids, *owner], np.ones(t.num_rows))
+    yield _one("tally_job_cpu_seconds", ids, _numbers(t, "cpu_seconds"))
+    yield _one("tally_job_cpus_allocated", ids, _numbers(t, "cpus_allocated"))
+    yield _one("tally_job_gpus_allocated", ids, _numbers(t, "gpus_allocated"))
+    yield _one("tally_job_memory_bytes", ids, _numbers(t, "memory_bytes"))
 
 
-def pool_families(live: LiveTotals) -> Iterator[Family]:
+def pool_families(live: LiveTotals) -> Iterator[ColumnFamily]:
     """Pool and tenant counters from the live bill (all-time totals)."""
-    names = ("capacity", "allocated", "busy")
-    families = [_family(f"tally_pool_{n}_unit_seconds") for n in names]
-    for pool, kind, *values in live.pools:
-        for family, value in zip(families, values, strict=True):
-            family.add_metric([pool, kind], value)
-    yield from families
-    allocated = _family("tally_tenant_allocated_unit_seconds")
-    charge = _family("tally_tenant_charge")
-    for pool, kind, tenant, seconds, money in live.tenants:
-        allocated.add_metric([pool, kind, tenant], seconds)
-        charge.add_metric([pool, kind, tenant, live.currency], money)
-    yield allocated
-    yield charge
+    pools = [strings([p[0] for p in live.pools]), strings([p[1] for p in live.pools])]
+    for i, name in enumerate(("capacity", "allocated", "busy"), start=2):
+        values = np.array([p[i] for p in live.pools], dtype=np.float64)
+        yield _one(f"tally_pool_{name}_unit_seconds", pools, values)
+    tenants = [strings([str(t[j]) for t in live.tenants]) for j in range(3)]
+    seconds = np.array([t[3] for t in live.tenants], dtype=np.float64)
+    money = np.array([t[4] for t in live.tenants], dtype=np.float64)
+    yield _one("tally_tenant_allocated_unit_seconds", tenants, seconds)
+    yield _one("tally_tenant_charge", [*tenants, live.currency], money)
 
 
-def self_families(snapshot: Snapshot) -> Iterator[Family]:
+def self_families(snapshot: Snapshot) -> Iterator[ColumnFamily]:
     names = sorted(snapshot.collectors)
     if names:
-        success = _family("tally_collector_success")
-        duration = _family("tally_collector_duration_seconds")
-        for name in names:
-            status = snapshot.collectors[name]
-            success.add_metric([name], 1.0 if status.success else 0.0)
-            duration.add_metric([name], status.duration_seconds)
-        yield success
-        yield duration
-    ingested = _family("tally_samples_ingested")
+        status = [snapshot.collectors[name] for name in names]
+        column = [strings(names)]
+        yield _one("tally_collector_success",  column,
+                   np.array([1.0 if s.success else 0.0 for s in status]))  # fmt: skip
+        yield _one("tally_collector_duration_seconds", column,
+                   np.array([s.duration_seconds for s in status], dtype=np.float64))  # fmt: skip
+    tables = sorted(snapshot.ingest)
+    stats = [snapshot.ingest[t] for t in tables]
+    yield _one("tally_samples_ingested", [strings(tables)],
+               np.array([s.rows for s in stats], dtype=np.float64))  # fmt: skip
     dropped = _family("tally_samples_dropped")
-    for table in sorted(snapshot.ingest):
-        stats = snapshot.ingest[table]
-        ingested.add_metric([table], float(stats.rows))
-        dropped.add_metric([table, "duplicate"], float(stats.duplicates))
-        dropped.add_metric([table, "late"], float(stats.late))
-    yield ingested
+    for table, s in zip(tables, stats, strict=True):
+        dropped.add([table, "duplicate"], np.array([s.duplicates], dtype=np.float64))
+        dropped.add([table, "late"], np.array([s.late], dtype=np.float64))
     yield dropped
     if snapshot.store:
         for key in ("rows_written", "errors"):
-            family = _family(f"tally_store_{key}")
-            family.add_metric([], float(snapshot.store.get(key, 0)))
-            yield family
-    info = _family("tally_build_info")
-    info.add_metric([__version__], 1.0)
-    yield info
+            yield _one(f"tally_store_{key}", [],
+                       np.array([snapshot.store.get(key, 0)], dtype=np.float64))  # fmt: skip
+    yield _one("tally_build_info", [__version__], np.ones(1))
 
 
-_RENDERERS: dict[str, Callable[[TableSnapshot], Iterator[Family]]] = {
+_RENDERERS: dict[str, Callable[[TableSnapshot], Iterator[ColumnFamily]]] = {
     "cpu": cpu_families,
     "gpu": gpu_families,
     "job": job_families,
@@ -406,28 +407,22 @@ DCGM_METRICS: dict[str, tuple[str, str, float]] = {
 DCGM_LABELS = ["gpu", "UUID", "device", "modelName", "Hostname"]
 
 
-def dcgm_families(snap: TableSnapshot) -> Iterator[Family]:
+def dcgm_families(snap: TableSnapshot) -> Iterator[ColumnFamily]:
     snap = _sorted(snap, ["node", "gpu_index", "gpu_uuid"])
     t = snap.latest
-    indexes = _strings(t, "gpu_index")
-    labels = [
-        [index, uuid, f"nvidia{index}", model, node]
-        for index, uuid, model, node in zip(
-            indexes,
-            _strings(t, "gpu_uuid"),
-            _strings(t, "gpu_model"),
-            _strings(t, "node"),
-            strict=True,
-        )
-    ]
+    index = _column(t, "gpu_index")
+    device = pc.binary_join_element_wise("nvidia", index, "")
+    labels = [index, _column(t, "gpu_uuid"), device, _column(t, "gpu_model"), _column(t, "node")]
     for name, (doc, column, scale) in DCGM_METRICS.items():
-        family = GaugeMetricFamily(name, doc, labels=DCGM_LABELS)
-        values = [None if v is None else v * scale for v in _numbers(t, column)]
-        yield _add_values(family, labels, values)
+        family = ColumnFamily(name, "gauge", doc, tuple(DCGM_LABELS))
+        family.add(labels, _numbers(t, column) * scale)
+        yield family
 
 
 class TallyCollector:
-    """prometheus-client collector rendering whatever snapshot ``source`` returns at scrape time.
+    """Renders whatever snapshot ``source`` returns at scrape time: as a prometheus-client
+    collector (``collect``, used for OpenMetrics) and straight to the text format
+    (``render_text``, the same bytes without one object per sample).
 
     ``dcgm_compat`` adds dcgm-exporter's metric names for existing dashboards.
     """
@@ -437,14 +432,16 @@ class TallyCollector:
         self._dcgm = dcgm_compat
 
     def describe(self) -> list[Metric]:
-        families: list[Metric] = [_family(name) for name in METRICS]
+        families = [_family(name) for name in METRICS]
         if self._dcgm:
             families += [
-                GaugeMetricFamily(n, d, labels=DCGM_LABELS) for n, (d, _, _) in DCGM_METRICS.items()
+                ColumnFamily(n, "gauge", d, tuple(DCGM_LABELS))
+                for n, (d, _, _) in DCGM_METRICS.items()
             ]
-        return families
+        return [to_client_metric(f) for f in families]
 
-    def collect(self) -> Iterator[Metric]:
+    def families(self) -> Iterator[ColumnFamily]:
+        """Every family of the newest snapshot, in exposition order."""
         snapshot = self._source()
         for table, render in _RENDERERS.items():
             snap = snapshot.tables.get(table)
@@ -455,3 +452,71 @@ class TallyCollector:
         if snapshot.pools is not None:
             yield from pool_families(snapshot.pools)
         yield from self_families(snapshot)
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.families():
+            yield to_client_metric(family)
+
+    def render_text(self) -> bytes:
+        """The text exposition of the newest snapshot (what ``generate_latest`` would write)."""
+        return render_text(self.families())
+
+
+def aggregate_families(snapshot: AggregateSnapshot, now_ns: int) -> Iterator[ColumnFamily]:
+    """The cluster aggregator's families: pool and tenant counters, trailing ratios, itself."""
+    if snapshot.totals is not None:
+        yield from pool_families(snapshot.totals)
+    rows = snapshot.ratios.rows
+    labels = [strings([str(r[j]) for r in rows]) for j in range(3)]
+    allocation = np.array([np.nan if r[3] is None else r[3] for r in rows], dtype=np.float64)
+    busy = np.array([np.nan if r[4] is None else r[4] for r in rows], dtype=np.float64)
+    yield _one("tally_pool_allocation_ratio", labels, allocation)
+    yield _one("tally_pool_busy_ratio", labels, busy)
+    tables = sorted(snapshot.rows_read)
+    read = np.array([snapshot.rows_read[t] for t in tables], dtype=np.float64)
+    yield _one("tally_aggregate_rows_read", [strings(tables)], read)
+    reasons = sorted(snapshot.rows_dropped)
+    dropped = np.array([snapshot.rows_dropped[r] for r in reasons], dtype=np.float64)
+    yield _one("tally_aggregate_rows_dropped", [strings(reasons)], dropped)
+    yield _one("tally_aggregate_files_quarantined", [], np.array([snapshot.files_quarantined]))
+    if snapshot.newest_ns is not None:
+        age = max(0.0, (now_ns - snapshot.newest_ns) / 1e9)
+        yield _one("tally_aggregate_newest_sample_age_seconds", [], np.array([age]))
+    yield _one("tally_aggregate_poll_duration_seconds", [], np.array([snapshot.poll_seconds]))
+    yield _one("tally_build_info", [__version__], np.ones(1))
+
+
+class AggregateCollector:
+    """The aggregator's exposition, like :class:`TallyCollector` (text from columns)."""
+
+    NAMES = (
+        "tally_pool_capacity_unit_seconds",
+        "tally_pool_allocated_unit_seconds",
+        "tally_pool_busy_unit_seconds",
+        "tally_tenant_allocated_unit_seconds",
+        "tally_tenant_charge",
+        "tally_pool_allocation_ratio",
+        "tally_pool_busy_ratio",
+        "tally_aggregate_rows_read",
+        "tally_aggregate_rows_dropped",
+        "tally_aggregate_files_quarantined",
+        "tally_aggregate_newest_sample_age_seconds",
+        "tally_aggregate_poll_duration_seconds",
+        "tally_build_info",
+    )
+
+    def __init__(self, source: Callable[[], AggregateSnapshot]) -> None:
+        self._source = source
+
+    def describe(self) -> list[Metric]:
+        return [to_client_metric(_family(name)) for name in self.NAMES]
+
+    def families(self) -> Iterator[ColumnFamily]:
+        return aggregate_families(self._source(), time.time_ns())
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.families():
+            yield to_client_metric(family)
+
+    def render_text(self) -> bytes:
+        return render_text(self.families())

@@ -126,7 +126,9 @@ class Biller:
     """Accumulates a bill from time-ordered chunks of sample tables.
 
     ``start_ns``/``end_ns`` (window-aligned) select the windows that count; rows before the start
-    still open the intervals that end inside it.
+    still open the intervals that end inside it. With ``drop_late`` a row older than its series'
+    newest row already added is dropped and counted in ``late`` (a follower that cannot go back
+    in time); without ``jobs`` only the pool sums are kept.
     """
 
     def __init__(
@@ -135,8 +137,14 @@ class Biller:
         window_seconds: int,
         start_ns: int | None = None,
         end_ns: int | None = None,
+        *,
+        drop_late: bool = False,
+        jobs: bool = True,
     ) -> None:
         self.inventory = inventory
+        self.drop_late = drop_late
+        self.track_jobs = jobs
+        self.late = 0
         self.window_ns = int(window_seconds) * NS
         self.start_ns = start_ns
         self.end_ns = end_ns
@@ -175,9 +183,10 @@ class Biller:
     def _add_table(self, name: str, new: pa.Table) -> None:
         self.rows += new.num_rows
         merged = merge_rows(
-            self.carry[name], new, name, self.max_gap_ns, canonical=True, drop_late=False
+            self.carry[name], new, name, self.max_gap_ns, canonical=True, drop_late=self.drop_late
         )
         self.duplicates += merged.duplicates
+        self.late += merged.late
         table, codes, times, is_new, parts = (
             merged.table, merged.codes, merged.times, merged.is_new, merged.parts,
         )  # fmt: skip
@@ -205,7 +214,7 @@ class Biller:
                     parts["gap_us"][m],
                 ],
             )
-        if name == "gpu":
+        if name == "gpu" and self.track_jobs:
             jobs = self.jobs.encode(table.column("job_id"))
             held = m & (jobs >= 0)
             self.job_parts.add(
@@ -213,18 +222,20 @@ class Biller:
                 [zeros[held], parts["busy_us"][held], parts["energy_mj"][held], zeros[held]],
             )
         elif name == "job":
-            jobs = self.jobs.encode(table.column("job_id"))
+            job_ids = self.jobs.encode(table.column("job_id")) if self.track_jobs else None
             for kind, allocated in (("gpu", "gpus_allocated_us"), ("cpu", "cpus_allocated_us")):
                 pool = self._pool_of(nodes, kind)
                 self.pool_parts.add(
                     [window[m], pool[m]],
                     [zeros[m], parts[allocated][m], zeros[m], zeros[m], zeros[m]],
                 )
-                self.job_parts.add(
-                    [window[m], pool[m], nodes[m], jobs[m]],
-                    [parts[allocated][m], zeros[m], zeros[m], parts["cpu_used_us"][m]],
-                )
-            self._note_owners(table, codes, times, nodes, jobs)
+                if job_ids is not None:
+                    self.job_parts.add(
+                        [window[m], pool[m], nodes[m], job_ids[m]],
+                        [parts[allocated][m], zeros[m], zeros[m], parts["cpu_used_us"][m]],
+                    )
+            if job_ids is not None:
+                self._note_owners(table, codes, times, nodes, job_ids)
 
     def _note_owners(
         self,

@@ -1,4 +1,4 @@
-"""The ``tally`` command line: ``daemon``, ``doctor``, ``replay``, ``bill``, ``report``, ``sample``.
+"""The ``tally`` command line: daemon, doctor, replay, bill, report, aggregate, sample.
 
 Exit codes: 0 ok, 2 bad usage, configuration or input (one line on stderr), 1 unexpected.
 """
@@ -6,6 +6,7 @@ Exit codes: 0 ok, 2 bad usage, configuration or input (one line on stderr), 1 un
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import threading
 import traceback
@@ -15,6 +16,7 @@ from typing import Any, NoReturn
 from telemetry import __version__
 from telemetry.collectors import REGISTRY
 from telemetry.config import (
+    DEFAULT_AGGREGATE_LISTEN,
     DEFAULT_DATA_DIR,
     DEFAULT_INTERVAL_SECONDS,
     DEFAULT_LISTEN,
@@ -28,6 +30,8 @@ from telemetry.config import (
 from telemetry.errors import TallyError
 from telemetry.logs import setup as setup_logging
 from telemetry.schema import SchemaError
+
+log = logging.getLogger("tally.cli")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -182,6 +186,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, help="output file (json, table) or prefix (csv, parquet)")
     b.add_argument("--backend", choices=["auto", "numpy"], default="auto")
 
+    agg = sub.add_parser(
+        "aggregate", help="follow a dataset many node daemons write into; export pool counters"
+    )
+    agg.add_argument("dataset", type=Path)
+    agg.add_argument("--inventory", type=Path, required=True, help="TOML inventory of pools")
+    agg.add_argument(
+        "--listen", default=DEFAULT_AGGREGATE_LISTEN, help="ADDR:PORT to serve /metrics on"
+    )
+    agg.add_argument(
+        "--poll",
+        type=_duration("poll"),
+        default=15.0,
+        help="how often to look for new samples (default 15s)",
+    )
+    agg.add_argument(
+        "--web.config.file",
+        dest="web_config",
+        type=Path,
+        help="YAML: TLS and basic auth for --listen",
+    )
+
     rep = sub.add_parser(
         "report", help="write a self-contained HTML utilisation and billing report"
     )
@@ -263,7 +288,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client import CollectorRegistry
 
     from exporters.http import MetricsServer
     from exporters.prometheus import TallyCollector
@@ -282,11 +307,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
         bar.close()
     current: list[Snapshot] = [Snapshot()]
     registry = CollectorRegistry()
-    registry.register(TallyCollector(lambda: current[0], dcgm_compat=args.dcgm_compat))
+    collector = TallyCollector(lambda: current[0], dcgm_compat=args.dcgm_compat)
+    registry.register(collector)
     server = None
     if listen is not None:
         web = load_web_config(args.web_config) if args.web_config is not None else None
-        server = MetricsServer(registry, *listen, web=web)
+        server = MetricsServer(registry, *listen, web=web, text=collector.render_text)
         server.start()
         print(f"tally replay: serving http://{args.listen}/metrics", file=sys.stderr, flush=True)
     stop = threading.Event()
@@ -306,7 +332,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if server is None:
-        sys.stdout.buffer.write(generate_latest(registry))
+        sys.stdout.buffer.write(collector.render_text())
         sys.stdout.flush()
         return 0
     stop.wait()
@@ -358,6 +384,60 @@ def cmd_bill(args: argparse.Namespace) -> int:
         write(bill, args.format, args.out)
     except OSError as exc:
         raise TallyError(f"--out {args.out}: {exc.strerror or exc}") from None
+    return 0
+
+
+def cmd_aggregate(args: argparse.Namespace) -> int:
+    import signal
+
+    from prometheus_client import CollectorRegistry
+
+    from exporters.http import MetricsServer
+    from exporters.prometheus import AggregateCollector
+    from exporters.webconfig import load_web_config
+    from telemetry.aggregate import AggregateSnapshot, Aggregator
+    from telemetry.dataset import discover
+    from telemetry.inventory import load_inventory
+    from telemetry.progress import Progress, silent
+
+    host, port = parse_listen(args.listen)
+    inventory = load_inventory(args.inventory)
+    if not args.dataset.is_dir():
+        discover(args.dataset)  # the one-line error for a missing or non-directory dataset
+    web = load_web_config(args.web_config) if args.web_config is not None else None
+    aggregator = Aggregator(args.dataset, inventory)
+    current = [AggregateSnapshot()]
+    collector = AggregateCollector(lambda: current[0])
+    registry = CollectorRegistry()
+    registry.register(collector)
+    server = MetricsServer(registry, host, port, web=web, text=collector.render_text)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    # Catch up with everything already stored before serving: counters start at the dataset's
+    # totals, so a restart neither resets nor doubles them.
+    bar = Progress("aggregate", step="file")
+    try:
+        read = aggregator.poll(progress=silent if args.quiet else bar)
+    finally:
+        bar.close()
+    current[0] = AggregateSnapshot.of(aggregator)
+    server.start()
+    if not args.quiet:
+        print(
+            f"tally aggregate: {read:,} rows from {aggregator.stats.files:,} files; serving "
+            f"http://{args.listen}/metrics, polling every {args.poll:g}s",
+            file=sys.stderr,
+            flush=True,
+        )
+    while not stop.wait(args.poll):
+        try:
+            aggregator.poll()
+        except TallyError as exc:
+            log.warning("poll failed: %s", exc)
+            continue
+        current[0] = AggregateSnapshot.of(aggregator)
+    server.stop()
     return 0
 
 
@@ -418,6 +498,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sample(args)
         if args.command == "report":
             return cmd_report(args)
+        if args.command == "aggregate":
+            return cmd_aggregate(args)
         if args.command == "doctor":
             from telemetry.doctor import run_doctor
 

@@ -20,6 +20,8 @@ from telemetry.errors import TallyError
 # other common monitoring software defaults to.
 DEFAULT_PORT = 8469
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+# The cluster aggregator runs beside Prometheus, not on a node: the next port, loopback too.
+DEFAULT_AGGREGATE_LISTEN = "127.0.0.1:8470"
 DEFAULT_DATA_DIR = "./data"
 DEFAULT_INTERVAL_SECONDS = 5.0
 DEFAULT_MAX_GAP_SECONDS = 60.0

@@ -16,7 +16,7 @@ import time
 from types import FrameType
 
 import pyarrow as pa
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
 from exporters.http import MetricsServer
@@ -68,10 +68,19 @@ class Daemon:
         ]
         self.runner = Runner([REGISTRY[name](ctx) for name in enabled])
         self.registry = CollectorRegistry()
-        self.registry.register(TallyCollector(lambda: self._snapshot, config.dcgm_compat))
-        ProcessCollector(namespace="", registry=self.registry)
+        self.tally = TallyCollector(lambda: self._snapshot, config.dcgm_compat)
+        self.registry.register(self.tally)
+        # The process_* families, in a registry of their own so that the text format can be
+        # rendered as tally's column families followed by these (the same bytes, in order).
+        self.process = CollectorRegistry()
+        ProcessCollector(namespace="", registry=self.process)
+        self.registry.register(self.process)
         self.server: MetricsServer | None = None
         self.web = load_web_config(config.web_config) if config.web_config is not None else None
+
+    def render_text(self) -> bytes:
+        """/metrics in the text format: tally's families, then the process_* families."""
+        return self.tally.render_text() + generate_latest(self.process)
 
     def stop(self, *_: object) -> None:
         self.stop_event.set()
@@ -125,7 +134,9 @@ class Daemon:
         host, port = parse_listen(self.config.listen)
         self.store.open()
         try:
-            self.server = MetricsServer(self.registry, host, port, web=self.web)
+            self.server = MetricsServer(
+                self.registry, host, port, web=self.web, text=self.render_text
+            )
             self.round()  # the first scrape already sees data
             self.server.start()
             shown = f"[{host}]" if ":" in host else host

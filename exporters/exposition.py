@@ -1,0 +1,162 @@
+"""Metric families held as columns, and the Prometheus text format rendered from them.
+
+A scrape of a large node (or of the cluster aggregator) renders tens of thousands of samples.
+prometheus-client builds one Python object per sample and formats each line on its own; here a
+family is a few Arrow string columns and a float64 array, label values are escaped once per
+column (a column shared by several families is escaped once per scrape), and every line of a
+block is built by one Arrow kernel. The text is byte for byte what ``generate_latest`` writes
+for the same families (labels sorted by name, Go-style floats); ``to_client_metric`` gives the
+same family to prometheus-client for OpenMetrics and for tests that hold the two equal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+LabelColumn: TypeAlias = "pa.Array | str"
+
+
+@dataclass
+class Block:
+    """Samples sharing one layout: a column (or a constant) per label, and the values.
+
+    NaN values are not exported (no reading); columns are label values as strings.
+    """
+
+    columns: Sequence[LabelColumn]
+    values: np.ndarray
+
+
+@dataclass
+class ColumnFamily:
+    """One metric family (``name`` without ``_total``) as blocks of columns."""
+
+    name: str
+    kind: str  # "counter" or "gauge"
+    documentation: str
+    labels: tuple[str, ...]
+    blocks: list[Block] = field(default_factory=list)
+
+    def add(self, columns: Sequence[LabelColumn], values: Iterable[float] | np.ndarray) -> None:
+        """Append a block; ``values`` may hold None or NaN for samples not to export."""
+        array = np.asarray(
+            [math.nan if v is None else v for v in values]
+            if not isinstance(values, np.ndarray)
+            else values,
+            dtype=np.float64,
+        )
+        if array.size:
+            self.blocks.append(Block(list(columns), array))
+
+
+def strings(values: Sequence[str]) -> pa.Array:
+    """A label column from Python strings."""
+    return pa.array(values, type=pa.string())
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def _escape_column(column: pa.Array) -> pa.Array:
+    escaped = pc.replace_substring(column, "\\", "\\\\")
+    escaped = pc.replace_substring(escaped, "\n", "\\n")
+    return pc.replace_substring(escaped, '"', '\\"')
+
+
+def go_float(value: float) -> str:
+    """A float as Prometheus' text format writes it (Go's shortest form, ``+Inf``, ``NaN``)."""
+    if value == math.inf:
+        return "+Inf"
+    if value == -math.inf:
+        return "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    text = repr(value)
+    dot = text.find(".")
+    # prometheus-client switches to an exponent from 7 integer digits on, as Go does.
+    if value > 0 and dot > 6:
+        mantissa = f"{text[0]}.{text[1:dot]}{text[dot + 1 :]}".rstrip("0.")
+        return f"{mantissa}e+{dot - 1:02d}"
+    return text
+
+
+def _value_strings(values: np.ndarray) -> pa.Array:
+    texts = list(map(repr, values.tolist()))
+    # repr() already matches except for non-finite values and positives of 7+ integer digits.
+    odd = np.nonzero(~np.isfinite(values) | ((values >= 1e6) & (values < 1e16)))[0]
+    for i in odd.tolist():
+        texts[i] = go_float(float(values[i]))
+    return pa.array(texts, type=pa.string())
+
+
+def _block_text(
+    name: str, labels: tuple[str, ...], block: Block, cache: dict[int, tuple[pa.Array, pa.Array]]
+) -> bytes:
+    keep = ~np.isnan(block.values)
+    count = int(np.count_nonzero(keep))
+    if count == 0:
+        return b""
+    everything = bool(keep.all())
+    mask = None if everything else pa.array(keep)
+    parts: list[pa.Array | str] = []
+    literal = name
+    order = sorted(range(len(labels)), key=lambda i: labels[i])
+    for n, i in enumerate(order):
+        literal += ("{" if n == 0 else ",") + f'{labels[i]}="'
+        column = block.columns[i]
+        if isinstance(column, str):
+            literal += _escape_label(column) + '"'
+            continue
+        # Keyed by identity, holding the column so that its id cannot be reused meanwhile.
+        held = cache.get(id(column))
+        if held is None or held[0] is not column:
+            held = cache[id(column)] = (column, _escape_column(column))
+        escaped = held[1]
+        parts.extend([literal, escaped if mask is None else pc.filter(escaped, mask)])
+        literal = '"'
+    literal += "} " if labels else " "
+    values = block.values if everything else block.values[keep]
+    parts.extend([literal, _value_strings(values), "\n"])
+    lines = pc.binary_join_element_wise(*parts, "")
+    # The lines lie back to back in the array's data buffer: that buffer is the block's text.
+    _, offsets, data = lines.buffers()
+    bounds = np.frombuffer(offsets, dtype=np.int32)[lines.offset : lines.offset + len(lines) + 1]
+    return bytes(memoryview(data)[int(bounds[0]) : int(bounds[-1])])
+
+
+def render_text(families: Iterable[ColumnFamily]) -> bytes:
+    """The Prometheus text format (0.0.4) of ``families``, as ``generate_latest`` writes it."""
+    out: list[bytes] = []
+    cache: dict[int, tuple[pa.Array, pa.Array]] = {}
+    for family in families:
+        name = family.name + "_total" if family.kind == "counter" else family.name
+        doc = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
+        out.append(f"# HELP {name} {doc}\n# TYPE {name} {family.kind}\n".encode())
+        for block in family.blocks:
+            out.append(_block_text(name, family.labels, block, cache))
+    return b"".join(out)
+
+
+def to_client_metric(family: ColumnFamily) -> Metric:
+    """The same family as a prometheus-client metric (one object per sample: the slow path)."""
+    cls = CounterMetricFamily if family.kind == "counter" else GaugeMetricFamily
+    metric = cls(family.name, family.documentation, labels=list(family.labels))
+    for block in family.blocks:
+        n = block.values.size
+        columns = [
+            [c] * n if isinstance(c, str) else [str(v) for v in c.to_pylist()]
+            for c in block.columns
+        ]
+        for i, value in enumerate(block.values.tolist()):
+            if not math.isnan(value):
+                metric.add_metric([column[i] for column in columns], value)
+    return metric

@@ -1,0 +1,166 @@
+"""The column renderer writes byte for byte what prometheus-client's ``generate_latest`` writes.
+
+prometheus-client is the oracle: the same families go through its per-sample objects and text
+encoder, and the bytes must be equal — hostile label values, NaN/±Inf, values that switch to an
+exponent, empty families, pools, dcgm names, every collector state.
+"""
+
+from __future__ import annotations
+
+import math
+import urllib.request
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.utils import floatToGoString
+
+from exporters.exposition import ColumnFamily, go_float, render_text, strings, to_client_metric
+from exporters.http import MetricsServer
+from exporters.prometheus import TallyCollector
+from telemetry.collectors.base import CollectorStatus
+from telemetry.inventory import parse_inventory
+from telemetry.state import Snapshot, State
+from tests.samples import cpu_table, gpu_table, job_table
+from tests.test_exporter import HOSTILE
+
+INVENTORY = """
+currency = "EUR"
+[[pool]]
+name = "gpu-a"
+kind = "gpu"
+ownership = "own"
+nodes = ["n*"]
+cost_per_unit_hour = 1.5
+price_per_unit_hour = 2.75
+[[pool]]
+name = "cpu-a"
+kind = "cpu"
+ownership = "leased"
+nodes = ["*"]
+cost_per_unit_hour = 0.01
+price_per_unit_hour = 0.02
+"""
+
+
+def _client_text(collector: TallyCollector) -> bytes:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return generate_latest(registry)
+
+
+def _rich_snapshot(label: str) -> Snapshot:
+    state = State(inventory=parse_inventory(INVENTORY, "t.toml"))
+    times = [float(t) for t in range(0, 900, 5)]
+    state.ingest("cpu", cpu_table("n1", times))
+    state.ingest("cpu", cpu_table(label, times, cpus=2048))
+    for i in range(8):
+        state.ingest("gpu", gpu_table("n1", f"GPU-{i}", i, times, util=i / 7, job_id=str(i % 3)))
+    state.ingest("gpu", gpu_table(label, "GPU-" + label, 3, times, util=None, model=label))
+    state.ingest("job", job_table("n1", "0", times, user=label, account=label))
+    state.ingest("job", job_table(label, label, times, gpus=0.25))
+    status = {
+        "cpu": CollectorStatus(True, 0.0021),
+        "gpu": CollectorStatus(False, 1.5e-5, "x"),
+        "job": CollectorStatus(True, 12345678.9),
+    }
+    snapshot = state.snapshot(status)
+    snapshot.store = {"rows_written": 10_000_000, "errors": 3}
+    return snapshot
+
+
+@pytest.mark.parametrize("label", ["plain", *HOSTILE])
+@pytest.mark.parametrize("dcgm", [False, True])
+def test_whole_exposition_is_byte_identical(label: str, dcgm: bool) -> None:
+    snapshot = _rich_snapshot(label)
+    collector = TallyCollector(lambda: snapshot, dcgm_compat=dcgm)
+    fast = collector.render_text()
+    assert fast == _client_text(collector)
+    assert b"tally_pool_capacity_unit_seconds_total{" in fast
+    assert b"e+" in fast  # some values are written with an exponent
+
+
+def test_empty_snapshot_is_byte_identical() -> None:
+    collector = TallyCollector(Snapshot)
+    assert collector.render_text() == _client_text(collector)
+
+
+class _One:
+    def __init__(self, family: ColumnFamily) -> None:
+        self.family = family
+
+    def collect(self) -> Iterator[Metric]:
+        yield to_client_metric(self.family)
+
+
+label_text = st.text(alphabet=st.characters(codec="utf-8"), max_size=20)
+values = st.floats(allow_nan=True, allow_infinity=True) | st.integers(-(2**60), 2**60).map(float)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rows=st.lists(st.tuples(label_text, label_text, values), max_size=30),
+    constant=label_text,
+    kind=st.sampled_from(["counter", "gauge"]),
+    doc=st.text(max_size=30),
+)
+def test_any_family_renders_as_the_client_does(
+    rows: list[tuple[str, str, float]], constant: str, kind: str, doc: str
+) -> None:
+    family = ColumnFamily("tally_x", kind, doc, ("zeta", "alpha", "mid"))
+    family.add(
+        [strings([r[0] for r in rows]), strings([r[1] for r in rows]), constant],
+        np.array([r[2] for r in rows], dtype=np.float64),
+    )
+    registry = CollectorRegistry()
+    registry.register(_One(family))
+    assert render_text([family]) == generate_latest(registry)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.floats(allow_nan=True, allow_infinity=True))
+def test_go_float_is_the_clients_float_format(value: float) -> None:
+    assert go_float(value) == floatToGoString(value)
+
+
+@pytest.mark.parametrize("value", [1e6, 999999.0, 1234567.0, 1e15, 9.999e15, 1e16, 1e21, -1e7])
+def test_exponent_boundaries(value: float) -> None:
+    assert go_float(value) == floatToGoString(value)
+    family = ColumnFamily("tally_y", "gauge", "h", ())
+    family.add([], np.array([value, math.nan]))
+    registry = CollectorRegistry()
+    registry.register(_One(family))
+    assert render_text([family]) == generate_latest(registry)
+
+
+def test_http_serves_the_column_renderer_for_text_and_the_client_for_openmetrics() -> None:
+    snapshot = _rich_snapshot(HOSTILE[0])
+    collector = TallyCollector(lambda: snapshot)
+    registry = CollectorRegistry()
+    registry.register(collector)
+    calls = []
+
+    def text() -> bytes:
+        calls.append(1)
+        return collector.render_text()
+
+    server = MetricsServer(registry, "127.0.0.1", 0, text=text)
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{server.port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = response.read()
+        assert calls and body == generate_latest(registry)
+        request = urllib.request.Request(
+            url, headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+            assert response.read().endswith(b"# EOF\n")
+        assert len(calls) == 1
+    finally:
+        server.stop()
