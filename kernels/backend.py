@@ -77,3 +77,10 @@ def to_host(array: Any) -> np.ndarray:
     if _is_cupy(array):
         return array.get()  # type: ignore[no-any-return]
     return np.asarray(array)
+
+
+def release(xp: ModuleType) -> None:
+    """Hand a finished run's GPU memory back to the device (no-op for NumPy)."""
+    if xp is not np:
+        xp.get_default_memory_pool().free_all_blocks()
+        xp.get_default_pinned_memory_pool().free_all_blocks()

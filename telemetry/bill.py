@@ -6,10 +6,13 @@ import logging
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
+from types import ModuleType
 from typing import Protocol
 
+import numpy as np
 import pyarrow as pa
 
+from kernels.backend import release
 from telemetry.billing import NS, Bill, Biller
 from telemetry.chunks import DEFAULT_BUDGET_ROWS, DamagedFile, chunk_bounds, plan, read_chunks
 from telemetry.dataset import ReadStats, discover
@@ -116,20 +119,28 @@ def compute_bill(
     budget_rows: int = DEFAULT_BUDGET_ROWS,
     progress: Callable[[int, int, int], None] | None = None,
     warn: Callable[[str], None] = log.warning,
+    xp: ModuleType = np,
 ) -> Bill:
     """The bill of the dataset at ``root``; raises ``TallyError`` for unusable input.
 
-    Without ``progress`` a progress bar is drawn on stderr when it is a terminal.
+    Without ``progress`` a progress bar is drawn on stderr when it is a terminal. ``xp`` is the
+    array backend of the grouped sums (``kernels.get_namespace``); the bill's bytes do not
+    depend on it.
     """
     lo, hi = selected_range(window_s, start, end)
     bar = Progress("billing") if progress is None else None
     try:
         consumers, stats = scan(
-            root, lambda: [Biller(inventory, window_s, lo, hi)], budget_rows, progress or bar, warn
+            root,
+            lambda: [Biller(inventory, window_s, lo, hi, xp=xp)],
+            budget_rows,
+            progress or bar,
+            warn,
         )
     finally:
         if bar is not None:
             bar.close()
+        release(xp)
     biller = consumers[0]
     assert isinstance(biller, Biller)
     return finish_bill(biller, stats, warn)

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import kernels
+from kernels.backend import to_host
 from kernels.billing import group_sums, window_index
 from telemetry.inventory import Inventory, Pool
 from telemetry.schema import SCHEMAS, validate
@@ -66,6 +67,7 @@ class PartialSums:
     """Grouped int64 partial sums, compacted now and then by re-grouping."""
 
     width: int
+    xp: Any = np  # NumPy, or CuPy: the partial sums then live on the GPU until output
     keys: list[list[np.ndarray]] = field(default_factory=list)
     sums: list[list[np.ndarray]] = field(default_factory=list)
     rows: int = 0
@@ -73,6 +75,9 @@ class PartialSums:
     def add(self, keys: list[np.ndarray], sums: list[np.ndarray]) -> None:
         if keys[0].size == 0:
             return
+        if self.xp is not np:  # the one host→device copy of this chunk's contributions
+            keys = [self.xp.asarray(k) for k in keys]
+            sums = [self.xp.asarray(v) for v in sums]
         k, s = group_sums(keys, sums)
         self.keys.append(k)
         self.sums.append(s)
@@ -83,8 +88,9 @@ class PartialSums:
     def compact(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         if not self.keys:
             return [np.zeros(0, np.int64)] * self.width, []
-        keys = [np.concatenate([k[i] for k in self.keys]) for i in range(self.width)]
-        sums = [np.concatenate([s[i] for s in self.sums]) for i in range(len(self.sums[0]))]
+        xp = self.xp
+        keys = [xp.concatenate([k[i] for k in self.keys]) for i in range(self.width)]
+        sums = [xp.concatenate([s[i] for s in self.sums]) for i in range(len(self.sums[0]))]
         keys, sums = group_sums(keys, sums)
         self.keys, self.sums, self.rows = [keys], [sums], keys[0].size
         return keys, sums
@@ -128,7 +134,8 @@ class Biller:
     ``start_ns``/``end_ns`` (window-aligned) select the windows that count; rows before the start
     still open the intervals that end inside it. With ``drop_late`` a row older than its series'
     newest row already added is dropped and counted in ``late`` (a follower that cannot go back
-    in time); without ``jobs`` only the pool sums are kept.
+    in time); without ``jobs`` only the pool sums are kept. ``xp`` (NumPy or CuPy) is where the
+    grouped integer sums are formed and kept; every backend gives the same integers.
     """
 
     def __init__(
@@ -140,6 +147,7 @@ class Biller:
         *,
         drop_late: bool = False,
         jobs: bool = True,
+        xp: Any = np,
     ) -> None:
         self.inventory = inventory
         self.drop_late = drop_late
@@ -156,8 +164,8 @@ class Biller:
         self.names = Registry()  # users and tenants
         self._node_pool = {"gpu": np.zeros(0, np.int64), "cpu": np.zeros(0, np.int64)}
         self.carry = {name: SCHEMAS[name].empty_table() for name in SCHEMAS}
-        self.pool_parts = PartialSums(width=2)  # (window, pool)
-        self.job_parts = PartialSums(width=4)  # (window, pool, node, job)
+        self.pool_parts = PartialSums(width=2, xp=xp)  # (window, pool)
+        self.job_parts = PartialSums(width=4, xp=xp)  # (window, pool, node, job)
         self.owner: dict[tuple[int, int], tuple[int, int, int]] = {}  # → (time, user, tenant)
         self.rows = 0
         self.duplicates = 0
@@ -256,8 +264,9 @@ class Biller:
 
     # ---------------------------------------------------------------- output
     def pool_totals(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """(window, pool) keys and their POOL_FIELDS sums."""
-        return self.pool_parts.compact()
+        """(window, pool) keys and their POOL_FIELDS sums (NumPy, whatever the backend)."""
+        keys, sums = self.pool_parts.compact()
+        return [to_host(k) for k in keys], [to_host(v) for v in sums]
 
     def tenant_and_job_totals(
         self,
@@ -266,6 +275,7 @@ class Biller:
     ]:
         """((window, pool, tenant), sums) and ((window, pool, job, user, tenant), sums)."""
         keys, sums = self.job_parts.compact()
+        keys, sums = [to_host(k) for k in keys], [to_host(v) for v in sums]
         unknown = self.names.id(UNKNOWN_TENANT)
         nodes, jobs = keys[2].tolist(), keys[3].tolist()
         owners = [

@@ -184,7 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--to", dest="end", help="end of the last window: ISO-8601 date or time (UTC)")
     b.add_argument("--format", choices=["json", "csv", "parquet", "table"], default="json")
     b.add_argument("--out", type=Path, help="output file (json, table) or prefix (csv, parquet)")
-    b.add_argument("--backend", choices=["auto", "numpy"], default="auto")
+    b.add_argument(
+        "--backend",
+        choices=["auto", "numpy", "cupy"],
+        default="auto",
+        help="array backend of the sums: auto = cupy when a CUDA GPU is usable, else numpy",
+    )
 
     agg = sub.add_parser(
         "aggregate", help="follow a dataset many node daemons write into; export pool counters"
@@ -355,6 +360,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_bill(args: argparse.Namespace) -> int:
     from exporters.bill import write
     from kernels import get_namespace
+    from kernels.backend import BackendError
     from telemetry.bill import compute_bill
     from telemetry.inventory import load_inventory
     from telemetry.progress import silent
@@ -364,7 +370,10 @@ def cmd_bill(args: argparse.Namespace) -> int:
         raise TallyError(f"--format {args.format} writes three files: give --out PREFIX")
     if args.out is not None and not args.out.parent.is_dir():
         raise TallyError(f"--out {args.out}: directory {args.out.parent} does not exist")
-    get_namespace(args.backend)
+    try:
+        xp = get_namespace(args.backend)
+    except BackendError as exc:
+        raise TallyError(str(exc)) from None
     inventory = load_inventory(args.inventory)
 
     def warn(message: str) -> None:
@@ -379,6 +388,7 @@ def cmd_bill(args: argparse.Namespace) -> int:
         args.end,
         warn=warn,
         progress=silent if args.quiet else None,
+        xp=xp,
     )
     try:
         write(bill, args.format, args.out)

@@ -183,7 +183,7 @@ def test_progress_bar_only_on_a_terminal(dataset: tuple[Path, Path]) -> None:
         (["--from", "2026-09-02", "--to", "2026-09-01"], "select no whole"),
         (["--format", "csv"], "give --out PREFIX"),
         (["--format", "xml"], "invalid choice"),
-        (["--backend", "cupy"], "invalid choice"),
+        (["--backend", "tpu"], "invalid choice"),
         (["--out", "/nonexistent/dir/bill.json"], "does not exist"),
     ],
 )
@@ -192,6 +192,23 @@ def test_bad_arguments_exit_2(dataset: tuple[Path, Path], extra: list[str], mess
     result = _tally("bill", str(root), "--inventory", str(inv), *extra)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_cupy_where_it_cannot_run_is_exit_2(dataset: tuple[Path, Path]) -> None:
+    from kernels.backend import BackendError, get_namespace
+
+    try:
+        get_namespace("cupy")
+    except BackendError:
+        pass
+    else:
+        pytest.skip("CuPy is usable here (tests/test_gpu_bill.py covers it)")
+    root, inv = dataset
+    result = _tally("bill", str(root), "--inventory", str(inv), "--backend", "cupy")
+    assert result.returncode == 2
+    assert result.stderr.startswith("tally: error: backend cupy: ")
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert _tally("bill", str(root), "--inventory", str(inv), "--backend", "auto").returncode == 0
 
 
 def test_inventory_errors_exit_2_naming_file(dataset: tuple[Path, Path], tmp_path: Path) -> None:
