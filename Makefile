@@ -32,8 +32,12 @@ lint: $(VENV)/.test-installed
 pytest: $(VENV)/.test-installed
 	$(BIN)/python -m pytest $(ARGS)
 
-## bench: the benchmarks of benchmarks/ (prints ratios against the baselines)
-bench: $(VENV)/.test-installed
+$(VENV)/.bench-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,bench]'
+	touch $@
+
+## bench: every benchmark of benchmarks/, one table of ratios against the baselines
+bench: $(VENV)/.bench-installed
 	$(BIN)/python -m benchmarks $(ARGS)
 
 clean:

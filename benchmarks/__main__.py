@@ -1,22 +1,87 @@
-"""Run every benchmark: ``python -m benchmarks [--quick]``."""
+"""Run every benchmark and print one table of ratios: ``python -m benchmarks [--quick] [--dir D]``.
+
+Each line is tally and its baseline measured in the same run on the same data (results compared
+for equality where both compute the same thing), with the issue's goal for the ratio.
+"""
 
 from __future__ import annotations
 
 import argparse
+import math
+import platform
+import tempfile
+from pathlib import Path
 
-from benchmarks import daemon_cost, rolling
+from benchmarks import backends, bill_duckdb, daemon_cost, exposition, rolling
+
+
+def _machine() -> str:
+    import os
+
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, {cpu}, Python {platform.python_version()}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, 10 s daemon run")
+    parser.add_argument("--dir", type=Path, help="where to keep the generated bill datasets")
     args = parser.parse_args()
-    if args.quick:
-        rolling.run(100, 500)
-        daemon_cost.run(10, 1.0)
+    quick = args.quick
+    table: list[tuple[str, str, str, str, str]] = []
+
+    ours, sum_by, mean_by = rolling.run(100, 500) if quick else rolling.run(1000, 2000)
+    ratio = f"{ours / mean_by:.2f}"
+    table.append(("trailing 5m means vs polars rolling_mean_by().over()",
+                  f"{ours:.3f} s", f"{mean_by:.3f} s", ratio, "≤ 0.5"))  # fmt: skip
+    table.append(("  same, vs polars rolling_sum_by() ratio (equal results)",
+                  f"{ours:.3f} s", f"{sum_by:.3f} s", f"{ours / sum_by:.2f}", "–"))  # fmt: skip
+
+    fast, client, series = exposition.run(40 if quick else 400)
+    table.append((f"one scrape, {series:,} series vs prometheus-client generate_latest",
+                  f"{fast * 1e3:.1f} ms", f"{client * 1e3:.1f} ms", f"{fast / client:.2f}",
+                  "≤ 0.25"))  # fmt: skip
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = args.dir or Path(scratch)
+        root.mkdir(parents=True, exist_ok=True)
+        rows = 500_000 if quick else 10_000_000
+        t_tally, t_duck = bill_duckdb.run(rows, 10 if quick else 50, root)
+        ratio = f"{t_tally / t_duck:.2f}"
+        table.append((f"tally bill end to end, {rows:,} rows vs DuckDB SQL",
+                      f"{t_tally:.2f} s", f"{t_duck:.2f} s", ratio, "≤ 1.0"))  # fmt: skip
+
+    gpu = backends.run(1_000_000 if quick else 100_000_000)
+    if gpu is None:
+        table.append(("cupy vs numpy kernels, 100M rows", "no GPU", "", "", "≥ 20×"))
     else:
-        rolling.run(1000, 2000)
-        daemon_cost.run(60, 1.0)
+        t_np, t_cp = gpu
+        table.append(("cupy vs numpy kernels (numpy is the baseline)", f"{t_cp:.3f} s",
+                      f"{t_np:.3f} s", f"{t_np / t_cp:.1f}× faster", "≥ 20×"))  # fmt: skip
+
+    for what, ours_v, theirs_v in daemon_cost.run(10 if quick else 60, 1.0):
+        if what.startswith(("daemon CPU", "peak RSS")):
+            known = math.isfinite(theirs_v)
+            base = f"{theirs_v:.1f}" if known else "–"
+            ratio = f"{ours_v / theirs_v:.2f}" if known else "–"
+            table.append((f"daemon at 1 s: {what} (baseline: bare prometheus-client)",
+                          f"{ours_v:.1f}", base, ratio, "–"))  # fmt: skip
+
+    print(f"\nmachine: {_machine()}")
+    widths = [max(len(row[i]) for row in table) for i in range(5)]
+    header = ("benchmark", "tally", "baseline", "ratio", "goal")
+    widths = [max(w, len(h)) for w, h in zip(widths, header, strict=True)]
+    for row in (header, *table):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
 
 
 if __name__ == "__main__":

@@ -57,6 +57,9 @@ class ColumnFamily:
             self.blocks.append(Block(list(columns), array))
 
 
+_EMPTY = pa.scalar("", pa.string())
+
+
 def strings(values: Sequence[str]) -> pa.Array:
     """A label column from Python strings."""
     return pa.array(values, type=pa.string())
@@ -98,9 +101,39 @@ def _value_strings(values: np.ndarray) -> pa.Array:
     return pa.array(texts, type=pa.string())
 
 
+# Below this many samples a block is formatted in Python: each Arrow call costs microseconds of
+# overhead, which only pays off over many rows (a node's own exposition is mostly small blocks).
+_ARROW_FROM_ROWS = 256
+
+
+def _block_text_small(name: str, labels: tuple[str, ...], block: Block) -> bytes:
+    order = sorted(range(len(labels)), key=lambda i: labels[i])
+    n = block.values.size
+    columns: list[list[str]] = []
+    for i in order:
+        column = block.columns[i]
+        if isinstance(column, str):
+            columns.append([_escape_label(column)] * n)
+        else:
+            columns.append([_escape_label(str(v)) for v in column.to_pylist()])
+    names = [labels[i] for i in order]
+    lines = []
+    for row, value in enumerate(block.values.tolist()):
+        if math.isnan(value):  # no reading
+            continue
+        if names:
+            pairs = ",".join(f'{k}="{c[row]}"' for k, c in zip(names, columns, strict=True))
+            lines.append(f"{name}{{{pairs}}} {go_float(value)}\n")
+        else:
+            lines.append(f"{name} {go_float(value)}\n")
+    return "".join(lines).encode()
+
+
 def _block_text(
     name: str, labels: tuple[str, ...], block: Block, cache: dict[int, tuple[pa.Array, pa.Array]]
 ) -> bytes:
+    if block.values.size < _ARROW_FROM_ROWS:
+        return _block_text_small(name, labels, block)
     keep = ~np.isnan(block.values)
     count = int(np.count_nonzero(keep))
     if count == 0:
@@ -126,7 +159,11 @@ def _block_text(
     literal += "} " if labels else " "
     values = block.values if everything else block.values[keep]
     parts.extend([literal, _value_strings(values), "\n"])
-    lines = pc.binary_join_element_wise(*parts, "")
+    # Literals go in as Arrow scalars: a Python str argument makes pyarrow try to import
+    # dateutil on every call (to parse it as a date), which costs more than the join itself.
+    lines = pc.binary_join_element_wise(
+        *[pa.scalar(p, pa.string()) if isinstance(p, str) else p for p in parts], _EMPTY
+    )
     # The lines lie back to back in the array's data buffer: that buffer is the block's text.
     _, offsets, data = lines.buffers()
     bounds = np.frombuffer(offsets, dtype=np.int32)[lines.offset : lines.offset + len(lines) + 1]

@@ -411,7 +411,8 @@ def dcgm_families(snap: TableSnapshot) -> Iterator[ColumnFamily]:
     snap = _sorted(snap, ["node", "gpu_index", "gpu_uuid"])
     t = snap.latest
     index = _column(t, "gpu_index")
-    device = pc.binary_join_element_wise("nvidia", index, "")
+    prefix, empty = pa.scalar("nvidia", pa.string()), pa.scalar("", pa.string())
+    device = pc.binary_join_element_wise(prefix, index, empty)
     labels = [index, _column(t, "gpu_uuid"), device, _column(t, "gpu_model"), _column(t, "node")]
     for name, (doc, column, scale) in DCGM_METRICS.items():
         family = ColumnFamily(name, "gauge", doc, tuple(DCGM_LABELS))

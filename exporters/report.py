@@ -314,6 +314,31 @@ def _heatmap_section(data: ReportData, charts: _Charts) -> str:
     return "".join(parts) + _cpu_heatmap(data, charts)
 
 
+def _node_heatmap(
+    charts: _Charts,
+    data: ReportData,
+    z: np.ndarray,
+    starts: np.ndarray,
+    what: str,
+    title: str,
+    colorscale: Any,
+) -> str:
+    """One row per node (the cpu grid's order), one column per (coarsened) window."""
+    names = [d["node"] for d in data.cpu.details]
+    y = list(range(len(names)))
+    figure = go.Figure(
+        go.Heatmap(
+            z=z, x=[_iso(int(s)) for s in starts], y=y, zmin=0, zmax=1, colorscale=colorscale,
+            colorbar={"title": {"text": what}, "tickformat": ".0%"},
+            hovertemplate="%{x}<br>" + what + " %{z:.0%}<extra></extra>",
+        )
+    )  # fmt: skip
+    figure.update_yaxes(tickvals=y, ticktext=names, autorange="reversed", title="node")
+    figure.update_layout(title=title)
+    height = int(160 + len(names) * min(18, max(4, 1200 // max(len(names), 1))))
+    return charts(figure, height=height)
+
+
 def _cpu_heatmap(data: ReportData, charts: _Charts) -> str:
     cpu = data.cpu
     if not cpu.labels:
@@ -322,24 +347,10 @@ def _cpu_heatmap(data: ReportData, charts: _Charts) -> str:
     capacity = sums["capacity_us"].astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         busy = np.where(capacity > 0, sums["busy_us"] / capacity, np.nan)
-    names = [d["node"] for d in cpu.details]
-    y = list(range(len(names)))
-    figure = go.Figure(
-        go.Heatmap(
-            z=busy,
-            x=[_iso(int(s)) for s in starts],
-            y=y,
-            zmin=0,
-            zmax=1,
-            colorscale="Viridis",
-            colorbar={"title": {"text": "busy"}, "tickformat": ".0%"},
-            hovertemplate="%{x}<br>CPU busy %{z:.0%}<extra></extra>",
-        )
+    title = "CPU busy ratio per window and node"
+    return "<h2>CPU utilisation</h2>" + _node_heatmap(
+        charts, data, busy, starts, "CPU busy", title, "Viridis"
     )
-    figure.update_yaxes(tickvals=y, ticktext=names, autorange="reversed", title="node")
-    figure.update_layout(title="CPU busy ratio per window and node")
-    height = int(160 + len(names) * min(18, max(4, 1200 // max(len(names), 1))))
-    return "<h2>CPU utilisation</h2>" + charts(figure, height=height)
 
 
 def _tenants_section(data: ReportData, charts: _Charts, currency: str) -> str:
@@ -526,24 +537,9 @@ def _coverage_section(data: ReportData, charts: _Charts) -> str:
         sums, starts = coarsen(cpu.sums, cpu.window_starts_ns, HEATMAP_MAX_COLUMNS)
         span_us = (int(starts[1] - starts[0]) if starts.size > 1 else data.window_s * NS) / 1000
         covered = np.clip(sums["seen_us"] / span_us, 0, 1)
-        names = [d["node"] for d in cpu.details]
-        y = list(range(len(names)))
-        figure = go.Figure(
-            go.Heatmap(
-                z=covered,
-                x=[_iso(int(s)) for s in starts],
-                y=y,
-                zmin=0,
-                zmax=1,
-                colorscale=[[0, "#b3261e"], [0.5, "#f2c14e"], [1, "#2e7d32"]],
-                colorbar={"title": {"text": "covered"}, "tickformat": ".0%"},
-                hovertemplate="%{x}<br>covered %{z:.0%}<extra></extra>",
-            )
-        )
-        figure.update_yaxes(tickvals=y, ticktext=names, autorange="reversed")
-        figure.update_layout(title="Share of each window covered by a node's samples")
-        height = int(160 + len(names) * min(18, max(4, 1200 // max(len(names), 1))))
-        parts.append(charts(figure, height=height))
+        scale = [[0, "#b3261e"], [0.5, "#f2c14e"], [1, "#2e7d32"]]
+        title = "Share of each window covered by a node's samples"
+        parts.append(_node_heatmap(charts, data, covered, starts, "covered", title, scale))
     if data.quarantined:
         parts.append(
             f'<p class="bad">{len(data.quarantined)} files in quarantine (unreadable or not '

@@ -11,9 +11,18 @@ from kernels.series import segment_bounds
 def window_start_index(times_sorted: Any, row_start: Any, at: Any, window_ns: int) -> Any:
     """For each row index in ``at``, the first row of its series with time > t_at - window.
 
-    Rows must be sorted by (series, time). A vectorised bisection over each row's own series:
-    O(n log n) element operations, no Python loop over rows.
+    Rows must be sorted by (series, time). One ``searchsorted`` over a packed (series, time)
+    key where it fits in int64, else a vectorised bisection; no Python loop over rows.
     """
+    xp = array_namespace(times_sorted, row_start, at)
+    fast = _window_start_by_key(xp, times_sorted, row_start, at, window_ns)
+    if fast is not None:
+        return fast
+    return window_start_bisect(times_sorted, row_start, at, window_ns)
+
+
+def window_start_bisect(times_sorted: Any, row_start: Any, at: Any, window_ns: int) -> Any:
+    """``window_start_index`` by a vectorised bisection over each row's series (any times)."""
     xp = array_namespace(times_sorted, row_start, at)
     target = times_sorted[at] - window_ns
     lo = row_start[at].astype(xp.int64)
@@ -26,6 +35,32 @@ def window_start_index(times_sorted: Any, row_start: Any, at: Any, window_ns: in
         later = times_sorted[mid] > target
         hi = xp.where(active & later, mid, hi)
         lo = xp.where(active & ~later, mid + 1, lo)
+
+
+def _window_start_by_key(
+    xp: Any, times_sorted: Any, row_start: Any, at: Any, window_ns: int
+) -> Any | None:
+    """One sorted search over (series rank, time) packed into an int64, when it fits.
+
+    Rows sorted by (series, time) are sorted by ``rank · K + (t − t_min)`` with K larger than
+    any time offset plus the window, so each row's window start is a single ``searchsorted``
+    (binary search in compiled code, CUB on a GPU); clamped to the row's own series. None when
+    the packed key would overflow (then the bisection runs instead).
+    """
+    n = times_sorted.shape[0]
+    if n == 0:
+        return xp.zeros(0, dtype=xp.int64)
+    t_min = int(times_sorted.min())
+    span = int(times_sorted.max()) - t_min + int(window_ns) + 1
+    is_start = xp.zeros(n, dtype=xp.int64)
+    is_start[row_start] = 1
+    rank = xp.cumsum(is_start) - 1  # series rank of each row, 0-based
+    series = int(rank[-1]) + 1
+    if series * span >= 2**62:
+        return None
+    key = rank * span + (times_sorted - t_min)
+    first = xp.searchsorted(key, key[at] - window_ns, side="right")
+    return xp.maximum(first, row_start[at]).astype(xp.int64)
 
 
 def trailing_sums(

@@ -23,13 +23,22 @@ import kernels
 from kernels.backend import to_host
 from kernels.billing import group_sums, window_index
 from telemetry.inventory import Inventory, Pool
-from telemetry.schema import SCHEMAS, validate
+from telemetry.schema import CPU_BUSY_MODES, SCHEMAS, validate
 from telemetry.series import merge_rows
 
 NS = 1_000_000_000
 US_PER_HOUR = 3_600_000_000
 MJ_PER_KWH = 3_600_000_000
 UNKNOWN_TENANT = "unknown"
+
+# The columns the bill reads of each table (SPEC §3): the rest is never decoded or moved.
+BILL_COLUMNS: dict[str, tuple[str, ...]] = {
+    "gpu": ("time", "node", "gpu_uuid", "utilization_ratio", "power_watts", "energy_joules",
+            "job_id"),
+    "cpu": ("time", "node", "cpus", *(f"{m}_seconds" for m in CPU_BUSY_MODES), "energy_joules"),
+    "job": ("time", "node", "job_id", "user", "account", "cpus_allocated", "gpus_allocated",
+            "cpu_seconds"),
+}  # fmt: skip
 
 POOL_FIELDS = ("capacity_us", "allocated_us", "busy_us", "energy_mj", "gap_us")
 JOB_FIELDS = ("allocated_us", "busy_us", "energy_mj", "used_us")
@@ -163,7 +172,9 @@ class Biller:
         self.jobs = Registry()
         self.names = Registry()  # users and tenants
         self._node_pool = {"gpu": np.zeros(0, np.int64), "cpu": np.zeros(0, np.int64)}
-        self.carry = {name: SCHEMAS[name].empty_table() for name in SCHEMAS}
+        self.carry = {
+            name: SCHEMAS[name].empty_table().select(list(BILL_COLUMNS[name])) for name in SCHEMAS
+        }
         self.pool_parts = PartialSums(width=2, xp=xp)  # (window, pool)
         self.job_parts = PartialSums(width=4, xp=xp)  # (window, pool, node, job)
         self.owner: dict[tuple[int, int], tuple[int, int, int]] = {}  # → (time, user, tenant)
@@ -176,7 +187,7 @@ class Biller:
         for name in ("gpu", "cpu", "job"):
             table = chunk.get(name)
             if table is not None and table.num_rows:
-                self._add_table(name, validate(table, name).select(SCHEMAS[name].names))
+                self._add_table(name, validate(table, name).select(list(BILL_COLUMNS[name])))
 
     def _pool_of(self, node_ids: np.ndarray, kind: str) -> np.ndarray:
         known = self._node_pool[kind]

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import os
+import pty
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +65,30 @@ def scrape_daemon(data_dir: Path, node: str, *flags: str, settle: float = 1.0) -
         code = proc.wait(timeout=15)
     assert code == 0, proc.stderr.read() if proc.stderr else code
     return text
+
+
+def stderr_on_a_terminal(*args: str) -> bytes:
+    """Run ``tally ARGS`` with stderr on a pseudo-terminal (stdout discarded); what it drew.
+
+    Fails the test when the command does not exit 0.
+    """
+    main, replica = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "telemetry.cli", *args],
+            stdout=subprocess.DEVNULL, stderr=replica, timeout=300,
+        )  # fmt: skip
+        os.close(replica)
+        seen = b""
+        while True:
+            try:
+                data = os.read(main, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            seen += data
+    finally:
+        os.close(main)
+    assert proc.returncode == 0, seen
+    return seen

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import pty
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from exporters.bill import SCHEMAS
+from tests.conftest import stderr_on_a_terminal
 from tests.samples import cpu_table, gpu_table, job_table, write_dataset
 
 INVENTORY = """
@@ -152,25 +151,7 @@ def test_progress_bar_only_on_a_terminal(dataset: tuple[Path, Path]) -> None:
     root, inv = dataset
     plain = _tally("bill", str(root), "--inventory", str(inv))
     assert "billing:" not in plain.stderr
-    main, replica = pty.openpty()
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "telemetry.cli", "bill", str(root), "--inventory", str(inv)],
-            stdout=subprocess.PIPE, stderr=replica, timeout=120,
-        )  # fmt: skip
-        os.close(replica)
-        seen = b""
-        while True:
-            try:
-                data = os.read(main, 4096)
-            except OSError:
-                break
-            if not data:
-                break
-            seen += data
-    finally:
-        os.close(main)
-    assert proc.returncode == 0
+    seen = stderr_on_a_terminal("bill", str(root), "--inventory", str(inv))
     assert b"billing: chunk 1/1" in seen
 
 

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
 from prometheus_client.utils import floatToGoString
 
+from exporters import exposition
 from exporters.exposition import ColumnFamily, go_float, render_text, strings, to_client_metric
 from exporters.http import MetricsServer
 from exporters.prometheus import TallyCollector
@@ -27,6 +28,8 @@ from telemetry.inventory import parse_inventory
 from telemetry.state import Snapshot, State
 from tests.samples import cpu_table, gpu_table, job_table
 from tests.test_exporter import HOSTILE
+
+ARROW_FROM_ROWS = exposition._ARROW_FROM_ROWS
 
 INVENTORY = """
 currency = "EUR"
@@ -80,6 +83,11 @@ def test_whole_exposition_is_byte_identical(label: str, dcgm: bool) -> None:
     collector = TallyCollector(lambda: snapshot, dcgm_compat=dcgm)
     fast = collector.render_text()
     assert fast == _client_text(collector)
+    exposition._ARROW_FROM_ROWS = 0  # every block through Arrow, however small
+    try:
+        assert collector.render_text() == fast
+    finally:
+        exposition._ARROW_FROM_ROWS = ARROW_FROM_ROWS
     assert b"tally_pool_capacity_unit_seconds_total{" in fast
     assert b"e+" in fast  # some values are written with an exponent
 
@@ -118,7 +126,13 @@ def test_any_family_renders_as_the_client_does(
     )
     registry = CollectorRegistry()
     registry.register(_One(family))
-    assert render_text([family]) == generate_latest(registry)
+    expected = generate_latest(registry)
+    for arrow_from in (0, 10**9):  # the Arrow path for every block, then the Python path
+        exposition._ARROW_FROM_ROWS = arrow_from
+        try:
+            assert render_text([family]) == expected
+        finally:
+            exposition._ARROW_FROM_ROWS = ARROW_FROM_ROWS
 
 
 @settings(max_examples=500, deadline=None)

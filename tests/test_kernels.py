@@ -505,3 +505,30 @@ def test_trailing_windows_match_reference(data: Data, window_ns: int) -> None:
     np.testing.assert_array_equal(ratio, np.array(want_ratio))
     (at_last,) = kernels.trailing_sums(cs, ts, [cap], window_ns, at=last)
     assert at_last.tolist() == [want_cap[j] for j in last.tolist()]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.lists(st.integers(0, 10**6), min_size=1, max_size=20), min_size=1, max_size=8),
+    st.integers(1, 10**6),
+    st.booleans(),
+)
+def test_packed_key_window_start_equals_the_bisection(
+    series: list[list[int]], window: int, far: bool
+) -> None:
+    from kernels.rolling import window_start_bisect, window_start_index
+    from kernels.series import segment_bounds
+
+    # ``far`` spreads the times over ~2^61 ns so the packed key would overflow: the fallback runs.
+    scale = 2**40 if far else 1
+    codes = np.concatenate([np.full(len(t), i, np.int64) for i, t in enumerate(series)])
+    times = np.concatenate([np.sort(np.asarray(t, np.int64)) * scale for t in series])
+    _, row_start = segment_bounds(codes)
+    at = np.arange(codes.size, dtype=np.int64)
+    expected = window_start_bisect(times, row_start, at, window * scale)
+    assert np.array_equal(window_start_index(times, row_start, at, window * scale), expected)
+    for i in range(codes.size):  # and both are what a loop finds
+        j = int(row_start[i])
+        while times[j] <= times[i] - window * scale:
+            j += 1
+        assert expected[i] == j

@@ -12,7 +12,6 @@ import html
 import itertools
 import json
 import os
-import pty
 import re
 import shutil
 import subprocess
@@ -28,6 +27,7 @@ import pytest
 from telemetry.sample import generate_sample
 from telemetry.schema import validate
 from telemetry.store import partition_dir
+from tests.conftest import stderr_on_a_terminal
 
 NS = 1_000_000_000
 HOSTILE = "<img src=x onerror=\"document.documentElement.setAttribute('data-pwned','1')\">"
@@ -265,38 +265,16 @@ def test_window_and_range_select_what_is_shown(dataset: tuple[Path, Path], tmp_p
     assert text.count('"2026-09-01T01:45:00Z"') >= 1 and '"2026-09-01T02:00:00Z"' not in text
 
 
-def _on_a_terminal(args: list[str]) -> bytes:
-    main, replica = pty.openpty()
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "telemetry.cli", *args],
-            stdout=subprocess.DEVNULL, stderr=replica, timeout=300,
-        )  # fmt: skip
-        os.close(replica)
-        seen = b""
-        while True:
-            try:
-                data = os.read(main, 4096)
-            except OSError:
-                break
-            if not data:
-                break
-            seen += data
-    finally:
-        os.close(main)
-    assert proc.returncode == 0, seen
-    return seen
-
-
 def test_progress_bars_on_a_terminal_only(dataset: tuple[Path, Path], tmp_path: Path) -> None:
     root, inventory = dataset
     out = str(tmp_path / "r.html")
-    seen = _on_a_terminal(["report", str(root), "--inventory", str(inventory), "--out", out])
+    seen = stderr_on_a_terminal("report", str(root), "--inventory", str(inventory), "--out", out)
     assert re.search(rb"report: chunk 1/1 \[#+\] [\d,]+ rows", seen)
-    seen = _on_a_terminal(["replay", str(root), "--once"])
+    seen = stderr_on_a_terminal("replay", str(root), "--once")
     assert re.search(rb"replay: file (\d+)/\1 \[#+\]", seen)
     piped = _tally("report", str(root), "--inventory", str(inventory), "--out", out)
     assert piped.returncode == 0 and "report:" not in piped.stderr
-    quiet = _on_a_terminal(["--quiet", "report", str(root), "--inventory", str(inventory),
-                            "--out", out])  # fmt: skip
+    quiet = stderr_on_a_terminal(
+        "--quiet", "report", str(root), "--inventory", str(inventory), "--out", out
+    )
     assert b"report:" not in quiet and b"wrote" not in quiet
