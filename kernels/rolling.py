@@ -8,14 +8,16 @@ from kernels.backend import array_namespace
 from kernels.series import segment_bounds
 
 
-def window_start_index(times_sorted: Any, row_start: Any, at: Any, window_ns: int) -> Any:
+def window_start_index(
+    times_sorted: Any, row_start: Any, at: Any, window_ns: int, codes_sorted: Any = None
+) -> Any:
     """For each row index in ``at``, the first row of its series with time > t_at - window.
 
     Rows must be sorted by (series, time). One ``searchsorted`` over a packed (series, time)
     key where it fits in int64, else a vectorised bisection; no Python loop over rows.
     """
     xp = array_namespace(times_sorted, row_start, at)
-    fast = _window_start_by_key(xp, times_sorted, row_start, at, window_ns)
+    fast = _window_start_by_key(xp, times_sorted, row_start, at, window_ns, codes_sorted)
     if fast is not None:
         return fast
     return window_start_bisect(times_sorted, row_start, at, window_ns)
@@ -38,7 +40,7 @@ def window_start_bisect(times_sorted: Any, row_start: Any, at: Any, window_ns: i
 
 
 def _window_start_by_key(
-    xp: Any, times_sorted: Any, row_start: Any, at: Any, window_ns: int
+    xp: Any, times_sorted: Any, row_start: Any, at: Any, window_ns: int, codes_sorted: Any = None
 ) -> Any | None:
     """One sorted search over (series rank, time) packed into an int64, when it fits.
 
@@ -52,11 +54,13 @@ def _window_start_by_key(
         return xp.zeros(0, dtype=xp.int64)
     t_min = int(times_sorted.min())
     span = int(times_sorted.max()) - t_min + int(window_ns) + 1
-    is_start = xp.zeros(n, dtype=xp.int64)
-    is_start[row_start] = 1
-    rank = xp.cumsum(is_start) - 1  # series rank of each row, 0-based
-    series = int(rank[-1]) + 1
-    if series * span >= 2**62:
+    if codes_sorted is not None:
+        rank = codes_sorted.astype(xp.int64) - int(codes_sorted[0])  # monotone in the series
+    else:
+        opens = xp.zeros(n, dtype=xp.int64)
+        opens[row_start] = 1
+        rank = xp.cumsum(opens) - 1
+    if (int(rank[-1]) + 1) * span >= 2**62:
         return None
     key = rank * span + (times_sorted - t_min)
     first = xp.searchsorted(key, key[at] - window_ns, side="right")
@@ -79,7 +83,7 @@ def trailing_sums(
     if n == 0:
         return [xp.zeros(0, dtype=v.dtype) for v in values]
     _, row_start = segment_bounds(codes_sorted)
-    first = window_start_index(times_sorted, row_start, at, window_ns)
+    first = window_start_index(times_sorted, row_start, at, window_ns, codes_sorted)
     sums = []
     for v in values:
         csum = xp.concatenate([xp.zeros(1, dtype=v.dtype), xp.cumsum(v)])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, date, datetime
 from pathlib import Path
 from types import ModuleType
@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from kernels.backend import release
-from telemetry.billing import NS, Bill, Biller
+from telemetry.billing import BILL_COLUMNS, NS, Bill, Biller
 from telemetry.chunks import DEFAULT_BUDGET_ROWS, DamagedFile, chunk_bounds, plan, read_chunks
 from telemetry.dataset import ReadStats, discover
 from telemetry.errors import TallyError
@@ -63,12 +63,13 @@ def scan(
     budget_rows: int = DEFAULT_BUDGET_ROWS,
     progress: Callable[[int, int, int], None] | None = None,
     warn: Callable[[str], None] = log.warning,
+    columns: Mapping[str, Sequence[str]] | None = None,
 ) -> tuple[Sequence[ChunkConsumer], ReadStats]:
     """Feed every chunk of the dataset at ``root`` to fresh consumers from ``start()``.
 
     A file found damaged only while its rows are read is quarantined and the scan starts over
-    with new consumers, so the result is exactly that of the remaining files. Raises
-    ``TallyError`` for unusable input.
+    with new consumers, so the result is exactly that of the remaining files. ``columns`` limits
+    what is decoded and validated per table. Raises ``TallyError`` for unusable input.
     """
     stats = ReadStats()
     while True:
@@ -76,7 +77,7 @@ def scan(
         stats = ReadStats(files_quarantined=stats.files_quarantined)
         consumers = start()
         try:
-            _scan_once(root, consumers, budget_rows, progress, stats)
+            _scan_once(root, consumers, budget_rows, progress, stats, columns)
             return consumers, stats
         except DamagedFile as exc:
             if not exc.quarantined:
@@ -93,6 +94,7 @@ def _scan_once(
     budget_rows: int,
     progress: Callable[[int, int, int], None] | None,
     stats: ReadStats,
+    columns: Mapping[str, Sequence[str]] | None,
 ) -> None:
     pieces = plan(root, discover(root), stats)
     if not pieces:
@@ -103,7 +105,7 @@ def _scan_once(
     # windows): the interval ending at a series' first selected row may be a gap opened long
     # before the start, and a job's user and tenant come from its latest row anywhere.
     bounds = chunk_bounds(pieces, first, last, budget_rows)
-    for i, chunk in enumerate(read_chunks(root, pieces, bounds, stats), start=1):
+    for i, chunk in enumerate(read_chunks(root, pieces, bounds, stats, columns), start=1):
         for consumer in consumers:
             consumer.add(chunk)
         if progress is not None:
@@ -136,6 +138,7 @@ def compute_bill(
             budget_rows,
             progress or bar,
             warn,
+            BILL_COLUMNS,
         )
     finally:
         if bar is not None:

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import kernels
 from kernels.backend import to_host
 from kernels.billing import group_sums, window_index
+from telemetry.chunks import ValidatedChunk
 from telemetry.inventory import Inventory, Pool
 from telemetry.schema import CPU_BUSY_MODES, SCHEMAS, validate
 from telemetry.series import merge_rows
@@ -184,10 +185,13 @@ class Biller:
     # ---------------------------------------------------------------- ingestion
     def add(self, chunk: dict[str, pa.Table]) -> None:
         """Add one chunk; every row must be later than the rows of earlier chunks' series."""
+        checked = isinstance(chunk, ValidatedChunk)
         for name in ("gpu", "cpu", "job"):
             table = chunk.get(name)
             if table is not None and table.num_rows:
-                self._add_table(name, validate(table, name).select(list(BILL_COLUMNS[name])))
+                wanted = BILL_COLUMNS[name]
+                table = table.select(list(wanted)) if checked else validate(table, name, wanted)
+                self._add_table(name, table)
 
     def _pool_of(self, node_ids: np.ndarray, kind: str) -> np.ndarray:
         known = self._node_pool[kind]

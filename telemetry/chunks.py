@@ -10,7 +10,7 @@ not match its table's schema is an error naming the file and the column.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,13 +122,25 @@ def plan(root: Path, files: dict[str, list[Path]], stats: ReadStats) -> list[Pie
     return pieces
 
 
-def _read_piece(piece: Piece) -> pa.Table:
+class ValidatedChunk(dict[str, pa.Table]):
+    """A chunk whose tables ``validate()`` has already checked and conformed (consumers may skip
+    checking again)."""
+
+
+def _read_piece(piece: Piece, columns: Sequence[str] | None) -> pa.Table:
     if piece.row_group < 0:
         data, _ = read_journal(piece.path)
         assert data is not None
     else:
-        data = pq.ParquetFile(piece.path).read_row_group(piece.row_group)
+        parquet = pq.ParquetFile(piece.path)
+        wanted = None
+        if columns is not None:  # only what the consumers read is decoded
+            present = set(parquet.schema_arrow.names)
+            wanted = [c for c in columns if c in present]
+        data = parquet.read_row_group(piece.row_group, columns=wanted)
     try:
+        if columns is not None:
+            return validate(data, piece.table, columns)
         return validate(data, piece.table).select(SCHEMAS[piece.table].names)
     except SchemaError as exc:
         raise pa.ArrowInvalid(str(exc)) from None
@@ -150,24 +162,41 @@ def chunk_bounds(
 
 
 def read_chunks(
-    root: Path, pieces: list[Piece], bounds: list[tuple[int, int]], stats: ReadStats
-) -> Iterator[dict[str, pa.Table]]:
-    """For each [a, b) in ``bounds``, every table's rows with a <= time < b."""
+    root: Path,
+    pieces: list[Piece],
+    bounds: list[tuple[int, int]],
+    stats: ReadStats,
+    columns: Mapping[str, Sequence[str]] | None = None,
+) -> Iterator[ValidatedChunk]:
+    """For each [a, b) in ``bounds``, every table's rows with a <= time < b, validated.
+
+    ``columns`` limits each table to those columns (in that order); default: the whole schema.
+    """
     for a, b in bounds:
         parts: dict[str, list[pa.Table]] = {name: [] for name in SCHEMAS}
+        low, high = pa.scalar(a, pa.int64()), pa.scalar(b, pa.int64())
         for piece in pieces:
             if piece.max_ns < a or piece.min_ns >= b:
                 continue
             try:
-                data = _read_piece(piece)
+                data = _read_piece(piece, None if columns is None else columns[piece.table])
             except (pa.ArrowException, OSError) as exc:
                 moved = quarantine(root, piece.path, str(exc)) is not None
                 raise DamagedFile(piece.path, str(exc), moved) from None
             times = data.column("time").cast(pa.int64())
-            keep = pc.and_(pc.greater_equal(times, a), pc.less(times, b))
+            keep = pc.and_(pc.greater_equal(times, low), pc.less(times, high))
             parts[piece.table].append(data.filter(keep))
         stats.rows += sum(sum(t.num_rows for t in tables) for tables in parts.values())
-        yield {
-            name: pa.concat_tables(tables) if tables else SCHEMAS[name].empty_table()
-            for name, tables in parts.items()
-        }
+        yield ValidatedChunk(
+            {
+                name: pa.concat_tables(tables)
+                if tables
+                else _empty(name, None if columns is None else columns[name])
+                for name, tables in parts.items()
+            }
+        )
+
+
+def _empty(name: str, columns: Sequence[str] | None) -> pa.Table:
+    table = SCHEMAS[name].empty_table()
+    return table if columns is None else table.select(list(columns))

@@ -8,6 +8,8 @@ the right type, extra columns may follow when they are nullable. Types that conv
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -124,26 +126,30 @@ def _castable(actual: pa.DataType, expected: pa.DataType) -> bool:
     return False
 
 
-def validate(table: pa.Table, name: str) -> pa.Table:
+def validate(table: pa.Table, name: str, columns: Sequence[str] | None = None) -> pa.Table:
     """Check ``table`` against the schema of table ``name`` and return it conformed.
 
     The result has the schema's columns first, in order and with the exact types, followed by any
-    extra nullable columns. Raises ``SchemaError`` naming the first wrong column: missing, of a type
+    extra nullable columns; with ``columns``, only those schema columns are checked and returned
+    (in that order). Raises ``SchemaError`` naming the first wrong column: missing, of a type
     that does not convert, holding values that do not fit, or holding nulls where none are allowed.
     """
     try:
         schema = SCHEMAS[name]
     except KeyError:
         raise SchemaError(f"unknown table {name!r}; expected one of {', '.join(SCHEMAS)}") from None
+    if columns is not None:
+        schema = pa.schema([schema.field(c) for c in columns])
+        table = table.select([c for c in columns if c in table.column_names])
     names = table.column_names
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
         raise SchemaError(f"{name}: column {dup!r} appears more than once")
-    columns: list[pa.ChunkedArray] = []
+    conformed: list[pa.ChunkedArray] = []
     for field in schema:
         if field.name not in names:
             if field.name in OPTIONAL_COLUMNS[name]:
-                columns.append(pa.chunked_array([pa.nulls(table.num_rows, field.type)]))
+                conformed.append(pa.chunked_array([pa.nulls(table.num_rows, field.type)]))
                 continue
             raise SchemaError(f"{name}: missing column {field.name!r} ({field.type})", missing=True)
         column = table.column(field.name)
@@ -165,14 +171,14 @@ def validate(table: pa.Table, name: str) -> pa.Table:
                 column.validate(full=True)
             except pa.ArrowInvalid:
                 raise SchemaError(f"{name}: column {field.name!r} holds invalid UTF-8") from None
-        columns.append(column)
+        conformed.append(column)
     fields = list(schema)
     for extra in names:
         if extra not in schema.names:
             column = table.column(extra)
             fields.append(pa.field(extra, column.type))
-            columns.append(column)
-    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+            conformed.append(column)
+    return pa.Table.from_arrays(conformed, schema=pa.schema(fields))
 
 
 def empty(name: str) -> pa.Table:

@@ -527,6 +527,9 @@ def test_packed_key_window_start_equals_the_bisection(
     at = np.arange(codes.size, dtype=np.int64)
     expected = window_start_bisect(times, row_start, at, window * scale)
     assert np.array_equal(window_start_index(times, row_start, at, window * scale), expected)
+    sparse_codes = codes * 1_000_003  # monotone, not dense: still the same answer
+    got = window_start_index(times, row_start, at, window * scale, sparse_codes)
+    assert np.array_equal(got, expected)
     for i in range(codes.size):  # and both are what a loop finds
         j = int(row_start[i])
         while times[j] <= times[i] - window * scale:
