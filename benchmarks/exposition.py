@@ -10,13 +10,12 @@ The two outputs are compared byte for byte before anything is timed.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 from prometheus_client import CollectorRegistry, generate_latest
 
+from benchmarks import best_of
 from exporters.prometheus import TallyCollector
 from telemetry.schema import CPU_MODES, validate
 from telemetry.state import Snapshot, State
@@ -86,15 +85,6 @@ def build_snapshot(nodes: int, gpus: int = 8, samples: int = 4) -> Snapshot:
     return state.snapshot()
 
 
-def _best(fn: Callable[[], bytes], repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def run(nodes: int = 400, repeat: int = 5) -> tuple[float, float, int]:
     """Seconds per scrape (best of ``repeat``) for tally and the baseline, and the series."""
     snapshot = build_snapshot(nodes)
@@ -106,8 +96,8 @@ def run(nodes: int = 400, repeat: int = 5) -> tuple[float, float, int]:
     if ours_text != theirs_text:
         raise AssertionError("column renderer and prometheus-client disagree")
     series = sum(1 for line in ours_text.splitlines() if not line.startswith(b"#"))
-    ours = _best(collector.render_text, repeat)
-    theirs = _best(lambda: generate_latest(registry), repeat)
+    ours, _ = best_of(collector.render_text, repeat)
+    theirs, _ = best_of(lambda: generate_latest(registry), repeat)
     print(f"\none scrape, {series:,} series ({len(ours_text) / 1e6:.1f} MB of text)")
     print(f"{'tally (columns)':24} {ours * 1e3:8.1f} ms")
     print(f"{'prometheus-client':24} {theirs * 1e3:8.1f} ms")

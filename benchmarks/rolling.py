@@ -8,14 +8,12 @@ tally / polars (below 1 means tally is faster). The results are compared, not ju
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
 
 import numpy as np
 
 import kernels
+from benchmarks import best_of
 
 NS = 1_000_000_000
 
@@ -34,31 +32,20 @@ def _data(series: int, rows_per_series: int, seed: int = 7) -> dict[str, np.ndar
     return {"codes": codes, "times": times, "busy": busy, "cap": cap}
 
 
-def _best(fn: Callable[[], Any], repeat: int = 3) -> tuple[float, Any]:
-    """Best wall time of ``repeat`` calls (the first pays page faults on fresh arrays) and the
-    last result."""
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, result
-
-
 def run(series: int, rows: int, window_s: int = 300) -> tuple[float, float, float]:
     """Best-of-3 seconds for tally, polars' equivalent ratio, and polars' plain rolling mean."""
     import polars as pl
 
     d = _data(series, rows)
     window = window_s * NS
-    t_ours, ours = _best(
+    t_ours, ours = best_of(
         lambda: kernels.trailing_ratio(d["codes"], d["times"], d["busy"], d["cap"], window)
     )
     frame = pl.DataFrame(
         {"s": d["codes"], "t": d["times"].astype("datetime64[ns]"), "b": d["busy"], "c": d["cap"]}
     )
     size = timedelta(seconds=window_s)
-    t_polars, out = _best(
+    t_polars, out = best_of(
         lambda: frame.with_columns(
             (
                 pl.col("b").rolling_sum_by("t", window_size=size).over("s")
@@ -70,7 +57,7 @@ def run(series: int, rows: int, window_s: int = 300) -> tuple[float, float, floa
     # What a polars user reaches for first: the plain rolling mean of each row's ratio (not
     # time-weighted, so only its time is compared).
     with_u = frame.with_columns((pl.col("b") / pl.col("c")).alias("u"))
-    t_mean, _ = _best(
+    t_mean, _ = best_of(
         lambda: with_u.with_columns(pl.col("u").rolling_mean_by("t", window_size=size).over("s"))
     )
     # polars' window is (t - W, t] as well: the results must agree.
