@@ -28,7 +28,19 @@ def series_codes(table: pa.Table, name: str) -> tuple[np.ndarray, list[tuple[str
         codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
         dictionaries.append([str(v) for v in encoded.dictionary.to_pylist()])
         combined = combined * len(dictionaries[-1]) + codes
-    unique, inverse = np.unique(combined, return_inverse=True)
+    space = 1
+    for dictionary in dictionaries:
+        space *= max(1, len(dictionary))
+    if space <= max(1 << 16, 4 * table.num_rows):
+        # Few possible keys (a node's GPUs, a cluster's jobs): rank them by a presence table, the
+        # same sorted codes np.unique gives, without sorting every row.
+        present = np.zeros(space, dtype=bool)
+        present[combined] = True
+        unique = np.nonzero(present)[0]
+        rank = np.cumsum(present) - 1
+        inverse = rank[combined]
+    else:
+        unique, inverse = np.unique(combined, return_inverse=True)
     labels = []
     for code in unique.tolist():
         parts, rest = [], code

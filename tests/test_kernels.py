@@ -535,3 +535,30 @@ def test_packed_key_window_start_equals_the_bisection(
         while times[j] <= times[i] - window * scale:
             j += 1
         assert expected[i] == j
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(-1, 5), st.integers(0, 3), st.integers(-(2**40), 2**40),
+                  st.integers(-(10**12), 10**12)),
+        max_size=60,
+    ),
+    st.booleans(),
+)  # fmt: skip
+def test_group_sums_equal_a_dictionary(rows: list[tuple[int, int, int, int]], huge: bool) -> None:
+    from kernels.billing import group_sums
+
+    # ``huge`` spreads the third key over 2^61 so packing would overflow: the lexsort path runs.
+    scale = 2**20 if huge else 1
+    keys = [np.array([r[i] * (scale if i == 2 else 1) for r in rows], dtype=np.int64)
+            for i in range(3)]  # fmt: skip
+    values = np.array([r[3] for r in rows], dtype=np.int64)
+    expected: dict[tuple[int, ...], int] = {}
+    for i in range(len(rows)):
+        key = tuple(int(k[i]) for k in keys)
+        expected[key] = expected.get(key, 0) + int(values[i])
+    got_keys, got_sums = group_sums(keys, [values])
+    got = {tuple(int(k[i]) for k in got_keys): int(got_sums[0][i]) for i in range(len(got_sums[0]))}
+    assert got == expected
+    assert [tuple(int(k[i]) for k in got_keys) for i in range(len(got))] == sorted(expected)
