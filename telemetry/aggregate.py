@@ -36,7 +36,7 @@ from telemetry.store import JOURNAL_SUFFIX, QUARANTINE, quarantine
 
 log = logging.getLogger("tally.aggregate")
 
-# Trailing windows of the pool ratios, in minutes (the minute bill keeps a bit more).
+# Trailing windows of the pool ratios, in minutes (the minute sums are kept a bit longer).
 RATIO_WINDOWS = {"1m": 1, "5m": 5, "1h": 60}
 _MINUTE = 60
 _KEEP_MINUTES = 90
@@ -87,8 +87,10 @@ class Aggregator:
         self.root = root
         self.inventory = inventory
         self.batch_rows = batch_rows
-        self.totals = Biller(inventory, LIVE_WINDOW_SECONDS, drop_late=True)
-        self.minutes = Biller(inventory, _MINUTE, drop_late=True, jobs=False)
+        # One bill engine: all-time totals, and the pool sums of recent minutes for the ratios.
+        self.totals = Biller(
+            inventory, LIVE_WINDOW_SECONDS, drop_late=True, fine_window_seconds=_MINUTE
+        )
         self.seen: dict[tuple[str, str], _Seen] = {}
         self.stats = AggregateStats()
 
@@ -198,13 +200,12 @@ class Aggregator:
             if parts:
                 chunk = {name: pa.concat_tables(parts)}
                 self.totals.add(chunk)
-                self.minutes.add(chunk)
                 parts.clear()
 
     def _prune_minutes(self) -> None:
         """Keep only the minutes the trailing ratios can still need."""
         newest = self.stats.newest_ns
-        parts = self.minutes.pool_parts
+        parts = self.totals.fine_pool_parts
         if newest is None or not parts.keys:
             return
         keys, sums = parts.compact()
@@ -224,9 +225,9 @@ class Aggregator:
         newest = self.stats.newest_ns
         if newest is None:
             return out
-        keys, sums = self.minutes.pool_totals()
+        keys, sums = self.totals.fine_pool_parts.compact()
         current = newest // (_MINUTE * NS)  # the minute still filling is left out
-        pools = self.minutes.pools
+        pools = self.totals.pools
         for label, minutes in RATIO_WINDOWS.items():
             inside = (keys[0] >= current - minutes) & (keys[0] < current)
             by_pool, pool_sums = group_sums([keys[1][inside]], [s[inside] for s in sums])

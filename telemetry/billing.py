@@ -144,8 +144,10 @@ class Biller:
     ``start_ns``/``end_ns`` (window-aligned) select the windows that count; rows before the start
     still open the intervals that end inside it. With ``drop_late`` a row older than its series'
     newest row already added is dropped and counted in ``late`` (a follower that cannot go back
-    in time); without ``jobs`` only the pool sums are kept. ``xp`` (NumPy or CuPy) is where the
-    grouped integer sums are formed and kept; every backend gives the same integers.
+    in time). With ``fine_window_seconds`` the pool sums are also kept per finer window in
+    ``fine_pool_parts`` (from the same merge: one pass gives a follower its all-time totals and
+    its recent minutes). ``xp`` (NumPy or CuPy) is where the grouped integer sums are formed and
+    kept; every backend gives the same integers.
     """
 
     def __init__(
@@ -156,12 +158,11 @@ class Biller:
         end_ns: int | None = None,
         *,
         drop_late: bool = False,
-        jobs: bool = True,
+        fine_window_seconds: int | None = None,
         xp: Any = np,
     ) -> None:
         self.inventory = inventory
         self.drop_late = drop_late
-        self.track_jobs = jobs
         self.late = 0
         self.window_ns = int(window_seconds) * NS
         self.start_ns = start_ns
@@ -177,6 +178,8 @@ class Biller:
             name: SCHEMAS[name].empty_table().select(list(BILL_COLUMNS[name])) for name in SCHEMAS
         }
         self.pool_parts = PartialSums(width=2, xp=xp)  # (window, pool)
+        self.fine_window_ns = None if fine_window_seconds is None else fine_window_seconds * NS
+        self.fine_pool_parts = PartialSums(width=2, xp=xp)  # (fine window, pool)
         self.job_parts = PartialSums(width=4, xp=xp)  # (window, pool, node, job)
         self.owner: dict[tuple[int, int], tuple[int, int, int]] = {}  # → (time, user, tenant)
         self.rows = 0
@@ -224,20 +227,19 @@ class Biller:
         nodes = self.nodes.encode(table.column("node"))
         zeros = np.zeros(times.size, dtype=np.int64)
         m = counted
+        fine = None if self.fine_window_ns is None else window_index(times, self.fine_window_ns)
+
+        def add_pool(pool: np.ndarray, sums: list[np.ndarray]) -> None:
+            self.pool_parts.add([window[m], pool[m]], [v[m] for v in sums])
+            if fine is not None:
+                self.fine_pool_parts.add([fine[m], pool[m]], [v[m] for v in sums])
+
         if name in ("gpu", "cpu"):
             # Capacity rows: gpu rows feed gpu pools, cpu rows cpu pools.
             pool = self._pool_of(nodes, name)
-            self.pool_parts.add(
-                [window[m], pool[m]],
-                [
-                    parts["capacity_us"][m],
-                    zeros[m],
-                    parts["busy_us"][m],
-                    parts["energy_mj"][m],
-                    parts["gap_us"][m],
-                ],
-            )
-        if name == "gpu" and self.track_jobs:
+            add_pool(pool, [parts["capacity_us"], zeros, parts["busy_us"], parts["energy_mj"],
+                            parts["gap_us"]])  # fmt: skip
+        if name == "gpu":
             jobs = self.jobs.encode(table.column("job_id"))
             held = m & (jobs >= 0)
             self.job_parts.add(
@@ -245,20 +247,15 @@ class Biller:
                 [zeros[held], parts["busy_us"][held], parts["energy_mj"][held], zeros[held]],
             )
         elif name == "job":
-            job_ids = self.jobs.encode(table.column("job_id")) if self.track_jobs else None
+            jobs = self.jobs.encode(table.column("job_id"))
             for kind, allocated in (("gpu", "gpus_allocated_us"), ("cpu", "cpus_allocated_us")):
                 pool = self._pool_of(nodes, kind)
-                self.pool_parts.add(
-                    [window[m], pool[m]],
-                    [zeros[m], parts[allocated][m], zeros[m], zeros[m], zeros[m]],
+                add_pool(pool, [zeros, parts[allocated], zeros, zeros, zeros])
+                self.job_parts.add(
+                    [window[m], pool[m], nodes[m], jobs[m]],
+                    [parts[allocated][m], zeros[m], zeros[m], parts["cpu_used_us"][m]],
                 )
-                if job_ids is not None:
-                    self.job_parts.add(
-                        [window[m], pool[m], nodes[m], job_ids[m]],
-                        [parts[allocated][m], zeros[m], zeros[m], parts["cpu_used_us"][m]],
-                    )
-            if job_ids is not None:
-                self._note_owners(table, codes, times, nodes, job_ids)
+            self._note_owners(table, codes, times, nodes, jobs)
 
     def _note_owners(
         self,
