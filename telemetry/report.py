@@ -21,8 +21,8 @@ import pyarrow.compute as pc
 import kernels
 from kernels.billing import window_index
 from telemetry.bill import finish_bill, scan, selected_range
-from telemetry.billing import NS, Bill, Biller, PartialSums
-from telemetry.chunks import DEFAULT_BUDGET_ROWS, plan
+from telemetry.billing import BILL_COLUMNS, NS, Bill, Biller, PartialSums
+from telemetry.chunks import DEFAULT_BUDGET_ROWS, ValidatedChunk, plan
 from telemetry.dataset import ReadStats, discover
 from telemetry.errors import TallyError
 from telemetry.inventory import Inventory
@@ -33,6 +33,11 @@ from telemetry.store import QUARANTINE
 # Report windows tried by ``--window auto``: the shortest that keeps the charts readable.
 AUTO_WINDOWS_S = (60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400)
 AUTO_MAX_POINTS = 240
+# What the report reads of each table: the bill's columns and the GPUs' index and model.
+GRID_COLUMNS: dict[str, tuple[str, ...]] = {
+    **BILL_COLUMNS,
+    "gpu": (*BILL_COLUMNS["gpu"], "gpu_index", "gpu_model"),
+}
 GRID_FIELDS = ("capacity_us", "busy_us", "held_us", "gap_us", "seen_us")
 
 
@@ -65,7 +70,7 @@ class SeriesGrid:
         self.window_ns = window_s * NS
         self.max_gap_ns = int(max_gap_s * NS)
         self.start_ns, self.end_ns = start_ns, end_ns
-        self.carry = SCHEMAS[table].empty_table()
+        self.carry = SCHEMAS[table].empty_table().select(list(GRID_COLUMNS[table]))
         self.parts = PartialSums(width=2)
         self.ids: dict[tuple[str, ...], int] = {}
         self.labels: list[tuple[str, ...]] = []
@@ -75,14 +80,19 @@ class SeriesGrid:
         new = chunk.get(self.table)
         if new is None or not new.num_rows:
             return
-        new = validate(new, self.table).select(SCHEMAS[self.table].names)
+        wanted = GRID_COLUMNS[self.table]
+        checked = isinstance(chunk, ValidatedChunk)
+        new = new.select(list(wanted)) if checked else validate(new, self.table, wanted)
         merged = merge_rows(
             self.carry, new, self.table, self.max_gap_ns, canonical=True, drop_late=False
         )
         table, times = merged.table, merged.times
         self.carry = table.take(pa.array(kernels.last_rows(merged.codes)))
-        local = np.array([self._id(label, table, merged.codes, i)
-                          for i, label in enumerate(merged.labels)], dtype=np.int64)  # fmt: skip
+        # Rows are sorted by series: each code's first row is found by a binary search.
+        firsts = np.searchsorted(merged.codes, np.arange(len(merged.labels)))
+        local = np.array([self._id(label, table, int(row))
+                          for label, row in zip(merged.labels, firsts, strict=True)],
+                         dtype=np.int64)  # fmt: skip
         series = local[merged.codes] if merged.codes.size else merged.codes
         counted = merged.is_new.copy()
         if self.start_ns is not None:
@@ -94,12 +104,8 @@ class SeriesGrid:
             held = pc.is_valid(table.column("job_id")).to_numpy(zero_copy_only=False)
         else:
             held = np.zeros(times.size, dtype=bool)
-        codes = merged.codes
-        seen = np.zeros(times.size, np.int64)
-        if times.size > 1:
-            step = times[1:] - times[:-1]
-            counts = (codes[1:] == codes[:-1]) & (step <= self.max_gap_ns)
-            seen[1:] = np.where(counts, step // 1000, 0)
+        iv = merged.intervals
+        seen = np.where(iv.valid, iv.dt_ns // 1000, 0)
         m = counted
         self.parts.add(
             [series[m], window_index(times, self.window_ns)[m]],
@@ -112,14 +118,14 @@ class SeriesGrid:
             ],
         )
 
-    def _id(self, label: tuple[str, ...], table: pa.Table, codes: np.ndarray, code: int) -> int:
+    def _id(self, label: tuple[str, ...], table: pa.Table, row: int) -> int:
+        """The grid row of series ``label``; ``row`` is one of its rows in ``table``."""
         found = self.ids.get(label)
         if found is None:
             found = self.ids[label] = len(self.labels)
             self.labels.append(label)
             detail: dict[str, Any] = {"node": label[0]}
             if self.table == "gpu":
-                row = int(np.argmax(codes == code))
                 detail["index"] = int(table.column("gpu_index")[row].as_py())
                 detail["model"] = str(table.column("gpu_model")[row].as_py())
             self.details.append(detail)
@@ -200,7 +206,7 @@ def collect_report(
             SeriesGrid("cpu", window, max_gap, lo, hi),
         ]
 
-    consumers, stats = scan(root, fresh, budget_rows, progress, warn)
+    consumers, stats = scan(root, fresh, budget_rows, progress, warn, GRID_COLUMNS)
     stats.files_quarantined += looked.files_quarantined
     biller, gpu, cpu = consumers
     assert isinstance(biller, Biller) and isinstance(gpu, SeriesGrid)

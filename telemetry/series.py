@@ -120,6 +120,7 @@ class MergedRows:
     parts: dict[str, np.ndarray]
     duplicates: int
     late: int
+    intervals: kernels.Intervals
 
 
 def merge_rows(
@@ -159,5 +160,5 @@ def merge_rows(
     table = combined.take(pa.array(order))
     iv = kernels.intervals(codes, times, max_gap_ns)
     return MergedRows(
-        table, codes, labels, times, is_new, contributions(table, name, iv), duplicates, late
+        table, codes, labels, times, is_new, contributions(table, name, iv), duplicates, late, iv
     )
