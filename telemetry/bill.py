@@ -130,19 +130,17 @@ def compute_bill(
     depend on it.
     """
     lo, hi = selected_range(window_s, start, end)
-    bar = Progress("billing") if progress is None else None
     try:
-        consumers, stats = scan(
-            root,
-            lambda: [Biller(inventory, window_s, lo, hi, xp=xp)],
-            budget_rows,
-            progress or bar,
-            warn,
-            BILL_COLUMNS,
-        )
+        with Progress("billing") as bar:
+            consumers, stats = scan(
+                root,
+                lambda: [Biller(inventory, window_s, lo, hi, xp=xp)],
+                budget_rows,
+                progress or bar,
+                warn,
+                BILL_COLUMNS,
+            )
     finally:
-        if bar is not None:
-            bar.close()
         release(xp)
     biller = consumers[0]
     assert isinstance(biller, Biller)

@@ -10,6 +10,7 @@ import logging
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -286,6 +287,26 @@ def daemon_config(args: argparse.Namespace) -> DaemonConfig:
     )
 
 
+def _warner(quiet: bool) -> Callable[[str], None]:
+    """Warnings as ``tally: warning: …`` lines on stderr, none with ``--quiet``."""
+
+    def warn(message: str) -> None:
+        if not quiet:
+            print(f"tally: warning: {message}", file=sys.stderr)
+
+    return warn
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event SIGTERM and SIGINT set: long-running commands stop cleanly and exit 0."""
+    import signal
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return stop
+
+
 def cmd_daemon(args: argparse.Namespace) -> int:
     from telemetry.daemon import run_daemon
 
@@ -299,17 +320,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from exporters.prometheus import TallyCollector
     from exporters.webconfig import load_web_config
     from telemetry.inventory import load_inventory
-    from telemetry.progress import Progress, silent
+    from telemetry.progress import Progress
     from telemetry.replay import load_dataset, replay
     from telemetry.state import Snapshot
 
     listen = parse_listen(args.listen) if args.listen and not args.once else None
     inventory = load_inventory(args.inventory) if args.inventory is not None else None
-    bar = Progress("replay", step="file")
-    try:
-        tables, stats = load_dataset(args.dataset, silent if args.quiet else bar)
-    finally:
-        bar.close()
+    with Progress("replay", step="file", quiet=args.quiet) as bar:
+        tables, stats = load_dataset(args.dataset, bar)
     current: list[Snapshot] = [Snapshot()]
     registry = CollectorRegistry()
     collector = TallyCollector(lambda: current[0], dcgm_compat=args.dcgm_compat)
@@ -320,11 +338,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         server = MetricsServer(registry, *listen, web=web, text=collector.render_text)
         server.start()
         print(f"tally replay: serving http://{args.listen}/metrics", file=sys.stderr, flush=True)
-    stop = threading.Event()
-    import signal
-
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = _stop_on_signals()
 
     def publish(snapshot: Snapshot) -> None:
         current[0] = snapshot
@@ -375,18 +389,13 @@ def cmd_bill(args: argparse.Namespace) -> int:
     except BackendError as exc:
         raise TallyError(str(exc)) from None
     inventory = load_inventory(args.inventory)
-
-    def warn(message: str) -> None:
-        if not args.quiet:
-            print(f"tally: warning: {message}", file=sys.stderr)
-
     bill = compute_bill(
         args.dataset,
         inventory,
         window,
         args.start,
         args.end,
-        warn=warn,
+        warn=_warner(args.quiet),
         progress=silent if args.quiet else None,
         xp=xp,
     )
@@ -398,8 +407,6 @@ def cmd_bill(args: argparse.Namespace) -> int:
 
 
 def cmd_aggregate(args: argparse.Namespace) -> int:
-    import signal
-
     from prometheus_client import CollectorRegistry
 
     from exporters.http import MetricsServer
@@ -408,7 +415,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     from telemetry.aggregate import AggregateSnapshot, Aggregator
     from telemetry.dataset import discover
     from telemetry.inventory import load_inventory
-    from telemetry.progress import Progress, silent
+    from telemetry.progress import Progress
 
     host, port = parse_listen(args.listen)
     inventory = load_inventory(args.inventory)
@@ -421,16 +428,11 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     registry = CollectorRegistry()
     registry.register(collector)
     server = MetricsServer(registry, host, port, web=web, text=collector.render_text)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = _stop_on_signals()
     # Catch up with everything already stored before serving: counters start at the dataset's
     # totals, so a restart neither resets nor doubles them.
-    bar = Progress("aggregate", step="file")
-    try:
-        read = aggregator.poll(progress=silent if args.quiet else bar)
-    finally:
-        bar.close()
+    with Progress("aggregate", step="file", quiet=args.quiet) as bar:
+        read = aggregator.poll(progress=bar)
     current[0] = AggregateSnapshot.of(aggregator)
     server.start()
     if not args.quiet:
@@ -454,7 +456,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from exporters.report import render_report
     from telemetry.inventory import load_inventory
-    from telemetry.progress import Progress, silent
+    from telemetry.progress import Progress
     from telemetry.report import collect_report
 
     window = None if args.window == "auto" else parse_window(args.window)
@@ -464,23 +466,16 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise TallyError(f"--out {args.out}: directory {args.out.parent} does not exist")
     inventory = load_inventory(args.inventory)
 
-    def warn(message: str) -> None:
-        if not args.quiet:
-            print(f"tally: warning: {message}", file=sys.stderr)
-
-    bar = Progress("report")
-    try:
+    with Progress("report", quiet=args.quiet) as bar:
         data = collect_report(
             args.dataset,
             inventory,
             window,
             args.start,
             args.end,
-            progress=silent if args.quiet else bar,
-            warn=warn,
+            progress=bar,
+            warn=_warner(args.quiet),
         )
-    finally:
-        bar.close()
     document = render_report(data)
     partial = args.out.with_name(f".{args.out.name}.tmp")
     try:

@@ -12,8 +12,9 @@ _WIDTH = 24
 class Progress:
     """Callable ``(done, total, rows)`` that redraws ``LABEL: STEP done/total [####  ] rows``.
 
-    Draws nothing unless ``stream`` (stderr by default) is a terminal, so logs and pipes stay
-    clean; redraws at most every ``min_interval_s`` seconds, and always for the last step.
+    Draws nothing with ``quiet`` or unless ``stream`` (stderr by default) is a terminal, so logs
+    and pipes stay clean; redraws at most every ``min_interval_s`` seconds, and always for the
+    last step. As a context manager it ends its line on exit.
     """
 
     def __init__(
@@ -22,11 +23,12 @@ class Progress:
         step: str = "chunk",
         stream: TextIO | None = None,
         min_interval_s: float = 0.1,
+        quiet: bool = False,
     ) -> None:
         self.label = label
         self.step = step
         self.stream = stream if stream is not None else sys.stderr
-        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.enabled = not quiet and bool(getattr(self.stream, "isatty", lambda: False)())
         self.min_interval_s = min_interval_s
         self._drawn = False
         self._last = 0.0
@@ -49,6 +51,12 @@ class Progress:
         if self._drawn:
             print(file=self.stream, flush=True)
             self._drawn = False
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 def silent(done: int, total: int, rows: int) -> None:
