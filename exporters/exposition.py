@@ -45,14 +45,9 @@ class ColumnFamily:
     labels: tuple[str, ...]
     blocks: list[Block] = field(default_factory=list)
 
-    def add(self, columns: Sequence[LabelColumn], values: Iterable[float] | np.ndarray) -> None:
-        """Append a block; ``values`` may hold None or NaN for samples not to export."""
-        array = np.asarray(
-            [math.nan if v is None else v for v in values]
-            if not isinstance(values, np.ndarray)
-            else values,
-            dtype=np.float64,
-        )
+    def add(self, columns: Sequence[LabelColumn], values: np.ndarray) -> None:
+        """Append a block; NaN values are samples not to export (no reading)."""
+        array = np.asarray(values, dtype=np.float64)
         if array.size:
             self.blocks.append(Block(list(columns), array))
 
@@ -135,8 +130,7 @@ def _block_text(
     if block.values.size < _ARROW_FROM_ROWS:
         return _block_text_small(name, labels, block)
     keep = ~np.isnan(block.values)
-    count = int(np.count_nonzero(keep))
-    if count == 0:
+    if not keep.any():
         return b""
     everything = bool(keep.all())
     mask = None if everything else pa.array(keep)
