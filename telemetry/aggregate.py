@@ -65,11 +65,9 @@ class PoolRatios:
 
 @dataclass
 class AggregateStats:
-    polls: int = 0
     files: int = 0
     rows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SCHEMAS, 0))
     files_quarantined: int = 0
-    files_skipped: int = 0
     newest_ns: int | None = None
     last_poll_seconds: float = 0.0
 
@@ -131,7 +129,6 @@ class Aggregator:
                 progress(done, len(work), read)
         self._feed(pending)
         self._prune_minutes()
-        self.stats.polls += 1
         self.stats.last_poll_seconds = time.monotonic() - started
         return read
 
@@ -167,21 +164,20 @@ class Aggregator:
         if is_journal:
             new = data.slice(seen.journal_rows)
             seen.journal_rows = data.num_rows
-            if new.num_rows:
-                newest = pc.max(new.column("time").cast(pa.int64())).as_py()
-                seen.until_ns = max(seen.until_ns, int(newest))
         else:
             first_time = not seen.parquet_done
             seen.parquet_done = True
             new = data
             if seen.journal_rows:  # the compacted twin of a journal already read
                 times = data.column("time").cast(pa.int64())
-                new = data.filter(pc.greater(times, seen.until_ns))
+                new = data.filter(pc.greater(times, pa.scalar(seen.until_ns, pa.int64())))
             if first_time:
                 self.stats.files += 1
         if new.num_rows:
             self.stats.rows[table] += new.num_rows
             newest = int(pc.max(new.column("time").cast(pa.int64())).as_py())
+            if is_journal:
+                seen.until_ns = max(seen.until_ns, newest)
             if self.stats.newest_ns is None or newest > self.stats.newest_ns:
                 self.stats.newest_ns = newest
         return new
@@ -189,7 +185,6 @@ class Aggregator:
     def _skip(self, key: tuple[str, str], path: Path, info: object, reason: str) -> None:
         seen = self.seen[key]
         if not seen.parquet_done:
-            self.stats.files_skipped += 1
             log.warning("skipping %s: %s", path, reason)
         seen.parquet_done = True
         seen.size = getattr(info, "st_size", -1)
