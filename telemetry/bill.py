@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import closing
 from datetime import UTC, date, datetime
 from pathlib import Path
 from types import ModuleType
@@ -14,7 +15,14 @@ import pyarrow as pa
 
 from kernels.backend import release
 from telemetry.billing import BILL_COLUMNS, NS, Bill, Biller
-from telemetry.chunks import DEFAULT_BUDGET_ROWS, DamagedFile, chunk_bounds, plan, read_chunks
+from telemetry.chunks import (
+    DEFAULT_BUDGET_ROWS,
+    DamagedFile,
+    chunk_bounds,
+    plan,
+    read_ahead,
+    read_chunks,
+)
 from telemetry.dataset import ReadStats, discover
 from telemetry.errors import TallyError
 from telemetry.inventory import Inventory
@@ -105,11 +113,12 @@ def _scan_once(
     # windows): the interval ending at a series' first selected row may be a gap opened long
     # before the start, and a job's user and tenant come from its latest row anywhere.
     bounds = chunk_bounds(pieces, first, last, budget_rows)
-    for i, chunk in enumerate(read_chunks(root, pieces, bounds, stats, columns), start=1):
-        for consumer in consumers:
-            consumer.add(chunk)
-        if progress is not None:
-            progress(i, len(bounds), stats.rows)
+    with closing(read_ahead(read_chunks(root, pieces, bounds, stats, columns))) as chunks:
+        for i, chunk in enumerate(chunks, start=1):
+            for consumer in consumers:
+                consumer.add(chunk)
+            if progress is not None:
+                progress(i, len(bounds), stats.rows)
 
 
 def compute_bill(

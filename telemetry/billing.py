@@ -25,7 +25,7 @@ from kernels.billing import group_sums, window_index
 from telemetry.chunks import ValidatedChunk
 from telemetry.inventory import Inventory, Pool
 from telemetry.schema import CPU_BUSY_MODES, SCHEMAS, validate
-from telemetry.series import merge_rows
+from telemetry.series import SortedRows, merge_rows
 
 NS = 1_000_000_000
 US_PER_HOUR = 3_600_000_000
@@ -82,13 +82,17 @@ class PartialSums:
     sums: list[list[np.ndarray]] = field(default_factory=list)
     rows: int = 0
 
-    def add(self, keys: list[np.ndarray], sums: list[np.ndarray]) -> None:
+    def add(self, keys: list[np.ndarray], sums: list[np.ndarray], where: np.ndarray) -> None:
+        """Group and keep the rows where ``where`` is True."""
         if keys[0].size == 0:
             return
         if self.xp is not np:  # the one host→device copy of this chunk's contributions
             keys = [self.xp.asarray(k) for k in keys]
             sums = [self.xp.asarray(v) for v in sums]
-        k, s = group_sums(keys, sums)
+            where = self.xp.asarray(where)
+        k, s = group_sums(keys, sums, where)
+        if k[0].size == 0:
+            return
         self.keys.append(k)
         self.sums.append(s)
         self.rows += k[0].size
@@ -213,10 +217,10 @@ class Biller:
         )
         self.duplicates += merged.duplicates
         self.late += merged.late
-        table, codes, times, is_new, parts = (
-            merged.table, merged.codes, merged.times, merged.is_new, merged.parts,
+        rows, codes, times, is_new, parts = (
+            merged.rows, merged.codes, merged.times, merged.is_new, merged.parts,
         )  # fmt: skip
-        self.carry[name] = table.take(pa.array(kernels.last_rows(codes)))
+        self.carry[name] = rows.take(kernels.last_rows(codes))
 
         counted = is_new.copy()
         if self.start_ns is not None:
@@ -224,15 +228,16 @@ class Biller:
         if self.end_ns is not None:
             counted &= times < self.end_ns
         window = window_index(times, self.window_ns)
-        nodes = self.nodes.encode(table.column("node"))
+        # The series key starts with the node (and is (node, job) for jobs): ids per series.
+        nodes = self._ids_of(self.nodes, merged.labels, 0)[codes]
         zeros = np.zeros(times.size, dtype=np.int64)
         m = counted
         fine = None if self.fine_window_ns is None else window_index(times, self.fine_window_ns)
 
         def add_pool(pool: np.ndarray, sums: list[np.ndarray]) -> None:
-            self.pool_parts.add([window[m], pool[m]], [v[m] for v in sums])
+            self.pool_parts.add([window, pool], sums, m)
             if fine is not None:
-                self.fine_pool_parts.add([fine[m], pool[m]], [v[m] for v in sums])
+                self.fine_pool_parts.add([fine, pool], sums, m)
 
         if name in ("gpu", "cpu"):
             # Capacity rows: gpu rows feed gpu pools, cpu rows cpu pools.
@@ -240,34 +245,43 @@ class Biller:
             add_pool(pool, [parts["capacity_us"], zeros, parts["busy_us"], parts["energy_mj"],
                             parts["gap_us"]])  # fmt: skip
         if name == "gpu":
-            jobs = self.jobs.encode(table.column("job_id"))
+            jobs = self.jobs.encode(rows.source.column("job_id"))
+            jobs = jobs if rows.order is None else jobs[rows.order]
             held = m & (jobs >= 0)
             self.job_parts.add(
-                [window[held], pool[held], nodes[held], jobs[held]],
-                [zeros[held], parts["busy_us"][held], parts["energy_mj"][held], zeros[held]],
+                [window, pool, nodes, jobs],
+                [zeros, parts["busy_us"], parts["energy_mj"], zeros],
+                held,
             )
         elif name == "job":
-            jobs = self.jobs.encode(table.column("job_id"))
+            jobs = self._ids_of(self.jobs, merged.labels, 1)[codes]
             for kind, allocated in (("gpu", "gpus_allocated_us"), ("cpu", "cpus_allocated_us")):
                 pool = self._pool_of(nodes, kind)
                 add_pool(pool, [zeros, parts[allocated], zeros, zeros, zeros])
                 self.job_parts.add(
-                    [window[m], pool[m], nodes[m], jobs[m]],
-                    [parts[allocated][m], zeros[m], zeros[m], parts["cpu_used_us"][m]],
+                    [window, pool, nodes, jobs],
+                    [parts[allocated], zeros, zeros, parts["cpu_used_us"]],
+                    m,
                 )
-            self._note_owners(table, codes, times, nodes, jobs)
+            self._note_owners(rows, codes, times, nodes, jobs)
+
+    @staticmethod
+    def _ids_of(registry: Registry, labels: list[tuple[str, ...]], part: int) -> np.ndarray:
+        """Registry id of part ``part`` of each series label (indexed by series code)."""
+        return np.array([registry.id(label[part]) for label in labels] or [0], dtype=np.int64)
 
     def _note_owners(
         self,
-        table: pa.Table,
+        rows: SortedRows,
         codes: np.ndarray,
         times: np.ndarray,
         nodes: np.ndarray,
         jobs: np.ndarray,
     ) -> None:
         last = kernels.last_rows(codes)
-        users = table.column("user").take(pa.array(last)).to_pylist()
-        tenants = table.column("account").take(pa.array(last)).to_pylist()
+        latest = rows.take(last)
+        users = latest.column("user").to_pylist()
+        tenants = latest.column("account").to_pylist()
         for i, user, tenant in zip(last.tolist(), users, tenants, strict=True):
             key = (int(nodes[i]), int(jobs[i]))
             seen = self.owner.get(key)

@@ -10,7 +10,9 @@ not match its table's schema is an error naming the file and the column.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+import queue
+import threading
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,20 +174,31 @@ def read_chunks(
 
     ``columns`` limits each table to those columns (in that order); default: the whole schema.
     """
+    # A piece that reaches past its chunk keeps its later rows for the next chunks, so each piece
+    # is decoded and validated once however many chunks it spans.
+    later: dict[Piece, pa.Table] = {}
     for a, b in bounds:
         parts: dict[str, list[pa.Table]] = {name: [] for name in SCHEMAS}
         low, high = pa.scalar(a, pa.int64()), pa.scalar(b, pa.int64())
         for piece in pieces:
             if piece.max_ns < a or piece.min_ns >= b:
                 continue
-            try:
-                data = _read_piece(piece, None if columns is None else columns[piece.table])
-            except (pa.ArrowException, OSError) as exc:
-                moved = quarantine(root, piece.path, str(exc)) is not None
-                raise DamagedFile(piece.path, str(exc), moved) from None
+            data = later.pop(piece, None)
+            if data is None:
+                try:
+                    data = _read_piece(piece, None if columns is None else columns[piece.table])
+                except (pa.ArrowException, OSError) as exc:
+                    moved = quarantine(root, piece.path, str(exc)) is not None
+                    raise DamagedFile(piece.path, str(exc), moved) from None
+            if piece.min_ns >= a and piece.max_ns < b:
+                parts[piece.table].append(data)
+                continue
             times = data.column("time").cast(pa.int64())
-            keep = pc.and_(pc.greater_equal(times, low), pc.less(times, high))
-            parts[piece.table].append(data.filter(keep))
+            parts[piece.table].append(
+                data.filter(pc.and_(pc.greater_equal(times, low), pc.less(times, high)))
+            )
+            if piece.max_ns >= b:
+                later[piece] = data.filter(pc.greater_equal(times, high))
         stats.rows += sum(sum(t.num_rows for t in tables) for tables in parts.values())
         yield ValidatedChunk(
             {
@@ -200,3 +213,53 @@ def read_chunks(
 def _empty(name: str, columns: Sequence[str] | None) -> pa.Table:
     table = SCHEMAS[name].empty_table()
     return table if columns is None else table.select(list(columns))
+
+
+_DONE = object()
+
+
+def read_ahead(
+    chunks: Iterator[ValidatedChunk], depth: int = 1
+) -> Generator[ValidatedChunk, None, None]:
+    """``chunks``, produced in a background thread up to ``depth`` chunks ahead of the consumer.
+
+    Parquet decoding and Arrow compute release the GIL, so the next chunk is read on another core
+    while the consumer bills this one. An exception in the reader is raised in the consumer at
+    the position it happened; a consumer that stops early stops the reader.
+    """
+    ready: queue.Queue[object] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                if not put(chunk):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(exc)
+            return
+        put(_DONE)
+
+    reader = threading.Thread(target=produce, name="tally-read-ahead", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, ValidatedChunk)
+            yield item
+    finally:
+        stop.set()
+        reader.join()

@@ -375,6 +375,7 @@ def cmd_bill(args: argparse.Namespace) -> int:
     from exporters.bill import write
     from kernels import get_namespace
     from kernels.backend import BackendError
+    from telemetry.allocator import keep_freed_memory
     from telemetry.bill import compute_bill
     from telemetry.inventory import load_inventory
     from telemetry.progress import silent
@@ -389,6 +390,7 @@ def cmd_bill(args: argparse.Namespace) -> int:
     except BackendError as exc:
         raise TallyError(str(exc)) from None
     inventory = load_inventory(args.inventory)
+    keep_freed_memory()
     bill = compute_bill(
         args.dataset,
         inventory,
@@ -455,6 +457,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from exporters.report import render_report
+    from telemetry.allocator import keep_freed_memory
     from telemetry.inventory import load_inventory
     from telemetry.progress import Progress
     from telemetry.report import collect_report
@@ -465,7 +468,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not args.out.parent.is_dir():
         raise TallyError(f"--out {args.out}: directory {args.out.parent} does not exist")
     inventory = load_inventory(args.inventory)
-
+    keep_freed_memory()
     with Progress("report", quiet=args.quiet) as bar:
         data = collect_report(
             args.dataset,

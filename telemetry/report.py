@@ -86,12 +86,13 @@ class SeriesGrid:
         merged = merge_rows(
             self.carry, new, self.table, self.max_gap_ns, canonical=True, drop_late=False
         )
-        table, times = merged.table, merged.times
-        self.carry = table.take(pa.array(kernels.last_rows(merged.codes)))
+        rows, times = merged.rows, merged.times
+        self.carry = rows.take(kernels.last_rows(merged.codes))
         # Rows are sorted by series: each code's first row is found by a binary search.
         firsts = np.searchsorted(merged.codes, np.arange(len(merged.labels)))
-        local = np.array([self._id(label, table, int(row))
-                          for label, row in zip(merged.labels, firsts, strict=True)],
+        first_rows = rows.take(firsts) if self.table == "gpu" else None
+        local = np.array([self._id(label, first_rows, i)
+                          for i, label in enumerate(merged.labels)],
                          dtype=np.int64)  # fmt: skip
         series = local[merged.codes] if merged.codes.size else merged.codes
         counted = merged.is_new.copy()
@@ -101,31 +102,33 @@ class SeriesGrid:
             counted &= times < self.end_ns
         parts = merged.parts
         if self.table == "gpu":
-            held = pc.is_valid(table.column("job_id")).to_numpy(zero_copy_only=False)
+            held = pc.is_valid(rows.source.column("job_id")).to_numpy(zero_copy_only=False)
+            held = held if rows.order is None else held[rows.order]
         else:
             held = np.zeros(times.size, dtype=bool)
         iv = merged.intervals
         seen = np.where(iv.valid, iv.dt_ns // 1000, 0)
-        m = counted
         self.parts.add(
-            [series[m], window_index(times, self.window_ns)[m]],
+            [series, window_index(times, self.window_ns)],
             [
-                parts["capacity_us"][m],
-                parts["busy_us"][m],
-                np.where(held, parts["capacity_us"], 0)[m],
-                parts["gap_us"][m],
-                seen[m],
+                parts["capacity_us"],
+                parts["busy_us"],
+                np.where(held, parts["capacity_us"], 0),
+                parts["gap_us"],
+                seen,
             ],
+            counted,
         )
 
-    def _id(self, label: tuple[str, ...], table: pa.Table, row: int) -> int:
-        """The grid row of series ``label``; ``row`` is one of its rows in ``table``."""
+    def _id(self, label: tuple[str, ...], table: pa.Table | None, row: int) -> int:
+        """The grid row of series ``label``; ``row`` is one of its rows in ``table`` (a GPU's
+        index and model are read from it)."""
         found = self.ids.get(label)
         if found is None:
             found = self.ids[label] = len(self.labels)
             self.labels.append(label)
             detail: dict[str, Any] = {"node": label[0]}
-            if self.table == "gpu":
+            if table is not None:
                 detail["index"] = int(table.column("gpu_index")[row].as_py())
                 detail["model"] = str(table.column("gpu_model")[row].as_py())
             self.details.append(detail)

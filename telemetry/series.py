@@ -6,6 +6,7 @@ Shared by the live state (daemon, replay) and the bill engine, so both integrate
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import pyarrow as pa
@@ -56,28 +57,53 @@ def float_column(table: pa.Table, name: str) -> np.ndarray:
     return np.asarray(table.column(name).to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
-def contributions(table: pa.Table, name: str, iv: kernels.Intervals) -> dict[str, np.ndarray]:
-    """SPEC §3 per-row integer contributions of a sorted, de-duplicated table."""
+class SortedRows:
+    """The rows of ``source`` in ``order`` without moving every column: numeric columns are
+    gathered as NumPy arrays, the reordered Arrow table is built only when asked for."""
+
+    def __init__(self, source: pa.Table, order: np.ndarray | None = None) -> None:
+        self.source = source
+        self.order = order
+
+    def float(self, name: str) -> np.ndarray:
+        """Column ``name`` as float64 in row order, nulls as NaN."""
+        values = float_column(self.source, name)
+        return values if self.order is None else values[self.order]
+
+    def take(self, rows: np.ndarray) -> pa.Table:
+        """The rows at positions ``rows`` (of the sorted order), every column."""
+        picked = rows if self.order is None else self.order[rows]
+        return self.source.take(pa.array(picked))
+
+    @cached_property
+    def table(self) -> pa.Table:
+        """Every column, reordered (one Arrow ``take`` of the whole table, on first use)."""
+        return self.source if self.order is None else self.source.take(pa.array(self.order))
+
+
+def contributions(rows: SortedRows, name: str, iv: kernels.Intervals) -> dict[str, np.ndarray]:
+    """SPEC §3 per-row integer contributions of sorted, de-duplicated rows."""
     if name == "gpu":
         return kernels.gpu_contributions(
             iv,
-            float_column(table, "utilization_ratio"),
-            float_column(table, "energy_joules"),
-            float_column(table, "power_watts"),
+            rows.float("utilization_ratio"),
+            rows.float("energy_joules"),
+            rows.float("power_watts"),
         )
     if name == "cpu":
-        busy = sum(float_column(table, f"{mode}_seconds") for mode in CPU_BUSY_MODES)
+        busy = sum(float_column(rows.source, f"{mode}_seconds") for mode in CPU_BUSY_MODES)
+        busy = np.asarray(busy, dtype=np.float64)
         return kernels.cpu_contributions(
             iv,
-            float_column(table, "cpus"),
-            np.asarray(busy, dtype=np.float64),
-            float_column(table, "energy_joules"),
+            rows.float("cpus"),
+            busy if rows.order is None else busy[rows.order],
+            rows.float("energy_joules"),
         )
     return kernels.job_contributions(
         iv,
-        float_column(table, "cpus_allocated"),
-        float_column(table, "gpus_allocated"),
-        float_column(table, "cpu_seconds"),
+        rows.float("cpus_allocated"),
+        rows.float("gpus_allocated"),
+        rows.float("cpu_seconds"),
     )
 
 
@@ -112,7 +138,7 @@ class MergedRows:
     each row's interval and SPEC §3 contributions. ``is_new`` marks the rows of ``new``;
     ``duplicates`` and ``late`` count new rows dropped."""
 
-    table: pa.Table
+    rows: SortedRows
     codes: np.ndarray
     labels: list[tuple[str, ...]]
     times: np.ndarray
@@ -121,6 +147,11 @@ class MergedRows:
     duplicates: int
     late: int
     intervals: kernels.Intervals
+
+    @property
+    def table(self) -> pa.Table:
+        """The merged rows as one Arrow table in (series, time) order."""
+        return self.rows.table
 
 
 def merge_rows(
@@ -157,8 +188,8 @@ def merge_rows(
         late = int(np.count_nonzero(is_late))
         keep &= ~is_late
     order, codes, times, is_new = order[keep], codes[keep], times[keep], is_new[keep]
-    table = combined.take(pa.array(order))
+    rows = SortedRows(combined, order)
     iv = kernels.intervals(codes, times, max_gap_ns)
     return MergedRows(
-        table, codes, labels, times, is_new, contributions(table, name, iv), duplicates, late, iv
+        rows, codes, labels, times, is_new, contributions(rows, name, iv), duplicates, late, iv
     )

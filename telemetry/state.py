@@ -17,7 +17,7 @@ from telemetry.billing import Biller, LiveTotals
 from telemetry.collectors.base import CollectorStatus
 from telemetry.inventory import Inventory
 from telemetry.schema import SCHEMAS, validate
-from telemetry.series import contributions, merge_rows, series_codes
+from telemetry.series import SortedRows, contributions, merge_rows, series_codes
 
 NS = 1_000_000_000
 # Trailing windows of SPEC §6, label → seconds.
@@ -143,7 +143,7 @@ class TableState:
         windows: dict[str, np.ndarray] = {}
         if self.name in RATIO_PARTS:
             iv = kernels.intervals(codes, times, self.max_gap_ns)
-            parts = contributions(table, self.name, iv)
+            parts = contributions(SortedRows(table), self.name, iv)
             num, den = RATIO_PARTS[self.name]
             for label, seconds in WINDOWS.items():
                 ratio = kernels.trailing_ratio(

@@ -41,6 +41,20 @@ def test_series_order_sorts_by_series_then_time_and_is_stable() -> None:
     assert order.tolist() == [3, 1, 4, 2, 0]
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 6), st.integers(0, 20)), max_size=50),
+    st.sampled_from([1, 2**58]),
+)
+def test_series_order_packed_key_equals_lexsort(pairs: list[tuple[int, int]], scale: int) -> None:
+    """Packed (code, time) keys sort like the two-key lexsort, ties in input order; a time span
+    of 2^62 does not fit the packed key and takes the lexsort itself."""
+    codes = np.array([p[0] for p in pairs], dtype=np.int64)
+    times = np.array([p[1] * scale for p in pairs], dtype=np.int64)
+    expected = sorted(range(len(pairs)), key=lambda i: (pairs[i][0], pairs[i][1], i))
+    assert kernels.series_order(codes, times).tolist() == expected
+
+
 def test_dedup_mask_keeps_first_of_each_series_time() -> None:
     codes = np.array([1, 1, 1, 2, 2, 3], dtype=np.int64)
     times = np.array([10, 10, 20, 20, 20, 10], dtype=np.int64)
@@ -537,28 +551,55 @@ def test_packed_key_window_start_equals_the_bisection(
         assert expected[i] == j
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(
     st.lists(
         st.tuples(st.integers(-1, 5), st.integers(0, 3), st.integers(-(2**40), 2**40),
-                  st.integers(-(10**12), 10**12)),
+                  st.integers(-(10**12), 10**12), st.booleans()),
         max_size=60,
     ),
+    st.sampled_from(["binned", "sorted", "packed overflow"]),
+    st.sampled_from([2**20, 2**40, 2**55]),
     st.booleans(),
 )  # fmt: skip
-def test_group_sums_equal_a_dictionary(rows: list[tuple[int, int, int, int]], huge: bool) -> None:
+def test_group_sums_equal_a_dictionary(
+    rows: list[tuple[int, int, int, int, bool]], path: str, value_scale: int, masked: bool
+) -> None:
+    """Every path (bins, packed sort, lexsort) gives a plain dictionary's sums, exactly, with
+    values small enough for float64 bins and ones that must be split."""
     from kernels.billing import group_sums
 
-    # ``huge`` spreads the third key over 2^61 so packing would overflow: the lexsort path runs.
-    scale = 2**20 if huge else 1
-    keys = [np.array([r[i] * (scale if i == 2 else 1) for r in rows], dtype=np.int64)
+    # The third key's spread picks the path: a few values fit in bins, ±2^40 needs the packed
+    # sort, ±2^60 overflows the packed key so the lexsort runs.
+    spread = {"binned": 2**-40, "sorted": 1, "packed overflow": 2**20}[path]
+    keys = [np.array([int(r[i] * (spread if i == 2 else 1)) for r in rows], dtype=np.int64)
             for i in range(3)]  # fmt: skip
-    values = np.array([r[3] for r in rows], dtype=np.int64)
+    # |values| up to ~2^20, 2^40 (bins hold them) or 2^55 (60 of them overflow 2^53: split).
+    values = np.array([r[3] * value_scale // 2**40 + r[3] % 7 for r in rows], dtype=np.int64)
+    where = np.array([r[4] for r in rows], dtype=bool) if masked else None
     expected: dict[tuple[int, ...], int] = {}
     for i in range(len(rows)):
+        if where is not None and not where[i]:
+            continue
         key = tuple(int(k[i]) for k in keys)
         expected[key] = expected.get(key, 0) + int(values[i])
-    got_keys, got_sums = group_sums(keys, [values])
+    got_keys, got_sums = group_sums(keys, [values, -values], where)
     got = {tuple(int(k[i]) for k in got_keys): int(got_sums[0][i]) for i in range(len(got_sums[0]))}
     assert got == expected
     assert [tuple(int(k[i]) for k in got_keys) for i in range(len(got))] == sorted(expected)
+    assert [-int(v) for v in got_sums[1]] == [int(v) for v in got_sums[0]]
+    assert all(k.dtype == np.int64 for k in got_keys)
+
+
+def test_binned_group_sums_split_values_that_float64_bins_would_round() -> None:
+    """2^53 + 1 is the first integer float64 cannot hold: summed in bins unsplit it would come
+    out even. The split sums keep the 1."""
+    from kernels.billing import group_sums
+
+    keys = [np.array([0, 0, 1, 1, 1], dtype=np.int64)]
+    values = np.array([2**53, 1, 2**60, -(2**60), 3], dtype=np.int64)
+    got_keys, (sums,) = group_sums(keys, [values])
+    assert got_keys[0].tolist() == [0, 1]
+    assert sums.tolist() == [2**53 + 1, 3]
+    near_limit = np.array([2**62, -(2**62), 2**62, 5, 0], dtype=np.int64)  # split parts exact
+    assert group_sums(keys, [near_limit])[1][0].tolist() == [0, 2**62 + 5]
