@@ -102,13 +102,15 @@ def _binned_sums(
     parts could round (more than 2^29 rows, or values near the int64 limit).
     """
     n = keys[0].shape[0]
-    split = []
+    how = []  # per value: "zero" (nothing to add), "whole" (exact in float64 bins) or "split"
     for v in values:
         biggest = max(-int(v.min()), int(v.max()))
-        if biggest * n < _EXACT:
-            split.append(False)
+        if biggest == 0:
+            how.append("zero")
+        elif biggest * n < _EXACT:
+            how.append("whole")
         elif (biggest >> _LOW_BITS) * n < _EXACT and n << _LOW_BITS < _EXACT:
-            split.append(True)
+            how.append("split")
         else:
             return None
     packed = (
@@ -125,8 +127,11 @@ def _binned_sums(
         rest = rest // span
     out_keys.reverse()
     sums = []
-    for v, parts in zip(values, split, strict=True):
-        if not parts:
+    for v, kind in zip(values, how, strict=True):
+        if kind == "zero":
+            sums.append(xp.zeros(groups.shape[0], dtype=xp.int64))
+            continue
+        if kind == "whole":
             bins = xp.bincount(packed, weights=v.astype(xp.float64), minlength=total + 1)
             sums.append(bins[groups].astype(xp.int64))
             continue

@@ -27,7 +27,7 @@ from telemetry.store import JOURNAL_SUFFIX, QUARANTINE, quarantine, read_journal
 
 log = logging.getLogger("tally.chunks")
 
-DEFAULT_BUDGET_ROWS = 4_000_000
+DEFAULT_BUDGET_ROWS = 2_000_000
 _UNIT_NS = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
 
 
