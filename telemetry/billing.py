@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 import kernels
 from kernels.backend import to_host
@@ -25,7 +24,7 @@ from kernels.billing import group_sums, window_index
 from telemetry.chunks import ValidatedChunk
 from telemetry.inventory import Inventory, Pool
 from telemetry.schema import CPU_BUSY_MODES, SCHEMAS, validate
-from telemetry.series import SortedRows, merge_rows
+from telemetry.series import SortedRows, dictionary_codes, merge_rows
 
 NS = 1_000_000_000
 US_PER_HOUR = 3_600_000_000
@@ -62,14 +61,10 @@ class Registry:
 
     def encode(self, column: pa.ChunkedArray | pa.Array) -> np.ndarray:
         """Id per row; null → -1."""
-        encoded = pc.dictionary_encode(column)
-        if isinstance(encoded, pa.ChunkedArray):
-            encoded = encoded.combine_chunks()
-        mapping = np.array(
-            [self.id(str(v)) for v in encoded.dictionary.to_pylist()] + [-1], dtype=np.int64
-        )
-        indices = pc.fill_null(encoded.indices, len(mapping) - 1)
-        return mapping[np.asarray(indices.to_numpy(zero_copy_only=False), dtype=np.int64)]
+        codes, dictionary = dictionary_codes(column)
+        mapping = np.array([self.id(v) for v in dictionary] + [-1], dtype=np.int64)
+        ids: np.ndarray = mapping[codes]  # a null's code -1 picks the trailing -1
+        return ids
 
 
 @dataclass

@@ -125,25 +125,30 @@ def plan(root: Path, files: dict[str, list[Path]], stats: ReadStats) -> list[Pie
 
 
 class ValidatedChunk(dict[str, pa.Table]):
-    """A chunk whose tables ``validate()`` has already checked and conformed (consumers may skip
-    checking again)."""
+    """A chunk whose tables ``validate(..., dictionaries=True)`` has already checked and conformed
+    (consumers may skip checking again; string columns are ``dictionary<int32, string>``)."""
 
 
 def _read_piece(piece: Piece, columns: Sequence[str] | None) -> pa.Table:
+    """One piece's rows, validated, string columns dictionary-encoded (as Parquet stores them:
+    decoding skips building a string per row, and series keys come out already encoded)."""
     if piece.row_group < 0:
         data, _ = read_journal(piece.path)
         assert data is not None
     else:
-        parquet = pq.ParquetFile(piece.path)
-        wanted = None
-        if columns is not None:  # only what the consumers read is decoded
-            present = set(parquet.schema_arrow.names)
-            wanted = [c for c in columns if c in present]
-        data = parquet.read_row_group(piece.row_group, columns=wanted)
+        wanted = SCHEMAS[piece.table].names if columns is None else list(columns)
+        strings = [n for n in wanted if pa.types.is_string(SCHEMAS[piece.table].field(n).type)]
+        parquet = pq.ParquetFile(piece.path, read_dictionary=strings)
+        present = set(parquet.schema_arrow.names)
+        # only what the consumers read is decoded
+        data = parquet.read_row_group(
+            piece.row_group,
+            columns=None if columns is None else [c for c in wanted if c in present],
+        )
     try:
         if columns is not None:
-            return validate(data, piece.table, columns)
-        return validate(data, piece.table).select(SCHEMAS[piece.table].names)
+            return validate(data, piece.table, columns, dictionaries=True)
+        return validate(data, piece.table, dictionaries=True).select(SCHEMAS[piece.table].names)
     except SchemaError as exc:
         raise pa.ArrowInvalid(str(exc)) from None
 
@@ -211,8 +216,7 @@ def read_chunks(
 
 
 def _empty(name: str, columns: Sequence[str] | None) -> pa.Table:
-    table = SCHEMAS[name].empty_table()
-    return table if columns is None else table.select(list(columns))
+    return validate(SCHEMAS[name].empty_table(), name, columns, dictionaries=True)
 
 
 _DONE = object()

@@ -118,6 +118,10 @@ def _castable(actual: pa.DataType, expected: pa.DataType) -> bool:
         # A naive timestamp has no instant; any tz-aware one names the same instant in UTC.
         return bool(pa.types.is_timestamp(actual) and actual.tz is not None)
     if pa.types.is_string(expected):
+        if pa.types.is_dictionary(actual):  # as Parquet files written from Arrow may hold them
+            actual = actual.value_type
+            if pa.types.is_string(actual):
+                return True
         return bool(pa.types.is_large_string(actual) or pa.types.is_string_view(actual))
     if pa.types.is_integer(expected) and pa.types.is_integer(actual):
         return True  # range is checked by the safe cast itself
@@ -126,13 +130,50 @@ def _castable(actual: pa.DataType, expected: pa.DataType) -> bool:
     return False
 
 
-def validate(table: pa.Table, name: str, columns: Sequence[str] | None = None) -> pa.Table:
+DICTIONARY_STRING = pa.dictionary(pa.int32(), pa.string())
+
+
+def _dictionary_strings(column: pa.ChunkedArray, name: str, field: pa.Field) -> pa.ChunkedArray:
+    """A string column as ``dictionary<int32, string>``: an encoded column keeps its codes (only
+    the dictionaries' values are checked for UTF-8), a plain one is encoded."""
+    if pa.types.is_dictionary(column.type):
+        clean = pa.types.is_string(column.type.value_type) and all(
+            chunk.dictionary.null_count == 0 for chunk in column.chunks
+        )
+        if clean:
+            for chunk in column.chunks:
+                try:
+                    chunk.dictionary.validate(full=True)
+                except pa.ArrowInvalid:
+                    raise SchemaError(
+                        f"{name}: column {field.name!r} holds invalid UTF-8"
+                    ) from None
+            return column.cast(DICTIONARY_STRING) if column.type != DICTIONARY_STRING else column
+        column = column.cast(pa.string())  # other value types, or nulls inside the dictionary
+    if not _castable(column.type, field.type):
+        raise SchemaError(f"{name}: column {field.name!r} has type {column.type}, expected string")
+    if column.type != field.type:
+        column = pc.cast(column, field.type)
+    try:
+        column.validate(full=True)
+    except pa.ArrowInvalid:
+        raise SchemaError(f"{name}: column {field.name!r} holds invalid UTF-8") from None
+    encoded = pc.dictionary_encode(column)
+    return encoded if isinstance(encoded, pa.ChunkedArray) else pa.chunked_array([encoded])
+
+
+def validate(
+    table: pa.Table, name: str, columns: Sequence[str] | None = None, dictionaries: bool = False
+) -> pa.Table:
     """Check ``table`` against the schema of table ``name`` and return it conformed.
 
     The result has the schema's columns first, in order and with the exact types, followed by any
     extra nullable columns; with ``columns``, only those schema columns are checked and returned
-    (in that order). Raises ``SchemaError`` naming the first wrong column: missing, of a type
-    that does not convert, holding values that do not fit, or holding nulls where none are allowed.
+    (in that order). With ``dictionaries`` every string column comes back as
+    ``dictionary<int32, string>`` (``DICTIONARY_STRING``; dictionary-encoded input, as Parquet
+    stores it, is kept encoded). Raises ``SchemaError`` naming the first wrong column: missing,
+    of a type that does not convert, holding values that do not fit, or holding nulls where none
+    are allowed.
     """
     try:
         schema = SCHEMAS[name]
@@ -149,10 +190,21 @@ def validate(table: pa.Table, name: str, columns: Sequence[str] | None = None) -
     for field in schema:
         if field.name not in names:
             if field.name in OPTIONAL_COLUMNS[name]:
-                conformed.append(pa.chunked_array([pa.nulls(table.num_rows, field.type)]))
+                nulls = pa.chunked_array([pa.nulls(table.num_rows, field.type)])
+                if dictionaries and pa.types.is_string(field.type):
+                    nulls = _dictionary_strings(nulls, name, field)
+                conformed.append(nulls)
                 continue
             raise SchemaError(f"{name}: missing column {field.name!r} ({field.type})", missing=True)
         column = table.column(field.name)
+        if dictionaries and pa.types.is_string(field.type):
+            column = _dictionary_strings(column, name, field)
+            if not field.nullable and column.null_count:
+                raise SchemaError(
+                    f"{name}: column {field.name!r} has {column.null_count} null values"
+                )
+            conformed.append(column)
+            continue
         if not _castable(column.type, field.type):
             raise SchemaError(
                 f"{name}: column {field.name!r} has type {column.type}, expected {field.type}"
@@ -172,7 +224,7 @@ def validate(table: pa.Table, name: str, columns: Sequence[str] | None = None) -
             except pa.ArrowInvalid:
                 raise SchemaError(f"{name}: column {field.name!r} holds invalid UTF-8") from None
         conformed.append(column)
-    fields = list(schema)
+    fields = [pa.field(f.name, c.type, f.nullable) for f, c in zip(schema, conformed, strict=False)]
     for extra in names:
         if extra not in schema.names:
             column = table.column(extra)

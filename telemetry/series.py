@@ -16,6 +16,40 @@ import kernels
 from telemetry.schema import CPU_BUSY_MODES, SERIES_KEYS
 
 
+def dictionary_codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, list[str]]:
+    """Per row the index of its value in a list of distinct values (null → -1), and that list.
+
+    A dictionary-encoded column keeps its codes: the chunks' dictionaries are unified, and only
+    when the result repeats a value (legal in a Parquet dictionary page, so possible in a hostile
+    file) are the strings encoded afresh, so equal values always share one code.
+    """
+    if isinstance(column, pa.Array):
+        column = pa.chunked_array([column])
+    if pa.types.is_dictionary(column.type):
+        unified = column.unify_dictionaries()
+        dictionary = (
+            unified.chunk(0).dictionary if unified.num_chunks else pa.array([], pa.string())
+        )
+        if len(pc.unique(dictionary)) != len(dictionary):
+            return dictionary_codes(column.cast(column.type.value_type))
+        encoded = unified
+    else:
+        encoded = pc.dictionary_encode(column)
+        combined = encoded.combine_chunks() if encoded.num_chunks != 1 else encoded.chunk(0)
+        dictionary = combined.dictionary
+        encoded = pa.chunked_array([combined])
+    indices = [chunk.indices for chunk in encoded.chunks]
+    codes = (
+        np.concatenate(
+            [np.asarray(pc.fill_null(i, -1).to_numpy(zero_copy_only=False), np.int64)
+             for i in indices]
+        )
+        if indices
+        else np.zeros(0, np.int64)
+    )  # fmt: skip
+    return codes, [str(v) for v in dictionary.to_pylist()]
+
+
 def series_codes(table: pa.Table, name: str) -> tuple[np.ndarray, list[tuple[str, ...]]]:
     """Integer code per row for the table's series key, and the key tuple of each code.
 
@@ -25,10 +59,9 @@ def series_codes(table: pa.Table, name: str) -> tuple[np.ndarray, list[tuple[str
     combined = np.zeros(table.num_rows, dtype=np.int64)
     dictionaries: list[list[str]] = []
     for key in SERIES_KEYS[name]:
-        encoded = pc.dictionary_encode(table.column(key)).combine_chunks()
-        codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-        dictionaries.append([str(v) for v in encoded.dictionary.to_pylist()])
-        combined = combined * len(dictionaries[-1]) + codes
+        codes, dictionary = dictionary_codes(table.column(key))
+        dictionaries.append(dictionary)
+        combined = combined * max(1, len(dictionary)) + codes
     space = 1
     for dictionary in dictionaries:
         space *= max(1, len(dictionary))
@@ -119,7 +152,11 @@ def canonical_duplicates(table: pa.Table, order: np.ndarray, keep: np.ndarray) -
     in_run[:-1] |= ~keep[1:]  # the first row of a run is followed by a dropped one
     positions = np.nonzero(in_run)[0]
     run_id = np.cumsum(keep)[positions]
-    subset = table.take(pa.array(order[positions])).append_column("__run", pa.array(run_id))
+    subset = table.take(pa.array(order[positions]))
+    for i, field in enumerate(subset.schema):  # Arrow sorts strings, not dictionary codes
+        if pa.types.is_dictionary(field.type):
+            subset = subset.set_column(i, field.name, subset.column(i).cast(field.type.value_type))
+    subset = subset.append_column("__run", pa.array(run_id))
     keys = [("__run", "ascending")] + [(name, "ascending") for name in table.column_names]
     ranked = pc.sort_indices(subset, sort_keys=keys).to_numpy()  # nulls sort last
     first_of_run = np.ones(ranked.size, dtype=bool)
@@ -169,6 +206,8 @@ def merge_rows(
     ``canonical`` the first by every column (independent of read order). With ``drop_late``,
     new rows older than their series' newest earlier row are dropped.
     """
+    if earlier.num_rows and earlier.schema != new.schema:  # plain strings in one, codes in other
+        earlier = earlier.cast(new.schema)
     combined = pa.concat_tables([earlier, new]) if earlier.num_rows else new
     is_new = np.ones(combined.num_rows, dtype=bool)
     is_new[: earlier.num_rows] = False

@@ -10,12 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
 from telemetry import chunks
 from telemetry.chunks import ValidatedChunk, chunk_bounds, plan, read_ahead, read_chunks
 from telemetry.dataset import ReadStats, discover
+from telemetry.schema import DICTIONARY_STRING, validate
 from tests.samples import NS, T0, cpu_table, write_dataset
 
 
@@ -50,7 +52,8 @@ def test_each_chunk_holds_exactly_its_rows_and_each_piece_is_decoded_once(
     for (a, b), chunk in zip(bounds, read_chunks(tmp_path, pieces, bounds, stats), strict=True):
         times = chunk["cpu"].column("time").cast(pa.int64()).to_pylist()
         assert all(a <= t < b for t in times)
-        seen.append(chunk["cpu"])
+        assert chunk["cpu"].schema.field("node").type == DICTIONARY_STRING  # codes as stored
+        seen.append(validate(chunk["cpu"], "cpu"))  # decoded back to plain strings
     assert sorted(decoded, key=repr) == sorted(pieces, key=repr)  # once each, none skipped
     got = pa.concat_tables(seen).sort_by([("node", "ascending"), ("time", "ascending")])
     assert got.equals(whole.sort_by([("node", "ascending"), ("time", "ascending")]))
@@ -113,3 +116,62 @@ def test_batch_commands_keep_freed_memory_for_reuse() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "system"]
+
+
+# --- string columns kept dictionary-encoded --------------------------------------------------
+
+
+def _dictionary(indices: list[int | None], values: list[str]) -> pa.DictionaryArray:
+    return pa.DictionaryArray.from_arrays(pa.array(indices, pa.int32()), pa.array(values))
+
+
+def test_dictionary_codes_give_equal_values_one_code_whatever_the_dictionaries() -> None:
+    from telemetry.series import dictionary_codes
+
+    # Two chunks with different dictionaries, one repeating a value (legal in a Parquet
+    # dictionary page): equal strings must still share a code, or one GPU would be two series.
+    column = pa.chunked_array(
+        [_dictionary([0, 1, 0, None], ["b", "a"]), _dictionary([2, 0, 1], ["a", "c", "a"])]
+    )
+    codes, values = dictionary_codes(column)
+    decoded = [None if c < 0 else values[c] for c in codes.tolist()]
+    assert decoded == ["b", "a", "b", None, "a", "a", "c"]
+    assert len(set(values)) == len(values)
+    plain_codes, plain_values = dictionary_codes(column.cast(pa.string()))
+    assert [plain_values[c] if c >= 0 else None for c in plain_codes.tolist()] == decoded
+
+
+def test_dictionary_strings_are_checked_like_plain_ones() -> None:
+    from telemetry.schema import SchemaError
+
+    table = cpu_table("n1", [0.0, 5.0, 10.0])
+    bad = pa.array([b"n\xff"], pa.binary()).cast(pa.string(), safe=False)
+    node = pa.DictionaryArray.from_arrays(pa.array([0, 0, 0], pa.int32()), bad)
+    hostile = table.set_column(table.schema.get_field_index("node"), "node", node)
+    with pytest.raises(SchemaError, match="'node' holds invalid UTF-8"):
+        validate(hostile, "cpu", dictionaries=True)
+    with pytest.raises(SchemaError, match="'node' holds invalid UTF-8"):
+        validate(hostile, "cpu")
+    nulls = pa.DictionaryArray.from_arrays(pa.array([0, None, 0], pa.int32()), pa.array(["n"]))
+    with pytest.raises(SchemaError, match="'node' has 1 null values"):
+        validate(table.set_column(1, "node", nulls), "cpu", dictionaries=True)
+
+
+def test_parquet_written_from_dictionary_columns_reads_like_plain(tmp_path: Path) -> None:
+    """A file another Arrow tool wrote with dictionary-typed strings (its Arrow schema says so)
+    is the same data: it validates, and bills like the plain file."""
+    from telemetry.bill import compute_bill
+    from telemetry.inventory import parse_inventory
+
+    plain = cpu_table("n1", [float(t) for t in range(0, 600, 5)])
+    encoded = plain.set_column(1, "node", pc.dictionary_encode(plain.column("node")))
+    assert validate(encoded, "cpu").equals(plain)
+    inventory = parse_inventory(
+        '[[pool]]\nname = "c"\nkind = "cpu"\nownership = "own"\nnodes = ["n*"]\n'
+        "cost_per_unit_hour = 1.0\nprice_per_unit_hour = 2.0\n"
+    )
+    bills = []
+    for name, table in (("plain", plain), ("encoded", encoded)):
+        write_dataset(tmp_path / name, "cpu", table)
+        bills.append(compute_bill(tmp_path / name, inventory, 3600).pools)
+    assert bills[0] == bills[1] and bills[0][0]["capacity_unit_hours"] > 0
