@@ -26,14 +26,15 @@ def _dt_us(iv: Intervals) -> Any:
 
 
 def _counted(iv: Intervals, x: Any) -> Any:
+    """``rint_int64(x)`` on valid intervals, 0 elsewhere (one pass fewer than nan_to_num)."""
     xp = array_namespace(x)
-    return xp.where(iv.valid, rint_int64(x), 0)
+    return xp.where(iv.valid & xp.isfinite(x), xp.rint(x), 0.0).astype(xp.int64)
 
 
 def gap_us(iv: Intervals) -> Any:
     """Length of each gap interval in microseconds, 0 elsewhere."""
     xp = array_namespace(iv.dt_ns)
-    return xp.where(iv.gap, rint_int64(_dt_us(iv)), 0)
+    return xp.where(iv.gap, xp.rint(_dt_us(iv)), 0.0).astype(xp.int64)
 
 
 def gpu_contributions(

@@ -183,6 +183,7 @@ class Biller:
         self.owner: dict[tuple[int, int], tuple[int, int, int]] = {}  # → (time, user, tenant)
         self.rows = 0
         self.duplicates = 0
+        self._window_names: dict[int, dict[str, str]] = {}
 
     # ---------------------------------------------------------------- ingestion
     def add(self, chunk: dict[str, pa.Table]) -> None:
@@ -398,8 +399,12 @@ class Biller:
         return Bill(pools_out, tenants_out, jobs_out, stats, currency)
 
     def _window(self, window: int) -> dict[str, str]:
-        start = window * self.window_ns
-        return {"window_start": _iso(start), "window_end": _iso(start + self.window_ns)}
+        found = self._window_names.get(window)
+        if found is None:  # one per window, not one per bill row
+            start = window * self.window_ns
+            found = {"window_start": _iso(start), "window_end": _iso(start + self.window_ns)}
+            self._window_names[window] = found
+        return dict(found)
 
     def _party_row(
         self, window: int, pool_index: int, sums: list[int]
