@@ -20,11 +20,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from kernels.backend import to_host
 from kernels.billing import group_sums
 from telemetry.billing import NS, Biller, LiveTotals
 from telemetry.dataset import discover, read_file
@@ -81,13 +83,20 @@ def _order_key(root: Path, path: Path) -> tuple[str, str, str]:
 class Aggregator:
     """Incremental bill of a growing dataset; ``poll()`` reads what is new."""
 
-    def __init__(self, root: Path, inventory: Inventory, batch_rows: int = BATCH_ROWS) -> None:
+    def __init__(
+        self,
+        root: Path,
+        inventory: Inventory,
+        batch_rows: int = BATCH_ROWS,
+        xp: ModuleType = np,
+    ) -> None:
+        """``xp`` is the bill engine's array backend (``kernels.get_namespace``)."""
         self.root = root
         self.inventory = inventory
         self.batch_rows = batch_rows
         # One bill engine: all-time totals, and the pool sums of recent minutes for the ratios.
         self.totals = Biller(
-            inventory, LIVE_WINDOW_SECONDS, drop_late=True, fine_window_seconds=_MINUTE
+            inventory, LIVE_WINDOW_SECONDS, drop_late=True, fine_window_seconds=_MINUTE, xp=xp
         )
         self.seen: dict[tuple[str, str], _Seen] = {}
         self.stats = AggregateStats()
@@ -208,7 +217,7 @@ class Aggregator:
         if not keep.all():
             parts.keys = [[k[keep] for k in keys]]
             parts.sums = [[v[keep] for v in sums]]
-            parts.rows = int(np.count_nonzero(keep))
+            parts.rows = int(keep.sum())
 
     # ---------------------------------------------------------------- results
     def live_totals(self) -> LiveTotals:
@@ -221,6 +230,7 @@ class Aggregator:
         if newest is None:
             return out
         keys, sums = self.totals.fine_pool_parts.compact()
+        keys, sums = [to_host(k) for k in keys], [to_host(v) for v in sums]
         current = newest // (_MINUTE * NS)  # the minute still filling is left out
         pools = self.totals.pools
         for label, minutes in RATIO_WINDOWS.items():

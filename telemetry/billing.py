@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 import kernels
-from kernels.backend import to_host
+from kernels.backend import array_namespace, to_host
 from kernels.billing import group_sums, window_index
 from telemetry.chunks import ValidatedChunk
 from telemetry.inventory import Inventory, Pool
@@ -81,10 +81,8 @@ class PartialSums:
         """Group and keep the rows where ``where`` is True."""
         if keys[0].size == 0:
             return
-        if self.xp is not np:  # the one host→device copy of this chunk's contributions
-            keys = [self.xp.asarray(k) for k in keys]
-            sums = [self.xp.asarray(v) for v in sums]
-            where = self.xp.asarray(where)
+        if self.xp is not array_namespace(*keys, *sums, where):
+            raise TypeError("PartialSums: inputs must already live on its backend")
         k, s = group_sums(keys, sums, where)
         if k[0].size == 0:
             return
@@ -176,6 +174,7 @@ class Biller:
         self.carry = {
             name: SCHEMAS[name].empty_table().select(list(BILL_COLUMNS[name])) for name in SCHEMAS
         }
+        self.xp = xp
         self.pool_parts = PartialSums(width=2, xp=xp)  # (window, pool)
         self.fine_window_ns = None if fine_window_seconds is None else fine_window_seconds * NS
         self.fine_pool_parts = PartialSums(width=2, xp=xp)  # (fine window, pool)
@@ -196,20 +195,25 @@ class Biller:
                 table = table.select(list(wanted)) if checked else validate(table, name, wanted)
                 self._add_table(name, table)
 
-    def _pool_of(self, node_ids: np.ndarray, kind: str) -> np.ndarray:
+    def _pool_of(self, node_ids: Any, kind: str) -> Any:
         known = self._node_pool[kind]
         if len(self.nodes.values) > known.size:
             fresh = self.nodes.values[known.size :]
             local = self.inventory.assign(fresh, kind)
             extra = np.asarray(local, dtype=np.int64) + self._first[kind]
             known = self._node_pool[kind] = np.concatenate([known, extra])
-        result: np.ndarray = known[node_ids]
-        return result
+        return self._on_device(known)[node_ids]
 
     def _add_table(self, name: str, new: pa.Table) -> None:
         self.rows += new.num_rows
         merged = merge_rows(
-            self.carry[name], new, name, self.max_gap_ns, canonical=True, drop_late=self.drop_late
+            self.carry[name],
+            new,
+            name,
+            self.max_gap_ns,
+            canonical=True,
+            drop_late=self.drop_late,
+            xp=self.xp,
         )
         self.duplicates += merged.duplicates
         self.late += merged.late
@@ -225,8 +229,9 @@ class Biller:
             counted &= times < self.end_ns
         window = window_index(times, self.window_ns)
         # The series key starts with the node (and is (node, job) for jobs): ids per series.
-        nodes = self._ids_of(self.nodes, merged.labels, 0)[codes]
-        zeros = np.zeros(times.size, dtype=np.int64)
+        xp = self.xp
+        nodes = self._on_device(self._ids_of(self.nodes, merged.labels, 0))[codes]
+        zeros = xp.zeros(times.shape[0], dtype=xp.int64)
         m = counted
         fine = None if self.fine_window_ns is None else window_index(times, self.fine_window_ns)
 
@@ -241,8 +246,7 @@ class Biller:
             add_pool(pool, [parts["capacity_us"], zeros, parts["busy_us"], parts["energy_mj"],
                             parts["gap_us"]])  # fmt: skip
         if name == "gpu":
-            jobs = self.jobs.encode(rows.source.column("job_id"))
-            jobs = jobs if rows.order is None else jobs[rows.order]
+            jobs = rows.gather(self.jobs.encode(rows.source.column("job_id")))
             held = m & (jobs >= 0)
             self.job_parts.add(
                 [window, pool, nodes, jobs],
@@ -250,7 +254,7 @@ class Biller:
                 held,
             )
         elif name == "job":
-            jobs = self._ids_of(self.jobs, merged.labels, 1)[codes]
+            jobs = self._on_device(self._ids_of(self.jobs, merged.labels, 1))[codes]
             for kind, allocated in (("gpu", "gpus_allocated_us"), ("cpu", "cpus_allocated_us")):
                 pool = self._pool_of(nodes, kind)
                 add_pool(pool, [zeros, parts[allocated], zeros, zeros, zeros])
@@ -260,6 +264,9 @@ class Biller:
                     m,
                 )
             self._note_owners(rows, codes, times, nodes, jobs)
+
+    def _on_device(self, values: np.ndarray) -> Any:
+        return values if self.xp is np else self.xp.asarray(values)
 
     @staticmethod
     def _ids_of(registry: Registry, labels: list[tuple[str, ...]], part: int) -> np.ndarray:
@@ -278,11 +285,17 @@ class Biller:
         latest = rows.take(last)
         users = latest.column("user").to_pylist()
         tenants = latest.column("account").to_pylist()
-        for i, user, tenant in zip(last.tolist(), users, tenants, strict=True):
-            key = (int(nodes[i]), int(jobs[i]))
+        # One row per series: brought to the host together.
+        last_nodes, last_jobs, last_times = (
+            to_host(a[last]).tolist() for a in (nodes, jobs, times)
+        )
+        for node, job, time, user, tenant in zip(
+            last_nodes, last_jobs, last_times, users, tenants, strict=True
+        ):
+            key = (node, job)
             seen = self.owner.get(key)
-            if seen is None or times[i] >= seen[0]:
-                self.owner[key] = (int(times[i]), self.names.id(user), self.names.id(tenant))
+            if seen is None or time >= seen[0]:
+                self.owner[key] = (time, self.names.id(user), self.names.id(tenant))
 
     # ---------------------------------------------------------------- output
     def pool_totals(self) -> tuple[list[np.ndarray], list[np.ndarray]]:

@@ -12,6 +12,7 @@ import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any, NoReturn
 
 from telemetry import __version__
@@ -185,12 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--to", dest="end", help="end of the last window: ISO-8601 date or time (UTC)")
     b.add_argument("--format", choices=["json", "csv", "parquet", "table"], default="json")
     b.add_argument("--out", type=Path, help="output file (json, table) or prefix (csv, parquet)")
-    b.add_argument(
-        "--backend",
-        choices=["auto", "numpy", "cupy"],
-        default="auto",
-        help="array backend of the sums: auto = cupy when a CUDA GPU is usable, else numpy",
-    )
+    _backend_argument(b)
 
     agg = sub.add_parser(
         "aggregate", help="follow a dataset many node daemons write into; export pool counters"
@@ -212,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="YAML: TLS and basic auth for --listen",
     )
+    # A service that may be started on any host: it takes a GPU only when told to.
+    _backend_argument(agg, default="numpy")
 
     rep = sub.add_parser(
         "report", help="write a self-contained HTML utilisation and billing report"
@@ -226,7 +224,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--from", dest="start", help="first window: ISO-8601 date or time (UTC)")
     rep.add_argument("--to", dest="end", help="end of the last window: ISO-8601 date or time (UTC)")
+    _backend_argument(rep)
     return parser
+
+
+def _backend_argument(parser: argparse.ArgumentParser, default: str = "auto") -> None:
+    parser.add_argument(
+        "--backend",
+        choices=["auto", "numpy", "cupy"],
+        default=default,
+        help="array backend of the bill engine: auto = cupy when a CUDA GPU is usable, else "
+        f"numpy (default {default})",
+    )
+
+
+def _backend(name: str) -> ModuleType:
+    """The array module for ``--backend``; one-line error (exit 2) when cupy cannot run."""
+    from kernels import get_namespace
+    from kernels.backend import BackendError
+
+    try:
+        return get_namespace(name)
+    except BackendError as exc:
+        raise TallyError(str(exc)) from None
 
 
 # Config-file keys and the argparse destination each one sets.
@@ -373,8 +393,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_bill(args: argparse.Namespace) -> int:
     from exporters.bill import write
-    from kernels import get_namespace
-    from kernels.backend import BackendError
     from telemetry.allocator import keep_freed_memory
     from telemetry.bill import compute_bill
     from telemetry.inventory import load_inventory
@@ -385,10 +403,7 @@ def cmd_bill(args: argparse.Namespace) -> int:
         raise TallyError(f"--format {args.format} writes three files: give --out PREFIX")
     if args.out is not None and not args.out.parent.is_dir():
         raise TallyError(f"--out {args.out}: directory {args.out.parent} does not exist")
-    try:
-        xp = get_namespace(args.backend)
-    except BackendError as exc:
-        raise TallyError(str(exc)) from None
+    xp = _backend(args.backend)
     inventory = load_inventory(args.inventory)
     keep_freed_memory()
     bill = compute_bill(
@@ -424,7 +439,7 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     if not args.dataset.is_dir():
         discover(args.dataset)  # the one-line error for a missing or non-directory dataset
     web = load_web_config(args.web_config) if args.web_config is not None else None
-    aggregator = Aggregator(args.dataset, inventory)
+    aggregator = Aggregator(args.dataset, inventory, xp=_backend(args.backend))
     current = [AggregateSnapshot()]
     collector = AggregateCollector(lambda: current[0])
     registry = CollectorRegistry()
@@ -467,6 +482,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise TallyError(f"--out {args.out} is a directory; give a file name")
     if not args.out.parent.is_dir():
         raise TallyError(f"--out {args.out}: directory {args.out.parent} does not exist")
+    xp = _backend(args.backend)
     inventory = load_inventory(args.inventory)
     keep_freed_memory()
     with Progress("report", quiet=args.quiet) as bar:
@@ -478,6 +494,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             args.end,
             progress=bar,
             warn=_warner(args.quiet),
+            xp=xp,
         )
     document = render_report(data)
     partial = args.out.with_name(f".{args.out.name}.tmp")

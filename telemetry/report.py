@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import kernels
+from kernels.backend import release
 from kernels.billing import window_index
 from telemetry.bill import finish_bill, scan, selected_range
 from telemetry.billing import BILL_COLUMNS, NS, Bill, Biller, PartialSums
@@ -185,10 +187,12 @@ def collect_report(
     budget_rows: int = DEFAULT_BUDGET_ROWS,
     progress: Callable[[int, int, int], None] | None = None,
     warn: Callable[[str], None] = lambda _: None,
+    xp: ModuleType = np,
 ) -> ReportData:
     """Scan the dataset at ``root`` once; ``window`` None picks one (``auto_window``).
 
-    Raises ``TallyError`` for unusable input, as ``tally bill`` does.
+    ``xp`` is the array backend of the report's bill (the grids stay on NumPy: they are small
+    matrices drawn on the host). Raises ``TallyError`` for unusable input, as ``tally bill`` does.
     """
     looked = ReadStats()
     pieces = plan(root, discover(root), looked)
@@ -204,12 +208,15 @@ def collect_report(
 
     def fresh() -> list[Any]:
         return [
-            Biller(inventory, window, lo, hi),
+            Biller(inventory, window, lo, hi, xp=xp),
             SeriesGrid("gpu", window, max_gap, lo, hi),
             SeriesGrid("cpu", window, max_gap, lo, hi),
         ]
 
-    consumers, stats = scan(root, fresh, budget_rows, progress, warn, GRID_COLUMNS)
+    try:
+        consumers, stats = scan(root, fresh, budget_rows, progress, warn, GRID_COLUMNS)
+    finally:
+        release(xp)
     stats.files_quarantined += looked.files_quarantined
     biller, gpu, cpu = consumers
     assert isinstance(biller, Biller) and isinstance(gpu, SeriesGrid)

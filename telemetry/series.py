@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 import kernels
+from kernels.backend import to_host
 from telemetry.schema import CPU_BUSY_MODES, SERIES_KEYS
 
 
@@ -92,26 +95,40 @@ def float_column(table: pa.Table, name: str) -> np.ndarray:
 
 class SortedRows:
     """The rows of ``source`` in ``order`` without moving every column: numeric columns are
-    gathered as NumPy arrays, the reordered Arrow table is built only when asked for."""
+    gathered as arrays of ``xp`` (each copied to the device once), the reordered Arrow table is
+    built only when asked for. ``order`` lives in ``xp`` too."""
 
-    def __init__(self, source: pa.Table, order: np.ndarray | None = None) -> None:
+    def __init__(self, source: pa.Table, order: Any = None, xp: ModuleType = np) -> None:
         self.source = source
         self.order = order
+        self.xp = xp
 
-    def float(self, name: str) -> np.ndarray:
+    @cached_property
+    def host_order(self) -> np.ndarray | None:
+        """``order`` as a NumPy array (copied from the device once, when Arrow needs it)."""
+        return None if self.order is None else to_host(self.order)
+
+    def float(self, name: str) -> Any:
         """Column ``name`` as float64 in row order, nulls as NaN."""
-        values = float_column(self.source, name)
+        return self.gather(float_column(self.source, name))
+
+    def gather(self, values: np.ndarray) -> Any:
+        """Host ``values`` of the source's rows, in row order, on the backend."""
+        if self.xp is not np:
+            values = self.xp.asarray(values)
         return values if self.order is None else values[self.order]
 
-    def take(self, rows: np.ndarray) -> pa.Table:
+    def take(self, rows: Any) -> pa.Table:
         """The rows at positions ``rows`` (of the sorted order), every column."""
-        picked = rows if self.order is None else self.order[rows]
+        rows = to_host(rows)
+        picked = rows if self.host_order is None else self.host_order[rows]
         return self.source.take(pa.array(picked))
 
     @cached_property
     def table(self) -> pa.Table:
         """Every column, reordered (one Arrow ``take`` of the whole table, on first use)."""
-        return self.source if self.order is None else self.source.take(pa.array(self.order))
+        order = self.host_order
+        return self.source if order is None else self.source.take(pa.array(order))
 
 
 def contributions(rows: SortedRows, name: str, iv: kernels.Intervals) -> dict[str, np.ndarray]:
@@ -125,11 +142,10 @@ def contributions(rows: SortedRows, name: str, iv: kernels.Intervals) -> dict[st
         )
     if name == "cpu":
         busy = sum(float_column(rows.source, f"{mode}_seconds") for mode in CPU_BUSY_MODES)
-        busy = np.asarray(busy, dtype=np.float64)
         return kernels.cpu_contributions(
             iv,
             rows.float("cpus"),
-            busy if rows.order is None else busy[rows.order],
+            rows.gather(np.asarray(busy, dtype=np.float64)),
             rows.float("energy_joules"),
         )
     return kernels.job_contributions(
@@ -199,36 +215,56 @@ def merge_rows(
     *,
     canonical: bool,
     drop_late: bool,
+    xp: ModuleType = np,
 ) -> MergedRows:
     """Merge ``new`` rows after ``earlier`` ones (which open the intervals of new rows).
 
     Of duplicates the earlier row wins, and among new rows the first read, or with
     ``canonical`` the first by every column (independent of read order). With ``drop_late``,
     new rows older than their series' newest earlier row are dropped.
+
+    With ``xp`` CuPy, the series codes, times and numeric columns are copied to the GPU once and
+    ordering, de-duplication, intervals and contributions run there; ``codes``, ``times``,
+    ``is_new`` and ``parts`` of the result are device arrays. Arrow work (string keys, the rare
+    canonical choice among conflicting duplicates, late rows) stays on the host.
     """
     if earlier.num_rows and earlier.schema != new.schema:  # plain strings in one, codes in other
         earlier = earlier.cast(new.schema)
     combined = pa.concat_tables([earlier, new]) if earlier.num_rows else new
-    is_new = np.ones(combined.num_rows, dtype=bool)
+    host_codes, labels = series_codes(combined, name)
+    host_times = combined.column("time").cast(pa.int64()).to_numpy()
+    codes, times = (
+        (host_codes, host_times) if xp is np else (xp.asarray(host_codes), xp.asarray(host_times))
+    )
+    is_new = xp.ones(combined.num_rows, dtype=bool)
     is_new[: earlier.num_rows] = False
-    codes, labels = series_codes(combined, name)
-    times = combined.column("time").cast(pa.int64()).to_numpy()
     order = kernels.series_order(codes, times)
     codes, times, is_new = codes[order], times[order], is_new[order]
     keep = kernels.dedup_mask(codes, times)
-    duplicates = int(np.count_nonzero(~keep & is_new))
-    if canonical and not keep.all():
-        order = canonical_duplicates(combined, order, keep)
+    duplicates = int(xp.count_nonzero(~keep & is_new))
+    if canonical and not bool(keep.all()):
+        order = _on(xp, canonical_duplicates(combined, to_host(order), to_host(keep)))
     late = 0
     if drop_late:
-        newest_earlier = np.full(len(labels), np.iinfo(np.int64).min, dtype=np.int64)
-        np.maximum.at(newest_earlier, codes[~is_new], times[~is_new])
-        is_late = keep & is_new & (times < newest_earlier[codes])
-        late = int(np.count_nonzero(is_late))
+        is_late = _on(xp, _late_rows(to_host(codes), to_host(times), to_host(is_new), len(labels)))
+        is_late &= keep
+        late = int(xp.count_nonzero(is_late))
         keep &= ~is_late
     order, codes, times, is_new = order[keep], codes[keep], times[keep], is_new[keep]
-    rows = SortedRows(combined, order)
+    rows = SortedRows(combined, order, xp)
     iv = kernels.intervals(codes, times, max_gap_ns)
     return MergedRows(
         rows, codes, labels, times, is_new, contributions(rows, name, iv), duplicates, late, iv
     )
+
+
+def _on(xp: ModuleType, values: np.ndarray) -> Any:
+    return values if xp is np else xp.asarray(values)
+
+
+def _late_rows(codes: np.ndarray, times: np.ndarray, is_new: np.ndarray, series: int) -> np.ndarray:
+    """New rows older than their series' newest earlier row (rows sorted by series, time)."""
+    newest_earlier = np.full(series, np.iinfo(np.int64).min, dtype=np.int64)
+    np.maximum.at(newest_earlier, codes[~is_new], times[~is_new])
+    late: np.ndarray = is_new & (times < newest_earlier[codes])
+    return late

@@ -1,0 +1,130 @@
+"""The bill engine's device path, run on any machine through a CuPy stand-in (``fake_cupy``).
+
+On a GPU ``pytest -m gpu`` (tests/test_gpu_bill.py) compares real CuPy bills with NumPy ones.
+Here the same code path runs with arrays of another type: every kernel that would get a host
+array where a device one belongs raises, so these tests show the merge, the contributions and
+the sums stay on the device, copies happen a fixed number of times per chunk, the pool is
+released, and the bytes equal the NumPy bill's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from exporters.bill import to_json
+from kernels.backend import get_namespace
+from kernels.billing import group_sums
+from telemetry.aggregate import Aggregator
+from telemetry.bill import compute_bill, scan
+from telemetry.billing import Biller
+from telemetry.cli import main
+from telemetry.inventory import parse_inventory
+from telemetry.sample import generate_sample
+from tests import fake_cupy
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The Alibaba-shaped sample (3 nodes, 2 h, one node's outage), plus a second copy of one
+    GPU file whose utilisation differs: conflicting duplicates, so the canonical choice runs."""
+    root = tmp_path_factory.mktemp("device") / "data"
+    generate_sample(root, nodes=3, hours=2)
+    first = sorted((root / "gpu").rglob("*.parquet"))[0]
+    table = pq.read_table(first)
+    util = table.column("utilization_ratio").to_numpy(zero_copy_only=False)
+    changed = pa.array(np.nan_to_num(util) * 0.5, pa.float32())
+    index = table.schema.get_field_index("utilization_ratio")
+    pq.write_table(
+        table.set_column(index, "utilization_ratio", changed), first.with_name("dup.parquet")
+    )
+    return root, root / "inventory.toml"
+
+
+@pytest.fixture
+def cupy() -> Iterator[object]:
+    with fake_cupy.installed():
+        yield get_namespace("cupy")
+
+
+def test_the_stand_in_refuses_to_mix_host_and_device_arrays(cupy: object) -> None:
+    device = cupy.asarray(np.arange(4))  # type: ignore[attr-defined]
+    with pytest.raises(TypeError, match="mix"):
+        group_sums([device], [np.arange(4)])
+    with pytest.raises(TypeError, match="host array"):
+        _ = device + np.arange(4)
+    assert isinstance(device.get(), np.ndarray) and not isinstance(device.get(), type(device))
+
+
+@pytest.mark.parametrize(("window", "budget"), [(3600, 4_000_000), (900, 5_000), (60, 777)])
+def test_device_bill_bytes_equal_numpy(
+    cupy: object, dataset: tuple[Path, Path], window: int, budget: int
+) -> None:
+    root, inventory_path = dataset
+    inventory = parse_inventory(inventory_path.read_text())
+    host = to_json(compute_bill(root, inventory, window, budget_rows=budget))
+    fake_cupy.state.transfers = fake_cupy.state.released = 0
+    device = to_json(compute_bill(root, inventory, window, budget_rows=budget, xp=cupy))  # type: ignore[arg-type]
+    assert device == host
+    assert b'"rows_skipped": 0' not in host  # the conflicting duplicates were met
+    assert fake_cupy.state.released == 2  # device and pinned pools, once, after the run
+
+
+def test_sums_live_on_the_device_and_copies_are_per_chunk_not_per_row(
+    cupy: object, dataset: tuple[Path, Path]
+) -> None:
+    root, inventory_path = dataset
+    inventory = parse_inventory(inventory_path.read_text())
+    fake_cupy.state.transfers = 0
+    chunks = []
+
+    def progress(done: int, total: int, rows: int) -> None:
+        chunks.append(done)
+
+    consumers, stats = scan(
+        root, lambda: [Biller(inventory, 3600, xp=cupy)], budget_rows=500, progress=progress
+    )
+    biller = consumers[0]
+    assert isinstance(biller, Biller)
+    for parts in (biller.pool_parts, biller.job_parts):
+        assert all(isinstance(k, fake_cupy.ndarray) for keys in parts.keys for k in keys)
+        assert all(isinstance(v, fake_cupy.ndarray) for sums in parts.sums for v in sums)
+    # Per chunk and table: the carried last rows, the duplicates' order (when there are any) and
+    # the job owners come back; never one copy per series or per row.
+    assert len(chunks) >= 10 and stats.rows > 100 * len(chunks)  # hundreds of rows a chunk
+    assert fake_cupy.state.transfers <= 12 * len(chunks)
+
+
+def test_cli_report_and_aggregator_take_the_backend(
+    cupy: object, dataset: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, inventory = dataset
+    outputs = []
+    for backend in ("numpy", "cupy"):
+        out = tmp_path / f"{backend}.json"
+        args = ["--quiet", "bill", str(root), "--inventory", str(inventory), "--out", str(out)]
+        assert main([*args, "--backend", backend]) == 0
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
+
+    pages = []
+    for backend in ("numpy", "cupy"):
+        out = tmp_path / f"{backend}.html"
+        args = ["--quiet", "report", str(root), "--inventory", str(inventory), "--out", str(out)]
+        assert main([*args, "--backend", backend]) == 0
+        pages.append(out.read_bytes())
+    assert pages[0] == pages[1]
+
+    parsed = parse_inventory(inventory.read_text())
+    results = []
+    for xp in (np, cupy):
+        aggregator = Aggregator(root, parsed, xp=xp)  # type: ignore[arg-type]
+        assert aggregator.poll() > 0
+        results.append((aggregator.live_totals(), aggregator.ratios()))
+    assert results[0] == results[1]
+    assert results[0][0].pools and results[0][1].rows
