@@ -104,21 +104,14 @@ def test_cli_report_and_aggregator_take_the_backend(
     cupy: object, dataset: tuple[Path, Path], tmp_path: Path
 ) -> None:
     root, inventory = dataset
-    outputs = []
-    for backend in ("numpy", "cupy"):
-        out = tmp_path / f"{backend}.json"
-        args = ["--quiet", "bill", str(root), "--inventory", str(inventory), "--out", str(out)]
-        assert main([*args, "--backend", backend]) == 0
-        outputs.append(out.read_bytes())
-    assert outputs[0] == outputs[1]
-
-    pages = []
-    for backend in ("numpy", "cupy"):
-        out = tmp_path / f"{backend}.html"
-        args = ["--quiet", "report", str(root), "--inventory", str(inventory), "--out", str(out)]
-        assert main([*args, "--backend", backend]) == 0
-        pages.append(out.read_bytes())
-    assert pages[0] == pages[1]
+    for command, suffix in (("bill", "json"), ("report", "html")):
+        outputs = []
+        for backend in ("numpy", "cupy"):
+            out = tmp_path / f"{backend}.{suffix}"
+            args = ["--quiet", command, str(root), "--inventory", str(inventory), "--out", str(out)]
+            assert main([*args, "--backend", backend]) == 0
+            outputs.append(out.read_bytes())
+        assert outputs[0] == outputs[1], command
 
     parsed = parse_inventory(inventory.read_text())
     results = []
