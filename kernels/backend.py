@@ -72,6 +72,11 @@ def array_namespace(*arrays: Any) -> ModuleType:
     return np
 
 
+def to_backend(xp: ModuleType, array: np.ndarray) -> Any:
+    """``array`` (a host array) on backend ``xp``: a host→device copy for CuPy, itself for NumPy."""
+    return array if xp is np else xp.asarray(array)
+
+
 def to_host(array: Any) -> np.ndarray:
     """A NumPy copy of ``array`` (no copy for NumPy input)."""
     if _is_cupy(array):

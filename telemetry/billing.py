@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 import kernels
-from kernels.backend import array_namespace, to_host
+from kernels.backend import array_namespace, to_backend, to_host
 from kernels.billing import group_sums, window_index
 from telemetry.chunks import ValidatedChunk
 from telemetry.inventory import Inventory, Pool
@@ -202,7 +202,7 @@ class Biller:
             local = self.inventory.assign(fresh, kind)
             extra = np.asarray(local, dtype=np.int64) + self._first[kind]
             known = self._node_pool[kind] = np.concatenate([known, extra])
-        return self._on_device(known)[node_ids]
+        return to_backend(self.xp, known)[node_ids]
 
     def _add_table(self, name: str, new: pa.Table) -> None:
         self.rows += new.num_rows
@@ -230,7 +230,7 @@ class Biller:
         window = window_index(times, self.window_ns)
         # The series key starts with the node (and is (node, job) for jobs): ids per series.
         xp = self.xp
-        nodes = self._on_device(self._ids_of(self.nodes, merged.labels, 0))[codes]
+        nodes = to_backend(xp, self._ids_of(self.nodes, merged.labels, 0))[codes]
         zeros = xp.zeros(times.shape[0], dtype=xp.int64)
         m = counted
         fine = None if self.fine_window_ns is None else window_index(times, self.fine_window_ns)
@@ -254,7 +254,7 @@ class Biller:
                 held,
             )
         elif name == "job":
-            jobs = self._on_device(self._ids_of(self.jobs, merged.labels, 1))[codes]
+            jobs = to_backend(xp, self._ids_of(self.jobs, merged.labels, 1))[codes]
             for kind, allocated in (("gpu", "gpus_allocated_us"), ("cpu", "cpus_allocated_us")):
                 pool = self._pool_of(nodes, kind)
                 add_pool(pool, [zeros, parts[allocated], zeros, zeros, zeros])
@@ -264,9 +264,6 @@ class Biller:
                     m,
                 )
             self._note_owners(rows, codes, times, nodes, jobs)
-
-    def _on_device(self, values: np.ndarray) -> Any:
-        return values if self.xp is np else self.xp.asarray(values)
 
     @staticmethod
     def _ids_of(registry: Registry, labels: list[tuple[str, ...]], part: int) -> np.ndarray:

@@ -104,8 +104,9 @@ class SeriesGrid:
             counted &= times < self.end_ns
         parts = merged.parts
         if self.table == "gpu":
-            held = pc.is_valid(rows.source.column("job_id")).to_numpy(zero_copy_only=False)
-            held = held if rows.order is None else held[rows.order]
+            held = rows.gather(
+                pc.is_valid(rows.source.column("job_id")).to_numpy(zero_copy_only=False)
+            )
         else:
             held = np.zeros(times.size, dtype=bool)
         iv = merged.intervals

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import kernels
-from kernels.backend import to_host
+from kernels.backend import to_backend, to_host
 from telemetry.schema import CPU_BUSY_MODES, SERIES_KEYS
 
 
@@ -114,8 +114,7 @@ class SortedRows:
 
     def gather(self, values: np.ndarray) -> Any:
         """Host ``values`` of the source's rows, in row order, on the backend."""
-        if self.xp is not np:
-            values = self.xp.asarray(values)
+        values = to_backend(self.xp, values)
         return values if self.order is None else values[self.order]
 
     def take(self, rows: Any) -> pa.Table:
@@ -233,9 +232,7 @@ def merge_rows(
     combined = pa.concat_tables([earlier, new]) if earlier.num_rows else new
     host_codes, labels = series_codes(combined, name)
     host_times = combined.column("time").cast(pa.int64()).to_numpy()
-    codes, times = (
-        (host_codes, host_times) if xp is np else (xp.asarray(host_codes), xp.asarray(host_times))
-    )
+    codes, times = to_backend(xp, host_codes), to_backend(xp, host_times)  # one copy each
     is_new = xp.ones(combined.num_rows, dtype=bool)
     is_new[: earlier.num_rows] = False
     order = kernels.series_order(codes, times)
@@ -243,10 +240,12 @@ def merge_rows(
     keep = kernels.dedup_mask(codes, times)
     duplicates = int(xp.count_nonzero(~keep & is_new))
     if canonical and not bool(keep.all()):
-        order = _on(xp, canonical_duplicates(combined, to_host(order), to_host(keep)))
+        order = to_backend(xp, canonical_duplicates(combined, to_host(order), to_host(keep)))
     late = 0
     if drop_late:
-        is_late = _on(xp, _late_rows(to_host(codes), to_host(times), to_host(is_new), len(labels)))
+        is_late = to_backend(
+            xp, _late_rows(to_host(codes), to_host(times), to_host(is_new), len(labels))
+        )
         is_late &= keep
         late = int(xp.count_nonzero(is_late))
         keep &= ~is_late
@@ -256,10 +255,6 @@ def merge_rows(
     return MergedRows(
         rows, codes, labels, times, is_new, contributions(rows, name, iv), duplicates, late, iv
     )
-
-
-def _on(xp: ModuleType, values: np.ndarray) -> Any:
-    return values if xp is np else xp.asarray(values)
 
 
 def _late_rows(codes: np.ndarray, times: np.ndarray, is_new: np.ndarray, series: int) -> np.ndarray:
