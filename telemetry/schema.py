@@ -133,33 +133,50 @@ def _castable(actual: pa.DataType, expected: pa.DataType) -> bool:
 DICTIONARY_STRING = pa.dictionary(pa.int32(), pa.string())
 
 
-def _dictionary_strings(column: pa.ChunkedArray, name: str, field: pa.Field) -> pa.ChunkedArray:
-    """A string column as ``dictionary<int32, string>``: an encoded column keeps its codes (only
-    the dictionaries' values are checked for UTF-8), a plain one is encoded."""
-    if pa.types.is_dictionary(column.type):
-        clean = pa.types.is_string(column.type.value_type) and all(
-            chunk.dictionary.null_count == 0 for chunk in column.chunks
-        )
-        if clean:
-            for chunk in column.chunks:
-                try:
-                    chunk.dictionary.validate(full=True)
-                except pa.ArrowInvalid:
-                    raise SchemaError(
-                        f"{name}: column {field.name!r} holds invalid UTF-8"
-                    ) from None
-            return column.cast(DICTIONARY_STRING) if column.type != DICTIONARY_STRING else column
-        column = column.cast(pa.string())  # other value types, or nulls inside the dictionary
-    if not _castable(column.type, field.type):
-        raise SchemaError(f"{name}: column {field.name!r} has type {column.type}, expected string")
-    if column.type != field.type:
-        column = pc.cast(column, field.type)
+def _check_utf8(values: pa.Array | pa.ChunkedArray, name: str, field: pa.Field) -> None:
     try:
-        column.validate(full=True)
+        values.validate(full=True)
     except pa.ArrowInvalid:
         raise SchemaError(f"{name}: column {field.name!r} holds invalid UTF-8") from None
-    encoded = pc.dictionary_encode(column)
-    return encoded if isinstance(encoded, pa.ChunkedArray) else pa.chunked_array([encoded])
+
+
+def _kept_encoded(column: pa.ChunkedArray) -> bool:
+    """A dictionary of strings with no null inside its dictionaries: its codes can be kept."""
+    return (
+        pa.types.is_dictionary(column.type)
+        and pa.types.is_string(column.type.value_type)
+        and all(chunk.dictionary.null_count == 0 for chunk in column.chunks)
+    )
+
+
+def _conformed(
+    column: pa.ChunkedArray, name: str, field: pa.Field, dictionaries: bool
+) -> pa.ChunkedArray:
+    """One present column checked and converted to ``field``'s type (or, with ``dictionaries``,
+    a string column to ``DICTIONARY_STRING``); raises ``SchemaError``."""
+    strings = pa.types.is_string(field.type)
+    if dictionaries and strings and _kept_encoded(column):
+        for chunk in column.chunks:  # only the distinct values need checking
+            _check_utf8(chunk.dictionary, name, field)
+        if column.type != DICTIONARY_STRING:
+            column = column.cast(DICTIONARY_STRING)
+    else:
+        if not _castable(column.type, field.type):
+            raise SchemaError(
+                f"{name}: column {field.name!r} has type {column.type}, expected {field.type}"
+            )
+        if column.type != field.type:
+            try:
+                column = pc.cast(column, field.type, safe=True)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise SchemaError(
+                    f"{name}: column {field.name!r} does not fit {field.type}: {exc}"
+                ) from None
+        if strings:
+            _check_utf8(column, name, field)
+    if not field.nullable and column.null_count:
+        raise SchemaError(f"{name}: column {field.name!r} has {column.null_count} null values")
+    return column
 
 
 def validate(
@@ -188,41 +205,14 @@ def validate(
         raise SchemaError(f"{name}: column {dup!r} appears more than once")
     conformed: list[pa.ChunkedArray] = []
     for field in schema:
-        if field.name not in names:
-            if field.name in OPTIONAL_COLUMNS[name]:
-                nulls = pa.chunked_array([pa.nulls(table.num_rows, field.type)])
-                if dictionaries and pa.types.is_string(field.type):
-                    nulls = _dictionary_strings(nulls, name, field)
-                conformed.append(nulls)
-                continue
+        if field.name in names:
+            column = _conformed(table.column(field.name), name, field, dictionaries)
+        elif field.name in OPTIONAL_COLUMNS[name]:
+            column = pa.chunked_array([pa.nulls(table.num_rows, field.type)])
+        else:
             raise SchemaError(f"{name}: missing column {field.name!r} ({field.type})", missing=True)
-        column = table.column(field.name)
-        if dictionaries and pa.types.is_string(field.type):
-            column = _dictionary_strings(column, name, field)
-            if not field.nullable and column.null_count:
-                raise SchemaError(
-                    f"{name}: column {field.name!r} has {column.null_count} null values"
-                )
-            conformed.append(column)
-            continue
-        if not _castable(column.type, field.type):
-            raise SchemaError(
-                f"{name}: column {field.name!r} has type {column.type}, expected {field.type}"
-            )
-        if column.type != field.type:
-            try:
-                column = pc.cast(column, field.type, safe=True)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                raise SchemaError(
-                    f"{name}: column {field.name!r} does not fit {field.type}: {exc}"
-                ) from None
-        if not field.nullable and column.null_count:
-            raise SchemaError(f"{name}: column {field.name!r} has {column.null_count} null values")
-        if pa.types.is_string(field.type):
-            try:
-                column.validate(full=True)
-            except pa.ArrowInvalid:
-                raise SchemaError(f"{name}: column {field.name!r} holds invalid UTF-8") from None
+        if dictionaries and pa.types.is_string(field.type) and column.type != DICTIONARY_STRING:
+            column = pc.dictionary_encode(column)  # a chunked column stays chunked
         conformed.append(column)
     fields = [pa.field(f.name, c.type, f.nullable) for f, c in zip(schema, conformed, strict=False)]
     for extra in names:
