@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from kernels.backend import BackendError, get_namespace, to_host
-from kernels.billing import group_sums
+from kernels.grouped_sums import group_sums
 from kernels.integrate import gpu_contributions
 from kernels.rolling import trailing_ratio
 from kernels.series import dedup_mask, intervals, series_order

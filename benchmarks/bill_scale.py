@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from telemetry.schema import CPU_MODES, CPU_SCHEMA, GPU_SCHEMA, JOB_SCHEMA, OPTIONAL_COLUMNS
-from telemetry.store import partition_dir
+from telemetry.store.layout import partition_dir
 
 NS = 1_000_000_000
 T0 = 1_788_220_800 * NS  # 2026-09-01T00:00:00Z

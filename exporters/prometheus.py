@@ -20,8 +20,8 @@ from prometheus_client.core import Metric
 
 from exporters.exposition import ColumnFamily, LabelColumn, render_text, strings, to_client_metric
 from telemetry import __version__
-from telemetry.aggregate import AggregateSnapshot
-from telemetry.billing import LiveTotals
+from telemetry.billing.aggregate import AggregateSnapshot
+from telemetry.billing.engine import LiveTotals
 from telemetry.schema import CPU_MODES
 from telemetry.state import Snapshot, TableSnapshot
 

@@ -339,7 +339,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from exporters.http import MetricsServer
     from exporters.prometheus import TallyCollector
     from exporters.webconfig import load_web_config
-    from telemetry.inventory import load_inventory
+    from telemetry.billing.inventory import load_inventory
     from telemetry.progress import Progress
     from telemetry.replay import load_dataset, replay
     from telemetry.state import Snapshot
@@ -380,7 +380,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from telemetry.sample import generate_sample
+    from telemetry.demo import generate_sample
 
     if args.out.exists():
         raise TallyError(f"{args.out} already exists; give a new directory")
@@ -392,10 +392,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_bill(args: argparse.Namespace) -> int:
-    from exporters.bill import write
     from telemetry.allocator import keep_freed_memory
-    from telemetry.bill import compute_bill
-    from telemetry.inventory import load_inventory
+    from telemetry.billing.bill import compute_bill
+    from telemetry.billing.inventory import load_inventory
+    from telemetry.billing.writers import write
     from telemetry.progress import silent
 
     window = parse_window(args.window)
@@ -429,10 +429,10 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     from exporters.http import MetricsServer
     from exporters.prometheus import AggregateCollector
     from exporters.webconfig import load_web_config
-    from telemetry.aggregate import AggregateSnapshot, Aggregator
-    from telemetry.dataset import discover
-    from telemetry.inventory import load_inventory
+    from telemetry.billing.aggregate import AggregateSnapshot, Aggregator
+    from telemetry.billing.inventory import load_inventory
     from telemetry.progress import Progress
+    from telemetry.store.dataset import discover
 
     host, port = parse_listen(args.listen)
     inventory = load_inventory(args.inventory)
@@ -471,11 +471,11 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from exporters.report import render_report
     from telemetry.allocator import keep_freed_memory
-    from telemetry.inventory import load_inventory
+    from telemetry.billing.inventory import load_inventory
+    from telemetry.billing.report import collect_report
+    from telemetry.billing.report_html import render_report
     from telemetry.progress import Progress
-    from telemetry.report import collect_report
 
     window = None if args.window == "auto" else parse_window(args.window)
     if args.out.is_dir():

@@ -22,12 +22,12 @@ from prometheus_client.process_collector import ProcessCollector
 from exporters.http import MetricsServer
 from exporters.prometheus import TallyCollector
 from exporters.webconfig import load_web_config
+from telemetry.billing.inventory import load_inventory
 from telemetry.collectors import REGISTRY, CollectorContext, Runner
 from telemetry.config import DaemonConfig, load_object, parse_listen
-from telemetry.inventory import load_inventory
 from telemetry.logs import OnceLogger
 from telemetry.state import Snapshot, State
-from telemetry.store import Store
+from telemetry.store.writer import Store
 
 log = logging.getLogger("tally.daemon")
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from telemetry.dataset import ReadStats, discover, read_table
-from telemetry.inventory import Inventory
+from telemetry.billing.inventory import Inventory
 from telemetry.schema import SCHEMAS
 from telemetry.state import Snapshot, State
+from telemetry.store.dataset import ReadStats, discover, read_table
 
 log = logging.getLogger("tally.replay")
 

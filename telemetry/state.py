@@ -13,11 +13,11 @@ import numpy as np
 import pyarrow as pa
 
 import kernels
-from telemetry.billing import Biller, LiveTotals
+from telemetry.billing.engine import Biller, LiveTotals
+from telemetry.billing.inventory import Inventory
 from telemetry.collectors.base import CollectorStatus
-from telemetry.inventory import Inventory
+from telemetry.rows import SortedRows, contributions, merge_rows, series_codes
 from telemetry.schema import SCHEMAS, validate
-from telemetry.series import SortedRows, contributions, merge_rows, series_codes
 
 NS = 1_000_000_000
 # Trailing windows of SPEC §6, label → seconds.

@@ -1,5 +1,5 @@
 """A plain-Python reference of the bill (SPEC §3–4), independent of ``kernels`` and
-``telemetry.billing``: loops over rows, dicts of integer sums, money only at output.
+``telemetry.billing.engine``: loops over rows, dicts of integer sums, money only at output.
 
 Per-interval contributions come from :mod:`tests.reference` (itself checked against the kernels);
 everything above them — pools, ownership of nodes, windows, the ``--from/--to`` selection,
@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from telemetry.inventory import Inventory
+from telemetry.billing.inventory import Inventory
 from tests import reference as ref
 
 NS = 1_000_000_000

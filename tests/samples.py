@@ -16,7 +16,7 @@ from telemetry.schema import (
     OPTIONAL_COLUMNS,
     validate,
 )
-from telemetry.store import partition_dir
+from telemetry.store.layout import partition_dir
 
 NS = 1_000_000_000
 # 2026-09-01T00:00:00Z, a whole day since the epoch.

@@ -22,13 +22,15 @@ import pyarrow.parquet as pq
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from telemetry.aggregate import AggregateSnapshot, Aggregator
-from telemetry.bill import compute_bill, scan
-from telemetry.billing import Biller
-from telemetry.inventory import parse_inventory
-from telemetry.sample import generate_sample
+from telemetry.billing.aggregate import AggregateSnapshot, Aggregator
+from telemetry.billing.bill import compute_bill
+from telemetry.billing.engine import Biller
+from telemetry.billing.inventory import parse_inventory
+from telemetry.demo import generate_sample
 from telemetry.state import LIVE_WINDOW_SECONDS
-from telemetry.store import Store, partition_dir
+from telemetry.store.dataset import scan
+from telemetry.store.layout import partition_dir
+from telemetry.store.writer import Store
 from tests.conftest import free_port, promtool_check
 
 NS = 1_000_000_000

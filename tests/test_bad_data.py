@@ -15,9 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from telemetry.billing.inventory import parse_inventory
 from telemetry.config import parse_window
 from telemetry.errors import TallyError
-from telemetry.inventory import parse_inventory
 from tests.conftest import promtool_check
 from tests.samples import cpu_table, gpu_table, job_table, write_dataset
 

@@ -25,13 +25,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporters.bill import to_json
-from telemetry.bill import compute_bill
-from telemetry.billing import Bill
+from telemetry.billing.bill import compute_bill
+from telemetry.billing.engine import Bill
+from telemetry.billing.inventory import Inventory, parse_inventory
+from telemetry.billing.writers import to_json
 from telemetry.errors import TallyError
-from telemetry.inventory import Inventory, parse_inventory
 from telemetry.schema import CPU_MODES, SCHEMAS
-from telemetry.store import partition_dir
+from telemetry.store.layout import partition_dir
 from tests.bill_reference import reference_bill
 
 NS = 1_000_000_000

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from exporters.bill import SCHEMAS
+from telemetry.billing.writers import SCHEMAS
 from tests.conftest import stderr_on_a_terminal
 from tests.samples import cpu_table, gpu_table, job_table, write_dataset
 

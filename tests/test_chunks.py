@@ -14,10 +14,17 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from telemetry import chunks
-from telemetry.chunks import ValidatedChunk, chunk_bounds, plan, read_ahead, read_chunks
-from telemetry.dataset import ReadStats, discover
 from telemetry.schema import DICTIONARY_STRING, validate
+from telemetry.store import dataset
+from telemetry.store.dataset import (
+    ReadStats,
+    ValidatedChunk,
+    chunk_bounds,
+    discover,
+    plan,
+    read_ahead,
+    read_chunks,
+)
 from tests.samples import NS, T0, cpu_table, write_dataset
 
 
@@ -35,14 +42,14 @@ def test_each_chunk_holds_exactly_its_rows_and_each_piece_is_decoded_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     whole = _dataset(tmp_path)
-    decoded: list[chunks.Piece] = []
-    real = chunks._read_piece
+    decoded: list[dataset.Piece] = []
+    real = dataset._read_piece
 
-    def counting(piece: chunks.Piece, columns: object) -> pa.Table:
+    def counting(piece: dataset.Piece, columns: object) -> pa.Table:
         decoded.append(piece)
         return real(piece, columns)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(chunks, "_read_piece", counting)
+    monkeypatch.setattr(dataset, "_read_piece", counting)
     stats = ReadStats()
     pieces = plan(tmp_path, discover(tmp_path), stats)
     first, last = min(p.min_ns for p in pieces), max(p.max_ns for p in pieces)
@@ -63,14 +70,14 @@ def test_each_chunk_holds_exactly_its_rows_and_each_piece_is_decoded_once(
 def _numbered(count: int, fail_at: int | None = None) -> Iterator[ValidatedChunk]:
     for i in range(count):
         if i == fail_at:
-            raise chunks.DamagedFile(Path(f"f{i}"), "torn", quarantined=True)
+            raise dataset.DamagedFile(Path(f"f{i}"), "torn", quarantined=True)
         yield ValidatedChunk({"n": pa.table({"i": [i]})})
 
 
 def test_read_ahead_keeps_order_and_raises_where_the_reader_failed() -> None:
     assert [c["n"]["i"][0].as_py() for c in read_ahead(_numbered(6))] == list(range(6))
     got = []
-    with pytest.raises(chunks.DamagedFile, match="f3: torn"):
+    with pytest.raises(dataset.DamagedFile, match="f3: torn"):
         for c in read_ahead(_numbered(6, fail_at=3)):
             got.append(c["n"]["i"][0].as_py())
     assert got == [0, 1, 2]
@@ -97,7 +104,7 @@ def test_read_ahead_stops_its_reader_when_the_consumer_stops() -> None:
 
 
 def test_chunk_bounds_cover_the_range_in_order() -> None:
-    pieces = [chunks.Piece("cpu", Path("x"), 0, T0, T0 + 99 * NS, 1000)]
+    pieces = [dataset.Piece("cpu", Path("x"), 0, T0, T0 + 99 * NS, 1000)]
     bounds = chunk_bounds(pieces, T0, T0 + 99 * NS, budget_rows=300)
     assert bounds[0][0] == T0 and bounds[-1][1] == T0 + 99 * NS + 1
     assert all(b == c for (_, b), (c, _) in itertools.pairwise(bounds))
@@ -126,7 +133,7 @@ def _dictionary(indices: list[int | None], values: list[str]) -> pa.DictionaryAr
 
 
 def test_dictionary_codes_give_equal_values_one_code_whatever_the_dictionaries() -> None:
-    from telemetry.series import dictionary_codes
+    from telemetry.rows import dictionary_codes
 
     # Two chunks with different dictionaries, one repeating a value (legal in a Parquet
     # dictionary page): equal strings must still share a code, or one GPU would be two series.
@@ -160,8 +167,8 @@ def test_dictionary_strings_are_checked_like_plain_ones() -> None:
 def test_parquet_written_from_dictionary_columns_reads_like_plain(tmp_path: Path) -> None:
     """A file another Arrow tool wrote with dictionary-typed strings (its Arrow schema says so)
     is the same data: it validates, and bills like the plain file."""
-    from telemetry.bill import compute_bill
-    from telemetry.inventory import parse_inventory
+    from telemetry.billing.bill import compute_bill
+    from telemetry.billing.inventory import parse_inventory
 
     plain = cpu_table("n1", [float(t) for t in range(0, 600, 5)])
     encoded = plain.set_column(1, "node", pc.dictionary_encode(plain.column("node")))

@@ -33,9 +33,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from telemetry.dataset import ReadStats, discover, read_table
 from telemetry.schema import SCHEMAS, SERIES_KEYS, validate
-from telemetry.store import (
+from telemetry.store.dataset import ReadStats, discover, read_table
+from telemetry.store.layout import (
     JOURNAL_SUFFIX,
     PARQUET_SUFFIX,
     QUARANTINE,

@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from telemetry.dataset import ReadStats, discover, read_table
 from telemetry.errors import TallyError
-from telemetry.store import Store
+from telemetry.store.dataset import ReadStats, discover, read_table
+from telemetry.store.writer import Store
 from tests.samples import cpu_table, write_dataset
 
 

@@ -17,15 +17,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from exporters.bill import to_json
 from kernels.backend import get_namespace
-from kernels.billing import group_sums
-from telemetry.aggregate import Aggregator
-from telemetry.bill import compute_bill, scan
-from telemetry.billing import Biller
+from kernels.grouped_sums import group_sums
+from telemetry.billing.aggregate import Aggregator
+from telemetry.billing.bill import compute_bill
+from telemetry.billing.engine import Biller
+from telemetry.billing.inventory import parse_inventory
+from telemetry.billing.writers import to_json
 from telemetry.cli import main
-from telemetry.inventory import parse_inventory
-from telemetry.sample import generate_sample
+from telemetry.demo import generate_sample
+from telemetry.store.dataset import scan
 from tests import fake_cupy
 
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from telemetry.dataset import ReadStats, discover, read_table
+from telemetry.store.dataset import ReadStats, discover, read_table
 from tests.conftest import free_port, promtool_check
 
 pytestmark = pytest.mark.e2e

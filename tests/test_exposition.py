@@ -23,8 +23,8 @@ from exporters import exposition
 from exporters.exposition import ColumnFamily, go_float, render_text, strings, to_client_metric
 from exporters.http import MetricsServer
 from exporters.prometheus import TallyCollector
+from telemetry.billing.inventory import parse_inventory
 from telemetry.collectors.base import CollectorStatus
-from telemetry.inventory import parse_inventory
 from telemetry.state import Snapshot, State
 from tests.samples import cpu_table, gpu_table, job_table
 from tests.test_exporter import HOSTILE

@@ -12,8 +12,8 @@ from prometheus_client import generate_latest
 
 from telemetry.config import DaemonConfig
 from telemetry.daemon import Daemon
-from telemetry.dataset import ReadStats, discover, read_table
-from telemetry.store import Store
+from telemetry.store.dataset import ReadStats, discover, read_table
+from telemetry.store.writer import Store
 from tests.fake_nvml import H100_LOADED, FakeNVML
 
 FIXTURES = Path(__file__).parent / "fixtures" / "normal_host"

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from benchmarks.bill_scale import INVENTORY, generate
-from exporters.bill import write
 from kernels.backend import BackendError, get_namespace
-from telemetry.bill import compute_bill
-from telemetry.inventory import parse_inventory
+from telemetry.billing.bill import compute_bill
+from telemetry.billing.inventory import parse_inventory
+from telemetry.billing.writers import write
 
 pytestmark = pytest.mark.gpu
 

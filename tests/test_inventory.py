@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from telemetry.billing.inventory import UNASSIGNED, load_inventory, parse_inventory
 from telemetry.errors import TallyError
-from telemetry.inventory import UNASSIGNED, load_inventory, parse_inventory
 
 GOOD = """
 max_gap_seconds = 90

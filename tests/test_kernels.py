@@ -567,7 +567,7 @@ def test_group_sums_equal_a_dictionary(
 ) -> None:
     """Every path (bins, packed sort, lexsort) gives a plain dictionary's sums, exactly, with
     values small enough for float64 bins and ones that must be split."""
-    from kernels.billing import group_sums
+    from kernels.grouped_sums import group_sums
 
     # The third key's spread picks the path: a few values fit in bins, ±2^40 needs the packed
     # sort, ±2^60 overflows the packed key so the lexsort runs.
@@ -594,7 +594,7 @@ def test_group_sums_equal_a_dictionary(
 def test_binned_group_sums_split_values_that_float64_bins_would_round() -> None:
     """2^53 + 1 is the first integer float64 cannot hold: summed in bins unsplit it would come
     out even. The split sums keep the 1."""
-    from kernels.billing import group_sums
+    from kernels.grouped_sums import group_sums
 
     keys = [np.array([0, 0, 1, 1, 1], dtype=np.int64)]
     values = np.array([2**53, 1, 2**60, -(2**60), 3], dtype=np.int64)

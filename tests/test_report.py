@@ -24,9 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from telemetry.sample import generate_sample
+from telemetry.demo import generate_sample
 from telemetry.schema import validate
-from telemetry.store import partition_dir
+from telemetry.store.layout import partition_dir
 from tests.conftest import stderr_on_a_terminal
 
 NS = 1_000_000_000

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from telemetry.sample import SHAPES
+from telemetry.demo import SHAPES
 
 
 def _tally(*args: str) -> subprocess.CompletedProcess[str]:

@@ -21,8 +21,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from telemetry.attribution import job_id_from_cgroup
 from telemetry.collectors import REGISTRY, CollectorContext, Runner, slurm
+from telemetry.collectors.attribution import job_id_from_cgroup
 from telemetry.collectors.base import assemble, check_rows
 from telemetry.collectors.slurm import (
     MAX_VALUE_CHARS,

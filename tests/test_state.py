@@ -435,7 +435,7 @@ def test_silent_series_is_evicted_with_its_totals() -> None:
 
 
 def test_key_values_with_separator_characters_do_not_collide() -> None:
-    from telemetry.series import series_codes
+    from telemetry.rows import series_codes
     from tests.samples import gpu_table
 
     a = gpu_table("n\x1fGPU", "x", 0, [0.0, 5.0])

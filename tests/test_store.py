@@ -8,7 +8,8 @@ import pytest
 
 from telemetry.errors import TallyError
 from telemetry.schema import validate
-from telemetry.store import HOUR_NS, Store, compact, read_journal
+from telemetry.store.layout import read_journal
+from telemetry.store.writer import HOUR_NS, Store, compact
 from tests.samples import NS, T0, cpu_table
 
 

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from telemetry.attribution import attribute_gpus
+from telemetry.collectors.attribution import attribute_gpus
 from telemetry.logs import OnceLogger
 from telemetry.schema import SCHEMAS, SERIES_KEYS
 

@@ -1,12 +1,10 @@
 """``tally aggregate``: follow a dataset that many node daemons write into, bill it as it grows.
 
-Every poll lists the dataset; files not seen before are read whole, files that grew (a daemon's
-journal of the current hour) from the first row not yet read, and a journal's Parquet twin
-(written when the hour is compacted) only for rows later than those its journal gave. Files are
-fed in time order, so each series arrives oldest first and the bill engine keeps each series'
-last sample across polls, exactly as ``tally bill`` does across chunks. A row older than its
-series' newest row (a node's files arriving out of order) cannot be billed live any more: it is
-dropped and counted (``tally bill`` over the same files still counts it).
+Every poll the dataset reader's ``Follower`` returns the rows not read before, files in time
+order, so each series arrives oldest first and the bill engine keeps each series' last sample
+across polls, exactly as ``tally bill`` does across chunks. A row older than its series' newest
+row (a node's files arriving out of order) cannot be billed live any more: it is dropped and
+counted (``tally bill`` over the same files still counts it).
 
 Restarts: the dataset is the state. A new aggregator reads every file again before it serves,
 so its counters continue from the same totals — never doubled, never reset by the restart.
@@ -15,7 +13,6 @@ so its counters continue from the same totals — never doubled, never reset by 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,17 +21,14 @@ from types import ModuleType
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from kernels.backend import to_host
-from kernels.billing import group_sums
-from telemetry.billing import NS, Biller, LiveTotals
-from telemetry.dataset import discover, read_file
-from telemetry.errors import TallyError
-from telemetry.inventory import Inventory
-from telemetry.schema import SCHEMAS, SchemaError
+from kernels.grouped_sums import group_sums
+from telemetry.billing.engine import NS, Biller, LiveTotals
+from telemetry.billing.inventory import Inventory
+from telemetry.schema import SCHEMAS
 from telemetry.state import LIVE_WINDOW_SECONDS
-from telemetry.store import JOURNAL_SUFFIX, QUARANTINE, quarantine
+from telemetry.store.dataset import Follower
 
 log = logging.getLogger("tally.aggregate")
 
@@ -44,18 +38,6 @@ _MINUTE = 60
 _KEEP_MINUTES = 90
 # Rows fed to the bill engine at once while catching up (bounds memory, like tally bill).
 BATCH_ROWS = 2_000_000
-_DATE = re.compile(r"date=(\d{4}-\d{2}-\d{2})")
-
-
-@dataclass
-class _Seen:
-    """What has been read of one file stem (a journal and, later, its Parquet twin)."""
-
-    size: int = -1
-    mtime_ns: int = -1
-    journal_rows: int = 0
-    until_ns: int = -(2**62)  # newest time read from the journal
-    parquet_done: bool = False
 
 
 @dataclass
@@ -72,12 +54,6 @@ class AggregateStats:
     files_quarantined: int = 0
     newest_ns: int | None = None
     last_poll_seconds: float = 0.0
-
-
-def _order_key(root: Path, path: Path) -> tuple[str, str, str]:
-    relative = path.relative_to(root)
-    date = _DATE.search(str(relative))
-    return (date.group(1) if date else "", path.stem, str(relative))
 
 
 class Aggregator:
@@ -98,8 +74,8 @@ class Aggregator:
         self.totals = Biller(
             inventory, LIVE_WINDOW_SECONDS, drop_late=True, fine_window_seconds=_MINUTE, xp=xp
         )
-        self.seen: dict[tuple[str, str], _Seen] = {}
-        self.stats = AggregateStats()
+        self.follower = Follower(root)
+        self.last_poll_seconds = 0.0
 
     # ---------------------------------------------------------------- reading
     def poll(self, progress: Callable[[int, int, int], None] | None = None) -> int:
@@ -108,25 +84,12 @@ class Aggregator:
         Raises ``TallyError`` when the dataset directory is missing or unreadable.
         """
         started = time.monotonic()
-        try:
-            files = discover(self.root)
-        except TallyError as exc:
-            if "holds no sample files" in str(exc):
-                files = {}
-            else:
-                raise
-        work: list[tuple[tuple[str, str, str], str, Path]] = []
-        for table, paths in files.items():
-            for path in paths:
-                if QUARANTINE in path.relative_to(self.root).parts:
-                    continue
-                work.append((_order_key(self.root, path), table, path))
-        work.sort()
+        work = self.follower.files()
         pending: dict[str, list[pa.Table]] = {name: [] for name in SCHEMAS}
         held = 0
         read = 0
-        for done, (_, table, path) in enumerate(work, start=1):
-            rows = self._new_rows(table, path)
+        for done, (table, path) in enumerate(work, start=1):
+            rows = self.follower.new_rows(table, path)
             if rows is not None and rows.num_rows:
                 pending[table].append(rows)
                 held += rows.num_rows
@@ -138,66 +101,20 @@ class Aggregator:
                 progress(done, len(work), read)
         self._feed(pending)
         self._prune_minutes()
-        self.stats.last_poll_seconds = time.monotonic() - started
+        self.last_poll_seconds = time.monotonic() - started
         return read
 
-    def _new_rows(self, table: str, path: Path) -> pa.Table | None:
-        key = (table, str(path.relative_to(self.root).with_suffix("")))
-        seen = self.seen.setdefault(key, _Seen())
-        try:
-            info = path.stat()
-        except FileNotFoundError:
-            return None  # compacted or removed since the listing
-        is_journal = path.suffix == JOURNAL_SUFFIX
-        if not is_journal and seen.parquet_done and info.st_mtime_ns == seen.mtime_ns:
-            return None
-        if is_journal and (info.st_size, info.st_mtime_ns) == (seen.size, seen.mtime_ns):
-            return None
-        try:
-            data = read_file(path, table)
-        except SchemaError as exc:
-            self._skip(key, path, info, f"{exc}")
-            return None
-        except FileNotFoundError:
-            return None
-        except (pa.ArrowException, OSError) as exc:
-            if is_journal:
-                return None  # being written or torn: read again next poll
-            if quarantine(self.root, path, f"unreadable Parquet: {exc}") is not None:
-                self.stats.files_quarantined += 1
-            else:
-                self._skip(key, path, info, str(exc))
-            return None
-        data = data.select(SCHEMAS[table].names)
-        seen.size, seen.mtime_ns = info.st_size, info.st_mtime_ns
-        if is_journal:
-            new = data.slice(seen.journal_rows)
-            seen.journal_rows = data.num_rows
-        else:
-            first_time = not seen.parquet_done
-            seen.parquet_done = True
-            new = data
-            if seen.journal_rows:  # the compacted twin of a journal already read
-                times = data.column("time").cast(pa.int64())
-                new = data.filter(pc.greater(times, pa.scalar(seen.until_ns, pa.int64())))
-            if first_time:
-                self.stats.files += 1
-        if new.num_rows:
-            self.stats.rows[table] += new.num_rows
-            newest = int(pc.max(new.column("time").cast(pa.int64())).as_py())
-            if is_journal:
-                seen.until_ns = max(seen.until_ns, newest)
-            if self.stats.newest_ns is None or newest > self.stats.newest_ns:
-                self.stats.newest_ns = newest
-        return new
-
-    def _skip(self, key: tuple[str, str], path: Path, info: object, reason: str) -> None:
-        seen = self.seen[key]
-        if not seen.parquet_done:
-            log.warning("skipping %s: %s", path, reason)
-        seen.parquet_done = True
-        seen.size = getattr(info, "st_size", -1)
-        seen.mtime_ns = getattr(info, "st_mtime_ns", -1)
+    @property
+    def stats(self) -> AggregateStats:
+        """What the polls so far have read and set aside."""
+        follower = self.follower
+        return AggregateStats(
+            files=follower.stats.files,
+            rows=dict(follower.rows),
+            files_quarantined=follower.stats.files_quarantined,
+            newest_ns=follower.newest_ns,
+            last_poll_seconds=self.last_poll_seconds,
+        )
 
     def _feed(self, pending: dict[str, list[pa.Table]]) -> None:
         for name, parts in pending.items():
@@ -208,7 +125,7 @@ class Aggregator:
 
     def _prune_minutes(self) -> None:
         """Keep only the minutes the trailing ratios can still need."""
-        newest = self.stats.newest_ns
+        newest = self.follower.newest_ns
         parts = self.totals.fine_pool_parts
         if newest is None or not parts.keys:
             return
@@ -226,7 +143,7 @@ class Aggregator:
     def ratios(self) -> PoolRatios:
         """Trailing ratios over the last complete minutes before the newest sample."""
         out = PoolRatios()
-        newest = self.stats.newest_ns
+        newest = self.follower.newest_ns
         if newest is None:
             return out
         keys, sums = self.totals.fine_pool_parts.compact()

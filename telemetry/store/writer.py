@@ -21,7 +21,6 @@ import fcntl
 import logging
 import os
 import secrets
-import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,80 +32,19 @@ import pyarrow.parquet as pq
 
 from telemetry.errors import TallyError
 from telemetry.schema import SCHEMAS, SchemaError, validate
+from telemetry.store.layout import (
+    JOURNAL_SUFFIX,
+    PARQUET_SUFFIX,
+    TMP_SUFFIX,
+    node_dir_name,
+    partition_dir,
+    quarantine,
+    read_journal,
+)
 
 log = logging.getLogger("tally.store")
 
-JOURNAL_SUFFIX = ".arrows"
-PARQUET_SUFFIX = ".parquet"
-TMP_SUFFIX = ".tmp"
-QUARANTINE = "quarantine"
 HOUR_NS = 3600 * 1_000_000_000
-_JOIN_BATCHES = 512
-
-
-def node_dir_name(node: str) -> str:
-    """The ``node=`` partition directory for ``node`` (URI-escaped, as hive readers expect)."""
-    return "node=" + quote(node, safe="")
-
-
-def partition_dir(root: Path, table: str, time_ns: int, node: str) -> Path:
-    day = datetime.fromtimestamp(time_ns / 1e9, tz=UTC).strftime("%Y-%m-%d")
-    return root / table / f"date={day}" / node_dir_name(node)
-
-
-def quarantine(root: Path, path: Path, reason: str) -> Path | None:
-    """Move ``path`` under ``<root>/quarantine/`` keeping its relative path; None if that fails."""
-    try:
-        relative = path.relative_to(root)
-    except ValueError:
-        relative = Path(path.name)
-    target = root / QUARANTINE / relative
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            target = target.with_name(f"{target.name}.{secrets.token_hex(3)}")
-        shutil.move(str(path), str(target))
-    except OSError as exc:
-        log.warning("cannot quarantine %s (%s): %s", path, reason, exc)
-        return None
-    log.warning("quarantined %s: %s", path, reason)
-    return target
-
-
-def read_journal(path: Path) -> tuple[pa.Table | None, bool]:
-    """Every complete batch of an IPC stream journal, and whether the stream ended cleanly.
-
-    A journal holds one small batch per round, thousands an hour; they are joined into
-    contiguous chunks as they are read, so the many small batch objects never all exist at once
-    (they cost far more memory than their rows). Returns ``(None, False)`` when not even the
-    schema can be read.
-    """
-    try:
-        with pa.memory_map(str(path), "r") as source:
-            try:
-                reader = pa.ipc.open_stream(source)
-            except (pa.ArrowInvalid, OSError):
-                return None, False
-            parts: list[pa.Table] = []
-            batches: list[pa.RecordBatch] = []
-            clean = True
-            while True:
-                try:
-                    batches.append(reader.read_next_batch())
-                except StopIteration:
-                    break
-                except (pa.ArrowInvalid, OSError):
-                    clean = False
-                    break
-                if len(batches) >= _JOIN_BATCHES:
-                    parts.append(
-                        pa.Table.from_batches(batches, schema=reader.schema).combine_chunks()
-                    )
-                    batches.clear()
-            parts.append(pa.Table.from_batches(batches, schema=reader.schema).combine_chunks())
-            return pa.concat_tables(parts), clean
-    except OSError:
-        return None, False
 
 
 def release_memory() -> None:

@@ -16,8 +16,8 @@ import plotly.io as pio
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
-from telemetry.billing import NS
-from telemetry.report import ReportData, coarsen, totals_by
+from telemetry.billing.engine import NS
+from telemetry.billing.report import ReportData, coarsen, totals_by
 
 HEATMAP_MAX_COLUMNS = 240
 # A GPU-window is "allocated but idle" when a job held it at least this share of the covered

@@ -20,11 +20,11 @@ import pyarrow as pa
 
 import kernels
 from kernels.backend import array_namespace, to_backend, to_host
-from kernels.billing import group_sums, window_index
-from telemetry.chunks import ValidatedChunk
-from telemetry.inventory import Inventory, Pool
+from kernels.grouped_sums import group_sums, window_index
+from telemetry.billing.inventory import Inventory, Pool
+from telemetry.rows import SortedRows, dictionary_codes, merge_rows
 from telemetry.schema import CPU_BUSY_MODES, SCHEMAS, validate
-from telemetry.series import SortedRows, dictionary_codes, merge_rows
+from telemetry.store.dataset import ValidatedChunk
 
 NS = 1_000_000_000
 US_PER_HOUR = 3_600_000_000

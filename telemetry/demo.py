@@ -2,7 +2,7 @@
 
 Job shapes (CPU, whole and fractional GPUs, QoS class, duration) are 400 pods of the public
 Alibaba GPU cluster trace 2023 (Weng et al., "Beware of Fragmentation: Scheduling GPU-Sharing
-Workloads with Fragmentation Gradient Descent", USENIX ATC '23), kept in ``sample_shapes.csv``.
+Workloads with Fragmentation Gradient Descent", USENIX ATC '23), kept in ``demo_shapes.csv``.
 The trace has allocations only; utilisation is generated per QoS class (latency-sensitive
 services run light, best-effort training runs hot, a few jobs sit allocated and idle), and the
 last node misses 20 minutes of samples, so a bill, a report and a replay of the sample show
@@ -21,10 +21,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from telemetry.schema import CPU_MODES, validate
-from telemetry.store import partition_dir
+from telemetry.store.layout import partition_dir
 
 NS = 1_000_000_000
-SHAPES = Path(__file__).with_name("sample_shapes.csv")
+SHAPES = Path(__file__).with_name("demo_shapes.csv")
 TENANTS = {
     "LS": "inference-co",
     "BE": "research-lab",

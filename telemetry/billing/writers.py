@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from telemetry.billing import Bill
+from telemetry.billing.engine import Bill
 
 FORMATS = ("json", "csv", "parquet", "table")
 _TIME = pa.timestamp("ns", tz="UTC")

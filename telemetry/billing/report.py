@@ -21,16 +21,23 @@ import pyarrow.compute as pc
 
 import kernels
 from kernels.backend import release
-from kernels.billing import window_index
-from telemetry.bill import finish_bill, scan, selected_range
-from telemetry.billing import BILL_COLUMNS, NS, Bill, Biller, PartialSums
-from telemetry.chunks import DEFAULT_BUDGET_ROWS, ValidatedChunk, plan
-from telemetry.dataset import ReadStats, discover
+from kernels.grouped_sums import window_index
+from telemetry.billing.bill import finish_bill
+from telemetry.billing.engine import BILL_COLUMNS, NS, Bill, Biller, PartialSums
+from telemetry.billing.inventory import Inventory
+from telemetry.billing.period import selected_range
 from telemetry.errors import TallyError
-from telemetry.inventory import Inventory
+from telemetry.rows import merge_rows
 from telemetry.schema import SCHEMAS, validate
-from telemetry.series import merge_rows
-from telemetry.store import QUARANTINE
+from telemetry.store.dataset import (
+    DEFAULT_BUDGET_ROWS,
+    ReadStats,
+    ValidatedChunk,
+    discover,
+    plan,
+    scan,
+)
+from telemetry.store.layout import QUARANTINE
 
 # Report windows tried by ``--window auto``: the shortest that keeps the charts readable.
 AUTO_WINDOWS_S = (60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400)

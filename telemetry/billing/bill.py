@@ -1,0 +1,69 @@
+"""``tally bill``: the dataset reader's time-ordered chunks fed to the bill engine."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+from kernels.backend import release
+from telemetry.billing.engine import BILL_COLUMNS, Bill, Biller
+from telemetry.billing.inventory import Inventory
+from telemetry.billing.period import selected_range
+from telemetry.progress import Progress
+from telemetry.store.dataset import DEFAULT_BUDGET_ROWS, ReadStats, scan
+
+log = logging.getLogger("tally.bill")
+
+
+def compute_bill(
+    root: Path,
+    inventory: Inventory,
+    window_s: int,
+    start: str | None = None,
+    end: str | None = None,
+    budget_rows: int = DEFAULT_BUDGET_ROWS,
+    progress: Callable[[int, int, int], None] | None = None,
+    warn: Callable[[str], None] = log.warning,
+    xp: ModuleType = np,
+) -> Bill:
+    """The bill of the dataset at ``root``; raises ``TallyError`` for unusable input.
+
+    Without ``progress`` a progress bar is drawn on stderr when it is a terminal. ``xp`` is the
+    array backend of the grouped sums (``kernels.get_namespace``); the bill's bytes do not
+    depend on it.
+    """
+    lo, hi = selected_range(window_s, start, end)
+    try:
+        with Progress("billing") as bar:
+            consumers, stats = scan(
+                root,
+                lambda: [Biller(inventory, window_s, lo, hi, xp=xp)],
+                budget_rows,
+                progress or bar,
+                warn,
+                BILL_COLUMNS,
+            )
+    finally:
+        release(xp)
+    biller = consumers[0]
+    assert isinstance(biller, Biller)
+    return finish_bill(biller, stats, warn)
+
+
+def finish_bill(biller: Biller, stats: ReadStats, warn: Callable[[str], None]) -> Bill:
+    """The bill of a finished scan, warning about inventory globs that matched no node."""
+    inventory = biller.inventory
+    for problem in inventory.unused_globs(set(biller.nodes.values)):
+        warn(f"inventory {inventory.source}: {problem} matches no node in the dataset")
+    return biller.bill(
+        {
+            "files": stats.files,
+            "rows": stats.rows,
+            "rows_skipped": biller.duplicates,
+            "files_quarantined": stats.files_quarantined,
+        }
+    )

@@ -1,0 +1,561 @@
+"""The one dataset reader: every command that reads stored samples reads them here.
+
+A dataset (SPEC §2) is ``<root>/<table>/date=…/node=…/*.{parquet,arrows}``; any split of the same
+rows into files and row groups reads the same, and the daemon's Arrow IPC journals (the current
+hour, still being written) are read up to their last complete batch. Three ways to read:
+
+- ``read_table``: one table whole (replay);
+- ``scan``: time-ordered chunks of about ``budget_rows`` rows fed to consumers in bounded memory
+  (bill, report); planning reads only Parquet footers, and the next chunk is read on another
+  thread while the consumers work on this one;
+- ``Follower``: a growing dataset, polled for the rows not read before (aggregate).
+
+One rule for a file that cannot be used, whoever reads it (``_reject``): a Parquet file that cannot
+be decoded or whose columns have other types (foreign or damaged) is moved to
+``<root>/quarantine/`` and counted (skipped and counted where it cannot be moved); a journal is
+never moved, since a daemon may be writing it, only skipped; a file that lacks a required column
+(another writer's layout) is an error naming the file and the column where the reader is
+``strict`` (bills and reports, which would be wrong without it), else skipped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import threading
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from telemetry.errors import TallyError
+from telemetry.schema import SCHEMAS, TIME, SchemaError, validate
+from telemetry.store.layout import (
+    JOURNAL_SUFFIX,
+    PARQUET_SUFFIX,
+    QUARANTINE,
+    quarantine,
+    read_journal,
+)
+
+log = logging.getLogger("tally.dataset")
+
+DEFAULT_BUDGET_ROWS = 2_000_000
+_UNIT_NS = {"s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "ns": 1}
+_DATE = re.compile(r"date=(\d{4}-\d{2}-\d{2})")
+
+
+@dataclass
+class ReadStats:
+    """What reading a dataset met (the bill's ``input`` object)."""
+
+    files: int = 0
+    rows: int = 0
+    rows_skipped: int = 0
+    files_quarantined: int = 0
+    files_skipped: int = 0
+    problems: list[str] = field(default_factory=list)
+
+
+def discover(root: Path) -> dict[str, list[Path]]:
+    """Sample files of each table under ``root``, sorted by path.
+
+    Raises ``TallyError`` when ``root`` is not a readable directory or holds no sample file.
+    """
+    if not root.exists():
+        raise TallyError(f"dataset {root} does not exist")
+    if not root.is_dir():
+        raise TallyError(f"dataset {root} is not a directory")
+    found: dict[str, list[Path]] = {}
+    try:
+        for table in SCHEMAS:
+            base = root / table
+            if base.is_dir():
+                files = [
+                    p
+                    for p in base.rglob("*")
+                    if p.suffix in (PARQUET_SUFFIX, JOURNAL_SUFFIX) and p.is_file()
+                ]
+                found[table] = sorted(files)
+    except PermissionError as exc:
+        raise TallyError(f"dataset {root}: cannot read {exc.filename}: permission denied") from None
+    if not any(found.values()):
+        raise TallyError(
+            f"dataset {root} holds no sample files "
+            f"(expected {root}/{{cpu,gpu,job}}/date=…/node=…/*.parquet)"
+        )
+    return found
+
+
+def _usable(root: Path, files: Mapping[str, list[Path]]) -> Iterator[tuple[str, Path]]:
+    """(table, path) of every listed file outside ``quarantine/``."""
+    for table, paths in files.items():
+        for path in paths:
+            if QUARANTINE not in path.relative_to(root).parts:
+                yield table, path
+
+
+def _reject(root: Path, path: Path, exc: Exception, stats: ReadStats, strict: bool) -> None:
+    """Set aside a file that cannot be used, by the one rule of this module's docstring.
+
+    Raises ``TallyError`` for a file lacking a required column when ``strict``.
+    """
+    if isinstance(exc, SchemaError):
+        if exc.missing:
+            if strict:
+                raise TallyError(f"{path}: {exc}") from None
+            stats.files_skipped += 1
+            stats.problems.append(f"{path}: {exc}")
+            log.warning("skipping %s: %s", path, exc)
+            return
+        reason = f"schema does not match: {exc}"
+    else:
+        reason = f"unreadable: {exc}"
+    stats.problems.append(f"{path}: {reason}")
+    if path.suffix == JOURNAL_SUFFIX:
+        stats.files_skipped += 1
+        log.warning("skipping %s: %s", path, reason)
+    elif quarantine(root, path, reason) is not None:
+        stats.files_quarantined += 1
+    else:
+        stats.files_skipped += 1
+
+
+def read_file(path: Path, table: str) -> pa.Table:
+    """One file, whole, as table ``table`` (validated, extra columns dropped).
+
+    Raises ``SchemaError`` for columns that do not match, ``pa.ArrowException`` or ``OSError``
+    for a file that cannot be decoded.
+    """
+    if path.suffix == JOURNAL_SUFFIX:
+        data, _ = read_journal(path)
+        if data is None:
+            raise pa.ArrowInvalid("not an Arrow IPC stream")
+    else:
+        data = pq.read_table(path)
+    return validate(data, table).select(SCHEMAS[table].names)
+
+
+def read_table(
+    root: Path,
+    table: str,
+    files: list[Path],
+    stats: ReadStats,
+    on_file: Callable[[], None] | None = None,
+) -> pa.Table:
+    """``files`` of one table read whole and concatenated; bad files set aside and counted.
+
+    ``on_file`` is called before each file is read (for a progress bar).
+    """
+    parts: list[pa.Table] = []
+    for path in files:
+        if on_file is not None:
+            on_file()
+        if QUARANTINE in path.relative_to(root).parts:
+            continue
+        try:
+            data = read_file(path, table)
+        except (SchemaError, pa.ArrowException, OSError) as exc:
+            _reject(root, path, exc, stats, strict=False)
+            continue
+        stats.files += 1
+        stats.rows += data.num_rows
+        parts.append(data)
+    if not parts:
+        return SCHEMAS[table].empty_table()
+    return pa.concat_tables(parts)
+
+
+# ------------------------------------------------------------ time-ordered chunks: bill, report
+
+
+class DamagedFile(Exception):
+    """A file whose footer was fine turned out damaged while its rows were read."""
+
+    def __init__(self, path: Path, reason: str, quarantined: bool) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+        self.quarantined = quarantined
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One readable unit: a Parquet row group, or a whole journal (``row_group`` -1)."""
+
+    table: str
+    path: Path
+    row_group: int
+    min_ns: int
+    max_ns: int
+    rows: int
+
+
+def _check_columns(table: str, schema: pa.Schema) -> None:
+    """Raises ``SchemaError`` where the columns of ``schema`` do not fit table ``table``."""
+    validate(schema.empty_table(), table)
+
+
+def _time_range(values: pa.ChunkedArray | pa.Array) -> tuple[int, int]:
+    ns = pc.cast(values, TIME).cast(pa.int64())
+    if len(ns) == 0 or ns.null_count == len(ns):
+        return 0, -1
+    bounds = pc.min_max(ns)
+    return int(bounds["min"].as_py()), int(bounds["max"].as_py())
+
+
+def _parquet_pieces(path: Path, table: str) -> list[Piece]:
+    meta = pq.read_metadata(path)
+    arrow_schema = meta.schema.to_arrow_schema()
+    _check_columns(table, arrow_schema)
+    time_type = arrow_schema.field("time").type
+    scale = _UNIT_NS[time_type.unit]
+    column = arrow_schema.get_field_index("time")
+    pieces = []
+    reader: pq.ParquetFile | None = None
+    for i in range(meta.num_row_groups):
+        group = meta.row_group(i)
+        if group.num_rows == 0:
+            continue
+        stats = group.column(column).statistics
+        if stats is not None and stats.has_min_max:
+            low, high = int(stats.min_raw) * scale, int(stats.max_raw) * scale
+        else:
+            reader = reader or pq.ParquetFile(path)
+            low, high = _time_range(reader.read_row_group(i, columns=["time"]).column("time"))
+        pieces.append(Piece(table, path, i, low, high, group.num_rows))
+    return pieces
+
+
+def plan(root: Path, files: dict[str, list[Path]], stats: ReadStats) -> list[Piece]:
+    """Every readable piece of the dataset; files that cannot be used are set aside (``_reject``,
+    strict: a missing required column raises ``TallyError``)."""
+    pieces: list[Piece] = []
+    for table, path in _usable(root, files):
+        try:
+            if path.suffix == JOURNAL_SUFFIX:
+                data, _ = read_journal(path)
+                if data is None:
+                    raise pa.ArrowInvalid("not an Arrow IPC stream")
+                _check_columns(table, data.schema)
+                if data.num_rows:
+                    low, high = _time_range(data.column("time"))
+                    pieces.append(Piece(table, path, -1, low, high, data.num_rows))
+            else:
+                pieces.extend(_parquet_pieces(path, table))
+        except (SchemaError, pa.ArrowException, OSError) as exc:
+            _reject(root, path, exc, stats, strict=True)
+            continue
+        stats.files += 1
+    return pieces
+
+
+class ValidatedChunk(dict[str, pa.Table]):
+    """A chunk whose tables ``validate(..., dictionaries=True)`` has already checked and conformed
+    (consumers may skip checking again; string columns are ``dictionary<int32, string>``)."""
+
+
+def _read_piece(piece: Piece, columns: Sequence[str] | None) -> pa.Table:
+    """One piece's rows, validated, string columns dictionary-encoded (as Parquet stores them:
+    decoding skips building a string per row, and series keys come out already encoded)."""
+    if piece.row_group < 0:
+        data, _ = read_journal(piece.path)
+        assert data is not None
+    else:
+        wanted = SCHEMAS[piece.table].names if columns is None else list(columns)
+        strings = [n for n in wanted if pa.types.is_string(SCHEMAS[piece.table].field(n).type)]
+        parquet = pq.ParquetFile(piece.path, read_dictionary=strings)
+        present = set(parquet.schema_arrow.names)
+        # only what the consumers read is decoded
+        data = parquet.read_row_group(
+            piece.row_group,
+            columns=None if columns is None else [c for c in wanted if c in present],
+        )
+    try:
+        if columns is not None:
+            return validate(data, piece.table, columns, dictionaries=True)
+        return validate(data, piece.table, dictionaries=True).select(SCHEMAS[piece.table].names)
+    except SchemaError as exc:
+        raise pa.ArrowInvalid(str(exc)) from None
+
+
+def chunk_bounds(
+    pieces: list[Piece], low: int, high: int, budget_rows: int
+) -> list[tuple[int, int]]:
+    """Consecutive [a, b) ranges covering [low, high] of about ``budget_rows`` rows each.
+
+    Rows are assumed spread evenly over each piece's time range, which holds for telemetry.
+    """
+    if high < low:
+        return []
+    total = sum(p.rows for p in pieces if p.max_ns >= low and p.min_ns <= high)
+    parts = max(1, -(-total // max(1, budget_rows)))
+    step = max(1_000_000_000, -(-(high + 1 - low) // parts))
+    return [(a, min(a + step, high + 1)) for a in range(low, high + 1, step)]
+
+
+def read_chunks(
+    root: Path,
+    pieces: list[Piece],
+    bounds: list[tuple[int, int]],
+    stats: ReadStats,
+    columns: Mapping[str, Sequence[str]] | None = None,
+) -> Iterator[ValidatedChunk]:
+    """For each [a, b) in ``bounds``, every table's rows with a <= time < b, validated.
+
+    ``columns`` limits each table to those columns (in that order); default: the whole schema.
+    """
+    # A piece that reaches past its chunk keeps its later rows for the next chunks, so each piece
+    # is decoded and validated once however many chunks it spans.
+    later: dict[Piece, pa.Table] = {}
+    for a, b in bounds:
+        parts: dict[str, list[pa.Table]] = {name: [] for name in SCHEMAS}
+        low, high = pa.scalar(a, pa.int64()), pa.scalar(b, pa.int64())
+        for piece in pieces:
+            if piece.max_ns < a or piece.min_ns >= b:
+                continue
+            data = later.pop(piece, None)
+            if data is None:
+                try:
+                    data = _read_piece(piece, None if columns is None else columns[piece.table])
+                except (pa.ArrowException, OSError) as exc:
+                    moved = quarantine(root, piece.path, str(exc)) is not None
+                    raise DamagedFile(piece.path, str(exc), moved) from None
+            if piece.min_ns >= a and piece.max_ns < b:
+                parts[piece.table].append(data)
+                continue
+            times = data.column("time").cast(pa.int64())
+            parts[piece.table].append(
+                data.filter(pc.and_(pc.greater_equal(times, low), pc.less(times, high)))
+            )
+            if piece.max_ns >= b:
+                later[piece] = data.filter(pc.greater_equal(times, high))
+        stats.rows += sum(sum(t.num_rows for t in tables) for tables in parts.values())
+        yield ValidatedChunk(
+            {
+                name: pa.concat_tables(tables)
+                if tables
+                else _empty(name, None if columns is None else columns[name])
+                for name, tables in parts.items()
+            }
+        )
+
+
+def _empty(name: str, columns: Sequence[str] | None) -> pa.Table:
+    return validate(SCHEMAS[name].empty_table(), name, columns, dictionaries=True)
+
+
+_DONE = object()
+
+
+def read_ahead(
+    chunks: Iterator[ValidatedChunk], depth: int = 1
+) -> Generator[ValidatedChunk, None, None]:
+    """``chunks``, produced in a background thread up to ``depth`` chunks ahead of the consumer.
+
+    Parquet decoding and Arrow compute release the GIL, so the next chunk is read on another core
+    while the consumer bills this one. An exception in the reader is raised in the consumer at
+    the position it happened; a consumer that stops early stops the reader.
+    """
+    ready: queue.Queue[object] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                if not put(chunk):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(exc)
+            return
+        put(_DONE)
+
+    reader = threading.Thread(target=produce, name="tally-read-ahead", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, ValidatedChunk)
+            yield item
+    finally:
+        stop.set()
+        reader.join()
+
+
+class ChunkConsumer(Protocol):
+    """Anything fed the dataset's time-ordered chunks (the bill engine, the report's grids)."""
+
+    def add(self, chunk: dict[str, pa.Table]) -> None: ...
+
+
+def scan(
+    root: Path,
+    start: Callable[[], Sequence[ChunkConsumer]],
+    budget_rows: int = DEFAULT_BUDGET_ROWS,
+    progress: Callable[[int, int, int], None] | None = None,
+    warn: Callable[[str], None] = log.warning,
+    columns: Mapping[str, Sequence[str]] | None = None,
+) -> tuple[Sequence[ChunkConsumer], ReadStats]:
+    """Feed every chunk of the dataset at ``root`` to fresh consumers from ``start()``.
+
+    A file found damaged only while its rows are read is quarantined and the scan starts over
+    with new consumers, so the result is exactly that of the remaining files. ``columns`` limits
+    what is decoded and validated per table. Raises ``TallyError`` for unusable input.
+    """
+    stats = ReadStats()
+    while True:
+        # Files quarantined by earlier attempts are inside quarantine/ now: carry their count.
+        stats = ReadStats(files_quarantined=stats.files_quarantined)
+        consumers = start()
+        try:
+            _scan_once(root, consumers, budget_rows, progress, stats, columns)
+            return consumers, stats
+        except DamagedFile as exc:
+            if not exc.quarantined:
+                raise TallyError(
+                    f"{exc}; it cannot be moved to quarantine, remove it and read again"
+                ) from None
+            warn(f"{exc.path}: damaged ({exc.reason}); quarantined, reading again without it")
+            stats.files_quarantined += 1
+
+
+def _scan_once(
+    root: Path,
+    consumers: Sequence[ChunkConsumer],
+    budget_rows: int,
+    progress: Callable[[int, int, int], None] | None,
+    stats: ReadStats,
+    columns: Mapping[str, Sequence[str]] | None,
+) -> None:
+    pieces = plan(root, discover(root), stats)
+    if not pieces:
+        return
+    first = min(p.min_ns for p in pieces)
+    last = max(p.max_ns for p in pieces)
+    # Every row is read, whatever --from/--to select (the biller counts only the selected
+    # windows): the interval ending at a series' first selected row may be a gap opened long
+    # before the start, and a job's user and tenant come from its latest row anywhere.
+    bounds = chunk_bounds(pieces, first, last, budget_rows)
+    with closing(read_ahead(read_chunks(root, pieces, bounds, stats, columns))) as chunks:
+        for i, chunk in enumerate(chunks, start=1):
+            for consumer in consumers:
+                consumer.add(chunk)
+            if progress is not None:
+                progress(i, len(bounds), stats.rows)
+
+
+# ------------------------------------------------------------ a growing dataset: aggregate
+@dataclass
+class _Seen:
+    """What has been read of one file stem (a journal and, later, its Parquet twin)."""
+
+    size: int = -1
+    mtime_ns: int = -1
+    journal_rows: int = 0
+    until_ns: int = -(2**62)  # newest time read from the journal
+    parquet_done: bool = False
+
+
+def _order_key(root: Path, path: Path) -> tuple[str, str, str]:
+    relative = path.relative_to(root)
+    date = _DATE.search(str(relative))
+    return (date.group(1) if date else "", path.stem, str(relative))
+
+
+class Follower:
+    """Reads a dataset that node daemons keep writing into, returning only rows not read before.
+
+    Files not seen before are read whole, files that grew (a daemon's journal of the current
+    hour) from the first row not yet read, and a journal's Parquet twin (written when the hour is
+    compacted) only for rows later than those its journal gave. ``stats`` counts files read and
+    set aside; ``rows`` the rows read per table; ``newest_ns`` the newest time read.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.seen: dict[tuple[str, str], _Seen] = {}
+        self.stats = ReadStats()
+        self.rows: dict[str, int] = dict.fromkeys(SCHEMAS, 0)
+        self.newest_ns: int | None = None
+
+    def files(self) -> list[tuple[str, Path]]:
+        """(table, path) of every file, by date, then stem: each series comes oldest first.
+
+        Raises ``TallyError`` when the dataset directory is missing or unreadable.
+        """
+        try:
+            found = discover(self.root)
+        except TallyError as exc:
+            if "holds no sample files" not in str(exc):
+                raise
+            found = {}
+        usable = list(_usable(self.root, found))
+        usable.sort(key=lambda item: (_order_key(self.root, item[1]), item[0]))
+        return usable
+
+    def new_rows(self, table: str, path: Path) -> pa.Table | None:
+        """The rows of ``path`` not read before (None when there are none)."""
+        key = (table, str(path.relative_to(self.root).with_suffix("")))
+        seen = self.seen.setdefault(key, _Seen())
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            return None  # compacted or removed since the listing
+        is_journal = path.suffix == JOURNAL_SUFFIX
+        if not is_journal and seen.parquet_done and info.st_mtime_ns == seen.mtime_ns:
+            return None
+        if is_journal and (info.st_size, info.st_mtime_ns) == (seen.size, seen.mtime_ns):
+            return None
+        try:
+            data = read_file(path, table)
+        except FileNotFoundError:
+            return None
+        except (SchemaError, pa.ArrowException, OSError) as exc:
+            if is_journal and not isinstance(exc, SchemaError):
+                return None  # being written or torn: read again next poll
+            if not seen.parquet_done:
+                _reject(self.root, path, exc, self.stats, strict=False)
+            # read again only once it changes
+            seen.parquet_done = True
+            seen.size, seen.mtime_ns = info.st_size, info.st_mtime_ns
+            return None
+        seen.size, seen.mtime_ns = info.st_size, info.st_mtime_ns
+        if is_journal:
+            new = data.slice(seen.journal_rows)
+            seen.journal_rows = data.num_rows
+        else:
+            first_time = not seen.parquet_done
+            seen.parquet_done = True
+            new = data
+            if seen.journal_rows:  # the compacted twin of a journal already read
+                times = data.column("time").cast(pa.int64())
+                new = data.filter(pc.greater(times, pa.scalar(seen.until_ns, pa.int64())))
+            if first_time:
+                self.stats.files += 1
+        if new.num_rows:
+            self.rows[table] += new.num_rows
+            newest = int(pc.max(new.column("time").cast(pa.int64())).as_py())
+            if is_journal:
+                seen.until_ns = max(seen.until_ns, newest)
+            if self.newest_ns is None or newest > self.newest_ns:
+                self.newest_ns = newest
+        return new
