@@ -13,12 +13,14 @@ import ssl
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from exporters.webconfig import WebConfig
+from exporters.webconfig import WebConfig, load_web_config
+from telemetry.config import parse_listen
 from telemetry.errors import TallyError
 
 log = logging.getLogger("tally.http")
@@ -137,6 +139,7 @@ class MetricsServer:
         except OSError as exc:
             shown = f"[{host}]" if ":" in host else host
             raise TallyError(f"cannot listen on {shown}:{port}: {exc.strerror or exc}") from None
+        self._host = host
         self._httpd.registry = registry
         self._httpd.text = text
         self._httpd.web = web
@@ -148,10 +151,42 @@ class MetricsServer:
     def port(self) -> int:
         return int(self._httpd.server_address[1])
 
+    @property
+    def url(self) -> str:
+        """Where /metrics is served, for banners (``https`` with TLS, ``[v6]`` hosts)."""
+        host = self._host
+        shown = f"[{host}]" if ":" in host else host
+        web = self._httpd.web
+        scheme = "https" if web is not None and web.tls is not None else "http"
+        return f"{scheme}://{shown}:{self.port}/metrics"
+
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self._httpd.shutdown()
+        """Stop serving and close the socket (also of a server never started)."""
+        if self._thread.is_alive():
+            self._httpd.shutdown()  # waits for serve_forever: only where it runs
+            self._thread.join(timeout=5)
         self._httpd.server_close()
-        self._thread.join(timeout=5)
+
+
+def serve(
+    registry: CollectorRegistry,
+    listen: str,
+    web_config: Path | None = None,
+    text: Callable[[], bytes] | None = None,
+    start: bool = True,
+) -> MetricsServer:
+    """Serve ``registry`` on ``listen`` (``ADDR:PORT``) with the TLS and basic auth of the web
+    config file ``web_config`` (exporter-toolkit YAML); started unless ``start`` is False.
+
+    The one way daemon, replay and aggregate serve /metrics. Raises ``TallyError`` for a bad
+    address or web config, or an address that cannot be bound.
+    """
+    host, port = parse_listen(listen)
+    web = load_web_config(web_config) if web_config is not None else None
+    server = MetricsServer(registry, host, port, web=web, text=text)
+    if start:
+        server.start()
+    return server

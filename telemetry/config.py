@@ -1,7 +1,8 @@
 """Daemon settings: defaults, value parsers (listen address, durations) and the TOML config file.
 
-Precedence is command line > config file > defaults. Every parser raises ``TallyError`` with a
-message that names the offending value (and file and key for the config file).
+Precedence is command line > config file > defaults (``daemon_config`` merges them). Every
+parser raises ``TallyError`` with a message that names the offending value (and file and key for
+the config file).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import importlib
 import ipaddress
 import re
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,3 +141,71 @@ def load_config_file(path: Path, known: set[str]) -> dict[str, Any]:
 
     walk("", data)
     return flat
+
+
+# Config-file keys and the command-line destination each one sets (collectors added per call).
+_CONFIG_KEYS = {
+    "listen": "listen",
+    "data-dir": "data_dir",
+    "interval": "interval",
+    "max-gap": "max_gap",
+    "path.procfs": "path_procfs",
+    "path.sysfs": "path_sysfs",
+    "node": "node",
+    "inventory": "inventory",
+    "dcgm-compat": "dcgm_compat",
+    "web.config.file": "web_config",
+}
+_PATH_KEYS = ("data_dir", "path_procfs", "path_sysfs", "inventory", "web_config")
+
+
+def config_keys(collectors: Iterable[str]) -> dict[str, str]:
+    """Every key a daemon config file may hold, and the command-line destination it sets."""
+    return {**_CONFIG_KEYS, **{f"collector.{name}": f"collector_{name}" for name in collectors}}
+
+
+def daemon_config(args: Any, collector_defaults: dict[str, bool]) -> DaemonConfig:
+    """Daemon settings from the parsed command line ``args``, then its ``--config`` file, then
+    the defaults. ``collector_defaults`` maps each collector name to whether it runs by default.
+
+    Raises ``TallyError`` naming the file and key for a bad config file.
+    """
+    keys = config_keys(collector_defaults)
+    file_values: dict[str, Any] = {}
+    if args.config is not None:
+        raw = load_config_file(args.config, set(keys))
+        for key, raw_value in raw.items():
+            dest = keys[key]
+            value = raw_value
+            if dest in ("interval", "max_gap"):
+                value = parse_duration(str(raw_value), f"config {args.config}: {key}")
+            elif key.startswith("collector.") and not isinstance(raw_value, bool):
+                raise TallyError(f"config {args.config}: {key} must be true or false")
+            elif dest in _PATH_KEYS:
+                value = Path(str(raw_value))
+            file_values[dest] = value
+
+    def pick(dest: str, default: Any) -> Any:
+        value = getattr(args, dest)
+        if value is not None:
+            return value
+        return file_values.get(dest, default)
+
+    return DaemonConfig(
+        listen=pick("listen", DEFAULT_LISTEN),
+        data_dir=pick("data_dir", Path(DEFAULT_DATA_DIR)),
+        interval_seconds=pick("interval", DEFAULT_INTERVAL_SECONDS),
+        max_gap_seconds=pick("max_gap", DEFAULT_MAX_GAP_SECONDS),
+        procfs=pick("path_procfs", Path("/proc")),
+        sysfs=pick("path_sysfs", Path("/sys")),
+        node=pick("node", ""),
+        collectors={
+            name: pick(f"collector_{name}", default) for name, default in collector_defaults.items()
+        },
+        log_level=args.log_level,
+        inventory=pick("inventory", None),
+        dcgm_compat=bool(pick("dcgm_compat", False)),
+        nvml_module=args.nvml_module,
+        rotate_seconds=args.store_rotate or 3600.0,
+        web_config=pick("web_config", None),
+    )

@@ -19,12 +19,11 @@ import pyarrow as pa
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
-from exporters.http import MetricsServer
+from exporters.http import MetricsServer, serve
 from exporters.prometheus import TallyCollector
-from exporters.webconfig import load_web_config
 from telemetry.billing.inventory import load_inventory
 from telemetry.collectors import REGISTRY, CollectorContext, Runner
-from telemetry.config import DaemonConfig, load_object, parse_listen
+from telemetry.config import DaemonConfig, load_object
 from telemetry.logs import OnceLogger
 from telemetry.state import Snapshot, State
 from telemetry.store.writer import Store
@@ -76,7 +75,6 @@ class Daemon:
         ProcessCollector(namespace="", registry=self.process)
         self.registry.register(self.process)
         self.server: MetricsServer | None = None
-        self.web = load_web_config(config.web_config) if config.web_config is not None else None
 
     def render_text(self) -> bytes:
         """/metrics in the text format: tally's families, then the process_* families."""
@@ -131,20 +129,22 @@ class Daemon:
             self._once.clear("store")
 
     def run(self) -> int:
-        host, port = parse_listen(self.config.listen)
-        self.store.open()
+        # Bound before the store is opened and the first round runs (a bad address or web config
+        # fails fast), started after it, so the first scrape already sees data.
+        self.server = serve(
+            self.registry, self.config.listen, self.config.web_config, self.render_text, start=False
+        )
         try:
-            self.server = MetricsServer(
-                self.registry, host, port, web=self.web, text=self.render_text
-            )
-            self.round()  # the first scrape already sees data
+            self.store.open()
+        except BaseException:
+            self.server.stop()
+            raise
+        try:
+            self.round()
             self.server.start()
-            shown = f"[{host}]" if ":" in host else host
-            scheme = "https" if self.web is not None and self.web.tls is not None else "http"
             names = ", ".join(c.name for c in self.runner.collectors) or "none"
             print(
-                f"tally daemon: node {self.node}, "
-                f"serving {scheme}://{shown}:{self.server.port}/metrics, "
+                f"tally daemon: node {self.node}, serving {self.server.url}, "
                 f"writing {self.config.data_dir} every {self.config.interval_seconds:g}s "
                 f"(collectors: {names})",
                 flush=True,

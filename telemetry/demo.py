@@ -1,11 +1,11 @@
-"""``tally sample DIR``: a small, realistic dataset for the tour, demos and tests.
+"""``tally demo DIR``: a small, realistic demo dataset for the tour, demos and tests.
 
 Job shapes (CPU, whole and fractional GPUs, QoS class, duration) are 400 pods of the public
 Alibaba GPU cluster trace 2023 (Weng et al., "Beware of Fragmentation: Scheduling GPU-Sharing
 Workloads with Fragmentation Gradient Descent", USENIX ATC '23), kept in ``demo_shapes.csv``.
 The trace has allocations only; utilisation is generated per QoS class (latency-sensitive
 services run light, best-effort training runs hot, a few jobs sit allocated and idle), and the
-last node misses 20 minutes of samples, so a bill, a report and a replay of the sample show
+last node misses 20 minutes of samples, so a bill, a report and a replay of the demo show
 pools, tenants, waste and gaps the way a real cluster does.
 """
 
@@ -131,10 +131,10 @@ def _schedule(
     return jobs
 
 
-def generate_sample(
+def generate_demo(
     out: Path, nodes: int = 4, hours: float = 6, interval: int = 30, seed: int = 1
 ) -> int:
-    """Write the sample dataset and ``inventory.toml`` under ``out``; returns the row count."""
+    """Write the demo dataset and ``inventory.toml`` under ``out``; returns the row count."""
     rng = np.random.default_rng(seed)
     gpus = 8
     steps = int(hours * 3600 // interval)
@@ -215,7 +215,7 @@ def generate_sample(
             data = validate(stamped, name)
             directory = partition_dir(out, name, int(times[0]), node)
             directory.mkdir(parents=True, exist_ok=True)
-            pq.write_table(data, directory / "sample.parquet", compression="zstd")
+            pq.write_table(data, directory / "demo.parquet", compression="zstd")
             rows += data.num_rows
     (out / "inventory.toml").write_text(INVENTORY)
     return rows

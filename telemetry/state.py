@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 import kernels
-from telemetry.billing.engine import Biller, LiveTotals
+from telemetry.billing.engine import LIVE_WINDOW_SECONDS, Biller, LiveTotals
 from telemetry.billing.inventory import Inventory
 from telemetry.collectors.base import CollectorStatus
 from telemetry.rows import SortedRows, contributions, merge_rows, series_codes
@@ -159,10 +159,6 @@ class TableState:
         return TableSnapshot(
             latest=latest.filter(pa.array(current)), totals=totals, windows=windows
         )
-
-
-# The live bill's single window: longer than any daemon lives, so its totals are all-time.
-LIVE_WINDOW_SECONDS = 10**9
 
 
 class State:

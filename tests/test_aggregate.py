@@ -24,21 +24,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from telemetry.billing.aggregate import AggregateSnapshot, Aggregator
 from telemetry.billing.bill import compute_bill
-from telemetry.billing.engine import Biller
+from telemetry.billing.engine import LIVE_WINDOW_SECONDS, Biller
 from telemetry.billing.inventory import parse_inventory
-from telemetry.demo import generate_sample
-from telemetry.state import LIVE_WINDOW_SECONDS
+from telemetry.demo import generate_demo
 from telemetry.store.dataset import scan
 from telemetry.store.layout import partition_dir
 from telemetry.store.writer import Store
-from tests.conftest import free_port, promtool_check
-
-NS = 1_000_000_000
+from tests.support.net import free_port
+from tests.support.promtool import promtool_check
+from tests.support.units import NS
 
 
 def _sample(tmp_path: Path, hours: float = 2.0) -> tuple[Path, Path]:
     source = tmp_path / "source"
-    generate_sample(source, nodes=3, hours=hours)
+    generate_demo(source, nodes=3, hours=hours)
     return source, source / "inventory.toml"
 
 

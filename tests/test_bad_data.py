@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,8 +16,9 @@ from hypothesis import strategies as st
 from telemetry.billing.inventory import parse_inventory
 from telemetry.config import parse_window
 from telemetry.errors import TallyError
-from tests.conftest import promtool_check
-from tests.samples import cpu_table, gpu_table, job_table, write_dataset
+from tests.support.cli import tally
+from tests.support.promtool import promtool_check
+from tests.support.tables import cpu_table, gpu_table, job_table, write_dataset
 
 INVENTORY = """
 currency = "EUR"
@@ -31,12 +30,6 @@ nodes = ["n*"]
 cost_per_unit_hour = 2.0
 price_per_unit_hour = 3.0
 """
-
-
-def _tally(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "telemetry.cli", *args], capture_output=True, text=True, timeout=120
-    )
 
 
 def _damage(part: Path, good: Path) -> list[str]:
@@ -83,10 +76,10 @@ def test_bill_of_the_remaining_files_is_unchanged(tmp_path: Path) -> None:
     write_dataset(root, "cpu", cpu_table("n1", times))
     inv = tmp_path / "inv.toml"
     inv.write_text(INVENTORY)
-    before = _tally("bill", str(root), "--inventory", str(inv))
+    before = tally("bill", str(root), "--inventory", str(inv))
     assert before.returncode == 0, before.stderr
     bad = _damage(good.parent, good)
-    after = _tally("bill", str(root), "--inventory", str(inv))
+    after = tally("bill", str(root), "--inventory", str(inv))
     assert after.returncode == 0, after.stderr
     a, b = json.loads(before.stdout), json.loads(after.stdout)
     assert {k: v for k, v in a.items() if k != "input"} == {
@@ -104,9 +97,9 @@ def test_replay_skips_and_reports_bad_files(tmp_path: Path, promtool: str) -> No
     root = tmp_path / "ds"
     times = [float(t) for t in range(0, 600, 30)]
     good = write_dataset(root, "gpu", gpu_table("n1", "GPU-1", 0, times, util=0.7, job_id="9"))
-    clean = _tally("replay", str(root), "--once")
+    clean = tally("replay", str(root), "--once")
     _damage(good.parent, good)
-    result = _tally("replay", str(root), "--once")
+    result = tally("replay", str(root), "--once")
     assert result.returncode == 0, result.stderr
     assert "quarantined" in result.stderr and "skipped" in result.stderr
     assert promtool_check(promtool, result.stdout.encode()).returncode == 0
@@ -131,7 +124,7 @@ def test_hostile_labels_through_replay(tmp_path: Path, promtool: str) -> None:
     write_dataset(
         tmp_path, "gpu", gpu_table("n1", "GPU-" + hostile, 0, times, job_id=hostile, model=hostile)
     )
-    result = _tally("replay", str(tmp_path), "--once")
+    result = tally("replay", str(tmp_path), "--once")
     assert result.returncode == 0, result.stderr
     assert promtool_check(promtool, result.stdout.encode()).returncode == 0
     assert 'tally_cpus{node="evil"}' not in result.stdout.replace("\\n", "")

@@ -1,5 +1,5 @@
 """The bill engine (``telemetry.bill.compute_bill``) against the plain reference of SPEC §3–4
-(``tests.bill_reference``), on awkward generated datasets and on hand-computed cases.
+(``tests.support.bill_reference``), on awkward generated datasets and on hand-computed cases.
 
 Expected values come only from the reference or from hand computation. Floats are compared with
 ``==``: engine and reference derive them from the same integers with the same expressions, so
@@ -32,9 +32,9 @@ from telemetry.billing.writers import to_json
 from telemetry.errors import TallyError
 from telemetry.schema import CPU_MODES, SCHEMAS
 from telemetry.store.layout import partition_dir
-from tests.bill_reference import reference_bill
+from tests.support.bill_reference import reference_bill
+from tests.support.units import NS
 
-NS = 1_000_000_000
 MS = 1_000_000
 HOUR = 3600 * NS
 T0 = 1_788_220_800 * NS  # 2026-09-01T00:00:00Z
@@ -923,7 +923,7 @@ def test_bill_of_a_range_is_the_sum_of_its_parts(
 
 def test_conflicting_duplicates_do_not_depend_on_read_order(tmp_path: Path) -> None:
     """Rows with the same series and time but other values: the same one wins in any order."""
-    from tests.samples import T0, gpu_table, write_dataset
+    from tests.support.tables import T0, gpu_table, write_dataset
 
     times = [float(t) for t in range(0, 600, 30)]
     base = gpu_table("gpu-a1", "GPU-x", 0, times, util=0.5, job_id="7")

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from telemetry.billing.writers import SCHEMAS
-from tests.conftest import stderr_on_a_terminal
-from tests.samples import cpu_table, gpu_table, job_table, write_dataset
+from tests.support.cli import stderr_on_a_terminal, tally
+from tests.support.tables import cpu_table, gpu_table, job_table, write_dataset
 
 INVENTORY = """
 currency = "CNY"
@@ -32,13 +30,6 @@ nodes = ["c*", "g*"]
 cost_per_unit_hour = 0.02
 price_per_unit_hour = 0.05
 """
-
-
-def _tally(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "telemetry.cli", *args],
-        capture_output=True, text=True, timeout=120, **kw,  # type: ignore[call-overload]
-    )  # fmt: skip
 
 
 @pytest.fixture
@@ -63,8 +54,8 @@ def test_json_to_stdout_and_file_are_the_same_bytes(
 ) -> None:
     root, inv = dataset
     out = tmp_path / "bill.json"
-    a = _tally("bill", str(root), "--inventory", str(inv))
-    b = _tally("bill", str(root), "--inventory", str(inv), "--out", str(out))
+    a = tally("bill", str(root), "--inventory", str(inv))
+    b = tally("bill", str(root), "--inventory", str(inv), "--out", str(out))
     assert a.returncode == b.returncode == 0, a.stderr + b.stderr
     assert out.read_text() == a.stdout
     bill = json.loads(a.stdout)
@@ -88,9 +79,9 @@ def test_csv_and_parquet_write_three_files_matching_json(
     dataset: tuple[Path, Path], tmp_path: Path
 ) -> None:
     root, inv = dataset
-    bill = json.loads(_tally("bill", str(root), "--inventory", str(inv)).stdout)
+    bill = json.loads(tally("bill", str(root), "--inventory", str(inv)).stdout)
     assert (
-        _tally(
+        tally(
             "bill",
             str(root),
             "--inventory",
@@ -103,7 +94,7 @@ def test_csv_and_parquet_write_three_files_matching_json(
         == 0
     )
     assert (
-        _tally(
+        tally(
             "bill",
             str(root),
             "--inventory",
@@ -137,7 +128,7 @@ def test_csv_and_parquet_write_three_files_matching_json(
 
 def test_table_format_is_for_people(dataset: tuple[Path, Path]) -> None:
     root, inv = dataset
-    result = _tally(
+    result = tally(
         "bill", str(root), "--inventory", str(inv), "--format", "table", "--window", "1d"
     )
     assert result.returncode == 0, result.stderr
@@ -149,7 +140,7 @@ def test_table_format_is_for_people(dataset: tuple[Path, Path]) -> None:
 
 def test_progress_bar_only_on_a_terminal(dataset: tuple[Path, Path]) -> None:
     root, inv = dataset
-    plain = _tally("bill", str(root), "--inventory", str(inv))
+    plain = tally("bill", str(root), "--inventory", str(inv))
     assert "billing:" not in plain.stderr
     seen = stderr_on_a_terminal("bill", str(root), "--inventory", str(inv))
     assert b"billing: chunk 1/1" in seen
@@ -170,7 +161,7 @@ def test_progress_bar_only_on_a_terminal(dataset: tuple[Path, Path]) -> None:
 )
 def test_bad_arguments_exit_2(dataset: tuple[Path, Path], extra: list[str], message: str) -> None:
     root, inv = dataset
-    result = _tally("bill", str(root), "--inventory", str(inv), *extra)
+    result = tally("bill", str(root), "--inventory", str(inv), *extra)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
 
@@ -185,20 +176,20 @@ def test_cupy_where_it_cannot_run_is_exit_2(dataset: tuple[Path, Path]) -> None:
     else:
         pytest.skip("CuPy is usable here (tests/test_gpu_bill.py covers it)")
     root, inv = dataset
-    result = _tally("bill", str(root), "--inventory", str(inv), "--backend", "cupy")
+    result = tally("bill", str(root), "--inventory", str(inv), "--backend", "cupy")
     assert result.returncode == 2
     assert result.stderr.startswith("tally: error: backend cupy: ")
     assert result.stderr.count("\n") == 1, result.stderr
-    assert _tally("bill", str(root), "--inventory", str(inv), "--backend", "auto").returncode == 0
+    assert tally("bill", str(root), "--inventory", str(inv), "--backend", "auto").returncode == 0
 
 
 def test_inventory_errors_exit_2_naming_file(dataset: tuple[Path, Path], tmp_path: Path) -> None:
     root, _ = dataset
     bad = tmp_path / "bad.toml"
     bad.write_text('[[pool]]\nname = "x"\nkind = "gpu"\n')
-    result = _tally("bill", str(root), "--inventory", str(bad))
+    result = tally("bill", str(root), "--inventory", str(bad))
     assert result.returncode == 2 and f"inventory {bad}: pool[0]: missing key" in result.stderr
-    missing = _tally("bill", str(root))
+    missing = tally("bill", str(root))
     assert missing.returncode == 2 and "--inventory" in missing.stderr
 
 
@@ -206,7 +197,7 @@ def test_unused_glob_is_a_warning(dataset: tuple[Path, Path], tmp_path: Path) ->
     root, _ = dataset
     inv = tmp_path / "inv2.toml"
     inv.write_text(INVENTORY.replace('nodes = ["g*"]', 'nodes = ["g*", "h100-*"]'))
-    result = _tally("bill", str(root), "--inventory", str(inv))
+    result = tally("bill", str(root), "--inventory", str(inv))
     assert result.returncode == 0
     assert "tally: warning:" in result.stderr and "'h100-*' matches no node" in result.stderr
 
@@ -219,18 +210,18 @@ def test_missing_required_column_is_an_error_naming_file_and_column(
     path = write_dataset(
         root, "cpu", cpu_table("c9", times).drop_columns(["idle_seconds"]), name="old"
     )
-    result = _tally("bill", str(root), "--inventory", str(inv))
+    result = tally("bill", str(root), "--inventory", str(inv))
     assert result.returncode == 2
     assert str(path) in result.stderr and "'idle_seconds'" in result.stderr
 
 
 def test_corrupt_files_are_quarantined_and_the_bill_goes_on(dataset: tuple[Path, Path]) -> None:
     root, inv = dataset
-    before = json.loads(_tally("bill", str(root), "--inventory", str(inv)).stdout)
+    before = json.loads(tally("bill", str(root), "--inventory", str(inv)).stdout)
     part = next((root / "gpu").rglob("*.parquet")).parent
     (part / "torn.parquet").write_bytes(b"PAR1" + b"\x00" * 50)
     (part / "notes.parquet").write_text("hello")
-    after = json.loads(_tally("bill", str(root), "--inventory", str(inv)).stdout)
+    after = json.loads(tally("bill", str(root), "--inventory", str(inv)).stdout)
     assert after["input"]["files_quarantined"] == 2
     assert {k: v for k, v in after.items() if k != "input"} == {
         k: v for k, v in before.items() if k != "input"
@@ -246,11 +237,11 @@ def test_replay_pool_counters_equal_the_bill_summed(
 ) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    from tests.conftest import promtool_check
+    from tests.support.promtool import promtool_check
 
     root, inv = dataset
-    bill = json.loads(_tally("bill", str(root), "--inventory", str(inv)).stdout)
-    replay = _tally("replay", str(root), "--once", "--inventory", str(inv))
+    bill = json.loads(tally("bill", str(root), "--inventory", str(inv)).stdout)
+    replay = tally("replay", str(root), "--once", "--inventory", str(inv))
     assert replay.returncode == 0, replay.stderr
     assert promtool_check(promtool, replay.stdout.encode()).returncode == 0
     samples = {
@@ -273,7 +264,7 @@ def test_replay_pool_counters_equal_the_bill_summed(
 
 
 def test_daemon_with_inventory_exports_pool_counters(tmp_path: Path) -> None:
-    from tests.conftest import scrape_daemon
+    from tests.support.daemon import scrape_daemon
 
     inv = tmp_path / "inv.toml"
     inv.write_text(

@@ -25,7 +25,8 @@ from telemetry.store.dataset import (
     read_ahead,
     read_chunks,
 )
-from tests.samples import NS, T0, cpu_table, write_dataset
+from tests.support.tables import T0, cpu_table, write_dataset
+from tests.support.units import NS
 
 
 def _dataset(root: Path) -> pa.Table:

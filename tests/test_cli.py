@@ -1,24 +1,15 @@
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from telemetry.cli import build_parser, daemon_config, main
 from telemetry.collectors import REGISTRY
-from tests.conftest import free_port, promtool_check
-from tests.samples import cpu_table, gpu_table, job_table, write_dataset
-
-
-def _tally(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "telemetry.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from tests.support.cli import tally
+from tests.support.net import free_port
+from tests.support.promtool import promtool_check
+from tests.support.tables import cpu_table, gpu_table, job_table, write_dataset
 
 
 @pytest.mark.parametrize(
@@ -43,7 +34,7 @@ def _tally(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     ],
 )
 def test_bad_usage_is_one_line_and_exit_2(args: list[str], message: str) -> None:
-    result = _tally(*args)
+    result = tally(*args)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -54,7 +45,7 @@ def test_bad_usage_is_one_line_and_exit_2(args: list[str], message: str) -> None
 def test_unwritable_data_dir_and_busy_port_exit_2(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    result = _tally(
+    result = tally(
         "daemon", "--data-dir", str(blocker / "data"), "--listen", f"127.0.0.1:{free_port()}"
     )
     assert result.returncode == 2 and "data dir" in result.stderr
@@ -65,9 +56,7 @@ def test_unwritable_data_dir_and_busy_port_exit_2(tmp_path: Path) -> None:
         held.bind(("127.0.0.1", 0))
         held.listen()
         port = held.getsockname()[1]
-        result = _tally(
-            "daemon", "--data-dir", str(tmp_path / "d"), "--listen", f"127.0.0.1:{port}"
-        )
+        result = tally("daemon", "--data-dir", str(tmp_path / "d"), "--listen", f"127.0.0.1:{port}")
     assert result.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -109,7 +98,7 @@ def test_replay_once_prints_a_promtool_clean_exposition(tmp_path: Path, promtool
     write_dataset(tmp_path, "cpu", cpu_table("n1", times, busy_share=0.4))
     write_dataset(tmp_path, "gpu", gpu_table("n1", "GPU-a", 0, times, util=0.75, job_id="9"))
     write_dataset(tmp_path, "job", job_table("n1", "9", times))
-    result = _tally("replay", str(tmp_path), "--once")
+    result = tally("replay", str(tmp_path), "--once")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert 'tally_cpu_utilization_ratio{node="n1",window="5m"} 0.4' in out
@@ -127,7 +116,7 @@ def test_replay_once_prints_a_promtool_clean_exposition(tmp_path: Path, promtool
 def test_replay_paced_reaches_the_same_final_state(tmp_path: Path) -> None:
     times = [float(t) for t in range(0, 120, 5)]
     write_dataset(tmp_path, "cpu", cpu_table("n1", times, busy_share=0.3))
-    fast = _tally("replay", str(tmp_path), "--once")
-    paced = _tally("replay", str(tmp_path), "--once", "--speed", "200")
+    fast = tally("replay", str(tmp_path), "--once")
+    paced = tally("replay", str(tmp_path), "--once", "--speed", "200")
     assert fast.returncode == paced.returncode == 0
     assert fast.stdout == paced.stdout

@@ -17,10 +17,7 @@ import math
 import os
 import random
 import re
-import select
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from collections import Counter
@@ -43,7 +40,8 @@ from telemetry.store.layout import (
     node_dir_name,
     read_journal,
 )
-from tests.conftest import free_port
+from tests.support.daemon import DaemonProcess
+from tests.support.units import NS
 
 pytestmark = pytest.mark.e2e
 
@@ -51,7 +49,6 @@ NODE = "crash"
 KILLS = 20
 INTERVAL = 0.05
 ROTATE = 1.0
-NS = 1_000_000_000
 # Widest allowed gap between consecutive stored rounds of one run, and between a run's last
 # stored round and its kill: the round in flight plus scheduling slack on a loaded 2-core box
 # (0.3 s seen with both cores busy). A lost journal would leave a hole of about ROTATE.
@@ -76,26 +73,6 @@ class Run:
     left: set[str] = field(default_factory=set)  # what the kill left behind
 
 
-def _spawn(data: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as err:
-        return subprocess.Popen(
-            [sys.executable, "-m", "telemetry.cli", "daemon", "--listen", f"127.0.0.1:{port}",
-             "--data-dir", str(data), "--interval", str(INTERVAL), "--node", NODE,
-             "--store.rotate", str(ROTATE)],
-            stdout=subprocess.PIPE, stderr=err,
-        )  # fmt: skip
-
-
-def _await_banner(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], STARTUP_TIMEOUT)
-    banner = proc.stdout.readline() if ready else b""
-    if f"serving http://127.0.0.1:{port}/metrics".encode() not in banner:
-        proc.kill()
-        proc.wait(timeout=10)
-        pytest.fail(f"daemon did not start: {banner!r}\n{log.read_text(errors='replace')}")
-
-
 def _tmp_files(data: Path) -> dict[Path, int]:
     found: dict[Path, int] = {}
     for directory in _node_dirs(data):
@@ -105,21 +82,20 @@ def _tmp_files(data: Path) -> dict[Path, int]:
     return found
 
 
-def _kill_in_recovery(proc: subprocess.Popen[bytes], run: Run, data: Path) -> bool:
+def _kill_in_recovery(proc: DaemonProcess, run: Run, data: Path) -> bool:
     """Kill while the starting daemon compacts what the last kill left (before its banner).
 
     Returns False when the banner came first (nothing to recover, or the compaction was missed).
     """
-    assert proc.stdout is not None
     stale = _tmp_files(data)  # a kill mid-compaction leaves a .tmp; recovery rewrites it
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline:
-        if select.select([proc.stdout], [], [], 0)[0]:
+        if proc.banner_seen():
             return False
         if any(stale.get(path) != mtime for path, mtime in _tmp_files(data).items()):
-            proc.send_signal(signal.SIGKILL)
+            proc.proc.send_signal(signal.SIGKILL)
             run.end_ns = time.time_ns()
-            proc.wait(timeout=10)
+            proc.proc.wait(timeout=10)
             run.left = _leftovers(data, run.end_ns) | {"recovery"}
             return True
     return False
@@ -173,13 +149,11 @@ def _sleep_until(deadline: float) -> None:
         time.sleep(delay)
 
 
-def _kill(
-    proc: subprocess.Popen[bytes], run: Run, data: Path, port: int, rng: random.Random
-) -> None:
+def _kill(proc: DaemonProcess, run: Run, data: Path, rng: random.Random) -> None:
     """Wait for the run's kill moment, scrape N_k, SIGKILL, and note what the kill left."""
     if run.strategy == "random":
         time.sleep(rng.uniform(0.0, 1.6))
-        run.written = _rows_written(port)
+        run.written = _rows_written(proc.port)
     elif run.strategy == "boundary":
         # Rounds keep a fixed phase, so each rotation (the first round of a slot closes and
         # compacts the old journal) comes at the same offset after the boundary. Learn it from
@@ -191,17 +165,17 @@ def _kill(
         boundary = math.floor(now / ROTATE + 1) * ROTATE
         target = time.monotonic() + (boundary - now) + phase + rng.uniform(-0.006, 0.003)
         _sleep_until(target - 0.1)
-        run.written = _rows_written(port)
+        run.written = _rows_written(proc.port)
         _sleep_until(target - 0.002)
         while time.monotonic() < target:
             pass
     else:  # "watch-tmp", "watch-twin": kill the moment a compaction is seen in that state
         time.sleep(rng.uniform(0.0, 0.8))
-        run.written = _rows_written(port)
+        run.written = _rows_written(proc.port)
         _wait_compaction(data, {run.strategy.removeprefix("watch-")}, 1.5 * ROTATE)
-    proc.send_signal(signal.SIGKILL)
+    proc.proc.send_signal(signal.SIGKILL)
     run.end_ns = time.time_ns()
-    proc.wait(timeout=10)
+    proc.proc.wait(timeout=10)
     run.left = _leftovers(data, run.end_ns)
 
 
@@ -255,36 +229,21 @@ def _times(table: pa.Table) -> np.ndarray:
     return table.column("time").cast(pa.int64()).to_numpy()
 
 
-@contextlib.contextmanager
-def _daemon(data: Path, port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    proc = _spawn(data, port, log)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        assert proc.stdout is not None
-        proc.stdout.close()
-
-
-def _drive(
-    proc: subprocess.Popen[bytes], run: Run, data: Path, port: int, rng: random.Random
-) -> None:
+def _drive(proc: DaemonProcess, run: Run, data: Path, rng: random.Random) -> None:
     """Run one daemon life: kill it as ``run.strategy`` says, or stop the final one cleanly."""
     if run.strategy == "recovery":
         if _kill_in_recovery(proc, run, data):
             return
         run.strategy = "watch-tmp"  # the banner came first: kill the next compaction instead
-    _await_banner(proc, port, run.log)
+    proc.wait_banner(STARTUP_TIMEOUT)
     run.banner_ns = time.time_ns()
     if run.strategy != "final":
-        _kill(proc, run, data, port, rng)
+        _kill(proc, run, data, rng)
         return
     time.sleep(1.2 * ROTATE)  # a clean run that rotates at least once
-    run.written = _rows_written(port)
-    proc.send_signal(signal.SIGTERM)
-    code = proc.wait(timeout=30)
+    run.written = _rows_written(proc.port)
+    proc.proc.send_signal(signal.SIGTERM)
+    code = proc.proc.wait(timeout=30)
     run.end_ns = time.time_ns()
     assert code == 0, run.log.read_text(errors="replace")
 
@@ -298,14 +257,14 @@ def test_sigkill_at_random_moments_loses_only_the_round_in_flight(tmp_path: Path
     assert len(strategies) == KILLS
     rng.shuffle(strategies)
     data = tmp_path / "data"
-    port = free_port()  # pinned: every restart listens on the same port
     began = time.monotonic()
     runs: list[Run] = []
     for k, strategy in enumerate([*strategies, "final"]):
-        run = Run(k, strategy, time.time_ns(), tmp_path / f"daemon-{k:02d}.log")
-        runs.append(run)
-        with _daemon(data, port, run.log) as proc:
-            _drive(proc, run, data, port, rng)
+        flags = ("--store.rotate", str(ROTATE))
+        with DaemonProcess(data, tmp_path, NODE, INTERVAL, flags, wait=False) as proc:
+            run = Run(k, strategy, time.time_ns(), proc.stderr_path)
+            runs.append(run)
+            _drive(proc, run, data, rng)
     elapsed = time.monotonic() - began
     logs = "".join(run.log.read_text(errors="replace") for run in runs)
     hits = Counter(tag for run in runs for tag in run.left)

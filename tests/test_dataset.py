@@ -9,7 +9,7 @@ import pytest
 from telemetry.errors import TallyError
 from telemetry.store.dataset import ReadStats, discover, read_table
 from telemetry.store.writer import Store
-from tests.samples import cpu_table, write_dataset
+from tests.support.tables import cpu_table, write_dataset
 
 
 def test_missing_and_empty_datasets_are_clear_errors(tmp_path: Path) -> None:

@@ -6,17 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from exporters.reference import render
-from telemetry.cli import _CONFIG_KEYS, build_parser, daemon_config
+from telemetry.cli import build_parser, daemon_config
 from telemetry.collectors import REGISTRY
-from telemetry.config import load_config_file
+from telemetry.config import config_keys, load_config_file
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_example_config_sets_every_flag_and_loads() -> None:
     example = ROOT / "deploy" / "tally.toml"
-    values = load_config_file(example, set(_CONFIG_KEYS))
-    assert set(values) == set(_CONFIG_KEYS), (
+    values = load_config_file(example, set(config_keys(REGISTRY)))
+    assert set(values) == set(config_keys(REGISTRY)), (
         "every daemon flag is settable and shown in the example"
     )
     assert {f"collector.{name}" for name in REGISTRY} <= set(values)

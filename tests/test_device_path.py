@@ -25,9 +25,9 @@ from telemetry.billing.engine import Biller
 from telemetry.billing.inventory import parse_inventory
 from telemetry.billing.writers import to_json
 from telemetry.cli import main
-from telemetry.demo import generate_sample
+from telemetry.demo import generate_demo
 from telemetry.store.dataset import scan
-from tests import fake_cupy
+from tests.support import fake_cupy
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The Alibaba-shaped sample (3 nodes, 2 h, one node's outage), plus a second copy of one
     GPU file whose utilisation differs: conflicting duplicates, so the canonical choice runs."""
     root = tmp_path_factory.mktemp("device") / "data"
-    generate_sample(root, nodes=3, hours=2)
+    generate_demo(root, nodes=3, hours=2)
     first = sorted((root / "gpu").rglob("*.parquet"))[0]
     table = pq.read_table(first)
     util = table.column("utilization_ratio").to_numpy(zero_copy_only=False)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from telemetry.config import DaemonConfig
 from telemetry.doctor import run_doctor
-from tests.conftest import free_port
-from tests.fake_nvml import H100_LOADED, FakeNVML
+from tests.support.cli import tally
+from tests.support.net import free_port
+from tests.support.nvml.library import FakeNVML
+from tests.support.nvml.profiles import H100_LOADED
 
 FIXTURES = Path(__file__).parent / "fixtures"
 HEALTHY = FakeNVML([H100_LOADED, H100_LOADED])
@@ -107,15 +107,9 @@ def test_no_nvml_is_a_warning_not_a_failure(tmp_path: Path) -> None:
     assert code == 0 and _line(lines, "nvml").startswith("[warn]")
 
 
-def _tally(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "telemetry.cli", *args], capture_output=True, text=True, timeout=60
-    )
-
-
 def test_doctor_on_the_command_line(tmp_path: Path) -> None:
     normal = FIXTURES / "normal_host"
-    result = _tally(
+    result = tally(
         "doctor", "--path.procfs", str(normal / "proc"), "--path.sysfs", str(normal / "sys"),
         "--data-dir", str(tmp_path / "d"), "--listen", f"127.0.0.1:{free_port()}",
         "--nvml.module", "tests.test_doctor:HEALTHY",
@@ -126,14 +120,14 @@ def test_doctor_on_the_command_line(tmp_path: Path) -> None:
 
 
 def test_log_format_json_and_quiet(tmp_path: Path) -> None:
-    from tests.samples import gpu_table, write_dataset
+    from tests.support.tables import gpu_table, write_dataset
 
-    result = _tally("--log-format", "json", "replay", str(tmp_path / "missing"), "--once")
+    result = tally("--log-format", "json", "replay", str(tmp_path / "missing"), "--once")
     assert result.returncode == 2  # errors stay one plain line on stderr
     write_dataset(tmp_path / "ds", "gpu", gpu_table("n1", "GPU-1", 0, [0.0, 30.0]))
     part = next((tmp_path / "ds").rglob("*.parquet")).parent
     (part / "junk.parquet").write_text("junk")
-    logged = _tally("--log-format", "json", "replay", str(tmp_path / "ds"), "--once")
+    logged = tally("--log-format", "json", "replay", str(tmp_path / "ds"), "--once")
     records = [json.loads(line) for line in logged.stderr.splitlines() if line.startswith("{")]
     assert any(r["level"] == "warning" and "quarantined" in r["message"] for r in records)
     assert all(set(r) >= {"time", "level", "logger", "message"} for r in records)
@@ -142,7 +136,7 @@ def test_log_format_json_and_quiet(tmp_path: Path) -> None:
         '[[pool]]\nname = "p"\nkind = "gpu"\nownership = "own"\nnodes = ["nothing-*"]\n'
         "cost_per_unit_hour = 1\nprice_per_unit_hour = 2\n"
     )
-    loud = _tally("bill", str(tmp_path / "ds"), "--inventory", str(inv))
-    quiet = _tally("--quiet", "bill", str(tmp_path / "ds"), "--inventory", str(inv))
+    loud = tally("bill", str(tmp_path / "ds"), "--inventory", str(inv))
+    quiet = tally("--quiet", "bill", str(tmp_path / "ds"), "--inventory", str(inv))
     assert "tally: warning" in loud.stderr
     assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == loud.stdout

@@ -15,48 +15,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from telemetry.store.dataset import ReadStats, discover, read_table
-from tests.conftest import free_port, promtool_check
+from tests.support.cli import tally
+from tests.support.daemon import DaemonProcess
+from tests.support.net import free_port
+from tests.support.promtool import promtool_check
 
 pytestmark = pytest.mark.e2e
-
-INTERVAL = "0.2"
-
-
-class Daemon:
-    def __init__(self, data: Path, port: int) -> None:
-        self.port = port
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "telemetry.cli", "daemon", "--listen", f"127.0.0.1:{port}",
-             "--data-dir", str(data), "--interval", INTERVAL, "--node", "e2e"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert self.proc.stdout is not None
-        banner = self.proc.stdout.readline()
-        assert f"serving http://127.0.0.1:{port}/metrics" in banner, self.proc.stderr.read()  # type: ignore[union-attr]
-
-    def scrape(self) -> bytes:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
-            return resp.read()  # type: ignore[no-any-return]
-
-    def value(self, name: str, **labels: str) -> float:
-        for family in text_string_to_metric_families(self.scrape().decode()):
-            for s in family.samples:
-                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                    return float(s.value)
-        raise KeyError(name)
-
-    def wait_rows(self, at_least: int, timeout: float = 20) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            rows = self.value("tally_store_rows_written_total")
-            if rows >= at_least:
-                return rows
-            time.sleep(0.1)
-        raise TimeoutError(f"fewer than {at_least} rows written")
-
-    def terminate(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=15)
 
 
 @pytest.fixture
@@ -87,7 +51,7 @@ def _online_cpus() -> int:
 
 
 def test_daemon_collects_serves_persists_and_replays(data: Path, promtool: str) -> None:
-    daemon = Daemon(data, free_port())
+    daemon = DaemonProcess(data, data.parent / "logs", node="e2e")
     try:
         daemon.wait_rows(5)
         text = daemon.scrape()
@@ -106,8 +70,8 @@ def test_daemon_collects_serves_persists_and_replays(data: Path, promtool: str) 
             assert resp.headers["Content-Encoding"] == "gzip"
         written = daemon.value("tally_store_rows_written_total")
     finally:
-        code = daemon.terminate()
-    assert code == 0, daemon.proc.stderr.read()  # type: ignore[union-attr]
+        code, _ = daemon.terminate()
+    assert code == 0, daemon.stderr()
     assert not list(data.rglob("*.arrows")), "SIGTERM compacts every journal"
     table = _read(data)
     assert table.num_rows >= written
@@ -116,10 +80,7 @@ def test_daemon_collects_serves_persists_and_replays(data: Path, promtool: str) 
     user = table.column("user_seconds").to_numpy()
     assert (user[1:] >= user[:-1]).all()
 
-    replay = subprocess.run(
-        [sys.executable, "-m", "telemetry.cli", "replay", str(data), "--once"],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    replay = tally("replay", str(data), "--once", timeout=60)
     assert replay.returncode == 0, replay.stderr
     samples = {
         (s.name, tuple(sorted(s.labels.items()))): s.value
@@ -133,25 +94,23 @@ def test_daemon_collects_serves_persists_and_replays(data: Path, promtool: str) 
 
 
 def test_kill_9_loses_nothing_but_the_interval_in_flight(data: Path) -> None:
-    port = free_port()
-    first = Daemon(data, port)
+    first = DaemonProcess(data, data.parent / "logs", node="e2e")
     try:
         first.wait_rows(5)
         written = first.value("tally_store_rows_written_total")
     finally:
-        first.proc.kill()
-        first.proc.wait(timeout=10)
+        first.kill()
     journals = list(data.rglob("*.arrows"))
     assert journals, "the open hour lives in a journal"
     # Readable by any reader right after the crash, without the daemon's help.
     assert _read(data).num_rows >= written
 
-    second = Daemon(data, port)
+    second = DaemonProcess(data, data.parent / "logs", node="e2e")
     try:
         assert not any(j.exists() for j in journals), "recovery compacts the crashed journal"
         second.wait_rows(3)
     finally:
-        assert second.terminate() == 0
+        assert second.terminate()[0] == 0
     table = _read(data)
     times = table.column("time").cast(pa.int64()).to_numpy()
     assert len(set(times.tolist())) == len(times), "no sample stored twice"
@@ -160,7 +119,7 @@ def test_kill_9_loses_nothing_but_the_interval_in_flight(data: Path) -> None:
 
 
 def test_replay_listen_serves_the_final_state_until_sigterm(tmp_path: Path) -> None:
-    from tests.samples import cpu_table, write_dataset
+    from tests.support.tables import cpu_table, write_dataset
 
     write_dataset(tmp_path, "cpu", cpu_table("n9", [0.0, 5.0, 10.0]))
     port = free_port()

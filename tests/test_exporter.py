@@ -8,19 +8,8 @@ from exporters.prometheus import METRICS, TallyCollector
 from telemetry import __version__
 from telemetry.collectors.base import CollectorStatus
 from telemetry.state import Snapshot, State
-from tests.conftest import promtool_check
-from tests.samples import cpu_table, gpu_table, job_table
-
-HOSTILE = [
-    'job"with"quotes',
-    "back\\slash\\",
-    "new\nline",
-    'brace} x{y="1"} 7',
-    "# HELP injected",
-    "x" * 5000,
-    "caf\udcc3\udca9".encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
-    "",
-]
+from tests.support.promtool import promtool_check
+from tests.support.tables import HOSTILE, cpu_table, gpu_table, job_table
 
 
 def _exposition(snapshot: Snapshot) -> bytes:

@@ -26,8 +26,7 @@ from exporters.prometheus import TallyCollector
 from telemetry.billing.inventory import parse_inventory
 from telemetry.collectors.base import CollectorStatus
 from telemetry.state import Snapshot, State
-from tests.samples import cpu_table, gpu_table, job_table
-from tests.test_exporter import HOSTILE
+from tests.support.tables import HOSTILE, cpu_table, gpu_table, job_table
 
 ARROW_FROM_ROWS = exposition._ARROW_FROM_ROWS
 

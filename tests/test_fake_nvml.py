@@ -1,4 +1,4 @@
-"""Pin the NVML stand-in (tests/fake_nvml.py) to the real pynvml's names, types and errors."""
+"""Pin the NVML stand-in (tests/support/nvml/) to the real pynvml's names, types and errors."""
 
 from __future__ import annotations
 
@@ -8,16 +8,8 @@ import threading
 import pynvml
 import pytest
 
-from tests.fake_nvml import (
-    H100_IDLE,
-    H100_LOADED,
-    H100_MIG,
-    H200_LOADED,
-    PROFILES,
-    FakeClock,
-    FakeNVML,
-    MiB,
-)
+from tests.support.nvml.library import FakeClock, FakeNVML
+from tests.support.nvml.profiles import H100_IDLE, H100_LOADED, H100_MIG, H200_LOADED, PROFILES, MiB
 
 
 def started(*profiles: object, **kwargs: object) -> FakeNVML:

@@ -14,7 +14,8 @@ from telemetry.config import DaemonConfig
 from telemetry.daemon import Daemon
 from telemetry.store.dataset import ReadStats, discover, read_table
 from telemetry.store.writer import Store
-from tests.fake_nvml import H100_LOADED, FakeNVML
+from tests.support.nvml.library import FakeNVML
+from tests.support.nvml.profiles import H100_LOADED
 
 FIXTURES = Path(__file__).parent / "fixtures" / "normal_host"
 FAKE = FakeNVML([H100_LOADED])

@@ -16,8 +16,10 @@ from telemetry.collectors import CollectorContext, Runner
 from telemetry.collectors.gpu import GpuCollector, mig_profile
 from telemetry.nvml import Gateway, NvmlUnavailable
 from telemetry.state import State
-from tests.conftest import promtool_check, scrape_daemon
-from tests.fake_nvml import H100_IDLE, H100_LOADED, H100_MIG, H200_LOADED, FakeClock, FakeNVML, MiB
+from tests.support.daemon import scrape_daemon
+from tests.support.nvml.library import FakeClock, FakeNVML
+from tests.support.nvml.profiles import H100_IDLE, H100_LOADED, H100_MIG, H200_LOADED, MiB
+from tests.support.promtool import promtool_check
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -271,7 +273,7 @@ def test_daemon_end_to_end_with_the_stand_in(tmp_path: Path, promtool: str) -> N
         tmp_path / "data", "gpu-e2e",
         "--path.procfs", str(FIXTURES / "normal_host" / "proc"),
         "--path.sysfs", str(FIXTURES / "normal_host" / "sys"),
-        "--nvml.module", "tests.nvml_standin:NVML", "--dcgm-compat",
+        "--nvml.module", "tests.support.nvml.standin:NVML", "--dcgm-compat",
     )  # fmt: skip
     assert_promtool_clean_but_dcgm_labels(promtool, text)
     assert b'tally_collector_success{collector="gpu"} 1.0' in text
@@ -292,7 +294,7 @@ def test_daemon_attributes_gpus_to_slurm_jobs_end_to_end(tmp_path: Path, promtoo
     text = scrape_daemon(
         tmp_path / "data", "node07",
         "--path.procfs", str(root / "proc"), "--path.sysfs", str(root / "sys"),
-        "--nvml.module", "tests.nvml_standin:NVML",
+        "--nvml.module", "tests.support.nvml.standin:NVML",
     )  # fmt: skip
     check = promtool_check(promtool, text)
     assert check.returncode == 0, check.stdout + check.stderr

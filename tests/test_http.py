@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from exporters.http import MetricsServer
 from exporters.prometheus import TallyCollector
 from telemetry.state import State
-from tests.samples import cpu_table
+from tests.support.tables import cpu_table
 
 
 @pytest.fixture

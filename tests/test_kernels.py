@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
-from tests import reference as ref
+from tests.support import reference as ref
+from tests.support.units import NS
 
-NS = 1_000_000_000
 T0 = 1_788_220_800 * NS  # 2026-09-01T00:00:00Z
 GAP = 60 * NS
 NAN = float("nan")

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_load import INTERVAL, ROUND_SHARE, DaemonProcess, Scrapes, scrape_loop
+from tests.support.daemon import DaemonProcess
+from tests.support.load import INTERVAL, ROUND_SHARE, Scrapes, scrape_loop
 
 pytestmark = pytest.mark.e2e
 
@@ -29,7 +30,7 @@ GROWTH_LIMIT_MIB = 5.0
 
 
 def test_rss_levels_off_under_continuous_scraping(tmp_path: Path, artifacts: Path) -> None:
-    daemon = DaemonProcess(tmp_path / "data", tmp_path)
+    daemon = DaemonProcess(tmp_path / "data", tmp_path, node="load", interval=INTERVAL)
     stop = threading.Event()
     out = Scrapes()
     threads: list[threading.Thread] = []

@@ -6,28 +6,19 @@ in time, and the daemon is stopped (SIGTERM, then SIGKILL) whatever happens.
 
 from __future__ import annotations
 
-import http.client
-import math
-import signal
 import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import free_port
+from tests.support.daemon import DaemonProcess
+from tests.support.load import INTERVAL, ROUND_SHARE, Scrapes, percentile, scrape_loop
 
 pytestmark = pytest.mark.e2e
-
-INTERVAL = 0.2
-# Collection must keep at least this share of its rounds while the scrapers hammer the daemon.
-ROUND_SHARE = 0.7
 
 SCRAPERS = 50
 REQUESTS_PER_SCRAPER = 200
@@ -40,160 +31,14 @@ NORMAL_SCRAPE_BOUND_SECONDS = 2.0
 EXIT_BOUND_SECONDS = 5.0  # well under the server's 10 s client timeout
 
 
-# Runs the rest of argv in the same process (same pid) after asking the kernel to SIGTERM it when
-# the test process dies (PR_SET_PDEATHSIG survives exec), so no daemon outlives a killed run.
-DIE_WITH_PARENT = [
-    sys.executable, "-c",
-    "import ctypes, os, signal, sys; ctypes.CDLL(None).prctl(1, signal.SIGTERM); "
-    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])",
-]  # fmt: skip
-
-
-class DaemonProcess:
-    """``tally daemon`` as a subprocess on loopback; output goes to files (no pipe can fill)."""
-
-    def __init__(self, data: Path, logs: Path, node: str = "load", interval: float = INTERVAL):
-        self.port = free_port()
-        self.interval = interval
-        self.stdout_path = logs / f"daemon-{self.port}.out"
-        self.stderr_path = logs / f"daemon-{self.port}.err"
-        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
-            self.proc = subprocess.Popen(
-                [*DIE_WITH_PARENT, "-m", "telemetry.cli", "daemon",
-                 "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(data),
-                 "--interval", f"{interval:g}", "--node", node],
-                stdout=out, stderr=err,
-            )  # fmt: skip
-        self.pid = self.proc.pid
-        self._wait_banner(timeout=30)
-
-    def _wait_banner(self, timeout: float) -> None:
-        want = f"serving http://127.0.0.1:{self.port}/metrics"
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if want in self.stdout_path.read_text():
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.kill()
-        raise AssertionError(f"daemon did not start: {self.stderr()}")
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def scrape(self, timeout: float = 5) -> bytes:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request("GET", "/metrics")
-            resp = conn.getresponse()
-            body = resp.read()
-            assert resp.status == 200, resp.status
-            return body
-        finally:
-            conn.close()
-
-    def value(self, name: str, **labels: str) -> float:
-        for family in text_string_to_metric_families(self.scrape().decode()):
-            for s in family.samples:
-                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                    return float(s.value)
-        raise KeyError(name)
-
-    def rows(self) -> tuple[float, float]:
-        """(rows written, monotonic time of the scrape that read them)."""
-        before = time.monotonic()
-        rows = self.value("tally_store_rows_written_total")
-        return rows, (before + time.monotonic()) / 2
-
-    def wait_rows(self, at_least: int, timeout: float = 20) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.rows()[0] >= at_least:
-                return
-            time.sleep(0.1)
-        raise TimeoutError(f"fewer than {at_least} rows written")
-
-    def status_field(self, field: str) -> int:
-        """A number from /proc/<pid>/status, e.g. VmRSS (KiB) or Threads."""
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-        raise KeyError(field)
-
-    def terminate(self, timeout: float) -> tuple[int | None, float]:
-        """SIGTERM; (exit code or None if it outlived ``timeout``, seconds it took)."""
-        start = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code: int | None = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            code = None
-        return code, time.monotonic() - start
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[DaemonProcess]:
-    proc = DaemonProcess(tmp_path / "data", tmp_path)
+    proc = DaemonProcess(tmp_path / "data", tmp_path, node="load", interval=INTERVAL)
     try:
         proc.wait_rows(3)
         yield proc
     finally:
         proc.kill()
-
-
-class Scrapes:
-    """Thread-safe tally of scrape results (list.append is atomic)."""
-
-    def __init__(self) -> None:
-        self.latencies: list[float] = []
-        self.errors: list[str] = []
-
-
-def scrape_loop(
-    port: int,
-    count: int,
-    deadline: float,
-    out: Scrapes,
-    stop: threading.Event | None = None,
-    start: threading.Barrier | None = None,
-) -> None:
-    """Up to ``count`` GETs of /metrics until ``deadline`` (monotonic) or ``stop``.
-
-    One HTTPConnection per thread: it keeps the connection alive where the server allows (tally
-    answers HTTP/1.0 and closes, so http.client reconnects for the next request).
-    """
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    try:
-        if start is not None:
-            start.wait(timeout=30)
-        for _ in range(count):
-            if time.monotonic() > deadline or (stop is not None and stop.is_set()):
-                return
-            began = time.perf_counter()
-            try:
-                conn.request("GET", "/metrics")
-                resp = conn.getresponse()
-                body = resp.read()
-            except (OSError, http.client.HTTPException) as exc:
-                out.errors.append(f"{type(exc).__name__}: {exc}")
-                conn.close()
-                continue
-            out.latencies.append(time.perf_counter() - began)
-            if resp.status != 200 or b"tally_build_info" not in body:
-                out.errors.append(f"status {resp.status}, {len(body)} bytes")
-    finally:
-        conn.close()
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
 
 def test_50_concurrent_scrapers_all_succeed_and_collection_keeps_its_interval(

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,26 +23,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from telemetry.demo import generate_sample
+from telemetry.demo import generate_demo
 from telemetry.schema import validate
 from telemetry.store.layout import partition_dir
-from tests.conftest import stderr_on_a_terminal
+from tests.support.cli import stderr_on_a_terminal, tally
+from tests.support.units import NS
 
-NS = 1_000_000_000
 HOSTILE = "<img src=x onerror=\"document.documentElement.setAttribute('data-pwned','1')\">"
 HOSTILE_TENANT = "</script><script>document.documentElement.dataset.pwned=2</script>"
-
-
-def _tally(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "telemetry.cli", *args], capture_output=True, text=True, timeout=300
-    )
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("report") / "data"
-    generate_sample(root, nodes=4, hours=3)
+    generate_demo(root, nodes=4, hours=3)
     start = 1_788_220_800 * NS
     times = start + np.arange(0, 3600, 30, dtype=np.int64) * NS
     k = times.size
@@ -72,7 +65,7 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def report(dataset: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> str:
     root, inventory = dataset
     out = tmp_path_factory.mktemp("out") / "report.html"
-    result = _tally("report", str(root), "--inventory", str(inventory), "--out", str(out))
+    result = tally("report", str(root), "--inventory", str(inventory), "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "quarantined" in result.stderr  # the torn file, said once
     return out.read_text(encoding="utf-8")
@@ -80,7 +73,7 @@ def report(dataset: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory)
 
 def _bill(dataset: tuple[Path, Path]) -> dict[str, list[dict[str, object]]]:
     root, inventory = dataset
-    result = _tally("bill", str(root), "--inventory", str(inventory), "--window", "1d")
+    result = tally("bill", str(root), "--inventory", str(inventory), "--window", "1d")
     assert result.returncode == 0, result.stderr
     bill: dict[str, list[dict[str, object]]] = json.loads(result.stdout)
     return bill
@@ -242,10 +235,10 @@ def test_errors_are_one_line(dataset: tuple[Path, Path], tmp_path: Path) -> None
         (["--out", str(tmp_path / "r.html"), "--from", "soon"], "not an ISO-8601"),
     ]
     for extra, message in cases:
-        result = _tally("report", str(root), "--inventory", str(inventory), *extra)
+        result = tally("report", str(root), "--inventory", str(inventory), *extra)
         assert result.returncode == 2, extra
         assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
-    missing = _tally("report", str(tmp_path / "nothing"), "--inventory", str(inventory),
+    missing = tally("report", str(tmp_path / "nothing"), "--inventory", str(inventory),
                      "--out", str(tmp_path / "r.html"))  # fmt: skip
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     assert not (tmp_path / "r.html").exists()
@@ -254,7 +247,7 @@ def test_errors_are_one_line(dataset: tuple[Path, Path], tmp_path: Path) -> None
 def test_window_and_range_select_what_is_shown(dataset: tuple[Path, Path], tmp_path: Path) -> None:
     root, inventory = dataset
     out = tmp_path / "r.html"
-    result = _tally("report", str(root), "--inventory", str(inventory), "--out", str(out),
+    result = tally("report", str(root), "--inventory", str(inventory), "--out", str(out),
                     "--window", "15m", "--from", "2026-09-01T01:00:00Z",
                     "--to", "2026-09-01T02:00:00Z")  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -272,7 +265,7 @@ def test_progress_bars_on_a_terminal_only(dataset: tuple[Path, Path], tmp_path: 
     assert re.search(rb"report: chunk 1/1 \[#+\] [\d,]+ rows", seen)
     seen = stderr_on_a_terminal("replay", str(root), "--once")
     assert re.search(rb"replay: file (\d+)/\1 \[#+\]", seen)
-    piped = _tally("report", str(root), "--inventory", str(inventory), "--out", out)
+    piped = tally("report", str(root), "--inventory", str(inventory), "--out", out)
     assert piped.returncode == 0 and "report:" not in piped.stderr
     quiet = stderr_on_a_terminal(
         "--quiet", "report", str(root), "--inventory", str(inventory), "--out", out

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pytest
 
 from telemetry.schema import CPU_SCHEMA, GPU_SCHEMA, JOB_SCHEMA, SCHEMAS, SchemaError, validate
-from tests.samples import cpu_table, gpu_table
+from tests.support.tables import cpu_table, gpu_table
 
 
 def test_schemas_follow_the_spec_column_for_column() -> None:

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from telemetry.schema import CPU_MODES, CPU_SCHEMA, GPU_SCHEMA, JOB_SCHEMA, SERIES_KEYS
 from telemetry.state import State, TableSnapshot, TableState
-from tests import reference as ref
+from tests.support import reference as ref
+from tests.support.units import NS
 
-NS = 1_000_000_000
 T0 = 1_788_220_800 * NS  # 2026-09-01T00:00:00Z
 RETAIN_S = 3600 + 60  # longest window + max gap
 SCHEMAS = {"gpu": GPU_SCHEMA, "cpu": CPU_SCHEMA, "job": JOB_SCHEMA}
@@ -436,7 +436,7 @@ def test_silent_series_is_evicted_with_its_totals() -> None:
 
 def test_key_values_with_separator_characters_do_not_collide() -> None:
     from telemetry.rows import series_codes
-    from tests.samples import gpu_table
+    from tests.support.tables import gpu_table
 
     a = gpu_table("n\x1fGPU", "x", 0, [0.0, 5.0])
     b = gpu_table("n", "GPU\x1fx", 1, [0.0, 5.0])

@@ -10,7 +10,8 @@ from telemetry.errors import TallyError
 from telemetry.schema import validate
 from telemetry.store.layout import read_journal
 from telemetry.store.writer import HOUR_NS, Store, compact
-from tests.samples import NS, T0, cpu_table
+from tests.support.tables import T0, cpu_table
+from tests.support.units import NS
 
 
 def _rounds(times_s: list[float]) -> list[pa.Table]:

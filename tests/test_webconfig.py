@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import http.client
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
@@ -19,7 +18,8 @@ from prometheus_client import CollectorRegistry
 from exporters.http import MetricsServer
 from exporters.webconfig import WebConfig, load_web_config
 from telemetry.errors import TallyError
-from tests.conftest import free_port
+from tests.support.daemon import DaemonProcess
+from tests.support.net import free_port
 
 TLS = Path(__file__).parent / "fixtures" / "tls"
 # bcrypt at cost 4 keeps the tests fast; the format is the same as htpasswd -B.
@@ -166,22 +166,17 @@ def test_daemon_with_web_config_end_to_end(tmp_path: Path) -> None:
         f"tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
         f"basic_auth_users:\n  prometheus: '{HASH}'\n",
     )
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "telemetry.cli", "daemon", "--listen", f"127.0.0.1:{port}",
-         "--data-dir", str(tmp_path / "data"), "--interval", "0.2", "--node", "tls",
-         "--web.config.file", str(config)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    daemon = DaemonProcess(
+        tmp_path / "data", tmp_path, node="tls", flags=("--web.config.file", str(config))
+    )
     try:
-        assert proc.stdout is not None
-        assert f"serving https://127.0.0.1:{port}/metrics" in proc.stdout.readline()
+        port = daemon.port
+        assert f"serving https://127.0.0.1:{port}/metrics" in daemon.banner()
         status, body = _get(port, _auth("prometheus", "s3cret"), _client_context())
         assert status == 200 and b'tally_cpus{node="tls"}' in body
         assert _get(port, _auth("prometheus", "nope"), _client_context())[0] == 401
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
+        daemon.stop()
     bad = tmp_path / "bad.yml"
     bad.write_text("nonsense: 1\n")
     result = subprocess.run(

@@ -24,10 +24,9 @@ import pyarrow as pa
 
 from kernels.backend import to_host
 from kernels.grouped_sums import group_sums
-from telemetry.billing.engine import NS, Biller, LiveTotals
+from telemetry.billing.engine import LIVE_WINDOW_SECONDS, NS, Biller, LiveTotals
 from telemetry.billing.inventory import Inventory
 from telemetry.schema import SCHEMAS
-from telemetry.state import LIVE_WINDOW_SECONDS
 from telemetry.store.dataset import Follower
 
 log = logging.getLogger("tally.aggregate")

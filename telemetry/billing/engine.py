@@ -27,6 +27,9 @@ from telemetry.schema import CPU_BUSY_MODES, SCHEMAS, validate
 from telemetry.store.dataset import ValidatedChunk
 
 NS = 1_000_000_000
+# The live bill's single window (daemon, replay, aggregate): longer than any process lives, so
+# its totals are all-time.
+LIVE_WINDOW_SECONDS = 10**9
 US_PER_HOUR = 3_600_000_000
 MJ_PER_KWH = 3_600_000_000
 UNKNOWN_TENANT = "unknown"

@@ -1,30 +1,21 @@
-"""``tally sample``: a realistic dataset whose bill shows what the trace shapes imply."""
+"""``tally demo``: a realistic dataset whose bill shows what the trace shapes imply."""
 
 from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from telemetry.demo import SHAPES
+from tests.support.cli import tally
 
 
-def _tally(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "telemetry.cli", *args], capture_output=True, text=True, timeout=120
-    )
-
-
-def test_sample_bills_with_fractional_gpus_and_every_pool(tmp_path: Path) -> None:
-    out = tmp_path / "sample"
-    made = _tally("sample", str(out), "--nodes", "2", "--hours", "2")
+def test_demo_bills_with_fractional_gpus_and_every_pool(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    made = tally("demo", str(out), "--nodes", "2", "--hours", "2")
     assert made.returncode == 0, made.stderr
     bill = json.loads(
-        _tally(
-            "bill", str(out), "--inventory", str(out / "inventory.toml"), "--window", "1d"
-        ).stdout
+        tally("bill", str(out), "--inventory", str(out / "inventory.toml"), "--window", "1d").stdout
     )
     pools = {p["pool"]: p for p in bill["pools"]}
     assert set(pools) == {"h100-own", "h100-leased", "cpu"}
@@ -39,6 +30,13 @@ def test_sample_bills_with_fractional_gpus_and_every_pool(tmp_path: Path) -> Non
     # The last node's 20-minute outage: 8 GPUs × ~20 min of gap in its pool, none elsewhere.
     assert 8 * 1200 / 3600 <= pools["h100-leased"]["gap_hours"] <= 8 * 1260 / 3600
     assert pools["h100-own"]["gap_hours"] == 0
-    replay = _tally("replay", str(out), "--once", "--inventory", str(out / "inventory.toml"))
+    replay = tally("replay", str(out), "--once", "--inventory", str(out / "inventory.toml"))
     assert replay.returncode == 0 and "tally_tenant_charge_total" in replay.stdout
-    assert _tally("sample", str(out)).returncode == 2  # never overwrites
+    assert tally("demo", str(out)).returncode == 2  # never overwrites
+
+
+def test_the_earlier_verb_sample_still_writes_the_demo(tmp_path: Path) -> None:
+    made = tally("--log-level", "warning", "sample", str(tmp_path / "sample"), "--hours", "1")
+    assert made.returncode == 0, made.stderr
+    assert (tmp_path / "sample" / "inventory.toml").is_file()
+    assert "sample" not in tally("--help").stdout.split("positional arguments")[-1]

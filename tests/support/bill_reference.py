@@ -28,9 +28,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from telemetry.billing.inventory import Inventory
-from tests import reference as ref
+from tests.support import reference as ref
+from tests.support.units import NS
 
-NS = 1_000_000_000
 UNASSIGNED = "unassigned"
 UNKNOWN = "unknown"
 US_PER_HOUR = 3_600_000_000

@@ -28,7 +28,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-NS = 1_000_000_000
+from tests.support.units import NS
+
 WINDOWS: dict[str, int] = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600}
 BUSY_MODES = ("user", "nice", "system", "irq", "softirq")
 SERIES_KEYS: dict[str, tuple[str, ...]] = {

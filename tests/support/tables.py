@@ -17,8 +17,21 @@ from telemetry.schema import (
     validate,
 )
 from telemetry.store.layout import partition_dir
+from tests.support.units import NS
 
-NS = 1_000_000_000
+# Label values that try to break the exposition: quotes, escapes, newlines, injected lines,
+# a huge value, invalid UTF-8 made valid by replacement, the empty string.
+HOSTILE = [
+    'job"with"quotes',
+    "back\\slash\\",
+    "new\nline",
+    'brace} x{y="1"} 7',
+    "# HELP injected",
+    "x" * 5000,
+    "caf\udcc3\udca9".encode("utf-8", "surrogateescape").decode("utf-8", "replace"),
+    "",
+]
+
 # 2026-09-01T00:00:00Z, a whole day since the epoch.
 T0 = 1_788_220_800 * NS
 

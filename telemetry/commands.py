@@ -1,0 +1,222 @@
+"""What each ``tally`` command does once its arguments are parsed: replay, demo, bill, report and
+aggregate (the daemon and doctor have modules of their own).
+
+Every function takes the parsed ``argparse.Namespace`` and returns the exit code; bad input is
+a ``TallyError`` (one line on stderr, exit 2, written by the CLI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from types import ModuleType
+
+from telemetry.config import parse_window
+from telemetry.errors import TallyError
+
+log = logging.getLogger("tally.cli")
+
+
+def warner(quiet: bool) -> Callable[[str], None]:
+    """Warnings as ``tally: warning: …`` lines on stderr, none with ``--quiet``."""
+
+    def warn(message: str) -> None:
+        if not quiet:
+            print(f"tally: warning: {message}", file=sys.stderr)
+
+    return warn
+
+
+def stop_on_signals() -> threading.Event:
+    """An event SIGTERM and SIGINT set: long-running commands stop cleanly and exit 0."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    return stop
+
+
+def backend(name: str) -> ModuleType:
+    """The array module for ``--backend``; one-line error (exit 2) when cupy cannot run."""
+    from kernels import get_namespace
+    from kernels.backend import BackendError
+
+    try:
+        return get_namespace(name)
+    except BackendError as exc:
+        raise TallyError(str(exc)) from None
+
+
+def replay(args: argparse.Namespace) -> int:
+    from prometheus_client import CollectorRegistry
+
+    from exporters.http import serve
+    from exporters.prometheus import TallyCollector
+    from telemetry.billing.inventory import load_inventory
+    from telemetry.progress import Progress
+    from telemetry.replay import load_dataset, replay
+    from telemetry.state import Snapshot
+
+    inventory = load_inventory(args.inventory) if args.inventory is not None else None
+    current: list[Snapshot] = [Snapshot()]
+    registry = CollectorRegistry()
+    collector = TallyCollector(lambda: current[0], dcgm_compat=args.dcgm_compat)
+    registry.register(collector)
+    server = None
+    if args.listen is not None and not args.once:
+        # bound before the dataset is read: a bad address fails before minutes of reading
+        server = serve(registry, args.listen, args.web_config, collector.render_text, start=False)
+    with Progress("replay", step="file", quiet=args.quiet) as bar:
+        tables, stats = load_dataset(args.dataset, bar)
+    if server is not None:
+        server.start()
+        print(f"tally replay: serving {server.url}", file=sys.stderr, flush=True)
+    stop = stop_on_signals()
+
+    def publish(snapshot: Snapshot) -> None:
+        current[0] = snapshot
+
+    replay(tables, args.max_gap, args.speed, publish, stop, inventory)
+    if stats.files_quarantined or stats.files_skipped:
+        print(
+            f"tally replay: {stats.files} files read, {stats.files_quarantined} quarantined, "
+            f"{stats.files_skipped} skipped",
+            file=sys.stderr,
+        )
+    if server is None:
+        sys.stdout.buffer.write(collector.render_text())
+        sys.stdout.flush()
+        return 0
+    stop.wait()
+    server.stop()
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from telemetry.demo import generate_demo
+
+    if args.out.exists():
+        raise TallyError(f"{args.out} already exists; give a new directory")
+    if not 1 <= args.nodes <= 1000:
+        raise TallyError("--nodes must be between 1 and 1000")
+    rows = generate_demo(args.out, args.nodes, args.hours, seed=args.seed)
+    print(f"wrote {rows:,} rows and {args.out / 'inventory.toml'}")
+    return 0
+
+
+def bill(args: argparse.Namespace) -> int:
+    from telemetry.allocator import keep_freed_memory
+    from telemetry.billing.bill import compute_bill
+    from telemetry.billing.inventory import load_inventory
+    from telemetry.billing.writers import write
+    from telemetry.progress import silent
+
+    window = parse_window(args.window)
+    if args.format in ("csv", "parquet") and args.out is None:
+        raise TallyError(f"--format {args.format} writes three files: give --out PREFIX")
+    if args.out is not None and not args.out.parent.is_dir():
+        raise TallyError(f"--out {args.out}: directory {args.out.parent} does not exist")
+    xp = backend(args.backend)
+    inventory = load_inventory(args.inventory)
+    keep_freed_memory()
+    result = compute_bill(
+        args.dataset,
+        inventory,
+        window,
+        args.start,
+        args.end,
+        warn=warner(args.quiet),
+        progress=silent if args.quiet else None,
+        xp=xp,
+    )
+    try:
+        write(result, args.format, args.out)
+    except OSError as exc:
+        raise TallyError(f"--out {args.out}: {exc.strerror or exc}") from None
+    return 0
+
+
+def aggregate(args: argparse.Namespace) -> int:
+    from prometheus_client import CollectorRegistry
+
+    from exporters.http import serve
+    from exporters.prometheus import AggregateCollector
+    from telemetry.billing.aggregate import AggregateSnapshot, Aggregator
+    from telemetry.billing.inventory import load_inventory
+    from telemetry.progress import Progress
+    from telemetry.store.dataset import discover
+
+    inventory = load_inventory(args.inventory)
+    if not args.dataset.is_dir():
+        discover(args.dataset)  # the one-line error for a missing or non-directory dataset
+    aggregator = Aggregator(args.dataset, inventory, xp=backend(args.backend))
+    current = [AggregateSnapshot()]
+    collector = AggregateCollector(lambda: current[0])
+    registry = CollectorRegistry()
+    registry.register(collector)
+    server = serve(registry, args.listen, args.web_config, text=collector.render_text, start=False)
+    stop = stop_on_signals()
+    # Catch up with everything already stored before serving: counters start at the dataset's
+    # totals, so a restart neither resets nor doubles them.
+    with Progress("aggregate", step="file", quiet=args.quiet) as bar:
+        read = aggregator.poll(progress=bar)
+    current[0] = AggregateSnapshot.of(aggregator)
+    server.start()
+    if not args.quiet:
+        print(
+            f"tally aggregate: {read:,} rows from {aggregator.stats.files:,} files; serving "
+            f"{server.url}, polling every {args.poll:g}s",
+            file=sys.stderr,
+            flush=True,
+        )
+    while not stop.wait(args.poll):
+        try:
+            aggregator.poll()
+        except TallyError as exc:
+            log.warning("poll failed: %s", exc)
+            continue
+        current[0] = AggregateSnapshot.of(aggregator)
+    server.stop()
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    from telemetry.allocator import keep_freed_memory
+    from telemetry.billing.inventory import load_inventory
+    from telemetry.billing.report import collect_report
+    from telemetry.billing.report_html import render_report
+    from telemetry.progress import Progress
+
+    window = None if args.window == "auto" else parse_window(args.window)
+    if args.out.is_dir():
+        raise TallyError(f"--out {args.out} is a directory; give a file name")
+    if not args.out.parent.is_dir():
+        raise TallyError(f"--out {args.out}: directory {args.out.parent} does not exist")
+    xp = backend(args.backend)
+    inventory = load_inventory(args.inventory)
+    keep_freed_memory()
+    with Progress("report", quiet=args.quiet) as bar:
+        data = collect_report(
+            args.dataset,
+            inventory,
+            window,
+            args.start,
+            args.end,
+            progress=bar,
+            warn=warner(args.quiet),
+            xp=xp,
+        )
+    document = render_report(data)
+    partial = args.out.with_name(f".{args.out.name}.tmp")
+    try:
+        partial.write_text(document, encoding="utf-8")
+        partial.replace(args.out)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise TallyError(f"--out {args.out}: {exc.strerror or exc}") from None
+    if not args.quiet:
+        print(f"wrote {args.out} ({len(document.encode()) / 1e6:.1f} MB)", file=sys.stderr)
+    return 0
