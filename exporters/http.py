@@ -62,6 +62,9 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "tally"
     sys_version = ""
 
+    def version_string(self) -> str:
+        return self.server_version  # http.server appends " " + sys_version: a trailing space
+
     def do_GET(self) -> None:
         web = self.server.web
         if web is not None and not web.authorized(self.headers.get("Authorization")):

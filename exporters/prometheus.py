@@ -197,6 +197,11 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Unit-seconds allocated to the tenant's jobs since start.",
         ("pool", "kind", "tenant"),
     ),
+    "tally_tenant_busy_unit_seconds": (
+        "counter",
+        "Unit-seconds the tenant's jobs kept busy since start (GPU busy time; used CPU time).",
+        ("pool", "kind", "tenant"),
+    ),
     "tally_tenant_charge": (
         "counter",
         "What the tenant owes for allocated unit-time since start, in the currency.",
@@ -350,8 +355,10 @@ def pool_families(live: LiveTotals) -> Iterator[ColumnFamily]:
         yield _one(f"tally_pool_{name}_unit_seconds", pools, values)
     tenants = [strings([str(t[j]) for t in live.tenants]) for j in range(3)]
     seconds = np.array([t[3] for t in live.tenants], dtype=np.float64)
-    money = np.array([t[4] for t in live.tenants], dtype=np.float64)
+    busy = np.array([t[4] for t in live.tenants], dtype=np.float64)
+    money = np.array([t[5] for t in live.tenants], dtype=np.float64)
     yield _one("tally_tenant_allocated_unit_seconds", tenants, seconds)
+    yield _one("tally_tenant_busy_unit_seconds", tenants, busy)
     yield _one("tally_tenant_charge", [*tenants, live.currency], money)
 
 
@@ -495,6 +502,7 @@ class AggregateCollector:
         "tally_pool_allocated_unit_seconds",
         "tally_pool_busy_unit_seconds",
         "tally_tenant_allocated_unit_seconds",
+        "tally_tenant_busy_unit_seconds",
         "tally_tenant_charge",
         "tally_pool_allocation_ratio",
         "tally_pool_busy_ratio",

@@ -11,6 +11,7 @@ import logging
 import sys
 import traceback
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -27,6 +28,7 @@ from telemetry.config import (
 )
 from telemetry.config import daemon_config as resolve_daemon_config
 from telemetry.errors import TallyError
+from telemetry.logs import say
 from telemetry.logs import setup as setup_logging
 from telemetry.schema import SchemaError
 
@@ -99,8 +101,15 @@ def _max_gap_option(p: argparse.ArgumentParser, default: float | None) -> None:
 
 
 def _range_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--from", dest="start", help="first window: ISO-8601 date or time (UTC)")
-    p.add_argument("--to", dest="end", help="end of the last window: ISO-8601 date or time (UTC)")
+    instant = "ISO-8601 date or date-time, with Z or an offset (none: UTC)"
+    p.add_argument("--from", dest="start", help=f"bill the windows from here on: {instant}")
+    p.add_argument("--to", dest="end", help=f"bill the windows that end by here: {instant}")
+
+
+def _dataset_argument(p: argparse.ArgumentParser, what: str = "to read") -> None:
+    p.add_argument(
+        "dataset", type=Path, help=f"dataset directory {what} (<dir>/<table>/date=…/node=…/)"
+    )
 
 
 def _backend_option(p: argparse.ArgumentParser, default: str = "auto") -> None:
@@ -123,7 +132,7 @@ def _node_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--interval",
         type=_duration("interval"),
-        help=f"seconds between rounds (default {DEFAULT_INTERVAL_SECONDS:g})",
+        help=f"time between rounds, e.g. 5s, 500ms, 1m (default {DEFAULT_INTERVAL_SECONDS:g}s)",
     )
     _max_gap_option(d, default=None)
     d.add_argument(
@@ -183,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     _node_arguments(doc)
 
     r = sub.add_parser("replay", help="feed a stored dataset through aggregation and the exporter")
-    r.add_argument("dataset", type=Path)
+    _dataset_argument(r)
     r.add_argument("--listen", help="ADDR:PORT to keep serving the final state on")
     r.add_argument("--speed", type=_positive, help="pace the replay at X times real time")
     _inventory_option(r, required=False)
@@ -198,26 +207,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", type=Path, help="directory to create (must not exist)")
     s.add_argument("--nodes", type=int, default=4, help="GPU nodes of 8 GPUs (default 4)")
     s.add_argument("--hours", type=_positive, default=6.0, help="hours of samples (default 6)")
-    s.add_argument("--seed", type=int, default=1)
+    s.add_argument(
+        "--seed", type=int, default=1, help="the same seed writes the same dataset (default 1)"
+    )
 
     b = sub.add_parser("bill", help="bill a stored dataset per window, pool, tenant and job")
-    b.add_argument("dataset", type=Path)
+    _dataset_argument(b)
     _inventory_option(b, required=True)
     b.add_argument(
-        "--window", default="1h", help="window length, whole seconds >= 60 (15m, 1h, 1d, 7d)"
+        "--window",
+        default="1h",
+        help="window length: 15m, 1h, 1d, 7d or any whole number of seconds >= 60 (default 1h)",
     )
     _range_options(b)
-    b.add_argument("--format", choices=["json", "csv", "parquet", "table"], default="json")
+    b.add_argument(
+        "--format",
+        choices=["json", "csv", "parquet", "table"],
+        default="json",
+        help="json (default), csv or parquet (three files), table (for people)",
+    )
     b.add_argument("--out", type=Path, help="output file (json, table) or prefix (csv, parquet)")
     _backend_option(b)
 
     agg = sub.add_parser(
         "aggregate", help="follow a dataset many node daemons write into; export pool counters"
     )
-    agg.add_argument("dataset", type=Path)
+    _dataset_argument(agg, "to follow as node daemons write into it")
     _inventory_option(agg, required=True)
     agg.add_argument(
-        "--listen", default=DEFAULT_AGGREGATE_LISTEN, help="ADDR:PORT to serve /metrics on"
+        "--listen",
+        default=DEFAULT_AGGREGATE_LISTEN,
+        help=f"ADDR:PORT to serve /metrics on (default {DEFAULT_AGGREGATE_LISTEN})",
     )
     agg.add_argument(
         "--poll",
@@ -232,13 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser(
         "report", help="write a self-contained HTML utilisation and billing report"
     )
-    rep.add_argument("dataset", type=Path)
+    _dataset_argument(rep)
     _inventory_option(rep, required=True)
     rep.add_argument("--out", type=Path, required=True, help="HTML file to write")
     rep.add_argument(
         "--window",
         default="auto",
-        help="window of the charts, whole seconds >= 60 (default auto: at most 240 windows)",
+        help="window of the charts: 15m, 1h, 1d or whole seconds >= 60 "
+        "(default auto: the shortest giving at most 240 windows)",
     )
     _range_options(rep)
     _backend_option(rep)
@@ -275,22 +296,33 @@ def main(argv: list[str] | None = None) -> int:
     at = _command_index(argv)
     if at is not None:
         argv[at] = _RENAMED.get(argv[at], argv[at])
+    # Set before parsing, so that even a usage error is a JSON line under --log-format json.
+    setup_logging("info", "json" if _wants_json(argv) else "text")
     try:
         args = parser.parse_args(argv)
         setup_logging("error" if args.quiet else args.log_level, args.log_format)
         return _run(args.command)(args)
     except (TallyError, SchemaError) as exc:
-        print(f"tally: error: {exc}", file=sys.stderr)
+        say(str(exc), "error")
         return 2
     except BrokenPipeError:
         return 0
-    except Exception:
-        traceback.print_exc()
-        print(
-            "tally: unexpected error (a bug); please report it with the traceback above",
-            file=sys.stderr,
+    except Exception as exc:
+        say(
+            f"unexpected error (a bug), please report it with the traceback: {exc!r}",
+            "error",
+            plain=f"{traceback.format_exc()}tally: unexpected error (a bug); please report it "
+            "with the traceback above",
+            exception=traceback.format_exc(),
         )
         return 1
+
+
+def _wants_json(argv: list[str]) -> bool:
+    """Whether ``argv`` asks for ``--log-format json`` before the command word."""
+    end = _command_index(argv)
+    head = argv if end is None else argv[:end]
+    return "--log-format=json" in head or ("--log-format", "json") in pairwise(head)
 
 
 def _command_index(argv: list[str]) -> int | None:

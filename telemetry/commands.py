@@ -17,6 +17,7 @@ from types import ModuleType
 
 from telemetry.config import parse_window
 from telemetry.errors import TallyError
+from telemetry.logs import say
 
 log = logging.getLogger("tally.cli")
 
@@ -26,7 +27,7 @@ def warner(quiet: bool) -> Callable[[str], None]:
 
     def warn(message: str) -> None:
         if not quiet:
-            print(f"tally: warning: {message}", file=sys.stderr)
+            say(message, "warning")
 
     return warn
 
@@ -73,7 +74,8 @@ def replay(args: argparse.Namespace) -> int:
         tables, stats = load_dataset(args.dataset, bar)
     if server is not None:
         server.start()
-        print(f"tally replay: serving {server.url}", file=sys.stderr, flush=True)
+        banner = f"tally replay: serving {server.url}"
+        say(banner, plain=banner)
     stop = stop_on_signals()
 
     def publish(snapshot: Snapshot) -> None:
@@ -81,11 +83,11 @@ def replay(args: argparse.Namespace) -> int:
 
     replay(tables, args.max_gap, args.speed, publish, stop, inventory)
     if stats.files_quarantined or stats.files_skipped:
-        print(
+        summary = (
             f"tally replay: {stats.files} files read, {stats.files_quarantined} quarantined, "
-            f"{stats.files_skipped} skipped",
-            file=sys.stderr,
+            f"{stats.files_skipped} skipped"
         )
+        say(summary, "warning", plain=summary)
     if server is None:
         sys.stdout.buffer.write(collector.render_text())
         sys.stdout.flush()
@@ -103,7 +105,8 @@ def demo(args: argparse.Namespace) -> int:
     if not 1 <= args.nodes <= 1000:
         raise TallyError("--nodes must be between 1 and 1000")
     rows = generate_demo(args.out, args.nodes, args.hours, seed=args.seed)
-    print(f"wrote {rows:,} rows and {args.out / 'inventory.toml'}")
+    done = f"wrote {rows:,} rows and {args.out / 'inventory.toml'}"
+    say(done, stream=sys.stdout, plain=done)
     return 0
 
 
@@ -166,12 +169,11 @@ def aggregate(args: argparse.Namespace) -> int:
     current[0] = AggregateSnapshot.of(aggregator)
     server.start()
     if not args.quiet:
-        print(
+        banner = (
             f"tally aggregate: {read:,} rows from {aggregator.stats.files:,} files; serving "
-            f"{server.url}, polling every {args.poll:g}s",
-            file=sys.stderr,
-            flush=True,
+            f"{server.url}, polling every {args.poll:g}s"
         )
+        say(banner, plain=banner)
     while not stop.wait(args.poll):
         try:
             aggregator.poll()
@@ -218,5 +220,6 @@ def report(args: argparse.Namespace) -> int:
         partial.unlink(missing_ok=True)
         raise TallyError(f"--out {args.out}: {exc.strerror or exc}") from None
     if not args.quiet:
-        print(f"wrote {args.out} ({len(document.encode()) / 1e6:.1f} MB)", file=sys.stderr)
+        done = f"wrote {args.out} ({len(document.encode()) / 1e6:.1f} MB)"
+        say(done, plain=done)
     return 0

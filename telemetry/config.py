@@ -42,7 +42,12 @@ def parse_duration(text: str, what: str = "duration") -> float:
 
 def parse_window(text: str) -> int:
     """A window length in whole seconds, at least 60 (``15m``, ``1h``, ``1d``, ``7d``)."""
-    seconds = parse_duration(text, "window")
+    try:
+        seconds = parse_duration(text, "window")
+    except TallyError:
+        raise TallyError(
+            f"window: {text!r} is not a window like 15m, 1h, 1d or 3600 (seconds, at least 60)"
+        ) from None
     if seconds != int(seconds) or seconds < 60:
         raise TallyError(f"window: {text!r} must be a whole number of seconds, at least 60")
     return int(seconds)

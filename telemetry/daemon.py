@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from types import FrameType
@@ -23,8 +24,9 @@ from exporters.http import MetricsServer, serve
 from exporters.prometheus import TallyCollector
 from telemetry.billing.inventory import load_inventory
 from telemetry.collectors import REGISTRY, CollectorContext, Runner
+from telemetry.collectors.base import CollectorStatus
 from telemetry.config import DaemonConfig, load_object
-from telemetry.logs import OnceLogger
+from telemetry.logs import OnceLogger, say
 from telemetry.state import Snapshot, State
 from telemetry.store.writer import Store
 
@@ -52,6 +54,7 @@ class Daemon:
         self._last_time_ns = 0
         self.clock_dropped: dict[str, int] = {}
         self._snapshot = Snapshot()
+        self._last_status: dict[str, CollectorStatus] = {}
         self._once = OnceLogger(log)
         ctx = CollectorContext(
             procfs=config.procfs,
@@ -102,11 +105,24 @@ class Daemon:
             self._pending.append((table, batch))
             self.state.ingest(table, batch)
         self._flush_pending()
+        self._last_status = result.status
         snapshot = self.state.snapshot(result.status)
         for table, rows in self.clock_dropped.items():
             snapshot.ingest[table].late += rows
         snapshot.store = {"rows_written": self.store.rows_written, "errors": self.store_errors}
         self._snapshot = snapshot
+
+    def _collector_summary(self) -> str:
+        """``collectors: cpu, job; failed: gpu`` after the first round (the log says why)."""
+        status = self._last_status
+        working = [
+            c.name
+            for c in self.runner.collectors
+            if status.get(c.name, None) and status[c.name].success
+        ]
+        failed = [c.name for c in self.runner.collectors if c.name not in working]
+        summary = f"collectors: {', '.join(working) or 'none'}"
+        return summary + (f"; failed: {', '.join(failed)}" if failed else "")
 
     def _flush_pending(self) -> None:
         """Write held batches oldest first; on a write error keep them (bounded) for next round."""
@@ -142,13 +158,13 @@ class Daemon:
         try:
             self.round()
             self.server.start()
-            names = ", ".join(c.name for c in self.runner.collectors) or "none"
-            print(
+            names = self._collector_summary()
+            banner = (
                 f"tally daemon: node {self.node}, serving {self.server.url}, "
                 f"writing {self.config.data_dir} every {self.config.interval_seconds:g}s "
-                f"(collectors: {names})",
-                flush=True,
+                f"({names})"
             )
+            say(banner, stream=sys.stdout, plain=banner)
             self._loop()
         finally:
             self._shutdown()

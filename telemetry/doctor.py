@@ -1,7 +1,8 @@
 """``tally doctor``: what works on this node, what does not, why, and the fix — one line each.
 
-It checks what the daemon would use with the same flags: /proc and /sys, RAPL, NVML and GPM,
-Slurm cgroups, the data directory and the listen port. Exit code 0 when nothing failed, 1 when
+It checks everything the daemon would use or refuse with the same flags: its settings, /proc
+and /sys, RAPL, NVML and GPM, Slurm cgroups, the data directory, the listen port, the inventory
+and the web config. Exit code 0 when nothing failed, 1 when
 something did (warnings do not count).
 """
 
@@ -245,8 +246,67 @@ def check_port(config: DaemonConfig) -> list[Finding]:
     return [Finding(OK, "listen", f"{config.listen} is free")]
 
 
+def check_settings(config: DaemonConfig) -> list[Finding]:
+    """What ``DaemonConfig.check`` refuses: the listen address, interval against max-gap, roots."""
+    try:
+        config.check()
+    except TallyError as exc:
+        return [Finding(FAIL, "settings", str(exc), "fix the flag or config key it names")]
+    return [
+        Finding(
+            OK,
+            "settings",
+            f"every {config.interval_seconds:g}s, gaps above {config.max_gap_seconds:g}s",
+        )
+    ]
+
+
+def check_inventory(config: DaemonConfig) -> list[Finding]:
+    """The inventory the daemon would load for its pool counters (``--inventory``)."""
+    from telemetry.billing.inventory import load_inventory
+
+    if config.inventory is None:
+        return [Finding(OK, "inventory", "none given: no pool or tenant counters")]
+    try:
+        inventory = load_inventory(config.inventory)
+    except TallyError as exc:
+        return [
+            Finding(
+                FAIL,
+                "inventory",
+                str(exc),
+                "fix the file (see docs/bills.md) or point --inventory at another; without it the daemon runs, with no pool counters",
+            )
+        ]
+    pools = ", ".join(p.name for p in inventory.pools) or "no pools"
+    return [Finding(OK, "inventory", f"{config.inventory}: {pools}")]
+
+
+def check_web_config(config: DaemonConfig) -> list[Finding]:
+    """The TLS and basic-auth file the daemon would load (``--web.config.file``)."""
+    from exporters.webconfig import load_web_config
+
+    if config.web_config is None:
+        return [Finding(OK, "web config", "none given: plain HTTP, no authentication")]
+    try:
+        web = load_web_config(config.web_config)
+    except TallyError as exc:
+        return [
+            Finding(
+                FAIL,
+                "web config",
+                str(exc),
+                "fix the file (see docs/operations.md) or point --web.config.file at another",
+            )
+        ]
+    tls = "TLS" if web.tls is not None else "no TLS"
+    users = len(web.users) if web.users else 0
+    return [Finding(OK, "web config", f"{config.web_config}: {tls}, {users} basic-auth users")]
+
+
 CHECKS: list[Callable[[DaemonConfig], list[Finding]]] = [
-    check_procfs, check_rapl, check_nvml, check_slurm, check_data_dir, check_port,
+    check_settings, check_procfs, check_rapl, check_nvml, check_slurm, check_data_dir,
+    check_port, check_inventory, check_web_config,
 ]  # fmt: skip
 
 

@@ -9,3 +9,8 @@ class TallyError(Exception):
 
 class ParseError(TallyError):
     """A /proc or /sys file does not have the expected format; the message names the file."""
+
+
+class CollectorUnavailable(Exception):
+    """What a collector reads does not exist on this host (no RAPL zones, no NVML): the collector
+    reports failure with this one-line reason and the daemon goes on."""

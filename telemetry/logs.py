@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
+import time
 from datetime import UTC, datetime
+from typing import TextIO
 
 log = logging.getLogger("tally")
+_FORMAT = ["text"]  # set by setup(): what say() writes
 
 
 class OnceLogger:
@@ -37,25 +41,53 @@ class OnceLogger:
             self._seen.pop(key, None)
 
 
+def _json_line(created: float, level: str, logger: str, message: str, **extra: str) -> str:
+    stamp = datetime.fromtimestamp(created, tz=UTC).isoformat(timespec="milliseconds")
+    body = {
+        "time": stamp.replace("+00:00", "Z"),
+        "level": level,
+        "logger": logger,
+        "message": message,
+        **extra,
+    }
+    return json.dumps(body, ensure_ascii=False)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (RFC 3339 UTC), level, logger, message."""
 
     def format(self, record: logging.LogRecord) -> str:
-        stamp = datetime.fromtimestamp(record.created, tz=UTC).isoformat(timespec="milliseconds")
-        body = {
-            "time": stamp.replace("+00:00", "Z"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            body["exception"] = self.formatException(record.exc_info)
-        return json.dumps(body, ensure_ascii=False)
+        extra = {"exception": self.formatException(record.exc_info)} if record.exc_info else {}
+        return _json_line(
+            record.created, record.levelname.lower(), record.name, record.getMessage(), **extra
+        )
+
+
+def say(
+    message: str,
+    level: str = "info",
+    stream: TextIO | None = None,
+    plain: str | None = None,
+    **extra: str,
+) -> None:
+    """A line for the operator on ``stream`` (stderr by default): with ``--log-format json`` one
+    JSON object like every log record, else ``plain`` (default ``tally: LEVEL: message``).
+
+    Banners, warnings and errors of every command go through here, so a log shipper reading
+    JSON never meets a plain line.
+    """
+    out = sys.stderr if stream is None else stream
+    if _FORMAT[0] == "json":
+        line = _json_line(time.time(), level, "tally", message, **extra)
+    else:
+        line = f"tally: {level}: {message}" if plain is None else plain
+    print(line, file=out, flush=True)
 
 
 def setup(level: str = "info", fmt: str = "text") -> None:
     """Send ``tally`` logs to stderr, one line each, at ``level``, as text or JSON."""
     handler = logging.StreamHandler()
+    _FORMAT[0] = fmt
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -261,6 +261,9 @@ def test_replay_pool_counters_equal_the_bill_summed(
         assert samples[("tally_tenant_charge_total", labels)] == pytest.approx(
             sum(r["charge"] for r in rows)
         )
+        busy = samples[("tally_tenant_busy_unit_seconds_total", labels[1:])]
+        assert busy == pytest.approx(sum(r["busy_unit_hours"] for r in rows) * 3600)
+    assert any(t["busy_unit_hours"] for t in bill["tenants"]), "the dataset has busy tenants"
 
 
 def test_daemon_with_inventory_exports_pool_counters(tmp_path: Path) -> None:

@@ -53,6 +53,7 @@ REQUIRED_METRICS = {
     "tally_pool_capacity_unit_seconds_total",
     "tally_pool_allocated_unit_seconds_total",
     "tally_pool_busy_unit_seconds_total",
+    "tally_tenant_busy_unit_seconds_total",
     "tally_cpu_utilization_ratio",
     "tally_cpu_seconds_total",
     "tally_gpu_utilization_avg_ratio",
@@ -279,6 +280,9 @@ SERIES_VALUES: tuple[tuple[str, dict[str, str], float], ...] = (
     ("tally_pool_busy_unit_seconds_total", {"pool": "gpu-leased"}, 4),
     ("tally_tenant_allocated_unit_seconds_total", {"pool": "gpu-own", "tenant": "acme"}, 3),
     ("tally_tenant_allocated_unit_seconds_total", {"pool": "cpu-own", "tenant": "acme"}, 96),
+    ("tally_tenant_busy_unit_seconds_total", {"pool": "gpu-own", "tenant": "acme"}, 1.5),
+    ("tally_tenant_busy_unit_seconds_total", {"pool": "gpu-own", "tenant": "beta"}, 0.25),
+    ("tally_tenant_busy_unit_seconds_total", {"pool": "cpu-own", "tenant": "acme"}, 48),
     ("tally_tenant_charge_total", {"pool": "gpu-own", "tenant": "acme"}, 2**-6),
     ("tally_tenant_charge_total", {"pool": "gpu-own", "tenant": "beta"}, 2**-7),
     ("tally_tenant_charge_total", {"pool": "cpu-own", "tenant": "acme"}, 2**-7),
@@ -394,6 +398,24 @@ EXPECTED: dict[tuple[str, str], tuple[str, dict[str, float]]] = {
     ("Charges in the time range", "A"): (
         "tenant",
         {'tenant="acme"': (2**-6 + 2**-7) * 3600, 'tenant="beta"': 2**-7 * 3600},
+    ),
+    # acme holds 3 GPUs (1.5 busy) and 96 cores (48 busy), beta 1 GPU (0.25 busy)
+    ("Tenant idle allocated units", "A"): (
+        "tenant, kind",
+        {'tenant="acme", kind="gpu"': 1.5, 'tenant="beta", kind="gpu"': 0.75,
+         'tenant="acme", kind="cpu"': 48},
+    ),  # fmt: skip
+    ("Tenant efficiency", "A"): (
+        "tenant, kind",
+        {'tenant="acme", kind="gpu"': 0.5, 'tenant="beta", kind="gpu"': 0.25,
+         'tenant="acme", kind="cpu"': 0.5},
+    ),  # fmt: skip
+    ("Tenant waste charge per hour", "A"): (
+        "tenant, currency",
+        {
+            'tenant="acme", currency="CNY"': (2**-6 * 0.5 + 2**-7 * 0.5) * 3600,
+            'tenant="beta", currency="CNY"': 2**-7 * 0.75 * 3600,
+        },
     ),
     ("GPUs needing attention", "A"): ("", {"": 1}),
     ("GPUs needing attention", "B"): ("", {"": 1}),

@@ -122,12 +122,14 @@ class LiveTotals:
     """All-time totals per pool and per (pool, tenant), for counters (SPEC §6, pools).
 
     ``pools`` rows are (pool, kind, capacity_s, allocated_s, busy_s); ``tenants`` rows are
-    (pool, kind, tenant, allocated_s, charge), in unit-seconds and the inventory's currency.
+    (pool, kind, tenant, allocated_s, busy_s, charge), in unit-seconds and the inventory's
+    currency; a tenant's busy time is its GPUs' busy time in gpu pools and its jobs' used CPU
+    time in cpu pools (as in the bill).
     """
 
     currency: str
     pools: list[tuple[str, str, float, float, float]]
-    tenants: list[tuple[str, str, str, float, float]]
+    tenants: list[tuple[str, str, str, float, float, float]]
 
 
 def _iso(ns: int) -> str:
@@ -337,9 +339,10 @@ class Biller:
         for i in range(by_tenant[0].size):
             pool = self.pools[int(by_tenant[0][i])]
             allocated_s = int(tenant_sums[0][i]) / 1e6
+            busy_us = tenant_sums[3 if pool.kind == "cpu" else 1][i]  # JOB_FIELDS: used, busy
             charge = allocated_s / 3600.0 * pool.price_per_unit_hour
             tenant = self.names.values[int(by_tenant[1][i])]
-            tenants.append((pool.name, pool.kind, tenant, allocated_s, charge))
+            tenants.append((pool.name, pool.kind, tenant, allocated_s, int(busy_us) / 1e6, charge))
         return LiveTotals(self.inventory.currency, sorted(pools), sorted(tenants))
 
     def bill(self, input_stats: dict[str, int] | None = None) -> Bill:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from telemetry.collectors.base import Collector, CollectorContext, Row, register
-from telemetry.errors import ParseError
+from telemetry.errors import CollectorUnavailable, ParseError
 from telemetry.logs import OnceLogger, log
 
 _ZONE = re.compile(r"^intel-rapl:\d+$")
@@ -80,12 +80,12 @@ class RaplCollector(Collector):
     def collect(self) -> dict[str, list[Row]]:
         zones = package_zones(self.ctx.sysfs)
         if not zones:
-            self._once.warning(
-                "none",
-                f"rapl: no package zones under {self.ctx.sysfs}/class/powercap; "
-                "energy_joules stays null",
+            # Failing (success 0, one log line from the runner) says what a 1 would hide: this
+            # host reports no CPU energy at all; the cpu rows go on with energy_joules null.
+            raise CollectorUnavailable(
+                f"no package zones under {self.ctx.sysfs}/class/powercap, so CPU energy stays "
+                "null (normal in VMs; on bare metal load intel_rapl_common or AMD's powercap)"
             )
-            return {}
         # Read every zone before touching any state: a round that fails or is null part-way must
         # not advance some zones' last readings, or their increase in that round would be lost.
         readings: list[tuple[Path, int]] = []
