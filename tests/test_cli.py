@@ -120,3 +120,18 @@ def test_replay_paced_reaches_the_same_final_state(tmp_path: Path) -> None:
     paced = tally("replay", str(tmp_path), "--once", "--speed", "200")
     assert fast.returncode == paced.returncode == 0
     assert fast.stdout == paced.stdout
+
+
+def test_help_says_defaults_and_the_forms_each_option_takes() -> None:
+    def help_of(*command: str) -> str:
+        return " ".join(tally(*command, "--help").stdout.split())  # argparse wraps lines
+
+    bill = help_of("bill")
+    assert "(default 1h)" in bill and "json (default)" in bill
+    assert "with Z or an offset" in bill and "(UTC)" not in bill
+    assert "dataset directory to read" in bill
+    assert "(default 127.0.0.1:8470)" in help_of("aggregate")
+    assert "the same seed writes the same dataset" in help_of("demo")
+    assert "e.g. 5s, 500ms" in help_of("daemon")
+    window = tally("bill", "x", "--inventory", "y", "--window", "5x")
+    assert window.returncode == 2 and "15m, 1h, 1d" in window.stderr and "5s" not in window.stderr

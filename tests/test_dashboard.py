@@ -402,14 +402,20 @@ EXPECTED: dict[tuple[str, str], tuple[str, dict[str, float]]] = {
     # acme holds 3 GPUs (1.5 busy) and 96 cores (48 busy), beta 1 GPU (0.25 busy)
     ("Tenant idle allocated units", "A"): (
         "tenant, kind",
-        {'tenant="acme", kind="gpu"': 1.5, 'tenant="beta", kind="gpu"': 0.75,
-         'tenant="acme", kind="cpu"': 48},
-    ),  # fmt: skip
+        {
+            'tenant="acme", kind="gpu"': 1.5,
+            'tenant="beta", kind="gpu"': 0.75,
+            'tenant="acme", kind="cpu"': 48,
+        },
+    ),
     ("Tenant efficiency", "A"): (
         "tenant, kind",
-        {'tenant="acme", kind="gpu"': 0.5, 'tenant="beta", kind="gpu"': 0.25,
-         'tenant="acme", kind="cpu"': 0.5},
-    ),  # fmt: skip
+        {
+            'tenant="acme", kind="gpu"': 0.5,
+            'tenant="beta", kind="gpu"': 0.25,
+            'tenant="acme", kind="cpu"': 0.5,
+        },
+    ),
     ("Tenant waste charge per hour", "A"): (
         "tenant, currency",
         {

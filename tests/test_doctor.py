@@ -115,15 +115,60 @@ def test_doctor_on_the_command_line(tmp_path: Path) -> None:
         "--nvml.module", "tests.test_doctor:HEALTHY",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    # procfs, rapl, nvml, gpm, slurm, data dir, listen
-    assert result.stdout.splitlines()[-1] == "7 checks: 0 failed, 1 warnings"
+    # settings, procfs, rapl, nvml, gpm, slurm, data dir, listen, inventory, web config
+    assert result.stdout.splitlines()[-1] == "10 checks: 0 failed, 1 warnings"
+
+
+def test_doctor_checks_what_the_daemon_would_refuse(tmp_path: Path) -> None:
+    """The shipped config names an inventory and a web config; where they are missing or bad the
+    daemon refuses to start, so the doctor must fail too (it said "0 failed" before)."""
+    normal = FIXTURES / "normal_host"
+    config = tmp_path / "tally.toml"
+    shipped = (Path(__file__).parent.parent / "deploy" / "tally.toml").read_text()
+    config.write_text(
+        shipped.replace('"0.0.0.0:8469"', f'"127.0.0.1:{free_port()}"')
+        .replace('"/var/lib/tally"', f'"{tmp_path / "data"}"')
+        .replace('"/etc/tally/inventory.toml"', f'"{tmp_path / "inventory.toml"}"')
+        .replace('"/etc/tally/web.yml"', f'"{tmp_path / "web.yml"}"')
+        .replace('"/proc"', f'"{normal / "proc"}"')
+        .replace('"/sys"', f'"{normal / "sys"}"')
+    )
+    (tmp_path / "inventory.toml").write_text('[[pool]]\nname = "p"\nkind = "tpu"\n')
+    (tmp_path / "web.yml").write_text("nonsense: 1\n")
+    flags = ("--config", str(config), "--nvml.module", "tests.test_doctor:HEALTHY")
+    doctor = tally("doctor", *flags)
+    assert doctor.returncode == 1, doctor.stdout
+    lines = doctor.stdout.splitlines()
+    assert _line(lines, "inventory").startswith("[FAIL]") and "pool[0]" in _line(lines, "inventory")
+    assert _line(lines, "web config").startswith("[FAIL]")
+    assert "nonsense: unknown key" in _line(lines, "web config")
+    assert lines[-1] == "10 checks: 2 failed, 1 warnings"
+    daemon = tally("daemon", *flags, timeout=60)
+    assert daemon.returncode == 2, "the daemon refuses what the doctor failed"
+    (tmp_path / "inventory.toml").write_text(
+        '[[pool]]\nname = "p"\nkind = "gpu"\nownership = "own"\nnodes = ["*"]\n'
+        "cost_per_unit_hour = 1\nprice_per_unit_hour = 2\n"
+    )
+    (tmp_path / "web.yml").write_text("basic_auth_users: {}\n")
+    healthy = tally("doctor", *flags)
+    assert healthy.returncode == 0, healthy.stdout
+    assert "p" in _line(healthy.stdout.splitlines(), "inventory")
+
+
+def test_doctor_fails_settings_the_daemon_refuses(tmp_path: Path) -> None:
+    code, lines = _doctor(tmp_path, interval_seconds=40.0, max_gap_seconds=60.0)
+    assert code == 1 and "more than half of max-gap" in _line(lines, "settings")
 
 
 def test_log_format_json_and_quiet(tmp_path: Path) -> None:
     from tests.support.tables import gpu_table, write_dataset
 
     result = tally("--log-format", "json", "replay", str(tmp_path / "missing"), "--once")
-    assert result.returncode == 2  # errors stay one plain line on stderr
+    assert result.returncode == 2
+    (error,) = [json.loads(line) for line in result.stderr.splitlines()]  # one JSON line
+    assert error["level"] == "error" and "does not exist" in error["message"]
+    usage = tally("--log-format=json", "bill", "--window")
+    assert usage.returncode == 2 and json.loads(usage.stderr)["level"] == "error"
     write_dataset(tmp_path / "ds", "gpu", gpu_table("n1", "GPU-1", 0, [0.0, 30.0]))
     part = next((tmp_path / "ds").rglob("*.parquet")).parent
     (part / "junk.parquet").write_text("junk")
@@ -139,4 +184,9 @@ def test_log_format_json_and_quiet(tmp_path: Path) -> None:
     loud = tally("bill", str(tmp_path / "ds"), "--inventory", str(inv))
     quiet = tally("--quiet", "bill", str(tmp_path / "ds"), "--inventory", str(inv))
     assert "tally: warning" in loud.stderr
+    shipped = tally("--log-format", "json", "bill", str(tmp_path / "ds"), "--inventory", str(inv))
+    # every line a log shipper reads is JSON: the warnings of batch commands too
+    warnings = [json.loads(line) for line in shipped.stderr.splitlines()]
+    assert warnings and all(w["level"] == "warning" for w in warnings)
+    assert shipped.stdout == loud.stdout
     assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == loud.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -58,6 +59,12 @@ def test_daemon_collects_serves_persists_and_replays(data: Path, promtool: str) 
         check = promtool_check(promtool, text)
         assert check.returncode == 0, check.stdout + check.stderr
         assert daemon.value("tally_collector_success", collector="cpu") == 1
+        # The banner names the collectors that failed their first round, not just those enabled.
+        banner = daemon.banner()
+        working, _, failed = banner.partition("collectors: ")[2].rstrip(")").partition("; failed: ")
+        for name in ("cpu", "rapl", "gpu", "job"):
+            ok = daemon.value("tally_collector_success", collector=name) == 1
+            assert (name in working.split(", ")) == ok and (name in failed.split(", ")) != ok
         assert daemon.value("tally_memory_total_bytes", node="e2e") == _meminfo_total_bytes()
         if Path("/sys/devices/system/cpu/online").exists():
             assert daemon.value("tally_cpus", node="e2e") == _online_cpus()
@@ -91,6 +98,21 @@ def test_daemon_collects_serves_persists_and_replays(data: Path, promtool: str) 
     assert samples[("tally_cpu_seconds_total", (("mode", "user"), ("node", "e2e")))] == last_user
     assert samples[("tally_samples_ingested_total", (("table", "cpu"),))] == table.num_rows
     assert promtool_check(promtool, replay.stdout.encode()).returncode == 0
+
+
+def test_json_logs_carry_the_banner_and_every_log_line(data: Path) -> None:
+    daemon = DaemonProcess(
+        data, data.parent / "logs", node="e2e", global_flags=("--log-format", "json")
+    )
+    try:
+        daemon.wait_rows(2)
+    finally:
+        code, _ = daemon.terminate()
+    assert code == 0, daemon.stderr()
+    banner = json.loads(daemon.banner())
+    assert banner["level"] == "info" and f"127.0.0.1:{daemon.port}/metrics" in banner["message"]
+    logged = [json.loads(line) for line in daemon.stderr().splitlines()]
+    assert logged and all({"time", "level", "logger", "message"} <= set(r) for r in logged)
 
 
 def test_kill_9_loses_nothing_but_the_interval_in_flight(data: Path) -> None:

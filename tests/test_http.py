@@ -41,6 +41,7 @@ def test_metrics_plain_text(server: MetricsServer) -> None:
     assert resp.getheader("Content-Type", "").startswith("text/plain; version=0.0.4")
     assert resp.getheader("Content-Encoding") is None
     assert b'tally_cpus{node="n1"} 8.0' in body
+    assert resp.getheader("Server") == "tally", "no version, no trailing space"
 
 
 def test_gzip_only_when_asked(server: MetricsServer) -> None:

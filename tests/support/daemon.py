@@ -29,7 +29,8 @@ STARTUP_TIMEOUT = 30.0
 
 
 class DaemonProcess:
-    """``tally daemon --listen 127.0.0.1:<free port> --data-dir DATA --interval I --node N FLAGS``.
+    """``tally GLOBAL_FLAGS daemon --listen 127.0.0.1:<free port> --data-dir DATA --interval I
+    --node N FLAGS``.
 
     Logs land in ``logs/daemon-<port>.{out,err}``. With ``wait`` (default) the constructor
     returns once the daemon says it serves, and raises ``AssertionError`` with its stderr if it
@@ -44,6 +45,7 @@ class DaemonProcess:
         interval: float = 0.2,
         flags: tuple[str, ...] = (),
         wait: bool = True,
+        global_flags: tuple[str, ...] = (),
     ) -> None:
         self.port = free_port()
         self.interval = interval
@@ -52,7 +54,7 @@ class DaemonProcess:
         self.stderr_path = logs / f"daemon-{self.port}.err"
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(
-                [*DIE_WITH_PARENT, "-m", "telemetry.cli", "daemon",
+                [*DIE_WITH_PARENT, "-m", "telemetry.cli", *global_flags, "daemon",
                  "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(data),
                  "--interval", f"{interval:g}", "--node", node, *flags],
                 stdout=out, stderr=err,
