@@ -71,6 +71,7 @@ class _Job:
     start: int
     end: int
     busy: float
+    cpu_use: float  # share of its allocated cores it keeps busy, before the daily cycle
 
 
 def _shapes() -> list[dict[str, str]]:
@@ -113,8 +114,14 @@ def _schedule(
                 free_at[node, g] = max(free_at[node, g], end)
         qos = shape["qos"]
         busy = {"LS": 0.35, "BE": 0.85}.get(qos, 0.6) * float(rng.uniform(0.7, 1.15))
+        # CPU use per QoS: inference services idle between requests, training keeps its data
+        # loaders busy, burstable work is all over the place.
+        low, high = {"LS": (0.15, 0.45), "BE": (0.6, 0.95), "Guaranteed": (0.45, 0.7)}.get(
+            qos, (0.2, 0.9)
+        )
+        cpu_use = float(rng.uniform(low, high))
         if rng.random() < 0.08:
-            busy = 0.02  # allocated and idle: the waste a report should show
+            busy, cpu_use = 0.02, 0.03  # allocated and idle: the waste a report should show
         jobs.append(
             _Job(
                 str(100000 + i),
@@ -126,6 +133,7 @@ def _schedule(
                 start,
                 end,
                 min(busy, 1.0),
+                cpu_use,
             )
         )
     return jobs
@@ -148,8 +156,13 @@ def generate_demo(
     if nodes > 1 and hours >= 1:
         begin = int(times[int(steps * 0.6)])
         outage = (begin, begin + 1200 * NS)
+    # Load follows the working day (Asia/Shanghai, the trace's home: peak 14:00 UTC+8).
+    hour = (times // NS % 86400) / 3600.0
+    daily = 0.75 + 0.25 * np.cos(2 * np.pi * (hour - 6.0) / 24.0)
+    cpus = 112
     rows = 0
     for n, node in enumerate(names):
+        node_busy = np.full(steps, 0.6)  # cores the OS and the daemons keep busy
         util = np.zeros((gpus, steps))
         holder = np.full((gpus, steps), None, dtype=object)
         job_rows = []
@@ -161,12 +174,15 @@ def generate_demo(
             k = job.end - job.start
             if k <= 0:
                 continue
+            wobble = rng.normal(1.0, 0.08, k).clip(0.5, 1.5)
+            used = np.clip(job.cpu_use * daily[span] * wobble, 0.0, 1.0) * job.cpus
+            node_busy[span] += used
             job_rows.append({
                 "time": times[span], "node": [node] * k, "job_id": [job.job_id] * k,
                 "user": [f"u{int(job.job_id) % 17:02d}"] * k, "account": [job.account] * k,
                 "cpus_allocated": np.full(k, job.cpus, np.float32),
                 "gpus_allocated": np.full(k, len(job.gpus) * job.share, np.float32),
-                "cpu_seconds": np.cumsum(np.full(k, job.cpus * interval * 0.6)),
+                "cpu_seconds": np.cumsum(used * interval),
                 "memory_bytes": np.full(k, int(job.cpus * 4) << 30, np.int64),
             })  # fmt: skip
         util = np.clip(util + rng.normal(0, 0.02, util.shape), 0, 1).astype(np.float32)
@@ -182,9 +198,12 @@ def generate_demo(
             "power_watts": power.ravel(), "energy_joules": energy.ravel(),
             "temperature_celsius": (35 + 30 * util).ravel(), "job_id": list(holder.ravel()),
         })  # fmt: skip
-        cpus = 112
-        core_steps = sum((j.cpus * (j.end - j.start) for j in jobs if j.node == n), 0.0)
-        busy_cores = min(core_steps / steps * 0.6, cpus)  # jobs use 60 % of their cores
+        if n == 0 and steps > 4:
+            # A noisy neighbour: a process outside every job burns 24 cores for a fifth of the
+            # span, so this node's CPU stripe runs hotter than its jobs' use explains.
+            node_busy[steps // 5 : 2 * steps // 5] += 24.0
+        busy_cores = np.minimum(node_busy, cpus)
+        busy_seconds = np.cumsum(busy_cores * interval)
         elapsed = np.arange(1, steps + 1) * interval
         cpu: dict[str, object] = {
             "time": times,
@@ -193,13 +212,13 @@ def generate_demo(
         }
         for mode in CPU_MODES:
             cpu[f"{mode}_seconds"] = np.zeros(steps)
-        cpu["user_seconds"] = elapsed * busy_cores * 0.8 + 1e6
-        cpu["system_seconds"] = elapsed * busy_cores * 0.2 + 2e5
-        cpu["idle_seconds"] = elapsed * (cpus - busy_cores) + 5e6
+        cpu["user_seconds"] = busy_seconds * 0.8 + 1e6
+        cpu["system_seconds"] = busy_seconds * 0.2 + 2e5
+        cpu["idle_seconds"] = elapsed * cpus - busy_seconds + 5e6
         cpu.update(
             memory_total_bytes=np.full(steps, 2 << 40, np.int64),
             memory_available_bytes=np.full(steps, 1 << 40, np.int64),
-            energy_joules=elapsed * 350.0,
+            energy_joules=np.cumsum((180.0 + 2.5 * busy_cores) * interval),  # watts by load
         )
         tables = {"gpu": gpu, "cpu": pa.table(cpu)}
         if job_rows:

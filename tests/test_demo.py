@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+from datetime import datetime
 from pathlib import Path
 
 from telemetry.demo import SHAPES
@@ -40,3 +42,30 @@ def test_the_earlier_verb_sample_still_writes_the_demo(tmp_path: Path) -> None:
     assert made.returncode == 0, made.stderr
     assert (tmp_path / "sample" / "inventory.toml").is_file()
     assert "sample" not in tally("--help").stdout.split("positional arguments")[-1]
+
+
+def test_demo_cpu_side_looks_like_a_cluster(tmp_path: Path) -> None:
+    """Tenants differ in CPU efficiency, load follows the day, one node has a noisy neighbour."""
+    out = tmp_path / "demo"
+    assert tally("demo", str(out), "--nodes", "3", "--hours", "6").returncode == 0
+    inventory = str(out / "inventory.toml")
+    daily = json.loads(tally("bill", str(out), "--inventory", inventory, "--window", "1d").stdout)
+    cpu = [t["efficiency_ratio"] for t in daily["tenants"] if t["pool"] == "cpu"]
+    assert len(cpu) >= 3 and max(cpu) - min(cpu) > 0.2, cpu
+    hourly = json.loads(tally("bill", str(out), "--inventory", inventory).stdout)
+    jobs = [j for j in hourly["jobs"] if j["pool"] == "cpu"]
+    # 00:00–06:00 UTC is 08:00–14:00 in Shanghai: a job running through it works harder later
+    spans: dict[str, list[tuple[str, float]]] = {}
+    for j in jobs:
+        spans.setdefault(j["job_id"], []).append((j["window_start"], j["efficiency_ratio"]))
+    slopes = []  # per hour: log of a job's efficiency in its last window over its first
+    for seen in spans.values():
+        (t0, e0), (t1, e1) = min(seen), max(seen)
+        hours = (datetime.fromisoformat(t1) - datetime.fromisoformat(t0)).total_seconds() / 3600
+        if hours and e0 and e1:
+            slopes.append(math.log(e1 / e0) / hours)
+    slopes.sort()
+    assert len(slopes) > 10 and slopes[len(slopes) // 2] > 0.025, slopes
+    # node 0 burns cores outside every job: the pool's busy time exceeds its jobs' used time
+    used = sum(j["busy_unit_hours"] for j in jobs)
+    assert sum(p["busy_unit_hours"] for p in hourly["pools"] if p["pool"] == "cpu") > used + 20
