@@ -187,6 +187,24 @@ def generate_demo(
             })  # fmt: skip
         util = np.clip(util + rng.normal(0, 0.02, util.shape), 0, 1).astype(np.float32)
         power = (70 + 630 * util).astype(np.float32)
+        temperature = (35 + 30 * util).astype(np.float32)
+        # Health, so the report's health section has something real to show: GPU 2 of the
+        # second node runs hot and throttles under load, GPU 3 of the first node collects
+        # corrected ECC errors, GPU 5 of the last node hits an XID 79 (fell off the bus).
+        reasons = np.where(util < 0.05, 0x1, 0).astype(np.int64)  # GPU idle
+        corrected = np.zeros((gpus, steps), np.int64)
+        xid = np.zeros((gpus, steps), np.int64)
+        xid_last = np.full((gpus, steps), None, dtype=object)
+        if n == 1 % nodes:
+            hot = util[2] > 0.5
+            temperature[2] += np.where(hot, 18, 6).astype(np.float32)
+            reasons[2] = np.where(hot, 0x20, reasons[2])  # software thermal slowdown
+        if n == 0:
+            corrected[3] = np.cumsum(rng.random(steps) < 0.02)
+        if n == nodes - 1 and steps > 2:
+            fault = int(steps * 0.7)
+            xid[5, fault:] = 1
+            xid_last[5, fault:] = 79
         energy = np.cumsum(power.astype(np.float64) * interval, axis=1) + 3.6e6
         gpu = pa.table({
             "time": np.tile(times, gpus), "node": [node] * (gpus * steps),
@@ -196,7 +214,13 @@ def generate_demo(
             "utilization_ratio": util.ravel(), "sm_active_ratio": (util * 0.8).ravel(),
             "memory_used_bytes": (util.ravel() * 60e9).astype(np.int64), "memory_total_bytes": np.full(gpus * steps, 81559 << 20, np.int64),
             "power_watts": power.ravel(), "energy_joules": energy.ravel(),
-            "temperature_celsius": (35 + 30 * util).ravel(), "job_id": list(holder.ravel()),
+            "temperature_celsius": temperature.ravel(), "job_id": list(holder.ravel()),
+            "ecc_corrected_errors": corrected.ravel(),
+            "ecc_uncorrected_errors": np.zeros(gpus * steps, np.int64),
+            "remapped_rows_pending": np.zeros(gpus * steps, np.int64),
+            "clock_event_reasons": reasons.ravel(),
+            "xid_errors": xid.ravel(),
+            "xid_last": pa.array(list(xid_last.ravel()), pa.int32()),
         })  # fmt: skip
         if n == 0 and steps > 4:
             # A noisy neighbour: a process outside every job burns 24 cores for a fifth of the

@@ -124,6 +124,27 @@ def _reference_gpu_cells(root: Path, window_s: int, max_gap_s: float) -> tuple[i
     return idle, gap_nodes
 
 
+def _reference_unallocated_cells(root: Path, window_s: int, max_gap_s: float) -> int:
+    """(GPU, window) cells with capacity that no job held at least half of, by plain loops."""
+    rows = []
+    for path in sorted((root / "gpu").rglob("*.parquet")):
+        if path.name != "torn.parquet":
+            rows.extend(
+                pq.read_table(path, columns=["node", "gpu_uuid", "time", "job_id"]).to_pylist()
+            )
+    rows.sort(key=lambda r: (r["node"], r["gpu_uuid"], r["time"]))
+    cap: dict[tuple[str, int], float] = defaultdict(float)
+    held: dict[tuple[str, int], float] = defaultdict(float)
+    for prev, row in itertools.pairwise(rows):
+        dt = (row["time"] - prev["time"]).total_seconds()
+        if (prev["node"], prev["gpu_uuid"]) != (row["node"], row["gpu_uuid"]) or dt > max_gap_s:
+            continue
+        key = (row["gpu_uuid"], int(row["time"].timestamp()) // window_s)
+        cap[key] += dt
+        held[key] += dt if row["job_id"] is not None else 0.0
+    return sum(1 for k in cap if cap[k] > 0 and held[k] < 0.5 * cap[k])
+
+
 def test_heatmap_marks_the_allocated_idle_cells_a_plain_loop_finds(
     dataset: tuple[Path, Path], report: str
 ) -> None:
@@ -161,6 +182,90 @@ def test_tenants_ranked_by_charge_and_the_most_wasteful_job(
     jobs = report.split("<h2>Jobs that wasted most</h2>")[1]
     first = re.search(r'<tbody><tr><td class="text"[^>]*>(.*?)</td>', jobs)
     assert first is not None and html.unescape(first.group(1)) == worst
+
+
+def test_heatmap_tells_unallocated_gpus_from_allocated_ones(
+    dataset: tuple[Path, Path], report: str
+) -> None:
+    root, _ = dataset
+    found = re.search(r'<span id="unallocated-cells">(\d+)</span>', report)
+    expected = _reference_unallocated_cells(root, 60, 90)
+    assert found is not None and expected > 0 and int(found.group(1)) == expected
+    assert '"name":"unallocated"' in report and '"name":"allocated but idle"' in report
+
+
+def test_headline_leads_with_the_answer(dataset: tuple[Path, Path], report: str) -> None:
+    """The strip comes first and its figures are the bill's, summed here independently."""
+    root, inventory = dataset
+    result = tally("bill", str(root), "--inventory", str(inventory), "--window", "1m")
+    bill = json.loads(result.stdout)
+    headline = report.split('<div class="headline" id="headline">')[1].split("<h2>", maxsplit=1)[0]
+    assert report.index('id="headline"') < report.index("<h2>Pools</h2>")
+
+    def card(key: str) -> str:
+        found = re.search(rf'id="headline-{key}">.*?<div class="value">(.*?)</div>', headline)
+        assert found is not None, key
+        return html.unescape(found.group(1))
+
+    gpu = [p for p in bill["pools"] if p["kind"] == "gpu"]
+    capacity = sum(p["capacity_unit_hours"] for p in gpu)
+    allocated = sum(p["allocated_unit_hours"] for p in gpu)
+    busy = sum(p["busy_unit_hours"] for p in gpu)
+    assert card("gpu-hours") == f"{capacity:,.1f} GPU-h"
+    assert card("allocation") == f"{100 * allocated / capacity:.1f}%"
+    assert card("busy") == f"{100 * busy / capacity:.1f}%"
+    idle_cost = sum(p["idle_cost"] or 0.0 for p in bill["pools"])
+    assert card("idle-cost") == _money(idle_cost)
+    wasted = 0.0
+    for t in bill["tenants"]:
+        efficiency = t["efficiency_ratio"]
+        if efficiency is not None:
+            wasted += t["charge"] * (1 - min(1.0, efficiency))
+    assert wasted > 0 and card("waste") == _money(wasted)
+    revenue = sum(p["revenue"] for p in bill["pools"])
+    cost = sum(p["cost"] for p in bill["pools"])
+    assert card("margin") == f"{100 * (revenue - cost) / revenue:.1f}%"
+
+
+def test_pools_gpu_first_and_no_amount_without_a_number(report: str) -> None:
+    pools = report.split("<h2>Pools</h2>")[1].split("</table>", maxsplit=1)[0]
+    order = re.findall(r'<tr><td class="text">([^<]*)</td><td class="text">(gpu|cpu)</td>', pools)
+    kinds = [kind for _, kind in order]
+    assert kinds == sorted(kinds, key=lambda k: k != "gpu") and "cpu" in kinds
+    text = re.sub(r"<script.*?</script>", "", report, flags=re.S)  # what a reader sees
+    assert "— USD" not in text and "None" not in text
+
+
+def _reference_health(root: Path) -> set[tuple[str, int]]:
+    """(node, GPU index) of GPUs with ECC or XID increases or throttled ≥ 5 %, by plain loops."""
+    readings: dict[tuple[str, int], list[dict[str, object]]] = defaultdict(list)
+    for path in sorted((root / "gpu").rglob("*.parquet")):
+        if path.name != "torn.parquet":
+            for row in pq.read_table(path).to_pylist():
+                readings[(row["node"], row["gpu_index"])].append(row)
+    flagged = set()
+    for key, rows in readings.items():
+        grew = False
+        for column in ("ecc_corrected_errors", "ecc_uncorrected_errors", "xid_errors"):
+            values = [r[column] for r in rows if r[column] is not None]
+            grew |= bool(values) and max(values) > min(values)  # type: ignore[type-var]
+        throttled = sum(1 for r in rows if (r["clock_event_reasons"] or 0) & 0xEC)
+        if grew or throttled >= 0.05 * len(rows):
+            flagged.add(key)
+    return flagged
+
+
+def test_gpu_health_flags_the_gpus_a_plain_loop_finds(
+    dataset: tuple[Path, Path], report: str
+) -> None:
+    root, _ = dataset
+    expected = _reference_health(root)
+    assert expected == {("gpu-a01", 3), ("gpu-a02", 2), ("gpu-b04", 5)}  # what the demo planted
+    section = report.split("<h2>GPU health</h2>")[1].split("<h2>", maxsplit=1)[0]
+    assert f'<span id="health-flagged">{len(expected)}</span> of 32' in section
+    shown = set(re.findall(r'<td class="text">([\w-]+) · GPU (\d+)</td>', section))
+    assert {(n, int(i)) for n, i in shown} == expected
+    assert "Mean GPU board power per node" in report and "Hottest GPU per node" in report
 
 
 def test_quarantine_listed_and_hostile_names_escaped(report: str) -> None:

@@ -42,11 +42,22 @@ from telemetry.store.layout import QUARANTINE
 # Report windows tried by ``--window auto``: the shortest that keeps the charts readable.
 AUTO_WINDOWS_S = (60, 300, 900, 1800, 3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 7 * 86400)
 AUTO_MAX_POINTS = 240
-# What the report reads of each table: the bill's columns and the GPUs' index and model.
+# What the report reads of each table: the bill's columns, the GPUs' index and model, and their
+# health readings.
+HEALTH_COLUMNS = (
+    "temperature_celsius",
+    "ecc_corrected_errors",
+    "ecc_uncorrected_errors",
+    "xid_errors",
+    "clock_event_reasons",
+)
 GRID_COLUMNS: dict[str, tuple[str, ...]] = {
     **BILL_COLUMNS,
-    "gpu": (*BILL_COLUMNS["gpu"], "gpu_index", "gpu_model"),
+    "gpu": tuple(dict.fromkeys((*BILL_COLUMNS["gpu"], "gpu_index", "gpu_model", *HEALTH_COLUMNS))),
 }
+# NVML clock event reasons that mean the GPU was held back: software power cap, hardware
+# slowdown, software and hardware thermal slowdown, power brake (idle and app clocks are not).
+THROTTLE_MASK = 0x4 | 0x8 | 0x20 | 0x40 | 0x80
 GRID_FIELDS = ("capacity_us", "busy_us", "held_us", "gap_us", "seen_us")
 
 
@@ -157,6 +168,104 @@ class SeriesGrid:
 
 
 @dataclass
+class GpuHealth:
+    """One GPU's health over the range: counter increases and how often it was held back."""
+
+    node: str
+    uuid: str
+    samples: int = 0
+    throttled: int = 0  # samples with a THROTTLE_MASK reason
+    temperature_max: float | None = None
+    power_sum: float = 0.0
+    power_samples: int = 0
+    counters: dict[str, tuple[int, int]] = field(default_factory=dict)  # column -> (min, max)
+
+    def increase(self, column: str) -> int:
+        """How much a cumulative counter grew (max − min of its readings; 0 without any)."""
+        low, high = self.counters.get(column, (0, 0))
+        return high - low
+
+
+class HealthGrid:
+    """GPU health for the report: per (node, window) mean board power and peak temperature, per
+    GPU ECC and XID increases and the share of samples it was throttled (NVML clock events)."""
+
+    def __init__(self, window_s: int, start_ns: int | None, end_ns: int | None) -> None:
+        self.window_ns = window_s * NS
+        self.start_ns, self.end_ns = start_ns, end_ns
+        # (node, window) -> [power sum, power samples, max temperature]
+        self.nodes: dict[tuple[str, int], list[float]] = {}
+        self.gpus: dict[tuple[str, str], GpuHealth] = {}
+
+    def add(self, chunk: dict[str, pa.Table]) -> None:
+        table = chunk.get("gpu")
+        if table is None or not table.num_rows:
+            return
+        times = table.column("time").cast(pa.int64())
+        keep = pc.is_valid(times)
+        if self.start_ns is not None:
+            keep = pc.and_(keep, pc.greater_equal(times, pa.scalar(self.start_ns, pa.int64())))
+        if self.end_ns is not None:
+            keep = pc.and_(keep, pc.less(times, pa.scalar(self.end_ns, pa.int64())))
+        table = table.filter(keep)
+        if not table.num_rows:
+            return
+        node = pc.cast(table.column("node"), pa.string())
+        uuid = pc.cast(table.column("gpu_uuid"), pa.string())
+        ns = table.column("time").cast(pa.int64()).to_numpy()
+        window = pa.array(np.floor_divide(ns, self.window_ns))
+        reasons = table.column("clock_event_reasons")
+        throttled = pc.not_equal(pc.bit_wise_and(pc.fill_null(reasons, 0), THROTTLE_MASK), 0)
+        view = pa.table(
+            {
+                "node": node,
+                "uuid": uuid,
+                "window": window,
+                "power": table.column("power_watts"),
+                "temperature": table.column("temperature_celsius"),
+                "throttled": throttled.cast(pa.int64()),
+                **{c: table.column(c) for c in HEALTH_COLUMNS[1:4]},
+            }
+        )
+        per_node = view.group_by(["node", "window"]).aggregate(
+            [("power", "sum"), ("power", "count"), ("temperature", "max")]
+        )
+        for n, w, total, count, hottest in zip(*(c.to_pylist() for c in per_node.columns),
+                                               strict=True):  # fmt: skip
+            into = self.nodes.setdefault((n, w), [0.0, 0, float("nan")])
+            into[0] += total or 0.0
+            into[1] += count
+            if hottest is not None and not hottest <= into[2]:
+                into[2] = hottest
+        counters = HEALTH_COLUMNS[1:4]
+        per_gpu = view.group_by(["node", "uuid"]).aggregate(
+            [("throttled", "sum"), ("throttled", "count"), ("power", "sum"), ("power", "count"),
+             ("temperature", "max"), *[(c, agg) for c in counters for agg in ("min", "max")]]
+        )  # fmt: skip
+        for row in per_gpu.to_pylist():
+            gpu = self.gpus.setdefault(
+                (row["node"], row["uuid"]), GpuHealth(row["node"], row["uuid"])
+            )
+            gpu.samples += row["throttled_count"]
+            gpu.throttled += row["throttled_sum"] or 0
+            gpu.power_sum += row["power_sum"] or 0.0
+            gpu.power_samples += row["power_count"]
+            hottest = row["temperature_max"]
+            if hottest is not None and (
+                gpu.temperature_max is None or hottest > gpu.temperature_max
+            ):
+                gpu.temperature_max = hottest
+            for c in counters:
+                low, high = row[f"{c}_min"], row[f"{c}_max"]
+                if low is None:
+                    continue
+                old = gpu.counters.get(c)
+                gpu.counters[c] = (
+                    (low, high) if old is None else (min(old[0], low), max(old[1], high))
+                )
+
+
+@dataclass
 class Grid:
     """One table's grid: series labels, window starts (ns) and the int64 sums."""
 
@@ -184,6 +293,7 @@ class ReportData:
     quarantined: list[QuarantinedFile] = field(default_factory=list)
     first_ns: int | None = None
     last_ns: int | None = None
+    health: HealthGrid | None = None
 
 
 def collect_report(
@@ -219,6 +329,7 @@ def collect_report(
             Biller(inventory, window, lo, hi, xp=xp),
             SeriesGrid("gpu", window, max_gap, lo, hi),
             SeriesGrid("cpu", window, max_gap, lo, hi),
+            HealthGrid(window, lo, hi),
         ]
 
     try:
@@ -226,9 +337,9 @@ def collect_report(
     finally:
         release(xp)
     stats.files_quarantined += looked.files_quarantined
-    biller, gpu, cpu = consumers
+    biller, gpu, cpu, health = consumers
     assert isinstance(biller, Biller) and isinstance(gpu, SeriesGrid)
-    assert isinstance(cpu, SeriesGrid)
+    assert isinstance(cpu, SeriesGrid) and isinstance(health, HealthGrid)
     bill = finish_bill(biller, stats, warn)
     window_ns = window * NS
     w_first = (lo if lo is not None else first) // window_ns
@@ -249,6 +360,7 @@ def collect_report(
         quarantined=_quarantined(root),
         first_ns=first if lo is None else max(first, lo),
         last_ns=last if hi is None else min(last, hi - 1),
+        health=health,
     )
 
 

@@ -25,15 +25,23 @@ HEATMAP_MAX_COLUMNS = 240
 HELD_AT_LEAST = 0.5
 IDLE_BELOW = 0.10
 TOP_JOBS = 25
+# A GPU throttled by power or heat at least this share of its samples is flagged.
+THROTTLED_AT_LEAST = 0.05
 TOP_TENANT_LINES = 8
 CELL_MAX_CHARS = 40
 UNITS = {"gpu": "GPU-hours", "cpu": "core-hours"}
+_PALETTE = ("#1f5fbf", "#2e7d32", "#8e24aa", "#e07b00", "#00838f", "#6d4c41", "#c2185b")
 _CONFIG = {"displaylogo": False, "responsive": True}
 _LAYOUT: dict[str, Any] = {
     "template": "plotly_white",
-    "margin": {"l": 60, "r": 20, "t": 50, "b": 40},
-    "legend": {"orientation": "h", "y": -0.15},
+    "margin": {"l": 70, "r": 20, "t": 90, "b": 50},
+    # above the plot, under the title: never far below it, never over the x axis labels
+    "legend": {"orientation": "h", "x": 0, "xanchor": "left", "y": 1.0, "yanchor": "bottom"},
+    "title": {"y": 0.98, "yanchor": "top"},
 }
+# Unallocated GPU-windows in the heatmap, and the allocated-but-idle mark.
+UNALLOCATED_COLOR = "rgba(200,204,212,1)"
+IDLE_COLOR = "rgba(215,38,38,0.9)"
 
 _CSS = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
@@ -45,6 +53,12 @@ th, td { padding: 0.25rem 0.7rem; border-bottom: 1px solid #e6e9ef; text-align: 
 th { background: #f3f5f9; } td.text, th.text { text-align: left; }
 .note { color: #5a6478; font-size: 0.9rem; max-width: 60rem; }
 .bad { color: #b3261e; font-weight: 600; }
+.headline { display: flex; flex-wrap: wrap; gap: 0.8rem; margin: 1.2rem 0; }
+.card { border: 1px solid #d8dde6; border-radius: 6px; padding: 0.6rem 1rem; min-width: 9rem;
+        background: #f8f9fb; }
+.card .value { font-size: 1.6rem; font-weight: 650; }
+.card .label { color: #5a6478; font-size: 0.85rem; }
+.card .sub { color: #5a6478; font-size: 0.8rem; }
 """
 
 # Installed before plotly.js so that any error while the page renders is recorded on <body>
@@ -73,6 +87,23 @@ def _duration(seconds: int) -> str:
 
 def _num(value: float | None, digits: int = 2) -> str:
     return "—" if value is None else f"{value:,.{digits}f}"
+
+
+def _money(value: float | None, currency: str) -> str:
+    """An amount with its currency; "—" alone where there is none (no "— USD")."""
+    return "—" if value is None else f"{value:,.2f} {currency}"
+
+
+def waste(charge: float, efficiency: float | None) -> float:
+    """What was paid for allocated units that sat idle: charge × (1 − efficiency), efficiency
+    capped at 1 (none without an allocation)."""
+    if efficiency is None:
+        return 0.0
+    return charge * (1.0 - min(1.0, max(0.0, efficiency)))
+
+
+def _kind_order(kind: str) -> int:
+    return 0 if kind == "gpu" else 1  # GPU pools first: they carry the money
 
 
 def _pct(value: float | None) -> str:
@@ -108,7 +139,9 @@ class _Charts:
 
     def __call__(self, figure: go.Figure, height: int = 420) -> str:
         self.count += 1
+        own = figure.layout.to_plotly_json()  # what the chart set itself wins over the defaults
         figure.update_layout(**_LAYOUT, height=height)
+        figure.update_layout({k: own[k] for k in ("legend", "margin") if k in own})
         return str(
             pio.to_html(
                 figure,
@@ -127,10 +160,12 @@ def render_report(data: ReportData) -> str:
     bill = data.bill
     currency = bill.currency
     sections = [
+        _headline(data, currency),
         _pools_section(data, charts, currency),
         _heatmap_section(data, charts),
         _tenants_section(data, charts, currency),
-        _jobs_section(data, charts),
+        _jobs_section(data, charts, currency),
+        _health_section(data, charts),
         _coverage_section(data, charts),
     ]
     title = f"tally report — {data.dataset}"
@@ -154,6 +189,41 @@ def render_report(data: ReportData) -> str:
     )
 
 
+def _card(key: str, label: str, value: str, sub: str = "") -> str:
+    extra = f'<div class="sub">{html.escape(sub)}</div>' if sub else ""
+    return (
+        f'<div class="card" id="headline-{key}"><div class="label">{html.escape(label)}</div>'
+        f'<div class="value">{html.escape(value)}</div>{extra}</div>'
+    )
+
+
+def _headline(data: ReportData, currency: str) -> str:
+    """The answer first: the fleet's GPU-hours, how much of them was sold and used, and what
+    idle capacity and idle allocations cost."""
+    pools = data.bill.pools
+    gpu = [p for p in pools if p["kind"] == "gpu"]
+    capacity = sum(p["capacity_unit_hours"] for p in gpu)
+    allocated = sum(p["allocated_unit_hours"] for p in gpu)
+    busy = sum(p["busy_unit_hours"] for p in gpu)
+    revenue = sum(p["revenue"] for p in pools)
+    cost = sum(p["cost"] for p in pools)
+    idle_cost = sum(p["idle_cost"] or 0.0 for p in pools)
+    wasted = sum(waste(t["charge"], t["efficiency_ratio"]) for t in data.bill.tenants)
+    cards = [
+        _card("gpu-hours", "GPU capacity", f"{capacity:,.1f} GPU-h"),
+        _card("allocation", "GPUs allocated", _pct(_ratio(allocated, capacity)),
+              f"{allocated:,.1f} GPU-h sold"),
+        _card("busy", "GPUs busy", _pct(_ratio(busy, capacity)), f"{busy:,.1f} GPU-h busy"),
+        _card("idle-cost", "Idle cost", _money(idle_cost, currency),
+              "capacity nobody was allocated"),
+        _card("waste", "Waste charge", _money(wasted, currency),
+              "paid for allocated units that sat idle"),
+        _card("margin", "Gross margin", _pct(_ratio(revenue - cost, revenue)),
+              f"revenue {_money(revenue, currency)}, cost {_money(cost, currency)}"),
+    ]  # fmt: skip
+    return '<div class="headline" id="headline">' + "".join(cards) + "</div>"
+
+
 def _pools_section(data: ReportData, charts: _Charts, currency: str) -> str:
     rows = data.bill.pools
     fields = (
@@ -166,7 +236,10 @@ def _pools_section(data: ReportData, charts: _Charts, currency: str) -> str:
         "idle_cost",
         "gap_hours",
     )
-    totals = sorted(totals_by(rows, ("pool", "kind", "ownership"), fields), key=lambda r: r["pool"])
+    totals = sorted(
+        totals_by(rows, ("pool", "kind", "ownership"), fields),
+        key=lambda r: (_kind_order(r["kind"]), r["pool"]),
+    )
     table_rows = []
     for t in totals:
         capacity, allocated = t["capacity_unit_hours"], t["allocated_unit_hours"]
@@ -178,12 +251,12 @@ def _pools_section(data: ReportData, charts: _Charts, currency: str) -> str:
                 f"{_num(capacity, 1)} {UNITS[t['kind']]}",
                 _pct(_ratio(allocated, capacity)),
                 _pct(_ratio(t["busy_unit_hours"], capacity)),
-                _num(t["energy_kwh"], 1),
-                f"{_num(t['cost'])} {currency}",
-                f"{_num(t['revenue'])} {currency}",
-                f"{_num(_ratio(t['cost'], allocated), 4)} {currency}",
+                _num(t["energy_kwh"], 1) if t["energy_kwh"] else "—",
+                _money(t["cost"], currency),
+                _money(t["revenue"], currency),
+                _money(_ratio(t["cost"], allocated), currency),
                 _pct(_ratio(t["revenue"] - t["cost"], t["revenue"])),
-                f"{_num(t['idle_cost'])} {currency}",
+                _money(t["idle_cost"], currency),
             ]
         )
     headers = [
@@ -204,16 +277,24 @@ def _pools_section(data: ReportData, charts: _Charts, currency: str) -> str:
         rows=max(1, len(totals)),
         cols=1,
         shared_xaxes=True,
-        vertical_spacing=0.06,
+        vertical_spacing=0.12 if len(totals) <= 3 else 0.08,
         subplot_titles=[
             f"{t['pool']} ({t['kind']}, {t['ownership'] or 'no owner'})" for t in totals
         ],
     )
-    money = go.Figure()
+    kinds = sorted({t["kind"] for t in totals}, key=_kind_order)
+    money = make_subplots(
+        rows=max(1, len(kinds)),
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.15,
+        subplot_titles=[f"{kind.upper()} pools" for kind in kinds],
+    )
+    per_day = 86400 / data.window_s
     for row, t in enumerate(totals, start=1):
         mine = [r for r in rows if r["pool"] == t["pool"] and r["kind"] == t["kind"]]
         x = [r["window_start"] for r in mine]
-        name = f"{t['pool']} ({t['kind']})"
+        name = f"{t['pool']}"
         first = row == 1
         ratios.add_trace(
             go.Scatter(x=x, y=[r["allocation_ratio"] for r in mine], name="allocation ratio",
@@ -225,19 +306,37 @@ def _pools_section(data: ReportData, charts: _Charts, currency: str) -> str:
                        line={"color": "#e07b00"}, legendgroup="b", showlegend=first),
             row=row, col=1,
         )  # fmt: skip
-        ratios.update_yaxes(tickformat=".0%", range=[0, 1.05], row=row, col=1)
-        money.add_trace(go.Scatter(x=x, y=[r["revenue"] for r in mine], name=f"{name} revenue"))
-        money.add_trace(go.Scatter(x=x, y=[r["cost"] for r in mine], name=f"{name} cost",
-                                   line={"dash": "dash"}))  # fmt: skip
+        ratios.update_yaxes(tickformat=".0%", range=[0, 1.05], tickvals=[0.25, 0.5, 0.75, 1],
+                            row=row, col=1)  # fmt: skip
+        at = kinds.index(t["kind"]) + 1
+        color = _PALETTE[(row - 1) % len(_PALETTE)]
+        money.add_trace(
+            go.Scatter(x=x, y=[r["revenue"] * per_day for r in mine], name=f"{name} revenue",
+                       line={"color": color}),
+            row=at, col=1,
+        )  # fmt: skip
+        money.add_trace(
+            go.Scatter(x=x, y=[r["cost"] * per_day for r in mine], name=f"{name} cost",
+                       line={"color": color, "dash": "dash"}),
+            row=at, col=1,
+        )  # fmt: skip
+    ratios.update_xaxes(ticklabelstandoff=8)
     ratios.update_layout(title="Allocation ratio and busy ratio per window")
-    money.update_layout(title=f"Revenue (solid) and cost (dashed) per window ({currency})")
+    money.update_yaxes(rangemode="tozero", tickformat=",.0f", title=f"{currency} per day")
+    money.update_layout(
+        title=f"Revenue (solid) and cost (dashed), at each window's rate per day ({currency})",
+        hovermode="x unified",
+        legend={"y": 1.06},  # above the first subplot's title
+        margin={"t": 140},
+    )
+    money.update_traces(hovertemplate="%{y:,.2f}")
     return (
         "<h2>Pools</h2>"
         + _table(headers, table_rows, text_columns=3)
         + '<p class="note">Unit cost is cost per allocated unit-hour; gross margin is '
         "(revenue − cost) / revenue; idle cost is the cost of capacity nobody was allocated.</p>"
-        + charts(ratios, height=140 + 200 * max(1, len(totals)))
-        + charts(money, height=380)
+        + charts(ratios, height=160 + 210 * max(1, len(totals)))
+        + charts(money, height=180 + 260 * max(1, len(kinds)))
     )
 
 
@@ -254,6 +353,8 @@ def _heatmap_section(data: ReportData, charts: _Charts) -> str:
         busy = np.where(capacity > 0, sums["busy_us"] / capacity, np.nan)
         held = np.where(capacity > 0, sums["held_us"] / capacity, np.nan)
     idle = np.where((held >= HELD_AT_LEAST) & (busy < IDLE_BELOW), 1.0, np.nan)
+    unallocated = np.where(held < HELD_AT_LEAST, 1.0, np.nan)  # NaN held (no samples) stays blank
+    busy_allocated = np.where(held >= HELD_AT_LEAST, busy, np.nan)
     x = [_iso(int(s)) for s in starts]
     y = list(range(len(gpu.labels)))
     names = [f"{d['node']} · GPU {d.get('index', '?')}" for d in gpu.details]
@@ -263,7 +364,22 @@ def _heatmap_section(data: ReportData, charts: _Charts) -> str:
     figure = go.Figure()
     figure.add_trace(
         go.Heatmap(
-            z=busy,
+            z=unallocated,
+            x=x,
+            y=y,
+            zmin=0,
+            zmax=1,
+            showscale=False,
+            colorscale=[[0, UNALLOCATED_COLOR], [1, UNALLOCATED_COLOR]],
+            customdata=hover,
+            hovertemplate="%{customdata[1]}<br>%{x}<br>unallocated (held "
+            "%{customdata[0]:.0%})<extra></extra>",
+            name="unallocated",
+        )
+    )
+    figure.add_trace(
+        go.Heatmap(
+            z=busy_allocated,
             x=x,
             y=y,
             zmin=0,
@@ -285,10 +401,15 @@ def _heatmap_section(data: ReportData, charts: _Charts) -> str:
             zmax=1,
             showscale=False,
             hoverinfo="skip",
-            colorscale=[[0, "rgba(215,38,38,0.9)"], [1, "rgba(215,38,38,0.9)"]],
+            colorscale=[[0, IDLE_COLOR], [1, IDLE_COLOR]],
             name="allocated but idle",
         )
     )
+    for label, color in (("unallocated", UNALLOCATED_COLOR), ("allocated but idle", IDLE_COLOR)):
+        figure.add_trace(  # legend entries for the two flat layers
+            go.Scatter(x=[None], y=[None], mode="markers", name=label, showlegend=True,
+                       marker={"symbol": "square", "size": 12, "color": color})
+        )  # fmt: skip
     boundaries = [
         i - 0.5
         for i in range(1, len(gpu.details))
@@ -298,16 +419,19 @@ def _heatmap_section(data: ReportData, charts: _Charts) -> str:
         figure.add_hline(y=b, line={"color": "white", "width": 2})
     figure.update_yaxes(tickvals=y, ticktext=names, autorange="reversed", title="node · GPU")
     figure.update_layout(
-        title="GPU busy ratio per window, grouped by node (red: allocated but idle)"
+        title="GPU busy ratio per window where a job held the GPU, grouped by node",
+        legend={"x": 1, "xanchor": "right"},
     )
     rows = len(names)
     height = int(160 + rows * min(18, max(4, 1800 // max(rows, 1))))
     idle_cells = int(np.count_nonzero(idle == 1.0))
     window_s = int((starts[1] - starts[0]) // NS) if starts.size > 1 else data.window_s
+    unallocated_cells = int(np.count_nonzero(unallocated == 1.0))
     parts.append(
-        f'<p class="note">Each cell is one GPU over {_duration(window_s)}: colour is the busy '
-        f"ratio (blank: no samples); red marks cells where a job held the GPU at least "
-        f"{HELD_AT_LEAST:.0%} of the time while it was busy less than {IDLE_BELOW:.0%} — "
+        f'<p class="note">Each cell is one GPU over {_duration(window_s)}. Where a job held the '
+        f"GPU at least {HELD_AT_LEAST:.0%} of the time the colour is its busy ratio; grey cells "
+        f'were unallocated (<span id="unallocated-cells">{unallocated_cells}</span>); blank '
+        f"cells have no samples; red marks allocated cells busy less than {IDLE_BELOW:.0%} — "
         f'<span class="bad" id="idle-cells">{idle_cells}</span> such cells.</p>'
     )
     parts.append(charts(figure, height=height))
@@ -360,20 +484,27 @@ def _tenants_section(data: ReportData, charts: _Charts, currency: str) -> str:
     for r in rows:
         t = per.setdefault(
             r["tenant"],
-            {"charge": 0.0, "gpu_alloc": 0.0, "gpu_busy": 0.0, "cpu_alloc": 0.0, "cpu_busy": 0.0},
-        )
+            {"charge": 0.0, "waste": 0.0, "gpu_alloc": 0.0, "gpu_busy": 0.0, "cpu_alloc": 0.0,
+             "cpu_busy": 0.0, "gpu_waste": 0.0},
+        )  # fmt: skip
         kind = kinds.get(r["pool"], "gpu")
+        wasted = waste(r["charge"], r["efficiency_ratio"])
         t["charge"] += r["charge"]
+        t["waste"] += wasted
         t[f"{kind}_alloc"] += r["allocated_unit_hours"]
         t[f"{kind}_busy"] += r["busy_unit_hours"]
+        if kind == "gpu":
+            t["gpu_waste"] += wasted
     ranked = sorted(per.items(), key=lambda item: (-item[1]["charge"], item[0]))
     table_rows = [
         [
             str(rank),
             tenant,
-            f"{_num(t['charge'])} {currency}",
+            _money(t["charge"], currency),
+            _money(t["waste"], currency),
             _num(t["gpu_alloc"], 1),
             _pct(_ratio(t["gpu_busy"], t["gpu_alloc"])),
+            _money(t["gpu_waste"], currency),
             _num(t["cpu_alloc"], 1),
             _pct(_ratio(t["cpu_busy"], t["cpu_alloc"])),
         ]
@@ -383,55 +514,80 @@ def _tenants_section(data: ReportData, charts: _Charts, currency: str) -> str:
         "#",
         "tenant",
         "charge",
+        "waste charge",
         "GPU-hours",
         "GPU efficiency",
+        "GPU waste",
         "core-hours",
         "CPU efficiency",
     ]
     if not ranked:
         return "<h2>Tenants</h2><p>No allocations in the selected range.</p>"
-    bars = go.Figure(
-        go.Bar(
-            x=[t for t, _ in ranked],
-            y=[v["charge"] for _, v in ranked],
-            marker={
-                "color": [_ratio(v["gpu_busy"], v["gpu_alloc"]) or 0.0 for _, v in ranked],
-                "colorscale": "RdYlGn",
-                "cmin": 0,
-                "cmax": 1,
-                "colorbar": {"title": {"text": "GPU eff."}, "tickformat": ".0%"},
-            },
-            hovertemplate="%{x}<br>%{y:,.2f} " + html.escape(currency) + "<extra></extra>",
-        )
+    names = [t for t, _ in ranked][::-1]  # largest at the top of a horizontal bar chart
+    used = [per[t]["charge"] - per[t]["waste"] for t in names]
+    idle = [per[t]["waste"] for t in names]
+    bars = go.Figure()
+    bars.add_trace(
+        go.Bar(y=names, x=used, orientation="h", name="charge for busy units",
+               marker={"color": "#2e7d32"},
+               hovertemplate="%{y}<br>%{x:,.2f} " + html.escape(currency) + "<extra></extra>")
+    )  # fmt: skip
+    bars.add_trace(
+        go.Bar(y=names, x=idle, orientation="h", name="waste charge (idle allocations)",
+               marker={"color": "#d62728"},
+               text=[f"{per[t]['charge']:,.2f} {currency} total" for t in names],
+               textposition="outside", cliponaxis=False,
+               hovertemplate="%{y}<br>%{x:,.2f} " + html.escape(currency) + "<extra></extra>")
+    )  # fmt: skip
+    bars.update_layout(
+        barmode="stack",
+        title=f"Charge per tenant ({currency}): busy and idle",
+        legend={"traceorder": "normal"},
     )
-    bars.update_layout(title=f"Charge per tenant ({currency}), coloured by GPU efficiency")
+    widest = max(per[t]["charge"] for t in names)
+    # room on the right for the totals, so small tenants' bars still carry a readable number
+    bars.update_xaxes(range=[0, widest * 1.3 or 1], tickformat=",.0f", title=currency)
+    bars.update_yaxes(automargin=True)
     top = [t for t, _ in ranked[:TOP_TENANT_LINES]]
     over_time = go.Figure()
+    per_day = 86400 / data.window_s
     for tenant in top:
         charge: dict[str, float] = {}
         for r in rows:
             if r["tenant"] == tenant:
                 charge[r["window_start"]] = charge.get(r["window_start"], 0.0) + r["charge"]
         x = sorted(charge)
-        over_time.add_trace(go.Scatter(x=x, y=[charge[k] for k in x], name=tenant, mode="lines"))
-    over_time.update_layout(title=f"Charge per window of the top {len(top)} tenants ({currency})")
+        over_time.add_trace(
+            go.Scatter(x=x, y=[charge[k] * per_day for k in x], name=tenant, mode="lines")
+        )
+    over_time.update_yaxes(rangemode="tozero", tickformat=",.0f", title=f"{currency} per day")
+    over_time.update_layout(
+        title=f"Charge of the top {len(top)} tenants, at each window's rate per day ({currency})"
+    )
     return (
         "<h2>Tenants</h2>"
-        '<p class="note">Ranked by charge. Efficiency is busy / allocated unit-hours.</p>'
+        '<p class="note">Ranked by charge. Efficiency is busy / allocated unit-hours; the waste '
+        "charge is what a tenant paid for allocated units that sat idle: charge × (1 − "
+        "efficiency).</p>"
         + _table(headers, table_rows, text_columns=2)
-        + charts(bars, height=380)
+        + charts(bars, height=max(300, 140 + 46 * len(names)))
         + charts(over_time, height=380)
     )
 
 
-def _jobs_section(data: ReportData, charts: _Charts) -> str:
+def _jobs_section(data: ReportData, charts: _Charts, currency: str) -> str:
     kinds = {p["pool"]: p["kind"] for p in data.bill.pools}
     gpu_rows = [r for r in data.bill.jobs if kinds.get(r["pool"]) == "gpu"]
     fields = ("allocated_unit_hours", "busy_unit_hours", "charge")
     jobs = totals_by(gpu_rows, ("pool", "job_id", "user", "tenant"), fields)
+    waste_of: dict[tuple[str, str], float] = {}
+    for r in gpu_rows:
+        key = (r["pool"], r["job_id"])
+        waste_of[key] = waste_of.get(key, 0.0) + waste(r["charge"], r["efficiency_ratio"])
     for j in jobs:
         j["wasted"] = max(0.0, j["allocated_unit_hours"] - j["busy_unit_hours"])
         j["efficiency"] = _ratio(j["busy_unit_hours"], j["allocated_unit_hours"])
+        j["waste_charge"] = waste_of.get((j["pool"], j["job_id"]), 0.0)
     jobs.sort(key=lambda j: (-j["wasted"], j["job_id"], j["pool"]))
     if not jobs:
         return "<h2>Jobs that wasted most</h2><p>No GPU jobs in the selected range.</p>"
@@ -446,6 +602,7 @@ def _jobs_section(data: ReportData, charts: _Charts) -> str:
             _num(j["busy_unit_hours"]),
             _pct(j["efficiency"]),
             _num(j["wasted"]),
+            _money(j["waste_charge"], currency),
         ]
         for j in top
     ]
@@ -458,6 +615,7 @@ def _jobs_section(data: ReportData, charts: _Charts) -> str:
         "busy",
         "efficiency",
         "idle GPU-hours",
+        "waste charge",
     ]
     scatter = go.Figure(
         go.Scatter(
@@ -476,15 +634,72 @@ def _jobs_section(data: ReportData, charts: _Charts) -> str:
     )
     scatter.update_layout(title="Every GPU job: allocated GPU-hours against efficiency")
     scatter.update_xaxes(title="allocated GPU-hours", type="log")
-    scatter.update_yaxes(title="busy / allocated", tickformat=".0%")
+    scatter.update_yaxes(title="busy / allocated", tickformat=".0%", rangemode="tozero")
+    total = sum(j["waste_charge"] for j in jobs)
     return (
         f"<h2>Jobs that wasted most</h2>"
         f'<p class="note">The {len(top)} GPU jobs with the most allocated-but-idle GPU-hours '
-        "(allocated − busy), of "
-        f"{len(jobs)} GPU jobs.</p>"
+        f"(allocated − busy), of {len(jobs)} GPU jobs; together the GPU jobs paid "
+        f'<span class="bad" id="jobs-waste">{html.escape(_money(total, currency))}</span> for '
+        "idle allocations.</p>"
         + _table(headers, table_rows, text_columns=4)
         + charts(scatter, height=420)
     )
+
+
+def _health_section(data: ReportData, charts: _Charts) -> str:
+    """Power and temperature over time per node; the GPUs with errors or throttling."""
+    health = data.health
+    parts = ["<h2>GPU health</h2>"]
+    if health is None or not health.gpus:
+        return parts[0] + "<p>No GPU samples in the selected range.</p>"
+    nodes = sorted({n for n, _ in health.nodes})
+    power = go.Figure()
+    heat = go.Figure()
+    for node in nodes:
+        cells = sorted((w, v) for (n, w), v in health.nodes.items() if n == node)
+        x = [_iso(w * data.window_s * NS) for w, _ in cells]
+        power.add_trace(go.Scatter(
+            x=x, y=[v[0] / v[1] if v[1] else None for _, v in cells], name=node, mode="lines",
+        ))  # fmt: skip
+        heat.add_trace(go.Scatter(
+            x=x, y=[None if v[2] != v[2] else v[2] for _, v in cells], name=node, mode="lines",
+        ))  # fmt: skip
+    power.update_layout(title="Mean GPU board power per node (W per GPU)")
+    power.update_yaxes(rangemode="tozero", title="W", tickformat=",.0f")
+    heat.update_layout(title="Hottest GPU per node (°C)")
+    heat.update_yaxes(rangemode="tozero", title="°C", tickformat=",.0f")
+    index = {label: d.get("index") for label, d in zip(data.gpu.labels, data.gpu.details,
+                                                          strict=True)}  # fmt: skip
+    flagged = []
+    for gpu in sorted(
+        health.gpus.values(), key=lambda g: (g.node, index.get((g.node, g.uuid)) or 0)
+    ):
+        throttled = _ratio(gpu.throttled, gpu.samples) or 0.0
+        ecc_c = gpu.increase("ecc_corrected_errors")
+        ecc_u = gpu.increase("ecc_uncorrected_errors")
+        xid = gpu.increase("xid_errors")
+        if ecc_u or xid or ecc_c or throttled >= THROTTLED_AT_LEAST:
+            shown = index.get((gpu.node, gpu.uuid))
+            flagged.append([
+                f"{gpu.node} · GPU {'?' if shown is None else shown}", gpu.uuid,
+                _num(gpu.temperature_max, 0),
+                _num(_ratio(gpu.power_sum, gpu.power_samples), 0), _pct(throttled),
+                str(ecc_c), str(ecc_u), str(xid),
+            ])  # fmt: skip
+    summary = (
+        f'<p class="note"><span id="health-flagged">{len(flagged)}</span> of {len(health.gpus)} '
+        f"GPUs need attention: ECC or XID errors in the range, or held back by power or "
+        f"thermal limits at least {THROTTLED_AT_LEAST:.0%} of the time (NVML clock events).</p>"
+    )
+    parts.append(summary)
+    if flagged:
+        headers = ["GPU", "UUID", "max °C", "mean W", "throttled", "ECC corrected",
+                   "ECC uncorrected", "XID errors"]  # fmt: skip
+        parts.append(_table(headers, flagged, text_columns=2))
+    parts.append(charts(power, height=360))
+    parts.append(charts(heat, height=360))
+    return "".join(parts)
 
 
 def _coverage_section(data: ReportData, charts: _Charts) -> str:
