@@ -845,8 +845,8 @@ def day_totals(rows: list[dict[str, Any]], keys: Sequence[str], fields: Sequence
         key = (r["window_start"][:10], *(r[k] for k in keys))
         sums = out.setdefault(key, {})
         for f in fields:
-            if r[f] is None:
-                sums[f] = None
+            if r[f] is None:  # none measured in that window: adds nothing, null only if all are
+                sums.setdefault(f, None)
             else:
                 sums[f] = (sums.get(f) or 0.0) + r[f]
     return out

@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -284,3 +285,27 @@ def test_daemon_with_inventory_exports_pool_counters(tmp_path: Path) -> None:
     cpus = next(float(x.split()[-1]) for x in text.splitlines() if x.startswith("tally_cpus{"))
     # About 1.5 s of rounds at `cpus` cores; generous bounds for a loaded CI machine.
     assert 0.2 * cpus <= float(line.split()[-1]) <= 3.0 * cpus
+
+
+def test_energy_never_measured_is_null_not_zero(tmp_path: Path) -> None:
+    """A pool-window whose capacity rows carry no energy reading (RAPL unreadable) has no
+    measured energy: null in JSON and '-' in the table, while a measured 0 stays 0."""
+    root = tmp_path / "ds"
+    times = [float(t) for t in range(0, 7200, 30)]
+    unmeasured = cpu_table("c-vm", times)
+    unmeasured = unmeasured.set_column(
+        unmeasured.schema.get_field_index("energy_joules"),
+        "energy_joules",
+        pa.nulls(len(times), pa.float64()),
+    )
+    write_dataset(root, "cpu", unmeasured)
+    inv = tmp_path / "inv.toml"
+    inv.write_text(INVENTORY)
+    bill = json.loads(tally("bill", str(root), "--inventory", str(inv)).stdout)
+    assert bill["pools"] and all(p["energy_kwh"] is None for p in bill["pools"])
+    table = tally("bill", str(root), "--inventory", str(inv), "--format", "table").stdout
+    pool_lines = [line for line in table.splitlines() if "cpu-leased" in line]
+    assert pool_lines and all(" - " in line and "0.000" not in line for line in pool_lines)
+    write_dataset(root, "cpu", cpu_table("c-metal", times))  # RAPL readable there
+    mixed = json.loads(tally("bill", str(root), "--inventory", str(inv)).stdout)
+    assert all(p["energy_kwh"] is not None and p["energy_kwh"] > 0 for p in mixed["pools"])

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 import kernels
 from kernels.backend import array_namespace, to_backend, to_host
@@ -43,7 +44,9 @@ BILL_COLUMNS: dict[str, tuple[str, ...]] = {
             "cpu_seconds"),
 }  # fmt: skip
 
-POOL_FIELDS = ("capacity_us", "allocated_us", "busy_us", "energy_mj", "gap_us")
+# energy_readings counts capacity rows with an energy reading (a counter, or a GPU's power): a
+# pool-window without any has no measured energy, null in the bill rather than 0.
+POOL_FIELDS = ("capacity_us", "allocated_us", "busy_us", "energy_mj", "gap_us", "energy_readings")
 JOB_FIELDS = ("allocated_us", "busy_us", "energy_mj", "used_us")
 _COMPACT_AT = 1 << 20
 
@@ -248,8 +251,13 @@ class Biller:
         if name in ("gpu", "cpu"):
             # Capacity rows: gpu rows feed gpu pools, cpu rows cpu pools.
             pool = self._pool_of(nodes, name)
+            source = rows.source.column("energy_joules")
+            readings = pc.is_valid(source)
+            if name == "gpu":
+                readings = pc.or_(readings, pc.is_valid(rows.source.column("power_watts")))
+            measured = rows.gather(readings.to_numpy(zero_copy_only=False).astype(np.int64))
             add_pool(pool, [parts["capacity_us"], zeros, parts["busy_us"], parts["energy_mj"],
-                            parts["gap_us"]])  # fmt: skip
+                            parts["gap_us"], measured])  # fmt: skip
         if name == "gpu":
             jobs = rows.gather(self.jobs.encode(rows.source.column("job_id")))
             held = m & (jobs >= 0)
@@ -262,7 +270,7 @@ class Biller:
             jobs = to_backend(xp, self._ids_of(self.jobs, merged.labels, 1))[codes]
             for kind, allocated in (("gpu", "gpus_allocated_us"), ("cpu", "cpus_allocated_us")):
                 pool = self._pool_of(nodes, kind)
-                add_pool(pool, [zeros, parts[allocated], zeros, zeros, zeros])
+                add_pool(pool, [zeros, parts[allocated], zeros, zeros, zeros, zeros])
                 self.job_parts.add(
                     [window, pool, nodes, jobs],
                     [parts[allocated], zeros, zeros, parts["cpu_used_us"]],
@@ -352,7 +360,9 @@ class Biller:
         keys, sums = self.pool_totals()
         for i in range(keys[0].size):
             window, pool = int(keys[0][i]), self.pools[int(keys[1][i])]
-            capacity_us, allocated_us, busy_us, energy_mj, gap_us = (int(s[i]) for s in sums)
+            capacity_us, allocated_us, busy_us, energy_mj, gap_us, readings = (
+                int(s[i]) for s in sums
+            )
             if not any((capacity_us, allocated_us, busy_us, energy_mj, gap_us)):
                 continue
             capacity = capacity_us / US_PER_HOUR
@@ -371,7 +381,7 @@ class Biller:
                     "busy_unit_hours": busy_us / US_PER_HOUR,
                     "allocation_ratio": allocation_ratio,
                     "busy_ratio": _ratio(busy_us / US_PER_HOUR, capacity),
-                    "energy_kwh": energy_mj / MJ_PER_KWH,
+                    "energy_kwh": energy_mj / MJ_PER_KWH if readings else None,
                     "cost": cost,
                     "revenue": revenue,
                     "unit_cost": _ratio(cost, allocated),

@@ -104,6 +104,10 @@ def _money(value: float | None, currency: str) -> str:
     return "-" if value is None else f"{value:,.2f} {currency}".strip()
 
 
+def _energy(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"  # none measured is not zero
+
+
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value * 100:.1f}%"
 
@@ -126,7 +130,7 @@ def to_table(bill: Bill) -> str:
     c = bill.currency
     pools = [
         [p["window_start"], p["pool"], p["kind"], f"{p['capacity_unit_hours']:.2f}",
-         _pct(p["allocation_ratio"]), _pct(p["busy_ratio"]), f"{p['energy_kwh']:.3f}",
+         _pct(p["allocation_ratio"]), _pct(p["busy_ratio"]), _energy(p["energy_kwh"]),
          _money(p["cost"], c), _money(p["revenue"], c), _pct(p["gross_margin_ratio"])]
         for p in bill.pools
     ]  # fmt: skip

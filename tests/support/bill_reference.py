@@ -17,7 +17,9 @@ the SPEC and the decisions that fill its gaps:
   dataset (user None, tenant ``unknown`` without one);
 - a selection [start, end) counts the intervals whose t_i lies in it; earlier rows still open
   intervals (a gap opened before the start and closed inside counts in full);
-- rows whose additive fields are all zero are left out.
+- rows whose additive fields are all zero are left out;
+- a pool-window's energy is null when none of its capacity rows has an energy reading (the
+  counter, or a GPU's power).
 """
 
 from __future__ import annotations
@@ -139,6 +141,10 @@ def reference_bill(
                 w = t // window_ns
                 if name in ("gpu", "cpu"):
                     pi = pool_index(pools, node, name)
+                    # a reading: the energy counter, or on a GPU its power
+                    reading = row["energy_joules"] is not None or (
+                        name == "gpu" and row["power_watts"] is not None
+                    )
                     _add(
                         pool_sums,
                         (w, pi),
@@ -146,6 +152,7 @@ def reference_bill(
                         busy=p["busy_us"],
                         energy=p["energy_mj"],
                         gap=p["gap_us"],
+                        readings=int(reading),
                     )
                     if name == "gpu" and row["job_id"] is not None:
                         _add(
@@ -199,7 +206,8 @@ def reference_bill(
                 "busy_unit_hours": busy,
                 "allocation_ratio": allocation_ratio,
                 "busy_ratio": _ratio(busy, capacity),
-                "energy_kwh": energy_mj / MJ_PER_KWH,
+                # none measured in the window is unknown, not zero
+                "energy_kwh": energy_mj / MJ_PER_KWH if s.get("readings", 0) else None,
                 "cost": cost,
                 "revenue": revenue,
                 "unit_cost": _ratio(cost, allocated),
