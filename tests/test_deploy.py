@@ -38,3 +38,28 @@ def test_metric_reference_is_generated_from_the_code() -> None:
     assert (ROOT / "docs" / "metrics.md").read_text() == render(), (
         "run: python -m exporters.reference > docs/metrics.md"
     )
+
+
+def test_the_readme_tour_leaves_nothing_untracked() -> None:
+    """Every path the tour's commands write (the daemon's data, the demo, the bill files, the
+    report) is ignored by git, so a clone stays clean after the tour."""
+    import re
+    import shutil
+    import subprocess
+
+    import pytest
+
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    readme = (ROOT / "README.md").read_text()
+    tour = readme.split("## Five-minute tour")[1].split("```")[1]
+    written = ["data/part.parquet"]  # make run: the daemon's default --data-dir
+    written += [f"{d}/inventory.toml" for d in re.findall(r"tally demo (\S+)", tour)]
+    for out in re.findall(r"--out (\S+)", tour):
+        fmt = re.search(rf"--format (\w+) --out {re.escape(out)}", tour)
+        written += [f"{out}-pools.csv"] if fmt and fmt.group(1) == "csv" else [out]
+    assert len(written) >= 4, written
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", *written], cwd=ROOT, capture_output=True, text=True
+    )
+    assert sorted(ignored.stdout.split()) == sorted(written), ignored.stdout
