@@ -91,3 +91,14 @@ def test_ipv6_loopback_when_available() -> None:
         assert conn.getresponse().status == 200
     finally:
         srv.stop()
+
+
+def test_a_server_never_started_stops_at_once() -> None:
+    """A daemon whose first round fails stops a bound but never started server: that must not
+    wait for a serve loop that never ran (it hung for good before)."""
+    srv = MetricsServer(CollectorRegistry(), "127.0.0.1", 0)
+    began = time.monotonic()
+    srv.stop()
+    assert time.monotonic() - began < 1.0
+    with socket.socket() as again:  # the port is released
+        again.bind(("127.0.0.1", srv.port))
