@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -122,6 +123,46 @@ def test_trailing_ratios_match_minute_bills(tmp_path: Path) -> None:
             assert got_busy == pytest.approx(busy / capacity, rel=1e-9)
 
 
+def test_a_file_caught_mid_copy_is_read_once_whole_not_quarantined(tmp_path: Path) -> None:
+    source, inventory_path = _sample(tmp_path, hours=1.0)
+    aggregator = Aggregator(source, parse_inventory(inventory_path.read_text()))
+    aggregator.poll()
+    whole = next((source / "cpu").rglob("*.parquet"))
+    later = pq.read_table(whole)
+    later = later.set_column(
+        0, "time", pc.add(later.column("time"), pa.scalar(3600 * NS, pa.duration("ns")))
+    )
+    copy = tmp_path / "copy.parquet"
+    pq.write_table(later, copy)
+    target = whole.parent / "part-copied.parquet"
+    data = copy.read_bytes()
+    target.write_bytes(data[: len(data) // 3])  # the copy has written a third so far
+    aggregator.poll()
+    assert aggregator.stats.files_quarantined == 0 and target.exists()
+    target.write_bytes(data)  # the copy finished
+    rows = aggregator.poll()
+    assert rows == later.num_rows and aggregator.stats.files_quarantined == 0
+    assert not (source / "quarantine").exists()
+
+
+def test_files_that_cannot_be_moved_and_garbage_journals_are_counted(tmp_path: Path) -> None:
+    """SPEC §7: set aside and counted, whether moved to quarantine/ or not."""
+    source, inventory_path = _sample(tmp_path, hours=0.5)
+    part = next((source / "gpu").rglob("*.parquet")).parent
+    (part / "torn.parquet").write_bytes(b"PAR1" + os.urandom(64))
+    (part / "garbage.arrows").write_bytes(b"\x00garbage, not an Arrow stream")
+    (source / "quarantine").write_text("a file where the quarantine directory would go")
+    result = subprocess.run(
+        [sys.executable, "-m", "telemetry.cli", "bill", str(source), "--inventory",
+         str(inventory_path)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["input"]["files_quarantined"] == 2
+    assert "garbage.arrows" in result.stderr and "torn.parquet" in result.stderr
+    assert (part / "torn.parquet").exists()  # could not be moved: left, but counted
+
+
 def _epoch(iso: str) -> int:
     from datetime import datetime
 
@@ -141,6 +182,8 @@ def test_late_rows_are_dropped_and_counted_and_a_torn_file_quarantined(tmp_path:
     (directory / "part-19700101T000000Z-torn.parquet").write_bytes(b"PAR1" + os.urandom(64))
     aggregator.poll()
     assert aggregator.totals.late + aggregator.totals.duplicates == 40
+    assert aggregator.stats.files_quarantined == 0, "it may still be being copied in"
+    aggregator.poll()  # unchanged and still unreadable a poll later: set aside
     assert aggregator.stats.files_quarantined == 1
     assert list((source / "quarantine").rglob("*torn.parquet"))
     assert aggregator.live_totals() == before

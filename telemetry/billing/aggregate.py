@@ -110,7 +110,7 @@ class Aggregator:
         return AggregateStats(
             files=follower.stats.files,
             rows=dict(follower.rows),
-            files_quarantined=follower.stats.files_quarantined,
+            files_quarantined=follower.stats.files_quarantined + follower.stats.files_skipped,
             newest_ns=follower.newest_ns,
             last_poll_seconds=self.last_poll_seconds,
         )

@@ -64,6 +64,7 @@ def finish_bill(biller: Biller, stats: ReadStats, warn: Callable[[str], None]) -
             "files": stats.files,
             "rows": stats.rows,
             "rows_skipped": biller.duplicates,
-            "files_quarantined": stats.files_quarantined,
+            # SPEC §7: set aside, moved or not (a read-only dataset, a journal never moved)
+            "files_quarantined": stats.files_quarantined + stats.files_skipped,
         }
     )

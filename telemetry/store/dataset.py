@@ -473,6 +473,7 @@ class _Seen:
     journal_rows: int = 0
     until_ns: int = -(2**62)  # newest time read from the journal
     parquet_done: bool = False
+    failed_at: tuple[int, int] | None = None  # (size, mtime) when the file last failed to read
 
 
 def _order_key(root: Path, path: Path) -> tuple[str, str, str]:
@@ -486,8 +487,10 @@ class Follower:
 
     Files not seen before are read whole, files that grew (a daemon's journal of the current
     hour) from the first row not yet read, and a journal's Parquet twin (written when the hour is
-    compacted) only for rows later than those its journal gave. ``stats`` counts files read and
-    set aside; ``rows`` the rows read per table; ``newest_ns`` the newest time read.
+    compacted) only for rows later than those its journal gave. A file that fails to read is set
+    aside only when it fails again a poll later with the same size and mtime (a file still being
+    copied in is read once it is whole). ``stats`` counts files read and set aside; ``rows`` the
+    rows read per table; ``newest_ns`` the newest time read.
     """
 
     def __init__(self, root: Path) -> None:
@@ -532,6 +535,12 @@ class Follower:
         except (SchemaError, pa.ArrowException, OSError) as exc:
             if is_journal and not isinstance(exc, SchemaError):
                 return None  # being written or torn: read again next poll
+            state = (info.st_size, info.st_mtime_ns)
+            if seen.failed_at != state:
+                # Maybe still being copied in (cp, scp and rsync write in place): set aside only
+                # what fails again unchanged, a poll later.
+                seen.failed_at = state
+                return None
             if not seen.parquet_done:
                 _reject(self.root, path, exc, self.stats, strict=False)
             # read again only once it changes
