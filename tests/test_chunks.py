@@ -183,3 +183,45 @@ def test_parquet_written_from_dictionary_columns_reads_like_plain(tmp_path: Path
         write_dataset(tmp_path / name, "cpu", table)
         bills.append(compute_bill(tmp_path / name, inventory, 3600).pools)
     assert bills[0] == bills[1] and bills[0][0]["capacity_unit_hours"] > 0
+
+
+def test_a_journal_compacted_between_plan_and_read_is_read_from_its_twin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bill of a live dataset: the daemon compacts its journal after the reader planned it.
+    The reader plans again and reads the rows from the Parquet twin (it crashed before)."""
+    from telemetry.store.writer import Store
+
+    whole = cpu_table("n1", [float(t) for t in range(0, 600, 5)])
+    store = Store(tmp_path, "n1")
+    store.open()
+    for i in range(whole.num_rows):
+        store.append("cpu", whole.slice(i, 1))
+    assert list(tmp_path.rglob("*.arrows")) and not list(tmp_path.rglob("*.parquet"))
+    real_plan = dataset.plan
+    plans = []
+
+    def plan_then_compact(*args: object) -> list[dataset.Piece]:
+        pieces = real_plan(*args)  # type: ignore[arg-type]
+        plans.append(len(pieces))
+        if len(plans) == 1:
+            store.rotate()  # the hour ends: the journal becomes its Parquet twin
+        return pieces
+
+    monkeypatch.setattr(dataset, "plan", plan_then_compact)
+    read: list[pa.Table] = []
+
+    class Collect:
+        def add(self, chunk: dict[str, pa.Table]) -> None:
+            read.append(chunk["cpu"])
+
+    def fresh() -> list[Collect]:
+        read.clear()
+        return [Collect()]
+
+    _, stats = dataset.scan(tmp_path, fresh)
+    assert len(plans) == 2, "planned again once the journal vanished"
+    got = pa.concat_tables(read).combine_chunks()
+    assert got.num_rows == whole.num_rows and stats.files == 1
+    assert pc.cast(got.column("node"), pa.string()).to_pylist() == ["n1"] * whole.num_rows
+    store.close()

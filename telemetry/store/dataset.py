@@ -175,6 +175,19 @@ def read_table(
 # ------------------------------------------------------------ time-ordered chunks: bill, report
 
 
+class Vanished(Exception):
+    """A planned file is gone when its rows are read: a live daemon compacted its journal (or
+    rotated a file) meanwhile. The dataset is planned again."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path} vanished while the dataset was read")
+        self.path = path
+
+
+# A dataset that keeps changing under the reader this many times in a row is an error.
+REPLANS = 5
+
+
 class DamagedFile(Exception):
     """A file whose footer was fine turned out damaged while its rows were read."""
 
@@ -266,7 +279,10 @@ def _read_piece(piece: Piece, columns: Sequence[str] | None) -> pa.Table:
     decoding skips building a string per row, and series keys come out already encoded)."""
     if piece.row_group < 0:
         data, _ = read_journal(piece.path)
-        assert data is not None
+        if data is None:
+            if not piece.path.exists():
+                raise Vanished(piece.path)  # compacted into its twin since the plan
+            raise pa.ArrowInvalid("journal no longer readable")
     else:
         wanted = SCHEMAS[piece.table].names if columns is None else list(columns)
         strings = [n for n in wanted if pa.types.is_string(SCHEMAS[piece.table].field(n).type)]
@@ -324,7 +340,11 @@ def read_chunks(
             if data is None:
                 try:
                     data = _read_piece(piece, None if columns is None else columns[piece.table])
+                except FileNotFoundError:
+                    raise Vanished(piece.path) from None
                 except (pa.ArrowException, OSError) as exc:
+                    if not piece.path.exists():
+                        raise Vanished(piece.path) from None
                     moved = quarantine(root, piece.path, str(exc)) is not None
                     raise DamagedFile(piece.path, str(exc), moved) from None
             if piece.min_ns >= a and piece.max_ns < b:
@@ -418,10 +438,13 @@ def scan(
     """Feed every chunk of the dataset at ``root`` to fresh consumers from ``start()``.
 
     A file found damaged only while its rows are read is quarantined and the scan starts over
-    with new consumers, so the result is exactly that of the remaining files. ``columns`` limits
-    what is decoded and validated per table. Raises ``TallyError`` for unusable input.
+    with new consumers, so the result is exactly that of the remaining files; a file that
+    vanished meanwhile (a live daemon compacted its journal) makes it start over the same way.
+    ``columns`` limits what is decoded and validated per table. Raises ``TallyError`` for
+    unusable input.
     """
     stats = ReadStats()
+    vanished = 0
     while True:
         # Files quarantined by earlier attempts are inside quarantine/ now: carry their count.
         stats = ReadStats(files_quarantined=stats.files_quarantined)
@@ -429,6 +452,11 @@ def scan(
         try:
             _scan_once(root, consumers, budget_rows, progress, stats, columns)
             return consumers, stats
+        except Vanished as exc:
+            vanished += 1
+            if vanished >= REPLANS:
+                raise TallyError(f"{exc}, {vanished} times in a row; read again later") from None
+            log.info("%s; reading the dataset again", exc)
         except DamagedFile as exc:
             if not exc.quarantined:
                 raise TallyError(
