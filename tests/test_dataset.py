@@ -81,3 +81,25 @@ def test_extra_columns_are_fine(tmp_path: Path) -> None:
     stats = ReadStats()
     out = read_table(tmp_path, "cpu", discover(tmp_path)["cpu"], stats)
     assert out.num_rows == 2 and stats.files_skipped == 0
+
+
+def test_symlinked_node_and_date_directories_are_read_and_loops_end(tmp_path: Path) -> None:
+    """A node's directory on another disk, linked in, is half a pool's capacity: read it; a
+    link back up the tree must not loop."""
+    import os
+
+    whole = cpu_table("n1", [0, 5, 10])
+    write_dataset(tmp_path / "ds", "cpu", whole)
+    elsewhere = write_dataset(tmp_path / "other-disk", "cpu", cpu_table("n2", [0, 5, 10, 15]))
+    date_dir = next((tmp_path / "ds" / "cpu").iterdir())
+    os.symlink(elsewhere.parent, date_dir / "node=n2")
+    linked_date = tmp_path / "more-dates" / "date=2026-09-02"
+    write_dataset(tmp_path / "more-dates-src", "cpu", cpu_table("n3", [0, 5]))
+    linked_date.parent.mkdir()
+    os.symlink(next((tmp_path / "more-dates-src" / "cpu").iterdir()), linked_date)
+    os.symlink(linked_date, tmp_path / "ds" / "cpu" / "date=2026-09-02")
+    os.symlink(tmp_path / "ds" / "cpu", date_dir / "loop")  # back up the tree
+    stats = ReadStats()
+    table = read_table(tmp_path / "ds", "cpu", discover(tmp_path / "ds")["cpu"], stats)
+    assert sorted(set(table.column("node").to_pylist())) == ["n1", "n2", "n3"]
+    assert table.num_rows == 3 + 4 + 2 and stats.files == 3

@@ -21,6 +21,7 @@ never moved, since a daemon may be writing it, only skipped; a file that lacks a
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import re
 import threading
@@ -77,12 +78,7 @@ def discover(root: Path) -> dict[str, list[Path]]:
         for table in SCHEMAS:
             base = root / table
             if base.is_dir():
-                files = [
-                    p
-                    for p in base.rglob("*")
-                    if p.suffix in (PARQUET_SUFFIX, JOURNAL_SUFFIX) and p.is_file()
-                ]
-                found[table] = sorted(files)
+                found[table] = sorted(_sample_files(base))
     except PermissionError as exc:
         raise TallyError(f"dataset {root}: cannot read {exc.filename}: permission denied") from None
     if not any(found.values()):
@@ -91,6 +87,30 @@ def discover(root: Path) -> dict[str, list[Path]]:
             f"(expected {root}/{{cpu,gpu,job}}/date=…/node=…/*.parquet)"
         )
     return found
+
+
+def _sample_files(base: Path) -> Iterator[Path]:
+    """Every sample file under ``base``, following symlinked directories (a node's or a date's
+    directory linked in from another disk is part of the dataset) but never into a loop."""
+    seen: set[tuple[int, int]] = set()
+
+    def fail(exc: OSError) -> None:
+        if isinstance(exc, PermissionError):
+            raise exc
+
+    for directory, subdirectories, names in os.walk(base, followlinks=True, onerror=fail):
+        info = os.stat(directory)
+        if (info.st_dev, info.st_ino) in seen:
+            log.warning(
+                "%s: already read by another path (a symlink loop or a second link)", directory
+            )
+            subdirectories.clear()
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        for name in names:
+            path = Path(directory, name)
+            if path.suffix in (PARQUET_SUFFIX, JOURNAL_SUFFIX) and path.is_file():
+                yield path
 
 
 def _usable(root: Path, files: Mapping[str, list[Path]]) -> Iterator[tuple[str, Path]]:
