@@ -55,6 +55,7 @@ class Daemon:
         self.clock_dropped: dict[str, int] = {}
         self._snapshot = Snapshot()
         self._last_status: dict[str, CollectorStatus] = {}
+        self.compact_requested = False
         self._once = OnceLogger(log)
         ctx = CollectorContext(
             procfs=config.procfs,
@@ -184,7 +185,30 @@ class Daemon:
                 next_at = start + tick * interval
             if self.stop_event.wait(next_at - now):
                 break
+            if self.compact_requested:
+                self.compact_requested = False
+                self._compact_now()
             self.round()
+
+    def _compact_now(self) -> None:
+        """SIGHUP: compact every open journal to Parquet now and go on (log rotation, backups)."""
+        try:
+            self.store.rotate()
+        except OSError as exc:
+            self.store_errors += 1
+            log.warning("SIGHUP: compaction failed (%s); the journals stay and are retried", exc)
+            return
+        log.info("SIGHUP: journals compacted to Parquet; collecting on")
+
+    def status_line(self) -> str:
+        """What SIGUSR1 logs: rows written, store errors and each collector's last result."""
+        collectors = ", ".join(
+            f"{name} {'ok' if s.success else 'failed'}" for name, s in self._last_status.items()
+        )
+        return (
+            f"status: {self.store.rows_written} rows written, {self.store_errors} store errors; "
+            f"collectors: {collectors or 'none yet'}"
+        )
 
     def _shutdown(self) -> None:
         if self.server is not None:
@@ -195,12 +219,22 @@ class Daemon:
 
 
 def run_daemon(config: DaemonConfig) -> int:
-    """Run a daemon until SIGTERM/SIGINT; returns the exit code."""
+    """Run a daemon until SIGTERM/SIGINT; returns the exit code. SIGHUP compacts the journals
+    and goes on; SIGUSR1 logs a status line."""
     daemon = Daemon(config)
 
     def handle(signum: int, frame: FrameType | None) -> None:
         daemon.stop()
 
+    def compact(signum: int, frame: FrameType | None) -> None:
+        daemon.compact_requested = True  # done by the loop, between rounds
+
+    def status(signum: int, frame: FrameType | None) -> None:
+        log.info("SIGUSR1: %s", daemon.status_line())
+
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
+    # Their default action kills the process without compacting (exit 129, 138).
+    signal.signal(signal.SIGHUP, compact)
+    signal.signal(signal.SIGUSR1, status)
     return daemon.run()

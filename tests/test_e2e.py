@@ -165,3 +165,26 @@ def test_replay_listen_serves_the_final_state_until_sigterm(tmp_path: Path) -> N
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
+
+
+def test_sighup_compacts_and_goes_on_sigusr1_logs_a_status(data: Path) -> None:
+    """SIGHUP and SIGUSR1 used to kill the daemon without compacting (exit 129 and 138)."""
+    daemon = DaemonProcess(data, data.parent / "logs", node="e2e")
+    try:
+        daemon.wait_rows(3)
+        assert list(data.rglob("*.arrows")) and not list(data.rglob("*.parquet"))
+        daemon.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while not list(data.rglob("*.parquet")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(data.rglob("*.parquet")), "SIGHUP compacts the journals"
+        before = daemon.wait_rows(1)
+        daemon.wait_rows(int(before) + 2)  # and collection goes on
+        daemon.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while "SIGUSR1: status" not in daemon.stderr() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "rows written" in daemon.stderr() and daemon.proc.poll() is None
+    finally:
+        code, _ = daemon.terminate()
+    assert code == 0, daemon.stderr()
