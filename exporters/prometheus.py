@@ -167,8 +167,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
     "tally_samples_dropped": (
         "counter",
-        "Sample rows dropped: duplicate (same series and time) or late "
-        "(older than the series' newest).",
+        "Sample rows dropped: duplicate (same series and time), late (older than the series' "
+        "newest) or out_of_range (a value outside its column's valid range).",
         ("table", "reason"),
     ),
     "tally_store_rows_written": ("counter", "Sample rows appended to the data directory.", ()),
@@ -225,7 +225,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
     "tally_aggregate_rows_dropped": (
         "counter",
-        "Rows the aggregator could not bill live: duplicate, or late (older than their series).",
+        "Rows the aggregator could not bill live: duplicate, late (older than their series) or "
+        "out_of_range (a value outside its column's valid range).",
         ("reason",),
     ),
     "tally_aggregate_files_quarantined": (
@@ -379,6 +380,7 @@ def self_families(snapshot: Snapshot) -> Iterator[ColumnFamily]:
     for table, s in zip(tables, stats, strict=True):
         dropped.add([table, "duplicate"], np.array([s.duplicates], dtype=np.float64))
         dropped.add([table, "late"], np.array([s.late], dtype=np.float64))
+        dropped.add([table, "out_of_range"], np.array([s.out_of_range], dtype=np.float64))
     yield dropped
     if snapshot.store:
         for key in ("rows_written", "errors"):

@@ -226,3 +226,89 @@ def validate(
 def empty(name: str) -> pa.Table:
     """An empty table of table ``name``'s schema."""
     return SCHEMAS[name].empty_table()
+
+
+# The valid range of every column a bill or a counter adds up (SPEC §2 units), inclusive. A row
+# with a value outside it — or NaN or ±inf — is left out and counted, never billed: a float cast
+# to int64 past its range gives INT64_MIN on x86 and saturates on a GPU, so no such value may
+# reach the integer sums. Ratios may exceed 1 by a little (rounding in the driver); counters and
+# allocations stay well inside what int64 microseconds and millijoules hold.
+RATIO_TOLERANCE = 0.01
+VALID_RANGES: dict[str, dict[str, tuple[float, float]]] = {
+    "gpu": {
+        "utilization_ratio": (0.0, 1.0 + RATIO_TOLERANCE),
+        "sm_active_ratio": (0.0, 1.0 + RATIO_TOLERANCE),
+        "power_watts": (0.0, 1e5),  # an NVL72 rack draws 1.3e5 W; one GPU far less
+        "energy_joules": (0.0, 1e15),  # 31 MW-years: no counter gets there
+        "memory_used_bytes": (0.0, 2.0**50),
+        "memory_total_bytes": (0.0, 2.0**50),
+    },
+    "cpu": {
+        "cpus": (0.0, 1e6),
+        **{f"{mode}_seconds": (0.0, 1e12) for mode in CPU_MODES},  # 31,700 CPU-years
+        "memory_total_bytes": (0.0, 2.0**60),
+        "memory_available_bytes": (0.0, 2.0**60),
+        "energy_joules": (0.0, 1e15),
+    },
+    "job": {
+        "cpus_allocated": (0.0, 1e6),
+        "gpus_allocated": (0.0, 1e6),
+        "cpu_seconds": (0.0, 1e12),
+        "memory_bytes": (0.0, 2.0**60),
+    },
+}
+# Sample times: not before 2000, not more than a day after the reading machine's clock (a
+# sample cannot come from the future; a daemon whose clock jumped writes such rows).
+EARLIEST_NS = 946_684_800 * 1_000_000_000  # 2000-01-01T00:00:00Z
+FUTURE_SLACK_NS = 86_400 * 1_000_000_000
+
+
+def latest_ns() -> int:
+    """The latest valid sample time now: this machine's clock plus a day."""
+    import time
+
+    return time.time_ns() + FUTURE_SLACK_NS
+
+
+def screen(
+    table: pa.Table, name: str, latest: int | None = None
+) -> tuple[pa.Table, dict[str, int]]:
+    """``table`` without the rows that hold a value outside ``VALID_RANGES`` or a time outside
+    [2000, ``latest``]; and how many rows each column ruled out, as ``{"gpu.power_watts": n}``
+    (a row ruled out by two columns counts under both). Null passes where a column may be null.
+    """
+    if table.num_rows == 0:
+        return table, {}
+    latest = latest_ns() if latest is None else latest
+    checks: list[tuple[str, pa.ChunkedArray | pa.Array]] = []
+    if "time" in table.column_names:
+        ns = table.column("time").cast(pa.int64())
+        inside = pc.and_(
+            pc.greater_equal(ns, pa.scalar(EARLIEST_NS, pa.int64())),
+            pc.less_equal(ns, pa.scalar(latest, pa.int64())),
+        )
+        checks.append(("time", pc.fill_null(inside, False)))
+    for column, (low, high) in VALID_RANGES[name].items():
+        if column not in table.column_names:
+            continue
+        values = table.column(column)
+        if pa.types.is_floating(values.type):
+            # NaN compares false both ways and ±inf lies outside: both are ruled out
+            inside = pc.and_(pc.greater_equal(values, low), pc.less_equal(values, high))
+        else:
+            inside = pc.and_(
+                pc.greater_equal(values, pa.scalar(int(low), values.type)),
+                pc.less_equal(values, pa.scalar(min(int(high), 2**62), pa.int64())),
+            )
+        checks.append((column, pc.fill_null(inside, True)))
+    keep = checks[0][1] if checks else None
+    for _, ok in checks[1:]:
+        keep = pc.and_(keep, ok)
+    if keep is None or pc.all(keep).as_py() is not False:
+        return table, {}
+    counts = {}
+    for column, ok in checks:
+        bad = len(ok) - pc.sum(ok.cast(pa.int64())).as_py()
+        if bad:
+            counts[f"{name}.{column}"] = bad
+    return table.filter(keep), counts

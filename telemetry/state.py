@@ -17,7 +17,7 @@ from telemetry.billing.engine import LIVE_WINDOW_SECONDS, Biller, LiveTotals
 from telemetry.billing.inventory import Inventory
 from telemetry.collectors.base import CollectorStatus
 from telemetry.rows import SortedRows, contributions, merge_rows, series_codes
-from telemetry.schema import SCHEMAS, validate
+from telemetry.schema import SCHEMAS, screen, validate
 
 NS = 1_000_000_000
 # Trailing windows of SPEC §6, label → seconds.
@@ -39,6 +39,7 @@ class IngestStats:
     rows: int = 0
     duplicates: int = 0
     late: int = 0
+    out_of_range: int = 0  # a value outside its column's valid range (schema.VALID_RANGES)
 
 
 @dataclass
@@ -176,9 +177,14 @@ class State:
         self.biller = None if inventory is None else Biller(inventory, LIVE_WINDOW_SECONDS)
 
     def ingest(self, name: str, batch: pa.Table) -> None:
-        self.tables[name].ingest(batch)
+        """Add rows of table ``name``; rows outside the valid ranges are dropped and counted
+        (they would turn counters backwards); raises ``SchemaError`` for a non-conforming table."""
+        checked = validate(batch, name)
+        kept = screen(checked, name)[0]
+        self.tables[name].stats.out_of_range += checked.num_rows - kept.num_rows
+        self.tables[name].ingest(kept)
         if self.biller is not None:
-            self.biller.add({name: batch})
+            self.biller.add({name: kept})
 
     def snapshot(self, collectors: dict[str, CollectorStatus] | None = None) -> Snapshot:
         tables = {name: st.snapshot() for name, st in self.tables.items() if st.retained.num_rows}

@@ -231,3 +231,187 @@ def test_fuzzed_cgroup_counter_files_raise_only_parse_error(text: str) -> None:
         except ParseError:
             continue
         assert isinstance(value, int) and value >= 0
+
+
+# ------------------------------------------------------------ values outside their valid range
+RANGE_INVENTORY = (
+    INVENTORY
+    + """
+[[pool]]
+name = "cores"
+kind = "cpu"
+ownership = "own"
+nodes = ["n*"]
+cost_per_unit_hour = 0.01
+price_per_unit_hour = 0.03
+"""
+)
+# The numeric columns a bill reads (the rest never reaches it).
+NUMERIC = {
+    "gpu": ["utilization_ratio", "power_watts", "energy_joules"],
+    "cpu": ["cpus", "user_seconds", "system_seconds", "softirq_seconds", "energy_joules"],
+    "job": ["cpus_allocated", "gpus_allocated", "cpu_seconds"],
+}
+HOSTILE_FLOATS = st.one_of(
+    st.sampled_from([3e38, 1e20, -1.0, -1e-9, 18.5, 1.5, float("inf"), float("-inf")]),
+    st.floats(allow_nan=True, allow_infinity=True, width=64),
+)
+
+
+def _three_tables(times: list[float]) -> dict[str, pa.Table]:
+    return {
+        "gpu": gpu_table("n1", "GPU-1", 0, times, util=0.7, job_id="9"),
+        "cpu": cpu_table("n1", times),
+        "job": job_table("n1", "9", times),
+    }
+
+
+def _put(table: pa.Table, column: str, row: int, value: float) -> pa.Table:
+    field = table.schema.field(column)
+    values = table.column(column).to_pylist()
+    if pa.types.is_integer(field.type):
+        if not math.isfinite(value) or abs(value) >= 2**31:
+            value = -1  # an int column cannot hold it; a negative count is the hostile case
+        values[row] = int(value)
+    else:
+        values[row] = value
+    return table.set_column(
+        table.schema.get_field_index(column), field, pa.array(values, field.type)
+    )
+
+
+def _figures(bill: dict[str, object]) -> list[tuple[str, float]]:
+    out = []
+    for kind in ("pools", "tenants", "jobs"):
+        for row in bill[kind]:  # type: ignore[attr-defined]
+            for key, value in row.items():
+                if isinstance(value, float) and key != "gross_margin_ratio":
+                    out.append((f"{kind}.{key}", value))
+    return out
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    table=st.sampled_from(sorted(NUMERIC)),
+    data=st.data(),
+    value=HOSTILE_FLOATS,
+)
+def test_no_value_in_any_numeric_column_makes_a_bill_figure_negative_or_infinite(
+    table: str, data: st.DataObject, value: float
+) -> None:
+    import tempfile
+
+    from telemetry.billing.bill import compute_bill
+    from telemetry.billing.writers import to_json
+
+    column = data.draw(st.sampled_from(NUMERIC[table]))
+    row = data.draw(st.integers(0, 19))
+    times = [float(t) for t in range(0, 600, 30)]
+    tables = _three_tables(times)
+    tables[table] = _put(tables[table], column, row, value)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for name, t in tables.items():
+            write_dataset(root, name, t)
+        bill = compute_bill(root, parse_inventory(RANGE_INVENTORY), 3600, warn=lambda _: None)
+    doc = json.loads(to_json(bill))
+    for name, figure in _figures(doc):
+        assert math.isfinite(figure) and figure >= 0, (name, figure, table, column, value)
+    for pool in doc["pools"]:
+        assert pool["busy_unit_hours"] <= pool["capacity_unit_hours"] * 1.01 + 1e-9
+    stored = tables[table].column(column)[row].as_py()  # as the column's type holds it
+    high = UPPER.get(column, 1e12)
+    outside = not (math.isfinite(stored) and 0 <= stored <= high)
+    assert (doc["input"]["rows_out_of_range"].get(f"{table}.{column}") == 1) == outside
+
+
+# The valid ranges, restated from SPEC §2's units (ratios 0–1 with a small tolerance,
+# non-negative finite counters and allocations, bounded so int64 sums cannot overflow).
+UPPER = {
+    "utilization_ratio": 1.01,
+    "sm_active_ratio": 1.01,
+    "power_watts": 1e5,
+    "energy_joules": 1e15,
+    "cpus": 1e6,
+    "cpus_allocated": 1e6,
+    "gpus_allocated": 1e6,
+}
+
+
+def _bill_json(root: Path, **kw: object) -> dict[str, object]:
+    from telemetry.billing.bill import compute_bill
+    from telemetry.billing.writers import to_json
+
+    bill = compute_bill(root, parse_inventory(RANGE_INVENTORY), 3600, warn=lambda _: None, **kw)  # type: ignore[arg-type]
+    return json.loads(to_json(bill))  # type: ignore[no-any-return]
+
+
+def _without_input(bill: dict[str, object]) -> dict[str, object]:
+    return {k: v for k, v in bill.items() if k != "input"}
+
+
+def test_the_reported_hostile_values_are_left_out_counted_and_said(tmp_path: Path) -> None:
+    """Each of these exited 0 with a wrong bill (busy −2.56e9 h, negative revenue …)."""
+    times = [float(t) for t in range(0, 1800, 30)]
+    clean, hostile = tmp_path / "clean", tmp_path / "hostile"
+    for name, table in _three_tables(times).items():
+        write_dataset(clean, name, table)
+        write_dataset(hostile, name, table)
+    extra = [float(t) + 1 for t in range(30, 240, 30)]  # 7 rows between the good ones
+    gpu = gpu_table("n1", "GPU-1", 0, extra, util=0.7, job_id="9")
+    for row, (column, value) in enumerate(
+        [("utilization_ratio", 3e38), ("energy_joules", 1e20), ("power_watts", -5.0),
+         ("utilization_ratio", 18.5), ("energy_joules", float("inf"))]
+    ):  # fmt: skip
+        gpu = _put(gpu, column, row, value)
+    write_dataset(hostile, "gpu", gpu.slice(0, 5), name="bad-values")
+    job = _put(job_table("n1", "9", extra[:2]), "gpus_allocated", 0, float("inf"))
+    job = _put(job, "cpus_allocated", 1, -4.0)
+    write_dataset(hostile, "job", job, name="bad-alloc")
+    write_dataset(hostile, "cpu", _put(cpu_table("n1", extra[:1]), "cpus", 0, -8), name="bad-cpus")
+    ancient = gpu_table("n1", "GPU-1", 0, [0.0], util=0.7, job_id="9")
+    stamp = pa.array([-(2**63) + 10], pa.timestamp("ns", tz="UTC"))  # a wrapped Δt before
+    ancient = ancient.set_column(0, ancient.schema.field("time"), stamp)
+    write_dataset(hostile, "gpu", ancient, name="bad-time")
+    expected = _bill_json(clean)
+    got = _bill_json(hostile)
+    assert _without_input(got) == _without_input(expected), "the same bill as without those rows"
+    assert got["input"]["rows_out_of_range"] == {  # type: ignore[index]
+        "cpu.cpus": 1,
+        "gpu.energy_joules": 2,
+        "gpu.power_watts": 1,
+        "gpu.time": 1,
+        "gpu.utilization_ratio": 2,
+        "job.cpus_allocated": 1,
+        "job.gpus_allocated": 1,
+    }
+    inventory = tmp_path / "inv.toml"
+    inventory.write_text(RANGE_INVENTORY)
+    said = tally("bill", str(hostile), "--inventory", str(inventory))
+    assert said.returncode == 0 and "outside its valid range" in said.stderr
+    assert "gpu.utilization_ratio 2" in said.stderr
+
+
+def test_an_outlier_timestamp_changes_nothing_but_its_count(tmp_path: Path) -> None:
+    """A row dated 1970 or 2200 in a good file: no window in 1970 or 2200, no gap hours from it,
+    and the chunks are not stretched over the centuries (it took 2.67 GiB instead of 1.13)."""
+    times = [float(t) for t in range(0, 3600, 30)]
+    clean, stray = tmp_path / "clean", tmp_path / "stray"
+    for name, table in _three_tables(times).items():
+        write_dataset(clean, name, table)
+        write_dataset(stray, name, table)
+    odd = gpu_table("n1", "GPU-1", 0, [0.0, 1.0], util=0.7, job_id="9")
+    odd = odd.set_column(
+        0, "time", pa.array([0, 7_258_118_400 * 10**9], pa.timestamp("ns", tz="UTC"))
+    )
+    good = gpu_table("n1", "GPU-1", 0, times, util=0.7, job_id="9")
+    odd = odd.cast(good.schema)
+    pq.write_table(pa.concat_tables([odd.slice(0, 1), good, odd.slice(1, 1)]),  # one file, in it
+                   next((stray / "gpu").rglob("*.parquet")))  # fmt: skip
+    seen: list[int] = []  # rows read so far, after each chunk
+    got = _bill_json(stray, budget_rows=50, progress=lambda i, n, rows: seen.append(rows))
+    assert _without_input(got) == _without_input(_bill_json(clean))
+    assert got["input"]["rows_out_of_range"] == {"gpu.time": 2}  # type: ignore[index]
+    assert {p["window_start"][:4] for p in got["pools"]} == {"2026"}  # type: ignore[attr-defined]
+    per_chunk = [b - a for a, b in zip([0, *seen], seen, strict=False)]
+    assert max(per_chunk) <= 150, f"chunks span the real hour, not 230 years: {per_chunk}"

@@ -605,7 +605,13 @@ def test_empty_tables_and_single_samples(tmp_path: Path) -> None:
         }
     ]
     assert [(j["job_id"], j["user"], j["tenant"]) for j in bill.jobs] == [("9", None, "unknown")]
-    assert bill.input == {"files": files, "rows": 4, "rows_skipped": 0, "files_quarantined": 0}
+    assert bill.input == {
+        "files": files,
+        "rows": 4,
+        "rows_skipped": 0,
+        "files_quarantined": 0,
+        "rows_out_of_range": {},
+    }
 
 
 def test_dataset_of_empty_files_bills_nothing(tmp_path: Path) -> None:
@@ -614,7 +620,13 @@ def test_dataset_of_empty_files_bills_nothing(tmp_path: Path) -> None:
     inv = inventory()
     bill = bill_of(tmp_path, inv, 3600)
     assert bill.pools == bill.tenants == bill.jobs == []
-    assert bill.input == {"files": 3, "rows": 0, "rows_skipped": 0, "files_quarantined": 0}
+    assert bill.input == {
+        "files": 3,
+        "rows": 0,
+        "rows_skipped": 0,
+        "files_quarantined": 0,
+        "rows_out_of_range": {},
+    }
     assert_same(bill_dict(bill), reference_bill({}, inv, 3600, files=files))
 
 

@@ -62,7 +62,13 @@ def test_json_to_stdout_and_file_are_the_same_bytes(
     assert out.read_text() == a.stdout
     bill = json.loads(a.stdout)
     assert set(bill) == {"pools", "tenants", "jobs", "input"}
-    assert bill["input"] == {"files": 6, "rows": 6 * 360, "rows_skipped": 0, "files_quarantined": 0}
+    assert bill["input"] == {
+        "files": 6,
+        "rows": 6 * 360,
+        "rows_skipped": 0,
+        "files_quarantined": 0,
+        "rows_out_of_range": {},
+    }
     gpu = [p for p in bill["pools"] if p["pool"] == "gpu-own"]
     assert [p["window_start"] for p in gpu] == [
         "2026-09-01T00:00:00Z", "2026-09-01T01:00:00Z", "2026-09-01T02:00:00Z",

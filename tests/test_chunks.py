@@ -46,9 +46,9 @@ def test_each_chunk_holds_exactly_its_rows_and_each_piece_is_decoded_once(
     decoded: list[dataset.Piece] = []
     real = dataset._read_piece
 
-    def counting(piece: dataset.Piece, columns: object) -> pa.Table:
+    def counting(piece: dataset.Piece, columns: object, stats: ReadStats) -> pa.Table:
         decoded.append(piece)
-        return real(piece, columns)  # type: ignore[arg-type]
+        return real(piece, columns, stats)  # type: ignore[arg-type]
 
     monkeypatch.setattr(dataset, "_read_piece", counting)
     stats = ReadStats()

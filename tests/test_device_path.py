@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -44,6 +45,13 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     pq.write_table(
         table.set_column(index, "utilization_ratio", changed), first.with_name("dup.parquet")
     )
+    # Values a float→int64 cast turns into INT64_MIN on x86 and saturates on a GPU: both
+    # backends must leave out the same rows (they are screened on the host, before either).
+    bad = table.slice(10, 5)
+    hostile = pa.array([3e38, float("nan"), -1.0, 18.5, float("inf")], pa.float32())
+    bad = bad.set_column(index, "utilization_ratio", hostile)
+    bad = bad.set_column(0, "time", pc.add(bad.column("time"), pa.scalar(1, pa.duration("ns"))))
+    pq.write_table(bad, first.with_name("bad.parquet"))
     return root, root / "inventory.toml"
 
 
@@ -73,6 +81,7 @@ def test_device_bill_bytes_equal_numpy(
     device = to_json(compute_bill(root, inventory, window, budget_rows=budget, xp=cupy))  # type: ignore[arg-type]
     assert device == host
     assert b'"rows_skipped": 0' not in host  # the conflicting duplicates were met
+    assert b'"gpu.utilization_ratio": 5' in host  # the hostile values were met, and left out
     assert fake_cupy.state.released == 2  # device and pinned pools, once, after the run
 
 

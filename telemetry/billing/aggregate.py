@@ -185,6 +185,7 @@ class AggregateSnapshot:
             rows_dropped={
                 "duplicate": aggregator.totals.duplicates,
                 "late": aggregator.totals.late,
+                "out_of_range": sum(aggregator.follower.stats.rows_out_of_range.values()),
             },
             files_read=stats.files,
             files_quarantined=stats.files_quarantined,

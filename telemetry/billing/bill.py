@@ -59,6 +59,10 @@ def finish_bill(biller: Biller, stats: ReadStats, warn: Callable[[str], None]) -
     inventory = biller.inventory
     for problem in inventory.unused_globs(set(biller.nodes.values)):
         warn(f"inventory {inventory.source}: {problem} matches no node in the dataset")
+    ruled_out = dict(sorted(stats.rows_out_of_range.items()))
+    if ruled_out:
+        detail = ", ".join(f"{column} {n:,}" for column, n in ruled_out.items())
+        warn(f"rows left out for a value outside its valid range (not billed): {detail}")
     return biller.bill(
         {
             "files": stats.files,
@@ -66,5 +70,6 @@ def finish_bill(biller: Biller, stats: ReadStats, warn: Callable[[str], None]) -
             "rows_skipped": biller.duplicates,
             # SPEC §7: set aside, moved or not (a read-only dataset, a journal never moved)
             "files_quarantined": stats.files_quarantined + stats.files_skipped,
+            "rows_out_of_range": ruled_out,
         }
     )

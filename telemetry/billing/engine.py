@@ -116,7 +116,7 @@ class Bill:
     pools: list[dict[str, Any]]
     tenants: list[dict[str, Any]]
     jobs: list[dict[str, Any]]
-    input: dict[str, int]
+    input: dict[str, Any]
     currency: str = ""
 
 
@@ -353,7 +353,7 @@ class Biller:
             tenants.append((pool.name, pool.kind, tenant, allocated_s, int(busy_us) / 1e6, charge))
         return LiveTotals(self.inventory.currency, sorted(pools), sorted(tenants))
 
-    def bill(self, input_stats: dict[str, int] | None = None) -> Bill:
+    def bill(self, input_stats: dict[str, Any] | None = None) -> Bill:
         """The bill of everything added so far."""
         currency = self.inventory.currency
         pools_out: list[dict[str, Any]] = []
@@ -386,7 +386,8 @@ class Biller:
                     "revenue": revenue,
                     "unit_cost": _ratio(cost, allocated),
                     "gross_margin_ratio": _ratio(revenue - cost, revenue),
-                    "idle_cost": cost * (1.0 - allocation_ratio)
+                    # capacity nobody bought: none where more was allocated than monitored
+                    "idle_cost": cost * max(0.0, 1.0 - allocation_ratio)
                     if allocation_ratio is not None
                     else cost,
                     "gap_hours": gap_us / US_PER_HOUR,

@@ -157,6 +157,7 @@ def to_table(bill: Bill) -> str:
     i = bill.input
     summary = (
         f"input: {i['files']} files, {i['rows']:,} rows, {i['rows_skipped']:,} rows skipped, "
+        f"{sum(i.get('rows_out_of_range', {}).values()):,} rows out of range, "
         f"{i['files_quarantined']} files quarantined"
     )
     lines = [

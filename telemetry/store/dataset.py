@@ -20,6 +20,7 @@ never moved, since a daemon may be writing it, only skipped; a file that lacks a
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
@@ -31,12 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from telemetry.errors import TallyError
-from telemetry.schema import SCHEMAS, TIME, SchemaError, validate
+from telemetry.schema import EARLIEST_NS, SCHEMAS, TIME, SchemaError, latest_ns, screen, validate
 from telemetry.store.layout import (
     JOURNAL_SUFFIX,
     PARQUET_SUFFIX,
@@ -62,6 +64,12 @@ class ReadStats:
     files_quarantined: int = 0
     files_skipped: int = 0
     problems: list[str] = field(default_factory=list)
+    # rows left out for a value outside its column's valid range, per "table.column"
+    rows_out_of_range: dict[str, int] = field(default_factory=dict)
+
+    def ruled_out(self, counts: Mapping[str, int]) -> None:
+        for key, n in counts.items():
+            self.rows_out_of_range[key] = self.rows_out_of_range.get(key, 0) + n
 
 
 def discover(root: Path) -> dict[str, list[Path]]:
@@ -186,6 +194,8 @@ def read_table(
             continue
         stats.files += 1
         stats.rows += data.num_rows
+        data, ruled_out = screen(data, table)
+        stats.ruled_out(ruled_out)
         parts.append(data)
     if not parts:
         return SCHEMAS[table].empty_table()
@@ -228,6 +238,23 @@ class Piece:
     min_ns: int
     max_ns: int
     rows: int
+    # Quantiles of the piece's times where its rows are not spread evenly over [min, max] (a
+    # stray row years away); empty: spread evenly, as telemetry is.
+    quantiles: tuple[int, ...] = ()
+
+
+# A piece spanning more than this is not one file of one daemon's hour or day: its time column
+# is read while planning, so that chunks follow where its rows really are.
+WIDE_SPAN_NS = 7 * 86_400 * 1_000_000_000
+_QUANTILES = 64
+
+
+def _time_quantiles(values: pa.ChunkedArray | pa.Array) -> tuple[int, ...]:
+    ns = np.sort(pc.cast(values, TIME).cast(pa.int64()).drop_null().to_numpy(zero_copy_only=False))
+    if ns.size == 0:
+        return ()
+    picks = np.linspace(0, ns.size - 1, num=min(_QUANTILES, ns.size)).round().astype(np.int64)
+    return tuple(int(t) for t in ns[picks])
 
 
 def _check_columns(table: str, schema: pa.Schema) -> None:
@@ -257,12 +284,20 @@ def _parquet_pieces(path: Path, table: str) -> list[Piece]:
         if group.num_rows == 0:
             continue
         stats = group.column(column).statistics
+        times = None
         if stats is not None and stats.has_min_max:
             low, high = int(stats.min_raw) * scale, int(stats.max_raw) * scale
         else:
             reader = reader or pq.ParquetFile(path)
-            low, high = _time_range(reader.read_row_group(i, columns=["time"]).column("time"))
-        pieces.append(Piece(table, path, i, low, high, group.num_rows))
+            times = reader.read_row_group(i, columns=["time"]).column("time")
+            low, high = _time_range(times)
+        quantiles: tuple[int, ...] = ()
+        if high - low > WIDE_SPAN_NS:
+            if times is None:
+                reader = reader or pq.ParquetFile(path)
+                times = reader.read_row_group(i, columns=["time"]).column("time")
+            quantiles = _time_quantiles(times)
+        pieces.append(Piece(table, path, i, low, high, group.num_rows, quantiles))
     return pieces
 
 
@@ -279,7 +314,9 @@ def plan(root: Path, files: dict[str, list[Path]], stats: ReadStats) -> list[Pie
                 _check_columns(table, data.schema)
                 if data.num_rows:
                     low, high = _time_range(data.column("time"))
-                    pieces.append(Piece(table, path, -1, low, high, data.num_rows))
+                    wide = high - low > WIDE_SPAN_NS
+                    quantiles = _time_quantiles(data.column("time")) if wide else ()
+                    pieces.append(Piece(table, path, -1, low, high, data.num_rows, quantiles))
             else:
                 pieces.extend(_parquet_pieces(path, table))
         except (SchemaError, pa.ArrowException, OSError) as exc:
@@ -294,9 +331,10 @@ class ValidatedChunk(dict[str, pa.Table]):
     (consumers may skip checking again; string columns are ``dictionary<int32, string>``)."""
 
 
-def _read_piece(piece: Piece, columns: Sequence[str] | None) -> pa.Table:
-    """One piece's rows, validated, string columns dictionary-encoded (as Parquet stores them:
-    decoding skips building a string per row, and series keys come out already encoded)."""
+def _read_piece(piece: Piece, columns: Sequence[str] | None, stats: ReadStats) -> pa.Table:
+    """One piece's rows, validated and screened (rows outside the valid ranges left out and
+    counted in ``stats``), string columns dictionary-encoded (as Parquet stores them: decoding
+    skips building a string per row, and series keys come out already encoded)."""
     if piece.row_group < 0:
         data, _ = read_journal(piece.path)
         if data is None:
@@ -315,10 +353,15 @@ def _read_piece(piece: Piece, columns: Sequence[str] | None) -> pa.Table:
         )
     try:
         if columns is not None:
-            return validate(data, piece.table, columns, dictionaries=True)
-        return validate(data, piece.table, dictionaries=True).select(SCHEMAS[piece.table].names)
+            checked = validate(data, piece.table, columns, dictionaries=True)
+        else:
+            checked = validate(data, piece.table, dictionaries=True)
+            checked = checked.select(SCHEMAS[piece.table].names)
     except SchemaError as exc:
         raise pa.ArrowInvalid(str(exc)) from None
+    kept, ruled_out = screen(checked, piece.table)
+    stats.ruled_out(ruled_out)
+    return kept
 
 
 def chunk_bounds(
@@ -326,14 +369,35 @@ def chunk_bounds(
 ) -> list[tuple[int, int]]:
     """Consecutive [a, b) ranges covering [low, high] of about ``budget_rows`` rows each.
 
-    Rows are assumed spread evenly over each piece's time range, which holds for telemetry.
+    Rows are taken as spread evenly over each piece's time range, which holds for telemetry,
+    except in pieces whose quantiles were read (a stray row years away does not stretch the
+    chunks over those years: the cuts follow where the rows are).
     """
     if high < low:
         return []
-    total = sum(p.rows for p in pieces if p.max_ns >= low and p.min_ns <= high)
+    inside = [p for p in pieces if p.max_ns >= low and p.min_ns <= high]
+    total = sum(p.rows for p in inside)
     parts = max(1, -(-total // max(1, budget_rows)))
-    step = max(1_000_000_000, -(-(high + 1 - low) // parts))
-    return [(a, min(a + step, high + 1)) for a in range(low, high + 1, step)]
+    if parts == 1:
+        return [(low, high + 1)]
+    # The rows' distribution over time, as weighted points: 8 spread over each piece, or its
+    # quantiles. Cut where the running total passes each multiple of the budget.
+    times: list[np.ndarray] = []
+    weights: list[np.ndarray] = []
+    for p in inside:
+        if p.quantiles:
+            points = np.asarray(p.quantiles, dtype=np.int64)
+        else:
+            points = np.linspace(max(p.min_ns, low), min(p.max_ns, high), num=8).astype(np.int64)
+        times.append(np.clip(points, low, high))
+        weights.append(np.full(points.size, p.rows / points.size))
+    at = np.concatenate(times)
+    order = np.argsort(at, kind="stable")
+    at, running = at[order], np.cumsum(np.concatenate(weights)[order])
+    step = total / parts
+    cuts = at[np.searchsorted(running, step * np.arange(1, parts), side="left")] + 1
+    edges = [low, *sorted({int(c) for c in cuts if low < c <= high}), high + 1]
+    return list(itertools.pairwise(edges))
 
 
 def read_chunks(
@@ -359,7 +423,8 @@ def read_chunks(
             data = later.pop(piece, None)
             if data is None:
                 try:
-                    data = _read_piece(piece, None if columns is None else columns[piece.table])
+                    wanted = None if columns is None else columns[piece.table]
+                    data = _read_piece(piece, wanted, stats)
                 except FileNotFoundError:
                     raise Vanished(piece.path) from None
                 except (pa.ArrowException, OSError) as exc:
@@ -495,10 +560,17 @@ def _scan_once(
     columns: Mapping[str, Sequence[str]] | None,
 ) -> None:
     pieces = plan(root, discover(root), stats)
+    latest = latest_ns()
+    outside = {p for p in pieces if p.max_ns < EARLIEST_NS or p.min_ns > latest}
+    for piece in sorted(outside, key=lambda p: (str(p.path), p.row_group)):
+        _read_outside(root, piece, columns, stats)  # impossible times only: count, bill none
+    pieces = [p for p in pieces if p not in outside]
     if not pieces:
         return
-    first = min(p.min_ns for p in pieces)
-    last = max(p.max_ns for p in pieces)
+    # A stray row dated 1970 or 2200 inside a good file must not stretch the chunks over
+    # centuries: rows outside [EARLIEST_NS, latest] are screened out when the piece is read.
+    first = max(min(p.min_ns for p in pieces), EARLIEST_NS)
+    last = min(max(p.max_ns for p in pieces), latest)
     # Every row is read, whatever --from/--to select (the biller counts only the selected
     # windows): the interval ending at a series' first selected row may be a gap opened long
     # before the start, and a job's user and tenant come from its latest row anywhere.
@@ -509,6 +581,18 @@ def _scan_once(
                 consumer.add(chunk)
             if progress is not None:
                 progress(i, len(bounds), stats.rows)
+
+
+def _read_outside(
+    root: Path, piece: Piece, columns: Mapping[str, Sequence[str]] | None, stats: ReadStats
+) -> None:
+    try:
+        _read_piece(piece, None if columns is None else columns[piece.table], stats)
+    except FileNotFoundError:
+        raise Vanished(piece.path) from None
+    except (pa.ArrowException, OSError) as exc:
+        moved = quarantine(root, piece.path, str(exc)) is not None
+        raise DamagedFile(piece.path, str(exc), moved) from None
 
 
 # ------------------------------------------------------------ a growing dataset: aggregate
@@ -608,6 +692,8 @@ class Follower:
                 new = data.filter(pc.greater(times, pa.scalar(seen.until_ns, pa.int64())))
             if first_time:
                 self.stats.files += 1
+        new, ruled_out = screen(new, table)
+        self.stats.ruled_out(ruled_out)
         if new.num_rows:
             self.rows[table] += new.num_rows
             newest = int(pc.max(new.column("time").cast(pa.int64())).as_py())

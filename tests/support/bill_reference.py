@@ -212,7 +212,10 @@ def reference_bill(
                 "revenue": revenue,
                 "unit_cost": _ratio(cost, allocated),
                 "gross_margin_ratio": _ratio(revenue - cost, revenue),
-                "idle_cost": cost if allocation_ratio is None else cost * (1.0 - allocation_ratio),
+                # capacity nobody bought; none (not negative) where allocation exceeds capacity
+                "idle_cost": cost
+                if allocation_ratio is None
+                else cost * max(0.0, 1.0 - allocation_ratio),
                 "gap_hours": gap_us / US_PER_HOUR,
             }
         )
@@ -268,5 +271,8 @@ def reference_bill(
             "rows": sum(len(rows) for rows in read.values()),
             "rows_skipped": sum(duplicates(rows, name) for name, rows in read.items()),
             "files_quarantined": 0,
+            # the generated datasets hold no value outside the valid ranges; the screen is
+            # tested on its own (test_bad_data)
+            "rows_out_of_range": {},
         },
     }
