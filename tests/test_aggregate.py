@@ -261,3 +261,24 @@ def test_errors_are_one_line(tmp_path: Path) -> None:
         )  # fmt: skip
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_a_row_from_the_future_leaves_the_ratios_and_counters_alone(tmp_path: Path) -> None:
+    """A row dated 2200 made the newest sample 2200, which emptied every trailing ratio
+    cluster-wide; an energy of 1e20 J turned counters backwards. Both are left out, counted."""
+    source, inventory_path = _sample(tmp_path, hours=1.0)
+    aggregator = Aggregator(source, parse_inventory(inventory_path.read_text()))
+    aggregator.poll()
+    newest, ratios = aggregator.stats.newest_ns, aggregator.ratios().rows
+    before = aggregator.live_totals()
+    assert ratios
+    odd = pq.read_table(next((source / "gpu").rglob("*.parquet"))).slice(0, 2)
+    future = pa.array([7_258_118_400 * NS, int(newest or 0) + 1], pa.timestamp("ns", tz="UTC"))
+    odd = odd.set_column(0, odd.schema.field("time"), future)
+    energy = odd.schema.get_field_index("energy_joules")
+    odd = odd.set_column(energy, odd.schema.field(energy), pa.array([1.0, 1e20]))
+    pq.write_table(odd, next((source / "gpu").rglob("*.parquet")).with_name("odd.parquet"))
+    aggregator.poll()
+    assert aggregator.stats.newest_ns == newest and aggregator.ratios().rows == ratios
+    assert aggregator.live_totals() == before
+    assert AggregateSnapshot.of(aggregator).rows_dropped["out_of_range"] == 2

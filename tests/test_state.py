@@ -443,3 +443,30 @@ def test_key_values_with_separator_characters_do_not_collide() -> None:
     codes, labels = series_codes(pa.concat_tables([a, b]), "gpu")
     assert sorted(labels) == [("n", "GPU\x1fx"), ("n\x1fGPU", "x")]
     assert len(set(codes.tolist())) == 2
+
+
+def test_rows_outside_the_valid_ranges_never_reach_the_counters() -> None:
+    """A broken reading (utilisation 3e38, a negative CPU count) would turn the live counters
+    backwards: the row is dropped and counted as out_of_range, the counters go on."""
+    from exporters.prometheus import TallyCollector
+    from tests.support.tables import cpu_table, gpu_table
+
+    state = State()
+    good = gpu_table("n1", "GPU-1", 0, [0.0, 5.0, 10.0], util=0.5)
+    state.ingest("gpu", good)
+    bad = gpu_table("n1", "GPU-1", 0, [15.0], util=0.5)
+    bad = bad.set_column(
+        bad.schema.get_field_index("utilization_ratio"),
+        bad.schema.field("utilization_ratio"),
+        pa.array([3e38], pa.float32()),
+    )
+    state.ingest("gpu", bad)
+    cpus = cpu_table("n1", [0.0])
+    cpus = cpus.set_column(2, cpus.schema.field("cpus"), pa.array([-8], pa.int32()))
+    state.ingest("cpu", cpus)
+    snapshot = state.snapshot()
+    assert snapshot.ingest["gpu"].out_of_range == 1 and snapshot.ingest["cpu"].out_of_range == 1
+    text = TallyCollector(lambda: snapshot).render_text().decode()
+    assert 'tally_samples_dropped_total{reason="out_of_range",table="gpu"} 1.0' in text
+    busy = [line for line in text.splitlines() if line.startswith("tally_gpu_busy_seconds_total")]
+    assert busy and all(float(line.split()[-1]) == 5.0 for line in busy), busy
