@@ -61,9 +61,18 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = CLIENT_TIMEOUT_SECONDS
     server_version = "tally"
     sys_version = ""
+    _head = False  # answering HEAD: headers only
 
     def version_string(self) -> str:
         return self.server_version  # http.server appends " " + sys_version: a trailing space
+
+    def do_HEAD(self) -> None:
+        """What GET would answer, headers only (uptime checkers and load balancers ask so)."""
+        self._head = True
+        try:
+            self.do_GET()
+        finally:
+            self._head = False
 
     def do_GET(self) -> None:
         web = self.server.web
@@ -73,7 +82,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", "text/plain; charset=utf-8")
             self.send_header("Content-Length", "13")
             self.end_headers()
-            self.wfile.write(b"unauthorized\n")
+            if not self._head:
+                self.wfile.write(b"unauthorized\n")
             return
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
@@ -110,7 +120,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Encoding", "gzip")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if not self._head:
+            self.wfile.write(body)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)

@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from telemetry import __version__
 from telemetry.collectors import REGISTRY
@@ -23,8 +23,13 @@ from telemetry.config import (
     DEFAULT_INTERVAL_SECONDS,
     DEFAULT_LISTEN,
     DEFAULT_MAX_GAP_SECONDS,
+    INTERVAL_RANGE,
+    MAX_GAP_RANGE,
+    POLL_RANGE,
     DaemonConfig,
-    parse_duration,
+    duration_arg,
+    number_arg,
+    seed_arg,
 )
 from telemetry.config import daemon_config as resolve_daemon_config
 from telemetry.errors import TallyError
@@ -43,26 +48,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise TallyError(f"{self.prog}: {message} (see --help)")
-
-
-def _duration(what: str) -> Any:
-    def parse(text: str) -> float:
-        try:
-            return parse_duration(text, what)
-        except TallyError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return value
 
 
 # ---------------------------------------------------------------- options shared by commands
@@ -94,7 +79,7 @@ def _dcgm_compat_option(p: argparse.ArgumentParser, default: bool | None) -> Non
 def _max_gap_option(p: argparse.ArgumentParser, default: float | None) -> None:
     p.add_argument(
         "--max-gap",
-        type=_duration("max-gap"),
+        type=duration_arg("max-gap", MAX_GAP_RANGE),
         default=default,
         help=f"longest interval that still counts (default {DEFAULT_MAX_GAP_SECONDS:g}s)",
     )
@@ -131,7 +116,7 @@ def _node_arguments(d: argparse.ArgumentParser) -> None:
     )
     d.add_argument(
         "--interval",
-        type=_duration("interval"),
+        type=duration_arg("interval", INTERVAL_RANGE),
         help=f"time between rounds, e.g. 5s, 500ms, 1m (default {DEFAULT_INTERVAL_SECONDS:g}s)",
     )
     _max_gap_option(d, default=None)
@@ -151,7 +136,7 @@ def _node_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--store.rotate",
         dest="store_rotate",
-        type=_duration("store.rotate"),
+        type=duration_arg("store.rotate"),
         help=argparse.SUPPRESS,
     )
     for name, cls in REGISTRY.items():
@@ -194,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("replay", help="feed a stored dataset through aggregation and the exporter")
     _dataset_argument(r)
     r.add_argument("--listen", help="ADDR:PORT to keep serving the final state on")
-    r.add_argument("--speed", type=_positive, help="pace the replay at X times real time")
+    r.add_argument(
+        "--speed", type=number_arg(1e-6, 1e9), help="pace the replay at X times real time"
+    )
     _inventory_option(r, required=False)
     _web_config_option(r, "--listen")
     _dcgm_compat_option(r, default=False)
@@ -206,9 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="write a small realistic demo dataset and its inventory")
     s.add_argument("out", type=Path, help="directory to create (must not exist)")
     s.add_argument("--nodes", type=int, default=4, help="GPU nodes of 8 GPUs (default 4)")
-    s.add_argument("--hours", type=_positive, default=6.0, help="hours of samples (default 6)")
     s.add_argument(
-        "--seed", type=int, default=1, help="the same seed writes the same dataset (default 1)"
+        "--hours", type=number_arg(0.05, 24 * 366), default=6.0, help="hours of samples (default 6)"
+    )
+    s.add_argument(
+        "--seed", type=seed_arg, default=1, help="the same seed writes the same dataset (default 1)"
     )
 
     b = sub.add_parser("bill", help="bill a stored dataset per window, pool, tenant and job")
@@ -241,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agg.add_argument(
         "--poll",
-        type=_duration("poll"),
+        type=duration_arg("poll", POLL_RANGE),
         default=15.0,
         help="how often to look for new samples (default 15s)",
     )
@@ -296,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     at = _command_index(argv)
     if at is not None:
         argv[at] = _RENAMED.get(argv[at], argv[at])
+    # A file name that is not UTF-8 must not turn a warning or an error into a traceback.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     # Set before parsing, so that even a usage error is a JSON line under --log-format json.
     setup_logging("info", "json" if _wants_json(argv) else "text")
     try:

@@ -7,8 +7,10 @@ the config file).
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import ipaddress
+import math
 import re
 import tomllib
 from collections.abc import Iterable
@@ -32,22 +34,80 @@ _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 
 
-def parse_duration(text: str, what: str = "duration") -> float:
-    """Seconds in ``text``: a number with an optional unit ms, s, m, h, d or w (``5``, ``15m``)."""
+# Bounds of the durations tally takes (seconds): what is outside them is a typing error, and
+# would overflow int64 nanoseconds or spin a loop.
+INTERVAL_RANGE = (0.1, 3600.0)
+MAX_GAP_RANGE = (1.0, 7 * 86400.0)
+POLL_RANGE = (0.1, 86400.0)
+WINDOW_MAX_SECONDS = 3650 * 86400  # ten years
+
+
+def parse_duration(
+    text: str, what: str = "duration", bounds: tuple[float, float] | None = None
+) -> float:
+    """Seconds in ``text``: a number with an optional unit ms, s, m, h, d or w (``5``, ``15m``),
+    within ``bounds`` (inclusive) when given. Raises ``TallyError`` naming ``what``."""
     match = _DURATION.match(str(text))
     if not match:
         raise TallyError(f"{what}: {text!r} is not a duration like 5s, 15m, 1h or 7d")
-    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    if not math.isfinite(seconds) or seconds > 100 * 365 * 86400:
+        raise TallyError(f"{what}: {text!r} is longer than a century")
+    if bounds is not None and not bounds[0] <= seconds <= bounds[1]:
+        raise TallyError(f"{what}: {text!r} must be between {bounds[0]:g}s and {bounds[1]:g}s")
+    return seconds
+
+
+# ---------------------------------------------------------------- command-line value types
+def duration_arg(what: str, bounds: tuple[float, float] | None = None) -> Any:
+    """An argparse type: a duration (``parse_duration``) within ``bounds``."""
+
+    def parse(text: str) -> float:
+        try:
+            return parse_duration(text, what, bounds)
+        except TallyError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def number_arg(low: float, high: float) -> Any:
+    """An argparse type: a positive number from ``low`` to ``high``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text!r} must be between {low:g} and {high:g}")
+        return value
+
+    return parse
+
+
+def seed_arg(text: str) -> int:
+    """An argparse type: a random seed, 0 to 2^63 − 1 (numpy refuses negative ones)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 0 and 2^63 - 1")
+    return value
 
 
 def parse_window(text: str) -> int:
     """A window length in whole seconds, at least 60 (``15m``, ``1h``, ``1d``, ``7d``)."""
-    try:
-        seconds = parse_duration(text, "window")
-    except TallyError:
+    if not _DURATION.match(str(text)):
         raise TallyError(
             f"window: {text!r} is not a window like 15m, 1h, 1d or 3600 (seconds, at least 60)"
-        ) from None
+        )
+    seconds = parse_duration(text, "window")
+    if seconds > WINDOW_MAX_SECONDS:
+        raise TallyError(f"window: {text!r} is longer than ten years")
     if seconds != int(seconds) or seconds < 60:
         raise TallyError(f"window: {text!r} must be a whole number of seconds, at least 60")
     return int(seconds)
@@ -98,8 +158,12 @@ class DaemonConfig:
     def check(self) -> None:
         """Raise ``TallyError`` for settings that cannot work together."""
         parse_listen(self.listen)
-        if self.interval_seconds <= 0:
-            raise TallyError("interval must be positive")
+        for what, value, (low, high) in (
+            ("interval", self.interval_seconds, INTERVAL_RANGE),
+            ("max-gap", self.max_gap_seconds, MAX_GAP_RANGE),
+        ):
+            if not low <= value <= high:
+                raise TallyError(f"{what}: {value:g}s must be between {low:g}s and {high:g}s")
         if self.interval_seconds * 2 > self.max_gap_seconds:
             raise TallyError(
                 f"interval {self.interval_seconds:g}s is more than half of max-gap "
@@ -182,12 +246,19 @@ def daemon_config(args: Any, collector_defaults: dict[str, bool]) -> DaemonConfi
         for key, raw_value in raw.items():
             dest = keys[key]
             value = raw_value
+            where = f"config {args.config}: {key}"
             if dest in ("interval", "max_gap"):
-                value = parse_duration(str(raw_value), f"config {args.config}: {key}")
-            elif key.startswith("collector.") and not isinstance(raw_value, bool):
-                raise TallyError(f"config {args.config}: {key} must be true or false")
+                if isinstance(raw_value, bool) or not isinstance(raw_value, (str, int, float)):
+                    raise TallyError(f'{where} must be a duration like "5s", got {raw_value!r}')
+                value = parse_duration(str(raw_value), where)
+            elif key.startswith("collector.") or dest == "dcgm_compat":
+                # "no" is a true string: only a TOML boolean says what it means
+                if not isinstance(raw_value, bool):
+                    raise TallyError(f"{where} must be true or false, got {raw_value!r}")
+            elif not isinstance(raw_value, str):
+                raise TallyError(f"{where} must be a string, got {raw_value!r}")
             elif dest in _PATH_KEYS:
-                value = Path(str(raw_value))
+                value = Path(raw_value)
             file_values[dest] = value
 
     def pick(dest: str, default: Any) -> Any:

@@ -29,6 +29,19 @@ from tests.support.tables import cpu_table, gpu_table, job_table, write_dataset
             "dataset /nonexistent/dataset does not exist",
         ),
         (["replay", "/tmp", "--speed", "0"], "must be positive"),
+        # each of these was a traceback or a value that could not work (item 19 of the
+        # reliability round): one line, exit 2
+        (["bill", "/tmp", "--inventory", "x", "--window", "10000000000"], "longer than"),
+        (["bill", "/tmp", "--inventory", "x", "--window", "9" * 400], "longer than a century"),
+        (["aggregate", "/tmp", "--inventory", "x", "--poll", "10000000000"], "longer than"),
+        (["aggregate", "/tmp", "--inventory", "x", "--poll", "2d"], "between 0.1s"),
+        (["aggregate", "/tmp", "--inventory", "x", "--poll", "0"], "between 0.1s"),
+        (["replay", "/tmp", "--max-gap", "10000000000"], "longer than"),
+        (["replay", "/tmp", "--max-gap", "30d"], "between 1s"),
+        (["replay", "/tmp", "--speed", "1e-300"], "between 1e-06"),
+        (["demo", "/tmp/never", "--hours", "1e-9"], "between 0.05"),
+        (["demo", "/tmp/never", "--seed", "-1"], "between 0 and 2^63"),
+        (["daemon", "--interval", "0.01"], "between 0.1s"),
         (["frobnicate"], "invalid choice"),
         ([], "the following arguments are required"),
     ],
@@ -135,3 +148,83 @@ def test_help_says_defaults_and_the_forms_each_option_takes() -> None:
     assert "e.g. 5s, 500ms" in help_of("daemon")
     window = tally("bill", "x", "--inventory", "y", "--window", "5x")
     assert window.returncode == 2 and "15m, 1h, 1d" in window.stderr and "5s" not in window.stderr
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("node = 5\n", "node must be a string, got 5"),
+        ('dcgm-compat = "no"\n', "dcgm-compat must be true or false"),
+        ('[collector]\ngpu = "off"\n', "collector.gpu must be true or false"),
+        ("interval = true\n", "interval must be a duration"),
+        ('max-gap = "30d"\n', "max-gap: 2.592e+06s must be between"),
+    ],
+)
+def test_config_values_of_the_wrong_type_are_one_line_errors(
+    tmp_path: Path, body: str, message: str
+) -> None:
+    config = tmp_path / "tally.toml"
+    config.write_text(body)
+    result = tally("daemon", "--config", str(config), "--data-dir", str(tmp_path / "d"))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_inventory_values_a_finance_team_would_not_type(tmp_path: Path) -> None:
+    pool = (
+        '[[pool]]\nname = "{name}"\nkind = "gpu"\nownership = "own"\nnodes = ["*"]\n'
+        "cost_per_unit_hour = {cost}\nprice_per_unit_hour = {price}\n"
+    )
+    cases = [
+        ("max_gap_seconds = 1e300\n", "max_gap_seconds: must be a number from 0 to 604800"),
+        (pool.format(name="p", cost=1, price="1e308"), "price_per_unit_hour: must be a number"),
+        (pool.format(name="Unassigned ", cost=1, price=2), "reserved"),
+    ]
+    for body, message in cases:
+        inventory = tmp_path / "inv.toml"
+        inventory.write_text(body)
+        result = tally("bill", str(tmp_path), "--inventory", str(inventory))
+        assert result.returncode == 2 and message in result.stderr, (body, result.stderr)
+    from telemetry.billing.inventory import parse_inventory
+
+    negative_zero = parse_inventory(pool.format(name="p", cost="-0.0", price="-0.0"))
+    assert str(negative_zero.pools[0].price_per_unit_hour) == "0.0"  # never "-0.00" on a bill
+
+
+def test_a_file_name_that_is_not_utf8_is_said_not_a_traceback(tmp_path: Path) -> None:
+    from tests.support.tables import cpu_table, write_dataset
+
+    root = tmp_path / "ds"
+    good = write_dataset(root, "cpu", cpu_table("n1", [0.0, 30.0]))
+    (good.parent / b"caf\xe9-torn.parquet".decode("utf-8", "surrogateescape")).write_bytes(
+        b"PAR1 torn"
+    )
+    inventory = tmp_path / "inv.toml"
+    inventory.write_text(
+        '[[pool]]\nname = "p"\nkind = "cpu"\nownership = "own"\nnodes = ["*"]\n'
+        "cost_per_unit_hour = 1\nprice_per_unit_hour = 2\n"
+    )
+    result = tally("bill", str(root), "--inventory", str(inventory))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "Logging error" not in result.stderr
+    assert "caf\\udce9-torn.parquet" in result.stderr and "not valid UTF-8" in result.stderr
+    import json
+
+    assert json.loads(result.stdout)["input"]["files_quarantined"] == 1
+
+
+def test_head_metrics_answers_like_get_without_a_body(tmp_path: Path) -> None:
+    import http.client
+
+    from tests.support.daemon import DaemonProcess
+
+    daemon = DaemonProcess(tmp_path / "data", tmp_path, node="head")
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=5)
+        conn.request("HEAD", "/metrics")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read() == b""
+        assert int(resp.getheader("Content-Length", "0")) > 0
+        conn.close()
+    finally:
+        daemon.stop()

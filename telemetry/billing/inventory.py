@@ -70,12 +70,19 @@ class Inventory:
         ]
 
 
-def _number(value: Any, where: str) -> float:
+# Larger figures are typing errors, and they would print as infinite JSON once multiplied.
+MAX_PRICE_PER_UNIT_HOUR = 1e9
+# Longer intervals than this are never one sample period; it bounds Δt, so products of rates and
+# Δt stay far inside int64 microseconds.
+MAX_GAP_LIMIT_SECONDS = 7 * 86400
+
+
+def _number(value: Any, where: str, most: float = MAX_PRICE_PER_UNIT_HOUR) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TallyError(f"{where}: must be a number, got {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise TallyError(f"{where}: must be a finite number >= 0, got {value!r}")
-    return float(value)
+    if not math.isfinite(value) or not 0 <= value <= most:
+        raise TallyError(f"{where}: must be a number from 0 to {most:g}, got {value!r}")
+    return float(value) + 0.0  # -0.0 becomes 0.0: it would print as "-0.00"
 
 
 def parse_inventory(text: str, source: str = "<inventory>") -> Inventory:
@@ -87,7 +94,11 @@ def parse_inventory(text: str, source: str = "<inventory>") -> Inventory:
     for key in data:
         if key not in _TOP_KEYS:
             raise TallyError(f"inventory {source}: unknown key {key!r}")
-    max_gap = _number(data.get("max_gap_seconds", 60), f"inventory {source}: max_gap_seconds")
+    max_gap = _number(
+        data.get("max_gap_seconds", 60),
+        f"inventory {source}: max_gap_seconds",
+        most=MAX_GAP_LIMIT_SECONDS,
+    )
     if max_gap <= 0:
         raise TallyError(f"inventory {source}: max_gap_seconds must be positive")
     currency = data.get("currency", "")
@@ -111,7 +122,8 @@ def parse_inventory(text: str, source: str = "<inventory>") -> Inventory:
         where = f"inventory {source}: pool {name!r}"
         if name in seen:
             raise TallyError(f"{where}: duplicate pool name")
-        if name == UNASSIGNED:
+        if name.strip().casefold() == UNASSIGNED:
+            # "Unassigned " would read as the reserved pool on every invoice
             raise TallyError(f"{where}: the name is reserved for nodes no pool matches")
         seen.add(name)
         if raw["kind"] not in KINDS:
