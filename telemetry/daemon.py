@@ -110,7 +110,8 @@ class Daemon:
         snapshot = self.state.snapshot(result.status)
         for table, rows in self.clock_dropped.items():
             snapshot.ingest[table].late += rows
-        snapshot.store = {"rows_written": self.store.rows_written, "errors": self.store_errors}
+        errors = self.store_errors + self.store.lost_journals
+        snapshot.store = {"rows_written": self.store.rows_written, "errors": errors}
         self._snapshot = snapshot
 
     def _collector_summary(self) -> str:
@@ -214,6 +215,14 @@ class Daemon:
         if self.server is not None:
             self.server.stop()
         self.runner.close()
+        self._flush_pending()  # a last try for what a full disk held back
+        held = sum(batch.num_rows for _, batch in self._pending)
+        if held:
+            log.warning(
+                "stopping with %d collected rows that could not be written to %s: lost",
+                held,
+                self.config.data_dir,
+            )
         self.store.close()
         log.info("stopped; %d rows written", self.store.rows_written)
 

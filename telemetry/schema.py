@@ -257,29 +257,22 @@ VALID_RANGES: dict[str, dict[str, tuple[float, float]]] = {
         "memory_bytes": (0.0, 2.0**60),
     },
 }
-# Sample times: not before 2000, not more than a day after the reading machine's clock (a
-# sample cannot come from the future; a daemon whose clock jumped writes such rows).
+# Sample times: from 2000 up to 2100. Fixed bounds, not the reading machine's clock, so that a
+# bill recomputed later reads the same rows; a row dated 1970 (a zeroed clock) or 2200 is out.
 EARLIEST_NS = 946_684_800 * 1_000_000_000  # 2000-01-01T00:00:00Z
-FUTURE_SLACK_NS = 86_400 * 1_000_000_000
-
-
-def latest_ns() -> int:
-    """The latest valid sample time now: this machine's clock plus a day."""
-    import time
-
-    return time.time_ns() + FUTURE_SLACK_NS
+LATEST_NS = 4_102_444_800 * 1_000_000_000  # 2100-01-01T00:00:00Z
 
 
 def screen(
     table: pa.Table, name: str, latest: int | None = None
 ) -> tuple[pa.Table, dict[str, int]]:
     """``table`` without the rows that hold a value outside ``VALID_RANGES`` or a time outside
-    [2000, ``latest``]; and how many rows each column ruled out, as ``{"gpu.power_watts": n}``
+    [2000, ``latest``] (default 2100); and how many rows each column ruled out, as ``{"gpu.power_watts": n}``
     (a row ruled out by two columns counts under both). Null passes where a column may be null.
     """
     if table.num_rows == 0:
         return table, {}
-    latest = latest_ns() if latest is None else latest
+    latest = LATEST_NS if latest is None else latest
     checks: list[tuple[str, pa.ChunkedArray | pa.Array]] = []
     if "time" in table.column_names:
         ns = table.column("time").cast(pa.int64())

@@ -114,3 +114,71 @@ def test_nvml_lost_mid_run_then_back(daemon: Daemon) -> None:
     daemon.round()
     assert daemon._snapshot.collectors["gpu"].success, "re-initialised when NVML came back"
     assert daemon._snapshot.tables["gpu"].latest.num_rows == 1
+
+
+def test_shutdown_on_a_full_disk_says_what_it_loses_and_exits_cleanly(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGTERM on a full disk dropped buffered rows without a word, and a compaction refused by
+    a read-only disk ended in a traceback (exit 1)."""
+    from telemetry.store import writer
+
+    _clock(daemon, [0, 5, 10, 15])
+    daemon.round()
+    monkeypatch.setattr(
+        Store, "append", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
+    )
+    daemon.round()
+    daemon.round()
+    held = sum(b.num_rows for _, b in daemon._pending)
+    assert held > 0
+    monkeypatch.setattr(
+        writer, "compact", lambda *a: (_ for _ in ()).throw(OSError(errno.EROFS, "read-only"))
+    )
+    with caplog.at_level("WARNING", logger="tally"):
+        daemon._shutdown()  # must not raise
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert f"{held} collected rows that could not be written" in said
+    assert "cannot compact the journals at shutdown" in said
+    assert list(daemon.config.data_dir.rglob("*.arrows")), "the journal stays, readable"
+
+
+def test_a_round_that_cannot_write_leaves_no_empty_journal(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from telemetry.store import writer
+
+    _clock(daemon, [0, 5, 10])
+    real_open = Store._open_journal
+
+    class FullDisk:
+        def write_table(self, *_: object) -> None:
+            raise OSError(errno.ENOSPC, "full")
+
+    def opening(self: Store, table: str, time_ns: int, hour: int) -> writer._Journal:
+        journal = real_open(self, table, time_ns, hour)
+        journal.writer = FullDisk()  # type: ignore[assignment]
+        return journal
+
+    monkeypatch.setattr(Store, "_open_journal", opening)
+    for _ in range(3):
+        daemon.round()
+    assert daemon.store_errors >= 3
+    assert not list(daemon.config.data_dir.rglob("*.arrows")), "no empty journal per round"
+
+
+def test_a_data_dir_deleted_while_running_is_noticed_counted_and_recreated(
+    daemon: Daemon,
+) -> None:
+    import shutil
+
+    _clock(daemon, [0, 5, 10, 15])
+    daemon.round()
+    daemon.round()
+    shutil.rmtree(daemon.config.data_dir)
+    daemon.round()  # rows would have gone into an unlinked journal, silently
+    daemon.round()
+    assert daemon._snapshot.store["errors"] >= 1
+    daemon.store.close()  # no traceback at the end either
+    times = _stored(daemon.config.data_dir)
+    assert len(times) == 2, "the rounds after the deletion are stored in the new data dir"

@@ -39,7 +39,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from telemetry.errors import TallyError
-from telemetry.schema import EARLIEST_NS, SCHEMAS, TIME, SchemaError, latest_ns, screen, validate
+from telemetry.schema import (
+    EARLIEST_NS,
+    LATEST_NS,
+    SCHEMAS,
+    TIME,
+    SchemaError,
+    screen,
+    validate,
+)
 from telemetry.store.layout import (
     JOURNAL_SUFFIX,
     PARQUET_SUFFIX,
@@ -623,7 +631,7 @@ def _scan_once(
     columns: Mapping[str, Sequence[str]] | None,
 ) -> None:
     pieces = plan(root, discover(root), stats)
-    latest = latest_ns()
+    latest = LATEST_NS
     outside = {p for p in pieces if p.max_ns < EARLIEST_NS or p.min_ns > latest}
     for piece in sorted(outside, key=lambda p: (str(p.path), p.row_group)):
         _read_outside(root, piece, columns, stats)  # impossible times only: count, bill none

@@ -133,6 +133,7 @@ class Store:
         self._journals: dict[str, _Journal] = {}
         self._lock_file: BinaryIO | None = None
         self.rows_written = 0
+        self.lost_journals = 0  # journals deleted under us while open
 
     def open(self) -> None:
         """Create the directory, take the node's lock, recover what a crash left behind.
@@ -178,6 +179,17 @@ class Store:
         first_ns = int(batch.column("time").cast(pa.int64())[0].as_py())
         hour = first_ns // self.rotate_ns
         journal = self._journals.get(table)
+        if journal is not None and not journal.path.exists():
+            # The data dir (or the journal) was deleted under us: rows written on would go into
+            # an unlinked file and vanish. Give it up and open a new one where the dir is now.
+            self._abandon(table)
+            self.lost_journals += 1
+            log.warning(
+                "%s: the journal was deleted while open (data dir removed?); what it held is "
+                "gone, writing a new one",
+                journal.path,
+            )
+            journal = None
         if journal is not None and journal.hour != hour:
             self._close_journal(table)
             journal = None
@@ -198,6 +210,11 @@ class Store:
         if journal is not None:
             with contextlib.suppress(Exception):
                 journal.file.close()
+            # a journal whose first batch never made it holds no sample: leave no empty file
+            with contextlib.suppress(OSError):
+                data, _ = read_journal(journal.path)
+                if data is None or data.num_rows == 0:
+                    journal.path.unlink()
 
     def _open_journal(self, table: str, time_ns: int, hour: int) -> _Journal:
         directory = partition_dir(self.root, table, time_ns, self.node)
@@ -217,17 +234,33 @@ class Store:
             journal.writer.close()
         finally:
             journal.file.close()
-        compact(journal.path, self.root, table)
+        if journal.path.exists():  # gone with a deleted data dir: nothing to compact
+            compact(journal.path, self.root, table)
 
     def rotate(self) -> None:
-        """Compact every open journal now (the next append opens new ones)."""
+        """Compact every open journal now (the next append opens new ones); raises ``OSError``
+        when the disk refuses (the journals that could not be compacted stay readable)."""
+        failed: OSError | None = None
         for table in list(self._journals):
-            self._close_journal(table)
+            try:
+                self._close_journal(table)
+            except OSError as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     def close(self) -> None:
-        """Compact open journals and release the lock."""
+        """Compact open journals and release the lock. A disk that refuses the compaction (full,
+        read-only) leaves the journals as they are, readable, compacted on the next start: said,
+        not raised."""
         try:
             self.rotate()
+        except OSError as exc:
+            log.warning(
+                "cannot compact the journals at shutdown (%s); they stay readable and are "
+                "compacted on the next start",
+                exc.strerror or exc,
+            )
         finally:
             if self._lock_file is not None:
                 self._lock_file.close()
