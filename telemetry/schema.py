@@ -267,8 +267,9 @@ def screen(
     table: pa.Table, name: str, latest: int | None = None
 ) -> tuple[pa.Table, dict[str, int]]:
     """``table`` without the rows that hold a value outside ``VALID_RANGES`` or a time outside
-    [2000, ``latest``] (default 2100); and how many rows each column ruled out, as ``{"gpu.power_watts": n}``
-    (a row ruled out by two columns counts under both). Null passes where a column may be null.
+    [2000, ``latest``] (default 2100); and how many rows each column ruled out, as
+    ``{"gpu.power_watts": n}`` (a row ruled out by two columns counts under both). Null passes
+    where a column may be null.
     """
     if table.num_rows == 0:
         return table, {}
