@@ -174,7 +174,12 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "tally_store_rows_written": ("counter", "Sample rows appended to the data directory.", ()),
     "tally_store_errors": (
         "counter",
-        "Failed writes to the data directory (disk full, read-only, ...).",
+        "Failed writes to the data directory (disk full, read-only, deleted, ...).",
+        (),
+    ),
+    "tally_clock_steps": (
+        "counter",
+        "Wall-clock jumps the daemon saw; sample times kept the monotonic course.",
         (),
     ),
     "tally_pool_capacity_unit_seconds": (
@@ -386,6 +391,8 @@ def self_families(snapshot: Snapshot) -> Iterator[ColumnFamily]:
         for key in ("rows_written", "errors"):
             yield _one(f"tally_store_{key}", [],
                        np.array([snapshot.store.get(key, 0)], dtype=np.float64))  # fmt: skip
+        steps = np.array([snapshot.store.get("clock_steps", 0)], dtype=np.float64)
+        yield _one("tally_clock_steps", [], steps)
     yield _one("tally_build_info", [__version__], np.ones(1))
 
 

@@ -23,6 +23,7 @@ from prometheus_client.process_collector import ProcessCollector
 from exporters.http import MetricsServer, serve
 from exporters.prometheus import TallyCollector
 from telemetry.billing.inventory import load_inventory
+from telemetry.clock import SteadyClock
 from telemetry.collectors import REGISTRY, CollectorContext, Runner
 from telemetry.collectors.base import CollectorStatus
 from telemetry.config import DaemonConfig, load_object
@@ -69,7 +70,8 @@ class Daemon:
             for name, cls in REGISTRY.items()
             if config.collectors.get(name, cls.default_enabled)
         ]
-        self.runner = Runner([REGISTRY[name](ctx) for name in enabled])
+        self.clock = SteadyClock()
+        self.runner = Runner([REGISTRY[name](ctx) for name in enabled], clock_ns=self.clock)
         self.registry = CollectorRegistry()
         self.tally = TallyCollector(lambda: self._snapshot, config.dcgm_compat)
         self.registry.register(self.tally)
@@ -111,7 +113,11 @@ class Daemon:
         for table, rows in self.clock_dropped.items():
             snapshot.ingest[table].late += rows
         errors = self.store_errors + self.store.lost_journals
-        snapshot.store = {"rows_written": self.store.rows_written, "errors": errors}
+        snapshot.store = {
+            "rows_written": self.store.rows_written,
+            "errors": errors,
+            "clock_steps": self.clock.steps,
+        }
         self._snapshot = snapshot
 
     def _collector_summary(self) -> str:
