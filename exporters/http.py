@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from exporters.webconfig import WebConfig, load_web_config
+from exporters.webconfig import FAILURE_WINDOW_S, WebConfig, load_web_config
 from telemetry.config import parse_listen
 from telemetry.errors import TallyError
 
@@ -76,7 +76,15 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         web = self.server.web
+        client = str(self.client_address[0])
+        if web is not None and web.users and web.throttled(client):
+            self.send_response(429)
+            self.send_header("Retry-After", str(int(FAILURE_WINDOW_S)))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if web is not None and not web.authorized(self.headers.get("Authorization")):
+            web.failed(client)
             self.send_response(401)
             self.send_header("WWW-Authenticate", 'Basic realm="tally"')
             self.send_header("Content-Type", "text/plain; charset=utf-8")

@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import ssl
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ _TLS = {"cert_file", "key_file", "min_version", "client_auth_type", "client_ca_f
 _VERSIONS = {"TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
 _CLIENT_AUTH = {"NoClientCert", "RequireAndVerifyClientCert"}
 _CACHE_LIMIT = 1024
+# Failed logins a client may make within the window before it is refused without a check.
+FAILURES_ALLOWED = 10
+FAILURE_WINDOW_S = 60.0
 
 
 @dataclass
@@ -44,6 +48,40 @@ class WebConfig:
     users: dict[str, bytes] = field(default_factory=dict)
     _verified: dict[bytes, bool] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _failures: dict[str, list[float]] = field(default_factory=dict, repr=False)
+    _decoy: bytes | None = field(default=None, repr=False)
+
+    def throttled(self, client: str) -> bool:
+        """Whether ``client`` failed authentication ``FAILURES_ALLOWED`` times within the last
+        ``FAILURE_WINDOW_S``: it is refused (429) without a bcrypt check, so wrong passwords
+        cannot keep the cores busy."""
+        now = time.monotonic()
+        with self._lock:
+            recent = [t for t in self._failures.get(client, ()) if now - t < FAILURE_WINDOW_S]
+            if recent:
+                self._failures[client] = recent
+            else:
+                self._failures.pop(client, None)
+            return len(recent) >= FAILURES_ALLOWED
+
+    def failed(self, client: str) -> None:
+        """Note a failed authentication of ``client``."""
+        with self._lock:
+            if len(self._failures) >= _CACHE_LIMIT and client not in self._failures:
+                self._failures.pop(next(iter(self._failures)))
+            self._failures.setdefault(client, []).append(time.monotonic())
+
+    def _decoy_hash(self) -> bytes:
+        """A hash of the users' cost, checked for unknown users so that a user name does not
+        show in the time an answer takes."""
+        if self._decoy is None:
+            some = next(iter(self.users.values()))
+            try:
+                rounds = int(some.split(b"$")[2])
+            except (IndexError, ValueError):
+                rounds = 12
+            self._decoy = bcrypt.hashpw(b"decoy", bcrypt.gensalt(rounds=rounds))
+        return self._decoy
 
     def authorized(self, header: str | None) -> bool:
         """Whether an ``Authorization`` header passes basic auth (always True without users).
@@ -63,6 +101,7 @@ class WebConfig:
             return False
         stored = self.users.get(user)
         if not sep or stored is None:
+            bcrypt.checkpw(password.encode(), self._decoy_hash())  # the same work as a known user
             return False
         key = hmac.new(stored, f"{user}:{password}".encode(), hashlib.sha256).digest()
         with self._lock:
