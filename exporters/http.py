@@ -6,11 +6,14 @@ own thread and never the collection loop or other scrapers.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import logging
 import socket
 import ssl
+import sys
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -39,9 +42,55 @@ class _Server(ThreadingHTTPServer):
     # socketserver's default backlog of 5 drops connections when a few dozen scrapers (or
     # federation and dashboards at once) connect together; the kernel caps it at somaxconn.
     request_queue_size = 128
+    # Slowloris: connections beyond this many are closed at once (a thread and a descriptor
+    # each: 906 held threads took the last file descriptors the collectors needed), and no
+    # connection lives longer than the deadline, however slowly it sends its headers.
+    max_connections = 128
+    connection_deadline_s = 3 * CLIENT_TIMEOUT_SECONDS
     registry: CollectorRegistry
     web: WebConfig | None = None
     text: Callable[[], bytes] | None = None
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self.open: dict[Any, float] = {}
+        self.open_lock = threading.Lock()
+        self.refused = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.open_lock:
+            if len(self.open) >= self.max_connections:
+                self.refused += 1
+                full = True
+            else:
+                self.open[request] = time.monotonic()
+                full = False
+        if full:
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.open_lock:
+                self.open.pop(request, None)
+
+    def close_overdue(self) -> None:
+        """Cut connections older than the deadline (their threads then end)."""
+        now = time.monotonic()
+        with self.open_lock:
+            overdue = [
+                r for r, since in self.open.items() if now - since > self.connection_deadline_s
+            ]
+        for request in overdue:
+            with contextlib.suppress(OSError):
+                request.shutdown(socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # one line in the log, never a traceback on stderr (a misbehaving client is not news)
+        log.debug("connection from %s ended: %s", client_address, sys.exc_info()[1])
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         # The TLS handshake runs here, in the connection's own thread, so a client that stalls
@@ -168,6 +217,8 @@ class MetricsServer:
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="tally-http", daemon=True
         )
+        self._stopping = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="tally-http-watch", daemon=True)
 
     @property
     def port(self) -> int:
@@ -184,9 +235,15 @@ class MetricsServer:
 
     def start(self) -> None:
         self._thread.start()
+        self._watchdog.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(1.0):
+            self._httpd.close_overdue()
 
     def stop(self) -> None:
         """Stop serving and close the socket (also of a server never started)."""
+        self._stopping.set()
         if self._thread.is_alive():
             self._httpd.shutdown()  # waits for serve_forever: only where it runs
             self._thread.join(timeout=5)

@@ -102,3 +102,34 @@ def test_a_server_never_started_stops_at_once() -> None:
     assert time.monotonic() - began < 1.0
     with socket.socket() as again:  # the port is released
         again.bind(("127.0.0.1", srv.port))
+
+
+def test_slow_clients_are_bounded_and_cut(server: MetricsServer) -> None:
+    """Slowloris: at systemd's 1024 descriptors, 906 held threads took the descriptors the
+    collectors needed. Connections past the limit are closed at once, and none lives past
+    the deadline, however slowly it sends its headers."""
+    import threading
+
+    httpd = server._httpd
+    httpd.max_connections, httpd.connection_deadline_s = 4, 1.0
+    threads_before = threading.active_count()
+    slow = []
+    for _ in range(10):
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        s.sendall(b"GET /metrics HTTP/1.1\r\nX-a: ")  # and never the rest
+        slow.append(s)
+    time.sleep(0.3)
+    assert threading.active_count() <= threads_before + 4
+    refused = 0
+    for s in slow:
+        s.settimeout(5)
+        try:
+            closed = s.recv(1) == b""
+        except OSError:
+            closed = True
+        refused += closed
+        s.close()
+    assert refused == 10, "6 refused at once, 4 cut at the deadline"
+    assert httpd.refused >= 6
+    resp = _get(server.port, "/metrics")
+    assert resp.status == 200 and b"tally_cpus" in resp.read()
