@@ -58,7 +58,7 @@ def replay(args: argparse.Namespace) -> int:
     from exporters.prometheus import TallyCollector
     from telemetry.billing.inventory import load_inventory
     from telemetry.progress import Progress
-    from telemetry.replay import load_dataset, replay
+    from telemetry.replay import replay
     from telemetry.state import Snapshot
 
     inventory = load_inventory(args.inventory) if args.inventory is not None else None
@@ -68,12 +68,9 @@ def replay(args: argparse.Namespace) -> int:
     registry.register(collector)
     server = None
     if args.listen is not None and not args.once:
-        # bound before the dataset is read: a bad address fails before minutes of reading
-        server = serve(registry, args.listen, args.web_config, collector.render_text, start=False)
-    with Progress("replay", step="file", quiet=args.quiet) as bar:
-        tables, stats = load_dataset(args.dataset, bar)
-    if server is not None:
-        server.start()
+        # bound and serving before the dataset is read: a bad address fails at once, and a
+        # paced replay is watched as it goes
+        server = serve(registry, args.listen, args.web_config, collector.render_text)
         banner = f"tally replay: serving {server.url}"
         say(banner, plain=banner)
     stop = stop_on_signals()
@@ -81,7 +78,10 @@ def replay(args: argparse.Namespace) -> int:
     def publish(snapshot: Snapshot) -> None:
         current[0] = snapshot
 
-    replay(tables, args.max_gap, args.speed, publish, stop, inventory)
+    with Progress("replay", quiet=args.quiet or args.speed is not None) as bar:
+        _, stats = replay(
+            args.dataset, args.max_gap, args.speed, publish, stop, inventory, progress=bar
+        )
     if stats.files_quarantined or stats.files_skipped:
         summary = (
             f"tally replay: {stats.files} files read, {stats.files_quarantined} quarantined, "

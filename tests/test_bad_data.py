@@ -317,8 +317,6 @@ def test_no_value_in_any_numeric_column_makes_a_bill_figure_negative_or_infinite
     doc = json.loads(to_json(bill))
     for name, figure in _figures(doc):
         assert math.isfinite(figure) and figure >= 0, (name, figure, table, column, value)
-    for pool in doc["pools"]:
-        assert pool["busy_unit_hours"] <= pool["capacity_unit_hours"] * 1.01 + 1e-9
     stored = tables[table].column(column)[row].as_py()  # as the column's type holds it
     high = UPPER.get(column, 1e12)
     outside = not (math.isfinite(stored) and 0 <= stored <= high)
