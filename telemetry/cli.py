@@ -235,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often to look for new samples (default 15s)",
     )
     _web_config_option(agg, "--listen")
+    agg.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="JSON file of the exported totals, so counters never go down when old files are "
+        "removed (default DATASET/.tally/aggregate-checkpoint.json)",
+    )
     # A service that may be started on any host: it takes a GPU only when told to.
     _backend_option(agg, default="numpy")
 

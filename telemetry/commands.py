@@ -155,7 +155,10 @@ def aggregate(args: argparse.Namespace) -> int:
     inventory = load_inventory(args.inventory)
     if not args.dataset.is_dir():
         discover(args.dataset)  # the one-line error for a missing or non-directory dataset
-    aggregator = Aggregator(args.dataset, inventory, xp=backend(args.backend))
+    checkpoint = args.checkpoint or args.dataset / ".tally" / "aggregate-checkpoint.json"
+    aggregator = Aggregator(
+        args.dataset, inventory, xp=backend(args.backend), checkpoint=checkpoint
+    )
     current = [AggregateSnapshot()]
     collector = AggregateCollector(lambda: current[0])
     registry = CollectorRegistry()

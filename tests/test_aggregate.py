@@ -282,3 +282,34 @@ def test_a_row_from_the_future_leaves_the_ratios_and_counters_alone(tmp_path: Pa
     assert aggregator.stats.newest_ns == newest and aggregator.ratios().rows == ratios
     assert aggregator.live_totals() == before
     assert AggregateSnapshot.of(aggregator).rows_dropped["out_of_range"] == 2
+
+
+def test_counters_never_go_down_when_old_files_are_removed(tmp_path: Path) -> None:
+    """Retention deleted old partitions, the aggregator restarted, and the charge went from
+    425.21 to 342.27: Prometheus read a reset and increase() counted 342 again."""
+    source, inventory_path = _sample(tmp_path, hours=1.0)
+    inventory = parse_inventory(inventory_path.read_text())
+    checkpoint = tmp_path / "state" / "checkpoint.json"
+    first = Aggregator(source, inventory, checkpoint=checkpoint)
+    first.poll()
+    before = first.live_totals()
+    assert checkpoint.is_file()
+    for path in (source / "gpu").rglob("*.parquet"):  # retention takes one node's files
+        if "gpu-a01" in str(path):
+            path.unlink()
+    bare = Aggregator(source, inventory)
+    bare.poll()
+    assert bare.live_totals().pools < before.pools, "without the checkpoint they go down"
+    restarted = Aggregator(source, inventory, checkpoint=checkpoint)
+    restarted.poll()
+    after = restarted.live_totals()
+    assert after == before, "the same totals, not a reset"
+    # and the counters go on growing from there as new rows arrive
+    newer = pq.read_table(next((source / "cpu").rglob("*.parquet")))
+    hour = pa.scalar(3600 * NS, pa.duration("ns"))
+    newer = newer.set_column(0, newer.schema.field("time"), pc.add(newer.column("time"), hour))
+    pq.write_table(newer, next((source / "cpu").rglob("*.parquet")).with_name("later.parquet"))
+    restarted.poll()
+    grown = restarted.live_totals()
+    assert all(g[2] >= b[2] for g, b in zip(grown.pools, before.pools, strict=True))
+    assert any(g[2] > b[2] for g, b in zip(grown.pools, before.pools, strict=True))

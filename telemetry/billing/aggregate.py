@@ -7,12 +7,17 @@ row (a node's files arriving out of order) cannot be billed live any more: it is
 counted (``tally bill`` over the same files still counts it).
 
 Restarts: the dataset is the state. A new aggregator reads every file again before it serves,
-so its counters continue from the same totals — never doubled, never reset by the restart.
+so its counters continue from the same totals — never doubled, never reset by the restart. What
+the dataset no longer holds (old partitions removed by retention) is kept by a checkpoint of the
+exported totals, written after every poll: a restart exports at least what was exported before,
+so a counter never goes down and Prometheus never reads a reset.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +42,30 @@ _MINUTE = 60
 _KEEP_MINUTES = 90
 # Rows fed to the bill engine at once while catching up (bounds memory, like tally bill).
 BATCH_ROWS = 2_000_000
+
+
+def _series(live: LiveTotals) -> dict[str, list[float]]:
+    """Every counter series of ``live``, keyed by its labels."""
+    out = {f"pool\t{p[0]}\t{p[1]}": list(p[2:]) for p in live.pools}
+    out.update({f"tenant\t{t[0]}\t{t[1]}\t{t[2]}": list(t[3:]) for t in live.tenants})
+    return out
+
+
+def _read_checkpoint(path: Path) -> dict[str, list[float]]:
+    """The series of a checkpoint file; empty (and said) when it is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+        series = data["series"]
+        return {
+            str(k): [float(v) for v in values]
+            for k, values in series.items()
+            if all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values)
+        }
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("checkpoint %s unreadable (%s); starting from the dataset's totals", path, exc)
+        return {}
 
 
 @dataclass
@@ -64,8 +93,15 @@ class Aggregator:
         inventory: Inventory,
         batch_rows: int = BATCH_ROWS,
         xp: ModuleType = np,
+        checkpoint: Path | None = None,
     ) -> None:
-        """``xp`` is the bill engine's array backend (``kernels.get_namespace``)."""
+        """``xp`` is the bill engine's array backend (``kernels.get_namespace``); ``checkpoint``
+        the JSON file of exported totals kept across restarts (none: counters may go down when
+        old files are removed)."""
+        self.checkpoint = checkpoint
+        # per counter series: what the checkpoint held beyond what the dataset still gives
+        self.carried: dict[str, list[float]] | None = None
+        self._checkpoint_failed = False
         self.root = root
         self.inventory = inventory
         self.batch_rows = batch_rows
@@ -100,8 +136,41 @@ class Aggregator:
                 progress(done, len(work), read)
         self._feed(pending)
         self._prune_minutes()
+        if self.checkpoint is not None:
+            self._keep_checkpoint(self.checkpoint)
         self.last_poll_seconds = time.monotonic() - started
         return read
+
+    def _keep_checkpoint(self, path: Path) -> None:
+        """After the first poll: carry what the checkpoint held beyond the dataset's totals;
+        after every poll: write the exported totals (atomically; a failure is logged once)."""
+        if self.carried is None:
+            self.carried = {}
+            saved = _read_checkpoint(path)
+            raw = _series(self.totals.live_totals())
+            for key, values in saved.items():
+                now = raw.get(key, [0.0] * len(values))
+                extra = [max(0.0, v - n) for v, n in zip(values, now, strict=False)]
+                if any(extra):
+                    self.carried[key] = extra
+            if self.carried:
+                log.info(
+                    "checkpoint %s: %d counter series carry totals the dataset no longer holds",
+                    path,
+                    len(self.carried),
+                )
+        exported = _series(self.live_totals())
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"version": 1, "series": exported}, sort_keys=True))
+            tmp.replace(path)
+            self._checkpoint_failed = False
+        except OSError as exc:
+            if not self._checkpoint_failed:
+                log.warning("cannot write checkpoint %s (%s); a restart may reset counters",
+                            path, exc.strerror or exc)  # fmt: skip
+            self._checkpoint_failed = True
 
     @property
     def stats(self) -> AggregateStats:
@@ -137,7 +206,28 @@ class Aggregator:
 
     # ---------------------------------------------------------------- results
     def live_totals(self) -> LiveTotals:
-        return self.totals.live_totals()
+        """The totals to export: the dataset's, plus what the checkpoint carries."""
+        live = self.totals.live_totals()
+        if not self.carried:
+            return live
+        carried = dict(self.carried)
+        pools = []
+        for pool, kind, *values in live.pools:
+            extra = carried.pop(f"pool\t{pool}\t{kind}", [0.0] * 3)
+            pools.append((pool, kind, *(v + e for v, e in zip(values, extra, strict=False))))
+        tenants = []
+        for pool, kind, tenant, *values in live.tenants:
+            extra = carried.pop(f"tenant\t{pool}\t{kind}\t{tenant}", [0.0] * 3)
+            tenants.append(
+                (pool, kind, tenant, *(v + e for v, e in zip(values, extra, strict=False)))
+            )
+        for key, extra in carried.items():  # series whose files are all gone
+            parts = key.split("\t")
+            if parts[0] == "pool" and len(parts) == 3:
+                pools.append((parts[1], parts[2], *extra))
+            elif parts[0] == "tenant" and len(parts) == 4:
+                tenants.append((parts[1], parts[2], parts[3], *extra))
+        return LiveTotals(live.currency, sorted(pools), sorted(tenants))  # type: ignore[arg-type]
 
     def ratios(self) -> PoolRatios:
         """Trailing ratios over the last complete minutes before the newest sample."""
