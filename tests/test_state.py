@@ -470,3 +470,32 @@ def test_rows_outside_the_valid_ranges_never_reach_the_counters() -> None:
     assert 'tally_samples_dropped_total{reason="out_of_range",table="gpu"} 1.0' in text
     busy = [line for line in text.splitlines() if line.startswith("tally_gpu_busy_seconds_total")]
     assert busy and all(float(line.split()[-1]) == 5.0 for line in busy), busy
+
+
+def test_job_churn_leaves_the_live_totals_and_keeps_the_engine_small() -> None:
+    """100k short jobs made each live round walk every job ever seen (14 → 410 ms, RSS 84 →
+    268 MiB). Silent jobs are folded into their tenant's sums: totals equal, state small."""
+    from telemetry.billing.engine import LIVE_WINDOW_SECONDS, RETIRE_AFTER_NS, Biller
+    from telemetry.billing.inventory import parse_inventory
+    from tests.support.tables import job_table
+
+    inventory = parse_inventory(
+        '[[pool]]\nname = "g"\nkind = "gpu"\nownership = "own"\nnodes = ["*"]\n'
+        "cost_per_unit_hour = 1\nprice_per_unit_hour = 2\n"
+        '[[pool]]\nname = "c"\nkind = "cpu"\nownership = "own"\nnodes = ["*"]\n'
+        "cost_per_unit_hour = 1\nprice_per_unit_hour = 2\n"
+    )
+    kept, retiring = (Biller(inventory, LIVE_WINDOW_SECONDS) for _ in range(2))
+    for j in range(300):  # a 10-minute job starting every 2 minutes: 10 hours of churn
+        start = 120.0 * j
+        job = job_table("n1", f"job-{j}", [start + t for t in range(0, 600, 30)],
+                        account=f"tenant-{j % 7}")  # fmt: skip
+        for biller in (kept, retiring):
+            biller.add({"job": job})
+        if j % 20 == 19:
+            newest = int(job.column("time").cast(pa.int64())[-1].as_py())
+            retiring.retire(newest - RETIRE_AFTER_NS)
+    assert retiring.live_totals() == kept.live_totals()
+    assert len(retiring.owner) < 150 < len(kept.owner) == 300
+    assert retiring.job_parts.rows < kept.job_parts.compact()[0][0].size
+    assert retiring.carry["job"].num_rows < 150

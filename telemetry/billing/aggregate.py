@@ -29,7 +29,13 @@ import pyarrow as pa
 
 from kernels.backend import to_host
 from kernels.grouped_sums import group_sums
-from telemetry.billing.engine import LIVE_WINDOW_SECONDS, NS, Biller, LiveTotals
+from telemetry.billing.engine import (
+    LIVE_WINDOW_SECONDS,
+    NS,
+    RETIRE_AFTER_NS,
+    Biller,
+    LiveTotals,
+)
 from telemetry.billing.inventory import Inventory
 from telemetry.schema import SCHEMAS
 from telemetry.store.dataset import Follower
@@ -136,6 +142,8 @@ class Aggregator:
                 progress(done, len(work), read)
         self._feed(pending)
         self._prune_minutes()
+        if self.follower.newest_ns is not None:
+            self.totals.retire(self.follower.newest_ns - RETIRE_AFTER_NS)
         if self.checkpoint is not None:
             self._keep_checkpoint(self.checkpoint)
         self.last_poll_seconds = time.monotonic() - started

@@ -31,6 +31,8 @@ NS = 1_000_000_000
 # The live bill's single window (daemon, replay, aggregate): longer than any process lives, so
 # its totals are all-time.
 LIVE_WINDOW_SECONDS = 10**9
+# A live bill retires a job silent this long: past the longest trailing window and any gap.
+RETIRE_AFTER_NS = 3 * 3600 * NS
 US_PER_HOUR = 3_600_000_000
 MJ_PER_KWH = 3_600_000_000
 UNKNOWN_TENANT = "unknown"
@@ -188,6 +190,8 @@ class Biller:
         self.fine_pool_parts = PartialSums(width=2, xp=xp)  # (fine window, pool)
         self.job_parts = PartialSums(width=4, xp=xp)  # (window, pool, node, job)
         self.owner: dict[tuple[int, int], tuple[int, int, int]] = {}  # → (time, user, tenant)
+        # sums of jobs retired from a live bill, per (window, pool, tenant): JOB_FIELDS
+        self.retired: dict[tuple[int, int, int], list[int]] = {}
         self.rows = 0
         self.duplicates = 0
         self._window_names: dict[int, dict[str, str]] = {}
@@ -307,6 +311,43 @@ class Biller:
             if seen is None or time >= seen[0]:
                 self.owner[key] = (time, self.names.id(user), self.names.id(tenant))
 
+    def retire(self, before_ns: int) -> int:
+        """Live totals only: fold the jobs whose newest sample is older than ``before_ns`` into
+        per-tenant sums and forget them (their keys, owners and carried rows), so a live bill's
+        cost per round stays flat under job churn (100k jobs took a round from 14 to 410 ms).
+        A retired job that comes back starts a new series: its first interval would be a gap
+        anyway. ``bill()`` lists retired jobs no more; returns how many were retired."""
+        gone = {key: o for key, o in self.owner.items() if o[0] < before_ns}
+        if not gone:
+            return 0
+        keys, sums = self.job_parts.compact()
+        keys, sums = [to_host(k) for k in keys], [to_host(v) for v in sums]
+        packed = keys[2].astype(np.int64) * (1 << 32) + keys[3].astype(np.int64)
+        gone_packed = np.array([n * (1 << 32) + j for n, j in gone], dtype=np.int64)
+        leaving = np.isin(packed, gone_packed)
+        for i in np.flatnonzero(leaving).tolist():
+            tenant = gone[(int(keys[2][i]), int(keys[3][i]))][2]
+            into = self.retired.setdefault(
+                (int(keys[0][i]), int(keys[1][i]), tenant), [0] * len(JOB_FIELDS)
+            )
+            for f, values in enumerate(sums):
+                into[f] += int(values[i])
+        stay = ~leaving
+        xp = self.xp
+        self.job_parts.keys = [[to_backend(xp, k[stay]) for k in keys]]
+        self.job_parts.sums = [[to_backend(xp, v[stay]) for v in sums]]
+        self.job_parts.rows = int(stay.sum())
+        for key in gone:
+            del self.owner[key]
+        carry = self.carry["job"]
+        if carry.num_rows:
+            names = {(self.nodes.values[n], self.jobs.values[j]) for n, j in gone}
+            node_col = carry.column("node").to_pylist()
+            job_col = carry.column("job_id").to_pylist()
+            keep = [(n, j) not in names for n, j in zip(node_col, job_col, strict=True)]
+            self.carry["job"] = carry.filter(pa.array(keep))
+        return len(gone)
+
     # ---------------------------------------------------------------- output
     def pool_totals(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """(window, pool) keys and their POOL_FIELDS sums (NumPy, whatever the backend)."""
@@ -328,7 +369,18 @@ class Biller:
         ]
         user = np.array([o[1] for o in owners], dtype=np.int64)
         tenant = np.array([o[2] for o in owners], dtype=np.int64)
-        tenants = group_sums([keys[0], keys[1], tenant], sums)
+        if self.retired:
+            if not sums:  # no active job left
+                sums = [np.zeros(0, np.int64) for _ in JOB_FIELDS]
+            retired = list(self.retired.items())
+            tenants = group_sums(
+                [np.concatenate([k, np.array([r[0][i] for r in retired], np.int64)])
+                 for i, k in enumerate((keys[0], keys[1], tenant))],
+                [np.concatenate([v, np.array([r[1][f] for r in retired], np.int64)])
+                 for f, v in enumerate(sums)],
+            )  # fmt: skip
+        else:
+            tenants = group_sums([keys[0], keys[1], tenant], sums)
         per_job = group_sums([keys[0], keys[1], keys[3], user, tenant], sums)
         return tenants, per_job
 
