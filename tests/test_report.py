@@ -369,7 +369,7 @@ def test_progress_bars_on_a_terminal_only(dataset: tuple[Path, Path], tmp_path: 
     seen = stderr_on_a_terminal("report", str(root), "--inventory", str(inventory), "--out", out)
     assert re.search(rb"report: chunk 1/1 \[#+\] [\d,]+ rows", seen)
     seen = stderr_on_a_terminal("replay", str(root), "--once")
-    assert re.search(rb"replay: file (\d+)/\1 \[#+\]", seen)
+    assert re.search(rb"replay: chunk (\d+)/\1 \[#+\]", seen)  # it streams chunks now
     piped = tally("report", str(root), "--inventory", str(inventory), "--out", out)
     assert piped.returncode == 0 and "report:" not in piped.stderr
     quiet = stderr_on_a_terminal(

@@ -81,7 +81,7 @@ def _number(value: Any, where: str, most: float = MAX_PRICE_PER_UNIT_HOUR) -> fl
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TallyError(f"{where}: must be a number, got {value!r}")
     if not math.isfinite(value) or not 0 <= value <= most:
-        raise TallyError(f"{where}: must be a number from 0 to {most:g}, got {value!r}")
+        raise TallyError(f"{where}: must be a finite number >= 0 and <= {most:g}, got {value!r}")
     return float(value) + 0.0  # -0.0 becomes 0.0: it would print as "-0.00"
 
 

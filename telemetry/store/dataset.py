@@ -425,33 +425,26 @@ def chunk_bounds(
     """Consecutive [a, b) ranges covering [low, high] of about ``budget_rows`` rows each.
 
     Rows are taken as spread evenly over each piece's time range, which holds for telemetry,
-    except in pieces whose quantiles were read (a stray row years away does not stretch the
-    chunks over those years: the cuts follow where the rows are).
+    except in pieces whose quantiles were read: a stray row years away gets a chunk of its own
+    instead of stretching every chunk over those years.
     """
     if high < low:
         return []
     inside = [p for p in pieces if p.max_ns >= low and p.min_ns <= high]
     total = sum(p.rows for p in inside)
     parts = max(1, -(-total // max(1, budget_rows)))
-    if parts == 1:
-        return [(low, high + 1)]
-    # The rows' distribution over time, as weighted points: 8 spread over each piece, or its
-    # quantiles. Cut where the running total passes each multiple of the budget.
-    times: list[np.ndarray] = []
-    weights: list[np.ndarray] = []
-    for p in inside:
-        if p.quantiles:
-            points = np.asarray(p.quantiles, dtype=np.int64)
-        else:
-            points = np.linspace(max(p.min_ns, low), min(p.max_ns, high), num=8).astype(np.int64)
-        times.append(np.clip(points, low, high))
-        weights.append(np.full(points.size, p.rows / points.size))
-    at = np.concatenate(times)
-    order = np.argsort(at, kind="stable")
-    at, running = at[order], np.cumsum(np.concatenate(weights)[order])
-    step = total / parts
-    cuts = at[np.searchsorted(running, step * np.arange(1, parts), side="left")] + 1
-    edges = [low, *sorted({int(c) for c in cuts if low < c <= high}), high + 1]
+    # Even steps over the core where the rows are: a wide piece counts by its inner quantiles,
+    # and its few rows beyond them get a chunk of their own on either side.
+    core_low = max(low, min(p.quantiles[1] if p.quantiles else p.min_ns for p in inside))
+    core_high = min(high, max(p.quantiles[-2] if p.quantiles else p.max_ns for p in inside))
+    if core_high < core_low:
+        core_low, core_high = low, high
+    step = max(1_000_000_000, -(-(core_high + 1 - core_low) // parts))
+    edges = [*range(core_low, core_high + 1, step), core_high + 1]
+    if low < core_low:
+        edges.insert(0, low)
+    if high > core_high:
+        edges.append(high + 1)
     return list(itertools.pairwise(edges))
 
 
