@@ -413,3 +413,27 @@ def test_an_outlier_timestamp_changes_nothing_but_its_count(tmp_path: Path) -> N
     assert {p["window_start"][:4] for p in got["pools"]} == {"2026"}  # type: ignore[attr-defined]
     per_chunk = [b - a for a, b in zip([0, *seen], seen, strict=False)]
     assert max(per_chunk) <= 150, f"chunks span the real hour, not 230 years: {per_chunk}"
+
+
+def test_times_past_2262_and_at_int64_max_are_set_aside_not_a_traceback(tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    table = cpu_table("n1", [0.0, 30.0, 60.0])
+    path = write_dataset(root, "cpu", table)
+    ms = pa.timestamp("ms", tz="UTC")
+    far = table.set_column(
+        0, pa.field("time", ms), pa.array([10**16, 2**63 - 1, 1_788_220_800_000], ms)
+    )  # year 318857 and beyond in milliseconds: nanoseconds cannot hold them
+    pq.write_table(far, path.with_name("ms.parquet"))
+    edge = table.set_column(
+        0,
+        table.schema.field("time"),
+        pa.array([2**63 - 1], pa.timestamp("ns", tz="UTC")).take(pa.array([0, 0, 0])),
+    )
+    pq.write_table(edge.slice(0, 1), path.with_name("max.parquet"))
+    inventory = tmp_path / "inv.toml"
+    inventory.write_text(RANGE_INVENTORY)
+    result = tally("bill", str(root), "--inventory", str(inventory))
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    bill = json.loads(result.stdout)
+    assert bill["input"]["files_quarantined"] == 1  # the ms file: out of bounds as nanoseconds
+    assert bill["input"]["rows_out_of_range"] == {"cpu.time": 1}  # INT64_MAX

@@ -182,3 +182,30 @@ def test_a_data_dir_deleted_while_running_is_noticed_counted_and_recreated(
     daemon.store.close()  # no traceback at the end either
     times = _stored(daemon.config.data_dir)
     assert len(times) == 2, "the rounds after the deletion are stored in the new data dir"
+
+
+def test_a_first_round_that_raises_ends_the_daemon_instead_of_hanging(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It used to wait for ever on a server that never started, deaf to SIGTERM, so systemd's
+    Restart=on-failure never fired."""
+    import threading
+
+    def broken() -> None:
+        raise RuntimeError("the first round failed")
+
+    monkeypatch.setattr(daemon, "round", broken)
+    daemon.config.listen = "127.0.0.1:0"
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            daemon.run()
+        except BaseException as exc:
+            failure.append(exc)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    runner.join(timeout=10)
+    assert not runner.is_alive(), "the daemon hangs"
+    assert failure and "first round failed" in str(failure[0])
