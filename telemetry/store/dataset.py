@@ -384,9 +384,8 @@ def _read_piece(
     stats: ReadStats,
     opened: _OpenFiles | None = None,
 ) -> pa.Table:
-    """One piece's rows, validated and screened (rows outside the valid ranges left out and
-    counted in ``stats``), string columns dictionary-encoded (as Parquet stores them: decoding
-    skips building a string per row, and series keys come out already encoded)."""
+    """One piece's rows, validated, string columns dictionary-encoded (as Parquet stores them:
+    decoding skips building a string per row, and series keys come out already encoded)."""
     if piece.row_group < 0:
         data, _ = read_journal(piece.path)
         if data is None:
@@ -414,9 +413,7 @@ def _read_piece(
             checked = checked.select(SCHEMAS[piece.table].names)
     except SchemaError as exc:
         raise pa.ArrowInvalid(str(exc)) from None
-    kept, ruled_out = screen(checked, piece.table)
-    stats.ruled_out(ruled_out)
-    return kept
+    return checked
 
 
 def chunk_bounds(
@@ -478,6 +475,7 @@ def _chunks(
     later: dict[Piece, pa.Table],
     opened: _OpenFiles,
 ) -> Iterator[ValidatedChunk]:
+    first, end = (bounds[0][0], bounds[-1][1]) if bounds else (0, 0)
     for a, b in bounds:
         parts: dict[str, list[pa.Table]] = {name: [] for name in SCHEMAS}
         low, high = pa.scalar(a, pa.int64()), pa.scalar(b, pa.int64())
@@ -496,6 +494,15 @@ def _chunks(
                         raise Vanished(piece.path) from None
                     moved = quarantine(root, piece.path, str(exc)) is not None
                     raise DamagedFile(piece.path, str(exc), moved) from None
+                if piece.min_ns < first or piece.max_ns >= end:
+                    # the bounds span the valid times: what lies beyond them is impossible
+                    ns = data.column("time").cast(pa.int64())
+                    inside = pc.and_(
+                        pc.greater_equal(ns, pa.scalar(first, pa.int64())),
+                        pc.less(ns, pa.scalar(end, pa.int64())),
+                    )
+                    beyond = data.num_rows - pc.sum(pc.cast(inside, pa.int64())).as_py()
+                    stats.ruled_out({f"{piece.table}.time": beyond})
             if piece.min_ns >= a and piece.max_ns < b:
                 parts[piece.table].append(data)
                 continue
@@ -505,15 +512,17 @@ def _chunks(
             )
             if piece.max_ns >= b:
                 later[piece] = data.filter(pc.greater_equal(times, high))
-        stats.rows += sum(sum(t.num_rows for t in tables) for tables in parts.values())
-        yield ValidatedChunk(
-            {
-                name: pa.concat_tables(tables)
-                if tables
-                else _empty(name, None if columns is None else columns[name])
-                for name, tables in parts.items()
-            }
-        )
+        chunk = ValidatedChunk()
+        for name, tables in parts.items():
+            if not tables:
+                chunk[name] = _empty(name, None if columns is None else columns[name])
+                continue
+            # one screen per table and chunk, not per piece: its cost is per call as much as
+            # per row
+            chunk[name], ruled_out = screen(pa.concat_tables(tables), name)
+            stats.ruled_out(ruled_out)
+            stats.rows += chunk[name].num_rows
+        yield chunk
 
 
 def _empty(name: str, columns: Sequence[str] | None) -> pa.Table:
@@ -626,8 +635,8 @@ def _scan_once(
     pieces = plan(root, discover(root), stats)
     latest = LATEST_NS
     outside = {p for p in pieces if p.max_ns < EARLIEST_NS or p.min_ns > latest}
-    for piece in sorted(outside, key=lambda p: (str(p.path), p.row_group)):
-        _read_outside(root, piece, columns, stats)  # impossible times only: count, bill none
+    for piece in outside:  # every row of it has an impossible time: count them, bill none
+        stats.ruled_out({f"{piece.table}.time": piece.rows})
     pieces = [p for p in pieces if p not in outside]
     if not pieces:
         return
@@ -645,18 +654,6 @@ def _scan_once(
                 consumer.add(chunk)
             if progress is not None:
                 progress(i, len(bounds), stats.rows)
-
-
-def _read_outside(
-    root: Path, piece: Piece, columns: Mapping[str, Sequence[str]] | None, stats: ReadStats
-) -> None:
-    try:
-        _read_piece(piece, None if columns is None else columns[piece.table], stats)
-    except FileNotFoundError:
-        raise Vanished(piece.path) from None
-    except (pa.ArrowException, OSError) as exc:
-        moved = quarantine(root, piece.path, str(exc)) is not None
-        raise DamagedFile(piece.path, str(exc), moved) from None
 
 
 # ------------------------------------------------------------ a growing dataset: aggregate
