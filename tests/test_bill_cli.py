@@ -343,3 +343,14 @@ def test_csv_cells_a_spreadsheet_would_run_are_neutralised(tmp_path: Path) -> No
     tenants = list(csv.DictReader(io.StringIO((tmp_path / "bill-tenants.csv").read_text())))
     assert tenants and all(r["tenant"][:1] not in "=+-@" for r in tenants)
     assert all(float(r["charge"]) >= 0 for r in tenants), "numbers stay numbers"
+
+
+def test_an_empty_selection_says_where_the_samples_are(dataset: tuple[Path, Path]) -> None:
+    root, inv = dataset
+    result = tally("bill", str(root), "--inventory", str(inv), "--from", "2030-01-01")
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["pools"] == []
+    assert "no sample between 2030-01-01T00:00:00Z and open" in result.stderr
+    assert "the dataset holds samples from 2026-09-01T00:00:00Z to 2026-09-01" in result.stderr
+    inside = tally("bill", str(root), "--inventory", str(inv), "--from", "2026-09-01")
+    assert "no sample" not in inside.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 
@@ -59,6 +60,8 @@ def finish_bill(biller: Biller, stats: ReadStats, warn: Callable[[str], None]) -
     inventory = biller.inventory
     for problem in inventory.unused_globs(set(biller.nodes.values)):
         warn(f"inventory {inventory.source}: {problem} matches no node in the dataset")
+    if biller.start_ns is not None or biller.end_ns is not None:
+        _warn_if_empty(biller, stats, warn)
     ruled_out = dict(sorted(stats.rows_out_of_range.items()))
     if ruled_out:
         detail = ", ".join(f"{column} {n:,}" for column, n in ruled_out.items())
@@ -72,4 +75,21 @@ def finish_bill(biller: Biller, stats: ReadStats, warn: Callable[[str], None]) -
             "files_quarantined": stats.files_quarantined + stats.files_skipped,
             "rows_out_of_range": ruled_out,
         }
+    )
+
+
+def _warn_if_empty(biller: Biller, stats: ReadStats, warn: Callable[[str], None]) -> None:
+    """A --from/--to that selects no sample: say where the samples are (exit 0 all the same)."""
+    keys, _ = biller.pool_totals()
+    if keys[0].size or stats.first_ns is None or stats.last_ns is None:
+        return
+
+    def iso(ns: int | None) -> str:
+        if ns is None:
+            return "open"
+        return datetime.fromtimestamp(ns / 1e9, tz=UTC).isoformat().replace("+00:00", "Z")
+
+    warn(
+        f"no sample between {iso(biller.start_ns)} and {iso(biller.end_ns)}: the dataset holds "
+        f"samples from {iso(stats.first_ns)} to {iso(stats.last_ns)}"
     )

@@ -75,6 +75,9 @@ class ReadStats:
     problems: list[str] = field(default_factory=list)
     # rows left out for a value outside its column's valid range, per "table.column"
     rows_out_of_range: dict[str, int] = field(default_factory=dict)
+    # the dataset's time span as planned (ns; from the files' footers), None before planning
+    first_ns: int | None = None
+    last_ns: int | None = None
 
     def ruled_out(self, counts: Mapping[str, int]) -> None:
         for key, n in counts.items():
@@ -644,6 +647,7 @@ def _scan_once(
     # centuries: rows outside [EARLIEST_NS, latest] are screened out when the piece is read.
     first = max(min(p.min_ns for p in pieces), EARLIEST_NS)
     last = min(max(p.max_ns for p in pieces), latest)
+    stats.first_ns, stats.last_ns = first, last
     # Every row is read, whatever --from/--to select (the biller counts only the selected
     # windows): the interval ending at a series' first selected row may be a gap opened long
     # before the start, and a job's user and tenant come from its latest row anywhere.
