@@ -53,7 +53,8 @@ class _Server(ThreadingHTTPServer):
 
     def server_activate(self) -> None:
         super().server_activate()
-        self.open: dict[Any, float] = {}
+        # each open connection's accepted socket → [the socket it is served on now, since]
+        self.open: dict[Any, list[Any]] = {}
         self.open_lock = threading.Lock()
         self.refused = 0
 
@@ -63,7 +64,7 @@ class _Server(ThreadingHTTPServer):
                 self.refused += 1
                 full = True
             else:
-                self.open[request] = time.monotonic()
+                self.open[request] = [request, time.monotonic()]
                 full = False
         if full:
             self.shutdown_request(request)
@@ -79,14 +80,12 @@ class _Server(ThreadingHTTPServer):
 
     def close_overdue(self) -> None:
         """Cut connections older than the deadline (their threads then end)."""
-        now = time.monotonic()
+        oldest = time.monotonic() - self.connection_deadline_s
         with self.open_lock:
-            overdue = [
-                r for r, since in self.open.items() if now - since > self.connection_deadline_s
-            ]
-        for request in overdue:
+            overdue = [served for served, since in self.open.values() if since < oldest]
+        for served in overdue:
             with contextlib.suppress(OSError):
-                request.shutdown(socket.SHUT_RDWR)
+                served.shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # one line in the log, never a traceback on stderr (a misbehaving client is not news)
@@ -96,9 +95,16 @@ class _Server(ThreadingHTTPServer):
         # The TLS handshake runs here, in the connection's own thread, so a client that stalls
         # it holds only that thread (wrapping the listening socket would stall accept()).
         if self.web is not None and self.web.tls is not None:
+            accepted = request
             request.settimeout(CLIENT_TIMEOUT_SECONDS)
             try:
-                request = self.web.tls.wrap_socket(request, server_side=True)
+                request = self.web.tls.wrap_socket(
+                    request, server_side=True, do_handshake_on_connect=False
+                )
+                with self.open_lock:  # the watchdog must cut the TLS socket: it owns the fd now
+                    if accepted in self.open:
+                        self.open[accepted][0] = request
+                request.do_handshake()
             except (ssl.SSLError, OSError) as exc:
                 log.debug("TLS handshake with %s failed: %s", client_address, exc)
                 return

@@ -38,6 +38,7 @@ class SteadyClock:
         self.accept_after_ns = int(accept_after_s * NS)
         self._anchor_wall, self._anchor_mono = wall(), monotonic()
         self._off_since: int | None = None
+        self._offset = 0  # how far the wall clock stood from the monotonic course
         self.steps = 0
 
     def __call__(self) -> int:
@@ -47,8 +48,10 @@ class SteadyClock:
             self._anchor_wall, self._anchor_mono = wall, mono
             self._off_since = None
             return wall
-        if self._off_since is None:
-            self._off_since = mono
+        offset = wall - expected
+        if self._off_since is None or abs(offset - self._offset) > self.tolerance_ns:
+            # a jump, or another jump while the last one is waited out: wait this one out
+            self._off_since, self._offset = mono, offset
             self.steps += 1
             log.warning(
                 "the wall clock jumped by %+.0f s; sample times follow the monotonic clock "

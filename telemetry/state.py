@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 import kernels
-from telemetry.billing.engine import LIVE_WINDOW_SECONDS, RETIRE_AFTER_NS, Biller, LiveTotals
+from telemetry.billing.engine import LIVE_WINDOW_SECONDS, Biller, LiveTotals
 from telemetry.billing.inventory import Inventory
 from telemetry.collectors.base import CollectorStatus
 from telemetry.rows import SortedRows, contributions, merge_rows, series_codes
@@ -180,7 +179,6 @@ class State:
     ) -> None:
         self.tables = {name: TableState(name, max_gap_seconds) for name in SCHEMAS}
         self.biller = None if inventory is None else Biller(inventory, LIVE_WINDOW_SECONDS)
-        self._newest_job_ns = -(2**62)
         self._job_batches = 0
 
     def ingest(self, name: str, batch: pa.Table) -> None:
@@ -193,11 +191,9 @@ class State:
         if self.biller is not None:
             self.biller.add({name: kept})
             if name == "job" and kept.num_rows:
-                newest = int(pc.max(kept.column("time").cast(pa.int64())).as_py())
-                self._newest_job_ns = max(self._newest_job_ns, newest)
                 self._job_batches += 1
                 if self._job_batches % RETIRE_EVERY == 0:
-                    self.biller.retire(self._newest_job_ns - RETIRE_AFTER_NS)
+                    self.biller.retire()
 
     def snapshot(self, collectors: dict[str, CollectorStatus] | None = None) -> Snapshot:
         tables = {name: st.snapshot() for name, st in self.tables.items() if st.retained.num_rows}

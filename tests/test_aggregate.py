@@ -313,3 +313,32 @@ def test_counters_never_go_down_when_old_files_are_removed(tmp_path: Path) -> No
     grown = restarted.live_totals()
     assert all(g[2] >= b[2] for g, b in zip(grown.pools, before.pools, strict=True))
     assert any(g[2] > b[2] for g, b in zip(grown.pools, before.pools, strict=True))
+
+
+def test_rows_that_arrive_while_down_are_not_absorbed_by_the_checkpoint(tmp_path: Path) -> None:
+    """Retention removed old files and new rows arrived while the aggregator was down: the
+    carried amount is what the checkpoint's own files lost, so the new rows still count."""
+    source, inventory_path = _sample(tmp_path, hours=1.0)
+    inventory = parse_inventory(inventory_path.read_text())
+    checkpoint = tmp_path / "checkpoint.json"
+    first = Aggregator(source, inventory, checkpoint=checkpoint)
+    first.poll()
+    before = {p[:2]: p[2] for p in first.live_totals().pools}
+    hour = pa.scalar(3600 * NS, pa.duration("ns"))
+    for path in sorted((source / "cpu").rglob("*.parquet")):
+        newer = pq.read_table(path)
+        newer = newer.set_column(0, newer.schema.field("time"), pc.add(newer.column("time"), hour))
+        pq.write_table(newer, path.with_name("next-hour.parquet"))
+    for path in (source / "cpu").rglob("*.parquet"):  # retention: one node's first hour goes
+        if "gpu-a01" in str(path) and path.name != "next-hour.parquet":
+            path.unlink()
+    truth = Aggregator(source, inventory)  # what the remaining files hold
+    truth.poll()
+    restarted = Aggregator(source, inventory, checkpoint=checkpoint)
+    restarted.poll()
+    after = {p[:2]: p[2] for p in restarted.live_totals().pools}
+    cpu = ("cpu", "cpu")
+    grown = after[cpu] - before[cpu]
+    new_hour = sum(p[2] for p in truth.live_totals().pools if p[:2] == cpu) - (before[cpu] * 2 / 3)
+    assert grown > 0.9 * new_hour, (grown, new_hour)  # the new hour counts (it was absorbed)
+    assert all(after[k] >= before[k] for k in before)

@@ -475,7 +475,7 @@ def test_rows_outside_the_valid_ranges_never_reach_the_counters() -> None:
 def test_job_churn_leaves_the_live_totals_and_keeps_the_engine_small() -> None:
     """100k short jobs made each live round walk every job ever seen (14 → 410 ms, RSS 84 →
     268 MiB). Silent jobs are folded into their tenant's sums: totals equal, state small."""
-    from telemetry.billing.engine import LIVE_WINDOW_SECONDS, RETIRE_AFTER_NS, Biller
+    from telemetry.billing.engine import LIVE_WINDOW_SECONDS, Biller
     from telemetry.billing.inventory import parse_inventory
     from tests.support.tables import job_table
 
@@ -493,9 +493,34 @@ def test_job_churn_leaves_the_live_totals_and_keeps_the_engine_small() -> None:
         for biller in (kept, retiring):
             biller.add({"job": job})
         if j % 20 == 19:
-            newest = int(job.column("time").cast(pa.int64())[-1].as_py())
-            retiring.retire(newest - RETIRE_AFTER_NS)
+            retiring.retire()
     assert retiring.live_totals() == kept.live_totals()
     assert len(retiring.owner) < 150 < len(kept.owner) == 300
     assert retiring.job_parts.rows < kept.job_parts.compact()[0][0].size
     assert retiring.carry["job"].num_rows < 150
+
+
+def test_a_node_with_a_wrong_clock_retires_nobody_else() -> None:
+    """Silence is measured against each node's own newest job row: one row dated 2030 from
+    another node used to retire every job on every poll, halving the live allocation."""
+    from telemetry.billing.engine import LIVE_WINDOW_SECONDS, Biller
+    from telemetry.billing.inventory import parse_inventory
+    from tests.support.tables import job_table
+
+    inventory = parse_inventory(
+        '[[pool]]\nname = "c"\nkind = "cpu"\nownership = "own"\nnodes = ["*"]\n'
+        "cost_per_unit_hour = 1\nprice_per_unit_hour = 2\n"
+    )
+    kept, retiring = (Biller(inventory, LIVE_WINDOW_SECONDS) for _ in range(2))
+    future = job_table("n9", "clock", [0.0])
+    far = pa.array([1_900_000_000 * NS], pa.timestamp("ns", tz="UTC"))  # 2030
+    future = future.set_column(0, future.schema.field("time"), far)
+    for biller in (kept, retiring):
+        biller.add({"job": future})
+    for minute in range(30):  # one long job on n1, fed minute by minute, retire after each
+        rows = job_table("n1", "long", [minute * 60.0 + t for t in range(0, 60, 30)])
+        for biller in (kept, retiring):
+            biller.add({"job": rows})
+        retiring.retire()
+    assert retiring.live_totals() == kept.live_totals()
+    assert ("long" in retiring.jobs.values) and len(retiring.owner) == 2

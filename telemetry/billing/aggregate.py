@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +33,6 @@ from kernels.grouped_sums import group_sums
 from telemetry.billing.engine import (
     LIVE_WINDOW_SECONDS,
     NS,
-    RETIRE_AFTER_NS,
     Biller,
     LiveTotals,
 )
@@ -57,21 +57,22 @@ def _series(live: LiveTotals) -> dict[str, list[float]]:
     return out
 
 
-def _read_checkpoint(path: Path) -> dict[str, list[float]]:
-    """The series of a checkpoint file; empty (and said) when it is missing or unreadable."""
+def _read_checkpoint(path: Path) -> tuple[dict[str, list[float]], set[str]]:
+    """The series and the files read of a checkpoint file; empty (and said) when it is missing
+    or unreadable."""
     try:
         data = json.loads(path.read_text())
-        series = data["series"]
-        return {
+        series = {
             str(k): [float(v) for v in values]
-            for k, values in series.items()
+            for k, values in data["series"].items()
             if all(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 for v in values)
         }
+        return series, {str(f) for f in data.get("files", [])}
     except FileNotFoundError:
-        return {}
+        return {}, set()
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("checkpoint %s unreadable (%s); starting from the dataset's totals", path, exc)
-        return {}
+        return {}, set()
 
 
 @dataclass
@@ -126,52 +127,82 @@ class Aggregator:
         """
         started = time.monotonic()
         work = self.follower.files()
+        read = 0
+        if self.checkpoint is not None and self.carried is None:
+            # After a restart: first the files the checkpoint had read, so that what it
+            # exported beyond them is exactly what retention removed; then what came since.
+            saved, known = _read_checkpoint(self.checkpoint)
+            before = [w for w in work if self._key(*w) in known]
+            read += self._read(before, progress, len(work), 0)
+            self._carry(saved)
+            work = [w for w in work if self._key(*w) not in known]
+        read += self._read(work, progress, len(work), read)
+        self._prune_minutes()
+        self.totals.retire()
+        if self.checkpoint is not None:
+            self._write_checkpoint(self.checkpoint)
+        self.last_poll_seconds = time.monotonic() - started
+        return read
+
+    def _key(self, table: str, path: Path) -> str:
+        return f"{table}\t{path.relative_to(self.root).with_suffix('')}"
+
+    def _read(
+        self,
+        work: list[tuple[str, Path]],
+        progress: Callable[[int, int, int], None] | None,
+        total: int,
+        read: int,
+    ) -> int:
         pending: dict[str, list[pa.Table]] = {name: [] for name in SCHEMAS}
         held = 0
-        read = 0
+        fresh = 0
         for done, (table, path) in enumerate(work, start=1):
             rows = self.follower.new_rows(table, path)
             if rows is not None and rows.num_rows:
                 pending[table].append(rows)
                 held += rows.num_rows
-                read += rows.num_rows
+                fresh += rows.num_rows
             if held >= self.batch_rows:
                 self._feed(pending)
                 held = 0
             if progress is not None:
-                progress(done, len(work), read)
+                progress(done, max(total, done), read + fresh)
         self._feed(pending)
-        self._prune_minutes()
-        if self.follower.newest_ns is not None:
-            self.totals.retire(self.follower.newest_ns - RETIRE_AFTER_NS)
-        if self.checkpoint is not None:
-            self._keep_checkpoint(self.checkpoint)
-        self.last_poll_seconds = time.monotonic() - started
-        return read
+        return fresh
 
-    def _keep_checkpoint(self, path: Path) -> None:
-        """After the first poll: carry what the checkpoint held beyond the dataset's totals;
-        after every poll: write the exported totals (atomically; a failure is logged once)."""
+    def _carry(self, saved: dict[str, list[float]]) -> None:
+        """Carry what the checkpoint exported beyond the totals of the files it had read."""
+        self.carried = {}
+        raw = _series(self.totals.live_totals())
+        for key, values in saved.items():
+            now = raw.get(key, [0.0] * len(values))
+            extra = [max(0.0, v - n) for v, n in zip(values, now, strict=False)]
+            if any(extra):
+                self.carried[key] = extra
+        if self.carried:
+            log.info(
+                "checkpoint %s: %d counter series carry totals the dataset no longer holds",
+                self.checkpoint,
+                len(self.carried),
+            )
+
+    def _write_checkpoint(self, path: Path) -> None:
+        """The exported totals and the files read, atomically (a failure is logged once)."""
         if self.carried is None:
-            self.carried = {}
-            saved = _read_checkpoint(path)
-            raw = _series(self.totals.live_totals())
-            for key, values in saved.items():
-                now = raw.get(key, [0.0] * len(values))
-                extra = [max(0.0, v - n) for v, n in zip(values, now, strict=False)]
-                if any(extra):
-                    self.carried[key] = extra
-            if self.carried:
-                log.info(
-                    "checkpoint %s: %d counter series carry totals the dataset no longer holds",
-                    path,
-                    len(self.carried),
-                )
-        exported = _series(self.live_totals())
+            self.carried = {}  # a first start: nothing to carry
+        body = {
+            "version": 2,
+            "series": _series(self.live_totals()),
+            "files": sorted(f"{table}\t{stem}" for table, stem in self.follower.seen),
+        }
         tmp = path.with_name(path.name + ".tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"version": 1, "series": exported}, sort_keys=True))
+            with open(tmp, "w") as out:
+                out.write(json.dumps(body, sort_keys=True))
+                out.flush()
+                os.fsync(out.fileno())
             tmp.replace(path)
             self._checkpoint_failed = False
         except OSError as exc:

@@ -31,7 +31,8 @@ NS = 1_000_000_000
 # The live bill's single window (daemon, replay, aggregate): longer than any process lives, so
 # its totals are all-time.
 LIVE_WINDOW_SECONDS = 10**9
-# A live bill retires a job silent this long: past the longest trailing window and any gap.
+# A live bill retires a job silent this long (at least max_gap + 1 h): past the longest trailing
+# window and any gap.
 RETIRE_AFTER_NS = 3 * 3600 * NS
 US_PER_HOUR = 3_600_000_000
 MJ_PER_KWH = 3_600_000_000
@@ -192,6 +193,7 @@ class Biller:
         self.owner: dict[tuple[int, int], tuple[int, int, int]] = {}  # → (time, user, tenant)
         # sums of jobs retired from a live bill, per (window, pool, tenant): JOB_FIELDS
         self.retired: dict[tuple[int, int, int], list[int]] = {}
+        self.retire_after_ns = max(RETIRE_AFTER_NS, self.max_gap_ns + 3600 * NS)
         self.rows = 0
         self.duplicates = 0
         self._window_names: dict[int, dict[str, str]] = {}
@@ -311,13 +313,20 @@ class Biller:
             if seen is None or time >= seen[0]:
                 self.owner[key] = (time, self.names.id(user), self.names.id(tenant))
 
-    def retire(self, before_ns: int) -> int:
-        """Live totals only: fold the jobs whose newest sample is older than ``before_ns`` into
-        per-tenant sums and forget them (their keys, owners and carried rows), so a live bill's
-        cost per round stays flat under job churn (100k jobs took a round from 14 to 410 ms).
-        A retired job that comes back starts a new series: its first interval would be a gap
-        anyway. ``bill()`` lists retired jobs no more; returns how many were retired."""
-        gone = {key: o for key, o in self.owner.items() if o[0] < before_ns}
+    def retire(self) -> int:
+        """Live totals only: fold the jobs silent for ``retire_after_ns`` — behind the newest job
+        row of their own node, so a node with a wrong clock or late files cannot retire anyone
+        else's — into per-tenant sums and forget them (keys, owners, carried rows), so a live
+        bill's cost per round stays flat under job churn (100k jobs took a round from 14 to
+        410 ms). The silence is longer than ``max_gap``: a retired job that comes back would
+        open a gap anyway. ``bill()`` lists retired jobs no more; returns how many retired."""
+        newest: dict[int, int] = {}
+        for (node, _), (time_ns, _, _) in self.owner.items():
+            if time_ns > newest.get(node, -(2**62)):
+                newest[node] = time_ns
+        gone = {
+            key: o for key, o in self.owner.items() if o[0] < newest[key[0]] - self.retire_after_ns
+        }
         if not gone:
             return 0
         keys, sums = self.job_parts.compact()

@@ -119,7 +119,11 @@ def _sample_files(base: Path) -> Iterator[Path]:
             raise exc
 
     for directory, subdirectories, names in os.walk(base, followlinks=True, onerror=fail):
-        info = os.stat(directory)
+        try:
+            info = os.stat(directory)
+        except FileNotFoundError:  # removed (retention) while the dataset is listed
+            subdirectories.clear()
+            continue
         if (info.st_dev, info.st_ino) in seen:
             log.warning(
                 "%s: already read by another path (a symlink loop or a second link)", directory
@@ -212,6 +216,8 @@ def read_table(
         try:
             data = read_file(path, table)
         except (SchemaError, pa.ArrowException, OSError) as exc:
+            if not path.exists():
+                continue  # removed since it was listed (a compacted journal: read its twin anew)
             _reject(root, path, exc, stats, strict=False)
             continue
         stats.files += 1
@@ -344,6 +350,8 @@ def plan(root: Path, files: dict[str, list[Path]], stats: ReadStats) -> list[Pie
             else:
                 pieces.extend(_parquet_pieces(path, table))
         except (SchemaError, pa.ArrowException, OSError) as exc:
+            if not path.exists():
+                raise Vanished(path) from None  # compacted or removed since it was listed
             _reject(root, path, exc, stats, strict=True)
             continue
         stats.files += 1
@@ -392,9 +400,9 @@ def _read_piece(
     if piece.row_group < 0:
         data, _ = read_journal(piece.path)
         if data is None:
-            if not piece.path.exists():
-                raise Vanished(piece.path)  # compacted into its twin since the plan
-            raise pa.ArrowInvalid("journal no longer readable")
+            # compacted into its twin since the plan, or replaced: a journal is never moved,
+            # the dataset is planned again
+            raise Vanished(piece.path)
     else:
         wanted = SCHEMAS[piece.table].names if columns is None else list(columns)
         strings = [n for n in wanted if pa.types.is_string(SCHEMAS[piece.table].field(n).type)]
@@ -433,10 +441,22 @@ def chunk_bounds(
     inside = [p for p in pieces if p.max_ns >= low and p.min_ns <= high]
     total = sum(p.rows for p in inside)
     parts = max(1, -(-total // max(1, budget_rows)))
-    # Even steps over the core where the rows are: a wide piece counts by its inner quantiles,
-    # and its few rows beyond them get a chunk of their own on either side.
-    core_low = max(low, min(p.quantiles[1] if p.quantiles else p.min_ns for p in inside))
-    core_high = min(high, max(p.quantiles[-2] if p.quantiles else p.max_ns for p in inside))
+    # Even steps over the core where the rows are: ordinary pieces by their range, wide ones by
+    # their inner quantiles among the valid times; what lies beyond the core (a wide piece's
+    # stray rows) gets a chunk of its own on either side.
+    lows: list[int] = []
+    highs: list[int] = []
+    for p in inside:
+        if not p.quantiles:
+            lows.append(p.min_ns)
+            highs.append(p.max_ns)
+            continue
+        valid = [t for t in p.quantiles if low <= t <= high]
+        if len(valid) >= 3:
+            lows.append(valid[1])
+            highs.append(valid[-2])
+    core_low = max(low, min(lows, default=low))
+    core_high = min(high, max(highs, default=high))
     if core_high < core_low:
         core_low, core_high = low, high
     step = max(1_000_000_000, -(-(core_high + 1 - core_low) // parts))
