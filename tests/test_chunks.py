@@ -253,3 +253,42 @@ def test_a_file_of_thousands_of_row_groups_is_opened_once(
     assert rows == whole.num_rows
     assert len(opens) <= 2, f"opened {len(opens)} times"
     assert time.monotonic() - started < 30
+
+
+def test_a_journal_compacted_between_listing_and_planning_is_read_from_its_twin(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listing named the journal, the plan found it gone: it was set aside as unreadable and
+    its rows lost (found in review). Now the reader lists and plans again."""
+    from telemetry.store.writer import Store
+
+    whole = cpu_table("n1", [float(t) for t in range(0, 300, 5)])
+    store = Store(tmp_path, "n1")
+    store.open()
+    for i in range(whole.num_rows):
+        store.append("cpu", whole.slice(i, 1))
+    real_discover = dataset.discover
+    listings = []
+
+    def list_then_compact(root: Path) -> dict[str, list[Path]]:
+        found = real_discover(root)
+        listings.append(found)
+        if len(listings) == 1:
+            store.rotate()
+        return found
+
+    monkeypatch.setattr(dataset, "discover", list_then_compact)
+    rows: list[int] = []
+
+    class Count:
+        def add(self, chunk: dict[str, pa.Table]) -> None:
+            rows.append(chunk["cpu"].num_rows)
+
+    def fresh() -> list[Count]:
+        rows.clear()
+        return [Count()]
+
+    _, stats = dataset.scan(tmp_path, fresh)
+    assert sum(rows) == whole.num_rows and stats.files_quarantined == 0
+    assert len(listings) == 2
+    store.close()

@@ -52,3 +52,17 @@ def test_slewing_is_followed_and_a_lasting_correction_is_taken_over() -> None:
         latest = clock()
     assert latest == clocks.wall_ns, "after a minute the corrected clock is taken over"
     assert clock.steps == 1
+
+
+def test_a_second_jump_is_waited_out_afresh() -> None:
+    """A different jump inside the first one's minute was taken over at once (found in review)."""
+    clocks = Clocks()
+    clock = SteadyClock(lambda: clocks.wall_ns, lambda: clocks.mono_ns, accept_after_s=60)
+    clock()
+    clocks.tick(1, wall_jump_ns=86400 * NS)  # a day ahead
+    clock()
+    clocks.tick(59, wall_jump_ns=2 * YEAR)  # then two years more, 59 s later
+    assert clock() == T0 + 60 * NS
+    clocks.tick(1)
+    assert clock() == T0 + 61 * NS, "the new jump waits its own minute"
+    assert clock.steps == 2

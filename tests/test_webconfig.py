@@ -219,3 +219,25 @@ def test_a_client_guessing_passwords_is_refused_without_a_check(server: MetricsS
     assert set(statuses[FAILURES_ALLOWED:]) == {429}, statuses
     # the right password waits too: the window has to pass (no oracle for the guesser)
     assert _get(server.port, _auth("prometheus", "s3cret"), _client_context())[0] == 429
+
+
+def test_an_overlong_password_gets_the_same_answer_for_any_user(server: MetricsServer) -> None:
+    """bcrypt refuses passwords over 72 bytes: an unknown user's connection was dropped where a
+    known user got 401, which told the names apart (found in review)."""
+    long = "x" * 80
+    for user in ("prometheus", "mallory"):
+        assert _get(server.port, _auth(user, long), _client_context())[0] == 401
+
+
+def test_a_stalled_tls_handshake_is_cut_at_the_deadline(server: MetricsServer) -> None:
+    import contextlib
+    import socket
+    import time
+
+    server._httpd.connection_deadline_s = 1.0
+    stalled = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    started = time.monotonic()
+    with contextlib.suppress(OSError):
+        assert stalled.recv(1) == b""  # no ClientHello: the server cuts it
+    assert time.monotonic() - started < 6, "the watchdog cuts TLS connections too"
+    stalled.close()
