@@ -72,7 +72,7 @@ def replay(args: argparse.Namespace) -> int:
         # paced replay is watched as it goes
         server = serve(registry, args.listen, args.web_config, collector.render_text)
         banner = f"tally replay: serving {server.url}"
-        say(banner, plain=banner)
+        say(banner)
     stop = stop_on_signals()
 
     def publish(snapshot: Snapshot) -> None:
@@ -106,7 +106,7 @@ def demo(args: argparse.Namespace) -> int:
         raise TallyError("--nodes must be between 1 and 1000")
     rows = generate_demo(args.out, args.nodes, args.hours, seed=args.seed)
     done = f"wrote {rows:,} rows and {args.out / 'inventory.toml'}"
-    say(done, stream=sys.stdout, plain=done)
+    say(done, stream=sys.stdout)
     return 0
 
 
@@ -176,7 +176,7 @@ def aggregate(args: argparse.Namespace) -> int:
             f"tally aggregate: {read:,} rows from {aggregator.stats.files:,} files; serving "
             f"{server.url}, polling every {args.poll:g}s"
         )
-        say(banner, plain=banner)
+        say(banner)
     while not stop.wait(args.poll):
         try:
             aggregator.poll()
@@ -224,5 +224,5 @@ def report(args: argparse.Namespace) -> int:
         raise TallyError(f"--out {args.out}: {exc.strerror or exc}") from None
     if not args.quiet:
         done = f"wrote {args.out} ({len(document.encode()) / 1e6:.1f} MB)"
-        say(done, plain=done)
+        say(done)
     return 0

@@ -25,7 +25,6 @@ from exporters.prometheus import TallyCollector
 from telemetry.billing.inventory import load_inventory
 from telemetry.clock import SteadyClock
 from telemetry.collectors import REGISTRY, CollectorContext, Runner
-from telemetry.collectors.base import CollectorStatus
 from telemetry.config import DaemonConfig, load_object
 from telemetry.logs import OnceLogger, say
 from telemetry.state import Snapshot, State
@@ -55,7 +54,6 @@ class Daemon:
         self._last_time_ns = 0
         self.clock_dropped: dict[str, int] = {}
         self._snapshot = Snapshot()
-        self._last_status: dict[str, CollectorStatus] = {}
         self.compact_requested = False
         self._once = OnceLogger(log)
         ctx = CollectorContext(
@@ -108,7 +106,6 @@ class Daemon:
             self._pending.append((table, batch))
             self.state.ingest(table, batch)
         self._flush_pending()
-        self._last_status = result.status
         snapshot = self.state.snapshot(result.status)
         for table, rows in self.clock_dropped.items():
             snapshot.ingest[table].late += rows
@@ -122,11 +119,9 @@ class Daemon:
 
     def _collector_summary(self) -> str:
         """``collectors: cpu, job; failed: gpu`` after the first round (the log says why)."""
-        status = self._last_status
+        status = self._snapshot.collectors
         working = [
-            c.name
-            for c in self.runner.collectors
-            if status.get(c.name, None) and status[c.name].success
+            c.name for c in self.runner.collectors if c.name in status and status[c.name].success
         ]
         failed = [c.name for c in self.runner.collectors if c.name not in working]
         summary = f"collectors: {', '.join(working) or 'none'}"
@@ -172,7 +167,7 @@ class Daemon:
                 f"writing {self.config.data_dir} every {self.config.interval_seconds:g}s "
                 f"({names})"
             )
-            say(banner, stream=sys.stdout, plain=banner)
+            say(banner, stream=sys.stdout)
             self._loop()
         finally:
             self._shutdown()
@@ -210,7 +205,8 @@ class Daemon:
     def status_line(self) -> str:
         """What SIGUSR1 logs: rows written, store errors and each collector's last result."""
         collectors = ", ".join(
-            f"{name} {'ok' if s.success else 'failed'}" for name, s in self._last_status.items()
+            f"{name} {'ok' if s.success else 'failed'}"
+            for name, s in self._snapshot.collectors.items()
         )
         return (
             f"status: {self.store.rows_written} rows written, {self.store_errors} store errors; "

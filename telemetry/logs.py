@@ -71,7 +71,8 @@ def say(
     **extra: str,
 ) -> None:
     """A line for the operator on ``stream`` (stderr by default): with ``--log-format json`` one
-    JSON object like every log record, else ``plain`` (default ``tally: LEVEL: message``).
+    JSON object like every log record, else ``plain`` (default: an info line as it is, a warning
+    or an error as ``tally: LEVEL: message``).
 
     Banners, warnings and errors of every command go through here, so a log shipper reading
     JSON never meets a plain line.
@@ -79,8 +80,10 @@ def say(
     out = sys.stderr if stream is None else stream
     if _FORMAT[0] == "json":
         line = _json_line(time.time(), level, "tally", message, **extra)
+    elif plain is not None:
+        line = plain
     else:
-        line = f"tally: {level}: {message}" if plain is None else plain
+        line = message if level == "info" else f"tally: {level}: {message}"
     print(line, file=out, flush=True)
 
 

@@ -263,23 +263,20 @@ EARLIEST_NS = 946_684_800 * 1_000_000_000  # 2000-01-01T00:00:00Z
 LATEST_NS = 4_102_444_800 * 1_000_000_000  # 2100-01-01T00:00:00Z
 
 
-def screen(
-    table: pa.Table, name: str, latest: int | None = None
-) -> tuple[pa.Table, dict[str, int]]:
+def screen(table: pa.Table, name: str) -> tuple[pa.Table, dict[str, int]]:
     """``table`` without the rows that hold a value outside ``VALID_RANGES`` or a time outside
-    [2000, ``latest``] (default 2100); and how many rows each column ruled out, as
+    [``EARLIEST_NS``, ``LATEST_NS``]; and how many rows each column ruled out, as
     ``{"gpu.power_watts": n}`` (a row ruled out by two columns counts under both). Null passes
     where a column may be null.
     """
     if table.num_rows == 0:
         return table, {}
-    latest = LATEST_NS if latest is None else latest
     checks: list[tuple[str, pa.ChunkedArray | pa.Array]] = []
     if "time" in table.column_names:
         ns = table.column("time").cast(pa.int64())
         inside = pc.and_(
             pc.greater_equal(ns, pa.scalar(EARLIEST_NS, pa.int64())),
-            pc.less_equal(ns, pa.scalar(latest, pa.int64())),
+            pc.less_equal(ns, pa.scalar(LATEST_NS, pa.int64())),
         )
         checks.append(("time", pc.fill_null(inside, False)))
     for column, (low, high) in VALID_RANGES[name].items():

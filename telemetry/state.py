@@ -87,9 +87,10 @@ class TableState:
         self.totals: dict[tuple[str, ...], dict[str, int]] = {}
         self.stats = IngestStats()
 
-    def ingest(self, batch: pa.Table) -> None:
-        """Add rows (any order, any series); raises ``SchemaError`` for a non-conforming table."""
-        new = validate(batch, self.name).select(self.schema.names)
+    def ingest(self, batch: pa.Table, checked: bool = False) -> None:
+        """Add rows (any order, any series); raises ``SchemaError`` for a non-conforming table.
+        ``checked``: ``batch`` is already validated (``State.ingest`` did it)."""
+        new = (batch if checked else validate(batch, self.name)).select(self.schema.names)
         if new.num_rows == 0:
             return
         self.stats.rows += new.num_rows
@@ -187,7 +188,7 @@ class State:
         checked = validate(batch, name)
         kept = screen(checked, name)[0]
         self.tables[name].stats.out_of_range += checked.num_rows - kept.num_rows
-        self.tables[name].ingest(kept)
+        self.tables[name].ingest(kept, checked=True)
         if self.biller is not None:
             self.biller.add({name: kept})
             if name == "job" and kept.num_rows:

@@ -51,10 +51,27 @@ BATCH_ROWS = 2_000_000
 
 
 def _series(live: LiveTotals) -> dict[str, list[float]]:
-    """Every counter series of ``live``, keyed by its labels."""
-    out = {f"pool\t{p[0]}\t{p[1]}": list(p[2:]) for p in live.pools}
-    out.update({f"tenant\t{t[0]}\t{t[1]}\t{t[2]}": list(t[3:]) for t in live.tenants})
+    """Every counter series of ``live``, keyed by its labels (``_totals`` reads them back)."""
+    out = {"\t".join(("pool", *p[:2])): list(p[2:]) for p in live.pools}
+    out.update({"\t".join(("tenant", *t[:3])): list(t[3:]) for t in live.tenants})
     return out
+
+
+def _file_key(key: tuple[str, str]) -> str:
+    """A file the follower has read, as the checkpoint lists it: ``table<TAB>stem``."""
+    return "\t".join(key)
+
+
+def _totals(currency: str, series: dict[str, list[float]]) -> LiveTotals:
+    """The ``LiveTotals`` of ``_series`` output."""
+    pools, tenants = [], []
+    for key, values in series.items():
+        kind, *labels = key.split("\t")
+        if kind == "pool" and len(labels) == 2:
+            pools.append((*labels, *values))
+        elif kind == "tenant" and len(labels) == 3:
+            tenants.append((*labels, *values))
+    return LiveTotals(currency, sorted(pools), sorted(tenants))  # type: ignore[arg-type]
 
 
 def _read_checkpoint(path: Path) -> tuple[dict[str, list[float]], set[str]]:
@@ -132,10 +149,10 @@ class Aggregator:
             # After a restart: first the files the checkpoint had read, so that what it
             # exported beyond them is exactly what retention removed; then what came since.
             saved, known = _read_checkpoint(self.checkpoint)
-            before = [w for w in work if self._key(*w) in known]
+            before = [w for w in work if _file_key(self.follower.key(*w)) in known]
             read += self._read(before, progress, len(work), 0)
             self._carry(saved)
-            work = [w for w in work if self._key(*w) not in known]
+            work = [w for w in work if _file_key(self.follower.key(*w)) not in known]
         read += self._read(work, progress, len(work), read)
         self._prune_minutes()
         self.totals.retire()
@@ -143,9 +160,6 @@ class Aggregator:
             self._write_checkpoint(self.checkpoint)
         self.last_poll_seconds = time.monotonic() - started
         return read
-
-    def _key(self, table: str, path: Path) -> str:
-        return f"{table}\t{path.relative_to(self.root).with_suffix('')}"
 
     def _read(
         self,
@@ -194,7 +208,7 @@ class Aggregator:
         body = {
             "version": 2,
             "series": _series(self.live_totals()),
-            "files": sorted(f"{table}\t{stem}" for table, stem in self.follower.seen),
+            "files": sorted(_file_key(key) for key in self.follower.seen),
         }
         tmp = path.with_name(path.name + ".tmp")
         try:
@@ -236,12 +250,10 @@ class Aggregator:
         parts = self.totals.fine_pool_parts
         if newest is None or not parts.keys:
             return
-        keys, sums = parts.compact()
+        keys, _ = parts.compact()
         keep = keys[0] >= newest // (_MINUTE * NS) - _KEEP_MINUTES
         if not keep.all():
-            parts.keys = [[k[keep] for k in keys]]
-            parts.sums = [[v[keep] for v in sums]]
-            parts.rows = int(keep.sum())
+            parts.keep_only(keep)
 
     # ---------------------------------------------------------------- results
     def live_totals(self) -> LiveTotals:
@@ -249,24 +261,11 @@ class Aggregator:
         live = self.totals.live_totals()
         if not self.carried:
             return live
-        carried = dict(self.carried)
-        pools = []
-        for pool, kind, *values in live.pools:
-            extra = carried.pop(f"pool\t{pool}\t{kind}", [0.0] * 3)
-            pools.append((pool, kind, *(v + e for v, e in zip(values, extra, strict=False))))
-        tenants = []
-        for pool, kind, tenant, *values in live.tenants:
-            extra = carried.pop(f"tenant\t{pool}\t{kind}\t{tenant}", [0.0] * 3)
-            tenants.append(
-                (pool, kind, tenant, *(v + e for v, e in zip(values, extra, strict=False)))
-            )
-        for key, extra in carried.items():  # series whose files are all gone
-            parts = key.split("\t")
-            if parts[0] == "pool" and len(parts) == 3:
-                pools.append((parts[1], parts[2], *extra))
-            elif parts[0] == "tenant" and len(parts) == 4:
-                tenants.append((parts[1], parts[2], parts[3], *extra))
-        return LiveTotals(live.currency, sorted(pools), sorted(tenants))  # type: ignore[arg-type]
+        series = _series(live)
+        for key, extra in self.carried.items():  # series whose files are all gone too
+            now = series.get(key, [0.0] * len(extra))
+            series[key] = [v + e for v, e in zip(now, extra, strict=True)]
+        return _totals(live.currency, series)
 
     def ratios(self) -> PoolRatios:
         """Trailing ratios over the last complete minutes before the newest sample."""

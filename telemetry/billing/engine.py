@@ -102,14 +102,24 @@ class PartialSums:
             self.compact()
 
     def compact(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The sums as one grouped part (keys sorted and unique)."""
         if not self.keys:
             return [np.zeros(0, np.int64)] * self.width, []
+        if len(self.keys) == 1:  # group_sums' output: already grouped
+            return self.keys[0], self.sums[0]
         xp = self.xp
         keys = [xp.concatenate([k[i] for k in self.keys]) for i in range(self.width)]
         sums = [xp.concatenate([s[i] for s in self.sums]) for i in range(len(self.sums[0]))]
         keys, sums = group_sums(keys, sums)
         self.keys, self.sums, self.rows = [keys], [sums], keys[0].size
         return keys, sums
+
+    def keep_only(self, keep: Any) -> None:
+        """Drop the groups of the compacted sums where ``keep`` (bool, on the backend) is
+        False."""
+        keys, sums = self.compact()
+        self.keys, self.sums = [[k[keep] for k in keys]], [[v[keep] for v in sums]]
+        self.rows = int(keep.sum())
 
 
 @dataclass
@@ -341,11 +351,7 @@ class Biller:
             )
             for f, values in enumerate(sums):
                 into[f] += int(values[i])
-        stay = ~leaving
-        xp = self.xp
-        self.job_parts.keys = [[to_backend(xp, k[stay]) for k in keys]]
-        self.job_parts.sums = [[to_backend(xp, v[stay]) for v in sums]]
-        self.job_parts.rows = int(stay.sum())
+        self.job_parts.keep_only(to_backend(self.xp, ~leaving))
         for key in gone:
             del self.owner[key]
         carry = self.carry["job"]

@@ -389,12 +389,7 @@ class _OpenFiles:
         self.files.clear()
 
 
-def _read_piece(
-    piece: Piece,
-    columns: Sequence[str] | None,
-    stats: ReadStats,
-    opened: _OpenFiles | None = None,
-) -> pa.Table:
+def _read_piece(piece: Piece, columns: Sequence[str] | None, opened: _OpenFiles) -> pa.Table:
     """One piece's rows, validated, string columns dictionary-encoded (as Parquet stores them:
     decoding skips building a string per row, and series keys come out already encoded)."""
     if piece.row_group < 0:
@@ -406,10 +401,7 @@ def _read_piece(
     else:
         wanted = SCHEMAS[piece.table].names if columns is None else list(columns)
         strings = [n for n in wanted if pa.types.is_string(SCHEMAS[piece.table].field(n).type)]
-        if opened is None:
-            parquet = pq.ParquetFile(piece.path, read_dictionary=strings)
-        else:
-            parquet = opened.get(piece.path, strings)
+        parquet = opened.get(piece.path, strings)
         present = set(parquet.schema_arrow.names)
         # only what the consumers read is decoded
         data = parquet.read_row_group(
@@ -479,12 +471,9 @@ def read_chunks(
 
     ``columns`` limits each table to those columns (in that order); default: the whole schema.
     """
-    # A piece that reaches past its chunk keeps its later rows for the next chunks, so each piece
-    # is decoded and validated once however many chunks it spans.
-    later: dict[Piece, pa.Table] = {}
     opened = _OpenFiles()
     try:
-        yield from _chunks(root, pieces, bounds, stats, columns, later, opened)
+        yield from _chunks(root, pieces, bounds, stats, columns, opened)
     finally:
         opened.close()
 
@@ -495,9 +484,11 @@ def _chunks(
     bounds: list[tuple[int, int]],
     stats: ReadStats,
     columns: Mapping[str, Sequence[str]] | None,
-    later: dict[Piece, pa.Table],
     opened: _OpenFiles,
 ) -> Iterator[ValidatedChunk]:
+    # A piece that reaches past its chunk keeps its later rows for the next chunks, so each piece
+    # is decoded and validated once however many chunks it spans.
+    later: dict[Piece, pa.Table] = {}
     first, end = (bounds[0][0], bounds[-1][1]) if bounds else (0, 0)
     for a, b in bounds:
         parts: dict[str, list[pa.Table]] = {name: [] for name in SCHEMAS}
@@ -509,7 +500,7 @@ def _chunks(
             if data is None:
                 try:
                     wanted = None if columns is None else columns[piece.table]
-                    data = _read_piece(piece, wanted, stats, opened)
+                    data = _read_piece(piece, wanted, opened)
                 except FileNotFoundError:
                     raise Vanished(piece.path) from None
                 except (pa.ArrowException, OSError) as exc:
@@ -656,17 +647,16 @@ def _scan_once(
     columns: Mapping[str, Sequence[str]] | None,
 ) -> None:
     pieces = plan(root, discover(root), stats)
-    latest = LATEST_NS
-    outside = {p for p in pieces if p.max_ns < EARLIEST_NS or p.min_ns > latest}
+    outside = {p for p in pieces if p.max_ns < EARLIEST_NS or p.min_ns > LATEST_NS}
     for piece in outside:  # every row of it has an impossible time: count them, bill none
         stats.ruled_out({f"{piece.table}.time": piece.rows})
     pieces = [p for p in pieces if p not in outside]
     if not pieces:
         return
-    # A stray row dated 1970 or 2200 inside a good file must not stretch the chunks over
-    # centuries: rows outside [EARLIEST_NS, latest] are screened out when the piece is read.
+    # The chunks span the valid times only (a stray row dated 1970 or 2200 inside a good file
+    # must not stretch them over centuries); rows beyond are counted as the pieces are read.
     first = max(min(p.min_ns for p in pieces), EARLIEST_NS)
-    last = min(max(p.max_ns for p in pieces), latest)
+    last = min(max(p.max_ns for p in pieces), LATEST_NS)
     stats.first_ns, stats.last_ns = first, last
     # Every row is read, whatever --from/--to select (the biller counts only the selected
     # windows): the interval ending at a series' first selected row may be a gap opened long
@@ -732,10 +722,13 @@ class Follower:
         usable.sort(key=lambda item: (_order_key(self.root, item[1]), item[0]))
         return usable
 
+    def key(self, table: str, path: Path) -> tuple[str, str]:
+        """Which file ``seen`` remembers: a journal and its Parquet twin share the key."""
+        return table, str(path.relative_to(self.root).with_suffix(""))
+
     def new_rows(self, table: str, path: Path) -> pa.Table | None:
         """The rows of ``path`` not read before (None when there are none)."""
-        key = (table, str(path.relative_to(self.root).with_suffix("")))
-        seen = self.seen.setdefault(key, _Seen())
+        seen = self.seen.setdefault(self.key(table, path), _Seen())
         try:
             info = path.stat()
         except FileNotFoundError:
