@@ -7,7 +7,13 @@ imports neither CuPy nor NVML.
 from __future__ import annotations
 
 from kernels.backend import BackendError, array_namespace, get_namespace, to_host
-from kernels.integrate import cpu_contributions, gpu_contributions, job_contributions, rint_int64
+from kernels.integrate import (
+    cpu_contributions,
+    gpu_contributions,
+    job_contributions,
+    rint_int64,
+    share_contributions,
+)
 from kernels.rolling import trailing_ratio, trailing_sums
 from kernels.series import (
     Intervals,
@@ -36,6 +42,7 @@ __all__ = [
     "segment_bounds",
     "segment_sum",
     "series_order",
+    "share_contributions",
     "to_host",
     "trailing_ratio",
     "trailing_sums",

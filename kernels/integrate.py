@@ -84,3 +84,10 @@ def job_contributions(
         "gpus_allocated_us": _counted(iv, gpus_allocated.astype(xp.float64) * dt_us),
         "cpu_used_us": _counted(iv, counter_delta(cpu_seconds, iv.opens) * 1e6),
     }
+
+
+def share_contributions(iv: Intervals, share: Any) -> Any:
+    """A shared GPU's share-µs held by one job (share·Δt); the bill splits by the gpu rows'
+    intervals, this is what a job's gpu_job series alone shows."""
+    xp = array_namespace(iv.dt_ns, share)
+    return _counted(iv, share.astype(xp.float64) * _dt_us(iv))

@@ -147,6 +147,8 @@ def contributions(rows: SortedRows, name: str, iv: kernels.Intervals) -> dict[st
             rows.gather(np.asarray(busy, dtype=np.float64)),
             rows.float("energy_joules"),
         )
+    if name == "gpu_job":
+        return {"share_us": kernels.share_contributions(iv, rows.float("share"))}
     return kernels.job_contributions(
         iv,
         rows.float("cpus_allocated"),

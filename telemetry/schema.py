@@ -1,4 +1,4 @@
-"""Arrow schemas of the three sample tables (SPEC §2) and the one validator for them.
+"""Arrow schemas of the four sample tables (SPEC §2) and the one validator for them.
 
 Every table tally writes or reads is checked against these schemas: columns must be present with
 the right type, extra columns may follow when they are nullable. Types that convert without loss
@@ -56,6 +56,7 @@ OPTIONAL_COLUMNS: dict[str, frozenset[str]] = {
     ),
     "cpu": frozenset(),
     "job": frozenset(),
+    "gpu_job": frozenset(),
 }
 
 CPU_MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
@@ -88,13 +89,33 @@ JOB_SCHEMA = pa.schema(
     ]
 )
 
-SCHEMAS: dict[str, pa.Schema] = {"gpu": GPU_SCHEMA, "cpu": CPU_SCHEMA, "job": JOB_SCHEMA}
+# One row per (GPU, job holding it) where a GPU is shared by several jobs (Slurm shards or MPS,
+# Kubernetes time-slicing replicas); a MIG instance is a GPU row of its own, not this.
+GPU_JOB_SCHEMA = pa.schema(
+    [
+        pa.field("time", TIME, nullable=False),
+        pa.field("node", pa.string(), nullable=False),
+        pa.field("gpu_uuid", pa.string(), nullable=False),
+        pa.field("job_id", pa.string(), nullable=False),
+        pa.field("share", pa.float32(), nullable=False),  # fraction of the GPU allocated, 0-1
+        pa.field("sm_utilization_ratio", pa.float32()),  # the job's processes' SM use, 0-1
+        pa.field("memory_used_bytes", pa.int64()),
+    ]
+)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "gpu": GPU_SCHEMA,
+    "cpu": CPU_SCHEMA,
+    "job": JOB_SCHEMA,
+    "gpu_job": GPU_JOB_SCHEMA,
+}
 
 # Columns that identify one time series in each table (SPEC §2).
 SERIES_KEYS: dict[str, tuple[str, ...]] = {
     "gpu": ("node", "gpu_uuid"),
     "cpu": ("node",),
     "job": ("node", "job_id"),
+    "gpu_job": ("node", "gpu_uuid", "job_id"),
 }
 
 
@@ -255,6 +276,11 @@ VALID_RANGES: dict[str, dict[str, tuple[float, float]]] = {
         "gpus_allocated": (0.0, 1e6),
         "cpu_seconds": (0.0, 1e12),
         "memory_bytes": (0.0, 2.0**60),
+    },
+    "gpu_job": {
+        "share": (0.0, 1.0 + RATIO_TOLERANCE),
+        "sm_utilization_ratio": (0.0, 1.0 + RATIO_TOLERANCE),
+        "memory_used_bytes": (0.0, 2.0**50),
     },
 }
 # Sample times: from 2000 up to 2100. Fixed bounds, not the reading machine's clock, so that a

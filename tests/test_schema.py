@@ -3,7 +3,15 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from telemetry.schema import CPU_SCHEMA, GPU_SCHEMA, JOB_SCHEMA, SCHEMAS, SchemaError, validate
+from telemetry.schema import (
+    CPU_SCHEMA,
+    GPU_JOB_SCHEMA,
+    GPU_SCHEMA,
+    JOB_SCHEMA,
+    SCHEMAS,
+    SchemaError,
+    validate,
+)
 from tests.support.tables import cpu_table, gpu_table
 
 
@@ -34,6 +42,11 @@ def test_schemas_follow_the_spec_column_for_column() -> None:
         ("gpus_allocated", pa.float32()), ("cpu_seconds", pa.float64()),
         ("memory_bytes", pa.int64()),
     ]  # fmt: skip
+    assert [(f.name, f.type) for f in GPU_JOB_SCHEMA] == [
+        ("time", ts), ("node", pa.string()), ("gpu_uuid", pa.string()), ("job_id", pa.string()),
+        ("share", pa.float32()), ("sm_utilization_ratio", pa.float32()),
+        ("memory_used_bytes", pa.int64()),
+    ]  # fmt: skip
     nullable = {name: {f.name for f in s if f.nullable} for name, s in SCHEMAS.items()}
     assert nullable == {
         "gpu": {"utilization_ratio", "sm_active_ratio", "power_watts", "energy_joules",
@@ -42,6 +55,7 @@ def test_schemas_follow_the_spec_column_for_column() -> None:
                 "xid_errors", "xid_last"},
         "cpu": {"energy_joules"},
         "job": set(),
+        "gpu_job": {"sm_utilization_ratio", "memory_used_bytes"},
     }  # fmt: skip
 
 

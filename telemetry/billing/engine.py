@@ -45,6 +45,7 @@ BILL_COLUMNS: dict[str, tuple[str, ...]] = {
     "cpu": ("time", "node", "cpus", *(f"{m}_seconds" for m in CPU_BUSY_MODES), "energy_joules"),
     "job": ("time", "node", "job_id", "user", "account", "cpus_allocated", "gpus_allocated",
             "cpu_seconds"),
+    "gpu_job": ("time", "node", "gpu_uuid", "job_id", "share", "sm_utilization_ratio"),
 }  # fmt: skip
 
 # energy_readings counts capacity rows with an energy reading (a counter, or a GPU's power): a
