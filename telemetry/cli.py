@@ -86,9 +86,12 @@ def _max_gap_option(p: argparse.ArgumentParser, default: float | None) -> None:
 
 
 def _range_options(p: argparse.ArgumentParser) -> None:
-    instant = "ISO-8601 date or date-time, with Z or an offset (none: UTC)"
-    p.add_argument("--from", dest="start", help=f"bill the windows from here on: {instant}")
-    p.add_argument("--to", dest="end", help=f"bill the windows that end by here: {instant}")
+    instant = "ISO-8601 date or date-time; without an offset, in the bill's time zone"
+    p.add_argument("--from", dest="start", help=f"bill from this instant on: {instant}")
+    p.add_argument("--to", dest="end", help=f"bill up to this instant: {instant}")
+    p.add_argument("--timezone", help="IANA zone of calendar windows (default: the inventory's)")
+    what = "sacct --json or --parsable2 output: exact allocation (repeatable)"
+    p.add_argument("--accounting", type=Path, action="append", default=[], help=what)
 
 
 def _dataset_argument(p: argparse.ArgumentParser, what: str = "to read") -> None:
@@ -206,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--window",
         default="1h",
-        help="window length: 15m, 1h, 1d, 7d or any whole number of seconds >= 60 (default 1h)",
+        help="day, week or month (calendar, in --timezone), or a length: 15m, 1h, 1d or "
+        "whole seconds >= 60 (default 1h)",
     )
     _range_options(b)
     b.add_argument(

@@ -13,11 +13,16 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from telemetry.config import parse_window
 from telemetry.errors import TallyError
 from telemetry.logs import say
+
+if TYPE_CHECKING:
+    from telemetry.billing.accounting import Record
 
 log = logging.getLogger("tally.cli")
 
@@ -110,14 +115,22 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def accounting(paths: list[Path]) -> list[Record] | None:
+    """The records of every ``--accounting`` file, or None without any."""
+    from telemetry.billing.accounting import load_accounting
+
+    return load_accounting(paths) if paths else None
+
+
 def bill(args: argparse.Namespace) -> int:
     from telemetry.allocator import keep_freed_memory
     from telemetry.billing.bill import compute_bill
     from telemetry.billing.inventory import load_inventory
+    from telemetry.billing.windows import CALENDAR
     from telemetry.billing.writers import write
     from telemetry.progress import silent
 
-    window = parse_window(args.window)
+    window = args.window if args.window in CALENDAR else parse_window(args.window)
     if args.format in ("csv", "parquet") and args.out is None:
         raise TallyError(f"--format {args.format} writes three files: give --out PREFIX")
     if args.out is not None and not args.out.parent.is_dir():
@@ -134,9 +147,11 @@ def bill(args: argparse.Namespace) -> int:
         warn=warner(args.quiet),
         progress=silent if args.quiet else None,
         xp=xp,
+        accounting=accounting(args.accounting),
+        timezone=args.timezone,
     )
     try:
-        write(result, args.format, args.out)
+        write(result, args.format, args.out, inventory.currency_decimals)
     except OSError as exc:
         raise TallyError(f"--out {args.out}: {exc.strerror or exc}") from None
     return 0
@@ -213,6 +228,8 @@ def report(args: argparse.Namespace) -> int:
             progress=bar,
             warn=warner(args.quiet),
             xp=xp,
+            accounting=accounting(args.accounting),
+            timezone=args.timezone,
         )
     document = render_report(data)
     partial = args.out.with_name(f".{args.out.name}.tmp")

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 
 from kernels.backend import release
+from telemetry.billing.accounting import Record
 from telemetry.billing.engine import BILL_COLUMNS, Bill, Biller
 from telemetry.billing.inventory import Inventory
 from telemetry.billing.period import selected_range
+from telemetry.billing.windows import Windows, iso, zone
 from telemetry.progress import Progress
 from telemetry.store.dataset import DEFAULT_BUDGET_ROWS, ReadStats, scan
 
@@ -23,26 +25,37 @@ log = logging.getLogger("tally.bill")
 def compute_bill(
     root: Path,
     inventory: Inventory,
-    window_s: int,
+    window: int | str,
     start: str | None = None,
     end: str | None = None,
     budget_rows: int = DEFAULT_BUDGET_ROWS,
     progress: Callable[[int, int, int], None] | None = None,
     warn: Callable[[str], None] = log.warning,
     xp: ModuleType = np,
+    accounting: list[Record] | None = None,
+    timezone: str | None = None,
 ) -> Bill:
     """The bill of the dataset at ``root``; raises ``TallyError`` for unusable input.
 
-    Without ``progress`` a progress bar is drawn on stderr when it is a terminal. ``xp`` is the
-    array backend of the grouped sums (``kernels.get_namespace``); the bill's bytes do not
-    depend on it.
+    ``window`` is a length in seconds or ``day``/``week``/``month`` in ``timezone`` (else the
+    inventory's). ``accounting`` records, where given, are the allocation of the jobs they name
+    (SPEC §4). Without ``progress`` a progress bar is drawn on stderr when it is a terminal.
+    ``xp`` is the array backend of the grouped sums; the bill's bytes do not depend on it.
     """
-    lo, hi = selected_range(window_s, start, end)
+    inventory = with_timezone(inventory, timezone)
+    lo, hi = selected_range(start, end, inventory.timezone)
+    windows = Windows(window, inventory.timezone)
+
+    def fresh() -> list[Biller]:
+        biller = Biller(inventory, windows, lo, hi, xp=xp)
+        biller.accounting = accounting
+        return [biller]
+
     try:
         with Progress("billing") as bar:
             consumers, stats = scan(
                 root,
-                lambda: [Biller(inventory, window_s, lo, hi, xp=xp)],
+                fresh,
                 budget_rows,
                 progress or bar,
                 warn,
@@ -66,7 +79,7 @@ def finish_bill(biller: Biller, stats: ReadStats, warn: Callable[[str], None]) -
     if ruled_out:
         detail = ", ".join(f"{column} {n:,}" for column, n in ruled_out.items())
         warn(f"rows left out for a value outside its valid range (not billed): {detail}")
-    return biller.bill(
+    bill = biller.bill(
         {
             "files": stats.files,
             "rows": stats.rows,
@@ -76,6 +89,22 @@ def finish_bill(biller: Biller, stats: ReadStats, warn: Callable[[str], None]) -
             "rows_out_of_range": ruled_out,
         }
     )
+    for note in bill.notes:
+        warn(note)
+    reconciliation = bill.input.get("reconciliation")
+    if reconciliation and reconciliation["jobs_accounted_without_samples"]:
+        warn(
+            f"{reconciliation['jobs_accounted_without_samples']:,} accounted jobs have no "
+            "samples: billed from their accounting record alone (busy 0)"
+        )
+    return bill
+
+
+def with_timezone(inventory: Inventory, name: str | None) -> Inventory:
+    """``inventory`` with its time zone replaced by ``--timezone`` where one is given."""
+    if name is None:
+        return inventory
+    return replace(inventory, timezone=zone(name, "--timezone"), _prices={})
 
 
 def _warn_if_empty(biller: Biller, stats: ReadStats, warn: Callable[[str], None]) -> None:
@@ -84,12 +113,12 @@ def _warn_if_empty(biller: Biller, stats: ReadStats, warn: Callable[[str], None]
     if keys[0].size or stats.first_ns is None or stats.last_ns is None:
         return
 
-    def iso(ns: int | None) -> str:
-        if ns is None:
-            return "open"
-        return datetime.fromtimestamp(ns / 1e9, tz=UTC).isoformat().replace("+00:00", "Z")
+    tz = biller.inventory.timezone
+
+    def name(ns: int | None) -> str:
+        return "open" if ns is None else iso(ns, tz)
 
     warn(
-        f"no sample between {iso(biller.start_ns)} and {iso(biller.end_ns)}: the dataset holds "
-        f"samples from {iso(stats.first_ns)} to {iso(stats.last_ns)}"
+        f"no sample between {name(biller.start_ns)} and {name(biller.end_ns)}: the dataset "
+        f"holds samples from {name(stats.first_ns)} to {name(stats.last_ns)}"
     )

@@ -12,7 +12,6 @@ output.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -23,6 +22,7 @@ import kernels
 from kernels.backend import array_namespace, to_backend, to_host
 from kernels.grouped_sums import group_sums, window_index
 from telemetry.billing.inventory import Inventory, Pool
+from telemetry.billing.windows import Windows
 from telemetry.rows import SortedRows, dictionary_codes, merge_rows
 from telemetry.schema import CPU_BUSY_MODES, SCHEMAS, validate
 from telemetry.store.dataset import ValidatedChunk
@@ -132,6 +132,8 @@ class Bill:
     jobs: list[dict[str, Any]]
     input: dict[str, Any]
     currency: str = ""
+    timezone: str = "UTC"
+    notes: list[str] = field(default_factory=list)  # warnings for the person reading it
 
 
 @dataclass
@@ -149,14 +151,6 @@ class LiveTotals:
     tenants: list[tuple[str, str, str, float, float, float]]
 
 
-def _iso(ns: int) -> str:
-    return datetime.fromtimestamp(ns // NS, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _ratio(num: float, den: float) -> float | None:
-    return num / den if den else None
-
-
 class Biller:
     """Accumulates a bill from time-ordered chunks of sample tables.
 
@@ -172,7 +166,7 @@ class Biller:
     def __init__(
         self,
         inventory: Inventory,
-        window_seconds: int,
+        window: int | Windows,
         start_ns: int | None = None,
         end_ns: int | None = None,
         *,
@@ -183,7 +177,7 @@ class Biller:
         self.inventory = inventory
         self.drop_late = drop_late
         self.late = 0
-        self.window_ns = int(window_seconds) * NS
+        self.windows = window if isinstance(window, Windows) else Windows(int(window))
         self.start_ns = start_ns
         self.end_ns = end_ns
         self.max_gap_ns = int(inventory.max_gap_seconds * NS)
@@ -197,6 +191,7 @@ class Biller:
             name: SCHEMAS[name].empty_table().select(list(BILL_COLUMNS[name])) for name in SCHEMAS
         }
         self.xp = xp
+        self.accounting: list[Any] | None = None  # accounting.Record list: see invoice
         self.pool_parts = PartialSums(width=2, xp=xp)  # (window, pool)
         self.fine_window_ns = None if fine_window_seconds is None else fine_window_seconds * NS
         self.fine_pool_parts = PartialSums(width=2, xp=xp)  # (fine window, pool)
@@ -208,17 +203,27 @@ class Biller:
         self.rows = 0
         self.duplicates = 0
         self._window_names: dict[int, dict[str, str]] = {}
+        self.uuids = Registry()
+        # first and newest time of a counted row (ns): the bill's range where --from/--to is open
+        self.first_ns: int | None = None
+        self.last_ns: int | None = None
+        self.shared_intervals = 0  # gpu intervals split over a shared GPU's jobs (SPEC §3)
 
     # ---------------------------------------------------------------- ingestion
     def add(self, chunk: dict[str, pa.Table]) -> None:
         """Add one chunk; every row must be later than the rows of earlier chunks' series."""
         checked = isinstance(chunk, ValidatedChunk)
-        for name in ("gpu", "cpu", "job"):
+        tables = {}
+        for name in ("gpu_job", "gpu", "cpu", "job"):
             table = chunk.get(name)
             if table is not None and table.num_rows:
                 wanted = BILL_COLUMNS[name]
-                table = table.select(list(wanted)) if checked else validate(table, name, wanted)
-                self._add_table(name, table)
+                tables[name] = (
+                    table.select(list(wanted)) if checked else validate(table, name, wanted)
+                )
+        holders = tables.pop("gpu_job", None)
+        for name, table in tables.items():
+            self._add_table(name, table, holders if name == "gpu" else None)
 
     def _pool_of(self, node_ids: Any, kind: str) -> Any:
         known = self._node_pool[kind]
@@ -229,7 +234,7 @@ class Biller:
             known = self._node_pool[kind] = np.concatenate([known, extra])
         return to_backend(self.xp, known)[node_ids]
 
-    def _add_table(self, name: str, new: pa.Table) -> None:
+    def _add_table(self, name: str, new: pa.Table, holders: pa.Table | None = None) -> None:
         self.rows += new.num_rows
         merged = merge_rows(
             self.carry[name],
@@ -252,7 +257,8 @@ class Biller:
             counted &= times >= self.start_ns
         if self.end_ns is not None:
             counted &= times < self.end_ns
-        window = window_index(times, self.window_ns)
+        self._note_range(times, counted)
+        window = self.windows.index(times)
         # The series key starts with the node (and is (node, job) for jobs): ids per series.
         xp = self.xp
         nodes = to_backend(xp, self._ids_of(self.nodes, merged.labels, 0))[codes]
@@ -278,6 +284,9 @@ class Biller:
         if name == "gpu":
             jobs = rows.gather(self.jobs.encode(rows.source.column("job_id")))
             held = m & (jobs >= 0)
+            if holders is not None:
+                shared = self._split_shared(holders, merged, m, window, pool, nodes, parts)
+                held &= ~shared
             self.job_parts.add(
                 [window, pool, nodes, jobs],
                 [zeros, parts["busy_us"], parts["energy_mj"], zeros],
@@ -294,6 +303,105 @@ class Biller:
                     m,
                 )
             self._note_owners(rows, codes, times, nodes, jobs)
+
+    def _note_range(self, times: Any, counted: Any) -> None:
+        if not bool(counted.any()):
+            return
+        inside = times[counted]
+        low, high = int(inside.min()), int(inside.max())
+        self.first_ns = low if self.first_ns is None else min(self.first_ns, low)
+        self.last_ns = high if self.last_ns is None else max(self.last_ns, high)
+
+    def _split_shared(
+        self,
+        holders: pa.Table,
+        merged: Any,
+        counted: Any,
+        window: Any,
+        pool: Any,
+        nodes: Any,
+        parts: dict[str, Any],
+    ) -> Any:
+        """SPEC §3, shared GPUs: the busy time and energy of each counted gpu interval that has
+        gpu_job rows at its t_i go to the jobs holding the GPU — by their SM utilisation where
+        every holder has one (scaled down to at most the GPU's busy time), else in proportion to
+        their shares; energy in the proportions of busy time (of shares where it is 0). Returns
+        the mask of the gpu rows so split (their own job_id no longer counts)."""
+        xp = self.xp
+        codes, times = merged.codes, merged.times
+        uuid_of_series = to_backend(xp, self._ids_of(self.uuids, merged.labels, 1))
+        hosts = to_host
+        rows_at = np.flatnonzero(hosts(counted))
+        shared = np.zeros(times.shape[0], dtype=bool)
+        if rows_at.size == 0:
+            return to_backend(xp, shared)
+        gpu_side = pa.table(
+            {
+                "i": pa.array(rows_at),
+                "n": pa.array(hosts(nodes[counted])),
+                "u": pa.array(hosts(uuid_of_series[codes][counted])),
+                "t": pa.array(hosts(times[counted])),
+            }
+        )
+        # Duplicate holder rows (same GPU, job and time) count once, whatever their order.
+        names = holders.column("job_id")
+        if pa.types.is_dictionary(names.type):
+            names = names.cast(pa.string())
+        held = pa.table(
+            {
+                "n": pa.array(self.nodes.encode(holders.column("node"))),
+                "u": pa.array(self.uuids.encode(holders.column("gpu_uuid"))),
+                "t": holders.column("time").cast(pa.int64()),
+                "name": names,
+                "share": holders.column("share").cast(pa.float64()),
+                "sm": holders.column("sm_utilization_ratio").cast(pa.float64()),
+            }
+        )
+        keys = ["n", "u", "t", "name"]
+        held = held.group_by(keys).aggregate([("share", "max"), ("sm", "max")])
+        held = held.rename_columns([*keys, "share", "sm"])
+        joined = gpu_side.join(held, ["n", "u", "t"], join_type="inner")
+        if joined.num_rows == 0:
+            return to_backend(xp, shared)
+        # holders in job-name order: sums of shares do not depend on the order rows arrived in
+        joined = joined.sort_by([("i", "ascending"), ("name", "ascending")])
+        joined = joined.append_column("j", pa.array(self.jobs.encode(joined.column("name"))))
+        i = joined.column("i").to_numpy()
+        job = joined.column("j").to_numpy()
+        share = joined.column("share").to_numpy()
+        sm = joined.column("sm").to_numpy(zero_copy_only=False)
+        starts = np.flatnonzero(np.r_[True, i[1:] != i[:-1]])
+        group = np.cumsum(np.r_[True, i[1:] != i[:-1]]) - 1
+        gpu_rows = i[starts]
+        busy = hosts(parts["busy_us"])[gpu_rows].astype(np.float64)
+        energy = hosts(parts["energy_mj"])[gpu_rows].astype(np.float64)
+        dt = hosts(parts["capacity_us"])[gpu_rows].astype(np.float64)
+        shares_total = np.add.reduceat(share, starts)
+        by_sm = np.logical_and.reduceat(~np.isnan(sm), starts)
+        sm_busy = np.nan_to_num(sm) * dt[group]
+        sm_total = np.add.reduceat(sm_busy, starts)
+        scale = np.where(sm_total > busy, busy / np.where(sm_total > 0, sm_total, 1.0), 1.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            by_share = np.where(shares_total[group] > 0, share / shares_total[group], 0.0)
+            job_busy = np.where(by_sm[group], sm_busy * scale[group], busy[group] * by_share)
+            busy_total = np.add.reduceat(job_busy, starts)
+            weight = np.where(
+                busy_total[group] > 0, job_busy / np.where(busy_total > 0, busy_total, 1)[group],
+                by_share,
+            )  # fmt: skip
+        usable = shares_total[group] > 0
+        job_energy = energy[group] * weight
+        shared[gpu_rows[shares_total > 0]] = True
+        self.shared_intervals += int((shares_total > 0).sum())
+        pick = to_backend(xp, i[usable])
+        zeros = xp.zeros(int(usable.sum()), dtype=xp.int64)
+        self.job_parts.add(
+            [window[pick], pool[pick], nodes[pick], to_backend(xp, job[usable])],
+            [zeros, to_backend(xp, np.rint(job_busy[usable]).astype(np.int64)),
+             to_backend(xp, np.rint(job_energy[usable]).astype(np.int64)), zeros],
+            xp.ones(int(usable.sum()), dtype=bool),
+        )  # fmt: skip
+        return to_backend(xp, shared)
 
     @staticmethod
     def _ids_of(registry: Registry, labels: list[tuple[str, ...]], part: int) -> np.ndarray:
@@ -416,108 +524,13 @@ class Biller:
             pool = self.pools[int(by_tenant[0][i])]
             allocated_s = int(tenant_sums[0][i]) / 1e6
             busy_us = tenant_sums[3 if pool.kind == "cpu" else 1][i]  # JOB_FIELDS: used, busy
-            charge = allocated_s / 3600.0 * pool.price_per_unit_hour
             tenant = self.names.values[int(by_tenant[1][i])]
+            charge = allocated_s / 3600.0 * float(self.inventory.price(pool, tenant))
             tenants.append((pool.name, pool.kind, tenant, allocated_s, int(busy_us) / 1e6, charge))
         return LiveTotals(self.inventory.currency, sorted(pools), sorted(tenants))
 
     def bill(self, input_stats: dict[str, Any] | None = None) -> Bill:
-        """The bill of everything added so far."""
-        currency = self.inventory.currency
-        pools_out: list[dict[str, Any]] = []
-        keys, sums = self.pool_totals()
-        for i in range(keys[0].size):
-            window, pool = int(keys[0][i]), self.pools[int(keys[1][i])]
-            capacity_us, allocated_us, busy_us, energy_mj, gap_us, readings = (
-                int(s[i]) for s in sums
-            )
-            if not any((capacity_us, allocated_us, busy_us, energy_mj, gap_us)):
-                continue
-            capacity = capacity_us / US_PER_HOUR
-            allocated = allocated_us / US_PER_HOUR
-            cost = capacity * pool.cost_per_unit_hour
-            revenue = allocated * pool.price_per_unit_hour
-            allocation_ratio = _ratio(allocated, capacity)
-            pools_out.append(
-                {
-                    **self._window(window),
-                    "pool": pool.name,
-                    "kind": pool.kind,
-                    "ownership": pool.ownership,
-                    "capacity_unit_hours": capacity,
-                    "allocated_unit_hours": allocated,
-                    "busy_unit_hours": busy_us / US_PER_HOUR,
-                    "allocation_ratio": allocation_ratio,
-                    "busy_ratio": _ratio(busy_us / US_PER_HOUR, capacity),
-                    "energy_kwh": energy_mj / MJ_PER_KWH if readings else None,
-                    "cost": cost,
-                    "revenue": revenue,
-                    "unit_cost": _ratio(cost, allocated),
-                    "gross_margin_ratio": _ratio(revenue - cost, revenue),
-                    # capacity nobody bought: none where more was allocated than monitored
-                    "idle_cost": cost * max(0.0, 1.0 - allocation_ratio)
-                    if allocation_ratio is not None
-                    else cost,
-                    "gap_hours": gap_us / US_PER_HOUR,
-                    "_order": (window, int(keys[1][i])),
-                }
-            )
-        (tk, ts), (jk, js) = self.tenant_and_job_totals()
-        tenants_out: list[dict[str, Any]] = []
-        for i in range(tk[0].size):
-            row = self._party_row(int(tk[0][i]), int(tk[1][i]), [int(s[i]) for s in ts])
-            if row is not None:
-                tenant = self.names.values[int(tk[2][i])]
-                tenants_out.append(
-                    {**row[0], "tenant": tenant, **row[1], "_order": (row[2], tenant)}
-                )
-        jobs_out: list[dict[str, Any]] = []
-        for i in range(jk[0].size):
-            row = self._party_row(int(jk[0][i]), int(jk[1][i]), [int(s[i]) for s in js])
-            if row is not None:
-                job = self.jobs.values[int(jk[2][i])]
-                user = self.names.values[int(jk[3][i])] if int(jk[3][i]) >= 0 else None
-                tenant = self.names.values[int(jk[4][i])]
-                head = {**row[0], "job_id": job, "user": user, "tenant": tenant}
-                jobs_out.append({**head, **row[1], "_order": (row[2], job, user or "", tenant)})
-        for rows in (pools_out, tenants_out, jobs_out):
-            rows.sort(key=lambda r: r["_order"])
-            for r in rows:
-                del r["_order"]
-        stats = {
-            "files": 0,
-            "rows": self.rows,
-            "rows_skipped": self.duplicates,
-            "files_quarantined": 0,
-        }
-        stats.update(input_stats or {})
-        return Bill(pools_out, tenants_out, jobs_out, stats, currency)
+        """The bill of everything added so far (SPEC §4; ``telemetry.billing.invoice``)."""
+        from telemetry.billing.invoice import build_bill
 
-    def _window(self, window: int) -> dict[str, str]:
-        found = self._window_names.get(window)
-        if found is None:  # one per window, not one per bill row
-            start = window * self.window_ns
-            found = {"window_start": _iso(start), "window_end": _iso(start + self.window_ns)}
-            self._window_names[window] = found
-        return dict(found)
-
-    def _party_row(
-        self, window: int, pool_index: int, sums: list[int]
-    ) -> tuple[dict[str, Any], dict[str, Any], tuple[int, int]] | None:
-        allocated_us, busy_us, energy_mj, used_us = sums
-        pool = self.pools[pool_index]
-        if pool.kind == "cpu":
-            busy_us = used_us  # SPEC §4: a cpu pool's busy is the job's used core-time
-        if not any((allocated_us, busy_us, energy_mj)):
-            return None
-        allocated = allocated_us / US_PER_HOUR
-        busy = busy_us / US_PER_HOUR
-        head = {**self._window(window), "pool": pool.name}
-        body = {
-            "allocated_unit_hours": allocated,
-            "busy_unit_hours": busy,
-            "efficiency_ratio": _ratio(busy, allocated),
-            "energy_kwh": energy_mj / MJ_PER_KWH if pool.kind == "gpu" else None,
-            "charge": allocated * pool.price_per_unit_hour,
-        }
-        return head, body, (window, pool_index)
+        return build_bill(self, input_stats or {})

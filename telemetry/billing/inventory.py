@@ -8,19 +8,33 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, tzinfo
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
+from telemetry.billing.windows import parse_instant, to_ns, zone, zone_name
 from telemetry.errors import TallyError
 
 KINDS = ("gpu", "cpu")
 OWNERSHIPS = ("own", "leased")
 UNASSIGNED = "unassigned"
 
-_TOP_KEYS = {"max_gap_seconds", "currency", "pool"}
+_TOP_KEYS = {"max_gap_seconds", "currency", "currency_decimals", "timezone", "pool", "contract"}
 _POOL_KEYS = {"name", "kind", "ownership", "nodes", "cost_per_unit_hour", "price_per_unit_hour"}
+_POOL_OPTIONAL = {"capacity_units", "capacity", "energy_price_per_kwh", "pue", "grid_gco2_per_kwh"}
+_STEP_KEYS = {"from", "units"}
+_CONTRACT_KEYS = {"tenant", "pool", "price_per_unit_hour", "discount_ratio"}
+DEFAULT_CURRENCY_DECIMALS = 2
+
+
+def exact(value: float) -> Fraction:
+    """The decimal number a person wrote (``12.1``, not the binary float nearest to it)."""
+    return Fraction(Decimal(repr(value))) if isinstance(value, float) else Fraction(value)
 
 
 @dataclass(frozen=True)
@@ -33,6 +47,38 @@ class Pool:
     nodes: tuple[str, ...]
     cost_per_unit_hour: float
     price_per_unit_hour: float
+    # Declared capacity: (from ns, units) steps, the first from the beginning of time; empty
+    # when the pool declares none (its capacity is then what was monitored).
+    capacity_steps: tuple[tuple[int, float], ...] = ()
+    energy_price_per_kwh: float | None = None
+    pue: float | None = None
+    grid_gco2_per_kwh: float | None = None
+
+    @property
+    def declared(self) -> bool:
+        return bool(self.capacity_steps)
+
+    def declared_us(self, start_ns: int, end_ns: int) -> int:
+        """Declared unit-µs over [start, end): each step's units × its overlap, rounded
+        half-to-even once per step piece."""
+        total = 0
+        for i, (begin, units) in enumerate(self.capacity_steps):
+            until = self.capacity_steps[i + 1][0] if i + 1 < len(self.capacity_steps) else end_ns
+            a, b = max(begin, start_ns), min(until, end_ns)
+            if b > a:
+                total += round(exact(units) * (b - a) / 1000)
+        return total
+
+
+@dataclass(frozen=True)
+class Contract:
+    """A tenant's negotiated price in the pools ``pool`` (a glob) matches: a price, or a
+    discount off the list price."""
+
+    tenant: str
+    pool: str
+    price_per_unit_hour: float | None
+    discount_ratio: float | None
 
 
 @dataclass(frozen=True)
@@ -41,11 +87,38 @@ class Inventory:
     currency: str
     pools: tuple[Pool, ...]
     source: str = "<inventory>"
+    currency_decimals: int = DEFAULT_CURRENCY_DECIMALS
+    timezone: tzinfo = UTC
+    contracts: tuple[Contract, ...] = ()
+    _prices: dict[tuple[str, str], Fraction] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    @property
+    def timezone_name(self) -> str:
+        return zone_name(self.timezone)
 
     def pools_of(self, kind: str) -> list[Pool]:
         """Pools of ``kind`` in file order, followed by that kind's ``unassigned`` pool."""
         own = [p for p in self.pools if p.kind == kind]
         return [*own, Pool(UNASSIGNED, kind, None, (), 0.0, 0.0)]
+
+    def price(self, pool: Pool, tenant: str) -> Fraction:
+        """What ``tenant`` pays per allocated unit-hour in ``pool``: the first contract that
+        matches, else the list price (exact decimal)."""
+        key = (pool.name, tenant)
+        found = self._prices.get(key)
+        if found is None:
+            found = exact(pool.price_per_unit_hour)
+            for contract in self.contracts:
+                if contract.tenant == tenant and fnmatch.fnmatchcase(pool.name, contract.pool):
+                    if contract.price_per_unit_hour is not None:
+                        found = exact(contract.price_per_unit_hour)
+                    else:
+                        found = found * (1 - exact(contract.discount_ratio or 0.0))
+                    break
+            self._prices[key] = found
+        return found
 
     def assign(self, nodes: list[str], kind: str) -> list[int]:
         """Index into :meth:`pools_of` for each node: the first pool whose glob matches."""
@@ -102,8 +175,20 @@ def parse_inventory(text: str, source: str = "<inventory>") -> Inventory:
     if max_gap <= 0:
         raise TallyError(f"inventory {source}: max_gap_seconds must be positive")
     currency = data.get("currency", "")
-    if not isinstance(currency, str):
-        raise TallyError(f"inventory {source}: currency must be a string")
+    if not isinstance(currency, str) or (currency and not re.fullmatch(r"[A-Z]{3}", currency)):
+        raise TallyError(
+            f"inventory {source}: currency must be an ISO 4217 code like EUR or CNY, "
+            f"got {currency!r}"
+        )
+    decimals = data.get("currency_decimals", DEFAULT_CURRENCY_DECIMALS)
+    if isinstance(decimals, bool) or not isinstance(decimals, int) or not 0 <= decimals <= 6:
+        raise TallyError(
+            f"inventory {source}: currency_decimals must be a whole number 0-6, got {decimals!r}"
+        )
+    tz_name = data.get("timezone", "UTC")
+    if not isinstance(tz_name, str):
+        raise TallyError(f"inventory {source}: timezone must be a string like 'Asia/Shanghai'")
+    tz = zone(tz_name, f"inventory {source}: timezone")
     raw_pools = data.get("pool", [])
     if not isinstance(raw_pools, list) or not all(isinstance(p, dict) for p in raw_pools):
         raise TallyError(f"inventory {source}: pool must be an array of tables ([[pool]])")
@@ -112,7 +197,7 @@ def parse_inventory(text: str, source: str = "<inventory>") -> Inventory:
     for i, raw in enumerate(raw_pools):
         where = f"inventory {source}: pool[{i}]"
         for key in raw:
-            if key not in _POOL_KEYS:
+            if key not in _POOL_KEYS | _POOL_OPTIONAL:
                 raise TallyError(f"{where}: unknown key {key!r}")
         for key in sorted(_POOL_KEYS - set(raw)):
             raise TallyError(f"{where}: missing key {key!r}")
@@ -156,9 +241,100 @@ def parse_inventory(text: str, source: str = "<inventory>") -> Inventory:
                 price_per_unit_hour=_number(
                     raw["price_per_unit_hour"], f"{where}.price_per_unit_hour"
                 ),
+                capacity_steps=_capacity_steps(raw, where, tz),
+                energy_price_per_kwh=_optional(raw, "energy_price_per_kwh", where),
+                pue=_optional(raw, "pue", where, least=1.0, most=10.0),
+                grid_gco2_per_kwh=_optional(raw, "grid_gco2_per_kwh", where, most=10_000.0),
             )
         )
-    return Inventory(max_gap_seconds=max_gap, currency=currency, pools=tuple(pools), source=source)
+    contracts = _contracts(data.get("contract", []), f"inventory {source}", seen)
+    return Inventory(
+        max_gap_seconds=max_gap,
+        currency=currency,
+        pools=tuple(pools),
+        source=source,
+        currency_decimals=decimals,
+        timezone=tz,
+        contracts=contracts,
+    )
+
+
+def _optional(
+    raw: dict[str, Any], key: str, where: str, least: float = 0.0, most: float = 1e9
+) -> float | None:
+    if key not in raw:
+        return None
+    value = _number(raw[key], f"{where}.{key}", most=most)
+    if value < least:
+        raise TallyError(f"{where}.{key}: must be at least {least:g}, got {raw[key]!r}")
+    return value
+
+
+def _instant(value: Any, where: str, tz: tzinfo) -> int:
+    """A TOML date, date-time (local ones in ``tz``) or ISO string → ns."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            return parse_instant(value.isoformat(), where, tz)
+        return to_ns(value)
+    if isinstance(value, date):
+        return parse_instant(value.isoformat(), where, tz)
+    if isinstance(value, str):
+        return parse_instant(value, where, tz)
+    raise TallyError(f"{where}: must be a date or date-time, got {value!r}")
+
+
+def _capacity_steps(raw: dict[str, Any], where: str, tz: tzinfo) -> tuple[tuple[int, float], ...]:
+    """(from ns, units) steps: ``capacity_units`` from the beginning of time, then each
+    ``[[pool.capacity]]`` step from its instant on (strictly increasing)."""
+    steps = raw.get("capacity", [])
+    if "capacity_units" not in raw:
+        if steps:
+            raise TallyError(f"{where}.capacity: steps need capacity_units (the units before them)")
+        return ()
+    out = [(-(2**62), _number(raw["capacity_units"], f"{where}.capacity_units"))]
+    if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
+        raise TallyError(f"{where}.capacity: must be an array of tables ([[pool.capacity]])")
+    for i, step in enumerate(steps):
+        at = f"{where}.capacity[{i}]"
+        for key in step:
+            if key not in _STEP_KEYS:
+                raise TallyError(f"{at}: unknown key {key!r}")
+        for key in sorted(_STEP_KEYS - set(step)):
+            raise TallyError(f"{at}: missing key {key!r}")
+        begin = _instant(step["from"], f"{at}.from", tz)
+        if begin <= out[-1][0]:
+            raise TallyError(f"{at}.from: steps must be in time order, each after the one before")
+        out.append((begin, _number(step["units"], f"{at}.units")))
+    return tuple(out)
+
+
+def _contracts(raw: Any, where: str, pools: set[str]) -> tuple[Contract, ...]:
+    if not isinstance(raw, list) or not all(isinstance(c, dict) for c in raw):
+        raise TallyError(f"{where}: contract must be an array of tables ([[contract]])")
+    out = []
+    for i, entry in enumerate(raw):
+        at = f"{where}: contract[{i}]"
+        for key in entry:
+            if key not in _CONTRACT_KEYS:
+                raise TallyError(f"{at}: unknown key {key!r}")
+        tenant = entry.get("tenant")
+        if not isinstance(tenant, str) or not tenant:
+            raise TallyError(f"{at}.tenant: must be a non-empty string")
+        glob = entry.get("pool", "*")
+        if not isinstance(glob, str) or not glob:
+            raise TallyError(f"{at}.pool: must be a glob on pool names, like 'gpu-*'")
+        if not any(fnmatch.fnmatchcase(p, glob) for p in pools):
+            raise TallyError(f"{at}.pool: {glob!r} matches no pool")
+        has_price, has_discount = "price_per_unit_hour" in entry, "discount_ratio" in entry
+        if has_price == has_discount:
+            raise TallyError(f"{at}: give exactly one of price_per_unit_hour and discount_ratio")
+        price = discount = None
+        if has_price:
+            price = _number(entry["price_per_unit_hour"], f"{at}.price_per_unit_hour")
+        else:
+            discount = _number(entry["discount_ratio"], f"{at}.discount_ratio", most=1.0)
+        out.append(Contract(tenant, glob, price, discount))
+    return tuple(out)
 
 
 def load_inventory(path: Path) -> Inventory:

@@ -22,7 +22,8 @@ import pyarrow.compute as pc
 import kernels
 from kernels.backend import release
 from kernels.grouped_sums import window_index
-from telemetry.billing.bill import finish_bill
+from telemetry.billing.accounting import Record
+from telemetry.billing.bill import finish_bill, with_timezone
 from telemetry.billing.engine import BILL_COLUMNS, NS, Bill, Biller, PartialSums
 from telemetry.billing.inventory import Inventory
 from telemetry.billing.period import selected_range
@@ -306,6 +307,8 @@ def collect_report(
     progress: Callable[[int, int, int], None] | None = None,
     warn: Callable[[str], None] = lambda _: None,
     xp: ModuleType = np,
+    accounting: list[Record] | None = None,
+    timezone: str | None = None,
 ) -> ReportData:
     """Scan the dataset at ``root`` once; ``window`` None picks one (``auto_window``).
 
@@ -318,15 +321,17 @@ def collect_report(
         raise TallyError(f"dataset {root} holds no readable rows")
     first = min(p.min_ns for p in pieces)
     last = max(p.max_ns for p in pieces)
+    inventory = with_timezone(inventory, timezone)
+    lo, hi = selected_range(start, end, inventory.timezone)
     if window is None:
-        lo, hi = selected_range(60, start, end)
         window = auto_window(max(first, lo or first), min(last, (hi or last + 1) - 1))
-    lo, hi = selected_range(window, start, end)
     max_gap = inventory.max_gap_seconds
 
     def fresh() -> list[Any]:
+        biller = Biller(inventory, window, lo, hi, xp=xp)
+        biller.accounting = accounting
         return [
-            Biller(inventory, window, lo, hi, xp=xp),
+            biller,
             SeriesGrid("gpu", window, max_gap, lo, hi),
             SeriesGrid("cpu", window, max_gap, lo, hi),
             HealthGrid(window, lo, hi),

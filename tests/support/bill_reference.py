@@ -17,18 +17,27 @@ the SPEC and the decisions that fill its gaps:
   dataset (user None, tenant ``unknown`` without one);
 - a selection [start, end) counts the intervals whose t_i lies in it; earlier rows still open
   intervals (a gap opened before the start and closed inside counts in full);
-- rows whose additive fields are all zero are left out;
+- tenant and job rows whose additive fields are all zero are left out; pools are listed in every
+  window of the bill's range (SPEC §4) once they hold any row or declare capacity;
 - a pool-window's energy is null when none of its capacity rows has an energy reading (the
-  counter, or a GPU's power).
+  counter, or a GPU's power);
+- money is ``Decimal`` arithmetic rounded half-to-even at output (the engine uses ``Fraction``);
+- calendar windows are computed with ``datetime`` in the zone, one window at a time;
+- shared GPUs (gpu_job rows at a gpu row's time) split that interval's busy time and energy per
+  SPEC §3, holders taken in job-name order with the same float64 expressions as the engine.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import math
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, tzinfo
+from decimal import ROUND_HALF_EVEN, Decimal, localcontext
+from fractions import Fraction
 from typing import Any
 
+from telemetry.billing.accounting import Record
 from telemetry.billing.inventory import Inventory
 from tests.support import reference as ref
 from tests.support.units import NS
@@ -38,6 +47,7 @@ UNKNOWN = "unknown"
 US_PER_HOUR = 3_600_000_000
 MJ_PER_KWH = 3_600_000_000
 TABLES = ("gpu", "cpu", "job")
+READ_TABLES = ("gpu", "cpu", "job", "gpu_job")
 
 Row = dict[str, Any]
 PoolInfo = dict[str, Any]  # name, kind, ownership, nodes, cost, price
@@ -58,6 +68,10 @@ def pool_list(inventory: Inventory) -> list[PoolInfo]:
                         "nodes": list(p.nodes),
                         "cost": p.cost_per_unit_hour,
                         "price": p.price_per_unit_hour,
+                        "steps": list(p.capacity_steps),
+                        "energy_price": p.energy_price_per_kwh,
+                        "pue": p.pue,
+                        "gco2": p.grid_gco2_per_kwh,
                     }
                 )
         out.append(
@@ -68,6 +82,10 @@ def pool_list(inventory: Inventory) -> list[PoolInfo]:
                 "nodes": [],
                 "cost": 0.0,
                 "price": 0.0,
+                "steps": [],
+                "energy_price": None,
+                "pue": None,
+                "gco2": None,
             }
         )
     return out
@@ -108,28 +126,144 @@ def duplicates(rows: Iterable[Row], name: str) -> int:
     return count
 
 
+def dec(value: float | int) -> Decimal:
+    """The decimal a person wrote in the inventory."""
+    return Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+
+
+def money(amount: Decimal, decimals: int) -> float:
+    return float(amount.quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_EVEN)) + 0.0
+
+
+def rounded(amount: Decimal, decimals: int) -> Decimal:
+    return amount.quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_EVEN)
+
+
+class RefWindows:
+    """Window of an instant: fixed lengths from the epoch, or calendar day/week/month in a zone
+    (datetime arithmetic, one instant at a time)."""
+
+    def __init__(self, window: int | str, tz: tzinfo) -> None:
+        self.window, self.tz = window, tz
+
+    def _local_start(self, day: date) -> int:
+        moment = datetime(day.year, day.month, day.day, tzinfo=self.tz)
+        return int(moment.timestamp()) * NS
+
+    def of(self, t: int) -> tuple[int, int]:
+        if isinstance(self.window, int):
+            w = self.window * NS
+            return t // w * w, t // w * w + w
+        local = datetime.fromtimestamp(t // NS, tz=UTC).astimezone(self.tz).date()
+        if self.window == "day":
+            first, after = local, local + timedelta(days=1)
+        elif self.window == "week":
+            first = local - timedelta(days=local.weekday())
+            after = first + timedelta(days=7)
+        else:
+            first = local.replace(day=1)
+            after = (first + timedelta(days=32)).replace(day=1)
+        return self._local_start(first), self._local_start(after)
+
+    def name(self, ns: int) -> str:
+        moment = datetime.fromtimestamp(ns // NS, tz=UTC).astimezone(self.tz)
+        text = moment.isoformat()
+        return text.replace("+00:00", "Z") if self.tz is UTC else text
+
+
+def contract_price(inventory: Inventory, pool: PoolInfo, tenant: str) -> Decimal:
+    for c in inventory.contracts:
+        if c.tenant == tenant and fnmatch.fnmatchcase(pool["name"], c.pool):
+            if c.price_per_unit_hour is not None:
+                return dec(c.price_per_unit_hour)
+            return dec(pool["price"]) * (1 - dec(c.discount_ratio or 0.0))
+    return dec(pool["price"])
+
+
+def declared_us(pool: PoolInfo, a: int, b: int) -> int:
+    total = 0
+    steps = pool["steps"]
+    for i, (begin, units) in enumerate(steps):
+        until = steps[i + 1][0] if i + 1 < len(steps) else b
+        lo, hi = max(a, begin), min(b, until)
+        if hi > lo:
+            exact = dec(units) * Decimal(hi - lo) / 1000
+            total += int(exact.quantize(Decimal(1), rounding=ROUND_HALF_EVEN))
+    return total
+
+
+def _split_shared(
+    holders: list[Row], busy_us: int, energy_mj: int, dt_us: int
+) -> list[tuple[str, int, int]]:
+    """SPEC §3 for one gpu interval: (job, busy µs, energy mJ) per holder."""
+    merged: dict[str, tuple[float, float]] = {}
+    for h in holders:  # duplicates: the larger share and SM figure
+        share = float(h["share"])
+        sm = h.get("sm_utilization_ratio")
+        sm = math.nan if sm is None else float(sm)
+        if h["job_id"] in merged:
+            s0, m0 = merged[h["job_id"]]
+            share = max(share, s0)
+            sm = m0 if math.isnan(sm) else sm if math.isnan(m0) else max(sm, m0)
+        merged[h["job_id"]] = (share, sm)
+    jobs = sorted(merged)
+    total_share = 0.0
+    for j in jobs:
+        total_share += merged[j][0]
+    if total_share <= 0:
+        return []
+    busy, energy, dt = float(busy_us), float(energy_mj), float(dt_us)
+    by_share = {j: merged[j][0] / total_share for j in jobs}
+    if all(not math.isnan(merged[j][1]) for j in jobs):
+        raw = {j: merged[j][1] * dt for j in jobs}
+        total = 0.0
+        for j in jobs:
+            total += raw[j]
+        scale = busy / total if total > busy else 1.0
+        job_busy = {j: raw[j] * scale for j in jobs}
+    else:
+        job_busy = {j: busy * by_share[j] for j in jobs}
+    busy_total = 0.0
+    for j in jobs:
+        busy_total += job_busy[j]
+    out = []
+    for j in jobs:
+        weight = job_busy[j] / busy_total if busy_total > 0 else by_share[j]
+        out.append((j, round(job_busy[j]), round(energy * weight)))
+    return out
+
+
 def reference_bill(
     tables: dict[str, list[Row]],
     inventory: Inventory,
-    window_s: int,
+    window: int | str,
     start_ns: int | None = None,
     end_ns: int | None = None,
     files: int = 0,
+    accounting: list[Record] | None = None,
+    tz: tzinfo | None = None,
 ) -> dict[str, Any]:
     """The bill of ``tables`` (rows as dicts, ``time`` as int ns) as plain dicts and lists.
 
-    ``start_ns``/``end_ns`` are the window-aligned selection. ``input`` counts every row of the
+    ``start_ns``/``end_ns`` are the selection [start, end). ``input`` counts every row of the
     dataset whatever the selection: earlier rows open the selection's intervals, later ones can
     name a job's owner.
     """
+    zone = tz if tz is not None else inventory.timezone
+    windows = RefWindows(window, zone)
+    decimals = inventory.currency_decimals
     pools = pool_list(inventory)
-    window_ns = window_s * NS
     max_gap_ns = int(inventory.max_gap_seconds * NS)
 
     def counted(t: int) -> bool:
         return (start_ns is None or t >= start_ns) and (end_ns is None or t < end_ns)
 
-    pool_sums: dict[tuple[int, int], dict[str, int]] = {}
+    holders: dict[tuple[str, str, int], list[Row]] = {}
+    for h in tables.get("gpu_job", []):
+        holders.setdefault((h["node"], h["gpu_uuid"], h["time"]), []).append(h)
+
+    seen_times: list[int] = []
+    pool_sums: dict[tuple[int, int], dict[str, int]] = {}  # (window start, pool)
     party: dict[tuple[int, int, str, str], dict[str, int]] = {}  # (window, pool, node, job)
     for name in TABLES:
         for series in ref.table_series(name, tables.get(name, [])).values():
@@ -138,7 +272,8 @@ def reference_bill(
                 t = row["time"]
                 if not counted(t):
                     continue
-                w = t // window_ns
+                seen_times.append(t)
+                w = windows.of(t)[0]
                 if name in ("gpu", "cpu"):
                     pi = pool_index(pools, node, name)
                     # a reading: the energy counter, or on a GPU its power
@@ -154,7 +289,16 @@ def reference_bill(
                         gap=p["gap_us"],
                         readings=int(reading),
                     )
-                    if name == "gpu" and row["job_id"] is not None:
+                    if name != "gpu":
+                        continue
+                    split = _split_shared(
+                        holders.get((node, row["gpu_uuid"], t), []),
+                        p["busy_us"], p["energy_mj"], p["capacity_us"],
+                    )  # fmt: skip
+                    if split:
+                        for job, busy_us, energy_mj in split:
+                            _add(party, (w, pi, node, job), busy=busy_us, energy=energy_mj)
+                    elif row["job_id"] is not None:
                         _add(
                             party,
                             (w, pi, node, row["job_id"]),
@@ -179,53 +323,71 @@ def reference_bill(
         if key not in owner or r["time"] > owner[key][0]:
             owner[key] = (r["time"], r["user"], r["account"])
 
-    def window_head(w: int) -> dict[str, str]:
-        return {"window_start": iso(w * window_s), "window_end": iso((w + 1) * window_s)}
+    # The bill's range: --from (else the first sampled window's start) to --to (else the
+    # newest sample's time).
+    lo = start_ns if start_ns is not None else (
+        windows.of(min(seen_times))[0] if seen_times else None
+    )  # fmt: skip
+    hi = end_ns if end_ns is not None else (max(seen_times) if seen_times else None)
+    span = (lo, hi) if lo is not None and hi is not None and hi >= lo else None
 
-    pools_out = []
-    for (w, pi), s in sorted(pool_sums.items()):
-        cap_us, alloc_us, busy_us = s.get("capacity", 0), s.get("allocated", 0), s.get("busy", 0)
-        energy_mj, gap_us = s.get("energy", 0), s.get("gap", 0)
-        if cap_us == alloc_us == busy_us == energy_mj == gap_us == 0:
-            continue
-        pool = pools[pi]
-        capacity = cap_us / US_PER_HOUR
-        allocated = alloc_us / US_PER_HOUR
-        busy = busy_us / US_PER_HOUR
-        cost = capacity * pool["cost"]
-        revenue = allocated * pool["price"]
-        allocation_ratio = _ratio(allocated, capacity)
-        pools_out.append(
-            {
-                **window_head(w),
-                "pool": pool["name"],
-                "kind": pool["kind"],
-                "ownership": pool["ownership"],
-                "capacity_unit_hours": capacity,
-                "allocated_unit_hours": allocated,
-                "busy_unit_hours": busy,
-                "allocation_ratio": allocation_ratio,
-                "busy_ratio": _ratio(busy, capacity),
-                # none measured in the window is unknown, not zero
-                "energy_kwh": energy_mj / MJ_PER_KWH if s.get("readings", 0) else None,
-                "cost": cost,
-                "revenue": revenue,
-                "unit_cost": _ratio(cost, allocated),
-                "gross_margin_ratio": _ratio(revenue - cost, revenue),
-                # capacity nobody bought; none (not negative) where allocation exceeds capacity
-                "idle_cost": cost
-                if allocation_ratio is None
-                else cost * max(0.0, 1.0 - allocation_ratio),
-                "gap_hours": gap_us / US_PER_HOUR,
-            }
+    accounted: dict[str, Record] = {}
+    reconciliation = None
+    if accounting is not None:
+        a_lo, a_hi = span if span is not None else (0, 0)
+        for r in accounting:
+            if r.start_ns < a_hi and (r.end_ns is None or r.end_ns > a_lo):
+                accounted[r.job_id] = r
+        sampled_jobs = {job for (_, _, _, job) in party} & {job for (_, job) in owner}
+        both = sampled_jobs & set(accounted)
+        sampled_us = sum(
+            s.get("allocated", 0) for (_, _, _, job), s in party.items() if job in both
         )
+        # the sampled allocation of accounted jobs is replaced
+        for (w, pi, _, job), s in party.items():
+            if job in accounted and s.get("allocated", 0):
+                pool_sums[(w, pi)]["allocated"] -= s["allocated"]
+                s["allocated"] = 0
+        accounted_us = 0
+        for r in accounted.values():
+            a, b = max(r.start_ns, a_lo), min(a_hi if r.end_ns is None else r.end_ns, a_hi)
+            for node in r.nodes:
+                for kind, total in (("gpu", r.gpus), ("cpu", r.cpus)):
+                    if not total or b <= a:
+                        continue
+                    units = dec(total) / len(r.nodes)
+                    pi = pool_index(pools, node, kind)
+                    t = a
+                    while t < b:
+                        w0, w1 = windows.of(t)
+                        overlap = min(b, w1) - t
+                        us = int((units * overlap / 1000).quantize(Decimal(1), ROUND_HALF_EVEN))
+                        _add(pool_sums, (w0, pi), allocated=us)
+                        _add(party, (w0, pi, node, r.job_id), allocated=us)
+                        if r.job_id in both:
+                            accounted_us += us
+                        t = w1
+        reconciliation = {
+            "jobs_accounted": len(accounted),
+            "jobs_sampled_only": len(sampled_jobs - set(accounted)),
+            "jobs_accounted_without_samples": len(set(accounted) - sampled_jobs),
+            "allocated_unit_hours_sampled": sampled_us / US_PER_HOUR,
+            "allocated_unit_hours_accounted": accounted_us / US_PER_HOUR,
+        }
 
+    def window_head(w: int) -> dict[str, str]:
+        return {"window_start": windows.name(w), "window_end": windows.name(windows.of(w)[1])}
+
+    # Tenant and job sums first: a pool's revenue is the sum of its tenants' rounded charges.
     tenant_sums: dict[tuple[int, int, str], dict[str, int]] = {}
     job_sums: dict[tuple[int, int, str, str, str], dict[str, int]] = {}
     users: dict[tuple[int, int, str, str, str], str | None] = {}
     for (w, pi, node, job), s in party.items():
-        found = owner.get((node, job))
-        user, tenant = (found[1], found[2]) if found else (None, UNKNOWN)
+        if job in accounted:
+            user, tenant = accounted[job].user, accounted[job].account
+        else:
+            found = owner.get((node, job))
+            user, tenant = (found[1], found[2]) if found else (None, UNKNOWN)
         busy = s.get("busy", 0) if pools[pi]["kind"] == "gpu" else s.get("used", 0)
         values = {"allocated": s.get("allocated", 0), "busy": busy, "energy": s.get("energy", 0)}
         _add(tenant_sums, (w, pi, tenant), **values)
@@ -233,35 +395,64 @@ def reference_bill(
         _add(job_sums, key, **values)
         users[key] = user
 
-    def party_body(pi: int, s: dict[str, int]) -> dict[str, Any] | None:
+    def party_body(pi: int, tenant: str, s: dict[str, int]) -> dict[str, Any] | None:
         if s["allocated"] == s["busy"] == s["energy"] == 0:
             return None
         pool = pools[pi]
-        allocated = s["allocated"] / US_PER_HOUR
-        busy = s["busy"] / US_PER_HOUR
+        with localcontext() as ctx:
+            ctx.prec = 60
+            charge = Decimal(s["allocated"]) * contract_price(inventory, pool, tenant) / US_PER_HOUR
+            waste = Decimal(0)
+            if s["allocated"] > 0 and s["busy"] < s["allocated"]:
+                waste = charge * (1 - Decimal(s["busy"]) / Decimal(s["allocated"]))
         return {
-            "allocated_unit_hours": allocated,
-            "busy_unit_hours": busy,
-            "efficiency_ratio": _ratio(busy, allocated),
+            "allocated_unit_hours": s["allocated"] / US_PER_HOUR,
+            "busy_unit_hours": s["busy"] / US_PER_HOUR,
+            "efficiency_ratio": _ratio(s["busy"], s["allocated"]),
             "energy_kwh": s["energy"] / MJ_PER_KWH if pool["kind"] == "gpu" else None,
-            "charge": allocated * pool["price"],
+            "charge": money(charge, decimals),
+            "waste_charge": money(waste, decimals),
+            "_charge": rounded(charge, decimals),
         }
 
     tenants_out = []
+    revenue: dict[tuple[int, int], Decimal] = {}
     for (w, pi, tenant), s in sorted(tenant_sums.items()):
-        body = party_body(pi, s)
+        body = party_body(pi, tenant, s)
         if body is not None:
+            revenue[(w, pi)] = revenue.get((w, pi), Decimal(0)) + body.pop("_charge")
             head = {**window_head(w), "pool": pools[pi]["name"], "tenant": tenant}
             tenants_out.append({**head, **body})
     jobs_out = []
     for (w, pi, job, user_key, tenant), s in sorted(job_sums.items()):
-        body = party_body(pi, s)
+        body = party_body(pi, tenant, s)
         if body is not None:
+            del body["_charge"]
             user = users[(w, pi, job, user_key, tenant)]
             head = {**window_head(w), "pool": pools[pi]["name"], "job_id": job}
-            jobs_out.append({**head, "user": user, "tenant": tenant, **body})
+            source = "accounting" if job in accounted else "samples"
+            jobs_out.append(
+                {**head, "user": user, "tenant": tenant, **body, "allocation_source": source}
+            )
 
-    read = {name: tables.get(name, []) for name in TABLES}
+    window_starts = {w for w, _ in pool_sums} | {w for w, _, _, _ in party}
+    if span is not None:
+        t = windows.of(span[0])[0]
+        last = windows.of(max(span[0], span[1] - 1))[0]
+        while t <= last:
+            window_starts.add(t)
+            t = windows.of(t)[1]
+    listed = {pi for _, pi in pool_sums} | {pi for _, pi, _, _ in party}
+    listed |= {i for i, p in enumerate(pools) if p["steps"]}
+    pools_out = []
+    for w in sorted(window_starts):
+        w_end = windows.of(w)[1]
+        for pi in sorted(listed):
+            row = _pool_row(pools[pi], pool_sums.get((w, pi), {}), (w, w_end), span,
+                            revenue.get((w, pi), Decimal(0)), decimals)  # fmt: skip
+            pools_out.append({**window_head(w), **row})
+
+    read = {name: tables.get(name, []) for name in READ_TABLES}
     return {
         "pools": pools_out,
         "tenants": tenants_out,
@@ -269,10 +460,71 @@ def reference_bill(
         "input": {
             "files": files,
             "rows": sum(len(rows) for rows in read.values()),
-            "rows_skipped": sum(duplicates(rows, name) for name, rows in read.items()),
+            "rows_skipped": sum(duplicates(read[name], name) for name in TABLES),
             "files_quarantined": 0,
             # the generated datasets hold no value outside the valid ranges; the screen is
             # tested on its own (test_bad_data)
             "rows_out_of_range": {},
+            "reconciliation": reconciliation,
         },
+    }
+
+
+def _pool_row(
+    pool: PoolInfo,
+    s: dict[str, int],
+    window: tuple[int, int],
+    span: tuple[int, int] | None,
+    revenue_dec: Decimal,
+    decimals: int,
+) -> dict[str, Any]:
+    monitored, alloc_us, busy_us = s.get("capacity", 0), s.get("allocated", 0), s.get("busy", 0)
+    energy_mj, gap_us, readings = s.get("energy", 0), s.get("gap", 0), s.get("readings", 0)
+    capacity = monitored
+    if pool["steps"]:
+        a, b = window
+        if span is not None:
+            a, b = max(a, span[0]), min(b, span[1])
+        capacity = declared_us(pool, a, b) if b > a else 0
+    with localcontext() as ctx:
+        ctx.prec = 60
+        kwh = Decimal(energy_mj) / MJ_PER_KWH
+        pue = dec(pool["pue"]) if pool["pue"] is not None else Decimal(1)
+        energy_cost = None
+        if pool["energy_price"] is not None and readings:
+            energy_cost = kwh * pue * dec(pool["energy_price"])
+        cost_exact = Decimal(capacity) * dec(pool["cost"]) / US_PER_HOUR + (energy_cost or 0)
+        idle = cost_exact
+        if capacity:
+            idle = cost_exact * max(Decimal(0), 1 - Decimal(alloc_us) / Decimal(capacity))
+    emissions = None
+    if pool["gco2"] is not None and readings:
+        pue_f = Fraction(Decimal(repr(pool["pue"]))) if pool["pue"] is not None else 1
+        emissions = float(
+            Fraction(energy_mj, MJ_PER_KWH) * pue_f * Fraction(Decimal(repr(pool["gco2"]))) / 1000
+        )
+    cost = money(cost_exact, decimals)
+    revenue = float(revenue_dec) + 0.0
+    allocated = alloc_us / US_PER_HOUR
+    return {
+        "pool": pool["name"],
+        "kind": pool["kind"],
+        "ownership": pool["ownership"],
+        "capacity_unit_hours": capacity / US_PER_HOUR,
+        "monitored_unit_hours": monitored / US_PER_HOUR,
+        "unmonitored_unit_hours": max(0, capacity - monitored) / US_PER_HOUR,
+        "allocated_unit_hours": allocated,
+        "busy_unit_hours": busy_us / US_PER_HOUR,
+        "allocation_ratio": _ratio(alloc_us, capacity),
+        "busy_ratio": _ratio(busy_us, monitored),
+        # none measured in the window is unknown, not zero
+        "energy_kwh": energy_mj / MJ_PER_KWH if readings else None,
+        "energy_cost": None if energy_cost is None else money(energy_cost, decimals),
+        "emissions_kg": emissions,
+        "cost": cost,
+        "revenue": revenue,
+        "unit_cost": _ratio(cost, allocated),
+        "gross_margin_ratio": _ratio(revenue - cost, revenue),
+        "idle_cost": money(idle, decimals),
+        "gap_hours": gap_us / US_PER_HOUR,
     }

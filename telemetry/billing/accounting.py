@@ -1,0 +1,314 @@
+"""Scheduler accounting (SPEC §4 Allocation): jobs' exact start, end, owner and allocation, read
+from ``sacct --json`` (data_parser v0.0.39-v0.0.44) or ``sacct --parsable2`` output.
+
+Every problem is a ``TallyError`` naming the file and the record (line number or JSON index), which
+the CLI turns into exit code 2. Times without an offset are UTC; an end of ``Unknown``/``None``/0
+means the job still runs (allocated to the end of the bill's range).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from telemetry.billing.windows import NS, parse_instant
+from telemetry.errors import TallyError
+
+_PARSABLE_NEEDS = ("JobIDRaw", "User", "Account", "Start", "End", "AllocTRES", "NodeList")
+_NOT_STARTED = {"", "Unknown", "None", "N/A"}
+# a hostlist this long is not a real allocation but a typo or an attack on memory
+MAX_HOSTS = 1_000_000
+
+
+@dataclass(frozen=True)
+class Record:
+    """One job's allocation: ``cpus`` and ``gpus`` over all its ``nodes``, [start, end) in ns
+    (``end`` None: still running)."""
+
+    job_id: str
+    user: str
+    account: str
+    nodes: tuple[str, ...]
+    start_ns: int
+    end_ns: int | None
+    cpus: float
+    gpus: float
+
+
+def expand_hostlist(text: str) -> list[str]:
+    """Slurm hostlist syntax → host names: ``gpu-a[01-03,07],cpu-x1`` → gpu-a01, gpu-a02,
+    gpu-a03, gpu-a07, cpu-x1. Several bracket groups in one name expand as a product; a range
+    keeps the zero padding of its first number. Raises ``ValueError`` on bad syntax."""
+    hosts: list[str] = []
+    for item in _split_top(text.strip()):
+        expanded = _expand_one(item)
+        hosts.extend(expanded)
+        if len(hosts) > MAX_HOSTS:
+            raise ValueError(f"more than {MAX_HOSTS:,} hosts")
+    return hosts
+
+
+def _split_top(text: str) -> list[str]:
+    items: list[str] = []
+    current: list[str] = []
+    depth = 0
+    for char in text:
+        if char == "[":
+            depth += 1
+            if depth > 1:
+                raise ValueError("nested '['")
+        elif char == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError("']' without '['")
+        if char == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if depth:
+        raise ValueError("'[' without ']'")
+    items.append("".join(current))
+    if any(not item.strip() for item in items):
+        raise ValueError("an empty host name")
+    return [item.strip() for item in items]
+
+
+def _expand_one(item: str) -> list[str]:
+    head, bracket, rest = item.partition("[")
+    if not bracket:
+        return [item]
+    body, _, tail = rest.partition("]")
+    numbers: list[str] = []
+    for part in body.split(","):
+        low, dash, high = part.strip().partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise ValueError(f"bad range {part!r} in {item!r}")
+        if not dash:
+            numbers.append(low)
+            continue
+        a, b = int(low), int(high)
+        if b < a:
+            raise ValueError(f"range {part!r} runs backwards in {item!r}")
+        if b - a > MAX_HOSTS:
+            raise ValueError(f"range {part!r} is too long")
+        numbers.extend(str(n).zfill(len(low)) for n in range(a, b + 1))
+    return [head + n + t for n in numbers for t in _expand_one(tail)]
+
+
+# ------------------------------------------------------------------------------- reading
+def load_accounting(paths: Iterable[Path]) -> list[Record]:
+    """Records of every file, JSON or parsable2 by content; a job id seen twice keeps its last
+    record (a later sacct run knows the job's end)."""
+    records: dict[str, Record] = {}
+    for path in paths:
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise TallyError(f"accounting {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise TallyError(f"accounting {path}: not UTF-8 text") from None
+        parsed = (
+            parse_sacct_json(text, str(path))
+            if text.lstrip().startswith("{")
+            else parse_sacct_parsable(text, str(path))
+        )
+        for record in parsed:
+            records[record.job_id] = record
+    return sorted(records.values(), key=lambda r: (r.start_ns, r.job_id))
+
+
+def _number(value: Any) -> tuple[float | None, bool]:
+    """A sacct JSON number, plain or ``{set, infinite, number}``: (value or None, infinite)."""
+    if isinstance(value, dict):
+        if value.get("infinite"):
+            return None, True
+        if not value.get("set", True):
+            return None, False
+        value = value.get("number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None, False
+    return float(value), False
+
+
+def parse_sacct_json(text: str, source: str = "<accounting>") -> list[Record]:
+    """``sacct --json`` output → records of the jobs that started (pending ones have none)."""
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise TallyError(f"accounting {source}: not valid JSON: {exc}") from None
+    jobs = data.get("jobs") if isinstance(data, dict) else None
+    if not isinstance(jobs, list):
+        raise TallyError(f"accounting {source}: no 'jobs' array (is this sacct --json output?)")
+    out = []
+    for i, job in enumerate(jobs):
+        where = f"accounting {source}: jobs[{i}]"
+        if not isinstance(job, dict):
+            raise TallyError(f"{where}: not an object")
+        try:
+            record = _json_record(job)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise TallyError(f"{where}: {_reason(exc)}") from None
+        if record is not None:
+            out.append(record)
+    return out
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, KeyError):
+        return f"missing field {exc.args[0]!r}"
+    return str(exc)
+
+
+def _json_record(job: dict[str, Any]) -> Record | None:
+    job_id, _ = _number(job["job_id"])
+    if job_id is None or job_id != int(job_id):
+        raise ValueError(f"job_id {job['job_id']!r} is not a whole number")
+    time = job["time"]
+    if not isinstance(time, dict):
+        raise TypeError("time is not an object")
+    start, _ = _number(time.get("start"))
+    if not start:
+        return None  # pending or never started: no allocation
+    end, infinite = _number(time.get("end"))
+    allocated = (job.get("tres") or {}).get("allocated") or []
+    if not isinstance(allocated, list):
+        raise TypeError("tres.allocated is not an array")
+    cpus = gpus = typed_gpus = 0.0
+    for entry in allocated:
+        if not isinstance(entry, dict):
+            raise TypeError("tres.allocated holds a non-object")
+        count, _ = _number(entry.get("count"))
+        if count is None or count < 0:
+            raise ValueError(f"tres.allocated count {entry.get('count')!r} is not a number >= 0")
+        kind, name = entry.get("type"), entry.get("name") or ""
+        if kind == "cpu":
+            cpus += count
+        elif kind == "gres" and name == "gpu":
+            gpus += count
+        elif kind == "gres" and name.startswith("gpu:"):
+            typed_gpus += count
+    nodes = job.get("nodes")
+    if not isinstance(nodes, str):
+        raise TypeError("nodes is not a string")
+    return _record(
+        str(int(job_id)),
+        job.get("user"),
+        job.get("account"),
+        nodes,
+        int(start) * NS,
+        None if infinite or not end else int(end) * NS,
+        cpus,
+        gpus or typed_gpus,  # typed GPUs repeat the untyped count where both are listed
+    )
+
+
+def _record(
+    job_id: str,
+    user: Any,
+    account: Any,
+    nodes: str,
+    start_ns: int,
+    end_ns: int | None,
+    cpus: float,
+    gpus: float,
+) -> Record:
+    if not isinstance(user, str) or not user:
+        raise ValueError("no user")
+    if not isinstance(account, str) or not account:
+        raise ValueError("no account")
+    try:
+        hosts = tuple(dict.fromkeys(expand_hostlist(nodes)))
+    except ValueError as exc:
+        raise ValueError(f"node list {nodes!r}: {exc}") from None
+    if end_ns is not None and end_ns < start_ns:
+        raise ValueError("ends before it starts")
+    return Record(job_id, user, account, hosts, start_ns, end_ns, cpus, gpus)
+
+
+def parse_sacct_parsable(text: str, source: str = "<accounting>") -> list[Record]:
+    """``sacct --parsable2`` output with a header → records (job steps, ``123.batch``, skipped:
+    the allocation line holds the job's whole allocation)."""
+    lines = text.splitlines()
+    if not lines:
+        raise TallyError(f"accounting {source}: empty file")
+    header = lines[0].split("|")
+    missing = [name for name in _PARSABLE_NEEDS if name not in header]
+    if missing:
+        raise TallyError(
+            f"accounting {source}: line 1: the header lacks {', '.join(missing)} "
+            f"(run sacct --parsable2 --format={','.join(_PARSABLE_NEEDS)})"
+        )
+    at = {name: header.index(name) for name in _PARSABLE_NEEDS}
+    out = []
+    for number, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        where = f"accounting {source}: line {number}"
+        cells = line.split("|")
+        if len(cells) != len(header):
+            raise TallyError(f"{where}: {len(cells)} fields, the header has {len(header)}")
+        job_id = cells[at["JobIDRaw"]].strip()
+        if "." in job_id:
+            continue
+        if not job_id.isdigit():
+            raise TallyError(f"{where}: JobIDRaw {job_id!r} is not a job number")
+        start = cells[at["Start"]].strip()
+        if start in _NOT_STARTED:
+            continue
+        try:
+            end = cells[at["End"]].strip()
+            cpus, gpus = _alloc_tres(cells[at["AllocTRES"]])
+            record = _record(
+                job_id,
+                cells[at["User"]].strip(),
+                cells[at["Account"]].strip(),
+                cells[at["NodeList"]].strip(),
+                _instant(start, "Start"),
+                None if end in _NOT_STARTED else _instant(end, "End"),
+                cpus,
+                gpus,
+            )
+        except (TallyError, ValueError) as exc:
+            raise TallyError(f"{where}: {exc}") from None
+        out.append(record)
+    return out
+
+
+def _instant(text: str, what: str) -> int:
+    return parse_instant(text, what, UTC)
+
+
+_TRES = re.compile(r"^([a-z]+(?:/[A-Za-z0-9_:.-]+)?)=([0-9.]+)([KMGTP]?)$")
+
+
+def _alloc_tres(text: str) -> tuple[float, float]:
+    """``billing=8,cpu=8,gres/gpu=2,mem=64G,node=1`` → (cpus, gpus)."""
+    cpus = gpus = typed = 0.0
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        match = _TRES.match(item)
+        if match is None:
+            raise ValueError(f"AllocTRES item {item!r} is not name=count")
+        name, count = match.group(1), float(match.group(2))
+        if name == "cpu":
+            cpus = count
+        elif name == "gres/gpu":
+            gpus = count
+        elif name.startswith("gres/gpu:"):
+            typed += count
+    return cpus, gpus or typed
+
+
+def describe(records: list[Record]) -> str:
+    """One line for logs: how many jobs and what span."""
+    if not records:
+        return "no started jobs"
+    first = min(r.start_ns for r in records) // NS
+    running = sum(r.end_ns is None for r in records)
+    since = datetime.fromtimestamp(first, tz=UTC).isoformat().replace("+00:00", "Z")
+    return f"{len(records):,} jobs since {since}, {running:,} running"

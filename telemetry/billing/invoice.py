@@ -1,0 +1,357 @@
+"""From the engine's integer sums to the bill's rows (SPEC §4): the bill's range and windows,
+declared capacity, scheduler accounting, contract prices and money rounded once.
+
+Every amount is computed exactly (``Fraction``) from the int64 unit-µs and mJ sums and rounded
+half-to-even to the currency's decimals only here, at output; a pool's revenue is the sum of its
+rounded tenant charges, so an invoice's lines add up to the cent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kernels.backend import to_host
+from kernels.grouped_sums import group_sums
+from telemetry.billing.inventory import UNASSIGNED, Pool, exact
+
+if TYPE_CHECKING:
+    from telemetry.billing.accounting import Record
+    from telemetry.billing.engine import Bill, Biller
+
+US_PER_HOUR = 3_600_000_000
+MJ_PER_KWH = 3_600_000_000
+ACCOUNTING, SAMPLES = "accounting", "samples"
+
+
+def _ratio(num: float, den: float) -> float | None:
+    return num / den if den else None
+
+
+@dataclass
+class _Jobs:
+    """Per (window, pool, node, job) sums on the host: allocated, busy, energy, used."""
+
+    keys: list[np.ndarray]
+    sums: list[np.ndarray]
+    # job id → (user id, tenant id) from accounting, over every node of the job
+    owners: dict[int, tuple[int, int]] = field(default_factory=dict)
+    accounted: set[int] = field(default_factory=set)
+
+
+def bill_range(biller: Biller) -> tuple[int, int] | None:
+    """[start, end) of the bill: --from (else the start of the first window holding a sample)
+    to --to (else the newest sample's time); None when neither is known."""
+    windows = biller.windows
+    lo = biller.start_ns
+    if lo is None and biller.first_ns is not None:
+        lo = windows.start_of(windows.id_of(biller.first_ns))
+    hi = biller.end_ns if biller.end_ns is not None else biller.last_ns
+    if lo is None or hi is None or hi < lo:
+        return None
+    return lo, hi
+
+
+def build_bill(biller: Biller, input_stats: dict[str, Any]) -> Bill:
+    from telemetry.billing.engine import Bill
+
+    inventory = biller.inventory
+    span = bill_range(biller)
+    keys, sums = biller.pool_totals()
+    pool_sums = {
+        (int(w), int(p)): [int(s[i]) for s in sums]
+        for i, (w, p) in enumerate(zip(keys[0].tolist(), keys[1].tolist(), strict=True))
+    }
+    jk, js = biller.job_parts.compact()
+    jobs = _Jobs([to_host(k) for k in jk], [to_host(v) for v in js])
+    if not jobs.sums:
+        jobs.sums = [np.zeros(0, np.int64) for _ in range(4)]
+    reconciliation = None
+    if biller.accounting is not None:
+        reconciliation = _apply_accounting(biller, jobs, pool_sums, biller.accounting, span)
+    window_ids = sorted({w for w, _ in pool_sums} | set(jobs.keys[0].tolist()))
+    if span is not None:
+        lo, hi = span
+        first = biller.windows.id_of(lo)
+        last = biller.windows.id_of(max(lo, hi - 1))
+        window_ids = sorted(set(window_ids) | set(range(first, last + 1)))
+    listed = {p for _, p in pool_sums} | set(jobs.keys[1].tolist())
+    listed |= {i for i, pool in enumerate(biller.pools) if pool.declared}
+    tenants, charges = _tenant_rows(biller, jobs)
+    job_rows = _job_rows(biller, jobs)
+    pools_out = []
+    undeclared = set()
+    for window in window_ids:
+        for index in sorted(listed):
+            pool = biller.pools[index]
+            row = _pool_row(biller, window, index, pool_sums.get((window, index)), span, charges)
+            pools_out.append(row)
+            if not pool.declared and pool.name != UNASSIGNED and row["monitored_unit_hours"]:
+                undeclared.add(pool.name)
+    notes = []
+    if undeclared:
+        notes.append(
+            f"pools without capacity_units ({', '.join(sorted(undeclared))}): capacity is what "
+            "was monitored, so time without samples costs nothing; declare capacity_units"
+        )
+    stats: dict[str, Any] = {"files": 0, "rows": biller.rows,
+                             "rows_skipped": biller.duplicates, "files_quarantined": 0}  # fmt: skip
+    stats.update(input_stats)
+    stats["reconciliation"] = reconciliation
+    return Bill(
+        pools_out,
+        tenants,
+        job_rows,
+        stats,
+        inventory.currency,
+        timezone=inventory.timezone_name,
+        notes=notes,
+    )
+
+
+# ---------------------------------------------------------------------------- money
+class _Money:
+    def __init__(self, decimals: int) -> None:
+        self.decimals = decimals
+
+    def __call__(self, amount: Fraction) -> float:
+        """Half-to-even at the currency's decimals (``round`` of a Fraction is exact)."""
+        return float(round(amount, self.decimals)) + 0.0
+
+
+def _waste(charge: Fraction, allocated_us: int, busy_us: int) -> Fraction:
+    if allocated_us <= 0 or busy_us >= allocated_us:
+        return Fraction(0)
+    return charge * (1 - Fraction(busy_us, allocated_us))
+
+
+# ---------------------------------------------------------------------------- rows
+def _window_head(biller: Biller, window: int, pool: Pool) -> dict[str, Any]:
+    names = biller._window_names.get(window)
+    if names is None:  # one per window, not one per bill row
+        start, end = biller.windows.names(window)
+        names = biller._window_names[window] = {"window_start": start, "window_end": end}
+    return {**names, "pool": pool.name}
+
+
+def _pool_row(
+    biller: Biller,
+    window: int,
+    index: int,
+    sums: list[int] | None,
+    span: tuple[int, int] | None,
+    charges: dict[tuple[int, int], Fraction],
+) -> dict[str, Any]:
+    pool = biller.pools[index]
+    money = _Money(biller.inventory.currency_decimals)
+    monitored_us, allocated_us, busy_us, energy_mj, gap_us, readings = sums or [0] * 6
+    capacity_us = monitored_us
+    if pool.declared:
+        start, end = biller.windows.bounds(window)
+        if span is not None:
+            start, end = max(start, span[0]), min(end, span[1])
+        capacity_us = pool.declared_us(start, end) if end > start else 0
+    measured = bool(readings)
+    energy_kwh = Fraction(energy_mj, MJ_PER_KWH)
+    pue = exact(pool.pue) if pool.pue is not None else Fraction(1)
+    energy_cost = None
+    if pool.energy_price_per_kwh is not None and measured:
+        energy_cost = energy_kwh * pue * exact(pool.energy_price_per_kwh)
+    emissions = None
+    if pool.grid_gco2_per_kwh is not None and measured:
+        emissions = float(energy_kwh * pue * exact(pool.grid_gco2_per_kwh) / 1000)
+    cost_exact = Fraction(capacity_us, US_PER_HOUR) * exact(pool.cost_per_unit_hour)
+    cost_exact += energy_cost or 0
+    cost = money(cost_exact)
+    revenue = float(charges.get((window, index), Fraction(0))) + 0.0  # rounded lines' sum
+    allocated = allocated_us / US_PER_HOUR
+    idle = cost_exact
+    if capacity_us:
+        idle = cost_exact * max(Fraction(0), 1 - Fraction(allocated_us, capacity_us))
+    return {
+        **_window_head(biller, window, pool),
+        "kind": pool.kind,
+        "ownership": pool.ownership,
+        "capacity_unit_hours": capacity_us / US_PER_HOUR,
+        "monitored_unit_hours": monitored_us / US_PER_HOUR,
+        "unmonitored_unit_hours": max(0, capacity_us - monitored_us) / US_PER_HOUR,
+        "allocated_unit_hours": allocated,
+        "busy_unit_hours": busy_us / US_PER_HOUR,
+        "allocation_ratio": _ratio(allocated_us, capacity_us),
+        "busy_ratio": _ratio(busy_us, monitored_us),
+        "energy_kwh": float(energy_kwh) if measured else None,
+        "energy_cost": None if energy_cost is None else money(energy_cost),
+        "emissions_kg": emissions,
+        "cost": cost,
+        "revenue": revenue,
+        "unit_cost": _ratio(cost, allocated),
+        "gross_margin_ratio": _ratio(revenue - cost, revenue),
+        "idle_cost": money(idle),
+        "gap_hours": gap_us / US_PER_HOUR,
+    }
+
+
+def _owner_arrays(biller: Biller, jobs: _Jobs) -> tuple[np.ndarray, np.ndarray]:
+    """User and tenant id of each job-sum row: accounting first, else the job's newest row."""
+    from telemetry.billing.engine import UNKNOWN_TENANT
+
+    unknown = biller.names.id(UNKNOWN_TENANT)
+    nodes, ids = jobs.keys[2].tolist(), jobs.keys[3].tolist()
+    users, tenants = [], []
+    for node, job in zip(nodes, ids, strict=True):
+        found = jobs.owners.get(job)
+        if found is None:
+            seen = biller.owner.get((node, job))
+            found = (seen[1], seen[2]) if seen is not None else (-1, unknown)
+        users.append(found[0])
+        tenants.append(found[1])
+    return np.array(users, dtype=np.int64), np.array(tenants, dtype=np.int64)
+
+
+def _party_body(
+    biller: Biller, pool: Pool, tenant: str, sums: list[int]
+) -> tuple[dict[str, Any], Fraction] | None:
+    allocated_us, busy_us, energy_mj, used_us = sums
+    if pool.kind == "cpu":
+        busy_us = used_us  # SPEC §4: a cpu pool's busy is the jobs' used core-time
+    if not any((allocated_us, busy_us, energy_mj)):
+        return None
+    money = _Money(biller.inventory.currency_decimals)
+    charge = Fraction(allocated_us, US_PER_HOUR) * biller.inventory.price(pool, tenant)
+    return {
+        "allocated_unit_hours": allocated_us / US_PER_HOUR,
+        "busy_unit_hours": busy_us / US_PER_HOUR,
+        "efficiency_ratio": _ratio(busy_us, allocated_us),
+        "energy_kwh": energy_mj / MJ_PER_KWH if pool.kind == "gpu" else None,
+        "charge": money(charge),
+        "waste_charge": money(_waste(charge, allocated_us, busy_us)),
+    }, charge
+
+
+def _tenant_rows(
+    biller: Biller, jobs: _Jobs
+) -> tuple[list[dict[str, Any]], dict[tuple[int, int], Fraction]]:
+    """Tenant rows and each (window, pool)'s revenue: the sum of its rounded tenant charges."""
+    _, tenant = _owner_arrays(biller, jobs)
+    keys = [jobs.keys[0], jobs.keys[1], tenant]
+    sums = jobs.sums
+    if biller.retired:  # a live bill's retired jobs, already per tenant
+        retired = list(biller.retired.items())
+        keys = [np.concatenate([k, np.array([r[0][i] for r in retired], np.int64)])
+                for i, k in enumerate(keys)]  # fmt: skip
+        sums = [np.concatenate([v, np.array([r[1][f] for r in retired], np.int64)])
+                for f, v in enumerate(sums)]  # fmt: skip
+    tk, ts = group_sums(keys, sums)
+    out: list[dict[str, Any]] = []
+    revenue: dict[tuple[int, int], Fraction] = {}
+    decimals = biller.inventory.currency_decimals
+    for i in range(tk[0].size):
+        window, index = int(tk[0][i]), int(tk[1][i])
+        pool = biller.pools[index]
+        name = biller.names.values[int(tk[2][i])]
+        made = _party_body(biller, pool, name, [int(s[i]) for s in ts])
+        if made is None:
+            continue
+        body, charge = made
+        revenue[(window, index)] = revenue.get((window, index), Fraction(0)) + round(
+            charge, decimals
+        )
+        out.append({**_window_head(biller, window, pool), "tenant": name, **body,
+                    "_order": (window, index, name)})  # fmt: skip
+    out.sort(key=lambda r: r["_order"])
+    for row in out:
+        del row["_order"]
+    return out, revenue
+
+
+def _job_rows(biller: Biller, jobs: _Jobs) -> list[dict[str, Any]]:
+    user, tenant = _owner_arrays(biller, jobs)
+    jk, js = group_sums([jobs.keys[0], jobs.keys[1], jobs.keys[3], user, tenant], jobs.sums)
+    out: list[dict[str, Any]] = []
+    for i in range(jk[0].size):
+        window, index, job_index = int(jk[0][i]), int(jk[1][i]), int(jk[2][i])
+        pool = biller.pools[index]
+        tenant_name = biller.names.values[int(jk[4][i])]
+        made = _party_body(biller, pool, tenant_name, [int(s[i]) for s in js])
+        if made is None:
+            continue
+        job = biller.jobs.values[job_index]
+        user_name = biller.names.values[int(jk[3][i])] if int(jk[3][i]) >= 0 else None
+        source = ACCOUNTING if job_index in jobs.accounted else SAMPLES
+        out.append({**_window_head(biller, window, pool), "job_id": job, "user": user_name,
+                    "tenant": tenant_name, **made[0], "allocation_source": source,
+                    "_order": (window, index, job, user_name or "", tenant_name)})  # fmt: skip
+    out.sort(key=lambda r: r["_order"])
+    for row in out:
+        del row["_order"]
+    return out
+
+
+# ---------------------------------------------------------------------------- accounting
+def _apply_accounting(
+    biller: Biller,
+    jobs: _Jobs,
+    pool_sums: dict[tuple[int, int], list[int]],
+    records: list[Record],
+    span: tuple[int, int] | None,
+) -> dict[str, Any]:
+    """Replace the sampled allocation of every accounted job by the exact overlap of its
+    [start, end) with each window of the range (SPEC §4), and return ``input.reconciliation``."""
+    sampled_jobs = {job for _, job in biller.owner} & set(jobs.keys[3].tolist())
+    lo, hi = span if span is not None else (0, 0)
+    inside = [r for r in records if r.start_ns < hi and (r.end_ns is None or r.end_ns > lo)]
+    rows: list[tuple[int, int, int, int, int]] = []  # window, pool, node, job, allocated µs
+    for record in inside:
+        job = biller.jobs.id(record.job_id)
+        jobs.accounted.add(job)
+        jobs.owners[job] = (biller.names.id(record.user), biller.names.id(record.account))
+        a, b = max(record.start_ns, lo), min(record.end_ns if record.end_ns is not None else hi, hi)
+        if b <= a:
+            continue
+        share = len(record.nodes)
+        for node_name in record.nodes:
+            node = biller.nodes.id(node_name)
+            for kind, total in (("gpu", record.gpus), ("cpu", record.cpus)):
+                if not total:
+                    continue
+                units = exact(total) / share
+                pool = biller.inventory.assign([node_name], kind)[0] + biller._first[kind]
+                window = biller.windows.id_of(a)
+                while True:
+                    w_start, w_end = biller.windows.bounds(window)
+                    if w_start >= b:
+                        break
+                    overlap = min(b, w_end) - max(a, w_start)
+                    if overlap > 0:
+                        rows.append((window, pool, node, job, round(units * overlap / 1000)))
+                    window += 1
+    accounted = np.array(sorted(jobs.accounted), dtype=np.int64)
+    was = np.isin(jobs.keys[3], accounted)
+    both = sampled_jobs & jobs.accounted
+    in_both = np.isin(jobs.keys[3], np.array(sorted(both), dtype=np.int64))
+    sampled_us = int(jobs.sums[0][in_both].sum())
+    # the pools' allocation: the sampled allocation of accounted jobs out, the accounted in
+    for i in np.flatnonzero(was).tolist():
+        key = (int(jobs.keys[0][i]), int(jobs.keys[1][i]))
+        pool_sums.setdefault(key, [0] * 6)[1] -= int(jobs.sums[0][i])
+    for window, pool, _, _, us in rows:
+        pool_sums.setdefault((window, pool), [0] * 6)[1] += us
+    accounted_us = sum(us for _, _, _, job, us in rows if job in both)
+    jobs.sums[0] = np.where(was, 0, jobs.sums[0])
+    if rows:
+        extra = np.array(rows, dtype=np.int64)
+        jobs.keys = [np.concatenate([k, extra[:, c]]) for c, k in enumerate(jobs.keys)]
+        zeros = np.zeros(len(rows), dtype=np.int64)
+        jobs.sums = [np.concatenate([jobs.sums[0], extra[:, 4]])] + [
+            np.concatenate([v, zeros]) for v in jobs.sums[1:]
+        ]
+    return {
+        "jobs_accounted": len(jobs.accounted),
+        "jobs_sampled_only": len(sampled_jobs - jobs.accounted),
+        "jobs_accounted_without_samples": len(jobs.accounted - sampled_jobs),
+        "allocated_unit_hours_sampled": sampled_us / US_PER_HOUR,
+        "allocated_unit_hours_accounted": accounted_us / US_PER_HOUR,
+    }
