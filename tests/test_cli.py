@@ -141,7 +141,7 @@ def test_help_says_defaults_and_the_forms_each_option_takes() -> None:
 
     bill = help_of("bill")
     assert "(default 1h)" in bill and "json (default)" in bill
-    assert "with Z or an offset" in bill and "(UTC)" not in bill
+    assert "without an offset, in the bill's time zone" in bill and "(UTC)" not in bill
     assert "dataset directory to read" in bill
     assert "(default 127.0.0.1:8470)" in help_of("aggregate")
     assert "the same seed writes the same dataset" in help_of("demo")

@@ -93,7 +93,7 @@ def _pool(**override: object) -> str:
         (_pool(nodes="[1]"), "pool 'p'.nodes: must be a non-empty list"),
         ("max_gap_seconds = 0\n", "max_gap_seconds must be positive"),
         ("max_gap_seconds = -5\n", "max_gap_seconds: must be a finite number >= 0"),
-        ("currency = 3\n", "currency must be a string"),
+        ("currency = 3\n", "currency must be an ISO 4217 code"),
         ("pool = 3\n", "pool must be an array of tables"),
     ],
 )

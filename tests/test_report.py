@@ -195,9 +195,10 @@ def test_heatmap_tells_unallocated_gpus_from_allocated_ones(
 
 
 def test_headline_leads_with_the_answer(dataset: tuple[Path, Path], report: str) -> None:
-    """The strip comes first and its figures are the bill's, summed here independently."""
+    """The strip comes first and its figures are the bill's, summed here independently: a bill
+    of one window over the dataset's day, so money is rounded once as in the report's totals."""
     root, inventory = dataset
-    result = tally("bill", str(root), "--inventory", str(inventory), "--window", "1m")
+    result = tally("bill", str(root), "--inventory", str(inventory), "--window", "1d")
     bill = json.loads(result.stdout)
     headline = report.split('<div class="headline" id="headline">')[1].split("<h2>", maxsplit=1)[0]
     assert report.index('id="headline"') < report.index("<h2>Pools</h2>")
@@ -219,8 +220,11 @@ def test_headline_leads_with_the_answer(dataset: tuple[Path, Path], report: str)
     wasted = 0.0
     for t in bill["tenants"]:
         efficiency = t["efficiency_ratio"]
-        if efficiency is not None:
-            wasted += t["charge"] * (1 - min(1.0, efficiency))
+        if efficiency is not None:  # charge × (1 − efficiency), both rounded to the cent
+            assert t["waste_charge"] == pytest.approx(
+                t["charge"] * (1 - min(1.0, efficiency)), abs=0.0101
+            )
+        wasted += t["waste_charge"]
     assert wasted > 0 and card("waste") == _money(wasted)
     revenue = sum(p["revenue"] for p in bill["pools"])
     cost = sum(p["cost"] for p in bill["pools"])

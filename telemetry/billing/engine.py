@@ -202,7 +202,6 @@ class Biller:
         self.retire_after_ns = max(RETIRE_AFTER_NS, self.max_gap_ns + 3600 * NS)
         self.rows = 0
         self.duplicates = 0
-        self._window_names: dict[int, dict[str, str]] = {}
         self.uuids = Registry()
         # first and newest time of a counted row (ns): the bill's range where --from/--to is open
         self.first_ns: int | None = None
@@ -529,8 +528,9 @@ class Biller:
             tenants.append((pool.name, pool.kind, tenant, allocated_s, int(busy_us) / 1e6, charge))
         return LiveTotals(self.inventory.currency, sorted(pools), sorted(tenants))
 
-    def bill(self, input_stats: dict[str, Any] | None = None) -> Bill:
-        """The bill of everything added so far (SPEC §4; ``telemetry.billing.invoice``)."""
+    def bill(self, input_stats: dict[str, Any] | None = None, whole: bool = False) -> Bill:
+        """The bill of everything added so far (SPEC §4; ``telemetry.billing.invoice``); with
+        ``whole`` one window spans the bill's range (totals with money rounded once)."""
         from telemetry.billing.invoice import build_bill
 
-        return build_bill(self, input_stats or {})
+        return build_bill(self, input_stats or {}, whole)

@@ -17,6 +17,7 @@ import numpy as np
 from kernels.backend import to_host
 from kernels.grouped_sums import group_sums
 from telemetry.billing.inventory import UNASSIGNED, Pool, exact
+from telemetry.billing.windows import iso
 
 if TYPE_CHECKING:
     from telemetry.billing.accounting import Record
@@ -55,39 +56,72 @@ def bill_range(biller: Biller) -> tuple[int, int] | None:
     return lo, hi
 
 
-def build_bill(biller: Biller, input_stats: dict[str, Any]) -> Bill:
+class _Frame:
+    """Window names and bounds of one bill: the biller's windows, or one window spanning the
+    whole range (``whole``: a report's totals, money rounded once over the range)."""
+
+    def __init__(self, biller: Biller, span: tuple[int, int] | None, whole: bool) -> None:
+        self.biller, self.span, self.whole = biller, span, whole
+        self._names: dict[int, dict[str, str]] = {}
+
+    def bounds(self, window: int) -> tuple[int, int]:
+        if self.whole and self.span is not None:
+            return self.span
+        return self.biller.windows.bounds(window)
+
+    def head(self, window: int, pool: Pool) -> dict[str, Any]:
+        names = self._names.get(window)
+        if names is None:  # one per window, not one per bill row
+            if self.whole and self.span is not None:
+                tz = self.biller.windows.tz
+                start, end = iso(self.span[0], tz), iso(self.span[1], tz)
+            else:
+                start, end = self.biller.windows.names(window)
+            names = self._names[window] = {"window_start": start, "window_end": end}
+        return {**names, "pool": pool.name}
+
+
+def build_bill(biller: Biller, input_stats: dict[str, Any], whole: bool = False) -> Bill:
+    """The SPEC §4 bill of everything the biller holds; with ``whole`` one window spans the
+    bill's range."""
     from telemetry.billing.engine import Bill
 
     inventory = biller.inventory
     span = bill_range(biller)
+    frame = _Frame(biller, span, whole)
     keys, sums = biller.pool_totals()
-    pool_sums = {
-        (int(w), int(p)): [int(s[i]) for s in sums]
-        for i, (w, p) in enumerate(zip(keys[0].tolist(), keys[1].tolist(), strict=True))
-    }
+    pool_sums: dict[tuple[int, int], list[int]] = {}
+    for i, (w, p) in enumerate(zip(keys[0].tolist(), keys[1].tolist(), strict=True)):
+        into = pool_sums.setdefault((0 if whole else int(w), int(p)), [0] * len(sums))
+        for f, values in enumerate(sums):
+            into[f] += int(values[i])
     jk, js = biller.job_parts.compact()
     jobs = _Jobs([to_host(k) for k in jk], [to_host(v) for v in js])
     if not jobs.sums:
         jobs.sums = [np.zeros(0, np.int64) for _ in range(4)]
+    if whole:
+        jobs.keys[0] = np.zeros_like(jobs.keys[0])
     reconciliation = None
     if biller.accounting is not None:
-        reconciliation = _apply_accounting(biller, jobs, pool_sums, biller.accounting, span)
+        reconciliation = _apply_accounting(biller, jobs, pool_sums, biller.accounting, span, whole)
     window_ids = sorted({w for w, _ in pool_sums} | set(jobs.keys[0].tolist()))
-    if span is not None:
+    if whole:
+        window_ids = [0] if span is not None or window_ids else []
+    elif span is not None:
         lo, hi = span
         first = biller.windows.id_of(lo)
         last = biller.windows.id_of(max(lo, hi - 1))
         window_ids = sorted(set(window_ids) | set(range(first, last + 1)))
     listed = {p for _, p in pool_sums} | set(jobs.keys[1].tolist())
     listed |= {i for i, pool in enumerate(biller.pools) if pool.declared}
-    tenants, charges = _tenant_rows(biller, jobs)
-    job_rows = _job_rows(biller, jobs)
+    tenants, charges = _tenant_rows(biller, jobs, frame)
+    job_rows = _job_rows(biller, jobs, frame)
     pools_out = []
     undeclared = set()
     for window in window_ids:
         for index in sorted(listed):
             pool = biller.pools[index]
-            row = _pool_row(biller, window, index, pool_sums.get((window, index)), span, charges)
+            row = _pool_row(biller, frame, window, index, pool_sums.get((window, index)), charges)
             pools_out.append(row)
             if not pool.declared and pool.name != UNASSIGNED and row["monitored_unit_hours"]:
                 undeclared.add(pool.name)
@@ -129,20 +163,12 @@ def _waste(charge: Fraction, allocated_us: int, busy_us: int) -> Fraction:
 
 
 # ---------------------------------------------------------------------------- rows
-def _window_head(biller: Biller, window: int, pool: Pool) -> dict[str, Any]:
-    names = biller._window_names.get(window)
-    if names is None:  # one per window, not one per bill row
-        start, end = biller.windows.names(window)
-        names = biller._window_names[window] = {"window_start": start, "window_end": end}
-    return {**names, "pool": pool.name}
-
-
 def _pool_row(
     biller: Biller,
+    frame: _Frame,
     window: int,
     index: int,
     sums: list[int] | None,
-    span: tuple[int, int] | None,
     charges: dict[tuple[int, int], Fraction],
 ) -> dict[str, Any]:
     pool = biller.pools[index]
@@ -150,9 +176,9 @@ def _pool_row(
     monitored_us, allocated_us, busy_us, energy_mj, gap_us, readings = sums or [0] * 6
     capacity_us = monitored_us
     if pool.declared:
-        start, end = biller.windows.bounds(window)
-        if span is not None:
-            start, end = max(start, span[0]), min(end, span[1])
+        start, end = frame.bounds(window)
+        if frame.span is not None:
+            start, end = max(start, frame.span[0]), min(end, frame.span[1])
         capacity_us = pool.declared_us(start, end) if end > start else 0
     measured = bool(readings)
     energy_kwh = Fraction(energy_mj, MJ_PER_KWH)
@@ -172,7 +198,7 @@ def _pool_row(
     if capacity_us:
         idle = cost_exact * max(Fraction(0), 1 - Fraction(allocated_us, capacity_us))
     return {
-        **_window_head(biller, window, pool),
+        **frame.head(window, pool),
         "kind": pool.kind,
         "ownership": pool.ownership,
         "capacity_unit_hours": capacity_us / US_PER_HOUR,
@@ -232,7 +258,7 @@ def _party_body(
 
 
 def _tenant_rows(
-    biller: Biller, jobs: _Jobs
+    biller: Biller, jobs: _Jobs, frame: _Frame
 ) -> tuple[list[dict[str, Any]], dict[tuple[int, int], Fraction]]:
     """Tenant rows and each (window, pool)'s revenue: the sum of its rounded tenant charges."""
     _, tenant = _owner_arrays(biller, jobs)
@@ -259,7 +285,7 @@ def _tenant_rows(
         revenue[(window, index)] = revenue.get((window, index), Fraction(0)) + round(
             charge, decimals
         )
-        out.append({**_window_head(biller, window, pool), "tenant": name, **body,
+        out.append({**frame.head(window, pool), "tenant": name, **body,
                     "_order": (window, index, name)})  # fmt: skip
     out.sort(key=lambda r: r["_order"])
     for row in out:
@@ -267,7 +293,7 @@ def _tenant_rows(
     return out, revenue
 
 
-def _job_rows(biller: Biller, jobs: _Jobs) -> list[dict[str, Any]]:
+def _job_rows(biller: Biller, jobs: _Jobs, frame: _Frame) -> list[dict[str, Any]]:
     user, tenant = _owner_arrays(biller, jobs)
     jk, js = group_sums([jobs.keys[0], jobs.keys[1], jobs.keys[3], user, tenant], jobs.sums)
     out: list[dict[str, Any]] = []
@@ -281,7 +307,7 @@ def _job_rows(biller: Biller, jobs: _Jobs) -> list[dict[str, Any]]:
         job = biller.jobs.values[job_index]
         user_name = biller.names.values[int(jk[3][i])] if int(jk[3][i]) >= 0 else None
         source = ACCOUNTING if job_index in jobs.accounted else SAMPLES
-        out.append({**_window_head(biller, window, pool), "job_id": job, "user": user_name,
+        out.append({**frame.head(window, pool), "job_id": job, "user": user_name,
                     "tenant": tenant_name, **made[0], "allocation_source": source,
                     "_order": (window, index, job, user_name or "", tenant_name)})  # fmt: skip
     out.sort(key=lambda r: r["_order"])
@@ -297,6 +323,7 @@ def _apply_accounting(
     pool_sums: dict[tuple[int, int], list[int]],
     records: list[Record],
     span: tuple[int, int] | None,
+    whole: bool,
 ) -> dict[str, Any]:
     """Replace the sampled allocation of every accounted job by the exact overlap of its
     [start, end) with each window of the range (SPEC §4), and return ``input.reconciliation``."""
@@ -337,6 +364,8 @@ def _apply_accounting(
     for i in np.flatnonzero(was).tolist():
         key = (int(jobs.keys[0][i]), int(jobs.keys[1][i]))
         pool_sums.setdefault(key, [0] * 6)[1] -= int(jobs.sums[0][i])
+    if whole:
+        rows = [(0, pool, node, job, us) for _, pool, node, job, us in rows]
     for window, pool, _, _, us in rows:
         pool_sums.setdefault((window, pool), [0] * 6)[1] += us
     accounted_us = sum(us for _, _, _, job, us in rows if job in both)

@@ -295,6 +295,13 @@ class ReportData:
     first_ns: int | None = None
     last_ns: int | None = None
     health: HealthGrid | None = None
+    # the same sums as one window over the whole range: totals with money rounded once, equal
+    # to a one-window bill of the range (the per-window ``bill`` draws the charts)
+    summary: Bill | None = None
+
+    @property
+    def totals(self) -> Bill:
+        return self.summary if self.summary is not None else self.bill
 
 
 def collect_report(
@@ -366,6 +373,7 @@ def collect_report(
         first_ns=first if lo is None else max(first, lo),
         last_ns=last if hi is None else min(last, hi - 1),
         health=health,
+        summary=biller.bill(dict(bill.input), whole=True),
     )
 
 

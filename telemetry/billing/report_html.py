@@ -100,14 +100,6 @@ def _money(value: float | None, currency: str) -> str:
     return "—" if value is None else f"{value:,.2f} {currency}"
 
 
-def waste(charge: float, efficiency: float | None) -> float:
-    """What was paid for allocated units that sat idle: charge × (1 − efficiency), efficiency
-    capped at 1 (none without an allocation)."""
-    if efficiency is None:
-        return 0.0
-    return charge * (1.0 - min(1.0, max(0.0, efficiency)))
-
-
 def _kind_order(kind: str) -> int:
     return 0 if kind == "gpu" else 1  # GPU pools first: they carry the money
 
@@ -206,7 +198,7 @@ def _card(key: str, label: str, value: str, sub: str = "") -> str:
 def _headline(data: ReportData, currency: str) -> str:
     """The answer first: the fleet's GPU-hours, how much of them was sold and used, and what
     idle capacity and idle allocations cost."""
-    pools = data.bill.pools
+    pools = data.totals.pools
     gpu = [p for p in pools if p["kind"] == "gpu"]
     capacity = sum(p["capacity_unit_hours"] for p in gpu)
     allocated = sum(p["allocated_unit_hours"] for p in gpu)
@@ -214,7 +206,7 @@ def _headline(data: ReportData, currency: str) -> str:
     revenue = sum(p["revenue"] for p in pools)
     cost = sum(p["cost"] for p in pools)
     idle_cost = sum(p["idle_cost"] or 0.0 for p in pools)
-    wasted = sum(waste(t["charge"], t["efficiency_ratio"]) for t in data.bill.tenants)
+    wasted = sum(t["waste_charge"] for t in data.totals.tenants)
     cards = [
         _card("gpu-hours", "GPU capacity", f"{capacity:,.1f} GPU-h"),
         _card("allocation", "GPUs allocated", _pct(_ratio(allocated, capacity)),
@@ -231,7 +223,7 @@ def _headline(data: ReportData, currency: str) -> str:
 
 
 def _pools_section(data: ReportData, charts: _Charts, currency: str) -> str:
-    rows = data.bill.pools
+    rows = data.bill.pools  # per window: the charts
     fields = (
         "capacity_unit_hours",
         "allocated_unit_hours",
@@ -243,7 +235,7 @@ def _pools_section(data: ReportData, charts: _Charts, currency: str) -> str:
         "gap_hours",
     )
     totals = sorted(
-        totals_by(rows, ("pool", "kind", "ownership"), fields),
+        totals_by(data.totals.pools, ("pool", "kind", "ownership"), fields),
         key=lambda r: (_kind_order(r["kind"]), r["pool"]),
     )
     table_rows = []
@@ -484,8 +476,8 @@ def _cpu_heatmap(data: ReportData, charts: _Charts) -> str:
 
 
 def _tenants_section(data: ReportData, charts: _Charts, currency: str) -> str:
-    rows = data.bill.tenants
-    kinds = {(p["pool"]): p["kind"] for p in data.bill.pools}
+    rows = data.totals.tenants
+    kinds = {(p["pool"]): p["kind"] for p in data.totals.pools}
     per: dict[str, dict[str, float]] = {}
     for r in rows:
         t = per.setdefault(
@@ -494,7 +486,7 @@ def _tenants_section(data: ReportData, charts: _Charts, currency: str) -> str:
              "cpu_busy": 0.0, "gpu_waste": 0.0},
         )  # fmt: skip
         kind = kinds.get(r["pool"], "gpu")
-        wasted = waste(r["charge"], r["efficiency_ratio"])
+        wasted = r["waste_charge"]
         t["charge"] += r["charge"]
         t["waste"] += wasted
         t[f"{kind}_alloc"] += r["allocated_unit_hours"]
@@ -583,14 +575,14 @@ def _tenants_section(data: ReportData, charts: _Charts, currency: str) -> str:
 
 
 def _jobs_section(data: ReportData, charts: _Charts, currency: str) -> str:
-    kinds = {p["pool"]: p["kind"] for p in data.bill.pools}
-    gpu_rows = [r for r in data.bill.jobs if kinds.get(r["pool"]) == "gpu"]
+    kinds = {p["pool"]: p["kind"] for p in data.totals.pools}
+    gpu_rows = [r for r in data.totals.jobs if kinds.get(r["pool"]) == "gpu"]
     fields = ("allocated_unit_hours", "busy_unit_hours", "charge")
     jobs = totals_by(gpu_rows, ("pool", "job_id", "user", "tenant"), fields)
     waste_of: dict[tuple[str, str], float] = {}
     for r in gpu_rows:
         key = (r["pool"], r["job_id"])
-        waste_of[key] = waste_of.get(key, 0.0) + waste(r["charge"], r["efficiency_ratio"])
+        waste_of[key] = waste_of.get(key, 0.0) + r["waste_charge"]
     for j in jobs:
         j["wasted"] = max(0.0, j["allocated_unit_hours"] - j["busy_unit_hours"])
         j["efficiency"] = _ratio(j["busy_unit_hours"], j["allocated_unit_hours"])
