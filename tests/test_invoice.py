@@ -1,0 +1,566 @@
+"""Invoices (SPEC §4): declared capacity, calendar windows in a zone, contracts, rounded money,
+energy cost, scheduler accounting and shared GPUs (SPEC §3).
+
+Expected values come from hand computation written out in the tests, or from the plain-Python
+reference (``tests.support.bill_reference``), never from the engine.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from telemetry.billing.accounting import (
+    expand_hostlist,
+    load_accounting,
+    parse_sacct_json,
+    parse_sacct_parsable,
+)
+from telemetry.billing.inventory import parse_inventory
+from telemetry.billing.writers import to_csv, to_json
+from telemetry.errors import TallyError
+from tests.support.bill_reference import reference_bill
+from tests.support.bill_rows import (
+    T0,
+    Layout,
+    Tables,
+    assert_same,
+    bill_dict,
+    bill_of,
+    cpu_row,
+    gpu_job_row,
+    gpu_row,
+    job_row,
+    stored,
+    write_tables,
+)
+from tests.support.cli import tally
+from tests.support.units import NS
+
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+
+BASE = """
+max_gap_seconds = 60
+currency = "CNY"
+{extra_top}
+[[pool]]
+name = "gpu-own"
+kind = "gpu"
+ownership = "own"
+nodes = ["gpu-a*"]
+cost_per_unit_hour = 6.5
+price_per_unit_hour = 12.0
+{gpu_extra}
+[[pool]]
+name = "cpu"
+kind = "cpu"
+ownership = "own"
+nodes = ["*"]
+cost_per_unit_hour = 0.01
+price_per_unit_hour = 0.03
+{tail}
+"""
+
+
+ZONE = 'currency_decimals = 2\ntimezone = "Asia/Shanghai"'
+
+
+def inventory_text(extra_top: str = ZONE, gpu_extra: str = "", tail: str = "") -> str:
+    return BASE.format(extra_top=extra_top, gpu_extra=gpu_extra, tail=tail)
+
+
+def local_ns(text: str) -> int:
+    """An instant written as Shanghai wall time."""
+    return int(datetime.fromisoformat(text).replace(tzinfo=SHANGHAI).timestamp()) * NS
+
+
+# --- inventory ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra_top", "gpu_extra", "tail", "message"),
+    [
+        ('timezone = "Mars/Olympus"', "", "", "timezone: 'Mars/Olympus' is not an IANA"),
+        ("currency_decimals = 9", "", "", "currency_decimals must be a whole number 0-6"),
+        (ZONE, "capacity_units = -1", "", "capacity_units: must be a finite number >= 0"),
+        ("", "[[pool.capacity]]\nfrom = 2026-03-01\nunits = 3", "", "steps need capacity_units"),
+        ("", "capacity_units = 4\n[[pool.capacity]]\nfrom = 2026-03-01\nunits = 3\n"
+         "[[pool.capacity]]\nfrom = 2026-02-01\nunits = 5", "", "steps must be in time order"),
+        ("", "capacity_units = 4\n[[pool.capacity]]\nfrom = 2026-03-01", "", "missing key 'units'"),
+        ("", "capacity_units = 4\n[[pool.capacity]]\nfrom = 'soon'\nunits = 3", "",
+         "capacity[0].from: 'soon' is not an ISO-8601"),
+        ("", "pue = 0.5", "", "pue: must be at least 1"),
+        ("", "", '[[contract]]\ntenant = "acme"\npool = "gpu-*"', "exactly one of"),
+        ("", "", '[[contract]]\ntenant = "acme"\npool = "tpu-*"\ndiscount_ratio = 0.1',
+         "'tpu-*' matches no pool"),
+        ("", "", '[[contract]]\ntenant = "acme"\ndiscount_ratio = 1.5', "discount_ratio"),
+        ("", "", '[[contract]]\ntenant = "acme"\nprice = 3', "unknown key 'price'"),
+    ],
+)  # fmt: skip
+def test_every_new_inventory_key_is_checked(
+    extra_top: str, gpu_extra: str, tail: str, message: str
+) -> None:
+    with pytest.raises(TallyError) as caught:
+        parse_inventory(inventory_text(extra_top, gpu_extra, tail), "inv.toml")
+    text = str(caught.value)
+    assert text.startswith("inventory inv.toml") and message in text and "\n" not in text
+
+
+def test_contract_first_match_wins_and_discounts_the_list_price() -> None:
+    tail = """
+[[contract]]
+tenant = "research-lab"
+pool = "gpu-*"
+price_per_unit_hour = 10.0
+[[contract]]
+tenant = "research-lab"
+discount_ratio = 0.5
+[[contract]]
+tenant = "bank-y"
+discount_ratio = 0.15
+"""
+    inv = parse_inventory(inventory_text(tail=tail), "inv.toml")
+    gpu, cpu = inv.pools_of("gpu")[0], inv.pools_of("cpu")[0]
+    assert inv.price(gpu, "research-lab") == 10
+    assert inv.price(cpu, "research-lab") == Decimal("0.015")  # the second contract
+    assert inv.price(gpu, "bank-y") == Decimal("10.2")  # 12 × 0.85, exact
+    assert inv.price(gpu, "anyone") == 12
+
+
+# --- declared capacity, calendar months in a zone ---------------------------------------------
+
+
+def test_declared_capacity_with_a_step_across_a_month_boundary_in_shanghai(
+    tmp_path: Path,
+) -> None:
+    """4 GPUs declared, 6 from 2026-10-01 12:00 Shanghai time; the node reports 1 GPU for two
+    short stretches. Monthly windows in Asia/Shanghai (UTC+8, no DST), billed from 09-20 to
+    10-10 local: by hand,
+    - September: 09-20 00:00 → 10-01 00:00 local = 264 h × 4 = 1056 GPU-h declared;
+    - October: 12 h × 4 + (9 × 24 − 12) h × 6 = 48 + 1224 = 1272 GPU-h.
+    Cost = declared × 6.5 whatever was monitored."""
+    gpu_extra = 'capacity_units = 4\n[[pool.capacity]]\nfrom = "2026-10-01T12:00:00"\nunits = 6'
+    inv = parse_inventory(inventory_text(gpu_extra=gpu_extra), "inv.toml")
+    sept, octo = local_ns("2026-09-25T10:00:00"), local_ns("2026-10-02T10:00:00")
+    gpu = [gpu_row(t + i * 30 * NS, "gpu-a1", "GPU-0", 0, 0.5, 300.0, None, None)
+           for t in (sept, octo) for i in range(121)]  # fmt: skip
+    tables: Tables = {"gpu": gpu}
+    files = write_tables(tmp_path, tables, Layout())
+    bill = bill_of(tmp_path, inv, "month", "2026-09-20", "2026-10-10")
+    pools = [p for p in bill.pools if p["pool"] == "gpu-own"]
+    assert [(p["window_start"], p["window_end"]) for p in pools] == [
+        ("2026-09-01T00:00:00+08:00", "2026-10-01T00:00:00+08:00"),
+        ("2026-10-01T00:00:00+08:00", "2026-11-01T00:00:00+08:00"),
+    ]
+    assert [p["capacity_unit_hours"] for p in pools] == [1056.0, 1272.0]
+    assert [p["monitored_unit_hours"] for p in pools] == [1.0, 1.0]  # 120 intervals of 30 s
+    assert [p["unmonitored_unit_hours"] for p in pools] == [1055.0, 1271.0]
+    assert [p["cost"] for p in pools] == [1056 * 6.5, 1272 * 6.5]
+    assert pools[0]["busy_ratio"] == 0.5  # busy over what was seen, not over declared
+    lo, hi = local_ns("2026-09-20T00:00:00"), local_ns("2026-10-10T00:00:00")
+    want = reference_bill(stored(tables), inv, "month", lo, hi, files)
+    assert_same(bill_dict(bill), want)
+    # the cpu pool has no samples and no declared capacity: not listed
+    assert {p["pool"] for p in bill.pools} == {"gpu-own"}
+
+
+def test_a_running_month_is_billed_to_the_newest_sample(tmp_path: Path) -> None:
+    """No --to: declared capacity accrues up to the newest sample, not to the month's end."""
+    inv = parse_inventory(inventory_text(gpu_extra="capacity_units = 2"), "inv.toml")
+    start = local_ns("2026-11-03T00:00:00")
+    gpu = [gpu_row(start + i * 60 * NS, "gpu-a1", "GPU-0", 0, 1.0, 300.0, None, None)
+           for i in range(61)]  # fmt: skip
+    write_tables(tmp_path, {"gpu": gpu}, Layout())
+    (pool,) = [p for p in bill_of(tmp_path, inv, "month").pools if p["pool"] == "gpu-own"]
+    # from the month's start (11-01 00:00 local) to the newest sample (11-03 01:00 local)
+    assert pool["window_start"] == "2026-11-01T00:00:00+08:00"
+    assert pool["capacity_unit_hours"] == (2 * 24 + 1) * 2
+
+
+def test_iso_weeks_start_on_monday_and_days_follow_the_zone(tmp_path: Path) -> None:
+    inv = parse_inventory(inventory_text(), "inv.toml")
+    t = local_ns("2026-09-03T23:30:00")  # a Thursday, 15:30 UTC
+    gpu = [gpu_row(t + i * 30 * NS, "gpu-a1", "GPU-0", 0, 0.5, 300.0, None, None)
+           for i in range(121)]  # fmt: skip
+    write_tables(tmp_path, {"gpu": gpu}, Layout())
+    weeks = {p["window_start"] for p in bill_of(tmp_path, inv, "week").pools}
+    assert weeks == {"2026-08-31T00:00:00+08:00"}  # Monday
+    days = [p["window_start"] for p in bill_of(tmp_path, inv, "day").pools]
+    assert days == ["2026-09-03T00:00:00+08:00", "2026-09-04T00:00:00+08:00"]
+    utc_days = {p["window_start"] for p in bill_of(tmp_path, inv, "day", timezone="UTC").pools}
+    assert utc_days == {"2026-09-03T00:00:00Z"}
+
+
+# --- money --------------------------------------------------------------------------------------
+
+
+def test_lines_add_up_to_the_cent_with_half_to_even_and_contracts(tmp_path: Path) -> None:
+    """Three tenants on one GPU node over one hour; every charge is a hand-computed exact decimal
+    rounded half-to-even, and the pool's revenue is the sum of the rounded lines."""
+    tail = """
+[[contract]]
+tenant = "lab"
+pool = "gpu-own"
+price_per_unit_hour = 10.0
+[[contract]]
+tenant = "bank"
+discount_ratio = 0.15
+"""
+    inv = parse_inventory(inventory_text(tail=tail), "inv.toml")
+    times = [T0 + i * 15 * NS for i in range(241)]  # one hour at 15 s, inside one day
+    jobs = []
+    # GPU-seconds per interval: lab 0.000125·15 … chosen so charges end in half cents
+    for job, tenant, gpus in (("1", "lab", 0.25), ("2", "bank", 0.125), ("3", "acme", 0.0625)):
+        jobs += [job_row(t, "gpu-a1", job, "u", tenant, 1.0, gpus, 0.0) for t in times]
+    gpu = [gpu_row(t, "gpu-a1", "GPU-0", 0, 0.4, 300.0, None, None) for t in times]
+    tables: Tables = {"gpu": gpu, "job": jobs}
+    files = write_tables(tmp_path, tables, Layout())
+    bill = bill_of(tmp_path, inv, 86400)
+    charges = {(t["pool"], t["tenant"]): t["charge"] for t in bill.tenants}
+    # lab: 0.25 GPU-h × 10 = 2.5; bank: 0.125 × 12 × 0.85 = 1.275 → 1.28 (even);
+    # acme: 0.0625 × 12 = 0.75; cpu: 1 core-h each × 0.03 (lab's contract is for gpu-own only),
+    # bank 0.03 × 0.85 = 0.0255 → 0.03
+    assert charges["gpu-own", "lab"] == 2.5
+    assert charges["gpu-own", "bank"] == 1.28  # 1.275: a tie, to the even cent
+    assert charges["gpu-own", "acme"] == 0.75
+    assert charges["cpu", "bank"] == 0.03
+    assert charges["cpu", "lab"] == charges["cpu", "acme"] == 0.03
+    pools = {p["pool"]: p for p in bill.pools}
+    assert pools["gpu-own"]["revenue"] == 4.53
+    assert pools["cpu"]["revenue"] == 0.09
+    assert (
+        pools["gpu-own"]["cost"] == 6.5 and pools["gpu-own"]["idle_cost"] == 3.66
+    )  # 6.5 × (1 − 0.4375)
+    # the gpu rows name no job: the jobs' GPU busy time is 0, so all they paid for sat idle
+    assert {t["tenant"]: t["waste_charge"] for t in bill.tenants if t["pool"] == "gpu-own"} == {
+        "lab": 2.5, "bank": 1.28, "acme": 0.75,
+    }  # fmt: skip
+    assert_same(bill_dict(bill), reference_bill(stored(tables), inv, 86400, files=files))
+    csv_text = to_csv(bill, "tenants", 2).decode()
+    assert ",0.75,0.75,CNY\n" in csv_text  # two decimals, currency column
+    document = json.loads(to_json(bill))
+    assert document["currency"] == "CNY" and document["timezone"] == "Asia/Shanghai"
+
+
+@pytest.mark.parametrize(
+    ("numerator", "denominator", "decimals", "rounded"),
+    [(125, 1000, 2, 0.12), (135, 1000, 2, 0.14), (2675, 1000, 2, 2.68), (5, 1, 0, 5.0),
+     (25, 10, 0, 2.0), (-0, 1, 2, 0.0)],
+)  # fmt: skip
+def test_money_rounds_exact_amounts_half_to_even(
+    numerator: int, denominator: int, decimals: int, rounded: float
+) -> None:
+    """2.675 is exact here (a float would hold 2.67499… and round down)."""
+    from fractions import Fraction
+
+    from telemetry.billing.invoice import _Money
+
+    assert _Money(decimals)(Fraction(numerator, denominator)) == rounded
+
+
+def test_energy_cost_and_emissions(tmp_path: Path) -> None:
+    """1 kWh from the counter (3.6 MJ) × PUE 1.3 × 0.6 CNY = 0.78 CNY; × 540 g/kWh = 0.702 kg."""
+    gpu_extra = "energy_price_per_kwh = 0.6\npue = 1.3\ngrid_gco2_per_kwh = 540"
+    inv = parse_inventory(inventory_text(gpu_extra=gpu_extra), "inv.toml")
+    gpu = [gpu_row(T0 + i * 30 * NS, "gpu-a1", "GPU-0", 0, 0.5, 300.0, 36_000.0 * i, None)
+           for i in range(101)]  # fmt: skip
+    write_tables(tmp_path, {"gpu": gpu}, Layout())
+    (pool,) = [p for p in bill_of(tmp_path, inv, 86400).pools if p["pool"] == "gpu-own"]
+    assert pool["energy_kwh"] == 1.0
+    assert pool["energy_cost"] == 0.78
+    assert pool["emissions_kg"] == pytest.approx(0.702, abs=1e-12)
+    # capacity 3000 s × 6.5 / 3600 = 5.41666…; + 0.78 = 6.19666… → 6.20
+    assert pool["cost"] == 6.2
+    cpu_pool = parse_inventory(inventory_text(), "inv.toml")
+    (plain,) = [p for p in bill_of(tmp_path, cpu_pool, 86400).pools if p["pool"] == "gpu-own"]
+    assert plain["energy_cost"] is None and plain["emissions_kg"] is None
+
+
+# --- accounting ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "hosts"),
+    [
+        ("gpu-a[01-03,07],cpu-x1", ["gpu-a01", "gpu-a02", "gpu-a03", "gpu-a07", "cpu-x1"]),
+        ("node7", ["node7"]),
+        ("n[8-11]", ["n8", "n9", "n10", "n11"]),
+        ("rack[1-2]-n[1,3]", ["rack1-n1", "rack1-n3", "rack2-n1", "rack2-n3"]),
+        ("a[009-011]b", ["a009b", "a010b", "a011b"]),
+    ],
+)
+def test_hostlists_expand_as_slurm_does(text: str, hosts: list[str]) -> None:
+    assert expand_hostlist(text) == hosts
+
+
+@pytest.mark.parametrize("text", ["gpu-a[01-", "a]b", "a[3-1]", "a[x]", "a,,b", "a[1[2]]"])
+def test_bad_hostlists_are_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        expand_hostlist(text)
+
+
+def _sacct_json(jobs: list[dict[str, Any]], version: str) -> str:
+    if version == "v0.0.39":  # plain numbers, state a string
+
+        def number(v: int | None) -> Any:
+            return 0 if v is None else v
+
+        state = "RUNNING"
+    else:  # v0.0.40+: {set, infinite, number} objects, state an array
+
+        def number(v: int | None) -> Any:
+            return {"set": v is not None, "infinite": False, "number": v or 0}
+
+        state = ["RUNNING"]
+    out = []
+    for j in jobs:
+        tres = [{"type": "cpu", "name": "", "id": 1, "count": j["cpus"]},
+                {"type": "mem", "name": "", "id": 2, "count": 65536},
+                {"type": "node", "name": "", "id": 4, "count": 2}]  # fmt: skip
+        if j["gpus"]:
+            gpus = j["gpus"]
+            tres += [{"type": "gres", "name": "gpu", "id": 1001, "count": gpus},
+                     {"type": "gres", "name": "gpu:h100", "id": 1002, "count": gpus}]  # fmt: skip
+        out.append({
+            "account": j["account"], "job_id": j["id"], "user": j["user"], "nodes": j["nodes"],
+            "state": {"current": state, "reason": "None"},
+            "time": {"start": j["start"], "end": number(j["end"]), "elapsed": 0,
+                     "limit": number(1440)},
+            "tres": {"allocated": tres, "requested": tres},
+            "steps": [],
+        })  # fmt: skip
+    return json.dumps({"meta": {"plugins": {"data_parser": f"data_parser/{version}"}},
+                       "jobs": out, "errors": [], "warnings": []})  # fmt: skip
+
+
+def _sacct_parsable(jobs: list[dict[str, Any]]) -> str:
+    def when(seconds: int | None) -> str:
+        if seconds is None:
+            return "Unknown"
+        return datetime.fromtimestamp(seconds, tz=ZoneInfo("UTC")).strftime("%Y-%m-%dT%H:%M:%S")
+
+    lines = ["JobID|JobIDRaw|User|Account|Start|End|AllocTRES|NodeList|State"]
+    for j in jobs:
+        tres = f"billing={j['cpus']},cpu={j['cpus']},mem=64G,node=2"
+        if j["gpus"]:
+            tres += f",gres/gpu={j['gpus']},gres/gpu:h100={j['gpus']}"
+        lines.append(f"{j['id']}|{j['id']}|{j['user']}|{j['account']}|{when(j['start'])}|"
+                     f"{when(j['end'])}|{tres}|{j['nodes']}|RUNNING")  # fmt: skip
+        lines.append(f"{j['id']}.batch|{j['id']}.batch|||{when(j['start'])}|{when(j['end'])}|"
+                     f"cpu=1|{j['nodes']}|RUNNING")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+S0 = T0 // NS
+ACCOUNTED = [
+    # two nodes, 4 GPUs: 2 per node, 00:10 → 01:40
+    {"id": 101, "user": "ann", "account": "lab", "nodes": "gpu-a[1-2]", "start": S0 + 600,
+     "end": S0 + 6000, "cpus": 16, "gpus": 4},
+    # still running: up to the bill's end
+    {"id": 102, "user": "bob", "account": "bank", "nodes": "gpu-a1", "start": S0 + 3000,
+     "end": None, "cpus": 2, "gpus": 1},
+    # no samples at all
+    {"id": 103, "user": "cid", "account": "acme", "nodes": "gpu-a2", "start": S0 + 60,
+     "end": S0 + 660, "cpus": 4, "gpus": 0},
+]  # fmt: skip
+
+
+def _accounting_dataset(tmp_path: Path) -> Tables:
+    """Two GPU nodes sampled 00:00 → 02:00 every 60 s; job 101's rows sampled on both nodes
+    only from 00:15 (the sampler's view of it starts late), job 102 on gpu-a1, job 9 has rows
+    but no record."""
+    times = [T0 + i * 60 * NS for i in range(121)]
+    gpu, jobs = [], []
+    for node in ("gpu-a1", "gpu-a2"):
+        gpu += [gpu_row(t, node, f"GPU-{node}", 0, 0.5, 300.0, None, None) for t in times]
+        jobs += [job_row(t, node, "101", "ann", "wrong-account", 8.0, 2.0, 0.0)
+                 for t in times if T0 + 900 * NS <= t <= T0 + 6000 * NS]  # fmt: skip
+    jobs += [job_row(t, "gpu-a1", "102", "bob", "bank", 2.0, 1.0, 0.0)
+             for t in times if t >= T0 + 3000 * NS]  # fmt: skip
+    jobs += [job_row(t, "gpu-a2", "9", "dan", "misc", 1.0, 0.0, 0.0) for t in times[:30]]
+    return {"gpu": gpu, "job": jobs}
+
+
+@pytest.mark.parametrize("version", ["v0.0.39", "v0.0.41", "v0.0.44"])
+def test_accounting_gives_exact_allocation_and_reconciliation(tmp_path: Path, version: str) -> None:
+    inv = parse_inventory(inventory_text(extra_top=""), "inv.toml")  # windows in UTC
+    tables = _accounting_dataset(tmp_path / "data")
+    files = write_tables(tmp_path / "data", tables, Layout())
+    as_json = tmp_path / "sacct.json"
+    as_json.write_text(_sacct_json(ACCOUNTED, version))
+    as_text = tmp_path / "sacct.txt"
+    as_text.write_text(_sacct_parsable(ACCOUNTED))
+    records = load_accounting([as_json])
+    assert records == load_accounting([as_text])
+    bill = bill_of(tmp_path / "data", inv, 3600, accounting=records)
+    # by hand, window 00:00: job 101 [00:10, 01:00) = 50 min × 2 GPUs on each node
+    jobs = {(j["window_start"][11:16], j["pool"], j["job_id"]): j for j in bill.jobs}
+    assert jobs["00:00", "gpu-own", "101"]["allocated_unit_hours"] == 2 * 2 * 50 / 60
+    assert jobs["01:00", "gpu-own", "101"]["allocated_unit_hours"] == 2 * 2 * 40 / 60
+    assert jobs["00:00", "gpu-own", "101"]["tenant"] == "lab"  # from the record
+    assert jobs["00:00", "gpu-own", "101"]["allocation_source"] == "accounting"
+    # running job 102: from 00:50 to the newest sample, 02:00
+    assert jobs["00:00", "gpu-own", "102"]["allocated_unit_hours"] == 10 / 60
+    assert jobs["01:00", "gpu-own", "102"]["allocated_unit_hours"] == 1.0
+    # job 103: no samples, billed from its record alone (cpu pool, 4 cores × 10 min)
+    assert jobs["00:00", "cpu", "103"]["allocated_unit_hours"] == 4 * 10 / 60
+    assert jobs["00:00", "cpu", "103"]["busy_unit_hours"] == 0.0
+    assert jobs["00:00", "cpu", "9"]["allocation_source"] == "samples"
+    reconciliation = bill.input["reconciliation"]
+    # jobs with both: 101 sampled 00:15 → 01:40 on two nodes (85 min × 2 GPUs × 2 nodes + 85
+    # min × 8 cores × 2 nodes) and 102 (70 min × 1 GPU + 70 min × 2 cores)
+    sampled = (85 * 2 * 2 + 85 * 8 * 2 + 70 * 1 + 70 * 2) / 60
+    accounted = (90 * 2 * 2 + 90 * 8 * 2 + 70 * 1 + 70 * 2) / 60
+    assert reconciliation == {
+        "jobs_accounted": 3,
+        "jobs_sampled_only": 1,
+        "jobs_accounted_without_samples": 1,
+        "allocated_unit_hours_sampled": pytest.approx(sampled, abs=1e-9),
+        "allocated_unit_hours_accounted": pytest.approx(accounted, abs=1e-9),
+    }
+    want = reference_bill(stored(tables), inv, 3600, files=files, accounting=records)
+    assert_same(bill_dict(bill), want)
+
+
+def test_json_and_parsable2_accounting_give_the_same_bytes(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_tables(root, _accounting_dataset(root), Layout())
+    (tmp_path / "inv.toml").write_text(inventory_text())
+    (tmp_path / "a.json").write_text(_sacct_json(ACCOUNTED, "v0.0.42"))
+    (tmp_path / "a.txt").write_text(_sacct_parsable(ACCOUNTED))
+    outputs = []
+    for name in ("a.json", "a.txt"):
+        result = tally("bill", str(root), "--inventory", str(tmp_path / "inv.toml"),
+                       "--accounting", str(tmp_path / name), "--window", "day")  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        outputs.append(result.stdout)
+    assert outputs[0] == outputs[1]
+    assert json.loads(outputs[0])["input"]["reconciliation"]["jobs_accounted"] == 3
+    assert "1 accounted jobs have no samples" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"jobs": [{"job_id": 5}]}', "jobs[0]: missing field 'time'"),
+        ('{"jobs": [{"job_id": 5, "time": {"start": 10, "end": 20}, "nodes": "a[1-",'
+         ' "user": "u", "account": "a"}]}', "jobs[0]: node list 'a[1-'"),
+        ('{"jobs": {}}', "no 'jobs' array"),
+        ("{not json", "not valid JSON"),
+        ("JobIDRaw|User\n", "line 1: the header lacks Account"),
+        ("JobIDRaw|User|Account|Start|End|AllocTRES|NodeList\n"
+         "7|u|a|2026-09-01T00:00:00|2026-09-01T01:00:00|cpu=x|n1\n", "line 2: AllocTRES item"),
+        ("JobIDRaw|User|Account|Start|End|AllocTRES|NodeList\n"
+         "7|u|a|yesterday|Unknown|cpu=1|n1\n", "line 2: Start: 'yesterday'"),
+        ("JobIDRaw|User|Account|Start|End|AllocTRES|NodeList\n7|u|a\n", "line 2: 3 fields"),
+        ("JobIDRaw|User|Account|Start|End|AllocTRES|NodeList\n"
+         "7|u|a|2026-09-01T02:00:00|2026-09-01T01:00:00|cpu=1|n1\n", "ends before it starts"),
+    ],
+)  # fmt: skip
+def test_bad_accounting_is_one_line_naming_file_and_record(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    path = tmp_path / "acct"
+    path.write_text(content)
+    with pytest.raises(TallyError) as caught:
+        load_accounting([path])
+    text = str(caught.value)
+    assert text.startswith(f"accounting {path}") and message in text and "\n" not in text
+    root = tmp_path / "data"
+    write_tables(root, _accounting_dataset(root), Layout())
+    (tmp_path / "inv.toml").write_text(inventory_text())
+    result = tally("bill", str(root), "--inventory", str(tmp_path / "inv.toml"),
+                   "--accounting", str(path))  # fmt: skip
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr
+
+
+def test_pending_jobs_and_steps_carry_no_allocation() -> None:
+    text = ("JobIDRaw|User|Account|Start|End|AllocTRES|NodeList\n"
+            "8|u|a|Unknown|Unknown||None assigned\n"
+            "9|u|a|2026-09-01T00:00:00Z|Unknown|cpu=2|n1\n"
+            "9.0|u|a|2026-09-01T00:00:00Z|Unknown|cpu=2|n1\n")  # fmt: skip
+    (record,) = parse_sacct_parsable(text)
+    assert (record.job_id, record.end_ns, record.cpus, record.nodes) == ("9", None, 2.0, ("n1",))
+    pending = {"jobs": [{"job_id": 8, "time": {"start": 0, "end": 0}}]}
+    assert parse_sacct_json(json.dumps(pending)) == []
+
+
+# --- shared GPUs (SPEC §3) ----------------------------------------------------------------------
+
+
+def _shared_dataset(with_sm: bool) -> Tables:
+    """One GPU fully busy for an hour, held by two jobs with shares 0.75 and 0.25 (job rows
+    allocate those fractions), while the gpu row names job "1" as the holder."""
+    times = [T0 + i * 30 * NS for i in range(121)]
+    gpu = [gpu_row(t, "gpu-a1", "GPU-0", 0, 1.0, 300.0, None, "1") for t in times]
+    jobs, holders = [], []
+    for job, share, sm in (("1", 0.75, 0.5), ("2", 0.25, 0.9)):
+        jobs += [job_row(t, "gpu-a1", job, "u", f"t{job}", 1.0, share, 0.0) for t in times]
+        holders += [gpu_job_row(t, "gpu-a1", "GPU-0", job, share, sm if with_sm else None)
+                    for t in times]  # fmt: skip
+    return {"gpu": gpu, "job": jobs, "gpu_job": holders}
+
+
+@pytest.mark.parametrize("with_sm", [False, True])
+def test_shared_gpu_busy_time_is_split_and_no_efficiency_exceeds_one(
+    tmp_path: Path, with_sm: bool
+) -> None:
+    inv = parse_inventory(inventory_text(), "inv.toml")
+    tables = _shared_dataset(with_sm)
+    files = write_tables(tmp_path, tables, Layout())
+    bill = bill_of(tmp_path, inv, 86400)
+    gpu_tenants = {t["tenant"]: t for t in bill.tenants if t["pool"] == "gpu-own"}
+    busy = {k: v["busy_unit_hours"] for k, v in gpu_tenants.items()}
+    if with_sm:
+        # SM 0.5 and 0.9 sum to 1.4 > the GPU's 1.0: scaled to 0.5/1.4 and 0.9/1.4 of an hour
+        assert busy == pytest.approx({"t1": 0.5 / 1.4, "t2": 0.9 / 1.4}, abs=1e-6)  # float32 SM
+    else:
+        assert busy == pytest.approx({"t1": 0.75, "t2": 0.25}, abs=1e-9)
+    assert sum(busy.values()) == pytest.approx(1.0, abs=1e-9)
+    if not with_sm:
+        assert all(t["efficiency_ratio"] <= 1.0 for t in gpu_tenants.values())
+    assert_same(bill_dict(bill), reference_bill(stored(tables), inv, 86400, files=files))
+
+
+# --- any split, with accounting and shared GPUs: the same bytes --------------------------------
+
+PROPERTY = settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+
+
+@PROPERTY
+@given(st.integers(0, 10_000), st.sampled_from([1, 2, 4]), st.sampled_from([3600, "day"]))
+def test_any_split_gives_the_same_bytes_with_accounting_on(
+    tmp_path_factory: pytest.TempPathFactory, seed: int, files: int, window: int | str
+) -> None:
+    inv = parse_inventory(inventory_text(gpu_extra="capacity_units = 3"), "inv.toml")
+    base = _accounting_dataset(Path("."))
+    shared = _shared_dataset(True)
+    tables: Tables = {
+        "gpu": base["gpu"] + shared["gpu"][:0],
+        "job": base["job"],
+        "gpu_job": [dict(h, node="gpu-a1", gpu_uuid="GPU-gpu-a1") for h in shared["gpu_job"]],
+        "cpu": [cpu_row(T0 + i * 60 * NS, "cpu-c1", 8, {"user": 10.0 * i}, None)
+                for i in range(121)],
+    }  # fmt: skip
+    records = parse_sacct_json(_sacct_json(ACCOUNTED, "v0.0.44"))
+    one = tmp_path_factory.mktemp("one")
+    write_tables(one, tables, Layout(files_per_partition=1))
+    many = tmp_path_factory.mktemp("many")
+    count = write_tables(many, tables, Layout(seed=seed, files_per_partition=files))
+    a = bill_of(one, inv, window, accounting=records)
+    b = bill_of(many, inv, window, accounting=records, budget_rows=200 + seed % 500)
+    assert a.input["reconciliation"]["jobs_accounted"] == 3
+    a.input["files"] = b.input["files"]  # the one difference: how many files hold the rows
+    assert to_json(a) == to_json(b)
+    want = reference_bill(stored(tables), inv, window, files=count, accounting=records)
+    assert_same(bill_dict(b), want)
