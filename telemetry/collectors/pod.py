@@ -547,6 +547,9 @@ class PodCollector(Collector):
 
     def _ask_kubelet(self) -> tuple[list[Pod], dict[str, int] | None]:
         """The pods and the replicas per GPU (None where the kubelet cannot tell)."""
+        # gRPC's core logs a line to stderr at every connection it loses (a kubelet restart);
+        # the collector's own line says it once. An operator's setting wins.
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
         try:
             import grpc
         except ImportError:
