@@ -1,7 +1,7 @@
 """The Kubernetes ``pod`` collector against a real gRPC server serving the kubelet's
 PodResources v1 messages on a unix socket, over fixture node trees of both cgroup drivers.
 
-Expected rows are worked out by hand from the fixture files (see tests/fixtures/k8s_README.md)
+Expected rows are worked out by hand from the fixture files (see the README of each tree)
 and the pods the test kubelet serves below.
 """
 
