@@ -12,6 +12,8 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ from telemetry.collectors.pod import (
 )
 from telemetry.errors import ParseError
 from telemetry.state import State
+from tests.support.daemon import DaemonProcess
 from tests.support.kubelet import FakeKubelet, FakePod, allocatable_response, list_response
 from tests.support.promtool import promtool_check
 
@@ -402,6 +405,18 @@ def test_a_dead_kubelet_socket_fails_with_one_line(
     assert len(lines) == 1 and "UNAVAILABLE" in lines[0]
 
 
+def test_no_permission_on_the_socket_is_one_clear_line(
+    kubelet: FakeKubelet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The tests may run as root, whom no mode bit stops: deny as the kernel would a non-root user.
+    monkeypatch.setattr("telemetry.collectors.pod.os.access", lambda *_: False)
+    runner = Runner([PodCollector(context(SYSTEMD_V2, kubelet.socket))])
+    status = runner.run().status["pod"]
+    runner.close()
+    assert not status.success and status.error is not None
+    assert "permission denied" in status.error and kubelet.calls == []
+
+
 def test_without_grpcio_one_clear_line(
     kubelet: FakeKubelet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -509,6 +524,56 @@ def test_hostile_pod_names_are_escaped_in_the_exposition(tmp_path: Path, promtoo
             "account": namespace,
         }
     ]
+
+
+# ---------------------------------------------------------------- the daemon
+
+
+def _wait_for(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+@pytest.mark.e2e
+def test_daemon_exports_pods_and_survives_a_kubelet_restart(tmp_path: Path) -> None:
+    sock = tmp_path / "kubelet.sock"
+    server = FakeKubelet(sock, list(PODS), list(ALLOCATABLE)).start()
+    flags = (
+        "--collector.pod",
+        "--no-collector.gpu",
+        "--no-collector.rapl",
+        "--path.rootfs",
+        str(SYSTEMD_V2),
+        "--path.sysfs",
+        str(SYSTEMD_V2 / "sys"),
+        "--path.podresources",
+        str(sock),
+    )
+    daemon = DaemonProcess(tmp_path / "data", tmp_path / "logs", node="k8s", flags=flags)
+    try:
+
+        def success() -> float:
+            return daemon.value("tally_collector_success", collector="pod")
+
+        _wait_for(lambda: success() == 1.0)
+        labels = {"node": "k8s", "job": "research/infer-7d9f8b6c5-x2x4q"}
+        assert daemon.value("tally_job_gpus_allocated", **labels) == 0.5
+        assert daemon.value("tally_job_cpus_allocated", **labels) == 2.0
+        info = {**labels, "user": "unknown", "account": "research"}
+        assert daemon.value("tally_job_info", **info) == 1.0
+        server.stop()
+        _wait_for(lambda: success() == 0.0)
+        time.sleep(1.0)  # five more failing rounds at 0.2 s
+        server = FakeKubelet(sock, list(PODS), list(ALLOCATABLE)).start()
+        _wait_for(lambda: success() == 1.0, timeout=2.0)  # within a few 0.2 s intervals
+    finally:
+        server.stop()
+        daemon.stop()
+    failures = [line for line in daemon.stderr().splitlines() if "collector pod" in line]
+    assert len(failures) == 1 and "no kubelet pod-resources socket" in failures[0], failures
+    assert "chttp2" not in daemon.stderr(), "gRPC core logs stay quiet"
 
 
 # ---------------------------------------------------------------- flags
