@@ -49,6 +49,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -463,7 +464,6 @@ class _Client:
     """One gRPC channel to the kubelet; raw bytes in and out (no protobuf runtime)."""
 
     def __init__(self, grpc: Any, socket: Path) -> None:
-        self._grpc = grpc
         self.channel = grpc.insecure_channel(
             f"unix:{os.path.abspath(socket)}",
             options=[("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES)],
@@ -511,18 +511,17 @@ class PodCollector(Collector):
             raise
         cgroups = find_pod_cgroups(self.ctx.sysfs / "fs" / "cgroup")
         logs = pod_log_dirs(self.ctx.rootfs)
-        holders: dict[str, int] = {}
-        held = {id(pod): _held_gpus(pod) for pod in pods}
-        for gpus in held.values():
-            for uuid in gpus.replicas:
-                holders[uuid] = holders.get(uuid, 0) + 1
+        # A pod without a cgroup has not started or has finished: nothing runs, nothing counts.
+        running = [
+            (pod, cgroup, _held_gpus(pod))
+            for pod in pods
+            if (cgroup := self._cgroup_of(pod, cgroups, logs)) is not None
+        ]
+        holders = Counter(uuid for _, _, gpus in running for uuid in gpus.replicas)
         rows: list[Row] = []
         shares: list[Row] = []
         claims: list[Row] = []
-        for pod in pods:
-            cgroup = self._cgroup_of(pod, cgroups, logs)
-            if cgroup is None:
-                continue  # not started, or finished: nothing runs, nothing to count
+        for pod, cgroup, gpus in running:
             job_id = f"{pod.namespace}/{pod.name}"
             try:
                 row = self._read_pod(pod, cgroup, job_id)
@@ -534,7 +533,6 @@ class PodCollector(Collector):
             except ParseError as exc:
                 self._once.warning("read", f"pod {job_id}: {exc}; left out this round")
                 continue
-            gpus = held[id(pod)]
             allocated = float(len(gpus.whole))
             for uuid, count in sorted(gpus.replicas.items()):
                 share = self._share(uuid, count, replicas, holders)
@@ -626,7 +624,7 @@ class PodCollector(Collector):
         }
 
     def _share(
-        self, uuid: str, held: int, replicas: dict[str, int] | None, holders: dict[str, int]
+        self, uuid: str, held: int, replicas: dict[str, int] | None, holders: Counter[str]
     ) -> float:
         total = replicas.get(uuid) if replicas is not None else None
         if not total:
