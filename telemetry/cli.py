@@ -142,6 +142,10 @@ def _node_arguments(d: argparse.ArgumentParser) -> None:
         type=duration_arg("store.rotate"),
         help=argparse.SUPPRESS,
     )
+    pods = "kubelet pod-resources socket (default ROOTFS/var/lib/kubelet/pod-resources/…)"
+    for path, what in (("rootfs", "the host's / (default /)"), ("podresources", pods)):
+        d.add_argument(f"--path.{path}", dest=f"path_{path}", type=Path, help=what)
+    d.add_argument("--k8s.tenant-label", dest="k8s_tenant_label", help="pod label: tenant")
     for name, cls in REGISTRY.items():
         state = "on" if cls.default_enabled else "off"
         d.add_argument(

@@ -145,6 +145,9 @@ class DaemonConfig:
     max_gap_seconds: float = DEFAULT_MAX_GAP_SECONDS
     procfs: Path = Path("/proc")
     sysfs: Path = Path("/sys")
+    rootfs: Path = Path("/")
+    podresources: Path | None = None  # None: <rootfs>/var/lib/kubelet/pod-resources/kubelet.sock
+    k8s_tenant_label: str | None = None
     node: str = ""
     collectors: dict[str, bool] = field(default_factory=dict)
     log_level: str = "info"
@@ -170,7 +173,11 @@ class DaemonConfig:
                 f"{self.max_gap_seconds:g}s: every interval would risk counting as a gap; "
                 "raise --max-gap or lower --interval"
             )
-        for name, path in (("path.procfs", self.procfs), ("path.sysfs", self.sysfs)):
+        for name, path in (
+            ("path.procfs", self.procfs),
+            ("path.sysfs", self.sysfs),
+            ("path.rootfs", self.rootfs),
+        ):
             if not path.is_dir():
                 raise TallyError(f"--{name} {path}: not a directory")
 
@@ -220,12 +227,23 @@ _CONFIG_KEYS = {
     "max-gap": "max_gap",
     "path.procfs": "path_procfs",
     "path.sysfs": "path_sysfs",
+    "path.rootfs": "path_rootfs",
+    "path.podresources": "path_podresources",
+    "k8s.tenant-label": "k8s_tenant_label",
     "node": "node",
     "inventory": "inventory",
     "dcgm-compat": "dcgm_compat",
     "web.config.file": "web_config",
 }
-_PATH_KEYS = ("data_dir", "path_procfs", "path_sysfs", "inventory", "web_config")
+_PATH_KEYS = (
+    "data_dir",
+    "path_procfs",
+    "path_sysfs",
+    "path_rootfs",
+    "path_podresources",
+    "inventory",
+    "web_config",
+)
 
 
 def config_keys(collectors: Iterable[str]) -> dict[str, str]:
@@ -274,6 +292,9 @@ def daemon_config(args: Any, collector_defaults: dict[str, bool]) -> DaemonConfi
         max_gap_seconds=pick("max_gap", DEFAULT_MAX_GAP_SECONDS),
         procfs=pick("path_procfs", Path("/proc")),
         sysfs=pick("path_sysfs", Path("/sys")),
+        rootfs=pick("path_rootfs", Path("/")),
+        podresources=pick("path_podresources", None),
+        k8s_tenant_label=pick("k8s_tenant_label", None) or None,
         node=pick("node", ""),
         collectors={
             name: pick(f"collector_{name}", default) for name, default in collector_defaults.items()

@@ -62,6 +62,9 @@ class Daemon:
             node=self.node,
             user_hz=os.sysconf("SC_CLK_TCK"),
             nvml_module=load_object(config.nvml_module) if config.nvml_module else None,
+            rootfs=config.rootfs,
+            podresources=config.podresources,
+            k8s_tenant_label=config.k8s_tenant_label,
         )
         enabled = [
             name

@@ -6,7 +6,7 @@ Importing this package registers the built-in collectors; the daemon derives its
 
 from __future__ import annotations
 
-from telemetry.collectors import cpu, gpu, rapl, slurm
+from telemetry.collectors import cpu, gpu, pod, rapl, slurm
 from telemetry.collectors.base import (
     REGISTRY,
     Collector,
@@ -28,6 +28,7 @@ __all__ = [
     "assemble",
     "cpu",
     "gpu",
+    "pod",
     "rapl",
     "register",
     "slurm",

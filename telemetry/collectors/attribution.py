@@ -1,8 +1,10 @@
 """Which job holds each GPU (SPEC §2 ``gpu.job_id``), from what the collectors saw this round.
 
-First the job whose ``SLURM_JOB_GPUS`` names the GPU's index (side output ``_gpu_job`` of the
-``job`` collector); where no job claims it, the Slurm job of a process NVML lists on the GPU
-(side output ``_gpu_pids`` of the ``gpu`` collector), found through ``<procfs>/<pid>/cgroup``.
+A claim by UUID (side output ``_gpu_job`` of the ``pod`` collector: the GPU or MIG instance the
+kubelet gave a pod) is exact and wins. Then the job whose ``SLURM_JOB_GPUS`` names the GPU's
+index (side output ``_gpu_job`` of the ``job`` collector); where no job claims it, the Slurm
+job of a process NVML lists on the GPU (side output ``_gpu_pids`` of the ``gpu`` collector),
+found through ``<procfs>/<pid>/cgroup``.
 MIG instances are matched by their processes first: a Slurm claim names the whole GPU.
 """
 
@@ -49,10 +51,15 @@ def _job_of_pids(procfs: Path, pids: list[int]) -> str | None:
 
 def attribute_gpus(partial: dict[str, list[dict[str, Any]]], procfs: Path) -> None:
     """Fill ``job_id`` of this round's gpu rows in place and drop the side outputs."""
-    claims = {int(r["gpu_index"]): str(r["job_id"]) for r in partial.pop("_gpu_job", [])}
+    raw_claims = partial.pop("_gpu_job", [])
+    claims = {int(r["gpu_index"]): str(r["job_id"]) for r in raw_claims if "gpu_index" in r}
+    by_uuid = {str(r["gpu_uuid"]): str(r["job_id"]) for r in raw_claims if "gpu_uuid" in r}
     processes = {str(r["gpu_uuid"]): r for r in partial.pop("_gpu_pids", [])}
     for row in partial.get("gpu", []):
         if row.get("job_id") is not None:
+            continue
+        if str(row.get("gpu_uuid")) in by_uuid:
+            row["job_id"] = by_uuid[str(row.get("gpu_uuid"))]
             continue
         seen = processes.get(str(row.get("gpu_uuid")), {})
         by_process = _job_of_pids(procfs, list(seen.get("pids", [])))
