@@ -7,11 +7,19 @@ The trace has allocations only; utilisation is generated per QoS class (latency-
 services run light, best-effort training runs hot, a few jobs sit allocated and idle), and the
 last node misses 20 minutes of samples, so a bill, a report and a replay of the demo show
 pools, tenants, waste and gaps the way a real cluster does.
+
+Besides the samples it writes what an invoice needs: ``inventory.toml`` with declared capacity,
+a time zone, a contract and energy prices, and ``sacct.json``, the scheduler's accounting of the
+Slurm jobs (``sacct --json``, data_parser v0.0.42 shape) with their exact start and end, which
+the 30 s samples only see to the tick. Fractional GPUs get ``gpu_job`` rows (SPEC §2); the last
+node of four or more is a Kubernetes node whose jobs are pods (``<namespace>/<pod>``), which
+Slurm's accounting does not know.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +41,8 @@ TENANTS = {
 }
 INVENTORY = """max_gap_seconds = 90
 currency = "USD"
+currency_decimals = 2
+timezone = "Asia/Shanghai"
 
 [[pool]]
 name = "h100-own"
@@ -41,6 +51,10 @@ ownership = "own"
 nodes = ["gpu-a*"]
 cost_per_unit_hour = 1.90
 price_per_unit_hour = 2.80
+capacity_units = {own_gpus}
+energy_price_per_kwh = 0.09
+pue = 1.3
+grid_gco2_per_kwh = 540
 
 [[pool]]
 name = "h100-leased"
@@ -49,6 +63,7 @@ ownership = "leased"
 nodes = ["gpu-b*"]
 cost_per_unit_hour = 2.40
 price_per_unit_hour = 2.80
+capacity_units = {leased_gpus}
 
 [[pool]]
 name = "cpu"
@@ -57,6 +72,12 @@ ownership = "own"
 nodes = ["*"]
 cost_per_unit_hour = 0.012
 price_per_unit_hour = 0.030
+capacity_units = {cores}
+
+[[contract]]
+tenant = "research-lab"
+pool = "h100-*"
+discount_ratio = 0.15
 """
 
 
@@ -150,6 +171,10 @@ def generate_demo(
     times = start_ns + np.arange(steps, dtype=np.int64) * interval * NS
     names = [f"gpu-{'a' if n < (nodes + 1) // 2 else 'b'}{n + 1:02d}" for n in range(nodes)]
     jobs = _schedule(nodes, gpus, steps, interval, rng)
+    kubernetes = nodes - 1 if nodes >= 4 else None
+    for job in jobs:
+        if job.node == kubernetes:  # a pod: namespace = tenant
+            job.job_id = f"{job.account}/{_POD_KIND[job.account]}-{int(job.job_id):x}"
     # The last node's daemon is down for 20 minutes at 60 % of the span (a reboot, say), so the
     # report's coverage section and the bill's gap_hours have something real to show.
     outage = None
@@ -166,11 +191,22 @@ def generate_demo(
         util = np.zeros((gpus, steps))
         holder = np.full((gpus, steps), None, dtype=object)
         job_rows = []
+        shared_rows = []
         for job in (j for j in jobs if j.node == n):
             span = slice(job.start, job.end)
             for g in job.gpus:
                 util[g, span] += job.busy * job.share
                 holder[g, span] = np.where(holder[g, span] == None, job.job_id, holder[g, span])  # noqa: E711
+                k = job.end - job.start
+                if job.share < 1 and k > 0:  # a fractional GPU: who holds how much of it
+                    sm = np.clip(job.busy * job.share * rng.normal(1.0, 0.05, k), 0, 1)
+                    shared_rows.append({
+                        "time": times[span], "node": [node] * k,
+                        "gpu_uuid": [_uuid(n, g, seed)] * k, "job_id": [job.job_id] * k,
+                        "share": np.full(k, job.share, np.float32),
+                        "sm_utilization_ratio": sm.astype(np.float32),
+                        "memory_used_bytes": np.full(k, int(job.share * 60e9), np.int64),
+                    })  # fmt: skip
             k = job.end - job.start
             if k <= 0:
                 continue
@@ -179,7 +215,7 @@ def generate_demo(
             node_busy[span] += used
             job_rows.append({
                 "time": times[span], "node": [node] * k, "job_id": [job.job_id] * k,
-                "user": [f"u{int(job.job_id) % 17:02d}"] * k, "account": [job.account] * k,
+                "user": [_user(job)] * k, "account": [job.account] * k,
                 "cpus_allocated": np.full(k, job.cpus, np.float32),
                 "gpus_allocated": np.full(k, len(job.gpus) * job.share, np.float32),
                 "cpu_seconds": np.cumsum(used * interval),
@@ -208,7 +244,7 @@ def generate_demo(
         energy = np.cumsum(power.astype(np.float64) * interval, axis=1) + 3.6e6
         gpu = pa.table({
             "time": np.tile(times, gpus), "node": [node] * (gpus * steps),
-            "gpu_uuid": [f"GPU-{n:04x}{g:04x}-5a1e-4c6d-9e3f-{seed:012x}" for g in range(gpus) for _ in range(steps)],
+            "gpu_uuid": [_uuid(n, g, seed) for g in range(gpus) for _ in range(steps)],
             "gpu_index": np.repeat(np.arange(gpus, dtype=np.int16), steps),
             "gpu_model": ["NVIDIA H100 80GB HBM3"] * (gpus * steps),
             "utilization_ratio": util.ravel(), "sm_active_ratio": (util * 0.8).ravel(),
@@ -247,6 +283,8 @@ def generate_demo(
         tables = {"gpu": gpu, "cpu": pa.table(cpu)}
         if job_rows:
             tables["job"] = pa.concat_tables([pa.table(r) for r in job_rows])
+        if shared_rows:
+            tables["gpu_job"] = pa.concat_tables([pa.table(r) for r in shared_rows])
         for name, whole in tables.items():
             table = whole
             if outage is not None and n == nodes - 1:
@@ -260,5 +298,59 @@ def generate_demo(
             directory.mkdir(parents=True, exist_ok=True)
             pq.write_table(data, directory / "demo.parquet", compression="zstd")
             rows += data.num_rows
-    (out / "inventory.toml").write_text(INVENTORY)
+    own = (nodes + 1) // 2
+    (out / "inventory.toml").write_text(
+        INVENTORY.format(own_gpus=own * gpus, leased_gpus=(nodes - own) * gpus, cores=nodes * cpus)
+    )
+    slurm = [j for j in jobs if j.node != kubernetes and j.end > j.start]
+    (out / "sacct.json").write_text(_sacct(slurm, names, times, interval, rng))
     return rows
+
+
+_POD_KIND = {"inference-co": "infer", "research-lab": "train", "startup-x": "notebook",
+             "bank-y": "risk", "other": "job"}  # fmt: skip
+
+
+def _uuid(node: int, gpu: int, seed: int) -> str:
+    return f"GPU-{node:04x}{gpu:04x}-5a1e-4c6d-9e3f-{seed:012x}"
+
+
+def _user(job: _Job) -> str:
+    if "/" in job.job_id:  # a pod runs as its namespace's service account
+        return f"system:serviceaccount:{job.account}:default"
+    return f"u{int(job.job_id) % 17:02d}"
+
+
+def _sacct(
+    jobs: list[_Job], names: list[str], times: np.ndarray, interval: int, rng: np.random.Generator
+) -> str:
+    """``sacct --json`` of the Slurm jobs: each started up to one sample interval before the
+    first sample that shows it and ended up to one after the last (a job running at the end of
+    the data is still running: end 0)."""
+    records = []
+    last = int(times[-1]) // NS
+    for job in jobs:
+        start = int(times[job.start]) // NS - int(rng.integers(1, interval))
+        end = int(times[job.end - 1]) // NS + int(rng.integers(1, interval))
+        running = end > last
+        tres = [{"type": "cpu", "name": None, "id": 1, "count": round(job.cpus)},
+                {"type": "mem", "name": None, "id": 2, "count": round(job.cpus * 4096)},
+                {"type": "node", "name": None, "id": 4, "count": 1}]  # fmt: skip
+        if job.share >= 1:
+            tres.append({"type": "gres", "name": "gpu", "id": 1001, "count": len(job.gpus)})
+        else:  # a fraction of a GPU is a number of shards (8 per GPU here)
+            shards = max(1, round(job.share * 8))
+            tres.append({"type": "gres", "name": "shard", "id": 1003, "count": shards})
+        records.append({
+            "account": job.account, "job_id": int(job.job_id), "user": _user(job),
+            "nodes": names[job.node], "partition": "gpu",
+            "state": {"current": ["RUNNING" if running else "COMPLETED"], "reason": "None"},
+            "time": {"start": start, "end": 0 if running else end, "submission": start - 30,
+                     "limit": {"set": True, "infinite": False, "number": 240}},
+            "tres": {"allocated": tres, "requested": tres},
+            "required": {"CPUs": round(job.cpus)}, "steps": [],
+        })  # fmt: skip
+    meta = {"plugins": {"data_parser": "data_parser/v0.0.42", "accounting_storage": "slurmdbd"},
+            "slurm": {"version": {"major": "24", "micro": "5", "minor": "05"},
+                      "release": "24.05.5"}}  # fmt: skip
+    return json.dumps({"meta": meta, "jobs": records, "warnings": [], "errors": []}, indent=1)

@@ -482,6 +482,29 @@ def test_bad_accounting_is_one_line_naming_file_and_record(
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr
 
 
+def test_a_job_on_gpu_shards_keeps_its_sampled_gpu_allocation(tmp_path: Path) -> None:
+    """sacct counts shards, not what fraction of a GPU they are: the GPU allocation stays the
+    sampled one, the CPUs and the owner come from the record."""
+    text = ("JobIDRaw|User|Account|Start|End|AllocTRES|NodeList\n"
+            f"101|ann|lab|{datetime.fromtimestamp(S0 + 600).isoformat()}Z|Unknown|"
+            "cpu=16,gres/shard=4|gpu-a[1-2]\n")  # fmt: skip
+    (record,) = parse_sacct_parsable(text)
+    assert record.gpus is None and record.cpus == 16
+    inv = parse_inventory(inventory_text(extra_top=""), "inv.toml")
+    tables = _accounting_dataset(tmp_path)
+    files = write_tables(tmp_path, tables, Layout())
+    bill = bill_of(tmp_path, inv, 3600, accounting=[record])
+    jobs = {(j["window_start"][11:16], j["pool"], j["job_id"]): j for j in bill.jobs}
+    # GPUs: sampled from 00:15 (rows every minute, 2 GPUs on 2 nodes; the 00:15 row only opens
+    # the series): 44 one-minute intervals in window 00:00
+    assert jobs["00:00", "gpu-own", "101"]["allocated_unit_hours"] == 2 * 2 * 44 / 60
+    # cores: from the record, 00:10 to the end of the range, 16 over two nodes
+    assert jobs["00:00", "cpu", "101"]["allocated_unit_hours"] == 16 * 50 / 60
+    assert jobs["00:00", "gpu-own", "101"]["tenant"] == "lab"
+    want = reference_bill(stored(tables), inv, 3600, files=files, accounting=[record])
+    assert_same(bill_dict(bill), want)
+
+
 def test_pending_jobs_and_steps_carry_no_allocation() -> None:
     text = ("JobIDRaw|User|Account|Start|End|AllocTRES|NodeList\n"
             "8|u|a|Unknown|Unknown||None assigned\n"

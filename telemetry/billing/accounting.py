@@ -28,7 +28,8 @@ MAX_HOSTS = 1_000_000
 @dataclass(frozen=True)
 class Record:
     """One job's allocation: ``cpus`` and ``gpus`` over all its ``nodes``, [start, end) in ns
-    (``end`` None: still running)."""
+    (``end`` None: still running). ``gpus`` is None for a job on GPU shards: accounting counts
+    shards, not what fraction of a GPU they are, so its GPU allocation stays the sampled one."""
 
     job_id: str
     user: str
@@ -37,7 +38,7 @@ class Record:
     start_ns: int
     end_ns: int | None
     cpus: float
-    gpus: float
+    gpus: float | None
 
 
 def expand_hostlist(text: str) -> list[str]:
@@ -179,7 +180,7 @@ def _json_record(job: dict[str, Any]) -> Record | None:
     allocated = (job.get("tres") or {}).get("allocated") or []
     if not isinstance(allocated, list):
         raise TypeError("tres.allocated is not an array")
-    cpus = gpus = typed_gpus = 0.0
+    cpus = gpus = typed_gpus = shards = 0.0
     for entry in allocated:
         if not isinstance(entry, dict):
             raise TypeError("tres.allocated holds a non-object")
@@ -193,6 +194,8 @@ def _json_record(job: dict[str, Any]) -> Record | None:
             gpus += count
         elif kind == "gres" and name.startswith("gpu:"):
             typed_gpus += count
+        elif kind == "gres" and (name == "shard" or name.startswith("shard:")):
+            shards += count
     nodes = job.get("nodes")
     if not isinstance(nodes, str):
         raise TypeError("nodes is not a string")
@@ -204,8 +207,12 @@ def _json_record(job: dict[str, Any]) -> Record | None:
         int(start) * NS,
         None if infinite or not end else int(end) * NS,
         cpus,
-        gpus or typed_gpus,  # typed GPUs repeat the untyped count where both are listed
+        _gpus(gpus or typed_gpus, shards),  # typed GPUs repeat the untyped count
     )
+
+
+def _gpus(gpus: float, shards: float) -> float | None:
+    return None if shards and not gpus else gpus
 
 
 def _record(
@@ -216,7 +223,7 @@ def _record(
     start_ns: int,
     end_ns: int | None,
     cpus: float,
-    gpus: float,
+    gpus: float | None,
 ) -> Record:
     if not isinstance(user, str) or not user:
         raise ValueError("no user")
@@ -287,9 +294,9 @@ def _instant(text: str, what: str) -> int:
 _TRES = re.compile(r"^([a-z]+(?:/[A-Za-z0-9_:.-]+)?)=([0-9.]+)([KMGTP]?)$")
 
 
-def _alloc_tres(text: str) -> tuple[float, float]:
-    """``billing=8,cpu=8,gres/gpu=2,mem=64G,node=1`` → (cpus, gpus)."""
-    cpus = gpus = typed = 0.0
+def _alloc_tres(text: str) -> tuple[float, float | None]:
+    """``billing=8,cpu=8,gres/gpu=2,mem=64G,node=1`` → (cpus, gpus); gpus None for shards."""
+    cpus = gpus = typed = shards = 0.0
     for item in filter(None, (t.strip() for t in text.split(","))):
         match = _TRES.match(item)
         if match is None:
@@ -301,7 +308,9 @@ def _alloc_tres(text: str) -> tuple[float, float]:
             gpus = count
         elif name.startswith("gres/gpu:"):
             typed += count
-    return cpus, gpus or typed
+        elif name == "gres/shard" or name.startswith("gres/shard:"):
+            shards += count
+    return cpus, _gpus(gpus or typed, shards)
 
 
 def describe(records: list[Record]) -> str:

@@ -331,17 +331,21 @@ def _apply_accounting(
     lo, hi = span if span is not None else (0, 0)
     inside = [r for r in records if r.start_ns < hi and (r.end_ns is None or r.end_ns > lo)]
     rows: list[tuple[int, int, int, int, int]] = []  # window, pool, node, job, allocated µs
+    # the kinds whose allocation accounting gives, per job (not GPUs of a job on shards)
+    replaced: dict[int, tuple[str, ...]] = {}
     for record in inside:
         job = biller.jobs.id(record.job_id)
         jobs.accounted.add(job)
         jobs.owners[job] = (biller.names.id(record.user), biller.names.id(record.account))
+        kinds = (("gpu", record.gpus), ("cpu", record.cpus))
+        replaced[job] = tuple(kind for kind, total in kinds if total is not None)
         a, b = max(record.start_ns, lo), min(record.end_ns if record.end_ns is not None else hi, hi)
         if b <= a:
             continue
         share = len(record.nodes)
         for node_name in record.nodes:
             node = biller.nodes.id(node_name)
-            for kind, total in (("gpu", record.gpus), ("cpu", record.cpus)):
+            for kind, total in kinds:
                 if not total:
                     continue
                 units = exact(total) / share
@@ -355,10 +359,14 @@ def _apply_accounting(
                     if overlap > 0:
                         rows.append((window, pool, node, job, round(units * overlap / 1000)))
                     window += 1
-    accounted = np.array(sorted(jobs.accounted), dtype=np.int64)
-    was = np.isin(jobs.keys[3], accounted)
+    gpu_pools = biller._first["cpu"]  # pool indexes below it are gpu pools
+    was = np.array(
+        [("gpu" if pool < gpu_pools else "cpu") in replaced.get(job, ())
+         for pool, job in zip(jobs.keys[1].tolist(), jobs.keys[3].tolist(), strict=True)],
+        dtype=bool,
+    )  # fmt: skip
     both = sampled_jobs & jobs.accounted
-    in_both = np.isin(jobs.keys[3], np.array(sorted(both), dtype=np.int64))
+    in_both = was & np.isin(jobs.keys[3], np.array(sorted(both), dtype=np.int64))
     sampled_us = int(jobs.sums[0][in_both].sum())
     # the pools' allocation: the sampled allocation of accounted jobs out, the accounted in
     for i in np.flatnonzero(was).tolist():

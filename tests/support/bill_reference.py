@@ -340,12 +340,22 @@ def reference_bill(
                 accounted[r.job_id] = r
         sampled_jobs = {job for (_, _, _, job) in party} & {job for (_, job) in owner}
         both = sampled_jobs & set(accounted)
+
+        # the sampled allocation of accounted jobs is replaced (GPUs only where the record
+        # counts GPUs, not shards)
+        def replaced(job: str, pi: int) -> bool:
+            record = accounted.get(job)
+            if record is None:
+                return False
+            return pools[pi]["kind"] == "cpu" or record.gpus is not None
+
         sampled_us = sum(
-            s.get("allocated", 0) for (_, _, _, job), s in party.items() if job in both
+            s.get("allocated", 0)
+            for (_, pi, _, job), s in party.items()
+            if job in both and replaced(job, pi)
         )
-        # the sampled allocation of accounted jobs is replaced
         for (w, pi, _, job), s in party.items():
-            if job in accounted and s.get("allocated", 0):
+            if replaced(job, pi) and s.get("allocated", 0):
                 pool_sums[(w, pi)]["allocated"] -= s["allocated"]
                 s["allocated"] = 0
         accounted_us = 0
