@@ -34,6 +34,10 @@ class CollectorContext:
     user_hz: int = 100
     # A stand-in for the ``pynvml`` module (tests, --nvml.module); None means the real library.
     nvml_module: Any = None
+    # The host's root filesystem (--path.rootfs): where etc/passwd names job owners' uids.
+    rootfs: Path = Path("/")
+    # Root-owned files a Slurm prolog writes, one per job (--slurm.job-info-dir).
+    slurm_job_info_dir: Path = Path("/run/tally/jobs")
 
 
 class Collector:
