@@ -21,6 +21,7 @@ from telemetry.config import (
     DEFAULT_AGGREGATE_LISTEN,
     DEFAULT_DATA_DIR,
     DEFAULT_INTERVAL_SECONDS,
+    DEFAULT_JOB_INFO_DIR,
     DEFAULT_LISTEN,
     DEFAULT_MAX_GAP_SECONDS,
     INTERVAL_RANGE,
@@ -125,6 +126,20 @@ def _node_arguments(d: argparse.ArgumentParser) -> None:
     )
     d.add_argument(
         "--path.sysfs", dest="path_sysfs", type=Path, help="sysfs mount point (default /sys)"
+    )
+    d.add_argument(
+        "--path.rootfs",
+        dest="path_rootfs",
+        type=Path,
+        help="the host's root filesystem: job owners' uids are named from its etc/passwd "
+        "(default /, where the system's user database, LDAP included, names them)",
+    )
+    d.add_argument(
+        "--slurm.job-info-dir",
+        dest="slurm_job_info_dir",
+        type=Path,
+        help="root-owned directory where deploy/slurm/prolog writes each job's account, user "
+        f"and GPUs; trusted before job environments (default {DEFAULT_JOB_INFO_DIR})",
     )
     d.add_argument("--node", help="node name to record (default: the host name)")
     _inventory_option(d, required=False)

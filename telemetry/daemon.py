@@ -62,6 +62,8 @@ class Daemon:
             node=self.node,
             user_hz=os.sysconf("SC_CLK_TCK"),
             nvml_module=load_object(config.nvml_module) if config.nvml_module else None,
+            rootfs=config.rootfs,
+            slurm_job_info_dir=config.slurm_job_info_dir,
         )
         enabled = [
             name

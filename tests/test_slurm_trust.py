@@ -394,7 +394,7 @@ def test_job_info_not_owned_by_root_is_ignored(tmp_path: Path, warnings: list[st
     root = copy_tree(tmp_path)
     got = by_job(collector(root, job_info_owner=ME + 1).collect())["1009251"]
     assert (got["account"], got["account_source"]) == ("bank-y", "environment")
-    assert any("not owned by uid" in m for m in warnings)
+    assert any("owned by uid" in m for m in warnings)
 
 
 @pytest.mark.parametrize("target", ["file", "directory"])
@@ -568,3 +568,22 @@ def test_gpu_of_a_sluid_job_goes_to_its_job_id(tmp_path: Path) -> None:
     attribute_gpus(partial, root / "proc")
     assert partial["gpu"][0]["job_id"] == "1009252"
     assert "_job_alias" not in partial
+
+
+# ---------------------------------------------------------------- flags
+
+
+def test_flags_and_config_keys(tmp_path: Path) -> None:
+    from telemetry.cli import build_parser, daemon_config
+
+    parser = build_parser()
+    defaults = daemon_config(parser.parse_args(["daemon"]))
+    assert defaults.rootfs == Path("/") and defaults.slurm_job_info_dir == Path("/run/tally/jobs")
+    config = tmp_path / "tally.toml"
+    config.write_text('[path]\nrootfs = "/host"\n[slurm]\njob-info-dir = "/host/run/tally/jobs"\n')
+    cfg = daemon_config(parser.parse_args(["daemon", "--config", str(config)]))
+    assert cfg.rootfs == Path("/host")
+    assert cfg.slurm_job_info_dir == Path("/host/run/tally/jobs")
+    args = ["daemon", "--config", str(config), "--slurm.job-info-dir", "/x", "--path.rootfs", "/r"]
+    cfg = daemon_config(parser.parse_args(args))
+    assert (cfg.rootfs, cfg.slurm_job_info_dir) == (Path("/r"), Path("/x"))

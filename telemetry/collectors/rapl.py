@@ -4,10 +4,11 @@ Reads ``<sysfs>/class/powercap/intel-rapl:N`` (top-level zones whose ``name`` st
 ``package``; sub-zones ``intel-rapl:N:M`` and ``psys`` would count the same joules twice). The
 kernel names zones ``<parent>:%x``: N is hexadecimal, so the eleventh package of a large host is
 ``intel-rapl:a``. AMD processors use the same ``intel-rapl`` control type (the kernel's
-``intel_rapl_msr`` driver serves both); ``intel-rapl-mmio`` repeats package 0 and is not read. The hardware counter wraps
-at ``max_energy_range_uj`` — every few minutes on a busy server — so the collector keeps its own
-accumulator, which starts at 0 when the daemon starts. Since Linux 5.10 ``energy_uj`` is readable
-by root only: then the energy is null and one line is logged, not an error every round.
+``intel_rapl_msr`` driver serves both); ``intel-rapl-mmio`` repeats package 0 and is not read.
+The hardware counter wraps at ``max_energy_range_uj`` — every few minutes on a busy server — so
+the collector keeps its own accumulator, which starts at 0 when the daemon starts. Since Linux
+5.10 ``energy_uj`` is readable by root only: then the energy is null and one line is logged, not
+an error every round.
 """
 
 from __future__ import annotations

@@ -715,15 +715,14 @@ class SlurmJobCollector(Collector):
     def _job_info_dir_trusted(self) -> bool:
         """True when the job-info directory exists, is owned by root and not writable by others."""
         directory = self.ctx.slurm_job_info_dir
-        try:
-            st = os.stat(directory)
-        except OSError:
+        problem = job_info_dir_problem(directory, self._job_info_owner)
+        if problem == "missing":
             return False  # no prolog installed: accounts come from environments (untrusted)
-        if not _owned_safely(st, self._job_info_owner, directory=True):
+        if problem is not None:
             self._once.warning(
                 "job-info-dir",
-                f"job: {directory} is not owned by uid {self._job_info_owner} or is writable "
-                "by others; its job-info files are ignored (accounts come from job environments)",
+                f"job: {directory} {problem}; its job-info files are ignored (accounts come "
+                "from job environments)",
             )
             return False
         self._once.clear("job-info-dir")
@@ -788,6 +787,20 @@ class SlurmJobCollector(Collector):
             f"job: {Path(exc.filename).name} missing in Slurm job cgroups (controller not "
             f"enabled?), e.g. {exc.filename}; such jobs are left out",
         )
+
+
+def job_info_dir_problem(directory: Path, owner: int = 0) -> str | None:
+    """Why the job-info directory cannot be trusted ("missing", …), or ``None`` when it can: it
+    must be a directory owned by ``owner`` (root) that nobody else may write to."""
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"is not readable ({exc.strerror or exc})"
+    if not _owned_safely(st, owner, directory=True):
+        return f"is not a directory owned by uid {owner} and writable by it alone"
+    return None
 
 
 def _names_job(env: dict[str, str], job: JobCgroup) -> bool:
