@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -587,3 +588,65 @@ def test_flags_and_config_keys(tmp_path: Path) -> None:
     args = ["daemon", "--config", str(config), "--slurm.job-info-dir", "/x", "--path.rootfs", "/r"]
     cfg = daemon_config(parser.parse_args(args))
     assert (cfg.rootfs, cfg.slurm_job_info_dir) == (Path("/r"), Path("/x"))
+
+
+# ---------------------------------------------------------------- the prolog and epilog
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "slurm"
+
+
+def run_script(name: str, info: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "TALLY_JOB_INFO_DIR": str(info), **env}
+    return subprocess.run(
+        ["sh", str(DEPLOY / name)], env=full, capture_output=True, text=True, check=False
+    )
+
+
+def test_prolog_writes_what_the_collector_trusts(tmp_path: Path) -> None:
+    root = copy_tree(tmp_path)
+    info = root / INFO
+    shutil.rmtree(info)
+    slurm_env = {
+        "SLURM_JOB_ID": "1009251",
+        "SLURM_JOB_UID": "2003",
+        "SLURM_JOB_USER": "mallory",
+        "SLURM_JOB_ACCOUNT": "research-lab",
+        "SLURM_JOB_GPUS": "",
+    }
+    done = run_script("tally-prolog", info, **slurm_env)
+    assert done.returncode == 0 and done.stderr == ""
+    written = info / "1009251"
+    assert info.stat().st_mode & 0o777 == 0o755 and written.stat().st_mode & 0o777 == 0o644
+    assert parse_job_info(written.read_text()) == {
+        "job_id": "1009251",
+        "uid": "2003",
+        "user": "mallory",
+        "account": "research-lab",
+        "gpus": "",
+    }
+    got = by_job(collector(root).collect())["1009251"]
+    assert (got["account"], got["account_source"]) == ("research-lab", "job-info")
+    # Slurm 26.05: the SLUID-named cgroup finds the same file under its SLUID.
+    (root / "proc/4601/environ").unlink()
+    sluid_env = dict(slurm_env, SLURM_JOB_ID="1009252", SLURM_JOB_SLUID="sEKNKTV3WPV500")
+    sluid_env.update(SLURM_JOB_UID="2001", SLURM_JOB_USER="testusr", SLURM_JOB_ACCOUNT="lab\nx")
+    assert run_script("tally-prolog", info, **sluid_env).returncode == 0
+    assert (info / "sEKNKTV3WPV500").samefile(info / "1009252")
+    got = by_job(collector(root).collect())["1009252"]
+    assert (got["account"], got["account_source"]) == ("labx", "job-info")  # one line
+    for env in (slurm_env, sluid_env):
+        assert run_script("tally-epilog", info, **env).returncode == 0
+    assert sorted(p.name for p in info.iterdir()) == []
+    got = by_job(collector(root).collect())["1009251"]
+    assert (got["account"], got["account_source"]) == ("bank-y", "environment")
+
+
+def test_prolog_never_fails(tmp_path: Path) -> None:
+    info = tmp_path / "jobs"
+    done = run_script("tally-prolog", info, SLURM_JOB_ID="../etc", SLURM_JOB_UID="0")
+    assert done.returncode == 0 and "not a job id" in done.stderr
+    assert not info.exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    done = run_script("tally-prolog", blocker / "jobs", SLURM_JOB_ID="5", SLURM_JOB_UID="0")
+    assert done.returncode == 0 and "cannot create" in done.stderr
