@@ -305,6 +305,12 @@ def test_user_named_by_the_environment_when_the_uid_matches(tmp_path: Path) -> N
     assert by_job(collector(root).collect())["1009250"]["user"] == "2010"
 
 
+def test_uid_from_the_job_info_when_no_task_is_readable(tmp_path: Path) -> None:
+    root = copy_tree(tmp_path)
+    (root / "proc/4501/status").unlink()
+    assert by_job(collector(root).collect())["1009251"]["user"] == "mallory"
+
+
 def test_slurmstepd_is_not_the_jobs_owner(tmp_path: Path) -> None:
     root = copy_tree(tmp_path)
     for pid in (4101, 4201):

@@ -642,6 +642,8 @@ class SlurmJobCollector(Collector):
         else:
             job_id = job.job_id
         uid = job.uid if job.uid is not None else search.uid
+        if uid is None and trusted is not None and trusted.get("uid"):
+            uid = int(trusted["uid"])  # written by root from what slurmd told the prolog
         if uid is None:
             uid = job.procs_dir.stat().st_uid  # no task's status readable: the cgroup's owner
         user = self._user(uid, trusted, search.identity)
