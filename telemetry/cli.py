@@ -21,6 +21,7 @@ from telemetry.config import (
     DEFAULT_AGGREGATE_LISTEN,
     DEFAULT_DATA_DIR,
     DEFAULT_INTERVAL_SECONDS,
+    DEFAULT_JOB_INFO_DIR,
     DEFAULT_LISTEN,
     DEFAULT_MAX_GAP_SECONDS,
     INTERVAL_RANGE,
@@ -129,6 +130,10 @@ def _node_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument(
         "--path.sysfs", dest="path_sysfs", type=Path, help="sysfs mount point (default /sys)"
     )
+    info = "root-owned directory where deploy/slurm/tally-prolog writes each job's account, user"
+    d.add_argument("--slurm.job-info-dir", dest="slurm_job_info_dir", type=Path,
+                   help=f"{info} and GPUs, trusted before job environments "
+                   f"(default {DEFAULT_JOB_INFO_DIR})")  # fmt: skip
     d.add_argument("--node", help="node name to record (default: the host name)")
     _inventory_option(d, required=False)
     _web_config_option(d, "/metrics")
@@ -143,7 +148,8 @@ def _node_arguments(d: argparse.ArgumentParser) -> None:
         help=argparse.SUPPRESS,
     )
     pods = "kubelet pod-resources socket (default ROOTFS/var/lib/kubelet/pod-resources/…)"
-    for path, what in (("rootfs", "the host's / (default /)"), ("podresources", pods)):
+    rootfs = "the host's / : var/log/pods, and etc/passwd naming job owners (default /: NSS)"
+    for path, what in (("rootfs", rootfs), ("podresources", pods)):
         d.add_argument(f"--path.{path}", dest=f"path_{path}", type=Path, help=what)
     d.add_argument("--k8s.tenant-label", dest="k8s_tenant_label", help="pod label: tenant")
     for name, cls in REGISTRY.items():

@@ -27,6 +27,7 @@ DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 # The cluster aggregator runs beside Prometheus, not on a node: the next port, loopback too.
 DEFAULT_AGGREGATE_LISTEN = "127.0.0.1:8470"
 DEFAULT_DATA_DIR = "./data"
+DEFAULT_JOB_INFO_DIR = "/run/tally/jobs"  # where deploy/slurm/prolog writes one file per job
 DEFAULT_INTERVAL_SECONDS = 5.0
 DEFAULT_MAX_GAP_SECONDS = 60.0
 
@@ -157,6 +158,7 @@ class DaemonConfig:
     nvml_module: str | None = None
     rotate_seconds: float = 3600.0
     web_config: Path | None = None
+    slurm_job_info_dir: Path = Path(DEFAULT_JOB_INFO_DIR)
 
     def check(self) -> None:
         """Raise ``TallyError`` for settings that cannot work together."""
@@ -234,6 +236,7 @@ _CONFIG_KEYS = {
     "inventory": "inventory",
     "dcgm-compat": "dcgm_compat",
     "web.config.file": "web_config",
+    "slurm.job-info-dir": "slurm_job_info_dir",
 }
 _PATH_KEYS = (
     "data_dir",
@@ -243,6 +246,7 @@ _PATH_KEYS = (
     "path_podresources",
     "inventory",
     "web_config",
+    "slurm_job_info_dir",
 )
 
 
@@ -305,4 +309,5 @@ def daemon_config(args: Any, collector_defaults: dict[str, bool]) -> DaemonConfi
         nvml_module=args.nvml_module,
         rotate_seconds=args.store_rotate or 3600.0,
         web_config=pick("web_config", None),
+        slurm_job_info_dir=pick("slurm_job_info_dir", Path(DEFAULT_JOB_INFO_DIR)),
     )

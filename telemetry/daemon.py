@@ -65,6 +65,7 @@ class Daemon:
             rootfs=config.rootfs,
             podresources=config.podresources,
             k8s_tenant_label=config.k8s_tenant_label,
+            slurm_job_info_dir=config.slurm_job_info_dir,
         )
         enabled = [
             name

@@ -15,8 +15,10 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from telemetry.collectors import REGISTRY
 from telemetry.collectors.cpu import parse_meminfo, parse_proc_stat
 from telemetry.collectors.rapl import package_zones
+from telemetry.collectors.slurm import cgroup_version, job_info_dir_problem, list_jobs
 from telemetry.config import DaemonConfig, load_object, parse_listen
 from telemetry.errors import TallyError
 from telemetry.nvml import Gateway, GpuLost, NvmlUnavailable
@@ -144,6 +146,7 @@ def check_nvml(config: DaemonConfig) -> list[Finding]:
 
 
 def check_slurm(config: DaemonConfig) -> list[Finding]:
+    """Slurm job cgroups, found as the ``job`` collector finds them, and the job-info files."""
     root = config.sysfs / "fs" / "cgroup"
     if not root.is_dir():
         return [
@@ -154,44 +157,70 @@ def check_slurm(config: DaemonConfig) -> list[Finding]:
                 "job attribution needs the host's /sys/fs/cgroup",
             )
         ]
-    v2 = (root / "cgroup.controllers").exists()
-    if v2:
+    version = cgroup_version(root)
+    jobs = list_jobs(root)
+    running = len({job.job_id for job in jobs})
+    if version == 2:
+        slices = root / "system.slice"
         scopes = (
-            list((root / "system.slice").glob("*slurmstepd.scope"))
-            if (root / "system.slice").is_dir()
-            else []
+            [s for s in slices.glob("*slurmstepd.scope") if s.is_dir()] if slices.is_dir() else []
         )
-        jobs = sum(1 for s in scopes for j in s.glob("job_*"))
-        if scopes:
+        if not scopes:
             return [
                 Finding(
-                    OK,
+                    WARN,
                     "slurm",
-                    f"cgroup v2, {len(scopes)} slurmstepd scope(s), {jobs} job(s) running",
+                    "cgroup v2, no slurmstepd.scope",
+                    "no Slurm jobs here (or slurmd is not using cgroup/v2 task containment)",
                 )
             ]
+        found = Finding(
+            OK, "slurm", f"cgroup v2, {len(scopes)} slurmstepd scope(s), {running} job(s) running"
+        )
+    elif version == 1:
+        cpuacct = root / "cpuacct" if (root / "cpuacct").is_dir() else root / "cpu,cpuacct"
+        if not any(cpuacct.glob("slurm*")):
+            return [
+                Finding(
+                    WARN,
+                    "slurm",
+                    "cgroup v1, no slurm hierarchy",
+                    "no Slurm jobs here (TaskPlugin=task/cgroup enables them)",
+                )
+            ]
+        found = Finding(OK, "slurm", f"cgroup v1, {running} job(s) running")
+    else:
         return [
             Finding(
                 WARN,
                 "slurm",
-                "cgroup v2, no slurmstepd.scope",
-                "no Slurm jobs here (or slurmd is not using cgroup/v2 task containment)",
+                f"neither a cgroup v2 nor a v1 hierarchy at {root}",
+                "job attribution needs the host's /sys/fs/cgroup",
             )
         ]
-    slurm_dirs = (
-        [d for d in (root / "cpuacct").glob("slurm*")] if (root / "cpuacct").is_dir() else []
-    )
-    if slurm_dirs:
-        jobs = sum(1 for d in slurm_dirs for j in d.glob("uid_*/job_*"))
-        return [Finding(OK, "slurm", f"cgroup v1, {jobs} job(s) running")]
-    return [
-        Finding(
+    return [found, _check_job_info(config)]
+
+
+def _check_job_info(config: DaemonConfig) -> Finding:
+    directory = config.slurm_job_info_dir
+    problem = job_info_dir_problem(directory)
+    if problem == "missing":
+        return Finding(
             WARN,
-            "slurm",
-            "cgroup v1, no slurm hierarchy",
-            "no Slurm jobs here (TaskPlugin=task/cgroup enables them)",
+            "slurm job-info",
+            f"{directory} missing: accounts come from job environments, which jobs can change",
+            "install deploy/slurm/prolog and epilog (docs/operations.md) or pass "
+            "--slurm.job-info-dir",
         )
-    ]
+    if problem is not None:
+        return Finding(
+            FAIL,
+            "slurm job-info",
+            f"{directory} {problem}: its files are ignored",
+            f"chown root {directory} && chmod 755 {directory}",
+        )
+    count = sum(1 for _ in directory.iterdir())
+    return Finding(OK, "slurm job-info", f"{directory}: {count} job file(s)")
 
 
 def check_data_dir(config: DaemonConfig) -> list[Finding]:
@@ -310,9 +339,33 @@ CHECKS: list[Callable[[DaemonConfig], list[Finding]]] = [
 ]  # fmt: skip
 
 
+# Checks that only matter while a collector runs: skipped with --no-collector.NAME.
+COLLECTOR_OF: dict[Callable[[DaemonConfig], list[Finding]], tuple[str, str]] = {
+    check_rapl: ("rapl", "rapl"),
+    check_nvml: ("gpu", "nvml"),
+    check_slurm: ("job", "slurm"),
+}
+
+
+def _skipped(
+    config: DaemonConfig, check: Callable[[DaemonConfig], list[Finding]]
+) -> Finding | None:
+    """A line saying the check is not run when its collector is off, else ``None``."""
+    if check not in COLLECTOR_OF:
+        return None
+    name, what = COLLECTOR_OF[check]
+    cls = REGISTRY.get(name)
+    if cls is None or config.collectors.get(name, cls.default_enabled):
+        return None
+    return Finding(OK, what, f"not checked: the {name} collector is off")
+
+
 def run_doctor(config: DaemonConfig, out: Callable[[str], None] = print) -> int:
     """Print one line per finding; 1 if any check failed, else 0."""
-    findings = [f for check in CHECKS for f in check(config)]
+    findings: list[Finding] = []
+    for check in CHECKS:
+        skipped = _skipped(config, check)
+        findings.extend([skipped] if skipped is not None else check(config))
     for finding in findings:
         out(finding.line())
     failed = sum(f.status == FAIL for f in findings)

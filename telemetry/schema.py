@@ -55,7 +55,7 @@ OPTIONAL_COLUMNS: dict[str, frozenset[str]] = {
         }
     ),
     "cpu": frozenset(),
-    "job": frozenset(),
+    "job": frozenset({"account_source"}),
     "gpu_job": frozenset(),
 }
 
@@ -86,6 +86,9 @@ JOB_SCHEMA = pa.schema(
         pa.field("gpus_allocated", pa.float32(), nullable=False),
         pa.field("cpu_seconds", pa.float64(), nullable=False),
         pa.field("memory_bytes", pa.int64(), nullable=False),
+        # Optional: where `account` came from: "job-info" (a root-owned file the Slurm prolog
+        # wrote), "environment" (the job's own, so the job's owner could change it), null unknown.
+        pa.field("account_source", pa.string()),
     ]
 )
 

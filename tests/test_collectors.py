@@ -16,7 +16,7 @@ import pytest
 
 from telemetry.collectors import REGISTRY, CollectorContext, Round, Runner
 from telemetry.collectors.cpu import CpuCollector
-from telemetry.collectors.rapl import RaplCollector
+from telemetry.collectors.rapl import RaplCollector, package_zones
 from telemetry.schema import CPU_MODES, CPU_SCHEMA
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -165,6 +165,33 @@ def test_second_round_counters_and_package_energy_only(tmp_path: Path) -> None:
     for mode, s in zip(CPU_MODES, step, strict=True):
         assert second[f"{mode}_seconds"] - first[f"{mode}_seconds"] == pytest.approx(s / 100)
     assert second["energy_joules"] == pytest.approx(3.75, rel=1e-12)
+
+
+def test_rapl_zones_are_numbered_in_hex(tmp_path: Path) -> None:
+    # 16 sockets: the kernel names zones "intel-rapl:%x", so packages 10-15 are :a to :f.
+    root = copy_tree("rapl_16_sockets", tmp_path)
+    zones = package_zones(root / "sys")
+    assert [zone.name for zone in zones] == [f"intel-rapl:{n:x}" for n in range(16)]
+    collector = RaplCollector(CollectorContext(procfs=root / "proc", sysfs=root / "sys", node="n"))
+    assert collector.collect() == {"cpu": [{"energy_joules": 0.0}]}
+    for n in range(16):
+        set_uj(root, f"intel-rapl:{n:x}", uj(root, f"intel-rapl:{n:x}") + (n + 1) * 1_000_000)
+        # dram sub-zones, "intel-rapl:a:0" included, measure other joules: never summed
+        set_uj(root, f"intel-rapl:{n:x}:0", uj(root, f"intel-rapl:{n:x}:0") + 999_000_000)
+    assert collector.collect()["cpu"][0]["energy_joules"] == pytest.approx(136.0)  # 1 + … + 16
+
+
+def test_rapl_zone_names_that_are_not_zones(tmp_path: Path) -> None:
+    root = copy_tree("rapl_16_sockets", tmp_path)
+    for name in (
+        "intel-rapl:A",
+        "intel-rapl:0x1",
+        "intel-rapl:",
+        "intel-rapl-mmio:0",
+        "intel-rapl:g",
+    ):
+        shutil.copytree(root / POWERCAP / "intel-rapl:1", root / POWERCAP / name)
+    assert len(package_zones(root / "sys")) == 16
 
 
 def test_rapl_wrap(tmp_path: Path) -> None:

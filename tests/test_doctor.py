@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -190,3 +191,39 @@ def test_log_format_json_and_quiet(tmp_path: Path) -> None:
     assert warnings and all(w["level"] == "warning" for w in warnings)
     assert shipped.stdout == loud.stdout
     assert quiet.returncode == 0 and quiet.stderr == "" and quiet.stdout == loud.stdout
+
+
+def test_disabled_collectors_are_not_checked(tmp_path: Path) -> None:
+    # A module that cannot load: checking NVML would fail the doctor.
+    off = {"gpu": False, "job": False, "rapl": False}
+    code, lines = _doctor(tmp_path, nvml_module="no.such.module:NVML", collectors=off)
+    assert code == 0, lines
+    for what, name in (("nvml", "gpu"), ("slurm", "job"), ("rapl", "rapl")):
+        assert f"not checked: the {name} collector is off" in _line(lines, what)
+    assert not any("] gpm:" in line for line in lines)
+
+
+def test_rapl_zones_past_the_tenth(tmp_path: Path) -> None:
+    _, lines = _doctor(tmp_path, sysfs=FIXTURES / "rapl_16_sockets" / "sys")
+    assert "16 package zone(s) readable" in _line(lines, "rapl")
+
+
+def test_slurm_jobs_counted_as_the_collector_finds_them(tmp_path: Path) -> None:
+    root = tmp_path / "node"
+    shutil.copytree(FIXTURES / "slurm_trust", root)
+    # one slurmd's copy of job 1009248 gone: 4 jobs named job_<id>, 1 named by its SLUID
+    shutil.rmtree(root / "sys/fs/cgroup/system.slice/node1_slurmstepd.scope/job_1009248")
+    info = root / "run/tally/jobs"
+    info.chmod(0o755)
+    code, lines = _doctor(tmp_path, sysfs=root / "sys", slurm_job_info_dir=info)
+    assert "cgroup v2, 2 slurmstepd scope(s), 5 job(s) running" in _line(lines, "slurm")
+    job_info = _line(lines, "slurm job-info")
+    if os.getuid() == 0:
+        assert job_info.startswith("[  ok]") and "1 job file(s)" in job_info
+    else:
+        assert job_info.startswith("[FAIL]") and "owned by uid 0" in job_info
+    info.chmod(0o777)
+    code, lines = _doctor(tmp_path, sysfs=root / "sys", slurm_job_info_dir=info)
+    assert code == 1 and _line(lines, "slurm job-info").startswith("[FAIL]")
+    code, lines = _doctor(tmp_path, sysfs=root / "sys", slurm_job_info_dir=tmp_path / "none")
+    assert "deploy/slurm/prolog" in _line(lines, "slurm job-info")

@@ -40,7 +40,7 @@ def test_schemas_follow_the_spec_column_for_column() -> None:
         ("time", ts), ("node", pa.string()), ("job_id", pa.string()), ("user", pa.string()),
         ("account", pa.string()), ("cpus_allocated", pa.float32()),
         ("gpus_allocated", pa.float32()), ("cpu_seconds", pa.float64()),
-        ("memory_bytes", pa.int64()),
+        ("memory_bytes", pa.int64()), ("account_source", pa.string()),
     ]  # fmt: skip
     assert [(f.name, f.type) for f in GPU_JOB_SCHEMA] == [
         ("time", ts), ("node", pa.string()), ("gpu_uuid", pa.string()), ("job_id", pa.string()),
@@ -54,7 +54,7 @@ def test_schemas_follow_the_spec_column_for_column() -> None:
                 "ecc_uncorrected_errors", "remapped_rows_pending", "clock_event_reasons",
                 "xid_errors", "xid_last"},
         "cpu": {"energy_joules"},
-        "job": set(),
+        "job": {"account_source"},
         "gpu_job": {"sm_utilization_ratio", "memory_used_bytes"},
     }  # fmt: skip
 

@@ -34,11 +34,14 @@ class CollectorContext:
     user_hz: int = 100
     # A stand-in for the ``pynvml`` module (tests, --nvml.module); None means the real library.
     nvml_module: Any = None
-    # The host's root (where /var/log/pods is), the kubelet's pod-resources socket (None:
+    # The host's root (--path.rootfs: where /var/log/pods is, and etc/passwd names job owners'
+    # uids), the kubelet's pod-resources socket (None:
     # <rootfs>/var/lib/kubelet/pod-resources/kubelet.sock) and --k8s.tenant-label.
     rootfs: Path = Path("/")
     podresources: Path | None = None
     k8s_tenant_label: str | None = None
+    # Root-owned files a Slurm prolog writes, one per job (--slurm.job-info-dir).
+    slurm_job_info_dir: Path = Path("/run/tally/jobs")
 
 
 class Collector:

@@ -1,10 +1,14 @@
 """``rapl`` collector: CPU package energy from powercap RAPL zones into ``cpu.energy_joules``.
 
 Reads ``<sysfs>/class/powercap/intel-rapl:N`` (top-level zones whose ``name`` starts with
-``package``; sub-zones and ``psys`` would count the same joules twice). The hardware counter wraps
-at ``max_energy_range_uj`` — every few minutes on a busy server — so the collector keeps its own
-accumulator, which starts at 0 when the daemon starts. Since Linux 5.10 ``energy_uj`` is readable
-by root only: then the energy is null and one line is logged, not an error every round.
+``package``; sub-zones ``intel-rapl:N:M`` and ``psys`` would count the same joules twice). The
+kernel names zones ``<parent>:%x``: N is hexadecimal, so the eleventh package of a large host is
+``intel-rapl:a``. AMD processors use the same ``intel-rapl`` control type (the kernel's
+``intel_rapl_msr`` driver serves both); ``intel-rapl-mmio`` repeats package 0 and is not read.
+The hardware counter wraps at ``max_energy_range_uj`` — every few minutes on a busy server — so
+the collector keeps its own accumulator, which starts at 0 when the daemon starts. Since Linux
+5.10 ``energy_uj`` is readable by root only: then the energy is null and one line is logged, not
+an error every round.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from telemetry.collectors.base import Collector, CollectorContext, Row, register
 from telemetry.errors import CollectorUnavailable, ParseError
 from telemetry.logs import OnceLogger, log
 
-_ZONE = re.compile(r"^intel-rapl:\d+$")
+_ZONE = re.compile(r"intel-rapl:([0-9a-f]+)")
 
 
 def parse_microjoules(text: str, source: str) -> int:
@@ -41,16 +45,19 @@ def wrap_delta(previous_uj: int, current_uj: int, max_range_uj: int) -> int:
 
 
 def package_zones(sysfs: Path) -> list[Path]:
-    """Top-level RAPL package zones under ``sysfs``, sorted by name."""
+    """Top-level RAPL package zones under ``sysfs``, in zone-number order."""
     root = sysfs / "class" / "powercap"
     try:
-        entries = sorted(root.iterdir())
+        entries = list(root.iterdir())
     except OSError:
         return []
-    zones = []
+    numbered = []
     for entry in entries:
-        if not _ZONE.match(entry.name):
-            continue
+        match = _ZONE.fullmatch(entry.name)
+        if match and len(match.group(1)) <= 8:
+            numbered.append((int(match.group(1), 16), entry))
+    zones = []
+    for _, entry in sorted(numbered):
         try:
             name = (entry / "name").read_text().strip()
         except OSError:

@@ -2,20 +2,41 @@
 
 Slurm puts every job in a cgroup of its own. With cgroup v2 that is
 ``<cgroup>/system.slice/slurmstepd.scope/job_<id>/`` (``<nodename>_slurmstepd.scope`` when
-several slurmd run on one host), with the steps and tasks in sub-directories; with cgroup v1 it
-is ``<cgroup>/<controller>/slurm/uid_<uid>/job_<id>/`` in each of the ``cpuset``, ``cpuacct`` and
-``memory`` hierarchies. ``<cgroup>`` is ``<sysfs>/fs/cgroup``. The collector reads the job's
-allocated CPUs, its cumulative CPU time and its current memory there, and the job's user,
-account and GPUs from ``SLURM_JOB_*`` variables in the environment of one of its processes
-(``<procfs>/<pid>/environ``, which only root can read for other users' processes); when no
-process's environment is readable the user is the owner of the job's cgroup, by name.
+several slurmd run on one host; since Slurm 26.05 the job directory is named by the job's SLUID,
+``s`` and 13 Crockford base-32 digits, unless cgroup.conf sets ``CgroupJobIdPaths=yes``), with
+the steps in ``step_<s>/`` and their processes in ``step_<s>/user/task_<n>/`` (slurmstepd itself
+in ``step_<s>/slurm/``); with cgroup v1 it is ``<cgroup>/<controller>/slurm/uid_<uid>/job_<id>/``
+(``slurm_<nodename>/`` for several slurmd) in each of the ``cpuset``, ``cpuacct`` and ``memory``
+hierarchies. ``<cgroup>`` is ``<sysfs>/fs/cgroup``; :func:`cgroup_version` decides which of the
+two the host runs, for this collector and ``tally doctor`` alike.
 
-Besides ``job`` rows it returns ``_gpu_job`` claims (``gpu_index`` → ``job_id`` from
-``SLURM_JOB_GPUS``), a side output with which the GPU collector attributes GPUs to jobs.
+The collector reads the job's allocated CPUs, its cumulative CPU time and its current memory in
+the cgroup. Who the job belongs to comes from what the job cannot change:
+
+- the **uid**: v1 from the ``uid_<uid>`` directory, v2 the real uid (``/proc/<pid>/status``) of
+  the job's own task processes; it is named by the root-owned job-info file, else by
+  ``SLURM_JOB_USER`` of an environment whose ``SLURM_JOB_UID`` is that uid, else by the passwd
+  name, else it is the number;
+- the **account**: from the job-info file a Slurm prolog writes (``--slurm.job-info-dir``, see
+  ``deploy/slurm/``; ``account_source`` "job-info"), else from the job's environment, which the
+  job's owner controls (``account_source`` "environment", untrusted), else ``unknown``;
+- the **GPUs**: job-info ``gpus=``, else ``SLURM_JOB_GPUS``, ``SLURM_STEP_GPUS``,
+  ``CUDA_VISIBLE_DEVICES`` in that order.
+
+An environment (``<procfs>/<pid>/environ``, which only root can read for other users'
+processes) counts only if its ``SLURM_JOB_ID`` (or ``SLURM_JOB_SLUID``) is the cgroup's job;
+user and account are taken together from one that has ``SLURM_JOB_USER``. The job's step
+processes are read first; the search goes on over the rounds, at most ``_MAX_PIDS_PER_JOB``
+new processes a job and round, until user, account and GPUs are known. Jobs are keyed by
+(slurmd scope, job): the same job under two slurmd on one host adds up.
+
+Besides ``job`` rows it returns ``_gpu_job`` claims (``gpu_index`` → ``job_id``), a side output
+with which the GPU collector attributes GPUs to jobs, and ``_job_alias`` rows (``cgroup`` name →
+``job_id``) for jobs whose cgroup is named by SLUID.
 
 Jobs end at any moment: a job whose files vanish while it is being read is left out of the
-round, not an error. A cgroup file that is there but malformed fails the round (SPEC §7).
-Parsers are pure functions of the file text.
+round, not an error. A cgroup file that is there but malformed fails that job for the round
+(one log line), not the other jobs. Parsers are pure functions of the file text.
 """
 
 from __future__ import annotations
@@ -154,28 +175,123 @@ def _visible_devices(value: str) -> int:
     return count
 
 
+def _gpu_claims(entries: list[str]) -> tuple[int, ...]:
+    return tuple(
+        int(entry)
+        for entry in entries
+        if entry.isascii() and entry.isdigit() and len(entry) <= 5 and int(entry) <= _INT16_MAX
+    )
+
+
+# How much a GPU answer is worth: the job's own list beats a step's, which beats what CUDA sees.
+GPUS_NONE, GPUS_CUDA, GPUS_STEP, GPUS_JOB = 0, 1, 2, 3
+
+
+def gpu_evidence(env: dict[str, str]) -> tuple[int, int, tuple[int, ...]]:
+    """GPUs a job holds per one environment: (rank, count, GPU indices claimed).
+
+    ``SLURM_JOB_GPUS`` (the job's GPU indices on this node; rank ``GPUS_JOB``), else
+    ``SLURM_STEP_GPUS`` (the step's, set for ``srun`` steps outside a batch job; ``GPUS_STEP``),
+    else the devices in ``CUDA_VISIBLE_DEVICES`` (indices or UUIDs, which may be renumbered per
+    task, so they make no claims; ``GPUS_CUDA``), else nothing (``GPUS_NONE``, count 0). Claims
+    are the listed entries that are valid NVML indices.
+    """
+    for name, rank in (("SLURM_JOB_GPUS", GPUS_JOB), ("SLURM_STEP_GPUS", GPUS_STEP)):
+        entries = _list_entries(env.get(name, ""))
+        if entries:
+            return rank, len(entries), _gpu_claims(entries)
+    if "CUDA_VISIBLE_DEVICES" in env:
+        return GPUS_CUDA, _visible_devices(env["CUDA_VISIBLE_DEVICES"]), ()
+    return GPUS_NONE, 0, ()
+
+
 def gpus_from_environ(env: dict[str, str]) -> tuple[int, tuple[int, ...]]:
     """GPUs a job holds per its environment: (count, GPU indices claimed).
 
-    The count is the entries of ``SLURM_JOB_GPUS`` (the job's GPU indices on this node), else
-    the devices in ``CUDA_VISIBLE_DEVICES`` (indices or UUIDs, which may be renumbered per task,
-    so they make no claims), else 0. Claims are the ``SLURM_JOB_GPUS`` entries that are valid
-    NVML indices.
+    See :func:`gpu_evidence`, which also says how good the answer is.
     """
-    slurm = _list_entries(env.get("SLURM_JOB_GPUS", ""))
-    if slurm:
-        claims = tuple(
-            int(entry)
-            for entry in slurm
-            if entry.isascii() and entry.isdigit() and len(entry) <= 5 and int(entry) <= _INT16_MAX
-        )
-        return len(slurm), claims
-    return _visible_devices(env.get("CUDA_VISIBLE_DEVICES", "")), ()
+    _, count, claims = gpu_evidence(env)
+    return count, claims
+
+
+def parse_status_uid(text: str, source: str = "status") -> int:
+    """The real uid of a process from ``/proc/<pid>/status`` (``Uid:`` real, effective, saved, fs).
+
+    Raises ``ParseError`` when the line is missing or not four numbers.
+    """
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key == "Uid":
+            fields = rest.split()
+            if len(fields) != 4 or not all(f.isascii() and f.isdigit() for f in fields):
+                raise ParseError(f"{source}: bad Uid line {line[:60]!r}")
+            uid = int(fields[0])
+            if uid >= 2**32:
+                raise ParseError(f"{source}: uid {uid} out of range")
+            return uid
+    raise ParseError(f"{source}: no Uid line")
+
+
+#: Keys of a job-info file (``deploy/slurm/prolog``); others are ignored.
+JOB_INFO_KEYS = frozenset({"job_id", "sluid", "uid", "user", "account", "gpus"})
+_JOB_INFO_MAX_BYTES = 64 << 10
+
+
+def parse_job_info(text: str, source: str = "job-info") -> dict[str, str]:
+    """A job-info file: ``key=value`` lines (``job_id``, ``sluid``, ``uid``, ``user``,
+    ``account``, ``gpus``); blank lines and ``#`` comments skipped, unknown keys ignored, values
+    cut to ``MAX_VALUE_CHARS``. Raises ``ParseError`` for a line without ``=``, a repeated key, or
+    a ``job_id``/``uid`` that is not a number.
+    """
+    info: dict[str, str] = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ParseError(f"{source} line {number}: expected key=value, got {line[:40]!r}")
+        if key not in JOB_INFO_KEYS:
+            continue
+        if key in info:
+            raise ParseError(f"{source} line {number}: {key} given twice")
+        value = value.strip()[:MAX_VALUE_CHARS]
+        numeric = value.isascii() and value.isdigit() and len(value) <= 10
+        if key in ("job_id", "uid") and not numeric:
+            raise ParseError(f"{source} line {number}: {key} must be a number, got {value[:40]!r}")
+        info[key] = value
+    return info
+
+
+def parse_passwd(text: str) -> dict[int, str]:
+    """uid → name from ``/etc/passwd`` text; malformed lines are skipped, the first entry wins."""
+    names: dict[int, str] = {}
+    for line in text.splitlines():
+        fields = line.split(":")
+        if len(fields) < 7 or not fields[0] or not (fields[2].isascii() and fields[2].isdigit()):
+            continue
+        names.setdefault(int(fields[2]), fields[0][:MAX_VALUE_CHARS])
+    return names
 
 
 def user_name_for_uid(uid: int) -> str:
-    """The default user resolver: the passwd name of ``uid``; raises ``KeyError`` if none."""
+    """The default user resolver: the passwd name of ``uid`` (through NSS, so LDAP and SSSD
+    users are found); raises ``KeyError`` if none."""
     return pwd.getpwuid(uid).pw_name
+
+
+def passwd_file_resolver(path: Path) -> Callable[[int], str]:
+    """A resolver reading ``path`` (the host's ``/etc/passwd`` under ``--path.rootfs``).
+
+    The file is read at each call (answers are cached by the collector); raises ``KeyError`` for
+    a uid it does not list and ``OSError`` when it cannot be read.
+    """
+
+    def resolve(uid: int) -> str:
+        return parse_passwd(path.read_text(encoding="utf-8", errors="replace"))[uid]
+
+    return resolve
 
 
 # ---------------------------------------------------------------- file access (patchable)
@@ -215,26 +331,52 @@ def _is_dir(entry: os.DirEntry[str]) -> bool:
 
 # ---------------------------------------------------------------- job cgroups
 
+_SLUID_DIR = re.compile(r"s[0-9A-HJKMNP-TV-Z]{13}")  # Slurm >= 26.05: "s" + Crockford base 32
+
+
+def cgroup_version(cgroup_root: Path) -> int | None:
+    """Which cgroup layout Slurm uses under ``cgroup_root`` (``<sysfs>/fs/cgroup``).
+
+    2 when the root is the unified hierarchy (it has ``cgroup.controllers``); 1 when it holds v1
+    controller hierarchies (``cpuacct`` or ``cpu,cpuacct``; a hybrid host, whose v2 tree is
+    mounted at ``unified/``, is this: Slurm runs cgroup/v1 there); ``None`` when neither.
+    The one answer for this collector and ``tally doctor``.
+    """
+    if (cgroup_root / "cgroup.controllers").is_file():
+        return 2
+    if (cgroup_root / "cpuacct").is_dir() or (cgroup_root / "cpu,cpuacct").is_dir():
+        return 1
+    return None
+
 
 @dataclass(frozen=True)
 class JobCgroup:
     """Where one job's files are. ``procs_dir`` is the tree whose ``cgroup.procs`` list its PIDs."""
 
-    job_id: str
+    job_id: str  # numeric id from job_<id>; for a SLUID-named cgroup, the SLUID
     procs_dir: Path
     cpus_files: tuple[Path, ...]  # the first non-empty one counts
     usage_file: Path  # v2 cpu.stat (µs) or v1 cpuacct.usage (ns)
     memory_file: Path
-    uid: int | None  # v1: from the uid_<uid> directory; v2: None, the owner of procs_dir
+    uid: int | None  # v1: from the uid_<uid> directory; v2: None, from the processes
     version: int  # 2: usage_file is cpu.stat; 1: it is cpuacct.usage
+    scope: str = ""  # the slurmd's scope (v2) or top directory (v1): several slurmd per host
+    sluid: str | None = None  # the cgroup is named by this SLUID (Slurm >= 26.05)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(slurmd scope, job): what keeps two slurmd's copies of one job apart."""
+        return self.scope, self.job_id
 
 
 def list_jobs(cgroup_root: Path) -> list[JobCgroup]:
-    """Every Slurm job cgroup under ``cgroup_root``: v2 layouts first, then v1; ids unique."""
-    jobs: dict[str, JobCgroup] = {}
-    for job in [*_v2_jobs(cgroup_root), *_v1_jobs(cgroup_root)]:
-        jobs.setdefault(job.job_id, job)
-    return list(jobs.values())
+    """Every Slurm job cgroup under ``cgroup_root``, in the layout :func:`cgroup_version` names."""
+    version = cgroup_version(cgroup_root)
+    if version == 2:
+        return list(_v2_jobs(cgroup_root))
+    if version == 1:
+        return list(_v1_jobs(cgroup_root))
+    return []
 
 
 def _v2_jobs(root: Path) -> Iterator[JobCgroup]:
@@ -243,26 +385,31 @@ def _v2_jobs(root: Path) -> Iterator[JobCgroup]:
             continue
         for job in _subdirs(scope):
             match = _JOB_DIR.fullmatch(job.name)
-            if match:
+            sluid = job.name if _SLUID_DIR.fullmatch(job.name) else None
+            if match or sluid:
                 yield JobCgroup(
-                    job_id=match.group(1),
+                    job_id=match.group(1) if match else job.name,
                     procs_dir=job,
                     cpus_files=(job / "cpuset.cpus.effective", job / "cpuset.cpus"),
                     usage_file=job / "cpu.stat",
                     memory_file=job / "memory.current",
                     uid=None,
                     version=2,
+                    scope=scope.name,
+                    sluid=sluid,
                 )
 
 
 def _v1_jobs(root: Path) -> Iterator[JobCgroup]:
     cpuacct = root / "cpuacct"
+    if not cpuacct.is_dir():
+        cpuacct = root / "cpu,cpuacct"
     for top in _subdirs(cpuacct):
         if top.name != "slurm" and not top.name.startswith("slurm_"):
             continue
         for uid_dir in _subdirs(top):
             uid_match = _UID_DIR.fullmatch(uid_dir.name)
-            if not uid_match:
+            if not uid_match or len(uid_match.group(1)) > 10:
                 continue
             for job in _subdirs(uid_dir):
                 match = _JOB_DIR.fullmatch(job.name)
@@ -278,46 +425,95 @@ def _v1_jobs(root: Path) -> Iterator[JobCgroup]:
                     memory_file=root / "memory" / rel / "memory.usage_in_bytes",
                     uid=int(uid_match.group(1)),
                     version=1,
+                    scope=top.name,
                 )
 
 
-def job_pids(procs_dir: Path) -> Iterator[int]:
-    """PIDs in ``cgroup.procs`` of ``procs_dir`` and its sub-directories, top-down, by name."""
+# Where in a job's cgroup a process sits, best first for finding the job's identity: the job's
+# own steps' tasks; anything else; the extern step (sessions adopted over ssh); slurmstepd.
+TASK, OTHER, EXTERN, STEPD = 0, 1, 2, 3
+
+
+def _place(parts: tuple[str, ...]) -> int:
+    """Rank of a cgroup directory given its path below the job directory."""
+    if not parts or not parts[0].startswith("step_"):
+        return OTHER
+    if len(parts) > 1 and parts[1] == "slurm":
+        return STEPD
+    return EXTERN if parts[0] == "step_extern" else TASK
+
+
+def job_processes(procs_dir: Path) -> list[tuple[int, int]]:
+    """(place, pid) of the processes in ``cgroup.procs`` of ``procs_dir`` and its
+    sub-directories, best place first, then top-down by name; each PID once."""
+    found: list[tuple[int, int, int]] = []
     seen: set[int] = set()
     for dirpath, dirnames, _ in os.walk(procs_dir):
-        depth = len(Path(dirpath).relative_to(procs_dir).parts)
-        dirnames[:] = sorted(dirnames) if depth < _MAX_DEPTH else []
+        parts = Path(dirpath).relative_to(procs_dir).parts
+        dirnames[:] = sorted(dirnames) if len(parts) < _MAX_DEPTH else []
         try:
             text = read_text(Path(dirpath) / "cgroup.procs")
         except OSError:
             continue  # a step or task that ended, or a directory without the file
+        place = _place(parts)
         for line in text.split():
             if line.isascii() and line.isdigit() and len(line) <= 10:
                 pid = int(line)
                 if pid > 0 and pid not in seen:
                     seen.add(pid)
-                    yield pid
+                    found.append((place, len(found), pid))
+    found.sort()
+    return [(place, pid) for place, _, pid in found]
+
+
+def job_pids(procs_dir: Path) -> Iterator[int]:
+    """PIDs of the job, in the order :func:`job_processes` gives."""
+    for _, pid in job_processes(procs_dir):
+        yield pid
 
 
 @dataclass(frozen=True)
-class _JobInfo:
-    user: str | None  # None: not in the environment, resolve the cgroup owner
+class _Identity:
+    """User and account, taken together from one environment that has ``SLURM_JOB_USER``."""
+
+    user: str
+    uid: int | None  # its SLURM_JOB_UID, if a number
     account: str
+
+
+@dataclass
+class _Search:
+    """What the environments of one job said so far; kept while the job lives."""
+
+    job_id: str | None = None  # from an environment (SLUID-named cgroups)
+    identity: _Identity | None = None
+    gpu_rank: int = GPUS_NONE
+    gpus: int = 0
+    claims: tuple[int, ...] = ()
+    uid: int | None = None  # real uid of a task process (v2)
+    tried: set[int] | None = None
+
+    def complete(self, need_uid: bool) -> bool:
+        return (
+            self.identity is not None
+            and self.gpu_rank == GPUS_JOB
+            and (self.uid is not None or not need_uid)
+        )
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """What a job's row says of its owner, and where each part came from."""
+
+    job_id: str
+    user: str
+    account: str
+    account_source: str | None  # "job-info", "environment" or None (unknown)
     gpus: int
     gpu_indices: tuple[int, ...]
 
 
-_NO_INFO = _JobInfo(user=None, account="unknown", gpus=0, gpu_indices=())
-
-
-def _info_from_environ(env: dict[str, str]) -> _JobInfo:
-    gpus, claims = gpus_from_environ(env)
-    return _JobInfo(
-        user=env.get("SLURM_JOB_USER") or None,
-        account=env.get("SLURM_JOB_ACCOUNT") or "unknown",
-        gpus=gpus,
-        gpu_indices=claims,
-    )
+_MAX_TRIED = 65536  # PIDs remembered per job; past this the oldest knowledge is dropped
 
 
 @register
@@ -325,40 +521,66 @@ class SlurmJobCollector(Collector):
     name = "job"
     help = (
         "Slurm jobs on this node from their cgroups (v1 and v2): CPUs, CPU time, memory, "
-        "GPUs, user and account"
+        "GPUs, user and account (trusted from the uid and the prolog's job-info files)"
     )
     default_enabled = True
 
     def __init__(
-        self, ctx: CollectorContext, resolve_user: Callable[[int], str] | None = None
+        self,
+        ctx: CollectorContext,
+        resolve_user: Callable[[int], str] | None = None,
+        job_info_owner: int = 0,
     ) -> None:
-        """``resolve_user`` maps a uid to a user name (default :func:`user_name_for_uid`)."""
+        """``resolve_user`` maps a uid to a user name (default: the passwd file under
+        ``ctx.rootfs`` when that is not ``/``, else :func:`user_name_for_uid`).
+        ``job_info_owner`` is the uid that must own job-info files and their directory (root).
+        """
         super().__init__(ctx)
         self._resolve_user = resolve_user
-        self._info: dict[tuple[str, Path], _JobInfo] = {}
+        if resolve_user is None and ctx.rootfs != Path("/"):
+            self._resolve_user = passwd_file_resolver(ctx.rootfs / "etc" / "passwd")
+        self._job_info_owner = job_info_owner
+        self._search: dict[tuple[str, str], _Search] = {}
         self._names: dict[int, str] = {}
         self._once = OnceLogger(log)
 
+    # ------------------------------------------------------------ the round
+
     def collect(self) -> dict[str, list[Row]]:
+        parts: dict[str, list[tuple[Row, JobInfo]]] = {}
+        aliases: list[Row] = []
+        seen: set[tuple[str, str]] = set()
+        info_dir_ok = self._job_info_dir_trusted()
+        for job in list_jobs(self.ctx.sysfs / "fs" / "cgroup"):
+            seen.add(job.key)
+            where = f"{job.scope}/{job.procs_dir.name}"
+            try:
+                row, info = self._read_job(job, info_dir_ok)
+            except OSError as exc:
+                if _is_gone(exc):
+                    self._report_missing(job, exc)
+                else:
+                    self._once.warning(f"bad:{where}", f"job {where}: left out this round: {exc}")
+                continue
+            except (ParseError, ValueError) as exc:
+                # One job's garbage costs that job this round, never the other jobs.
+                self._once.warning(f"bad:{where}", f"job {where}: left out this round: {exc}")
+                continue
+            self._once.clear(f"bad:{where}")
+            parts.setdefault(info.job_id, []).append((row, info))
+            if job.sluid is not None and info.job_id != job.sluid:
+                aliases.append({"cgroup": job.sluid, "job_id": info.job_id})
+        for key in self._search.keys() - seen:
+            del self._search[key]
         rows: list[Row] = []
         claims: list[Row] = []
-        seen: set[tuple[str, Path]] = set()
-        for job in list_jobs(self.ctx.sysfs / "fs" / "cgroup"):
-            try:
-                row, info = self._read_job(job)
-            except OSError as exc:
-                if not _is_gone(exc):
-                    raise
-                self._report_missing(job, exc)
-                continue
-            rows.append(row)
-            seen.add((job.job_id, job.procs_dir))
-            claims.extend({"gpu_index": i, "job_id": job.job_id} for i in info.gpu_indices)
-        for key in self._info.keys() - seen:
-            del self._info[key]
-        return {"job": rows, "_gpu_job": claims}
+        for job_id, pieces in parts.items():
+            rows.append(_combine(job_id, pieces))
+            indices = sorted({i for _, info in pieces for i in info.gpu_indices})
+            claims.extend({"gpu_index": i, "job_id": job_id} for i in indices)
+        return {"job": rows, "_gpu_job": claims, "_job_alias": aliases}
 
-    def _read_job(self, job: JobCgroup) -> tuple[Row, _JobInfo]:
+    def _read_job(self, job: JobCgroup, info_dir_ok: bool) -> tuple[Row, JobInfo]:
         cpus = self._cpus(job)
         usage = read_text(job.usage_file)
         if job.version == 2:
@@ -366,15 +588,12 @@ class SlurmJobCollector(Collector):
         else:
             cpu_seconds = parse_counter(usage, str(job.usage_file)) / 1e9
         memory = parse_counter(read_text(job.memory_file), str(job.memory_file))
-        info = self._job_info(job)
-        user = info.user
-        if user is None:
-            uid = job.uid if job.uid is not None else job.procs_dir.stat().st_uid
-            user = self._user_name(uid)
+        info = self._job_info(job, info_dir_ok)
         row: Row = {
-            "job_id": job.job_id,
-            "user": user,
+            "job_id": info.job_id,
+            "user": info.user,
             "account": info.account,
+            "account_source": info.account_source,
             "cpus_allocated": float(cpus),
             "gpus_allocated": float(info.gpus),
             "cpu_seconds": cpu_seconds,
@@ -398,29 +617,154 @@ class SlurmJobCollector(Collector):
             raise missing[0]
         return 0
 
-    def _job_info(self, job: JobCgroup) -> _JobInfo:
-        """User, account and GPUs from the first process environment that names the job.
+    # ------------------------------------------------------------ who the job is
 
-        Found once per job and kept; while none is readable the job has ``_NO_INFO`` and the
-        search is repeated next round.
+    def _job_info(self, job: JobCgroup, info_dir_ok: bool) -> JobInfo:
+        """The job's id, user, account and GPUs, each from the most trusted source there is.
+
+        The job-info file is read every round, so it wins from the round it appears in; what
+        the environments said is kept for the job's life, and searched further while incomplete.
         """
-        key = (job.job_id, job.procs_dir)
-        cached = self._info.get(key)
-        if cached is not None:
-            return cached
-        for tried, pid in enumerate(job_pids(job.procs_dir)):
-            if tried >= _MAX_PIDS_PER_JOB:
+        trusted = self._read_job_info(job) if info_dir_ok else None
+        search = self._search.setdefault(job.key, _Search())
+        need_uid = job.uid is None
+        if not search.complete(need_uid) and not (
+            trusted is not None
+            and "account" in trusted
+            and "gpus" in trusted
+            and (search.uid is not None or not need_uid)
+        ):
+            self._search_environments(job, search)
+        if trusted is not None and "job_id" in trusted:
+            job_id = trusted["job_id"]
+        elif job.sluid is not None and search.job_id is not None:
+            job_id = search.job_id
+        else:
+            job_id = job.job_id
+        uid = job.uid if job.uid is not None else search.uid
+        if uid is None and trusted is not None and trusted.get("uid"):
+            uid = int(trusted["uid"])  # written by root from what slurmd told the prolog
+        if uid is None:
+            uid = job.procs_dir.stat().st_uid  # no task's status readable: the cgroup's owner
+        user = self._user(uid, trusted, search.identity)
+        if trusted is not None and "account" in trusted:
+            account, source = trusted["account"] or "unknown", "job-info"
+        elif search.identity is not None:
+            account, source = search.identity.account, "environment"
+        else:
+            account, source = "unknown", None
+        if trusted is not None and "gpus" in trusted:
+            entries = _list_entries(trusted["gpus"])
+            gpus, claims = len(entries), _gpu_claims(entries)
+        else:
+            gpus, claims = search.gpus, search.claims
+        return JobInfo(job_id, user, account, source, gpus, claims)
+
+    def _user(self, uid: int, trusted: dict[str, str] | None, identity: _Identity | None) -> str:
+        """The name of ``uid``: what the job-info file or an environment call it, if they speak
+        of the same uid; else its passwd name; else the number."""
+        if trusted is not None and trusted.get("user") and trusted.get("uid") == str(uid):
+            return trusted["user"]
+        if identity is not None and identity.uid == uid and identity.user:
+            return identity.user
+        return self._user_name(uid)
+
+    def _search_environments(self, job: JobCgroup, search: _Search) -> None:
+        """Read up to ``_MAX_PIDS_PER_JOB`` environments of the job not read before."""
+        if search.tried is None or len(search.tried) > _MAX_TRIED:
+            search.tried = set()
+        read = 0
+        for place, pid in job_processes(job.procs_dir):
+            if read >= _MAX_PIDS_PER_JOB or search.complete(job.uid is None):
                 break
+            if pid in search.tried:
+                continue
+            search.tried.add(pid)
+            read += 1
+            if job.uid is None and search.uid is None and place in (TASK, EXTERN):
+                search.uid = self._real_uid(pid)
+            if place == STEPD:
+                continue  # slurmstepd runs as root with slurmd's environment, not the job's
             try:
-                data = read_environ(self.ctx.procfs / str(pid) / "environ")
+                env = parse_environ(read_environ(self.ctx.procfs / str(pid) / "environ"))
             except OSError:
                 continue  # gone, or not ours to read: try the next process
-            env = parse_environ(data)
-            if "SLURM_JOB_USER" in env or "SLURM_JOB_ID" in env:
-                info = _info_from_environ(env)
-                self._info[key] = info
-                return info
-        return _NO_INFO
+            if not _names_job(env, job):
+                continue  # not this job's environment (a stray process, or a forged one)
+            job_id = env.get("SLURM_JOB_ID", "")
+            if search.job_id is None and job_id.isascii() and job_id.isdigit():
+                search.job_id = job_id[:20]
+            if search.identity is None and env.get("SLURM_JOB_USER"):
+                uid_text = env.get("SLURM_JOB_UID", "")
+                search.identity = _Identity(
+                    user=env["SLURM_JOB_USER"],
+                    uid=int(uid_text) if uid_text.isascii() and uid_text.isdigit() else None,
+                    account=env.get("SLURM_JOB_ACCOUNT") or "unknown",
+                )
+            rank, count, claims = gpu_evidence(env)
+            if rank > search.gpu_rank:
+                search.gpu_rank, search.gpus, search.claims = rank, count, claims
+
+    def _real_uid(self, pid: int) -> int | None:
+        path = self.ctx.procfs / str(pid) / "status"
+        try:
+            return parse_status_uid(read_text(path), str(path))
+        except (OSError, ParseError):
+            return None  # the process ended, or its status is not usable: ask the next one
+
+    # ------------------------------------------------------------ the job-info directory
+
+    def _job_info_dir_trusted(self) -> bool:
+        """True when the job-info directory exists, is owned by root and not writable by others."""
+        directory = self.ctx.slurm_job_info_dir
+        problem = job_info_dir_problem(directory, self._job_info_owner)
+        if problem == "missing":
+            return False  # no prolog installed: accounts come from environments (untrusted)
+        if problem is not None:
+            self._once.warning(
+                "job-info-dir",
+                f"job: {directory} {problem}; its job-info files are ignored (accounts come "
+                "from job environments)",
+            )
+            return False
+        self._once.clear("job-info-dir")
+        return True
+
+    def _read_job_info(self, job: JobCgroup) -> dict[str, str] | None:
+        """The job's job-info file, if there is one that root wrote and that names this job."""
+        name = job.sluid if job.sluid is not None else job.job_id
+        path = self.ctx.slurm_job_info_dir / name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return None  # no file (yet): the prolog has not run, or is not installed
+        try:
+            st = os.fstat(fd)
+            if not _owned_safely(st, self._job_info_owner, directory=False):
+                self._once.warning(
+                    f"job-info:{name}",
+                    f"job: ignoring {path}: not a regular file owned by uid "
+                    f"{self._job_info_owner} and writable by it alone",
+                )
+                return None
+            data = os.read(fd, _JOB_INFO_MAX_BYTES)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        try:
+            info = parse_job_info(data.decode("utf-8", errors="replace"), str(path))
+        except ParseError as exc:
+            self._once.warning(f"job-info:{name}", f"job: ignoring {exc}")
+            return None
+        named = info.get("sluid") if job.sluid is not None else info.get("job_id", job.job_id)
+        if named != name:
+            self._once.warning(f"job-info:{name}", f"job: ignoring {path}: it names another job")
+            return None
+        self._once.clear(f"job-info:{name}")
+        return info
+
+    # ------------------------------------------------------------ helpers
 
     def _user_name(self, uid: int) -> str:
         name = self._names.get(uid)
@@ -445,3 +789,46 @@ class SlurmJobCollector(Collector):
             f"job: {Path(exc.filename).name} missing in Slurm job cgroups (controller not "
             f"enabled?), e.g. {exc.filename}; such jobs are left out",
         )
+
+
+def job_info_dir_problem(directory: Path, owner: int = 0) -> str | None:
+    """Why the job-info directory cannot be trusted ("missing", …), or ``None`` when it can: it
+    must be a directory owned by ``owner`` (root) that nobody else may write to."""
+    try:
+        st = os.stat(directory)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"is not readable ({exc.strerror or exc})"
+    if not _owned_safely(st, owner, directory=True):
+        return f"is not a directory owned by uid {owner} and writable by it alone"
+    return None
+
+
+def _names_job(env: dict[str, str], job: JobCgroup) -> bool:
+    """Whether an environment belongs to ``job``: its SLURM_JOB_SLUID (SLUID-named cgroups) or
+    SLURM_JOB_ID is the cgroup's."""
+    if job.sluid is not None:
+        return env.get("SLURM_JOB_SLUID") == job.sluid
+    return env.get("SLURM_JOB_ID") == job.job_id
+
+
+def _owned_safely(st: os.stat_result, owner: int, *, directory: bool) -> bool:
+    kind_ok = (st.st_mode & 0o170000) == (0o040000 if directory else 0o100000)
+    return kind_ok and st.st_uid == owner and not st.st_mode & 0o022
+
+
+_SOURCE_RANK = {"job-info": 2, "environment": 1, None: 0}
+
+
+def _combine(job_id: str, pieces: list[tuple[Row, JobInfo]]) -> Row:
+    """One row for a job seen under several slurmd scopes: their CPUs, GPUs, CPU time and memory
+    add up; user and account come from the piece with the most trusted account."""
+    if len(pieces) == 1:
+        return pieces[0][0]
+    best = max(pieces, key=lambda piece: _SOURCE_RANK[piece[1].account_source])[0]
+    row = dict(best)
+    for column in ("cpus_allocated", "gpus_allocated", "cpu_seconds", "memory_bytes"):
+        row[column] = sum(piece[0][column] for piece in pieces)
+    row["job_id"] = job_id
+    return row

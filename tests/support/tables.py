@@ -100,7 +100,7 @@ def job_table(
 ) -> pa.Table:
     t = np.asarray(times_s, dtype=np.float64)
     n = len(t)
-    return pa.table(
+    table = pa.table(
         {
             "time": (T0 + np.rint(t * NS)).astype(np.int64),
             "node": [node] * n,
@@ -112,8 +112,9 @@ def job_table(
             "cpu_seconds": (t - t[0]) * 3.0,
             "memory_bytes": np.full(n, 8 << 30, dtype=np.int64),
         },
-        schema=JOB_SCHEMA,
+        schema=pa.schema([f for f in JOB_SCHEMA if f.name not in OPTIONAL_COLUMNS["job"]]),
     )
+    return validate(table, "job")  # adds the optional columns as nulls
 
 
 def write_dataset(root: Path, table_name: str, table: pa.Table, name: str = "part-0") -> Path:
