@@ -515,6 +515,9 @@ class Biller:
         for i in range(by_pool[0].size):
             pool = self.pools[int(by_pool[0][i])]
             capacity, allocated, busy = (int(by_pool_sums[j][i]) / 1e6 for j in range(3))
+            if pool.declared and self.first_ns is not None and self.last_ns is not None:
+                # declared capacity from the first sample seen to the newest (SPEC §4)
+                capacity = pool.declared_us(self.first_ns, self.last_ns) / 1e6
             pools.append((pool.name, pool.kind, capacity, allocated, busy))
         (tk, ts), _ = self.tenant_and_job_totals()
         by_tenant, tenant_sums = group_sums([tk[1], tk[2]], ts)
