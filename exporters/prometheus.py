@@ -129,6 +129,18 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Job holding a GPU; always 1. Join on it rather than labelling every GPU series.",
         ("node", "gpu", "uuid", "job"),
     ),
+    "tally_gpu_job_utilization_ratio": (
+        "gauge",
+        "SM utilisation of the job's processes on a GPU it shares with other jobs, over the last "
+        "sample period (0-1; NVML per-process samples).",
+        ("node", "gpu", "uuid", "job"),
+    ),
+    "tally_gpu_job_share": (
+        "gauge",
+        "Fraction of a shared GPU allocated to the job (0-1; shards, replicas or MPS threads, "
+        "else an equal split between the jobs holding it).",
+        ("node", "gpu", "uuid", "job"),
+    ),
     "tally_job_info": ("gauge", "Job identity; always 1.", ("node", "job", "user", "account")),
     "tally_job_cpu_seconds": (
         "counter",
@@ -341,6 +353,21 @@ def gpu_families(snap: TableSnapshot) -> Iterator[ColumnFamily]:
     yield _one("tally_gpu_job_info", [*ids, _column(t, "job_id")], np.where(held, 1.0, np.nan))
 
 
+def gpu_job_families(snap: TableSnapshot, gpus: TableSnapshot | None) -> Iterator[ColumnFamily]:
+    """Per-job series of shared GPUs; the ``gpu`` label (NVML index) comes from the GPU's own
+    newest row (empty where the GPU has none)."""
+    t = snap.latest.select(["node", "gpu_uuid", "job_id", "share", "sm_utilization_ratio"])
+    if gpus is not None and gpus.latest.num_rows:
+        index = gpus.latest.select(["node", "gpu_uuid", "gpu_index"])
+        t = t.join(index, ["node", "gpu_uuid"], join_type="left outer")
+    order = [("node", "ascending"), ("gpu_uuid", "ascending"), ("job_id", "ascending")]
+    t = t.sort_by(order)
+    ids = [_column(t, "node"), _column(t, "gpu_index"), _column(t, "gpu_uuid")]
+    ids.append(_column(t, "job_id"))
+    yield _one("tally_gpu_job_utilization_ratio", ids, _numbers(t, "sm_utilization_ratio"))
+    yield _one("tally_gpu_job_share", ids, _numbers(t, "share"))
+
+
 def job_families(snap: TableSnapshot) -> Iterator[ColumnFamily]:
     snap = _sorted(snap, ["node", "job_id"])
     t = snap.latest
@@ -466,6 +493,9 @@ class TallyCollector:
                 yield from render(snap)
                 if table == "gpu" and self._dcgm:
                     yield from dcgm_families(snap)
+        shared = snapshot.tables.get("gpu_job")
+        if shared is not None and shared.latest.num_rows:
+            yield from gpu_job_families(shared, snapshot.tables.get("gpu"))
         if snapshot.pools is not None:
             yield from pool_families(snapshot.pools)
         yield from self_families(snapshot)

@@ -10,14 +10,18 @@ from typing import Any
 
 import pyarrow as pa
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from exporters.prometheus import TallyCollector
 from telemetry.collectors import CollectorContext, Runner
 from telemetry.collectors.base import Collector, Row
 from telemetry.collectors.gpu import GpuCollector, profile_slices
 from telemetry.nvml import Gateway
 from telemetry.schema import validate
+from telemetry.state import State
 from tests.support.nvml.library import FakeClock, FakeNVML
 from tests.support.nvml.profiles import H100_IDLE, H100_LOADED, H100_MIG, MiB, ProcessProfile
+from tests.support.promtool import promtool_check
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -270,3 +274,37 @@ def test_one_job_on_a_gpu_writes_no_gpu_job_rows(tmp_path: Path) -> None:
     assert "gpu_job" not in result.tables
     jobs = result.tables["gpu"].column("job_id").to_pylist()
     assert jobs == ["501", None]
+
+
+# ------------------------------------------------------------------ exposition
+
+
+def _samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text.decode())
+        for s in f.samples
+    }
+
+
+def test_shared_gpu_series_from_the_live_state_pass_promtool(tmp_path: Path, promtool: str) -> None:
+    clock = FakeClock(start=1_800_000_000.0)  # sample times are checked to lie past 2000
+    fake, proc = _shared_gpu(tmp_path, clock)
+    runner = Runner([GpuCollector(_ctx(fake, proc))], clock_ns=lambda: int(clock.now() * 1e9))
+    state = State()
+    for _ in range(3):
+        clock.advance(5.0)
+        result = runner.run()
+        for name, table in result.tables.items():
+            state.ingest(name, table)
+    snapshot = state.snapshot(result.status)
+    text = TallyCollector(lambda: snapshot).render_text()
+    check = promtool_check(promtool, text)
+    assert check.returncode == 0, check.stdout + check.stderr
+    samples = _samples(text)
+    uuid = fake.devices[0].uuid
+    for job, utilization in (("501", 0.5), ("502", 0.4)):
+        labels = (("gpu", "0"), ("job", job), ("node", "gpu-a1"), ("uuid", uuid))
+        assert samples[("tally_gpu_job_utilization_ratio", labels)] == pytest.approx(utilization)
+        assert samples[("tally_gpu_job_share", labels)] == 0.5
+    assert not any(k[0] == "tally_gpu_job_share" and ("gpu", "1") in k[1] for k in samples)
