@@ -430,24 +430,41 @@ _RENDERERS: dict[str, Callable[[TableSnapshot], Iterator[ColumnFamily]]] = {
 }
 
 
-# dcgm-exporter's names, units and labels, so its dashboards work unchanged (opt-in; these are
-# the only series in percent, MiB and mJ). Gauges: dcgm-exporter's energy counter has no _total.
-DCGM_METRICS: dict[str, tuple[str, str, float]] = {
-    "DCGM_FI_DEV_GPU_UTIL": ("GPU utilization (in %).", "utilization_ratio", 100.0),
-    "DCGM_FI_DEV_FB_USED": ("Framebuffer memory used (in MiB).", "memory_used_bytes", 1 / 2**20),
-    "DCGM_FI_DEV_POWER_USAGE": ("Power draw (in W).", "power_watts", 1.0),
+# dcgm-exporter's names, units, types and labels, so its dashboards work unchanged (opt-in; these
+# are the only series in percent, MiB and mJ). Types as dcgm-exporter's default counter list
+# gives them: energy is a counter exposed under its bare name, without _total (see ColumnFamily).
+# GPU_TEMP is what its Grafana dashboard fills the instance and gpu variables from.
+DCGM_METRICS: dict[str, tuple[str, str, str, float]] = {
+    "DCGM_FI_DEV_GPU_TEMP": ("gauge", "GPU temperature (in C).", "temperature_celsius", 1.0),
+    "DCGM_FI_DEV_GPU_UTIL": ("gauge", "GPU utilization (in %).", "utilization_ratio", 100.0),
+    "DCGM_FI_DEV_FB_USED": (
+        "gauge",
+        "Framebuffer memory used (in MiB).",
+        "memory_used_bytes",
+        1 / 2**20,
+    ),
+    "DCGM_FI_DEV_POWER_USAGE": ("gauge", "Power draw (in W).", "power_watts", 1.0),
     "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION": (
-        "Total energy consumption since boot (in mJ).",
+        "counter",
+        "Total energy consumption since the driver loaded (in mJ).",
         "energy_joules",
         1000.0,
     ),
     "DCGM_FI_PROF_SM_ACTIVE": (
+        "gauge",
         "Ratio of cycles an SM has at least 1 warp assigned.",
         "sm_active_ratio",
         1.0,
     ),
 }
-DCGM_LABELS = ["gpu", "UUID", "device", "modelName", "Hostname"]
+# GPU_I_PROFILE and GPU_I_ID are set on MIG instances only; an empty label is no label to
+# Prometheus, as dcgm-exporter leaves them out on whole GPUs.
+DCGM_LABELS = ["gpu", "UUID", "device", "modelName", "Hostname", "GPU_I_PROFILE", "GPU_I_ID"]
+
+
+def _dcgm_family(name: str) -> ColumnFamily:
+    kind, doc, _, _ = DCGM_METRICS[name]
+    return ColumnFamily(name, kind, doc, tuple(DCGM_LABELS), total_suffix=False)
 
 
 def dcgm_families(snap: TableSnapshot) -> Iterator[ColumnFamily]:
@@ -457,8 +474,9 @@ def dcgm_families(snap: TableSnapshot) -> Iterator[ColumnFamily]:
     prefix, empty = pa.scalar("nvidia", pa.string()), pa.scalar("", pa.string())
     device = pc.binary_join_element_wise(prefix, index, empty)
     labels = [index, _column(t, "gpu_uuid"), device, _column(t, "gpu_model"), _column(t, "node")]
-    for name, (doc, column, scale) in DCGM_METRICS.items():
-        family = ColumnFamily(name, "gauge", doc, tuple(DCGM_LABELS))
+    labels += [_column(t, "mig_profile"), _column(t, "gpu_instance_id")]
+    for name, (_, _, column, scale) in DCGM_METRICS.items():
+        family = _dcgm_family(name)
         family.add(labels, _numbers(t, column) * scale)
         yield family
 
@@ -478,10 +496,7 @@ class TallyCollector:
     def describe(self) -> list[Metric]:
         families = [_family(name) for name in METRICS]
         if self._dcgm:
-            families += [
-                ColumnFamily(n, "gauge", d, tuple(DCGM_LABELS))
-                for n, (d, _, _) in DCGM_METRICS.items()
-            ]
+            families += [_dcgm_family(name) for name in DCGM_METRICS]
         return [to_client_metric(f) for f in families]
 
     def families(self) -> Iterator[ColumnFamily]:

@@ -44,6 +44,7 @@ GPU_SCHEMA = pa.schema(
         # instances the slices no instance holds (0 when fully partitioned), so a MIG GPU counts
         # once. Null (older files) means 1.
         pa.field("capacity_units", pa.float32()),
+        pa.field("gpu_instance_id", pa.int32()),  # MIG instances: NVML's GPU instance id
     ]
 )
 # Columns a table may lack (they are added as nulls); all others are required.
@@ -58,6 +59,7 @@ OPTIONAL_COLUMNS: dict[str, frozenset[str]] = {
             "xid_errors",
             "xid_last",
             "capacity_units",
+            "gpu_instance_id",
         }
     ),
     "cpu": frozenset(),

@@ -243,6 +243,7 @@ class GpuCollector(Collector):
             memory = self.gw.memory_info(mig)
             util = self.gw.call("nvmlDeviceGetUtilizationRates", mig)
             profile = mig_profile(name) or name
+            instance = self.gw.call("nvmlDeviceGetGpuInstanceId", mig)
             row: Row = {
                 "gpu_uuid": uuid,
                 "gpu_index": index,
@@ -252,6 +253,7 @@ class GpuCollector(Collector):
                 "memory_total_bytes": 0 if memory is None else int(memory.total),
                 "job_id": None,
                 "mig_profile": profile,
+                "gpu_instance_id": None if instance is None else int(instance),
             }
             side = {**self._processes(uuid, index, mig), "mig": True}
             out.append((row, side, self._slice_count(mig, profile)))
