@@ -222,9 +222,9 @@ def assert_promtool_clean_but_dcgm_labels(promtool: str, text: bytes) -> None:
     check = promtool_check(promtool, text)
     complaints = [line for line in check.stderr.decode().splitlines() if line.strip()]
     energy = 'DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION counter metrics should have "_total" suffix'
-    assert all(
-        c.startswith("DCGM_") and ("camelCase" in c or energy in c) for c in complaints
-    ), complaints
+    assert all(c.startswith("DCGM_") and ("camelCase" in c or energy in c) for c in complaints), (
+        complaints
+    )
     without = b"\n".join(line for line in text.splitlines() if b"DCGM_" not in line) + b"\n"
     clean = promtool_check(promtool, without)
     assert clean.returncode == 0, clean.stdout + clean.stderr
