@@ -308,3 +308,22 @@ def test_shared_gpu_series_from_the_live_state_pass_promtool(tmp_path: Path, pro
         assert samples[("tally_gpu_job_utilization_ratio", labels)] == pytest.approx(utilization)
         assert samples[("tally_gpu_job_share", labels)] == 0.5
     assert not any(k[0] == "tally_gpu_job_share" and ("gpu", "1") in k[1] for k in samples)
+
+
+def test_claims_by_uuid_with_replica_shares_name_a_whole_gpu(tmp_path: Path) -> None:
+    """Kubernetes time-slicing: pods hold 2 and 1 of a GPU's 4 replicas, named by UUID."""
+    clock = FakeClock(start=1000.0)
+    fake, proc = _shared_gpu(tmp_path, clock)
+    fake.set_processes(0, [])  # allocated, not yet running
+    ctx = _ctx(fake, proc)
+    uuid = fake.devices[0].uuid
+    claims = [
+        {"gpu_uuid": uuid, "job_id": "pod-a", "share": 0.5},
+        {"gpu_uuid": uuid, "job_id": "pod-b", "share": 0.25},
+    ]
+    clock.advance(5.0)
+    result = Runner([GpuCollector(ctx), _Jobs(ctx, [], claims)]).run()
+    rows = _gpu_job(result)
+    assert {j: r["share"] for j, r in rows.items()} == {"pod-a": 0.5, "pod-b": 0.25}
+    assert all(r["memory_used_bytes"] == 0 for r in rows.values())  # no process yet
+    assert result.tables["gpu"].column("job_id").to_pylist() == ["pod-a", None]

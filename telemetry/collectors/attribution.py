@@ -4,8 +4,8 @@ and the ``gpu_job`` rows of GPUs held by several jobs at once.
 First the job whose ``SLURM_JOB_GPUS`` names the GPU's index (side output ``_gpu_job`` of the
 ``job`` collector); where no job claims it, the Slurm job of a process NVML lists on the GPU
 (side output ``_gpu_pids`` of the ``gpu`` collector), found through ``<procfs>/<pid>/cgroup``.
-MIG instances are matched by their processes first: a Slurm claim names the whole GPU, unless
-it carries the instance's ``gpu_uuid``.
+MIG instances are matched by their processes first: a claim by ``gpu_index`` names the whole
+GPU; a claim may instead name any GPU or MIG instance by ``gpu_uuid`` (Kubernetes, Slurm MIG).
 
 Shared GPUs (SPEC §2 ``gpu_job``): a GPU (or MIG instance) whose claims and processes name more
 than one job gets one ``gpu_job`` row per job. ``share`` is the claim's own ``share`` where every
@@ -76,7 +76,6 @@ def attribute_gpus(partial: dict[str, list[dict[str, Any]]], procfs: Path) -> No
     by several jobs, count MIG instances in the holders' ``gpus_allocated`` at their fraction,
     and drop the side outputs."""
     claim_rows = partial.pop("_gpu_job", [])
-    claims = {int(r["gpu_index"]): str(r["job_id"]) for r in claim_rows if "gpu_index" in r}
     by_index: dict[int, list[dict[str, Any]]] = {}
     by_uuid: dict[str, list[dict[str, Any]]] = {}
     for claim in claim_rows:
@@ -90,21 +89,18 @@ def attribute_gpus(partial: dict[str, list[dict[str, Any]]], procfs: Path) -> No
     parents: set[str] = set()
     for row in partial.get("gpu", []):
         uuid = str(row.get("gpu_uuid"))
+        mig = row.get("mig_profile") is not None
         seen = processes.get(uuid, {})
         pid_jobs = {int(pid): job_of(int(pid)) for pid in seen.get("pids", [])}
+        # A claim by index names the whole GPU, never one of its MIG instances.
+        held = by_uuid.get(uuid, []) + ([] if mig else by_index.get(int(row["gpu_index"]), []))
         if row.get("job_id") is None:
             by_process = _first(pid_jobs.values())
-            if seen.get("mig"):
-                uuid_claims = by_uuid.get(uuid, [])
-                by_claim = str(uuid_claims[0]["job_id"]) if uuid_claims else None
-                row["job_id"] = by_process or by_claim
-            else:
-                by_claim = claims.get(int(row["gpu_index"]))
-                row["job_id"] = by_claim or by_process
+            by_claim = str(held[0]["job_id"]) if held else None
+            row["job_id"] = (by_process or by_claim) if mig else (by_claim or by_process)
         if seen.get("mig_parent"):
             parents.add(uuid)
             continue  # its instances are the GPUs jobs hold; the parent's list repeats them
-        held = by_uuid.get(uuid, []) if seen.get("mig") else by_index.get(int(row["gpu_index"]), [])
         shared.extend(_shared_rows(uuid, held, pid_jobs, seen))
     if shared:
         partial.setdefault("gpu_job", []).extend(shared)
