@@ -203,10 +203,6 @@ class Gateway:
         count = self.call("nvmlDeviceGetMaxMigDeviceCount", handle)
         return int(count) if count else None
 
-    def forget(self, key: str) -> None:
-        """Drop what is kept for device ``key`` (gone, or lost and back)."""
-        self._last_seen.pop(key, None)
-
     def memory_info(self, handle: Any) -> Any:
         """Memory info, v2 (``used`` excludes reserved memory) when the driver has it."""
         m = self.nvml
