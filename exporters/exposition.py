@@ -19,7 +19,12 @@ from typing import TypeAlias
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    UnknownMetricFamily,
+)
 
 LabelColumn: TypeAlias = "pa.Array | str"
 
@@ -44,6 +49,9 @@ class ColumnFamily:
     documentation: str
     labels: tuple[str, ...]
     blocks: list[Block] = field(default_factory=list)
+    # False: a counter exposed under its bare name, as dcgm-exporter does (text format only;
+    # OpenMetrics has no counter without ``_total``, so there it is ``unknown``).
+    total_suffix: bool = True
 
     def add(self, columns: Sequence[LabelColumn], values: np.ndarray) -> None:
         """Append a block; NaN values are samples not to export (no reading)."""
@@ -169,7 +177,8 @@ def render_text(families: Iterable[ColumnFamily]) -> bytes:
     out: list[bytes] = []
     cache: dict[int, tuple[pa.Array, pa.Array]] = {}
     for family in families:
-        name = family.name + "_total" if family.kind == "counter" else family.name
+        counter = family.kind == "counter"
+        name = family.name + "_total" if counter and family.total_suffix else family.name
         doc = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
         out.append(f"# HELP {name} {doc}\n# TYPE {name} {family.kind}\n".encode())
         for block in family.blocks:
@@ -179,7 +188,9 @@ def render_text(families: Iterable[ColumnFamily]) -> bytes:
 
 def to_client_metric(family: ColumnFamily) -> Metric:
     """The same family as a prometheus-client metric (one object per sample: the slow path)."""
-    cls = CounterMetricFamily if family.kind == "counter" else GaugeMetricFamily
+    cls: type[CounterMetricFamily | GaugeMetricFamily | UnknownMetricFamily] = GaugeMetricFamily
+    if family.kind == "counter":
+        cls = CounterMetricFamily if family.total_suffix else UnknownMetricFamily
     metric = cls(family.name, family.documentation, labels=list(family.labels))
     for block in family.blocks:
         n = block.values.size

@@ -129,6 +129,18 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Job holding a GPU; always 1. Join on it rather than labelling every GPU series.",
         ("node", "gpu", "uuid", "job"),
     ),
+    "tally_gpu_job_utilization_ratio": (
+        "gauge",
+        "SM utilisation of the job's processes on a GPU it shares with other jobs, over the last "
+        "sample period (0-1; NVML per-process samples).",
+        ("node", "gpu", "uuid", "job"),
+    ),
+    "tally_gpu_job_share": (
+        "gauge",
+        "Fraction of a shared GPU allocated to the job (0-1; shards, replicas or MPS threads, "
+        "else an equal split between the jobs holding it).",
+        ("node", "gpu", "uuid", "job"),
+    ),
     "tally_job_info": ("gauge", "Job identity; always 1.", ("node", "job", "user", "account")),
     "tally_job_cpu_seconds": (
         "counter",
@@ -341,6 +353,21 @@ def gpu_families(snap: TableSnapshot) -> Iterator[ColumnFamily]:
     yield _one("tally_gpu_job_info", [*ids, _column(t, "job_id")], np.where(held, 1.0, np.nan))
 
 
+def gpu_job_families(snap: TableSnapshot, gpus: TableSnapshot | None) -> Iterator[ColumnFamily]:
+    """Per-job series of shared GPUs; the ``gpu`` label (NVML index) comes from the GPU's own
+    newest row (empty where the GPU has none)."""
+    t = snap.latest.select(["node", "gpu_uuid", "job_id", "share", "sm_utilization_ratio"])
+    if gpus is not None and gpus.latest.num_rows:
+        index = gpus.latest.select(["node", "gpu_uuid", "gpu_index"])
+        t = t.join(index, ["node", "gpu_uuid"], join_type="left outer")
+    order = [("node", "ascending"), ("gpu_uuid", "ascending"), ("job_id", "ascending")]
+    t = t.sort_by(order)
+    ids = [_column(t, "node"), _column(t, "gpu_index"), _column(t, "gpu_uuid")]
+    ids.append(_column(t, "job_id"))
+    yield _one("tally_gpu_job_utilization_ratio", ids, _numbers(t, "sm_utilization_ratio"))
+    yield _one("tally_gpu_job_share", ids, _numbers(t, "share"))
+
+
 def job_families(snap: TableSnapshot) -> Iterator[ColumnFamily]:
     snap = _sorted(snap, ["node", "job_id"])
     t = snap.latest
@@ -403,24 +430,41 @@ _RENDERERS: dict[str, Callable[[TableSnapshot], Iterator[ColumnFamily]]] = {
 }
 
 
-# dcgm-exporter's names, units and labels, so its dashboards work unchanged (opt-in; these are
-# the only series in percent, MiB and mJ). Gauges: dcgm-exporter's energy counter has no _total.
-DCGM_METRICS: dict[str, tuple[str, str, float]] = {
-    "DCGM_FI_DEV_GPU_UTIL": ("GPU utilization (in %).", "utilization_ratio", 100.0),
-    "DCGM_FI_DEV_FB_USED": ("Framebuffer memory used (in MiB).", "memory_used_bytes", 1 / 2**20),
-    "DCGM_FI_DEV_POWER_USAGE": ("Power draw (in W).", "power_watts", 1.0),
+# dcgm-exporter's names, units, types and labels, so its dashboards work unchanged (opt-in; these
+# are the only series in percent, MiB and mJ). Types as dcgm-exporter's default counter list
+# gives them: energy is a counter exposed under its bare name, without _total (see ColumnFamily).
+# GPU_TEMP is what its Grafana dashboard fills the instance and gpu variables from.
+DCGM_METRICS: dict[str, tuple[str, str, str, float]] = {
+    "DCGM_FI_DEV_GPU_TEMP": ("gauge", "GPU temperature (in C).", "temperature_celsius", 1.0),
+    "DCGM_FI_DEV_GPU_UTIL": ("gauge", "GPU utilization (in %).", "utilization_ratio", 100.0),
+    "DCGM_FI_DEV_FB_USED": (
+        "gauge",
+        "Framebuffer memory used (in MiB).",
+        "memory_used_bytes",
+        1 / 2**20,
+    ),
+    "DCGM_FI_DEV_POWER_USAGE": ("gauge", "Power draw (in W).", "power_watts", 1.0),
     "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION": (
-        "Total energy consumption since boot (in mJ).",
+        "counter",
+        "Total energy consumption since the driver loaded (in mJ).",
         "energy_joules",
         1000.0,
     ),
     "DCGM_FI_PROF_SM_ACTIVE": (
+        "gauge",
         "Ratio of cycles an SM has at least 1 warp assigned.",
         "sm_active_ratio",
         1.0,
     ),
 }
-DCGM_LABELS = ["gpu", "UUID", "device", "modelName", "Hostname"]
+# GPU_I_PROFILE and GPU_I_ID are set on MIG instances only; an empty label is no label to
+# Prometheus, as dcgm-exporter leaves them out on whole GPUs.
+DCGM_LABELS = ["gpu", "UUID", "device", "modelName", "Hostname", "GPU_I_PROFILE", "GPU_I_ID"]
+
+
+def _dcgm_family(name: str) -> ColumnFamily:
+    kind, doc, _, _ = DCGM_METRICS[name]
+    return ColumnFamily(name, kind, doc, tuple(DCGM_LABELS), total_suffix=False)
 
 
 def dcgm_families(snap: TableSnapshot) -> Iterator[ColumnFamily]:
@@ -430,8 +474,9 @@ def dcgm_families(snap: TableSnapshot) -> Iterator[ColumnFamily]:
     prefix, empty = pa.scalar("nvidia", pa.string()), pa.scalar("", pa.string())
     device = pc.binary_join_element_wise(prefix, index, empty)
     labels = [index, _column(t, "gpu_uuid"), device, _column(t, "gpu_model"), _column(t, "node")]
-    for name, (doc, column, scale) in DCGM_METRICS.items():
-        family = ColumnFamily(name, "gauge", doc, tuple(DCGM_LABELS))
+    labels += [_column(t, "mig_profile"), _column(t, "gpu_instance_id")]
+    for name, (_, _, column, scale) in DCGM_METRICS.items():
+        family = _dcgm_family(name)
         family.add(labels, _numbers(t, column) * scale)
         yield family
 
@@ -451,10 +496,7 @@ class TallyCollector:
     def describe(self) -> list[Metric]:
         families = [_family(name) for name in METRICS]
         if self._dcgm:
-            families += [
-                ColumnFamily(n, "gauge", d, tuple(DCGM_LABELS))
-                for n, (d, _, _) in DCGM_METRICS.items()
-            ]
+            families += [_dcgm_family(name) for name in DCGM_METRICS]
         return [to_client_metric(f) for f in families]
 
     def families(self) -> Iterator[ColumnFamily]:
@@ -466,6 +508,9 @@ class TallyCollector:
                 yield from render(snap)
                 if table == "gpu" and self._dcgm:
                     yield from dcgm_families(snap)
+        shared = snapshot.tables.get("gpu_job")
+        if shared is not None and shared.latest.num_rows:
+            yield from gpu_job_families(shared, snapshot.tables.get("gpu"))
         if snapshot.pools is not None:
             yield from pool_families(snapshot.pools)
         yield from self_families(snapshot)

@@ -27,10 +27,16 @@ def render() -> str:
         "With `--dcgm-compat`, also dcgm-exporter's names, units and labels "
         f"({', '.join(DCGM_LABELS)}):",
         "",
-        "| metric | meaning |",
-        "|---|---|",
+        "| metric | type | meaning |",
+        "|---|---|---|",
     ]
-    lines += [f"| `{name}` | {doc} |" for name, (doc, _, _) in DCGM_METRICS.items()]
+    lines += [f"| `{name}` | {kind} | {doc} |" for name, (kind, doc, _, _) in DCGM_METRICS.items()]
+    lines += [
+        "",
+        "Counters here keep dcgm-exporter's bare names (no `_total`); in OpenMetrics, which has no",
+        "such counter, they are `unknown`. `GPU_I_PROFILE` and `GPU_I_ID` are set on MIG",
+        "instances only.",
+    ]
     lines.append("")
     lines.append("The daemon also exports prometheus-client's standard `process_*` metrics.")
     return "\n".join(lines) + "\n"

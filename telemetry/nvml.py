@@ -6,6 +6,8 @@
   logged once per function; a function found missing is never called again.
 - Versioned symbols (``nvmlDeviceGetTemperatureV``, memory info v2, ``…_v3`` process lists,
   clock event reasons) are probed once and the first that works is used from then on.
+- Per-process utilisation keeps NVML's last-seen sample timestamp per device, so each sample is
+  read once (:meth:`Gateway.process_utilization`).
 - ``GpuIsLost`` raises :class:`GpuLost` for that device only; the caller marks it and goes on.
 - No library or no driver raises :class:`NvmlUnavailable` with a one-line reason.
 
@@ -59,6 +61,8 @@ class Gateway:
         self._chosen: dict[str, str] = {}
         self._memory_v2: bool | None = None
         self._once = OnceLogger(log)
+        # Per device key: the newest per-process utilisation sample's timestamp (µs) read so far.
+        self._last_seen: dict[str, int] = {}
 
     # ------------------------------------------------------------------ life cycle
     @property
@@ -101,6 +105,13 @@ class Gateway:
 
         Raises ``GpuLost`` for ``GpuIsLost`` and ``NvmlUnavailable`` when NVML went away.
         """
+        return self._invoke(name, args, kwargs)
+
+    def _invoke(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any], not_found: Any = None
+    ) -> Any:
+        """As :meth:`call`; ``NotFound`` gives ``not_found`` (an expected answer for some calls,
+        never logged) when that is not ``None``."""
         m = self.nvml
         if name in self._missing:
             return None
@@ -113,6 +124,11 @@ class Gateway:
             return None
         try:
             return function(*args, **kwargs)
+        except m.NVMLError_NotFound as exc:
+            if not_found is not None:
+                return not_found
+            self._once.warning(f"error:{name}", f"nvml: {name} failed: {_reason(exc)}; null")
+            return None
         except m.NVMLError_GpuIsLost:
             raise GpuLost(f"{name}: GPU is lost") from None
         except m.NVMLError_FunctionNotFound:
@@ -147,6 +163,45 @@ class Gateway:
             self._chosen[kind] = name
             return value
         return None
+
+    def process_utilization(self, key: str, handle: Any) -> list[Any] | None:
+        """Per-process utilisation samples NVML took on ``handle`` since the last call for
+        ``key`` (the device's UUID), oldest first; each sample is returned once.
+
+        Samples carry ``pid``, ``timeStamp`` (µs), ``smUtil``, ``memUtil``, ``encUtil`` and
+        ``decUtil`` (percent). ``[]`` when NVML has no new sample (``NotFound``); ``None`` when
+        the device or driver cannot tell (``NotSupported``/``FunctionNotFound``, logged once).
+        """
+        last = self._last_seen.get(key, 0)
+        samples = self._invoke("nvmlDeviceGetProcessUtilization", (handle, last), {}, [])
+        if samples is None:
+            return None
+        fresh = sorted((s for s in samples if int(s.timeStamp) > last), key=_stamp)
+        if fresh:
+            self._last_seen[key] = int(fresh[-1].timeStamp)
+        return fresh
+
+    def full_gpu_slices(self, handle: Any) -> int | None:
+        """The compute slices of a whole MIG-capable GPU (7 on A100/H100, 4 on A30): the largest
+        ``sliceCount`` of its GPU instance profiles, else ``nvmlDeviceGetMaxMigDeviceCount`` (one
+        MIG device per slice at most); ``None`` when NVML tells neither.
+
+        Profiles a GPU lacks answer with an error; probing them is expected, so not logged.
+        """
+        m = self.nvml
+        largest = 0
+        for profile in range(int(getattr(m, "NVML_GPU_INSTANCE_PROFILE_COUNT", 0))):
+            try:
+                info = m.nvmlDeviceGetGpuInstanceProfileInfo(handle, profile)
+            except m.NVMLError_GpuIsLost:
+                raise GpuLost("nvmlDeviceGetGpuInstanceProfileInfo: GPU is lost") from None
+            except (m.NVMLError, AttributeError):
+                continue
+            largest = max(largest, int(info.sliceCount))
+        if largest:
+            return largest
+        count = self.call("nvmlDeviceGetMaxMigDeviceCount", handle)
+        return int(count) if count else None
 
     def memory_info(self, handle: Any) -> Any:
         """Memory info, v2 (``used`` excludes reserved memory) when the driver has it."""
@@ -191,6 +246,10 @@ class Gateway:
             if value.nvmlReturn == 0 and value.valueType in readers:
                 out[field_id] = float(readers[value.valueType](value.value))
         return out
+
+
+def _stamp(sample: Any) -> int:
+    return int(sample.timeStamp)
 
 
 def _reason(exc: BaseException) -> str:

@@ -39,6 +39,12 @@ GPU_SCHEMA = pa.schema(
         pa.field("clock_event_reasons", pa.int64()),
         pa.field("xid_errors", pa.int64()),
         pa.field("xid_last", pa.int32()),
+        # The fraction of one physical GPU this row stands for in capacity: 1 for a whole GPU;
+        # slices/total slices for a MIG instance (1g of 7 = 1/7); for the parent of MIG
+        # instances the slices no instance holds (0 when fully partitioned), so a MIG GPU counts
+        # once. Null (older files) means 1.
+        pa.field("capacity_units", pa.float32()),
+        pa.field("gpu_instance_id", pa.int32()),  # MIG instances: NVML's GPU instance id
     ]
 )
 # Columns a table may lack (they are added as nulls); all others are required.
@@ -52,6 +58,8 @@ OPTIONAL_COLUMNS: dict[str, frozenset[str]] = {
             "clock_event_reasons",
             "xid_errors",
             "xid_last",
+            "capacity_units",
+            "gpu_instance_id",
         }
     ),
     "cpu": frozenset(),
@@ -266,6 +274,7 @@ VALID_RANGES: dict[str, dict[str, tuple[float, float]]] = {
         "energy_joules": (0.0, 1e15),  # 31 MW-years: no counter gets there
         "memory_used_bytes": (0.0, 2.0**50),
         "memory_total_bytes": (0.0, 2.0**50),
+        "capacity_units": (0.0, 1.0),
     },
     "cpu": {
         "cpus": (0.0, 1e6),

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporters.prometheus import TallyCollector
@@ -217,11 +216,15 @@ def test_gpu_job_from_slurm_claim_else_from_process_cgroup(
 
 
 def assert_promtool_clean_but_dcgm_labels(promtool: str, text: bytes) -> None:
-    """dcgm-exporter's camelCase labels (UUID, modelName, Hostname) are what its dashboards use;
-    promtool's style lint flags exactly those and nothing else."""
+    """dcgm-exporter's camelCase labels (UUID, modelName, Hostname) and its energy counter
+    without ``_total`` are what its dashboards use; promtool's style lint flags exactly those and
+    nothing else."""
     check = promtool_check(promtool, text)
     complaints = [line for line in check.stderr.decode().splitlines() if line.strip()]
-    assert all(c.startswith("DCGM_") and "camelCase" in c for c in complaints), complaints
+    energy = 'DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION counter metrics should have "_total" suffix'
+    assert all(c.startswith("DCGM_") and ("camelCase" in c or energy in c) for c in complaints), (
+        complaints
+    )
     without = b"\n".join(line for line in text.splitlines() if b"DCGM_" not in line) + b"\n"
     clean = promtool_check(promtool, without)
     assert clean.returncode == 0, clean.stdout + clean.stderr
@@ -237,9 +240,7 @@ def _exposition(fake: FakeNVML, clock: FakeClock, dcgm: bool) -> bytes:
         clock.advance(5.0)
         time.sleep(0.002)  # distinct sample times
     snapshot = state.snapshot(result.status)
-    registry = CollectorRegistry()
-    registry.register(TallyCollector(lambda: snapshot, dcgm_compat=dcgm))
-    return generate_latest(registry)
+    return TallyCollector(lambda: snapshot, dcgm_compat=dcgm).render_text()  # as served
 
 
 def test_exposition_with_dcgm_compat_passes_promtool(clock: FakeClock, promtool: str) -> None:
@@ -253,6 +254,8 @@ def test_exposition_with_dcgm_compat_passes_promtool(clock: FakeClock, promtool:
     }
     h100 = fake.devices[0]
     labels = (
+        ("GPU_I_ID", ""),  # empty: no label to Prometheus, as dcgm-exporter omits it
+        ("GPU_I_PROFILE", ""),
         ("Hostname", "gpu-a1"),
         ("UUID", h100.uuid),
         ("device", "nvidia0"),
@@ -262,6 +265,18 @@ def test_exposition_with_dcgm_compat_passes_promtool(clock: FakeClock, promtool:
     assert samples[("DCGM_FI_DEV_FB_USED", labels)] == H100_LOADED.memory_used / MiB
     assert samples[("DCGM_FI_DEV_GPU_UTIL", labels)] == 100.0
     assert samples[("DCGM_FI_DEV_POWER_USAGE", labels)] == pytest.approx(629.45)
+    # What dcgm-exporter's own dashboard fills its instance and gpu variables from.
+    assert samples[("DCGM_FI_DEV_GPU_TEMP", labels)] == H100_LOADED.temperature_gpu
+    temps = {dict(k[1])["gpu"] for k in samples if k[0] == "DCGM_FI_DEV_GPU_TEMP"}
+    assert temps == {"0", "1"}
+    # Energy typed as dcgm-exporter types it: a counter under its bare name.
+    assert b"# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION counter\n" in text
+    assert b"DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION_total" not in text
+    # MIG instances carry their profile and GPU instance id (the capture's GI 2 is the 3g).
+    mig = fake.devices[1].mig_devices[0]
+    used = {dict(k[1])["UUID"]: dict(k[1]) for k in samples if k[0] == "DCGM_FI_DEV_FB_USED"}
+    assert (used[mig.uuid]["GPU_I_PROFILE"], used[mig.uuid]["GPU_I_ID"]) == ("3g.40gb", "2")
+    assert used[mig.uuid]["gpu"] == "1"
     migs = [k for k in samples if k[0] == "tally_gpu_info" and dict(k[1])["mig_profile"]]
     assert len(migs) == len(H100_MIG.mig_instances)
     plain = _exposition(FakeNVML([H100_LOADED], clock=clock), clock, dcgm=False)

@@ -28,6 +28,7 @@ def test_schemas_follow_the_spec_column_for_column() -> None:
         ("mig_profile", pa.string()), ("ecc_corrected_errors", pa.int64()),
         ("ecc_uncorrected_errors", pa.int64()), ("remapped_rows_pending", pa.int64()),
         ("clock_event_reasons", pa.int64()), ("xid_errors", pa.int64()), ("xid_last", pa.int32()),
+        ("capacity_units", pa.float32()), ("gpu_instance_id", pa.int32()),
     ]  # fmt: skip
     modes = ["user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"]
     assert [(f.name, f.type) for f in CPU_SCHEMA] == [
@@ -52,7 +53,8 @@ def test_schemas_follow_the_spec_column_for_column() -> None:
         "gpu": {"utilization_ratio", "sm_active_ratio", "power_watts", "energy_joules",
                 "temperature_celsius", "job_id", "mig_profile", "ecc_corrected_errors",
                 "ecc_uncorrected_errors", "remapped_rows_pending", "clock_event_reasons",
-                "xid_errors", "xid_last"},
+                "xid_errors", "xid_last", "capacity_units",
+                "gpu_instance_id"},
         "cpu": {"energy_joules"},
         "job": {"account_source"},
         "gpu_job": {"sm_utilization_ratio", "memory_used_bytes"},

@@ -1,17 +1,33 @@
-"""Which job holds each GPU (SPEC §2 ``gpu.job_id``), from what the collectors saw this round.
+"""Which job holds each GPU (SPEC §2 ``gpu.job_id``), from what the collectors saw this round,
+and the ``gpu_job`` rows of GPUs held by several jobs at once.
 
 A claim by UUID (side output ``_gpu_job`` of the ``pod`` collector: the GPU or MIG instance the
-kubelet gave a pod) is exact and wins. Then the job whose ``SLURM_JOB_GPUS`` names the GPU's
-index (side output ``_gpu_job`` of the ``job`` collector); where no job claims it, the Slurm
-job of a process NVML lists on the GPU (side output ``_gpu_pids`` of the ``gpu`` collector),
-found through ``<procfs>/<pid>/cgroup`` (a cgroup named by SLUID is mapped to its job id by
-the ``job`` collector's ``_job_alias``).
-MIG instances are matched by their processes first: a Slurm claim names the whole GPU.
+kubelet gave a pod) names exactly the GPU it holds. Then the job whose ``SLURM_JOB_GPUS`` names
+the GPU's index (side output ``_gpu_job`` of the ``job`` collector); where no job claims it, the
+Slurm job of a process NVML lists on the GPU (side output ``_gpu_pids`` of the ``gpu``
+collector), found through ``<procfs>/<pid>/cgroup`` (a cgroup named by SLUID is mapped to its
+job id by the ``job`` collector's ``_job_alias``). MIG instances are matched by their processes
+first: a claim by ``gpu_index`` names the whole GPU.
+
+Shared GPUs (SPEC §2 ``gpu_job``): a GPU (or MIG instance) whose claims and processes name more
+than one job gets one ``gpu_job`` row per job. ``share`` is the claim's own ``share`` where every
+holder's claim carries one (the hook for Slurm shards and MPS: shards held / shards of the GPU,
+or the active thread percentage / 100; Kubernetes replicas likewise), else 1 / number of
+holders. ``sm_utilization_ratio`` sums the job's PIDs' mean SM utilisation over the NVML samples
+of the past round (null where NVML gave none); ``memory_used_bytes`` sums their framebuffer use.
+A GPU a collector already wrote ``gpu_job`` rows for (the ``pod`` collector's time-slicing
+replicas) keeps those.
+
+MIG allocation: a job row's ``gpus_allocated`` counts a MIG instance as the instance is counted
+in capacity (``capacity_units``, e.g. 1/7), not as a whole GPU: where a job holds any MIG
+instance this round, its ``gpus_allocated`` is the sum of ``capacity_units`` of the GPU rows it
+holds.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -41,34 +57,119 @@ def job_id_from_cgroup(text: str) -> str | None:
     return None
 
 
-def _job_of_pids(procfs: Path, pids: list[int]) -> str | None:
-    for pid in pids:
-        try:
-            text = (procfs / str(pid) / "cgroup").read_text(errors="replace")
-        except OSError:
-            continue  # the process ended, or is not ours to read
-        job = job_id_from_cgroup(text)
-        if job is not None:
-            return job
-    return None
+class _PidJobs:
+    """PID → job of this round, each ``/proc/<pid>/cgroup`` read once."""
+
+    def __init__(self, procfs: Path, aliases: dict[str, str]) -> None:
+        self.procfs = procfs
+        self.aliases = aliases  # SLUID → job id
+        self._seen: dict[int, str | None] = {}
+
+    def __call__(self, pid: int) -> str | None:
+        if pid not in self._seen:
+            try:
+                text = (self.procfs / str(pid) / "cgroup").read_text(errors="replace")
+            except OSError:
+                text = ""  # the process ended, or is not ours to read
+            job = job_id_from_cgroup(text)
+            self._seen[pid] = None if job is None else self.aliases.get(job, job)
+        return self._seen[pid]
+
+
+def _first(values: Iterable[str | None]) -> str | None:
+    return next((v for v in values if v is not None), None)
 
 
 def attribute_gpus(partial: dict[str, list[dict[str, Any]]], procfs: Path) -> None:
-    """Fill ``job_id`` of this round's gpu rows in place and drop the side outputs."""
-    raw_claims = partial.pop("_gpu_job", [])
-    claims = {int(r["gpu_index"]): str(r["job_id"]) for r in raw_claims if "gpu_index" in r}
-    by_uuid = {str(r["gpu_uuid"]): str(r["job_id"]) for r in raw_claims if "gpu_uuid" in r}
+    """Fill ``job_id`` of this round's gpu rows in place, add ``gpu_job`` rows for GPUs held
+    by several jobs, count MIG instances in the holders' ``gpus_allocated`` at their fraction,
+    and drop the side outputs."""
+    claim_rows = partial.pop("_gpu_job", [])
+    by_index: dict[int, list[dict[str, Any]]] = {}
+    by_uuid: dict[str, list[dict[str, Any]]] = {}
+    for claim in claim_rows:
+        if claim.get("gpu_uuid") is not None:
+            by_uuid.setdefault(str(claim["gpu_uuid"]), []).append(claim)
+        elif claim.get("gpu_index") is not None:
+            by_index.setdefault(int(claim["gpu_index"]), []).append(claim)
     processes = {str(r["gpu_uuid"]): r for r in partial.pop("_gpu_pids", [])}
     aliases = {str(r["cgroup"]): str(r["job_id"]) for r in partial.pop("_job_alias", [])}
+    job_of = _PidJobs(procfs, aliases)
+    written = {str(r["gpu_uuid"]) for r in partial.get("gpu_job", [])}
+    shared: list[dict[str, Any]] = []
+    parents: set[str] = set()
     for row in partial.get("gpu", []):
-        if row.get("job_id") is not None:
+        uuid = str(row.get("gpu_uuid"))
+        mig = row.get("mig_profile") is not None
+        seen = processes.get(uuid, {})
+        pid_jobs = {int(pid): job_of(int(pid)) for pid in seen.get("pids", [])}
+        # A claim by index names the whole GPU, never one of its MIG instances.
+        held = by_uuid.get(uuid, []) + ([] if mig else by_index.get(int(row["gpu_index"]), []))
+        if row.get("job_id") is None:
+            by_process = _first(pid_jobs.values())
+            by_claim = str(held[0]["job_id"]) if held else None
+            row["job_id"] = (by_process or by_claim) if mig else (by_claim or by_process)
+        if seen.get("mig_parent"):
+            parents.add(uuid)
+            continue  # its instances are the GPUs jobs hold; the parent's list repeats them
+        if uuid not in written:
+            shared.extend(_shared_rows(uuid, held, pid_jobs, seen))
+    if shared:
+        partial.setdefault("gpu_job", []).extend(shared)
+    _mig_allocation(partial, parents)
+
+
+def _shared_rows(
+    uuid: str,
+    claims: list[dict[str, Any]],
+    pid_jobs: dict[int, str | None],
+    seen: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """The ``gpu_job`` rows of one GPU: none unless more than one job holds it."""
+    holders: dict[str, float | None] = {}  # job → share its claim states (None: not stated)
+    for claim in claims:
+        share = claim.get("share")
+        holders.setdefault(str(claim["job_id"]), None if share is None else float(share))
+    for job in pid_jobs.values():
+        if job is not None:
+            holders.setdefault(job, None)
+    if len(holders) < 2:
+        return []
+    stated = all(share is not None for share in holders.values())
+    sm: dict[int, float] | None = seen.get("sm")
+    memory: dict[int, int | None] = seen.get("memory", {})
+    rows = []
+    for job, share in holders.items():
+        pids = [pid for pid, owner in pid_jobs.items() if owner == job]
+        used = [m for m in (memory.get(pid) for pid in pids) if m is not None]
+        utilization = None if sm is None else min(sum(sm.get(pid, 0.0) for pid in pids), 1.0)
+        rows.append(
+            {
+                "gpu_uuid": uuid,
+                "job_id": job,
+                "share": share if stated and share is not None else 1.0 / len(holders),
+                "sm_utilization_ratio": utilization,
+                # no process: nothing used; processes NVML gives no figure for: unknown
+                "memory_used_bytes": sum(used) if used or not pids else None,
+            }
+        )
+    return rows
+
+
+def _mig_allocation(partial: dict[str, list[dict[str, Any]]], parents: set[str]) -> None:
+    """``gpus_allocated`` of jobs holding MIG instances: the capacity units of what they hold
+    (``parents``: UUIDs of MIG-enabled GPUs, whose instances are what jobs hold)."""
+    units: dict[str, float] = {}
+    on_mig: set[str] = set()
+    for row in partial.get("gpu", []):
+        job = row.get("job_id")
+        if job is None or str(row.get("gpu_uuid")) in parents:
             continue
-        if str(row.get("gpu_uuid")) in by_uuid:
-            row["job_id"] = by_uuid[str(row.get("gpu_uuid"))]
-            continue
-        seen = processes.get(str(row.get("gpu_uuid")), {})
-        by_process = _job_of_pids(procfs, list(seen.get("pids", [])))
-        if by_process is not None:
-            by_process = aliases.get(by_process, by_process)
-        by_claim = claims.get(int(row["gpu_index"]))
-        row["job_id"] = (by_process or by_claim) if seen.get("mig") else (by_claim or by_process)
+        if row.get("mig_profile") is not None:
+            on_mig.add(str(job))
+        fraction = row.get("capacity_units")
+        units[str(job)] = units.get(str(job), 0.0) + (1.0 if fraction is None else fraction)
+    for row in partial.get("job", []):
+        job = str(row.get("job_id"))
+        if job in on_mig and "gpus_allocated" in row:
+            row["gpus_allocated"] = units[job]

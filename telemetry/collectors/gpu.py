@@ -5,6 +5,17 @@ field for. SM activity comes from GPM (Hopper and later): the previous round's s
 and compared with this round's, so the collector never sleeps. XID critical errors arrive through
 an NVML event set drained without blocking. A lost GPU is logged once and skipped until NVML
 answers for it again; the others go on.
+
+Capacity (``capacity_units``, the fraction of one physical GPU a row stands for): 1 for a GPU
+without MIG. A MIG-enabled GPU counts once: each MIG instance is its own row carrying its compute
+slices over the GPU's (1g of 7 = 1/7: ``nvmlDeviceGetAttributes`` on the MIG handle over the
+largest GPU instance profile's ``sliceCount``, else ``nvmlDeviceGetMaxMigDeviceCount``), and the
+parent row (whole-GPU power, energy, temperature) keeps the slices no instance holds, 0 when the
+GPU is fully partitioned.
+
+Per process (side output ``_gpu_pids``, for attribution): the PIDs NVML lists on each GPU or MIG
+instance, their framebuffer use, and their mean SM utilisation over the samples NVML took since
+the previous round (``Gateway.process_utilization``; ``None`` where NVML gives none).
 """
 
 from __future__ import annotations
@@ -24,12 +35,22 @@ log = logging.getLogger("tally.gpu")
 
 GPM_MIN_SECONDS = 0.1
 _MIG_PROFILE = re.compile(r"\bMIG\s+(\S+)\s*$")
+# Compute slices in a MIG profile name: "3g.40gb" -> 3, "1c.3g.40gb" (one CI of a GI) -> 1.
+_PROFILE_SLICES = re.compile(r"^(?:(\d+)c\.)?(\d+)g\.")
 
 
 def mig_profile(name: str) -> str | None:
     """The MIG profile in an NVML MIG device name (``… MIG 1g.10gb`` → ``1g.10gb``)."""
     match = _MIG_PROFILE.search(name)
     return match.group(1) if match else None
+
+
+def profile_slices(profile: str) -> int | None:
+    """Compute slices of a MIG profile name (``2g.20gb`` → 2, ``1c.3g.40gb`` → 1)."""
+    match = _PROFILE_SLICES.match(profile)
+    if match is None:
+        return None
+    return int(match.group(1) or match.group(2))
 
 
 def _text(value: Any) -> str:
@@ -61,6 +82,7 @@ class GpuCollector(Collector):
         self._events_ready = False
         self._once = OnceLogger(log)
         self._gpm_ok: dict[str, bool] = {}
+        self._slices: dict[str, int | None] = {}  # MIG parent UUID -> its compute slices
 
     # ------------------------------------------------------------------ round
     def collect(self) -> dict[str, list[Row]]:
@@ -145,22 +167,66 @@ class GpuCollector(Collector):
             "clock_event_reasons": None if reasons is None else int(reasons),
             "xid_errors": state.xid_total,
             "xid_last": state.xid_last,
+            "capacity_units": 1.0,
         }
         rows = [row]
-        pids = [{"gpu_uuid": uuid, "gpu_index": index, "pids": self._pids(handle)}]
-        for mig_row, mig_pids in self._mig_devices(handle, index, model):
-            rows.append(mig_row)
-            pids.append(mig_pids)
+        mode = self.gw.call("nvmlDeviceGetMigMode", handle)
+        mig_enabled = bool(mode and mode[0])
+        # In MIG mode the processes belong to the instances; the parent lists them all again.
+        pids = [self._processes(uuid, index, handle, sampled=not mig_enabled)]
+        pids[0]["mig_parent"] = mig_enabled
+        if mig_enabled:
+            total = self._total_slices(uuid, handle)
+            held = 0
+            for mig_row, mig_pids, slices in self._mig_devices(handle, index, model):
+                mig_row["capacity_units"] = min(slices / total, 1.0)
+                rows.append(mig_row)
+                pids.append(mig_pids)
+                held += slices
+            row["capacity_units"] = max(total - held, 0) / total  # the slices no instance holds
         return rows, pids
 
-    def _pids(self, handle: Any) -> list[int]:
+    def _processes(self, uuid: str, index: int, handle: Any, sampled: bool = True) -> Row:
+        """The side-output row of one GPU or MIG instance: PIDs, framebuffer bytes per PID
+        (``None`` where NVML cannot tell) and mean SM utilisation per PID (0-1) since the last
+        round (``None`` where NVML gives no samples)."""
         processes = self.gw.variant("processes", handle) or []
-        return [int(p.pid) for p in processes]
+        memory: dict[int, int | None] = {}
+        for p in processes:
+            used = getattr(p, "usedGpuMemory", None)
+            memory[int(p.pid)] = None if used is None else int(used)
+        sm: dict[int, float] | None = None
+        samples = self.gw.process_utilization(uuid, handle) if sampled else None
+        if samples:  # [] (no sample since the last round) tells nothing per job: null
+            totals: dict[int, list[float]] = {}
+            for sample in samples:
+                totals.setdefault(int(sample.pid), []).append(float(sample.smUtil) / 100.0)
+            sm = {pid: sum(values) / len(values) for pid, values in totals.items()}
+        return {
+            "gpu_uuid": uuid,
+            "gpu_index": index,
+            "pids": list(memory),
+            "memory": memory,
+            "sm": sm,
+        }
 
-    def _mig_devices(self, handle: Any, index: int, parent_model: str) -> list[tuple[Row, Row]]:
-        mode = self.gw.call("nvmlDeviceGetMigMode", handle)
-        if not mode or not mode[0]:
-            return []
+    def _total_slices(self, uuid: str, handle: Any) -> int:
+        """Compute slices of a MIG-enabled GPU (asked once per GPU)."""
+        if uuid not in self._slices:
+            self._slices[uuid] = self.gw.full_gpu_slices(handle)
+        total = self._slices[uuid]
+        if not total:
+            # NVML tells too little; 7 slices is what every MIG GPU but the A30 has.
+            self._once.warning(
+                f"slices:{uuid}", f"gpu {uuid}: MIG slice count unknown to NVML; taken as 7"
+            )
+            return 7
+        return total
+
+    def _mig_devices(
+        self, handle: Any, index: int, parent_model: str
+    ) -> list[tuple[Row, Row, int]]:
+        """(gpu row, side-output row, compute slices) of each MIG device of a GPU."""
         slots = self.gw.call("nvmlDeviceGetMaxMigDeviceCount", handle) or 0
         out = []
         for slot in range(slots):
@@ -176,6 +242,8 @@ class GpuCollector(Collector):
             name = _text(self.gw.call("nvmlDeviceGetName", mig) or parent_model)
             memory = self.gw.memory_info(mig)
             util = self.gw.call("nvmlDeviceGetUtilizationRates", mig)
+            profile = mig_profile(name) or name
+            instance = self.gw.call("nvmlDeviceGetGpuInstanceId", mig)
             row: Row = {
                 "gpu_uuid": uuid,
                 "gpu_index": index,
@@ -184,12 +252,23 @@ class GpuCollector(Collector):
                 "memory_used_bytes": 0 if memory is None else int(memory.used),
                 "memory_total_bytes": 0 if memory is None else int(memory.total),
                 "job_id": None,
-                "mig_profile": mig_profile(name) or name,
+                "mig_profile": profile,
+                "gpu_instance_id": None if instance is None else int(instance),
             }
-            out.append(
-                (row, {"gpu_uuid": uuid, "gpu_index": index, "pids": self._pids(mig), "mig": True})
-            )
+            side = {**self._processes(uuid, index, mig), "mig": True}
+            out.append((row, side, self._slice_count(mig, profile)))
         return out
+
+    def _slice_count(self, mig: Any, profile: str) -> int:
+        """Compute slices of one MIG device: NVML's attributes, else its profile name, else 1."""
+        attributes = self.gw.call("nvmlDeviceGetAttributes", mig)
+        slices = None if attributes is None else int(attributes.computeInstanceSliceCount)
+        slices = slices or profile_slices(profile)
+        if not slices:
+            self._once.warning(
+                f"slices:{profile}", f"gpu: MIG {profile}: slice count unknown; counted as 1"
+            )
+        return slices or 1
 
     # ------------------------------------------------------------------ GPM
     def _sm_active(self, m: Any, uuid: str, handle: Any, state: _DeviceState) -> float | None:

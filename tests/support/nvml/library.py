@@ -33,6 +33,7 @@ Fault injection (all from tests, at any time)::
     fake.set_unsupported_fields(1, pynvml.NVML_FI_DEV_REMAPPED_PENDING)
     fake.inject_xid(0, 79)                 # delivered to event sets registered for XIDs
     fake.set_processes(0, [(4242, 512 * MiB)])
+    fake.set_processes(0, [ProcessProfile(4242, 512 * MiB, sm_util_pct=60)])  # sampled from now on
     fake.devices[0].power_mw = 350_000     # energy integrates power over fake.clock
     fake.clock.advance(10.0)
     fake.calls["nvmlDeviceGetFieldValues"] # per-function call counter (every call, even failing)
@@ -59,6 +60,12 @@ from tests.support.nvml.profiles import (
     MigInstanceProfile,
     ProcessProfile,
 )
+
+#: The fake driver's per-process utilisation sampling: one sample per active process every
+#: ``PROCESS_SAMPLE_PERIOD_S`` (on multiples of it), kept for ``PROCESS_SAMPLE_BUFFER_S``.  Real
+#: drivers sample on their own period into a bounded buffer; these numbers are the fake's choice.
+PROCESS_SAMPLE_PERIOD_S = 0.5
+PROCESS_SAMPLE_BUFFER_S = 30.0
 
 #: C symbols a driver older than the installed bindings lacks.  pynvml resolves symbols lazily, so
 #: calling a wrapper whose symbol is missing raises ``NVMLError_FunctionNotFound``.  Note that
@@ -150,7 +157,11 @@ class FakeDevice(_Anchored):
         self.mig_mode = list(profile.mig_mode)
         self.max_mig_devices = profile.max_mig_devices
         self.gpm_supported = profile.gpm_supported
-        self.processes: list[ProcessProfile] = list(profile.processes)
+        self._processes: list[ProcessProfile] = list(profile.processes)
+        # (since, processes) in time order: which processes ran, for per-process samples.
+        self.process_history: list[tuple[float, tuple[ProcessProfile, ...]]] = [
+            (clock.now(), tuple(profile.processes))
+        ]
         self.mig_devices: list[FakeMigDevice] = []
         #: Python function names (e.g. "nvmlDeviceGetPowerUsage") that raise NotSupported here.
         self.unsupported: set[str] = set()
@@ -171,6 +182,25 @@ class FakeDevice(_Anchored):
     @property
     def mig_enabled(self) -> bool:
         return bool(self.mig_mode[0] == pynvml.NVML_DEVICE_MIG_ENABLE)
+
+    @property
+    def processes(self) -> list[ProcessProfile]:
+        return self._processes
+
+    @processes.setter
+    def processes(self, value: list[ProcessProfile]) -> None:
+        self._processes = list(value)
+        now = self._clock.now()
+        self.process_history = [(t, p) for t, p in self.process_history if t < now]
+        self.process_history.append((now, tuple(value)))
+
+    def processes_at(self, t: float) -> tuple[ProcessProfile, ...]:
+        running: tuple[ProcessProfile, ...] = ()
+        for since, procs in self.process_history:
+            if since > t:
+                break
+            running = procs
+        return running
 
     def _settle(self) -> None:
         now = self._clock.now()
@@ -228,6 +258,8 @@ class FakeMigDevice(_Anchored):
         self.memory_total = p.memory_total
         self.memory_reserved = 0
         self.memory_used = p.memory_used
+        self.sm_count = p.sm_count
+        self.slices = p.slices
         self.unsupported: set[str] = set()
         self.unsupported_fields: set[int] = set()
 
@@ -330,7 +362,8 @@ class FakeNVML:
     nvmlDeviceGetGpuInstanceId, nvmlDeviceGetComputeInstanceId, nvmlDeviceGetFieldValues,
     nvmlDeviceGetTotalEccErrors, nvmlDeviceGetRemappedRows,
     nvmlDeviceGetCurrentClocksEventReasons, nvmlDeviceGetCurrentClocksThrottleReasons,
-    nvmlDeviceGetComputeRunningProcesses (+ _v2, _v3), nvmlGpmQueryDeviceSupport,
+    nvmlDeviceGetComputeRunningProcesses (+ _v2, _v3), nvmlDeviceGetProcessUtilization,
+    nvmlDeviceGetAttributes (+ _v2), nvmlDeviceGetGpuInstanceProfileInfo, nvmlGpmQueryDeviceSupport,
     nvmlGpmSampleAlloc, nvmlGpmSampleGet, nvmlGpmSampleFree, nvmlGpmMetricsGet,
     nvmlEventSetCreate, nvmlDeviceRegisterEvents, nvmlEventSetWait_v2, nvmlEventSetFree.
     """
@@ -775,6 +808,91 @@ class FakeNVML:
     @_nvml_api(device=True)
     def nvmlDeviceGetComputeRunningProcesses_v2(self, handle: Any) -> list[Any]:
         return self._processes(handle)
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetProcessUtilization(self, handle: Any, timeStamp: int) -> list[Any]:
+        """Samples newer than ``timeStamp`` (µs), one per active process per sample period.
+
+        As the driver: samples since ``timeStamp`` still in the buffer, oldest first; a process
+        with 0 % SM and memory utilisation is not sampled; none at all -> NotFound.  In MIG mode
+        (parent or MIG handle) -> NotSupported (the fake's choice: per-process utilisation is a
+        whole-GPU feature).
+        """
+        dev = self._whole_gpu(handle)
+        if dev.mig_enabled:
+            _raise(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        now = self.clock.now()
+        period = PROCESS_SAMPLE_PERIOD_S
+        first = max(int(timeStamp) / 1e6, now - PROCESS_SAMPLE_BUFFER_S)
+        tick = int(first // period) + 1
+        samples = []
+        while tick * period <= now:
+            at = tick * period
+            stamp = round(at * 1_000_000)
+            for p in dev.processes_at(at):
+                if (p.sm_util_pct or p.mem_util_pct) and stamp > timeStamp:
+                    sample = pynvml.c_nvmlProcessUtilizationSample_t()
+                    sample.pid, sample.timeStamp = p.pid, stamp
+                    sample.smUtil, sample.memUtil = p.sm_util_pct, p.mem_util_pct
+                    sample.encUtil = sample.decUtil = 0
+                    samples.append(sample)
+            tick += 1
+        if not samples:
+            _raise(pynvml.NVML_ERROR_NOT_FOUND)
+        return samples
+
+    # ---------------------------------------------------------------- MIG geometry
+
+    @_nvml_api("nvmlDeviceGetAttributes_v2", device=True)
+    def nvmlDeviceGetAttributes(self, device: Any) -> Any:
+        return self._attributes(device)
+
+    @_nvml_api(device=True)
+    def nvmlDeviceGetAttributes_v2(self, device: Any) -> Any:
+        return self._attributes(device)
+
+    def _attributes(self, dev: _Dev) -> Any:
+        if not isinstance(dev, FakeMigDevice):
+            _raise(pynvml.NVML_ERROR_NOT_SUPPORTED)  # NVML: "only supports MIG device handles"
+        assert isinstance(dev, FakeMigDevice)
+        attrs = pynvml.c_nvmlDeviceAttributes()
+        attrs.multiprocessorCount = dev.sm_count
+        attrs.gpuInstanceSliceCount = dev.slices
+        attrs.computeInstanceSliceCount = dev.slices
+        attrs.memorySizeMB = dev.memory_total // (1024 * 1024)
+        return attrs
+
+    @_nvml_api(
+        lambda *a, **k: (
+            "nvmlDeviceGetGpuInstanceProfileInfo"
+            if (a[2] if len(a) > 2 else k.get("version", 2)) == 1
+            else "nvmlDeviceGetGpuInstanceProfileInfoV"
+        ),
+        device=True,
+    )
+    def nvmlDeviceGetGpuInstanceProfileInfo(
+        self, device: Any, profile: int, version: int = 2
+    ) -> Any:
+        if isinstance(device, FakeMigDevice):
+            _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        if (
+            not isinstance(profile, int)
+            or not 0 <= profile < pynvml.NVML_GPU_INSTANCE_PROFILE_COUNT
+        ):
+            _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        found = [p for p in device.profile.gi_profiles if p.index == profile]
+        if not device.mig_enabled or not found:
+            _raise(pynvml.NVML_ERROR_NOT_SUPPORTED)
+        p = found[0]
+        info: Any
+        if version == 1:
+            info = pynvml.c_nvmlGpuInstanceProfileInfo_t()
+        else:
+            info = pynvml.c_nvmlGpuInstanceProfileInfo_v2_t()
+            info.name = f"MIG {p.name}".encode()
+        info.id, info.sliceCount, info.instanceCount = p.id, p.slices, p.instances
+        info.multiprocessorCount, info.memorySizeMB = p.sm_count, p.memory_mib
+        return info
 
     # ---------------------------------------------------------------- MIG
 

@@ -31,6 +31,18 @@ Memory values are the capture's MiB figures times 1 MiB; ``free`` is derived as
 capture's "Average Power Draw" (what ``nvmlDeviceGetPowerUsage`` reports on Hopper), the
 ``NVML_FI_DEV_POWER_INSTANT`` field is "Instantaneous Power Draw".
 
+GPU instance profiles (``H100_GI_PROFILES``, what ``nvmlDeviceGetGpuInstanceProfileInfo``
+answers on an H100 80GB in MIG mode): profile ids and placements as ``nvidia-smi mig -lgip`` /
+``-lgipp`` print them on an H100 80GB (1g.10gb id 19, 1g.10gb+me 20, 1g.20gb 15, 2g.20gb 14,
+3g.40gb 9, 4g.40gb 5, 7g.80gb 0; the 7g profile spans all 7 compute slices); SM counts of the 1g,
+2g and 3g profiles from the h100_mig capture's instances, 132 for the whole H100 SXM5; memory
+sizes from the capture's instances, 4g and 7g from ``-lgip``'s 39.50 and 79.25 GiB.
+
+Per-process SM utilisation (``ProcessProfile.sm_util_pct``, what
+``nvmlDeviceGetProcessUtilization`` samples): the captures hold none per process.  gpu_burn is
+given the GPU utilisation its capture shows (100 % on the H100, 97 % on the H200 per
+``query-accounted-apps``), memhog (which only allocates) 0 %.  APPROXIMATION.
+
 Not taken from a capture (the fake's choices, documented where they are made):
 the energy counter's starting value (``SYNTHETIC_ENERGY_START_MJ``), the GPM SM activity (defaults
 to the profile's GPU utilisation), ``NVML_VALUE_TYPE_*`` of field values (chosen to match the C
@@ -65,6 +77,21 @@ class ProcessProfile:
     used_gpu_memory: int  # bytes
     gpu_instance_id: int | None = None  # None outside MIG
     compute_instance_id: int | None = None
+    sm_util_pct: int = 0  # per-process SM utilisation NVML samples (percent)
+    mem_util_pct: int = 0  # per-process memory-controller utilisation (percent)
+
+
+@dataclass(frozen=True)
+class GpuInstanceProfile:
+    """One row of ``nvmlDeviceGetGpuInstanceProfileInfo`` (keyed by NVML profile index)."""
+
+    index: int  # NVML_GPU_INSTANCE_PROFILE_* constant
+    id: int  # the profile id nvidia-smi shows
+    name: str
+    slices: int  # sliceCount
+    instances: int  # instanceCount
+    sm_count: int
+    memory_mib: int
 
 
 @dataclass(frozen=True)
@@ -76,6 +103,7 @@ class MigInstanceProfile:
     memory_total: int  # bytes
     memory_used: int  # bytes
     sm_count: int
+    slices: int  # compute slices (gpuInstanceSliceCount = computeInstanceSliceCount, one CI)
 
 
 @dataclass(frozen=True)
@@ -104,6 +132,7 @@ class DeviceProfile:
     remapped_rows: tuple[int, int, int, int] | None = (0, 0, 0, 0)  # None -> NotSupported
     mig_mode: tuple[int, int] = (0, 0)  # (current, pending)
     max_mig_devices: int = 7
+    gi_profiles: tuple[GpuInstanceProfile, ...] = ()  # answered only in MIG mode
     mig_instances: tuple[MigInstanceProfile, ...] = ()
     processes: tuple[ProcessProfile, ...] = ()
     sm_activity_pct: float | None = None  # GPM SM util; None -> utilization_gpu (approximation)
@@ -117,6 +146,20 @@ _H100_MIG_FILE = "internal/captures/linux-x86_64__nvidia-h100-mig__590.48.01.txt
 _H200_FILE = "internal/captures/linux-x86_64__nvidia-h200__580.173.02.txt"
 _H200_MIG_FILE = "internal/captures/linux-x86_64__nvidia-h200-mig__590.48.01.txt"
 _MASKED_GPU_UUID = "GPU-00000000-0000-0000-0000-000000000000"
+
+H100_GI_PROFILES = (
+    GpuInstanceProfile(pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE, 19, "1g.10gb", 1, 7, 16, 9984),
+    GpuInstanceProfile(
+        pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV1, 20, "1g.10gb+me", 1, 1, 16, 9984
+    ),
+    GpuInstanceProfile(
+        pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV2, 15, "1g.20gb", 1, 4, 16, 20096
+    ),
+    GpuInstanceProfile(pynvml.NVML_GPU_INSTANCE_PROFILE_2_SLICE, 14, "2g.20gb", 2, 3, 32, 20096),
+    GpuInstanceProfile(pynvml.NVML_GPU_INSTANCE_PROFILE_3_SLICE, 9, "3g.40gb", 3, 2, 60, 40448),
+    GpuInstanceProfile(pynvml.NVML_GPU_INSTANCE_PROFILE_4_SLICE, 5, "4g.40gb", 4, 1, 64, 40448),
+    GpuInstanceProfile(pynvml.NVML_GPU_INSTANCE_PROFILE_7_SLICE, 0, "7g.80gb", 7, 1, 132, 81152),
+)
 
 H100_IDLE = DeviceProfile(
     key="h100_idle",
@@ -136,6 +179,7 @@ H100_IDLE = DeviceProfile(
     temperature_gpu=41,
     temperature_memory=48,
     clocks_event_reasons=pynvml.nvmlClocksEventReasonGpuIdle,  # CSV: 0x0000000000000001
+    gi_profiles=H100_GI_PROFILES,
 )
 
 H100_LOADED = replace(
@@ -153,7 +197,7 @@ H100_LOADED = replace(
     processes=(
         ProcessProfile(11327, 2566 * MiB),  # /root/tools/memhog
         ProcessProfile(11328, 1542 * MiB),  # /root/tools/memhog
-        ProcessProfile(11345, 15690 * MiB),  # ./gpu_burn
+        ProcessProfile(11345, 15690 * MiB, sm_util_pct=100),  # ./gpu_burn
     ),
 )
 
@@ -198,7 +242,7 @@ H200_LOADED = replace(
     processes=(
         ProcessProfile(12249, 2194 * MiB),  # /root/tools/memhog
         ProcessProfile(12250, 1170 * MiB),  # /root/tools/memhog
-        ProcessProfile(12267, 13526 * MiB),  # ./gpu_burn
+        ProcessProfile(12267, 13526 * MiB, sm_util_pct=97),  # ./gpu_burn
     ),
 )
 
@@ -208,7 +252,8 @@ def _mig(
 ) -> MigInstanceProfile:
     # The capture's masked MIG UUIDs: MIG-0000000N-0000-0000-0000-00000000000N.
     uuid = f"MIG-{n:08x}-0000-0000-0000-{n:012x}"
-    return MigInstanceProfile(profile, uuid, gi, ci, total * MiB, used * MiB, sms)
+    slices = next(p.slices for p in H100_GI_PROFILES if p.name == profile)
+    return MigInstanceProfile(profile, uuid, gi, ci, total * MiB, used * MiB, sms, slices)
 
 
 H100_MIG = replace(

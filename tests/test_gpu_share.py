@@ -1,0 +1,329 @@
+"""MIG capacity counted once, per-process NVML utilisation and the gpu_job rows of shared GPUs
+(SPEC §2, §3), against the NVML stand-in."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporters.prometheus import TallyCollector
+from telemetry.collectors import CollectorContext, Runner
+from telemetry.collectors.base import Collector, Row
+from telemetry.collectors.gpu import GpuCollector, profile_slices
+from telemetry.nvml import Gateway
+from telemetry.schema import validate
+from telemetry.state import State
+from tests.support.nvml.library import FakeClock, FakeNVML
+from tests.support.nvml.profiles import H100_IDLE, H100_LOADED, H100_MIG, MiB, ProcessProfile
+from tests.support.promtool import promtool_check
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _ctx(fake: Any, procfs: Path | None = None) -> CollectorContext:
+    return CollectorContext(
+        procfs=procfs or FIXTURES / "normal_host" / "proc",
+        sysfs=FIXTURES / "normal_host" / "sys",
+        node="gpu-a1",
+        nvml_module=fake,
+    )
+
+
+def _capacity_per_round(table: pa.Table) -> float:
+    """GPU units one round counts in capacity: SPEC §3 with each row weighted by
+    ``capacity_units`` (null → 1, as in files written before the column)."""
+    units = validate(table, "gpu").column("capacity_units").to_pylist()
+    return sum(1.0 if u is None else u for u in units)
+
+
+def _pylist(table: pa.Table) -> list[dict[str, Any]]:
+    return table.drop_columns(["time"]).to_pylist()  # ns times do not fit datetime
+
+
+def _units(table: pa.Table) -> dict[str, float | None]:
+    t = validate(table, "gpu")
+    uuids, units = t.column("gpu_uuid").to_pylist(), t.column("capacity_units").to_pylist()
+    return dict(zip(uuids, units, strict=True))
+
+
+# ------------------------------------------------------------------ MIG capacity
+
+
+@pytest.mark.parametrize(
+    "profiles", [[H100_LOADED, H100_MIG], [H100_MIG, H100_MIG]], ids=["standin", "two-mig"]
+)
+def test_two_h100s_with_mig_are_two_gpus_of_capacity_not_six(profiles: list[Any]) -> None:
+    clock = FakeClock(start=1000.0)
+    runner = Runner([GpuCollector(_ctx(FakeNVML(profiles, clock=clock)))])
+    rounds = []
+    for _ in range(3):
+        table = runner.run().tables["gpu"]
+        assert table.num_rows == sum(1 + len(p.mig_instances) for p in profiles)
+        rounds.append(_capacity_per_round(table))
+        clock.advance(10.0)
+    assert rounds == pytest.approx([2.0, 2.0, 2.0], abs=1e-6)
+
+
+def test_each_mig_instance_carries_its_slice_fraction() -> None:
+    fake = FakeNVML([H100_MIG])
+    units = _units(Runner([GpuCollector(_ctx(fake))]).run().tables["gpu"])
+    parent = fake.devices[0]
+    expected = {"3g.40gb": 3 / 7, "2g.20gb": 2 / 7, "1g.10gb": 1 / 7}
+    for mig in parent.mig_devices:
+        assert units[mig.uuid] == pytest.approx(expected[mig.profile.profile], rel=1e-6)
+    assert units[parent.uuid] == 0.0  # 3g + 2g + 1g + 1g: every slice is in an instance
+
+
+def test_a_partly_partitioned_gpu_keeps_its_free_slices_on_the_parent() -> None:
+    half = replace(H100_MIG, mig_instances=H100_MIG.mig_instances[:2])  # 3g + 2g of 7
+    fake = FakeNVML([half, H100_IDLE])
+    table = Runner([GpuCollector(_ctx(fake))]).run().tables["gpu"]
+    units = _units(table)
+    assert units[fake.devices[0].uuid] == pytest.approx(2 / 7, rel=1e-6)
+    assert units[fake.devices[1].uuid] == 1.0
+    assert _capacity_per_round(table) == pytest.approx(2.0, abs=1e-6)
+
+
+def test_slices_fall_back_to_the_profile_name_and_the_max_mig_device_count() -> None:
+    fake = FakeNVML([H100_MIG], hidden=["nvmlDeviceGetGpuInstanceProfileInfo"])
+    for i in range(len(H100_MIG.mig_instances)):
+        fake.set_unsupported(0, "nvmlDeviceGetAttributes", mig_index=i)
+    units = _units(Runner([GpuCollector(_ctx(fake))]).run().tables["gpu"])
+    assert units[fake.devices[0].mig_devices[0].uuid] == pytest.approx(3 / 7, rel=1e-6)
+    assert sum(u for u in units.values() if u is not None) == pytest.approx(1.0, abs=1e-6)
+    assert (profile_slices("2g.20gb"), profile_slices("1c.3g.40gb")) == (2, 1)
+    assert profile_slices("7g.80gb+gfx") == 7 and profile_slices("unknown") is None
+
+
+def _cgroup(procfs: Path, pid: int, job: str) -> None:
+    (procfs / str(pid)).mkdir(parents=True, exist_ok=True)
+    (procfs / str(pid) / "cgroup").write_text(
+        f"0::/system.slice/slurmstepd.scope/job_{job}/step_0/user/task_0\n"
+    )
+
+
+class _Jobs(Collector):
+    """A stand-in for the Slurm collector: fixed job rows and GPU claims."""
+
+    name = "jobs-test"
+
+    def __init__(self, ctx: CollectorContext, jobs: list[Row], claims: list[Row]) -> None:
+        super().__init__(ctx)
+        self.jobs, self.claims = jobs, claims
+
+    def collect(self) -> dict[str, list[Row]]:
+        return {"job": [dict(j) for j in self.jobs], "_gpu_job": [dict(c) for c in self.claims]}
+
+
+def _job(job_id: str, gpus: float) -> Row:
+    return {
+        "job_id": job_id,
+        "user": "u",
+        "account": "a",
+        "cpus_allocated": 1.0,
+        "gpus_allocated": gpus,
+        "cpu_seconds": 0.0,
+        "memory_bytes": 0,
+    }
+
+
+def test_a_job_on_a_mig_instance_is_allocated_its_fraction(tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    for pid in (21180, 21181, 21198):  # the capture's processes, all in GPU instance 2 (3g)
+        _cgroup(proc, pid, "880")
+    fake = FakeNVML([H100_MIG])
+    ctx = _ctx(fake, proc)
+    # Slurm counts a MIG device as one GPU; the claim names the instance by UUID.
+    claim = {"gpu_uuid": fake.devices[0].mig_devices[0].uuid, "job_id": "880"}
+    result = Runner([GpuCollector(ctx), _Jobs(ctx, [_job("880", 1.0)], [claim])]).run()
+    jobs = _pylist(result.tables["job"])
+    assert jobs[0]["gpus_allocated"] == pytest.approx(3 / 7, rel=1e-6)
+    held = {r["gpu_uuid"]: r["job_id"] for r in _pylist(result.tables["gpu"]) if r["mig_profile"]}
+    assert held[fake.devices[0].mig_devices[0].uuid] == "880"
+    assert "gpu_job" not in result.tables  # one job per instance: MIG is not a shared GPU
+
+
+# ------------------------------------------------------------------ per-process utilisation
+
+
+def test_process_utilization_returns_each_sample_once() -> None:
+    clock = FakeClock(start=1000.0)
+    fake = FakeNVML([H100_LOADED], clock=clock)
+    gateway = Gateway(fake)
+    handle = gateway.call("nvmlDeviceGetHandleByIndex", 0)
+    clock.advance(2.0)
+    first = gateway.process_utilization("gpu0", handle)
+    assert first and {s.pid for s in first} == {11345}  # gpu_burn; memhog runs no kernels
+    assert all(s.smUtil == 100 for s in first)
+    stamps = [s.timeStamp for s in first]
+    assert stamps == sorted(stamps) and stamps[-1] == 1_002_000_000  # µs
+    assert gateway.process_utilization("gpu0", handle) == []  # NotFound: nothing new
+    clock.advance(1.0)
+    again = gateway.process_utilization("gpu0", handle)
+    assert again is not None
+    assert [s.timeStamp for s in again] == [1_002_500_000, 1_003_000_000]
+
+
+def test_process_utilization_unsupported_is_null_and_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = FakeNVML([H100_LOADED], missing_symbols=["nvmlDeviceGetProcessUtilization"])
+    gateway = Gateway(fake)
+    handle = gateway.call("nvmlDeviceGetHandleByIndex", 0)
+    with caplog.at_level(logging.WARNING, logger="tally"):
+        for _ in range(3):
+            assert gateway.process_utilization("gpu0", handle) is None
+    assert sum("nvmlDeviceGetProcessUtilization" in r.message for r in caplog.records) == 1
+    fake = FakeNVML([H100_MIG])  # per-process utilisation is not there in MIG mode
+    gateway = Gateway(fake)
+    handle = gateway.call("nvmlDeviceGetHandleByIndex", 0)
+    assert gateway.process_utilization("gpu0", handle) is None
+
+
+# ------------------------------------------------------------------ gpu_job rows
+
+
+def _shared_gpu(tmp_path: Path, clock: FakeClock) -> tuple[FakeNVML, Path]:
+    """One H100 time-sliced by jobs 501 (pids 100, 101) and 502 (pid 200)."""
+    proc = tmp_path / "proc"
+    _cgroup(proc, 100, "501")
+    _cgroup(proc, 101, "501")
+    _cgroup(proc, 200, "502")
+    fake = FakeNVML([H100_LOADED, H100_IDLE], clock=clock)
+    fake.set_processes(
+        0,
+        [
+            ProcessProfile(100, 4000 * MiB, sm_util_pct=30),
+            ProcessProfile(101, 1000 * MiB, sm_util_pct=20),
+            ProcessProfile(200, 2000 * MiB, sm_util_pct=40),
+        ],
+    )
+    fake.set_processes(1, [])
+    return fake, proc
+
+
+def _gpu_job(result: Any) -> dict[str, dict[str, Any]]:
+    table = validate(result.tables["gpu_job"], "gpu_job")
+    return {r["job_id"]: r for r in _pylist(table)}
+
+
+def test_a_gpu_held_by_two_jobs_gets_a_gpu_job_row_each(tmp_path: Path) -> None:
+    clock = FakeClock(start=1000.0)
+    fake, proc = _shared_gpu(tmp_path, clock)
+    runner = Runner([GpuCollector(_ctx(fake, proc))])
+    clock.advance(5.0)
+    rows = _gpu_job(runner.run())
+    assert set(rows) == {"501", "502"}
+    uuid = fake.devices[0].uuid
+    assert {r["gpu_uuid"] for r in rows.values()} == {uuid}  # GPU 1 is idle, GPU 0 shared
+    assert rows["501"]["share"] == rows["502"]["share"] == 0.5
+    assert rows["501"]["sm_utilization_ratio"] == pytest.approx(0.5)  # 30 % + 20 %
+    assert rows["502"]["sm_utilization_ratio"] == pytest.approx(0.4)
+    assert rows["501"]["memory_used_bytes"] == 5000 * MiB
+    assert rows["502"]["memory_used_bytes"] == 2000 * MiB
+
+
+def test_utilisation_is_the_mean_over_this_rounds_samples_only(tmp_path: Path) -> None:
+    clock = FakeClock(start=1000.0)
+    fake, proc = _shared_gpu(tmp_path, clock)
+    runner = Runner([GpuCollector(_ctx(fake, proc))])
+    clock.advance(5.0)
+    runner.run()
+    # Job 502 works harder for the first half of the next round, then stops running kernels.
+    busy = [ProcessProfile(100, 0, sm_util_pct=30), ProcessProfile(200, 0, sm_util_pct=80)]
+    fake.set_processes(0, busy)
+    clock.advance(5.0)
+    fake.set_processes(0, [busy[0], ProcessProfile(200, 0, sm_util_pct=0)])
+    clock.advance(5.0)
+    rows = _gpu_job(runner.run())
+    # 502 was sampled only while busy: its samples say 80 %, none from the first round count.
+    assert rows["502"]["sm_utilization_ratio"] == pytest.approx(0.8)
+    assert rows["501"]["sm_utilization_ratio"] == pytest.approx(0.3)
+
+
+def test_no_samples_give_null_utilisation_and_shares_from_claims(tmp_path: Path) -> None:
+    clock = FakeClock(start=1000.0)
+    fake, proc = _shared_gpu(tmp_path, clock)
+    fake.set_processes(0, [ProcessProfile(100, 0), ProcessProfile(200, 0)])  # no kernels
+    ctx = _ctx(fake, proc)
+    # Slurm shards: job 501 holds 1 of 4 shards of GPU 0, job 502 3 of 4.
+    claims = [
+        {"gpu_index": 0, "job_id": "501", "share": 0.25},
+        {"gpu_index": 0, "job_id": "502", "share": 0.75},
+    ]
+    runner = Runner([GpuCollector(ctx), _Jobs(ctx, [], claims)])
+    clock.advance(5.0)
+    rows = _gpu_job(runner.run())
+    assert (rows["501"]["share"], rows["502"]["share"]) == (0.25, 0.75)
+    assert rows["501"]["sm_utilization_ratio"] is None
+    assert rows["502"]["sm_utilization_ratio"] is None
+
+
+def test_one_job_on_a_gpu_writes_no_gpu_job_rows(tmp_path: Path) -> None:
+    clock = FakeClock(start=1000.0)
+    fake, proc = _shared_gpu(tmp_path, clock)
+    fake.set_processes(0, [ProcessProfile(100, 0, sm_util_pct=50)])
+    clock.advance(5.0)
+    result = Runner([GpuCollector(_ctx(fake, proc))]).run()
+    assert "gpu_job" not in result.tables
+    jobs = result.tables["gpu"].column("job_id").to_pylist()
+    assert jobs == ["501", None]
+
+
+# ------------------------------------------------------------------ exposition
+
+
+def _samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text.decode())
+        for s in f.samples
+    }
+
+
+def test_shared_gpu_series_from_the_live_state_pass_promtool(tmp_path: Path, promtool: str) -> None:
+    clock = FakeClock(start=1_800_000_000.0)  # sample times are checked to lie past 2000
+    fake, proc = _shared_gpu(tmp_path, clock)
+    runner = Runner([GpuCollector(_ctx(fake, proc))], clock_ns=lambda: int(clock.now() * 1e9))
+    state = State()
+    for _ in range(3):
+        clock.advance(5.0)
+        result = runner.run()
+        for name, table in result.tables.items():
+            state.ingest(name, table)
+    snapshot = state.snapshot(result.status)
+    text = TallyCollector(lambda: snapshot).render_text()
+    check = promtool_check(promtool, text)
+    assert check.returncode == 0, check.stdout + check.stderr
+    samples = _samples(text)
+    uuid = fake.devices[0].uuid
+    for job, utilization in (("501", 0.5), ("502", 0.4)):
+        labels = (("gpu", "0"), ("job", job), ("node", "gpu-a1"), ("uuid", uuid))
+        assert samples[("tally_gpu_job_utilization_ratio", labels)] == pytest.approx(utilization)
+        assert samples[("tally_gpu_job_share", labels)] == 0.5
+    assert not any(k[0] == "tally_gpu_job_share" and ("gpu", "1") in k[1] for k in samples)
+
+
+def test_claims_by_uuid_with_replica_shares_name_a_whole_gpu(tmp_path: Path) -> None:
+    """Kubernetes time-slicing: pods hold 2 and 1 of a GPU's 4 replicas, named by UUID."""
+    clock = FakeClock(start=1000.0)
+    fake, proc = _shared_gpu(tmp_path, clock)
+    fake.set_processes(0, [])  # allocated, not yet running
+    ctx = _ctx(fake, proc)
+    uuid = fake.devices[0].uuid
+    claims = [
+        {"gpu_uuid": uuid, "job_id": "pod-a", "share": 0.5},
+        {"gpu_uuid": uuid, "job_id": "pod-b", "share": 0.25},
+    ]
+    clock.advance(5.0)
+    result = Runner([GpuCollector(ctx), _Jobs(ctx, [], claims)]).run()
+    rows = _gpu_job(result)
+    assert {j: r["share"] for j, r in rows.items()} == {"pod-a": 0.5, "pod-b": 0.25}
+    assert all(r["memory_used_bytes"] == 0 for r in rows.values())  # no process yet
+    assert result.tables["gpu"].column("job_id").to_pylist() == ["pod-a", None]
