@@ -38,22 +38,31 @@ def gap_us(iv: Intervals) -> Any:
 
 
 def gpu_contributions(
-    iv: Intervals, utilization_ratio: Any, energy_joules: Any, power_watts: Any
+    iv: Intervals,
+    utilization_ratio: Any,
+    energy_joules: Any,
+    power_watts: Any,
+    capacity_units: Any | None = None,
 ) -> dict[str, Any]:
     """GPU capacity, busy and energy per interval.
 
-    capacity_us = Δt; busy_us = utilization·Δt (null → 0); energy_mj = counter delta when both
-    readings exist, else power·Δt when power is present, else 0; gap_us = Δt of gaps.
+    capacity_us = units·Δt; busy_us = (utilization·units)·Δt (null → 0), where units is the
+    fraction of a physical GPU the row stands for (a MIG instance's slices; null → 1);
+    energy_mj = counter delta when both readings exist, else power·Δt when power is present,
+    else 0; gap_us = Δt of gaps.
     """
     xp = array_namespace(iv.dt_ns, utilization_ratio, energy_joules, power_watts)
     dt_us = _dt_us(iv)
     util = xp.nan_to_num(utilization_ratio.astype(xp.float64), nan=0.0)
+    units = 1.0
+    if capacity_units is not None:
+        units = xp.nan_to_num(capacity_units.astype(xp.float64), nan=1.0)
     delta = counter_delta(energy_joules, iv.opens)
     from_power = power_watts.astype(xp.float64) * (iv.dt_ns / 1e9)
     joules = xp.where(xp.isnan(delta), from_power, delta)
     return {
-        "capacity_us": _counted(iv, dt_us),
-        "busy_us": _counted(iv, util * dt_us),
+        "capacity_us": _counted(iv, units * dt_us),
+        "busy_us": _counted(iv, (util * units) * dt_us),
         "energy_mj": _counted(iv, joules * 1000.0),
         "gap_us": gap_us(iv),
     }

@@ -133,11 +133,15 @@ class SortedRows:
 def contributions(rows: SortedRows, name: str, iv: kernels.Intervals) -> dict[str, np.ndarray]:
     """SPEC §3 per-row integer contributions of sorted, de-duplicated rows."""
     if name == "gpu":
+        units = (
+            rows.float("capacity_units") if "capacity_units" in rows.source.column_names else None
+        )
         return kernels.gpu_contributions(
             iv,
             rows.float("utilization_ratio"),
             rows.float("energy_joules"),
             rows.float("power_watts"),
+            units,
         )
     if name == "cpu":
         busy = sum(float_column(rows.source, f"{mode}_seconds") for mode in CPU_BUSY_MODES)

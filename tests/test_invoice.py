@@ -587,3 +587,31 @@ def test_any_split_gives_the_same_bytes_with_accounting_on(
     assert to_json(a) == to_json(b)
     want = reference_bill(stored(tables), inv, window, files=count, accounting=records)
     assert_same(bill_dict(b), want)
+
+
+def test_a_mig_gpu_is_billed_as_one_gpu_of_capacity(tmp_path: Path) -> None:
+    """A MIG-enabled H100 split 3g + 3g (+ 1 slice free): the parent row carries the free
+    slice (1/7) and the board's energy, each instance 3/7; an hour is 1 GPU-hour of capacity,
+    not 3. A job busy 100 % on one 3g instance is 3/7 GPU-hour busy."""
+    inv = parse_inventory(inventory_text(extra_top=""), "inv.toml")
+    times = [T0 + i * 30 * NS for i in range(121)]
+    gpu = []
+    for uuid, units, util, power, job in (
+        ("GPU-parent", 1 / 7, None, 400.0, None),
+        ("MIG-a", 3 / 7, 1.0, None, "7"),
+        ("MIG-b", 3 / 7, 0.0, None, None),
+    ):
+        gpu += [dict(gpu_row(t, "gpu-a1", uuid, 0, util, power, None, job), capacity_units=units)
+                for t in times]  # fmt: skip
+    tables: Tables = {"gpu": gpu}
+    files = write_tables(tmp_path, tables, Layout())
+    bill = bill_of(tmp_path, inv, 86400)
+    (pool,) = [p for p in bill.pools if p["pool"] == "gpu-own"]
+    assert pool["capacity_unit_hours"] == pytest.approx(1.0, abs=1e-6)  # float32 fractions
+    assert pool["busy_unit_hours"] == pytest.approx(3 / 7, abs=1e-6)  # float32 fractions
+    assert pool["energy_kwh"] == pytest.approx(
+        0.4, abs=1e-6
+    )  # float32 fractions  # 400 W for an hour, once
+    (job,) = [j for j in bill.jobs if j["job_id"] == "7"]
+    assert job["busy_unit_hours"] == pytest.approx(3 / 7, abs=1e-6)  # float32 fractions
+    assert_same(bill_dict(bill), reference_bill(stored(tables), inv, 86400, files=files))

@@ -41,7 +41,7 @@ UNKNOWN_TENANT = "unknown"
 # The columns the bill reads of each table (SPEC §3): the rest is never decoded or moved.
 BILL_COLUMNS: dict[str, tuple[str, ...]] = {
     "gpu": ("time", "node", "gpu_uuid", "utilization_ratio", "power_watts", "energy_joules",
-            "job_id"),
+            "job_id", "capacity_units"),
     "cpu": ("time", "node", "cpus", *(f"{m}_seconds" for m in CPU_BUSY_MODES), "energy_joules"),
     "job": ("time", "node", "job_id", "user", "account", "cpus_allocated", "gpus_allocated",
             "cpu_seconds"),

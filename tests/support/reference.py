@@ -113,10 +113,13 @@ def gpu_parts(
     energy: Sequence[float | None],
     power: Sequence[float | None],
     max_gap_ns: int,
+    units: Sequence[float | None] | None = None,
 ) -> list[dict[str, int]]:
+    """``units``: the fraction of a physical GPU each row is (MIG slices), null → 1."""
     out = []
     deltas = series_deltas(energy)
     for i, iv in enumerate(series_intervals(times, max_gap_ns)):
+        share = 1.0 if units is None or is_null(units[i]) else float(units[i])  # type: ignore[arg-type]
         parts = {"capacity_us": 0, "busy_us": 0, "energy_mj": 0, "gap_us": 0}
         if iv.gap:
             parts["gap_us"] = round(_us(iv.dt_ns))
@@ -129,8 +132,8 @@ def gpu_parts(
                 joules = float(power[i]) * (iv.dt_ns / 1e9)  # type: ignore[arg-type]
             else:
                 joules = 0.0
-            parts["capacity_us"] = round(_us(iv.dt_ns))
-            parts["busy_us"] = round(util * _us(iv.dt_ns))
+            parts["capacity_us"] = round(share * _us(iv.dt_ns))
+            parts["busy_us"] = round((util * share) * _us(iv.dt_ns))
             parts["energy_mj"] = round(joules * 1000.0)
         out.append(parts)
     return out
@@ -226,9 +229,11 @@ def rows_parts(name: str, rows: Sequence[Row], max_gap_ns: int) -> list[dict[str
         return [r[c] for r in rows]
 
     if name == "gpu":
+        units = [r.get("capacity_units") for r in rows]
         return gpu_parts(
-            times, col("utilization_ratio"), col("energy_joules"), col("power_watts"), max_gap_ns
-        )
+            times, col("utilization_ratio"), col("energy_joules"), col("power_watts"), max_gap_ns,
+            units,
+        )  # fmt: skip
     if name == "cpu":
         busy = [cpu_busy_seconds(r) for r in rows]
         return cpu_parts(times, col("cpus"), busy, col("energy_joules"), max_gap_ns)
