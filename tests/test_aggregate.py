@@ -36,10 +36,15 @@ from tests.support.promtool import promtool_check
 from tests.support.units import NS
 
 
-def _sample(tmp_path: Path, hours: float = 2.0) -> tuple[Path, Path]:
+def _sample(tmp_path: Path, hours: float = 2.0, declared: bool = True) -> tuple[Path, Path]:
+    """The demo dataset; without ``declared`` its inventory's pools declare no capacity."""
     source = tmp_path / "source"
     generate_demo(source, nodes=3, hours=hours)
-    return source, source / "inventory.toml"
+    inventory = source / "inventory.toml"
+    if not declared:
+        lines = inventory.read_text().splitlines()
+        inventory.write_text("\n".join(x for x in lines if not x.startswith("capacity_units")))
+    return source, inventory
 
 
 def _rounds(source: Path) -> list[tuple[int, str, str, pa.Table]]:
@@ -318,7 +323,8 @@ def test_counters_never_go_down_when_old_files_are_removed(tmp_path: Path) -> No
 def test_rows_that_arrive_while_down_are_not_absorbed_by_the_checkpoint(tmp_path: Path) -> None:
     """Retention removed old files and new rows arrived while the aggregator was down: the
     carried amount is what the checkpoint's own files lost, so the new rows still count."""
-    source, inventory_path = _sample(tmp_path, hours=1.0)
+    # monitored capacity: what the remaining files hold is what they show
+    source, inventory_path = _sample(tmp_path, hours=1.0, declared=False)
     inventory = parse_inventory(inventory_path.read_text())
     checkpoint = tmp_path / "checkpoint.json"
     first = Aggregator(source, inventory, checkpoint=checkpoint)

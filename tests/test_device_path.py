@@ -104,10 +104,11 @@ def test_sums_live_on_the_device_and_copies_are_per_chunk_not_per_row(
     for parts in (biller.pool_parts, biller.job_parts):
         assert all(isinstance(k, fake_cupy.ndarray) for keys in parts.keys for k in keys)
         assert all(isinstance(v, fake_cupy.ndarray) for sums in parts.sums for v in sums)
-    # Per chunk and table: the carried last rows, the duplicates' order (when there are any) and
-    # the job owners come back; never one copy per series or per row.
+    # Per chunk and table: the carried last rows, the duplicates' order (when there are any),
+    # the job owners and the counted time range come back, and once per chunk the shared GPUs'
+    # intervals (the demo writes gpu_job rows); never one copy per series or per row.
     assert len(chunks) >= 10 and stats.rows > 100 * len(chunks)  # hundreds of rows a chunk
-    assert fake_cupy.state.transfers <= 12 * len(chunks)
+    assert fake_cupy.state.transfers <= 16 * len(chunks)
 
 
 def test_cli_report_and_aggregator_take_the_backend(

@@ -615,3 +615,27 @@ def test_a_mig_gpu_is_billed_as_one_gpu_of_capacity(tmp_path: Path) -> None:
     (job,) = [j for j in bill.jobs if j["job_id"] == "7"]
     assert job["busy_unit_hours"] == pytest.approx(3 / 7, abs=1e-6)  # float32 fractions
     assert_same(bill_dict(bill), reference_bill(stored(tables), inv, 86400, files=files))
+
+
+def test_live_counters_use_declared_capacity_and_contract_prices() -> None:
+    """What the aggregator and the daemon export: a pool declaring 4 GPUs has 4 GPU-seconds of
+    capacity per second from the first sample seen to the newest, whatever was monitored; a
+    tenant's charge is at its contract price."""
+    from telemetry.billing.engine import LIVE_WINDOW_SECONDS, Biller
+    from tests.support.bill_rows import arrow
+
+    tail = '[[contract]]\ntenant = "lab"\nprice_per_unit_hour = 10.0'
+    inv = parse_inventory(inventory_text(gpu_extra="capacity_units = 4", tail=tail), "inv.toml")
+    times = [T0 + i * 60 * NS for i in range(61)]
+    biller = Biller(inv, LIVE_WINDOW_SECONDS)
+    biller.add({
+        "gpu": arrow("gpu", [gpu_row(t, "gpu-a1", "GPU-0", 0, 0.5, 300.0, None, "1")
+                             for t in times]),
+        "job": arrow("job", [job_row(t, "gpu-a1", "1", "u", "lab", 1.0, 1.0, 0.0)
+                             for t in times]),
+    })  # fmt: skip
+    totals = biller.live_totals()
+    pools = {p[0]: p for p in totals.pools}
+    assert pools["gpu-own"][2] == 4 * 3600.0  # declared: 4 GPUs over the hour seen
+    (lab,) = [t for t in totals.tenants if t[0] == "gpu-own"]
+    assert lab[2] == "lab" and lab[5] == pytest.approx(10.0)  # 1 GPU-hour at 10, not 12

@@ -283,6 +283,9 @@ class Aggregator:
             for i in range(by_pool[0].size):
                 pool = pools[int(by_pool[0][i])]
                 capacity, allocated, busy = (int(pool_sums[j][i]) for j in range(3))
+                if pool.declared:  # what the bill counts: declared units over those minutes
+                    span = ((current - minutes) * _MINUTE * NS, current * _MINUTE * NS)
+                    capacity = pool.declared_us(*span)
                 alloc_ratio = allocated / capacity if capacity else None
                 busy_ratio = busy / capacity if capacity else None
                 out.rows.append((pool.name, pool.kind, label, alloc_ratio, busy_ratio))

@@ -304,10 +304,15 @@ class Biller:
             self._note_owners(rows, codes, times, nodes, jobs)
 
     def _note_range(self, times: Any, counted: Any) -> None:
-        if not bool(counted.any()):
+        xp = self.xp
+        if times.shape[0] == 0:
             return
-        inside = times[counted]
-        low, high = int(inside.min()), int(inside.max())
+        # one copy from the device per table and chunk: both ends together
+        ends = to_host(xp.stack([xp.where(counted, times, 2**62).min(),
+                                 xp.where(counted, times, -(2**62)).max()]))  # fmt: skip
+        low, high = int(ends[0]), int(ends[1])
+        if low > high:  # nothing counted
+            return
         self.first_ns = low if self.first_ns is None else min(self.first_ns, low)
         self.last_ns = high if self.last_ns is None else max(self.last_ns, high)
 
@@ -329,17 +334,22 @@ class Biller:
         xp = self.xp
         codes, times = merged.codes, merged.times
         uuid_of_series = to_backend(xp, self._ids_of(self.uuids, merged.labels, 1))
-        hosts = to_host
-        rows_at = np.flatnonzero(hosts(counted))
+        # one copy from the device: each row's node, GPU, time, interval parts and whether it
+        # counts
+        host = to_host(xp.stack([
+            counted.astype(xp.int64), nodes, uuid_of_series[codes], times,
+            parts["busy_us"], parts["energy_mj"], parts["capacity_us"],
+        ]))  # fmt: skip
+        rows_at = np.flatnonzero(host[0])
         shared = np.zeros(times.shape[0], dtype=bool)
         if rows_at.size == 0:
             return to_backend(xp, shared)
         gpu_side = pa.table(
             {
                 "i": pa.array(rows_at),
-                "n": pa.array(hosts(nodes[counted])),
-                "u": pa.array(hosts(uuid_of_series[codes][counted])),
-                "t": pa.array(hosts(times[counted])),
+                "n": pa.array(host[1][rows_at]),
+                "u": pa.array(host[2][rows_at]),
+                "t": pa.array(host[3][rows_at]),
             }
         )
         # Duplicate holder rows (same GPU, job and time) count once, whatever their order.
@@ -372,9 +382,7 @@ class Biller:
         starts = np.flatnonzero(np.r_[True, i[1:] != i[:-1]])
         group = np.cumsum(np.r_[True, i[1:] != i[:-1]]) - 1
         gpu_rows = i[starts]
-        busy = hosts(parts["busy_us"])[gpu_rows].astype(np.float64)
-        energy = hosts(parts["energy_mj"])[gpu_rows].astype(np.float64)
-        dt = hosts(parts["capacity_us"])[gpu_rows].astype(np.float64)
+        busy, energy, dt = (host[k][gpu_rows].astype(np.float64) for k in (4, 5, 6))
         shares_total = np.add.reduceat(share, starts)
         by_sm = np.logical_and.reduceat(~np.isnan(sm), starts)
         sm_busy = np.nan_to_num(sm) * dt[group]
