@@ -69,3 +69,34 @@ def test_demo_cpu_side_looks_like_a_cluster(tmp_path: Path) -> None:
     # node 0 burns cores outside every job: the pool's busy time exceeds its jobs' used time
     used = sum(j["busy_unit_hours"] for j in jobs)
     assert sum(p["busy_unit_hours"] for p in hourly["pools"] if p["pool"] == "cpu") > used + 20
+
+
+def test_the_readme_invoice_is_what_the_demo_bills(tmp_path: Path) -> None:
+    """The worked monthly invoice in the README is this run's output, line for line; and the
+    demo's shared GPUs, accounting and Kubernetes pods are what it says they are."""
+    import re
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## A monthly invoice")[1].split("## ")[0]
+    shown = [line for line in section.split("```")[1].splitlines() if line and line != "..."]
+    out = tmp_path / "demo"
+    assert tally("demo", str(out)).returncode == 0
+    command = re.search(r"tally bill demo ([^\n]*--accounting.*?)# the invoice below", readme, re.S)
+    assert command is not None
+    args = command.group(1).replace("\\\n", " ").replace("demo/", f"{out}/").split()
+    result = tally("bill", str(out), *args)
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout.splitlines()
+    for line in shown:
+        assert line in printed, line
+    holders = list((out / "gpu_job").rglob("*.parquet"))
+    assert holders, "fractional GPUs write gpu_job rows"
+    assert args[-2:] == ["--format", "table"]
+    jobs = json.loads(tally("bill", str(out), *args[:-2]).stdout)["jobs"]
+    sources = {j["allocation_source"] for j in jobs}
+    assert sources == {"accounting", "samples"}
+    pods = {j["job_id"] for j in jobs if j["allocation_source"] == "samples"}
+    assert pods and all(re.fullmatch(r"[a-z-]+/[a-z]+-[0-9a-f]+", p) for p in pods)
+    gpu_tenants = [t for t in jobs if t["pool"].startswith("h100")]
+    assert all(t["efficiency_ratio"] is None or t["efficiency_ratio"] <= 1.0 + 1e-6
+               for t in gpu_tenants)  # fmt: skip
