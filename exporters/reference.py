@@ -37,6 +37,26 @@ def render() -> str:
         "such counter, they are `unknown`. `GPU_I_PROFILE` and `GPU_I_ID` are set on MIG",
         "instances only.",
     ]
+    lines += [
+        "",
+        "## Where the job labels come from",
+        "",
+        "`tally_job_info{node,job,user,account}` carries a job's identity once; join on it (and",
+        "on `tally_gpu_job_info`) instead of putting job labels on every GPU series.",
+        "",
+        "- **Slurm** (`job` collector): `job` is the Slurm job id from the job's cgroup (cgroup v1",
+        "  `slurm/uid_<uid>/job_<id>`, v2 `…slurmstepd.scope/job_<id>` or, from Slurm 26.05, its",
+        "  SLUID directory); `user` is the owner of the job's uid (what the job cannot change);",
+        "  `account` comes from the job-info file a Slurm prolog writes (`--slurm.job-info-dir`),",
+        "  else from the job's own environment, which the job column `account_source` marks as",
+        "  `environment` (untrusted). Bills can take both from scheduler accounting instead",
+        "  (`tally bill --accounting`).",
+        "- **Kubernetes** (`pod` collector): `job` is `<namespace>/<pod>` from the kubelet's",
+        "  pod-resources API, `account` the namespace, `user` the pod's service account where",
+        "  known, else `unknown`. Time-sliced GPUs give `tally_gpu_job_share` per pod.",
+        "",
+        'Details: docs/operations.md, "Where attribution comes from".',
+    ]
     lines.append("")
     lines.append("The daemon also exports prometheus-client's standard `process_*` metrics.")
     return "\n".join(lines) + "\n"

@@ -201,6 +201,48 @@ def check_slurm(config: DaemonConfig) -> list[Finding]:
     return [found, _check_job_info(config)]
 
 
+def check_pods(config: DaemonConfig) -> list[Finding]:
+    """The kubelet's pod-resources socket and the pods' cgroups, asked as the ``pod``
+    collector asks them (one round of the collector itself)."""
+    from telemetry.collectors.base import CollectorContext
+    from telemetry.collectors.pod import PodCollector, find_pod_cgroups
+
+    ctx = CollectorContext(
+        procfs=config.procfs,
+        sysfs=config.sysfs,
+        node="doctor",
+        rootfs=config.rootfs,
+        podresources=config.podresources,
+        k8s_tenant_label=config.k8s_tenant_label,
+    )
+    collector = PodCollector(ctx)
+    cgroups = find_pod_cgroups(config.sysfs / "fs" / "cgroup")
+    try:
+        rows = collector.collect()
+    except Exception as exc:  # the collector's own error boundary reports the same
+        return [
+            Finding(
+                FAIL,
+                "pods",
+                f"{collector.socket}: {exc}",
+                "run on a Kubernetes node with the kubelet's pod-resources socket mounted "
+                "(--path.podresources), or --no-collector.pod",
+            )
+        ]
+    finally:
+        collector.close()
+    pods = len(rows.get("job", []))
+    shared = len({r["gpu_uuid"] for r in rows.get("gpu_job", [])})
+    return [
+        Finding(
+            OK,
+            "pods",
+            f"{collector.socket}: {pods} pod(s) running with a cgroup ({len(cgroups)} pod "
+            f"cgroup(s)), {shared} time-sliced GPU(s)",
+        )
+    ]
+
+
 def _check_job_info(config: DaemonConfig) -> Finding:
     directory = config.slurm_job_info_dir
     problem = job_info_dir_problem(directory)
@@ -334,8 +376,8 @@ def check_web_config(config: DaemonConfig) -> list[Finding]:
 
 
 CHECKS: list[Callable[[DaemonConfig], list[Finding]]] = [
-    check_settings, check_procfs, check_rapl, check_nvml, check_slurm, check_data_dir,
-    check_port, check_inventory, check_web_config,
+    check_settings, check_procfs, check_rapl, check_nvml, check_slurm, check_pods,
+    check_data_dir, check_port, check_inventory, check_web_config,
 ]  # fmt: skip
 
 
@@ -344,6 +386,7 @@ COLLECTOR_OF: dict[Callable[[DaemonConfig], list[Finding]], tuple[str, str]] = {
     check_rapl: ("rapl", "rapl"),
     check_nvml: ("gpu", "nvml"),
     check_slurm: ("job", "slurm"),
+    check_pods: ("pod", "pods"),
 }
 
 

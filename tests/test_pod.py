@@ -616,3 +616,30 @@ def test_default_socket_is_under_rootfs(tmp_path: Path) -> None:
     ctx = CollectorContext(procfs=tmp_path, sysfs=tmp_path, node="n", rootfs=Path("/host"))
     collector = PodCollector(ctx)
     assert collector.socket == Path("/host/var/lib/kubelet/pod-resources/kubelet.sock")
+
+
+def test_doctor_asks_the_kubelet_as_the_collector_does(
+    kubelet: FakeKubelet, tmp_path: Path
+) -> None:
+    """With the pod collector on, the doctor reads one round through the collector itself:
+    the same socket, the same cgroup driver detection; without a socket it fails with the fix;
+    with the collector off it says so and asks nothing."""
+    from telemetry.config import DaemonConfig
+    from telemetry.doctor import check_pods, run_doctor
+
+    def config(sock: Path, on: bool = True) -> DaemonConfig:
+        tree = SYSTEMD_V2
+        return DaemonConfig(procfs=tree / "proc", sysfs=tree / "sys", rootfs=tree,
+                            podresources=sock, collectors={"pod": on})  # fmt: skip
+
+    (found,) = check_pods(config(kubelet.socket))
+    running = len(collect(SYSTEMD_V2, kubelet.socket)["job"])
+    assert found.status == "ok" and f"{running} pod(s) running" in found.line()
+    assert "List" in kubelet.calls
+    (missing,) = check_pods(config(tmp_path / "gone.sock"))
+    assert missing.status == "FAIL" and "--path.podresources" in missing.line()
+    lines: list[str] = []
+    calls = len(kubelet.calls)
+    run_doctor(config(kubelet.socket, on=False), out=lines.append)
+    assert any("pods: not checked: the pod collector is off" in line for line in lines)
+    assert len(kubelet.calls) == calls
