@@ -116,8 +116,8 @@ def test_doctor_on_the_command_line(tmp_path: Path) -> None:
         "--nvml.module", "tests.test_doctor:HEALTHY",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    # settings, procfs, rapl, nvml, gpm, slurm, data dir, listen, inventory, web config
-    assert result.stdout.splitlines()[-1] == "11 checks: 0 failed, 1 warnings"  # the pod check says it is off
+    # settings, procfs, rapl, nvml, gpm, slurm, pods (off), data dir, listen, inventory, web
+    assert result.stdout.splitlines()[-1] == "11 checks: 0 failed, 1 warnings"
 
 
 def test_doctor_checks_what_the_daemon_would_refuse(tmp_path: Path) -> None:
