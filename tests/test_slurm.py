@@ -7,11 +7,9 @@ cross-checked against the files' text with small independent splitters.
 from __future__ import annotations
 
 import io
-import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,30 +125,6 @@ def copy_tree(src: Path, tmp_path: Path) -> Path:
     root = tmp_path / src.name
     shutil.copytree(src, root)
     return root
-
-
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-@pytest.fixture
-def warnings() -> Iterator[list[str]]:
-    """Warnings of the ``tally`` logger, caught by a handler on it (whatever else is set up)."""
-    logger = logging.getLogger("tally")
-    handler = _Collect()
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
-    try:
-        yield handler.messages
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 # ---------------------------------------------------------------- fixture cross-checks

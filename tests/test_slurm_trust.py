@@ -8,11 +8,9 @@ user, account and GPUs from the first environment with any ``SLURM_JOB_*`` varia
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -125,29 +123,6 @@ def set_uid(root: Path, pid: int, uid: int) -> None:
         for line in path.read_text().splitlines()
     ]
     path.write_text("\n".join(lines) + "\n")
-
-
-class _Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-@pytest.fixture
-def warnings() -> Iterator[list[str]]:
-    logger = logging.getLogger("tally")
-    handler = _Collect()
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
-    try:
-        yield handler.messages
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 # ---------------------------------------------------------------- the whole tree
