@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,8 +174,10 @@ def generate_demo(
     jobs = _schedule(nodes, gpus, steps, interval, rng)
     kubernetes = nodes - 1 if nodes >= 4 else None
     for job in jobs:
-        if job.node == kubernetes:  # a pod: namespace = tenant
+        if job.node == kubernetes:  # a pod: namespace = tenant; CPUs in millicores
             job.job_id = f"{job.account}/{_POD_KIND[job.account]}-{int(job.job_id):x}"
+        else:  # Slurm allocates whole cores
+            job.cpus = float(math.ceil(job.cpus))
     # The last node's daemon is down for 20 minutes at 60 % of the span (a reboot, say), so the
     # report's coverage section and the bill's gap_hours have something real to show.
     outage = None
@@ -333,8 +336,8 @@ def _sacct(
         start = int(times[job.start]) // NS - int(rng.integers(1, interval))
         end = int(times[job.end - 1]) // NS + int(rng.integers(1, interval))
         running = end > last
-        tres = [{"type": "cpu", "name": None, "id": 1, "count": round(job.cpus)},
-                {"type": "mem", "name": None, "id": 2, "count": round(job.cpus * 4096)},
+        tres = [{"type": "cpu", "name": None, "id": 1, "count": int(job.cpus)},
+                {"type": "mem", "name": None, "id": 2, "count": int(job.cpus * 4096)},
                 {"type": "node", "name": None, "id": 4, "count": 1}]  # fmt: skip
         if job.share >= 1:
             tres.append({"type": "gres", "name": "gpu", "id": 1001, "count": len(job.gpus)})
@@ -348,7 +351,7 @@ def _sacct(
             "time": {"start": start, "end": 0 if running else end, "submission": start - 30,
                      "limit": {"set": True, "infinite": False, "number": 240}},
             "tres": {"allocated": tres, "requested": tres},
-            "required": {"CPUs": round(job.cpus)}, "steps": [],
+            "required": {"CPUs": int(job.cpus)}, "steps": [],
         })  # fmt: skip
     meta = {"plugins": {"data_parser": "data_parser/v0.0.42", "accounting_storage": "slurmdbd"},
             "slurm": {"version": {"major": "24", "micro": "5", "minor": "05"},
