@@ -631,3 +631,57 @@ def test_prolog_never_fails(tmp_path: Path) -> None:
     blocker.write_text("")
     done = run_script("tally-prolog", blocker / "jobs", SLURM_JOB_ID="5", SLURM_JOB_UID="0")
     assert done.returncode == 0 and "cannot create" in done.stderr
+
+
+# ---------------------------------------------------------------- GPU shards
+
+
+def test_gres_conf_shards_per_gpu() -> None:
+    conf = "# node gres\nName=gpu File=/dev/nvidia[0-3]\nName=shard Count=32  # 8 a GPU\n"
+    assert slurm.parse_gres_shards(conf) == {0: 8, 1: 8, 2: 8, 3: 8}
+    per_line = (
+        "NodeName=n1 Name=shard Count=4 File=/dev/nvidia0\nName=shard Count=6 File=/dev/nvidia1"
+    )
+    assert slurm.parse_gres_shards(per_line) == {0: 4, 1: 6}
+    # AutoDetect without a gpu File list, or a count that does not split evenly: unknown
+    assert slurm.parse_gres_shards("AutoDetect=nvml\nName=shard Count=16") == {}
+    assert slurm.parse_gres_shards("Name=gpu File=/dev/nvidia[0-2]\nName=shard Count=8") == {}
+
+
+def test_two_jobs_on_shards_of_one_gpu_hold_their_shares(tmp_path: Path) -> None:
+    """Two jobs on GPU 1 with 2 and 4 of its 8 shards (SLURM_SHARDS_ON_NODE): each is allocated
+    its share, the claims carry it, and the GPU gets gpu_job rows with those shares (SPEC §2),
+    so the bill splits its busy time 1 : 2 instead of giving both the whole GPU."""
+    root = copy_tree(tmp_path)
+    (root / "etc" / "slurm").mkdir()
+    (root / "etc" / "slurm" / "gres.conf").write_text(
+        "Name=gpu File=/dev/nvidia[0-3]\nName=shard Count=32\n"
+    )
+    set_environ(root, 4302, SLURM_SHARDS_ON_NODE="2")  # job 1009250, SLURM_JOB_GPUS=1
+    set_environ(root, 4401, SLURM_STEP_GPUS="1", CUDA_VISIBLE_DEVICES="1",
+                SLURM_SHARDS_ON_NODE="4")  # job 1009249  # fmt: skip
+    out = collector(root).collect()
+    jobs = by_job(out)
+    assert jobs["1009250"]["gpus_allocated"] == 0.25
+    assert jobs["1009249"]["gpus_allocated"] == 0.5
+    shares = sorted((c["gpu_index"], c["job_id"], c.get("share")) for c in out["_gpu_job"])
+    assert shares == [(1, "1009249", 0.5), (1, "1009250", 0.25)]
+    partial: dict[str, list[dict[str, Any]]] = {
+        "gpu": [{"gpu_uuid": "GPU-1", "gpu_index": 1}],
+        "_gpu_job": out["_gpu_job"],
+        "_job_alias": out["_job_alias"],
+        "_gpu_pids": [],
+    }
+    attribute_gpus(partial, root / "proc")
+    held = sorted((r["job_id"], r["share"]) for r in partial["gpu_job"])
+    assert held == [("1009249", 0.5), ("1009250", 0.25)]
+
+
+def test_shards_without_a_gres_conf_count_the_gpu_whole(
+    tmp_path: Path, warnings: list[str]
+) -> None:
+    root = copy_tree(tmp_path)
+    set_environ(root, 4302, SLURM_SHARDS_ON_NODE="2")
+    jobs = by_job(collector(root).collect())
+    assert jobs["1009250"]["gpus_allocated"] == 1.0
+    assert any("shards" in w and "gres.conf" in w for w in warnings)

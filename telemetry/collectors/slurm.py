@@ -21,7 +21,11 @@ the cgroup. Who the job belongs to comes from what the job cannot change:
   ``deploy/slurm/``; ``account_source`` "job-info"), else from the job's environment, which the
   job's owner controls (``account_source`` "environment", untrusted), else ``unknown``;
 - the **GPUs**: job-info ``gpus=``, else ``SLURM_JOB_GPUS``, ``SLURM_STEP_GPUS``,
-  ``CUDA_VISIBLE_DEVICES`` in that order.
+  ``CUDA_VISIBLE_DEVICES`` in that order. A job on GPU **shards** (``SLURM_SHARDS_ON_NODE``,
+  job-info ``shards=``) holds shards / shards-of-the-GPU of the GPUs it names, as the node's
+  ``<rootfs>/etc/slurm/gres.conf`` tells (``Name=shard Count=N`` over the GPU files); its
+  claims carry that share and its ``gpus_allocated`` is their sum. Where gres.conf does not
+  say, the job counts its GPUs whole (one log line).
 
 An environment (``<procfs>/<pid>/environ``, which only root can read for other users'
 processes) counts only if its ``SLURM_JOB_ID`` (or ``SLURM_JOB_SLUID``) is the cgroup's job;
@@ -30,7 +34,8 @@ processes are read first; the search goes on over the rounds, at most ``_MAX_PID
 new processes a job and round, until user, account and GPUs are known. Jobs are keyed by
 (slurmd scope, job): the same job under two slurmd on one host adds up.
 
-Besides ``job`` rows it returns ``_gpu_job`` claims (``gpu_index`` → ``job_id``), a side output
+Besides ``job`` rows it returns ``_gpu_job`` claims (``gpu_index`` → ``job_id``, ``share`` for
+shards), a side output
 with which the GPU collector attributes GPUs to jobs, and ``_job_alias`` rows (``cgroup`` name →
 ``job_id``) for jobs whose cgroup is named by SLUID.
 
@@ -214,6 +219,62 @@ def gpus_from_environ(env: dict[str, str]) -> tuple[int, tuple[int, ...]]:
     return count, claims
 
 
+_DEVICE_FILE = re.compile(r"^/dev/nvidia(?:\[([0-9,\-]+)\]|([0-9]+))$")
+
+
+def _device_indices(files: str) -> list[int]:
+    """``/dev/nvidia[0-3]``, ``/dev/nvidia0,/dev/nvidia1`` → GPU indices (unknown forms: [])."""
+    out: list[int] = []
+    for item in re.split(r",(?![^\[]*\])", files):
+        match = _DEVICE_FILE.match(item.strip())
+        if match is None:
+            return []
+        if match.group(2) is not None:
+            out.append(int(match.group(2)))
+            continue
+        for part in match.group(1).split(","):
+            low, _, high = part.partition("-")
+            if not low.isdigit() or (high and not high.isdigit()):
+                return []
+            out.extend(range(int(low), int(high or low) + 1))
+    return out
+
+
+def parse_gres_shards(text: str) -> dict[int, int]:
+    """Shards of each GPU index per a node's gres.conf: ``Name=shard Count=N`` lines, their
+    count spread evenly over their ``File=`` GPUs, else over every ``Name=gpu`` file. Lines for
+    other nodes (``NodeName=``) are read too: a gres.conf is usually shared by like nodes. A
+    shape this does not understand gives {} (shares unknown), never a guess."""
+    gpus: list[int] = []
+    shards: list[tuple[int, list[int]]] = []
+    for raw in text.splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = {}
+        for token in line.split():
+            key, sep, value = token.partition("=")
+            if sep:
+                fields[key.lower()] = value
+        name = fields.get("name", "").split(":")[0].lower()
+        files = _device_indices(fields["file"]) if "file" in fields else []
+        if name == "gpu":
+            gpus.extend(files)
+        elif name == "shard":
+            text = fields.get("count", "")
+            if not text.isdigit():
+                return {}
+            shards.append((int(text), files))
+    out: dict[int, int] = {}
+    for count, files in shards:
+        over = files or sorted(set(gpus))
+        if not over or count % len(over):
+            return {}
+        for index in over:
+            out[index] = out.get(index, 0) + count // len(over)
+    return out
+
+
 def parse_status_uid(text: str, source: str = "status") -> int:
     """The real uid of a process from ``/proc/<pid>/status`` (``Uid:`` real, effective, saved, fs).
 
@@ -233,7 +294,7 @@ def parse_status_uid(text: str, source: str = "status") -> int:
 
 
 #: Keys of a job-info file (``deploy/slurm/prolog``); others are ignored.
-JOB_INFO_KEYS = frozenset({"job_id", "sluid", "uid", "user", "account", "gpus"})
+JOB_INFO_KEYS = frozenset({"job_id", "sluid", "uid", "user", "account", "gpus", "shards"})
 _JOB_INFO_MAX_BYTES = 64 << 10
 
 
@@ -490,6 +551,7 @@ class _Search:
     gpu_rank: int = GPUS_NONE
     gpus: int = 0
     claims: tuple[int, ...] = ()
+    shards: int | None = None  # SLURM_SHARDS_ON_NODE: GPU shards the job holds here
     uid: int | None = None  # real uid of a task process (v2)
     tried: set[int] | None = None
 
@@ -509,8 +571,9 @@ class JobInfo:
     user: str
     account: str
     account_source: str | None  # "job-info", "environment" or None (unknown)
-    gpus: int
+    gpus: float
     gpu_indices: tuple[int, ...]
+    gpu_share: float | None = None  # of each GPU in gpu_indices, for a job on shards
 
 
 _MAX_TRIED = 65536  # PIDs remembered per job; past this the oldest knowledge is dropped
@@ -543,6 +606,12 @@ class SlurmJobCollector(Collector):
         self._search: dict[tuple[str, str], _Search] = {}
         self._names: dict[int, str] = {}
         self._once = OnceLogger(log)
+        # shards per GPU index, read once: gres.conf changes take a slurmd restart too
+        self._gres_path = ctx.rootfs / "etc" / "slurm" / "gres.conf"
+        try:
+            self._gres_shards = parse_gres_shards(self._gres_path.read_text(errors="replace"))
+        except OSError:
+            self._gres_shards = {}
 
     # ------------------------------------------------------------ the round
 
@@ -577,7 +646,13 @@ class SlurmJobCollector(Collector):
         for job_id, pieces in parts.items():
             rows.append(_combine(job_id, pieces))
             indices = sorted({i for _, info in pieces for i in info.gpu_indices})
-            claims.extend({"gpu_index": i, "job_id": job_id} for i in indices)
+            share = next((info.gpu_share for _, info in pieces if info.gpu_share), None)
+            claims.extend(
+                {"gpu_index": i, "job_id": job_id}
+                if share is None
+                else {"gpu_index": i, "job_id": job_id, "share": share}
+                for i in indices
+            )
         return {"job": rows, "_gpu_job": claims, "_job_alias": aliases}
 
     def _read_job(self, job: JobCgroup, info_dir_ok: bool) -> tuple[Row, JobInfo]:
@@ -595,7 +670,7 @@ class SlurmJobCollector(Collector):
             "account": info.account,
             "account_source": info.account_source,
             "cpus_allocated": float(cpus),
-            "gpus_allocated": float(info.gpus),
+            "gpus_allocated": float(info.gpus),  # a share of each GPU for a job on shards
             "cpu_seconds": cpu_seconds,
             "memory_bytes": memory,
         }
@@ -653,12 +728,36 @@ class SlurmJobCollector(Collector):
             account, source = search.identity.account, "environment"
         else:
             account, source = "unknown", None
+        shards = search.shards
         if trusted is not None and "gpus" in trusted:
             entries = _list_entries(trusted["gpus"])
             gpus, claims = len(entries), _gpu_claims(entries)
+            shards = int(trusted["shards"]) if trusted.get("shards", "").isdigit() else None
         else:
             gpus, claims = search.gpus, search.claims
+        share = self._shard_share(job, shards, claims)
+        if share is not None:
+            return JobInfo(job_id, user, account, source, share * len(claims), claims, share)
         return JobInfo(job_id, user, account, source, gpus, claims)
+
+    def _shard_share(
+        self, job: JobCgroup, shards: int | None, claims: tuple[int, ...]
+    ) -> float | None:
+        """The share of each claimed GPU a job on ``shards`` holds (spread evenly over them),
+        or None where the job has no shards or gres.conf does not tell the GPUs' shards."""
+        if not shards or not claims:
+            return None
+        per_gpu = {self._gres_shards.get(i) for i in claims}
+        if len(per_gpu) != 1 or None in per_gpu:
+            self._once.warning(
+                "shards",
+                f"job {job.job_id} holds {shards} GPU shards but {self._gres_path} does not "
+                "say how many shards each of its GPUs has: its GPUs count whole",
+            )
+            return None
+        (count,) = per_gpu
+        assert count is not None
+        return min(1.0, shards / len(claims) / count)
 
     def _user(self, uid: int, trusted: dict[str, str] | None, identity: _Identity | None) -> str:
         """The name of ``uid``: what the job-info file or an environment call it, if they speak
@@ -704,6 +803,9 @@ class SlurmJobCollector(Collector):
             rank, count, claims = gpu_evidence(env)
             if rank > search.gpu_rank:
                 search.gpu_rank, search.gpus, search.claims = rank, count, claims
+            shards = env.get("SLURM_SHARDS_ON_NODE", "")
+            if search.shards is None and shards.isascii() and shards.isdigit():
+                search.shards = min(int(shards), _INT16_MAX)
 
     def _real_uid(self, pid: int) -> int | None:
         path = self.ctx.procfs / str(pid) / "status"
