@@ -177,9 +177,7 @@ def plan_of(hourly: Bill, whole: Bill, inventory: Inventory, stable_cv: float) -
     notes: dict[str, list[str]] = {k: [] for k in kinds}
     general: list[str] = []
 
-    pools_h = pools_h.join(hours, on="window_start").join(
-        meta.drop("kind"), on="pool", how="left"
-    )
+    pools_h = pools_h.join(hours, on="window_start").join(meta.drop("kind"), on="pool", how="left")
     stray = pools_h.filter(pl.col("ownership").is_null() & (pl.col("allocated_unit_hours") > 0))
     for kind, hours_off in stray.group_by("kind").agg(pl.col("allocated_unit_hours").sum()).rows():
         general.append(
@@ -237,16 +235,24 @@ def plan_of(hourly: Bill, whole: Bill, inventory: Inventory, stable_cv: float) -
     rates = _rates(whole, meta, kind_frame, hours.height)
     split = _placement_split(demand, tenants, hourly_frame)
     ownership = _ownership(whole, meta, kinds, decimals)
-    placement = _placement(hourly_frame, split, rates, meta, notes, decimals)
-    capacity = _capacity(hourly_frame, rates, meta, notes, decimals)
+    if hours.height:
+        placement = _placement(hourly_frame, split, rates, meta, notes, decimals)
+        capacity = _capacity(hourly_frame, rates, meta, notes, decimals)
+    else:
+        why = "no hour in the range: nothing to plan"
+        general.append(why)
+        empty = {"kind": kinds, "note": [why] * len(kinds)}
+        placement = pl.DataFrame(empty).select(
+            pl.col(c).cast(t) if c in empty else pl.lit(None, t).alias(c)
+            for c, t in PLACEMENT_SCHEMA.items()
+        )
+        capacity = pl.DataFrame(empty).select(
+            pl.col(c).cast(t) if c in empty else pl.lit(None, t).alias(c)
+            for c, t in CAPACITY_SCHEMA.items()
+        )
     order = {k: i for i, k in enumerate(KINDS)}
-    for name, frame in (("placement", placement), ("capacity", capacity)):
-        if frame.height:
-            frame = frame.sort(pl.col("kind").replace_strict(order, return_dtype=pl.Int64))
-        if name == "placement":
-            placement = frame
-        else:
-            capacity = frame
+    by_kind = pl.col("kind").replace_strict(order, return_dtype=pl.Int64)
+    placement, capacity = placement.sort(by_kind), capacity.sort(by_kind)
     kind_notes = [f"{kind}: {note}" for kind in kinds for note in notes[kind]]
     return Plan(
         ownership=ownership,
@@ -296,7 +302,7 @@ def _profiles(demand: pl.DataFrame, stable_cv: float) -> pl.DataFrame:
             descending=[False, True, True, True, False],
         )
         .select(list(TENANT_SCHEMA))
-        .cast(TENANT_SCHEMA)
+        .cast(pl.Schema(TENANT_SCHEMA))
     )
 
 
@@ -310,9 +316,9 @@ def _placement_split(
         demand.join(tenants.select("kind", "tenant", "stable", "p10_units"), on=["kind", "tenant"])
         .join(hourly.select("kind", "hour", "owned_units"), on=["kind", "hour"])
         .sort(
-            "kind", "hour", "stable", "p10_units", "tenant",
+            ["kind", "hour", "stable", "p10_units", "tenant"],
             descending=[False, False, True, True, False],
-        )  # fmt: skip
+        )
         .with_columns(
             (pl.col("demand").cum_sum().over("kind", "hour") - pl.col("demand")).alias("before")
         )
@@ -360,9 +366,7 @@ def _rates(whole: Bill, meta: pl.DataFrame, kinds: pl.DataFrame, hours: int) -> 
     )
 
 
-def _ownership(
-    whole: Bill, meta: pl.DataFrame, kinds: list[str], decimals: int
-) -> pl.DataFrame:
+def _ownership(whole: Bill, meta: pl.DataFrame, kinds: list[str], decimals: int) -> pl.DataFrame:
     """Per kind and ownership over the range: the bill's capacity, allocation, busy time, money."""
     pools = _frame(
         whole.pools,
@@ -381,9 +385,7 @@ def _ownership(
             _ratio(pl.col("allocated_unit_hours"), pl.col("capacity_unit_hours")).alias(
                 "allocation_ratio"
             ),
-            _ratio(pl.col("revenue"), pl.col("revenue").sum().over("kind")).alias(
-                "revenue_share"
-            ),
+            _ratio(pl.col("revenue"), pl.col("revenue").sum().over("kind")).alias("revenue_share"),
             _ratio(pl.col("cost"), pl.col("allocated_unit_hours")).alias("unit_cost"),
             _ratio(pl.col("revenue") - pl.col("cost"), pl.col("revenue")).alias(
                 "gross_margin_ratio"
@@ -394,7 +396,7 @@ def _ownership(
             pl.col("ownership").replace_strict(own_order, return_dtype=pl.Int64),
         )
         .select(list(OWNERSHIP_SCHEMA))
-        .cast(OWNERSHIP_SCHEMA)
+        .cast(pl.Schema(OWNERSHIP_SCHEMA))
     )
 
 
@@ -430,21 +432,14 @@ def _placement(
         has_own = _has(meta, kind, "own")
         has_leased = _has(meta, kind, "leased")
         why = []
-        if t["hours"] == 0:
-            why.append("no hour in the range")
-        elif t["demand_units"] == 0:
-            why.append(f"no {kind} allocation in the range: nothing to place")
+        if t["demand_units"] == 0:
+            why.append(_no_demand(kind))
         if not has_own:
             why.append(_no_pool(kind, "own"))
         if not has_leased:
             why.append(_no_pool(kind, "leased"))
-        owned_cost = 0.0 if not has_own else t["c_own"] * t["owned_units"]
-
-        def cost(leased: float) -> float | None:
-            if not has_leased or t["hours"] == 0:
-                return None
-            return round(owned_cost + t["c_leased"] * leased, decimals)
-
+        owned_cost = t["c_own"] * t["owned_units"] if has_own else 0.0
+        c_leased = t["c_leased"] if has_leased else None
         rows.append(
             {
                 "kind": kind,
@@ -452,8 +447,8 @@ def _placement(
                 "own_allocation_ratio_planned": _div(t["planned_owned"], t["owned_units"]),
                 "leased_unit_hours_actual": t["leased_allocated"],
                 "leased_unit_hours_planned": t["planned_leased"],
-                "cost_actual": cost(t["leased_allocated"]),
-                "cost_planned": cost(t["planned_leased"]),
+                "cost_actual": _money(owned_cost, c_leased, t["leased_allocated"], decimals),
+                "cost_planned": _money(owned_cost, c_leased, t["planned_leased"], decimals),
                 "note": "; ".join(why) or None,
             }
         )
@@ -495,12 +490,10 @@ def _capacity(
             (pl.col("owned_hours") / pl.col("hours")).alias("now"),
         )
     )
-    cost_now = _cost_expr("now")
-    cost_optimal = _cost_expr("optimal")
     costs = (
         hourly.join(per.select("kind", "now", "optimal", "c_own", "c_leased"), on="kind")
         .group_by("kind")
-        .agg(cost_now.alias("cost_now"), cost_optimal.alias("cost_optimal"))
+        .agg(_cost_expr("now").alias("cost_now"), _cost_expr("optimal").alias("cost_optimal"))
     )
     rows = []
     for t in per.join(costs, on="kind").iter_rows(named=True):
@@ -512,7 +505,7 @@ def _capacity(
                 why.append(_no_pool(kind, ownership))
                 usable = False
         if t["demand"] == 0:
-            why.append(f"no {kind} demand in the range: no owned capacity to plan")
+            why.append(_no_demand(kind))
             usable = False
         elif usable and t["c_own"] >= t["c_leased"]:
             why.append(
@@ -520,8 +513,8 @@ def _capacity(
                 f"({t['c_own']:g} ≥ {t['c_leased']:g} per unit-hour): owning none is cheapest"
             )
         now = t["now"] if _has(meta, kind, "own") else 0.0
-        cost_now = round(t["cost_now"], decimals) if usable else None
-        cost_optimal = round(t["cost_optimal"], decimals) if usable else None
+        cost_now: float | None = round(t["cost_now"], decimals) if usable else None
+        cost_optimal: float | None = round(t["cost_optimal"], decimals) if usable else None
         rows.append(
             {
                 "kind": kind,
@@ -550,11 +543,20 @@ def _cost_expr(capacity: str) -> pl.Expr:
     return owned + leased
 
 
+def _no_demand(kind: str) -> str:
+    return f"no {kind} allocation in the range: no demand to plan for"
+
+
 def _no_pool(kind: str, ownership: str) -> str:
     """Why a kind without owned or leased pools has no costs or capacity plan."""
     if ownership == "own":
         return f"no owned {kind} pool: no owned cost per unit-hour (everything is leased)"
     return f"no leased {kind} pool: no leased cost per unit-hour to weigh owning against"
+
+
+def _money(owned: float, c_leased: float | None, leased: float, decimals: int) -> float | None:
+    """Owned capacity cost + leased unit-hours × c_l, rounded; None without a leased cost."""
+    return None if c_leased is None else round(owned + c_leased * leased, decimals)
 
 
 def _has(meta: pl.DataFrame, kind: str, ownership: str) -> bool:
@@ -651,7 +653,5 @@ def to_table(plan: Plan) -> str:
         "",
         *rates,
     ]  # fmt: skip
-    if not plan.hourly.height:
-        lines.append("no hour in the range: nothing to plan")
     lines += [f"note: {note}" for note in plan.notes]
     return "\n".join(lines) + "\n"
