@@ -230,6 +230,7 @@ def report(args: argparse.Namespace) -> int:
             xp=xp,
             accounting=accounting(args.accounting),
             timezone=args.timezone,
+            stable_cv=args.stable_cv,
         )
     document = render_report(data)
     partial = args.out.with_name(f".{args.out.name}.tmp")
