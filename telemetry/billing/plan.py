@@ -172,7 +172,12 @@ def plan_of(hourly: Bill, whole: Bill, inventory: Inventory, stable_cv: float) -
         .with_row_index("hour")
         .with_columns(pl.col("hour").cast(pl.Int64))
     )
-    kinds = [k for k in KINDS if k in set(meta["kind"]) | set(pools_h["kind"])]
+    # a kind with pools, or with samples on nodes of no pool (an unassigned pool that holds
+    # something): not a kind the inventory never names and the dataset never shows
+    seen = pools_h.filter(
+        (pl.col("capacity_unit_hours") > 0) | (pl.col("allocated_unit_hours") > 0)
+    )
+    kinds = [k for k in KINDS if k in set(meta["kind"]) | set(seen["kind"])]
     kind_frame = pl.DataFrame({"kind": kinds}, schema={"kind": pl.String})
     notes: dict[str, list[str]] = {k: [] for k in kinds}
     general: list[str] = []
