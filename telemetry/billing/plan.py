@@ -179,6 +179,7 @@ def plan_of(hourly: Bill, whole: Bill, inventory: Inventory, stable_cv: float) -
     )
     kinds = [k for k in KINDS if k in set(meta["kind"]) | set(seen["kind"])]
     kind_frame = pl.DataFrame({"kind": kinds}, schema={"kind": pl.String})
+    kind_order = {k: i for i, k in enumerate(KINDS)}
     notes: dict[str, list[str]] = {k: [] for k in kinds}
     general: list[str] = []
 
@@ -234,7 +235,7 @@ def plan_of(hourly: Bill, whole: Bill, inventory: Inventory, stable_cv: float) -
                 0.0
             )
         )
-        .sort("kind", "hour")
+        .sort(pl.col("kind").replace_strict(kind_order, return_dtype=pl.Int64), "hour")
     )
 
     rates = _rates(whole, meta, kind_frame, hours.height)

@@ -7,7 +7,7 @@ and inside the charts by plotly's JSON encoder, which escapes ``<``, ``>`` and `
 from __future__ import annotations
 
 import html
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -862,14 +862,20 @@ def _demand_chart(plan: Any, kind: str, capacity: dict[str, Any] | None, charts:
 
     hours = plan.hourly.filter(pl.col("kind") == kind)
     x = [datetime.fromisoformat(w) for w in hours["window_start"].to_list()]
+    x.append(x[-1] + timedelta(hours=1))  # each hour drawn as a step of its own width
     unit = "GPUs" if kind == "gpu" else "cores"
+
+    def steps(column: str) -> list[float]:
+        values: list[float] = hours[column].to_list()
+        return [*values, values[-1]]
+
     figure = go.Figure()
     figure.add_trace(
-        go.Scatter(x=x, y=hours["demand_units"].to_list(), name="demand (allocated)",
+        go.Scatter(x=x, y=steps("demand_units"), name="demand (allocated)",
                    mode="lines", line={"shape": "hv", "color": _PALETTE[0]})
     )  # fmt: skip
     figure.add_trace(
-        go.Scatter(x=x, y=hours["owned_units"].to_list(), name="owned capacity today",
+        go.Scatter(x=x, y=steps("owned_units"), name="owned capacity today",
                    mode="lines", line={"shape": "hv", "color": _PALETTE[1], "dash": "dot"})
     )  # fmt: skip
     if capacity is not None and capacity["owned_units_optimal"] is not None:
@@ -902,14 +908,17 @@ def _stability_chart(plan: Any, kind: str, charts: _Charts) -> str:
                 y=part["cv"].to_list(),
                 text=[_label(t) for t in part["tenant"].to_list()],
                 mode="markers+text",
-                textposition="top center",
+                textposition="middle right",
+                cliponaxis=False,
                 name=name,
                 marker={"color": color, "symbol": symbol, "size": 11},
                 hovertemplate="%{text}<br>mean %{x:,.2f}<br>CV %{y:.2f}<extra></extra>",
             )
         )
     figure.add_hline(y=plan.stable_cv, line={"dash": "dot", "color": "#5a6478"})
-    figure.update_xaxes(rangemode="tozero", title="mean units per hour")
+    widest = max(float(tenants["mean_units"].max() or 0.0), 1e-9)
+    # room on the right for the names of the largest tenants
+    figure.update_xaxes(range=[-0.03 * widest, 1.25 * widest], title="mean units per hour")
     figure.update_yaxes(rangemode="tozero", title="CV (std / mean)")
     figure.update_layout(title=f"{kind} tenants: size against variability")
     return charts(figure)
