@@ -470,3 +470,39 @@ def test_report_shows_the_plan(dataset: tuple[Path, Path]) -> None:
     assert "Hourly gpu demand, owned capacity and C*" in page
     assert "gpu tenants: size against variability" in page
     assert f"C* = {alone.capacity['owned_units_optimal'][0]:,.2f}" in page
+
+
+def test_demand_is_the_hourly_bill_with_accounting(tmp_path: Path) -> None:
+    """On the demo (fractional GPUs, a leased pool, Slurm accounting): each kind's hourly demand
+    is the sum of the hourly bill's tenant lines in its owned and leased pools, accounting
+    included, and each tenant's mean is its allocation over the hours."""
+    from telemetry.billing.accounting import load_accounting
+    from telemetry.billing.inventory import load_inventory
+    from telemetry.demo import generate_demo
+    from tests.support.bill_rows import bill_of
+
+    out = tmp_path / "demo"
+    generate_demo(out, nodes=2, hours=3)
+    inventory = load_inventory(out / "inventory.toml")
+    records = load_accounting([out / "sacct.json"])
+    plan = compute_plan(out, inventory, accounting=records, warn=lambda _: None)
+    bill = bill_of(out, inventory, 3600, accounting=records)
+    kind = {p["pool"]: (p["kind"], p["ownership"]) for p in bill.pools}
+    hours = list(dict.fromkeys(p["window_start"] for p in bill.pools))
+    want: dict[tuple[str, str], float] = {}
+    per_tenant: dict[tuple[str, str], float] = {}
+    for t in bill.tenants:
+        k, ownership = kind[t["pool"]]
+        if ownership in ("own", "leased"):
+            key = (k, t["window_start"])
+            want[key] = want.get(key, 0.0) + t["allocated_unit_hours"]
+            who = (k, t["tenant"])
+            per_tenant[who] = per_tenant.get(who, 0.0) + t["allocated_unit_hours"]
+    assert any(j["allocation_source"] == "accounting" for j in bill.jobs)
+    for row in plan.hourly.iter_rows(named=True):
+        expected = want.get((row["kind"], row["window_start"]), 0.0)
+        assert math.isclose(row["demand_units"], expected, rel_tol=1e-12, abs_tol=1e-12)
+    assert plan.hourly["window_start"].unique(maintain_order=True).to_list() == hours
+    for row in plan.tenants.iter_rows(named=True):
+        total = per_tenant[(row["kind"], row["tenant"])]
+        assert math.isclose(row["mean_units"], total / len(hours), rel_tol=1e-12)

@@ -30,6 +30,7 @@ from telemetry.billing.bill import finish_bill, with_timezone
 from telemetry.billing.engine import BILL_COLUMNS, Bill, Biller
 from telemetry.billing.inventory import Inventory
 from telemetry.billing.period import selected_range
+from telemetry.billing.windows import Windows
 from telemetry.billing.writers import _render
 from telemetry.progress import Progress
 from telemetry.store.dataset import DEFAULT_BUDGET_ROWS, scan
@@ -122,7 +123,7 @@ def compute_plan(
     lo, hi = selected_range(start, end, inventory.timezone)
 
     def fresh() -> list[Biller]:
-        biller = Biller(inventory, HOUR_SECONDS, lo, hi)
+        biller = Biller(inventory, Windows(HOUR_SECONDS, inventory.timezone), lo, hi)
         biller.accounting = accounting
         return [biller]
 

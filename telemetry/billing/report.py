@@ -28,6 +28,7 @@ from telemetry.billing.engine import BILL_COLUMNS, NS, Bill, Biller, PartialSums
 from telemetry.billing.inventory import Inventory
 from telemetry.billing.period import selected_range
 from telemetry.billing.plan import DEFAULT_STABLE_CV, HOUR_SECONDS, Plan, plan_of
+from telemetry.billing.windows import Windows
 from telemetry.errors import TallyError
 from telemetry.rows import merge_rows
 from telemetry.schema import SCHEMAS, validate
@@ -342,7 +343,8 @@ def collect_report(
     def fresh() -> list[Any]:
         biller = Biller(inventory, window, lo, hi, xp=xp)
         biller.accounting = accounting
-        hourly = Biller(inventory, HOUR_SECONDS, lo, hi, xp=xp)
+        # hours labelled in the bill's zone, as ``tally plan`` labels them
+        hourly = Biller(inventory, Windows(HOUR_SECONDS, inventory.timezone), lo, hi, xp=xp)
         hourly.accounting = accounting
         return [
             biller,

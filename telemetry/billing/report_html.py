@@ -861,7 +861,9 @@ def _demand_chart(plan: Any, kind: str, capacity: dict[str, Any] | None, charts:
     import polars as pl
 
     hours = plan.hourly.filter(pl.col("kind") == kind)
-    x = [datetime.fromisoformat(w) for w in hours["window_start"].to_list()]
+    # UTC, as the report's other time axes (plotly.js reads no UTC offsets)
+    x = [datetime.fromisoformat(w).astimezone(UTC).replace(tzinfo=None)
+         for w in hours["window_start"].to_list()]  # fmt: skip
     x.append(x[-1] + timedelta(hours=1))  # each hour drawn as a step of its own width
     unit = "GPUs" if kind == "gpu" else "cores"
 
