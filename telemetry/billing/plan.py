@@ -257,8 +257,7 @@ def plan_of(hourly: Bill, whole: Bill, inventory: Inventory, stable_cv: float) -
             pl.col(c).cast(t) if c in empty else pl.lit(None, t).alias(c)
             for c, t in CAPACITY_SCHEMA.items()
         )
-    order = {k: i for i, k in enumerate(KINDS)}
-    by_kind = pl.col("kind").replace_strict(order, return_dtype=pl.Int64)
+    by_kind = pl.col("kind").replace_strict(kind_order, return_dtype=pl.Int64)
     placement, capacity = placement.sort(by_kind), capacity.sort(by_kind)
     kind_notes = [f"{kind}: {note}" for kind in kinds for note in notes[kind]]
     return Plan(
