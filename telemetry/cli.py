@@ -1,7 +1,7 @@
 """The ``tally`` command line: parses arguments and dispatches to the command that runs them.
 
-Commands: daemon, doctor, replay, demo, bill, report, aggregate. Exit codes: 0 ok, 2 bad usage,
-configuration or input (one line on stderr), 1 unexpected.
+Commands: daemon, doctor, replay, demo, bill, report, aggregate, plan. Exit codes: 0 ok, 2 bad
+usage, configuration or input (one line on stderr), 1 unexpected.
 """
 
 from __future__ import annotations
@@ -99,6 +99,12 @@ def _dataset_argument(p: argparse.ArgumentParser, what: str = "to read") -> None
     p.add_argument(
         "dataset", type=Path, help=f"dataset directory {what} (<dir>/<table>/date=…/node=…/)"
     )
+
+
+def _stable_cv_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stable-cv", type=number_arg(0, 1e6), default=0.25,
+                   help="a tenant is stable where its hourly demand's CV is at most this "
+                   "(default 0.25)")  # fmt: skip
 
 
 def _backend_option(p: argparse.ArgumentParser, default: str = "auto") -> None:
@@ -271,7 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(default auto: the shortest giving at most 240 windows)",
     )
     _range_options(rep)
+    _stable_cv_option(rep)
     _backend_option(rep)
+
+    pl = sub.add_parser("plan", help="which tenants belong on owned capacity; how much to own")
+    _dataset_argument(pl)
+    _inventory_option(pl, required=True)
+    _range_options(pl)
+    _stable_cv_option(pl)
+    pl.add_argument("--format", choices=["json", "table"], default="json",
+                    help="json (default) or table (for people)")  # fmt: skip
+    pl.add_argument("--out", type=Path, help="output file (default stdout)")
     return parser
 
 

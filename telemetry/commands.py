@@ -1,5 +1,5 @@
-"""What each ``tally`` command does once its arguments are parsed: replay, demo, bill, report and
-aggregate (the daemon and doctor have modules of their own).
+"""What each ``tally`` command does once its arguments are parsed: replay, demo, bill, report,
+aggregate and plan (the daemon and doctor have modules of their own).
 
 Every function takes the parsed ``argparse.Namespace`` and returns the exit code; bad input is
 a ``TallyError`` (one line on stderr, exit 2, written by the CLI).
@@ -230,6 +230,7 @@ def report(args: argparse.Namespace) -> int:
             xp=xp,
             accounting=accounting(args.accounting),
             timezone=args.timezone,
+            stable_cv=args.stable_cv,
         )
     document = render_report(data)
     partial = args.out.with_name(f".{args.out.name}.tmp")
@@ -242,4 +243,35 @@ def report(args: argparse.Namespace) -> int:
     if not args.quiet:
         done = f"wrote {args.out} ({len(document.encode()) / 1e6:.1f} MB)"
         say(done)
+    return 0
+
+
+def plan(args: argparse.Namespace) -> int:
+    from telemetry.billing.inventory import load_inventory
+    from telemetry.billing.plan import compute_plan, to_json, to_table
+    from telemetry.progress import silent
+
+    if args.out is not None and not args.out.parent.is_dir():
+        raise TallyError(f"--out {args.out}: directory {args.out.parent} does not exist")
+    inventory = load_inventory(args.inventory)
+    result = compute_plan(
+        args.dataset,
+        inventory,
+        args.start,
+        args.end,
+        stable_cv=args.stable_cv,
+        accounting=accounting(args.accounting),
+        timezone=args.timezone,
+        progress=silent if args.quiet else None,
+        warn=warner(args.quiet),
+    )
+    body = to_json(result) if args.format == "json" else to_table(result).encode()
+    if args.out is None:
+        sys.stdout.buffer.write(body)
+        sys.stdout.flush()
+        return 0
+    try:
+        args.out.write_bytes(body)
+    except OSError as exc:
+        raise TallyError(f"--out {args.out}: {exc.strerror or exc}") from None
     return 0

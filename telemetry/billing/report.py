@@ -27,6 +27,8 @@ from telemetry.billing.bill import finish_bill, with_timezone
 from telemetry.billing.engine import BILL_COLUMNS, NS, Bill, Biller, PartialSums
 from telemetry.billing.inventory import Inventory
 from telemetry.billing.period import selected_range
+from telemetry.billing.plan import DEFAULT_STABLE_CV, HOUR_SECONDS, Plan, plan_of
+from telemetry.billing.windows import Windows
 from telemetry.errors import TallyError
 from telemetry.rows import merge_rows
 from telemetry.schema import SCHEMAS, validate
@@ -298,6 +300,8 @@ class ReportData:
     # the same sums as one window over the whole range: totals with money rounded once, equal
     # to a one-window bill of the range (the per-window ``bill`` draws the charts)
     summary: Bill | None = None
+    # SPEC §10 from an hourly bill of the same scan
+    plan: Plan | None = None
 
     @property
     def totals(self) -> Bill:
@@ -316,8 +320,10 @@ def collect_report(
     xp: ModuleType = np,
     accounting: list[Record] | None = None,
     timezone: str | None = None,
+    stable_cv: float = DEFAULT_STABLE_CV,
 ) -> ReportData:
-    """Scan the dataset at ``root`` once; ``window`` None picks one (``auto_window``).
+    """Scan the dataset at ``root`` once; ``window`` None picks one (``auto_window``). An
+    hourly bill engine beside the report's feeds the plan (SPEC §10, ``stable_cv``).
 
     ``xp`` is the array backend of the report's bill (the grids stay on NumPy: they are small
     matrices drawn on the host). Raises ``TallyError`` for unusable input, as ``tally bill`` does.
@@ -337,11 +343,15 @@ def collect_report(
     def fresh() -> list[Any]:
         biller = Biller(inventory, window, lo, hi, xp=xp)
         biller.accounting = accounting
+        # hours labelled in the bill's zone, as ``tally plan`` labels them
+        hourly = Biller(inventory, Windows(HOUR_SECONDS, inventory.timezone), lo, hi, xp=xp)
+        hourly.accounting = accounting
         return [
             biller,
             SeriesGrid("gpu", window, max_gap, lo, hi),
             SeriesGrid("cpu", window, max_gap, lo, hi),
             HealthGrid(window, lo, hi),
+            hourly,
         ]
 
     try:
@@ -349,10 +359,17 @@ def collect_report(
     finally:
         release(xp)
     stats.files_quarantined += looked.files_quarantined
-    biller, gpu, cpu, health = consumers
-    assert isinstance(biller, Biller) and isinstance(gpu, SeriesGrid)
+    biller, gpu, cpu, health, hourly = consumers
+    assert isinstance(biller, Biller) and isinstance(hourly, Biller)
+    assert isinstance(gpu, SeriesGrid)
     assert isinstance(cpu, SeriesGrid) and isinstance(health, HealthGrid)
     bill = finish_bill(biller, stats, warn)
+    planned = plan_of(
+        hourly.bill(dict(bill.input)),
+        hourly.bill(dict(bill.input), whole=True),
+        inventory,
+        stable_cv,
+    )
     window_ns = window * NS
     w_first = (lo if lo is not None else first) // window_ns
     w_last = ((hi - 1) if hi is not None else last) // window_ns
@@ -374,6 +391,7 @@ def collect_report(
         last_ns=last if hi is None else min(last, hi - 1),
         health=health,
         summary=biller.bill(dict(bill.input), whole=True),
+        plan=planned,
     )
 
 

@@ -7,7 +7,7 @@ and inside the charts by plotly's JSON encoder, which escapes ``<``, ``>`` and `
 from __future__ import annotations
 
 import html
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
@@ -163,6 +163,7 @@ def render_report(data: ReportData) -> str:
         _heatmap_section(data, charts),
         _tenants_section(data, charts, currency),
         _jobs_section(data, charts, currency),
+        _plan_section(data, charts, currency),
         _health_section(data, charts),
         _coverage_section(data, charts),
     ]
@@ -764,3 +765,162 @@ def _coverage_section(data: ReportData, charts: _Charts) -> str:
     else:
         parts.append("<p>No files in quarantine.</p>")
     return "".join(parts)
+
+
+def _plan_section(data: ReportData, charts: _Charts, currency: str) -> str:
+    """SPEC §10: own vs leased, tenant demand profiles, the placement what-if and the capacity
+    plan; per kind a chart of hourly demand with C* and today's owned capacity, and the tenants
+    on a mean-vs-CV scatter, stable ones marked."""
+    plan = data.plan
+    if plan is None:
+        return ""
+    own = [
+        [r["kind"], r["ownership"], _num(r["capacity_unit_hours"], 1),
+         _num(r["allocated_unit_hours"], 1), _pct(r["allocation_ratio"]),
+         _money(r["revenue"], currency), _pct(r["revenue_share"]), _money(r["cost"], currency),
+         _money(r["unit_cost"], currency), _pct(r["gross_margin_ratio"])]
+        for r in plan.ownership.iter_rows(named=True)
+    ]  # fmt: skip
+    tenants = [
+        [r["kind"], r["tenant"], _num(r["mean_units"]), _num(r["p10_units"]),
+         _num(r["p90_units"]), _num(r["cv"]), "yes" if r["stable"] else "no"]
+        for r in plan.tenants.iter_rows(named=True)
+    ]  # fmt: skip
+    placement = [
+        [r["kind"], _pct(r["own_allocation_ratio_actual"]),
+         _pct(r["own_allocation_ratio_planned"]), _num(r["leased_unit_hours_actual"], 1),
+         _num(r["leased_unit_hours_planned"], 1), _money(r["cost_actual"], currency),
+         _money(r["cost_planned"], currency)]
+        for r in plan.placement.iter_rows(named=True)
+    ]  # fmt: skip
+    capacity = [
+        [r["kind"], _num(r["owned_units_now"]), _num(r["owned_units_optimal"]),
+         _money(r["cost_now"], currency), _money(r["cost_optimal"], currency),
+         _money(r["saving"], currency)]
+        for r in plan.capacity.iter_rows(named=True)
+    ]  # fmt: skip
+    notes = "".join(f'<p class="note bad">{html.escape(n)}</p>' for n in plan.notes)
+    figures = []
+    optimal = {r["kind"]: r for r in plan.capacity.iter_rows(named=True)}
+    for kind in dict.fromkeys(plan.hourly["kind"].to_list()):
+        figures.append(_demand_chart(plan, kind, optimal.get(kind), charts))
+    for kind in dict.fromkeys(plan.tenants["kind"].to_list()):
+        figures.append(_stability_chart(plan, kind, charts))
+    return (
+        '<h2 id="plan">Plan: where tenants should run, and how much to own</h2>'
+        '<p class="note">From hourly bills of the same samples: a tenant\'s demand in an hour '
+        "is its allocated units (a missing hour is 0). Tenants whose hourly demand varies by at "
+        f"most {plan.stable_cv:g} of its mean (CV) are stable; owned capacity is filled with "
+        "them first. C* is the owned capacity that minimises c_o·C·T + c_l·Σ max(D_t − C, 0) "
+        "for the hours seen, assuming leased capacity is there on demand at its cost, with no "
+        "minimum term.</p>"
+        + notes
+        + "<h3>Own vs leased</h3>"
+        + _table(
+            [
+                "kind",
+                "ownership",
+                "capacity h",
+                "allocated h",
+                "allocation",
+                "revenue",
+                "revenue share",
+                "cost",
+                "unit cost",
+                "margin",
+            ],
+            own,
+            2,
+        )
+        + "<h3>Tenant demand (units per hour)</h3>"
+        + _table(["kind", "tenant", "mean", "p10", "p90", "CV", "stable"], tenants, 2)
+        + "<h3>Placement: stable tenants first into owned capacity</h3>"
+        + _table(
+            [
+                "kind",
+                "own allocation now",
+                "planned",
+                "leased h now",
+                "leased h planned",
+                "cost now",
+                "cost planned",
+            ],
+            placement,
+        )
+        + "<h3>Capacity plan</h3>"
+        + _table(
+            ["kind", "owned units now", "optimal (C*)", "cost now", "cost at C*", "saving"],
+            capacity,
+        )
+        + "".join(figures)
+    )
+
+
+def _demand_chart(plan: Any, kind: str, capacity: dict[str, Any] | None, charts: _Charts) -> str:
+    """Hourly total demand of ``kind`` with C* and today's owned capacity as lines."""
+    import polars as pl
+
+    hours = plan.hourly.filter(pl.col("kind") == kind)
+    # UTC, as the report's other time axes (plotly.js reads no UTC offsets)
+    x = [datetime.fromisoformat(w).astimezone(UTC).replace(tzinfo=None)
+         for w in hours["window_start"].to_list()]  # fmt: skip
+    x.append(x[-1] + timedelta(hours=1))  # each hour drawn as a step of its own width
+    unit = "GPUs" if kind == "gpu" else "cores"
+
+    def steps(column: str) -> list[float]:
+        values: list[float] = hours[column].to_list()
+        return [*values, values[-1]]
+
+    figure = go.Figure()
+    figure.add_trace(
+        go.Scatter(x=x, y=steps("demand_units"), name="demand (allocated)",
+                   mode="lines", line={"shape": "hv", "color": _PALETTE[0]})
+    )  # fmt: skip
+    figure.add_trace(
+        go.Scatter(x=x, y=steps("owned_units"), name="owned capacity today",
+                   mode="lines", line={"shape": "hv", "color": _PALETTE[1], "dash": "dot"})
+    )  # fmt: skip
+    if capacity is not None and capacity["owned_units_optimal"] is not None:
+        c_star = capacity["owned_units_optimal"]
+        figure.add_trace(
+            go.Scatter(x=[x[0], x[-1]], y=[c_star, c_star], name=f"C* = {c_star:,.2f}",
+                       mode="lines", line={"color": _PALETTE[3], "dash": "dash"})
+        )  # fmt: skip
+    figure.update_yaxes(rangemode="tozero", title=unit)
+    figure.update_layout(title=f"Hourly {kind} demand, owned capacity and C* ({unit})")
+    return charts(figure)
+
+
+def _stability_chart(plan: Any, kind: str, charts: _Charts) -> str:
+    """Tenants of ``kind``: mean hourly units against CV; stable ones marked."""
+    import polars as pl
+
+    tenants = plan.tenants.filter(pl.col("kind") == kind)
+    figure = go.Figure()
+    for stable, name, color, symbol in (
+        (True, "stable", _PALETTE[1], "circle"),
+        (False, "variable", _PALETTE[3], "x"),
+    ):
+        part = tenants.filter(pl.col("stable") == stable)
+        if not part.height:
+            continue
+        figure.add_trace(
+            go.Scatter(
+                x=part["mean_units"].to_list(),
+                y=part["cv"].to_list(),
+                text=[_label(t) for t in part["tenant"].to_list()],
+                mode="markers+text",
+                textposition="middle right",
+                cliponaxis=False,
+                name=name,
+                marker={"color": color, "symbol": symbol, "size": 11},
+                hovertemplate="%{text}<br>mean %{x:,.2f}<br>CV %{y:.2f}<extra></extra>",
+            )
+        )
+    figure.add_hline(y=plan.stable_cv, line={"dash": "dot", "color": "#5a6478"})
+    widest = max(float(tenants["mean_units"].max() or 0.0), 1e-9)
+    # room on the right for the names of the largest tenants
+    figure.update_xaxes(range=[-0.03 * widest, 1.25 * widest], title="mean units per hour")
+    figure.update_yaxes(rangemode="tozero", title="CV (std / mean)")
+    figure.update_layout(title=f"{kind} tenants: size against variability")
+    return charts(figure)
