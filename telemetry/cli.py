@@ -294,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _range_options(rep)
     _backend_option(rep)
+    _parallel_options(rep)
     return parser
 
 

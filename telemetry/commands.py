@@ -246,6 +246,8 @@ def report(args: argparse.Namespace) -> int:
             xp=xp,
             accounting=accounting(args.accounting),
             timezone=args.timezone,
+            workers=args.workers,
+            cluster=cluster(args.cluster),
         )
     document = render_report(data)
     partial = args.out.with_name(f".{args.out.name}.tmp")

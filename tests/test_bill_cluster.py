@@ -266,3 +266,27 @@ def test_killed_dask_worker_is_retried_and_the_bill_is_the_same(tmp_path: Path) 
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+
+def test_report_on_workers_has_the_single_process_sums(threads: Any, tmp_path: Path) -> None:
+    from telemetry.billing.report import collect_report
+
+    root = _dataset(tmp_path / "data", 31)
+    kw: dict[str, Any] = {"warn": lambda _: None, "progress": lambda *_: None, "budget_rows": 1500}
+    one = collect_report(root, INV, 900, **kw)
+    for other in (collect_report(root, INV, 900, cluster=threads, **kw),
+                  collect_report(root, INV, 900, workers=2, **kw)):  # fmt: skip
+        assert to_json(other.bill) == to_json(one.bill)
+        assert other.summary is not None and one.summary is not None
+        assert to_json(other.summary) == to_json(one.summary)
+        for mine, theirs in ((other.gpu, one.gpu), (other.cpu, one.cpu)):
+            assert mine.labels == theirs.labels and mine.details == theirs.details
+            assert mine.labels  # something was drawn
+            for name, matrix in theirs.sums.items():
+                assert np.array_equal(mine.sums[name], matrix), name
+        assert other.health is not None and one.health is not None
+        assert other.health.gpus.keys() == one.health.gpus.keys()
+        assert other.health.nodes.keys() == one.health.nodes.keys()

@@ -70,6 +70,8 @@ class BillTask:
     end_ns: int | None
     backend: str = "numpy"
     budget_rows: int = DEFAULT_BUDGET_ROWS
+    # a report's grids too: (window seconds, max gap seconds); None for a bill
+    grids: tuple[int, float] | None = None
 
     def describe(self) -> str:
         shown = ", ".join(self.files[:_NAMED_FILES])
@@ -99,6 +101,7 @@ class BillPart:
     stats: ReadStats
     warnings: list[str] = field(default_factory=list)
     nodes_seen: frozenset[str] = frozenset()
+    grids: list[Any] | None = None  # a report's SeriesGrid (gpu, cpu) and HealthGrid
 
 
 class _NodesSeen:
@@ -138,16 +141,28 @@ def _bill_partition(task: BillTask) -> BillPart:
     def select(files: dict[str, list[Path]]) -> dict[str, list[Path]]:
         return {t: [p for p in paths if node_of(root, p) in wanted] for t, paths in files.items()}
 
-    def fresh() -> list[Any]:
-        return [Biller(task.inventory, windows, task.start_ns, task.end_ns, xp=xp), _NodesSeen()]
+    columns: dict[str, tuple[str, ...]] = BILL_COLUMNS
 
+    def fresh() -> list[Any]:
+        consumers: list[Any] = [
+            Biller(task.inventory, windows, task.start_ns, task.end_ns, xp=xp),
+            _NodesSeen(),
+        ]
+        if task.grids is not None:
+            consumers += report_grids(task.grids[0], task.grids[1], task.start_ns, task.end_ns)
+        return consumers
+
+    if task.grids is not None:
+        from telemetry.billing.report import GRID_COLUMNS
+
+        columns = GRID_COLUMNS
     try:
         consumers, stats = scan(
-            root, fresh, task.budget_rows, None, warnings.append, BILL_COLUMNS, select
+            root, fresh, task.budget_rows, None, warnings.append, columns, select
         )
     finally:
         release(xp)
-    biller, seen = consumers
+    biller, seen, *grids = consumers
     assert isinstance(biller, Biller) and isinstance(seen, _NodesSeen)
     pool_keys, pool_sums = biller.pool_totals()
     job_keys, job_sums = biller.job_parts.compact()
@@ -169,7 +184,21 @@ def _bill_partition(task: BillTask) -> BillPart:
         stats=stats,
         warnings=warnings,
         nodes_seen=frozenset(biller.nodes.values) | frozenset(seen.seen),
+        grids=grids or None,
     )
+
+
+def report_grids(
+    window_s: int, max_gap_s: float, start_ns: int | None, end_ns: int | None
+) -> list[Any]:
+    """The report's consumers beside the biller: gpu and cpu SeriesGrid, HealthGrid."""
+    from telemetry.billing.report import HealthGrid, SeriesGrid
+
+    return [
+        SeriesGrid("gpu", window_s, max_gap_s, start_ns, end_ns),
+        SeriesGrid("cpu", window_s, max_gap_s, start_ns, end_ns),
+        HealthGrid(window_s, start_ns, end_ns),
+    ]
 
 
 # ------------------------------------------------------------------------------ merge
@@ -365,26 +394,57 @@ def compute_bill_partitioned(
     """
     inventory = with_timezone(inventory, timezone)
     lo, hi = selected_range(start, end, inventory.timezone)
+    done = run_partitions(
+        root, inventory, window, lo, hi, budget_rows, progress, warn, backend, workers, cluster
+    )
+    if done is None:
+        return None
+    biller, stats, _ = done
+    biller.accounting = accounting
+    return finish_bill(biller, stats, warn)
+
+
+def run_partitions(
+    root: Path,
+    inventory: Inventory,
+    window: int | str,
+    lo: int | None,
+    hi: int | None,
+    budget_rows: int = DEFAULT_BUDGET_ROWS,
+    progress: Callable[[int, int, int], None] | None = None,
+    warn: Callable[[str], None] = log.warning,
+    backend: str = "numpy",
+    workers: int | None = None,
+    cluster: Any = None,
+    grids: tuple[int, float] | None = None,
+) -> tuple[Biller, ReadStats, list[Any] | None] | None:
+    """Every node partition of the dataset billed where told and merged: one biller holding the
+    exact sums (``bill()`` on it is the single-process bill) and the read statistics; with
+    ``grids`` (a report's window and max gap) also the report's grids, merged. None where one
+    process is the better choice (see ``compute_bill_partitioned``). The engine to call for any
+    command that bills (bill, report, plan)."""
     windows = Windows(window, inventory.timezone)
     auto = workers is None and cluster is None
     n = cores() if workers is None else max(1, workers)
 
     def make(node_dirs: tuple[str, ...], files: tuple[str, ...]) -> BillTask:
-        return BillTask(root, node_dirs, files, inventory, window, lo, hi, backend, budget_rows)
+        return BillTask(
+            root, node_dirs, files, inventory, window, lo, hi, backend, budget_rows, grids
+        )
 
     tasks, size = plan_tasks(root, n * TASKS_PER_WORKER if n > 1 or cluster else 1, make)
     if auto and (size < POOL_MIN_BYTES or len(tasks) < 2):
         return None
     rows_done = 0
+    finished = 0
 
     def done(_: int, part: BillPart) -> None:
-        nonlocal rows_done
+        nonlocal rows_done, finished
         rows_done += part.stats.rows
-        finished[0] += 1
+        finished += 1
         if progress is not None:
-            progress(finished[0], len(tasks), rows_done)
+            progress(finished, len(tasks), rows_done)
 
-    finished = [0]
     parts = run_tasks(bill_partition, tasks, workers=n, cluster=cluster, on_done=done)
     groups = _overlapping(parts)
     if groups:
@@ -399,9 +459,34 @@ def compute_bill_partitioned(
         parts = [p for i, p in enumerate(parts) if i not in regrouped] + run_tasks(
             bill_partition, again, workers=n, cluster=cluster
         )
-    for part in sorted(parts, key=lambda p: p.node_dirs):
+    parts.sort(key=lambda p: p.node_dirs)
+    for part in parts:
         for message in part.warnings:
             warn(message)
     biller, stats = merge_parts(inventory, windows, lo, hi, parts)
-    biller.accounting = accounting
-    return finish_bill(biller, stats, warn)
+    merged_grids = None
+    if grids is not None:
+        merged_grids = merge_grids([p.grids for p in parts if p.grids is not None], grids, lo, hi)
+    return biller, stats, merged_grids
+
+
+def merge_grids(
+    parts: list[list[Any]], grids: tuple[int, float], lo: int | None, hi: int | None
+) -> list[Any]:
+    """The report's grids of several partitions as one: their series side by side (a series
+    lives in one partition), their health readings together."""
+    gpu, cpu, health = report_grids(grids[0], grids[1], lo, hi)
+    for part in parts:
+        for into, grid in ((gpu, part[0]), (cpu, part[1])):
+            offset = len(into.labels)
+            into.labels += grid.labels
+            into.details += grid.details
+            into.ids.update({label: i + offset for label, i in grid.ids.items()})
+            keys, sums = grid.parts.compact()
+            if keys[0].size:
+                into.parts.keys.append([keys[0] + offset, keys[1]])
+                into.parts.sums.append(sums)
+                into.parts.rows += int(keys[0].size)
+        health.nodes.update(part[2].nodes)
+        health.gpus.update(part[2].gpus)
+    return [gpu, cpu, health]

@@ -9,7 +9,7 @@ from those sums only here, at the end.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -316,11 +316,15 @@ def collect_report(
     xp: ModuleType = np,
     accounting: list[Record] | None = None,
     timezone: str | None = None,
+    workers: int | None = 1,
+    cluster: Any = None,
 ) -> ReportData:
     """Scan the dataset at ``root`` once; ``window`` None picks one (``auto_window``).
 
     ``xp`` is the array backend of the report's bill (the grids stay on NumPy: they are small
-    matrices drawn on the host). Raises ``TallyError`` for unusable input, as ``tally bill`` does.
+    matrices drawn on the host). ``workers``/``cluster`` as for ``compute_bill``: the bill's
+    sums and the grids' integer sums are those of one process (SPEC §9). Raises ``TallyError``
+    for unusable input, as ``tally bill`` does.
     """
     looked = ReadStats()
     pieces = plan(root, discover(root), looked)
@@ -344,10 +348,23 @@ def collect_report(
             HealthGrid(window, lo, hi),
         ]
 
-    try:
-        consumers, stats = scan(root, fresh, budget_rows, progress, warn, GRID_COLUMNS)
-    finally:
-        release(xp)
+    done = None
+    if workers != 1 or cluster is not None:
+        from telemetry.billing.partitioned import run_partitions
+
+        done = run_partitions(
+            root, inventory, window, lo, hi, budget_rows, progress, warn, xp.__name__,
+            workers, cluster, grids=(window, max_gap),
+        )  # fmt: skip
+    if done is not None:
+        biller, stats, grids_of = done
+        biller.accounting = accounting
+        consumers: Sequence[Any] = [biller, *(grids_of or [])]
+    else:
+        try:
+            consumers, stats = scan(root, fresh, budget_rows, progress, warn, GRID_COLUMNS)
+        finally:
+            release(xp)
     stats.files_quarantined += looked.files_quarantined
     biller, gpu, cpu, health = consumers
     assert isinstance(biller, Biller) and isinstance(gpu, SeriesGrid)
