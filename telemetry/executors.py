@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import re
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -89,9 +90,14 @@ def run_tasks(
 
 
 def _pool_context() -> multiprocessing.context.BaseContext:
-    # forkserver: workers start from a clean server process (no threads of this one to inherit)
-    # that has imported the engine once; spawn where the platform has no fork.
-    if "forkserver" in multiprocessing.get_all_start_methods():
+    # fork where this process runs no other thread (a command: workers start in milliseconds
+    # with everything imported; forking beside running threads could copy a held lock);
+    # else forkserver: workers start from a clean server process that has imported the engine
+    # once (half a second, the first time); spawn where the platform has neither.
+    methods = multiprocessing.get_all_start_methods()
+    if "fork" in methods and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    if "forkserver" in methods:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(_PRELOAD)
         return context
