@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
@@ -94,8 +95,9 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     # with everything imported; forking beside running threads could copy a held lock);
     # else forkserver: workers start from a clean server process that has imported the engine
     # once (half a second, the first time); spawn where the platform has neither.
+    # A CUDA context (CuPy) never survives a fork: then forkserver too.
     methods = multiprocessing.get_all_start_methods()
-    if "fork" in methods and threading.active_count() == 1:
+    if "fork" in methods and threading.active_count() == 1 and "cupy" not in sys.modules:
         return multiprocessing.get_context("fork")
     if "forkserver" in methods:
         context = multiprocessing.get_context("forkserver")
