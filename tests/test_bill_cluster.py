@@ -207,6 +207,11 @@ def test_cli_bill_on_workers_and_a_local_cluster_matches(tmp_path: Path) -> None
         assert result.returncode == 0, result.stderr
     assert outputs[1].stdout == outputs[0].stdout
     assert outputs[2].stdout == outputs[0].stdout
+    html = tmp_path / "report.html"
+    report = tally("--quiet", "report", str(root), "--inventory", str(inv), "--out", str(html),
+                   "--workers", "2")  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    assert "gpu-own" in html.read_text()
 
 
 # --- a real scheduler and two workers; one killed mid-run ---------------------------------------
@@ -220,16 +225,15 @@ def test_killed_dask_worker_is_retried_and_the_bill_is_the_same(tmp_path: Path) 
     root = _dataset(tmp_path / "data", 21, nodes=8)
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
     started = [subprocess.Popen(
         _dask("scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)]  # fmt: skip
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]  # fmt: skip
     try:
         for _ in range(2):
             started.append(subprocess.Popen(
                 _dask("worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
                       "--host", "127.0.0.1"),
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))  # fmt: skip
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
         with distributed.Client(address, timeout="30s") as client:
             client.wait_for_workers(2, timeout=60)
             pids = client.run(os.getpid)
