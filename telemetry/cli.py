@@ -117,6 +117,27 @@ def _backend_option(p: argparse.ArgumentParser, default: str = "auto") -> None:
     )
 
 
+def _workers_arg(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 4096:
+        raise argparse.ArgumentTypeError(f"expected a whole number of processes >= 1, not {text!r}")
+    return int(text)
+
+
+def _parallel_options(p: argparse.ArgumentParser) -> None:
+    """SPEC §9: where the dataset's node partitions are billed."""
+    p.add_argument(
+        "--workers",
+        type=_workers_arg,
+        help="processes on this machine's cores (default: one per core, one process for a "
+        "small dataset; 1 = one process)",
+    )
+    p.add_argument(
+        "--cluster",
+        help="bill on Dask distributed: local, local:N (N workers) or tcp://HOST:PORT (a "
+        "scheduler whose workers read DATASET by the same path); needs tally[cluster]",
+    )
+
+
 def _node_arguments(d: argparse.ArgumentParser) -> None:
     """The flags of ``daemon``, shared with ``doctor`` so it checks the same settings."""
     d.add_argument("--config", type=Path, help="TOML file of flag values (command line wins)")
@@ -237,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--out", type=Path, help="output file (json, table) or prefix (csv, parquet)")
     _backend_option(b)
+    _parallel_options(b)
 
     agg = sub.add_parser(
         "aggregate", help="follow a dataset many node daemons write into; export pool counters"
@@ -279,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     _range_options(rep)
     _stable_cv_option(rep)
     _backend_option(rep)
+    _parallel_options(rep)
 
     pl = sub.add_parser("plan", help="which tenants belong on owned capacity; how much to own")
     _dataset_argument(pl)
@@ -288,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--format", choices=["json", "table"], default="json",
                     help="json (default) or table (for people)")  # fmt: skip
     pl.add_argument("--out", type=Path, help="output file (default stdout)")
+    _parallel_options(pl)
     return parser
 
 

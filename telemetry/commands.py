@@ -122,6 +122,20 @@ def accounting(paths: list[Path]) -> list[Record] | None:
     return load_accounting(paths) if paths else None
 
 
+def cluster(spec: str | None) -> str | None:
+    """``--cluster`` checked (exit 2 for a malformed one, or without the ``cluster`` extra)."""
+    if spec is None:
+        return None
+    import importlib.util
+
+    from telemetry.executors import check_cluster
+
+    check_cluster(spec)
+    if importlib.util.find_spec("distributed") is None:
+        raise TallyError("--cluster needs Dask distributed: pip install 'tally[cluster]'")
+    return spec
+
+
 def bill(args: argparse.Namespace) -> int:
     from telemetry.allocator import keep_freed_memory
     from telemetry.billing.bill import compute_bill
@@ -149,6 +163,8 @@ def bill(args: argparse.Namespace) -> int:
         xp=xp,
         accounting=accounting(args.accounting),
         timezone=args.timezone,
+        workers=args.workers,
+        cluster=cluster(args.cluster),
     )
     try:
         write(result, args.format, args.out, inventory.currency_decimals)
@@ -231,6 +247,8 @@ def report(args: argparse.Namespace) -> int:
             accounting=accounting(args.accounting),
             timezone=args.timezone,
             stable_cv=args.stable_cv,
+            workers=args.workers,
+            cluster=cluster(args.cluster),
         )
     document = render_report(data)
     partial = args.out.with_name(f".{args.out.name}.tmp")
@@ -264,6 +282,8 @@ def plan(args: argparse.Namespace) -> int:
         timezone=args.timezone,
         progress=silent if args.quiet else None,
         warn=warner(args.quiet),
+        workers=args.workers,
+        cluster=cluster(args.cluster),
     )
     body = to_json(result) if args.format == "json" else to_table(result).encode()
     if args.out is None:

@@ -17,3 +17,18 @@ def test_importing_the_packages_touches_neither_cupy_nor_nvml() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
+
+
+def test_billing_on_workers_imports_dask_only_when_a_cluster_is_asked_for() -> None:
+    """The bill's process pool needs no Dask; ``--cluster`` is the optional extra (SPEC §9)."""
+    code = (
+        "import sys, telemetry.cli, telemetry.commands, telemetry.executors, "
+        "telemetry.billing.bill, telemetry.billing.partitioned, telemetry.billing.report\n"
+        "roots = {m.split('.')[0] for m in sys.modules}\n"
+        "print(','.join(sorted(roots & {'dask', 'distributed', 'tornado'})))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""

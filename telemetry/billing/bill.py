@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,8 @@ def compute_bill(
     xp: ModuleType = np,
     accounting: list[Record] | None = None,
     timezone: str | None = None,
+    workers: int | None = 1,
+    cluster: Any = None,
 ) -> Bill:
     """The bill of the dataset at ``root``; raises ``TallyError`` for unusable input.
 
@@ -41,7 +44,20 @@ def compute_bill(
     inventory's). ``accounting`` records, where given, are the allocation of the jobs they name
     (SPEC §4). Without ``progress`` a progress bar is drawn on stderr when it is a terminal.
     ``xp`` is the array backend of the grouped sums; the bill's bytes do not depend on it.
+    ``workers`` other than 1 (None: one per core, one process for a small dataset) or a
+    ``cluster`` bill the dataset's node partitions there (SPEC §9, ``partitioned``): the same
+    bytes.
     """
+    if workers != 1 or cluster is not None:
+        from telemetry.billing.partitioned import compute_bill_partitioned
+
+        with Progress("billing", step="partition") as bar:
+            done = compute_bill_partitioned(
+                root, inventory, window, start, end, budget_rows, progress or bar, warn,
+                xp.__name__, accounting, timezone, workers, cluster,
+            )  # fmt: skip
+        if done is not None:
+            return done
     inventory = with_timezone(inventory, timezone)
     lo, hi = selected_range(start, end, inventory.timezone)
     windows = Windows(window, inventory.timezone)

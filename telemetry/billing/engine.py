@@ -87,6 +87,16 @@ class PartialSums:
     sums: list[list[np.ndarray]] = field(default_factory=list)
     rows: int = 0
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the backend travels by name (a module cannot be pickled): partial sums sent from a
+        # worker process (SPEC §9)
+        return {**self.__dict__, "xp": self.xp.__name__}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from kernels import get_namespace
+
+        self.__dict__.update(state, xp=get_namespace(state["xp"]))
+
     def add(self, keys: list[np.ndarray], sums: list[np.ndarray], where: np.ndarray) -> None:
         """Group and keep the rows where ``where`` is True."""
         if keys[0].size == 0:

@@ -116,9 +116,12 @@ def compute_plan(
     budget_rows: int = DEFAULT_BUDGET_ROWS,
     progress: Callable[[int, int, int], None] | None = None,
     warn: Callable[[str], None] = log.warning,
+    workers: int | None = 1,
+    cluster: Any = None,
 ) -> Plan:
     """The plan of the dataset at ``root`` over [start, end); raises ``TallyError`` for unusable
-    input, as ``tally bill`` does. One scan feeds an hourly bill engine."""
+    input, as ``tally bill`` does. One scan feeds an hourly bill engine — in partitions on a
+    process pool or Dask (``workers``, ``cluster``: SPEC §9) where asked, the same numbers."""
     inventory = with_timezone(inventory, timezone)
     lo, hi = selected_range(start, end, inventory.timezone)
 
@@ -128,9 +131,22 @@ def compute_plan(
         return [biller]
 
     with Progress("planning") as bar:
-        consumers, stats = scan(root, fresh, budget_rows, progress or bar, warn, BILL_COLUMNS)
-    biller = consumers[0]
-    assert isinstance(biller, Biller)
+        done = None
+        if workers != 1 or cluster is not None:
+            from telemetry.billing.partitioned import run_partitions
+
+            done = run_partitions(
+                root, inventory, HOUR_SECONDS, lo, hi, budget_rows, progress or bar, warn,
+                "numpy", workers, cluster,
+            )  # fmt: skip
+        if done is not None:
+            biller, stats, _ = done
+            biller.accounting = accounting
+        else:
+            consumers, stats = scan(root, fresh, budget_rows, progress or bar, warn, BILL_COLUMNS)
+            (only,) = consumers
+            assert isinstance(only, Biller)
+            biller = only
     hourly = finish_bill(biller, stats, warn)
     return plan_of(hourly, biller.bill(dict(hourly.input), whole=True), inventory, stable_cv)
 

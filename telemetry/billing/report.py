@@ -9,7 +9,7 @@ from those sums only here, at the end.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -321,12 +321,16 @@ def collect_report(
     accounting: list[Record] | None = None,
     timezone: str | None = None,
     stable_cv: float = DEFAULT_STABLE_CV,
+    workers: int | None = 1,
+    cluster: Any = None,
 ) -> ReportData:
     """Scan the dataset at ``root`` once; ``window`` None picks one (``auto_window``). An
     hourly bill engine beside the report's feeds the plan (SPEC §10, ``stable_cv``).
 
     ``xp`` is the array backend of the report's bill (the grids stay on NumPy: they are small
-    matrices drawn on the host). Raises ``TallyError`` for unusable input, as ``tally bill`` does.
+    matrices drawn on the host). ``workers``/``cluster`` as for ``compute_bill``: the bill's
+    sums and the grids' integer sums are those of one process (SPEC §9). Raises ``TallyError``
+    for unusable input, as ``tally bill`` does.
     """
     looked = ReadStats()
     pieces = plan(root, discover(root), looked)
@@ -354,10 +358,30 @@ def collect_report(
             hourly,
         ]
 
-    try:
-        consumers, stats = scan(root, fresh, budget_rows, progress, warn, GRID_COLUMNS)
-    finally:
-        release(xp)
+    done = None
+    if workers != 1 or cluster is not None:
+        from telemetry.billing.partitioned import run_partitions
+
+        done = run_partitions(
+            root, inventory, window, lo, hi, budget_rows, progress, warn, xp.__name__,
+            workers, cluster, grids=(window, max_gap),
+        )  # fmt: skip
+    if done is not None:
+        biller, stats, grids_of = done
+        biller.accounting = accounting
+        # the plan's hourly sums: the same partitions once more, with hour windows
+        hours = run_partitions(
+            root, inventory, HOUR_SECONDS, lo, hi, budget_rows, None, lambda _: None,
+            xp.__name__, workers, cluster,
+        )  # fmt: skip
+        assert hours is not None  # the same dataset and executor choose partitions again
+        hours[0].accounting = accounting
+        consumers: Sequence[Any] = [biller, *(grids_of or []), hours[0]]
+    else:
+        try:
+            consumers, stats = scan(root, fresh, budget_rows, progress, warn, GRID_COLUMNS)
+        finally:
+            release(xp)
     stats.files_quarantined += looked.files_quarantined
     biller, gpu, cpu, health, hourly = consumers
     assert isinstance(biller, Biller) and isinstance(hourly, Biller)

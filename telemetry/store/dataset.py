@@ -606,8 +606,12 @@ def scan(
     progress: Callable[[int, int, int], None] | None = None,
     warn: Callable[[str], None] = log.warning,
     columns: Mapping[str, Sequence[str]] | None = None,
+    select: Callable[[dict[str, list[Path]]], dict[str, list[Path]]] | None = None,
 ) -> tuple[Sequence[ChunkConsumer], ReadStats]:
     """Feed every chunk of the dataset at ``root`` to fresh consumers from ``start()``.
+
+    ``select``, where given, picks the files read from those listed (a partition of the dataset,
+    ``node_partitions``); it is applied anew whenever the dataset is listed again.
 
     A file found damaged only while its rows are read is quarantined and the scan starts over
     with new consumers, so the result is exactly that of the remaining files; a file that
@@ -622,7 +626,7 @@ def scan(
         stats = ReadStats(files_quarantined=stats.files_quarantined)
         consumers = start()
         try:
-            _scan_once(root, consumers, budget_rows, progress, stats, columns)
+            _scan_once(root, consumers, budget_rows, progress, stats, columns, select)
             return consumers, stats
         except Vanished as exc:
             vanished += 1
@@ -645,8 +649,10 @@ def _scan_once(
     progress: Callable[[int, int, int], None] | None,
     stats: ReadStats,
     columns: Mapping[str, Sequence[str]] | None,
+    select: Callable[[dict[str, list[Path]]], dict[str, list[Path]]] | None = None,
 ) -> None:
-    pieces = plan(root, discover(root), stats)
+    files = discover(root)
+    pieces = plan(root, select(files) if select is not None else files, stats)
     outside = {p for p in pieces if p.max_ns < EARLIEST_NS or p.min_ns > LATEST_NS}
     for piece in outside:  # every row of it has an impossible time: count them, bill none
         stats.ruled_out({f"{piece.table}.time": piece.rows})
@@ -668,6 +674,29 @@ def _scan_once(
                 consumer.add(chunk)
             if progress is not None:
                 progress(i, len(bounds), stats.rows)
+
+
+# ------------------------------------------------------------ partitions: bills on many workers
+NO_NODE = ""  # the partition of files outside any node= directory
+
+
+def node_of(root: Path, path: Path) -> str:
+    """The ``node=`` directory name of a sample file (as written, escaped), or ``NO_NODE``."""
+    for part in path.relative_to(root).parts[:-1]:
+        if part.startswith("node="):
+            return part
+    return NO_NODE
+
+
+def node_partitions(root: Path) -> dict[str, dict[str, list[Path]]]:
+    """The dataset's files per ``node=`` directory (``NO_NODE``: files outside one), each
+    table's files sorted by path; quarantined files left out. A series (SPEC §3) lives in one
+    node's directory, so each partition bills on its own. Raises ``TallyError`` like
+    ``discover``."""
+    parts: dict[str, dict[str, list[Path]]] = {}
+    for table, path in _usable(root, discover(root)):
+        parts.setdefault(node_of(root, path), {}).setdefault(table, []).append(path)
+    return dict(sorted(parts.items()))
 
 
 # ------------------------------------------------------------ a growing dataset: aggregate

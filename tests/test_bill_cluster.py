@@ -1,0 +1,301 @@
+"""Bills larger than one machine (SPEC §9): node partitions billed on a process pool or Dask
+distributed give the single-process bill's bytes; the merge is exact; a failure is never a
+partial bill; a Dask worker killed mid-run costs a retry, not a wrong bill."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from telemetry.billing.accounting import load_accounting
+from telemetry.billing.engine import Biller
+from telemetry.billing.inventory import parse_inventory
+from telemetry.billing.partitioned import (
+    BillPart,
+    PartitionFailed,
+    exact_merge,
+    merge_parts,
+)
+from telemetry.billing.windows import Windows
+from telemetry.billing.writers import to_json
+from telemetry.errors import TallyError
+from telemetry.store.dataset import ReadStats
+from tests.support.bill_partitions import INVENTORY, generate, sacct_parsable, write_split
+from tests.support.bill_rows import bill_of
+from tests.support.cli import tally
+from tests.support.net import free_port
+
+distributed = pytest.importorskip("distributed")
+
+INV = parse_inventory(INVENTORY, "inv.toml")
+
+
+@pytest.fixture(scope="module")
+def threads() -> Iterator[Any]:
+    """A Dask client on a LocalCluster of threads in this process (quick)."""
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        yield client
+
+
+def _dataset(root: Path, seed: int, nodes: int = 5, stray: bool = False) -> Path:
+    write_split(root, generate(seed, nodes), seed, stray)
+    return root
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+          HealthCheck.function_scoped_fixture])  # fmt: skip
+@given(
+    seed=st.integers(0, 2**31),
+    workers=st.sampled_from([2, 3]),
+    window=st.sampled_from([900, 3600, "day"]),
+    budget=st.sampled_from([150, 2_000_000]),
+    accounted=st.booleans(),
+)
+def test_every_executor_gives_the_single_process_bytes(
+    threads: Any, seed: int, workers: int, window: int | str, budget: int, accounted: bool
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _dataset(Path(tmp) / "data", seed)
+        records = None
+        if accounted:
+            sacct = Path(tmp) / "sacct.txt"
+            sacct.write_text(sacct_parsable(generate(seed, 5)))
+            records = load_accounting([sacct])
+        kw: dict[str, Any] = {"accounting": records, "budget_rows": budget}
+        one = to_json(bill_of(root, INV, window, **kw))  # type: ignore[arg-type]
+        assert b'"jobs": [' in one and b"pod-" in one  # shared GPUs were billed
+        pool = to_json(bill_of(root, INV, window, workers=workers, **kw))  # type: ignore[arg-type]
+        dask = to_json(bill_of(root, INV, window, cluster=threads, **kw))  # type: ignore[arg-type]
+        assert pool == one
+        assert dask == one
+
+
+def test_rows_outside_their_node_directory_are_billed_together(
+    threads: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A series that crosses partitions (rows written into another node's directory): the
+    partitions that share a node are billed again as one, so the bill is still the same."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = _dataset(Path(tmp) / "data", 7, stray=True)
+        one = to_json(bill_of(root, INV, 3600))
+        with caplog.at_level(logging.INFO, logger="tally.bill"):
+            assert to_json(bill_of(root, INV, 3600, cluster=threads)) == one
+        assert "share a node: billing them together" in caplog.text
+
+
+def test_a_wide_key_space_and_empty_partitions_merge(threads: Any, tmp_path: Path) -> None:
+    root = _dataset(tmp_path / "data", 3, nodes=9)
+    empty = root / "cpu" / "date=2026-09-01" / "node=idle"
+    empty.mkdir(parents=True)
+    pq.write_table(pq.read_table(next(root.glob("cpu/*/node=cpu-c1/*.parquet"))).slice(0, 0),
+                   empty / "x.parquet")  # fmt: skip
+    one = to_json(bill_of(root, INV, 60))
+    assert to_json(bill_of(root, INV, 60, cluster=threads)) == one
+
+
+# --- the exact merge ----------------------------------------------------------------------------
+
+
+def test_merge_adds_beyond_float_precision_and_refuses_a_wrap() -> None:
+    big = 2**62 + 12345
+    keys = [np.array([0, 1], np.int64), np.array([3, 3], np.int64)]
+    a = (keys, [np.array([big, -5], np.int64)])
+    b = (keys, [np.array([2**62 - 7 - 2**62 + 2**61, -(2**62)], np.int64)])
+    _, sums = exact_merge([a, b], 2, 1)
+    assert sums[0].tolist() == [big + 2**61 - 7, -5 - 2**62]
+    with pytest.raises(TallyError, match="does not fit in 64 bits"):
+        exact_merge([a, (keys, [np.array([2**62, 0], np.int64)])], 2, 1)
+    with pytest.raises(TallyError, match="does not fit in 64 bits"):
+        exact_merge([(keys, [np.array([-(2**63), 0], np.int64)])] * 2, 2, 1)
+    # many parts of the same key: as Python ints add them
+    values = [2**60 - i for i in range(7)]
+    parts = [([np.array([5]), np.array([1])], [np.array([v], np.int64)]) for v in values]
+    assert exact_merge(parts, 2, 1)[1][0].tolist() == [sum(values)]
+
+
+def _part(order: int, owner: tuple[int, str, str]) -> BillPart:
+    empty = [np.zeros(0, np.int64)] * 2
+    return BillPart(
+        node_dirs=(f"node=n{order}",), nodes=["n1"], jobs=["j"], names=[owner[1], owner[2]],
+        pool_keys=empty, pool_sums=[np.zeros(0, np.int64)] * 6, job_keys=[], job_sums=[],
+        owner={(0, 0): (owner[0], 0, 1)}, rows=1, duplicates=0, shared_intervals=0,
+        first_ns=owner[0], last_ns=owner[0], stats=ReadStats(),
+    )  # fmt: skip
+
+
+def test_owners_newest_first_and_ties_do_not_depend_on_order() -> None:
+    windows = Windows(3600)
+    a, b, c = _part(0, (5, "ann", "x")), _part(1, (9, "bob", "y")), _part(2, (9, "cid", "z"))
+    seen = set()
+    for parts in ([a, b, c], [c, b, a], [b, c, a]):
+        biller, _ = merge_parts(INV, windows, None, None, parts)
+        ((time, user, tenant),) = biller.owner.values()
+        seen.add((time, biller.names.values[user], biller.names.values[tenant]))
+    assert seen == {(9, "cid", "z")}
+
+
+# --- failures -----------------------------------------------------------------------------------
+
+
+def test_bad_data_in_a_partition_is_exit_2_naming_its_files(tmp_path: Path) -> None:
+    root = _dataset(tmp_path / "data", 11)
+    victim = sorted(root.glob("job/*/node=gpu-a1/*.parquet"))[0]
+    pq.write_table(pq.read_table(victim).drop_columns(["cpus_allocated"]), victim)
+    inv = tmp_path / "inv.toml"
+    inv.write_text(INVENTORY)
+    result = tally("--quiet", "bill", str(root), "--inventory", str(inv), "--workers", "2")
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""  # no partial bill
+    line = result.stderr.strip().splitlines()[-1]
+    assert "partition of" in line and "node=gpu-a1" in line and "cpus_allocated" in line
+
+
+def test_a_bug_in_a_partition_fails_the_bill_naming_its_files(
+    threads: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = _dataset(tmp_path / "data", 12)
+    real = Biller.add
+
+    def broken(self: Biller, chunk: Any) -> None:
+        if any(t.num_rows and "gpu-b2" in t.column("node").to_pylist() for t in chunk.values()):
+            raise ValueError("boom")
+        real(self, chunk)
+
+    monkeypatch.setattr(Biller, "add", broken)
+    with pytest.raises(PartitionFailed, match=r"node=gpu-b2.*boom"):
+        bill_of(root, INV, 3600, cluster=threads)
+
+
+def test_bad_cluster_spec_and_workers_are_usage_errors(tmp_path: Path) -> None:
+    root = _dataset(tmp_path / "data", 13, nodes=2)
+    inv = tmp_path / "inv.toml"
+    inv.write_text(INVENTORY)
+    for flags in (["--cluster", "yarn://x"], ["--cluster", "local:0"], ["--workers", "0"]):
+        result = tally("bill", str(root), "--inventory", str(inv), *flags)
+        assert result.returncode == 2, (flags, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_cli_bill_on_workers_and_a_local_cluster_matches(tmp_path: Path) -> None:
+    root = _dataset(tmp_path / "data", 14, nodes=4)
+    inv = tmp_path / "inv.toml"
+    inv.write_text(INVENTORY)
+    base = ["--quiet", "bill", str(root), "--inventory", str(inv)]
+    outputs = [tally(*base, *flags) for flags in
+               (["--workers", "1"], ["--workers", "2"], ["--cluster", "local:2"])]  # fmt: skip
+    for result in outputs:
+        assert result.returncode == 0, result.stderr
+    assert outputs[1].stdout == outputs[0].stdout
+    assert outputs[2].stdout == outputs[0].stdout
+    html = tmp_path / "report.html"
+    report = tally("--quiet", "report", str(root), "--inventory", str(inv), "--out", str(html),
+                   "--workers", "2")  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    assert "gpu-own" in html.read_text()
+    # tally plan runs on the same executors (SPEC §9): the same plan
+    plans = [tally("--quiet", "plan", str(root), "--inventory", str(inv), *flags)
+             for flags in (["--workers", "1"], ["--workers", "2"])]  # fmt: skip
+    assert plans[0].returncode == plans[1].returncode == 0, plans[1].stderr
+    assert plans[1].stdout == plans[0].stdout and '"capacity"' in plans[0].stdout
+
+
+# --- a real scheduler and two workers; one killed mid-run ---------------------------------------
+
+
+def _dask(*args: str) -> list[str]:
+    return [sys.executable, "-m", "distributed.cli.dask_" + args[0], *args[1:]]
+
+
+def test_killed_dask_worker_is_retried_and_the_bill_is_the_same(tmp_path: Path) -> None:
+    root = _dataset(tmp_path / "data", 21, nodes=8)
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    started = [subprocess.Popen(
+        _dask("scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]  # fmt: skip
+    try:
+        for _ in range(2):
+            started.append(subprocess.Popen(
+                _dask("worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard",
+                      "--host", "127.0.0.1"),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+        with distributed.Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=60)
+            pids = client.run(os.getpid)
+            want = to_json(bill_of(root, INV, 3600))
+            result: dict[str, Any] = {}
+
+            def run() -> None:
+                try:
+                    result["bill"] = to_json(bill_of(root, INV, 3600, cluster=address,
+                                                     budget_rows=100))  # fmt: skip
+                except BaseException as exc:
+                    result["error"] = exc
+
+            billing = threading.Thread(target=run)
+            billing.start()
+            killed = None
+            deadline = time.monotonic() + 120
+            while killed is None and billing.is_alive() and time.monotonic() < deadline:
+                busy = [w for w, keys in client.processing().items() if keys]
+                if len(busy) == 2:  # both workers hold a partition: kill one mid-task
+                    killed = busy[0]
+                    os.kill(pids[killed], signal.SIGKILL)
+                time.sleep(0.01)
+            billing.join(timeout=240)
+            assert killed is not None, "the bill finished before a worker could be killed"
+            assert "error" not in result, result.get("error")
+            assert result["bill"] == want
+            assert killed not in client.scheduler_info()["workers"]
+    finally:
+        for proc in reversed(started):
+            proc.terminate()
+        for proc in started:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+
+def test_report_on_workers_has_the_single_process_sums(threads: Any, tmp_path: Path) -> None:
+    from telemetry.billing.report import collect_report
+
+    root = _dataset(tmp_path / "data", 31)
+    kw: dict[str, Any] = {"warn": lambda _: None, "progress": lambda *_: None, "budget_rows": 1500}
+    one = collect_report(root, INV, 900, **kw)
+    for other in (collect_report(root, INV, 900, cluster=threads, **kw),
+                  collect_report(root, INV, 900, workers=2, **kw)):  # fmt: skip
+        assert to_json(other.bill) == to_json(one.bill)
+        assert other.summary is not None and one.summary is not None
+        assert to_json(other.summary) == to_json(one.summary)
+        for mine, theirs in ((other.gpu, one.gpu), (other.cpu, one.cpu)):
+            assert mine.labels == theirs.labels and mine.details == theirs.details
+            assert mine.labels  # something was drawn
+            for name, matrix in theirs.sums.items():
+                assert np.array_equal(mine.sums[name], matrix), name
+        assert other.health is not None and one.health is not None
+        assert other.health.gpus.keys() == one.health.gpus.keys()
+        assert other.health.nodes.keys() == one.health.nodes.keys()
