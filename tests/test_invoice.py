@@ -425,6 +425,16 @@ def test_accounting_gives_exact_allocation_and_reconciliation(tmp_path: Path, ve
         "jobs_accounted_without_samples": 1,
         "allocated_unit_hours_sampled": pytest.approx(sampled, abs=1e-9),
         "allocated_unit_hours_accounted": pytest.approx(accounted, abs=1e-9),
+        "by_kind": {
+            "gpu": {
+                "allocated_unit_hours_sampled": pytest.approx((85 * 4 + 70) / 60, abs=1e-9),
+                "allocated_unit_hours_accounted": pytest.approx((90 * 4 + 70) / 60, abs=1e-9),
+            },
+            "cpu": {
+                "allocated_unit_hours_sampled": pytest.approx((85 * 16 + 140) / 60, abs=1e-9),
+                "allocated_unit_hours_accounted": pytest.approx((90 * 16 + 140) / 60, abs=1e-9),
+            },
+        },
     }
     want = reference_bill(stored(tables), inv, 3600, files=files, accounting=records)
     assert_same(bill_dict(bill), want)
@@ -639,3 +649,84 @@ def test_live_counters_use_declared_capacity_and_contract_prices() -> None:
     assert pools["gpu-own"][2] == 4 * 3600.0  # declared: 4 GPUs over the hour seen
     (lab,) = [t for t in totals.tenants if t[0] == "gpu-own"]
     assert lab[2] == "lab" and lab[5] == pytest.approx(10.0)  # 1 GPU-hour at 10, not 12
+
+
+# --- what a review found ------------------------------------------------------------------------
+
+
+def test_nodes_in_no_pool_earn_nothing_whatever_the_contracts(tmp_path: Path) -> None:
+    tail = '[[contract]]\ntenant = "acme"\npool = "*"\nprice_per_unit_hour = 10.0'
+    inv = parse_inventory(inventory_text(tail=tail), "inv.toml")
+    times = [T0 + i * 60 * NS for i in range(61)]
+    jobs = [job_row(t, "stray-9", "1", "u", "acme", 1.0, 1.0, 0.0) for t in times]
+    write_tables(tmp_path, {"job": jobs}, Layout())
+    bill = bill_of(tmp_path, inv, 86400)
+    # the GPU is on no gpu pool: unassigned, price 0 even under a contract for every pool; the
+    # node's cores are in the catch-all cpu pool, where the contract applies (1 core-h × 10)
+    assert {(t["pool"], t["charge"]) for t in bill.tenants} == {("unassigned", 0.0), ("cpu", 10.0)}
+
+
+def test_a_hostlist_too_large_is_refused_before_it_is_built() -> None:
+    import time
+
+    begin = time.monotonic()
+    with pytest.raises(ValueError, match="more than 65,536 hosts"):
+        expand_hostlist("n[0-999]m[0-999]x[0-999]")
+    assert time.monotonic() - begin < 1.0
+    assert len(expand_hostlist("n[0-99]m[0-99]")) == 10_000
+
+
+def test_real_parsable2_records_that_bill_nothing_or_name_no_account() -> None:
+    text = ("JobIDRaw|User|Account|Start|End|AllocTRES|NodeList|State\n"
+            "1|u||2026-09-01T00:00:00Z|2026-09-01T01:00:00Z|"
+            "cpu=2,license/fluent@slurmdb=4,gres/gpu=1|n1|COMPLETED\n"
+            "2|u|a|2026-09-01T00:00:00Z|2026-09-01T00:00:00Z|cpu=2|n1|CANCELLED by 0\n"
+            "3|u|a|2026-09-01T00:00:00Z|Unknown|cpu=2|None assigned|PENDING\n"
+            "4|u|a|2026-09-01T00:00:00Z|Unknown|cpu=2|n2|REQUEUED\n")  # fmt: skip
+    (record,) = parse_sacct_parsable(text)
+    assert (record.job_id, record.account, record.cpus, record.gpus) == ("1", "unknown", 2.0, 1.0)
+
+
+def test_a_job_in_two_accounting_files_keeps_what_knows_most(tmp_path: Path) -> None:
+    head = "JobIDRaw|User|Account|Start|End|AllocTRES|NodeList\n"
+    (tmp_path / "old").write_text(head + "7|u|a|2026-09-01T00:00:00Z|Unknown|cpu=1|n1\n")
+    (tmp_path / "new").write_text(
+        head + "7|u|a|2026-09-01T00:00:00Z|2026-09-01T00:10:00Z|cpu=1|n1\n"
+    )
+    one = load_accounting([tmp_path / "old", tmp_path / "new"])
+    other = load_accounting([tmp_path / "new", tmp_path / "old"])
+    assert one == other and one[0].end_ns is not None
+
+
+def test_the_newest_sample_on_a_window_start_keeps_capacity_at_least_monitored(
+    tmp_path: Path,
+) -> None:
+    """Without --to the range ends at the newest sample; one at 02:00 sharp closes an interval
+    that belongs to the 02:00 window (SPEC §3), where declared capacity has not begun: the
+    window's capacity is what was monitored, never less."""
+    inv = parse_inventory(inventory_text(extra_top="", gpu_extra="capacity_units = 2"), "i")
+    times = [T0 + i * 60 * NS for i in range(121)]
+    gpu = [gpu_row(t, "gpu-a1", f"GPU-{g}", g, 0.5, 300.0, None, None) for t in times
+           for g in (0, 1)]  # fmt: skip
+    jobs = [job_row(t, "gpu-a1", "1", "u", "acme", 1.0, 1.0, 0.0) for t in times]
+    tables: Tables = {"gpu": gpu, "job": jobs}
+    files = write_tables(tmp_path, tables, Layout())
+    bill = bill_of(tmp_path, inv, 3600)
+    last = [p for p in bill.pools if p["pool"] == "gpu-own"][-1]
+    assert last["window_start"] == "2026-09-01T02:00:00Z"
+    assert last["capacity_unit_hours"] == last["monitored_unit_hours"] == 2 / 60
+    assert last["allocation_ratio"] == 0.5
+    assert_same(bill_dict(bill), reference_bill(stored(tables), inv, 3600, files=files))
+
+
+def test_unmeasured_energy_is_null_on_tenant_and_job_lines_too(tmp_path: Path) -> None:
+    inv = parse_inventory(inventory_text(), "inv.toml")
+    times = [T0 + i * 60 * NS for i in range(31)]
+    gpu = [gpu_row(t, "gpu-a1", "GPU-0", 0, 0.5, None, None, "1") for t in times]
+    jobs = [job_row(t, "gpu-a1", "1", "u", "acme", 1.0, 1.0, 0.0) for t in times]
+    tables: Tables = {"gpu": gpu, "job": jobs}
+    files = write_tables(tmp_path, tables, Layout())
+    bill = bill_of(tmp_path, inv, 86400)
+    gpu_lines = [r for r in bill.pools + bill.tenants + bill.jobs if r["pool"] == "gpu-own"]
+    assert gpu_lines and all(r["energy_kwh"] is None for r in gpu_lines)
+    assert_same(bill_dict(bill), reference_bill(stored(tables), inv, 86400, files=files))

@@ -21,8 +21,12 @@ from telemetry.errors import TallyError
 
 _PARSABLE_NEEDS = ("JobIDRaw", "User", "Account", "Start", "End", "AllocTRES", "NodeList")
 _NOT_STARTED = {"", "Unknown", "None", "N/A"}
-# a hostlist this long is not a real allocation but a typo or an attack on memory
-MAX_HOSTS = 1_000_000
+_NO_NODES = {"", "None assigned", "(null)"}
+# states whose record holds no allocation (a requeued job's record starts anew)
+_NOT_RUNNING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
+# a hostlist this long is not a real allocation but a typo or an attack on memory (the largest
+# machines have some 10,000 nodes)
+MAX_HOSTS = 65_536
 
 
 @dataclass(frozen=True)
@@ -44,14 +48,42 @@ class Record:
 def expand_hostlist(text: str) -> list[str]:
     """Slurm hostlist syntax → host names: ``gpu-a[01-03,07],cpu-x1`` → gpu-a01, gpu-a02,
     gpu-a03, gpu-a07, cpu-x1. Several bracket groups in one name expand as a product; a range
-    keeps the zero padding of its first number. Raises ``ValueError`` on bad syntax."""
+    keeps the zero padding of its first number. Raises ``ValueError`` on bad syntax or on more
+    than ``MAX_HOSTS`` names, counted before any is built."""
+    items = _split_top(text.strip())
+    if sum(_count_one(item) for item in items) > MAX_HOSTS:
+        raise ValueError(f"more than {MAX_HOSTS:,} hosts")
     hosts: list[str] = []
-    for item in _split_top(text.strip()):
-        expanded = _expand_one(item)
-        hosts.extend(expanded)
-        if len(hosts) > MAX_HOSTS:
-            raise ValueError(f"more than {MAX_HOSTS:,} hosts")
+    for item in items:
+        hosts.extend(_expand_one(item))
     return hosts
+
+
+def _ranges(body: str, item: str) -> list[tuple[str, int, int]]:
+    """The parts of one bracket group: (first number as written, first, last)."""
+    out = []
+    for part in body.split(","):
+        low, dash, high = part.strip().partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise ValueError(f"bad range {part!r} in {item!r}")
+        a, b = int(low), int(high) if dash else int(low)
+        if b < a:
+            raise ValueError(f"range {part!r} runs backwards in {item!r}")
+        out.append((low, a, b))
+    return out
+
+
+def _count_one(item: str) -> int:
+    """How many names ``item`` expands to, without building them."""
+    count, rest = 1, item
+    while True:
+        _, bracket, rest = rest.partition("[")
+        if not bracket:
+            return count
+        body, _, rest = rest.partition("]")
+        count *= sum(b - a + 1 for _, a, b in _ranges(body, item))
+        if count > MAX_HOSTS:
+            return count
 
 
 def _split_top(text: str) -> list[str]:
@@ -85,27 +117,16 @@ def _expand_one(item: str) -> list[str]:
     if not bracket:
         return [item]
     body, _, tail = rest.partition("]")
-    numbers: list[str] = []
-    for part in body.split(","):
-        low, dash, high = part.strip().partition("-")
-        if not low.isdigit() or (dash and not high.isdigit()):
-            raise ValueError(f"bad range {part!r} in {item!r}")
-        if not dash:
-            numbers.append(low)
-            continue
-        a, b = int(low), int(high)
-        if b < a:
-            raise ValueError(f"range {part!r} runs backwards in {item!r}")
-        if b - a > MAX_HOSTS:
-            raise ValueError(f"range {part!r} is too long")
-        numbers.extend(str(n).zfill(len(low)) for n in range(a, b + 1))
-    return [head + n + t for n in numbers for t in _expand_one(tail)]
+    numbers = [str(n).zfill(len(low)) for low, a, b in _ranges(body, item) for n in range(a, b + 1)]
+    tails = _expand_one(tail)  # once, not once per number
+    return [head + n + t for n in numbers for t in tails]
 
 
 # ------------------------------------------------------------------------------- reading
 def load_accounting(paths: Iterable[Path]) -> list[Record]:
-    """Records of every file, JSON or parsable2 by content; a job id seen twice keeps its last
-    record (a later sacct run knows the job's end)."""
+    """Records of every file, JSON or parsable2 by content. A job in several files keeps the
+    record that knows most — an end over none (a later sacct run saw it finish), then the later
+    end — whatever order the files come in."""
     records: dict[str, Record] = {}
     for path in paths:
         try:
@@ -120,8 +141,28 @@ def load_accounting(paths: Iterable[Path]) -> list[Record]:
             else parse_sacct_parsable(text, str(path))
         )
         for record in parsed:
-            records[record.job_id] = record
+            seen = records.get(record.job_id)
+            if seen is None or _knows_more(record, seen):
+                records[record.job_id] = record
     return sorted(records.values(), key=lambda r: (r.start_ns, r.job_id))
+
+
+def _state(job: dict[str, Any]) -> set[str]:
+    """``state.current``: a string (v0.0.39) or an array of flags (v0.0.40+)."""
+    state = job.get("state")
+    current = state.get("current") if isinstance(state, dict) else state
+    if isinstance(current, str):
+        return {current.upper()}
+    if isinstance(current, list):
+        return {str(c).upper() for c in current}
+    return set()
+
+
+def _knows_more(new: Record, old: Record) -> bool:
+    def rank(r: Record) -> tuple[bool, int, int, tuple[str, ...]]:
+        return (r.end_ns is not None, r.end_ns or 0, r.start_ns, r.nodes)
+
+    return rank(new) > rank(old)
 
 
 def _number(value: Any) -> tuple[float | None, bool]:
@@ -174,9 +215,11 @@ def _json_record(job: dict[str, Any]) -> Record | None:
     if not isinstance(time, dict):
         raise TypeError("time is not an object")
     start, _ = _number(time.get("start"))
-    if not start:
+    if not start or _state(job) & _NOT_RUNNING:
         return None  # pending or never started: no allocation
     end, infinite = _number(time.get("end"))
+    if end is not None and end == start:
+        return None  # cancelled as it started: nothing allocated
     allocated = (job.get("tres") or {}).get("allocated") or []
     if not isinstance(allocated, list):
         raise TypeError("tres.allocated is not an array")
@@ -199,6 +242,8 @@ def _json_record(job: dict[str, Any]) -> Record | None:
     nodes = job.get("nodes")
     if not isinstance(nodes, str):
         raise TypeError("nodes is not a string")
+    if nodes.strip() in _NO_NODES:
+        return None
     return _record(
         str(int(job_id)),
         job.get("user"),
@@ -227,8 +272,9 @@ def _record(
 ) -> Record:
     if not isinstance(user, str) or not user:
         raise ValueError("no user")
-    if not isinstance(account, str) or not account:
-        raise ValueError("no account")
+    if not isinstance(account, str):
+        raise ValueError("account is not a string")
+    account = account or "unknown"  # a cluster without associations prints none
     try:
         hosts = tuple(dict.fromkeys(expand_hostlist(nodes)))
     except ValueError as exc:
@@ -251,7 +297,7 @@ def parse_sacct_parsable(text: str, source: str = "<accounting>") -> list[Record
             f"accounting {source}: line 1: the header lacks {', '.join(missing)} "
             f"(run sacct --parsable2 --format={','.join(_PARSABLE_NEEDS)})"
         )
-    at = {name: header.index(name) for name in _PARSABLE_NEEDS}
+    at = {name: header.index(name) for name in (*_PARSABLE_NEEDS, "State") if name in header}
     out = []
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
@@ -266,7 +312,11 @@ def parse_sacct_parsable(text: str, source: str = "<accounting>") -> list[Record
         if not job_id.isdigit():
             raise TallyError(f"{where}: JobIDRaw {job_id!r} is not a job number")
         start = cells[at["Start"]].strip()
-        if start in _NOT_STARTED:
+        nodes = cells[at["NodeList"]].strip()
+        if start in _NOT_STARTED or nodes in _NO_NODES:
+            continue
+        state = (cells[at["State"]].split() or [""])[0].upper() if "State" in at else ""
+        if state in _NOT_RUNNING:
             continue
         try:
             end = cells[at["End"]].strip()
@@ -283,6 +333,8 @@ def parse_sacct_parsable(text: str, source: str = "<accounting>") -> list[Record
             )
         except (TallyError, ValueError) as exc:
             raise TallyError(f"{where}: {exc}") from None
+        if record.end_ns is not None and record.end_ns == record.start_ns:
+            continue  # cancelled as it started: nothing allocated
         out.append(record)
     return out
 
@@ -291,17 +343,21 @@ def _instant(text: str, what: str) -> int:
     return parse_instant(text, what, UTC)
 
 
-_TRES = re.compile(r"^([a-z]+(?:/[A-Za-z0-9_:.-]+)?)=([0-9.]+)([KMGTP]?)$")
+_TRES = re.compile(r"^([^=]+)=([0-9.]+)([KMGTP]?)$")
 
 
 def _alloc_tres(text: str) -> tuple[float, float | None]:
     """``billing=8,cpu=8,gres/gpu=2,mem=64G,node=1`` → (cpus, gpus); gpus None for shards."""
     cpus = gpus = typed = shards = 0.0
     for item in filter(None, (t.strip() for t in text.split(","))):
+        name = item.partition("=")[0]
+        counted = name == "cpu" or name.startswith(("gres/gpu", "gres/shard"))
         match = _TRES.match(item)
         if match is None:
-            raise ValueError(f"AllocTRES item {item!r} is not name=count")
-        name, count = match.group(1), float(match.group(2))
+            if counted or "=" not in item:
+                raise ValueError(f"AllocTRES item {item!r} is not name=count")
+            continue  # a TRES tally does not bill (licenses, energy, …)
+        count = float(match.group(2))
         if name == "cpu":
             cpus = count
         elif name == "gres/gpu":

@@ -106,6 +106,8 @@ class Inventory:
     def price(self, pool: Pool, tenant: str) -> Fraction:
         """What ``tenant`` pays per allocated unit-hour in ``pool``: the first contract that
         matches, else the list price (exact decimal)."""
+        if pool.name == UNASSIGNED:
+            return Fraction(0)  # SPEC §4: nodes no pool matches cost and earn nothing
         key = (pool.name, tenant)
         found = self._prices.get(key)
         if found is None:

@@ -63,6 +63,7 @@ class _Frame:
     def __init__(self, biller: Biller, span: tuple[int, int] | None, whole: bool) -> None:
         self.biller, self.span, self.whole = biller, span, whole
         self._names: dict[int, dict[str, str]] = {}
+        self.measured: set[tuple[int, int]] = set()  # (window, pool) with an energy reading
 
     def bounds(self, window: int) -> tuple[int, int]:
         if self.whole and self.span is not None:
@@ -114,6 +115,7 @@ def build_bill(biller: Biller, input_stats: dict[str, Any], whole: bool = False)
         window_ids = sorted(set(window_ids) | set(range(first, last + 1)))
     listed = {p for _, p in pool_sums} | set(jobs.keys[1].tolist())
     listed |= {i for i, pool in enumerate(biller.pools) if pool.declared}
+    frame.measured = {key for key, sums in pool_sums.items() if sums[5]}
     tenants, charges = _tenant_rows(biller, jobs, frame)
     job_rows = _job_rows(biller, jobs, frame)
     pools_out = []
@@ -180,6 +182,9 @@ def _pool_row(
         if frame.span is not None:
             start, end = max(start, frame.span[0]), min(end, frame.span[1])
         capacity_us = pool.declared_us(start, end) if end > start else 0
+        # never below what was seen: a node added without updating the inventory, or the
+        # newest sample on a window's first instant (its interval ends in that window)
+        capacity_us = max(capacity_us, monitored_us)
     measured = bool(readings)
     energy_kwh = Fraction(energy_mj, MJ_PER_KWH)
     pue = exact(pool.pue) if pool.pue is not None else Fraction(1)
@@ -238,8 +243,9 @@ def _owner_arrays(biller: Biller, jobs: _Jobs) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _party_body(
-    biller: Biller, pool: Pool, tenant: str, sums: list[int]
+    biller: Biller, pool: Pool, tenant: str, sums: list[int], measured: bool
 ) -> tuple[dict[str, Any], Fraction] | None:
+    """A tenant's or job's line; its energy is null where its pool-window measured none."""
     allocated_us, busy_us, energy_mj, used_us = sums
     if pool.kind == "cpu":
         busy_us = used_us  # SPEC §4: a cpu pool's busy is the jobs' used core-time
@@ -251,7 +257,7 @@ def _party_body(
         "allocated_unit_hours": allocated_us / US_PER_HOUR,
         "busy_unit_hours": busy_us / US_PER_HOUR,
         "efficiency_ratio": _ratio(busy_us, allocated_us),
-        "energy_kwh": energy_mj / MJ_PER_KWH if pool.kind == "gpu" else None,
+        "energy_kwh": energy_mj / MJ_PER_KWH if pool.kind == "gpu" and measured else None,
         "charge": money(charge),
         "waste_charge": money(_waste(charge, allocated_us, busy_us)),
     }, charge
@@ -278,7 +284,8 @@ def _tenant_rows(
         window, index = int(tk[0][i]), int(tk[1][i])
         pool = biller.pools[index]
         name = biller.names.values[int(tk[2][i])]
-        made = _party_body(biller, pool, name, [int(s[i]) for s in ts])
+        line = [int(s[i]) for s in ts]
+        made = _party_body(biller, pool, name, line, (window, index) in frame.measured)
         if made is None:
             continue
         body, charge = made
@@ -301,7 +308,8 @@ def _job_rows(biller: Biller, jobs: _Jobs, frame: _Frame) -> list[dict[str, Any]
         window, index, job_index = int(jk[0][i]), int(jk[1][i]), int(jk[2][i])
         pool = biller.pools[index]
         tenant_name = biller.names.values[int(jk[4][i])]
-        made = _party_body(biller, pool, tenant_name, [int(s[i]) for s in js])
+        line = [int(s[i]) for s in js]
+        made = _party_body(biller, pool, tenant_name, line, (window, index) in frame.measured)
         if made is None:
             continue
         job = biller.jobs.values[job_index]
@@ -367,7 +375,9 @@ def _apply_accounting(
     )  # fmt: skip
     both = sampled_jobs & jobs.accounted
     in_both = was & np.isin(jobs.keys[3], np.array(sorted(both), dtype=np.int64))
-    sampled_us = int(jobs.sums[0][in_both].sum())
+    kind_of = np.where(jobs.keys[1] < gpu_pools, 0, 1)
+    sampled_by_kind = [int(jobs.sums[0][in_both & (kind_of == k)].sum()) for k in (0, 1)]
+    sampled_us = sum(sampled_by_kind)
     # the pools' allocation: the sampled allocation of accounted jobs out, the accounted in
     for i in np.flatnonzero(was).tolist():
         key = (int(jobs.keys[0][i]), int(jobs.keys[1][i]))
@@ -376,7 +386,11 @@ def _apply_accounting(
         rows = [(0, pool, node, job, us) for _, pool, node, job, us in rows]
     for window, pool, _, _, us in rows:
         pool_sums.setdefault((window, pool), [0] * 6)[1] += us
-    accounted_us = sum(us for _, _, _, job, us in rows if job in both)
+    accounted_by_kind = [
+        sum(us for _, pool, _, job, us in rows if job in both and (pool >= gpu_pools) == k)
+        for k in (False, True)
+    ]
+    accounted_us = sum(accounted_by_kind)
     jobs.sums[0] = np.where(was, 0, jobs.sums[0])
     if rows:
         extra = np.array(rows, dtype=np.int64)
@@ -391,4 +405,12 @@ def _apply_accounting(
         "jobs_accounted_without_samples": len(jobs.accounted - sampled_jobs),
         "allocated_unit_hours_sampled": sampled_us / US_PER_HOUR,
         "allocated_unit_hours_accounted": accounted_us / US_PER_HOUR,
+        # GPU-hours and core-hours apart: the totals above add the two kinds of unit
+        "by_kind": {
+            kind: {
+                "allocated_unit_hours_sampled": sampled_by_kind[k] / US_PER_HOUR,
+                "allocated_unit_hours_accounted": accounted_by_kind[k] / US_PER_HOUR,
+            }
+            for k, kind in enumerate(("gpu", "cpu"))
+        },
     }

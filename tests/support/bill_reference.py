@@ -349,16 +349,19 @@ def reference_bill(
                 return False
             return pools[pi]["kind"] == "cpu" or record.gpus is not None
 
-        sampled_us = sum(
-            s.get("allocated", 0)
-            for (_, pi, _, job), s in party.items()
-            if job in both and replaced(job, pi)
-        )
+        sampled_by = {
+            kind: sum(
+                s.get("allocated", 0)
+                for (_, pi, _, job), s in party.items()
+                if job in both and replaced(job, pi) and pools[pi]["kind"] == kind
+            )
+            for kind in ("gpu", "cpu")
+        }
         for (w, pi, _, job), s in party.items():
             if replaced(job, pi) and s.get("allocated", 0):
                 pool_sums[(w, pi)]["allocated"] -= s["allocated"]
                 s["allocated"] = 0
-        accounted_us = 0
+        accounted_by = {"gpu": 0, "cpu": 0}
         for r in accounted.values():
             a, b = max(r.start_ns, a_lo), min(a_hi if r.end_ns is None else r.end_ns, a_hi)
             for node in r.nodes:
@@ -375,14 +378,21 @@ def reference_bill(
                         _add(pool_sums, (w0, pi), allocated=us)
                         _add(party, (w0, pi, node, r.job_id), allocated=us)
                         if r.job_id in both:
-                            accounted_us += us
+                            accounted_by[kind] += us
                         t = w1
         reconciliation = {
             "jobs_accounted": len(accounted),
             "jobs_sampled_only": len(sampled_jobs - set(accounted)),
             "jobs_accounted_without_samples": len(set(accounted) - sampled_jobs),
-            "allocated_unit_hours_sampled": sampled_us / US_PER_HOUR,
-            "allocated_unit_hours_accounted": accounted_us / US_PER_HOUR,
+            "allocated_unit_hours_sampled": sum(sampled_by.values()) / US_PER_HOUR,
+            "allocated_unit_hours_accounted": sum(accounted_by.values()) / US_PER_HOUR,
+            "by_kind": {
+                kind: {
+                    "allocated_unit_hours_sampled": sampled_by[kind] / US_PER_HOUR,
+                    "allocated_unit_hours_accounted": accounted_by[kind] / US_PER_HOUR,
+                }
+                for kind in ("gpu", "cpu")
+            },
         }
 
     def window_head(w: int) -> dict[str, str]:
@@ -405,7 +415,12 @@ def reference_bill(
         _add(job_sums, key, **values)
         users[key] = user
 
-    def party_body(pi: int, tenant: str, s: dict[str, int]) -> dict[str, Any] | None:
+    def measured(w: int, pi: int) -> bool:
+        return bool(pool_sums.get((w, pi), {}).get("readings", 0))
+
+    def party_body(
+        pi: int, tenant: str, s: dict[str, int], energy_known: bool = True
+    ) -> dict[str, Any] | None:
         if s["allocated"] == s["busy"] == s["energy"] == 0:
             return None
         pool = pools[pi]
@@ -419,7 +434,9 @@ def reference_bill(
             "allocated_unit_hours": s["allocated"] / US_PER_HOUR,
             "busy_unit_hours": s["busy"] / US_PER_HOUR,
             "efficiency_ratio": _ratio(s["busy"], s["allocated"]),
-            "energy_kwh": s["energy"] / MJ_PER_KWH if pool["kind"] == "gpu" else None,
+            "energy_kwh": s["energy"] / MJ_PER_KWH
+            if pool["kind"] == "gpu" and energy_known
+            else None,
             "charge": money(charge, decimals),
             "waste_charge": money(waste, decimals),
             "_charge": rounded(charge, decimals),
@@ -428,14 +445,14 @@ def reference_bill(
     tenants_out = []
     revenue: dict[tuple[int, int], Decimal] = {}
     for (w, pi, tenant), s in sorted(tenant_sums.items()):
-        body = party_body(pi, tenant, s)
+        body = party_body(pi, tenant, s, measured(w, pi))
         if body is not None:
             revenue[(w, pi)] = revenue.get((w, pi), Decimal(0)) + body.pop("_charge")
             head = {**window_head(w), "pool": pools[pi]["name"], "tenant": tenant}
             tenants_out.append({**head, **body})
     jobs_out = []
     for (w, pi, job, user_key, tenant), s in sorted(job_sums.items()):
-        body = party_body(pi, tenant, s)
+        body = party_body(pi, tenant, s, measured(w, pi))
         if body is not None:
             del body["_charge"]
             user = users[(w, pi, job, user_key, tenant)]
@@ -496,6 +513,7 @@ def _pool_row(
         if span is not None:
             a, b = max(a, span[0]), min(b, span[1])
         capacity = declared_us(pool, a, b) if b > a else 0
+        capacity = max(capacity, monitored)  # never below what the samples show
     with localcontext() as ctx:
         ctx.prec = 60
         kwh = Decimal(energy_mj) / MJ_PER_KWH
