@@ -200,9 +200,13 @@ def plan_of(hourly: Bill, whole: Bill, inventory: Inventory, stable_cv: float) -
     notes: dict[str, list[str]] = {k: [] for k in kinds}
     general: list[str] = []
 
-    pools_h = pools_h.join(hours, on="window_start").join(meta.drop("kind"), on="pool", how="left")
+    pools_h = pools_h.join(hours, on="window_start", maintain_order="left").join(
+        meta.drop("kind"), on="pool", how="left", maintain_order="left"
+    )
     stray = pools_h.filter(pl.col("ownership").is_null() & (pl.col("allocated_unit_hours") > 0))
-    for kind, hours_off in stray.group_by("kind").agg(pl.col("allocated_unit_hours").sum()).rows():
+    for kind, hours_off in (
+        stray.group_by("kind", maintain_order=True).agg(pl.col("allocated_unit_hours").sum()).rows()
+    ):
         general.append(
             f"{hours_off:,.2f} {kind} unit-hours were allocated on nodes of no pool "
             "(pool unassigned): left out of the plan; add their nodes to a pool"
@@ -211,17 +215,19 @@ def plan_of(hourly: Bill, whole: Bill, inventory: Inventory, stable_cv: float) -
 
     # Demand: per (kind, tenant, hour) over owned and leased pools, a missing hour = 0.
     demand_rows = (
-        tenants_h.join(hours, on="window_start")
+        tenants_h.join(hours, on="window_start", maintain_order="left")
         .join(meta.filter(pl.col("ownership").is_in(OWNERSHIPS)), on="pool")
-        .group_by("kind", "tenant", "hour")
+        .group_by("kind", "tenant", "hour", maintain_order=True)
         .agg(pl.col("allocated_unit_hours").sum().alias("demand"))
     )
-    present = demand_rows.group_by("kind", "tenant").agg(pl.col("demand").sum().alias("total"))
+    present = demand_rows.group_by("kind", "tenant", maintain_order=True).agg(
+        pl.col("demand").sum().alias("total")
+    )
     demand = (
         present.filter(pl.col("total") > 0)
         .select("kind", "tenant")
         .join(hours.select("hour"), how="cross")
-        .join(demand_rows, on=["kind", "tenant", "hour"], how="left")
+        .join(demand_rows, on=["kind", "tenant", "hour"], how="left", maintain_order="left")
         .with_columns(pl.col("demand").fill_null(0.0))
     )
     tenants = _profiles(demand, stable_cv)
@@ -229,24 +235,26 @@ def plan_of(hourly: Bill, whole: Bill, inventory: Inventory, stable_cv: float) -
     # Per (kind, hour): total demand D_t and owned capacity C_t.
     own_h = (
         planned_pools.filter(pl.col("ownership") == "own")
-        .group_by("kind", "hour")
+        .group_by("kind", "hour", maintain_order=True)
         .agg(pl.col("capacity_unit_hours").sum().alias("owned_units"),
              pl.col("allocated_unit_hours").sum().alias("own_allocated"))
     )  # fmt: skip
     leased_h = (
         planned_pools.filter(pl.col("ownership") == "leased")
-        .group_by("kind", "hour")
+        .group_by("kind", "hour", maintain_order=True)
         .agg(pl.col("allocated_unit_hours").sum().alias("leased_allocated"))
     )
     grid = kind_frame.join(hours, how="cross")
     hourly_frame = (
         grid.join(
-            demand.group_by("kind", "hour").agg(pl.col("demand").sum().alias("demand_units")),
+            demand.group_by("kind", "hour", maintain_order=True).agg(
+                pl.col("demand").sum().alias("demand_units")
+            ),
             on=["kind", "hour"],
             how="left",
         )
-        .join(own_h, on=["kind", "hour"], how="left")
-        .join(leased_h, on=["kind", "hour"], how="left")
+        .join(own_h, on=["kind", "hour"], how="left", maintain_order="left")
+        .join(leased_h, on=["kind", "hour"], how="left", maintain_order="left")
         .with_columns(
             pl.col("demand_units", "owned_units", "own_allocated", "leased_allocated").fill_null(
                 0.0
@@ -300,7 +308,7 @@ def _frame(rows: list[dict[str, Any]], schema: dict[str, Any]) -> pl.DataFrame:
 def _profiles(demand: pl.DataFrame, stable_cv: float) -> pl.DataFrame:
     """Per (kind, tenant): mean, inverted-CDF p10 and p90 of the hourly units, CV (population
     standard deviation / mean) and ``stable`` (CV ≤ ``stable_cv``)."""
-    stats = demand.group_by("kind", "tenant").agg(
+    stats = demand.group_by("kind", "tenant", maintain_order=True).agg(
         pl.col("demand").mean().alias("mean_units"),
         inverted_cdf("demand", 0.1).alias("p10_units"),
         inverted_cdf("demand", 0.9).alias("p90_units"),
@@ -335,8 +343,14 @@ def _placement_split(
     baseline (p10), largest first (then by name); a tenant's demand is split where owned
     capacity runs out."""
     return (
-        demand.join(tenants.select("kind", "tenant", "stable", "p10_units"), on=["kind", "tenant"])
-        .join(hourly.select("kind", "hour", "owned_units"), on=["kind", "hour"])
+        demand.join(
+            tenants.select("kind", "tenant", "stable", "p10_units"),
+            on=["kind", "tenant"],
+            maintain_order="left",
+        )
+        .join(
+            hourly.select("kind", "hour", "owned_units"), on=["kind", "hour"], maintain_order="left"
+        )
         .sort(
             ["kind", "hour", "stable", "p10_units", "tenant"],
             descending=[False, False, True, True, False],
@@ -366,9 +380,9 @@ def _rates(whole: Bill, meta: pl.DataFrame, kinds: pl.DataFrame, hours: int) -> 
     capacity = _frame(whole.pools, {"pool": pl.String, "capacity_unit_hours": _F})
     per = (
         meta.filter(pl.col("ownership").is_in(OWNERSHIPS))
-        .join(capacity, on="pool", how="left")
+        .join(capacity, on="pool", how="left", maintain_order="left")
         .with_columns(pl.col("capacity_unit_hours").fill_null(0.0))
-        .group_by("kind", "ownership")
+        .group_by("kind", "ownership", maintain_order=True)
         .agg(
             pl.when(pl.col("capacity_unit_hours").sum() > 0)
             .then((pl.col("rate") * pl.col("capacity_unit_hours")).sum()
@@ -382,8 +396,8 @@ def _rates(whole: Bill, meta: pl.DataFrame, kinds: pl.DataFrame, hours: int) -> 
         return per.filter(pl.col("ownership") == ownership).select("kind", pl.col("c").alias(name))
 
     return (
-        kinds.join(of("own", "c_own"), on="kind", how="left")
-        .join(of("leased", "c_leased"), on="kind", how="left")
+        kinds.join(of("own", "c_own"), on="kind", how="left", maintain_order="left")
+        .join(of("leased", "c_leased"), on="kind", how="left", maintain_order="left")
         .with_columns(pl.lit(hours, pl.Int64).alias("hours"))
     )
 
@@ -394,8 +408,8 @@ def _ownership(whole: Bill, meta: pl.DataFrame, kinds: list[str], decimals: int)
         whole.pools,
         {"pool": pl.String, "capacity_unit_hours": _F, "allocated_unit_hours": _F,
          "busy_unit_hours": _F, "cost": _F, "revenue": _F},
-    ).join(meta.select("pool", "kind", "ownership"), on="pool")  # fmt: skip
-    sums = pools.group_by("kind", "ownership").agg(
+    ).join(meta.select("pool", "kind", "ownership"), on="pool", maintain_order="left")  # fmt: skip
+    sums = pools.group_by("kind", "ownership", maintain_order=True).agg(
         pl.col("capacity_unit_hours", "allocated_unit_hours", "busy_unit_hours").sum(),
         pl.col("revenue").sum().round(decimals),
         pl.col("cost").sum().round(decimals),
@@ -437,15 +451,15 @@ def _placement(
 ) -> pl.DataFrame:
     """Per kind: own allocation ratio, leased unit-hours and cost (owned capacity × c_o + leased
     unit-hours × c_l), as placed today and as the stable-first placement would place it."""
-    planned = split.group_by("kind").agg(
+    planned = split.group_by("kind", maintain_order=True).agg(
         pl.col("owned_units").sum().alias("planned_owned"),
         pl.col("leased_units").sum().alias("planned_leased"),
     )
     totals = (
-        hourly.group_by("kind")
+        hourly.group_by("kind", maintain_order=True)
         .agg(pl.col("owned_units", "own_allocated", "leased_allocated", "demand_units").sum())
-        .join(planned, on="kind", how="left")
-        .join(rates, on="kind")
+        .join(planned, on="kind", how="left", maintain_order="left")
+        .join(rates, on="kind", maintain_order="left")
         .with_columns(pl.col("planned_owned", "planned_leased").fill_null(0.0))
     )
     rows = []
@@ -496,8 +510,8 @@ def _capacity(
         .fill_null(0.0)
     )
     per = (
-        hourly.join(rates, on="kind")
-        .group_by("kind")
+        hourly.join(rates, on="kind", maintain_order="left")
+        .group_by("kind", maintain_order=True)
         .agg(
             pl.len().alias("hours"),
             pl.col("demand_units").sum().alias("demand"),
@@ -513,12 +527,16 @@ def _capacity(
         )
     )
     costs = (
-        hourly.join(per.select("kind", "now", "optimal", "c_own", "c_leased"), on="kind")
-        .group_by("kind")
+        hourly.join(
+            per.select("kind", "now", "optimal", "c_own", "c_leased"),
+            on="kind",
+            maintain_order="left",
+        )
+        .group_by("kind", maintain_order=True)
         .agg(_cost_expr("now").alias("cost_now"), _cost_expr("optimal").alias("cost_optimal"))
     )
     rows = []
-    for t in per.join(costs, on="kind").iter_rows(named=True):
+    for t in per.join(costs, on="kind", maintain_order="left").iter_rows(named=True):
         kind = t["kind"]
         why = []
         usable = True
