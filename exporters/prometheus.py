@@ -269,12 +269,16 @@ def _family(name: str) -> ColumnFamily:
     return ColumnFamily(name, kind, doc, labels)
 
 
+# An Arrow scalar, not "": a Python str argument makes pyarrow try to import dateutil per call.
+_EMPTY = pa.scalar("", pa.string())
+
+
 def _column(table: pa.Table, column: str, default: str = "") -> LabelColumn:
     """A label column as strings (null → empty); ``default`` when the table lacks it."""
     if column not in table.column_names:
         return default
     values = table.column(column).combine_chunks()
-    return pc.fill_null(pc.cast(values, pa.string()), "")
+    return pc.fill_null(pc.cast(values, pa.string()), _EMPTY)
 
 
 def _numbers(table: pa.Table, column: str) -> np.ndarray:

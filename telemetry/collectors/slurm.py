@@ -45,6 +45,7 @@ import errno
 import os
 import pwd
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,11 @@ _CPU_LIMIT = 1 << 20
 _ENVIRON_MAX_BYTES = 4 << 20  # a process's environment is at most a few MiB (ARG_MAX)
 _MAX_PIDS_PER_JOB = 256  # environments tried per job and round before giving up
 _MAX_DEPTH = 8  # job/step/user/task is 3 deep; anything deeper is not Slurm's
+# An incomplete search (typically a CPU-only job: no environment will ever name its GPUs) that
+# found no process not already read waits this long before walking the job's cgroup again,
+# doubling up to the maximum; most of a round's cost on a node of many jobs was these walks.
+_RESEARCH_FIRST_S = 1.0
+_RESEARCH_MAX_S = 8.0
 # Errors that mean "the job (or process) ended while we read it": the file is gone (ENOENT), the
 # process is gone (ESRCH), or the cgroup was removed while a file of it was open (ENODEV).
 _GONE = frozenset({errno.ENOENT, errno.ESRCH, errno.ENODEV})
@@ -492,6 +498,10 @@ class _Search:
     claims: tuple[int, ...] = ()
     uid: int | None = None  # real uid of a task process (v2)
     tried: set[int] | None = None
+    # When (monotonic seconds) to walk the job's processes again, and the wait after the next
+    # walk that finds nothing new.
+    next_walk: float = 0.0
+    backoff: float = 0.0
 
     def complete(self, need_uid: bool) -> bool:
         return (
@@ -543,6 +553,7 @@ class SlurmJobCollector(Collector):
         self._search: dict[tuple[str, str], _Search] = {}
         self._names: dict[int, str] = {}
         self._once = OnceLogger(log)
+        self._clock: Callable[[], float] = time.monotonic  # seconds; tests may replace it
 
     # ------------------------------------------------------------ the round
 
@@ -628,11 +639,15 @@ class SlurmJobCollector(Collector):
         trusted = self._read_job_info(job) if info_dir_ok else None
         search = self._search.setdefault(job.key, _Search())
         need_uid = job.uid is None
-        if not search.complete(need_uid) and not (
-            trusted is not None
-            and "account" in trusted
-            and "gpus" in trusted
-            and (search.uid is not None or not need_uid)
+        if (
+            not search.complete(need_uid)
+            and not (
+                trusted is not None
+                and "account" in trusted
+                and "gpus" in trusted
+                and (search.uid is not None or not need_uid)
+            )
+            and self._clock() >= search.next_walk
         ):
             self._search_environments(job, search)
         if trusted is not None and "job_id" in trusted:
@@ -674,8 +689,10 @@ class SlurmJobCollector(Collector):
         if search.tried is None or len(search.tried) > _MAX_TRIED:
             search.tried = set()
         read = 0
+        capped = False
         for place, pid in job_processes(job.procs_dir):
             if read >= _MAX_PIDS_PER_JOB or search.complete(job.uid is None):
+                capped = read >= _MAX_PIDS_PER_JOB
                 break
             if pid in search.tried:
                 continue
@@ -704,6 +721,11 @@ class SlurmJobCollector(Collector):
             rank, count, claims = gpu_evidence(env)
             if rank > search.gpu_rank:
                 search.gpu_rank, search.gpus, search.claims = rank, count, claims
+        if read or capped:
+            search.backoff, search.next_walk = 0.0, 0.0
+        else:
+            search.backoff = min(max(2 * search.backoff, _RESEARCH_FIRST_S), _RESEARCH_MAX_S)
+            search.next_walk = self._clock() + search.backoff
 
     def _real_uid(self, pid: int) -> int | None:
         path = self.ctx.procfs / str(pid) / "status"
