@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -20,10 +21,12 @@ from prometheus_client.core import Metric
 
 from exporters.exposition import ColumnFamily, LabelColumn, render_text, strings, to_client_metric
 from telemetry import __version__
-from telemetry.billing.aggregate import AggregateSnapshot
-from telemetry.billing.engine import LiveTotals
 from telemetry.schema import CPU_MODES
 from telemetry.state import Snapshot, TableSnapshot
+
+if TYPE_CHECKING:  # annotations only: a node daemon without an inventory never bills
+    from telemetry.billing.aggregate import AggregateSnapshot
+    from telemetry.billing.engine import LiveTotals
 
 # name → (type, help, label names); the single source for describe() and collect().
 METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {

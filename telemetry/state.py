@@ -8,16 +8,19 @@ tables and series, never over rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 import kernels
-from telemetry.billing.engine import LIVE_WINDOW_SECONDS, Biller, LiveTotals
-from telemetry.billing.inventory import Inventory
 from telemetry.collectors.base import CollectorStatus
 from telemetry.rows import merge_rows, series_codes
 from telemetry.schema import SCHEMAS, SERIES_KEYS, screen, validate
+
+if TYPE_CHECKING:  # the bill engine is imported only when an inventory asks for pools
+    from telemetry.billing.engine import LiveTotals
+    from telemetry.billing.inventory import Inventory
 
 NS = 1_000_000_000
 # Trailing windows of SPEC §6, label → seconds.
@@ -276,7 +279,11 @@ class State:
         self, max_gap_seconds: float = DEFAULT_MAX_GAP_SECONDS, inventory: Inventory | None = None
     ) -> None:
         self.tables = {name: TableState(name, max_gap_seconds) for name in SCHEMAS}
-        self.biller = None if inventory is None else Biller(inventory, LIVE_WINDOW_SECONDS)
+        self.biller = None
+        if inventory is not None:
+            from telemetry.billing.engine import LIVE_WINDOW_SECONDS, Biller
+
+            self.biller = Biller(inventory, LIVE_WINDOW_SECONDS)
         self._job_batches = 0
 
     def ingest(self, name: str, batch: pa.Table) -> None:
