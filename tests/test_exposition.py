@@ -180,3 +180,27 @@ def test_http_serves_the_column_renderer_for_text_and_the_client_for_openmetrics
         assert len(calls) == 1
     finally:
         server.stop()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.floats(1e6, 1e16, exclude_max=True)
+        | st.integers(10**6, 10**16 - 1).map(float)
+        | st.floats(allow_nan=True, allow_infinity=True),
+        min_size=1,
+        max_size=600,
+    )
+)
+def test_many_large_values_render_as_the_client_does(values: list[float]) -> None:
+    """Bytes and joules (7 to 16 integer digits) take the vectorised exponent form on large
+    blocks; each must read as the client's float format."""
+    family = ColumnFamily("tally_z", "gauge", "h", ("i",))
+    family.add([strings([str(i) for i in range(len(values))])], np.array(values))
+    registry = CollectorRegistry()
+    registry.register(_One(family))
+    exposition._ARROW_FROM_ROWS = 0
+    try:
+        assert render_text([family]) == generate_latest(registry)
+    finally:
+        exposition._ARROW_FROM_ROWS = ARROW_FROM_ROWS
