@@ -144,34 +144,50 @@ def _exponent_form(texts: pa.Array) -> pa.Array:
 _ARROW_FROM_ROWS = 256
 
 
-def _block_text_small(name: str, labels: tuple[str, ...], block: Block) -> bytes:
+class PrefixCache(dict[tuple[tuple[str, ...], tuple[str, ...]], str]):
+    """``name{labels} `` of each small-block series by ((name, *label names), raw label values),
+    kept across scrapes: a node's series keep their labels from one scrape to the next, so
+    escaping and joining them is done once per series, not per scrape. Emptied when it grows
+    past 65,536 series (series that went away: ended jobs)."""
+
+
+def _block_text_small(
+    name: str, labels: tuple[str, ...], block: Block, prefixes: PrefixCache | None = None
+) -> bytes:
     order = sorted(range(len(labels)), key=lambda i: labels[i])
     n = block.values.size
     columns: list[list[str]] = []
     for i in order:
         column = block.columns[i]
         if isinstance(column, str):
-            columns.append([_escape_label(column)] * n)
+            columns.append([column] * n)
         else:
-            columns.append([_escape_label(str(v)) for v in column.to_pylist()])
+            columns.append(list(map(str, column.to_pylist())))
     names = [labels[i] for i in order]
+    cache = PrefixCache() if prefixes is None else prefixes
+    family = (name, *names)
+    keys = zip(*columns, strict=True) if names else iter([()] * n)
     lines = []
-    for row, value in enumerate(block.values.tolist()):
+    for key, value in zip(keys, block.values.tolist(), strict=True):
         if math.isnan(value):  # no reading
             continue
-        if names:
-            pairs = ",".join(f'{k}="{c[row]}"' for k, c in zip(names, columns, strict=True))
-            lines.append(f"{name}{{{pairs}}} {go_float(value)}\n")
-        else:
-            lines.append(f"{name} {go_float(value)}\n")
+        prefix = cache.get((family, key))
+        if prefix is None:
+            pairs = ",".join(f'{k}="{_escape_label(v)}"' for k, v in zip(names, key, strict=True))
+            prefix = cache[(family, key)] = f"{name}{{{pairs}}} " if names else f"{name} "
+        lines.append(f"{prefix}{go_float(value)}\n")
     return "".join(lines).encode()
 
 
 def _block_text(
-    name: str, labels: tuple[str, ...], block: Block, cache: dict[int, tuple[pa.Array, pa.Array]]
+    name: str,
+    labels: tuple[str, ...],
+    block: Block,
+    cache: dict[int, tuple[pa.Array, pa.Array]],
+    prefixes: PrefixCache | None = None,
 ) -> bytes:
     if block.values.size < _ARROW_FROM_ROWS:
-        return _block_text_small(name, labels, block)
+        return _block_text_small(name, labels, block, prefixes)
     keep = ~np.isnan(block.values)
     if not keep.any():
         return b""
@@ -207,8 +223,11 @@ def _block_text(
     return bytes(memoryview(data)[int(bounds[0]) : int(bounds[-1])])
 
 
-def render_text(families: Iterable[ColumnFamily]) -> bytes:
-    """The Prometheus text format (0.0.4) of ``families``, as ``generate_latest`` writes it."""
+def render_text(families: Iterable[ColumnFamily], prefixes: PrefixCache | None = None) -> bytes:
+    """The Prometheus text format (0.0.4) of ``families``, as ``generate_latest`` writes it.
+
+    ``prefixes`` (one per exporter) keeps small-block series prefixes from scrape to scrape.
+    """
     out: list[bytes] = []
     cache: dict[int, tuple[pa.Array, pa.Array]] = {}
     for family in families:
@@ -217,7 +236,9 @@ def render_text(families: Iterable[ColumnFamily]) -> bytes:
         doc = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
         out.append(f"# HELP {name} {doc}\n# TYPE {name} {family.kind}\n".encode())
         for block in family.blocks:
-            out.append(_block_text(name, family.labels, block, cache))
+            out.append(_block_text(name, family.labels, block, cache, prefixes))
+    if prefixes is not None and len(prefixes) > 65536:
+        prefixes.clear()  # series come and go (jobs); a node's own scrape holds a few thousand
     return b"".join(out)
 
 

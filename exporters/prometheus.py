@@ -19,7 +19,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from prometheus_client.core import Metric
 
-from exporters.exposition import ColumnFamily, LabelColumn, render_text, strings, to_client_metric
+from exporters.exposition import (
+    ColumnFamily,
+    LabelColumn,
+    PrefixCache,
+    render_text,
+    strings,
+    to_client_metric,
+)
 from telemetry import __version__
 from telemetry.schema import CPU_MODES
 from telemetry.state import Snapshot, TableSnapshot
@@ -499,6 +506,7 @@ class TallyCollector:
     def __init__(self, source: Callable[[], Snapshot], dcgm_compat: bool = False) -> None:
         self._source = source
         self._dcgm = dcgm_compat
+        self._prefixes = PrefixCache()
 
     def describe(self) -> list[Metric]:
         families = [_family(name) for name in METRICS]
@@ -528,7 +536,7 @@ class TallyCollector:
 
     def render_text(self) -> bytes:
         """The text exposition of the newest snapshot (what ``generate_latest`` would write)."""
-        return render_text(self.families())
+        return render_text(self.families(), self._prefixes)
 
 
 def aggregate_families(snapshot: AggregateSnapshot, now_ns: int) -> Iterator[ColumnFamily]:

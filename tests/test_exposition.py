@@ -20,7 +20,14 @@ from prometheus_client.core import Metric
 from prometheus_client.utils import floatToGoString
 
 from exporters import exposition
-from exporters.exposition import ColumnFamily, go_float, render_text, strings, to_client_metric
+from exporters.exposition import (
+    ColumnFamily,
+    PrefixCache,
+    go_float,
+    render_text,
+    strings,
+    to_client_metric,
+)
 from exporters.http import MetricsServer
 from exporters.prometheus import TallyCollector
 from telemetry.billing.inventory import parse_inventory
@@ -204,3 +211,24 @@ def test_many_large_values_render_as_the_client_does(values: list[float]) -> Non
         assert render_text([family]) == generate_latest(registry)
     finally:
         exposition._ARROW_FROM_ROWS = ARROW_FROM_ROWS
+
+
+def test_prefixes_kept_across_scrapes_follow_changed_labels() -> None:
+    """The second scrape reuses the first's series prefixes; a label that changed, a series
+    that is new and one whose value became NaN render as the client renders them."""
+    prefixes = PrefixCache()
+
+    def scrape(jobs: list[str], users: list[str], values: list[float]) -> None:
+        family = ColumnFamily("tally_job_info", "gauge", "h", ("node", "job", "user"))
+        family.add(["n1", strings(jobs), strings(users)], np.array(values))
+        counter = ColumnFamily("tally_job_cpu_seconds", "counter", "h", ("job",))
+        counter.add([strings(jobs)], np.array(values) * 1e7)
+        registry = CollectorRegistry()
+        registry.register(_One(family))
+        registry.register(_One(counter))
+        assert render_text([family, counter], prefixes) == generate_latest(registry)
+
+    scrape(["1", "2"], ["alice", 'b"ob'], [1.0, 1.0])
+    assert len(prefixes) == 4
+    scrape(["1", "2", "3"], ["alice", "carol\\", "dave\n"], [1.0, math.nan, 2.5])
+    assert len(prefixes) == 6  # job 3 added (job 2 has no reading); job 1 reused
