@@ -230,5 +230,5 @@ def test_prefixes_kept_across_scrapes_follow_changed_labels() -> None:
 
     scrape(["1", "2"], ["alice", 'b"ob'], [1.0, 1.0])
     assert len(prefixes) == 4
-    scrape(["1", "2", "3"], ["alice", "carol\\", "dave\n"], [1.0, math.nan, 2.5])
-    assert len(prefixes) == 6  # job 3 added (job 2 has no reading); job 1 reused
+    scrape(["1", "2", "3"], ["alice", "carol\\", "dave\n"], [math.nan, 3.0, 2.5])
+    assert len(prefixes) == 7  # job 2 changed user, job 3 is new; job 1 has no reading
