@@ -198,6 +198,71 @@ def measure(
     return exporters
 
 
+# One hour (plus the max gap) of 1 s rounds of a node with 8 GPUs, one CPU row and ``jobs`` jobs
+# ingested into the live state, then the CPU time of the next rounds' ingest and snapshot: the
+# daemon's aggregation at steady state, which a run of a minute or two does not reach (the
+# trailing windows keep an hour). Runs in a subprocess on the given checkout's telemetry.
+_STEADY = """
+import sys, time
+import numpy as np, pyarrow as pa
+from telemetry.schema import CPU_MODES, SCHEMAS, validate
+from telemetry.state import State
+NS = 10**9
+T0 = 1_788_220_800 * NS
+JOBS, PREFILL, MEASURE = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+def stamp(columns):
+    n = len(columns["node"])
+    return {"time": pa.array([columns.pop("t")] * n, pa.timestamp("ns", "UTC")), **columns}
+def batches(k):
+    t = T0 + k * NS
+    gpu = stamp({"t": t, "node": ["bench"] * 8,
+        "gpu_uuid": [f"GPU-{i:08x}-0000-0000-0000-000000000000" for i in range(8)],
+        "gpu_index": pa.array(range(8), pa.int16()), "gpu_model": ["NVIDIA H100 80GB HBM3"] * 8,
+        "utilization_ratio": pa.array([(k + i) % 5 / 4 for i in range(8)], pa.float32()),
+        "memory_used_bytes": [40 << 30] * 8, "memory_total_bytes": [80 << 30] * 8,
+        "power_watts": pa.array([300.0] * 8, pa.float32()),
+        "energy_joules": [1e6 + 300.0 * k] * 8, "job_id": [str(5000 + i) for i in range(8)]})
+    cpu = stamp({"t": t, "node": ["bench"], "cpus": pa.array([64], pa.int32()),
+        **{f"{m}_seconds": [1e6 + 10.0 * k] for m in CPU_MODES},
+        "memory_total_bytes": [512 << 30], "memory_available_bytes": [256 << 30]})
+    job = stamp({"t": t, "node": ["bench"] * JOBS, "job_id": [str(5000 + i) for i in range(JOBS)],
+        "user": ["u"] * JOBS, "account": ["a"] * JOBS,
+        "cpus_allocated": pa.array([1.0] * JOBS, pa.float32()),
+        "gpus_allocated": pa.array([1.0 if i < 8 else 0.0 for i in range(JOBS)], pa.float32()),
+        "cpu_seconds": [100.0 + k] * JOBS, "memory_bytes": [1 << 30] * JOBS})
+    return {"gpu": gpu, "cpu": cpu, "job": job}
+def tables(k):
+    out = {}
+    for name, columns in batches(k).items():
+        given, schema = pa.table(columns), SCHEMAS[name]
+        arrays = [given.column(f.name).cast(f.type) if f.name in given.column_names
+                  else pa.nulls(given.num_rows, f.type) for f in schema]
+        out[name] = validate(pa.Table.from_arrays(arrays, schema=schema), name)
+    return out
+state = State()
+for k in range(PREFILL):
+    for name, table in tables(k).items():
+        state.ingest(name, table)
+ready = [tables(PREFILL + k) for k in range(MEASURE)]
+start = time.process_time()
+for round_tables in ready:
+    for name, table in round_tables.items():
+        state.ingest(name, table)
+    state.snapshot()
+print((time.process_time() - start) / MEASURE * 1e3)
+"""
+
+
+def steady_round_ms(checkout: Path, jobs: int = 50, prefill: int = 3660, rounds: int = 30) -> float:
+    """CPU ms of one round's ingest and snapshot after ``prefill`` 1 s rounds (see _STEADY)."""
+    env = dict(os.environ, PYTHONPATH=str(checkout))
+    result = subprocess.run(
+        [sys.executable, "-c", _STEADY, str(jobs), str(prefill), str(rounds)],
+        cwd=checkout, env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return float(result.stdout.split()[-1])
+
+
 def run(
     seconds: float, interval: float, jobs: int = 50, compare_with: Path | None = None
 ) -> list[Exporter]:
@@ -228,8 +293,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--jobs", type=int, default=50)
     parser.add_argument("--compare-with", type=Path, help="another checkout's tally, same run")
+    parser.add_argument(
+        "--steady", action="store_true", help="also time a round after an hour of rows (slow)"
+    )
     args = parser.parse_args(argv)
     run(args.seconds, args.interval, args.jobs, args.compare_with)
+    if args.steady:
+        print(f"\naggregation at steady state (an hour of 1 s rounds, {args.jobs} jobs, 8 GPUs), "
+              "CPU ms per round (ingest + snapshot)")  # fmt: skip
+        for name, checkout in [("tally", REPO), ("tally (before)", args.compare_with)]:
+            if checkout is not None:
+                print(f"{name:24}{steady_round_ms(checkout, args.jobs):10.2f}")
 
 
 if __name__ == "__main__":
