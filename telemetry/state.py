@@ -103,6 +103,11 @@ class TableState:
         self._row_times = np.zeros(0, dtype=np.int64)
         self._row_parts: dict[str, np.ndarray] = {}
         self._compacted_rows = 0
+        # Rows not yet inserted into the sorted arrays: a table without windows inserts them
+        # in batches (its arrays are only read for the rare repeat of an older row).
+        self._pending: list[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]] = []
+        self._pending_rows = 0
+        self._newest_ns: dict[int, int] = {}  # series id → its newest time
 
     @property
     def retained(self) -> pa.Table:
@@ -141,7 +146,9 @@ class TableState:
         alive = code_newest > horizon
         for code in codes[last][~alive[codes[last]]].tolist():
             self.totals.pop(labels[code], None)
-            self._ids.pop(labels[code], None)
+            gone = self._ids.pop(labels[code], None)
+            if gone is not None:
+                self._newest_ns.pop(gone, None)
         self.newest = table.take(pa.array(last[alive[codes[last]]]))
         fresh = np.nonzero(is_new & alive[codes])[0]
         self._add_rows(
@@ -161,13 +168,17 @@ class TableState:
         if not self._ids:
             return new
         times = new.column("time").cast(pa.int64()).to_numpy()
-        ids = np.array([self._ids.get(k, -1) for k in self._labels(new)], dtype=np.int64)
+        ids = [self._ids.get(k, -1) for k in self._labels(new)]
+        unseen = np.iinfo(np.int64).min  # a new series repeats nothing
+        newest = np.array([self._newest_ns.get(i, unseen) for i in ids], dtype=np.int64)
+        older = np.nonzero(times < newest)[0]
+        if older.size == 0:
+            return new
+        self._flush_pending()
         lo = np.searchsorted(self._row_ids, ids, side="left")
         hi = np.searchsorted(self._row_ids, ids, side="right")
-        known = hi > lo
-        newest = np.where(known, self._row_times[np.maximum(hi - 1, 0)], np.iinfo(np.int64).max)
         repeat = np.zeros(new.num_rows, dtype=bool)
-        for i in np.nonzero(known & (times < newest))[0].tolist():
+        for i in older.tolist():
             run = self._row_times[lo[i] : hi[i]]
             at = int(np.searchsorted(run, times[i]))
             # A row past its series' horizon is gone (whether compacted away yet or not).
@@ -182,8 +193,8 @@ class TableState:
     def _add_rows(
         self, labels: list[tuple[str, ...]], times: np.ndarray, parts: dict[str, np.ndarray]
     ) -> None:
-        """Insert kept new rows (each newer than its series' retained rows) in (id, time) order,
-        and now and then drop what is past every horizon."""
+        """Add kept new rows (each newer than its series' retained rows): pending, then inserted
+        in (id, time) order."""
         ids = np.empty(len(labels), dtype=np.int64)
         for i, key in enumerate(labels):
             found = self._ids.get(key)
@@ -191,16 +202,32 @@ class TableState:
                 found = self._ids[key] = self._next_id
                 self._next_id += 1
             ids[i] = found
+        for series, t in zip(ids.tolist(), times.tolist(), strict=True):
+            self._newest_ns[series] = max(t, self._newest_ns.get(series, t))
+        self._pending.append((ids, times, parts))
+        self._pending_rows += ids.size
+        # The windows read the arrays every round; otherwise insert ~1/16 of them at a time.
+        if self.name in RATIO_PARTS or self._pending_rows > max(1024, self._row_ids.size // 16):
+            self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        """Insert the pending rows into the sorted arrays; now and then compact them."""
+        if not self._pending:
+            return
+        ids = np.concatenate([chunk[0] for chunk in self._pending])
+        times = np.concatenate([chunk[1] for chunk in self._pending])
         order = np.lexsort((times, ids))
         ids, times = ids[order], times[order]
         at = np.searchsorted(self._row_ids, ids, side="right")
         self._row_ids = np.insert(self._row_ids, at, ids)
         self._row_times = np.insert(self._row_times, at, times)
-        for part, values in parts.items():
+        for part in self._pending[0][2]:
+            values = np.concatenate([chunk[2][part] for chunk in self._pending])
             held = self._row_parts.get(part)
             if held is None:
                 held = np.zeros(0, dtype=values.dtype)
             self._row_parts[part] = np.insert(held, at, values[order])
+        self._pending, self._pending_rows = [], 0
         if self._row_ids.size > self._compacted_rows + max(1024, self._compacted_rows // 16):
             self._compact()
 
