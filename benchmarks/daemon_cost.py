@@ -1,9 +1,20 @@
-"""The daemon's own cost: CPU seconds per hour, peak RSS and scrape latency, as a user sees them.
+"""The daemon's own cost on a loaded node, side by side with node_exporter: CPU, RSS, scrapes.
 
-Starts ``tally daemon`` as a subprocess on this machine's /proc at a 1 s interval, scrapes it
-over HTTP while it runs, and reads its CPU time and peak RSS from /proc/<pid>. The baseline in the
-same run is prometheus-client's own ``generate_latest`` of an empty registry plus process metrics
-served by its ``start_http_server``: the floor any Python exporter pays per scrape.
+``python -m benchmarks.daemon_cost [--seconds 120] [--interval 1] [--jobs 50] [--compare-with DIR]``
+
+tally runs as ``tally daemon`` at ``--interval`` on a node tree with ``--jobs`` Slurm jobs and 8
+fake H100s (:mod:`benchmarks.node_tree`). In the same run, on the same machine:
+
+- ``prometheus-node-exporter`` (Debian's package, default collectors, this machine's /proc and
+  /sys), the exporter node operators compare against;
+- a bare prometheus-client ``start_http_server`` exporter (process metrics only): the floor any
+  Python exporter pays;
+- with ``--compare-with DIR``, the tally of another checkout (an older commit, unpacked with
+  ``git archive``) on the same tree: before and after in one run.
+
+Each is scraped over HTTP once per ``--interval`` (as Prometheus would) from one thread. CPU is
+measured from /proc/<pid>/stat over ``--seconds`` after a warm-up; RSS is VmRSS at the end and
+VmHWM (peak). Scrape latencies (200 more scrapes) come after the CPU window.
 """
 
 from __future__ import annotations
@@ -11,15 +22,24 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from benchmarks import node_tree
+
+MIB = 2**20
+WARMUP_SECONDS = 5.0
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _free_port() -> int:
@@ -33,22 +53,11 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _peak_rss_bytes(pid: int) -> int:
+def _status_bytes(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def _scrape_latencies(url: str, count: int, pause: float) -> list[float]:
-    out = []
-    for _ in range(count):
-        start = time.perf_counter()
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            resp.read()
-        out.append(time.perf_counter() - start)
-        time.sleep(pause)
-    return out
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -56,69 +65,245 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _baseline_server(port: int) -> subprocess.Popen[bytes]:
-    code = (
-        f"import time, prometheus_client as p; p.start_http_server({port}, addr='127.0.0.1'); "
-        "time.sleep(3600)"
-    )
-    return subprocess.Popen([sys.executable, "-c", code])
+@dataclass
+class Exporter:
+    """One exporter under test: its process and what was measured of it."""
 
+    name: str
+    proc: subprocess.Popen[bytes]
+    url: str
+    cpu: float = math.nan  # CPU seconds over the window
+    wall: float = math.nan
+    rss: float = math.nan  # bytes
+    peak_rss: float = math.nan
+    latencies: list[float] = field(default_factory=list)
+    scrape_errors: int = 0
 
-def run(seconds: float, interval: float) -> list[tuple[str, float, float]]:
-    """Return rows of (what, tally, baseline) and print them."""
-    port = _free_port()
-    with tempfile.TemporaryDirectory() as data:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "telemetry.cli", "daemon", "--listen", f"127.0.0.1:{port}",
-             "--data-dir", data, "--interval", str(interval), "--node", "bench"],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        assert proc.stdout is not None
-        proc.stdout.readline()  # banner: serving
-        cpu0, t0 = _cpu_seconds(proc.pid), time.monotonic()
-        time.sleep(seconds)
-        cpu1, t1 = _cpu_seconds(proc.pid), time.monotonic()
-        latencies = _scrape_latencies(f"http://127.0.0.1:{port}/metrics", 200, 0.005)
-        rss = _peak_rss_bytes(proc.pid)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-    base_port = _free_port()
-    base = _baseline_server(base_port)
-    try:
-        for _ in range(100):
+    def scrape(self) -> float:
+        start = time.perf_counter()
+        with urllib.request.urlopen(self.url, timeout=5) as resp:
+            resp.read()
+        return time.perf_counter() - start
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{base_port}/metrics", timeout=1).read()
-                break
+                self.scrape()
+                return
             except OSError:
                 time.sleep(0.05)
-        base_lat = _scrape_latencies(f"http://127.0.0.1:{base_port}/metrics", 200, 0.005)
-        base_rss = _peak_rss_bytes(base.pid)
-    finally:
-        base.kill()
-        base.wait()
-    cpu_per_hour = (cpu1 - cpu0) / (t1 - t0) * 3600
-    rows = [
-        ("daemon CPU seconds per hour", cpu_per_hour, float("nan")),
-        ("peak RSS MiB", rss / 2**20, base_rss / 2**20),
-        ("scrape p50 ms", _percentile(latencies, 0.5) * 1e3, _percentile(base_lat, 0.5) * 1e3),
-        ("scrape p99 ms", _percentile(latencies, 0.99) * 1e3, _percentile(base_lat, 0.99) * 1e3),
-        ("scrape mean ms", statistics.fmean(latencies) * 1e3, statistics.fmean(base_lat) * 1e3),
+        raise RuntimeError(f"{self.name} did not answer within {timeout:g} s")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _tally(name: str, checkout: Path, tree: Path, data: Path, interval: float) -> Exporter:
+    port = _free_port()
+    env = dict(os.environ)
+    # The stand-in module from this checkout, whatever checkout the daemon itself comes from.
+    standin = tree / "standin"
+    standin.mkdir(exist_ok=True)
+    shutil.copy(Path(node_tree.__file__), standin / "tally_bench_node.py")
+    env["PYTHONPATH"] = os.pathsep.join([str(checkout), str(REPO), str(standin)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "telemetry.cli", "daemon", "--listen", f"127.0.0.1:{port}",
+         "--data-dir", str(data), "--interval", f"{interval:g}", "--node", "bench",
+         "--path.procfs", str(tree / "proc"), "--path.sysfs", str(tree / "sys"),
+         "--nvml.module", "tally_bench_node:NVML"],
+        cwd=checkout, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    return Exporter(name, proc, f"http://127.0.0.1:{port}/metrics")
+
+
+def _node_exporter() -> Exporter | None:
+    binary = shutil.which("prometheus-node-exporter") or shutil.which("node_exporter")
+    if binary is None:
+        return None
+    port = _free_port()
+    proc = subprocess.Popen(
+        [binary, f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    return Exporter("node_exporter", proc, f"http://127.0.0.1:{port}/metrics")
+
+
+def _client_baseline() -> Exporter:
+    port = _free_port()
+    code = (
+        f"import time, prometheus_client as p; p.start_http_server({port}, addr='127.0.0.1'); "
+        "time.sleep(86400)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    return Exporter("prometheus-client", proc, f"http://127.0.0.1:{port}/metrics")
+
+
+def _scrape_every(exporters: list[Exporter], interval: float, stop: threading.Event) -> None:
+    while not stop.wait(interval):
+        for e in exporters:
+            try:
+                e.scrape()
+            except OSError:
+                e.scrape_errors += 1
+
+
+def measure(
+    seconds: float, interval: float, jobs: int = 50, compare_with: Path | None = None
+) -> list[Exporter]:
+    """Run every exporter for ``seconds`` scraped each ``interval``; return them, measured."""
+    with tempfile.TemporaryDirectory() as scratch:
+        tree = Path(scratch) / "node"
+        node_tree.write_node(tree, jobs)
+        exporters = [_tally("tally", REPO, tree, Path(scratch) / "data", interval)]
+        if compare_with is not None:
+            exporters.append(
+                _tally("tally (before)", compare_with, tree, Path(scratch) / "data0", interval)
+            )
+        node = _node_exporter()
+        if node is not None:
+            exporters.append(node)
+        exporters.append(_client_baseline())
+        try:
+            for e in exporters:
+                e.wait_ready()
+            stop = threading.Event()
+            scraper = threading.Thread(target=_scrape_every, args=(exporters, interval, stop))
+            scraper.start()
+            time.sleep(WARMUP_SECONDS)
+            start = {e.name: (_cpu_seconds(e.proc.pid), time.monotonic()) for e in exporters}
+            time.sleep(seconds)
+            for e in exporters:
+                cpu0, t0 = start[e.name]
+                e.cpu, e.wall = _cpu_seconds(e.proc.pid) - cpu0, time.monotonic() - t0
+                e.rss = _status_bytes(e.proc.pid, "VmRSS")
+                e.peak_rss = _status_bytes(e.proc.pid, "VmHWM")
+            stop.set()
+            scraper.join()
+            for e in exporters:
+                for _ in range(200):
+                    e.latencies.append(e.scrape())
+                    time.sleep(0.005)
+        finally:
+            for e in exporters:
+                e.stop()
+    return exporters
+
+
+# One hour (plus the max gap) of 1 s rounds of a node with 8 GPUs, one CPU row and ``jobs`` jobs
+# ingested into the live state, then the CPU time of the next rounds' ingest and snapshot: the
+# daemon's aggregation at steady state, which a run of a minute or two does not reach (the
+# trailing windows keep an hour). Runs in a subprocess on the given checkout's telemetry.
+_STEADY = """
+import sys, time
+import numpy as np, pyarrow as pa
+from telemetry.schema import CPU_MODES, SCHEMAS, validate
+from telemetry.state import State
+NS = 10**9
+T0 = 1_788_220_800 * NS
+JOBS, PREFILL, MEASURE = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+def stamp(columns):
+    n = len(columns["node"])
+    return {"time": pa.array([columns.pop("t")] * n, pa.timestamp("ns", "UTC")), **columns}
+def batches(k):
+    t = T0 + k * NS
+    gpu = stamp({"t": t, "node": ["bench"] * 8,
+        "gpu_uuid": [f"GPU-{i:08x}-0000-0000-0000-000000000000" for i in range(8)],
+        "gpu_index": pa.array(range(8), pa.int16()), "gpu_model": ["NVIDIA H100 80GB HBM3"] * 8,
+        "utilization_ratio": pa.array([(k + i) % 5 / 4 for i in range(8)], pa.float32()),
+        "memory_used_bytes": [40 << 30] * 8, "memory_total_bytes": [80 << 30] * 8,
+        "power_watts": pa.array([300.0] * 8, pa.float32()),
+        "energy_joules": [1e6 + 300.0 * k] * 8, "job_id": [str(5000 + i) for i in range(8)]})
+    cpu = stamp({"t": t, "node": ["bench"], "cpus": pa.array([64], pa.int32()),
+        **{f"{m}_seconds": [1e6 + 10.0 * k] for m in CPU_MODES},
+        "memory_total_bytes": [512 << 30], "memory_available_bytes": [256 << 30]})
+    job = stamp({"t": t, "node": ["bench"] * JOBS, "job_id": [str(5000 + i) for i in range(JOBS)],
+        "user": ["u"] * JOBS, "account": ["a"] * JOBS,
+        "cpus_allocated": pa.array([1.0] * JOBS, pa.float32()),
+        "gpus_allocated": pa.array([1.0 if i < 8 else 0.0 for i in range(JOBS)], pa.float32()),
+        "cpu_seconds": [100.0 + k] * JOBS, "memory_bytes": [1 << 30] * JOBS})
+    return {"gpu": gpu, "cpu": cpu, "job": job}
+def tables(k):
+    out = {}
+    for name, columns in batches(k).items():
+        given, schema = pa.table(columns), SCHEMAS[name]
+        arrays = [given.column(f.name).cast(f.type) if f.name in given.column_names
+                  else pa.nulls(given.num_rows, f.type) for f in schema]
+        out[name] = validate(pa.Table.from_arrays(arrays, schema=schema), name)
+    return out
+state = State()
+for k in range(PREFILL):
+    for name, table in tables(k).items():
+        state.ingest(name, table)
+ready = [tables(PREFILL + k) for k in range(MEASURE)]
+start = time.process_time()
+for round_tables in ready:
+    for name, table in round_tables.items():
+        state.ingest(name, table)
+    state.snapshot()
+print((time.process_time() - start) / MEASURE * 1e3)
+"""
+
+
+def steady_round_ms(checkout: Path, jobs: int = 50, prefill: int = 3660, rounds: int = 30) -> float:
+    """CPU ms of one round's ingest and snapshot after ``prefill`` 1 s rounds (see _STEADY)."""
+    env = dict(os.environ, PYTHONPATH=str(checkout))
+    result = subprocess.run(
+        [sys.executable, "-c", _STEADY, str(jobs), str(prefill), str(rounds)],
+        cwd=checkout, env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return float(result.stdout.split()[-1])
+
+
+def run(
+    seconds: float, interval: float, jobs: int = 50, compare_with: Path | None = None
+) -> list[Exporter]:
+    """Measure and print one table (one column per exporter)."""
+    exporters = measure(seconds, interval, jobs, compare_with)
+    print(f"\ndaemon cost: {seconds:g} s at a {interval:g} s interval, {jobs} Slurm jobs, "
+          "8 fake GPUs; every exporter scraped once per interval")  # fmt: skip
+    rows: list[tuple[str, list[float]]] = [
+        ("CPU seconds per hour", [e.cpu / e.wall * 3600 for e in exporters]),
+        ("CPU % of a core", [e.cpu / e.wall * 100 for e in exporters]),
+        ("RSS MiB", [e.rss / MIB for e in exporters]),
+        ("peak RSS MiB", [e.peak_rss / MIB for e in exporters]),
+        ("scrape p50 ms", [_percentile(e.latencies, 0.5) * 1e3 for e in exporters]),
+        ("scrape p99 ms", [_percentile(e.latencies, 0.99) * 1e3 for e in exporters]),
+        ("scrape mean ms", [statistics.fmean(e.latencies) * 1e3 for e in exporters]),
+        ("scrape errors", [float(e.scrape_errors) for e in exporters]),
     ]
-    print(f"\ndaemon cost: {seconds:g} s at a {interval:g} s interval (baseline: prometheus-client "
-          "start_http_server with its default process metrics)")  # fmt: skip
-    print(f"{'measure':32} {'tally':>10} {'baseline':>10} {'ratio':>7}")
-    for what, ours, theirs in rows:
-        ratio = ours / theirs if math.isfinite(theirs) and theirs else float("nan")
-        print(f"{what:32} {ours:10.2f} {theirs:10.2f} {ratio:7.2f}")
-    return rows
+    names = [e.name for e in exporters]
+    print(f"{'measure':24}" + "".join(f"{n:>20}" for n in names))
+    for what, values in rows:
+        print(f"{what:24}" + "".join(f"{v:20.3f}" for v in values))
+    return exporters
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--interval", type=float, default=1.0)
+    parser.add_argument("--jobs", type=int, default=50)
+    parser.add_argument("--compare-with", type=Path, help="another checkout's tally, same run")
+    parser.add_argument(
+        "--steady", action="store_true", help="also time a round after an hour of rows (slow)"
+    )
     args = parser.parse_args(argv)
-    run(args.seconds, args.interval)
+    run(args.seconds, args.interval, args.jobs, args.compare_with)
+    if args.steady:
+        print(f"\naggregation at steady state (an hour of 1 s rounds, {args.jobs} jobs, 8 GPUs), "
+              "CPU ms per round (ingest + snapshot)")  # fmt: skip
+        for name, checkout in [("tally", REPO), ("tally (before)", args.compare_with)]:
+            if checkout is not None:
+                print(f"{name:24}{steady_round_ms(checkout, args.jobs):10.2f}")
 
 
 if __name__ == "__main__":

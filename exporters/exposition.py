@@ -98,10 +98,45 @@ def go_float(value: float) -> str:
 def _value_strings(values: np.ndarray) -> pa.Array:
     texts = list(map(repr, values.tolist()))
     # repr() already matches except for non-finite values and positives of 7+ integer digits.
-    odd = np.nonzero(~np.isfinite(values) | ((values >= 1e6) & (values < 1e16)))[0]
-    for i in odd.tolist():
+    finite = np.isfinite(values)
+    for i in np.nonzero(~finite)[0].tolist():
         texts[i] = go_float(float(values[i]))
-    return pa.array(texts, type=pa.string())
+    out = pa.array(texts, type=pa.string())
+    big = finite & (values >= 1e6) & (values < 1e16)
+    if not big.any():
+        return out
+    mask = pa.array(big)
+    return pc.replace_with_mask(out, mask, _exponent_form(pc.filter(out, mask)))
+
+
+_DOT, _NOTHING = pa.scalar(".", pa.string()), pa.scalar("", pa.string())
+
+
+def _exponent_form(texts: pa.Array) -> pa.Array:
+    """``go_float`` of reprs of positives in [1e6, 1e16) ("1234567.5" → "1.2345675e+06") by
+    Arrow kernels, one pass per integer-part length (there are ten): bytes, joules and
+    counters are most of a large scrape's values, and one Python call each cost the most."""
+    dots = pc.find_substring(texts, ".").to_numpy()
+    order = np.argsort(dots, kind="stable")
+    parts: list[pa.Array] = []
+    for dot in np.unique(dots).tolist():
+        group = texts.take(pa.array(order[dots[order] == dot]))
+        digits = pc.replace_substring(group, ".", "", max_replacements=1)
+        mantissa = pc.binary_join_element_wise(
+            pc.utf8_slice_codeunits(digits, 0, 1),
+            _DOT,
+            pc.utf8_slice_codeunits(digits, 1),
+            _NOTHING,
+        )
+        exponent = pa.scalar(f"e+{dot - 1:02d}", pa.string())
+        parts.append(
+            pc.binary_join_element_wise(
+                pc.utf8_rtrim(mantissa, characters="0."), exponent, _NOTHING
+            )
+        )
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(order.size)
+    return pa.concat_arrays(parts).take(pa.array(inverse))
 
 
 # Below this many samples a block is formatted in Python: each Arrow call costs microseconds of
@@ -109,34 +144,50 @@ def _value_strings(values: np.ndarray) -> pa.Array:
 _ARROW_FROM_ROWS = 256
 
 
-def _block_text_small(name: str, labels: tuple[str, ...], block: Block) -> bytes:
+class PrefixCache(dict[tuple[tuple[str, ...], tuple[str, ...]], str]):
+    """``name{labels} `` of each small-block series by ((name, *label names), raw label values),
+    kept across scrapes: a node's series keep their labels from one scrape to the next, so
+    escaping and joining them is done once per series, not per scrape. Emptied when it grows
+    past 65,536 series (series that went away: ended jobs)."""
+
+
+def _block_text_small(
+    name: str, labels: tuple[str, ...], block: Block, prefixes: PrefixCache | None = None
+) -> bytes:
     order = sorted(range(len(labels)), key=lambda i: labels[i])
     n = block.values.size
     columns: list[list[str]] = []
     for i in order:
         column = block.columns[i]
         if isinstance(column, str):
-            columns.append([_escape_label(column)] * n)
+            columns.append([column] * n)
         else:
-            columns.append([_escape_label(str(v)) for v in column.to_pylist()])
+            columns.append(list(map(str, column.to_pylist())))
     names = [labels[i] for i in order]
+    cache = PrefixCache() if prefixes is None else prefixes
+    family = (name, *names)
+    keys = zip(*columns, strict=True) if names else iter([()] * n)
     lines = []
-    for row, value in enumerate(block.values.tolist()):
+    for key, value in zip(keys, block.values.tolist(), strict=True):
         if math.isnan(value):  # no reading
             continue
-        if names:
-            pairs = ",".join(f'{k}="{c[row]}"' for k, c in zip(names, columns, strict=True))
-            lines.append(f"{name}{{{pairs}}} {go_float(value)}\n")
-        else:
-            lines.append(f"{name} {go_float(value)}\n")
+        prefix = cache.get((family, key))
+        if prefix is None:
+            pairs = ",".join(f'{k}="{_escape_label(v)}"' for k, v in zip(names, key, strict=True))
+            prefix = cache[(family, key)] = f"{name}{{{pairs}}} " if names else f"{name} "
+        lines.append(f"{prefix}{go_float(value)}\n")
     return "".join(lines).encode()
 
 
 def _block_text(
-    name: str, labels: tuple[str, ...], block: Block, cache: dict[int, tuple[pa.Array, pa.Array]]
+    name: str,
+    labels: tuple[str, ...],
+    block: Block,
+    cache: dict[int, tuple[pa.Array, pa.Array]],
+    prefixes: PrefixCache | None = None,
 ) -> bytes:
     if block.values.size < _ARROW_FROM_ROWS:
-        return _block_text_small(name, labels, block)
+        return _block_text_small(name, labels, block, prefixes)
     keep = ~np.isnan(block.values)
     if not keep.any():
         return b""
@@ -172,8 +223,11 @@ def _block_text(
     return bytes(memoryview(data)[int(bounds[0]) : int(bounds[-1])])
 
 
-def render_text(families: Iterable[ColumnFamily]) -> bytes:
-    """The Prometheus text format (0.0.4) of ``families``, as ``generate_latest`` writes it."""
+def render_text(families: Iterable[ColumnFamily], prefixes: PrefixCache | None = None) -> bytes:
+    """The Prometheus text format (0.0.4) of ``families``, as ``generate_latest`` writes it.
+
+    ``prefixes`` (one per exporter) keeps small-block series prefixes from scrape to scrape.
+    """
     out: list[bytes] = []
     cache: dict[int, tuple[pa.Array, pa.Array]] = {}
     for family in families:
@@ -182,7 +236,9 @@ def render_text(families: Iterable[ColumnFamily]) -> bytes:
         doc = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
         out.append(f"# HELP {name} {doc}\n# TYPE {name} {family.kind}\n".encode())
         for block in family.blocks:
-            out.append(_block_text(name, family.labels, block, cache))
+            out.append(_block_text(name, family.labels, block, cache, prefixes))
+    if prefixes is not None and len(prefixes) > 65536:
+        prefixes.clear()  # series come and go (jobs); a node's own scrape holds a few thousand
     return b"".join(out)
 
 

@@ -12,18 +12,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from prometheus_client.core import Metric
 
-from exporters.exposition import ColumnFamily, LabelColumn, render_text, strings, to_client_metric
+from exporters.exposition import (
+    ColumnFamily,
+    LabelColumn,
+    PrefixCache,
+    render_text,
+    strings,
+    to_client_metric,
+)
 from telemetry import __version__
-from telemetry.billing.aggregate import AggregateSnapshot
-from telemetry.billing.engine import LiveTotals
 from telemetry.schema import CPU_MODES
 from telemetry.state import Snapshot, TableSnapshot
+
+if TYPE_CHECKING:  # annotations only: a node daemon without an inventory never bills
+    from telemetry.billing.aggregate import AggregateSnapshot
+    from telemetry.billing.engine import LiveTotals
 
 # name → (type, help, label names); the single source for describe() and collect().
 METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -269,12 +279,16 @@ def _family(name: str) -> ColumnFamily:
     return ColumnFamily(name, kind, doc, labels)
 
 
+# An Arrow scalar, not "": a Python str argument makes pyarrow try to import dateutil per call.
+_EMPTY = pa.scalar("", pa.string())
+
+
 def _column(table: pa.Table, column: str, default: str = "") -> LabelColumn:
     """A label column as strings (null → empty); ``default`` when the table lacks it."""
     if column not in table.column_names:
         return default
     values = table.column(column).combine_chunks()
-    return pc.fill_null(pc.cast(values, pa.string()), "")
+    return pc.fill_null(pc.cast(values, pa.string()), _EMPTY)
 
 
 def _numbers(table: pa.Table, column: str) -> np.ndarray:
@@ -492,6 +506,7 @@ class TallyCollector:
     def __init__(self, source: Callable[[], Snapshot], dcgm_compat: bool = False) -> None:
         self._source = source
         self._dcgm = dcgm_compat
+        self._prefixes = PrefixCache()
 
     def describe(self) -> list[Metric]:
         families = [_family(name) for name in METRICS]
@@ -521,7 +536,7 @@ class TallyCollector:
 
     def render_text(self) -> bytes:
         """The text exposition of the newest snapshot (what ``generate_latest`` would write)."""
-        return render_text(self.families())
+        return render_text(self.families(), self._prefixes)
 
 
 def aggregate_families(snapshot: AggregateSnapshot, now_ns: int) -> Iterator[ColumnFamily]:

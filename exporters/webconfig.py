@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import bcrypt
-import yaml
 
 from telemetry.errors import TallyError
 
@@ -127,6 +126,8 @@ def _fail(source: str, key: str, why: str) -> TallyError:
 
 def load_web_config(path: Path) -> WebConfig:
     """Read and validate a web config file; raises ``TallyError``."""
+    import yaml  # here, not at the top: only a daemon given a web config needs it
+
     source = str(path)
     try:
         data: Any = yaml.safe_load(path.read_text())

@@ -22,7 +22,6 @@ from prometheus_client.process_collector import ProcessCollector
 
 from exporters.http import MetricsServer, serve
 from exporters.prometheus import TallyCollector
-from telemetry.billing.inventory import load_inventory
 from telemetry.clock import SteadyClock
 from telemetry.collectors import REGISTRY, CollectorContext, Runner
 from telemetry.config import DaemonConfig, load_object
@@ -45,7 +44,11 @@ class Daemon:
         self.config = config
         self.node = config.node or socket.gethostname()
         self.stop_event = threading.Event()
-        inventory = load_inventory(config.inventory) if config.inventory is not None else None
+        inventory = None
+        if config.inventory is not None:  # the billing modules load only when asked for
+            from telemetry.billing.inventory import load_inventory
+
+            inventory = load_inventory(config.inventory)
         self.state = State(config.max_gap_seconds, inventory)
         self.store = Store(config.data_dir, self.node, config.rotate_seconds)
         self.store_errors = 0

@@ -8,6 +8,7 @@ the right type, extra columns may follow when they are nullable. Types that conv
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import pyarrow as pa
@@ -301,6 +302,20 @@ EARLIEST_NS = 946_684_800 * 1_000_000_000  # 2000-01-01T00:00:00Z
 LATEST_NS = 4_102_444_800 * 1_000_000_000  # 2100-01-01T00:00:00Z
 
 
+# Compute arguments as Arrow scalars, built once: a Python number or bool passed to a compute
+# function makes pyarrow try to import dateutil on every call (costlier than the comparison).
+_TIME_BOUNDS = (pa.scalar(EARLIEST_NS, pa.int64()), pa.scalar(LATEST_NS, pa.int64()))
+_TRUE, _FALSE = pa.scalar(True), pa.scalar(False)
+
+
+@functools.cache
+def _bounds(low: float, high: float, kind: pa.DataType) -> tuple[pa.Scalar, pa.Scalar]:
+    """``VALID_RANGES`` bounds as scalars to compare a column of type ``kind`` with."""
+    if pa.types.is_floating(kind):
+        return pa.scalar(low, pa.float64()), pa.scalar(high, pa.float64())
+    return pa.scalar(int(low), kind), pa.scalar(min(int(high), 2**62), pa.int64())
+
+
 def screen(table: pa.Table, name: str) -> tuple[pa.Table, dict[str, int]]:
     """``table`` without the rows that hold a value outside ``VALID_RANGES`` or a time outside
     [``EARLIEST_NS``, ``LATEST_NS``]; and how many rows each column ruled out, as
@@ -312,24 +327,17 @@ def screen(table: pa.Table, name: str) -> tuple[pa.Table, dict[str, int]]:
     checks: list[tuple[str, pa.ChunkedArray | pa.Array]] = []
     if "time" in table.column_names:
         ns = table.column("time").cast(pa.int64())
-        inside = pc.and_(
-            pc.greater_equal(ns, pa.scalar(EARLIEST_NS, pa.int64())),
-            pc.less_equal(ns, pa.scalar(LATEST_NS, pa.int64())),
-        )
-        checks.append(("time", pc.fill_null(inside, False)))
-    for column, (low, high) in VALID_RANGES[name].items():
+        low, high = _TIME_BOUNDS
+        inside = pc.and_(pc.greater_equal(ns, low), pc.less_equal(ns, high))
+        checks.append(("time", pc.fill_null(inside, _FALSE)))
+    for column, (low_value, high_value) in VALID_RANGES[name].items():
         if column not in table.column_names:
             continue
         values = table.column(column)
-        if pa.types.is_floating(values.type):
-            # NaN compares false both ways and ±inf lies outside: both are ruled out
-            inside = pc.and_(pc.greater_equal(values, low), pc.less_equal(values, high))
-        else:
-            inside = pc.and_(
-                pc.greater_equal(values, pa.scalar(int(low), values.type)),
-                pc.less_equal(values, pa.scalar(min(int(high), 2**62), pa.int64())),
-            )
-        checks.append((column, pc.fill_null(inside, True)))
+        # NaN compares false both ways and ±inf lies outside: both are ruled out
+        low, high = _bounds(low_value, high_value, values.type)
+        inside = pc.and_(pc.greater_equal(values, low), pc.less_equal(values, high))
+        checks.append((column, pc.fill_null(inside, _TRUE)))
     keep = checks[0][1] if checks else None
     for _, ok in checks[1:]:
         keep = pc.and_(keep, ok)

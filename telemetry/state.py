@@ -8,16 +8,19 @@ tables and series, never over rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 
 import kernels
-from telemetry.billing.engine import LIVE_WINDOW_SECONDS, Biller, LiveTotals
-from telemetry.billing.inventory import Inventory
 from telemetry.collectors.base import CollectorStatus
-from telemetry.rows import SortedRows, contributions, merge_rows, series_codes
-from telemetry.schema import SCHEMAS, screen, validate
+from telemetry.rows import merge_rows, series_codes
+from telemetry.schema import SCHEMAS, SERIES_KEYS, screen, validate
+
+if TYPE_CHECKING:  # the bill engine is imported only when an inventory asks for pools
+    from telemetry.billing.engine import LiveTotals
+    from telemetry.billing.inventory import Inventory
 
 NS = 1_000_000_000
 # Trailing windows of SPEC §6, label → seconds.
@@ -76,6 +79,12 @@ class TableState:
     gap or longer (behind the table's newest sample) is forgotten with its totals. Rows at or
     before a series' newest retained time are duplicates (same time) or late (older) and are
     dropped and counted.
+
+    A round costs in proportion to its new rows, not to the hour of rows retained: only each
+    series' newest row is kept as Arrow (it opens the next interval and is what the snapshot
+    shows); older rows are kept as their series id, time and, for tables with trailing ratios,
+    the two contributions the ratio sums (fixed once a row is in: a later row can only follow
+    it). The duplicate check and the windows read those arrays.
     """
 
     def __init__(self, name: str, max_gap_seconds: float = DEFAULT_MAX_GAP_SECONDS) -> None:
@@ -83,9 +92,27 @@ class TableState:
         self.max_gap_ns = int(max_gap_seconds * NS)
         self.retain_ns = max(WINDOWS.values()) * NS + self.max_gap_ns
         self.schema = SCHEMAS[name]
-        self.retained = self.schema.empty_table()
+        self.newest = self.schema.empty_table()  # each live series' newest row
         self.totals: dict[tuple[str, ...], dict[str, int]] = {}
         self.stats = IngestStats()
+        # Every retained row as (series id, time) sorted by both, with its ratio contributions.
+        # Ids are never reused; a forgotten series' rows stay until the next compaction.
+        self._ids: dict[tuple[str, ...], int] = {}
+        self._next_id = 0
+        self._row_ids = np.zeros(0, dtype=np.int64)
+        self._row_times = np.zeros(0, dtype=np.int64)
+        self._row_parts: dict[str, np.ndarray] = {}
+        self._compacted_rows = 0
+        # Rows not yet inserted into the sorted arrays: a table without windows inserts them
+        # in batches (its arrays are only read for the rare repeat of an older row).
+        self._pending: list[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]] = []
+        self._pending_rows = 0
+        self._newest_ns: dict[int, int] = {}  # series id → its newest time
+
+    @property
+    def retained(self) -> pa.Table:
+        """The newest row of every series still kept (older rows live on as times and sums)."""
+        return self.newest
 
     def ingest(self, batch: pa.Table, checked: bool = False) -> None:
         """Add rows (any order, any series); raises ``SchemaError`` for a non-conforming table.
@@ -94,8 +121,11 @@ class TableState:
         if new.num_rows == 0:
             return
         self.stats.rows += new.num_rows
+        new = self._drop_repeats_of_older_rows(new)
+        if new.num_rows == 0:
+            return  # nothing kept: the newest rows, and so every horizon, are unchanged
         merged = merge_rows(
-            self.retained, new, self.name, self.max_gap_ns, canonical=False, drop_late=True
+            self.newest, new, self.name, self.max_gap_ns, canonical=False, drop_late=True
         )
         self.stats.duplicates += merged.duplicates
         self.stats.late += merged.late
@@ -116,43 +146,140 @@ class TableState:
         alive = code_newest > horizon
         for code in codes[last][~alive[codes[last]]].tolist():
             self.totals.pop(labels[code], None)
-        keep_rows = (times > code_newest[codes] - self.retain_ns) & alive[codes]
-        self.retained = table.filter(pa.array(keep_rows))
+            gone = self._ids.pop(labels[code], None)
+            if gone is not None:
+                self._newest_ns.pop(gone, None)
+        self.newest = table.take(pa.array(last[alive[codes[last]]]))
+        fresh = np.nonzero(is_new & alive[codes])[0]
+        self._add_rows(
+            [labels[c] for c in codes[fresh].tolist()],
+            times[fresh],
+            {p: parts[p][fresh] for p in RATIO_PARTS.get(self.name, ())},
+        )
+
+    def _labels(self, table: pa.Table) -> list[tuple[str, ...]]:
+        """Each row's series key as :func:`series_codes` spells it (strings)."""
+        columns = [table.column(k).to_pylist() for k in SERIES_KEYS[self.name]]
+        return [tuple(str(v) for v in key) for key in zip(*columns, strict=True)]
+
+    def _drop_repeats_of_older_rows(self, new: pa.Table) -> pa.Table:
+        """``new`` without the rows that repeat (series, time) of a retained row older than the
+        series' newest, counted as duplicates: the earlier row wins, as in a full merge."""
+        if not self._ids:
+            return new
+        times = new.column("time").cast(pa.int64()).to_numpy()
+        ids = [self._ids.get(k, -1) for k in self._labels(new)]
+        unseen = np.iinfo(np.int64).min  # a new series repeats nothing
+        newest = np.array([self._newest_ns.get(i, unseen) for i in ids], dtype=np.int64)
+        older = np.nonzero(times < newest)[0]
+        if older.size == 0:
+            return new
+        self._flush_pending()
+        lo = np.searchsorted(self._row_ids, ids, side="left")
+        hi = np.searchsorted(self._row_ids, ids, side="right")
+        repeat = np.zeros(new.num_rows, dtype=bool)
+        for i in older.tolist():
+            run = self._row_times[lo[i] : hi[i]]
+            at = int(np.searchsorted(run, times[i]))
+            # A row past its series' horizon is gone (whether compacted away yet or not).
+            repeat[i] = (
+                at < run.size and run[at] == times[i] and times[i] > newest[i] - self.retain_ns
+            )
+        if not repeat.any():
+            return new
+        self.stats.duplicates += int(repeat.sum())
+        return new.filter(pa.array(~repeat))
+
+    def _add_rows(
+        self, labels: list[tuple[str, ...]], times: np.ndarray, parts: dict[str, np.ndarray]
+    ) -> None:
+        """Add kept new rows (each newer than its series' retained rows): pending, then inserted
+        in (id, time) order."""
+        ids = np.empty(len(labels), dtype=np.int64)
+        for i, key in enumerate(labels):
+            found = self._ids.get(key)
+            if found is None:
+                found = self._ids[key] = self._next_id
+                self._next_id += 1
+            ids[i] = found
+        for series, t in zip(ids.tolist(), times.tolist(), strict=True):
+            self._newest_ns[series] = max(t, self._newest_ns.get(series, t))
+        self._pending.append((ids, times, parts))
+        self._pending_rows += ids.size
+        # The windows read the arrays every round; otherwise insert ~1/16 of them at a time.
+        if self.name in RATIO_PARTS or self._pending_rows > max(1024, self._row_ids.size // 16):
+            self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        """Insert the pending rows into the sorted arrays; now and then compact them."""
+        if not self._pending:
+            return
+        ids = np.concatenate([chunk[0] for chunk in self._pending])
+        times = np.concatenate([chunk[1] for chunk in self._pending])
+        order = np.lexsort((times, ids))
+        ids, times = ids[order], times[order]
+        at = np.searchsorted(self._row_ids, ids, side="right")
+        self._row_ids = np.insert(self._row_ids, at, ids)
+        self._row_times = np.insert(self._row_times, at, times)
+        for part in self._pending[0][2]:
+            values = np.concatenate([chunk[2][part] for chunk in self._pending])
+            held = self._row_parts.get(part)
+            if held is None:
+                held = np.zeros(0, dtype=values.dtype)
+            self._row_parts[part] = np.insert(held, at, values[order])
+        self._pending, self._pending_rows = [], 0
+        if self._row_ids.size > self._compacted_rows + max(1024, self._compacted_rows // 16):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop rows of forgotten series and rows past their series' horizon."""
+        ids, times = self._row_ids, self._row_times
+        keep = np.isin(ids, np.fromiter(self._ids.values(), dtype=np.int64, count=len(self._ids)))
+        if ids.size:
+            starts, _ = kernels.segment_bounds(ids)
+            bounds = np.append(starts, ids.size)
+            newest = np.repeat(times[bounds[1:] - 1], np.diff(bounds))  # per row, its series'
+            keep &= times > newest - self.retain_ns
+        self._row_ids, self._row_times = ids[keep], times[keep]
+        self._row_parts = {p: v[keep] for p, v in self._row_parts.items()}
+        self._compacted_rows = int(self._row_ids.size)
 
     def snapshot(self) -> TableSnapshot:
         """Newest row, totals and trailing ratios of every current series.
 
         A series is current while its newest sample is within ``max_gap`` of its node's newest.
         """
-        table = self.retained
+        table = self.newest
         if table.num_rows == 0:
             return TableSnapshot(latest=table)
         codes, labels = series_codes(table, self.name)
         times = table.column("time").cast(pa.int64()).to_numpy()
-        # retained is sorted by (code at ingest, time); codes here may number series differently.
-        order = kernels.series_order(codes, times)
+        order = kernels.series_order(codes, times)  # one row per series: by series key
         codes, times = codes[order], times[order]
-        table = table.take(pa.array(order))
-        last = kernels.last_rows(codes)
-        latest = table.take(pa.array(last))
+        latest = table.take(pa.array(order))
 
         nodes = latest.column("node")
         node_codes, _ = series_codes(pa.table({"node": nodes}), "cpu")
         node_newest = np.full(int(node_codes.max()) + 1, np.iinfo(np.int64).min, dtype=np.int64)
-        np.maximum.at(node_newest, node_codes, times[last])
-        current = times[last] >= node_newest[node_codes] - self.max_gap_ns
+        np.maximum.at(node_newest, node_codes, times)
+        current = times >= node_newest[node_codes] - self.max_gap_ns
 
         windows: dict[str, np.ndarray] = {}
         if self.name in RATIO_PARTS:
-            iv = kernels.intervals(codes, times, self.max_gap_ns)
-            parts = contributions(SortedRows(table), self.name, iv)
+            ids = np.array([self._ids[labels[c]] for c in codes.tolist()], dtype=np.int64)
+            at = np.searchsorted(self._row_ids, ids, side="right") - 1
             num, den = RATIO_PARTS[self.name]
             for label, seconds in WINDOWS.items():
                 ratio = kernels.trailing_ratio(
-                    codes, times, parts[num], parts[den], seconds * NS, last
+                    self._row_ids,
+                    self._row_times,
+                    self._row_parts[num],
+                    self._row_parts[den],
+                    seconds * NS,
+                    at,
                 )
                 windows[label] = np.clip(ratio, 0.0, 1.0)[current]
-        keys = [labels[c] for c in codes[last][current].tolist()]
+        keys = [labels[c] for c in codes[current].tolist()]
         names = sorted({p for k in keys for p in self.totals.get(k, {})})
         totals = {
             p: np.array([self.totals.get(k, {}).get(p, 0) for k in keys], dtype=np.int64)
@@ -179,7 +306,11 @@ class State:
         self, max_gap_seconds: float = DEFAULT_MAX_GAP_SECONDS, inventory: Inventory | None = None
     ) -> None:
         self.tables = {name: TableState(name, max_gap_seconds) for name in SCHEMAS}
-        self.biller = None if inventory is None else Biller(inventory, LIVE_WINDOW_SECONDS)
+        self.biller = None
+        if inventory is not None:
+            from telemetry.billing.engine import LIVE_WINDOW_SECONDS, Biller
+
+            self.biller = Biller(inventory, LIVE_WINDOW_SECONDS)
         self._job_batches = 0
 
     def ingest(self, name: str, batch: pa.Table) -> None:

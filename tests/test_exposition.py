@@ -20,7 +20,14 @@ from prometheus_client.core import Metric
 from prometheus_client.utils import floatToGoString
 
 from exporters import exposition
-from exporters.exposition import ColumnFamily, go_float, render_text, strings, to_client_metric
+from exporters.exposition import (
+    ColumnFamily,
+    PrefixCache,
+    go_float,
+    render_text,
+    strings,
+    to_client_metric,
+)
 from exporters.http import MetricsServer
 from exporters.prometheus import TallyCollector
 from telemetry.billing.inventory import parse_inventory
@@ -180,3 +187,48 @@ def test_http_serves_the_column_renderer_for_text_and_the_client_for_openmetrics
         assert len(calls) == 1
     finally:
         server.stop()
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.floats(1e6, 1e16, exclude_max=True)
+        | st.integers(10**6, 10**16 - 1).map(float)
+        | st.floats(allow_nan=True, allow_infinity=True),
+        min_size=1,
+        max_size=600,
+    )
+)
+def test_many_large_values_render_as_the_client_does(values: list[float]) -> None:
+    """Bytes and joules (7 to 16 integer digits) take the vectorised exponent form on large
+    blocks; each must read as the client's float format."""
+    family = ColumnFamily("tally_z", "gauge", "h", ("i",))
+    family.add([strings([str(i) for i in range(len(values))])], np.array(values))
+    registry = CollectorRegistry()
+    registry.register(_One(family))
+    exposition._ARROW_FROM_ROWS = 0
+    try:
+        assert render_text([family]) == generate_latest(registry)
+    finally:
+        exposition._ARROW_FROM_ROWS = ARROW_FROM_ROWS
+
+
+def test_prefixes_kept_across_scrapes_follow_changed_labels() -> None:
+    """The second scrape reuses the first's series prefixes; a label that changed, a series
+    that is new and one whose value became NaN render as the client renders them."""
+    prefixes = PrefixCache()
+
+    def scrape(jobs: list[str], users: list[str], values: list[float]) -> None:
+        family = ColumnFamily("tally_job_info", "gauge", "h", ("node", "job", "user"))
+        family.add(["n1", strings(jobs), strings(users)], np.array(values))
+        counter = ColumnFamily("tally_job_cpu_seconds", "counter", "h", ("job",))
+        counter.add([strings(jobs)], np.array(values) * 1e7)
+        registry = CollectorRegistry()
+        registry.register(_One(family))
+        registry.register(_One(counter))
+        assert render_text([family, counter], prefixes) == generate_latest(registry)
+
+    scrape(["1", "2"], ["alice", 'b"ob'], [1.0, 1.0])
+    assert len(prefixes) == 4
+    scrape(["1", "2", "3"], ["alice", "carol\\", "dave\n"], [math.nan, 3.0, 2.5])
+    assert len(prefixes) == 7  # job 2 changed user, job 3 is new; job 1 has no reading

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 
 def test_importing_the_packages_touches_neither_cupy_nor_nvml() -> None:
@@ -32,3 +33,63 @@ def test_billing_on_workers_imports_dask_only_when_a_cluster_is_asked_for() -> N
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
+
+
+# What a node daemon must not load: the bill engine and the dataset reader behind it, the
+# report's and the cluster's libraries, the kubelet client while the pod collector is off.
+NOT_IN_THE_DAEMON = (
+    "pyarrow.dataset",
+    "plotly",
+    "polars",
+    "dask",
+    "distributed",
+    "duckdb",
+    "pandas",
+    "grpc",
+    "yaml",
+    "zoneinfo",
+    "telemetry.billing",
+    "telemetry.store.dataset",
+    "telemetry.replay",
+    "telemetry.report",
+)
+
+
+def test_a_running_daemon_imports_no_billing_report_or_cluster_module(tmp_path: Path) -> None:
+    """``tally daemon``'s own path (its parser, config and Daemon), three rounds on the Slurm
+    fixture with the NVML stand-in and a scrape, then ``sys.modules``: the daemon's memory is
+    what it imports."""
+    tree = Path(__file__).resolve().parent / "fixtures" / "slurm_v2"
+    argv = [
+        "daemon", "--data-dir", str(tmp_path / "data"), "--node", "n1",
+        "--path.procfs", str(tree / "proc"), "--path.sysfs", str(tree / "sys"),
+        "--nvml.module", "tests.support.nvml.standin:NVML", "--listen", "127.0.0.1:0",
+    ]  # fmt: skip
+    code = (
+        "import sys\n"
+        "from telemetry.cli import build_parser, daemon_config\n"
+        "from telemetry.daemon import Daemon\n"
+        f"daemon = Daemon(daemon_config(build_parser().parse_args({argv!r})))\n"
+        "daemon.store.open()\n"
+        "for _ in range(3):\n"
+        "    daemon.round()\n"
+        "text = daemon.render_text()\n"
+        "assert b'tally_gpu_info{' in text and b'tally_job_info{' in text, text[:2000]\n"
+        "daemon.runner.close()\n"
+        "daemon.store.close()\n"
+        "print('\\n'.join(sorted(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = set(result.stdout.split())
+    assert "telemetry.daemon" in loaded and "pyarrow" in loaded
+    bad = sorted(
+        m for m in loaded if any(m == n or m.startswith(n + ".") for n in NOT_IN_THE_DAEMON)
+    )
+    assert bad == []

@@ -687,3 +687,37 @@ def test_fuzz_hostile_environ_through_the_collector(user: bytes, account: bytes)
     tables, _ = assemble({"job": out["job"]}, T0, "n1")
     assert tables["job"].num_rows == 1
     assert isinstance(tables["job"], pa.Table)
+
+
+def test_a_search_that_found_nothing_new_waits_before_walking_the_job_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Job 1001 is CPU-only: its search never completes. Walking its cgroup every round for
+    processes already read was most of a round's cost; after a fruitless walk the next waits
+    (1 s, doubling), and a process that appeared meanwhile is still read then."""
+    root = copy_tree(V2, tmp_path)
+    walks: list[str] = []
+    real = slurm.job_processes
+
+    def job_processes(procs_dir: Path) -> list[tuple[int, int]]:
+        walks.append(procs_dir.name)
+        return real(procs_dir)
+
+    monkeypatch.setattr(slurm, "job_processes", job_processes)
+    now = [100.0]
+    c = SlurmJobCollector(ctx(root), resolve_user=names)
+    c._clock = lambda: now[0]
+    first = by_job(c.collect())["1001"]
+    assert (first["user"], first["gpus_allocated"]) == ("alice", 0.0)
+    c.collect()  # nothing new: the wait starts
+    assert walks.count("job_1001") == 2
+    task = root / V2_SCOPE / "job_1001" / "step_batch" / "user" / "task_0" / "cgroup.procs"
+    task.write_text("3004\n3005\n3006\n")
+    (root / "proc" / "3006").mkdir()
+    env = (root / "proc" / "3004" / "environ").read_bytes() + b"SLURM_JOB_GPUS=0,1\0"
+    (root / "proc" / "3006" / "environ").write_bytes(env)
+    assert by_job(c.collect())["1001"]["gpus_allocated"] == 0.0  # waiting: not walked
+    assert walks.count("job_1001") == 2
+    now[0] += 1.0
+    assert by_job(c.collect())["1001"]["gpus_allocated"] == 2.0  # walked: PID 3006 read
+    assert walks.count("job_1001") == 3

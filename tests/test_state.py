@@ -524,3 +524,54 @@ def test_a_node_with_a_wrong_clock_retires_nobody_else() -> None:
         retiring.retire()
     assert retiring.live_totals() == kept.live_totals()
     assert ("long" in retiring.jobs.values) and len(retiring.owner) == 2
+
+
+def test_two_hours_of_one_row_rounds_match_the_reference_with_gaps_and_resent_rows() -> None:
+    """A daemon's life: one row per series per round for longer than the retention, so rows
+    leave the windows and the horizon. Windows, totals and latest rows equal the reference's
+    over all rows; an old row resent within the horizon is a duplicate, past it late."""
+    step = 20 * NS
+    rounds = (RETAIN_S + 1800) * NS // step
+    gpu: list[Row] = []
+    gpu_a: list[Row] = []
+    cpu: list[Row] = []
+    jobs: list[list[Row]] = []  # per round: 40 jobs, some ending and new ones starting
+    state = State()
+    duplicates = late = 0
+    for k in range(rounds):
+        t = T0 + k * step
+        batch_gpu = [gpu_row("n1", "GPU-a", t, util=(k % 5) / 4, energy=1e6 + 300.0 * k * 20)]
+        if not 50 <= k % 400 < 60:  # GPU-b falls silent for 200 s now and then: gaps
+            batch_gpu.append(gpu_row("n1", "GPU-b", t, util=0.25, power=200.0))
+        busy = (10.0 * k, 0.0, 2.0 * k, 0.0, 0.0)
+        batch_cpu = [cpu_row("n1", t, 8, busy=busy)]
+        gpu += batch_gpu
+        gpu_a.append(batch_gpu[0])
+        batch_job = [job_row("n1", str(k // 100 * 10 + j), t, 2.0, 0.0, 3.0 * k) for j in range(40)]
+        jobs.append(batch_job)
+        cpu += batch_cpu
+        if k >= 30 and k % 31 == 0:
+            # an old GPU-a row resent: 30 rounds back (within the horizon) or 200 (past it)
+            old = gpu_a[k - 200 if k >= 200 else k - 30]
+            if t - old["time"] < RETAIN_S * NS:
+                duplicates += 1
+            else:
+                late += 1
+            batch_gpu = [dict(old), *batch_gpu]
+            batch_job = [*jobs[k - 200 if k >= 200 else k - 30][3:5], *batch_job]
+        state.ingest("gpu", table("gpu", batch_gpu))
+        state.ingest("cpu", table("cpu", batch_cpu))
+        state.ingest("job", table("job", batch_job))
+    job = [row for rows in jobs for row in rows]
+    check_against_reference(state, {"gpu": gpu, "cpu": cpu, "job": job})
+    stats = state.tables["gpu"].stats
+    assert (stats.duplicates, stats.late) == (duplicates, late)
+    # a job that ended keeps its rows until its own newest is 1h + max gap old: a resent row of
+    # it counts as a duplicate where a running GPU's would be late
+    stats = state.tables["job"].stats
+    assert stats.duplicates + stats.late == 2 * (duplicates + late)
+    assert stats.duplicates > 2 * duplicates
+    assert duplicates and late
+    assert state.snapshot().tables["gpu"].windows["1h"].size == 2
+    # an hour of rows is not held as Arrow rows to re-sort every round: one per series
+    assert state.tables["gpu"].retained.num_rows == 2

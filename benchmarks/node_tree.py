@@ -1,0 +1,116 @@
+"""A loaded GPU node for the daemon benchmarks: a procfs/sysfs tree with Slurm jobs, 8 fake GPUs.
+
+:func:`write_node` copies the ``normal_host`` fixture (``/proc/stat``, ``/proc/meminfo``, RAPL
+zones) and adds ``jobs`` Slurm jobs in the ``cgroup/v2`` plugin's layout, the shape of the
+``slurm_v2`` fixture: ``sys/fs/cgroup/system.slice/slurmstepd.scope/job_<id>/`` with
+``cpuset.cpus.effective``, ``cpuset.cpus``, ``cpu.stat``, ``memory.current``, and
+``step_batch/{slurm,user/task_0}/cgroup.procs``; each task PID has ``proc/<pid>/environ``
+(NUL-separated ``SLURM_JOB_*``) and ``proc/<pid>/status``. :data:`NVML` stands in for pynvml
+with 8 loaded H100s (``--nvml.module benchmarks.node_tree:NVML``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from tests.support.nvml.library import FakeClock, FakeNVML
+from tests.support.nvml.profiles import H100_LOADED
+
+FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+CPUS = 64  # normal_host's logical CPUs
+
+
+class _MonotonicClock(FakeClock):
+    """The fake driver's clock following real time, so energy and GPM samples advance."""
+
+    def __init__(self) -> None:
+        super().__init__(time.monotonic())
+
+    def now(self) -> float:
+        return time.monotonic()
+
+    def __call__(self) -> float:
+        return time.monotonic()
+
+
+NVML = FakeNVML([H100_LOADED] * 8, clock=_MonotonicClock())
+
+_STATUS = """Name:\tpython3
+Umask:\t0022
+State:\tS (sleeping)
+Tgid:\t{pid}
+Ngid:\t0
+Pid:\t{pid}
+PPid:\t{ppid}
+TracerPid:\t0
+Uid:\t{uid}\t{uid}\t{uid}\t{uid}
+Gid:\t{uid}\t{uid}\t{uid}\t{uid}
+FDSize:\t64
+Groups:\t{uid}
+"""
+
+_CPU_STAT = """usage_usec {usage}
+user_usec {user}
+system_usec {system}
+core_sched.force_idle_usec 0
+nr_periods 0
+nr_throttled 0
+throttled_usec 0
+nr_bursts 0
+burst_usec 0
+"""
+
+
+def write_node(root: Path, jobs: int = 50) -> tuple[Path, Path]:
+    """Write the tree under ``root``; return (procfs, sysfs).
+
+    Job ``i`` (id ``5000 + i``) holds one CPU and, for the first 8 jobs, GPU ``i``; its batch
+    step's task runs as uid ``2000 + i % 10``.
+    """
+    shutil.copytree(FIXTURES / "normal_host", root, dirs_exist_ok=True)
+    proc, sys_ = root / "proc", root / "sys"
+    cgroup = sys_ / "fs" / "cgroup"
+    cgroup.mkdir(parents=True, exist_ok=True)
+    (cgroup / "cgroup.controllers").write_text("cpuset cpu io memory hugetlb pids rdma misc\n")
+    scope = cgroup / "system.slice" / "slurmstepd.scope"
+    (scope / "system").mkdir(parents=True, exist_ok=True)
+    (scope / "cgroup.procs").write_text("")
+    for i in range(jobs):
+        job_id, uid = 5000 + i, 2000 + i % 10
+        stepd, task = 20_000 + 2 * i, 20_001 + 2 * i
+        job = scope / f"job_{job_id}"
+        (job / "step_batch" / "slurm").mkdir(parents=True, exist_ok=True)
+        (job / "step_batch" / "user" / "task_0").mkdir(parents=True, exist_ok=True)
+        cpu = str(i % CPUS)
+        (job / "cpuset.cpus.effective").write_text(cpu + "\n")
+        (job / "cpuset.cpus").write_text(cpu + "\n")
+        usage = 3_600_000_000 + i * 1_000_000
+        (job / "cpu.stat").write_text(
+            _CPU_STAT.format(usage=usage, user=usage * 9 // 10, system=usage - usage * 9 // 10)
+        )
+        (job / "memory.current").write_text(f"{(4 + i % 8) << 30}\n")
+        (job / "cgroup.procs").write_text("")
+        (job / "step_batch" / "slurm" / "cgroup.procs").write_text(f"{stepd}\n")
+        (job / "step_batch" / "user" / "task_0" / "cgroup.procs").write_text(f"{task}\n")
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": f"/home/user{uid}",
+            "SLURM_CLUSTER_NAME": "bench",
+            "SLURM_JOB_ID": str(job_id),
+            "SLURM_JOB_NAME": "train.sh",
+            "SLURM_JOB_USER": f"user{uid}",
+            "SLURM_JOB_UID": str(uid),
+            "SLURM_JOB_ACCOUNT": f"project{i % 5}",
+            "SLURM_JOB_PARTITION": "gpu",
+            "SLURM_PROCID": "0",
+        }
+        if i < 8:
+            env |= {"SLURM_JOB_GPUS": str(i), "CUDA_VISIBLE_DEVICES": "0"}
+        (proc / str(task)).mkdir(parents=True, exist_ok=True)
+        (proc / str(task) / "environ").write_bytes(
+            b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items())
+        )
+        (proc / str(task) / "status").write_text(_STATUS.format(pid=task, ppid=stepd, uid=uid))
+    return proc, sys_
