@@ -12,7 +12,7 @@ import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -367,13 +367,3 @@ def _alloc_tres(text: str) -> tuple[float, float | None]:
         elif name == "gres/shard" or name.startswith("gres/shard:"):
             shards += count
     return cpus, _gpus(gpus or typed, shards)
-
-
-def describe(records: list[Record]) -> str:
-    """One line for logs: how many jobs and what span."""
-    if not records:
-        return "no started jobs"
-    first = min(r.start_ns for r in records) // NS
-    running = sum(r.end_ns is None for r in records)
-    since = datetime.fromtimestamp(first, tz=UTC).isoformat().replace("+00:00", "Z")
-    return f"{len(records):,} jobs since {since}, {running:,} running"

@@ -62,16 +62,11 @@ def compute_bill(
     lo, hi = selected_range(start, end, inventory.timezone)
     windows = Windows(window, inventory.timezone)
 
-    def fresh() -> list[Biller]:
-        biller = Biller(inventory, windows, lo, hi, xp=xp)
-        biller.accounting = accounting
-        return [biller]
-
     try:
         with Progress("billing") as bar:
             consumers, stats = scan(
                 root,
-                fresh,
+                lambda: [Biller(inventory, windows, lo, hi, xp=xp)],
                 budget_rows,
                 progress or bar,
                 warn,
@@ -81,11 +76,17 @@ def compute_bill(
         release(xp)
     biller = consumers[0]
     assert isinstance(biller, Biller)
-    return finish_bill(biller, stats, warn)
+    return finish_bill(biller, stats, warn, accounting)
 
 
-def finish_bill(biller: Biller, stats: ReadStats, warn: Callable[[str], None]) -> Bill:
-    """The bill of a finished scan, warning about inventory globs that matched no node."""
+def finish_bill(
+    biller: Biller,
+    stats: ReadStats,
+    warn: Callable[[str], None],
+    accounting: list[Record] | None = None,
+) -> Bill:
+    """The bill of a finished scan (``accounting`` records, where given, the allocation of
+    their jobs), warning about inventory globs that matched no node."""
     inventory = biller.inventory
     for problem in inventory.unused_globs(set(biller.nodes.values)):
         warn(f"inventory {inventory.source}: {problem} matches no node in the dataset")
@@ -103,7 +104,8 @@ def finish_bill(biller: Biller, stats: ReadStats, warn: Callable[[str], None]) -
             # SPEC §7: set aside, moved or not (a read-only dataset, a journal never moved)
             "files_quarantined": stats.files_quarantined + stats.files_skipped,
             "rows_out_of_range": ruled_out,
-        }
+        },
+        accounting=accounting,
     )
     for note in bill.notes:
         warn(note)

@@ -201,7 +201,6 @@ class Biller:
             name: SCHEMAS[name].empty_table().select(list(BILL_COLUMNS[name])) for name in SCHEMAS
         }
         self.xp = xp
-        self.accounting: list[Any] | None = None  # accounting.Record list: see invoice
         self.pool_parts = PartialSums(width=2, xp=xp)  # (window, pool)
         self.fine_window_ns = None if fine_window_seconds is None else fine_window_seconds * NS
         self.fine_pool_parts = PartialSums(width=2, xp=xp)  # (fine window, pool)
@@ -549,9 +548,16 @@ class Biller:
             tenants.append((pool.name, pool.kind, tenant, allocated_s, int(busy_us) / 1e6, charge))
         return LiveTotals(self.inventory.currency, sorted(pools), sorted(tenants))
 
-    def bill(self, input_stats: dict[str, Any] | None = None, whole: bool = False) -> Bill:
+    def bill(
+        self,
+        input_stats: dict[str, Any] | None = None,
+        whole: bool = False,
+        accounting: list[Any] | None = None,
+    ) -> Bill:
         """The bill of everything added so far (SPEC §4; ``telemetry.billing.invoice``); with
-        ``whole`` one window spans the bill's range (totals with money rounded once)."""
+        ``whole`` one window spans the bill's range (totals with money rounded once);
+        ``accounting`` records (``telemetry.billing.accounting.Record``) are the allocation of
+        the jobs they name."""
         from telemetry.billing.invoice import build_bill
 
-        return build_bill(self, input_stats or {}, whole)
+        return build_bill(self, input_stats or {}, whole, accounting)

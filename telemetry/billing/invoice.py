@@ -82,9 +82,14 @@ class _Frame:
         return {**names, "pool": pool.name}
 
 
-def build_bill(biller: Biller, input_stats: dict[str, Any], whole: bool = False) -> Bill:
+def build_bill(
+    biller: Biller,
+    input_stats: dict[str, Any],
+    whole: bool = False,
+    accounting: list[Record] | None = None,
+) -> Bill:
     """The SPEC §4 bill of everything the biller holds; with ``whole`` one window spans the
-    bill's range."""
+    bill's range; ``accounting`` records replace the sampled allocation of their jobs."""
     from telemetry.billing.engine import Bill
 
     inventory = biller.inventory
@@ -103,8 +108,8 @@ def build_bill(biller: Biller, input_stats: dict[str, Any], whole: bool = False)
     if whole:
         jobs.keys[0] = np.zeros_like(jobs.keys[0])
     reconciliation = None
-    if biller.accounting is not None:
-        reconciliation = _apply_accounting(biller, jobs, pool_sums, biller.accounting, span, whole)
+    if accounting is not None:
+        reconciliation = _apply_accounting(biller, jobs, pool_sums, accounting, span, whole)
     window_ids = sorted({w for w, _ in pool_sums} | set(jobs.keys[0].tolist()))
     if whole:
         window_ids = [0] if span is not None or window_ids else []

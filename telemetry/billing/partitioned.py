@@ -400,8 +400,7 @@ def compute_bill_partitioned(
     if done is None:
         return None
     biller, stats, _ = done
-    biller.accounting = accounting
-    return finish_bill(biller, stats, warn)
+    return finish_bill(biller, stats, warn, accounting)
 
 
 def run_partitions(

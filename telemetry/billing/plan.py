@@ -126,9 +126,7 @@ def compute_plan(
     lo, hi = selected_range(start, end, inventory.timezone)
 
     def fresh() -> list[Biller]:
-        biller = Biller(inventory, Windows(HOUR_SECONDS, inventory.timezone), lo, hi)
-        biller.accounting = accounting
-        return [biller]
+        return [Biller(inventory, Windows(HOUR_SECONDS, inventory.timezone), lo, hi)]
 
     with Progress("planning") as bar:
         done = None
@@ -141,14 +139,14 @@ def compute_plan(
             )  # fmt: skip
         if done is not None:
             biller, stats, _ = done
-            biller.accounting = accounting
         else:
             consumers, stats = scan(root, fresh, budget_rows, progress or bar, warn, BILL_COLUMNS)
             (only,) = consumers
             assert isinstance(only, Biller)
             biller = only
-    hourly = finish_bill(biller, stats, warn)
-    return plan_of(hourly, biller.bill(dict(hourly.input), whole=True), inventory, stable_cv)
+    hourly = finish_bill(biller, stats, warn, accounting)
+    whole = biller.bill(dict(hourly.input), whole=True, accounting=accounting)
+    return plan_of(hourly, whole, inventory, stable_cv)
 
 
 def inverted_cdf(column: str | pl.Expr, q: float | pl.Expr) -> pl.Expr:

@@ -345,13 +345,10 @@ def collect_report(
     max_gap = inventory.max_gap_seconds
 
     def fresh() -> list[Any]:
-        biller = Biller(inventory, window, lo, hi, xp=xp)
-        biller.accounting = accounting
         # hours labelled in the bill's zone, as ``tally plan`` labels them
         hourly = Biller(inventory, Windows(HOUR_SECONDS, inventory.timezone), lo, hi, xp=xp)
-        hourly.accounting = accounting
         return [
-            biller,
+            Biller(inventory, window, lo, hi, xp=xp),
             SeriesGrid("gpu", window, max_gap, lo, hi),
             SeriesGrid("cpu", window, max_gap, lo, hi),
             HealthGrid(window, lo, hi),
@@ -368,14 +365,12 @@ def collect_report(
         )  # fmt: skip
     if done is not None:
         biller, stats, grids_of = done
-        biller.accounting = accounting
         # the plan's hourly sums: the same partitions once more, with hour windows
         hours = run_partitions(
             root, inventory, HOUR_SECONDS, lo, hi, budget_rows, None, lambda _: None,
             xp.__name__, workers, cluster,
         )  # fmt: skip
         assert hours is not None  # the same dataset and executor choose partitions again
-        hours[0].accounting = accounting
         consumers: Sequence[Any] = [biller, *(grids_of or []), hours[0]]
     else:
         try:
@@ -387,10 +382,10 @@ def collect_report(
     assert isinstance(biller, Biller) and isinstance(hourly, Biller)
     assert isinstance(gpu, SeriesGrid)
     assert isinstance(cpu, SeriesGrid) and isinstance(health, HealthGrid)
-    bill = finish_bill(biller, stats, warn)
+    bill = finish_bill(biller, stats, warn, accounting)
     planned = plan_of(
-        hourly.bill(dict(bill.input)),
-        hourly.bill(dict(bill.input), whole=True),
+        hourly.bill(dict(bill.input), accounting=accounting),
+        hourly.bill(dict(bill.input), whole=True, accounting=accounting),
         inventory,
         stable_cv,
     )
@@ -414,7 +409,7 @@ def collect_report(
         first_ns=first if lo is None else max(first, lo),
         last_ns=last if hi is None else min(last, hi - 1),
         health=health,
-        summary=biller.bill(dict(bill.input), whole=True),
+        summary=biller.bill(dict(bill.input), whole=True, accounting=accounting),
         plan=planned,
     )
 
