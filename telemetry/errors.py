@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class TallyError(Exception):
     """Bad usage, configuration or input: reported as one line on stderr, exit code 2."""
@@ -14,3 +16,14 @@ class ParseError(TallyError):
 class CollectorUnavailable(Exception):
     """What a collector reads does not exist on this host (no RAPL zones, no NVML): the collector
     reports failure with this one-line reason and the daemon goes on."""
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path``; a ``TallyError`` naming ``what`` and the file when it cannot
+    be read or is not UTF-8."""
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise TallyError(f"{what} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise TallyError(f"{what} {path}: not UTF-8 text") from None

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from telemetry.billing.windows import NS, parse_instant
-from telemetry.errors import TallyError
+from telemetry.errors import TallyError, read_text_file
 
 _PARSABLE_NEEDS = ("JobIDRaw", "User", "Account", "Start", "End", "AllocTRES", "NodeList")
 _NOT_STARTED = {"", "Unknown", "None", "N/A"}
@@ -129,12 +129,7 @@ def load_accounting(paths: Iterable[Path]) -> list[Record]:
     end — whatever order the files come in."""
     records: dict[str, Record] = {}
     for path in paths:
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise TallyError(f"accounting {path}: {exc.strerror or exc}") from None
-        except UnicodeDecodeError:
-            raise TallyError(f"accounting {path}: not UTF-8 text") from None
+        text = read_text_file(path, "accounting")
         parsed = (
             parse_sacct_json(text, str(path))
             if text.lstrip().startswith("{")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from telemetry.billing.windows import parse_instant, to_ns, zone, zone_name
-from telemetry.errors import TallyError
+from telemetry.errors import TallyError, read_text_file
 
 KINDS = ("gpu", "cpu")
 OWNERSHIPS = ("own", "leased")
@@ -341,10 +341,4 @@ def _contracts(raw: Any, where: str, pools: set[str]) -> tuple[Contract, ...]:
 
 def load_inventory(path: Path) -> Inventory:
     """Read and validate the inventory file at ``path``; raises ``TallyError``."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise TallyError(f"inventory {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise TallyError(f"inventory {path}: not UTF-8 text") from None
-    return parse_inventory(text, str(path))
+    return parse_inventory(read_text_file(path, "inventory"), str(path))
