@@ -494,35 +494,46 @@ class Biller:
         keys, sums = self.pool_parts.compact()
         return [to_host(k) for k in keys], [to_host(v) for v in sums]
 
-    def tenant_and_job_totals(
-        self,
-    ) -> tuple[
-        tuple[list[np.ndarray], list[np.ndarray]], tuple[list[np.ndarray], list[np.ndarray]]
-    ]:
-        """((window, pool, tenant), sums) and ((window, pool, job, user, tenant), sums)."""
+    def job_totals(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(window, pool, node, job) keys and their JOB_FIELDS sums (NumPy, whatever the
+        backend); empty arrays where no job has a sum."""
         keys, sums = self.job_parts.compact()
-        keys, sums = [to_host(k) for k in keys], [to_host(v) for v in sums]
+        if not sums:
+            sums = [np.zeros(0, np.int64) for _ in JOB_FIELDS]
+        return [to_host(k) for k in keys], [to_host(v) for v in sums]
+
+    def owner_ids(
+        self,
+        nodes: np.ndarray,
+        jobs: np.ndarray,
+        overrides: dict[int, tuple[int, int]] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """User and tenant ids of each (node, job): ``overrides`` per job (accounting) first,
+        else the job's newest row on that node, else no user and tenant ``unknown``."""
         unknown = self.names.id(UNKNOWN_TENANT)
-        nodes, jobs = keys[2].tolist(), keys[3].tolist()
-        owners = [
-            self.owner.get((n, j), (0, -1, unknown)) for n, j in zip(nodes, jobs, strict=True)
-        ]
-        user = np.array([o[1] for o in owners], dtype=np.int64)
-        tenant = np.array([o[2] for o in owners], dtype=np.int64)
+        users, tenants = [], []
+        for node, job in zip(nodes.tolist(), jobs.tolist(), strict=True):
+            found = None if overrides is None else overrides.get(job)
+            if found is None:
+                seen = self.owner.get((node, job))
+                found = (seen[1], seen[2]) if seen is not None else (-1, unknown)
+            users.append(found[0])
+            tenants.append(found[1])
+        return np.array(users, dtype=np.int64), np.array(tenants, dtype=np.int64)
+
+    def tenant_sums(
+        self, windows: np.ndarray, pools: np.ndarray, tenants: np.ndarray, sums: list[np.ndarray]
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """JOB_FIELDS sums per (window, pool, tenant), with a live bill's retired jobs (already
+        per tenant) folded in."""
+        keys = [windows, pools, tenants]
         if self.retired:
-            if not sums:  # no active job left
-                sums = [np.zeros(0, np.int64) for _ in JOB_FIELDS]
             retired = list(self.retired.items())
-            tenants = group_sums(
-                [np.concatenate([k, np.array([r[0][i] for r in retired], np.int64)])
-                 for i, k in enumerate((keys[0], keys[1], tenant))],
-                [np.concatenate([v, np.array([r[1][f] for r in retired], np.int64)])
-                 for f, v in enumerate(sums)],
-            )  # fmt: skip
-        else:
-            tenants = group_sums([keys[0], keys[1], tenant], sums)
-        per_job = group_sums([keys[0], keys[1], keys[3], user, tenant], sums)
-        return tenants, per_job
+            keys = [np.concatenate([k, np.array([r[0][i] for r in retired], np.int64)])
+                    for i, k in enumerate(keys)]  # fmt: skip
+            sums = [np.concatenate([v, np.array([r[1][f] for r in retired], np.int64)])
+                    for f, v in enumerate(sums)]  # fmt: skip
+        return group_sums(keys, sums)
 
     def live_totals(self) -> LiveTotals:
         """Totals over every window so far, per pool and per (pool, tenant)."""
@@ -536,7 +547,9 @@ class Biller:
                 # declared capacity from the first sample seen to the newest (SPEC §4)
                 capacity = pool.declared_us(self.first_ns, self.last_ns) / 1e6
             pools.append((pool.name, pool.kind, capacity, allocated, busy))
-        (tk, ts), _ = self.tenant_and_job_totals()
+        keys, sums = self.job_totals()
+        _, tenant_ids = self.owner_ids(keys[2], keys[3])
+        tk, ts = self.tenant_sums(keys[0], keys[1], tenant_ids, sums)
         by_tenant, tenant_sums = group_sums([tk[1], tk[2]], ts)
         tenants = []
         for i in range(by_tenant[0].size):

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kernels.backend import to_host
 from kernels.grouped_sums import group_sums
 from telemetry.billing.inventory import UNASSIGNED, Pool, exact
 from telemetry.billing.windows import iso
@@ -101,10 +100,7 @@ def build_bill(
         into = pool_sums.setdefault((0 if whole else int(w), int(p)), [0] * len(sums))
         for f, values in enumerate(sums):
             into[f] += int(values[i])
-    jk, js = biller.job_parts.compact()
-    jobs = _Jobs([to_host(k) for k in jk], [to_host(v) for v in js])
-    if not jobs.sums:
-        jobs.sums = [np.zeros(0, np.int64) for _ in range(4)]
+    jobs = _Jobs(*biller.job_totals())
     if whole:
         jobs.keys[0] = np.zeros_like(jobs.keys[0])
     reconciliation = None
@@ -230,23 +226,6 @@ def _pool_row(
     }
 
 
-def _owner_arrays(biller: Biller, jobs: _Jobs) -> tuple[np.ndarray, np.ndarray]:
-    """User and tenant id of each job-sum row: accounting first, else the job's newest row."""
-    from telemetry.billing.engine import UNKNOWN_TENANT
-
-    unknown = biller.names.id(UNKNOWN_TENANT)
-    nodes, ids = jobs.keys[2].tolist(), jobs.keys[3].tolist()
-    users, tenants = [], []
-    for node, job in zip(nodes, ids, strict=True):
-        found = jobs.owners.get(job)
-        if found is None:
-            seen = biller.owner.get((node, job))
-            found = (seen[1], seen[2]) if seen is not None else (-1, unknown)
-        users.append(found[0])
-        tenants.append(found[1])
-    return np.array(users, dtype=np.int64), np.array(tenants, dtype=np.int64)
-
-
 def _party_body(
     biller: Biller, pool: Pool, tenant: str, sums: list[int], measured: bool
 ) -> tuple[dict[str, Any], Fraction] | None:
@@ -272,16 +251,8 @@ def _tenant_rows(
     biller: Biller, jobs: _Jobs, frame: _Frame
 ) -> tuple[list[dict[str, Any]], dict[tuple[int, int], Fraction]]:
     """Tenant rows and each (window, pool)'s revenue: the sum of its rounded tenant charges."""
-    _, tenant = _owner_arrays(biller, jobs)
-    keys = [jobs.keys[0], jobs.keys[1], tenant]
-    sums = jobs.sums
-    if biller.retired:  # a live bill's retired jobs, already per tenant
-        retired = list(biller.retired.items())
-        keys = [np.concatenate([k, np.array([r[0][i] for r in retired], np.int64)])
-                for i, k in enumerate(keys)]  # fmt: skip
-        sums = [np.concatenate([v, np.array([r[1][f] for r in retired], np.int64)])
-                for f, v in enumerate(sums)]  # fmt: skip
-    tk, ts = group_sums(keys, sums)
+    _, tenant = biller.owner_ids(jobs.keys[2], jobs.keys[3], jobs.owners)
+    tk, ts = biller.tenant_sums(jobs.keys[0], jobs.keys[1], tenant, jobs.sums)
     out: list[dict[str, Any]] = []
     revenue: dict[tuple[int, int], Fraction] = {}
     decimals = biller.inventory.currency_decimals
@@ -306,7 +277,7 @@ def _tenant_rows(
 
 
 def _job_rows(biller: Biller, jobs: _Jobs, frame: _Frame) -> list[dict[str, Any]]:
-    user, tenant = _owner_arrays(biller, jobs)
+    user, tenant = biller.owner_ids(jobs.keys[2], jobs.keys[3], jobs.owners)
     jk, js = group_sums([jobs.keys[0], jobs.keys[1], jobs.keys[3], user, tenant], jobs.sums)
     out: list[dict[str, Any]] = []
     for i in range(jk[0].size):
