@@ -213,6 +213,34 @@ def test_many_large_values_render_as_the_client_does(values: list[float]) -> Non
         exposition._ARROW_FROM_ROWS = ARROW_FROM_ROWS
 
 
+def _magnitudes() -> np.ndarray:
+    """Values over the whole float range: every decade, integral or not, either sign, float32
+    readings, and the edges where a format changes."""
+    rng = np.random.default_rng(7)
+    parts = []
+    for low, high in [(1e-9, 1e-3), (1e-3, 1.0), (1.0, 1e6), (1e6, 1e14), (1e14, 1e16),
+                      (1e16, 1e300)]:  # fmt: skip
+        v = np.exp(rng.uniform(np.log(low), np.log(high), 400))
+        readings = v[v < 3e38].astype(np.float32).astype(np.float64)  # a float32 gauge
+        parts += [v, np.round(v), -v, -np.round(v), readings]
+    edges = [0.0, -0.0, 1e-4, -1e-4, 9.999e-5, 5e-324, 1e6, 999999.0, 999999.5, 1e16, 2.0**53,
+             2.0**53 + 2, -1e6, -999999.0, 1.7976931348623157e308, math.nan, math.inf]  # fmt: skip
+    return np.concatenate([*parts, np.array(edges)])
+
+
+def test_values_of_every_magnitude_render_as_the_client_does() -> None:
+    """Large blocks format values with Arrow's cast and mend where its form differs from the
+    client's (".0" after integers, the exponent from 1e6, tiny and large negative values): the
+    client itself is the oracle for every one of them."""
+    values = _magnitudes()
+    family = ColumnFamily("tally_v", "gauge", "h", ("i",))
+    family.add([strings([str(i) for i in range(values.size)])], values)
+    registry = CollectorRegistry()
+    registry.register(_One(family))
+    assert values.size >= ARROW_FROM_ROWS  # the vectorised path
+    assert render_text([family]) == generate_latest(registry)
+
+
 def test_prefixes_kept_across_scrapes_follow_changed_labels() -> None:
     """The second scrape reuses the first's series prefixes; a label that changed, a series
     that is new and one whose value became NaN render as the client renders them."""
