@@ -1,6 +1,7 @@
 """The daemon's own cost on a loaded node, side by side with node_exporter: CPU, RSS, scrapes.
 
-``python -m benchmarks.daemon_cost [--seconds 120] [--interval 1] [--jobs 50] [--compare-with DIR]``
+``python -m benchmarks.daemon_cost [--seconds 120] [--interval 1] [--scrape-interval S] [--jobs 50]
+[--compare-with DIR]``
 
 tally runs as ``tally daemon`` at ``--interval`` on a node tree with ``--jobs`` Slurm jobs and 8
 fake H100s (:mod:`benchmarks.node_tree`). In the same run, on the same machine:
@@ -12,7 +13,8 @@ fake H100s (:mod:`benchmarks.node_tree`). In the same run, on the same machine:
 - with ``--compare-with DIR``, the tally of another checkout (an older commit, unpacked with
   ``git archive``) on the same tree: before and after in one run.
 
-Each is scraped over HTTP once per ``--interval`` (as Prometheus would) from one thread. CPU is
+Each is scraped over HTTP once per ``--scrape-interval`` (default: ``--interval``; Prometheus'
+usual is 15 s) from one thread. CPU is
 measured from /proc/<pid>/stat over ``--seconds`` after a warm-up; RSS is VmRSS at the end and
 VmHWM (peak). Scrape latencies (200 more scrapes) come after the CPU window.
 """
@@ -157,9 +159,14 @@ def _scrape_every(exporters: list[Exporter], interval: float, stop: threading.Ev
 
 
 def measure(
-    seconds: float, interval: float, jobs: int = 50, compare_with: Path | None = None
+    seconds: float,
+    interval: float,
+    jobs: int = 50,
+    compare_with: Path | None = None,
+    scrape_interval: float | None = None,
 ) -> list[Exporter]:
-    """Run every exporter for ``seconds`` scraped each ``interval``; return them, measured."""
+    """Run every exporter for ``seconds`` (tally collecting each ``interval``), scraped each
+    ``scrape_interval`` (default ``interval``); return them, measured."""
     with tempfile.TemporaryDirectory() as scratch:
         tree = Path(scratch) / "node"
         node_tree.write_node(tree, jobs)
@@ -176,7 +183,8 @@ def measure(
             for e in exporters:
                 e.wait_ready()
             stop = threading.Event()
-            scraper = threading.Thread(target=_scrape_every, args=(exporters, interval, stop))
+            every = interval if scrape_interval is None else scrape_interval
+            scraper = threading.Thread(target=_scrape_every, args=(exporters, every, stop))
             scraper.start()
             time.sleep(WARMUP_SECONDS)
             start = {e.name: (_cpu_seconds(e.proc.pid), time.monotonic()) for e in exporters}
@@ -264,12 +272,17 @@ def steady_round_ms(checkout: Path, jobs: int = 50, prefill: int = 3660, rounds:
 
 
 def run(
-    seconds: float, interval: float, jobs: int = 50, compare_with: Path | None = None
+    seconds: float,
+    interval: float,
+    jobs: int = 50,
+    compare_with: Path | None = None,
+    scrape_interval: float | None = None,
 ) -> list[Exporter]:
     """Measure and print one table (one column per exporter)."""
-    exporters = measure(seconds, interval, jobs, compare_with)
+    exporters = measure(seconds, interval, jobs, compare_with, scrape_interval)
+    every = interval if scrape_interval is None else scrape_interval
     print(f"\ndaemon cost: {seconds:g} s at a {interval:g} s interval, {jobs} Slurm jobs, "
-          "8 fake GPUs; every exporter scraped once per interval")  # fmt: skip
+          f"8 fake GPUs; every exporter scraped every {every:g} s")  # fmt: skip
     rows: list[tuple[str, list[float]]] = [
         ("CPU seconds per hour", [e.cpu / e.wall * 3600 for e in exporters]),
         ("CPU % of a core", [e.cpu / e.wall * 100 for e in exporters]),
@@ -291,13 +304,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--interval", type=float, default=1.0)
+    parser.add_argument("--scrape-interval", type=float, help="seconds (default: --interval)")
     parser.add_argument("--jobs", type=int, default=50)
     parser.add_argument("--compare-with", type=Path, help="another checkout's tally, same run")
     parser.add_argument(
         "--steady", action="store_true", help="also time a round after an hour of rows (slow)"
     )
     args = parser.parse_args(argv)
-    run(args.seconds, args.interval, args.jobs, args.compare_with)
+    run(args.seconds, args.interval, args.jobs, args.compare_with, args.scrape_interval)
     if args.steady:
         print(f"\naggregation at steady state (an hour of 1 s rounds, {args.jobs} jobs, 8 GPUs), "
               "CPU ms per round (ingest + snapshot)")  # fmt: skip

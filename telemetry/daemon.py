@@ -1,7 +1,11 @@
 """``tally daemon``: collect every interval, journal to Parquet, aggregate, serve /metrics.
 
 The collection loop runs in the main thread on a fixed schedule (a late round is not made up
-for); the HTTP server answers scrapes from its own threads with the newest published snapshot.
+for) and writes each round to the journal at once; the HTTP server answers scrapes from its own
+threads. The live aggregation is done when a scrape asks for it (every round still counts: the
+rounds collected since the last scrape are ingested together, which costs about what one round
+costs), and at least every ``AGGREGATE_EVERY_SECONDS`` so that rounds nobody scrapes do not pile
+up: at a 1 s interval and a 15 s scrape, one aggregation in fifteen rounds.
 SIGTERM and SIGINT end the loop; the store then compacts its journals and the daemon exits 0.
 """
 
@@ -24,6 +28,7 @@ from exporters.http import MetricsServer, serve
 from exporters.prometheus import TallyCollector
 from telemetry.clock import SteadyClock
 from telemetry.collectors import REGISTRY, CollectorContext, Runner
+from telemetry.collectors.base import CollectorStatus
 from telemetry.config import DaemonConfig, load_object
 from telemetry.logs import OnceLogger, say
 from telemetry.state import Snapshot, State
@@ -34,6 +39,8 @@ log = logging.getLogger("tally.daemon")
 # Rows held in memory while the data dir cannot be written (disk full, read-only): about an
 # hour of a busy GPU node at 5 s; beyond that the oldest batches are given up.
 MAX_PENDING_ROWS = 200_000
+# Rounds not yet aggregated are ingested by the next scrape, or once they span this long.
+AGGREGATE_EVERY_SECONDS = 15.0
 
 
 class Daemon:
@@ -56,7 +63,14 @@ class Daemon:
         self.pending_dropped = 0
         self._last_time_ns = 0
         self.clock_dropped: dict[str, int] = {}
-        self._snapshot = Snapshot()
+        # Rounds collected but not yet ingested into the live state, the last round's collector
+        # status, and the snapshot of everything ingested (None: rounds came in since it was made).
+        self._lock = threading.Lock()
+        self._unaggregated: list[tuple[str, pa.Table]] = []
+        self._rounds_unaggregated = 0
+        self._aggregate_every = max(1, int(AGGREGATE_EVERY_SECONDS / config.interval_seconds))
+        self._status: dict[str, CollectorStatus] = {}
+        self._published: Snapshot | None = Snapshot()
         self.compact_requested = False
         self._once = OnceLogger(log)
         ctx = CollectorContext(
@@ -78,7 +92,7 @@ class Daemon:
         self.clock = SteadyClock()
         self.runner = Runner([REGISTRY[name](ctx) for name in enabled], clock_ns=self.clock)
         self.registry = CollectorRegistry()
-        self.tally = TallyCollector(lambda: self._snapshot, config.dcgm_compat)
+        self.tally = TallyCollector(self.snapshot, config.dcgm_compat)
         self.registry.register(self.tally)
         # The process_* families, in a registry of their own so that the text format can be
         # rendered as tally's column families followed by these (the same bytes, in order).
@@ -95,7 +109,7 @@ class Daemon:
         self.stop_event.set()
 
     def round(self) -> None:
-        """Collect once, persist, aggregate and publish a new snapshot."""
+        """Collect once and persist; the rows wait for the next aggregation (:meth:`snapshot`)."""
         result = self.runner.run()
         if result.time_ns <= self._last_time_ns:
             # The system clock stepped back: these samples would sit before ones already
@@ -109,24 +123,48 @@ class Daemon:
         else:
             self._last_time_ns = result.time_ns
             self._once.clear("clock")
-        for table, batch in result.tables.items():
-            self._pending.append((table, batch))
-            self.state.ingest(table, batch)
+        self._pending.extend(result.tables.items())
         self._flush_pending()
-        snapshot = self.state.snapshot(result.status)
-        for table, rows in self.clock_dropped.items():
-            snapshot.ingest[table].late += rows
-        errors = self.store_errors + self.store.lost_journals
-        snapshot.store = {
-            "rows_written": self.store.rows_written,
-            "errors": errors,
-            "clock_steps": self.clock.steps,
-        }
-        self._snapshot = snapshot
+        with self._lock:
+            self._unaggregated.extend(result.tables.items())
+            self._rounds_unaggregated += 1
+            self._status = result.status
+            self._published = None
+            if self._rounds_unaggregated >= self._aggregate_every:
+                self._aggregate()
+
+    def _aggregate(self) -> None:
+        """Ingest the rounds collected since the last aggregation, one batch per table (the
+        state's sums do not depend on how the rows are split). Called with the lock held."""
+        by_table: dict[str, list[pa.Table]] = {}
+        for table, batch in self._unaggregated:
+            by_table.setdefault(table, []).append(batch)
+        self._unaggregated, self._rounds_unaggregated = [], 0
+        for table, batches in by_table.items():
+            batch = batches[0] if len(batches) == 1 else pa.concat_tables(batches)
+            self.state.ingest(table, batch)
+
+    def snapshot(self) -> Snapshot:
+        """What a scrape renders: every round collected so far, aggregated; made once per round
+        at most, whatever the number of scrapes."""
+        with self._lock:
+            if self._published is not None:
+                return self._published
+            self._aggregate()
+            snapshot = self.state.snapshot(self._status)
+            for table, rows in self.clock_dropped.items():
+                snapshot.ingest[table].late += rows
+            snapshot.store = {
+                "rows_written": self.store.rows_written,
+                "errors": self.store_errors + self.store.lost_journals,
+                "clock_steps": self.clock.steps,
+            }
+            self._published = snapshot
+            return snapshot
 
     def _collector_summary(self) -> str:
         """``collectors: cpu, job; failed: gpu`` after the first round (the log says why)."""
-        status = self._snapshot.collectors
+        status = self._status
         working = [
             c.name for c in self.runner.collectors if c.name in status and status[c.name].success
         ]
@@ -212,8 +250,7 @@ class Daemon:
     def status_line(self) -> str:
         """What SIGUSR1 logs: rows written, store errors and each collector's last result."""
         collectors = ", ".join(
-            f"{name} {'ok' if s.success else 'failed'}"
-            for name, s in self._snapshot.collectors.items()
+            f"{name} {'ok' if s.success else 'failed'}" for name, s in self._status.items()
         )
         return (
             f"status: {self.store.rows_written} rows written, {self.store_errors} store errors; "

@@ -100,20 +100,20 @@ def test_clock_stepping_back_drops_and_counts_never_crashes(daemon: Daemon) -> N
 def test_nvml_lost_mid_run_then_back(daemon: Daemon) -> None:
     _clock(daemon, [float(i) for i in range(6)])
     daemon.round()
-    assert daemon._snapshot.collectors["gpu"].success
+    assert daemon.snapshot().collectors["gpu"].success
     FAKE.driver_loaded = False
     while FAKE._init_count:  # the driver goes away under the daemon
         FAKE.nvmlShutdown()
     try:
         daemon.round()
         daemon.round()
-        status = daemon._snapshot.collectors
+        status = daemon.snapshot().collectors
         assert not status["gpu"].success and status["cpu"].success
     finally:
         FAKE.driver_loaded = True
     daemon.round()
-    assert daemon._snapshot.collectors["gpu"].success, "re-initialised when NVML came back"
-    assert daemon._snapshot.tables["gpu"].latest.num_rows == 1
+    assert daemon.snapshot().collectors["gpu"].success, "re-initialised when NVML came back"
+    assert daemon.snapshot().tables["gpu"].latest.num_rows == 1
 
 
 def test_shutdown_on_a_full_disk_says_what_it_loses_and_exits_cleanly(
@@ -178,7 +178,7 @@ def test_a_data_dir_deleted_while_running_is_noticed_counted_and_recreated(
     shutil.rmtree(daemon.config.data_dir)
     daemon.round()  # rows would have gone into an unlinked journal, silently
     daemon.round()
-    assert daemon._snapshot.store["errors"] >= 1
+    assert daemon.snapshot().store["errors"] >= 1
     daemon.store.close()  # no traceback at the end either
     times = _stored(daemon.config.data_dir)
     assert len(times) == 2, "the rounds after the deletion are stored in the new data dir"

@@ -1,0 +1,111 @@
+"""The daemon aggregates when scraped: rounds collected between scrapes are ingested together,
+and what a scrape shows is what ingesting every round on its own would show."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from telemetry.config import DaemonConfig
+from telemetry.daemon import AGGREGATE_EVERY_SECONDS, Daemon
+from telemetry.state import State
+from tests.support.nvml.library import FakeNVML
+from tests.support.nvml.profiles import H100_LOADED
+
+FIXTURES = Path(__file__).parent / "fixtures" / "normal_host"
+FAKE = FakeNVML([H100_LOADED, H100_LOADED])
+T0_NS = 1_800_000_000 * 10**9
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    config = DaemonConfig(
+        listen="127.0.0.1:0",
+        data_dir=tmp_path / "data",
+        interval_seconds=1,
+        procfs=FIXTURES / "proc",
+        sysfs=FIXTURES / "sys",
+        node="n1",
+        nvml_module="tests.test_daemon_aggregation:FAKE",
+        collectors={"cpu": True, "rapl": False, "gpu": True, "job": False},
+    )
+    d = Daemon(config)
+    d.store.open()
+    ticks = iter(range(10**6))
+    d.runner.clock_ns = lambda: T0_NS + next(ticks) * 10**9
+    yield d
+    d.runner.close()
+    d.store.close()
+
+
+def _stored_rounds(d: Daemon) -> list[list[tuple[str, pa.Table]]]:
+    """Spy on the journal: each round's batches as the daemon wrote them."""
+    rounds: list[list[tuple[str, pa.Table]]] = []
+    append = d.store.append
+
+    def record(table: str, batch: pa.Table) -> None:
+        rounds[-1].append((table, batch))
+        append(table, batch)
+
+    d.store.append = record  # type: ignore[method-assign]
+    real_round = d.round
+
+    def one_round() -> None:
+        rounds.append([])
+        real_round()
+
+    d.round = one_round  # type: ignore[method-assign]
+    return rounds
+
+
+def test_a_scrape_shows_every_round_as_if_each_was_ingested_alone(daemon: Daemon) -> None:
+    rounds = _stored_rounds(daemon)
+    for _ in range(7):  # fewer than one aggregation's worth: nothing ingested before the scrape
+        daemon.round()
+    assert daemon.state.tables["gpu"].stats.rows == 0
+    shown = daemon.snapshot()
+
+    alone = State()
+    for batches in rounds:
+        for table, batch in batches:
+            alone.ingest(table, batch)
+    expected = alone.snapshot()
+    assert set(shown.tables) == set(expected.tables) >= {"cpu", "gpu"}
+    for name, table in expected.tables.items():
+        got = shown.tables[name]
+        assert got.latest.equals(table.latest)
+        assert got.totals.keys() == table.totals.keys()
+        for part, values in table.totals.items():
+            assert np.array_equal(got.totals[part], values), (name, part)
+        for window, ratios in table.windows.items():
+            assert np.array_equal(got.windows[window], ratios, equal_nan=True), (name, window)
+        assert vars(shown.ingest[name]) == vars(expected.ingest[name])
+    assert shown.ingest["gpu"].rows == 7 * 2
+    assert float(shown.tables["gpu"].totals["capacity_us"].sum()) == 2 * 6 * 1e6  # 6 intervals
+
+
+def test_rounds_nobody_scrapes_are_aggregated_in_bounded_batches(daemon: Daemon) -> None:
+    every = int(AGGREGATE_EVERY_SECONDS)  # rounds at a 1 s interval
+    for _ in range(every - 1):
+        daemon.round()
+    assert daemon.state.tables["gpu"].stats.rows == 0
+    daemon.round()
+    assert daemon.state.tables["gpu"].stats.rows == every * 2
+    for _ in range(3 * every):
+        daemon.round()
+    assert daemon.state.tables["gpu"].stats.rows == 4 * every * 2  # never more held than that
+
+
+def test_one_snapshot_per_round_whatever_the_scrapes(daemon: Daemon) -> None:
+    daemon.round()
+    first = daemon.snapshot()
+    assert daemon.snapshot() is first
+    daemon.round()
+    second = daemon.snapshot()
+    assert second is not first
+    assert second.ingest["gpu"].rows == first.ingest["gpu"].rows + 2
+    assert second.collectors["gpu"].success
