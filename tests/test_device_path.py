@@ -9,6 +9,7 @@ released, and the bytes equal the NumPy bill's.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from telemetry.cli import main
 from telemetry.demo import generate_demo
 from telemetry.store.dataset import scan
 from tests.support import fake_cupy
+from tests.support.cli import tally
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +134,52 @@ def test_cli_report_and_aggregator_take_the_backend(
         results.append((aggregator.live_totals(), aggregator.ratios()))
     assert results[0] == results[1]
     assert results[0][0].pools and results[0][1].rows
+
+
+# ``cupy`` for the worker processes: the stand-in, which notes (a file per process, named by
+# its pid and holding its parent's pid) each process that copied data to the "device".
+_WORKER_CUPY = """\
+import os, sys
+from tests.support import fake_cupy
+module = fake_cupy._module()
+def asarray(values, dtype=None):
+    mark = os.path.join(os.environ["TALLY_TEST_CUPY_MARKS"], str(os.getpid()))
+    if not os.path.exists(mark):
+        with open(mark, "w") as f:
+            f.write(str(os.getppid()))
+    return fake_cupy.asarray(values, dtype)
+module.asarray = asarray
+sys.modules[__name__] = module
+"""
+
+
+@pytest.mark.parametrize("where", [["--workers", "2"], ["--cluster", "local:2"]])
+def test_each_worker_bills_on_its_own_device_and_the_bytes_equal_numpy(
+    dataset: tuple[Path, Path], tmp_path: Path, where: list[str]
+) -> None:
+    """SPEC §9 with ``--backend cupy``: every worker process imports CuPy (here the stand-in,
+    found on the workers' path as ``cupy``) and bills its partitions on the device; the merged
+    bill's bytes equal one NumPy process's."""
+    root, inventory = dataset
+    shim, marks = tmp_path / "shim", tmp_path / "marks"
+    shim.mkdir()
+    marks.mkdir()
+    (shim / "cupy.py").write_text(_WORKER_CUPY)
+    repo = Path(__file__).resolve().parent.parent
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(shim), str(repo)]),
+        TALLY_TEST_CUPY_MARKS=str(marks),
+    )
+    outputs = []
+    for backend, placement in (("numpy", ["--workers", "1"]), ("cupy", where)):
+        out = tmp_path / f"{backend}.json"
+        args = ["bill", str(root), "--inventory", str(inventory), "--window", "1h"]
+        result = tally(*args, "--backend", backend, *placement, "--out", str(out), env=env)
+        assert result.returncode == 0, result.stderr
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
+    # the command (a child of this test) merges; its workers (children of it, of a fork server
+    # or of a Dask nanny) bill on the device
+    workers = [p for p in marks.iterdir() if p.read_text() != str(os.getpid())]
+    assert workers, "no worker process computed on the device"
