@@ -1,8 +1,8 @@
 """One scrape of a large node state: tally's column renderer against prometheus-client.
 
 The state is ``nodes`` × 8 GPUs (plus each node's CPUs and two jobs) ingested into the daemon's
-aggregation; every GPU exports ~17 series, so 450 nodes (the default) give ~62,000 series. The baseline is
-prometheus-client's own path for the same families: a ``GaugeMetricFamily``/
+aggregation; every GPU exports ~17 series, so 450 nodes (the default) give ~62,000 series. The
+baseline is prometheus-client's own path for the same families: a ``GaugeMetricFamily``/
 ``CounterMetricFamily`` per family with one ``add_metric`` per sample, then ``generate_latest``.
 The two outputs are compared byte for byte before anything is timed.
 """

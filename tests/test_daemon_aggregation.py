@@ -10,36 +10,23 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from telemetry.config import DaemonConfig
 from telemetry.daemon import AGGREGATE_EVERY_SECONDS, Daemon
 from telemetry.state import State
+from tests.support.daemon import daemon_in_process
 from tests.support.nvml.library import FakeNVML
 from tests.support.nvml.profiles import H100_LOADED
 
-FIXTURES = Path(__file__).parent / "fixtures" / "normal_host"
 FAKE = FakeNVML([H100_LOADED, H100_LOADED])
 T0_NS = 1_800_000_000 * 10**9
 
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    config = DaemonConfig(
-        listen="127.0.0.1:0",
-        data_dir=tmp_path / "data",
-        interval_seconds=1,
-        procfs=FIXTURES / "proc",
-        sysfs=FIXTURES / "sys",
-        node="n1",
-        nvml_module="tests.test_daemon_aggregation:FAKE",
-        collectors={"cpu": True, "rapl": False, "gpu": True, "job": False},
-    )
-    d = Daemon(config)
-    d.store.open()
-    ticks = iter(range(10**6))
-    d.runner.clock_ns = lambda: T0_NS + next(ticks) * 10**9
-    yield d
-    d.runner.close()
-    d.store.close()
+    fake = "tests.test_daemon_aggregation:FAKE"
+    with daemon_in_process(tmp_path / "data", "n1", fake, interval_seconds=1) as d:
+        ticks = iter(range(10**6))
+        d.runner.clock_ns = lambda: T0_NS + next(ticks) * 10**9
+        yield d
 
 
 def _stored_rounds(d: Daemon) -> list[list[tuple[str, pa.Table]]]:

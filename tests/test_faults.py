@@ -10,33 +10,20 @@ import pyarrow as pa
 import pytest
 from prometheus_client import generate_latest
 
-from telemetry.config import DaemonConfig
 from telemetry.daemon import Daemon
 from telemetry.store.dataset import ReadStats, discover, read_table
 from telemetry.store.writer import Store
+from tests.support.daemon import daemon_in_process
 from tests.support.nvml.library import FakeNVML
 from tests.support.nvml.profiles import H100_LOADED
 
-FIXTURES = Path(__file__).parent / "fixtures" / "normal_host"
 FAKE = FakeNVML([H100_LOADED])
 
 
 @pytest.fixture
 def daemon(tmp_path: Path) -> Iterator[Daemon]:
-    config = DaemonConfig(
-        listen="127.0.0.1:0",
-        data_dir=tmp_path / "data",
-        procfs=FIXTURES / "proc",
-        sysfs=FIXTURES / "sys",
-        node="faulty",
-        nvml_module="tests.test_faults:FAKE",
-        collectors={"cpu": True, "rapl": False, "gpu": True, "job": False},
-    )
-    d = Daemon(config)
-    d.store.open()
-    yield d
-    d.runner.close()
-    d.store.close()
+    with daemon_in_process(tmp_path / "data", "faulty", "tests.test_faults:FAKE") as d:
+        yield d
 
 
 def _clock(d: Daemon, seconds: list[float]) -> None:

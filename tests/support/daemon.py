@@ -1,4 +1,5 @@
-"""``tally daemon`` as a subprocess on loopback: the one way tests start a daemon.
+"""``tally daemon`` as a subprocess on loopback (the one way tests start a serving daemon), and a
+:class:`Daemon` in this process whose rounds a test runs by hand.
 
 Output goes to files (no pipe can fill and stall the daemon); the daemon gets SIGTERM from the
 kernel if the test process dies, so none outlives a killed run.
@@ -11,11 +12,17 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from telemetry.config import DaemonConfig
+from telemetry.daemon import Daemon
 from tests.support.net import free_port
+
+NORMAL_HOST = Path(__file__).resolve().parent.parent / "fixtures" / "normal_host"
 
 # Runs the rest of argv in the same process (same pid) after asking the kernel to SIGTERM it when
 # the test process dies (PR_SET_PDEATHSIG survives exec).
@@ -172,3 +179,29 @@ def scrape_daemon(data_dir: Path, node: str, *flags: str, settle: float = 1.0) -
         raise
     daemon.stop()
     return text
+
+
+@contextmanager
+def daemon_in_process(
+    data_dir: Path, node: str, nvml_module: str, **config: object
+) -> Iterator[Daemon]:
+    """A daemon on the ``normal_host`` fixture tree with the ``cpu`` and ``gpu`` collectors and
+    NVML from ``nvml_module`` (MODULE:ATTR), its store open; no server, no loop: the test calls
+    ``round()``. ``config`` overrides :class:`DaemonConfig` fields."""
+    settings: dict[str, object] = {
+        "listen": "127.0.0.1:0",
+        "data_dir": data_dir,
+        "procfs": NORMAL_HOST / "proc",
+        "sysfs": NORMAL_HOST / "sys",
+        "node": node,
+        "nvml_module": nvml_module,
+        "collectors": {"cpu": True, "rapl": False, "gpu": True, "job": False},
+        **config,
+    }
+    daemon = Daemon(DaemonConfig(**settings))  # type: ignore[arg-type]
+    daemon.store.open()
+    try:
+        yield daemon
+    finally:
+        daemon.runner.close()
+        daemon.store.close()
