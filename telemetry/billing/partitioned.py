@@ -5,8 +5,8 @@ merged exactly, and written by the one invoice code.
 A series never leaves its node's directory, so a partition of whole nodes needs nothing from any
 other: its sums are those the single-process bill would add for its rows. A node with more than
 ``SLICE_BYTES`` of files is cut by time into slices of about that many bytes (the cuts from the
-files' footers: each file's bytes spread over its time span, on whole hours where slices are
-longer than that), and a slice's task reads only the files that reach into it or into the
+files' footers: each file's bytes spread over its time span, on whole hours where that keeps
+the slices apart), and a slice's task reads only the files that reach into it or into the
 ``max_gap`` before it. An interval (t_{i-1}, t_i] belongs to the slice holding t_i, whose task
 carries each series' last row of that lookback in (the same canonical row one process would
 carry: duplicates share a time, so they never straddle a cut), so counter deltas, restarts and
@@ -561,8 +561,9 @@ def _reaches(span: tuple[int, int] | None, low: int | None, high: int | None, ba
 def slice_cuts(spans: list[tuple[int, int, int]], slices: int) -> list[int]:
     """Times (ns) that cut files of (first time, last time, bytes) into ``slices`` parts of
     about equal bytes, each file's bytes spread evenly over its span (impossible times left
-    out); on whole hours where the parts are longer than an hour. Sorted, distinct, inside the
-    files' span; empty for fewer than two parts."""
+    out); on the nearest whole hours where that keeps them distinct (a daemon's hourly files
+    then stay whole). Sorted, distinct, inside the files' span; empty for fewer than two
+    parts."""
     kept = [(max(a, EARLIEST_NS), min(b, LATEST_NS), w) for a, b, w in spans]
     kept = [(a, b, w) for a, b, w in kept if a <= b]
     if slices < 2 or not kept:
@@ -585,10 +586,11 @@ def slice_cuts(spans: list[tuple[int, int, int]], slices: int) -> list[int]:
     at = np.clip(np.searchsorted(below, targets, side="right") - 1, 0, points.size - 1)
     with np.errstate(divide="ignore", invalid="ignore"):
         step = np.where(slope[at] > 0, (targets - below[at]) / slope[at], 0.0)
-    cuts = points[at] + np.floor(step).astype(np.int64)
-    if (end - first) // slices >= HOUR_NS:
-        cuts = cuts // HOUR_NS * HOUR_NS
-    return sorted({int(c) for c in cuts if first < c < end})
+    cuts = sorted({int(c) for c in points[at] + np.floor(step).astype(np.int64)})
+    hours = sorted({(c + HOUR_NS // 2) // HOUR_NS * HOUR_NS for c in cuts})
+    if len(hours) == len(cuts):  # whole hours, where no two slices become one
+        cuts = hours
+    return [c for c in cuts if first < c < end]
 
 
 def _size(path: Path) -> int:
