@@ -1,6 +1,7 @@
-"""Bills larger than one machine (SPEC §9): node partitions billed on a process pool or Dask
-distributed give the single-process bill's bytes; the merge is exact; a failure is never a
-partial bill; a Dask worker killed mid-run costs a retry, not a wrong bill."""
+"""Bills larger than one machine (SPEC §9): node partitions, and time slices of a node, billed on
+a process pool or Dask distributed give the single-process bill's bytes; the merge is exact; a
+failure is never a partial bill; a pool or Dask worker killed mid-run costs a retry, not a wrong
+bill."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from telemetry.store.dataset import ReadStats
 from tests.support.bill_partitions import (
     CUTS,
     INVENTORY,
+    bill_or_die,
     boundary_tables,
     generate,
     sacct_parsable,
@@ -312,6 +314,41 @@ def test_cli_bill_on_workers_and_a_local_cluster_matches(tmp_path: Path) -> None
              for flags in (["--workers", "1"], ["--workers", "2"])]  # fmt: skip
     assert plans[0].returncode == plans[1].returncode == 0, plans[1].stderr
     assert plans[1].stdout == plans[0].stdout and '"capacity"' in plans[0].stdout
+
+
+# --- a pool worker killed mid-run ---------------------------------------------------------------
+
+
+def test_a_killed_pool_worker_costs_a_retry_not_a_wrong_bill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = _dataset(tmp_path / "data", 22, nodes=6)
+    want = to_json(bill_of(root, INV, 3600))
+    (tmp_path / "die-once").touch()
+    monkeypatch.setattr(partitioned, "bill_partition", bill_or_die)
+    with caplog.at_level(logging.WARNING, logger="tally.executors"):
+        assert to_json(bill_of(root, INV, 3600, workers=2)) == want
+    assert not (tmp_path / "die-once").exists()  # a worker did die
+    assert "again on a fresh pool" in caplog.text
+
+
+def test_a_pool_worker_killed_every_time_fails_the_bill_naming_a_partition(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from telemetry.cli import main
+
+    root = _dataset(tmp_path / "data", 23, nodes=3)
+    (tmp_path / "die-always").touch()
+    inv = tmp_path / "inv.toml"
+    inv.write_text(INVENTORY)
+    monkeypatch.setattr(partitioned, "bill_partition", bill_or_die)
+    out = tmp_path / "bill.json"
+    code = main(["--quiet", "bill", str(root), "--inventory", str(inv), "--workers", "2",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 1
+    assert not out.exists()  # never a partial bill
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "worker process died" in line and "partition of" in line and "node=" in line
 
 
 # --- a real scheduler and two workers; one killed mid-run ---------------------------------------

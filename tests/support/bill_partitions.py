@@ -4,12 +4,15 @@ changes, shared GPUs — written in any split, and sacct records for some of the
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from telemetry.billing.partitioned import BillPart, BillTask, bill_partition
 from tests.support.bill_rows import T0, Tables, arrow, cpu_row, gpu_job_row, gpu_row, job_row
 from tests.support.units import NS
 
@@ -242,3 +245,18 @@ def write_hourly(root: Path, tables: Tables, extra: Tables) -> None:
                 pq.write_table(
                     arrow(name, part), directory / f"part-{stamp:%Y%m%dT%H%M%SZ}{suffix}.parquet"
                 )
+
+
+def bill_or_die(task: BillTask) -> BillPart:
+    """``bill_partition`` run in a pool worker that then SIGKILLs itself before it returns (a
+    worker killed mid-run): once where ``die-once`` lies beside the dataset (the task that
+    removes it dies), every time where ``die-always`` does."""
+    part = bill_partition(task)
+    beside = task.root.parent
+    try:
+        (beside / "die-once").unlink()
+    except FileNotFoundError:
+        if not (beside / "die-always").exists():
+            return part
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("unreachable: the process was killed")
