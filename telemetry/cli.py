@@ -33,7 +33,7 @@ from telemetry.config import (
     seed_arg,
 )
 from telemetry.config import daemon_config as resolve_daemon_config
-from telemetry.errors import TallyError
+from telemetry.errors import RunFailed, TallyError
 from telemetry.logs import say
 from telemetry.logs import setup as setup_logging
 from telemetry.schema import SchemaError
@@ -360,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:
         return 0
+    except RunFailed as exc:
+        say(str(exc), "error")
+        return 1
     except Exception as exc:
         say(
             f"unexpected error (a bug), please report it with the traceback: {exc!r}",

@@ -1,4 +1,5 @@
-"""Error types that carry a clear one-line message to the operator (CLI exit code 2)."""
+"""Error types that carry a clear one-line message to the operator (CLI exit code 2, or 1
+for ``RunFailed``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,11 @@ from pathlib import Path
 
 class TallyError(Exception):
     """Bad usage, configuration or input: reported as one line on stderr, exit code 2."""
+
+
+class RunFailed(RuntimeError):
+    """The run failed for a reason that is neither bad input nor a bug (a worker process killed
+    again and again): reported as one line on stderr, exit code 1."""
 
 
 class ParseError(TallyError):

@@ -3,8 +3,9 @@ this machine's cores, or Dask distributed (``--cluster``).
 
 ``run_tasks`` maps one picklable top-level function over picklable items and returns the results
 in the items' order, whatever order they finish in. The first task that fails cancels the rest
-and its exception is raised here: a caller never sees a partial result. Nothing here imports
-Dask unless a cluster is asked for (the ``cluster`` extra).
+and its exception is raised here: a caller never sees a partial result. Tasks lost with a worker
+process that died run again (on Dask by Dask; from a pool on a fresh pool, a few times). Nothing
+here imports Dask unless a cluster is asked for (the ``cluster`` extra).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wai
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
-from telemetry.errors import TallyError
+from telemetry.errors import RunFailed, TallyError
 
 log = logging.getLogger("tally.executors")
 
@@ -32,11 +33,13 @@ _LOCAL = re.compile(r"local(?::([0-9]+))?")
 _TCP = re.compile(r"tcp://[^\s:/]+:[0-9]{1,5}")
 # Modules a pool's fork server imports once, so each worker starts without importing them again.
 _PRELOAD = ["telemetry.billing.partitioned"]
+# Fresh pools started for the tasks lost with a worker process that died.
+POOL_RETRIES = 2
 
 
-class WorkerLost(RuntimeError):
-    """A worker process died (killed, out of memory) with the pool unable to go on: a failure of
-    the run, exit 1, never a partial result."""
+class WorkerLost(RunFailed):
+    """Worker processes died (killed, out of memory) running the same tasks on every pool tried:
+    a failure of the run, exit 1, never a partial result."""
 
 
 def cores() -> int:
@@ -112,12 +115,52 @@ def _run_in_pool(
     workers: int,
     on_done: Callable[[int, R], None] | None,
 ) -> list[R]:
+    """The tasks on a pool; those lost with a worker process that died (killed, out of memory:
+    the pool is broken then) run again on a fresh pool, ``POOL_RETRIES`` times at most, as Dask
+    retries the tasks of a lost worker. Raises ``WorkerLost`` naming them after that."""
     results: dict[int, R] = {}
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context())
+    todo = list(range(len(items)))
+    for attempt in range(POOL_RETRIES + 1):
+        lost = _pool_round(function, items, todo, workers, on_done, results)
+        if not lost:
+            return [results[i] for i in range(len(items))]
+        if attempt < POOL_RETRIES:
+            log.warning(
+                "a worker process died (killed or out of memory): %d of %d tasks again on a "
+                "fresh pool",
+                len(lost),
+                len(items),
+            )
+        todo = lost
+    first = items[todo[0]]
+    describe = getattr(first, "describe", None)
+    named = describe() if callable(describe) else f"task {todo[0]}"
+    more = f" and {len(todo) - 1} more" if len(todo) > 1 else ""
+    raise WorkerLost(
+        f"a worker process died (killed or out of memory) {POOL_RETRIES + 1} times running "
+        f"{named}{more}; nothing was billed"
+    )
+
+
+def _pool_round(
+    function: Callable[[T], R],
+    items: Sequence[T],
+    todo: list[int],
+    workers: int,
+    on_done: Callable[[int, R], None] | None,
+    results: dict[int, R],
+) -> list[int]:
+    """Run the ``todo`` items on one fresh pool into ``results``; the indexes lost with a dead
+    worker. The first task that fails otherwise cancels the rest and raises."""
+    lost: list[int] = []
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=_pool_context())
     try:
-        pending: dict[Future[R], int] = {
-            pool.submit(function, item): i for i, item in enumerate(items)
-        }
+        pending: dict[Future[R], int] = {}
+        for i in todo:
+            try:
+                pending[pool.submit(function, items[i])] = i
+            except BrokenProcessPool:  # a worker died while the tasks were handed out
+                lost.append(i)
         while pending:
             done, _ = wait(pending, return_when=FIRST_EXCEPTION)
             for future in done:
@@ -125,14 +168,13 @@ def _run_in_pool(
                 try:
                     results[index] = future.result()
                 except BrokenProcessPool:
-                    raise WorkerLost(
-                        "a worker process died (killed or out of memory); nothing was billed"
-                    ) from None
+                    lost.append(index)
+                    continue
                 if on_done is not None:
                     on_done(index, results[index])
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    return [results[i] for i in range(len(items))]
+    return sorted(lost)
 
 
 def _run_on_dask(

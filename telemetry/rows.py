@@ -263,6 +263,13 @@ def merge_rows(
     )
 
 
+def last_of_series(earlier: pa.Table, new: pa.Table, name: str) -> pa.Table:
+    """Each series' last row among ``earlier`` and ``new`` (of duplicates the canonical one, as
+    ``merge_rows`` keeps it): what a reader carries into its next chunk."""
+    merged = merge_rows(earlier, new, name, 0, canonical=True, drop_late=False)
+    return merged.rows.take(kernels.last_rows(merged.codes))
+
+
 def _late_rows(codes: np.ndarray, times: np.ndarray, is_new: np.ndarray, series: int) -> np.ndarray:
     """New rows older than their series' newest earlier row (rows sorted by series, time)."""
     newest_earlier = np.full(series, np.iinfo(np.int64).min, dtype=np.int64)

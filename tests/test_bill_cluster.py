@@ -1,6 +1,7 @@
-"""Bills larger than one machine (SPEC §9): node partitions billed on a process pool or Dask
-distributed give the single-process bill's bytes; the merge is exact; a failure is never a
-partial bill; a Dask worker killed mid-run costs a retry, not a wrong bill."""
+"""Bills larger than one machine (SPEC §9): node partitions, and time slices of a node, billed on
+a process pool or Dask distributed give the single-process bill's bytes; the merge is exact; a
+failure is never a partial bill; a pool or Dask worker killed mid-run costs a retry, not a wrong
+bill."""
 
 from __future__ import annotations
 
@@ -22,11 +23,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from telemetry.billing import partitioned
 from telemetry.billing.accounting import load_accounting
 from telemetry.billing.engine import Biller
 from telemetry.billing.inventory import parse_inventory
 from telemetry.billing.partitioned import (
     BillPart,
+    BillTask,
     PartitionFailed,
     exact_merge,
     merge_parts,
@@ -35,10 +38,20 @@ from telemetry.billing.windows import Windows
 from telemetry.billing.writers import to_json
 from telemetry.errors import TallyError
 from telemetry.store.dataset import ReadStats
-from tests.support.bill_partitions import INVENTORY, generate, sacct_parsable, write_split
-from tests.support.bill_rows import bill_of
+from tests.support.bill_partitions import (
+    CUTS,
+    INVENTORY,
+    bill_or_die,
+    boundary_tables,
+    generate,
+    sacct_parsable,
+    write_hourly,
+    write_split,
+)
+from tests.support.bill_rows import T0, bill_of, iso
 from tests.support.cli import tally
 from tests.support.net import free_port
+from tests.support.units import NS
 
 distributed = pytest.importorskip("distributed")
 
@@ -62,7 +75,21 @@ def _dataset(root: Path, seed: int, nodes: int = 5, stray: bool = False) -> Path
     return root
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+def _make(root: Path) -> Any:
+    def make(node_dirs: tuple[str, ...], files: tuple[str, ...], time_slice: Any = None,
+             known: frozenset[str] = frozenset()) -> BillTask:  # fmt: skip
+        return BillTask(root, node_dirs, files, INV, 3600, None, None, time_slice=time_slice,
+                        known=known)  # fmt: skip
+
+    return make
+
+
+def _node_bytes(root: Path) -> int:
+    return max(sum(f.stat().st_size for f in root.glob(f"*/*/{d}/*")) for d in
+               {p.name for p in root.glob("*/*/node=*")})  # fmt: skip
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow,
           HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(
     seed=st.integers(0, 2**31),
@@ -70,11 +97,22 @@ def _dataset(root: Path, seed: int, nodes: int = 5, stray: bool = False) -> Path
     window=st.sampled_from([900, 3600, "day"]),
     budget=st.sampled_from([150, 2_000_000]),
     accounted=st.booleans(),
+    slices=st.sampled_from([None, 2, 5, 13]),
+    ranged=st.booleans(),
 )
 def test_every_executor_gives_the_single_process_bytes(
-    threads: Any, seed: int, workers: int, window: int | str, budget: int, accounted: bool
+    threads: Any,
+    seed: int,
+    workers: int,
+    window: int | str,
+    budget: int,
+    accounted: bool,
+    slices: int | None,
+    ranged: bool,
 ) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
+    """Nodes whole, or cut into time slices (``slices`` of the largest node's bytes each: the
+    cuts fall anywhere, through files of shuffled rows), give the bytes of one process."""
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as patch:
         root = _dataset(Path(tmp) / "data", seed)
         records = None
         if accounted:
@@ -82,12 +120,71 @@ def test_every_executor_gives_the_single_process_bytes(
             sacct.write_text(sacct_parsable(generate(seed, 5)))
             records = load_accounting([sacct])
         kw: dict[str, Any] = {"accounting": records, "budget_rows": budget}
+        if ranged:  # a range that starts and ends inside slices
+            kw.update(start=iso(T0 - 1500 * NS), end=iso(T0 + 1700 * NS))
+        if slices is not None:
+            patch.setattr(partitioned, "SLICE_BYTES", _node_bytes(root) // slices)
+            tasks, _ = partitioned.plan_tasks(root, 8, _make(root), 60 * NS)
+            assert sum(t.time_slice is not None for t in tasks) >= slices
         one = to_json(bill_of(root, INV, window, **kw))  # type: ignore[arg-type]
         assert b'"jobs": [' in one and b"pod-" in one  # shared GPUs were billed
         pool = to_json(bill_of(root, INV, window, workers=workers, **kw))  # type: ignore[arg-type]
         dask = to_json(bill_of(root, INV, window, cluster=threads, **kw))  # type: ignore[arg-type]
         assert pool == one
         assert dask == one
+
+
+def test_a_gap_a_duplicate_and_restarts_on_slice_cuts_bill_as_one_process(
+    threads: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from telemetry.billing.report import collect_report
+
+    rows, duplicates = boundary_tables()
+    root = tmp_path / "data"
+    write_hourly(root, rows, duplicates)
+    monkeypatch.setattr(partitioned, "SLICE_BYTES", 1)
+    monkeypatch.setattr(partitioned, "slice_cuts", lambda spans, slices: list(CUTS))
+    tasks, _ = partitioned.plan_tasks(root, 8, _make(root), 60 * NS)
+    assert [t.time_slice.start_ns if t.time_slice else "whole" for t in tasks] == [None, *CUTS]
+    # a slice reads its hour's files and the hour before, where its lookback lies
+    stamps = [sorted({Path(f).name[5:20] for f in t.files}) for t in tasks]
+    assert stamps == [["20260901T000000"], ["20260901T000000", "20260901T010000"],
+                      ["20260901T010000", "20260901T020000"],
+                      ["20260901T020000", "20260901T030000", "20260901T040000"]]  # fmt: skip
+    one = bill_of(root, INV, 3600)
+    assert sum(p["gap_hours"] for p in one.pools) * 3600 == pytest.approx(300 + 4300 + 200)
+    assert {j["job_id"] for j in one.jobs} >= {"42", "43", "pod-x", "pod-y"}
+    for window in (900, 3600, "day"):
+        for span in ({}, {"start": iso(CUTS[0]), "end": iso(CUTS[2])}):
+            want = to_json(bill_of(root, INV, window, **span))  # type: ignore[arg-type]
+            assert to_json(bill_of(root, INV, window, workers=2, **span)) == want  # type: ignore[arg-type]
+            assert to_json(bill_of(root, INV, window, cluster=threads, **span)) == want  # type: ignore[arg-type]
+    kw: dict[str, Any] = {"warn": lambda _: None, "progress": lambda *_: None}
+    whole = collect_report(root, INV, 300, **kw)
+    sliced = collect_report(root, INV, 300, workers=2, **kw)
+    assert to_json(sliced.bill) == to_json(whole.bill)
+    for mine, theirs in ((sliced.gpu, whole.gpu), (sliced.cpu, whole.cpu)):
+        assert mine.labels == theirs.labels and mine.details == theirs.details
+        for name, matrix in theirs.sums.items():
+            assert np.array_equal(mine.sums[name], matrix), name
+    assert whole.gpu.sums["gap_us"].sum() > 0
+    assert sliced.health is not None and whole.health is not None
+    for key, gpu in whole.health.gpus.items():
+        assert sliced.health.gpus[key].samples == gpu.samples
+
+
+def test_slice_cuts_fall_on_whole_hours_and_follow_the_bytes() -> None:
+    hour = 3600 * NS
+    hourly = [(T0 + k * hour, T0 + (k + 1) * hour - 10 * NS, 1000) for k in range(8)]
+    assert partitioned.slice_cuts(hourly, 4) == [T0 + 2 * hour, T0 + 4 * hour, T0 + 6 * hour]
+    # most bytes in the last hour: the cuts crowd there (not on whole hours, which would merge
+    # two slices)
+    skewed = [(T0, T0 + 3 * hour - 1, 300), (T0 + 3 * hour, T0 + 4 * hour - 1, 900)]
+    cuts = partitioned.slice_cuts(skewed, 4)
+    assert len(cuts) == 3 and cuts[0] == T0 + 3 * hour
+    assert [round((c - T0 - 3 * hour) / NS) for c in cuts[1:]] == [1200, 2400]
+    assert partitioned.slice_cuts([(T0, T0, 10**9)], 8) == []  # one instant: nothing to cut
+    assert partitioned.slice_cuts(hourly, 1) == []
 
 
 def test_rows_outside_their_node_directory_are_billed_together(
@@ -217,6 +314,41 @@ def test_cli_bill_on_workers_and_a_local_cluster_matches(tmp_path: Path) -> None
              for flags in (["--workers", "1"], ["--workers", "2"])]  # fmt: skip
     assert plans[0].returncode == plans[1].returncode == 0, plans[1].stderr
     assert plans[1].stdout == plans[0].stdout and '"capacity"' in plans[0].stdout
+
+
+# --- a pool worker killed mid-run ---------------------------------------------------------------
+
+
+def test_a_killed_pool_worker_costs_a_retry_not_a_wrong_bill(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = _dataset(tmp_path / "data", 22, nodes=6)
+    want = to_json(bill_of(root, INV, 3600))
+    (tmp_path / "die-once").touch()
+    monkeypatch.setattr(partitioned, "bill_partition", bill_or_die)
+    with caplog.at_level(logging.WARNING, logger="tally.executors"):
+        assert to_json(bill_of(root, INV, 3600, workers=2)) == want
+    assert not (tmp_path / "die-once").exists()  # a worker did die
+    assert "again on a fresh pool" in caplog.text
+
+
+def test_a_pool_worker_killed_every_time_fails_the_bill_naming_a_partition(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from telemetry.cli import main
+
+    root = _dataset(tmp_path / "data", 23, nodes=3)
+    (tmp_path / "die-always").touch()
+    inv = tmp_path / "inv.toml"
+    inv.write_text(INVENTORY)
+    monkeypatch.setattr(partitioned, "bill_partition", bill_or_die)
+    out = tmp_path / "bill.json"
+    code = main(["--quiet", "bill", str(root), "--inventory", str(inv), "--workers", "2",
+                 "--out", str(out)])  # fmt: skip
+    assert code == 1
+    assert not out.exists()  # never a partial bill
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "worker process died" in line and "partition of" in line and "node=" in line
 
 
 # --- a real scheduler and two workers; one killed mid-run ---------------------------------------

@@ -23,7 +23,7 @@ from kernels.backend import array_namespace, to_backend, to_host
 from kernels.grouped_sums import group_sums, window_index
 from telemetry.billing.inventory import Inventory, Pool
 from telemetry.billing.windows import Windows
-from telemetry.rows import SortedRows, dictionary_codes, merge_rows
+from telemetry.rows import SortedRows, dictionary_codes, last_of_series, merge_rows
 from telemetry.schema import CPU_BUSY_MODES, SCHEMAS, validate
 from telemetry.store.dataset import ValidatedChunk
 
@@ -232,6 +232,22 @@ class Biller:
         holders = tables.pop("gpu_job", None)
         for name, table in tables.items():
             self._add_table(name, table, holders if name == "gpu" else None)
+
+    def prime(self, chunk: dict[str, pa.Table]) -> None:
+        """Take each series' last row from rows that only open the intervals of later ones (a
+        time slice's lookback, SPEC §9): nothing counts, no name is registered."""
+        checked = isinstance(chunk, ValidatedChunk)
+        for name in ("gpu", "cpu", "job"):
+            table = chunk.get(name)
+            if table is not None and table.num_rows:
+                wanted = BILL_COLUMNS[name]
+                table = table.select(list(wanted)) if checked else validate(table, name, wanted)
+                self.carry[name] = last_of_series(self.carry[name], table, name)
+
+    def pool_ids(self, nodes: list[str], kind: str) -> np.ndarray:
+        """The pool (index into ``pools``) of each named node for ``kind`` (gpu, cpu)."""
+        ids = np.array([self.nodes.id(node) for node in nodes], dtype=np.int64)
+        return np.asarray(to_host(self._pool_of(to_backend(self.xp, ids), kind)), np.int64)
 
     def _pool_of(self, node_ids: Any, kind: str) -> Any:
         known = self._node_pool[kind]

@@ -30,7 +30,7 @@ from telemetry.billing.period import selected_range
 from telemetry.billing.plan import DEFAULT_STABLE_CV, HOUR_SECONDS, Plan, plan_of
 from telemetry.billing.windows import Windows
 from telemetry.errors import TallyError
-from telemetry.rows import merge_rows
+from telemetry.rows import last_of_series, merge_rows
 from telemetry.schema import SCHEMAS, validate
 from telemetry.store.dataset import (
     DEFAULT_BUDGET_ROWS,
@@ -143,6 +143,17 @@ class SeriesGrid:
             ],
             counted,
         )
+
+    def prime(self, chunk: dict[str, pa.Table]) -> None:
+        """Take each series' last row from rows that only open the intervals of later ones (a
+        time slice's lookback, SPEC §9): nothing counts, no series is added."""
+        new = chunk.get(self.table)
+        if new is None or not new.num_rows:
+            return
+        wanted = GRID_COLUMNS[self.table]
+        checked = isinstance(chunk, ValidatedChunk)
+        new = new.select(list(wanted)) if checked else validate(new, self.table, wanted)
+        self.carry = last_of_series(self.carry, new, self.table)
 
     def _id(self, label: tuple[str, ...], table: pa.Table | None, row: int) -> int:
         """The grid row of series ``label``; ``row`` is one of its rows in ``table`` (a GPU's

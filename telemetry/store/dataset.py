@@ -31,7 +31,7 @@ from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import pyarrow as pa
@@ -358,6 +358,53 @@ def plan(root: Path, files: dict[str, list[Path]], stats: ReadStats) -> list[Pie
     return pieces
 
 
+@dataclass(frozen=True)
+class TimeSlice:
+    """The rows [start_ns, end_ns) of a partition (None: open), billed as one task of a node
+    split by time (SPEC §9). A scan of a slice also reads the ``lookback_ns`` before its start,
+    whose rows only open the intervals of the slice's first rows (``SliceConsumer.prime``); of
+    the rows and files every slice of a node lists, each is counted by one slice only: a row by
+    the slice holding its time, a file by the slice holding its first time (a file without rows
+    by the first slice)."""
+
+    start_ns: int | None
+    end_ns: int | None
+    lookback_ns: int = 0
+
+    def holds(self, ns: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+        """Whether each time lies in the slice (a null time: in the first slice)."""
+        inside = pc.is_valid(ns)
+        if self.start_ns is not None:
+            low = pc.greater_equal(ns, pa.scalar(self.start_ns, pa.int64()))
+            inside = pc.and_kleene(inside, low)
+        if self.end_ns is not None:
+            inside = pc.and_kleene(inside, pc.less(ns, pa.scalar(self.end_ns, pa.int64())))
+        return inside if self.start_ns is not None else pc.or_kleene(inside, pc.is_null(ns))
+
+    def owns(self, ns: int) -> bool:
+        return (self.start_ns is None or ns >= self.start_ns) and (
+            self.end_ns is None or ns < self.end_ns
+        )
+
+
+def time_span(path: Path, table: str) -> tuple[int, int] | None:
+    """The first and last time (ns) of a sample file's rows, from a Parquet file's footer (a
+    journal: its rows); None for a file without rows. Nothing is set aside: raises
+    ``SchemaError``, ``pa.ArrowException`` or ``OSError`` where the file cannot be used."""
+    if path.suffix == JOURNAL_SUFFIX:
+        _check_name(path)
+        data, _ = read_journal(path)
+        if data is None:
+            raise pa.ArrowInvalid("not an Arrow IPC stream")
+        _check_columns(table, data.schema)
+        low, high = _time_range(data.column("time"))
+        return None if high < low else (low, high)
+    pieces = _parquet_pieces(path, table)
+    if not pieces:
+        return None
+    return min(p.min_ns for p in pieces), max(p.max_ns for p in pieces)
+
+
 class ValidatedChunk(dict[str, pa.Table]):
     """A chunk whose tables ``validate(..., dictionaries=True)`` has already checked and conformed
     (consumers may skip checking again; string columns are ``dictionary<int32, string>``)."""
@@ -466,14 +513,22 @@ def read_chunks(
     bounds: list[tuple[int, int]],
     stats: ReadStats,
     columns: Mapping[str, Sequence[str]] | None = None,
+    *,
+    valid: tuple[int, int] | None = None,
+    owned: TimeSlice | None = None,
 ) -> Iterator[ValidatedChunk]:
     """For each [a, b) in ``bounds``, every table's rows with a <= time < b, validated.
 
     ``columns`` limits each table to those columns (in that order); default: the whole schema.
+    Rows of a piece outside ``valid`` [low, high) (default: the bounds' span) are impossible
+    times, counted in ``stats``; with ``owned`` only those inside the slice are counted, and
+    the rows of chunks before its start (its lookback) are not counted at all.
     """
     opened = _OpenFiles()
+    if valid is None:
+        valid = (bounds[0][0], bounds[-1][1]) if bounds else (0, 0)
     try:
-        yield from _chunks(root, pieces, bounds, stats, columns, opened)
+        yield from _chunks(root, pieces, bounds, stats, columns, opened, valid, owned)
     finally:
         opened.close()
 
@@ -485,12 +540,16 @@ def _chunks(
     stats: ReadStats,
     columns: Mapping[str, Sequence[str]] | None,
     opened: _OpenFiles,
+    valid: tuple[int, int],
+    owned: TimeSlice | None,
 ) -> Iterator[ValidatedChunk]:
     # A piece that reaches past its chunk keeps its later rows for the next chunks, so each piece
     # is decoded and validated once however many chunks it spans.
     later: dict[Piece, pa.Table] = {}
-    first, end = (bounds[0][0], bounds[-1][1]) if bounds else (0, 0)
+    first, end = valid
+    counted_from = None if owned is None else owned.start_ns
     for a, b in bounds:
+        counts = counted_from is None or a >= counted_from
         parts: dict[str, list[pa.Table]] = {name: [] for name in SCHEMAS}
         low, high = pa.scalar(a, pa.int64()), pa.scalar(b, pa.int64())
         for piece in pieces:
@@ -510,13 +569,7 @@ def _chunks(
                     raise DamagedFile(piece.path, str(exc), moved) from None
                 if piece.min_ns < first or piece.max_ns >= end:
                     # the bounds span the valid times: what lies beyond them is impossible
-                    ns = data.column("time").cast(pa.int64())
-                    inside = pc.and_(
-                        pc.greater_equal(ns, pa.scalar(first, pa.int64())),
-                        pc.less(ns, pa.scalar(end, pa.int64())),
-                    )
-                    beyond = data.num_rows - pc.sum(pc.cast(inside, pa.int64())).as_py()
-                    stats.ruled_out({f"{piece.table}.time": beyond})
+                    stats.ruled_out({f"{piece.table}.time": _beyond(data, first, end, owned)})
             if piece.min_ns >= a and piece.max_ns < b:
                 parts[piece.table].append(data)
                 continue
@@ -534,9 +587,23 @@ def _chunks(
             # one screen per table and chunk, not per piece: its cost is per call as much as
             # per row
             chunk[name], ruled_out = screen(pa.concat_tables(tables), name)
-            stats.ruled_out(ruled_out)
-            stats.rows += chunk[name].num_rows
+            if counts:
+                stats.ruled_out(ruled_out)
+                stats.rows += chunk[name].num_rows
         yield chunk
+
+
+def _beyond(data: pa.Table, first: int, end: int, owned: TimeSlice | None) -> int:
+    """Rows of ``data`` outside the valid times [first, end) (and inside ``owned``)."""
+    ns = data.column("time").cast(pa.int64())
+    inside = pc.and_(
+        pc.greater_equal(ns, pa.scalar(first, pa.int64())),
+        pc.less(ns, pa.scalar(end, pa.int64())),
+    )
+    out = pc.invert(pc.fill_null(inside, False))
+    if owned is not None:
+        out = pc.and_(out, owned.holds(ns))
+    return int(pc.sum(pc.cast(out, pa.int64())).as_py() or 0)
 
 
 def _empty(name: str, columns: Sequence[str] | None) -> pa.Table:
@@ -599,6 +666,16 @@ class ChunkConsumer(Protocol):
     def add(self, chunk: dict[str, pa.Table]) -> None: ...
 
 
+@runtime_checkable
+class SliceConsumer(Protocol):
+    """A consumer that carries each series' last row across chunks: fed a time slice's lookback
+    (``TimeSlice``) by ``prime`` first, which only sets those rows (nothing counts)."""
+
+    def add(self, chunk: dict[str, pa.Table]) -> None: ...
+
+    def prime(self, chunk: dict[str, pa.Table]) -> None: ...
+
+
 def scan(
     root: Path,
     start: Callable[[], Sequence[ChunkConsumer]],
@@ -607,11 +684,14 @@ def scan(
     warn: Callable[[str], None] = log.warning,
     columns: Mapping[str, Sequence[str]] | None = None,
     select: Callable[[dict[str, list[Path]]], dict[str, list[Path]]] | None = None,
+    time_slice: TimeSlice | None = None,
 ) -> tuple[Sequence[ChunkConsumer], ReadStats]:
     """Feed every chunk of the dataset at ``root`` to fresh consumers from ``start()``.
 
     ``select``, where given, picks the files read from those listed (a partition of the dataset,
-    ``node_partitions``); it is applied anew whenever the dataset is listed again.
+    ``node_partitions``); it is applied anew whenever the dataset is listed again. With
+    ``time_slice`` only the rows of that slice are fed, after its lookback is fed to the
+    consumers' ``prime`` (those that have one), and the statistics count what the slice owns.
 
     A file found damaged only while its rows are read is quarantined and the scan starts over
     with new consumers, so the result is exactly that of the remaining files; a file that
@@ -626,7 +706,7 @@ def scan(
         stats = ReadStats(files_quarantined=stats.files_quarantined)
         consumers = start()
         try:
-            _scan_once(root, consumers, budget_rows, progress, stats, columns, select)
+            _scan_once(root, consumers, budget_rows, progress, stats, columns, select, time_slice)
             return consumers, stats
         except Vanished as exc:
             vanished += 1
@@ -650,12 +730,17 @@ def _scan_once(
     stats: ReadStats,
     columns: Mapping[str, Sequence[str]] | None,
     select: Callable[[dict[str, list[Path]]], dict[str, list[Path]]] | None = None,
+    time_slice: TimeSlice | None = None,
 ) -> None:
     files = discover(root)
+    listed = stats.files
     pieces = plan(root, select(files) if select is not None else files, stats)
+    if time_slice is not None:
+        stats.files = listed + _files_owned(pieces, stats.files - listed, time_slice)
     outside = {p for p in pieces if p.max_ns < EARLIEST_NS or p.min_ns > LATEST_NS}
     for piece in outside:  # every row of it has an impossible time: count them, bill none
-        stats.ruled_out({f"{piece.table}.time": piece.rows})
+        if time_slice is None or time_slice.owns(piece.min_ns):
+            stats.ruled_out({f"{piece.table}.time": piece.rows})
     pieces = [p for p in pieces if p not in outside]
     if not pieces:
         return
@@ -668,12 +753,42 @@ def _scan_once(
     # windows): the interval ending at a series' first selected row may be a gap opened long
     # before the start, and a job's user and tenant come from its latest row anywhere.
     bounds = chunk_bounds(pieces, first, last, budget_rows)
-    with closing(read_ahead(read_chunks(root, pieces, bounds, stats, columns))) as chunks:
-        for i, chunk in enumerate(chunks, start=1):
+    primed = 0  # chunks of a slice's lookback
+    if time_slice is not None:
+        low, high = first, last
+        if time_slice.end_ns is not None:
+            high = min(high, time_slice.end_ns - 1)
+        start = low
+        if time_slice.start_ns is not None:
+            start = max(low, time_slice.start_ns)
+            low = max(low, time_slice.start_ns - time_slice.lookback_ns)
+        ahead = chunk_bounds(pieces, low, min(start, high + 1) - 1, budget_rows)
+        bounds = ahead + chunk_bounds(pieces, start, high, budget_rows)
+        primed = len(ahead)
+    chunks = read_chunks(
+        root, pieces, bounds, stats, columns, valid=(first, last + 1), owned=time_slice
+    )
+    with closing(read_ahead(chunks)) as ahead_chunks:
+        for i, chunk in enumerate(ahead_chunks, start=1):
             for consumer in consumers:
-                consumer.add(chunk)
+                if i > primed:
+                    consumer.add(chunk)
+                elif isinstance(consumer, SliceConsumer):
+                    consumer.prime(chunk)
             if progress is not None:
                 progress(i, len(bounds), stats.rows)
+
+
+def _files_owned(pieces: list[Piece], planned: int, time_slice: TimeSlice) -> int:
+    """How many of the ``planned`` files a time slice counts: those whose first time it holds,
+    and, for the first slice, those without rows."""
+    firsts: dict[Path, int] = {}
+    for piece in pieces:
+        firsts[piece.path] = min(piece.min_ns, firsts.get(piece.path, piece.min_ns))
+    owned = sum(1 for ns in firsts.values() if time_slice.owns(ns))
+    if time_slice.start_ns is None:
+        owned += planned - len(firsts)
+    return owned
 
 
 # ------------------------------------------------------------ partitions: bills on many workers

@@ -4,12 +4,15 @@ changes, shared GPUs — written in any split, and sacct records for some of the
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from telemetry.billing.partitioned import BillPart, BillTask, bill_partition
 from tests.support.bill_rows import T0, Tables, arrow, cpu_row, gpu_job_row, gpu_row, job_row
 from tests.support.units import NS
 
@@ -162,3 +165,98 @@ def sacct_parsable(tables: Tables) -> str:
         lines.append(f"{job}|acct-user|lab|{when(low - 120 * NS)}|{when(end)}|"
                      f"cpu=6,gres/gpu=1|{','.join(sorted(nodes))}")  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+# --- a node cut into time slices: everything awkward exactly on a cut ---------------------------
+
+BOUNDARY_NODE = "gpu-a0"
+HOUR = 3600 * NS
+CUTS = (T0 + HOUR, T0 + 2 * HOUR, T0 + 3 * HOUR)
+
+
+def boundary_tables() -> tuple[Tables, Tables]:
+    """One node's rows over four hours at 10 s with, exactly on the cuts ``CUTS``: a duplicate
+    (the same series and time, other values), a GPU energy counter restart, a CPU reboot and a
+    requeued job (counters start over), a gap whose previous row lies beyond the max gap (60 s)
+    before the cut, a GPU silent for a whole slice, intervals of exactly the max gap whose
+    previous row lies exactly one max gap before the cut, a GPU shared by two pods and a job
+    whose owner changes. Returns the rows and, apart, the duplicates (for their own files)."""
+    b1, b2, b3 = CUTS
+    node = BOUNDARY_NODE
+    rows: Tables = {"gpu": [], "cpu": [], "job": [], "gpu_job": []}
+    dups: Tables = {"gpu": [], "cpu": [], "job": [], "gpu_job": []}
+    times = list(range(T0, T0 + 4 * HOUR + 1, 10 * NS))
+    energy = [5e5, 7e5]
+    for t in times:
+        for g in range(2):
+            if g == 0 and b2 - 60 * NS < t < b2:
+                continue  # an interval of exactly the max gap, closed on the cut
+            if g == 1 and (b1 - 300 * NS < t < b1 or b2 - 600 * NS < t < b3 + 100 * NS):
+                continue  # a gap closed on the cut; silent through the whole second slice
+            energy[g] += 300.0 * 10
+            if g == 0 and t == b1:
+                energy[g] = 42.0  # the driver reloaded: the counter starts over on the cut
+            util = ((t // NS) % 7) / 10
+            job = "42" if g == 0 else None
+            rows["gpu"].append(gpu_row(t, node, f"GPU-{node}-{g}", g, util, 300.0, energy[g], job))
+            if g == 0 and t in (b1, b3):
+                dups["gpu"].append(
+                    gpu_row(t, node, f"GPU-{node}-{g}", g, 0.95, 310.0, energy[g] + 1, job)
+                )
+        if b1 - 30 * NS <= t <= b1 + 30 * NS:  # GPU 0 shared by two pods across the cut
+            rows["gpu_job"] += [
+                gpu_job_row(t, node, f"GPU-{node}-0", "pod-x", 0.5, None),
+                gpu_job_row(t, node, f"GPU-{node}-0", "pod-y", 0.25, None),
+            ]
+    counters = {"user": 5e4, "system": 4e3}
+    for t in times:
+        if b3 - 200 * NS < t < b3:
+            continue  # a CPU gap closed on the third cut
+        for mode in counters:
+            counters[mode] += 40.0
+        if t == b1:
+            counters = {"user": 3.0, "system": 1.0}  # a reboot on the cut
+        rows["cpu"].append(cpu_row(t, node, 32, dict(counters), None))
+        if t == b1:
+            dups["cpu"].append(cpu_row(t, node, 32, {"user": 9.0, "system": 2.0}, None))
+    used = 0.0
+    for t in times:
+        used = 1.0 if t == b1 else used + 25.0  # requeued on the cut: the cgroup starts over
+        user, account = ("erin", "acme") if t < b2 else ("fay", "initech")
+        rows["job"].append(job_row(t, node, "42", user, account, 4.0, 1.0, used))
+    for t in (b1 - 120 * NS, b1 - 60 * NS, b1):  # exactly the max gap, then its newest row twice
+        rows["job"].append(job_row(t, node, "43", "zed", "globex", 2.0, 0.0, t / NS % 1000))
+    dups["job"].append(job_row(b1, node, "43", "amy", "acme", 2.0, 0.0, 7.0))
+    return rows, dups
+
+
+def write_hourly(root: Path, tables: Tables, extra: Tables) -> None:
+    """Rows in the daemon's layout: one file per table, node and hour (named by the hour), and
+    ``extra`` rows in a second file of their hour."""
+    for name in tables:
+        for suffix, rows in (("", tables[name]), ("-b", extra[name])):
+            by_hour: dict[int, list[dict[str, object]]] = {}
+            for row in rows:
+                by_hour.setdefault(int(row["time"]) // HOUR, []).append(row)
+            for hour, part in sorted(by_hour.items()):
+                stamp = datetime.fromtimestamp(hour * 3600, tz=UTC)
+                directory = root / name / f"date={stamp:%Y-%m-%d}" / f"node={part[0]['node']}"
+                directory.mkdir(parents=True, exist_ok=True)
+                pq.write_table(
+                    arrow(name, part), directory / f"part-{stamp:%Y%m%dT%H%M%SZ}{suffix}.parquet"
+                )
+
+
+def bill_or_die(task: BillTask) -> BillPart:
+    """``bill_partition`` run in a pool worker that then SIGKILLs itself before it returns (a
+    worker killed mid-run): once where ``die-once`` lies beside the dataset (the task that
+    removes it dies), every time where ``die-always`` does."""
+    part = bill_partition(task)
+    beside = task.root.parent
+    try:
+        (beside / "die-once").unlink()
+    except FileNotFoundError:
+        if not (beside / "die-always").exists():
+            return part
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("unreachable: the process was killed")
