@@ -23,17 +23,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from telemetry.billing import partitioned
+from telemetry.billing import partition_plan, partitioned
 from telemetry.billing.accounting import load_accounting
 from telemetry.billing.engine import Biller
 from telemetry.billing.inventory import parse_inventory
-from telemetry.billing.partitioned import (
-    BillPart,
-    BillTask,
-    PartitionFailed,
-    exact_merge,
-    merge_parts,
-)
+from telemetry.billing.partition_merge import exact_merge, merge_parts
+from telemetry.billing.partition_tasks import BillPart, BillTask, PartitionFailed
 from telemetry.billing.windows import Windows
 from telemetry.billing.writers import to_json
 from telemetry.errors import TallyError
@@ -123,8 +118,8 @@ def test_every_executor_gives_the_single_process_bytes(
         if ranged:  # a range that starts and ends inside slices
             kw.update(start=iso(T0 - 1500 * NS), end=iso(T0 + 1700 * NS))
         if slices is not None:
-            patch.setattr(partitioned, "SLICE_BYTES", _node_bytes(root) // slices)
-            tasks, _ = partitioned.plan_tasks(root, 8, _make(root), 60 * NS)
+            patch.setattr(partition_plan, "SLICE_BYTES", _node_bytes(root) // slices)
+            tasks, _ = partition_plan.plan_tasks(root, 8, _make(root), 60 * NS)
             assert sum(t.time_slice is not None for t in tasks) >= slices
         one = to_json(bill_of(root, INV, window, **kw))  # type: ignore[arg-type]
         assert b'"jobs": [' in one and b"pod-" in one  # shared GPUs were billed
@@ -142,9 +137,9 @@ def test_a_gap_a_duplicate_and_restarts_on_slice_cuts_bill_as_one_process(
     rows, duplicates = boundary_tables()
     root = tmp_path / "data"
     write_hourly(root, rows, duplicates)
-    monkeypatch.setattr(partitioned, "SLICE_BYTES", 1)
-    monkeypatch.setattr(partitioned, "slice_cuts", lambda spans, slices: list(CUTS))
-    tasks, _ = partitioned.plan_tasks(root, 8, _make(root), 60 * NS)
+    monkeypatch.setattr(partition_plan, "SLICE_BYTES", 1)
+    monkeypatch.setattr(partition_plan, "slice_cuts", lambda spans, slices: list(CUTS))
+    tasks, _ = partition_plan.plan_tasks(root, 8, _make(root), 60 * NS)
     assert [t.time_slice.start_ns if t.time_slice else "whole" for t in tasks] == [None, *CUTS]
     # a slice reads its hour's files and the hour before, where its lookback lies
     stamps = [sorted({Path(f).name[5:20] for f in t.files}) for t in tasks]
@@ -176,15 +171,15 @@ def test_a_gap_a_duplicate_and_restarts_on_slice_cuts_bill_as_one_process(
 def test_slice_cuts_fall_on_whole_hours_and_follow_the_bytes() -> None:
     hour = 3600 * NS
     hourly = [(T0 + k * hour, T0 + (k + 1) * hour - 10 * NS, 1000) for k in range(8)]
-    assert partitioned.slice_cuts(hourly, 4) == [T0 + 2 * hour, T0 + 4 * hour, T0 + 6 * hour]
+    assert partition_plan.slice_cuts(hourly, 4) == [T0 + 2 * hour, T0 + 4 * hour, T0 + 6 * hour]
     # most bytes in the last hour: the cuts crowd there (not on whole hours, which would merge
     # two slices)
     skewed = [(T0, T0 + 3 * hour - 1, 300), (T0 + 3 * hour, T0 + 4 * hour - 1, 900)]
-    cuts = partitioned.slice_cuts(skewed, 4)
+    cuts = partition_plan.slice_cuts(skewed, 4)
     assert len(cuts) == 3 and cuts[0] == T0 + 3 * hour
     assert [round((c - T0 - 3 * hour) / NS) for c in cuts[1:]] == [1200, 2400]
-    assert partitioned.slice_cuts([(T0, T0, 10**9)], 8) == []  # one instant: nothing to cut
-    assert partitioned.slice_cuts(hourly, 1) == []
+    assert partition_plan.slice_cuts([(T0, T0, 10**9)], 8) == []  # one instant: nothing to cut
+    assert partition_plan.slice_cuts(hourly, 1) == []
 
 
 def test_rows_outside_their_node_directory_are_billed_together(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from telemetry.billing.partitioned import BillPart, BillTask, bill_partition
+from telemetry.billing.partition_tasks import BillPart, BillTask, bill_partition
 from tests.support.bill_rows import T0, Tables, arrow, cpu_row, gpu_job_row, gpu_row, job_row
 from tests.support.units import NS
 
