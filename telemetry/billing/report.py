@@ -99,13 +99,20 @@ class SeriesGrid:
         self.labels: list[tuple[str, ...]] = []
         self.details: list[dict[str, Any]] = []  # per series: index, model of a GPU
 
-    def add(self, chunk: dict[str, pa.Table]) -> None:
+    def _rows(self, chunk: dict[str, pa.Table]) -> pa.Table | None:
+        """This grid's table of ``chunk``, validated, with the grid's columns; None if empty."""
         new = chunk.get(self.table)
         if new is None or not new.num_rows:
-            return
+            return None
         wanted = GRID_COLUMNS[self.table]
-        checked = isinstance(chunk, ValidatedChunk)
-        new = new.select(list(wanted)) if checked else validate(new, self.table, wanted)
+        if isinstance(chunk, ValidatedChunk):
+            return new.select(list(wanted))
+        return validate(new, self.table, wanted)
+
+    def add(self, chunk: dict[str, pa.Table]) -> None:
+        new = self._rows(chunk)
+        if new is None:
+            return
         merged = merge_rows(
             self.carry, new, self.table, self.max_gap_ns, canonical=True, drop_late=False
         )
@@ -147,13 +154,9 @@ class SeriesGrid:
     def prime(self, chunk: dict[str, pa.Table]) -> None:
         """Take each series' last row from rows that only open the intervals of later ones (a
         time slice's lookback, SPEC §9): nothing counts, no series is added."""
-        new = chunk.get(self.table)
-        if new is None or not new.num_rows:
-            return
-        wanted = GRID_COLUMNS[self.table]
-        checked = isinstance(chunk, ValidatedChunk)
-        new = new.select(list(wanted)) if checked else validate(new, self.table, wanted)
-        self.carry = last_of_series(self.carry, new, self.table)
+        new = self._rows(chunk)
+        if new is not None:
+            self.carry = last_of_series(self.carry, new, self.table)
 
     def _id(self, label: tuple[str, ...], table: pa.Table | None, row: int) -> int:
         """The grid row of series ``label``; ``row`` is one of its rows in ``table`` (a GPU's

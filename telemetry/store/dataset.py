@@ -330,6 +330,17 @@ def _parquet_pieces(path: Path, table: str) -> list[Piece]:
     return pieces
 
 
+def _journal_rows(path: Path, table: str) -> pa.Table:
+    """A journal's rows, its name and columns checked; raises ``SchemaError`` or
+    ``pa.ArrowException`` where it cannot be used."""
+    _check_name(path)
+    data, _ = read_journal(path)
+    if data is None:
+        raise pa.ArrowInvalid("not an Arrow IPC stream")
+    _check_columns(table, data.schema)
+    return data
+
+
 def plan(root: Path, files: dict[str, list[Path]], stats: ReadStats) -> list[Piece]:
     """Every readable piece of the dataset; files that cannot be used are set aside (``_reject``,
     strict: a missing required column raises ``TallyError``)."""
@@ -337,11 +348,7 @@ def plan(root: Path, files: dict[str, list[Path]], stats: ReadStats) -> list[Pie
     for table, path in _usable(root, files):
         try:
             if path.suffix == JOURNAL_SUFFIX:
-                _check_name(path)
-                data, _ = read_journal(path)
-                if data is None:
-                    raise pa.ArrowInvalid("not an Arrow IPC stream")
-                _check_columns(table, data.schema)
+                data = _journal_rows(path, table)
                 if data.num_rows:
                     low, high = _time_range(data.column("time"))
                     wide = high - low > WIDE_SPAN_NS
@@ -392,11 +399,7 @@ def time_span(path: Path, table: str) -> tuple[int, int] | None:
     journal: its rows); None for a file without rows. Nothing is set aside: raises
     ``SchemaError``, ``pa.ArrowException`` or ``OSError`` where the file cannot be used."""
     if path.suffix == JOURNAL_SUFFIX:
-        _check_name(path)
-        data, _ = read_journal(path)
-        if data is None:
-            raise pa.ArrowInvalid("not an Arrow IPC stream")
-        _check_columns(table, data.schema)
+        data = _journal_rows(path, table)
         low, high = _time_range(data.column("time"))
         return None if high < low else (low, high)
     pieces = _parquet_pieces(path, table)
