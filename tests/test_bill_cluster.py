@@ -5,6 +5,7 @@ bill."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -25,6 +27,7 @@ from hypothesis import strategies as st
 
 from telemetry.billing import partition_plan, partitioned
 from telemetry.billing.accounting import load_accounting
+from telemetry.billing.bill import compute_bill
 from telemetry.billing.engine import Biller
 from telemetry.billing.inventory import parse_inventory
 from telemetry.billing.partition_merge import exact_merge, merge_parts
@@ -32,7 +35,7 @@ from telemetry.billing.partition_tasks import BillPart, BillTask, PartitionFaile
 from telemetry.billing.windows import Windows
 from telemetry.billing.writers import to_json
 from telemetry.errors import TallyError
-from telemetry.store.dataset import ReadStats
+from telemetry.store.dataset import ReadStats, node_partitions
 from tests.support.bill_partitions import (
     CUTS,
     INVENTORY,
@@ -40,6 +43,7 @@ from tests.support.bill_partitions import (
     boundary_tables,
     generate,
     sacct_parsable,
+    set_aside_then_die,
     write_hourly,
     write_split,
 )
@@ -180,6 +184,26 @@ def test_slice_cuts_fall_on_whole_hours_and_follow_the_bytes() -> None:
     assert [round((c - T0 - 3 * hour) / NS) for c in cuts[1:]] == [1200, 2400]
     assert partition_plan.slice_cuts([(T0, T0, 10**9)], 8) == []  # one instant: nothing to cut
     assert partition_plan.slice_cuts(hourly, 1) == []
+
+
+def test_every_time_slice_reads_the_journal_of_the_current_hour(tmp_path: Path) -> None:
+    """The current hour's journal still grows while a bill runs: rows appended after the plan
+    may belong to any later slice, so every slice reads it (each counts the rows it owns)."""
+    root = _dataset(tmp_path / "data", 26, nodes=1)
+    newest = sorted(root.glob("cpu/*/node=*/*.parquet"))[-1]
+    journal = newest.with_suffix(".arrows")
+    table = pq.read_table(newest)
+    with pa.ipc.new_stream(str(journal), table.schema) as stream:
+        stream.write_table(table.slice(0, 1))  # its first row only, so far
+    newest.unlink()
+    (by_table,) = node_partitions(root).values()
+    size = sum(f.stat().st_size for paths in by_table.values() for f in paths)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(partition_plan, "SLICE_BYTES", size // 4)
+        slices = partition_plan.time_slices(root, by_table, size, 60 * NS)
+    assert len(slices) >= 3
+    name = str(journal.relative_to(root))
+    assert all(name in files for _, files in slices)
 
 
 def test_rows_outside_their_node_directory_are_billed_together(
@@ -325,6 +349,35 @@ def test_a_killed_pool_worker_costs_a_retry_not_a_wrong_bill(
         assert to_json(bill_of(root, INV, 3600, workers=2)) == want
     assert not (tmp_path / "die-once").exists()  # a worker did die
     assert "again on a fresh pool" in caplog.text
+
+
+@pytest.mark.parametrize("slices", [1, 4])
+def test_a_worker_lost_after_setting_a_file_aside_leaves_nothing_of_its_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slices: int
+) -> None:
+    """A worker sets a file aside (quarantine) and dies before it reports: its task runs again
+    without the file, while the node's other time slices may have read the file's rows. The
+    node is billed again whole, and the bill is the bill without the file, saying it was set
+    aside."""
+    root = _dataset(tmp_path / "data", 25, nodes=3)
+    node = sorted(p.name for p in root.glob("gpu/*/node=*"))[0]
+    files = sorted(root.glob(f"gpu/*/{node}/*.parquet"))
+    victim = files[len(files) // 2]
+    name = str(victim.relative_to(root))
+    (tmp_path / "set-aside-then-die").write_text(name)
+    if slices > 1:
+        monkeypatch.setattr(partition_plan, "SLICE_BYTES", _node_bytes(root) // slices)
+    monkeypatch.setattr(partitioned, "bill_partition", set_aside_then_die)
+    said: list[str] = []
+    got = json.loads(to_json(compute_bill(root, INV, 3600, warn=said.append, workers=2)))
+    assert (tmp_path / "set-aside-then-die.claimed").exists()  # a worker did set it aside and die
+    assert not victim.exists() and (root / "quarantine" / name).exists()
+    want = json.loads(to_json(bill_of(root, INV, 3600)))  # the dataset without the file
+    assert want["input"]["files_quarantined"] == 0
+    assert got["input"]["files_quarantined"] == 1
+    got["input"]["files_quarantined"] = 0
+    assert got == want
+    assert any(name in m and "worker that died" in m for m in said), said
 
 
 def test_a_pool_worker_killed_every_time_fails_the_bill_naming_a_partition(

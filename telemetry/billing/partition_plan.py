@@ -16,6 +16,7 @@ from telemetry.billing.engine import NS
 from telemetry.billing.partition_tasks import BillTask
 from telemetry.schema import EARLIEST_NS, LATEST_NS, SchemaError
 from telemetry.store.dataset import TimeSlice, node_partitions, time_span
+from telemetry.store.layout import JOURNAL_SUFFIX
 
 # A node with more bytes of files than this is billed in time slices of about this many bytes.
 SLICE_BYTES = 128 << 20
@@ -89,8 +90,10 @@ def time_slices(
     edges: list[int | None] = [None, *cuts, None]
     out = []
     for low, high in itertools.pairwise(edges):
+        # a journal still grows (the current hour): every slice reads it for the rows it owns
         files = tuple(sorted(name for name, span, _ in spans
-                             if _reaches(span, low, high, lookback_ns)))  # fmt: skip
+                             if name.endswith(JOURNAL_SUFFIX)
+                             or _reaches(span, low, high, lookback_ns)))  # fmt: skip
         out.append((TimeSlice(low, high, lookback_ns), files))
     return out
 

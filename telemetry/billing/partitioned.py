@@ -46,7 +46,8 @@ from telemetry.billing.partition_tasks import BillPart, BillTask, bill_partition
 from telemetry.billing.period import selected_range
 from telemetry.billing.windows import Windows
 from telemetry.executors import cores, run_tasks
-from telemetry.store.dataset import DEFAULT_BUDGET_ROWS, ReadStats, TimeSlice
+from telemetry.store.dataset import DEFAULT_BUDGET_ROWS, ReadStats, TimeSlice, node_of
+from telemetry.store.layout import QUARANTINE
 
 log = logging.getLogger("tally.bill")
 
@@ -57,10 +58,12 @@ POOL_MIN_BYTES = 64 << 20
 TASKS_PER_WORKER = 4
 
 
-def _billed_again(parts: list[BillPart]) -> list[tuple[set[int], str]]:
+def _billed_again(
+    parts: list[BillPart], lost: frozenset[str] = frozenset()
+) -> list[tuple[set[int], str]]:
     """Groups (indexes) of parts to bill again as one, whole, and why: parts of different
     directories that share a node, transitively; a sliced node one of whose slices set a file
-    aside while it read."""
+    aside while it read; a node of ``lost`` (a file of it set aside by a worker that died)."""
     parent = list(range(len(parts)))
 
     def find(i: int) -> int:
@@ -89,7 +92,22 @@ def _billed_again(parts: list[BillPart]) -> list[tuple[set[int], str]]:
             for i in group
         ):
             again.append((group, "set a file aside in one time slice: billing the node whole"))
+        elif any(d in lost for i in group for d in parts[i].node_dirs):
+            again.append((group, "had a file set aside by a worker that died: billing it again"))
     return sorted(again, key=lambda g: min(g[0]))
+
+
+def _set_aside_unreported(root: Path, tasks: list[BillTask], parts: list[BillPart]) -> list[str]:
+    """The plan's files moved to quarantine/ while the tasks ran that no finished part names: an
+    attempt whose worker then died set them aside (its task ran again without them, but a node's
+    other time slices may have read their rows, and the bill would not say so)."""
+    planned = {f for task in tasks for f in task.known or task.files}
+    gone = [f for f in sorted(planned)
+            if not (root / f).exists() and (root / QUARANTINE / f).exists()]  # fmt: skip
+    if not gone:
+        return []
+    said = [m for part in parts for m in [*part.warnings, *part.stats.problems]]
+    return [f for f in gone if not any(str(root / f) in m for m in said)]
 
 
 def compute_bill_partitioned(
@@ -175,7 +193,9 @@ def run_partitions(
             progress(finished, len(tasks), rows_done)
 
     parts = run_tasks(bill_partition, tasks, workers=n, cluster=cluster, on_done=done)
-    groups = _billed_again(parts)
+    unreported = _set_aside_unreported(root, tasks, parts)
+    lost = frozenset(node_of(root, root / f) for f in unreported)
+    groups = _billed_again(parts, lost)
     if groups:
         again = []
         for group, why in groups:
@@ -188,6 +208,10 @@ def run_partitions(
             # what the first run set aside lies in quarantine/ now: its count carries over
             part.stats.files_quarantined += sum(parts[i].stats.files_quarantined for i in group)
             said = [m for i in sorted(group) for m in parts[i].warnings]
+            mine = [f for f in unreported if node_of(root, root / f) in part.node_dirs]
+            part.stats.files_quarantined += len(mine)
+            said += [f"{root / f}: set aside by a worker that died; billed without it"
+                     for f in mine]  # fmt: skip
             part.warnings = list(dict.fromkeys([*said, *part.warnings]))
         regrouped = set().union(*(group for group, _ in groups))
         parts = [p for i, p in enumerate(parts) if i not in regrouped] + redone

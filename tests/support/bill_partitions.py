@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from telemetry.billing.partition_tasks import BillPart, BillTask, bill_partition
+from telemetry.store.layout import quarantine
 from tests.support.bill_rows import T0, Tables, arrow, cpu_row, gpu_job_row, gpu_row, job_row
 from tests.support.units import NS
 
@@ -258,5 +259,26 @@ def bill_or_die(task: BillTask) -> BillPart:
     except FileNotFoundError:
         if not (beside / "die-always").exists():
             return part
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("unreachable: the process was killed")
+
+
+def set_aside_then_die(task: BillTask) -> BillPart:
+    """``bill_partition`` in a pool worker; the first task to read the file that
+    ``set-aside-then-die`` beside the dataset names moves it to quarantine/ (as a scan does with
+    a file it finds damaged) and SIGKILLs its own process: a worker lost after it set a file
+    aside, whose task then runs again without the file."""
+    marker = task.root.parent / "set-aside-then-die"
+    try:
+        name = marker.read_text()
+    except FileNotFoundError:
+        return bill_partition(task)
+    if name not in task.files:
+        return bill_partition(task)
+    try:  # one task claims it
+        marker.rename(marker.with_name("set-aside-then-die.claimed"))
+    except FileNotFoundError:
+        return bill_partition(task)
+    quarantine(task.root, task.root / name, "damaged (a test)")
     os.kill(os.getpid(), signal.SIGKILL)
     raise AssertionError("unreachable: the process was killed")
