@@ -31,6 +31,7 @@ from telemetry.collectors import REGISTRY, CollectorContext, Runner
 from telemetry.collectors.base import CollectorStatus
 from telemetry.config import DaemonConfig, load_object
 from telemetry.logs import OnceLogger, say
+from telemetry.schema import SchemaError
 from telemetry.state import Snapshot, State
 from telemetry.store.writer import Store
 
@@ -111,11 +112,11 @@ class Daemon:
     def round(self) -> None:
         """Collect once and persist; the rows wait for the next aggregation (:meth:`snapshot`)."""
         result = self.runner.run()
+        dropped: dict[str, int] = {}
         if result.time_ns <= self._last_time_ns:
             # The system clock stepped back: these samples would sit before ones already
             # stored and turn counter deltas into false restarts. Drop and count them.
-            for table, batch in result.tables.items():
-                self.clock_dropped[table] = self.clock_dropped.get(table, 0) + batch.num_rows
+            dropped = {table: batch.num_rows for table, batch in result.tables.items()}
             self._once.warning(
                 "clock", "system clock stepped backwards; samples dropped until it catches up"
             )
@@ -125,7 +126,9 @@ class Daemon:
             self._once.clear("clock")
         self._pending.extend(result.tables.items())
         self._flush_pending()
-        with self._lock:
+        with self._lock:  # scrapes read these from their own threads
+            for table, rows in dropped.items():
+                self.clock_dropped[table] = self.clock_dropped.get(table, 0) + rows
             self._unaggregated.extend(result.tables.items())
             self._rounds_unaggregated += 1
             self._status = result.status
@@ -142,7 +145,10 @@ class Daemon:
         self._unaggregated, self._rounds_unaggregated = [], 0
         for table, batches in by_table.items():
             batch = batches[0] if len(batches) == 1 else pa.concat_tables(batches)
-            self.state.ingest(table, batch)
+            try:
+                self.state.ingest(table, batch)
+            except SchemaError as exc:  # never expected of our own tables: the journal has them
+                self._once.warning(f"ingest:{table}", f"live {table} rows left out: {exc}")
 
     def snapshot(self) -> Snapshot:
         """What a scrape renders: every round collected so far, aggregated; made once per round

@@ -3,6 +3,7 @@ and what a scrape shows is what ingesting every round on its own would show."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pyarrow as pa
 import pytest
 
 from telemetry.daemon import AGGREGATE_EVERY_SECONDS, Daemon
+from telemetry.schema import SchemaError
 from telemetry.state import State
 from tests.support.daemon import daemon_in_process
 from tests.support.nvml.library import FakeNVML
@@ -96,3 +98,29 @@ def test_one_snapshot_per_round_whatever_the_scrapes(daemon: Daemon) -> None:
     assert second is not first
     assert second.ingest["gpu"].rows == first.ingest["gpu"].rows + 2
     assert second.collectors["gpu"].success
+
+
+def test_a_table_that_fails_to_ingest_costs_only_its_own_live_rows(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real = State.ingest
+
+    def refuse_cpu(self: State, name: str, batch: pa.Table) -> None:
+        if name == "cpu":
+            raise SchemaError("cpu: injected")
+        real(self, name, batch)
+
+    monkeypatch.setattr(State, "ingest", refuse_cpu)
+    for _ in range(3):
+        daemon.round()
+    # a CLI test before this one may have set tally's level and stopped its propagation
+    logger = logging.getLogger("tally.daemon")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="tally.daemon"):
+            shown = daemon.snapshot()  # the scrape is answered
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert shown.ingest["gpu"].rows == 3 * 2
+    assert "cpu" not in shown.tables
+    assert "live cpu rows left out: cpu: injected" in caplog.text
