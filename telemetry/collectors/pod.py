@@ -59,7 +59,7 @@ from telemetry.collectors.base import Collector, CollectorContext, Row, register
 from telemetry.collectors.slurm import (
     MAX_VALUE_CHARS,
     parse_counter,
-    parse_cpu_stat_usage_usec,
+    read_cgroup_usage,
     read_text,
 )
 from telemetry.errors import CollectorUnavailable, ParseError
@@ -596,12 +596,9 @@ class PodCollector(Collector):
         return cgroups[max(live)[1]]
 
     def _read_pod(self, pod: Pod, cgroup: PodCgroup, job_id: str) -> Row:
-        usage = read_text(cgroup.usage_file)
-        if cgroup.version == 2:
-            cpu_seconds = parse_cpu_stat_usage_usec(usage, str(cgroup.usage_file)) / 1e6
-        else:
-            cpu_seconds = parse_counter(usage, str(cgroup.usage_file)) / 1e9
-        memory = parse_counter(read_text(cgroup.memory_file), str(cgroup.memory_file))
+        cpu_seconds, memory = read_cgroup_usage(
+            cgroup.version, cgroup.usage_file, cgroup.memory_file
+        )
         cpus = float(_exclusive_cpus(pod))
         if not cpus:
             texts = tuple(read_text(path) for path in cgroup.limit_files)

@@ -385,6 +385,18 @@ def read_text(path: Path) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 
+def read_cgroup_usage(version: int, usage_file: Path, memory_file: Path) -> tuple[float, int]:
+    """CPU seconds and memory bytes of a job's or pod's cgroup: v2 ``cpu.stat`` usage_usec or v1
+    ``cpuacct.usage`` (ns), and the memory file's one integer. Raises ``OSError`` (gone, not
+    readable) or ``ParseError``."""
+    usage = read_text(usage_file)
+    if version == 2:
+        cpu_seconds = parse_cpu_stat_usage_usec(usage, str(usage_file)) / 1e6
+    else:
+        cpu_seconds = parse_counter(usage, str(usage_file)) / 1e9
+    return cpu_seconds, parse_counter(read_text(memory_file), str(memory_file))
+
+
 def read_environ(path: Path) -> bytes:
     """Read a process's environment, at most a few MiB."""
     with path.open("rb") as handle:
@@ -698,12 +710,7 @@ class SlurmJobCollector(Collector):
 
     def _read_job(self, job: JobCgroup, info_dir_ok: bool) -> tuple[Row, JobInfo]:
         cpus = self._cpus(job)
-        usage = read_text(job.usage_file)
-        if job.version == 2:
-            cpu_seconds = parse_cpu_stat_usage_usec(usage, str(job.usage_file)) / 1e6
-        else:
-            cpu_seconds = parse_counter(usage, str(job.usage_file)) / 1e9
-        memory = parse_counter(read_text(job.memory_file), str(job.memory_file))
+        cpu_seconds, memory = read_cgroup_usage(job.version, job.usage_file, job.memory_file)
         info = self._job_info(job, info_dir_ok)
         row: Row = {
             "job_id": info.job_id,
