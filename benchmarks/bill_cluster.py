@@ -26,12 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from benchmarks import bill_duckdb
-from benchmarks.bill_scale import INVENTORY
+from benchmarks.bill_scale import INVENTORY, write_day
 from telemetry.schema import CPU_MODES, CPU_SCHEMA, GPU_SCHEMA, JOB_SCHEMA, OPTIONAL_COLUMNS
-from telemetry.store.layout import partition_dir
 
 NS = 1_000_000_000
 T0 = 1_788_220_800 * NS  # 2026-09-01T00:00:00Z
@@ -46,12 +44,6 @@ def _strings(values: list[str], indices: np.ndarray) -> pa.Array:
     return pa.DictionaryArray.from_arrays(pa.array(indices.astype(np.int32)), values).cast(
         pa.string()
     )
-
-
-def _write(root: Path, table: str, data: pa.Table, node: str, day_ns: int) -> None:
-    directory = partition_dir(root, table, day_ns, node)
-    directory.mkdir(parents=True, exist_ok=True)
-    pq.write_table(data, directory / "part-0.parquet", compression="zstd")
 
 
 def generate(root: Path, nodes: int, hours: int, jobs: bool = True, seed: int = 1) -> int:
@@ -74,7 +66,7 @@ def generate(root: Path, nodes: int, hours: int, jobs: bool = True, seed: int = 
             util = np.clip(rng.beta(2, 1.5, size=size), 0, 1).astype(np.float32)
             power = (120 + 580 * util).astype(np.float32)
             energy = 1e6 * n + np.cumsum(power.astype(np.float64) * STEP_S)
-            _write(root, "gpu", pa.table({
+            write_day(root, "gpu", pa.table({
                 "time": np.tile(t, GPUS), "node": _strings([node], np.zeros(size)),
                 "gpu_uuid": _strings([f"GPU-{n:03d}-{g}" for g in range(GPUS)], gpu),
                 "gpu_index": gpu.astype(np.int16),
@@ -87,7 +79,7 @@ def generate(root: Path, nodes: int, hours: int, jobs: bool = True, seed: int = 
                 "job_id": _strings(names, np.tile(job_of_step, GPUS)),
             }, schema=_GPU), node, int(t[0]))  # fmt: skip
             if jobs:
-                _write(root, "job", pa.table({
+                write_day(root, "job", pa.table({
                     "time": t, "node": _strings([node], np.zeros(steps)),
                     "job_id": _strings(names, job_of_step),
                     "user": _strings([f"u{k}" for k in range(7)], block % 7),
@@ -108,7 +100,7 @@ def generate(root: Path, nodes: int, hours: int, jobs: bool = True, seed: int = 
                 memory_available_bytes=np.full(steps, 1 << 40, np.int64),
                 energy_joules=elapsed * 700.0,
             )
-            _write(root, "cpu", pa.table(cpu, schema=CPU_SCHEMA), node, int(t[0]))
+            write_day(root, "cpu", pa.table(cpu, schema=CPU_SCHEMA), node, int(t[0]))
             rows += size + steps
     return rows
 

@@ -53,7 +53,8 @@ price_per_unit_hour = 0.03
 """
 
 
-def _write(root: Path, table: str, data: pa.Table, node: str, day_ns: int) -> None:
+def write_day(root: Path, table: str, data: pa.Table, node: str, day_ns: int) -> None:
+    """One table's rows of one node and day, as one zstd Parquet file in the dataset layout."""
     directory = partition_dir(root, table, day_ns, node)
     directory.mkdir(parents=True, exist_ok=True)
     pq.write_table(data, directory / "part-0.parquet", compression="zstd")
@@ -79,7 +80,7 @@ def generate(root: Path, nodes: int, hours: int, seed: int = 1) -> int:
             energy = 1e6 * n + np.cumsum(power.astype(np.float64) * INTERVAL_S)
             size = t_rep.size
             day_ns = int(t[0])
-            _write(root, "gpu", pa.table({
+            write_day(root, "gpu", pa.table({
                 "time": t_rep, "node": np.full(size, node), "gpu_uuid": np.char.add(f"GPU-{n:03d}-", gpu.astype(str)),
                 "gpu_index": gpu.astype(np.int16), "gpu_model": np.full(size, "NVIDIA H100 80GB HBM3"),
                 "utilization_ratio": util, "sm_active_ratio": pa.nulls(size, pa.float32()),
@@ -88,7 +89,7 @@ def generate(root: Path, nodes: int, hours: int, seed: int = 1) -> int:
                 "job_id": jobs,
             }, schema=pa.schema([f for f in GPU_SCHEMA if f.name not in OPTIONAL_COLUMNS["gpu"]])), node, day_ns)  # fmt: skip
             share = rng.choice([0.46, 1.0], size=size).astype(np.float32)
-            _write(root, "job", pa.table({
+            write_day(root, "job", pa.table({
                 "time": t_rep, "node": np.full(size, node), "job_id": jobs,
                 "user": np.char.add("u", (block % 7).astype(str)), "account": np.char.add("tenant-", (gpu % 3).astype(str)),
                 "cpus_allocated": np.full(size, 12.0, np.float32), "gpus_allocated": share,
@@ -107,7 +108,7 @@ def generate(root: Path, nodes: int, hours: int, seed: int = 1) -> int:
                 memory_available_bytes=np.full(steps, 1 << 40, np.int64),
                 energy_joules=elapsed * 700.0,
             )
-            _write(root, "cpu", pa.table(cpu, schema=CPU_SCHEMA), node, day_ns)
+            write_day(root, "cpu", pa.table(cpu, schema=CPU_SCHEMA), node, day_ns)
             rows += 2 * size + steps
     return rows
 
