@@ -101,6 +101,8 @@ def _set_aside_unreported(root: Path, tasks: list[BillTask], parts: list[BillPar
     """The plan's files moved to quarantine/ while the tasks ran that no finished part names: an
     attempt whose worker then died set them aside (its task ran again without them, but a node's
     other time slices may have read their rows, and the bill would not say so)."""
+    if not (root / QUARANTINE).is_dir():  # nothing was set aside: no file to look for
+        return []
     planned = {f for task in tasks for f in task.known or task.files}
     gone = [f for f in sorted(planned)
             if not (root / f).exists() and (root / QUARANTINE / f).exists()]  # fmt: skip
