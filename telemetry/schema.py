@@ -1,4 +1,5 @@
-"""Arrow schemas of the four sample tables (SPEC §2) and the one validator for them.
+"""Arrow schemas of the four sample tables (SPEC §2, declared in :mod:`telemetry.tables`) and
+the one validator for them.
 
 Every table tally writes or reads is checked against these schemas: columns must be present with
 the right type, extra columns may follow when they are nullable. Types that convert without loss
@@ -14,120 +15,70 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
-TIME = pa.timestamp("ns", tz="UTC")
-
-GPU_SCHEMA = pa.schema(
-    [
-        pa.field("time", TIME, nullable=False),
-        pa.field("node", pa.string(), nullable=False),
-        pa.field("gpu_uuid", pa.string(), nullable=False),
-        pa.field("gpu_index", pa.int16(), nullable=False),
-        pa.field("gpu_model", pa.string(), nullable=False),
-        pa.field("utilization_ratio", pa.float32()),
-        pa.field("sm_active_ratio", pa.float32()),
-        pa.field("memory_used_bytes", pa.int64(), nullable=False),
-        pa.field("memory_total_bytes", pa.int64(), nullable=False),
-        pa.field("power_watts", pa.float32()),
-        pa.field("energy_joules", pa.float64()),
-        pa.field("temperature_celsius", pa.float32()),
-        pa.field("job_id", pa.string()),
-        # Optional extra columns (SPEC §2 allows nullable additions): absent in older files,
-        # filled with nulls on reading.
-        pa.field("mig_profile", pa.string()),
-        pa.field("ecc_corrected_errors", pa.int64()),
-        pa.field("ecc_uncorrected_errors", pa.int64()),
-        pa.field("remapped_rows_pending", pa.int64()),
-        pa.field("clock_event_reasons", pa.int64()),
-        pa.field("xid_errors", pa.int64()),
-        pa.field("xid_last", pa.int32()),
-        # The fraction of one physical GPU this row stands for in capacity: 1 for a whole GPU;
-        # slices/total slices for a MIG instance (1g of 7 = 1/7); for the parent of MIG
-        # instances the slices no instance holds (0 when fully partitioned), so a MIG GPU counts
-        # once. Null (older files) means 1.
-        pa.field("capacity_units", pa.float32()),
-        pa.field("gpu_instance_id", pa.int32()),  # MIG instances: NVML's GPU instance id
-    ]
+from telemetry.tables import (
+    CPU_BUSY_MODES,
+    CPU_MODES,
+    EARLIEST_NS,
+    LATEST_NS,
+    OPTIONAL_COLUMNS,
+    RATIO_TOLERANCE,
+    SERIES_KEYS,
+    TABLES,
+    VALID_RANGES,
 )
-# Columns a table may lack (they are added as nulls); all others are required.
-OPTIONAL_COLUMNS: dict[str, frozenset[str]] = {
-    "gpu": frozenset(
-        {
-            "mig_profile",
-            "ecc_corrected_errors",
-            "ecc_uncorrected_errors",
-            "remapped_rows_pending",
-            "clock_event_reasons",
-            "xid_errors",
-            "xid_last",
-            "capacity_units",
-            "gpu_instance_id",
-        }
-    ),
-    "cpu": frozenset(),
-    "job": frozenset({"account_source"}),
-    "gpu_job": frozenset(),
+
+# The declarations are re-exported: readers import the tables' rules from here with the schemas.
+__all__ = [
+    "ARROW_TYPES",
+    "CPU_BUSY_MODES",
+    "CPU_MODES",
+    "CPU_SCHEMA",
+    "DICTIONARY_STRING",
+    "EARLIEST_NS",
+    "GPU_JOB_SCHEMA",
+    "GPU_SCHEMA",
+    "JOB_SCHEMA",
+    "LATEST_NS",
+    "OPTIONAL_COLUMNS",
+    "RATIO_TOLERANCE",
+    "SCHEMAS",
+    "SERIES_KEYS",
+    "TIME",
+    "VALID_RANGES",
+    "SchemaError",
+    "empty",
+    "screen",
+    "validate",
+]
+
+TIME = pa.timestamp("ns", tz="UTC")
+# The Arrow type of each column kind of telemetry.tables.
+ARROW_TYPES: dict[str, pa.DataType] = {
+    "time": TIME,
+    "string": pa.string(),
+    "int16": pa.int16(),
+    "int32": pa.int32(),
+    "int64": pa.int64(),
+    "float32": pa.float32(),
+    "float64": pa.float64(),
 }
 
-CPU_MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
-# Modes that count as busy CPU time (SPEC §3); idle, iowait and steal do not.
-CPU_BUSY_MODES = ("user", "nice", "system", "irq", "softirq")
 
-CPU_SCHEMA = pa.schema(
-    [
-        pa.field("time", TIME, nullable=False),
-        pa.field("node", pa.string(), nullable=False),
-        pa.field("cpus", pa.int32(), nullable=False),
-        *[pa.field(f"{mode}_seconds", pa.float64(), nullable=False) for mode in CPU_MODES],
-        pa.field("memory_total_bytes", pa.int64(), nullable=False),
-        pa.field("memory_available_bytes", pa.int64(), nullable=False),
-        pa.field("energy_joules", pa.float64()),
-    ]
-)
+def _schema(name: str) -> pa.Schema:
+    return pa.schema(
+        [pa.field(c.name, ARROW_TYPES[c.kind], nullable=c.nullable) for c in TABLES[name]]
+    )
 
-JOB_SCHEMA = pa.schema(
-    [
-        pa.field("time", TIME, nullable=False),
-        pa.field("node", pa.string(), nullable=False),
-        pa.field("job_id", pa.string(), nullable=False),
-        pa.field("user", pa.string(), nullable=False),
-        pa.field("account", pa.string(), nullable=False),
-        pa.field("cpus_allocated", pa.float32(), nullable=False),
-        pa.field("gpus_allocated", pa.float32(), nullable=False),
-        pa.field("cpu_seconds", pa.float64(), nullable=False),
-        pa.field("memory_bytes", pa.int64(), nullable=False),
-        # Optional: where `account` came from: "job-info" (a root-owned file the Slurm prolog
-        # wrote), "environment" (the job's own, so the job's owner could change it), null unknown.
-        pa.field("account_source", pa.string()),
-    ]
-)
 
-# One row per (GPU, job holding it) where a GPU is shared by several jobs (Slurm shards or MPS,
-# Kubernetes time-slicing replicas); a MIG instance is a GPU row of its own, not this.
-GPU_JOB_SCHEMA = pa.schema(
-    [
-        pa.field("time", TIME, nullable=False),
-        pa.field("node", pa.string(), nullable=False),
-        pa.field("gpu_uuid", pa.string(), nullable=False),
-        pa.field("job_id", pa.string(), nullable=False),
-        pa.field("share", pa.float32(), nullable=False),  # fraction of the GPU allocated, 0-1
-        pa.field("sm_utilization_ratio", pa.float32()),  # the job's processes' SM use, 0-1
-        pa.field("memory_used_bytes", pa.int64()),
-    ]
-)
-
+GPU_SCHEMA = _schema("gpu")
+CPU_SCHEMA = _schema("cpu")
+JOB_SCHEMA = _schema("job")
+GPU_JOB_SCHEMA = _schema("gpu_job")
 SCHEMAS: dict[str, pa.Schema] = {
     "gpu": GPU_SCHEMA,
     "cpu": CPU_SCHEMA,
     "job": JOB_SCHEMA,
     "gpu_job": GPU_JOB_SCHEMA,
-}
-
-# Columns that identify one time series in each table (SPEC §2).
-SERIES_KEYS: dict[str, tuple[str, ...]] = {
-    "gpu": ("node", "gpu_uuid"),
-    "cpu": ("node",),
-    "job": ("node", "job_id"),
-    "gpu_job": ("node", "gpu_uuid", "job_id"),
 }
 
 
@@ -259,47 +210,6 @@ def validate(
 def empty(name: str) -> pa.Table:
     """An empty table of table ``name``'s schema."""
     return SCHEMAS[name].empty_table()
-
-
-# The valid range of every column a bill or a counter adds up (SPEC §2 units), inclusive. A row
-# with a value outside it — or NaN or ±inf — is left out and counted, never billed: a float cast
-# to int64 past its range gives INT64_MIN on x86 and saturates on a GPU, so no such value may
-# reach the integer sums. Ratios may exceed 1 by a little (rounding in the driver); counters and
-# allocations stay well inside what int64 microseconds and millijoules hold.
-RATIO_TOLERANCE = 0.01
-VALID_RANGES: dict[str, dict[str, tuple[float, float]]] = {
-    "gpu": {
-        "utilization_ratio": (0.0, 1.0 + RATIO_TOLERANCE),
-        "sm_active_ratio": (0.0, 1.0 + RATIO_TOLERANCE),
-        "power_watts": (0.0, 1e5),  # an NVL72 rack draws 1.3e5 W; one GPU far less
-        "energy_joules": (0.0, 1e15),  # 31 MW-years: no counter gets there
-        "memory_used_bytes": (0.0, 2.0**50),
-        "memory_total_bytes": (0.0, 2.0**50),
-        "capacity_units": (0.0, 1.0),
-    },
-    "cpu": {
-        "cpus": (0.0, 1e6),
-        **{f"{mode}_seconds": (0.0, 1e12) for mode in CPU_MODES},  # 31,700 CPU-years
-        "memory_total_bytes": (0.0, 2.0**60),
-        "memory_available_bytes": (0.0, 2.0**60),
-        "energy_joules": (0.0, 1e15),
-    },
-    "job": {
-        "cpus_allocated": (0.0, 1e6),
-        "gpus_allocated": (0.0, 1e6),
-        "cpu_seconds": (0.0, 1e12),
-        "memory_bytes": (0.0, 2.0**60),
-    },
-    "gpu_job": {
-        "share": (0.0, 1.0 + RATIO_TOLERANCE),
-        "sm_utilization_ratio": (0.0, 1.0 + RATIO_TOLERANCE),
-        "memory_used_bytes": (0.0, 2.0**50),
-    },
-}
-# Sample times: from 2000 up to 2100. Fixed bounds, not the reading machine's clock, so that a
-# bill recomputed later reads the same rows; a row dated 1970 (a zeroed clock) or 2200 is out.
-EARLIEST_NS = 946_684_800 * 1_000_000_000  # 2000-01-01T00:00:00Z
-LATEST_NS = 4_102_444_800 * 1_000_000_000  # 2100-01-01T00:00:00Z
 
 
 # Compute arguments as Arrow scalars, built once: a Python number or bool passed to a compute

@@ -1,0 +1,230 @@
+"""Rows of one sample table as NumPy columns: what the node daemon collects, journals and
+aggregates without loading Arrow.
+
+A round of a node is a few dozen rows; Arrow's per-call cost and its 45 MiB of libraries buy
+nothing there. A :class:`Frame` holds every column of its table (``telemetry.tables``): numbers
+in arrays of the column's own width (so a float32 reading is rounded once, as the journal and
+every bill see it), strings in object arrays, and a validity mask where a nullable column holds
+nulls. :meth:`Frame.to_arrow` and :meth:`Frame.from_arrow` cross to Arrow where a reader needs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from telemetry.tables import SERIES_KEYS, TABLES
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+DTYPES: dict[str, Any] = {
+    "time": np.int64,
+    "string": object,
+    "int16": np.int16,
+    "int32": np.int32,
+    "int64": np.int64,
+    "float32": np.float32,
+    "float64": np.float64,
+}
+_INT_BOUNDS = {
+    "time": (-(2**63), 2**63 - 1),
+    "int16": (-(2**15), 2**15 - 1),
+    "int32": (-(2**31), 2**31 - 1),
+    "int64": (-(2**63), 2**63 - 1),
+}
+
+
+def _check(kind: str, value: Any) -> None:
+    """Raise ``ValueError``/``TypeError`` unless ``value`` (not None) fits a column of ``kind``."""
+    if kind == "string":
+        if not isinstance(value, str):
+            raise TypeError(f"expected a string, got {type(value).__name__}")
+        value.encode("utf-8")  # a lone surrogate cannot be stored
+    elif kind in _INT_BOUNDS:
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise TypeError(f"expected an integer, got {type(value).__name__}")
+        low, high = _INT_BOUNDS[kind]
+        if not low <= int(value) <= high:
+            raise OverflowError(f"{value} does not fit {kind}")
+    elif isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+
+
+def column_array(kind: str, values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray | None]:
+    """``values`` (Python, None for null) as a column of ``kind``: the array and its validity
+    mask (None when nothing is null). Raises ``ValueError``/``TypeError``/``OverflowError`` for a
+    value the column cannot hold."""
+    valid: np.ndarray | None = None
+    if any(v is None for v in values):
+        valid = np.array([v is not None for v in values], dtype=bool)
+    for value in values:
+        if value is not None:
+            _check(kind, value)
+    if kind == "string":
+        array = np.empty(len(values), dtype=object)
+        array[:] = list(values)
+        return array, valid
+    filled = values if valid is None else [0 if v is None else v for v in values]
+    with np.errstate(over="ignore"):  # a float beyond float32 becomes inf, as in Arrow
+        return np.array(filled, dtype=DTYPES[kind]), valid
+
+
+class Frame:
+    """Rows of sample table ``table``; every declared column, in declared order."""
+
+    __slots__ = ("columns", "num_rows", "table", "valid")
+
+    def __init__(
+        self,
+        table: str,
+        columns: dict[str, np.ndarray],
+        valid: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        self.table = table
+        self.columns = columns
+        self.valid = valid or {}
+        self.num_rows = len(next(iter(columns.values()))) if columns else 0
+
+    @classmethod
+    def empty(cls, table: str) -> Frame:
+        return cls(table, {c.name: np.zeros(0, DTYPES[c.kind]) for c in TABLES[table]})
+
+    @classmethod
+    def from_rows(cls, table: str, rows: Sequence[dict[str, Any]]) -> Frame:
+        """One frame from row dicts (a missing column is null). Raises ``ValueError`` naming the
+        column for a value its type cannot hold, or a null in a required column."""
+        columns: dict[str, np.ndarray] = {}
+        valid: dict[str, np.ndarray] = {}
+        for column in TABLES[table]:
+            values = [row.get(column.name) for row in rows]
+            try:
+                array, mask = column_array(column.kind, values)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise ValueError(f"{table}.{column.name}: {exc}") from None
+            if mask is not None:
+                if not column.nullable:
+                    raise ValueError(f"{table}.{column.name}: null in a required column")
+                valid[column.name] = mask
+            columns[column.name] = array
+        return cls(table, columns, valid)
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.columns)
+
+    def has(self, name: str) -> bool:
+        return name in self.columns
+
+    def times(self) -> np.ndarray:
+        """Sample times, int64 ns."""
+        return self.columns["time"]
+
+    def floats(self, name: str) -> np.ndarray:
+        """A numeric column as float64, null → NaN."""
+        values = self.columns[name].astype(np.float64)
+        mask = self.valid.get(name)
+        if mask is not None:
+            values[~mask] = np.nan
+        return values
+
+    def is_valid(self, name: str) -> np.ndarray:
+        mask = self.valid.get(name)
+        return np.ones(self.num_rows, dtype=bool) if mask is None else mask
+
+    def values(self, name: str) -> list[Any]:
+        """A column as Python values, None for null."""
+        values: list[Any] = self.columns[name].tolist()
+        mask = self.valid.get(name)
+        if mask is not None:
+            values = [v if ok else None for v, ok in zip(values, mask.tolist(), strict=True)]
+        return values
+
+    def strings(self, name: str) -> list[str]:
+        """A column as label strings: numbers in decimal, null → empty."""
+        return ["" if v is None else str(v) for v in self.values(name)]
+
+    def series_codes(self) -> tuple[np.ndarray, list[tuple[str, ...]]]:
+        """An integer code per row for its series key, and the key of each code."""
+        keys = zip(*(self.columns[k].tolist() for k in SERIES_KEYS[self.table]), strict=True)
+        ids: dict[tuple[str, ...], int] = {}
+        codes = np.fromiter(
+            (ids.setdefault(k, len(ids)) for k in keys), dtype=np.int64, count=self.num_rows
+        )
+        return codes, list(ids)
+
+    def take(self, rows: np.ndarray) -> Frame:
+        """The rows at positions ``rows`` (int array), in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return Frame(
+            self.table,
+            {n: c[rows] for n, c in self.columns.items()},
+            {n: m[rows] for n, m in self.valid.items()},
+        )
+
+    def filter(self, keep: np.ndarray) -> Frame:
+        return self.take(np.nonzero(keep)[0])
+
+    @staticmethod
+    def concat(frames: Sequence[Frame]) -> Frame:
+        """The rows of ``frames`` (one table) one after another."""
+        if len(frames) == 1:
+            return frames[0]
+        first = frames[0]
+        columns = {n: np.concatenate([f.columns[n] for f in frames]) for n in first.columns}
+        nullable = {n for f in frames for n in f.valid}
+        valid = {n: np.concatenate([f.is_valid(n) for f in frames]) for n in nullable}
+        return Frame(first.table, columns, valid)
+
+    def sort_indices(self, keys: Iterable[str]) -> np.ndarray:
+        """Row positions ordered by ``keys`` ascending (strings by code point, as Arrow sorts
+        UTF-8; nulls last)."""
+
+        def key(name: str) -> list[tuple[bool, Any]]:
+            return [(v is None, 0 if v is None else v) for v in self.values(name)]
+
+        columns = [key(name) for name in keys]
+        order = sorted(range(self.num_rows), key=lambda i: tuple(c[i] for c in columns))
+        return np.array(order, dtype=np.int64)
+
+    def to_arrow(self) -> pa.Table:
+        """The same rows as an Arrow table of the table's schema (imports pyarrow)."""
+        import pyarrow as pa
+
+        from telemetry.schema import SCHEMAS
+
+        schema = SCHEMAS[self.table]
+        arrays = []
+        for field in schema:
+            values = self.columns[field.name]
+            mask = self.valid.get(field.name)
+            if field.name == "time":
+                arrays.append(pa.array(values, pa.int64()).cast(field.type))
+            else:
+                arrays.append(pa.array(values, field.type, mask=None if mask is None else ~mask))
+        return pa.Table.from_arrays(arrays, schema=schema)
+
+    @classmethod
+    def from_arrow(cls, table: pa.Table, name: str) -> Frame:
+        """Rows of a table already validated as ``name`` (``schema.validate``); extra columns are
+        left out."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        columns: dict[str, np.ndarray] = {}
+        valid: dict[str, np.ndarray] = {}
+        for column in TABLES[name]:
+            values = table.column(column.name)
+            if column.kind == "time":
+                values = values.cast(pa.int64())
+            elif pa.types.is_dictionary(values.type):
+                values = values.cast(values.type.value_type)
+            if values.null_count:
+                valid[column.name] = pc.is_valid(values).to_numpy(zero_copy_only=False)
+                if column.kind != "string":
+                    values = pc.fill_null(values, pa.scalar(0, values.type))
+            array = values.to_numpy(zero_copy_only=False)
+            columns[column.name] = np.asarray(array, dtype=DTYPES[column.kind])
+        return cls(name, columns, valid)
