@@ -2,23 +2,25 @@
 
 A scrape of a large node (or of the cluster aggregator) renders tens of thousands of samples.
 prometheus-client builds one Python object per sample and formats each line on its own; here a
-family is a few Arrow string columns and a float64 array, label values are escaped once per
-column (a column shared by several families is escaped once per scrape), and every line of a
-block is built by one Arrow kernel. The text is byte for byte what ``generate_latest`` writes
-for the same families (labels sorted by name, Go-style floats); ``to_client_metric`` gives the
-same family to prometheus-client for OpenMetrics and for tests that hold the two equal.
+family is a few string columns and a float64 array, label values are escaped once per column
+(a column shared by several families is escaped once per scrape), and every line of a large
+block is built by one Arrow kernel. Small blocks (a node's own scrape) are formatted in Python,
+and Arrow is imported only when a block is large, so the node daemon never loads it. The text
+is byte for byte what ``generate_latest`` writes for the same families (labels sorted by name,
+Go-style floats); ``to_client_metric`` gives the same family to prometheus-client for
+OpenMetrics and for tests that hold the two equal.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TypeAlias
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -26,7 +28,11 @@ from prometheus_client.core import (
     UnknownMetricFamily,
 )
 
-LabelColumn: TypeAlias = "pa.Array | str"
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+# A label's values: an Arrow string array, Python strings, or one string for every sample.
+LabelColumn: TypeAlias = "pa.Array | list[str] | str"
 
 
 @dataclass
@@ -60,12 +66,37 @@ class ColumnFamily:
             self.blocks.append(Block(list(columns), array))
 
 
-_EMPTY = pa.scalar("", pa.string())
-
-
-def strings(values: Sequence[str]) -> pa.Array:
+def strings(values: Sequence[str]) -> list[str]:
     """A label column from Python strings."""
-    return pa.array(values, type=pa.string())
+    return list(values)
+
+
+def _label_values(column: pa.Array | list[str]) -> list[str]:
+    """A label column's values as Python strings."""
+    return column if isinstance(column, list) else [str(v) for v in column.to_pylist()]
+
+
+@functools.cache
+def _arrow() -> Any:
+    """pyarrow, pyarrow.compute and the scalars the large-block path joins with, imported on
+    the first large block. Literals go in as Arrow scalars: a Python str argument makes pyarrow
+    try to import dateutil on every call (to parse it as a date), which costs more than the join
+    itself."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    def text(value: str) -> pa.Scalar:
+        return pa.scalar(value, pa.string())
+
+    return SimpleNamespace(
+        pa=pa,
+        pc=pc,
+        empty=text(""),
+        dot=text("."),
+        nothing=text(""),
+        dot_zero_line=text(".0\n"),
+        line=text("\n"),
+    )
 
 
 def _escape_label(value: str) -> str:
@@ -73,6 +104,7 @@ def _escape_label(value: str) -> str:
 
 
 def _escape_column(column: pa.Array) -> pa.Array:
+    pc = _arrow().pc
     escaped = pc.replace_substring(column, "\\", "\\\\")
     escaped = pc.replace_substring(escaped, "\n", "\\n")
     return pc.replace_substring(escaped, '"', '\\"')
@@ -95,9 +127,6 @@ def go_float(value: float) -> str:
     return text
 
 
-_DOT, _NOTHING = pa.scalar(".", pa.string()), pa.scalar("", pa.string())
-_DOT_ZERO_LINE, _LINE = pa.scalar(".0\n", pa.string()), pa.scalar("\n", pa.string())
-
 # Arrow's float → string cast writes the shortest round-trip digits, as repr() does, 6× faster;
 # it differs from the client's format only where these masks say, and those are mended below.
 _REPR_FROM = 1e-4  # below this, repr() switches to an exponent and Arrow does not
@@ -109,6 +138,8 @@ def _value_strings(values: np.ndarray) -> tuple[pa.Array, pa.Array | str]:
     value under 1e6 (Arrow writes "69", repr "69.0"), else a newline. Positives in [1e6, 1e16)
     take the client's exponent form; the few values whose form Arrow does not share (tiny,
     large negative, non-finite) are written by ``go_float`` itself."""
+    arrow = _arrow()
+    pa, pc = arrow.pa, arrow.pc
     out = pc.cast(pa.array(values, pa.float64()), pa.string())
     magnitude = np.abs(values)
     finite = np.isfinite(values)
@@ -132,7 +163,7 @@ def _value_strings(values: np.ndarray) -> tuple[pa.Array, pa.Array | str]:
         return out, "\n"
     if integral.all():
         return out, ".0\n"
-    return out, pc.if_else(pa.array(integral), _DOT_ZERO_LINE, _LINE)
+    return out, pc.if_else(pa.array(integral), arrow.dot_zero_line, arrow.line)
 
 
 def _exponent_form(texts: pa.Array) -> pa.Array:
@@ -140,25 +171,27 @@ def _exponent_form(texts: pa.Array) -> pa.Array:
     fraction ("1234567.5" → "1.2345675e+06", "100000000" → "1e+08"), by Arrow kernels, one pass
     per integer-part length (there are ten): bytes, joules and counters are most of a large
     scrape's values, and one Python call each cost the most."""
+    arrow = _arrow()
+    pa, pc = arrow.pa, arrow.pc
     dots = pc.find_substring(texts, ".").to_numpy()
     whole = dots < 0
     if whole.any():
         dots = np.where(whole, pc.utf8_length(texts).to_numpy(), dots)
     order = np.argsort(dots, kind="stable")
-    parts: list[pa.Array] = []
+    parts: list[Any] = []
     for dot in np.unique(dots).tolist():
         group = texts.take(pa.array(order[dots[order] == dot]))
         digits = pc.replace_substring(group, ".", "", max_replacements=1)
         mantissa = pc.binary_join_element_wise(
             pc.utf8_slice_codeunits(digits, 0, 1),
-            _DOT,
+            arrow.dot,
             pc.utf8_slice_codeunits(digits, 1),
-            _NOTHING,
+            arrow.nothing,
         )
         exponent = pa.scalar(f"e+{dot - 1:02d}", pa.string())
         parts.append(
             pc.binary_join_element_wise(
-                pc.utf8_rtrim(mantissa, characters="0."), exponent, _NOTHING
+                pc.utf8_rtrim(mantissa, characters="0."), exponent, arrow.nothing
             )
         )
     inverse = np.empty_like(order)
@@ -186,10 +219,7 @@ def _block_text_small(
     columns: list[list[str]] = []
     for i in order:
         column = block.columns[i]
-        if isinstance(column, str):
-            columns.append([column] * n)
-        else:
-            columns.append(list(map(str, column.to_pylist())))
+        columns.append([column] * n if isinstance(column, str) else _label_values(column))
     names = [labels[i] for i in order]
     cache = PrefixCache() if prefixes is None else prefixes
     family = (name, *names)
@@ -210,7 +240,7 @@ def _block_text(
     name: str,
     labels: tuple[str, ...],
     block: Block,
-    cache: dict[int, tuple[pa.Array, pa.Array]],
+    cache: dict[int, tuple[Any, pa.Array]],
     prefixes: PrefixCache | None = None,
 ) -> bytes:
     if block.values.size < _ARROW_FROM_ROWS:
@@ -218,9 +248,11 @@ def _block_text(
     keep = ~np.isnan(block.values)
     if not keep.any():
         return b""
+    arrow = _arrow()
+    pa, pc = arrow.pa, arrow.pc
     everything = bool(keep.all())
     mask = None if everything else pa.array(keep)
-    parts: list[pa.Array | str] = []
+    parts: list[Any] = []
     literal = name
     order = sorted(range(len(labels)), key=lambda i: labels[i])
     for n, i in enumerate(order):
@@ -232,7 +264,8 @@ def _block_text(
         # Keyed by identity, holding the column so that its id cannot be reused meanwhile.
         held = cache.get(id(column))
         if held is None or held[0] is not column:
-            held = cache[id(column)] = (column, _escape_column(column))
+            values = pa.array(column, pa.string()) if isinstance(column, list) else column
+            held = cache[id(column)] = (column, _escape_column(values))
         escaped = held[1]
         parts.extend([literal, escaped if mask is None else pc.filter(escaped, mask)])
         literal = '"'
@@ -240,10 +273,8 @@ def _block_text(
     values = block.values if everything else block.values[keep]
     texts, line_ends = _value_strings(values)
     parts.extend([literal, texts, line_ends])
-    # Literals go in as Arrow scalars: a Python str argument makes pyarrow try to import
-    # dateutil on every call (to parse it as a date), which costs more than the join itself.
     lines = pc.binary_join_element_wise(
-        *[pa.scalar(p, pa.string()) if isinstance(p, str) else p for p in parts], _EMPTY
+        *[pa.scalar(p, pa.string()) if isinstance(p, str) else p for p in parts], arrow.empty
     )
     # The lines lie back to back in the array's data buffer: that buffer is the block's text.
     _, offsets, data = lines.buffers()
@@ -257,7 +288,7 @@ def render_text(families: Iterable[ColumnFamily], prefixes: PrefixCache | None =
     ``prefixes`` (one per exporter) keeps small-block series prefixes from scrape to scrape.
     """
     out: list[bytes] = []
-    cache: dict[int, tuple[pa.Array, pa.Array]] = {}
+    cache: dict[int, tuple[Any, pa.Array]] = {}
     for family in families:
         counter = family.kind == "counter"
         name = family.name + "_total" if counter and family.total_suffix else family.name
@@ -278,10 +309,7 @@ def to_client_metric(family: ColumnFamily) -> Metric:
     metric = cls(family.name, family.documentation, labels=list(family.labels))
     for block in family.blocks:
         n = block.values.size
-        columns = [
-            [c] * n if isinstance(c, str) else [str(v) for v in c.to_pylist()]
-            for c in block.columns
-        ]
+        columns = [[c] * n if isinstance(c, str) else _label_values(c) for c in block.columns]
         for i, value in enumerate(block.values.tolist()):
             if not math.isnan(value):
                 metric.add_metric([column[i] for column in columns], value)

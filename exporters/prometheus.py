@@ -11,12 +11,10 @@ label values are escaped, so no input can add a series.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from prometheus_client.core import Metric
 
 from exporters.exposition import (
@@ -28,8 +26,10 @@ from exporters.exposition import (
     to_client_metric,
 )
 from telemetry import __version__
-from telemetry.schema import CPU_MODES
+from telemetry.frame import Frame
+from telemetry.merge import Table
 from telemetry.state import Snapshot, TableSnapshot
+from telemetry.tables import CPU_MODES
 
 if TYPE_CHECKING:  # annotations only: a node daemon without an inventory never bills
     from telemetry.billing.aggregate import AggregateSnapshot
@@ -279,22 +279,55 @@ def _family(name: str) -> ColumnFamily:
     return ColumnFamily(name, kind, doc, labels)
 
 
-# An Arrow scalar, not "": a Python str argument makes pyarrow try to import dateutil per call.
-_EMPTY = pa.scalar("", pa.string())
-
-
-def _column(table: pa.Table, column: str, default: str = "") -> LabelColumn:
-    """A label column as strings (null → empty); ``default`` when the table lacks it."""
+def _column(table: Table, column: str, default: str = "") -> LabelColumn:
+    """A label column as strings (null → empty); ``default`` when the table lacks it. A Frame
+    (the node daemon) gives Python strings, an Arrow table (replay) an Arrow string array."""
+    if isinstance(table, Frame):
+        return table.strings(column) if table.has(column) else default
     if column not in table.column_names:
         return default
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     values = table.column(column).combine_chunks()
-    return pc.fill_null(pc.cast(values, pa.string()), _EMPTY)
+    # An Arrow scalar, not "": a Python str argument makes pyarrow try to import dateutil.
+    return pc.fill_null(pc.cast(values, pa.string()), pa.scalar("", pa.string()))
 
 
-def _numbers(table: pa.Table, column: str) -> np.ndarray:
+def _numbers(table: Table, column: str) -> np.ndarray:
     """A column as float64, null → NaN (not exported)."""
+    if isinstance(table, Frame):
+        return table.floats(column)
     values: np.ndarray = table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
     return values
+
+
+def _valid(table: Table, column: str) -> np.ndarray:
+    """Where ``column`` holds a value."""
+    if isinstance(table, Frame):
+        return table.is_valid(column)
+    import pyarrow.compute as pc
+
+    held: np.ndarray = pc.is_valid(table.column(column)).to_numpy(zero_copy_only=False)
+    return held
+
+
+def _order(table: Table, keys: list[str]) -> np.ndarray:
+    """Row positions of ``table`` ordered by ``keys``."""
+    if isinstance(table, Frame):
+        return table.sort_indices(keys)
+    import pyarrow.compute as pc
+
+    order: np.ndarray = pc.sort_indices(table, sort_keys=[(k, "ascending") for k in keys])
+    return np.asarray(order)
+
+
+def _take(table: Table, rows: np.ndarray) -> Table:
+    if isinstance(table, Frame):
+        return table.take(rows)
+    import pyarrow as pa
+
+    return table.take(pa.array(rows))
 
 
 def _sorted(snapshot: TableSnapshot, keys: list[str]) -> TableSnapshot:
@@ -302,15 +335,15 @@ def _sorted(snapshot: TableSnapshot, keys: list[str]) -> TableSnapshot:
     latest = snapshot.latest
     if latest.num_rows < 2:
         return snapshot
-    order = pc.sort_indices(latest, sort_keys=[(k, "ascending") for k in keys]).to_numpy()
+    order = _order(latest, keys)
     return TableSnapshot(
-        latest=latest.take(pa.array(order)),
+        latest=_take(latest, order),
         totals={k: v[order] for k, v in snapshot.totals.items()},
         windows={k: v[order] for k, v in snapshot.windows.items()},
     )
 
 
-def _one(name: str, columns: list[LabelColumn], values: np.ndarray) -> ColumnFamily:
+def _one(name: str, columns: Sequence[LabelColumn], values: np.ndarray) -> ColumnFamily:
     family = _family(name)
     family.add(columns, values)
     return family
@@ -363,23 +396,35 @@ def gpu_families(snap: TableSnapshot) -> Iterator[ColumnFamily]:
     yield _one("tally_gpu_clock_event_reasons", ids, _numbers(t, "clock_event_reasons"))
     yield _one("tally_gpu_xid_errors", ids, _numbers(t, "xid_errors"))
     yield _one("tally_gpu_last_xid", ids, _numbers(t, "xid_last"))
-    held = pc.is_valid(t.column("job_id")).to_numpy(zero_copy_only=False)
+    held = _valid(t, "job_id")
     yield _one("tally_gpu_job_info", [*ids, _column(t, "job_id")], np.where(held, 1.0, np.nan))
 
 
 def gpu_job_families(snap: TableSnapshot, gpus: TableSnapshot | None) -> Iterator[ColumnFamily]:
     """Per-job series of shared GPUs; the ``gpu`` label (NVML index) comes from the GPU's own
     newest row (empty where the GPU has none)."""
-    t = snap.latest.select(["node", "gpu_uuid", "job_id", "share", "sm_utilization_ratio"])
+    t = _take(snap.latest, _order(snap.latest, ["node", "gpu_uuid", "job_id"]))
+    nodes, uuids = _column(t, "node"), _column(t, "gpu_uuid")
+    assert not isinstance(nodes, str) and not isinstance(uuids, str)
+    node_list, uuid_list = _label_strings(nodes), _label_strings(uuids)
+    index: dict[tuple[str, str], str] = {}
     if gpus is not None and gpus.latest.num_rows:
-        index = gpus.latest.select(["node", "gpu_uuid", "gpu_index"])
-        t = t.join(index, ["node", "gpu_uuid"], join_type="left outer")
-    order = [("node", "ascending"), ("gpu_uuid", "ascending"), ("job_id", "ascending")]
-    t = t.sort_by(order)
-    ids = [_column(t, "node"), _column(t, "gpu_index"), _column(t, "gpu_uuid")]
-    ids.append(_column(t, "job_id"))
+        g = gpus.latest
+        keys = zip(
+            _label_strings(_column(g, "node")), _label_strings(_column(g, "gpu_uuid")), strict=True
+        )
+        index = dict(zip(keys, _label_strings(_column(g, "gpu_index")), strict=True))
+    gpu = [index.get(key, "") for key in zip(node_list, uuid_list, strict=True)]
+    ids = [nodes, gpu, uuids, _column(t, "job_id")]
     yield _one("tally_gpu_job_utilization_ratio", ids, _numbers(t, "sm_utilization_ratio"))
     yield _one("tally_gpu_job_share", ids, _numbers(t, "share"))
+
+
+def _label_strings(column: LabelColumn) -> list[str]:
+    if isinstance(column, list):
+        return column
+    assert not isinstance(column, str)
+    return [str(v) for v in column.to_pylist()]
 
 
 def job_families(snap: TableSnapshot) -> Iterator[ColumnFamily]:
@@ -485,8 +530,7 @@ def dcgm_families(snap: TableSnapshot) -> Iterator[ColumnFamily]:
     snap = _sorted(snap, ["node", "gpu_index", "gpu_uuid"])
     t = snap.latest
     index = _column(t, "gpu_index")
-    prefix, empty = pa.scalar("nvidia", pa.string()), pa.scalar("", pa.string())
-    device = pc.binary_join_element_wise(prefix, index, empty)
+    device = [f"nvidia{i}" for i in _label_strings(index)]
     labels = [index, _column(t, "gpu_uuid"), device, _column(t, "gpu_model"), _column(t, "node")]
     labels += [_column(t, "mig_profile"), _column(t, "gpu_instance_id")]
     for name, (_, _, column, scale) in DCGM_METRICS.items():

@@ -20,7 +20,6 @@ import threading
 import time
 from types import FrameType
 
-import pyarrow as pa
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
@@ -30,8 +29,8 @@ from telemetry.clock import SteadyClock
 from telemetry.collectors import REGISTRY, CollectorContext, Runner
 from telemetry.collectors.base import CollectorStatus
 from telemetry.config import DaemonConfig, load_object
+from telemetry.frame import Frame
 from telemetry.logs import OnceLogger, say
-from telemetry.schema import SchemaError
 from telemetry.state import Snapshot, State
 from telemetry.store.writer import Store
 
@@ -60,14 +59,14 @@ class Daemon:
         self.state = State(config.max_gap_seconds, inventory)
         self.store = Store(config.data_dir, self.node, config.rotate_seconds)
         self.store_errors = 0
-        self._pending: list[tuple[str, pa.Table]] = []
+        self._pending: list[tuple[str, Frame]] = []
         self.pending_dropped = 0
         self._last_time_ns = 0
         self.clock_dropped: dict[str, int] = {}
         # Rounds collected but not yet ingested into the live state, the last round's collector
         # status, and the snapshot of everything ingested (None: rounds came in since it was made).
         self._lock = threading.Lock()
-        self._unaggregated: list[tuple[str, pa.Table]] = []
+        self._unaggregated: list[tuple[str, Frame]] = []
         self._rounds_unaggregated = 0
         self._aggregate_every = max(1, int(AGGREGATE_EVERY_SECONDS / config.interval_seconds))
         self._status: dict[str, CollectorStatus] = {}
@@ -139,15 +138,14 @@ class Daemon:
     def _aggregate(self) -> None:
         """Ingest the rounds collected since the last aggregation, one batch per table (the
         state's sums do not depend on how the rows are split). Called with the lock held."""
-        by_table: dict[str, list[pa.Table]] = {}
+        by_table: dict[str, list[Frame]] = {}
         for table, batch in self._unaggregated:
             by_table.setdefault(table, []).append(batch)
         self._unaggregated, self._rounds_unaggregated = [], 0
         for table, batches in by_table.items():
-            batch = batches[0] if len(batches) == 1 else pa.concat_tables(batches)
             try:
-                self.state.ingest(table, batch)
-            except SchemaError as exc:  # never expected of our own tables: the journal has them
+                self.state.ingest(table, Frame.concat(batches))
+            except ValueError as exc:  # never expected of our own rows: the journal has them
                 self._once.warning(f"ingest:{table}", f"live {table} rows left out: {exc}")
 
     def snapshot(self) -> Snapshot:

@@ -10,12 +10,13 @@ nulls. :meth:`Frame.to_arrow` and :meth:`Frame.from_arrow` cross to Arrow where 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from telemetry.tables import SERIES_KEYS, TABLES
+from telemetry.tables import EARLIEST_NS, LATEST_NS, SERIES_KEYS, TABLES, VALID_RANGES
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -37,37 +38,47 @@ _INT_BOUNDS = {
 }
 
 
-def _check(kind: str, value: Any) -> None:
-    """Raise ``ValueError``/``TypeError`` unless ``value`` (not None) fits a column of ``kind``."""
+_INTEGERS = frozenset({int, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32})
+_NUMBERS = _INTEGERS | {float, np.float32, np.float64}
+
+
+def _expected(kind: str) -> str:
     if kind == "string":
-        if not isinstance(value, str):
-            raise TypeError(f"expected a string, got {type(value).__name__}")
-        value.encode("utf-8")  # a lone surrogate cannot be stored
-    elif kind in _INT_BOUNDS:
-        if isinstance(value, bool) or not isinstance(value, int | np.integer):
-            raise TypeError(f"expected an integer, got {type(value).__name__}")
-        low, high = _INT_BOUNDS[kind]
-        if not low <= int(value) <= high:
-            raise OverflowError(f"{value} does not fit {kind}")
-    elif isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise TypeError(f"expected a number, got {type(value).__name__}")
+        return "a string"
+    return "an integer" if kind in _INT_BOUNDS else "a number"
 
 
 def column_array(kind: str, values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray | None]:
     """``values`` (Python, None for null) as a column of ``kind``: the array and its validity
-    mask (None when nothing is null). Raises ``ValueError``/``TypeError``/``OverflowError`` for a
-    value the column cannot hold."""
+    mask (None when nothing is null). Raises ``TypeError`` for a value of the wrong type (a
+    string for a number; a fraction or a bool for an integer, which Arrow would truncate),
+    ``OverflowError`` for an integer the column cannot hold, ``ValueError`` for a string that is
+    not valid Unicode."""
+    types = {type(v) for v in values}
     valid: np.ndarray | None = None
-    if any(v is None for v in values):
+    if type(None) in types:
+        types.discard(type(None))
         valid = np.array([v is not None for v in values], dtype=bool)
-    for value in values:
-        if value is not None:
-            _check(kind, value)
     if kind == "string":
+        allowed: frozenset[type] = frozenset({str})
+    else:
+        allowed = _INTEGERS if kind in _INT_BOUNDS else _NUMBERS
+    wrong = types - allowed
+    if wrong:
+        got = sorted(t.__name__ for t in wrong)[0]
+        raise TypeError(f"expected {_expected(kind)}, got {got}")
+    present = values if valid is None else [v for v in values if v is not None]
+    if kind == "string":
+        "".join(present).encode("utf-8")  # a lone surrogate cannot be stored
         array = np.empty(len(values), dtype=object)
         array[:] = list(values)
         return array, valid
     filled = values if valid is None else [0 if v is None else v for v in values]
+    if kind in _INT_BOUNDS:
+        low, high = _INT_BOUNDS[kind]
+        if present and not (low <= min(present) and max(present) <= high):
+            raise OverflowError(f"{max(present, key=abs)} does not fit {kind}")
+        return np.array(filled, dtype=DTYPES[kind]), valid
     with np.errstate(over="ignore"):  # a float beyond float32 becomes inf, as in Arrow
         return np.array(filled, dtype=DTYPES[kind]), valid
 
@@ -178,6 +189,19 @@ class Frame:
         valid = {n: np.concatenate([f.is_valid(n) for f in frames]) for n in nullable}
         return Frame(first.table, columns, valid)
 
+    def equals(self, other: Frame) -> bool:
+        """Same table, rows and values (NaN equal to NaN, nulls equal to nulls)."""
+        if self.table != other.table or self.num_rows != other.num_rows:
+            return False
+        for name in self.columns:
+            if not np.array_equal(self.is_valid(name), other.is_valid(name)):
+                return False
+            mine, theirs = self.values(name), other.values(name)
+            for a, b in zip(mine, theirs, strict=True):
+                if a != b and not (_is_nan(a) and _is_nan(b)):
+                    return False
+        return True
+
     def sort_indices(self, keys: Iterable[str]) -> np.ndarray:
         """Row positions ordered by ``keys`` ascending (strings by code point, as Arrow sorts
         UTF-8; nulls last)."""
@@ -188,6 +212,26 @@ class Frame:
         columns = [key(name) for name in keys]
         order = sorted(range(self.num_rows), key=lambda i: tuple(c[i] for c in columns))
         return np.array(order, dtype=np.int64)
+
+    def screened(self) -> tuple[Frame, int]:
+        """The rows whose values all lie in ``VALID_RANGES`` and whose time lies in [2000,
+        2100) (null passes where a column may be null; NaN and ±inf do not), as
+        ``schema.screen`` keeps them from Arrow tables; and how many rows were left out."""
+        times = self.columns["time"]
+        keep = (times >= EARLIEST_NS) & (times <= LATEST_NS)
+        kinds = {c.name: c.kind for c in TABLES[self.table]}
+        for name, (low, high) in VALID_RANGES[self.table].items():
+            values = self.columns[name]
+            if kinds[name].startswith("int"):
+                inside = (values >= int(low)) & (values <= min(int(high), 2**62))
+            else:
+                wide = values.astype(np.float64)  # compared as Arrow does, not in float32
+                inside = (wide >= low) & (wide <= high)
+            mask = self.valid.get(name)
+            keep &= inside if mask is None else (inside | ~mask)
+        if keep.all():
+            return self, 0
+        return self.filter(keep), int(self.num_rows - np.count_nonzero(keep))
 
     def to_arrow(self) -> pa.Table:
         """The same rows as an Arrow table of the table's schema (imports pyarrow)."""
@@ -228,3 +272,7 @@ class Frame:
             array = values.to_numpy(zero_copy_only=False)
             columns[column.name] = np.asarray(array, dtype=DTYPES[column.kind])
         return cls(name, columns, valid)
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)

@@ -2,7 +2,8 @@
 trailing windows need, accumulate SPEC §3 counters, and publish a snapshot for the exporter.
 
 All row work is done by the ``kernels`` functions on whole columns; Python loops run over
-tables and series, never over rows.
+tables and series, never over rows. Rows come as Arrow tables (replay) or as Frames (the node
+daemon, which so never loads Arrow); the snapshot holds the kind that came in.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
 
 import kernels
 from telemetry.collectors.base import CollectorStatus
-from telemetry.rows import merge_rows, series_codes
-from telemetry.schema import SCHEMAS, SERIES_KEYS, screen, validate
+from telemetry.frame import Frame
+from telemetry.merge import Table, as_rows, merge_rows
+from telemetry.tables import TABLES
 
 if TYPE_CHECKING:  # the bill engine is imported only when an inventory asks for pools
+    import pyarrow as pa
+
     from telemetry.billing.engine import LiveTotals
     from telemetry.billing.inventory import Inventory
 
@@ -53,7 +56,7 @@ class TableSnapshot:
     window label to float64 ratios (NaN when the window holds no interval).
     """
 
-    latest: pa.Table
+    latest: Table
     totals: dict[str, np.ndarray] = field(default_factory=dict)
     windows: dict[str, np.ndarray] = field(default_factory=dict)
 
@@ -91,8 +94,7 @@ class TableState:
         self.name = name
         self.max_gap_ns = int(max_gap_seconds * NS)
         self.retain_ns = max(WINDOWS.values()) * NS + self.max_gap_ns
-        self.schema = SCHEMAS[name]
-        self.newest = self.schema.empty_table()  # each live series' newest row
+        self.newest: Table = Frame.empty(name)  # each live series' newest row
         self.totals: dict[tuple[str, ...], dict[str, int]] = {}
         self.stats = IngestStats()
         # Every retained row as (series id, time) sorted by both, with its ratio contributions.
@@ -110,14 +112,15 @@ class TableState:
         self._newest_ns: dict[int, int] = {}  # series id → its newest time
 
     @property
-    def retained(self) -> pa.Table:
+    def retained(self) -> Table:
         """The newest row of every series still kept (older rows live on as times and sums)."""
         return self.newest
 
-    def ingest(self, batch: pa.Table, checked: bool = False) -> None:
-        """Add rows (any order, any series); raises ``SchemaError`` for a non-conforming table.
-        ``checked``: ``batch`` is already validated (``State.ingest`` did it)."""
-        new = (batch if checked else validate(batch, self.name)).select(self.schema.names)
+    def ingest(self, batch: Table, checked: bool = False) -> None:
+        """Add rows (any order, any series); raises ``SchemaError`` for a non-conforming Arrow
+        table. ``checked``: ``batch`` is already validated (``State.ingest`` did it; a Frame
+        conforms by construction)."""
+        new = batch if isinstance(batch, Frame) else _conformed(batch, self.name, checked)
         if new.num_rows == 0:
             return
         self.stats.rows += new.num_rows
@@ -149,7 +152,7 @@ class TableState:
             gone = self._ids.pop(labels[code], None)
             if gone is not None:
                 self._newest_ns.pop(gone, None)
-        self.newest = table.take(pa.array(last[alive[codes[last]]]))
+        self.newest = as_rows(table, self.name).take(last[alive[codes[last]]])
         fresh = np.nonzero(is_new & alive[codes])[0]
         self._add_rows(
             [labels[c] for c in codes[fresh].tolist()],
@@ -157,18 +160,15 @@ class TableState:
             {p: parts[p][fresh] for p in RATIO_PARTS.get(self.name, ())},
         )
 
-    def _labels(self, table: pa.Table) -> list[tuple[str, ...]]:
-        """Each row's series key as :func:`series_codes` spells it (strings)."""
-        columns = [table.column(k).to_pylist() for k in SERIES_KEYS[self.name]]
-        return [tuple(str(v) for v in key) for key in zip(*columns, strict=True)]
-
-    def _drop_repeats_of_older_rows(self, new: pa.Table) -> pa.Table:
+    def _drop_repeats_of_older_rows(self, new: Table) -> Table:
         """``new`` without the rows that repeat (series, time) of a retained row older than the
         series' newest, counted as duplicates: the earlier row wins, as in a full merge."""
         if not self._ids:
             return new
-        times = new.column("time").cast(pa.int64()).to_numpy()
-        ids = [self._ids.get(k, -1) for k in self._labels(new)]
+        reader = as_rows(new, self.name)
+        times = reader.times()
+        codes, labels = reader.series_codes()
+        ids = [self._ids.get(labels[c], -1) for c in codes.tolist()]
         unseen = np.iinfo(np.int64).min  # a new series repeats nothing
         newest = np.array([self._newest_ns.get(i, unseen) for i in ids], dtype=np.int64)
         older = np.nonzero(times < newest)[0]
@@ -188,7 +188,7 @@ class TableState:
         if not repeat.any():
             return new
         self.stats.duplicates += int(repeat.sum())
-        return new.filter(pa.array(~repeat))
+        return reader.take(np.nonzero(~repeat)[0])
 
     def _add_rows(
         self, labels: list[tuple[str, ...]], times: np.ndarray, parts: dict[str, np.ndarray]
@@ -252,15 +252,18 @@ class TableState:
         table = self.newest
         if table.num_rows == 0:
             return TableSnapshot(latest=table)
-        codes, labels = series_codes(table, self.name)
-        times = table.column("time").cast(pa.int64()).to_numpy()
+        reader = as_rows(table, self.name)
+        codes, labels = reader.series_codes()
+        times = reader.times()
         order = kernels.series_order(codes, times)  # one row per series: by series key
         codes, times = codes[order], times[order]
-        latest = table.take(pa.array(order))
 
-        nodes = latest.column("node")
-        node_codes, _ = series_codes(pa.table({"node": nodes}), "cpu")
-        node_newest = np.full(int(node_codes.max()) + 1, np.iinfo(np.int64).min, dtype=np.int64)
+        node_ids: dict[str, int] = {}  # every series key starts with its node
+        node_codes = np.array(
+            [node_ids.setdefault(labels[c][0], len(node_ids)) for c in codes.tolist()],
+            dtype=np.int64,
+        )
+        node_newest = np.full(len(node_ids), np.iinfo(np.int64).min, dtype=np.int64)
         np.maximum.at(node_newest, node_codes, times)
         current = times >= node_newest[node_codes] - self.max_gap_ns
 
@@ -285,9 +288,15 @@ class TableState:
             p: np.array([self.totals.get(k, {}).get(p, 0) for k in keys], dtype=np.int64)
             for p in names
         }
-        return TableSnapshot(
-            latest=latest.filter(pa.array(current)), totals=totals, windows=windows
-        )
+        latest = reader.take(order[current])
+        return TableSnapshot(latest=latest, totals=totals, windows=windows)
+
+
+def _conformed(batch: pa.Table, name: str, checked: bool) -> pa.Table:
+    """An Arrow batch with exactly the table's columns, validated unless ``checked``."""
+    from telemetry.schema import SCHEMAS, validate
+
+    return (batch if checked else validate(batch, name)).select(SCHEMAS[name].names)
 
 
 # Job batches between two retirements of silent jobs from the live bill.
@@ -305,7 +314,7 @@ class State:
     def __init__(
         self, max_gap_seconds: float = DEFAULT_MAX_GAP_SECONDS, inventory: Inventory | None = None
     ) -> None:
-        self.tables = {name: TableState(name, max_gap_seconds) for name in SCHEMAS}
+        self.tables = {name: TableState(name, max_gap_seconds) for name in TABLES}
         self.biller = None
         if inventory is not None:
             from telemetry.billing.engine import LIVE_WINDOW_SECONDS, Biller
@@ -313,15 +322,23 @@ class State:
             self.biller = Biller(inventory, LIVE_WINDOW_SECONDS)
         self._job_batches = 0
 
-    def ingest(self, name: str, batch: pa.Table) -> None:
+    def ingest(self, name: str, batch: Table) -> None:
         """Add rows of table ``name``; rows outside the valid ranges are dropped and counted
-        (they would turn counters backwards); raises ``SchemaError`` for a non-conforming table."""
-        checked = validate(batch, name)
-        kept = screen(checked, name)[0]
-        self.tables[name].stats.out_of_range += checked.num_rows - kept.num_rows
+        (they would turn counters backwards); raises ``SchemaError`` for a non-conforming Arrow
+        table."""
+        kept: Table
+        if isinstance(batch, Frame):
+            kept, dropped = batch.screened()
+        else:
+            from telemetry.schema import screen, validate
+
+            checked = validate(batch, name)
+            kept = screen(checked, name)[0]
+            dropped = checked.num_rows - kept.num_rows
+        self.tables[name].stats.out_of_range += dropped
         self.tables[name].ingest(kept, checked=True)
-        if self.biller is not None:
-            self.biller.add({name: kept})
+        if self.biller is not None:  # bills read Arrow: a daemon with an inventory loads it
+            self.biller.add({name: kept.to_arrow() if isinstance(kept, Frame) else kept})
             if name == "job" and kept.num_rows:
                 self._job_batches += 1
                 if self._job_batches % RETIRE_EVERY == 0:

@@ -79,7 +79,7 @@ def make_runner(root: Path, *, user_hz: int = 100, sysfs: Path | None = None) ->
 
 
 def cpu_row(rnd: Round) -> dict[str, object]:
-    table = rnd.tables["cpu"]
+    table = rnd.tables["cpu"].to_arrow()
     assert table.num_rows == 1
     # time as int ns: datetime cannot hold a real clock's nanoseconds
     table = table.set_column(0, "time", table.column("time").cast(pa.int64()))
@@ -120,7 +120,7 @@ def test_normal_host_first_round() -> None:
     assert rnd.rows_dropped == 0
     assert rnd.time_ns == T0
     assert set(rnd.tables) == {"cpu"}
-    assert rnd.tables["cpu"].schema == CPU_SCHEMA
+    assert rnd.tables["cpu"].to_arrow().schema == CPU_SCHEMA
     row = cpu_row(rnd)
     assert row["node"] == "n1"
     assert row["time"] == T0
@@ -456,4 +456,4 @@ def test_a_value_that_does_not_fit_fails_only_its_collector() -> None:
     assert not result.status["broken-test"].success
     assert "memory_total_bytes" in (result.status["broken-test"].error or "")
     assert not result.status["foreign-test"].success
-    assert result.tables["cpu"].column("memory_total_bytes")[0].as_py() < 2**63
+    assert result.tables["cpu"].to_arrow().column("memory_total_bytes")[0].as_py() < 2**63

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import numpy as np
+import pyarrow as pa
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -7,9 +9,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporters.prometheus import METRICS, TallyCollector
 from telemetry import __version__
 from telemetry.collectors.base import CollectorStatus
+from telemetry.frame import Frame
+from telemetry.schema import GPU_JOB_SCHEMA
 from telemetry.state import Snapshot, State
 from tests.support.promtool import promtool_check
-from tests.support.tables import HOSTILE, cpu_table, gpu_table, job_table
+from tests.support.tables import HOSTILE, T0, cpu_table, gpu_table, job_table
+from tests.support.units import NS
 
 
 def _exposition(snapshot: Snapshot) -> bytes:
@@ -159,3 +164,63 @@ def test_empty_snapshot_still_renders_build_info(promtool: str) -> None:
     text = _exposition(Snapshot())
     assert b"tally_build_info{" in text
     assert promtool_check(promtool, text).returncode == 0
+
+
+def _frame(table: pa.Table, name: str) -> Frame:
+    """The rows of an Arrow table as the daemon's collectors hand them over."""
+    rows = table.set_column(0, "time", table.column("time").cast(pa.int64())).to_pylist()
+    return Frame.from_rows(name, rows)
+
+
+@pytest.mark.parametrize("label", ["plain", *HOSTILE])
+def test_frames_render_the_bytes_arrow_tables_render(label: str) -> None:
+    """The daemon's rows (Frames, no Arrow) and replay's (Arrow tables) make the same state and
+    the same exposition, byte for byte, through both renderers."""
+    times = [float(t) for t in range(0, 300, 5)]
+    gpu_b = gpu_table(label, "GPU-b", 1, times, util=None, job_id=None)
+    power = np.full(len(times), 300.0, dtype=np.float32)
+    power[7] = 5e5  # out of range: dropped and counted either way
+    gpu_b = gpu_b.set_column(gpu_b.schema.get_field_index("power_watts"), "power_watts",
+                             pa.array(power))  # fmt: skip
+    shared = pa.table(
+        {
+            "time": pa.array([T0 + int(t * NS) for t in times for _ in (0, 1)], pa.int64()),
+            "node": [label] * (2 * len(times)),
+            "gpu_uuid": ["GPU-b"] * (2 * len(times)),
+            "job_id": [label, "other"] * len(times),
+            "share": pa.array([0.25, 0.75] * len(times), pa.float32()),
+            "sm_utilization_ratio": pa.array([0.1, None] * len(times), pa.float32()),
+            "memory_used_bytes": pa.array([1 << 30, None] * len(times), pa.int64()),
+        }
+    ).cast(GPU_JOB_SCHEMA)
+    tables = {
+        "cpu": cpu_table(label, times, cpus=8, busy_share=0.3),
+        "gpu": pa.concat_tables(
+            [gpu_table(label, "GPU-a", 0, times, util=0.5, job_id=label, model=label), gpu_b]
+        ),
+        "job": job_table(label, label, times, user=label, account=label),
+        "gpu_job": shared,
+    }
+    from_arrow, from_frames = State(), State()
+    for lo in range(0, len(times), 20):  # three rounds' worth each
+        window = (T0 + int(times[lo] * NS), T0 + int(times[min(lo + 20, len(times)) - 1] * NS))
+        for name, table in tables.items():
+            ns = table.column("time").cast(pa.int64()).to_numpy()
+            part = table.filter(pa.array((ns >= window[0]) & (ns <= window[1])))
+            from_arrow.ingest(name, part)
+            from_frames.ingest(name, _frame(part, name))
+    status = {"gpu": CollectorStatus(True, 0.001)}
+    texts = []
+    for state in (from_arrow, from_frames):
+        snapshot = state.snapshot(status)
+        assert snapshot.ingest["gpu"].out_of_range == 1
+        collector = TallyCollector(lambda snapshot=snapshot: snapshot, dcgm_compat=True)
+        registry = CollectorRegistry()
+        registry.register(collector)
+        texts.append((collector.render_text(), generate_latest(registry)))
+    assert texts[0] == texts[1]
+    samples = _samples(texts[1][0])
+    share = ("tally_gpu_job_share", (("gpu", "1"), ("job", label), ("node", label),
+                                     ("uuid", "GPU-b")))  # fmt: skip
+    assert samples[share] == 0.25
+    assert samples[("tally_gpu_power_watts", (("gpu", "1"), ("node", label), ("uuid", "GPU-b")))]

@@ -207,8 +207,8 @@ def test_gpu_job_from_slurm_claim_else_from_process_cgroup(
     result = Runner([collector, Claims(_ctx(fake, proc))]).run()
     jobs = dict(
         zip(
-            result.tables["gpu"].column("gpu_index").to_pylist(),
-            result.tables["gpu"].column("job_id").to_pylist(),
+            result.tables["gpu"].to_arrow().column("gpu_index").to_pylist(),
+            result.tables["gpu"].to_arrow().column("job_id").to_pylist(),
             strict=True,
         )
     )

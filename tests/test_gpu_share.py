@@ -63,7 +63,7 @@ def test_two_h100s_with_mig_are_two_gpus_of_capacity_not_six(profiles: list[Any]
     runner = Runner([GpuCollector(_ctx(FakeNVML(profiles, clock=clock)))])
     rounds = []
     for _ in range(3):
-        table = runner.run().tables["gpu"]
+        table = runner.run().tables["gpu"].to_arrow()
         assert table.num_rows == sum(1 + len(p.mig_instances) for p in profiles)
         rounds.append(_capacity_per_round(table))
         clock.advance(10.0)
@@ -72,7 +72,7 @@ def test_two_h100s_with_mig_are_two_gpus_of_capacity_not_six(profiles: list[Any]
 
 def test_each_mig_instance_carries_its_slice_fraction() -> None:
     fake = FakeNVML([H100_MIG])
-    units = _units(Runner([GpuCollector(_ctx(fake))]).run().tables["gpu"])
+    units = _units(Runner([GpuCollector(_ctx(fake))]).run().tables["gpu"].to_arrow())
     parent = fake.devices[0]
     expected = {"3g.40gb": 3 / 7, "2g.20gb": 2 / 7, "1g.10gb": 1 / 7}
     for mig in parent.mig_devices:
@@ -83,7 +83,7 @@ def test_each_mig_instance_carries_its_slice_fraction() -> None:
 def test_a_partly_partitioned_gpu_keeps_its_free_slices_on_the_parent() -> None:
     half = replace(H100_MIG, mig_instances=H100_MIG.mig_instances[:2])  # 3g + 2g of 7
     fake = FakeNVML([half, H100_IDLE])
-    table = Runner([GpuCollector(_ctx(fake))]).run().tables["gpu"]
+    table = Runner([GpuCollector(_ctx(fake))]).run().tables["gpu"].to_arrow()
     units = _units(table)
     assert units[fake.devices[0].uuid] == pytest.approx(2 / 7, rel=1e-6)
     assert units[fake.devices[1].uuid] == 1.0
@@ -94,7 +94,7 @@ def test_slices_fall_back_to_the_profile_name_and_the_max_mig_device_count() -> 
     fake = FakeNVML([H100_MIG], hidden=["nvmlDeviceGetGpuInstanceProfileInfo"])
     for i in range(len(H100_MIG.mig_instances)):
         fake.set_unsupported(0, "nvmlDeviceGetAttributes", mig_index=i)
-    units = _units(Runner([GpuCollector(_ctx(fake))]).run().tables["gpu"])
+    units = _units(Runner([GpuCollector(_ctx(fake))]).run().tables["gpu"].to_arrow())
     assert units[fake.devices[0].mig_devices[0].uuid] == pytest.approx(3 / 7, rel=1e-6)
     assert sum(u for u in units.values() if u is not None) == pytest.approx(1.0, abs=1e-6)
     assert (profile_slices("2g.20gb"), profile_slices("1c.3g.40gb")) == (2, 1)
@@ -142,9 +142,10 @@ def test_a_job_on_a_mig_instance_is_allocated_its_fraction(tmp_path: Path) -> No
     # Slurm counts a MIG device as one GPU; the claim names the instance by UUID.
     claim = {"gpu_uuid": fake.devices[0].mig_devices[0].uuid, "job_id": "880"}
     result = Runner([GpuCollector(ctx), _Jobs(ctx, [_job("880", 1.0)], [claim])]).run()
-    jobs = _pylist(result.tables["job"])
+    jobs = _pylist(result.tables["job"].to_arrow())
     assert jobs[0]["gpus_allocated"] == pytest.approx(3 / 7, rel=1e-6)
-    held = {r["gpu_uuid"]: r["job_id"] for r in _pylist(result.tables["gpu"]) if r["mig_profile"]}
+    gpus = _pylist(result.tables["gpu"].to_arrow())
+    held = {r["gpu_uuid"]: r["job_id"] for r in gpus if r["mig_profile"]}
     assert held[fake.devices[0].mig_devices[0].uuid] == "880"
     assert "gpu_job" not in result.tables  # one job per instance: MIG is not a shared GPU
 
@@ -209,7 +210,7 @@ def _shared_gpu(tmp_path: Path, clock: FakeClock) -> tuple[FakeNVML, Path]:
 
 
 def _gpu_job(result: Any) -> dict[str, dict[str, Any]]:
-    table = validate(result.tables["gpu_job"], "gpu_job")
+    table = validate(result.tables["gpu_job"].to_arrow(), "gpu_job")
     return {r["job_id"]: r for r in _pylist(table)}
 
 
@@ -272,7 +273,7 @@ def test_one_job_on_a_gpu_writes_no_gpu_job_rows(tmp_path: Path) -> None:
     clock.advance(5.0)
     result = Runner([GpuCollector(_ctx(fake, proc))]).run()
     assert "gpu_job" not in result.tables
-    jobs = result.tables["gpu"].column("job_id").to_pylist()
+    jobs = result.tables["gpu"].to_arrow().column("job_id").to_pylist()
     assert jobs == ["501", None]
 
 
@@ -326,4 +327,4 @@ def test_claims_by_uuid_with_replica_shares_name_a_whole_gpu(tmp_path: Path) -> 
     rows = _gpu_job(result)
     assert {j: r["share"] for j, r in rows.items()} == {"pod-a": 0.5, "pod-b": 0.25}
     assert all(r["memory_used_bytes"] == 0 for r in rows.values())  # no process yet
-    assert result.tables["gpu"].column("job_id").to_pylist() == ["pod-a", None]
+    assert result.tables["gpu"].to_arrow().column("job_id").to_pylist() == ["pod-a", None]

@@ -381,7 +381,7 @@ def test_kubelet_restart_reconnects(tmp_path: Path, caplog: pytest.LogCaptureFix
             runner.close()
             server.stop()
     assert len(_pod_lines(caplog)) == 1
-    assert set(result.tables["job"].column("job_id").to_pylist()) == set(expected(2))
+    assert set(result.tables["job"].to_arrow().column("job_id").to_pylist()) == set(expected(2))
 
 
 def test_a_dead_kubelet_socket_fails_with_one_line(

@@ -188,8 +188,9 @@ def test_rows_fit_the_job_schema_and_survive_parquet() -> None:
     for root in (V2, V1):
         out = SlurmJobCollector(ctx(root), resolve_user=names).collect()
         check_rows({"job": out["job"]})
-        tables, dropped = assemble({"job": out["job"]}, T0, "n1")
+        frames, dropped = assemble({"job": out["job"]}, T0, "n1")
         assert dropped == 0
+        tables = {"job": frames["job"].to_arrow()}
         assert tables["job"].schema == JOB_SCHEMA
         buf = io.BytesIO()
         pq.write_table(tables["job"], buf)
@@ -206,7 +207,7 @@ def test_through_the_runner() -> None:
     rnd = runner.run()
     assert rnd.status["job"].success, rnd.status["job"].error
     assert set(rnd.tables) == {"job"}  # the _gpu_job side output is no table
-    table = rnd.tables["job"]
+    table = rnd.tables["job"].to_arrow()
     assert table.schema == JOB_SCHEMA
     assert set(table.column("node").to_pylist()) == {"n1"}
     assert sorted(table.column("job_id").to_pylist()) == sorted(V2_EXPECTED)
@@ -426,7 +427,7 @@ def test_malformed_cgroup_file_fails_that_job_alone(
     runner = Runner([SlurmJobCollector(ctx(root), resolve_user=names)], clock_ns=lambda: T0)
     rnd = runner.run()
     assert rnd.status["job"].success
-    assert sorted(rnd.tables["job"].column("job_id").to_pylist()) == sorted(
+    assert sorted(rnd.tables["job"].to_arrow().column("job_id").to_pylist()) == sorted(
         set(V2_EXPECTED) - {"1003"}
     )
     assert any(name in m and "job_1003" in m for m in warnings)
@@ -686,7 +687,7 @@ def test_fuzz_hostile_environ_through_the_collector(user: bytes, account: bytes)
     check_rows({"job": out["job"]})
     tables, _ = assemble({"job": out["job"]}, T0, "n1")
     assert tables["job"].num_rows == 1
-    assert isinstance(tables["job"], pa.Table)
+    assert isinstance(tables["job"].to_arrow(), pa.Table)
 
 
 def test_a_search_that_found_nothing_new_waits_before_walking_the_job_again(

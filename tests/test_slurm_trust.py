@@ -139,7 +139,7 @@ def test_rows_fit_the_job_table(tmp_path: Path) -> None:
     runner = Runner([collector(copy_tree(tmp_path))], clock_ns=lambda: T0)
     rnd = runner.run()
     assert rnd.status["job"].success, rnd.status["job"].error
-    table = rnd.tables["job"]
+    table = rnd.tables["job"].to_arrow()
     assert table.schema == JOB_SCHEMA
     sources = dict(
         zip(
@@ -350,7 +350,7 @@ def test_spoofing_job_is_billed_to_its_real_account(tmp_path: Path) -> None:
     times = [T0 + i * 30 * 10**9 for i in range(121)]  # an hour in 30 s rounds
     clock = iter(times)
     runner = Runner([collector(root)], clock_ns=lambda: next(clock))
-    tables = [runner.run().tables["job"] for _ in times]
+    tables = [runner.run().tables["job"].to_arrow() for _ in times]
     write_dataset(ds, "job", pa.concat_tables(tables))
     write_dataset(ds, "cpu", cpu_table("n1", [i * 30.0 for i in range(121)], cpus=16))
     inventory = tmp_path / "inv.toml"
@@ -496,7 +496,7 @@ def test_one_malformed_job_leaves_the_others(
     for _ in range(2):
         rnd = runner.run()
         assert rnd.status["job"].success
-        assert sorted(rnd.tables["job"].column("job_id").to_pylist()) == sorted(
+        assert sorted(rnd.tables["job"].to_arrow().column("job_id").to_pylist()) == sorted(
             set(EXPECTED) - {"1009250"}
         )
     assert len([m for m in warnings if "job_1009250" in m]) == 1

@@ -7,9 +7,12 @@ import math
 from typing import Any
 
 import pyarrow as pa
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from telemetry.frame import Frame
+from telemetry.merge import Table
 from telemetry.schema import CPU_MODES, CPU_SCHEMA, GPU_SCHEMA, JOB_SCHEMA, SERIES_KEYS
 from telemetry.state import State, TableSnapshot, TableState
 from tests.support import reference as ref
@@ -91,8 +94,26 @@ def job_row(
     }
 
 
-def table(name: str, rows: list[Row]) -> pa.Table:
+# Rows reach the state as Arrow tables (replay) or as Frames (the node daemon): every test here
+# runs with both, and must give the same state.
+KIND = {"rows": "arrow"}
+
+
+@pytest.fixture(autouse=True, scope="module", params=["arrow", "frame"])
+def row_kind(request: pytest.FixtureRequest) -> Any:
+    KIND["rows"] = request.param
+    yield
+    KIND["rows"] = "arrow"
+
+
+def table(name: str, rows: list[Row]) -> Table:
+    if KIND["rows"] == "frame":
+        return Frame.from_rows(name, rows)
     return pa.Table.from_pylist(rows, schema=SCHEMAS[name])
+
+
+def arrow(latest: Table) -> pa.Table:
+    return latest.to_arrow() if isinstance(latest, Frame) else latest
 
 
 def ts(seconds: float) -> int:
@@ -103,7 +124,7 @@ def snapshot_dict(name: str, snap: TableSnapshot | None) -> dict[tuple[str, ...]
     """A TableSnapshot in the shape of ``reference.table_snapshot`` (NaN ratios as None)."""
     if snap is None:
         return {}
-    latest = snap.latest
+    latest = arrow(snap.latest)
     keys = list(zip(*[latest.column(k).to_pylist() for k in SERIES_KEYS[name]], strict=True))
     times = latest.column("time").cast(pa.int64()).to_pylist()
     for values in [*snap.totals.values(), *snap.windows.values()]:
@@ -397,7 +418,7 @@ def test_series_far_behind_its_node_is_not_current() -> None:
     state = State()
     state.ingest("gpu", table("gpu", rows))
     snap = state.snapshot().tables["gpu"]
-    columns = [snap.latest.column(k).to_pylist() for k in ("node", "gpu_uuid")]
+    columns = [arrow(snap.latest).column(k).to_pylist() for k in ("node", "gpu_uuid")]
     current = set(zip(*columns, strict=True))
     # b is 100 s behind n1's newest, d 61 s; c exactly max_gap (60 s) behind is still current;
     # n2 being far ahead of n1 does not matter.
@@ -422,8 +443,8 @@ def test_silent_series_is_evicted_with_its_totals() -> None:
     assert newest - rows_n3[-1]["time"] < RETAIN_S * NS  # n3 not yet
     assert set(state.totals) == {("n2",), ("n3",)}
     snap = state.snapshot()
-    assert sorted(snap.latest.column("node").to_pylist()) == ["n2", "n3"]
-    assert not any(n == "n1" for n in state.retained.column("node").to_pylist())
+    assert sorted(arrow(snap.latest).column("node").to_pylist()) == ["n2", "n3"]
+    assert not any(n == "n1" for n in arrow(state.retained).column("node").to_pylist())
     # the same rows at once give the same result, and the reference agrees
     rows = rows_n1 + rows_n3 + tail
     at_once = TableState("cpu")

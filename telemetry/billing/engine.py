@@ -23,7 +23,8 @@ from kernels.backend import array_namespace, to_backend, to_host
 from kernels.grouped_sums import group_sums, window_index
 from telemetry.billing.inventory import Inventory, Pool
 from telemetry.billing.windows import Windows
-from telemetry.rows import SortedRows, dictionary_codes, last_of_series, merge_rows
+from telemetry.merge import SortedRows, last_of_series, merge_rows
+from telemetry.rows import dictionary_codes
 from telemetry.schema import CPU_BUSY_MODES, SCHEMAS, validate
 from telemetry.store.dataset import ValidatedChunk
 
@@ -298,15 +299,15 @@ class Biller:
         if name in ("gpu", "cpu"):
             # Capacity rows: gpu rows feed gpu pools, cpu rows cpu pools.
             pool = self._pool_of(nodes, name)
-            source = rows.source.column("energy_joules")
+            source = rows.arrow.column("energy_joules")
             readings = pc.is_valid(source)
             if name == "gpu":
-                readings = pc.or_(readings, pc.is_valid(rows.source.column("power_watts")))
+                readings = pc.or_(readings, pc.is_valid(rows.arrow.column("power_watts")))
             measured = rows.gather(readings.to_numpy(zero_copy_only=False).astype(np.int64))
             add_pool(pool, [parts["capacity_us"], zeros, parts["busy_us"], parts["energy_mj"],
                             parts["gap_us"], measured])  # fmt: skip
         if name == "gpu":
-            jobs = rows.gather(self.jobs.encode(rows.source.column("job_id")))
+            jobs = rows.gather(self.jobs.encode(rows.arrow.column("job_id")))
             held = m & (jobs >= 0)
             if holders is not None:
                 shared = self._split_shared(holders, merged, m, window, pool, nodes, parts)

@@ -30,7 +30,7 @@ from telemetry.billing.period import selected_range
 from telemetry.billing.plan import DEFAULT_STABLE_CV, HOUR_SECONDS, Plan, plan_of
 from telemetry.billing.windows import Windows
 from telemetry.errors import TallyError
-from telemetry.rows import last_of_series, merge_rows
+from telemetry.merge import last_of_series, merge_rows
 from telemetry.schema import SCHEMAS, validate
 from telemetry.store.dataset import (
     DEFAULT_BUDGET_ROWS,
@@ -133,7 +133,7 @@ class SeriesGrid:
         parts = merged.parts
         if self.table == "gpu":
             held = rows.gather(
-                pc.is_valid(rows.source.column("job_id")).to_numpy(zero_copy_only=False)
+                pc.is_valid(rows.arrow.column("job_id")).to_numpy(zero_copy_only=False)
             )
         else:
             held = np.zeros(times.size, dtype=bool)

@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import pyarrow as pa
-
 from telemetry.collectors.attribution import attribute_gpus
+from telemetry.frame import Frame, column_array
 from telemetry.logs import OnceLogger
-from telemetry.schema import SCHEMAS, SERIES_KEYS
+from telemetry.tables import SERIES_KEYS, TABLES
 
 Row = dict[str, Any]
 
@@ -91,13 +90,13 @@ class Round:
     """Everything one collection round produced."""
 
     time_ns: int
-    tables: dict[str, pa.Table]
+    tables: dict[str, Frame]
     status: dict[str, CollectorStatus] = field(default_factory=dict)
     rows_dropped: int = 0
 
 
 class Runner:
-    """Runs enabled collectors with one error boundary each and assembles Arrow tables."""
+    """Runs enabled collectors with one error boundary each and assembles one Frame a table."""
 
     def __init__(
         self,
@@ -149,15 +148,16 @@ def check_rows(produced: dict[str, list[Row]]) -> None:
     for table, rows in produced.items():
         if table.startswith("_"):
             continue  # side outputs for attribution, not sample tables
-        schema = SCHEMAS.get(table)
-        if schema is None:
+        columns = TABLES.get(table)
+        if columns is None:
             raise ValueError(f"rows for unknown table {table!r}")
+        kinds = {c.name: c.kind for c in columns}
         for name in sorted({key for row in rows for key in row}):
-            if schema.get_field_index(name) < 0:
+            if name not in kinds:
                 raise ValueError(f"{table}: unknown column {name!r}")
             try:
-                pa.array([row.get(name) for row in rows], type=schema.field(name).type)
-            except (pa.ArrowException, OverflowError, TypeError) as exc:
+                column_array(kinds[name], [row.get(name) for row in rows])
+            except (ValueError, OverflowError, TypeError) as exc:
                 raise ValueError(f"{table}.{name}: {exc}") from None
 
 
@@ -168,24 +168,23 @@ def _one_line(exc: BaseException) -> str:
 
 def assemble(
     partial: dict[str, list[Row]], time_ns: int, node: str
-) -> tuple[dict[str, pa.Table], int]:
-    """Merge partial rows of one round by series key into one Arrow table per sample table.
+) -> tuple[dict[str, Frame], int]:
+    """Merge partial rows of one round by series key into one Frame per sample table.
 
     Rows lacking a non-nullable column after merging (e.g. only RAPL energy because the ``cpu``
     collector failed) are dropped; their count is returned.
     """
-    tables: dict[str, pa.Table] = {}
+    tables: dict[str, Frame] = {}
     dropped = 0
     for table, rows in partial.items():
         if table.startswith("_"):
             continue
-        schema = SCHEMAS[table]
         keys = SERIES_KEYS[table]
         merged: dict[tuple[Any, ...], Row] = {}
         for row in rows:
             full = {"time": time_ns, "node": node, **row}
             merged.setdefault(tuple(full[k] for k in keys), {}).update(full)
-        required = [f.name for f in schema if not f.nullable]
+        required = [c.name for c in TABLES[table] if not c.nullable]
         complete = []
         for row in merged.values():
             if all(row.get(name) is not None for name in required):
@@ -193,5 +192,5 @@ def assemble(
             else:
                 dropped += 1
         if complete:
-            tables[table] = pa.Table.from_pylist(complete, schema=schema)
+            tables[table] = Frame.from_rows(table, complete)
     return tables, dropped

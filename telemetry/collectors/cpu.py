@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from telemetry.collectors.base import Collector, CollectorContext, Row, register
 from telemetry.errors import ParseError
-from telemetry.schema import CPU_MODES
+from telemetry.tables import CPU_MODES
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from telemetry.errors import TallyError
+from telemetry.frame import Frame
 from telemetry.schema import SCHEMAS, SchemaError, validate
 from telemetry.store.layout import (
     JOURNAL_SUFFIX,
@@ -172,8 +173,10 @@ class Store:
                         except (pa.ArrowInvalid, OSError) as exc:
                             quarantine(self.root, path, f"unreadable Parquet: {exc}")
 
-    def append(self, table: str, batch: pa.Table) -> None:
+    def append(self, table: str, batch: pa.Table | Frame) -> None:
         """Append one round's rows of ``table`` (all with the same time) to its journal."""
+        if isinstance(batch, Frame):
+            batch = batch.to_arrow()
         if batch.num_rows == 0:
             return
         first_ns = int(batch.column("time").cast(pa.int64())[0].as_py())

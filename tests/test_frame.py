@@ -1,0 +1,156 @@
+"""telemetry.frame (the daemon's Arrow-free rows) held against pyarrow's own conversions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from telemetry.frame import Frame
+from telemetry.schema import SCHEMAS, screen, validate
+from telemetry.tables import EARLIEST_NS, LATEST_NS, TABLES
+from tests.support.units import NS
+
+T0 = 1_788_220_800 * NS
+
+INT_RANGES = {"int16": 2**15, "int32": 2**31, "int64": 2**63}
+
+
+def _value(kind: str) -> st.SearchStrategy[Any]:
+    if kind == "time":
+        return st.one_of(
+            st.integers(T0, T0 + 3600 * NS),
+            st.sampled_from([EARLIEST_NS - 1, EARLIEST_NS, LATEST_NS, LATEST_NS + 1]),
+        )
+    if kind == "string":
+        return st.text(max_size=8)
+    if kind in INT_RANGES:
+        bound = INT_RANGES[kind]
+        return st.one_of(st.integers(-bound, bound - 1), st.sampled_from([0, -1, bound - 1]))
+    return st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.floats(0, 2, width=32),
+        st.sampled_from([0.0, 1.01, 1.0100001, 1e5, 1e15, 2.0**50, -0.0]),
+    )
+
+
+@st.composite
+def rows(draw: st.DrawFn, table: str) -> list[dict[str, Any]]:
+    n = draw(st.integers(0, 6))
+    out = []
+    for _ in range(n):
+        row = {}
+        for column in TABLES[table]:
+            value = draw(_value(column.kind))
+            if column.nullable and draw(st.booleans()):
+                value = None
+            row[column.name] = value
+        out.append(row)
+    return out
+
+
+def _arrow(table: str, data: list[dict[str, Any]]) -> pa.Table:
+    """What pyarrow makes of the same rows (time given as int64 nanoseconds)."""
+    schema = SCHEMAS[table]
+    plain = pa.schema([pa.field("time", pa.int64()) if f.name == "time" else f for f in schema])
+    return pa.Table.from_pylist(data, schema=plain).cast(schema)
+
+
+TABLE_NAMES = st.sampled_from(sorted(TABLES))
+
+
+def _same(a: pa.Table, b: pa.Table) -> bool:
+    """Equal schemas and values, NaN equal to NaN (``Table.equals`` holds NaN unequal)."""
+
+    def values(t: pa.Table) -> list[list[Any]]:
+        columns = [c.cast(pa.int64()) if pa.types.is_timestamp(c.type) else c for c in t.columns]
+        return [[("nan",) if v != v else v for v in c.to_pylist()] for c in columns]  # noqa: PLR0124
+
+    return a.schema == b.schema and values(a) == values(b)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_rows_become_what_pyarrow_makes_of_them(data: st.DataObject) -> None:
+    table = data.draw(TABLE_NAMES)
+    drawn = data.draw(rows(table))
+    frame = Frame.from_rows(table, drawn)
+    expected = _arrow(table, drawn)
+    assert _same(frame.to_arrow(), expected)
+    back = Frame.from_arrow(validate(expected, table, dictionaries=True), table)
+    assert back.equals(frame)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_screening_keeps_what_the_arrow_screen_keeps(data: st.DataObject) -> None:
+    table = data.draw(TABLE_NAMES)
+    drawn = data.draw(rows(table))
+    kept, dropped = Frame.from_rows(table, drawn).screened()
+    arrow_kept = screen(_arrow(table, drawn), table)[0]
+    assert _same(kept.to_arrow(), arrow_kept)
+    assert dropped == len(drawn) - arrow_kept.num_rows
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.text(max_size=4), st.one_of(st.none(), st.text(max_size=3))),
+                max_size=12))  # fmt: skip
+def test_rows_sort_as_arrow_sorts_them(keys: list[tuple[str, str | None]]) -> None:
+    drawn = [
+        {"time": T0, "node": node, "gpu_uuid": "u", "gpu_index": i, "gpu_model": "m",
+         "memory_used_bytes": 0, "memory_total_bytes": 1, "job_id": job}
+        for i, (node, job) in enumerate(keys)
+    ]  # fmt: skip
+    frame = Frame.from_rows("gpu", drawn)
+    order = [("node", "ascending"), ("job_id", "ascending"), ("gpu_index", "ascending")]
+    expected = pc.sort_indices(frame.to_arrow(), sort_keys=order).to_pylist()
+    assert frame.sort_indices(["node", "job_id", "gpu_index"]).tolist() == expected
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("gpu_index", 2**15),  # int16 overflow
+        ("memory_used_bytes", 2**63),
+        ("memory_used_bytes", "12"),  # a string for a number
+        ("power_watts", "300"),
+        ("gpu_model", 7),
+        ("gpu_model", "bad \udc80 surrogate"),
+        ("gpu_uuid", None),  # null in a required column
+    ],
+)
+def test_values_pyarrow_refuses_are_refused_naming_the_column(column: str, value: Any) -> None:
+    row = {"time": T0, "node": "n", "gpu_uuid": "u", "gpu_index": 0, "gpu_model": "m",
+           "memory_used_bytes": 0, "memory_total_bytes": 1, column: value}  # fmt: skip
+    with pytest.raises((pa.ArrowException, OverflowError, TypeError, ValueError)):
+        _arrow("gpu", [row]).validate(full=True)
+        validate(_arrow("gpu", [row]), "gpu")
+    with pytest.raises(ValueError, match=f"gpu.{column}"):
+        Frame.from_rows("gpu", [row])
+
+
+def test_concat_take_and_nulls_keep_each_row() -> None:
+    a = Frame.from_rows("job", [{"time": T0, "node": "n", "job_id": "1", "user": "u",
+                                 "account": "a", "cpus_allocated": 1.0, "gpus_allocated": 0.0,
+                                 "cpu_seconds": 1.0, "memory_bytes": 1}])  # fmt: skip
+    b = Frame.from_rows("job", [{"time": T0 + NS, "node": "n", "job_id": "2", "user": "v",
+                                 "account": "b", "cpus_allocated": 2.0, "gpus_allocated": 1.0,
+                                 "cpu_seconds": 2.0, "memory_bytes": 2,
+                                 "account_source": "job-info"}])  # fmt: skip
+    both = Frame.concat([a, b])
+    assert both.values("account_source") == [None, "job-info"]
+    assert both.take(np.array([1, 0])).values("job_id") == ["2", "1"]
+    assert both.to_arrow().equals(pa.concat_tables([a.to_arrow(), b.to_arrow()]))
+
+
+def test_a_fraction_in_an_integer_column_is_refused_where_arrow_would_truncate_it() -> None:
+    row = {"time": T0, "node": "n", "gpu_uuid": "u", "gpu_index": 0, "gpu_model": "m",
+           "memory_used_bytes": 1.5, "memory_total_bytes": 1}  # fmt: skip
+    assert _arrow("gpu", [row]).column("memory_used_bytes").to_pylist() == [1]
+    with pytest.raises(ValueError, match=r"gpu\.memory_used_bytes: expected an integer"):
+        Frame.from_rows("gpu", [row])
