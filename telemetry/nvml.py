@@ -9,6 +9,8 @@
 - Per-process utilisation keeps NVML's last-seen sample timestamp per device, so each sample is
   read once (:meth:`Gateway.process_utilization`).
 - ``GpuIsLost`` raises :class:`GpuLost` for that device only; the caller marks it and goes on.
+- :attr:`Gateway.generation` counts successful initialisations: what a caller read once per
+  device (UUID, name, handle) holds until it changes, i.e. until NVML went away and came back.
 - No library or no driver raises :class:`NvmlUnavailable` with a one-line reason.
 
 Nothing here shells out to ``nvidia-smi``.
@@ -63,6 +65,10 @@ class Gateway:
         self._once = OnceLogger(log)
         # Per device key: the newest per-process utilisation sample's timestamp (µs) read so far.
         self._last_seen: dict[str, int] = {}
+        #: Successful initialisations so far (0: never initialised).
+        self.generation = 0
+        # field_values' readers by value type, built once per initialisation
+        self._readers: dict[int, Callable[[Any], float]] | None = None
 
     # ------------------------------------------------------------------ life cycle
     @property
@@ -87,7 +93,10 @@ class Gateway:
         except OSError as exc:  # a broken libnvidia-ml.so
             raise NvmlUnavailable(f"NVML library unusable: {exc}") from None
         self._ready = True
-        atexit.register(self.shutdown)
+        self.generation += 1
+        self._readers = None
+        if self.generation == 1:
+            atexit.register(self.shutdown)
 
     def shutdown(self) -> None:
         """Shut NVML down if this gateway initialised it (safe to call twice)."""
@@ -112,7 +121,9 @@ class Gateway:
     ) -> Any:
         """As :meth:`call`; ``NotFound`` gives ``not_found`` (an expected answer for some calls,
         never logged) when that is not ``None``."""
-        m = self.nvml
+        # Reading the flag without the lock is safe: a call racing a shutdown fails in NVML as
+        # Uninitialized, handled below.
+        m = self._module if self._ready else self.nvml
         if name in self._missing:
             return None
         function = getattr(m, name, None)
@@ -231,6 +242,15 @@ class Gateway:
         out: dict[int, float | None] = dict.fromkeys(field_ids)
         if values is None:
             return out
+        readers = self._readers
+        if readers is None:
+            readers = self._readers = self._value_readers()
+        for field_id, value in zip(field_ids, values, strict=False):
+            if value.nvmlReturn == 0 and value.valueType in readers:
+                out[field_id] = float(readers[value.valueType](value.value))
+        return out
+
+    def _value_readers(self) -> dict[int, Callable[[Any], float]]:
         m = self.nvml
         readers: dict[int, Callable[[Any], float]] = {
             m.NVML_VALUE_TYPE_DOUBLE: lambda v: v.dVal,
@@ -242,10 +262,7 @@ class Gateway:
         signed_int = getattr(m, "NVML_VALUE_TYPE_SIGNED_INT", None)
         if signed_int is not None:
             readers[signed_int] = lambda v: v.siVal
-        for field_id, value in zip(field_ids, values, strict=False):
-            if value.nvmlReturn == 0 and value.valueType in readers:
-                out[field_id] = float(readers[value.valueType](value.value))
-        return out
+        return readers
 
 
 def _stamp(sample: Any) -> int:

@@ -326,3 +326,43 @@ def test_daemon_attributes_gpus_to_slurm_jobs_end_to_end(tmp_path: Path, promtoo
     assert jobs["1002"]["user"] == "bob" and jobs["1002"]["account"] == "chemistry"
     alloc = {lab["job"]: v for name, lab, v in samples if name == "tally_job_gpus_allocated"}
     assert alloc["1002"] == 2.0 and alloc["1001"] == 0.0
+
+
+def test_what_cannot_change_is_asked_once_and_again_after_a_loss_or_a_new_init(
+    clock: FakeClock,
+) -> None:
+    """Count, handles, UUIDs, names and MIG mode are asked once per NVML initialisation; a GPU
+    lost after that is still skipped the round it is lost, and asked anew when it is back."""
+    fake = FakeNVML([H100_LOADED, H100_IDLE], clock=clock)
+    gateway = Gateway(fake)
+    collector = GpuCollector(_ctx(fake), gateway)
+    static = (
+        "nvmlDeviceGetCount",
+        "nvmlDeviceGetHandleByIndex",
+        "nvmlDeviceGetUUID",
+        "nvmlDeviceGetName",
+        "nvmlDeviceGetMigMode",
+    )
+    first = _rows(collector)
+    for _ in range(3):
+        clock.advance(1.0)
+        assert set(_rows(collector)) == set(first)
+    assert [fake.calls[name] for name in static] == [1, 2, 2, 2, 2]
+    assert fake.calls["nvmlDeviceGetPowerUsage"] == 8  # the rest is read every round
+    fake.lose_gpu(1)
+    assert [r["gpu_index"] for r in _rows(collector).values()] == [0]  # the same round
+    fake.restore_gpu(1)
+    rows = _rows(collector)
+    assert rows[fake.devices[1].uuid]["gpu_model"] == H100_IDLE.name
+    assert fake.calls["nvmlDeviceGetUUID"] == 3  # asked afresh for the GPU that came back
+    # The driver goes away and comes back: everything is asked anew.
+    fake.driver_loaded = False
+    while fake._init_count:
+        fake.nvmlShutdown()
+    with pytest.raises(NvmlUnavailable):
+        collector.collect()
+    fake.driver_loaded = True
+    fake.reset_calls()
+    assert set(_rows(collector)) == set(first)
+    assert [fake.calls[name] for name in static] == [1, 2, 2, 2, 2]
+    assert gateway.generation == 2

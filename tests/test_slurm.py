@@ -278,6 +278,72 @@ def test_job_info_is_kept_while_the_job_lives(tmp_path: Path) -> None:
     assert by_job(collector.collect())["1001"]["user"] == "zed"
 
 
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_files_kept_open_between_rounds_see_every_change(tmp_path: Path) -> None:
+    """The cgroup files a job's rows come from stay open between rounds (one pread a round):
+    a rewrite, a replaced file, a job that ends, one requeued under its old id and a new one
+    are all seen in the round they happen, and an ended job's files are closed."""
+    root = copy_tree(V2, tmp_path)
+    scope = root / V2_SCOPE
+    baseline = _open_fds()
+    collector = SlurmJobCollector(ctx(root), resolve_user=names)
+    for _ in range(2):
+        assert by_job(collector.collect()) == V2_EXPECTED
+    assert _open_fds() > baseline  # kept open, or this test tests nothing
+    # Rewritten in place (what the kernel does) and replaced by a new file.
+    (scope / "job_1001/cpu.stat").write_text("usage_usec 8000000000\nuser_usec 1\n")
+    replacement = scope / "job_1002/memory.new"
+    replacement.write_text("1048576\n")
+    os.replace(replacement, scope / "job_1002/memory.current")
+    rows = by_job(collector.collect())
+    assert rows["1001"]["cpu_seconds"] == 8000.0
+    assert rows["1002"]["memory_bytes"] == 1_048_576
+    # Job 1003 ends; 1004 is requeued (its cgroup removed and made again, same id); 1006 starts.
+    shutil.rmtree(scope / "job_1003")
+    shutil.rmtree(scope / "job_1004")
+    shutil.copytree(V2 / V2_SCOPE / "job_1004", scope / "job_1004")
+    (scope / "job_1004/memory.current").write_text("4096\n")
+    shutil.copytree(V2 / V2_SCOPE / "job_1001", scope / "job_1006")
+    rows = by_job(collector.collect())
+    assert "1003" not in rows
+    assert rows["1004"]["memory_bytes"] == 4096
+    assert rows["1006"]["cpu_seconds"] == V2_EXPECTED["1001"]["cpu_seconds"]
+    # Every job ends: nothing stays open; a job's file going away later is an ended job.
+    for job in scope.parent.glob("*slurmstepd.scope/*"):
+        if job.is_dir() and job.name != "system":
+            shutil.rmtree(job)
+    assert by_job(collector.collect()) == {}
+    assert _open_fds() == baseline
+    collector.close()
+
+
+def test_a_kept_file_unlinked_in_a_live_job_reads_as_missing(
+    tmp_path: Path, warnings: list[str]
+) -> None:
+    root = copy_tree(V2, tmp_path)
+    collector = SlurmJobCollector(ctx(root), resolve_user=names)
+    assert set(by_job(collector.collect())) == set(V2_EXPECTED)
+    (root / V2_SCOPE / "job_1003/memory.current").unlink()  # the controller switched off
+    for _ in range(2):
+        assert set(by_job(collector.collect())) == set(V2_EXPECTED) - {"1003"}
+    assert len(warnings) == 1 and "memory.current" in warnings[0]
+
+
+def test_no_files_kept_past_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(slurm, "kept_files_limit", lambda: 4)
+    root = copy_tree(V2, tmp_path)
+    baseline = _open_fds()
+    collector = SlurmJobCollector(ctx(root), resolve_user=names)
+    for _ in range(3):
+        assert by_job(collector.collect()) == V2_EXPECTED
+    assert _open_fds() == baseline + 4
+    collector.close()
+    assert _open_fds() == baseline
+
+
 # ---------------------------------------------------------------- jobs that vanish
 
 

@@ -6,6 +6,12 @@ and compared with this round's, so the collector never sleeps. XID critical erro
 an NVML event set drained without blocking. A lost GPU is logged once and skipped until NVML
 answers for it again; the others go on.
 
+What cannot change while NVML stays initialised is asked once per device: the device count, each
+handle, UUID and name, and the current MIG mode (a mode change is only activated by a GPU reset,
+which NVML refuses while a client such as this one holds the GPU; it stays "pending"). A lost
+GPU or a new NVML initialisation (``Gateway.generation``) asks again. MIG instances are
+enumerated every round: they are created and destroyed while the GPU runs.
+
 Capacity (``capacity_units``, the fraction of one physical GPU a row stands for): 1 for a GPU
 without MIG. A MIG-enabled GPU counts once: each MIG instance is its own row carrying its compute
 slices over the GPU's (1g of 7 = 1/7: ``nvmlDeviceGetAttributes`` on the MIG handle over the
@@ -60,6 +66,16 @@ def _text(value: Any) -> str:
 
 
 @dataclass
+class _Device:
+    """What NVML says of one device index that holds for one initialisation."""
+
+    handle: Any
+    uuid: str | None = None
+    model: str | None = None
+    mig_enabled: bool | None = None
+
+
+@dataclass
 class _DeviceState:
     gpm_sample: Any = None
     gpm_time: float = 0.0
@@ -83,28 +99,51 @@ class GpuCollector(Collector):
         self._once = OnceLogger(log)
         self._gpm_ok: dict[str, bool] = {}
         self._slices: dict[str, int | None] = {}  # MIG parent UUID -> its compute slices
+        # By index, for one gateway generation: handles, UUIDs, names, MIG mode, the count.
+        self._devices: dict[int, _Device] = {}
+        self._count: int | None = None
+        self._generation = -1
+        self._field_ids: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     # ------------------------------------------------------------------ round
     def collect(self) -> dict[str, list[Row]]:
         m = self.gw.nvml  # raises NvmlUnavailable: this collector fails, the daemon goes on
-        count = self.gw.call("nvmlDeviceGetCount") or 0
+        if self._generation != self.gw.generation:  # NVML (re)initialised: ask everything anew
+            self._generation = self.gw.generation
+            self._devices.clear()
+            self._count = None
+            self._field_ids = (
+                m.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION,
+                m.NVML_FI_DEV_ECC_SBE_VOL_TOTAL,
+                m.NVML_FI_DEV_ECC_DBE_VOL_TOTAL,
+                m.NVML_FI_DEV_REMAPPED_PENDING,
+            )
+        count = self._count
+        if count is None:
+            count = self.gw.call("nvmlDeviceGetCount") or 0
+            self._count = count or None  # a failed count is asked again next round
         handles = []
         for index in range(count):
-            try:
-                handle = self.gw.call("nvmlDeviceGetHandleByIndex", index)
-            except GpuLost:
-                self._mark_lost(index)
-                continue
-            if handle is not None:
-                handles.append((index, handle))
-        self._setup_events(handles)
+            device = self._devices.get(index)
+            if device is None:
+                try:
+                    handle = self.gw.call("nvmlDeviceGetHandleByIndex", index)
+                except GpuLost:
+                    self._mark_lost(index)
+                    continue
+                if handle is None:
+                    continue
+                device = self._devices[index] = _Device(handle)
+            handles.append((index, device))
+        self._setup_events([(index, device.handle) for index, device in handles])
         xids = self._drain_xids()
         rows: list[Row] = []
         pids: list[Row] = []
-        for index, handle in handles:
+        for index, device in handles:
             try:
-                device_rows, device_pids = self._read_device(m, index, handle, xids)
+                device_rows, device_pids = self._read_device(m, index, device, xids)
             except GpuLost:
+                self._devices.pop(index, None)  # asked afresh when it answers again
                 self._mark_lost(index)
                 continue
             if index in self._lost:
@@ -123,21 +162,25 @@ class GpuCollector(Collector):
 
     # ------------------------------------------------------------------ one device
     def _read_device(
-        self, m: Any, index: int, handle: Any, xids: dict[int, list[int]]
+        self, m: Any, index: int, device: _Device, xids: dict[int, list[int]]
     ) -> tuple[list[Row], list[Row]]:
-        uuid = _text(self.gw.call("nvmlDeviceGetUUID", handle))
-        model = _text(self.gw.call("nvmlDeviceGetName", handle) or "unknown")
+        handle = device.handle
+        uuid = device.uuid
+        if uuid is None:
+            answer = self.gw.call("nvmlDeviceGetUUID", handle)
+            uuid = _text(answer)
+            if answer is not None:  # a failed call is asked again next round
+                device.uuid = uuid
+        model = device.model
+        if model is None:
+            answer = self.gw.call("nvmlDeviceGetName", handle)
+            model = _text(answer or "unknown")
+            if answer is not None:
+                device.model = model
         state = self._state.setdefault(uuid, _DeviceState())
-        fields = self.gw.field_values(
-            handle,
-            [
-                m.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION,
-                m.NVML_FI_DEV_ECC_SBE_VOL_TOTAL,
-                m.NVML_FI_DEV_ECC_DBE_VOL_TOTAL,
-                m.NVML_FI_DEV_REMAPPED_PENDING,
-            ],
-        )
-        energy_mj = fields[m.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION]
+        energy_id, sbe_id, dbe_id, remapped_id = self._field_ids
+        fields = self.gw.field_values(handle, self._field_ids)
+        energy_mj = fields[energy_id]
         if energy_mj is None:
             energy_mj = self.gw.call("nvmlDeviceGetTotalEnergyConsumption", handle)
         util = self.gw.call("nvmlDeviceGetUtilizationRates", handle)
@@ -161,17 +204,21 @@ class GpuCollector(Collector):
             "temperature_celsius": None if temperature is None else float(temperature),
             "job_id": None,
             "mig_profile": None,
-            "ecc_corrected_errors": _int(fields[m.NVML_FI_DEV_ECC_SBE_VOL_TOTAL]),
-            "ecc_uncorrected_errors": _int(fields[m.NVML_FI_DEV_ECC_DBE_VOL_TOTAL]),
-            "remapped_rows_pending": _int(fields[m.NVML_FI_DEV_REMAPPED_PENDING]),
+            "ecc_corrected_errors": _int(fields[sbe_id]),
+            "ecc_uncorrected_errors": _int(fields[dbe_id]),
+            "remapped_rows_pending": _int(fields[remapped_id]),
             "clock_event_reasons": None if reasons is None else int(reasons),
             "xid_errors": state.xid_total,
             "xid_last": state.xid_last,
             "capacity_units": 1.0,
         }
         rows = [row]
-        mode = self.gw.call("nvmlDeviceGetMigMode", handle)
-        mig_enabled = bool(mode and mode[0])
+        mig_enabled = device.mig_enabled
+        if mig_enabled is None:
+            mode = self.gw.call("nvmlDeviceGetMigMode", handle)
+            mig_enabled = bool(mode and mode[0])
+            if mode is not None:  # no answer (not supported, failed) is asked again
+                device.mig_enabled = mig_enabled
         # In MIG mode the processes belong to the instances; the parent lists them all again.
         pids = [self._processes(uuid, index, handle, sampled=not mig_enabled)]
         pids[0]["mig_parent"] = mig_enabled

@@ -46,15 +46,19 @@ round, not an error. A cgroup file that is there but malformed fails that job fo
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
 import pwd
 import re
+import resource
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from telemetry.collectors.base import Collector, CollectorContext, Row, register
 from telemetry.errors import ParseError
@@ -134,6 +138,11 @@ def _non_negative_int(text: str, source: str) -> int:
 
 def parse_cpu_stat_usage_usec(text: str, source: str = "cpu.stat") -> int:
     """The ``usage_usec`` value of a cgroup v2 ``cpu.stat`` file (µs). Raises ``ParseError``."""
+    if text.startswith("usage_usec "):  # the kernel's first line: no need to split them all
+        end = text.find("\n")
+        value = (text[11:end] if end >= 0 else text[11:]).strip()
+        if value.isascii() and value.isdigit():
+            return _non_negative_int(value, f"{source} usage_usec")
     for line in text.splitlines():
         key, _, value = line.partition(" ")
         if key == "usage_usec":
@@ -381,20 +390,110 @@ def read_text(path: Path) -> str:
             data = b"".join(chunks)
     finally:
         os.close(fd)
+    return _decode(data)
+
+
+def _decode(data: bytes) -> str:
     text = data.decode("utf-8", errors="replace")
     return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 
-def read_cgroup_usage(version: int, usage_file: Path, memory_file: Path) -> tuple[float, int]:
+class KeptFiles:
+    """Small cgroup files kept open between rounds and read again with one ``pread``.
+
+    Opening a cgroup file costs the kernel far more than reading it (an open file, a seq_file
+    buffer), and a node reads three per job every round. A file is read through
+    :func:`read_text` the first time (the patchable seam), then kept open under its owner (a
+    job's key) while that owner is listed in each round (:meth:`keep_only`). A kept file that
+    cannot be read, or whose name was unlinked (a removed or recreated cgroup: ENODEV on
+    cgroupfs, a link count of 0 on an ordinary file system), is closed and read afresh through
+    :func:`read_text`, so a job that ends or is requeued reads exactly as without this cache.
+    At most ``limit`` files are kept; past that, files are opened each round as before.
+    """
+
+    def __init__(self, limit: int = 512) -> None:
+        self._limit = limit
+        self._fds: dict[object, dict[str, int]] = {}
+        self._count = 0
+        # Closes the descriptors of a collector dropped without close() (tests make many).
+        self._finalizer = weakref.finalize(self, _close_all, self._fds)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def read(self, owner: object, path: Path) -> str:
+        """The text of ``path``. Raises ``OSError`` (gone, not readable) as :func:`read_text`."""
+        files = self._fds.get(owner)
+        key = str(path)
+        fd = files.get(key) if files is not None else None
+        if fd is not None:
+            assert files is not None
+            try:
+                if os.fstat(fd).st_nlink:
+                    data = os.pread(fd, 65536, 0)
+                    if len(data) < 65536:
+                        return _decode(data)
+            except OSError:
+                pass  # removed, or the cgroup went away: read afresh below
+            del files[key]
+            self._count -= 1
+            os.close(fd)
+        text = read_text(path)
+        if self._count < self._limit:
+            try:
+                fd = os.open(key, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return text
+            self._fds.setdefault(owner, {})[key] = fd
+            self._count += 1
+        return text
+
+    def keep_only(self, owners: set[Any]) -> None:
+        """Close the files of every owner not in ``owners`` (jobs that ended)."""
+        for owner in self._fds.keys() - owners:
+            files = self._fds.pop(owner)
+            self._count -= len(files)
+            for fd in files.values():
+                os.close(fd)
+
+    def close(self) -> None:
+        self.keep_only(set())
+
+
+def kept_files_limit() -> int:
+    """Files a collector may keep open: 512, or a quarter of the soft ``RLIMIT_NOFILE``."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return 512 if soft == resource.RLIM_INFINITY else max(0, min(512, soft // 4))
+
+
+def _close_all(fds: dict[object, dict[str, int]]) -> None:
+    for files in fds.values():
+        for fd in files.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    fds.clear()
+
+
+def read_cgroup_usage(
+    version: int,
+    usage_file: Path,
+    memory_file: Path,
+    files: KeptFiles | None = None,
+    owner: object = None,
+) -> tuple[float, int]:
     """CPU seconds and memory bytes of a job's or pod's cgroup: v2 ``cpu.stat`` usage_usec or v1
-    ``cpuacct.usage`` (ns), and the memory file's one integer. Raises ``OSError`` (gone, not
-    readable) or ``ParseError``."""
-    usage = read_text(usage_file)
+    ``cpuacct.usage`` (ns), and the memory file's one integer; read through ``files`` (kept
+    open for ``owner``) when given. Raises ``OSError`` (gone, not readable) or ``ParseError``."""
+    if files is None:
+        usage, memory = read_text(usage_file), read_text(memory_file)
+    else:
+        usage = files.read(owner, usage_file)
+        memory = files.read(owner, memory_file)
     if version == 2:
         cpu_seconds = parse_cpu_stat_usage_usec(usage, str(usage_file)) / 1e6
     else:
         cpu_seconds = parse_counter(usage, str(usage_file)) / 1e9
-    return cpu_seconds, parse_counter(read_text(memory_file), str(memory_file))
+    return cpu_seconds, parse_counter(memory, str(memory_file))
 
 
 def read_environ(path: Path) -> bytes:
@@ -665,6 +764,9 @@ class SlurmJobCollector(Collector):
         except OSError:
             self._gres_shards = {}
         self._clock: Callable[[], float] = time.monotonic  # seconds; tests may replace it
+        self._files = KeptFiles(kept_files_limit())
+        self._bad: set[tuple[str, str]] = set()  # jobs whose last round failed (logged once)
+        self._cpu_counts: dict[str, int] = {}  # cpuset text -> CPUs: the same few lists recur
 
     # ------------------------------------------------------------ the round
 
@@ -675,25 +777,27 @@ class SlurmJobCollector(Collector):
         info_dir_ok = self._job_info_dir_trusted()
         for job in list_jobs(self.ctx.sysfs / "fs" / "cgroup"):
             seen.add(job.key)
-            where = f"{job.scope}/{job.procs_dir.name}"
             try:
                 row, info = self._read_job(job, info_dir_ok)
             except OSError as exc:
                 if _is_gone(exc):
                     self._report_missing(job, exc)
                 else:
-                    self._once.warning(f"bad:{where}", f"job {where}: left out this round: {exc}")
+                    self._warn_bad(job, exc)
                 continue
             except (ParseError, ValueError) as exc:
                 # One job's garbage costs that job this round, never the other jobs.
-                self._once.warning(f"bad:{where}", f"job {where}: left out this round: {exc}")
+                self._warn_bad(job, exc)
                 continue
-            self._once.clear(f"bad:{where}")
+            if job.key in self._bad:
+                self._bad.discard(job.key)
+                self._once.clear(f"bad:{job.scope}/{job.procs_dir.name}")
             parts.setdefault(info.job_id, []).append((row, info))
             if job.sluid is not None and info.job_id != job.sluid:
                 aliases.append({"cgroup": job.sluid, "job_id": info.job_id})
         for key in self._search.keys() - seen:
             del self._search[key]
+        self._files.keep_only(seen)
         rows: list[Row] = []
         claims: list[Row] = []
         for job_id, pieces in parts.items():
@@ -710,7 +814,9 @@ class SlurmJobCollector(Collector):
 
     def _read_job(self, job: JobCgroup, info_dir_ok: bool) -> tuple[Row, JobInfo]:
         cpus = self._cpus(job)
-        cpu_seconds, memory = read_cgroup_usage(job.version, job.usage_file, job.memory_file)
+        cpu_seconds, memory = read_cgroup_usage(
+            job.version, job.usage_file, job.memory_file, self._files, job.key
+        )
         info = self._job_info(job, info_dir_ok)
         row: Row = {
             "job_id": info.job_id,
@@ -724,18 +830,24 @@ class SlurmJobCollector(Collector):
         }
         return row, info
 
-    @staticmethod
-    def _cpus(job: JobCgroup) -> int:
+    def _cpus(self, job: JobCgroup) -> int:
         """CPUs in the first non-empty cpuset file; 0 if all are empty, gone if all are missing."""
         missing: list[FileNotFoundError] = []
         for path in job.cpus_files:
             try:
-                text = read_text(path)
+                text = self._files.read(job.key, path)
             except FileNotFoundError as exc:
                 missing.append(exc)
                 continue
+            count = self._cpu_counts.get(text)
+            if count is not None:
+                return count
             if text.strip():
-                return parse_cpu_list(text, str(path))
+                count = parse_cpu_list(text, str(path))
+                if len(self._cpu_counts) >= 4096:
+                    self._cpu_counts.clear()
+                self._cpu_counts[text] = count
+                return count
         if len(missing) == len(job.cpus_files):
             raise missing[0]
         return 0
@@ -940,6 +1052,14 @@ class SlurmJobCollector(Collector):
             self._names.clear()
         self._names[uid] = name
         return name
+
+    def close(self) -> None:
+        self._files.close()
+
+    def _warn_bad(self, job: JobCgroup, exc: Exception) -> None:
+        where = f"{job.scope}/{job.procs_dir.name}"
+        self._bad.add(job.key)
+        self._once.warning(f"bad:{where}", f"job {where}: left out this round: {exc}")
 
     def _report_missing(self, job: JobCgroup, exc: OSError) -> None:
         """A job whose file is missing while its cgroup is still there: a controller is off."""
