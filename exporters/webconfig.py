@@ -25,8 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import bcrypt
-
 from telemetry.errors import TallyError
 
 _TOP = {"tls_server_config", "basic_auth_users", "http_server_config"}
@@ -74,6 +72,8 @@ class WebConfig:
     def _decoy_hash(self) -> bytes:
         """A hash of the users' cost, checked for unknown users so that a user name does not
         show in the time an answer takes."""
+        import bcrypt  # loaded where users are configured: a node without basic auth never does
+
         if self._decoy is None:
             some = next(iter(self.users.values()))
             try:
@@ -91,6 +91,8 @@ class WebConfig:
         """
         if not self.users:
             return True
+        import bcrypt
+
         if not header or not header.startswith("Basic "):
             return False
         try:
@@ -151,6 +153,8 @@ def load_web_config(path: Path) -> WebConfig:
     if not isinstance(users, dict):
         raise _fail(source, "basic_auth_users", "expected a mapping of user: bcrypt-hash")
     for user, hashed in users.items():
+        import bcrypt  # only where users are configured
+
         where = f"basic_auth_users.{user}"
         if not isinstance(hashed, str) or not hashed.startswith(("$2a$", "$2b$", "$2y$")):
             raise _fail(source, where, "not a bcrypt hash ($2a$, $2b$ or $2y$)")
