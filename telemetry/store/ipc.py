@@ -48,7 +48,7 @@ _PRECISION = {"float32": 1, "float64": 2}  # SINGLE, DOUBLE
 _NANOSECOND = 3
 _INT_BITS = {"int16": 16, "int32": 32, "int64": 64}
 # Little-endian NumPy dtype of each numeric column kind's values.
-_VALUE_DTYPES = {
+_VALUE_DTYPES: dict[str, np.dtype[Any]] = {
     "time": np.dtype("<i8"),
     "int16": np.dtype("<i2"),
     "int32": np.dtype("<i4"),
@@ -221,7 +221,7 @@ def _column_buffers(
     else:
         data = [np.ascontiguousarray(values, dtype=_VALUE_DTYPES[column.kind]).tobytes()]
     nulls = 0 if valid is None else rows - int(np.count_nonzero(valid))
-    if nulls == 0:
+    if valid is None or nulls == 0:
         return 0, [b"", *data]
     if not column.nullable:
         raise ValueError(f"column {column.name!r} is required but holds nulls")
