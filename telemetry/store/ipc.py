@@ -212,14 +212,19 @@ def _column_buffers(
         items = values.tolist()
         if valid is None and None in items:
             valid = np.array([v is not None for v in items], dtype=bool)
-        encoded = [b"" if v is None else v.encode("utf-8") for v in items]
+        if valid is None:
+            encoded = [v.encode("utf-8") for v in items]
+        else:
+            encoded = [b"" if v is None else v.encode("utf-8") for v in items]
         offsets = np.zeros(rows + 1, dtype=np.int64)
-        np.cumsum([len(e) for e in encoded], out=offsets[1:])
+        offsets[1:] = np.fromiter(map(len, encoded), dtype=np.int64, count=rows)
+        np.cumsum(offsets, out=offsets)
         if offsets[-1] > _MAX_STRING_BYTES:
             raise ValueError(f"column {column.name!r}: more than 2 GiB of strings in one batch")
         data = [offsets.astype("<i4").tobytes(), b"".join(encoded)]
     else:
-        data = [np.ascontiguousarray(values, dtype=_VALUE_DTYPES[column.kind]).tobytes()]
+        dtype = _VALUE_DTYPES[column.kind]
+        data = [(values if values.dtype == dtype else values.astype(dtype)).tobytes()]
     nulls = 0 if valid is None else rows - int(np.count_nonzero(valid))
     if valid is None or nulls == 0:
         return 0, [b"", *data]
