@@ -119,9 +119,7 @@ def test_shutdown_on_a_full_disk_says_what_it_loses_and_exits_cleanly(
     daemon.round()
     held = sum(b.num_rows for _, b in daemon._pending)
     assert held > 0
-    monkeypatch.setattr(
-        writer, "compact", lambda *a: (_ for _ in ()).throw(OSError(errno.EROFS, "read-only"))
-    )
+    monkeypatch.setattr(writer, "COMPACTOR", "tests.support.refusing_compactor")
     with caplog.at_level("WARNING", logger="tally"):
         daemon._shutdown()  # must not raise
     said = " ".join(r.getMessage() for r in caplog.records)

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -7,9 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from telemetry.errors import TallyError
+from telemetry.frame import Frame
 from telemetry.schema import validate
 from telemetry.store.layout import read_journal
 from telemetry.store.writer import HOUR_NS, Store, compact
+from telemetry.tables import CPU_MODES
 from tests.support.tables import T0, cpu_table
 from tests.support.units import NS
 
@@ -53,7 +58,9 @@ def test_rotates_at_each_hour_boundary(tmp_path: Path) -> None:
     start = 3600 - 10  # 10 s before the first hour boundary after T0
     for batch in _rounds([start, start + 5, start + 10, start + 15, start + 3615]):
         store.append("cpu", batch)
-    # Hours 0 and 1 were compacted when the first row of the following hour arrived.
+    # Hours 0 and 1 ended when the first row of the following hour arrived; their journals are
+    # compacted by a child process beside the appends, done once it is waited for.
+    assert store.finish_compaction()
     assert len(_files(tmp_path, "*.parquet")) == 2
     assert len(_files(tmp_path, "*.arrows")) == 1
     store.close()
@@ -191,3 +198,72 @@ def test_write_failure_abandons_the_journal_and_the_next_append_recovers(
     Store(tmp_path, "n1").open()
     times = _read_all(tmp_path).column("time").cast(pa.int64()).to_pylist()
     assert times == [T0, T0 + 10 * NS]
+
+
+_NO_ARROW_SCRIPT = """
+import json, sys
+from pathlib import Path
+from telemetry.frame import Frame
+from telemetry.store.writer import Store
+
+root, rounds = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
+store = Store(root, "n1", rotate_seconds=60)
+store.open()
+for i, (table, rows) in enumerate(rounds):
+    store.append(table, Frame.from_rows(table, rows))
+    if i == 3:
+        store.rotate()  # SIGHUP
+assert store.finish_compaction()
+store.close()
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] == "pyarrow")))
+"""
+
+
+def _round_rows(t_s: int) -> list[tuple[str, list[dict[str, object]]]]:
+    time_ns = T0 + t_s * NS
+    cpu = {"time": time_ns, "node": "n1", "cpus": 8, "memory_total_bytes": 2**40}
+    cpu |= {f"{mode}_seconds": t_s * 0.1 + 1 / 3 for mode in CPU_MODES}
+    cpu |= {"memory_available_bytes": 2**39, "energy_joules": None if t_s % 2 else 1.5e9}
+    gpus: list[dict[str, object]] = [
+        {
+            "time": time_ns,
+            "node": "n1",
+            "gpu_uuid": f"GPU-{i}",
+            "gpu_index": i,
+            "gpu_model": "NVIDIA H100 80GB HBM3 — ü",
+            "utilization_ratio": 0.1 * i,
+            "memory_used_bytes": 2**33,
+            "memory_total_bytes": 2**36,
+            "power_watts": None,
+            "job_id": "" if i else None,
+            "xid_last": -(2**31),
+        }
+        for i in range(3)
+    ]
+    return [("cpu", [cpu]), ("gpu", gpus)]
+
+
+def test_a_fresh_interpreter_stores_frames_without_ever_loading_pyarrow(tmp_path: Path) -> None:
+    """The daemon's store path: open, append Frames over several slots, SIGHUP, close. The
+    process itself never imports pyarrow; the Parquet twins appear and hold the same rows."""
+    rounds = [r for t in range(0, 200, 20) for r in _round_rows(t)]
+    spec = tmp_path / "rounds.json"
+    spec.write_text(json.dumps(rounds))
+    data = tmp_path / "data"
+    result = subprocess.run(
+        [sys.executable, "-c", _NO_ARROW_SCRIPT, str(data), str(spec)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [], "the daemon's process loaded pyarrow"
+    assert not _files(data, "*.arrows") and not list(data.rglob("*.tmp"))
+    for table in ("cpu", "gpu"):
+        frames = [Frame.from_rows(t, rows) for t, rows in rounds if t == table]
+        want = pa.concat_tables([f.to_arrow() for f in frames])
+        files = _files(data / table, "*.parquet")
+        assert len(files) >= 4, "one file per 60 s slot, and one cut by the SIGHUP"
+        got = pa.concat_tables([validate(pq.read_table(f), table) for f in files])
+        key = "gpu_uuid" if table == "gpu" else "node"
+        assert got.sort_by([("time", "ascending"), (key, "ascending")]).equals(want)

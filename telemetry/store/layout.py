@@ -12,9 +12,11 @@ import secrets
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-import pyarrow as pa
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger("tally.store")
 
@@ -60,8 +62,10 @@ def read_journal(path: Path) -> tuple[pa.Table | None, bool]:
     A journal holds one small batch per round, thousands an hour; they are joined into
     contiguous chunks as they are read, so the many small batch objects never all exist at once
     (they cost far more memory than their rows). Returns ``(None, False)`` when not even the
-    schema can be read.
+    schema can be read. Imports pyarrow (the daemon's store never calls this itself).
     """
+    import pyarrow as pa
+
     try:
         with pa.memory_map(str(path), "r") as source:
             try:

@@ -1,0 +1,212 @@
+"""The hand-written IPC stream (telemetry.store.ipc) against pyarrow's reader and read_journal:
+random frames of every table come back equal to ``Frame.to_arrow()``, bit for bit."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from telemetry.frame import DTYPES, Frame
+from telemetry.schema import SCHEMAS
+from telemetry.store import ipc
+from telemetry.store.layout import read_journal
+from telemetry.tables import TABLES, Column
+
+_STRINGS = ["", "n1", "gpu-0", "é", "日本語", "Ω≈ç", "🎉 emoji", "a" * 300, "tab\tnew\nline"]
+_INT_EXTREMES = {
+    "time": (-(2**63), 2**63 - 1),
+    "int16": (-(2**15), 2**15 - 1),
+    "int32": (-(2**31), 2**31 - 1),
+    "int64": (-(2**63), 2**63 - 1),
+}
+_FLOAT_SPECIALS = [np.inf, -np.inf, np.nan, -0.0, 0.0, 1e-45, 3.4e38, 1e300, 0.1, 2.0 / 3.0]
+
+
+def _values(rng: np.random.Generator, column: Column, rows: int) -> np.ndarray:
+    kind = column.kind
+    if kind == "string":
+        out = np.empty(rows, dtype=object)
+        for i in range(rows):
+            pick = int(rng.integers(len(_STRINGS) + 1))
+            out[i] = (
+                _STRINGS[pick]
+                if pick < len(_STRINGS)
+                else "".join(chr(int(c)) for c in rng.integers(32, 0x3000, size=5))
+            )
+        return out
+    if kind in _INT_EXTREMES:
+        low, high = _INT_EXTREMES[kind]
+        values = rng.integers(low, high, size=rows, dtype=np.int64, endpoint=True)
+        picks = rng.random(rows) < 0.3
+        values[picks] = rng.choice([low, high, 0, -1], size=int(picks.sum()))
+        return values.astype(DTYPES[kind])
+    floats = rng.normal(0, 1e6, size=rows)  # float64: rounded once when the column is float32
+    picks = rng.random(rows) < 0.3
+    floats[picks] = rng.choice(_FLOAT_SPECIALS, size=int(picks.sum()))
+    with np.errstate(over="ignore"):
+        return floats.astype(DTYPES[kind])
+
+
+def random_frame(rng: np.random.Generator, table: str, rows: int) -> Frame:
+    """Rows of ``table`` with nulls in nullable columns (sometimes all, sometimes none, sometimes
+    an all-true mask), extreme integers, float specials and non-ASCII strings."""
+    columns: dict[str, np.ndarray] = {}
+    valid: dict[str, np.ndarray] = {}
+    for column in TABLES[table]:
+        values = _values(rng, column, rows)
+        if column.nullable and rows:
+            mode = int(rng.integers(4))
+            mask = [rng.random(rows) < 0.6, np.zeros(rows, bool), np.ones(rows, bool), None][mode]
+            if mask is not None:
+                valid[column.name] = mask
+                if column.kind == "string":
+                    values[~mask] = None
+                else:
+                    values[~mask] = 0
+        columns[column.name] = values
+    return Frame(table, columns, valid)
+
+
+def _plain(column: pa.ChunkedArray) -> tuple[list[bool], Any]:
+    """A column's validity and its values in a form compared bit for bit (floats as their bits,
+    so NaN equals NaN and -0.0 differs from 0.0)."""
+    column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    nulls = column.is_null().to_pylist()
+    if pa.types.is_string(column.type):
+        return nulls, column.to_pylist()
+    if pa.types.is_timestamp(column.type):
+        column = column.cast(pa.int64())
+    filled = pc.fill_null(column, pa.scalar(0, column.type)).to_numpy(zero_copy_only=False)
+    if pa.types.is_floating(column.type):
+        filled = filled.view(np.int32 if column.type == pa.float32() else np.int64)
+    return nulls, filled.tolist()
+
+
+def assert_same(got: pa.Table, want: pa.Table) -> None:
+    assert got.schema.equals(want.schema, check_metadata=True), (got.schema, want.schema)
+    assert got.schema.metadata is None
+    assert got.num_rows == want.num_rows
+    for name in want.column_names:
+        got_nulls, got_values = _plain(got.column(name))
+        want_nulls, want_values = _plain(want.column(name))
+        assert got_nulls == want_nulls, f"{name}: nulls differ"
+        assert got_values == want_values, f"{name}: values differ"
+
+
+def _frames(table: str, seed: int) -> list[Frame]:
+    rng = np.random.default_rng(seed)
+    sizes = [0, 1, 58, 1, 0, *rng.integers(0, 80, size=40).tolist(), 3]
+    return [random_frame(rng, table, int(n)) for n in sizes]
+
+
+def _journal(path: Path, table: str, frames: list[Frame], close: bool = True) -> list[int]:
+    """Write ``frames`` to a journal at ``path``; the file size after the schema and each batch."""
+    with open(path, "wb") as sink:
+        writer = ipc.StreamWriter(sink, table)
+        ends = [sink.tell()]
+        for frame in frames:
+            writer.write_table(frame)
+            ends.append(sink.tell())
+        if close:
+            writer.close()
+    return ends
+
+
+def _expected(table: str, frames: list[Frame]) -> pa.Table:
+    return (
+        pa.concat_tables([f.to_arrow() for f in frames]) if frames else SCHEMAS[table].empty_table()
+    )
+
+
+@pytest.mark.parametrize("table", list(TABLES))
+def test_schema_message_is_the_tables_schema_exactly(table: str) -> None:
+    sink = io.BytesIO()
+    ipc.StreamWriter(sink, table).close()
+    reader = pa.ipc.open_stream(sink.getvalue())
+    assert reader.schema.equals(SCHEMAS[table], check_metadata=True)
+    assert reader.schema.metadata is None
+    assert [f.nullable for f in reader.schema] == [c.nullable for c in TABLES[table]]
+    assert reader.read_all().num_rows == 0
+    if table == "cpu":
+        assert reader.schema.field("time").type == pa.timestamp("ns", tz="UTC")
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("table", list(TABLES))
+def test_random_frames_read_back_equal_to_to_arrow(tmp_path: Path, table: str, seed: int) -> None:
+    frames = _frames(table, seed)
+    path = tmp_path / "part.arrows"
+    _journal(path, table, frames)
+    want = _expected(table, frames)
+    with pa.ipc.open_stream(path.read_bytes()) as reader:
+        batches = list(reader)
+    assert [b.num_rows for b in batches] == [f.num_rows for f in frames]
+    assert_same(pa.Table.from_batches(batches, schema=SCHEMAS[table]), want)
+    data, clean = read_journal(path)
+    assert clean and data is not None
+    assert_same(data, want)
+
+
+@pytest.mark.parametrize("table", list(TABLES))
+def test_a_journal_cut_anywhere_in_its_last_batch_keeps_the_earlier_batches(
+    tmp_path: Path, table: str
+) -> None:
+    rng = np.random.default_rng(7)
+    frames = [random_frame(rng, table, n) for n in (3, 0, 5, 4)]
+    path = tmp_path / "part.arrows"
+    ends = _journal(path, table, frames, close=False)
+    earlier = _expected(table, frames[:-1])
+    last_start, last_end = ends[-2], ends[-1]
+    with open(path, "r+b") as f:
+        for cut in range(last_end - 1, last_start, -1):  # every byte inside the last batch
+            f.truncate(cut)
+            f.flush()
+            data, clean = read_journal(path)
+            assert data is not None, cut
+            assert not clean, f"cut at {cut} read as a clean end"
+            assert_same(data, earlier)
+        f.truncate(last_start)  # cut between messages: the earlier batches, nothing torn
+    data, _ = read_journal(path)
+    assert data is not None
+    assert_same(data, earlier)
+
+
+def test_the_comparison_sees_one_flipped_validity_bit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checks above can fail: a writer that flips the first bit of each bitmap is caught."""
+    real = ipc._column_buffers
+
+    def flipping(*args: Any) -> tuple[int, list[bytes]]:
+        nulls, parts = real(*args)
+        if parts[0]:
+            parts[0] = bytes([parts[0][0] ^ 1]) + parts[0][1:]
+        return nulls, parts
+
+    monkeypatch.setattr(ipc, "_column_buffers", flipping)
+    frames = _frames("gpu", 1)
+    path = tmp_path / "part.arrows"
+    _journal(path, "gpu", frames)
+    data, _ = read_journal(path)
+    assert data is not None
+    with pytest.raises(AssertionError, match="nulls differ"):
+        assert_same(data, _expected("gpu", frames))
+
+
+def test_a_null_in_a_required_column_is_refused_before_anything_is_written() -> None:
+    frame = random_frame(np.random.default_rng(3), "cpu", 4)
+    frame.valid["node"] = np.array([True, False, True, True])
+    sink = io.BytesIO()
+    writer = ipc.StreamWriter(sink, "cpu")
+    size = sink.tell()
+    with pytest.raises(ValueError, match="'node' is required"):
+        writer.write_table(frame)
+    assert sink.tell() == size
+    with pytest.raises(ValueError, match="'gpu'"):
+        writer.write_table(Frame.empty("gpu"))
