@@ -33,10 +33,9 @@ from telemetry.config import (
     seed_arg,
 )
 from telemetry.config import daemon_config as resolve_daemon_config
-from telemetry.errors import RunFailed, TallyError
+from telemetry.errors import RunFailed, SchemaError, TallyError
 from telemetry.logs import say
 from telemetry.logs import setup as setup_logging
-from telemetry.schema import SchemaError
 
 log = logging.getLogger("tally.cli")
 

@@ -19,6 +19,18 @@ class ParseError(TallyError):
     """A /proc or /sys file does not have the expected format; the message names the file."""
 
 
+class SchemaError(ValueError):
+    """A table does not match its SPEC §2 schema; the message names the table and column.
+
+    ``missing`` is True when a required column is absent (a file of an older or other layout),
+    as opposed to a column of the wrong type or content (a foreign or corrupted file).
+    """
+
+    def __init__(self, message: str, missing: bool = False) -> None:
+        super().__init__(message)
+        self.missing = missing
+
+
 class CollectorUnavailable(Exception):
     """What a collector reads does not exist on this host (no RAPL zones, no NVML): the collector
     reports failure with this one-line reason and the daemon goes on."""

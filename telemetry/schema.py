@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from telemetry.errors import SchemaError
 from telemetry.tables import (
     CPU_BUSY_MODES,
     CPU_MODES,
@@ -80,18 +81,6 @@ SCHEMAS: dict[str, pa.Schema] = {
     "job": JOB_SCHEMA,
     "gpu_job": GPU_JOB_SCHEMA,
 }
-
-
-class SchemaError(ValueError):
-    """A table does not match its SPEC §2 schema; the message names the table and column.
-
-    ``missing`` is True when a required column is absent (a file of an older or other layout),
-    as opposed to a column of the wrong type or content (a foreign or corrupted file).
-    """
-
-    def __init__(self, message: str, missing: bool = False) -> None:
-        super().__init__(message)
-        self.missing = missing
 
 
 def _castable(actual: pa.DataType, expected: pa.DataType) -> bool:
