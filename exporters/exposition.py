@@ -21,15 +21,10 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    Metric,
-    UnknownMetricFamily,
-)
 
 if TYPE_CHECKING:
     import pyarrow as pa
+    from prometheus_client.core import Metric
 
 # A label's values: an Arrow string array, Python strings, or one string for every sample.
 LabelColumn: TypeAlias = "pa.Array | list[str] | str"
@@ -282,8 +277,15 @@ def _block_text(
     return bytes(memoryview(data)[int(bounds[0]) : int(bounds[-1])])
 
 
-def render_text(families: Iterable[ColumnFamily], prefixes: PrefixCache | None = None) -> bytes:
-    """The Prometheus text format (0.0.4) of ``families``, as ``generate_latest`` writes it.
+def render_text(
+    families: Iterable[ColumnFamily],
+    prefixes: PrefixCache | None = None,
+    openmetrics: bool = False,
+) -> bytes:
+    """The Prometheus text format (0.0.4) of ``families``, as ``generate_latest`` writes it; with
+    ``openmetrics``, OpenMetrics 1.0.0 as prometheus-client's OpenMetrics ``generate_latest``
+    writes the same families (:func:`to_client_metric`): HELP and TYPE name the family without
+    ``_total``, a counter without the suffix is ``unknown``, and ``# EOF`` ends it.
 
     ``prefixes`` (one per exporter) keeps small-block series prefixes from scrape to scrape.
     """
@@ -293,16 +295,26 @@ def render_text(families: Iterable[ColumnFamily], prefixes: PrefixCache | None =
         counter = family.kind == "counter"
         name = family.name + "_total" if counter and family.total_suffix else family.name
         doc = family.documentation.replace("\\", r"\\").replace("\n", r"\n")
-        out.append(f"# HELP {name} {doc}\n# TYPE {name} {family.kind}\n".encode())
+        if openmetrics:
+            kind = "unknown" if counter and not family.total_suffix else family.kind
+            doc = doc.replace('"', r"\"")
+            out.append(f"# HELP {family.name} {doc}\n# TYPE {family.name} {kind}\n".encode())
+        else:
+            out.append(f"# HELP {name} {doc}\n# TYPE {name} {family.kind}\n".encode())
         for block in family.blocks:
             out.append(_block_text(name, family.labels, block, cache, prefixes))
     if prefixes is not None and len(prefixes) > 65536:
         prefixes.clear()  # series come and go (jobs); a node's own scrape holds a few thousand
+    if openmetrics:
+        out.append(b"# EOF\n")
     return b"".join(out)
 
 
 def to_client_metric(family: ColumnFamily) -> Metric:
-    """The same family as a prometheus-client metric (one object per sample: the slow path)."""
+    """The same family as a prometheus-client metric (one object per sample: the slow path;
+    prometheus-client is imported here, not by a daemon that renders its own text)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, UnknownMetricFamily
+
     cls: type[CounterMetricFamily | GaugeMetricFamily | UnknownMetricFamily] = GaugeMetricFamily
     if family.kind == "counter":
         cls = CounterMetricFamily if family.total_suffix else UnknownMetricFamily

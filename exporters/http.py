@@ -17,16 +17,64 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from exporters.webconfig import FAILURE_WINDOW_S, WebConfig, load_web_config
 from telemetry.config import parse_listen
 from telemetry.errors import TallyError
 
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
 log = logging.getLogger("tally.http")
+
+# A registry, or what builds one on the first request only prometheus-client can answer.
+Registry: TypeAlias = "CollectorRegistry | Callable[[], CollectorRegistry]"
+TEXT_0_0_4 = "text/plain; version=0.0.4; charset=utf-8"
+OPENMETRICS_1_0_0 = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+
+
+def _param(tokens: list[str], key: str, default: str = "") -> str:
+    for token in tokens[1:]:
+        name, sep, value = token.strip().partition("=")
+        if sep and name == key:
+            return value
+    return default
+
+
+def _at_least_1(version: str) -> bool:
+    """``version`` ≥ 1.0.0 (a part that is not a number compares as prometheus-client's does
+    not: as too low)."""
+    parts = version.split(".")
+    if not all(p.isdigit() for p in parts):
+        return False
+    return tuple(int(p) for p in parts) >= (1, 0, 0)
+
+
+def negotiate(accept: str) -> tuple[str, str]:
+    """What to answer an ``Accept`` header with, as prometheus-client's ``choose_encoder``
+    decides it: ``("text", type)`` for the 0.0.4 text format, ``("openmetrics", type)`` for
+    OpenMetrics 1.0.0 (both rendered from columns), ``("client", "")`` for the formats and
+    escapings only the client writes (OpenMetrics 2.0, text 1.0, dots or values escaping)."""
+    for accepted in (accept or "").split(","):
+        tokens = accepted.split(";")
+        media = tokens[0].strip()
+        if media not in ("application/openmetrics-text", "text/plain"):
+            continue
+        version = _param(tokens, "version")
+        escaping = _param(tokens, "escaping", "underscores")
+        if escaping not in ("allow-utf-8", "underscores", "dots", "values"):
+            escaping = "underscores"
+        if media == "application/openmetrics-text" and not version:
+            return "openmetrics", OPENMETRICS_1_0_0
+        if not version or not _at_least_1(version):
+            continue
+        native = escaping in ("allow-utf-8", "underscores")  # the same bytes for legacy names
+        if media == "application/openmetrics-text" and version == "1.0.0" and native:
+            return "openmetrics", f"{OPENMETRICS_1_0_0}; escaping={escaping}"
+        return "client", ""
+    return "text", TEXT_0_0_4
+
 
 _LANDING = b"""<!doctype html>
 <html><head><title>tally</title></head>
@@ -47,9 +95,16 @@ class _Server(ThreadingHTTPServer):
     # connection lives longer than the deadline, however slowly it sends its headers.
     max_connections = 128
     connection_deadline_s = 3 * CLIENT_TIMEOUT_SECONDS
-    registry: CollectorRegistry
+    registry: Registry
     web: WebConfig | None = None
     text: Callable[[], bytes] | None = None
+    openmetrics: Callable[[], bytes] | None = None
+
+    def client_registry(self) -> CollectorRegistry:
+        """The registry, built on first use where it was given as a factory."""
+        if callable(self.registry) and not hasattr(self.registry, "collect"):
+            self.registry = self.registry()
+        return self.registry  # type: ignore[return-value]
 
     def server_activate(self) -> None:
         super().server_activate()
@@ -159,13 +214,17 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, "text/plain; charset=utf-8", b"not found\n")
 
     def _metrics(self) -> None:
-        encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+        accept = self.headers.get("Accept", "")
+        kind, content_type = negotiate(accept)
         try:
-            text = self.server.text
-            if text is not None and content_type.startswith("text/plain"):
-                body = text()
+            render = {"text": self.server.text, "openmetrics": self.server.openmetrics}.get(kind)
+            if render is not None:
+                body = render()
             else:
-                body = encoder(self.server.registry)
+                from prometheus_client.exposition import choose_encoder
+
+                encoder, content_type = choose_encoder(accept)
+                body = encoder(self.server.client_registry())
         except Exception:
             log.exception("rendering /metrics failed")
             self._send(500, "text/plain; charset=utf-8", b"internal error rendering metrics\n")
@@ -193,18 +252,20 @@ class _Handler(BaseHTTPRequestHandler):
 class MetricsServer:
     """Serves ``registry`` on ``host:port`` from a background thread (port 0 picks a free one).
 
-    ``text``, when given, renders the Prometheus text format of the same registry faster (the
-    column renderer); OpenMetrics is always rendered by prometheus-client. Raises
+    ``text`` and ``openmetrics``, when given, render the text format and OpenMetrics 1.0.0 of the
+    same registry faster (the column renderer); other formats are rendered by prometheus-client
+    from ``registry``, which may be a factory called on the first such request. Raises
     ``TallyError`` when the address cannot be bound (in use, not local, no permission).
     """
 
     def __init__(
         self,
-        registry: CollectorRegistry,
+        registry: Registry,
         host: str,
         port: int,
         web: WebConfig | None = None,
         text: Callable[[], bytes] | None = None,
+        openmetrics: Callable[[], bytes] | None = None,
     ) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
@@ -219,6 +280,7 @@ class MetricsServer:
         self._host = host
         self._httpd.registry = registry
         self._httpd.text = text
+        self._httpd.openmetrics = openmetrics
         self._httpd.web = web
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="tally-http", daemon=True
@@ -257,11 +319,12 @@ class MetricsServer:
 
 
 def serve(
-    registry: CollectorRegistry,
+    registry: Registry,
     listen: str,
     web_config: Path | None = None,
     text: Callable[[], bytes] | None = None,
     start: bool = True,
+    openmetrics: Callable[[], bytes] | None = None,
 ) -> MetricsServer:
     """Serve ``registry`` on ``listen`` (``ADDR:PORT``) with the TLS and basic auth of the web
     config file ``web_config`` (exporter-toolkit YAML); started unless ``start`` is False.
@@ -271,7 +334,7 @@ def serve(
     """
     host, port = parse_listen(listen)
     web = load_web_config(web_config) if web_config is not None else None
-    server = MetricsServer(registry, host, port, web=web, text=text)
+    server = MetricsServer(registry, host, port, web=web, text=text, openmetrics=openmetrics)
     if start:
         server.start()
     return server

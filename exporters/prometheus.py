@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
-from prometheus_client.core import Metric
 
 from exporters.exposition import (
     ColumnFamily,
@@ -25,6 +24,8 @@ from exporters.exposition import (
     strings,
     to_client_metric,
 )
+from exporters.process import FAMILIES as PROCESS_FAMILIES
+from exporters.process import ProcessFamilies
 from telemetry import __version__
 from telemetry.frame import Frame
 from telemetry.merge import Table
@@ -32,6 +33,8 @@ from telemetry.state import Snapshot, TableSnapshot
 from telemetry.tables import CPU_MODES
 
 if TYPE_CHECKING:  # annotations only: a node daemon without an inventory never bills
+    from prometheus_client.core import Metric
+
     from telemetry.billing.aggregate import AggregateSnapshot
     from telemetry.billing.engine import LiveTotals
 
@@ -540,22 +543,32 @@ def dcgm_families(snap: TableSnapshot) -> Iterator[ColumnFamily]:
 
 
 class TallyCollector:
-    """Renders whatever snapshot ``source`` returns at scrape time: as a prometheus-client
-    collector (``collect``, used for OpenMetrics) and straight to the text format
-    (``render_text``, the same bytes without one object per sample).
+    """Renders whatever snapshot ``source`` returns at scrape time: straight to the text format
+    and OpenMetrics (``render_text``, ``render_openmetrics``: the bytes prometheus-client
+    writes, without one object per sample), and as a prometheus-client collector (``collect``,
+    for the formats only the client writes).
 
-    ``dcgm_compat`` adds dcgm-exporter's metric names for existing dashboards.
+    ``dcgm_compat`` adds dcgm-exporter's metric names for existing dashboards; ``process``
+    gives the exporter's own ``process_*`` families, rendered last.
     """
 
-    def __init__(self, source: Callable[[], Snapshot], dcgm_compat: bool = False) -> None:
+    def __init__(
+        self,
+        source: Callable[[], Snapshot],
+        dcgm_compat: bool = False,
+        process: ProcessFamilies | None = None,
+    ) -> None:
         self._source = source
         self._dcgm = dcgm_compat
+        self._process = process
         self._prefixes = PrefixCache()
 
     def describe(self) -> list[Metric]:
         families = [_family(name) for name in METRICS]
         if self._dcgm:
             families += [_dcgm_family(name) for name in DCGM_METRICS]
+        if self._process is not None:
+            families += [ColumnFamily(n, k, doc, ()) for n, (k, doc) in PROCESS_FAMILIES.items()]
         return [to_client_metric(f) for f in families]
 
     def families(self) -> Iterator[ColumnFamily]:
@@ -573,6 +586,8 @@ class TallyCollector:
         if snapshot.pools is not None:
             yield from pool_families(snapshot.pools)
         yield from self_families(snapshot)
+        if self._process is not None:
+            yield from self._process()
 
     def collect(self) -> Iterator[Metric]:
         for family in self.families():
@@ -581,6 +596,11 @@ class TallyCollector:
     def render_text(self) -> bytes:
         """The text exposition of the newest snapshot (what ``generate_latest`` would write)."""
         return render_text(self.families(), self._prefixes)
+
+    def render_openmetrics(self) -> bytes:
+        """OpenMetrics 1.0.0 of the newest snapshot (what the client's OpenMetrics
+        ``generate_latest`` would write)."""
+        return render_text(self.families(), self._prefixes, openmetrics=True)
 
 
 def aggregate_families(snapshot: AggregateSnapshot, now_ns: int) -> Iterator[ColumnFamily]:
@@ -642,3 +662,6 @@ class AggregateCollector:
 
     def render_text(self) -> bytes:
         return render_text(self.families())
+
+    def render_openmetrics(self) -> bytes:
+        return render_text(self.families(), openmetrics=True)

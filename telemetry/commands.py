@@ -75,7 +75,13 @@ def replay(args: argparse.Namespace) -> int:
     if args.listen is not None and not args.once:
         # bound and serving before the dataset is read: a bad address fails at once, and a
         # paced replay is watched as it goes
-        server = serve(registry, args.listen, args.web_config, collector.render_text)
+        server = serve(
+            registry,
+            args.listen,
+            args.web_config,
+            collector.render_text,
+            openmetrics=collector.render_openmetrics,
+        )
         banner = f"tally replay: serving {server.url}"
         say(banner)
     stop = stop_on_signals()
@@ -194,7 +200,14 @@ def aggregate(args: argparse.Namespace) -> int:
     collector = AggregateCollector(lambda: current[0])
     registry = CollectorRegistry()
     registry.register(collector)
-    server = serve(registry, args.listen, args.web_config, text=collector.render_text, start=False)
+    server = serve(
+        registry,
+        args.listen,
+        args.web_config,
+        text=collector.render_text,
+        start=False,
+        openmetrics=collector.render_openmetrics,
+    )
     stop = stop_on_signals()
     # Catch up with everything already stored before serving: counters start at the dataset's
     # totals, so a restart neither resets nor doubles them.

@@ -18,12 +18,12 @@ import socket
 import sys
 import threading
 import time
+from functools import cached_property
 from types import FrameType
-
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.process_collector import ProcessCollector
+from typing import TYPE_CHECKING
 
 from exporters.http import MetricsServer, serve
+from exporters.process import ProcessFamilies
 from exporters.prometheus import TallyCollector
 from telemetry.clock import SteadyClock
 from telemetry.collectors import REGISTRY, CollectorContext, Runner
@@ -33,6 +33,9 @@ from telemetry.frame import Frame
 from telemetry.logs import OnceLogger, say
 from telemetry.state import Snapshot, State
 from telemetry.store.writer import Store
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("tally.daemon")
 
@@ -91,19 +94,27 @@ class Daemon:
         ]
         self.clock = SteadyClock()
         self.runner = Runner([REGISTRY[name](ctx) for name in enabled], clock_ns=self.clock)
-        self.registry = CollectorRegistry()
-        self.tally = TallyCollector(self.snapshot, config.dcgm_compat)
-        self.registry.register(self.tally)
-        # The process_* families, in a registry of their own so that the text format can be
-        # rendered as tally's column families followed by these (the same bytes, in order).
-        self.process = CollectorRegistry()
-        ProcessCollector(namespace="", registry=self.process)
-        self.registry.register(self.process)
+        # tally's families, then the process_* ones, rendered from columns for the text format
+        # and OpenMetrics 1.0; prometheus-client is loaded only for a format only it writes.
+        self.tally = TallyCollector(self.snapshot, config.dcgm_compat, ProcessFamilies())
         self.server: MetricsServer | None = None
+
+    @cached_property
+    def registry(self) -> CollectorRegistry:
+        """The same families as a prometheus-client registry (built on first use)."""
+        from prometheus_client import CollectorRegistry
+
+        registry = CollectorRegistry()
+        registry.register(self.tally)
+        return registry
 
     def render_text(self) -> bytes:
         """/metrics in the text format: tally's families, then the process_* families."""
-        return self.tally.render_text() + generate_latest(self.process)
+        return self.tally.render_text()
+
+    def render_openmetrics(self) -> bytes:
+        """/metrics in OpenMetrics 1.0.0, the same families."""
+        return self.tally.render_openmetrics()
 
     def stop(self, *_: object) -> None:
         self.stop_event.set()
@@ -200,7 +211,12 @@ class Daemon:
         # Bound before the store is opened and the first round runs (a bad address or web config
         # fails fast), started after it, so the first scrape already sees data.
         self.server = serve(
-            self.registry, self.config.listen, self.config.web_config, self.render_text, start=False
+            lambda: self.registry,
+            self.config.listen,
+            self.config.web_config,
+            self.render_text,
+            start=False,
+            openmetrics=self.render_openmetrics,
         )
         try:
             self.store.open()

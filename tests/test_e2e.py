@@ -167,6 +167,12 @@ def test_replay_listen_serves_the_final_state_until_sigterm(tmp_path: Path) -> N
         assert proc.wait(timeout=10) == 0
 
 
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
 def test_sighup_compacts_and_goes_on_sigusr1_logs_a_status(data: Path) -> None:
     """SIGHUP and SIGUSR1 used to kill the daemon without compacting (exit 129 and 138)."""
     daemon = DaemonProcess(data, data.parent / "logs", node="e2e")
@@ -185,6 +191,15 @@ def test_sighup_compacts_and_goes_on_sigusr1_logs_a_status(data: Path) -> None:
         while "SIGUSR1: status" not in daemon.stderr() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert "rows written" in daemon.stderr() and daemon.proc.poll() is None
+        # What Prometheus asks for: OpenMetrics, rendered by the daemon itself.
+        openmetrics = daemon.scrape(accept=PROMETHEUS_ACCEPT)
+        assert openmetrics.endswith(b"# EOF\n")
+        assert b"# TYPE tally_cpu_seconds counter" in openmetrics
+        assert b"process_resident_memory_bytes " in openmetrics
+        # Collecting, journaling, compacting (in a child) and serving both formats: the
+        # daemon itself never loaded Arrow's libraries.
+        maps = Path(f"/proc/{daemon.proc.pid}/maps").read_text()
+        assert "libarrow" not in maps and "libparquet" not in maps
     finally:
         code, _ = daemon.terminate()
     assert code == 0, daemon.stderr()

@@ -17,6 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.utils import floatToGoString
 
 from exporters import exposition
@@ -28,7 +31,8 @@ from exporters.exposition import (
     strings,
     to_client_metric,
 )
-from exporters.http import MetricsServer
+from exporters.http import OPENMETRICS_1_0_0, TEXT_0_0_4, MetricsServer, negotiate
+from exporters.process import ProcessFamilies
 from exporters.prometheus import TallyCollector
 from telemetry.billing.inventory import parse_inventory
 from telemetry.collectors.base import CollectorStatus
@@ -62,6 +66,12 @@ def _client_text(collector: TallyCollector) -> bytes:
     return generate_latest(registry)
 
 
+def _client_openmetrics(collector: TallyCollector) -> bytes:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return generate_openmetrics(registry)
+
+
 def _rich_snapshot(label: str) -> Snapshot:
     state = State(inventory=parse_inventory(INVENTORY, "t.toml"))
     times = [float(t) for t in range(0, 900, 5)]
@@ -92,9 +102,12 @@ def test_whole_exposition_is_byte_identical(label: str, dcgm: bool) -> None:
     bare = b"# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION "
     assert fast == _client_text(collector).replace(bare + b"untyped", bare + b"counter")
     assert (bare + b"counter\n" in fast) == dcgm
+    openmetrics = collector.render_openmetrics()
+    assert openmetrics == _client_openmetrics(collector)
     exposition._ARROW_FROM_ROWS = 0  # every block through Arrow, however small
     try:
         assert collector.render_text() == fast
+        assert collector.render_openmetrics() == openmetrics
     finally:
         exposition._ARROW_FROM_ROWS = ARROW_FROM_ROWS
     assert b"tally_pool_capacity_unit_seconds_total{" in fast
@@ -104,6 +117,7 @@ def test_whole_exposition_is_byte_identical(label: str, dcgm: bool) -> None:
 def test_empty_snapshot_is_byte_identical() -> None:
     collector = TallyCollector(Snapshot)
     assert collector.render_text() == _client_text(collector)
+    assert collector.render_openmetrics() == _client_openmetrics(collector)
 
 
 class _One:
@@ -123,7 +137,7 @@ values = st.floats(allow_nan=True, allow_infinity=True) | st.integers(-(2**60), 
     rows=st.lists(st.tuples(label_text, label_text, values), max_size=30),
     constant=label_text,
     kind=st.sampled_from(["counter", "gauge"]),
-    doc=st.text(max_size=30),
+    doc=st.text(max_size=30) | st.sampled_from(['say "no"', "back\\slash", "two\nlines"]),
 )
 def test_any_family_renders_as_the_client_does(
     rows: list[tuple[str, str, float]], constant: str, kind: str, doc: str
@@ -135,11 +149,12 @@ def test_any_family_renders_as_the_client_does(
     )
     registry = CollectorRegistry()
     registry.register(_One(family))
-    expected = generate_latest(registry)
+    expected, openmetrics = generate_latest(registry), generate_openmetrics(registry)
     for arrow_from in (0, 10**9):  # the Arrow path for every block, then the Python path
         exposition._ARROW_FROM_ROWS = arrow_from
         try:
             assert render_text([family]) == expected
+            assert render_text([family], openmetrics=True) == openmetrics
         finally:
             exposition._ARROW_FROM_ROWS = ARROW_FROM_ROWS
 
@@ -160,33 +175,108 @@ def test_exponent_boundaries(value: float) -> None:
     assert render_text([family]) == generate_latest(registry)
 
 
-def test_http_serves_the_column_renderer_for_text_and_the_client_for_openmetrics() -> None:
+def test_http_serves_both_formats_from_the_column_renderer_and_others_from_the_client() -> None:
     snapshot = _rich_snapshot(HOSTILE[0])
     collector = TallyCollector(lambda: snapshot)
     registry = CollectorRegistry()
     registry.register(collector)
-    calls = []
+    calls: list[str] = []
 
     def text() -> bytes:
-        calls.append(1)
+        calls.append("text")
         return collector.render_text()
 
-    server = MetricsServer(registry, "127.0.0.1", 0, text=text)
+    def openmetrics() -> bytes:
+        calls.append("openmetrics")
+        return collector.render_openmetrics()
+
+    built: list[CollectorRegistry] = []
+
+    def factory() -> CollectorRegistry:
+        built.append(registry)
+        return registry
+
+    server = MetricsServer(factory, "127.0.0.1", 0, text=text, openmetrics=openmetrics)
     server.start()
-    try:
-        url = f"http://127.0.0.1:{server.port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as response:
-            body = response.read()
-        assert calls and body == generate_latest(registry)
-        request = urllib.request.Request(
-            url, headers={"Accept": "application/openmetrics-text; version=1.0.0"}
-        )
+    url = f"http://127.0.0.1:{server.port}/metrics"
+
+    def get(accept: str | None) -> tuple[str, bytes]:
+        request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
         with urllib.request.urlopen(request, timeout=10) as response:
-            assert response.headers["Content-Type"].startswith("application/openmetrics-text")
-            assert response.read().endswith(b"# EOF\n")
-        assert len(calls) == 1
+            return response.headers["Content-Type"], response.read()
+
+    try:
+        kind, body = get(None)
+        assert kind.startswith("text/plain; version=0.0.4") and body == generate_latest(registry)
+        # what Prometheus sends by default
+        prometheus = (
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+            "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        )
+        kind, body = get(prometheus)
+        assert kind == f"{OPENMETRICS_1_0_0}; escaping=underscores"
+        assert body == generate_openmetrics(registry) and body.endswith(b"# EOF\n")
+        assert calls == ["text", "openmetrics"] and not built
+        # a format only the client writes: the registry is built now, once
+        kind, body = get("application/openmetrics-text;version=1.0.0;escaping=dots")
+        assert kind.endswith("escaping=dots") and built == [registry]
+        assert body == generate_openmetrics(registry, escaping="dots")
+        get("text/plain;version=1.0.0")
+        assert built == [registry] and calls == ["text", "openmetrics"]
     finally:
         server.stop()
+
+
+accept_media = st.sampled_from(
+    ["application/openmetrics-text", "text/plain", "*/*", "application/json", ""]
+)
+accept_params = st.lists(
+    st.sampled_from(
+        ["version=1.0.0", "version=0.0.1", "version=0.0.4", "version=2.0.0", "version=1.x",
+         "escaping=underscores", "escaping=allow-utf-8", "escaping=dots", "escaping=values",
+         "escaping=bogus", "q=0.5", "charset=utf-8"]
+    ),
+    max_size=3,
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(accept_media, accept_params), max_size=4))
+def test_negotiation_chooses_as_the_client_does(offers: list[tuple[str, list[str]]]) -> None:
+    accept = ",".join(";".join([media, *params]) for media, params in offers)
+    kind, content_type = negotiate(accept)
+    try:
+        client_type = choose_encoder(accept)[1]
+    except TypeError:  # the client cannot compare "1.x" with a number; we take it as too low
+        return
+    if kind == "client":  # only what the column renderer does not write is left to the client
+        assert client_type != TEXT_0_0_4
+        ours = client_type.startswith(OPENMETRICS_1_0_0) and client_type.endswith(
+            ("=underscores", "=allow-utf-8")
+        )
+        assert not ours, accept
+    else:
+        assert content_type == client_type, accept
+        assert (kind == "openmetrics") == client_type.startswith("application/openmetrics-text")
+
+
+def test_process_families_are_the_clients() -> None:
+    ours = ProcessFamilies()()
+    registry = CollectorRegistry()
+    client = ProcessCollector(registry=registry)
+    theirs = list(client.collect())
+    ours_again = ProcessFamilies()()
+    assert [(f.name, f.kind, f.documentation) for f in ours] == [
+        (m.name, m.type, m.documentation) for m in theirs
+    ]
+    for before, metric, after in zip(ours, theirs, ours_again, strict=True):
+        low, high = sorted([before.blocks[0].values[0], after.blocks[0].values[0]])
+        value = metric.samples[0].value
+        if metric.name == "process_resident_memory_bytes":
+            low, high = low * 0.9, high * 1.1  # the page count moves between reads
+        if metric.name == "process_open_fds":
+            low, high = low - 2, high + 2
+        assert low <= value <= high, metric.name
 
 
 @settings(max_examples=100, deadline=None)

@@ -35,10 +35,14 @@ def test_billing_on_workers_imports_dask_only_when_a_cluster_is_asked_for() -> N
     assert result.stdout.strip() == ""
 
 
-# What a node daemon must not load: the bill engine and the dataset reader behind it, the
-# report's and the cluster's libraries, the kubelet client while the pod collector is off.
+# What a node daemon must not load: Arrow (it collects, journals and aggregates NumPy columns;
+# compaction to Parquet runs in a child), prometheus-client (it renders both text formats
+# itself), bcrypt without basic-auth users, the bill engine and the dataset reader behind it,
+# the report's and the cluster's libraries, the kubelet client while the pod collector is off.
 NOT_IN_THE_DAEMON = (
-    "pyarrow.dataset",
+    "pyarrow",
+    "prometheus_client",
+    "bcrypt",
     "plotly",
     "polars",
     "dask",
@@ -75,6 +79,8 @@ def test_a_running_daemon_imports_no_billing_report_or_cluster_module(tmp_path: 
         "    daemon.round()\n"
         "text = daemon.render_text()\n"
         "assert b'tally_gpu_info{' in text and b'tally_job_info{' in text, text[:2000]\n"
+        "assert daemon.render_openmetrics().endswith(b'# EOF\\n')\n"
+        "daemon.store.rotate()\n"
         "daemon.runner.close()\n"
         "daemon.store.close()\n"
         "print('\\n'.join(sorted(sys.modules)))\n"
@@ -88,7 +94,7 @@ def test_a_running_daemon_imports_no_billing_report_or_cluster_module(tmp_path: 
     )
     assert result.returncode == 0, result.stderr
     loaded = set(result.stdout.split())
-    assert "telemetry.daemon" in loaded and "pyarrow" in loaded
+    assert "telemetry.daemon" in loaded and "numpy" in loaded
     bad = sorted(
         m for m in loaded if any(m == n or m.startswith(n + ".") for n in NOT_IN_THE_DAEMON)
     )

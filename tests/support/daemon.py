@@ -123,11 +123,12 @@ class DaemonProcess:
         self.kill()
 
     # ------------------------------------------------------------ scrapes
-    def scrape(self, timeout: float = 5) -> bytes:
-        """One GET of /metrics over plain HTTP; asserts status 200."""
+    def scrape(self, timeout: float = 5, accept: str | None = None) -> bytes:
+        """One GET of /metrics over plain HTTP (with ``accept`` as the Accept header); asserts
+        status 200."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
-            conn.request("GET", "/metrics")
+            conn.request("GET", "/metrics", headers={"Accept": accept} if accept else {})
             resp = conn.getresponse()
             body = resp.read()
             assert resp.status == 200, resp.status
