@@ -222,42 +222,50 @@ def measure(
 # trailing windows keep an hour). Runs in a subprocess on the given checkout's telemetry.
 _STEADY = """
 import sys, time
-import numpy as np, pyarrow as pa
-from telemetry.schema import CPU_MODES, SCHEMAS, validate
-from telemetry.state import State
 NS = 10**9
 T0 = 1_788_220_800 * NS
 JOBS, PREFILL, MEASURE = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-def stamp(columns):
-    n = len(columns["node"])
-    return {"time": pa.array([columns.pop("t")] * n, pa.timestamp("ns", "UTC")), **columns}
-def batches(k):
+def rss_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+import os, telemetry
+# The daemon's own rows: NumPy Frames, no Arrow; a checkout from before Frames gets Arrow tables
+# (as its daemon made them). Asked of the checkout itself: an installed tally may have Frames.
+if os.path.exists(os.path.join(os.path.dirname(telemetry.__file__), "frame.py")):
+    from telemetry.frame import Frame
+    from telemetry.tables import CPU_MODES
+else:
+    Frame = None
+    from telemetry.schema import CPU_MODES
+from telemetry.state import State
+def rows(k):
     t = T0 + k * NS
-    gpu = stamp({"t": t, "node": ["bench"] * 8,
-        "gpu_uuid": [f"GPU-{i:08x}-0000-0000-0000-000000000000" for i in range(8)],
-        "gpu_index": pa.array(range(8), pa.int16()), "gpu_model": ["NVIDIA H100 80GB HBM3"] * 8,
-        "utilization_ratio": pa.array([(k + i) % 5 / 4 for i in range(8)], pa.float32()),
-        "memory_used_bytes": [40 << 30] * 8, "memory_total_bytes": [80 << 30] * 8,
-        "power_watts": pa.array([300.0] * 8, pa.float32()),
-        "energy_joules": [1e6 + 300.0 * k] * 8, "job_id": [str(5000 + i) for i in range(8)]})
-    cpu = stamp({"t": t, "node": ["bench"], "cpus": pa.array([64], pa.int32()),
-        **{f"{m}_seconds": [1e6 + 10.0 * k] for m in CPU_MODES},
-        "memory_total_bytes": [512 << 30], "memory_available_bytes": [256 << 30]})
-    job = stamp({"t": t, "node": ["bench"] * JOBS, "job_id": [str(5000 + i) for i in range(JOBS)],
-        "user": ["u"] * JOBS, "account": ["a"] * JOBS,
-        "cpus_allocated": pa.array([1.0] * JOBS, pa.float32()),
-        "gpus_allocated": pa.array([1.0 if i < 8 else 0.0 for i in range(JOBS)], pa.float32()),
-        "cpu_seconds": [100.0 + k] * JOBS, "memory_bytes": [1 << 30] * JOBS})
+    gpu = [{"time": t, "node": "bench", "gpu_uuid": f"GPU-{i:08x}-0000-0000-0000-000000000000",
+            "gpu_index": i, "gpu_model": "NVIDIA H100 80GB HBM3",
+            "utilization_ratio": (k + i) % 5 / 4, "memory_used_bytes": 40 << 30,
+            "memory_total_bytes": 80 << 30, "power_watts": 300.0,
+            "energy_joules": 1e6 + 300.0 * k, "job_id": str(5000 + i)} for i in range(8)]
+    cpu = [{"time": t, "node": "bench", "cpus": 64,
+            **{f"{m}_seconds": 1e6 + 10.0 * k for m in CPU_MODES},
+            "memory_total_bytes": 512 << 30, "memory_available_bytes": 256 << 30}]
+    job = [{"time": t, "node": "bench", "job_id": str(5000 + i), "user": "u", "account": "a",
+            "cpus_allocated": 1.0, "gpus_allocated": 1.0 if i < 8 else 0.0,
+            "cpu_seconds": 100.0 + k, "memory_bytes": 1 << 30} for i in range(JOBS)]
     return {"gpu": gpu, "cpu": cpu, "job": job}
 def tables(k):
+    if Frame is not None:
+        return {name: Frame.from_rows(name, r) for name, r in rows(k).items()}
+    import pyarrow as pa
+    from telemetry.schema import SCHEMAS
     out = {}
-    for name, columns in batches(k).items():
-        given, schema = pa.table(columns), SCHEMAS[name]
-        arrays = [given.column(f.name).cast(f.type) if f.name in given.column_names
-                  else pa.nulls(given.num_rows, f.type) for f in schema]
-        out[name] = validate(pa.Table.from_arrays(arrays, schema=schema), name)
+    for name, r in rows(k).items():
+        plain = pa.schema([pa.field("time", pa.int64()) if f.name == "time" else f
+                           for f in SCHEMAS[name]])
+        out[name] = pa.Table.from_pylist(r, schema=plain).cast(SCHEMAS[name])
     return out
 state = State()
+before = rss_mib()
 for k in range(PREFILL):
     for name, table in tables(k).items():
         state.ingest(name, table)
@@ -267,18 +275,22 @@ for round_tables in ready:
     for name, table in round_tables.items():
         state.ingest(name, table)
     state.snapshot()
-print((time.process_time() - start) / MEASURE * 1e3)
+print((time.process_time() - start) / MEASURE * 1e3, rss_mib() - before)
 """
 
 
-def steady_round_ms(checkout: Path, jobs: int = 50, prefill: int = 3660, rounds: int = 30) -> float:
-    """CPU ms of one round's ingest and snapshot after ``prefill`` 1 s rounds (see _STEADY)."""
+def steady_round_ms(
+    checkout: Path, jobs: int = 50, prefill: int = 3660, rounds: int = 30
+) -> tuple[float, float]:
+    """CPU ms of one round's ingest and snapshot after ``prefill`` 1 s rounds (see _STEADY), and
+    how many MiB the live state's hour of rows added to the process' RSS."""
     env = dict(os.environ, PYTHONPATH=str(checkout))
     result = subprocess.run(
         [sys.executable, "-c", _STEADY, str(jobs), str(prefill), str(rounds)],
         cwd=checkout, env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
-    return float(result.stdout.split()[-1])
+    ms, mib = result.stdout.split()[-2:]
+    return float(ms), float(mib)
 
 
 def run(
@@ -323,11 +335,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     run(args.seconds, args.interval, args.jobs, args.compare_with, args.scrape_interval)
     if args.steady:
-        print(f"\naggregation at steady state (an hour of 1 s rounds, {args.jobs} jobs, 8 GPUs), "
-              "CPU ms per round (ingest + snapshot)")  # fmt: skip
+        print(f"\naggregation at steady state (an hour of 1 s rounds, {args.jobs} jobs, 8 GPUs): "
+              "CPU ms per round (ingest + snapshot), MiB the hour of rows holds")  # fmt: skip
         for name, checkout in [("tally", REPO), ("tally (before)", args.compare_with)]:
             if checkout is not None:
-                print(f"{name:24}{steady_round_ms(checkout, args.jobs):10.2f}")
+                ms, mib = steady_round_ms(checkout, args.jobs)
+                print(f"{name:24}{ms:10.2f}{mib:10.1f}")
 
 
 if __name__ == "__main__":

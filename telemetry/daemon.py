@@ -11,6 +11,8 @@ SIGTERM and SIGINT end the loop; the store then compacts its journals and the da
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -72,6 +74,7 @@ class Daemon:
         self._unaggregated: list[tuple[str, Frame]] = []
         self._rounds_unaggregated = 0
         self._aggregate_every = max(1, int(AGGREGATE_EVERY_SECONDS / config.interval_seconds))
+        self._rounds = 0
         self._status: dict[str, CollectorStatus] = {}
         self._published: Snapshot | None = Snapshot()
         self.compact_requested = False
@@ -145,6 +148,9 @@ class Daemon:
             self._published = None
             if self._rounds_unaggregated >= self._aggregate_every:
                 self._aggregate()
+        self._rounds += 1
+        if self._rounds % self._aggregate_every == 0:
+            heap.trim()
 
     def _aggregate(self) -> None:
         """Ingest the rounds collected since the last aggregation, one batch per table (the
@@ -208,6 +214,7 @@ class Daemon:
             self._once.clear("store")
 
     def run(self) -> int:
+        heap.one_arena()  # before the server's threads exist
         # Bound before the store is opened and the first round runs (a bad address or web config
         # fails fast), started after it, so the first scrape already sees data.
         self.server = serve(
@@ -291,6 +298,36 @@ class Daemon:
             )
         self.store.close()
         log.info("stopped; %d rows written", self.store.rows_written)
+
+
+class _Heap:
+    """glibc's heap, tuned for a small long-lived exporter (no-ops where glibc is absent).
+
+    The live state's arrays are rebuilt as rounds come in; glibc keeps the freed pages, so after
+    an hour of rows a daemon held 11.6 MiB for 3.8 MiB of arrays. Trimming every 15 s (0.6 ms)
+    keeps it under 7 MiB. One arena for all threads: scrape threads would each get an arena of
+    their own that holds memory between scrapes (1 MiB on the benchmark node)."""
+
+    M_ARENA_MAX = -8  # malloc.h
+
+    def __init__(self) -> None:
+        try:
+            self._libc: ctypes.CDLL | None = ctypes.CDLL(None)
+            self._libc.malloc_trim  # noqa: B018 - glibc, or not
+        except (OSError, AttributeError):
+            self._libc = None
+
+    def one_arena(self) -> None:
+        if self._libc is not None:
+            with contextlib.suppress(AttributeError):
+                self._libc.mallopt(self.M_ARENA_MAX, 1)
+
+    def trim(self) -> None:
+        if self._libc is not None:
+            self._libc.malloc_trim(0)
+
+
+heap = _Heap()
 
 
 def run_daemon(config: DaemonConfig) -> int:
