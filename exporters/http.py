@@ -1,7 +1,10 @@
 """A small threaded HTTP server for ``/metrics``: content negotiation and gzip as Prometheus asks.
 
 One thread per connection, each with a socket timeout, so a slow or stalled client holds only its
-own thread and never the collection loop or other scrapers.
+own thread and never the collection loop or other scrapers. HTTP/1.0 answers to GET and HEAD, on
+``socketserver`` with a request parser of its own: the standard library's ``http.server`` loads
+``http.client``, e-mail parsing and OpenSSL, 7.5 MiB resident in a node daemon that otherwise
+needs none of them (OpenSSL is loaded where TLS is configured).
 """
 
 from __future__ import annotations
@@ -10,14 +13,13 @@ import contextlib
 import gzip
 import logging
 import socket
-import ssl
+import socketserver
 import sys
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, overload
 
 from exporters.webconfig import FAILURE_WINDOW_S, WebConfig, load_web_config
 from telemetry.config import parse_listen
@@ -85,8 +87,9 @@ _LANDING = b"""<!doctype html>
 CLIENT_TIMEOUT_SECONDS = 10.0
 
 
-class _Server(ThreadingHTTPServer):
+class _Server(socketserver.ThreadingTCPServer):
     daemon_threads = True
+    allow_reuse_address = True
     # socketserver's default backlog of 5 drops connections when a few dozen scrapers (or
     # federation and dashboards at once) connect together; the kernel caps it at somaxconn.
     request_queue_size = 128
@@ -160,21 +163,136 @@ class _Server(ThreadingHTTPServer):
                     if accepted in self.open:
                         self.open[accepted][0] = request
                 request.do_handshake()
-            except (ssl.SSLError, OSError) as exc:
+            except OSError as exc:  # ssl.SSLError is one
                 log.debug("TLS handshake with %s failed: %s", client_address, exc)
                 return
         super().finish_request(request, client_address)
 
 
-class _Handler(BaseHTTPRequestHandler):
+# Limits of a request: a scrape's request line and headers are a few hundred bytes.
+MAX_LINE_BYTES = 8192
+MAX_HEADERS = 100
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    414: "URI Too Long",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    505: "HTTP Version Not Supported",
+}
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(seconds: float) -> str:
+    """An HTTP ``Date`` (RFC 9110 IMF-fixdate), independent of the locale."""
+    t = time.gmtime(seconds)
+    return (
+        f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year} "
+        f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT"
+    )
+
+
+class Headers(dict[str, str]):
+    """Request headers by lower-cased name (the first of repeated ones)."""
+
+    @overload  # type: ignore[override]
+    def get(self, name: str) -> str | None: ...
+
+    @overload
+    def get(self, name: str, default: str) -> str: ...
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        return super().get(name.lower(), default)
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_request_head(lines: list[bytes]) -> tuple[str, str, Headers]:
+    """Method, target and headers of a request's head (its lines without the empty one).
+
+    Raises ``_BadRequest`` with the status to answer: 400 for a malformed line, 505 for an HTTP
+    version other than 1.x, 431 for too many headers."""
+    try:
+        method, target, version = lines[0].decode("latin-1").rstrip("\r\n").split(" ")
+    except ValueError:
+        raise _BadRequest(400, "malformed request line") from None
+    if not version.startswith("HTTP/") or not target:
+        raise _BadRequest(400, "malformed request line")
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise _BadRequest(505, f"unsupported version {version[:20]}")
+    if len(lines) - 1 > MAX_HEADERS:
+        raise _BadRequest(431, "too many headers")
+    headers = Headers()
+    for raw in lines[1:]:
+        line = raw.decode("latin-1").rstrip("\r\n")
+        name, sep, value = line.partition(":")
+        if not sep or not name or name != name.strip() or line[0] in " \t":
+            raise _BadRequest(400, "malformed header")
+        headers.setdefault(name.lower(), value.strip())
+    return method, target, headers
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    """One request per connection (HTTP/1.0): GET and HEAD."""
+
     server: _Server
     timeout = CLIENT_TIMEOUT_SECONDS
     server_version = "tally"
-    sys_version = ""
     _head = False  # answering HEAD: headers only
 
-    def version_string(self) -> str:
-        return self.server_version  # http.server appends " " + sys_version: a trailing space
+    def handle(self) -> None:
+        self._reply: list[str] = []
+        lines: list[bytes] = []
+        try:
+            while True:
+                line = self.rfile.readline(MAX_LINE_BYTES + 1)
+                if not line:
+                    return  # the client went away before its request was whole
+                if len(line) > MAX_LINE_BYTES:
+                    status = 414 if not lines else 431
+                    raise _BadRequest(status, "line too long")
+                if line in (b"\r\n", b"\n"):
+                    if lines:
+                        break
+                    continue  # empty lines before the request line are allowed
+                lines.append(line)
+                if len(lines) > MAX_HEADERS + 1:
+                    raise _BadRequest(431, "too many headers")
+            method, self.path, self.headers = parse_request_head(lines)
+        except _BadRequest as bad:
+            self.headers = Headers()
+            self._send(bad.status, "text/plain; charset=utf-8", f"{bad}\n".encode())
+            return
+        if method == "GET":
+            self.do_GET()
+        elif method == "HEAD":
+            self.do_HEAD()
+        else:
+            self._send(501, "text/plain; charset=utf-8", b"only GET and HEAD\n")
+        log.debug("%s %s %s", self.client_address[0], method, self.path[:200])
+
+    def send_response(self, status: int) -> None:
+        self._reply = [
+            f"HTTP/1.0 {status} {_REASONS.get(status, '')}",
+            f"Server: {self.server_version}",
+            f"Date: {http_date(time.time())}",
+        ]
+
+    def send_header(self, name: str, value: str) -> None:
+        self._reply.append(f"{name}: {value}")
+
+    def end_headers(self) -> None:
+        self.wfile.write(("\r\n".join(self._reply) + "\r\n\r\n").encode("latin-1"))
+        self._reply = []
 
     def do_HEAD(self) -> None:
         """What GET would answer, headers only (uptime checkers and load balancers ask so)."""
@@ -244,9 +362,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not self._head:
             self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s " + format, self.address_string(), *args)
 
 
 class MetricsServer:

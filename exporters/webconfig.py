@@ -16,20 +16,20 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
-import hmac
-import ssl
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from telemetry.errors import TallyError
 
+if TYPE_CHECKING:  # ssl (OpenSSL: 5 MiB resident) is loaded where TLS is configured
+    import ssl
+
 _TOP = {"tls_server_config", "basic_auth_users", "http_server_config"}
 _TLS = {"cert_file", "key_file", "min_version", "client_auth_type", "client_ca_file"}
-_VERSIONS = {"TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
+_VERSIONS = ("TLS12", "TLS13")
 _CLIENT_AUTH = {"NoClientCert", "RequireAndVerifyClientCert"}
 _CACHE_LIMIT = 1024
 # Failed logins a client may make within the window before it is refused without a check.
@@ -106,6 +106,9 @@ class WebConfig:
             with contextlib.suppress(ValueError):  # the same work and answer as a known user
                 bcrypt.checkpw(password.encode(), self._decoy_hash())
             return False
+        import hashlib
+        import hmac
+
         key = hmac.new(stored, f"{user}:{password}".encode(), hashlib.sha256).digest()
         with self._lock:
             if self._verified.get(key):
@@ -167,6 +170,8 @@ def load_web_config(path: Path) -> WebConfig:
 
 
 def _ssl_context(tls: Any, base: Path, source: str) -> ssl.SSLContext:
+    import ssl
+
     if not isinstance(tls, dict):
         raise _fail(source, "tls_server_config", "expected a mapping")
     for key in tls:
@@ -181,7 +186,8 @@ def _ssl_context(tls: Any, base: Path, source: str) -> ssl.SSLContext:
         raise _fail(
             source, "tls_server_config.min_version", f"must be one of {', '.join(_VERSIONS)}"
         )
-    context.minimum_version = _VERSIONS[version]
+    minimum = {"TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
+    context.minimum_version = minimum[version]
     cert, key = base / str(tls["cert_file"]), base / str(tls["key_file"])
     try:
         context.load_cert_chain(cert, key)

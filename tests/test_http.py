@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import email.utils
 import gzip
 import http.client
 import socket
@@ -9,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client import CollectorRegistry
 
-from exporters.http import MetricsServer
+from exporters.http import MetricsServer, http_date
 from exporters.prometheus import TallyCollector
 from telemetry.state import State
 from tests.support.tables import cpu_table
@@ -139,3 +140,69 @@ def test_slow_clients_are_bounded_and_cut(server: MetricsServer) -> None:
     assert not httpd.open, "the cut connections' threads ended"
     resp = _get(server.port, "/metrics")
     assert resp.status == 200 and b"tally_cpus" in resp.read()
+
+
+def _raw(port: int, request: bytes) -> bytes:
+    """Send ``request`` as it is and read the whole answer (the server closes)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(request)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", b"200 OK"),
+        (b"\r\nGET / HTTP/1.0\n\n", b"200 OK"),  # a leading empty line, bare LF line ends
+        (b"GET /metrics\r\n\r\n", b"400 Bad Request"),  # HTTP/0.9
+        (b"GET  /metrics HTTP/1.1\r\n\r\n", b"400 Bad Request"),
+        (b"GET /metrics HTTP/2.0\r\n\r\n", b"505 HTTP Version Not Supported"),
+        (b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n", b"400 Bad Request"),
+        (b"GET /metrics HTTP/1.1\r\n folded: x\r\n\r\n", b"400 Bad Request"),
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", b"414 URI Too Long"),
+        (b"GET / HTTP/1.1\r\nX: " + b"a" * 9000 + b"\r\n\r\n", b"431 Request Header Fields"),
+        (b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n", b"431 Request Header Fields"),
+        (b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n", b"501 Not Implemented"),
+    ],
+)
+def test_requests_good_and_bad_get_one_plain_answer(
+    server: MetricsServer, request_bytes: bytes, status: bytes
+) -> None:
+    answer = _raw(server.port, request_bytes)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0].startswith(b"HTTP/1.0 " + status), answer[:200]
+    headers = dict(line.split(b": ", 1) for line in lines[1:])
+    assert headers[b"Server"] == b"tally"
+    assert int(headers[b"Content-Length"]) == len(body)
+    date = email.utils.parsedate_to_datetime(headers[b"Date"].decode())
+    assert abs(date.timestamp() - time.time()) < 60
+
+
+def test_header_names_are_case_insensitive_and_the_first_of_a_repeat_wins(
+    server: MetricsServer,
+) -> None:
+    plain = _raw(server.port, b"GET /metrics HTTP/1.1\r\n\r\n").partition(b"\r\n\r\n")[2]
+    answer = _raw(
+        server.port,
+        b"GET /metrics HTTP/1.1\r\naccept-ENCODING: gzip\r\nAccept-Encoding: identity\r\n\r\n",
+    )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"Content-Encoding: gzip" in head and gzip.decompress(body) == plain
+
+
+def test_head_answers_what_get_would_without_the_body(server: MetricsServer) -> None:
+    get = _raw(server.port, b"GET /metrics HTTP/1.1\r\n\r\n")
+    head = _raw(server.port, b"HEAD /metrics HTTP/1.1\r\n\r\n")
+    get_head, _, body = get.partition(b"\r\n\r\n")
+    assert body and head.endswith(b"\r\n\r\n") and head.count(b"\r\n\r\n") == 1
+    strip = [line for line in get_head.split(b"\r\n") if not line.startswith(b"Date:")]
+    assert [line for line in head.split(b"\r\n") if not line.startswith(b"Date:")][:-2] == strip
+
+
+@pytest.mark.parametrize("seconds", [0, 951782400, 1_788_220_800.5, 4_102_444_799])
+def test_http_dates_are_what_the_standard_library_writes(seconds: float) -> None:
+    assert http_date(seconds) == email.utils.formatdate(seconds, usegmt=True)

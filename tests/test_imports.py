@@ -37,12 +37,19 @@ def test_billing_on_workers_imports_dask_only_when_a_cluster_is_asked_for() -> N
 
 # What a node daemon must not load: Arrow (it collects, journals and aggregates NumPy columns;
 # compaction to Parquet runs in a child), prometheus-client (it renders both text formats
-# itself), bcrypt without basic-auth users, the bill engine and the dataset reader behind it,
-# the report's and the cluster's libraries, the kubelet client while the pod collector is off.
+# itself), bcrypt and OpenSSL without basic-auth users or TLS, the standard HTTP server, the
+# bill engine and the dataset reader behind it, the report's and the cluster's libraries, the
+# kubelet client while the pod collector is off.
 NOT_IN_THE_DAEMON = (
     "pyarrow",
     "prometheus_client",
     "bcrypt",
+    # OpenSSL (5 MiB resident) where no TLS is configured, and http.server's baggage
+    "ssl",
+    "_hashlib",
+    "http.server",
+    "http.client",
+    "email",
     "plotly",
     "polars",
     "dask",

@@ -8,7 +8,7 @@ be used is moved under ``<root>/quarantine/`` keeping its relative path. An Arro
 from __future__ import annotations
 
 import logging
-import secrets
+import os
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,7 +47,7 @@ def quarantine(root: Path, path: Path, reason: str) -> Path | None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
-            target = target.with_name(f"{target.name}.{secrets.token_hex(3)}")
+            target = target.with_name(f"{target.name}.{os.urandom(3).hex()}")
         shutil.move(str(path), str(target))
     except OSError as exc:
         log.warning("cannot quarantine %s (%s): %s", path, reason, exc)

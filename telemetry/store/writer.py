@@ -27,7 +27,6 @@ import ctypes
 import fcntl
 import logging
 import os
-import secrets
 import subprocess
 import sys
 import tempfile
@@ -308,7 +307,7 @@ class Store:
         directory = partition_dir(self.root, table, time_ns, self.node)
         directory.mkdir(parents=True, exist_ok=True)
         stamp = datetime.fromtimestamp(time_ns / 1e9, tz=UTC).strftime("%Y%m%dT%H%M%SZ")
-        path = directory / f"part-{stamp}-{secrets.token_hex(4)}{JOURNAL_SUFFIX}"
+        path = directory / f"part-{stamp}-{os.urandom(4).hex()}{JOURNAL_SUFFIX}"
         file = open(path, "wb")  # noqa: SIM115 - closed in _close_journal
         try:
             writer = StreamWriter(file, table)
