@@ -5,7 +5,7 @@ prometheus-client builds one Python object per sample and formats each line on i
 family is a few string columns and a float64 array, label values are escaped once per column
 (a column shared by several families is escaped once per scrape), and every line of a large
 block is built by one Arrow kernel. Small blocks (a node's own scrape) are formatted in Python,
-and Arrow is imported only when a block is large, so the node daemon never loads it. The text
+and so are large ones where the caller says so: the node daemon never loads Arrow. The text
 is byte for byte what ``generate_latest`` writes for the same families (labels sorted by name,
 Go-style floats); ``to_client_metric`` gives the same family to prometheus-client for
 OpenMetrics and for tests that hold the two equal.
@@ -237,8 +237,9 @@ def _block_text(
     block: Block,
     cache: dict[int, tuple[Any, pa.Array]],
     prefixes: PrefixCache | None = None,
+    use_arrow: bool = True,
 ) -> bytes:
-    if block.values.size < _ARROW_FROM_ROWS:
+    if not use_arrow or block.values.size < _ARROW_FROM_ROWS:
         return _block_text_small(name, labels, block, prefixes)
     keep = ~np.isnan(block.values)
     if not keep.any():
@@ -281,13 +282,15 @@ def render_text(
     families: Iterable[ColumnFamily],
     prefixes: PrefixCache | None = None,
     openmetrics: bool = False,
+    arrow: bool = True,
 ) -> bytes:
     """The Prometheus text format (0.0.4) of ``families``, as ``generate_latest`` writes it; with
     ``openmetrics``, OpenMetrics 1.0.0 as prometheus-client's OpenMetrics ``generate_latest``
     writes the same families (:func:`to_client_metric`): HELP and TYPE name the family without
     ``_total``, a counter without the suffix is ``unknown``, and ``# EOF`` ends it.
 
-    ``prefixes`` (one per exporter) keeps small-block series prefixes from scrape to scrape.
+    ``prefixes`` (one per exporter) keeps small-block series prefixes from scrape to scrape;
+    ``arrow`` False formats large blocks in Python too (the node daemon, which never loads Arrow).
     """
     out: list[bytes] = []
     cache: dict[int, tuple[Any, pa.Array]] = {}
@@ -302,7 +305,7 @@ def render_text(
         else:
             out.append(f"# HELP {name} {doc}\n# TYPE {name} {family.kind}\n".encode())
         for block in family.blocks:
-            out.append(_block_text(name, family.labels, block, cache, prefixes))
+            out.append(_block_text(name, family.labels, block, cache, prefixes, arrow))
     if prefixes is not None and len(prefixes) > 65536:
         prefixes.clear()  # series come and go (jobs); a node's own scrape holds a few thousand
     if openmetrics:

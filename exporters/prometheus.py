@@ -549,7 +549,8 @@ class TallyCollector:
     for the formats only the client writes).
 
     ``dcgm_compat`` adds dcgm-exporter's metric names for existing dashboards; ``process``
-    gives the exporter's own ``process_*`` families, rendered last.
+    gives the exporter's own ``process_*`` families, rendered last; ``arrow`` False keeps
+    pyarrow out of the process however large a family grows (the node daemon).
     """
 
     def __init__(
@@ -557,10 +558,12 @@ class TallyCollector:
         source: Callable[[], Snapshot],
         dcgm_compat: bool = False,
         process: ProcessFamilies | None = None,
+        arrow: bool = True,
     ) -> None:
         self._source = source
         self._dcgm = dcgm_compat
         self._process = process
+        self._arrow = arrow
         self._prefixes = PrefixCache()
 
     def describe(self) -> list[Metric]:
@@ -595,12 +598,12 @@ class TallyCollector:
 
     def render_text(self) -> bytes:
         """The text exposition of the newest snapshot (what ``generate_latest`` would write)."""
-        return render_text(self.families(), self._prefixes)
+        return render_text(self.families(), self._prefixes, arrow=self._arrow)
 
     def render_openmetrics(self) -> bytes:
         """OpenMetrics 1.0.0 of the newest snapshot (what the client's OpenMetrics
         ``generate_latest`` would write)."""
-        return render_text(self.families(), self._prefixes, openmetrics=True)
+        return render_text(self.families(), self._prefixes, openmetrics=True, arrow=self._arrow)
 
 
 def aggregate_families(snapshot: AggregateSnapshot, now_ns: int) -> Iterator[ColumnFamily]:

@@ -99,7 +99,9 @@ class Daemon:
         self.runner = Runner([REGISTRY[name](ctx) for name in enabled], clock_ns=self.clock)
         # tally's families, then the process_* ones, rendered from columns for the text format
         # and OpenMetrics 1.0; prometheus-client is loaded only for a format only it writes.
-        self.tally = TallyCollector(self.snapshot, config.dcgm_compat, ProcessFamilies())
+        self.tally = TallyCollector(
+            self.snapshot, config.dcgm_compat, ProcessFamilies(), arrow=False
+        )
         self.server: MetricsServer | None = None
 
     @cached_property

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -267,3 +270,52 @@ def test_a_fresh_interpreter_stores_frames_without_ever_loading_pyarrow(tmp_path
         got = pa.concat_tables([validate(pq.read_table(f), table) for f in files])
         key = "gpu_uuid" if table == "gpu" else "node"
         assert got.sort_by([("time", "ascending"), (key, "ascending")]).equals(want)
+
+
+def _ignores_sigterm(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+    return False
+
+
+def test_a_service_stop_signalling_the_compactor_child_costs_nothing(tmp_path: Path) -> None:
+    """systemd signals the daemon's whole cgroup on stop: the hourly child it catches mid-way
+    finishes its files (the daemon waits for it) instead of dying and being counted a failure."""
+    store = Store(tmp_path, "n1")
+    store.open()
+    start = 3600 - 10
+    for batch in _rounds([start, start + 5, start + 3605]):  # hour 0's journal goes to a child
+        store.append("cpu", batch)
+    child = store._child
+    assert child is not None
+    deadline = time.monotonic() + 10
+    while not _ignores_sigterm(child.process.pid):
+        # it loads pyarrow (a third of a second) after setting the signals aside
+        assert child.process.poll() is None, "the child ended without setting SIGTERM aside"
+        assert time.monotonic() < deadline
+        time.sleep(0.002)
+    os.kill(child.process.pid, signal.SIGTERM)
+    assert store.finish_compaction()
+    assert store.compaction_failures == 0
+    store.close()
+    assert _read_all(tmp_path).num_rows == 3
+
+
+def test_recovery_that_cannot_start_a_child_is_said_and_the_daemon_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from telemetry.store import writer
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(writer.subprocess, "Popen", refuse)
+    store = Store(tmp_path, "n1")
+    store.open()  # no raise: what a crash left stays readable until the next start
+    assert store.compaction_failures == 1
+    assert "cannot start the compactor for recovery" in caplog.text
+    store.append("cpu", _rounds([0])[0])
+    monkeypatch.undo()
+    store.close()
+    assert _read_all(tmp_path).num_rows == 1

@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     root_log.setLevel(logging.INFO)
     root_log.propagate = False
 
+    # A service stop signals the daemon's whole cgroup: the child finishes its files while the
+    # daemon, stopping, waits for it; it dies with the daemon all the same (PR_SET_PDEATHSIG).
+    for stop in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(stop, signal.SIG_IGN)
     if not _die_with_parent(args.parent):
         return 3
     if args.command == "recover":

@@ -244,7 +244,11 @@ class Store:
         (in a compactor child, waited for). A failure is logged, not raised: what could not be
         compacted stays readable and is tried again on the next start."""
         self._wait()
-        child = self._spawn(["recover", str(self.root), self.node], [], "recovery")
+        try:
+            child = self._spawn(["recover", str(self.root), self.node], [], "recovery")
+        except OSError as exc:  # no memory or processes left: the next start tries again
+            self._failed(f"cannot start the compactor for recovery ({exc})")
+            return
         child.process.wait()
         self._reap(child)
 
