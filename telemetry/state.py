@@ -29,6 +29,10 @@ NS = 1_000_000_000
 # Trailing windows of SPEC §6, label → seconds.
 WINDOWS: dict[str, int] = {"1m": 60, "5m": 300, "15m": 900, "1h": 3600}
 DEFAULT_MAX_GAP_SECONDS = 60
+# Rows per series appended between two compactions of a table's retained rows (see TableState).
+TAIL_ROWS = 64
+_NO_TIME = np.iinfo(np.int64).max  # an unused tail cell: after every window start
+_PACKED_KEY_LIMIT = 2**62  # slots · span must stay below it for one search over all slots
 
 
 # Which contributions make each table's trailing utilisation ratio (busy / capacity).
@@ -85,9 +89,13 @@ class TableState:
 
     A round costs in proportion to its new rows, not to the hour of rows retained: only each
     series' newest row is kept as Arrow (it opens the next interval and is what the snapshot
-    shows); older rows are kept as their series id, time and, for tables with trailing ratios,
-    the two contributions the ratio sums (fixed once a row is in: a later row can only follow
-    it). The duplicate check and the windows read those arrays.
+    shows); older rows are kept as their time and, for tables with trailing ratios, the running
+    sums of the two contributions the ratio sums before that row (fixed once a row is in: a
+    later row can only follow it). Each series has a slot; its rows live in a compact base
+    sorted by (slot, time) and, once newer, in a small per-slot tail of at most ``TAIL_ROWS``
+    rows. A round appends to the tail; a full tail is merged into the base (a compaction, which
+    also drops rows past their series' horizon and the slots of forgotten series). A window sum
+    is the slot's running sum less the running sum before the first row inside the window.
     """
 
     def __init__(self, name: str, max_gap_seconds: float = DEFAULT_MAX_GAP_SECONDS) -> None:
@@ -97,19 +105,34 @@ class TableState:
         self.newest: Table = Frame.empty(name)  # each live series' newest row
         self.totals: dict[tuple[str, ...], dict[str, int]] = {}
         self.stats = IngestStats()
-        # Every retained row as (series id, time) sorted by both, with its ratio contributions.
-        # Ids are never reused; a forgotten series' rows stay until the next compaction.
+        self._parts = RATIO_PARTS.get(name, ())
+        self._windows_ns = np.array([s * NS for s in WINDOWS.values()], dtype=np.int64)
+        # Series → slot. Slots are not reused before a compaction renumbers the live ones.
         self._ids: dict[tuple[str, ...], int] = {}
-        self._next_id = 0
-        self._row_ids = np.zeros(0, dtype=np.int64)
-        self._row_times = np.zeros(0, dtype=np.int64)
-        self._row_parts: dict[str, np.ndarray] = {}
-        self._compacted_rows = 0
-        # Rows not yet inserted into the sorted arrays: a table without windows inserts them
-        # in batches (its arrays are only read for the rare repeat of an older row).
-        self._pending: list[tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]] = []
-        self._pending_rows = 0
-        self._newest_ns: dict[int, int] = {}  # series id → its newest time
+        self._slots = 0  # slots handed out since the last compaction
+        # Per slot (arrays sized to a capacity ≥ _slots): newest time, running sums of the
+        # ratio parts up to and with the newest row, rows in the tail, the base rows' range.
+        self._newest_ns = np.zeros(0, dtype=np.int64)
+        self._running: dict[str, np.ndarray] = {p: np.zeros(0, dtype=np.int64) for p in self._parts}
+        self._tail_n = np.zeros(0, dtype=np.int64)
+        self._base_start = np.zeros(0, dtype=np.int64)
+        self._base_end = np.zeros(0, dtype=np.int64)
+        # The tail: per slot, its newest rows' times (unused cells _NO_TIME, after every
+        # threshold) and running sums before each row.
+        self._tail_times = np.zeros((0, TAIL_ROWS), dtype=np.int64)
+        self._tail_cum: dict[str, np.ndarray] = {
+            p: np.zeros((0, TAIL_ROWS), dtype=np.int64) for p in self._parts
+        }
+        # The base: rows sorted by (slot, time) of the slots below _base_slots, each row's time
+        # as the key slot · span + (time − t_min), searchable at once for every slot (span 0
+        # and t_min 0 where that would overflow: the key is the time, searched slot by slot).
+        self._base_slots = 0
+        self._base_key = np.zeros(0, dtype=np.int64)
+        self._base_cum: dict[str, np.ndarray] = {
+            p: np.zeros(0, dtype=np.int64) for p in self._parts
+        }
+        self._span = 0
+        self._t_min = 0
 
     @property
     def retained(self) -> Table:
@@ -149,16 +172,160 @@ class TableState:
         alive = code_newest > horizon
         for code in codes[last][~alive[codes[last]]].tolist():
             self.totals.pop(labels[code], None)
-            gone = self._ids.pop(labels[code], None)
-            if gone is not None:
-                self._newest_ns.pop(gone, None)
+            self._ids.pop(labels[code], None)
         self.newest = as_rows(table, self.name).take(last[alive[codes[last]]])
         fresh = np.nonzero(is_new & alive[codes])[0]
-        self._add_rows(
-            [labels[c] for c in codes[fresh].tolist()],
-            times[fresh],
-            {p: parts[p][fresh] for p in RATIO_PARTS.get(self.name, ())},
+        if fresh.size:
+            runs, _ = kernels.segment_bounds(codes[fresh])  # rows are sorted by series, time
+            keys = [labels[c] for c in codes[fresh][runs].tolist()]
+            self._append(
+                self._slots_of(keys), runs, times[fresh], {p: parts[p][fresh] for p in self._parts}
+            )
+
+    def _slots_of(self, keys: list[tuple[str, ...]]) -> np.ndarray:
+        """The slot of each series in ``keys``, handing out new ones (may compact first)."""
+        self._reserve(sum(key not in self._ids for key in keys))
+        slots = np.empty(len(keys), dtype=np.int64)
+        for i, key in enumerate(keys):
+            found = self._ids.get(key)
+            if found is None:
+                found = self._ids[key] = self._slots
+                self._slots += 1
+            slots[i] = found
+        return slots
+
+    def _reserve(self, more: int) -> None:
+        """Room for ``more`` new slots: a compaction drops forgotten slots when they are the
+        most, else the per-slot arrays grow by half."""
+        if self._slots + more <= self._tail_n.size:
+            return
+        if self._slots - len(self._ids) > len(self._ids):
+            self._compact()
+        if self._slots + more > self._tail_n.size:
+            self._resize(max(self._slots + more, self._tail_n.size * 3 // 2, 8))
+
+    def _resize(self, capacity: int) -> None:
+        """Per-slot arrays with room for ``capacity`` slots, keeping what the first ``_slots``
+        hold."""
+
+        def grown(old: np.ndarray, fill: int) -> np.ndarray:
+            if old.shape[0] == capacity:
+                return old
+            out = np.full((capacity, *old.shape[1:]), fill, dtype=np.int64)
+            n = min(self._slots, old.shape[0])
+            out[:n] = old[:n]
+            return out
+
+        self._newest_ns = grown(self._newest_ns, 0)
+        self._tail_n = grown(self._tail_n, 0)
+        self._base_start = grown(self._base_start, 0)
+        self._base_end = grown(self._base_end, 0)
+        self._tail_times = grown(self._tail_times, _NO_TIME)
+        for p in self._parts:
+            self._running[p] = grown(self._running[p], 0)
+            self._tail_cum[p] = grown(self._tail_cum[p], 0)
+
+    def _append(
+        self, slots: np.ndarray, runs: np.ndarray, times: np.ndarray, parts: dict[str, np.ndarray]
+    ) -> None:
+        """Add kept new rows, sorted by series and time and each newer than its series' retained
+        rows; ``runs`` starts each series' run, whose slot is in ``slots``."""
+        counts = np.diff(np.append(runs, times.size))
+        ends = runs + counts - 1
+        row_slots = np.repeat(slots, counts)
+        rank = np.arange(times.size) - np.repeat(runs, counts)  # row's place in its run
+        cum: dict[str, np.ndarray] = {}
+        for p, values in parts.items():
+            inclusive = np.cumsum(values)
+            before = inclusive - values
+            start_sum = before[runs]
+            cum[p] = self._running[p][row_slots] + before - np.repeat(start_sum, counts)
+            self._running[p][slots] += inclusive[ends] - start_sum
+        self._newest_ns[slots] = times[ends]
+        if (self._tail_n[slots] + counts > TAIL_ROWS).any():
+            self._compact((row_slots, times, cum))
+            return
+        cols = self._tail_n[row_slots] + rank
+        self._tail_times[row_slots, cols] = times
+        for p in self._parts:
+            self._tail_cum[p][row_slots, cols] = cum[p]
+        self._tail_n[slots] += counts
+
+    def _compact(
+        self, extra: tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]] | None = None
+    ) -> None:
+        """Merge the tail (and ``extra`` rows: slots, times, running sums before each) into the
+        base; drop rows past their series' horizon and the slots of forgotten series; renumber
+        the live slots in their order."""
+        n = self._slots
+        live = np.sort(np.fromiter(self._ids.values(), dtype=np.int64, count=len(self._ids)))
+        renumber = np.full(n, -1, dtype=np.int64)
+        renumber[live] = np.arange(live.size)
+        base_slots = np.repeat(
+            np.arange(self._base_slots), (self._base_end - self._base_start)[: self._base_slots]
         )
+        in_tail = np.arange(TAIL_ROWS) < self._tail_n[:n, None]
+        slot_parts = [base_slots, np.nonzero(in_tail)[0]]
+        time_parts = [
+            self._base_key - base_slots * self._span + self._t_min,
+            self._tail_times[:n][in_tail],
+        ]
+        cum_parts = {p: [self._base_cum[p], self._tail_cum[p][:n][in_tail]] for p in self._parts}
+        if extra is not None:
+            slot_parts.append(extra[0])
+            time_parts.append(extra[1])
+            for p in self._parts:
+                cum_parts[p].append(extra[2][p])
+        old_slots = np.concatenate(slot_parts)
+        times = np.concatenate(time_parts)
+        new_slots = renumber[old_slots]
+        keep = np.nonzero((new_slots >= 0) & (times > self._newest_ns[old_slots] - self.retain_ns))[
+            0
+        ]
+        # Within a slot, base rows precede tail rows precede extra rows, each in time order.
+        keep = keep[np.argsort(new_slots[keep], kind="stable")]
+        new_slots, times = new_slots[keep], times[keep]
+        self._base_cum = {p: np.concatenate(cum_parts[p])[keep] for p in self._parts}
+
+        self._ids = {key: int(renumber[slot]) for key, slot in self._ids.items()}
+        self._newest_ns = self._newest_ns[live]
+        for p in self._parts:
+            self._running[p] = self._running[p][live]
+        self._slots = self._base_slots = live.size
+        # Fresh per-slot tail and base ranges (with room for new series), the tail empty.
+        self._tail_n = self._base_start = self._base_end = np.zeros(0, dtype=np.int64)
+        self._tail_times = np.zeros((0, TAIL_ROWS), dtype=np.int64)
+        self._tail_cum = {p: self._tail_times for p in self._parts}
+        self._resize(live.size + live.size // 8 + 8)
+        counts = np.bincount(new_slots, minlength=live.size)
+        self._base_end[: live.size] = np.cumsum(counts)
+        self._base_start[: live.size] = self._base_end[: live.size] - counts
+        self._span, self._t_min = 0, 0
+        if times.size:
+            t_min = int(times.min())
+            span = int(times.max()) - t_min + 2  # offsets 0 … span − 2; −1 and span − 1 bound
+            if live.size * span < _PACKED_KEY_LIMIT:
+                self._span, self._t_min = span, t_min
+        self._base_key = new_slots * self._span + (times - self._t_min)
+
+    def _base_first_after(self, slots: np.ndarray, after_ns: np.ndarray) -> np.ndarray:
+        """Per query, the first base row of slot ``slots[i]`` with time > ``after_ns[i]``, or the
+        end of the slot's base rows (0 for a slot without any)."""
+        in_base = slots < self._base_slots
+        if self._span:
+            clipped = np.clip(after_ns - self._t_min, -1, self._span - 1)
+            target = np.where(in_base, slots, 0) * self._span + clipped
+            first = np.searchsorted(self._base_key, target, side="right")
+            return np.where(in_base, first, 0)
+        lo, hi = self._base_start[slots], self._base_end[slots]
+        while True:  # bisection within each slot's rows (the key is the time)
+            active = lo < hi
+            if not active.any():
+                return np.asarray(lo, dtype=np.int64)
+            mid = (lo + hi) // 2
+            later = self._base_key[np.minimum(mid, self._base_key.size - 1)] > after_ns
+            hi = np.where(active & later, mid, hi)
+            lo = np.where(active & ~later, mid + 1, lo)
 
     def _drop_repeats_of_older_rows(self, new: Table) -> Table:
         """``new`` without the rows that repeat (series, time) of a retained row older than the
@@ -168,81 +335,51 @@ class TableState:
         reader = as_rows(new, self.name)
         times = reader.times()
         codes, labels = reader.series_codes()
-        ids = [self._ids.get(labels[c], -1) for c in codes.tolist()]
+        code_slots = np.array([self._ids.get(key, -1) for key in labels], dtype=np.int64)
+        slots = code_slots[codes]
         unseen = np.iinfo(np.int64).min  # a new series repeats nothing
-        newest = np.array([self._newest_ns.get(i, unseen) for i in ids], dtype=np.int64)
+        newest = np.where(slots >= 0, self._newest_ns[slots], unseen)
         older = np.nonzero(times < newest)[0]
         if older.size == 0:
             return new
-        self._flush_pending()
-        lo = np.searchsorted(self._row_ids, ids, side="left")
-        hi = np.searchsorted(self._row_ids, ids, side="right")
-        repeat = np.zeros(new.num_rows, dtype=bool)
-        for i in older.tolist():
-            run = self._row_times[lo[i] : hi[i]]
-            at = int(np.searchsorted(run, times[i]))
-            # A row past its series' horizon is gone (whether compacted away yet or not).
-            repeat[i] = (
-                at < run.size and run[at] == times[i] and times[i] > newest[i] - self.retain_ns
-            )
-        if not repeat.any():
+        slots, at = slots[older], times[older]
+        first = self._base_first_after(slots, at - 1)
+        in_base = first < self._base_end[slots]
+        found = np.zeros(older.size, dtype=bool)
+        if in_base.any():
+            row = np.minimum(first, self._base_key.size - 1)
+            base_ns = self._base_key[row] - np.where(in_base, slots, 0) * self._span + self._t_min
+            found = in_base & (base_ns == at)
+        tail = (self._tail_times[slots] == at[:, None]) & (
+            np.arange(TAIL_ROWS) < self._tail_n[slots][:, None]
+        )
+        found |= tail.any(axis=1)
+        # A row past its series' horizon is gone (whether compacted away yet or not).
+        found &= at > newest[older] - self.retain_ns
+        if not found.any():
             return new
-        self.stats.duplicates += int(repeat.sum())
+        self.stats.duplicates += int(found.sum())
+        repeat = np.zeros(new.num_rows, dtype=bool)
+        repeat[older] = found
         return reader.take(np.nonzero(~repeat)[0])
 
-    def _add_rows(
-        self, labels: list[tuple[str, ...]], times: np.ndarray, parts: dict[str, np.ndarray]
-    ) -> None:
-        """Add kept new rows (each newer than its series' retained rows): pending, then inserted
-        in (id, time) order."""
-        ids = np.empty(len(labels), dtype=np.int64)
-        for i, key in enumerate(labels):
-            found = self._ids.get(key)
-            if found is None:
-                found = self._ids[key] = self._next_id
-                self._next_id += 1
-            ids[i] = found
-        for series, t in zip(ids.tolist(), times.tolist(), strict=True):
-            self._newest_ns[series] = max(t, self._newest_ns.get(series, t))
-        self._pending.append((ids, times, parts))
-        self._pending_rows += ids.size
-        # The windows read the arrays every round; otherwise insert ~1/16 of them at a time.
-        if self.name in RATIO_PARTS or self._pending_rows > max(1024, self._row_ids.size // 16):
-            self._flush_pending()
-
-    def _flush_pending(self) -> None:
-        """Insert the pending rows into the sorted arrays; now and then compact them."""
-        if not self._pending:
-            return
-        ids = np.concatenate([chunk[0] for chunk in self._pending])
-        times = np.concatenate([chunk[1] for chunk in self._pending])
-        order = np.lexsort((times, ids))
-        ids, times = ids[order], times[order]
-        at = np.searchsorted(self._row_ids, ids, side="right")
-        self._row_ids = np.insert(self._row_ids, at, ids)
-        self._row_times = np.insert(self._row_times, at, times)
-        for part in self._pending[0][2]:
-            values = np.concatenate([chunk[2][part] for chunk in self._pending])
-            held = self._row_parts.get(part)
-            if held is None:
-                held = np.zeros(0, dtype=values.dtype)
-            self._row_parts[part] = np.insert(held, at, values[order])
-        self._pending, self._pending_rows = [], 0
-        if self._row_ids.size > self._compacted_rows + max(1024, self._compacted_rows // 16):
-            self._compact()
-
-    def _compact(self) -> None:
-        """Drop rows of forgotten series and rows past their series' horizon."""
-        ids, times = self._row_ids, self._row_times
-        keep = np.isin(ids, np.fromiter(self._ids.values(), dtype=np.int64, count=len(self._ids)))
-        if ids.size:
-            starts, _ = kernels.segment_bounds(ids)
-            bounds = np.append(starts, ids.size)
-            newest = np.repeat(times[bounds[1:] - 1], np.diff(bounds))  # per row, its series'
-            keep &= times > newest - self.retain_ns
-        self._row_ids, self._row_times = ids[keep], times[keep]
-        self._row_parts = {p: v[keep] for p, v in self._row_parts.items()}
-        self._compacted_rows = int(self._row_ids.size)
+    def _window_sums(self, slots: np.ndarray) -> dict[str, np.ndarray]:
+        """Per window (rows) and slot (columns), each ratio part summed over the slot's rows with
+        time in (newest − window, newest]: exact int64, as ``kernels.trailing_sums``."""
+        after = self._newest_ns[slots][None, :] - self._windows_ns[:, None]
+        wide = np.broadcast_to(slots, after.shape)
+        first = self._base_first_after(wide.ravel(), after.ravel()).reshape(after.shape)
+        in_base = first < self._base_end[slots][None, :]
+        # Tail rows at or before the window's start: the first row inside is the next one.
+        skipped = (self._tail_times[slots][None, :, :] <= after[:, :, None]).sum(axis=2)
+        sums = {}
+        for p in self._parts:
+            before = self._tail_cum[p][wide, np.minimum(skipped, TAIL_ROWS - 1)]
+            if self._base_key.size:
+                in_base_before = self._base_cum[p][np.minimum(first, self._base_key.size - 1)]
+                before = np.where(in_base, in_base_before, before)
+            sums[p] = self._running[p][slots][None, :] - before
+        return sums
 
     def snapshot(self) -> TableSnapshot:
         """Newest row, totals and trailing ratios of every current series.
@@ -266,23 +403,17 @@ class TableState:
         node_newest = np.full(len(node_ids), np.iinfo(np.int64).min, dtype=np.int64)
         np.maximum.at(node_newest, node_codes, times)
         current = times >= node_newest[node_codes] - self.max_gap_ns
+        keys = [labels[c] for c in codes[current].tolist()]
 
         windows: dict[str, np.ndarray] = {}
-        if self.name in RATIO_PARTS:
-            ids = np.array([self._ids[labels[c]] for c in codes.tolist()], dtype=np.int64)
-            at = np.searchsorted(self._row_ids, ids, side="right") - 1
-            num, den = RATIO_PARTS[self.name]
-            for label, seconds in WINDOWS.items():
-                ratio = kernels.trailing_ratio(
-                    self._row_ids,
-                    self._row_times,
-                    self._row_parts[num],
-                    self._row_parts[den],
-                    seconds * NS,
-                    at,
-                )
-                windows[label] = np.clip(ratio, 0.0, 1.0)[current]
-        keys = [labels[c] for c in codes[current].tolist()]
+        if self._parts:
+            slots = np.array([self._ids[key] for key in keys], dtype=np.int64)
+            sums = self._window_sums(slots)
+            num, den = (sums[p] for p in RATIO_PARTS[self.name])
+            # As kernels.trailing_ratio divides: the same sums give the same bits.
+            ratio = np.where(den > 0, num.astype(np.float64) / np.where(den > 0, den, 1), np.nan)
+            for i, label in enumerate(WINDOWS):
+                windows[label] = np.clip(ratio[i], 0.0, 1.0)
         names = sorted({p for k in keys for p in self.totals.get(k, {})})
         totals = {
             p: np.array([self.totals.get(k, {}).get(p, 0) for k in keys], dtype=np.int64)

@@ -6,11 +6,13 @@ import itertools
 import math
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import telemetry.state as state_module
 from telemetry.frame import Frame
 from telemetry.merge import Table
 from telemetry.schema import CPU_MODES, CPU_SCHEMA, GPU_SCHEMA, JOB_SCHEMA, SERIES_KEYS
@@ -104,6 +106,24 @@ def row_kind(request: pytest.FixtureRequest) -> Any:
     KIND["rows"] = request.param
     yield
     KIND["rows"] = "arrow"
+
+
+# Retained rows live in a base and a small per-series tail that compactions merge into it: every
+# test here also runs with a two-row tail (a compaction every other row of a series), and with it
+# and the base searched series by series (its one packed key made to overflow).
+LAYOUTS = {
+    "wide": {},
+    "tiny": {"TAIL_ROWS": 2},
+    "unpacked": {"TAIL_ROWS": 2, "_PACKED_KEY_LIMIT": 0},
+}
+
+
+@pytest.fixture(autouse=True, scope="module", params=list(LAYOUTS))
+def layout(request: pytest.FixtureRequest) -> Any:
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in LAYOUTS[request.param].items():
+            patch.setattr(state_module, name, value)
+        yield request.param
 
 
 def table(name: str, rows: list[Row]) -> Table:
@@ -596,3 +616,116 @@ def test_two_hours_of_one_row_rounds_match_the_reference_with_gaps_and_resent_ro
     assert state.snapshot().tables["gpu"].windows["1h"].size == 2
     # an hour of rows is not held as Arrow rows to re-sort every round: one per series
     assert state.tables["gpu"].retained.num_rows == 2
+
+
+# --- the retained rows' structure: compactions, forgotten slots, late and out-of-order rows ------
+
+
+def test_windows_and_totals_hold_across_each_compaction() -> None:
+    """Rows leave the windows while the tail is merged into the base (every 64 rows of a series,
+    or every 2): each round's snapshot equals the reference, before, at and after a compaction."""
+    state = State()
+    data: dict[str, list[Row]] = {"gpu": [], "cpu": []}
+    for k in range(70):
+        t = ts(10 * k)
+        gpu = [gpu_row("n1", "GPU-a", t, util=(k % 7) / 6, energy=100.0 * k)]
+        if k % 13 < 9:  # GPU-b skips rounds: rows of one series reach the tail unevenly
+            gpu.append(gpu_row("n1", "GPU-b", t, util=0.25))
+        cpu = [cpu_row("n1", t, 4, busy=(3.0 * k, 0.0, float(k), 0.0, 0.0))]
+        data["gpu"] += gpu
+        data["cpu"] += cpu
+        state.ingest("gpu", table("gpu", gpu))
+        state.ingest("cpu", table("cpu", cpu))
+        if k < 3 or 60 <= k <= 66:
+            check_against_reference(state, data)
+    check_against_reference(state, data)
+
+
+def test_rows_older_than_the_compacted_ones_are_duplicates_where_retained_else_late() -> None:
+    state = TableState("gpu")
+    for s in range(100, 400, 10):  # 30 rows: most of them merged into the base by now
+        state.ingest(table("gpu", [gpu_row("n1", "GPU-a", ts(s))]))
+    windows = {k: v.tolist() for k, v in state.snapshot().windows.items()}
+    stale = [
+        gpu_row("n1", "GPU-a", ts(110), util=1.0),  # the base's second row: a duplicate
+        gpu_row("n1", "GPU-a", ts(380), util=1.0),  # the newest but one: a duplicate
+        gpu_row("n1", "GPU-a", ts(115), util=1.0),  # between two retained rows: late
+        gpu_row("n1", "GPU-a", ts(50), util=1.0),  # before the series' first row: late
+        gpu_row("n1", "GPU-a", ts(110), util=1.0),  # again: a duplicate again
+    ]
+    state.ingest(table("gpu", stale))
+    assert (state.stats.duplicates, state.stats.late) == (3, 2)
+    assert {k: v.tolist() for k, v in state.snapshot().windows.items()} == windows
+    # an hour later the same old times are past the horizon: late, not duplicates
+    state.ingest(table("gpu", [gpu_row("n1", "GPU-a", ts(400 + RETAIN_S))]))
+    state.ingest(table("gpu", [gpu_row("n1", "GPU-a", ts(s)) for s in (390, 400, 410)]))
+    assert (state.stats.duplicates, state.stats.late) == (3, 5)
+
+
+def test_a_forgotten_series_comes_back_with_nothing_of_its_past() -> None:
+    """Forgotten, a series' slot is dropped at the next compaction; back, it has a new slot: its
+    old rows neither count in its windows nor make a resent old row a duplicate."""
+    state = State()
+    old = [gpu_row("n1", "GPU-a", ts(s), util=1.0) for s in range(0, 200, 10)]
+    state.ingest("gpu", table("gpu", old))
+    keep_going = [gpu_row("n1", "GPU-b", ts(s), util=0.5) for s in range(0, 4200, 60)]
+    for row in keep_going:  # one row a round: GPU-a is forgotten, compactions run meanwhile
+        state.ingest("gpu", table("gpu", [row]))
+    assert ("n1", "GPU-a") not in state.tables["gpu"].totals
+    back = [gpu_row("n1", "GPU-a", ts(s), util=0.0) for s in (3800, 3810, 3820)]
+    state.ingest("gpu", table("gpu", back))
+    check_against_reference(state, {"gpu": back + keep_going})
+    assert state.tables["gpu"].totals[("n1", "GPU-a")]["busy_us"] == 0  # its busy past is gone
+    # its old rows are older than its new newest, within its new horizon, and were never
+    # retained under its new slot: late; a row of its new life is a duplicate
+    stats = state.tables["gpu"].stats
+    before = (stats.duplicates, stats.late)
+    state.ingest("gpu", table("gpu", [dict(old[-1]), dict(back[1])]))
+    assert (stats.duplicates, stats.late) == (before[0] + 1, before[1] + 1)
+
+
+def test_replay_chunks_out_of_order_drop_the_same_rows_as_one_merge() -> None:
+    """Replay's chunks may come out of order: a chunk older than what a series holds repeats
+    some retained rows (duplicates) and falls between others (late); a series first seen in the
+    later chunk keeps all its rows. Windows equal the reference over the rows kept."""
+    a_new = [gpu_row("n1", "GPU-a", ts(s), util=(s % 30) / 30) for s in range(300, 600, 10)]
+    a_old = [gpu_row("n1", "GPU-a", ts(s), util=1.0) for s in range(200, 400, 5)]
+    b_old = [gpu_row("n1", "GPU-b", ts(s), util=0.5) for s in range(200, 400, 5)]
+    state = State()
+    state.ingest("gpu", table("gpu", a_new))
+    state.ingest("gpu", table("gpu", a_old + b_old))
+    stats = state.tables["gpu"].stats
+    repeats = sum(1 for r in a_old if r["time"] >= ts(300) and (r["time"] - T0) // NS % 10 == 0)
+    assert (stats.duplicates, stats.late) == (repeats, len(a_old) - repeats)
+    check_against_reference(state, {"gpu": a_new + b_old})
+    # the kept rows in a third chunk, shuffled, are all duplicates now
+    again = list(reversed(a_new[::3] + b_old[::4]))
+    state.ingest("gpu", table("gpu", again))
+    assert stats.duplicates == repeats + len(again)
+    check_against_reference(state, {"gpu": a_new + b_old})
+
+
+def test_the_retained_rows_take_no_more_than_their_times_and_sums(layout: str) -> None:
+    """An hour of one-row rounds of 4 GPUs and 20 jobs: a GPU row holds its time and two running
+    sums (24 bytes), a job row its time (8 bytes); beyond that only the per-slot tails (with room
+    for a few new series) and the expired rows the next compaction drops."""
+    if layout != "wide":
+        pytest.skip("the layout of the daemon's rounds")
+    state = State()
+    for k in range(RETAIN_S + 200):
+        t = ts(k)
+        state.ingest("gpu", table("gpu", [gpu_row("n1", f"GPU-{i}", t) for i in range(4)]))
+        state.ingest("job", table("job", [job_row("n1", str(j), t) for j in range(20)]))
+    for name, per_row, series in (("gpu", 24, 4), ("job", 8, 20)):
+        held = sum(
+            a.nbytes for a in vars(state.tables[name]).values() if isinstance(a, np.ndarray)
+        ) + sum(
+            a.nbytes
+            for d in vars(state.tables[name]).values()
+            if isinstance(d, dict)
+            for a in d.values()
+            if isinstance(a, np.ndarray)
+        )
+        slots = series + series // 8 + 8
+        slack = slots * (per_row * state_module.TAIL_ROWS + 64) + series * per_row * 64
+        assert held <= series * RETAIN_S * per_row + slack, name
