@@ -66,7 +66,7 @@ def strings(values: Sequence[str]) -> list[str]:
     return list(values)
 
 
-def _label_values(column: pa.Array | list[str]) -> list[str]:
+def label_values(column: pa.Array | list[str]) -> list[str]:
     """A label column's values as Python strings."""
     return column if isinstance(column, list) else [str(v) for v in column.to_pylist()]
 
@@ -214,7 +214,7 @@ def _block_text_small(
     columns: list[list[str]] = []
     for i in order:
         column = block.columns[i]
-        columns.append([column] * n if isinstance(column, str) else _label_values(column))
+        columns.append([column] * n if isinstance(column, str) else label_values(column))
     names = [labels[i] for i in order]
     cache = PrefixCache() if prefixes is None else prefixes
     family = (name, *names)
@@ -324,7 +324,7 @@ def to_client_metric(family: ColumnFamily) -> Metric:
     metric = cls(family.name, family.documentation, labels=list(family.labels))
     for block in family.blocks:
         n = block.values.size
-        columns = [[c] * n if isinstance(c, str) else _label_values(c) for c in block.columns]
+        columns = [[c] * n if isinstance(c, str) else label_values(c) for c in block.columns]
         for i, value in enumerate(block.values.tolist()):
             if not math.isnan(value):
                 metric.add_metric([column[i] for column in columns], value)

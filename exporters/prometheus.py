@@ -20,6 +20,7 @@ from exporters.exposition import (
     ColumnFamily,
     LabelColumn,
     PrefixCache,
+    label_values,
     render_text,
     strings,
     to_client_metric,
@@ -403,31 +404,28 @@ def gpu_families(snap: TableSnapshot) -> Iterator[ColumnFamily]:
     yield _one("tally_gpu_job_info", [*ids, _column(t, "job_id")], np.where(held, 1.0, np.nan))
 
 
+def _labels_of(column: LabelColumn) -> list[str]:
+    """A label column's values (never a constant here: these come from table columns)."""
+    assert not isinstance(column, str)
+    return label_values(column)
+
+
 def gpu_job_families(snap: TableSnapshot, gpus: TableSnapshot | None) -> Iterator[ColumnFamily]:
     """Per-job series of shared GPUs; the ``gpu`` label (NVML index) comes from the GPU's own
     newest row (empty where the GPU has none)."""
     t = _take(snap.latest, _order(snap.latest, ["node", "gpu_uuid", "job_id"]))
     nodes, uuids = _column(t, "node"), _column(t, "gpu_uuid")
     assert not isinstance(nodes, str) and not isinstance(uuids, str)
-    node_list, uuid_list = _label_strings(nodes), _label_strings(uuids)
+    node_list, uuid_list = _labels_of(nodes), _labels_of(uuids)
     index: dict[tuple[str, str], str] = {}
     if gpus is not None and gpus.latest.num_rows:
         g = gpus.latest
-        keys = zip(
-            _label_strings(_column(g, "node")), _label_strings(_column(g, "gpu_uuid")), strict=True
-        )
-        index = dict(zip(keys, _label_strings(_column(g, "gpu_index")), strict=True))
+        keys = zip(_labels_of(_column(g, "node")), _labels_of(_column(g, "gpu_uuid")), strict=True)
+        index = dict(zip(keys, _labels_of(_column(g, "gpu_index")), strict=True))
     gpu = [index.get(key, "") for key in zip(node_list, uuid_list, strict=True)]
     ids = [nodes, gpu, uuids, _column(t, "job_id")]
     yield _one("tally_gpu_job_utilization_ratio", ids, _numbers(t, "sm_utilization_ratio"))
     yield _one("tally_gpu_job_share", ids, _numbers(t, "share"))
-
-
-def _label_strings(column: LabelColumn) -> list[str]:
-    if isinstance(column, list):
-        return column
-    assert not isinstance(column, str)
-    return [str(v) for v in column.to_pylist()]
 
 
 def job_families(snap: TableSnapshot) -> Iterator[ColumnFamily]:
@@ -533,7 +531,7 @@ def dcgm_families(snap: TableSnapshot) -> Iterator[ColumnFamily]:
     snap = _sorted(snap, ["node", "gpu_index", "gpu_uuid"])
     t = snap.latest
     index = _column(t, "gpu_index")
-    device = [f"nvidia{i}" for i in _label_strings(index)]
+    device = [f"nvidia{i}" for i in _labels_of(index)]
     labels = [index, _column(t, "gpu_uuid"), device, _column(t, "gpu_model"), _column(t, "node")]
     labels += [_column(t, "mig_profile"), _column(t, "gpu_instance_id")]
     for name, (_, _, column, scale) in DCGM_METRICS.items():

@@ -51,7 +51,8 @@ def _expected(kind: str) -> str:
 def column_array(kind: str, values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray | None]:
     """``values`` (Python, None for null) as a column of ``kind``: the array and its validity
     mask (None when nothing is null). Raises ``TypeError`` for a value of the wrong type (a
-    string for a number; a fraction or a bool for an integer, which Arrow would truncate),
+    string for a number; a float or a bool for an integer: Arrow's ``from_pylist`` truncates
+    1.5 to 1),
     ``OverflowError`` for an integer the column cannot hold, ``ValueError`` for a string that is
     not valid Unicode."""
     types = {type(v) for v in values}
@@ -214,8 +215,9 @@ class Frame:
         return np.array(order, dtype=np.int64)
 
     def screened(self) -> tuple[Frame, int]:
-        """The rows whose values all lie in ``VALID_RANGES`` and whose time lies in [2000,
-        2100) (null passes where a column may be null; NaN and ±inf do not), as
+        """The rows whose values all lie in ``VALID_RANGES`` and whose time lies in
+        [``EARLIEST_NS``, ``LATEST_NS``] (null passes where a column may be null; NaN and ±inf
+        do not), as
         ``schema.screen`` keeps them from Arrow tables; and how many rows were left out."""
         times = self.columns["time"]
         keep = (times >= EARLIEST_NS) & (times <= LATEST_NS)

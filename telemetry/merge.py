@@ -32,9 +32,6 @@ class Rows(Protocol):
 
     num_rows: int
 
-    @property
-    def column_names(self) -> list[str]: ...
-
     def has(self, column: str) -> bool: ...
 
     def times(self) -> np.ndarray: ...

@@ -123,11 +123,6 @@ class ArrowRows:
         self.name = name
         self.num_rows = table.num_rows
 
-    @property
-    def column_names(self) -> list[str]:
-        names: list[str] = self.table.column_names
-        return names
-
     def has(self, column: str) -> bool:
         return column in self.table.column_names
 

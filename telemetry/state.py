@@ -88,14 +88,15 @@ class TableState:
     dropped and counted.
 
     A round costs in proportion to its new rows, not to the hour of rows retained: only each
-    series' newest row is kept as Arrow (it opens the next interval and is what the snapshot
-    shows); older rows are kept as their time and, for tables with trailing ratios, the running
-    sums of the two contributions the ratio sums before that row (fixed once a row is in: a
-    later row can only follow it). Each series has a slot; its rows live in a compact base
-    sorted by (slot, time) and, once newer, in a small per-slot tail of at most ``TAIL_ROWS``
-    rows. A round appends to the tail; a full tail is merged into the base (a compaction, which
-    also drops rows past their series' horizon and the slots of forgotten series). A window sum
-    is the slot's running sum less the running sum before the first row inside the window.
+    series' newest row is kept whole, as an Arrow table or a Frame as the rows came (it opens
+    the next interval and is what the snapshot shows); older rows are kept as their time and,
+    for tables with trailing ratios, the running sums of the two contributions the ratio sums
+    before that row (fixed once a row is in: a later row can only follow it). Each series has a
+    slot; its rows live in a compact base sorted by (slot, time) and, once newer, in a small
+    per-slot tail of at most ``TAIL_ROWS`` rows. A round appends to the tail; a full tail is
+    merged into the base (a compaction, which also drops rows past their series' horizon and
+    the slots of forgotten series). A window sum is the slot's running sum less the running sum
+    before the first row inside the window.
     """
 
     def __init__(self, name: str, max_gap_seconds: float = DEFAULT_MAX_GAP_SECONDS) -> None:

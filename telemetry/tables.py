@@ -13,9 +13,9 @@ CPU_MODES = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "stea
 # Modes that count as busy CPU time (SPEC §3); idle, iowait and steal do not.
 CPU_BUSY_MODES = ("user", "nice", "system", "irq", "softirq")
 
-# Column kinds, each one Arrow type (schema.ARROW_TYPES): "time" is int64 nanoseconds since the
-# epoch, UTC.
-KINDS = ("time", "string", "int16", "int32", "int64", "float32", "float64")
+# Column kinds, each one Arrow type (schema.ARROW_TYPES) and one NumPy dtype (frame.DTYPES):
+# "time", "string", "int16", "int32", "int64", "float32", "float64"; "time" is int64 nanoseconds
+# since the epoch, UTC.
 
 
 class Column(NamedTuple):
