@@ -219,7 +219,9 @@ def measure(
 # One hour (plus the max gap) of 1 s rounds of a node with 8 GPUs, one CPU row and ``jobs`` jobs
 # ingested into the live state, then the CPU time of the next rounds' ingest and snapshot: the
 # daemon's aggregation at steady state, which a run of a minute or two does not reach (the
-# trailing windows keep an hour). Runs in a subprocess on the given checkout's telemetry.
+# trailing windows keep an hour); and the most RSS the hour of rows added meanwhile, the heap
+# trimmed every 15 rounds as the daemon trims it. Runs in a subprocess on the given checkout's
+# telemetry.
 _STEADY = """
 import sys, time
 NS = 10**9
@@ -264,18 +266,29 @@ def tables(k):
                            for f in SCHEMAS[name]])
         out[name] = pa.Table.from_pylist(r, schema=plain).cast(SCHEMAS[name])
     return out
+try:  # the daemon trims glibc's heap every 15 s: so does this (no-op where the daemon does not)
+    from telemetry.daemon import heap
+    trim = heap.trim
+except ImportError:
+    trim = lambda: None
 state = State()
 before = rss_mib()
 for k in range(PREFILL):
     for name, table in tables(k).items():
         state.ingest(name, table)
+    if k % 15 == 14:
+        trim()
 ready = [tables(PREFILL + k) for k in range(MEASURE)]
+grown = 0.0
 start = time.process_time()
-for round_tables in ready:
+for k, round_tables in enumerate(ready):
     for name, table in round_tables.items():
         state.ingest(name, table)
     state.snapshot()
-print((time.process_time() - start) / MEASURE * 1e3, rss_mib() - before)
+    if k % 15 == 14:
+        trim()
+    grown = max(grown, rss_mib() - before)
+print((time.process_time() - start) / MEASURE * 1e3, grown)
 """
 
 
@@ -283,7 +296,7 @@ def steady_round_ms(
     checkout: Path, jobs: int = 50, prefill: int = 3660, rounds: int = 30
 ) -> tuple[float, float]:
     """CPU ms of one round's ingest and snapshot after ``prefill`` 1 s rounds (see _STEADY), and
-    how many MiB the live state's hour of rows added to the process' RSS."""
+    the most MiB the live state's hour of rows added to the process' RSS."""
     env = dict(os.environ, PYTHONPATH=str(checkout))
     result = subprocess.run(
         [sys.executable, "-c", _STEADY, str(jobs), str(prefill), str(rounds)],
