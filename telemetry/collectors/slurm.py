@@ -653,14 +653,25 @@ def _place(parts: tuple[str, ...]) -> int:
 
 def job_processes(procs_dir: Path) -> list[tuple[int, int]]:
     """(place, pid) of the processes in ``cgroup.procs`` of ``procs_dir`` and its
-    sub-directories, best place first, then top-down by name; each PID once."""
+    sub-directories, best place first, then top-down by name; each PID once.
+
+    The directories are walked as ``os.walk`` would walk them (top-down, each one's
+    sub-directories by name, symbolic links not followed) on plain strings: a node walks its
+    jobs every few seconds, and building path objects was most of a walk's cost."""
     found: list[tuple[int, int, int]] = []
     seen: set[int] = set()
-    for dirpath, dirnames, _ in os.walk(procs_dir):
-        parts = Path(dirpath).relative_to(procs_dir).parts
-        dirnames[:] = sorted(dirnames) if len(parts) < _MAX_DEPTH else []
+    pending: list[tuple[str, tuple[str, ...]]] = [(str(procs_dir), ())]
+    while pending:
+        directory, parts = pending.pop()
+        if len(parts) < _MAX_DEPTH:
+            try:
+                with os.scandir(directory) as entries:
+                    below = sorted(e.name for e in entries if e.is_dir(follow_symlinks=False))
+            except OSError:
+                below = []  # ended meanwhile, or not readable: as os.walk, go on
+            pending.extend((f"{directory}/{name}", (*parts, name)) for name in reversed(below))
         try:
-            text = read_text(Path(dirpath) / "cgroup.procs")
+            text = read_text(Path(directory, "cgroup.procs"))
         except OSError:
             continue  # a step or task that ended, or a directory without the file
         place = _place(parts)
