@@ -1,7 +1,7 @@
 """The daemon's own cost on a loaded node, side by side with node_exporter: CPU, RSS, scrapes.
 
 ``python -m benchmarks.daemon_cost [--seconds 120] [--interval 1] [--scrape-interval S] [--jobs 50]
-[--compare-with DIR]``
+[--compare-with DIR] [--steady] [--breakdown ROUNDS]``
 
 tally runs as ``tally daemon`` at ``--interval`` on a node tree with ``--jobs`` Slurm jobs and 8
 fake H100s (:mod:`benchmarks.node_tree`). In the same run, on the same machine:
@@ -335,6 +335,55 @@ def run(
     return exporters
 
 
+def round_breakdown(rounds: int, jobs: int = 50) -> dict[str, float]:
+    """CPU ms per round of each stage of a daemon round, in this process, at the daemon's real
+    cadence (a 1 s sleep between rounds, so caches are as cold as a daemon's; a tight loop
+    reads two to three times less): each collector with the check of its rows, the Runner's GPU
+    attribution and assembly of Frames, the journal, and a scrape's snapshot and OpenMetrics
+    every 15 rounds."""
+    from telemetry.config import DaemonConfig
+    from telemetry.daemon import Daemon
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tree = Path(scratch) / "node"
+        node_tree.write_node(tree, jobs)
+        config = DaemonConfig(
+            listen="127.0.0.1:0", data_dir=Path(scratch) / "data", procfs=tree / "proc",
+            sysfs=tree / "sys", node="bench", nvml_module="benchmarks.node_tree:NVML",
+        )  # fmt: skip
+        daemon = Daemon(config)
+        daemon.store.open()
+        spent: dict[str, float] = {c.name: 0.0 for c in daemon.runner.collectors}
+        spent.update({"attribution, assembly": 0.0, "journal": 0.0, "snapshot + render": 0.0})
+        for k in range(rounds + 5):
+            time.sleep(1.0)
+            t0 = time.process_time()
+            result = daemon.runner.run()
+            t1 = time.process_time()
+            for table, frame in result.tables.items():
+                daemon.store.append(table, frame)
+            t2 = time.process_time()
+            with daemon._lock:
+                daemon._unaggregated.extend(result.tables.items())
+                daemon._rounds_unaggregated += 1
+                daemon._published = None
+            if k % 15 == 14:
+                daemon.render_openmetrics()
+            t3 = time.process_time()
+            if k < 5:
+                continue  # the first rounds set things up
+            # a collector's own time (the Runner's clock) includes checking its rows
+            collected = sum(s.duration_seconds for s in result.status.values())
+            for name, status in result.status.items():
+                spent[name] += status.duration_seconds
+            spent["attribution, assembly"] += max(0.0, (t1 - t0) - collected)
+            spent["journal"] += t2 - t1
+            spent["snapshot + render"] += t3 - t2
+        daemon.runner.close()
+        daemon.store.close()
+    return {stage: seconds / rounds * 1e3 for stage, seconds in spent.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=120.0)
@@ -345,7 +394,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--steady", action="store_true", help="also time a round after an hour of rows (slow)"
     )
+    parser.add_argument(
+        "--breakdown", type=int, metavar="ROUNDS", help="only time each stage of ROUNDS rounds"
+    )
     args = parser.parse_args(argv)
+    if args.breakdown:
+        print(f"CPU ms per round at a 1 s cadence, {args.jobs} jobs, 8 fake GPUs")
+        for stage, ms in round_breakdown(args.breakdown, args.jobs).items():
+            print(f"{stage:24}{ms:8.3f}")
+        return
     run(args.seconds, args.interval, args.jobs, args.compare_with, args.scrape_interval)
     if args.steady:
         print(f"\naggregation at steady state (an hour of 1 s rounds, {args.jobs} jobs, 8 GPUs): "
