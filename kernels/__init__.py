@@ -14,7 +14,7 @@ from kernels.integrate import (
     rint_int64,
     share_contributions,
 )
-from kernels.rolling import trailing_ratio, trailing_sums
+from kernels.rolling import first_after, ratio_of_sums, trailing_ratio, trailing_sums
 from kernels.series import (
     Intervals,
     counter_delta,
@@ -33,11 +33,13 @@ __all__ = [
     "counter_delta",
     "cpu_contributions",
     "dedup_mask",
+    "first_after",
     "get_namespace",
     "gpu_contributions",
     "intervals",
     "job_contributions",
     "last_rows",
+    "ratio_of_sums",
     "rint_int64",
     "segment_bounds",
     "segment_sum",

@@ -26,15 +26,24 @@ def window_start_index(
 def window_start_bisect(times_sorted: Any, row_start: Any, at: Any, window_ns: int) -> Any:
     """``window_start_index`` by a vectorised bisection over each row's series (any times)."""
     xp = array_namespace(times_sorted, row_start, at)
-    target = times_sorted[at] - window_ns
-    lo = row_start[at].astype(xp.int64)
-    hi = at.astype(xp.int64)  # t_at > target always holds, so the answer is in [lo, at]
+    # t_at > target always holds, so the answer is in [row start, at]
+    return first_after(
+        times_sorted, row_start[at], at.astype(xp.int64), times_sorted[at] - window_ns
+    )
+
+
+def first_after(values_sorted: Any, lo: Any, hi: Any, target: Any) -> Any:
+    """Per query, the first index in [``lo``, ``hi``) whose value is > ``target``, else ``hi``:
+    one vectorised bisection over runs of ``values_sorted`` that are each ascending."""
+    xp = array_namespace(values_sorted, lo, hi)
+    lo, hi = lo.astype(xp.int64), hi.astype(xp.int64)
+    last = max(int(values_sorted.shape[0]) - 1, 0)
     while True:
         active = lo < hi
         if not bool(active.any()):
             return lo
         mid = (lo + hi) // 2
-        later = times_sorted[mid] > target
+        later = values_sorted[xp.minimum(mid, last)] > target
         hi = xp.where(active & later, mid, hi)
         lo = xp.where(active & ~later, mid + 1, lo)
 
@@ -100,7 +109,13 @@ def trailing_ratio(
     at: Any | None = None,
 ) -> Any:
     """Time-weighted mean Σnum / Σden over each trailing window; NaN where Σden is 0."""
-    xp = array_namespace(numerator, denominator)
     num, den = trailing_sums(codes_sorted, times_sorted, [numerator, denominator], window_ns, at)
+    return ratio_of_sums(num, den)
+
+
+def ratio_of_sums(num: Any, den: Any) -> Any:
+    """``num / den`` as float64, NaN where ``den`` is 0: the one division every trailing ratio
+    makes, so equal integer sums give equal bits wherever they were summed."""
+    xp = array_namespace(num, den)
     safe = xp.where(den > 0, den, 1)
     return xp.where(den > 0, num.astype(xp.float64) / safe, xp.nan)

@@ -318,15 +318,11 @@ class TableState:
             target = np.where(in_base, slots, 0) * self._span + clipped
             first = np.searchsorted(self._base_key, target, side="right")
             return np.where(in_base, first, 0)
-        lo, hi = self._base_start[slots], self._base_end[slots]
-        while True:  # bisection within each slot's rows (the key is the time)
-            active = lo < hi
-            if not active.any():
-                return np.asarray(lo, dtype=np.int64)
-            mid = (lo + hi) // 2
-            later = self._base_key[np.minimum(mid, self._base_key.size - 1)] > after_ns
-            hi = np.where(active & later, mid, hi)
-            lo = np.where(active & ~later, mid + 1, lo)
+        # the key is the time: bisect each slot's rows
+        bisected: np.ndarray = kernels.first_after(
+            self._base_key, self._base_start[slots], self._base_end[slots], after_ns
+        )
+        return bisected
 
     def _drop_repeats_of_older_rows(self, new: Table) -> Table:
         """``new`` without the rows that repeat (series, time) of a retained row older than the
@@ -411,8 +407,7 @@ class TableState:
             slots = np.array([self._ids[key] for key in keys], dtype=np.int64)
             sums = self._window_sums(slots)
             num, den = (sums[p] for p in RATIO_PARTS[self.name])
-            # As kernels.trailing_ratio divides: the same sums give the same bits.
-            ratio = np.where(den > 0, num.astype(np.float64) / np.where(den > 0, den, 1), np.nan)
+            ratio = kernels.ratio_of_sums(num, den)  # trailing_ratio's own division
             for i, label in enumerate(WINDOWS):
                 windows[label] = np.clip(ratio[i], 0.0, 1.0)
         names = sorted({p for k in keys for p in self.totals.get(k, {})})
