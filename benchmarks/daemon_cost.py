@@ -267,8 +267,7 @@ def tables(k):
         out[name] = pa.Table.from_pylist(r, schema=plain).cast(SCHEMAS[name])
     return out
 try:  # the daemon trims glibc's heap every 15 s: so does this (no-op where the daemon does not)
-    from telemetry.daemon import heap
-    trim = heap.trim
+    from telemetry.heap import trim
 except ImportError:
     trim = lambda: None
 state = State()

@@ -11,8 +11,6 @@ SIGTERM and SIGINT end the loop; the store then compacts its journals and the da
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -27,6 +25,7 @@ from typing import TYPE_CHECKING
 from exporters.http import MetricsServer, serve
 from exporters.process import ProcessFamilies
 from exporters.prometheus import TallyCollector
+from telemetry import heap
 from telemetry.clock import SteadyClock
 from telemetry.collectors import REGISTRY, CollectorContext, Runner
 from telemetry.collectors.base import CollectorStatus
@@ -300,36 +299,6 @@ class Daemon:
             )
         self.store.close()
         log.info("stopped; %d rows written", self.store.rows_written)
-
-
-class _Heap:
-    """glibc's heap, tuned for a small long-lived exporter (no-ops where glibc is absent).
-
-    The live state's arrays are rebuilt as rounds come in; glibc keeps the freed pages, so after
-    an hour of rows a daemon held 11.6 MiB for 3.8 MiB of arrays. Trimming every 15 s (0.6 ms)
-    keeps it under 7 MiB. One arena for all threads: scrape threads would each get an arena of
-    their own that holds memory between scrapes (1 MiB on the benchmark node)."""
-
-    M_ARENA_MAX = -8  # malloc.h
-
-    def __init__(self) -> None:
-        try:
-            self._libc: ctypes.CDLL | None = ctypes.CDLL(None)
-            self._libc.malloc_trim  # noqa: B018 - glibc, or not
-        except (OSError, AttributeError):
-            self._libc = None
-
-    def one_arena(self) -> None:
-        if self._libc is not None:
-            with contextlib.suppress(AttributeError):
-                self._libc.mallopt(self.M_ARENA_MAX, 1)
-
-    def trim(self) -> None:
-        if self._libc is not None:
-            self._libc.malloc_trim(0)
-
-
-heap = _Heap()
 
 
 def run_daemon(config: DaemonConfig) -> int:

@@ -23,7 +23,6 @@ not compact stays where it is, readable, and is tried again (and at the latest o
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import logging
 import os
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
 from urllib.parse import quote
 
+from telemetry import heap
 from telemetry.errors import TallyError
 from telemetry.frame import Frame
 from telemetry.store.ipc import StreamWriter
@@ -69,8 +69,7 @@ def release_memory() -> None:
     import pyarrow as pa
 
     pa.default_memory_pool().release_unused()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    heap.trim()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -129,7 +128,7 @@ def compact(journal: Path, root: Path, table: str) -> Path | None:
         journal.unlink(missing_ok=True)
         return None
     # One contiguous table keeps the Parquet row groups large; handing the freed memory back
-    # keeps a long-lived process's RSS flat across compactions.
+    # keeps a child compacting several journals at the size of one.
     write_parquet_atomic(data.combine_chunks(), target)
     del data
     release_memory()
