@@ -302,8 +302,9 @@ def _numbers(table: Table, column: str) -> np.ndarray:
     """A column as float64, null → NaN (not exported)."""
     if isinstance(table, Frame):
         return table.floats(column)
-    values: np.ndarray = table.column(column).to_numpy(zero_copy_only=False).astype(np.float64)
-    return values
+    from telemetry.rows import float_column
+
+    return float_column(table, column)
 
 
 def _valid(table: Table, column: str) -> np.ndarray:

@@ -52,9 +52,8 @@ def column_array(kind: str, values: Sequence[Any]) -> tuple[np.ndarray, np.ndarr
     """``values`` (Python, None for null) as a column of ``kind``: the array and its validity
     mask (None when nothing is null). Raises ``TypeError`` for a value of the wrong type (a
     string for a number; a float or a bool for an integer: Arrow's ``from_pylist`` truncates
-    1.5 to 1),
-    ``OverflowError`` for an integer the column cannot hold, ``ValueError`` for a string that is
-    not valid Unicode."""
+    1.5 to 1), ``OverflowError`` for an integer the column cannot hold, ``ValueError`` for a
+    string that is not valid Unicode."""
     types = {type(v) for v in values}
     valid: np.ndarray | None = None
     if type(None) in types:
@@ -122,10 +121,6 @@ class Frame:
                 valid[column.name] = mask
             columns[column.name] = array
         return cls(table, columns, valid)
-
-    @property
-    def column_names(self) -> list[str]:
-        return list(self.columns)
 
     def has(self, name: str) -> bool:
         return name in self.columns
@@ -217,8 +212,8 @@ class Frame:
     def screened(self) -> tuple[Frame, int]:
         """The rows whose values all lie in ``VALID_RANGES`` and whose time lies in
         [``EARLIEST_NS``, ``LATEST_NS``] (null passes where a column may be null; NaN and ±inf
-        do not), as
-        ``schema.screen`` keeps them from Arrow tables; and how many rows were left out."""
+        do not), as ``schema.screen`` keeps them from Arrow tables; and how many rows were
+        left out."""
         times = self.columns["time"]
         keep = (times >= EARLIEST_NS) & (times <= LATEST_NS)
         kinds = {c.name: c.kind for c in TABLES[self.table]}
