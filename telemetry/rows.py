@@ -145,7 +145,7 @@ class ArrowRows:
 
 def concat_arrow(earlier: pa.Table, new: pa.Table) -> pa.Table:
     """``earlier`` rows then ``new`` ones (string columns plain in one and codes in the other are
-    cast to ``new``'s types)."""
-    if earlier.num_rows and earlier.schema != new.schema:
+    cast to ``new``'s types); ``merge.concat`` does not call it for an empty ``earlier``."""
+    if earlier.schema != new.schema:
         earlier = earlier.cast(new.schema)
-    return pa.concat_tables([earlier, new]) if earlier.num_rows else new
+    return pa.concat_tables([earlier, new])
