@@ -760,13 +760,7 @@ def test_fuzz_hostile_environ_through_the_collector(user: bytes, account: bytes)
     assert isinstance(tables["job"].to_arrow(), pa.Table)
 
 
-def test_a_search_that_found_nothing_new_waits_before_walking_the_job_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Job 1001 is CPU-only: its search never completes. Walking its cgroup every round for
-    processes already read was most of a round's cost; after a fruitless walk the next waits
-    (1 s, doubling), and a process that appeared meanwhile is still read then."""
-    root = copy_tree(V2, tmp_path)
+def _count_walks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     walks: list[str] = []
     real = slurm.job_processes
 
@@ -775,20 +769,58 @@ def test_a_search_that_found_nothing_new_waits_before_walking_the_job_again(
         return real(procs_dir)
 
     monkeypatch.setattr(slurm, "job_processes", job_processes)
+    return walks
+
+
+def test_a_search_that_found_nothing_new_waits_before_walking_the_job_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Job 1003 has no batch step on this node and only CUDA_VISIBLE_DEVICES tells of its GPUs:
+    its search never completes. Walking its cgroup every round for processes already read was
+    most of a round's cost; after a fruitless walk the next waits (1 s, doubling), and a process
+    that appeared meanwhile is still read then."""
+    root = copy_tree(V2, tmp_path)
+    walks = _count_walks(monkeypatch)
+    now = [100.0]
+    c = SlurmJobCollector(ctx(root), resolve_user=names)
+    c._clock = lambda: now[0]
+    first = by_job(c.collect())["1003"]
+    assert (first["user"], first["gpus_allocated"]) == ("carol", 2.0)
+    c.collect()  # nothing new: the wait starts
+    assert walks.count("job_1003") == 2
+    step = root / V2_SCOPE / "job_1003" / "step_1" / "user" / "task_0"
+    step.mkdir(parents=True)
+    (step / "cgroup.procs").write_text("3206\n")
+    (root / "proc" / "3206").mkdir()
+    env = (root / "proc" / "3202" / "environ").read_bytes() + b"SLURM_JOB_GPUS=0,1,2\0"
+    (root / "proc" / "3206" / "environ").write_bytes(env)
+    assert by_job(c.collect())["1003"]["gpus_allocated"] == 2.0  # waiting: not walked
+    assert walks.count("job_1003") == 2
+    now[0] += 1.0
+    assert by_job(c.collect())["1003"]["gpus_allocated"] == 3.0  # walked: PID 3206 read
+    assert walks.count("job_1003") == 3
+
+
+def test_the_batch_environment_ends_a_cpu_only_jobs_search(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Job 1001 is CPU-only and its batch script runs here: Slurm would have put SLURM_JOB_GPUS
+    in that environment had the job any GPUs on this node, so once it is read the job is not
+    walked again, however long it runs (a process naming GPUs later is not believed)."""
+    root = copy_tree(V2, tmp_path)
+    walks = _count_walks(monkeypatch)
     now = [100.0]
     c = SlurmJobCollector(ctx(root), resolve_user=names)
     c._clock = lambda: now[0]
     first = by_job(c.collect())["1001"]
-    assert (first["user"], first["gpus_allocated"]) == ("alice", 0.0)
-    c.collect()  # nothing new: the wait starts
-    assert walks.count("job_1001") == 2
+    assert (first["user"], first["account"], first["gpus_allocated"]) == ("alice", "physics", 0.0)
     task = root / V2_SCOPE / "job_1001" / "step_batch" / "user" / "task_0" / "cgroup.procs"
     task.write_text("3004\n3005\n3006\n")
     (root / "proc" / "3006").mkdir()
     env = (root / "proc" / "3004" / "environ").read_bytes() + b"SLURM_JOB_GPUS=0,1\0"
     (root / "proc" / "3006" / "environ").write_bytes(env)
-    assert by_job(c.collect())["1001"]["gpus_allocated"] == 0.0  # waiting: not walked
-    assert walks.count("job_1001") == 2
-    now[0] += 1.0
-    assert by_job(c.collect())["1001"]["gpus_allocated"] == 2.0  # walked: PID 3006 read
-    assert walks.count("job_1001") == 3
+    for _ in range(5):
+        now[0] += 60.0
+        assert by_job(c.collect())["1001"] == first
+    assert walks.count("job_1001") == 1
+    assert walks.count("job_1003") > 1  # no batch step here: still searched

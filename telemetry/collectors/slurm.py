@@ -30,8 +30,10 @@ the cgroup. Who the job belongs to comes from what the job cannot change:
 An environment (``<procfs>/<pid>/environ``, which only root can read for other users'
 processes) counts only if its ``SLURM_JOB_ID`` (or ``SLURM_JOB_SLUID``) is the cgroup's job;
 user and account are taken together from one that has ``SLURM_JOB_USER``. The job's step
-processes are read first; the search goes on over the rounds, at most ``_MAX_PIDS_PER_JOB``
-new processes a job and round, until user, account and GPUs are known. Jobs are keyed by
+processes are read first, the batch script's before all; the search goes on over the rounds,
+at most ``_MAX_PIDS_PER_JOB`` new processes a job and round, until user, account and GPUs are
+known: GPUs are known from ``SLURM_JOB_GPUS``, or from the batch step's environment, where
+Slurm sets that variable whenever the job holds GPUs on the node. Jobs are keyed by
 (slurmd scope, job): the same job under two slurmd on one host adds up.
 
 Besides ``job`` rows it returns ``_gpu_job`` claims (``gpu_index`` → ``job_id``, ``share`` for
@@ -74,7 +76,8 @@ _CPU_LIMIT = 1 << 20
 _ENVIRON_MAX_BYTES = 4 << 20  # a process's environment is at most a few MiB (ARG_MAX)
 _MAX_PIDS_PER_JOB = 256  # environments tried per job and round before giving up
 _MAX_DEPTH = 8  # job/step/user/task is 3 deep; anything deeper is not Slurm's
-# An incomplete search (typically a CPU-only job: no environment will ever name its GPUs) that
+# An incomplete search (typically a CPU-only job on a node its batch step does not run on: no
+# environment there will ever name its GPUs) that
 # found no process not already read waits this long before walking the job's cgroup again,
 # doubling up to the maximum; most of a round's cost on a node of many jobs was these walks.
 _RESEARCH_FIRST_S = 1.0
@@ -637,9 +640,10 @@ def _v1_jobs(root: Path) -> Iterator[JobCgroup]:
                 )
 
 
-# Where in a job's cgroup a process sits, best first for finding the job's identity: the job's
-# own steps' tasks; anything else; the extern step (sessions adopted over ssh); slurmstepd.
-TASK, OTHER, EXTERN, STEPD = 0, 1, 2, 3
+# Where in a job's cgroup a process sits, best first for finding the job's identity: the batch
+# script (its environment is the job's own, see _Search.batch_read); the job's other steps'
+# tasks; anything else; the extern step (sessions adopted over ssh); slurmstepd.
+BATCH, TASK, OTHER, EXTERN, STEPD = 0, 1, 2, 3, 4
 
 
 def _place(parts: tuple[str, ...]) -> int:
@@ -648,6 +652,8 @@ def _place(parts: tuple[str, ...]) -> int:
         return OTHER
     if len(parts) > 1 and parts[1] == "slurm":
         return STEPD
+    if parts[0] == "step_batch":
+        return BATCH
     return EXTERN if parts[0] == "step_extern" else TASK
 
 
@@ -711,6 +717,10 @@ class _Search:
     claims: tuple[int, ...] = ()
     shards: int | None = None  # SLURM_SHARDS_ON_NODE: GPU shards the job holds here
     uid: int | None = None  # real uid of a task process (v2)
+    # An environment of the batch step named the job. Slurm sets SLURM_JOB_GPUS there whenever
+    # the job holds GPUs on this node (the batch step's), so no other process can tell more of
+    # its GPUs: a CPU-only job's search ends here instead of walking the job for ever.
+    batch_read: bool = False
     tried: set[int] | None = None
     # When (monotonic seconds) to walk the job's processes again, and the wait after the next
     # walk that finds nothing new.
@@ -720,7 +730,7 @@ class _Search:
     def complete(self, need_uid: bool) -> bool:
         return (
             self.identity is not None
-            and self.gpu_rank == GPUS_JOB
+            and (self.gpu_rank == GPUS_JOB or self.batch_read)
             and (self.uid is not None or not need_uid)
         )
 
@@ -957,7 +967,7 @@ class SlurmJobCollector(Collector):
                 continue
             search.tried.add(pid)
             read += 1
-            if job.uid is None and search.uid is None and place in (TASK, EXTERN):
+            if job.uid is None and search.uid is None and place in (BATCH, TASK, EXTERN):
                 search.uid = self._real_uid(pid)
             if place == STEPD:
                 continue  # slurmstepd runs as root with slurmd's environment, not the job's
@@ -967,6 +977,8 @@ class SlurmJobCollector(Collector):
                 continue  # gone, or not ours to read: try the next process
             if not _names_job(env, job):
                 continue  # not this job's environment (a stray process, or a forged one)
+            if place == BATCH:
+                search.batch_read = True
             job_id = env.get("SLURM_JOB_ID", "")
             if search.job_id is None and job_id.isascii() and job_id.isdigit():
                 search.job_id = job_id[:20]
