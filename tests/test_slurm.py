@@ -247,6 +247,23 @@ def test_resolver_without_answer_gives_the_numeric_uid() -> None:
     assert calls == [4242, 4242]  # failures are asked again, not remembered
 
 
+def test_a_name_the_resolver_gives_later_is_used_from_then_on() -> None:
+    """A job's row is kept between rounds, but not one that carries a bare uid for want of an
+    answer: the directory service that failed once (a timeout) is asked again."""
+    answers = iter([KeyError(4242), KeyError(4242), "later"])
+
+    def flaky(uid: int) -> str:
+        answer = next(answers, "later")
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    collector = SlurmJobCollector(ctx(V1), resolve_user=flaky)
+    collector._clock = lambda: 100.0  # the job is not walked again past the second round
+    users = [by_job(collector.collect())["505"]["user"] for _ in range(4)]
+    assert users == ["4242", "4242", "later", "later"]
+
+
 def test_resolver_answers_are_cached() -> None:
     calls: list[int] = []
 

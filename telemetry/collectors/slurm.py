@@ -722,6 +722,9 @@ class _Search:
     # its GPUs: a CPU-only job's search ends here instead of walking the job for ever.
     batch_read: bool = False
     tried: set[int] | None = None
+    # What these findings alone make of the job (no job-info file), kept until a walk adds to
+    # them: the same every round of a job's life, and a node reads 50 jobs a second.
+    info: JobInfo | None = None
     # When (monotonic seconds) to walk the job's processes again, and the wait after the next
     # walk that finds nothing new.
     next_walk: float = 0.0
@@ -895,6 +898,8 @@ class SlurmJobCollector(Collector):
             and self._clock() >= search.next_walk
         ):
             self._search_environments(job, search)
+        if trusted is None and search.info is not None:
+            return search.info
         if trusted is not None and "job_id" in trusted:
             job_id = trusted["job_id"]
         elif job.sluid is not None and search.job_id is not None:
@@ -904,9 +909,13 @@ class SlurmJobCollector(Collector):
         uid = job.uid if job.uid is not None else search.uid
         if uid is None and trusted is not None and trusted.get("uid"):
             uid = int(trusted["uid"])  # written by root from what slurmd told the prolog
+        # Kept only where nothing in it is read afresh each round: the cgroup's owner, a name
+        # the user database did not give yet.
+        keep = trusted is None and uid is not None
         if uid is None:
             uid = job.procs_dir.stat().st_uid  # no task's status readable: the cgroup's owner
         user = self._user(uid, trusted, search.identity)
+        keep = keep and (uid in self._names or user == getattr(search.identity, "user", None))
         if trusted is not None and "account" in trusted:
             account, source = trusted["account"] or "unknown", "job-info"
         elif search.identity is not None:
@@ -922,8 +931,12 @@ class SlurmJobCollector(Collector):
             gpus, claims = search.gpus, search.claims
         share = self._shard_share(job, shards, claims)
         if share is not None:
-            return JobInfo(job_id, user, account, source, share * len(claims), claims, share)
-        return JobInfo(job_id, user, account, source, gpus, claims)
+            info = JobInfo(job_id, user, account, source, share * len(claims), claims, share)
+        else:
+            info = JobInfo(job_id, user, account, source, gpus, claims)
+        if keep:
+            search.info = info
+        return info
 
     def _shard_share(
         self, job: JobCgroup, shards: int | None, claims: tuple[int, ...]
@@ -955,6 +968,7 @@ class SlurmJobCollector(Collector):
 
     def _search_environments(self, job: JobCgroup, search: _Search) -> None:
         """Read up to ``_MAX_PIDS_PER_JOB`` environments of the job not read before."""
+        search.info = None
         if search.tried is None or len(search.tried) > _MAX_TRIED:
             search.tried = set()
         read = 0
