@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import gzip
 import logging
+import os
+import selectors
 import socket
 import socketserver
 import sys
@@ -111,10 +113,38 @@ class _Server(socketserver.ThreadingTCPServer):
 
     def server_activate(self) -> None:
         super().server_activate()
-        # each open connection's accepted socket → [the socket it is served on now, since]
+        # each open connection's accepted socket → [the socket it is served on now, since,
+        # cut at the deadline]
         self.open: dict[Any, list[Any]] = {}
         self.open_lock = threading.Lock()
+        self.open_changed = threading.Condition(self.open_lock)
         self.refused = 0
+        self.wake_r, self.wake_w = os.pipe()
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Accept connections until :meth:`wake`. Between connections the thread sleeps in the
+        kernel: socketserver's own loop wakes every ``poll_interval`` to look for a shutdown
+        request, which in a node daemon cost more CPU than its scrapes."""
+        with selectors.PollSelector() as selector:
+            selector.register(self, selectors.EVENT_READ)
+            selector.register(self.wake_r, selectors.EVENT_READ)
+            while True:
+                ready = selector.select()
+                if any(key.fd == self.wake_r for key, _ in ready):
+                    return
+                if ready:
+                    self._handle_request_noblock()  # type: ignore[attr-defined]
+
+    def wake(self) -> None:
+        """End :meth:`serve_forever` (from any thread)."""
+        with contextlib.suppress(OSError):
+            os.write(self.wake_w, b"x")
+
+    def server_close(self) -> None:
+        super().server_close()
+        for fd in (self.wake_r, self.wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self.open_lock:
@@ -122,7 +152,8 @@ class _Server(socketserver.ThreadingTCPServer):
                 self.refused += 1
                 full = True
             else:
-                self.open[request] = [request, time.monotonic()]
+                self.open[request] = [request, time.monotonic(), False]
+                self.open_changed.notify()
                 full = False
         if full:
             self.shutdown_request(request)
@@ -136,14 +167,25 @@ class _Server(socketserver.ThreadingTCPServer):
             with self.open_lock:
                 self.open.pop(request, None)
 
-    def close_overdue(self) -> None:
-        """Cut connections older than the deadline (their threads then end)."""
-        oldest = time.monotonic() - self.connection_deadline_s
-        with self.open_lock:
-            overdue = [served for served, since in self.open.values() if since < oldest]
-        for served in overdue:
-            with contextlib.suppress(OSError):
-                served.shutdown(socket.SHUT_RDWR)
+    def cut_overdue(self, stopping: threading.Event) -> None:
+        """Until ``stopping`` is set (then notify :attr:`open_changed`), cut each connection
+        that reaches the deadline (its thread then ends). Sleeps while none is open."""
+        with self.open_changed:
+            while not stopping.is_set():
+                now = time.monotonic()
+                waiting = [since for _, since, cut in self.open.values() if not cut]
+                if not waiting:
+                    self.open_changed.wait()
+                    continue
+                due = min(waiting) + self.connection_deadline_s
+                if due > now:
+                    self.open_changed.wait(due - now)
+                    continue
+                for entry in self.open.values():
+                    if not entry[2] and entry[1] + self.connection_deadline_s <= now:
+                        entry[2] = True
+                        with contextlib.suppress(OSError):
+                            entry[0].shutdown(socket.SHUT_RDWR)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # one line in the log, never a traceback on stderr (a misbehaving client is not news)
@@ -421,15 +463,18 @@ class MetricsServer:
         self._watchdog.start()
 
     def _watch(self) -> None:
-        while not self._stopping.wait(1.0):
-            self._httpd.close_overdue()
+        self._httpd.cut_overdue(self._stopping)
 
     def stop(self) -> None:
         """Stop serving and close the socket (also of a server never started)."""
-        self._stopping.set()
+        with self._httpd.open_changed:
+            self._stopping.set()
+            self._httpd.open_changed.notify_all()
         if self._thread.is_alive():
-            self._httpd.shutdown()  # waits for serve_forever: only where it runs
+            self._httpd.wake()
             self._thread.join(timeout=5)
+        if self._watchdog.is_alive():
+            self._watchdog.join(timeout=5)
         self._httpd.server_close()
 
 

@@ -105,6 +105,29 @@ def test_a_server_never_started_stops_at_once() -> None:
         again.bind(("127.0.0.1", srv.port))
 
 
+def _switches(thread_id: int | None) -> int:
+    """Context switches of one of this process's threads: it ran, woken or preempted."""
+    with open(f"/proc/self/task/{thread_id}/status") as status:
+        return sum(int(line.split()[1]) for line in status if "ctxt_switches:" in line)
+
+
+def test_an_idle_server_sleeps_until_a_scrape_and_stops_at_once(server: MetricsServer) -> None:
+    """Between scrapes the serving and deadline threads sleep in the kernel: socketserver's
+    loop woke twice a second to look for a shutdown, and the deadline watchdog once, which
+    cost a node daemon more CPU than its scrapes. Neither waits for a tick to stop either."""
+    threads = [server._thread.native_id, server._watchdog.native_id]
+    assert _get(server.port, "/metrics").status == 200
+    time.sleep(0.3)  # the connection's deadline is far off: nothing to do until it
+    before = [_switches(t) for t in threads]
+    time.sleep(1.6)
+    assert [_switches(t) for t in threads] == before
+    assert _get(server.port, "/metrics").status == 200  # and it still serves
+    began = time.monotonic()
+    server.stop()
+    assert time.monotonic() - began < 0.2
+    assert not server._thread.is_alive() and not server._watchdog.is_alive()
+
+
 def test_slow_clients_are_bounded_and_cut(server: MetricsServer) -> None:
     """Slowloris: at systemd's 1024 descriptors, 906 held threads took the descriptors the
     collectors needed. Connections past the limit are closed at once, and none lives past
