@@ -137,14 +137,19 @@ class _Server(socketserver.ThreadingTCPServer):
 
     def wake(self) -> None:
         """End :meth:`serve_forever` (from any thread)."""
-        with contextlib.suppress(OSError):
-            os.write(self.wake_w, b"x")
+        fd = self.__dict__.get("wake_w")
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(fd, b"x")
 
     def server_close(self) -> None:
         super().server_close()
-        for fd in (self.wake_r, self.wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        # Also called where binding failed, before server_activate made the pipe.
+        for name in ("wake_r", "wake_w"):
+            fd = self.__dict__.pop(name, None)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self.open_lock:
