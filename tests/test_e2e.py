@@ -115,6 +115,19 @@ def test_json_logs_carry_the_banner_and_every_log_line(data: Path) -> None:
     assert logged and all({"time", "level", "logger", "message"} <= set(r) for r in logged)
 
 
+def test_sigterm_ends_a_long_interval_at_once(data: Path) -> None:
+    """SIGTERM reaches a daemon asleep between rounds: it stops cleanly without waiting out
+    its 10-minute interval (systemd would kill it after 90 s, losing the open journal)."""
+    daemon = DaemonProcess(
+        data, data.parent / "logs", node="e2e", interval=600, flags=("--max-gap", "1800")
+    )
+    daemon.wait_banner()
+    code, took = daemon.terminate(timeout=60)
+    assert code == 0, daemon.stderr()
+    assert took < 15, f"{took:.1f} s"
+    assert not list(data.rglob("*.arrows")), "the first round's journal compacted at the stop"
+
+
 def test_kill_9_loses_nothing_but_the_interval_in_flight(data: Path) -> None:
     first = DaemonProcess(data, data.parent / "logs", node="e2e")
     try:

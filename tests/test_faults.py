@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -167,6 +168,29 @@ def test_a_data_dir_deleted_while_running_is_noticed_counted_and_recreated(
     daemon.store.close()  # no traceback at the end either
     times = _stored(daemon.config.data_dir)
     assert len(times) == 2, "the rounds after the deletion are stored in the new data dir"
+
+
+def test_stop_ends_a_long_wait_between_rounds_at_once(daemon: Daemon) -> None:
+    """The loop sleeps between rounds until the next one is due; a stop (SIGTERM's handler, or
+    another thread) must end that sleep, not wait out a 10-minute interval."""
+    import threading
+
+    daemon.config.listen = "127.0.0.1:0"
+    daemon.config.interval_seconds = 600.0
+    runner = threading.Thread(target=daemon.run, daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 10
+    while daemon._wake_w is None and time.monotonic() < deadline:  # in the loop's sleep
+        time.sleep(0.01)
+    assert daemon._wake_w is not None, "the loop never started"
+    rounds = daemon._rounds
+    began = time.monotonic()
+    daemon.stop()
+    runner.join(timeout=10)
+    assert not runner.is_alive(), "stop() did not end the wait"
+    assert time.monotonic() - began < 5
+    assert daemon._rounds == rounds, "no round after the stop"
+    assert daemon._wake_w is None
 
 
 def test_a_first_round_that_raises_ends_the_daemon_instead_of_hanging(
