@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from telemetry.collectors import REGISTRY, CollectorContext, Runner, slurm
+from telemetry.collectors import REGISTRY, CollectorContext, Runner, files, slurm
 from telemetry.collectors.attribution import job_id_from_cgroup
 from telemetry.collectors.base import assemble, check_rows
 from telemetry.collectors.slurm import (
@@ -373,14 +373,14 @@ def test_job_vanishing_between_listing_and_reading(
 ) -> None:
     root = copy_tree(V2, tmp_path)
     job = root / V2_SCOPE / "job_1002"
-    real = slurm.read_text
+    real = files.read_text
 
     def read_text(path: Path) -> str:
         if path == job / "cpu.stat":
             shutil.rmtree(job)  # the job ends after listing, mid-way through reading it
         return real(path)
 
-    monkeypatch.setattr(slurm, "read_text", read_text)
+    monkeypatch.setattr(files, "read_text", read_text)
     rows, claims = collect(root, resolve_user=names)
     assert rows == {job: r for job, r in V2_EXPECTED.items() if job != "1002"}
     assert claims == [(3, "2001")]
@@ -407,7 +407,7 @@ def test_job_vanishing_while_its_processes_are_searched(
 def test_v1_job_vanishing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = copy_tree(V1, tmp_path)
     rel = Path("sys/fs/cgroup/{}/slurm/uid_1001/job_502")
-    real = slurm.read_text
+    real = files.read_text
 
     def read_text(path: Path) -> str:
         if path.name == "cpuacct.usage" and path.parent.name == "job_502":
@@ -415,21 +415,21 @@ def test_v1_job_vanishing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
                 shutil.rmtree(root / str(rel).format(controller))
         return real(path)
 
-    monkeypatch.setattr(slurm, "read_text", read_text)
+    monkeypatch.setattr(files, "read_text", read_text)
     rows, claims = collect(root, resolve_user=names)
     assert set(rows) == set(V1_EXPECTED) - {"502"}
     assert claims == [(2, "601")]
 
 
 def test_process_lookup_error_skips_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = slurm.read_text
+    real = files.read_text
 
     def read_text(path: Path) -> str:
         if path.name == "memory.current" and path.parent.name == "job_2001":
             raise ProcessLookupError(3, "No such process")
         return real(path)
 
-    monkeypatch.setattr(slurm, "read_text", read_text)
+    monkeypatch.setattr(files, "read_text", read_text)
     rows, claims = collect(V2, resolve_user=names)
     assert set(rows) == set(V2_EXPECTED) - {"2001"}
     assert claims == [(0, "1002"), (1, "1002")]

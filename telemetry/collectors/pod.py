@@ -56,12 +56,8 @@ from pathlib import Path
 from typing import Any
 
 from telemetry.collectors.base import Collector, CollectorContext, Row, register
-from telemetry.collectors.slurm import (
-    MAX_VALUE_CHARS,
-    parse_counter,
-    read_cgroup_usage,
-    read_text,
-)
+from telemetry.collectors.files import read_text
+from telemetry.collectors.slurm import MAX_VALUE_CHARS, parse_counter, read_cgroup_usage
 from telemetry.errors import CollectorUnavailable, ParseError
 from telemetry.logs import OnceLogger
 

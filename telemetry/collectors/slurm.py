@@ -48,21 +48,18 @@ round, not an error. A cgroup file that is there but malformed fails that job fo
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import os
 import pwd
 import re
-import resource
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from telemetry.collectors.base import Collector, CollectorContext, Row, register
+from telemetry.collectors.files import KeptFiles, kept_files_limit, read_text
 from telemetry.errors import ParseError
 from telemetry.logs import OnceLogger, log
 
@@ -375,106 +372,6 @@ def passwd_file_resolver(path: Path) -> Callable[[int], str]:
 
 
 # ---------------------------------------------------------------- file access (patchable)
-
-
-def read_text(path: Path) -> str:
-    """Read a cgroup file (module-level so tests can make a job vanish mid-read).
-
-    Plain ``os.read`` calls: a few hundred small files a round cost less without a text stream
-    per file. Newlines are translated as a text-mode read would.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        data = os.read(fd, 65536)
-        if len(data) == 65536:
-            chunks = [data]
-            while chunk := os.read(fd, 65536):
-                chunks.append(chunk)
-            data = b"".join(chunks)
-    finally:
-        os.close(fd)
-    return _decode(data)
-
-
-def _decode(data: bytes) -> str:
-    text = data.decode("utf-8", errors="replace")
-    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
-
-
-class KeptFiles:
-    """Small cgroup files kept open between rounds and read again with one ``pread``.
-
-    Opening a cgroup file costs the kernel far more than reading it (an open file, a seq_file
-    buffer), and a node reads three per job every round. A file is read through
-    :func:`read_text` the first time (the patchable seam), then kept open under its owner (a
-    job's key) while that owner is listed in each round (:meth:`keep_only`). A kept file that
-    cannot be read, or whose name was unlinked (a removed or recreated cgroup: ENODEV on
-    cgroupfs, a link count of 0 on an ordinary file system), is closed and read afresh through
-    :func:`read_text`, so a job that ends or is requeued reads exactly as without this cache.
-    At most ``limit`` files are kept; past that, files are opened each round as before.
-    """
-
-    def __init__(self, limit: int = 512) -> None:
-        self._limit = limit
-        self._fds: dict[object, dict[str, int]] = {}
-        self._count = 0
-        # Closes the descriptors of a collector dropped without close() (tests make many).
-        self._finalizer = weakref.finalize(self, _close_all, self._fds)
-
-    def __len__(self) -> int:
-        return self._count
-
-    def read(self, owner: object, path: Path) -> str:
-        """The text of ``path``. Raises ``OSError`` (gone, not readable) as :func:`read_text`."""
-        files = self._fds.get(owner)
-        key = str(path)
-        fd = files.get(key) if files is not None else None
-        if fd is not None:
-            assert files is not None
-            try:
-                if os.fstat(fd).st_nlink:
-                    data = os.pread(fd, 65536, 0)
-                    if len(data) < 65536:
-                        return _decode(data)
-            except OSError:
-                pass  # removed, or the cgroup went away: read afresh below
-            del files[key]
-            self._count -= 1
-            os.close(fd)
-        text = read_text(path)
-        if self._count < self._limit:
-            try:
-                fd = os.open(key, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                return text
-            self._fds.setdefault(owner, {})[key] = fd
-            self._count += 1
-        return text
-
-    def keep_only(self, owners: set[Any]) -> None:
-        """Close the files of every owner not in ``owners`` (jobs that ended)."""
-        for owner in self._fds.keys() - owners:
-            files = self._fds.pop(owner)
-            self._count -= len(files)
-            for fd in files.values():
-                os.close(fd)
-
-    def close(self) -> None:
-        self.keep_only(set())
-
-
-def kept_files_limit() -> int:
-    """Files a collector may keep open: 512, or a quarter of the soft ``RLIMIT_NOFILE``."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return 512 if soft == resource.RLIM_INFINITY else max(0, min(512, soft // 4))
-
-
-def _close_all(fds: dict[object, dict[str, int]]) -> None:
-    for files in fds.values():
-        for fd in files.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-    fds.clear()
 
 
 def read_cgroup_usage(
