@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from telemetry.collectors import REGISTRY, CollectorContext, Round, Runner
+from telemetry.collectors import REGISTRY, CollectorContext, Round, Runner, rapl
 from telemetry.collectors.cpu import CpuCollector
 from telemetry.collectors.rapl import RaplCollector, package_zones
 from telemetry.schema import CPU_MODES, CPU_SCHEMA
@@ -181,6 +181,46 @@ def test_rapl_zones_are_numbered_in_hex(tmp_path: Path) -> None:
     assert collector.collect()["cpu"][0]["energy_joules"] == pytest.approx(136.0)  # 1 + … + 16
 
 
+def test_rapl_zones_are_listed_once_a_minute_and_again_when_one_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listing the zones cost more than reading them, every second: the list is kept for
+    ZONES_KEPT_S; a zone whose counter vanishes (driver unloaded) fails that round and the
+    zones are listed afresh the next, and a zone that appears is read within the minute."""
+    root = copy_tree("normal_host", tmp_path)
+    listings: list[int] = []
+    real = rapl.package_zones
+
+    def package_zones(sysfs: Path) -> list[Path]:
+        zones = real(sysfs)
+        listings.append(len(zones))
+        return zones
+
+    monkeypatch.setattr(rapl, "package_zones", package_zones)
+    now = [1000.0]
+    collector = RaplCollector(CollectorContext(procfs=root / "proc", sysfs=root / "sys", node="n"))
+    collector._clock = lambda: now[0]
+    for _ in range(5):
+        now[0] += 1.0
+        collector.collect()
+    assert listings == [2]  # packages 0 and 1 (intel-rapl:2 is psys)
+    gone = root / POWERCAP / "intel-rapl:1"
+    shutil.move(gone, tmp_path / "unloaded")
+    with pytest.raises(FileNotFoundError):
+        collector.collect()
+    now[0] += 1.0
+    assert collector.collect() == {"cpu": [{"energy_joules": 0.0}]}  # the one left
+    assert listings == [2, 1]
+    shutil.move(tmp_path / "unloaded", gone)
+    now[0] += rapl.ZONES_KEPT_S - 1.0
+    collector.collect()
+    assert listings == [2, 1]
+    set_uj(root, "intel-rapl:0", uj(root, "intel-rapl:0") + 1_000_000)
+    now[0] += 1.0
+    assert collector.collect()["cpu"][0]["energy_joules"] == pytest.approx(1.0)
+    assert listings == [2, 1, 2]
+
+
 def test_rapl_zone_names_that_are_not_zones(tmp_path: Path) -> None:
     root = copy_tree("rapl_16_sockets", tmp_path)
     for name in (
@@ -285,15 +325,15 @@ def test_rapl_permission_denied_logs_once(
     root = copy_tree("normal_host", tmp_path)
     denied = root / POWERCAP / "intel-rapl:1" / "energy_uj"
     deny = {"on": False}
-    real_read_text = Path.read_text
+    real_read_text = rapl.read_text
 
-    def read_text(self: Path, *args: object, **kwargs: object) -> str:
+    def read_text(path: Path) -> str:
         # Tests run as root, where chmod 000 denies nothing: fake the EACCES of Linux >= 5.10.
-        if deny["on"] and self == denied:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_read_text(self, *args, **kwargs)  # type: ignore[arg-type]
+        if deny["on"] and path == denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read_text(path)
 
-    monkeypatch.setattr(Path, "read_text", read_text)
+    monkeypatch.setattr(rapl, "read_text", read_text)
     runner = make_runner(root)
     assert cpu_row(runner.run())["energy_joules"] == 0.0
     start0, start1 = uj(root, "intel-rapl:0"), uj(root, "intel-rapl:1")

@@ -8,11 +8,17 @@ turn into a huge increase.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from telemetry.collectors.base import Collector, CollectorContext, Row, register
+from telemetry.collectors.files import read_text
 from telemetry.errors import ParseError
 from telemetry.tables import CPU_MODES
+
+
+_CPU_HEADS = re.compile(r"^cpu([^ \n]*)", re.MULTILINE)
+_AGGREGATE = re.compile(r"^cpu ([^\n]*)", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -31,30 +37,25 @@ def parse_proc_stat(text: str, user_hz: int, source: str = "/proc/stat") -> Proc
     """
     if user_hz <= 0:
         raise ValueError(f"user_hz must be positive, got {user_hz}")
-    aggregate: list[int] | None = None
-    online = 0
-    for line in text.splitlines():
-        if not line.startswith("cpu"):
-            continue
-        head, _, rest = line.partition(" ")
-        if head == "cpu":
-            fields = rest.split()
-            if len(fields) < 4:
-                raise ParseError(
-                    f"{source}: aggregate cpu line has {len(fields)} fields, need >= 4"
-                )
-            try:
-                aggregate = [int(v) for v in fields[: len(CPU_MODES)]]
-            except ValueError:
-                raise ParseError(
-                    f"{source}: aggregate cpu line is not numeric: {line[:80]!r}"
-                ) from None
-            if any(v < 0 for v in aggregate):
-                raise ParseError(f"{source}: negative CPU time in {line[:80]!r}")
-        elif head[3:].isdigit():
-            online += 1
-    if aggregate is None:
+    # A line's head is what precedes its first space: "cpu" (the aggregate; the last one
+    # counts), "cpuN" (one online CPU). The regular expressions find them without a Python
+    # step per line: a large host lists hundreds of CPUs and thousands of interrupts.
+    heads = _CPU_HEADS.findall(text)
+    online = sum(1 for head in heads if head.isdigit())
+    lines = _AGGREGATE.findall(text)
+    if not lines:
         raise ParseError(f"{source}: no aggregate 'cpu' line")
+    rest = lines[-1]
+    line = "cpu " + rest
+    fields = rest.split()
+    if len(fields) < 4:
+        raise ParseError(f"{source}: aggregate cpu line has {len(fields)} fields, need >= 4")
+    try:
+        aggregate = [int(v) for v in fields[: len(CPU_MODES)]]
+    except ValueError:
+        raise ParseError(f"{source}: aggregate cpu line is not numeric: {line[:80]!r}") from None
+    if any(v < 0 for v in aggregate):
+        raise ParseError(f"{source}: negative CPU time in {line[:80]!r}")
     if online == 0:
         raise ParseError(f"{source}: no per-CPU 'cpuN' lines")
     aggregate += [0] * (len(CPU_MODES) - len(aggregate))
@@ -147,10 +148,8 @@ class CpuCollector(Collector):
     def collect(self) -> dict[str, list[Row]]:
         stat_path = self.ctx.procfs / "stat"
         mem_path = self.ctx.procfs / "meminfo"
-        stat = parse_proc_stat(
-            stat_path.read_text(errors="replace"), self.ctx.user_hz, str(stat_path)
-        )
-        mem = parse_meminfo(mem_path.read_text(errors="replace"), str(mem_path))
+        stat = parse_proc_stat(read_text(stat_path), self.ctx.user_hz, str(stat_path))
+        mem = parse_meminfo(read_text(mem_path), str(mem_path))
         seconds = self._counters.update(stat.seconds)
         row: Row = {f"{mode}_seconds": seconds[mode] for mode in CPU_MODES}
         row.update(

@@ -6,7 +6,8 @@ kernel names zones ``<parent>:%x``: N is hexadecimal, so the eleventh package of
 ``intel-rapl:a``. AMD processors use the same ``intel-rapl`` control type (the kernel's
 ``intel_rapl_msr`` driver serves both); ``intel-rapl-mmio`` repeats package 0 and is not read.
 The hardware counter wraps at ``max_energy_range_uj`` — every few minutes on a busy server — so
-the collector keeps its own accumulator, which starts at 0 when the daemon starts. Since Linux
+the collector keeps its own accumulator, which starts at 0 when the daemon starts. The zones
+are listed once a minute (``ZONES_KEPT_S``) and after any failed read, not every round. Since Linux
 5.10 ``energy_uj`` is readable by root only: then the energy is null and one line is logged, not
 an error every round.
 """
@@ -14,14 +15,17 @@ an error every round.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from telemetry.collectors.base import Collector, CollectorContext, Row, register
+from telemetry.collectors.files import read_text
 from telemetry.errors import CollectorUnavailable, ParseError
 from telemetry.logs import OnceLogger, log
 
 _ZONE = re.compile(r"intel-rapl:([0-9a-f]+)")
+ZONES_KEPT_S = 60.0  # how long a listing of the zones is used before the next
 
 
 def parse_microjoules(text: str, source: str) -> int:
@@ -59,7 +63,7 @@ def package_zones(sysfs: Path) -> list[Path]:
     zones = []
     for _, entry in sorted(numbered):
         try:
-            name = (entry / "name").read_text().strip()
+            name = read_text(entry / "name").strip()
         except OSError:
             continue
         if name.startswith("package"):
@@ -83,9 +87,17 @@ class RaplCollector(Collector):
         self._state: dict[str, _ZoneState] = {}
         self._joules = 0.0
         self._once = OnceLogger(log)
+        # Listing the zones cost more than reading them; they change only when a driver is
+        # loaded or unloaded, so the list is kept a while, and dropped on any failed read.
+        self._zones: list[Path] = []
+        self._listed_at = -ZONES_KEPT_S
+        self._clock = time.monotonic  # seconds; tests may replace it
 
     def collect(self) -> dict[str, list[Row]]:
-        zones = package_zones(self.ctx.sysfs)
+        now = self._clock()
+        if not self._zones or now - self._listed_at >= ZONES_KEPT_S:
+            self._zones, self._listed_at = package_zones(self.ctx.sysfs), now
+        zones = self._zones
         if not zones:
             # Failing (success 0, one log line from the runner) says what a 1 would hide: this
             # host reports no CPU energy at all; the cpu rows go on with energy_joules null.
@@ -99,7 +111,7 @@ class RaplCollector(Collector):
         for zone in zones:
             counter = zone / "energy_uj"
             try:
-                text = counter.read_text()
+                text = read_text(counter)
             except PermissionError:
                 self._once.warning(
                     f"perm:{zone.name}",
@@ -107,6 +119,9 @@ class RaplCollector(Collector):
                     "energy_joules is null",
                 )
                 return {"cpu": [{"energy_joules": None}]}
+            except OSError:
+                self._zones = []  # a zone went away (driver unloaded): list them again
+                raise
             readings.append((zone, parse_microjoules(text, str(counter))))
             self._once.clear(f"perm:{zone.name}")
         increase_uj = 0
@@ -124,6 +139,6 @@ class RaplCollector(Collector):
     def _max_range(zone: Path) -> int:
         path = zone / "max_energy_range_uj"
         try:
-            return parse_microjoules(path.read_text(), str(path))
+            return parse_microjoules(read_text(path), str(path))
         except (OSError, ParseError):
             return 0
