@@ -16,7 +16,6 @@ from telemetry.collectors.files import read_text
 from telemetry.errors import ParseError
 from telemetry.tables import CPU_MODES
 
-
 _CPU_HEADS = re.compile(r"^cpu([^ \n]*)", re.MULTILINE)
 _AGGREGATE = re.compile(r"^cpu ([^\n]*)", re.MULTILINE)
 
