@@ -83,6 +83,21 @@ def column_array(kind: str, values: Sequence[Any]) -> tuple[np.ndarray, np.ndarr
         return np.array(filled, dtype=DTYPES[kind]), valid
 
 
+def _checked_array(kind: str, values: list[Any]) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`column_array` of values it has accepted before: nulls found, nothing checked."""
+    valid: np.ndarray | None = None
+    if None in values:
+        valid = np.array([v is not None for v in values], dtype=bool)
+        if kind != "string":
+            values = [0 if v is None else v for v in values]
+    if kind == "string":
+        array = np.empty(len(values), dtype=object)
+        array[:] = values
+        return array, valid
+    with np.errstate(over="ignore"):  # a float beyond float32 becomes inf, as in Arrow
+        return np.array(values, dtype=DTYPES[kind]), valid
+
+
 class Frame:
     """Rows of sample table ``table``; every declared column, in declared order."""
 
@@ -104,15 +119,20 @@ class Frame:
         return cls(table, {c.name: np.zeros(0, DTYPES[c.kind]) for c in TABLES[table]})
 
     @classmethod
-    def from_rows(cls, table: str, rows: Sequence[dict[str, Any]]) -> Frame:
+    def from_rows(cls, table: str, rows: Sequence[dict[str, Any]], checked: bool = False) -> Frame:
         """One frame from row dicts (a missing column is null). Raises ``ValueError`` naming the
-        column for a value its type cannot hold, or a null in a required column."""
+        column for a value its type cannot hold, or a null in a required column.
+
+        ``checked``: every value already passed :func:`column_array` for its column (the
+        Runner checks each collector's rows inside its error boundary), so only nulls are
+        looked for; a value of the wrong type is then converted as NumPy converts it."""
         columns: dict[str, np.ndarray] = {}
         valid: dict[str, np.ndarray] = {}
+        convert = _checked_array if checked else column_array
         for column in TABLES[table]:
             values = [row.get(column.name) for row in rows]
             try:
-                array, mask = column_array(column.kind, values)
+                array, mask = convert(column.kind, values)
             except (TypeError, ValueError, OverflowError) as exc:
                 raise ValueError(f"{table}.{column.name}: {exc}") from None
             if mask is not None:

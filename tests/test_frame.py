@@ -88,6 +88,21 @@ def test_rows_become_what_pyarrow_makes_of_them(data: st.DataObject) -> None:
 
 @settings(max_examples=150, deadline=None)
 @given(st.data())
+def test_rows_checked_before_become_the_same_frame_unchecked(data: st.DataObject) -> None:
+    """The Runner's Frames skip the type checks its collectors' rows passed already: the
+    arrays, their dtypes and the null masks are those of the checking path."""
+    table = data.draw(TABLE_NAMES)
+    drawn = data.draw(rows(table))
+    checked = Frame.from_rows(table, drawn, checked=True)
+    frame = Frame.from_rows(table, drawn)
+    assert checked.equals(frame)
+    for name, array in frame.columns.items():
+        assert checked.columns[name].dtype == array.dtype, name
+    assert checked.valid.keys() == frame.valid.keys()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
 def test_screening_keeps_what_the_arrow_screen_keeps(data: st.DataObject) -> None:
     table = data.draw(TABLE_NAMES)
     drawn = data.draw(rows(table))

@@ -131,7 +131,9 @@ class Runner:
         node = self.collectors[0].ctx.node if self.collectors else ""
         if self.collectors:
             attribute_gpus(partial, self.collectors[0].ctx.procfs)
-        tables, dropped = assemble(partial, now, node)
+            # the one table attribution makes rather than fills in from checked rows
+            check_rows({"gpu_job": partial.get("gpu_job", [])})
+        tables, dropped = assemble(partial, now, node, checked=True)
         return Round(time_ns=now, tables=tables, status=status, rows_dropped=dropped)
 
     def close(self) -> None:
@@ -167,12 +169,13 @@ def _one_line(exc: BaseException) -> str:
 
 
 def assemble(
-    partial: dict[str, list[Row]], time_ns: int, node: str
+    partial: dict[str, list[Row]], time_ns: int, node: str, checked: bool = False
 ) -> tuple[dict[str, Frame], int]:
     """Merge partial rows of one round by series key into one Frame per sample table.
 
     Rows lacking a non-nullable column after merging (e.g. only RAPL energy because the ``cpu``
-    collector failed) are dropped; their count is returned.
+    collector failed) are dropped; their count is returned. ``checked``: every value passed
+    :func:`check_rows` already, so the Frames only look for nulls (``Frame.from_rows``).
     """
     tables: dict[str, Frame] = {}
     dropped = 0
@@ -192,5 +195,5 @@ def assemble(
             else:
                 dropped += 1
         if complete:
-            tables[table] = Frame.from_rows(table, complete)
+            tables[table] = Frame.from_rows(table, complete, checked=checked)
     return tables, dropped
