@@ -11,6 +11,7 @@ import io
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -351,6 +352,52 @@ def test_a_kept_file_unlinked_in_a_live_job_reads_as_missing(
     for _ in range(2):
         assert set(by_job(collector.collect())) == set(V2_EXPECTED) - {"1003"}
     assert len(warnings) == 1 and "memory.current" in warnings[0]
+
+
+def test_kept_files_of_a_settled_job_cost_one_stat_a_round_and_still_see_a_replacement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a job's directory has not changed for a while, one stat of it a round stands for
+    asking each kept file whether it was unlinked (an fstat each). A file replaced, or a
+    replacement dressed in the directory's old mtime, is still read in the next round."""
+    monkeypatch.setattr(files, "SETTLED_NS", 200_000_000)
+    root = copy_tree(V2, tmp_path)
+    job = root / V2_SCOPE / "job_1001"
+    calls = {"fstat": 0, "stat": 0}
+    real_fstat, real_stat = os.fstat, os.stat
+
+    def fstat(fd: int) -> os.stat_result:
+        calls["fstat"] += 1
+        return real_fstat(fd)
+
+    def stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        calls["stat"] += str(path) == str(job)
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fstat", fstat)
+    monkeypatch.setattr(os, "stat", stat)
+    collector = SlurmJobCollector(ctx(root), resolve_user=names)
+    for _ in range(3):  # the last look at the tree comes well after it was written
+        assert by_job(collector.collect()) == V2_EXPECTED
+        time.sleep(0.25)
+    calls.update(fstat=0, stat=0)
+    for _ in range(2):
+        assert by_job(collector.collect()) == V2_EXPECTED
+    assert calls == {"fstat": 0, "stat": 2}, "settled: no file asked, the directory once a round"
+    replacement = job / "cpu.new"
+    replacement.write_text("usage_usec 9000000000\nuser_usec 1\n")
+    os.replace(replacement, job / "cpu.stat")
+    assert by_job(collector.collect())["1001"]["cpu_seconds"] == 9000.0
+    time.sleep(0.25)
+    collector.collect()
+    time.sleep(0.25)
+    collector.collect()  # settled again
+    stamp = real_stat(job)
+    replacement.write_text("usage_usec 9100000000\nuser_usec 1\n")
+    os.replace(replacement, job / "cpu.stat")
+    os.utime(job, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # the old mtime; ctime moves on
+    assert by_job(collector.collect())["1001"]["cpu_seconds"] == 9100.0
+    collector.close()
 
 
 def test_no_files_kept_past_the_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

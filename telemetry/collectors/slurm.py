@@ -696,6 +696,7 @@ class SlurmJobCollector(Collector):
         aliases: list[Row] = []
         seen: set[tuple[str, str]] = set()
         info_dir_ok = self._job_info_dir_trusted()
+        self._files.begin_round()
         for job in list_jobs(self.ctx.sysfs / "fs" / "cgroup"):
             seen.add(job.key)
             try:
