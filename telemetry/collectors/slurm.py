@@ -724,6 +724,8 @@ class SlurmJobCollector(Collector):
         claims: list[Row] = []
         for job_id, pieces in parts.items():
             rows.append(_combine(job_id, pieces))
+            if not any(info.gpu_indices for _, info in pieces):
+                continue  # most jobs of a node hold no GPU
             indices = sorted({i for _, info in pieces for i in info.gpu_indices})
             share = next((info.gpu_share for _, info in pieces if info.gpu_share), None)
             claims.extend(
@@ -783,7 +785,9 @@ class SlurmJobCollector(Collector):
         the environments said is kept for the job's life, and searched further while incomplete.
         """
         trusted = self._read_job_info(job) if info_dir_ok else None
-        search = self._search.setdefault(job.key, _Search())
+        search = self._search.get(job.key)
+        if search is None:
+            search = self._search[job.key] = _Search()
         need_uid = job.uid is None
         if (
             not search.complete(need_uid)
