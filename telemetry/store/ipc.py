@@ -316,20 +316,26 @@ def _column_buffers(
 ) -> tuple[int, list[bytes]]:
     """Null count, then validity bitmap (empty without nulls) and value buffers of one column.
     Raises ``ValueError`` for a null in a required column."""
+    rows = len(values)
+    nulls = 0 if valid is None else rows - int(np.count_nonzero(valid))
     if plan.string:
-        found, data = _string_buffers(plan.column, values)
-        if valid is None:
-            valid = found
+        if nulls and nulls == rows:
+            # all null (a column no row has, as mig_profile mostly): nothing to encode
+            data = [bytes(4 * rows + 4), b""]
+        else:
+            found, data = _string_buffers(plan.column, values)
+            if valid is None and found is not None:
+                valid = found
+                nulls = rows - int(np.count_nonzero(valid))
     else:
         dtype = plan.dtype
         data = [(values if values.dtype == dtype else values.astype(dtype)).tobytes()]
-    if valid is None:
-        return 0, [b"", *data]
-    nulls = len(values) - int(np.count_nonzero(valid))
-    if nulls == 0:
+    if not nulls or valid is None:
         return 0, [b"", *data]
     if not plan.column.nullable:
         raise ValueError(f"column {plan.column.name!r} is required but holds nulls")
+    if nulls == rows:
+        return nulls, [bytes((rows + 7) // 8), *data]
     return nulls, [np.packbits(valid, bitorder="little").tobytes(), *data]
 
 
