@@ -268,3 +268,28 @@ def test_an_all_null_string_column_reads_back_null_whatever_its_slots_hold() -> 
         batch.validate(full=True)  # buffers of the sizes the format says
     assert batches[0].column("account_source").to_pylist() == [None] * 6
     assert batches[1].num_rows == 3
+
+
+class _Trickle(io.BytesIO):
+    """An unbuffered file on a filling disk: takes at most ``most`` bytes a write."""
+
+    def __init__(self, most: int) -> None:
+        super().__init__()
+        self.most = most
+
+    def write(self, data: Any) -> int:
+        return super().write(bytes(data[: self.most]))
+
+
+def test_a_sink_that_takes_part_of_a_message_gets_the_rest() -> None:
+    frames = _frames("job", 4)[:6]
+    sink = _Trickle(most=13)
+    writer = ipc.StreamWriter(sink, "job")
+    for frame in frames:
+        writer.write_table(frame)
+    writer.close()
+    assert_same(pa.ipc.open_stream(sink.getvalue()).read_all(), _expected("job", frames))
+    stuck = ipc.StreamWriter(_Trickle(most=2**20), "job")
+    stuck.sink.most = 0  # type: ignore[attr-defined]
+    with pytest.raises(OSError, match="made no progress"):
+        stuck.write_table(frames[1])

@@ -394,7 +394,8 @@ class StreamWriter:
     """Writes one sample table's IPC stream to ``sink``: the schema now, a batch per
     :meth:`write_table`, the end-of-stream marker on :meth:`close` (``sink`` stays open).
 
-    Each message goes to ``sink`` in one ``write``; ``OSError`` from ``sink`` passes through.
+    Each message goes to ``sink`` in one ``write`` (more only when an unbuffered ``sink`` takes
+    part of it); ``OSError`` from ``sink`` passes through.
     """
 
     def __init__(self, sink: BinaryIO, table: str) -> None:
@@ -402,13 +403,22 @@ class StreamWriter:
             raise ValueError(f"unknown table {table!r}")
         self.sink = sink
         self.table = table
-        sink.write(schema_message(table))
+        self._write(schema_message(table))
 
     def write_table(self, frame: Frame) -> None:
         """Append ``frame`` (rows of this writer's table) as one record batch."""
         if frame.table != self.table:
             raise ValueError(f"rows of table {frame.table!r} in the {self.table!r} journal")
-        self.sink.write(record_batch_message(frame))
+        self._write(record_batch_message(frame))
 
     def close(self) -> None:
-        self.sink.write(END_OF_STREAM)
+        self._write(END_OF_STREAM)
+
+    def _write(self, message: bytes) -> None:
+        # An unbuffered file may take part of a message (a disk filling up): write the rest.
+        written = self.sink.write(message)
+        while written < len(message):
+            more = self.sink.write(message[written:])
+            if not more:
+                raise OSError(f"{self.table} journal: a write made no progress")
+            written += more
