@@ -18,7 +18,10 @@ What is written (Arrow columnar format, "Serialization and Interprocess Communic
 * the end of the stream is ``0xFFFFFFFF`` followed by a zero length.
 
 The flatbuffers are built by :class:`_Builder` (front to back: every offset points forward, each
-scalar aligned to its size, as the flatbuffers verifier of every Arrow reader checks).
+scalar aligned to its size, as the flatbuffers verifier of every Arrow reader checks). A record
+batch's metadata differs from the previous batch's of its table only in numbers (rows, null
+counts, buffer offsets and lengths, body length), so it is built once per table
+(:func:`_layout`) and each batch packs its numbers into a copy: the journal runs every round.
 """
 
 from __future__ import annotations
