@@ -215,3 +215,81 @@ def test_a_null_in_a_required_column_is_refused_before_anything_is_written() -> 
     assert sink.tell() == size
     with pytest.raises(ValueError, match="'gpu'"):
         writer.write_table(Frame.empty("gpu"))
+
+
+def test_batches_sharing_one_metadata_template_each_read_back_as_written(tmp_path: Path) -> None:
+    """Every batch of a table starts from the same cached metadata, in which only the numbers
+    change: batches after one another with other null patterns, string lengths (ASCII, then not),
+    all-null columns and zero rows must each keep their own."""
+    rows = [
+        {"node": "n1", "gpu_uuid": "GPU-a", "gpu_index": 0, "gpu_model": "H100",
+         "memory_used_bytes": 1, "memory_total_bytes": 2, "job_id": "17"},
+        {"node": "n1", "gpu_uuid": "GPU-b", "gpu_index": 1, "gpu_model": "H100",
+         "memory_used_bytes": 3, "memory_total_bytes": 4, "power_watts": 250.5,
+         "mig_profile": "1g.10gb", "job_id": None},
+    ]  # fmt: skip
+    longer = [dict(r, gpu_model="NVIDIA H100 80GB HBM3 ünïcode", job_id="日本語") for r in rows * 3]
+    batches = [
+        rows,  # power_watts, mig_profile: one null each; job_id: one null
+        rows[:1],  # the same columns all null
+        longer,  # longer, non-ASCII strings, other nulls
+        [],
+        [dict(r, power_watts=1.0, mig_profile="2g.20gb", job_id="9") for r in rows],  # no nulls
+        rows[1:],
+    ]
+    frames = []
+    for at, batch in enumerate(batches):
+        frame = Frame.from_rows("gpu", [dict(r, time=at) for r in batch])
+        frames.append(frame)
+    path = tmp_path / "part.arrows"
+    _journal(path, "gpu", frames)
+    with pa.ipc.open_stream(path.read_bytes()) as reader:
+        read = list(reader)
+    assert [b.num_rows for b in read] == [len(b) for b in batches]
+    for got, frame in zip(read, frames, strict=True):
+        got.validate(full=True)
+        assert_same(pa.Table.from_batches([got], schema=SCHEMAS["gpu"]), frame.to_arrow())
+    assert read[1].column("mig_profile").null_count == 1
+    assert read[2].column("job_id").to_pylist() == ["日本語"] * 6
+    assert read[5].column("power_watts").to_pylist() == [250.5]
+
+
+def test_an_all_null_string_column_reads_back_null_whatever_its_slots_hold() -> None:
+    frame = random_frame(np.random.default_rng(5), "job", 6)
+    frame.columns["account_source"] = np.array(["job-info"] * 6, dtype=object)
+    frame.valid["account_source"] = np.zeros(6, dtype=bool)
+    sink = io.BytesIO()
+    writer = ipc.StreamWriter(sink, "job")
+    writer.write_table(frame)
+    writer.write_table(random_frame(np.random.default_rng(6), "job", 3))
+    writer.close()
+    batches = list(pa.ipc.open_stream(sink.getvalue()))
+    for batch in batches:
+        batch.validate(full=True)  # buffers of the sizes the format says
+    assert batches[0].column("account_source").to_pylist() == [None] * 6
+    assert batches[1].num_rows == 3
+
+
+class _Trickle(io.BytesIO):
+    """An unbuffered file on a filling disk: takes at most ``most`` bytes a write."""
+
+    def __init__(self, most: int) -> None:
+        super().__init__()
+        self.most = most
+
+    def write(self, data: Any) -> int:
+        return super().write(bytes(data[: self.most]))
+
+
+def test_a_sink_that_takes_part_of_a_message_gets_the_rest() -> None:
+    frames = _frames("job", 4)[:6]
+    sink = _Trickle(most=13)
+    writer = ipc.StreamWriter(sink, "job")
+    for frame in frames:
+        writer.write_table(frame)
+    writer.close()
+    assert_same(pa.ipc.open_stream(sink.getvalue()).read_all(), _expected("job", frames))
+    stuck = ipc.StreamWriter(_Trickle(most=2**20), "job")
+    stuck.sink.most = 0  # type: ignore[attr-defined]
+    with pytest.raises(OSError, match="made no progress"):
+        stuck.write_table(frames[1])

@@ -18,15 +18,20 @@ What is written (Arrow columnar format, "Serialization and Interprocess Communic
 * the end of the stream is ``0xFFFFFFFF`` followed by a zero length.
 
 The flatbuffers are built by :class:`_Builder` (front to back: every offset points forward, each
-scalar aligned to its size, as the flatbuffers verifier of every Arrow reader checks).
+scalar aligned to its size, as the flatbuffers verifier of every Arrow reader checks). A record
+batch's metadata differs from the previous batch's of its table only in numbers (rows, null
+counts, buffer offsets and lengths, body length), so it is built once per table
+(:func:`_layout`) and each batch packs its numbers into a copy: the journal runs every round.
 """
 
 from __future__ import annotations
 
 import functools
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from itertools import accumulate
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -78,10 +83,19 @@ class _Table:
 
 @dataclass
 class _Structs:
-    """A vector of 8-byte-aligned structs, already packed little-endian."""
+    """A vector of 8-byte-aligned structs, already packed little-endian; ``hole`` names where
+    its data lands in the buffer (:attr:`_Builder.holes`)."""
 
     count: int
     data: bytes
+    hole: str = ""
+
+
+@dataclass(frozen=True)
+class _Hole:
+    """A scalar field's value left at zero; :attr:`_Builder.holes` says where it lands."""
+
+    name: str
 
 
 class _Builder:
@@ -89,6 +103,7 @@ class _Builder:
 
     def __init__(self) -> None:
         self.buf = bytearray(4)  # the root table's offset, set by finish
+        self.holes: dict[str, int] = {}  # where each _Hole and named _Structs' data lies
 
     def _align(self, size: int, phase: int = 0) -> None:
         self.buf += bytes((phase - len(self.buf)) % size)
@@ -111,6 +126,8 @@ class _Builder:
             self._align(8, phase=4)  # the length precedes the 8-aligned elements
             at = len(buf)
             buf += struct.pack("<I", node.count) + node.data
+            if node.hole:
+                self.holes[node.hole] = at + 4
             return at
         if isinstance(node, list):
             self._align(4)
@@ -146,6 +163,8 @@ class _Builder:
         for slot, kind, value in inline:
             if kind == "ref":
                 children.append((at + offsets[slot], value))
+            elif isinstance(value, _Hole):
+                self.holes[value.name] = at + offsets[slot]
             else:
                 struct.pack_into(_SCALARS[kind][0], buf, at + offsets[slot], value)
         for where, child in children:
@@ -157,8 +176,11 @@ def _width(kind: str) -> int:
     return 4 if kind == "ref" else _SCALARS[kind][1]
 
 
-def _message(header_type: int, header: _Table, body_length: int) -> bytes:
-    """One encapsulated message's metadata part: marker, length, padded ``Message``."""
+def _message(
+    header_type: int, header: _Table, body_length: int | _Hole
+) -> tuple[bytes, dict[str, int]]:
+    """One encapsulated message's metadata part (marker, length, padded ``Message``) and where
+    its holes lie in it."""
     message = _Table(
         [
             (0, "i16", _METADATA_V5),
@@ -167,8 +189,10 @@ def _message(header_type: int, header: _Table, body_length: int) -> bytes:
             (3, "i64", body_length),
         ]
     )
-    metadata = _Builder().finish(message)
-    return CONTINUATION + struct.pack("<i", len(metadata)) + metadata
+    builder = _Builder()
+    metadata = builder.finish(message)
+    prefix = CONTINUATION + struct.pack("<i", len(metadata))
+    return prefix + metadata, {k: len(prefix) + at for k, at in builder.holes.items()}
 
 
 def _arrow_type(kind: str) -> tuple[int, _Table]:
@@ -199,37 +223,122 @@ def schema_message(table: str) -> bytes:
             )
         )
     schema = _Table([(0, "i16", 0), (1, "ref", fields)])  # little-endian
-    return _message(_HEADER_SCHEMA, schema, 0)
+    return _message(_HEADER_SCHEMA, schema, 0)[0]
+
+
+class _Plan(NamedTuple):
+    """How one column is written: for numbers the values' dtype and its size in bytes."""
+
+    name: str
+    string: bool
+    dtype: np.dtype[Any] | None
+    width: int
+    column: Column
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What every record batch of one table shares: the columns' plans and the message's
+    metadata with zeros where the row count, the field nodes (length, null count per column),
+    the buffers (offset, length; a validity bitmap and the values, and for strings the offsets
+    before them, per column) and the body length go. Only those numbers differ from one batch to
+    the next: a batch has every buffer, an absent bitmap being one of length 0."""
+
+    plans: tuple[_Plan, ...]
+    template: bytes
+    rows_at: int
+    nodes_at: int
+    nodes: struct.Struct
+    buffers_at: int
+    buffers: struct.Struct
+    body_length_at: int
+
+
+_I64 = struct.Struct("<q")
+_PADDING = [bytes(n) for n in range(8)]
+
+
+@functools.cache
+def _layout(table: str) -> _Layout:
+    """The record batch layout of sample table ``table``; ``KeyError`` for an unknown table."""
+    columns = TABLES[table]
+    buffer_count = sum(3 if c.kind == "string" else 2 for c in columns)
+    header = _Table(
+        [
+            (0, "i64", _Hole("rows")),
+            (1, "ref", _Structs(len(columns), bytes(16 * len(columns)), hole="nodes")),
+            (2, "ref", _Structs(buffer_count, bytes(16 * buffer_count), hole="buffers")),
+        ]
+    )
+    template, holes = _message(_HEADER_RECORD_BATCH, header, _Hole("body_length"))
+    plans = []
+    for column in columns:
+        dtype = _VALUE_DTYPES.get(column.kind)
+        width = 0 if dtype is None else dtype.itemsize
+        plans.append(_Plan(column.name, dtype is None, dtype, width, column))
+    return _Layout(
+        plans=tuple(plans),
+        template=template,
+        rows_at=holes["rows"],
+        nodes_at=holes["nodes"],
+        nodes=struct.Struct(f"<{2 * len(columns)}q"),
+        buffers_at=holes["buffers"],
+        buffers=struct.Struct(f"<{2 * buffer_count}q"),
+        body_length_at=holes["body_length"],
+    )
+
+
+def _string_buffers(column: Column, values: np.ndarray) -> tuple[np.ndarray | None, list[bytes]]:
+    """A validity mask when ``values`` holds None (else None), then the int32 offsets and the
+    UTF-8 bytes of a string column. Raises ``ValueError`` beyond 2 GiB of strings."""
+    items = values.tolist()
+    valid = None
+    try:
+        text = "".join(items)  # TypeError for a None (a null)
+    except TypeError:
+        text = None
+    if text is not None and text.isascii():
+        data = text.encode("ascii")
+        lengths: Iterable[int] = map(len, items)  # one byte a character
+    else:
+        if text is None and None in items:
+            valid = np.array([v is not None for v in items], dtype=bool)
+            encoded = [b"" if v is None else v.encode("utf-8") for v in items]
+        else:
+            encoded = [v.encode("utf-8") for v in items]
+        data = b"".join(encoded)
+        lengths = map(len, encoded)
+    if len(data) > _MAX_STRING_BYTES:
+        raise ValueError(f"column {column.name!r}: more than 2 GiB of strings in one batch")
+    offsets = np.fromiter(accumulate(lengths, initial=0), dtype="<i4", count=len(items) + 1)
+    return valid, [offsets.tobytes(), data]
 
 
 def _column_buffers(
-    column: Column, values: np.ndarray, valid: np.ndarray | None
+    plan: _Plan, values: np.ndarray, valid: np.ndarray | None
 ) -> tuple[int, list[bytes]]:
     """Null count, then validity bitmap (empty without nulls) and value buffers of one column.
     Raises ``ValueError`` for a null in a required column."""
     rows = len(values)
-    if column.kind == "string":
-        items = values.tolist()
-        if valid is None and None in items:
-            valid = np.array([v is not None for v in items], dtype=bool)
-        if valid is None:
-            encoded = [v.encode("utf-8") for v in items]
-        else:
-            encoded = [b"" if v is None else v.encode("utf-8") for v in items]
-        offsets = np.zeros(rows + 1, dtype=np.int64)
-        offsets[1:] = np.fromiter(map(len, encoded), dtype=np.int64, count=rows)
-        np.cumsum(offsets, out=offsets)
-        if offsets[-1] > _MAX_STRING_BYTES:
-            raise ValueError(f"column {column.name!r}: more than 2 GiB of strings in one batch")
-        data = [offsets.astype("<i4").tobytes(), b"".join(encoded)]
-    else:
-        dtype = _VALUE_DTYPES[column.kind]
-        data = [(values if values.dtype == dtype else values.astype(dtype)).tobytes()]
     nulls = 0 if valid is None else rows - int(np.count_nonzero(valid))
-    if valid is None or nulls == 0:
+    if plan.string:
+        if nulls and nulls == rows:
+            # all null (a column no row has, as mig_profile mostly): nothing to encode
+            data = [bytes(4 * rows + 4), b""]
+        else:
+            found, data = _string_buffers(plan.column, values)
+            if valid is None and found is not None:
+                valid = found
+                nulls = rows - int(np.count_nonzero(valid))
+    else:
+        dtype = plan.dtype
+        data = [(values if values.dtype == dtype else values.astype(dtype)).tobytes()]
+    if not nulls or valid is None:
         return 0, [b"", *data]
-    if not column.nullable:
-        raise ValueError(f"column {column.name!r} is required but holds nulls")
+    if not plan.column.nullable:
+        raise ValueError(f"column {plan.column.name!r} is required but holds nulls")
+    if nulls == rows:
+        return nulls, [bytes((rows + 7) // 8), *data]
     return nulls, [np.packbits(valid, bitorder="little").tobytes(), *data]
 
 
@@ -239,40 +348,57 @@ def record_batch_message(frame: Frame) -> bytes:
     Raises ``ValueError`` when a column is missing, of another length, or null where the table
     requires a value (nothing is written then).
     """
+    layout = _layout(frame.table)
     rows = frame.num_rows
-    nodes: list[int] = []
-    buffers: list[int] = []
-    body: list[bytes] = []
-    body_length = 0
-    for column in TABLES[frame.table]:
-        try:
-            values = frame.columns[column.name]
-        except KeyError:
-            raise ValueError(f"{frame.table}: column {column.name!r} missing") from None
+    columns = frame.columns
+    valid = frame.valid
+    nodes = [rows, 0] * len(layout.plans)  # null counts set where there are nulls
+    spans: list[int] = []  # offset and length of each buffer in the body
+    head = bytearray(layout.template)
+    message: list[bytes | bytearray] = [head]  # then the body's buffers, each padded to 8
+    at = 0
+    for i, (name, string, dtype, width, _) in enumerate(layout.plans):
+        values = columns.get(name)
+        if values is None:
+            raise ValueError(f"{frame.table}: column {name!r} missing")
         if len(values) != rows:
-            raise ValueError(f"{frame.table}: column {column.name!r} has {len(values)} rows")
-        nulls, parts = _column_buffers(column, values, frame.valid.get(column.name))
-        nodes += (rows, nulls)
+            raise ValueError(f"{frame.table}: column {name!r} has {len(values)} rows")
+        mask = valid.get(name)
+        if mask is None and not string:
+            # The common case, numbers without a mask: no bitmap, one value buffer.
+            if values.dtype != dtype:
+                values = values.astype(dtype)
+            size = rows * width
+            spans += (at, 0, at, size)
+            message.append(values.tobytes())
+            padding = -size & 7
+            if padding:
+                message.append(_PADDING[padding])
+            at += size + padding
+            continue
+        nulls, parts = _column_buffers(layout.plans[i], values, mask)
+        nodes[2 * i + 1] = nulls
         for part in parts:
-            buffers += (body_length, len(part))
-            padded = -len(part) % 8
-            body.append(part + bytes(padded) if padded else part)
-            body_length += len(part) + padded
-    header = _Table(
-        [
-            (0, "i64", rows),
-            (1, "ref", _Structs(len(nodes) // 2, np.array(nodes, dtype="<i8").tobytes())),
-            (2, "ref", _Structs(len(buffers) // 2, np.array(buffers, dtype="<i8").tobytes())),
-        ]
-    )
-    return _message(_HEADER_RECORD_BATCH, header, body_length) + b"".join(body)
+            size = len(part)
+            spans += (at, size)
+            message.append(part)
+            padding = -size & 7
+            if padding:
+                message.append(_PADDING[padding])
+            at += size + padding
+    layout.nodes.pack_into(head, layout.nodes_at, *nodes)
+    layout.buffers.pack_into(head, layout.buffers_at, *spans)
+    _I64.pack_into(head, layout.rows_at, rows)
+    _I64.pack_into(head, layout.body_length_at, at)
+    return b"".join(message)
 
 
 class StreamWriter:
     """Writes one sample table's IPC stream to ``sink``: the schema now, a batch per
     :meth:`write_table`, the end-of-stream marker on :meth:`close` (``sink`` stays open).
 
-    Each message goes to ``sink`` in one ``write``; ``OSError`` from ``sink`` passes through.
+    Each message goes to ``sink`` in one ``write`` (more only when an unbuffered ``sink`` takes
+    part of it); ``OSError`` from ``sink`` passes through.
     """
 
     def __init__(self, sink: BinaryIO, table: str) -> None:
@@ -280,13 +406,22 @@ class StreamWriter:
             raise ValueError(f"unknown table {table!r}")
         self.sink = sink
         self.table = table
-        sink.write(schema_message(table))
+        self._write(schema_message(table))
 
     def write_table(self, frame: Frame) -> None:
         """Append ``frame`` (rows of this writer's table) as one record batch."""
         if frame.table != self.table:
             raise ValueError(f"rows of table {frame.table!r} in the {self.table!r} journal")
-        self.sink.write(record_batch_message(frame))
+        self._write(record_batch_message(frame))
 
     def close(self) -> None:
-        self.sink.write(END_OF_STREAM)
+        self._write(END_OF_STREAM)
+
+    def _write(self, message: bytes) -> None:
+        # An unbuffered file may take part of a message (a disk filling up): write the rest.
+        written = self.sink.write(message)
+        while written < len(message):
+            more = self.sink.write(message[written:])
+            if not more:
+                raise OSError(f"{self.table} journal: a write made no progress")
+            written += more

@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, BinaryIO
@@ -182,6 +182,17 @@ class _Journal:
     file: BinaryIO
     writer: StreamWriter
     rows: int = 0  # rows of complete batches in it
+    name: str = field(init=False)  # the path, stat'ed every append without pathlib's work
+
+    def __post_init__(self) -> None:
+        self.name = str(self.path)
+
+    def exists(self) -> bool:
+        try:
+            os.stat(self.name)
+        except OSError:
+            return False
+        return True
 
 
 def _as_frame(batch: Frame | pa.Table, table: str) -> Frame:
@@ -264,7 +275,7 @@ class Store:
         first_ns = int(frame.columns["time"][0])
         hour = first_ns // self.rotate_ns
         journal = self._journals.get(table)
-        if journal is not None and not journal.path.exists():
+        if journal is not None and not journal.exists():
             # The data dir (or the journal) was deleted under us: rows written on would go into
             # an unlinked file and vanish. Give it up and open a new one where the dir is now.
             self._abandon(table)
@@ -311,7 +322,9 @@ class Store:
         directory.mkdir(parents=True, exist_ok=True)
         stamp = datetime.fromtimestamp(time_ns / 1e9, tz=UTC).strftime("%Y%m%dT%H%M%SZ")
         path = directory / f"part-{stamp}-{os.urandom(4).hex()}{JOURNAL_SUFFIX}"
-        file = open(path, "wb")  # noqa: SIM115 - closed in _close_journal
+        # Unbuffered: each message goes to the OS in the one write that StreamWriter makes, with
+        # no copy into a buffer and no flush after it.
+        file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in _close_journal
         try:
             writer = StreamWriter(file, table)
             file.flush()
