@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import struct
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -353,7 +354,7 @@ def _nvml_api(
                 else:
                     handle, rest = kwargs.pop(handle_parameter), ()
                 dev = self._lookup(handle, _DEVICE_KINDS)
-                self._touch(dev, name)
+                self._touch(dev, name)  # lost GPU, NotSupported
                 return fn(self, dev, *rest, **kwargs)
 
         return wrapper  # type: ignore[return-value]
@@ -375,6 +376,20 @@ def _remapped(i: int) -> Callable[[FakeDevice], int | None]:
 
 
 _ULL, _UI = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
+_NOT_SUPPORTED = pynvml.NVML_ERROR_NOT_SUPPORTED
+# nvmlFieldValue_t as the C library fills it after the request (fieldId, scopeId): timestamp,
+# latencyUsec, valueType, nvmlReturn, then the value union (uiVal: its first 4 bytes).
+_FIELD_VALUE_SIZE = ctypes.sizeof(pynvml.c_nvmlFieldValue_t)
+_FIELD_ID = struct.Struct("=I")
+_FIELD_RESULT_AT = pynvml.c_nvmlFieldValue_t.timestamp.offset
+_FIELD_FAILED = struct.Struct("=qqII")
+_FIELD_ULL = struct.Struct("=qqIIQ")
+_FIELD_UINT = struct.Struct("=qqIII")
+assert (
+    pynvml.c_nvmlFieldValue_t.fieldId.offset,
+    pynvml.c_nvmlFieldValue_t.value.offset,
+    pynvml.c_nvmlFieldValue_t.nvmlReturn.offset,
+) == (0, _FIELD_RESULT_AT + _FIELD_FAILED.size, _FIELD_RESULT_AT + _FIELD_FAILED.size - 4)
 #: The field values the fake answers on a whole GPU: field id -> (valueType, reading); a reading
 #: of None answers NotSupported.
 _FIELDS: dict[int, tuple[int, Callable[[FakeDevice], int | None]]] = {
@@ -805,23 +820,23 @@ class FakeNVML:
         values = (pynvml.c_nvmlFieldValue_t * len(fieldIds))()
         timestamp_us = int(self.clock.now() * 1_000_000)
         for i, requested in enumerate(fieldIds):
-            value = values[i]
             try:  # as pynvml's own wrapper writes the request
-                value.fieldId, value.scopeId = requested
+                values[i].fieldId, values[i].scopeId = requested
             except TypeError:
-                value.fieldId = requested
-            # what the C library writes
-            result = self._field(handle, _read(value, "fieldId"))
+                values[i].fieldId = requested
+            # What the C library writes: the rest of the structure, in place.
+            at = i * _FIELD_VALUE_SIZE
+            result = self._field(handle, _FIELD_ID.unpack_from(values, at)[0])
             if result is None:
-                _write(value, timestamp=timestamp_us, nvmlReturn=pynvml.NVML_ERROR_NOT_SUPPORTED)
-                continue
-            value_type, number = result
-            _write(value, timestamp=timestamp_us, nvmlReturn=pynvml.NVML_SUCCESS)
-            _write(value, valueType=value_type)
-            if value_type == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT:
-                _write(_read(value, "value"), uiVal=number)
+                _FIELD_FAILED.pack_into(
+                    values, at + _FIELD_RESULT_AT, timestamp_us, 0, 0, _NOT_SUPPORTED
+                )
             else:
-                _write(_read(value, "value"), ullVal=number)
+                value_type, number = result
+                layout = _FIELD_UINT if value_type == _UI else _FIELD_ULL
+                layout.pack_into(
+                    values, at + _FIELD_RESULT_AT, timestamp_us, 0, value_type, 0, number
+                )
         return values
 
     # ---------------------------------------------------------------- processes
