@@ -69,11 +69,16 @@ class Gateway:
         self.generation = 0
         # field_values' readers by value type, built once per initialisation
         self._readers: dict[int, Callable[[Any], float]] | None = None
+        # field_values' requests by field ids: (fieldId, scopeId 0) pairs, what pynvml writes
+        # for a bare id too, but without the TypeError its wrapper takes to tell them apart
+        self._field_requests: dict[tuple[int, ...], list[tuple[int, int]]] = {}
 
     # ------------------------------------------------------------------ life cycle
     @property
     def nvml(self) -> Any:
         """The initialised module; raises ``NvmlUnavailable``."""
+        if self._ready:  # as in _invoke: a racing shutdown fails in NVML as Uninitialized
+            return self._module
         with self._lock:
             if not self._ready:
                 self._init()
@@ -165,7 +170,7 @@ class Gateway:
         """Call the newest working symbol of a versioned family (probed once)."""
         chosen = self._chosen.get(kind)
         if chosen is not None:
-            return self.call(chosen, *args)
+            return self._invoke(chosen, args, {})
         for name in _VARIANTS[kind]:
             before = len(self._missing)
             value = self.call(name, *args)
@@ -187,10 +192,13 @@ class Gateway:
         samples = self._invoke("nvmlDeviceGetProcessUtilization", (handle, last), {}, [])
         if samples is None:
             return None
-        fresh = sorted((s for s in samples if int(s.timeStamp) > last), key=_stamp)
-        if fresh:
-            self._last_seen[key] = int(fresh[-1].timeStamp)
-        return fresh
+        # each sample's timestamp read once (a pynvml structure's attribute runs Python code)
+        stamped = sorted(
+            ((stamp, i, s) for i, s in enumerate(samples) if (stamp := int(s.timeStamp)) > last)
+        )
+        if stamped:
+            self._last_seen[key] = stamped[-1][0]
+        return [s for _, _, s in stamped]
 
     def full_gpu_slices(self, handle: Any) -> int | None:
         """The compute slices of a whole MIG-capable GPU (7 on A100/H100, 4 on A30): the largest
@@ -216,7 +224,7 @@ class Gateway:
 
     def memory_info(self, handle: Any) -> Any:
         """Memory info, v2 (``used`` excludes reserved memory) when the driver has it."""
-        m = self.nvml
+        m = self._module if self._ready else self.nvml
         if self._memory_v2 is None:
             version = getattr(m, "nvmlMemory_v2", None)
             if version is not None:
@@ -233,21 +241,28 @@ class Gateway:
                         raise
             self._memory_v2 = False
         if self._memory_v2:
-            return self.call("nvmlDeviceGetMemoryInfo", handle, version=m.nvmlMemory_v2)
-        return self.call("nvmlDeviceGetMemoryInfo", handle)
+            return self._invoke("nvmlDeviceGetMemoryInfo", (handle,), {"version": m.nvmlMemory_v2})
+        return self._invoke("nvmlDeviceGetMemoryInfo", (handle,), {})
 
     def field_values(self, handle: Any, field_ids: Sequence[int]) -> dict[int, float | None]:
         """Several fields in one NVML call; each unsupported field is ``None``."""
-        values = self.call("nvmlDeviceGetFieldValues", handle, list(field_ids))
-        out: dict[int, float | None] = dict.fromkeys(field_ids)
+        ids = tuple(field_ids)
+        request = self._field_requests.get(ids)
+        if request is None:
+            request = self._field_requests[ids] = [(field_id, 0) for field_id in ids]
+        values = self._invoke("nvmlDeviceGetFieldValues", (handle, request), {})
+        out: dict[int, float | None] = dict.fromkeys(ids)
         if values is None:
             return out
         readers = self._readers
         if readers is None:
             readers = self._readers = self._value_readers()
-        for field_id, value in zip(field_ids, values, strict=False):
-            if value.nvmlReturn == 0 and value.valueType in readers:
-                out[field_id] = float(readers[value.valueType](value.value))
+        for field_id, value in zip(ids, values, strict=False):
+            # each attribute of pynvml's structures is read once: every read runs Python code
+            if value.nvmlReturn == 0:
+                read = readers.get(value.valueType)
+                if read is not None:
+                    out[field_id] = float(read(value.value))
         return out
 
     def _value_readers(self) -> dict[int, Callable[[Any], float]]:
@@ -263,10 +278,6 @@ class Gateway:
         if signed_int is not None:
             readers[signed_int] = lambda v: v.siVal
         return readers
-
-
-def _stamp(sample: Any) -> int:
-    return int(sample.timeStamp)
 
 
 def _reason(exc: BaseException) -> str:

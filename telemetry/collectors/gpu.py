@@ -135,7 +135,8 @@ class GpuCollector(Collector):
                     continue
                 device = self._devices[index] = _Device(handle)
             handles.append((index, device))
-        self._setup_events([(index, device.handle) for index, device in handles])
+        if not self._events_ready:
+            self._setup_events([(index, device.handle) for index, device in handles])
         xids = self._drain_xids()
         rows: list[Row] = []
         pids: list[Row] = []
@@ -339,10 +340,11 @@ class GpuCollector(Collector):
             metrics.numMetrics = 1
             metrics.sample1 = previous
             metrics.sample2 = sample
-            metrics.metrics[0].metricId = m.NVML_GPM_METRIC_SM_UTIL
+            metric = metrics.metrics[0]  # a view into metrics: NVML's answer shows through it
+            metric.metricId = m.NVML_GPM_METRIC_SM_UTIL
             result = self.gw.call("nvmlGpmMetricsGet", metrics)
-            if result is not None and metrics.metrics[0].nvmlReturn == 0:
-                ratio = min(max(float(metrics.metrics[0].value) / 100.0, 0.0), 1.0)
+            if result is not None and metric.nvmlReturn == 0:
+                ratio = min(max(float(metric.value) / 100.0, 0.0), 1.0)
         elif previous is not None:
             state.spare.append(sample)  # too soon: keep the older sample as the baseline
             return None
