@@ -48,6 +48,7 @@ def fake_calls() -> dict[str, float]:
         pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL,
         pynvml.NVML_FI_DEV_REMAPPED_PENDING,
     ]
+    scoped = [(field_id, 0) for field_id in fields]
     since = int((fake.clock.now() - 1.0) * 1e6)  # one second of samples, as a 1 s round reads
     sample1, sample2 = fake.nvmlGpmSampleAlloc(), fake.nvmlGpmSampleAlloc()
     fake.nvmlGpmSampleGet(h, sample1)
@@ -75,6 +76,9 @@ def fake_calls() -> dict[str, float]:
         ),
         "nvmlDeviceGetFieldValues (4)": _per_call_us(
             lambda: fake.nvmlDeviceGetFieldValues(h, fields)
+        ),
+        "nvmlDeviceGetFieldValues (4 (id, scope))": _per_call_us(
+            lambda: fake.nvmlDeviceGetFieldValues(h, scoped)
         ),
         "nvmlDeviceGetComputeRunningProcesses (3)": _per_call_us(
             lambda: fake.nvmlDeviceGetComputeRunningProcesses(h)

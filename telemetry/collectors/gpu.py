@@ -178,7 +178,9 @@ class GpuCollector(Collector):
             model = _text(answer or "unknown")
             if answer is not None:
                 device.model = model
-        state = self._state.setdefault(uuid, _DeviceState())
+        state = self._state.get(uuid)
+        if state is None:
+            state = self._state[uuid] = _DeviceState()
         energy_id, sbe_id, dbe_id, remapped_id = self._field_ids
         fields = self.gw.field_values(handle, self._field_ids)
         energy_mj = fields[energy_id]

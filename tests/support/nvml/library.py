@@ -287,6 +287,20 @@ class FakeMigDevice(_Anchored):
         return self.parent
 
 
+@functools.lru_cache(maxsize=1024)
+def _process_info(p: ProcessProfile) -> Any:
+    """The ``nvmlProcessInfo_t`` the C library fills for ``p`` (only ever read: made once)."""
+    return _write(
+        pynvml.c_nvmlProcessInfo_v3_t(),
+        pid=p.pid,
+        usedGpuMemory=p.used_gpu_memory,
+        gpuInstanceId=NVML_INVALID_ID if p.gpu_instance_id is None else p.gpu_instance_id,
+        computeInstanceId=(
+            NVML_INVALID_ID if p.compute_instance_id is None else p.compute_instance_id
+        ),
+    )
+
+
 class _EventSet(_Anchored):
     def __init__(self) -> None:
         super().__init__()
@@ -851,19 +865,8 @@ class FakeNVML:
                 if p.gpu_instance_id == dev.gpu_instance_id
                 and p.compute_instance_id in (None, dev.compute_instance_id)
             ]
-        result = []
-        for p in procs:
-            info = _write(
-                pynvml.c_nvmlProcessInfo_v3_t(),
-                pid=p.pid,
-                usedGpuMemory=p.used_gpu_memory,
-                gpuInstanceId=NVML_INVALID_ID if p.gpu_instance_id is None else p.gpu_instance_id,
-                computeInstanceId=(
-                    NVML_INVALID_ID if p.compute_instance_id is None else p.compute_instance_id
-                ),
-            )
-            result.append(pynvml.nvmlStructToFriendlyObject(info))
-        return result
+        # pynvml's wrapper turns each structure the library filled into a new friendly object
+        return [pynvml.nvmlStructToFriendlyObject(_process_info(p)) for p in procs]
 
     @_nvml_api("nvmlDeviceGetComputeRunningProcesses_v3", device=True)
     def nvmlDeviceGetComputeRunningProcesses(self, handle: Any) -> list[Any]:
