@@ -120,19 +120,19 @@ def _raise(code: int) -> Any:
     raise pynvml.NVMLError(code)
 
 
-def _write(struct: _S, **fields: Any) -> _S:
+def _write(target: _S, **fields: Any) -> _S:
     """Write ``fields`` of a pynvml structure the way the C library does, past the Python
     ``__setattr__`` of pynvml's structures, which a real call never runs for what the driver
     fills in (it costs several times the write)."""
-    cls = type(struct)
+    cls = type(target)
     for name, value in fields.items():
-        getattr(cls, name).__set__(struct, value)
-    return struct
+        getattr(cls, name).__set__(target, value)
+    return target
 
 
-def _read(struct: Any, name: str) -> Any:
+def _read(source: Any, name: str) -> Any:
     """Read a field as the C library does (past pynvml's ``__getattribute__``)."""
-    return getattr(type(struct), name).__get__(struct)
+    return getattr(type(source), name).__get__(source)
 
 
 class _Anchored:
@@ -346,7 +346,7 @@ def _nvml_api(
     def decorate(fn: _F) -> _F:
         name = fn.__name__
         symbol_of = symbol if callable(symbol) else None
-        fixed_symbol = symbol if isinstance(symbol, str) else name
+        fixed_symbol = name if symbol_of is not None else (symbol or name)
         handle_parameter = fn.__code__.co_varnames[1] if device else ""
 
         # The hot path of every test and benchmark: checks inlined, the handle resolved once.
