@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import importlib
 import logging
+import operator
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -72,6 +73,10 @@ class Gateway:
         # field_values' requests by field ids: (fieldId, scopeId 0) pairs, what pynvml writes
         # for a bare id too, but without the TypeError its wrapper takes to tell them apart
         self._field_requests: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        self._field_getters: tuple[Any, tuple[Callable[[Any], Any], ...]] = (
+            None,
+            _FIELD_ATTRIBUTES,
+        )
 
     # ------------------------------------------------------------------ life cycle
     @property
@@ -257,16 +262,33 @@ class Gateway:
         readers = self._readers
         if readers is None:
             readers = self._readers = self._value_readers()
+        struct_type, getters = self._field_getters
+        if getattr(values, "_type_", None) is not struct_type:  # not pynvml's array: no shortcut
+            getters = _FIELD_ATTRIBUTES
+        return_of, type_of, value_of = getters
         for field_id, value in zip(ids, values, strict=False):
-            # each attribute of pynvml's structures is read once: every read runs Python code
-            if value.nvmlReturn == 0:
-                read = readers.get(value.valueType)
+            if return_of(value) == 0:
+                read = readers.get(type_of(value))
                 if read is not None:
-                    out[field_id] = float(read(value.value))
+                    out[field_id] = float(read(value_of(value)))
         return out
 
     def _value_readers(self) -> dict[int, Callable[[Any], float]]:
         m = self.nvml
+        # nvmlFieldValue_t's own field getters: pynvml's structures run Python code on every
+        # attribute read (a bytes-to-str check, moot for numbers) that costs several times the read
+        struct_type: Any = getattr(m, "c_nvmlFieldValue_t", None)
+        try:
+            self._field_getters = (
+                struct_type,
+                (
+                    struct_type.nvmlReturn.__get__,
+                    struct_type.valueType.__get__,
+                    struct_type.value.__get__,
+                ),
+            )
+        except AttributeError:
+            self._field_getters = (None, _FIELD_ATTRIBUTES)
         readers: dict[int, Callable[[Any], float]] = {
             m.NVML_VALUE_TYPE_DOUBLE: lambda v: v.dVal,
             m.NVML_VALUE_TYPE_UNSIGNED_INT: lambda v: v.uiVal,
@@ -278,6 +300,14 @@ class Gateway:
         if signed_int is not None:
             readers[signed_int] = lambda v: v.siVal
         return readers
+
+
+# nvmlReturn, valueType and value of a field value, read as attributes
+_FIELD_ATTRIBUTES = (
+    operator.attrgetter("nvmlReturn"),
+    operator.attrgetter("valueType"),
+    operator.attrgetter("value"),
+)
 
 
 def _reason(exc: BaseException) -> str:

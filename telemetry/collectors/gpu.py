@@ -82,6 +82,9 @@ class _DeviceState:
     xid_total: int = 0
     xid_last: int | None = None
     spare: list[Any] = field(default_factory=list)
+    # nvmlGpmMetricsGet_t asking for SM utilisation, and a view of its one metric (NVML's
+    # answer shows through it): made once, only the samples change from round to round
+    gpm_request: tuple[Any, Any] | None = None
 
 
 @register
@@ -337,13 +340,15 @@ class GpuCollector(Collector):
         previous, previous_time = state.gpm_sample, state.gpm_time
         ratio = None
         if previous is not None and now - previous_time >= GPM_MIN_SECONDS:
-            metrics = m.c_nvmlGpmMetricsGet_t()
-            metrics.version = m.NVML_GPM_METRICS_GET_VERSION
-            metrics.numMetrics = 1
+            if state.gpm_request is None:
+                request = m.c_nvmlGpmMetricsGet_t()
+                request.version = m.NVML_GPM_METRICS_GET_VERSION
+                request.numMetrics = 1
+                request.metrics[0].metricId = m.NVML_GPM_METRIC_SM_UTIL
+                state.gpm_request = (request, request.metrics[0])
+            metrics, metric = state.gpm_request
             metrics.sample1 = previous
             metrics.sample2 = sample
-            metric = metrics.metrics[0]  # a view into metrics: NVML's answer shows through it
-            metric.metricId = m.NVML_GPM_METRIC_SM_UTIL
             result = self.gw.call("nvmlGpmMetricsGet", metrics)
             if result is not None and metric.nvmlReturn == 0:
                 ratio = min(max(float(metric.value) / 100.0, 0.0), 1.0)
