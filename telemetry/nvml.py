@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import importlib
 import logging
+import operator
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -69,11 +70,20 @@ class Gateway:
         self.generation = 0
         # field_values' readers by value type, built once per initialisation
         self._readers: dict[int, Callable[[Any], float]] | None = None
+        # field_values' requests by field ids: (fieldId, scopeId 0) pairs, what pynvml writes
+        # for a bare id too, but without the TypeError its wrapper takes to tell them apart
+        self._field_requests: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+        self._field_getters: tuple[Any, tuple[Callable[[Any], Any], ...]] = (
+            None,
+            _FIELD_ATTRIBUTES,
+        )
 
     # ------------------------------------------------------------------ life cycle
     @property
     def nvml(self) -> Any:
         """The initialised module; raises ``NvmlUnavailable``."""
+        if self._ready:  # as in _invoke: a racing shutdown fails in NVML as Uninitialized
+            return self._module
         with self._lock:
             if not self._ready:
                 self._init()
@@ -165,7 +175,7 @@ class Gateway:
         """Call the newest working symbol of a versioned family (probed once)."""
         chosen = self._chosen.get(kind)
         if chosen is not None:
-            return self.call(chosen, *args)
+            return self._invoke(chosen, args, {})
         for name in _VARIANTS[kind]:
             before = len(self._missing)
             value = self.call(name, *args)
@@ -187,10 +197,13 @@ class Gateway:
         samples = self._invoke("nvmlDeviceGetProcessUtilization", (handle, last), {}, [])
         if samples is None:
             return None
-        fresh = sorted((s for s in samples if int(s.timeStamp) > last), key=_stamp)
-        if fresh:
-            self._last_seen[key] = int(fresh[-1].timeStamp)
-        return fresh
+        # each sample's timestamp read once (a pynvml structure's attribute runs Python code)
+        stamped = sorted(
+            ((stamp, i, s) for i, s in enumerate(samples) if (stamp := int(s.timeStamp)) > last)
+        )
+        if stamped:
+            self._last_seen[key] = stamped[-1][0]
+        return [s for _, _, s in stamped]
 
     def full_gpu_slices(self, handle: Any) -> int | None:
         """The compute slices of a whole MIG-capable GPU (7 on A100/H100, 4 on A30): the largest
@@ -216,7 +229,7 @@ class Gateway:
 
     def memory_info(self, handle: Any) -> Any:
         """Memory info, v2 (``used`` excludes reserved memory) when the driver has it."""
-        m = self.nvml
+        m = self._module if self._ready else self.nvml
         if self._memory_v2 is None:
             version = getattr(m, "nvmlMemory_v2", None)
             if version is not None:
@@ -233,25 +246,49 @@ class Gateway:
                         raise
             self._memory_v2 = False
         if self._memory_v2:
-            return self.call("nvmlDeviceGetMemoryInfo", handle, version=m.nvmlMemory_v2)
-        return self.call("nvmlDeviceGetMemoryInfo", handle)
+            return self._invoke("nvmlDeviceGetMemoryInfo", (handle,), {"version": m.nvmlMemory_v2})
+        return self._invoke("nvmlDeviceGetMemoryInfo", (handle,), {})
 
     def field_values(self, handle: Any, field_ids: Sequence[int]) -> dict[int, float | None]:
         """Several fields in one NVML call; each unsupported field is ``None``."""
-        values = self.call("nvmlDeviceGetFieldValues", handle, list(field_ids))
-        out: dict[int, float | None] = dict.fromkeys(field_ids)
+        ids = tuple(field_ids)
+        request = self._field_requests.get(ids)
+        if request is None:
+            request = self._field_requests[ids] = [(field_id, 0) for field_id in ids]
+        values = self._invoke("nvmlDeviceGetFieldValues", (handle, request), {})
+        out: dict[int, float | None] = dict.fromkeys(ids)
         if values is None:
             return out
         readers = self._readers
         if readers is None:
             readers = self._readers = self._value_readers()
-        for field_id, value in zip(field_ids, values, strict=False):
-            if value.nvmlReturn == 0 and value.valueType in readers:
-                out[field_id] = float(readers[value.valueType](value.value))
+        struct_type, getters = self._field_getters
+        if getattr(values, "_type_", None) is not struct_type:  # not pynvml's array: no shortcut
+            getters = _FIELD_ATTRIBUTES
+        return_of, type_of, value_of = getters
+        for field_id, value in zip(ids, values, strict=False):
+            if return_of(value) == 0:
+                read = readers.get(type_of(value))
+                if read is not None:
+                    out[field_id] = float(read(value_of(value)))
         return out
 
     def _value_readers(self) -> dict[int, Callable[[Any], float]]:
         m = self.nvml
+        # nvmlFieldValue_t's own field getters: pynvml's structures run Python code on every
+        # attribute read (a bytes-to-str check, moot for numbers) that costs several times the read
+        struct_type: Any = getattr(m, "c_nvmlFieldValue_t", None)
+        try:
+            self._field_getters = (
+                struct_type,
+                (
+                    struct_type.nvmlReturn.__get__,
+                    struct_type.valueType.__get__,
+                    struct_type.value.__get__,
+                ),
+            )
+        except AttributeError:
+            self._field_getters = (None, _FIELD_ATTRIBUTES)
         readers: dict[int, Callable[[Any], float]] = {
             m.NVML_VALUE_TYPE_DOUBLE: lambda v: v.dVal,
             m.NVML_VALUE_TYPE_UNSIGNED_INT: lambda v: v.uiVal,
@@ -265,8 +302,12 @@ class Gateway:
         return readers
 
 
-def _stamp(sample: Any) -> int:
-    return int(sample.timeStamp)
+# nvmlReturn, valueType and value of a field value, read as attributes
+_FIELD_ATTRIBUTES = (
+    operator.attrgetter("nvmlReturn"),
+    operator.attrgetter("valueType"),
+    operator.attrgetter("value"),
+)
 
 
 def _reason(exc: BaseException) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import threading
 
@@ -237,6 +238,40 @@ def test_unsupported_and_old_driver() -> None:
     assert old.nvmlDeviceGetComputeRunningProcesses_v2(h) == []
     hidden = FakeNVML(hidden=["nvmlDeviceGetTemperatureV"])
     assert not hasattr(hidden, "nvmlDeviceGetTemperatureV")
+
+
+def test_hidden_names_are_absent_on_that_instance_only() -> None:
+    hidden = started(H100_IDLE, hidden=["nvmlDeviceGetTemperatureV", "nvmlMemory_v2"])
+    assert hidden.hidden == {"nvmlDeviceGetTemperatureV", "nvmlMemory_v2"}
+    assert getattr(hidden, "nvmlMemory_v2", None) is None
+    with pytest.raises(AttributeError, match="nvmlDeviceGetTemperatureV"):
+        hidden.nvmlDeviceGetTemperatureV  # noqa: B018
+    assert isinstance(hidden, FakeNVML)
+    h = hidden.nvmlDeviceGetHandleByIndex(0)
+    assert hidden.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU) == 41
+    other = started(H100_IDLE)
+    assert other.hidden == frozenset()
+    h = other.nvmlDeviceGetHandleByIndex(0)
+    assert other.nvmlDeviceGetTemperatureV(h, pynvml.NVML_TEMPERATURE_GPU) == 41
+    assert other.nvmlMemory_v2 == pynvml.nvmlMemory_v2
+
+
+def test_a_handle_that_is_no_device_is_an_invalid_argument() -> None:
+    fake = started(H100_IDLE)
+    sample = fake.nvmlGpmSampleAlloc()
+    elsewhere = ctypes.create_string_buffer(8)
+    for handle in (
+        pynvml.c_nvmlDevice_t(),  # NULL
+        ctypes.cast(elsewhere, pynvml.c_nvmlDevice_t),
+        ctypes.cast(sample, pynvml.c_nvmlDevice_t),  # another kind of object
+        sample,
+        ctypes.addressof(elsewhere),
+        "GPU-0",
+    ):
+        with pytest.raises(pynvml.NVMLError_InvalidArgument):
+            fake.nvmlDeviceGetPowerUsage(handle)
+    address = ctypes.cast(fake.nvmlDeviceGetHandleByIndex(0), ctypes.c_void_p).value
+    assert fake.nvmlDeviceGetPowerUsage(address) == H100_IDLE.power_mw  # as the C library
 
 
 def test_xid_events() -> None:

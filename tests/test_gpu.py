@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -148,6 +149,37 @@ def test_field_values_are_batched_and_versioned_symbols_probed_once(clock: FakeC
     assert fake.calls["nvmlDeviceGetTemperature"] == 6
     assert fake.calls["nvmlDeviceGetCurrentClocksEventReasons"] == 1
     assert fake.calls["nvmlGpmQueryDeviceSupport"] <= 2  # once per device, never again
+
+
+def test_field_values_from_pynvml_arrays_and_from_plain_objects(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeNVML([H100_LOADED], clock=clock)
+    fake.set_unsupported_fields(0, fake.NVML_FI_DEV_ECC_DBE_VOL_TOTAL)
+    gateway = Gateway(fake)
+    handle = gateway.call("nvmlDeviceGetHandleByIndex", 0)
+    ids = [
+        fake.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION,  # unsigned long long
+        fake.NVML_FI_DEV_ECC_DBE_VOL_TOTAL,  # not supported here
+        fake.NVML_FI_DEV_MEMORY_TEMP,  # unsigned int
+        10_000,  # unknown to the driver
+    ]
+    assert gateway.field_values(handle, ids) == {
+        ids[0]: float(fake.devices[0].energy_mj()),
+        ids[1]: None,
+        ids[2]: float(H100_LOADED.temperature_memory),
+        ids[3]: None,
+    }
+    asked: list[Any] = []
+
+    def plain(handle: Any, fieldIds: list[Any]) -> list[Any]:  # another binding's answer
+        asked.append(fieldIds)
+        value = SimpleNamespace(dVal=2.5)
+        return [SimpleNamespace(nvmlReturn=0, valueType=fake.NVML_VALUE_TYPE_DOUBLE, value=value)]
+
+    monkeypatch.setattr(fake, "nvmlDeviceGetFieldValues", plain)
+    assert gateway.field_values(handle, ids[:1]) == {ids[0]: 2.5}
+    assert asked == [[(ids[0], 0)]]  # scope 0: what pynvml writes for a bare id as well
 
 
 def test_no_library_or_driver_fails_the_collector_not_the_round(

@@ -82,6 +82,9 @@ class _DeviceState:
     xid_total: int = 0
     xid_last: int | None = None
     spare: list[Any] = field(default_factory=list)
+    # nvmlGpmMetricsGet_t asking for SM utilisation, and a view of its one metric (NVML's
+    # answer shows through it): made once, only the samples change from round to round
+    gpm_request: tuple[Any, Any] | None = None
 
 
 @register
@@ -135,7 +138,8 @@ class GpuCollector(Collector):
                     continue
                 device = self._devices[index] = _Device(handle)
             handles.append((index, device))
-        self._setup_events([(index, device.handle) for index, device in handles])
+        if not self._events_ready:
+            self._setup_events([(index, device.handle) for index, device in handles])
         xids = self._drain_xids()
         rows: list[Row] = []
         pids: list[Row] = []
@@ -177,7 +181,9 @@ class GpuCollector(Collector):
             model = _text(answer or "unknown")
             if answer is not None:
                 device.model = model
-        state = self._state.setdefault(uuid, _DeviceState())
+        state = self._state.get(uuid)
+        if state is None:
+            state = self._state[uuid] = _DeviceState()
         energy_id, sbe_id, dbe_id, remapped_id = self._field_ids
         fields = self.gw.field_values(handle, self._field_ids)
         energy_mj = fields[energy_id]
@@ -334,15 +340,18 @@ class GpuCollector(Collector):
         previous, previous_time = state.gpm_sample, state.gpm_time
         ratio = None
         if previous is not None and now - previous_time >= GPM_MIN_SECONDS:
-            metrics = m.c_nvmlGpmMetricsGet_t()
-            metrics.version = m.NVML_GPM_METRICS_GET_VERSION
-            metrics.numMetrics = 1
+            if state.gpm_request is None:
+                request = m.c_nvmlGpmMetricsGet_t()
+                request.version = m.NVML_GPM_METRICS_GET_VERSION
+                request.numMetrics = 1
+                request.metrics[0].metricId = m.NVML_GPM_METRIC_SM_UTIL
+                state.gpm_request = (request, request.metrics[0])
+            metrics, metric = state.gpm_request
             metrics.sample1 = previous
             metrics.sample2 = sample
-            metrics.metrics[0].metricId = m.NVML_GPM_METRIC_SM_UTIL
             result = self.gw.call("nvmlGpmMetricsGet", metrics)
-            if result is not None and metrics.metrics[0].nvmlReturn == 0:
-                ratio = min(max(float(metrics.metrics[0].value) / 100.0, 0.0), 1.0)
+            if result is not None and metric.nvmlReturn == 0:
+                ratio = min(max(float(metric.value) / 100.0, 0.0), 1.0)
         elif previous is not None:
             state.spare.append(sample)  # too soon: keep the older sample as the baseline
             return None

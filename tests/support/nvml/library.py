@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import struct
 import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
@@ -111,9 +112,27 @@ class FakeClock:
         return self._now
 
 
+_S = TypeVar("_S")
+
+
 def _raise(code: int) -> Any:
     # pynvml raises NVMLError(code); NVMLError.__new__ picks the per-code subclass.
     raise pynvml.NVMLError(code)
+
+
+def _write(target: _S, **fields: Any) -> _S:
+    """Write ``fields`` of a pynvml structure the way the C library does, past the Python
+    ``__setattr__`` of pynvml's structures, which a real call never runs for what the driver
+    fills in (it costs several times the write)."""
+    cls = type(target)
+    for name, value in fields.items():
+        getattr(cls, name).__set__(target, value)
+    return target
+
+
+def _read(source: Any, name: str) -> Any:
+    """Read a field as the C library does (past pynvml's ``__getattribute__``)."""
+    return getattr(type(source), name).__get__(source)
 
 
 class _Anchored:
@@ -268,6 +287,20 @@ class FakeMigDevice(_Anchored):
         return self.parent
 
 
+@functools.lru_cache(maxsize=1024)
+def _process_info(p: ProcessProfile) -> Any:
+    """The ``nvmlProcessInfo_t`` the C library fills for ``p`` (only ever read: made once)."""
+    return _write(
+        pynvml.c_nvmlProcessInfo_v3_t(),
+        pid=p.pid,
+        usedGpuMemory=p.used_gpu_memory,
+        gpuInstanceId=NVML_INVALID_ID if p.gpu_instance_id is None else p.gpu_instance_id,
+        computeInstanceId=(
+            NVML_INVALID_ID if p.compute_instance_id is None else p.compute_instance_id
+        ),
+    )
+
+
 class _EventSet(_Anchored):
     def __init__(self) -> None:
         super().__init__()
@@ -312,22 +345,30 @@ def _nvml_api(
 
     def decorate(fn: _F) -> _F:
         name = fn.__name__
+        symbol_of = symbol if callable(symbol) else None
+        fixed_symbol = name if symbol_of is not None else (symbol or name)
+        handle_parameter = fn.__code__.co_varnames[1] if device else ""
 
+        # The hot path of every test and benchmark: checks inlined, the handle resolved once.
         @functools.wraps(fn)
         def wrapper(self: FakeNVML, *args: Any, **kwargs: Any) -> Any:
-            sym = symbol(*args, **kwargs) if callable(symbol) else (symbol or name)
+            sym = fixed_symbol if symbol_of is None else symbol_of(*args, **kwargs)
             with self._lock:
                 self.calls[name] += 1
-                self._gate(sym)
+                if not self._lib_loaded:
+                    _raise(pynvml.NVML_ERROR_UNINITIALIZED)
+                if sym in self.missing_symbols:
+                    _raise(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+                if not self._init_count:
+                    _raise(pynvml.NVML_ERROR_UNINITIALIZED)
                 if not device:
                     return fn(self, *args, **kwargs)
                 if args:
                     handle, rest = args[0], args[1:]
                 else:
-                    first = fn.__code__.co_varnames[1]
-                    handle, rest = kwargs.pop(first), ()
-                dev = self._resolve(handle)
-                self._touch(dev, name)
+                    handle, rest = kwargs.pop(handle_parameter), ()
+                dev = self._lookup(handle, _DEVICE_KINDS)
+                self._touch(dev, name)  # lost GPU, NotSupported
                 return fn(self, dev, *rest, **kwargs)
 
         return wrapper  # type: ignore[return-value]
@@ -341,6 +382,57 @@ def _memory_symbol(*args: Any, **kwargs: Any) -> str:
 
 
 _Dev = FakeDevice | FakeMigDevice
+_DEVICE_KINDS = (FakeDevice, FakeMigDevice)
+
+
+def _remapped(i: int) -> Callable[[FakeDevice], int | None]:
+    return lambda dev: dev.remapped_rows[i] if dev.remapped_rows else None
+
+
+_ULL, _UI = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
+_NOT_SUPPORTED = pynvml.NVML_ERROR_NOT_SUPPORTED
+# nvmlFieldValue_t as the C library fills it after the request (fieldId, scopeId): timestamp,
+# latencyUsec, valueType, nvmlReturn, then the value union (uiVal: its first 4 bytes).
+_FIELD_VALUE_SIZE = ctypes.sizeof(pynvml.c_nvmlFieldValue_t)
+_FIELD_ID = struct.Struct("=I")
+_FIELD_RESULT_AT = pynvml.c_nvmlFieldValue_t.timestamp.offset
+_FIELD_FAILED = struct.Struct("=qqII")
+_FIELD_ULL = struct.Struct("=qqIIQ")
+_FIELD_UINT = struct.Struct("=qqIII")
+assert (
+    pynvml.c_nvmlFieldValue_t.fieldId.offset,
+    pynvml.c_nvmlFieldValue_t.value.offset,
+    pynvml.c_nvmlFieldValue_t.nvmlReturn.offset,
+) == (0, _FIELD_RESULT_AT + _FIELD_FAILED.size, _FIELD_RESULT_AT + _FIELD_FAILED.size - 4)
+#: The field values the fake answers on a whole GPU: field id -> (valueType, reading); a reading
+#: of None answers NotSupported.
+_FIELDS: dict[int, tuple[int, Callable[[FakeDevice], int | None]]] = {
+    pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION: (_ULL, FakeDevice.energy_mj),
+    pynvml.NVML_FI_DEV_ECC_SBE_VOL_TOTAL: (_ULL, lambda dev: dev.ecc_corrected_volatile),
+    pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL: (_ULL, lambda dev: dev.ecc_uncorrected_volatile),
+    pynvml.NVML_FI_DEV_ECC_SBE_AGG_TOTAL: (_ULL, lambda dev: dev.ecc_corrected_aggregate),
+    pynvml.NVML_FI_DEV_ECC_DBE_AGG_TOTAL: (_ULL, lambda dev: dev.ecc_uncorrected_aggregate),
+    pynvml.NVML_FI_DEV_REMAPPED_COR: (_UI, _remapped(0)),
+    pynvml.NVML_FI_DEV_REMAPPED_UNC: (_UI, _remapped(1)),
+    pynvml.NVML_FI_DEV_REMAPPED_PENDING: (_UI, _remapped(2)),
+    pynvml.NVML_FI_DEV_REMAPPED_FAILURE: (_UI, _remapped(3)),
+    pynvml.NVML_FI_DEV_MEMORY_TEMP: (_UI, lambda dev: dev.temperature_memory),
+    pynvml.NVML_FI_DEV_POWER_INSTANT: (_UI, lambda dev: dev.power_instant_mw),
+}
+# A pointer's value without ctypes.cast (a foreign-function call): its bytes, as a void pointer.
+_pointer_value = ctypes.c_void_p.from_buffer_copy
+
+
+class _Absent:
+    """A binding's name hidden on one :class:`FakeNVML` (as if nvidia-ml-py were older): reading
+    it raises ``AttributeError``, so ``hasattr`` is false and ``getattr(m, name, None)`` is None.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        raise AttributeError(self.name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,8 +489,12 @@ class FakeNVML:
         self.missing_symbols: set[str] = set(missing_symbols)
         if old_driver:
             self.missing_symbols |= OLD_DRIVER_MISSING_SYMBOLS
-        #: Python attribute names that do not exist at all (older nvidia-ml-py bindings).
-        self.hidden: set[str] = set(hidden)
+        # Python attribute names that do not exist at all (older nvidia-ml-py bindings): this
+        # instance gets a class of its own where they are absent, so that no attribute access
+        # pays for a check (a ``__getattribute__`` override would, ~1,000 times a round).
+        absent = {name: _Absent(name) for name in hidden if name.startswith("nvml")}
+        if absent:
+            self.__class__ = type(type(self).__name__, (type(self),), absent)
         #: True: nvmlEventSetWait_v2 really waits (up to its timeout) for inject_xid from
         #: another thread.  False: it raises NVMLError_Timeout at once when nothing is pending.
         self.blocking_event_wait = blocking_event_wait
@@ -420,10 +516,10 @@ class FakeNVML:
             self.devices.append(dev)
             self._objects[dev.address] = dev
 
-    def __getattribute__(self, name: str) -> Any:
-        if name.startswith("nvml") and name in object.__getattribute__(self, "hidden"):
-            raise AttributeError(name)
-        return object.__getattribute__(self, name)
+    @property
+    def hidden(self) -> frozenset[str]:
+        """The ``nvml*`` names absent from this instance (fixed when it is made)."""
+        return frozenset(n for n, v in vars(type(self)).items() if isinstance(v, _Absent))
 
     def __repr__(self) -> str:
         return f"FakeNVML({[d.profile.key for d in self.devices]!r}, driver={self.driver_version})"
@@ -506,31 +602,24 @@ class FakeNVML:
 
     # ---------------------------------------------------------------- internals
 
-    def _gate(self, symbol: str) -> None:
-        if not self._lib_loaded:
-            _raise(pynvml.NVML_ERROR_UNINITIALIZED)
-        if symbol in self.missing_symbols:
-            _raise(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
-        if self._init_count == 0:
-            _raise(pynvml.NVML_ERROR_UNINITIALIZED)
-
     def _lookup(self, ptr: Any, kind: Any) -> Any:
-        try:
-            address = ctypes.cast(ptr, ctypes.c_void_p).value
-        except (ctypes.ArgumentError, TypeError):
-            address = None
+        """The object a handle points at, if it is a ``kind``; else InvalidArgument."""
+        if isinstance(ptr, ctypes._Pointer):  # what the fake hands out: no cast needed
+            address = _pointer_value(ptr).value
+        else:
+            try:
+                address = ctypes.cast(ptr, ctypes.c_void_p).value
+            except (ctypes.ArgumentError, TypeError):
+                address = None
         obj = self._objects.get(address) if address else None
         if not isinstance(obj, kind):
             _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         return obj
 
-    def _resolve(self, handle: Any) -> _Dev:
-        return self._lookup(handle, (FakeDevice, FakeMigDevice))  # type: ignore[no-any-return]
-
     def _touch(self, dev: _Dev, name: str) -> None:
         self.handle_calls[(name, dev.uuid)] += 1
         root = dev.root
-        if not root.lost and root.lost_after is not None:
+        if root.lost_after is not None and not root.lost:
             if root.lost_after <= 0:
                 root.lost = True
             else:
@@ -634,10 +723,11 @@ class FakeNVML:
         dev = self._whole_gpu(handle)
         if dev.mig_enabled or dev.utilization_gpu is None:
             _raise(pynvml.NVML_ERROR_NOT_SUPPORTED)  # captures: "GPU: N/A" in MIG mode
-        util = pynvml.c_nvmlUtilization_t()
-        util.gpu = dev.utilization_gpu
-        util.memory = dev.utilization_memory or 0
-        return util
+        return _write(
+            pynvml.c_nvmlUtilization_t(),
+            gpu=dev.utilization_gpu,
+            memory=dev.utilization_memory or 0,
+        )
 
     @_nvml_api(_memory_symbol, device=True)
     def nvmlDeviceGetMemoryInfo(self, handle: Any, version: int | None = None) -> Any:
@@ -645,15 +735,12 @@ class FakeNVML:
         free = max(total - reserved - used, 0)
         if not version:
             # v1 (nvmlMemory_t): "used" is reserved + allocated, i.e. total - free.
-            mem = pynvml.c_nvmlMemory_t()
-            mem.total, mem.free, mem.used = total, free, total - free
-            return mem
+            return _write(pynvml.c_nvmlMemory_t(), total=total, free=free, used=total - free)
         if version != pynvml.nvmlMemory_v2:
             _raise(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
         mem2 = pynvml.c_nvmlMemory_v2_t()
-        mem2.version = version
-        mem2.total, mem2.reserved, mem2.free, mem2.used = total, reserved, free, used
-        return mem2
+        mem2.version = version  # pynvml's wrapper writes the version, the library the rest
+        return _write(mem2, total=total, reserved=reserved, free=free, used=used)
 
     @_nvml_api(device=True)
     def nvmlDeviceGetPowerUsage(self, handle: Any) -> int:
@@ -730,47 +817,40 @@ class FakeNVML:
 
     # ---------------------------------------------------------------- field values
 
-    def _field(self, dev: _Dev, field_id: int) -> tuple[int, int, int | float] | None:
-        """(nvmlReturn, valueType, value) for one field, None when not supported."""
+    @staticmethod
+    def _field(dev: _Dev, field_id: int) -> tuple[int, int] | None:
+        """(valueType, value) of one field, None when not supported."""
         if isinstance(dev, FakeMigDevice) or field_id in dev.unsupported_fields:
             return None
-        ull, ui = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
-        remap = dev.remapped_rows
-        values: dict[int, tuple[int, int | float] | None] = {
-            pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION: (ull, dev.energy_mj()),
-            pynvml.NVML_FI_DEV_ECC_SBE_VOL_TOTAL: (ull, dev.ecc_corrected_volatile),
-            pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL: (ull, dev.ecc_uncorrected_volatile),
-            pynvml.NVML_FI_DEV_ECC_SBE_AGG_TOTAL: (ull, dev.ecc_corrected_aggregate),
-            pynvml.NVML_FI_DEV_ECC_DBE_AGG_TOTAL: (ull, dev.ecc_uncorrected_aggregate),
-            pynvml.NVML_FI_DEV_REMAPPED_COR: (ui, remap[0]) if remap else None,
-            pynvml.NVML_FI_DEV_REMAPPED_UNC: (ui, remap[1]) if remap else None,
-            pynvml.NVML_FI_DEV_REMAPPED_PENDING: (ui, remap[2]) if remap else None,
-            pynvml.NVML_FI_DEV_REMAPPED_FAILURE: (ui, remap[3]) if remap else None,
-            pynvml.NVML_FI_DEV_MEMORY_TEMP: (ui, dev.temperature_memory),
-            pynvml.NVML_FI_DEV_POWER_INSTANT: (ui, dev.power_instant_mw),
-        }
-        found = values.get(field_id)
-        return None if found is None else (pynvml.NVML_SUCCESS, *found)
+        found = _FIELDS.get(field_id)
+        if found is None:
+            return None
+        value_type, read = found
+        value = read(dev)
+        return None if value is None else (value_type, int(value))
 
     @_nvml_api(device=True)
     def nvmlDeviceGetFieldValues(self, handle: Any, fieldIds: Sequence[Any]) -> Any:
         values = (pynvml.c_nvmlFieldValue_t * len(fieldIds))()
         timestamp_us = int(self.clock.now() * 1_000_000)
         for i, requested in enumerate(fieldIds):
-            try:
+            try:  # as pynvml's own wrapper writes the request
                 values[i].fieldId, values[i].scopeId = requested
             except TypeError:
                 values[i].fieldId = requested
-            values[i].timestamp = timestamp_us
-            result = self._field(handle, values[i].fieldId)
+            # What the C library writes: the rest of the structure, in place.
+            at = i * _FIELD_VALUE_SIZE
+            result = self._field(handle, _FIELD_ID.unpack_from(values, at)[0])
             if result is None:
-                values[i].nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
-                continue
-            values[i].nvmlReturn, values[i].valueType, value = result
-            if values[i].valueType == pynvml.NVML_VALUE_TYPE_UNSIGNED_INT:
-                values[i].value.uiVal = int(value)
+                _FIELD_FAILED.pack_into(
+                    values, at + _FIELD_RESULT_AT, timestamp_us, 0, 0, _NOT_SUPPORTED
+                )
             else:
-                values[i].value.ullVal = int(value)
+                value_type, number = result
+                layout = _FIELD_UINT if value_type == _UI else _FIELD_ULL
+                layout.pack_into(
+                    values, at + _FIELD_RESULT_AT, timestamp_us, 0, value_type, 0, number
+                )
         return values
 
     # ---------------------------------------------------------------- processes
@@ -785,17 +865,8 @@ class FakeNVML:
                 if p.gpu_instance_id == dev.gpu_instance_id
                 and p.compute_instance_id in (None, dev.compute_instance_id)
             ]
-        result = []
-        for p in procs:
-            info = pynvml.c_nvmlProcessInfo_v3_t()
-            info.pid = p.pid
-            info.usedGpuMemory = p.used_gpu_memory
-            info.gpuInstanceId = NVML_INVALID_ID if p.gpu_instance_id is None else p.gpu_instance_id
-            info.computeInstanceId = (
-                NVML_INVALID_ID if p.compute_instance_id is None else p.compute_instance_id
-            )
-            result.append(pynvml.nvmlStructToFriendlyObject(info))
-        return result
+        # pynvml's wrapper turns each structure the library filled into a new friendly object
+        return [pynvml.nvmlStructToFriendlyObject(_process_info(p)) for p in procs]
 
     @_nvml_api("nvmlDeviceGetComputeRunningProcesses_v3", device=True)
     def nvmlDeviceGetComputeRunningProcesses(self, handle: Any) -> list[Any]:
@@ -831,10 +902,13 @@ class FakeNVML:
             stamp = round(at * 1_000_000)
             for p in dev.processes_at(at):
                 if (p.sm_util_pct or p.mem_util_pct) and stamp > timeStamp:
-                    sample = pynvml.c_nvmlProcessUtilizationSample_t()
-                    sample.pid, sample.timeStamp = p.pid, stamp
-                    sample.smUtil, sample.memUtil = p.sm_util_pct, p.mem_util_pct
-                    sample.encUtil = sample.decUtil = 0
+                    sample = _write(
+                        pynvml.c_nvmlProcessUtilizationSample_t(),
+                        pid=p.pid,
+                        timeStamp=stamp,
+                        smUtil=p.sm_util_pct,
+                        memUtil=p.mem_util_pct,
+                    )  # encUtil, decUtil: 0
                     samples.append(sample)
             tick += 1
         if not samples:
@@ -971,25 +1045,26 @@ class FakeNVML:
 
     @_nvml_api()
     def nvmlGpmMetricsGet(self, metricsGet: Any) -> Any:
-        if metricsGet.version != pynvml.NVML_GPM_METRICS_GET_VERSION:
+        # The C library reads and writes the structure directly (_read/_write).
+        if _read(metricsGet, "version") != pynvml.NVML_GPM_METRICS_GET_VERSION:
             _raise(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
-        if metricsGet.numMetrics > pynvml.NVML_GPM_METRIC_MAX:
+        count = _read(metricsGet, "numMetrics")
+        if count > pynvml.NVML_GPM_METRIC_MAX:
             _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)
-        s1 = self._lookup(metricsGet.sample1, _GpmSample)
-        s2 = self._lookup(metricsGet.sample2, _GpmSample)
+        s1 = self._lookup(_read(metricsGet, "sample1"), _GpmSample)
+        s2 = self._lookup(_read(metricsGet, "sample2"), _GpmSample)
         if s1.device is None or s1.device is not s2.device or s2.timestamp <= s1.timestamp:
             _raise(pynvml.NVML_ERROR_INVALID_ARGUMENT)  # fake's choice for unusable samples
         if s1.device.lost:
             _raise(pynvml.NVML_ERROR_GPU_IS_LOST)
         sm_util = (s2.sm_integral - s1.sm_integral) / (s2.timestamp - s1.timestamp)
-        for i in range(metricsGet.numMetrics):
-            metric = metricsGet.metrics[i]
-            if metric.metricId == pynvml.NVML_GPM_METRIC_SM_UTIL:
-                metric.value = sm_util
-                metric.nvmlReturn = pynvml.NVML_SUCCESS
+        metrics = _read(metricsGet, "metrics")
+        for i in range(count):
+            metric = metrics[i]
+            if _read(metric, "metricId") == pynvml.NVML_GPM_METRIC_SM_UTIL:
+                _write(metric, value=sm_util, nvmlReturn=pynvml.NVML_SUCCESS)
             else:
-                metric.value = 0.0
-                metric.nvmlReturn = pynvml.NVML_ERROR_NOT_SUPPORTED
+                _write(metric, value=0.0, nvmlReturn=pynvml.NVML_ERROR_NOT_SUPPORTED)
         return metricsGet
 
     # ---------------------------------------------------------------- events
