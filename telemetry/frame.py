@@ -54,7 +54,7 @@ def column_array(kind: str, values: Sequence[Any]) -> tuple[np.ndarray, np.ndarr
     string for a number; a float or a bool for an integer: Arrow's ``from_pylist`` truncates
     1.5 to 1), ``OverflowError`` for an integer the column cannot hold, ``ValueError`` for a
     string that is not valid Unicode."""
-    types = {type(v) for v in values}
+    types = set(map(type, values))
     valid: np.ndarray | None = None
     if type(None) in types:
         types.discard(type(None))
@@ -119,28 +119,47 @@ class Frame:
         return cls(table, {c.name: np.zeros(0, DTYPES[c.kind]) for c in TABLES[table]})
 
     @classmethod
-    def from_rows(cls, table: str, rows: Sequence[dict[str, Any]], checked: bool = False) -> Frame:
+    def from_rows(
+        cls,
+        table: str,
+        rows: Sequence[dict[str, Any]],
+        checked: bool = False,
+        constants: dict[str, Any] | None = None,
+        incomplete: str = "raise",
+    ) -> Frame:
         """One frame from row dicts (a missing column is null). Raises ``ValueError`` naming the
         column for a value its type cannot hold, or a null in a required column.
 
         ``checked``: every value already passed :func:`column_array` for its column (the
         Runner checks each collector's rows inside its error boundary), so only nulls are
-        looked for; a value of the wrong type is then converted as NumPy converts it."""
+        looked for; a value of the wrong type is then converted as NumPy converts it.
+        ``constants``: columns whose one value every row has (a round's time and node), not
+        looked up in the rows. ``incomplete="drop"``: a row with a null in a required column
+        is left out instead (``num_rows`` says how many stayed)."""
         columns: dict[str, np.ndarray] = {}
         valid: dict[str, np.ndarray] = {}
         convert = _checked_array if checked else column_array
+        missing: np.ndarray | None = None  # rows with a null in a required column
         for column in TABLES[table]:
-            values = [row.get(column.name) for row in rows]
+            name = column.name
+            if constants is not None and name in constants:
+                values = [constants[name]] * len(rows)
+            else:
+                values = [row.get(name) for row in rows]
             try:
                 array, mask = convert(column.kind, values)
             except (TypeError, ValueError, OverflowError) as exc:
-                raise ValueError(f"{table}.{column.name}: {exc}") from None
+                raise ValueError(f"{table}.{name}: {exc}") from None
             if mask is not None:
-                if not column.nullable:
-                    raise ValueError(f"{table}.{column.name}: null in a required column")
-                valid[column.name] = mask
-            columns[column.name] = array
-        return cls(table, columns, valid)
+                if column.nullable:
+                    valid[name] = mask
+                elif incomplete == "drop":
+                    missing = ~mask if missing is None else missing | ~mask
+                else:
+                    raise ValueError(f"{table}.{name}: null in a required column")
+            columns[name] = array
+        frame = cls(table, columns, valid)
+        return frame if missing is None else frame.filter(~missing)
 
     def has(self, name: str) -> bool:
         return name in self.columns

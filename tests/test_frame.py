@@ -103,6 +103,35 @@ def test_rows_checked_before_become_the_same_frame_unchecked(data: st.DataObject
 
 @settings(max_examples=150, deadline=None)
 @given(st.data())
+def test_a_rounds_rows_leave_out_the_incomplete_and_take_time_and_node_given(
+    data: st.DataObject,
+) -> None:
+    """How the Runner builds a round's Frame: time and node given once, and a row missing a
+    required column left out (not the whole table refused) — the same Frame as the rows that
+    are complete, built with time and node in each."""
+    table = data.draw(TABLE_NAMES)
+    drawn = data.draw(rows(table))
+    required = [c.name for c in TABLES[table] if not c.nullable and c.name not in ("time", "node")]
+    for row in drawn:
+        del row["time"], row["node"]
+        if required and data.draw(st.booleans()):
+            row[data.draw(st.sampled_from(required))] = None
+    built = Frame.from_rows(
+        table, drawn, data.draw(st.booleans()), {"time": T0, "node": "n1"}, incomplete="drop"
+    )
+    complete = [
+        {"time": T0, "node": "n1", **row}
+        for row in drawn
+        if all(row.get(name) is not None for name in required)
+    ]
+    assert built.equals(Frame.from_rows(table, complete))
+    if len(complete) < len(drawn):  # by default such rows refuse the whole Frame
+        with pytest.raises(ValueError, match="null in a required column"):
+            Frame.from_rows(table, [{"time": T0, "node": "n1", **row} for row in drawn])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
 def test_screening_keeps_what_the_arrow_screen_keeps(data: st.DataObject) -> None:
     table = data.draw(TABLE_NAMES)
     drawn = data.draw(rows(table))

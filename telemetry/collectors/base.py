@@ -141,6 +141,9 @@ class Runner:
             collector.close()
 
 
+_KINDS = {table: {c.name: c.kind for c in columns} for table, columns in TABLES.items()}
+
+
 def check_rows(produced: dict[str, list[Row]]) -> None:
     """Raise ``ValueError`` unless every value fits its table's column type.
 
@@ -150,11 +153,10 @@ def check_rows(produced: dict[str, list[Row]]) -> None:
     for table, rows in produced.items():
         if table.startswith("_"):
             continue  # side outputs for attribution, not sample tables
-        columns = TABLES.get(table)
-        if columns is None:
+        kinds = _KINDS.get(table)
+        if kinds is None:
             raise ValueError(f"rows for unknown table {table!r}")
-        kinds = {c.name: c.kind for c in columns}
-        for name in sorted({key for row in rows for key in row}):
+        for name in sorted(set().union(*rows)):
             if name not in kinds:
                 raise ValueError(f"{table}: unknown column {name!r}")
             try:
@@ -179,21 +181,19 @@ def assemble(
     """
     tables: dict[str, Frame] = {}
     dropped = 0
+    constants = {"time": time_ns, "node": node}
     for table, rows in partial.items():
         if table.startswith("_"):
             continue
-        keys = SERIES_KEYS[table]
+        # Time and node are the round's: the rest of a series key tells its rows apart.
+        keys = [k for k in SERIES_KEYS[table] if k not in constants]
         merged: dict[tuple[Any, ...], Row] = {}
         for row in rows:
-            full = {"time": time_ns, "node": node, **row}
-            merged.setdefault(tuple(full[k] for k in keys), {}).update(full)
-        required = [c.name for c in TABLES[table] if not c.nullable]
-        complete = []
-        for row in merged.values():
-            if all(row.get(name) is not None for name in required):
-                complete.append(row)
-            else:
-                dropped += 1
-        if complete:
-            tables[table] = Frame.from_rows(table, complete, checked=checked)
+            key = tuple([row.get(k) for k in keys])
+            earlier = merged.get(key)
+            merged[key] = row if earlier is None else {**earlier, **row}
+        frame = Frame.from_rows(table, list(merged.values()), checked, constants, incomplete="drop")
+        dropped += len(merged) - frame.num_rows
+        if frame.num_rows:
+            tables[table] = frame
     return tables, dropped
