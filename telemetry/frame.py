@@ -48,6 +48,31 @@ def _expected(kind: str) -> str:
     return "an integer" if kind in _INT_BOUNDS else "a number"
 
 
+def check_column(kind: str, values: Sequence[Any]) -> None:
+    """Raise as :func:`column_array` would for ``values``, without building the arrays."""
+    types = set(map(type, values))
+    types.discard(type(None))
+    if kind == "string":
+        allowed: frozenset[type] = frozenset({str})
+    else:
+        allowed = _INTEGERS if kind in _INT_BOUNDS else _NUMBERS
+    wrong = types - allowed
+    if wrong:
+        got = sorted(t.__name__ for t in wrong)[0]
+        raise TypeError(f"expected {_expected(kind)}, got {got}")
+    if kind == "string":
+        "".join([v for v in values if v is not None]).encode("utf-8")
+    elif kind in _INT_BOUNDS:
+        present = [v for v in values if v is not None]
+        low, high = _INT_BOUNDS[kind]
+        if present and not (low <= min(present) and max(present) <= high):
+            raise OverflowError(f"{max(present, key=abs)} does not fit {kind}")
+    elif int in types:
+        for v in values:
+            if type(v) is int:
+                float(v)  # an integer past float's range raises OverflowError, as NumPy does
+
+
 def column_array(kind: str, values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray | None]:
     """``values`` (Python, None for null) as a column of ``kind``: the array and its validity
     mask (None when nothing is null). Raises ``TypeError`` for a value of the wrong type (a

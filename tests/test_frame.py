@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from telemetry.frame import Frame
+from telemetry.frame import Frame, check_column, column_array
 from telemetry.schema import SCHEMAS, screen, validate
 from telemetry.tables import EARLIEST_NS, LATEST_NS, TABLES
 from tests.support.units import NS
@@ -128,6 +128,33 @@ def test_a_rounds_rows_leave_out_the_incomplete_and_take_time_and_node_given(
     if len(complete) < len(drawn):  # by default such rows refuse the whole Frame
         with pytest.raises(ValueError, match="null in a required column"):
             Frame.from_rows(table, [{"time": T0, "node": "n1", **row} for row in drawn])
+
+
+_KINDS = ["time", "string", "int16", "int32", "int64", "float32", "float64"]
+_ANY_VALUE = st.one_of(
+    st.none(),
+    st.integers(-(2**70), 2**70),
+    st.integers(-(2**1030), 2**1030),
+    st.floats(),
+    st.text(max_size=4),
+    st.text(alphabet=st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), max_size=2),
+    st.booleans(),
+    st.sampled_from([np.int64(5), np.float32(1.5), np.uint32(7), b"x"]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(_KINDS), st.lists(_ANY_VALUE, max_size=5))
+def test_checking_a_column_refuses_what_converting_it_refuses(kind: str, values: list[Any]) -> None:
+    """The Runner checks a collector's rows without building the arrays: it must refuse
+    exactly what building them refuses, with the same kind of error."""
+    try:
+        column_array(kind, values)
+    except (TypeError, ValueError, OverflowError) as exc:
+        with pytest.raises(type(exc)):
+            check_column(kind, values)
+    else:
+        check_column(kind, values)
 
 
 @settings(max_examples=150, deadline=None)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from telemetry.collectors.attribution import attribute_gpus
-from telemetry.frame import Frame, column_array
+from telemetry.frame import Frame, check_column
 from telemetry.logs import OnceLogger
 from telemetry.tables import SERIES_KEYS, TABLES
 
@@ -160,7 +160,7 @@ def check_rows(produced: dict[str, list[Row]]) -> None:
             if name not in kinds:
                 raise ValueError(f"{table}: unknown column {name!r}")
             try:
-                column_array(kinds[name], [row.get(name) for row in rows])
+                check_column(kinds[name], [row.get(name) for row in rows])
             except (ValueError, OverflowError, TypeError) as exc:
                 raise ValueError(f"{table}.{name}: {exc}") from None
 
