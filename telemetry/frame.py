@@ -219,12 +219,11 @@ class Frame:
 
     def series_codes(self) -> tuple[np.ndarray, list[tuple[str, ...]]]:
         """An integer code per row for its series key, and the key of each code."""
-        keys = zip(*(self.columns[k].tolist() for k in SERIES_KEYS[self.table]), strict=True)
-        ids: dict[tuple[str, ...], int] = {}
-        codes = np.fromiter(
-            (ids.setdefault(k, len(ids)) for k in keys), dtype=np.int64, count=self.num_rows
-        )
-        return codes, list(ids)
+        keys = list(zip(*(self.columns[k].tolist() for k in SERIES_KEYS[self.table]), strict=True))
+        first = dict.fromkeys(keys)  # each key once, in the order it first appears
+        ids = {key: code for code, key in enumerate(first)}
+        codes = np.fromiter(map(ids.__getitem__, keys), dtype=np.int64, count=self.num_rows)
+        return codes, list(first)
 
     def take(self, rows: np.ndarray) -> Frame:
         """The rows at positions ``rows`` (int array), in that order."""
