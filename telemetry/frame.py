@@ -104,8 +104,10 @@ def column_array(kind: str, values: Sequence[Any]) -> tuple[np.ndarray, np.ndarr
         if present and not (low <= min(present) and max(present) <= high):
             raise OverflowError(f"{max(present, key=abs)} does not fit {kind}")
         return np.array(filled, dtype=DTYPES[kind]), valid
+    if kind != "float32":
+        return np.array(filled, dtype=np.float64), valid
     with np.errstate(over="ignore"):  # a float beyond float32 becomes inf, as in Arrow
-        return np.array(filled, dtype=DTYPES[kind]), valid
+        return np.array(filled, dtype=np.float32), valid
 
 
 def _checked_array(kind: str, values: list[Any]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -119,8 +121,10 @@ def _checked_array(kind: str, values: list[Any]) -> tuple[np.ndarray, np.ndarray
         array = np.empty(len(values), dtype=object)
         array[:] = values
         return array, valid
-    with np.errstate(over="ignore"):  # a float beyond float32 becomes inf, as in Arrow
+    if kind != "float32":
         return np.array(values, dtype=DTYPES[kind]), valid
+    with np.errstate(over="ignore"):  # a float beyond float32 becomes inf, as in Arrow
+        return np.array(values, dtype=np.float32), valid
 
 
 class Frame:
