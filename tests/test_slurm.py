@@ -354,10 +354,10 @@ def test_a_kept_file_unlinked_in_a_live_job_reads_as_missing(
     assert len(warnings) == 1 and "memory.current" in warnings[0]
 
 
-def test_kept_files_of_a_settled_job_cost_one_stat_a_round_and_still_see_a_replacement(
+def test_kept_files_of_a_settled_job_cost_one_fstat_a_round_and_still_see_a_replacement(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Once a job's directory has not changed for a while, one stat of it a round stands for
+    """Once a job's directory has not changed for a while, one fstat of it a round stands for
     asking each kept file whether it was unlinked (an fstat each). A file replaced, or a
     replacement dressed in the directory's old mtime, is still read in the next round."""
     monkeypatch.setattr(files, "SETTLED_NS", 200_000_000)
@@ -383,7 +383,8 @@ def test_kept_files_of_a_settled_job_cost_one_stat_a_round_and_still_see_a_repla
     calls.update(fstat=0, stat=0)
     for _ in range(2):
         assert by_job(collector.collect()) == V2_EXPECTED
-    assert calls == {"fstat": 0, "stat": 2}, "settled: no file asked, the directory once a round"
+    jobs = len(V2_EXPECTED)
+    assert calls == {"fstat": 2 * jobs, "stat": 0}, "settled: one fstat a job directory a round"
     replacement = job / "cpu.new"
     replacement.write_text("usage_usec 9000000000\nuser_usec 1\n")
     os.replace(replacement, job / "cpu.stat")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import sys
 import time
 import weakref
 from pathlib import Path
@@ -57,11 +58,12 @@ class KeptFiles:
     At most ``limit`` files are kept; past that, files are opened each round as before.
 
     Asking each kept file whether its name was unlinked is one ``fstat`` a file and round. In
-    rounds (:meth:`begin_round`), one ``stat`` of the file's directory a round answers for all
-    of its files instead: a directory whose identity, mtime and ctime are what they were when
-    it was last looked at, which was more than :data:`SETTLED_NS` after its mtime, had no entry
-    added, removed or renamed since (a change would carry a later timestamp however coarse the
-    file system's clock), so its kept files are still the files their names name.
+    rounds (:meth:`begin_round`), one ``fstat`` of the file's directory (a descriptor of it is
+    kept too, and counts against ``limit``) answers for all of its files instead: a directory
+    still linked whose mtime and ctime are what they were when it was last looked at, which was
+    more than :data:`SETTLED_NS` after its last change, had no entry added, removed or renamed
+    since (a change would carry a later timestamp however coarse the file system's clock), so
+    its kept files are still the files their names name.
     """
 
     def __init__(self, limit: int = 512) -> None:
@@ -69,11 +71,13 @@ class KeptFiles:
         self._fds: dict[object, dict[str, tuple[int, str]]] = {}
         self._count = 0
         self._round = 0  # 0: not in rounds, every kept file is asked itself
-        # directory -> (its identity and times, when they were taken: ns) at the last look
-        self._seen: dict[str, tuple[tuple[int, int, int, int], int]] = {}
+        # directory -> [a descriptor of it, its (mtime, ctime) at the last look, when: ns]
+        self._dirs: dict[str, list[Any]] = {}
         self._settled: dict[str, bool] = {}  # this round's answers, by directory
+        self._last_dir: str | None = None  # the last of them, asked again for the next file
+        self._last_settled = False
         # Closes the descriptors of a collector dropped without close() (tests make many).
-        self._finalizer = weakref.finalize(self, _close_all, self._fds)
+        self._finalizer = weakref.finalize(self, _close_all, self._fds, self._dirs)
 
     def __len__(self) -> int:
         return self._count
@@ -82,6 +86,7 @@ class KeptFiles:
         """A new round: directories are looked at again, once each."""
         self._round += 1
         self._settled.clear()
+        self._last_dir = None
 
     def read(self, owner: object, path: Path) -> str:
         """The text of ``path``. Raises ``OSError`` (gone, not readable) as :func:`read_text`."""
@@ -92,7 +97,12 @@ class KeptFiles:
             assert files is not None
             fd, directory = kept
             try:
-                if self._is_settled(directory) or os.fstat(fd).st_nlink:
+                if directory is self._last_dir:  # a job's files share one directory
+                    settled = self._last_settled
+                else:
+                    settled = self._is_settled(directory)
+                    self._last_dir, self._last_settled = directory, settled
+                if settled or os.fstat(fd).st_nlink:
                     data = os.pread(fd, 65536, 0)
                     if len(data) < 65536:
                         return _decode(data)
@@ -107,35 +117,51 @@ class KeptFiles:
                 fd = os.open(key, os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
                 return text
-            self._fds.setdefault(owner, {})[key] = (fd, key.rpartition("/")[0] or "/")
+            # one string object per directory: the next file of the job finds it by identity
+            directory = sys.intern(key.rpartition("/")[0] or "/")
+            self._fds.setdefault(owner, {})[key] = (fd, directory)
             self._count += 1
         return text
 
     def _is_settled(self, directory: str) -> bool:
         """Whether ``directory`` had no entry changed since it was last looked at (once a
-        round; never outside rounds)."""
+        round, through a descriptor of it kept with its files; never outside rounds)."""
         if not self._round:
             return False
         settled = self._settled.get(directory)
         if settled is not None:
             return settled
+        self._settled[directory] = False
+        looked = self._dirs.get(directory)
+        if looked is None:
+            if self._count >= self._limit:
+                return False
+            try:
+                fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                return False
+            looked = self._dirs[directory] = [fd, None, 0]
+            self._count += 1
         try:
-            st = os.stat(directory)
+            st = os.fstat(looked[0])
         except OSError:
-            self._seen.pop(directory, None)
-            self._settled[directory] = False
+            return False
+        if not st.st_nlink:  # removed: its files are gone too, and are read afresh
+            self._forget(directory)
             return False
         now = time.time_ns()
-        identity = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
-        last = self._seen.get(directory)
-        settled = (
-            last is not None
-            and last[0] == identity
-            and last[1] - max(st.st_mtime_ns, st.st_ctime_ns) > SETTLED_NS
-        )
-        self._seen[directory] = (identity, now)
+        times = (st.st_mtime_ns, st.st_ctime_ns)
+        settled = bool(looked[1] == times and looked[2] - max(times) > SETTLED_NS)
+        looked[1], looked[2] = times, now
         self._settled[directory] = settled
         return settled
+
+    def _forget(self, directory: str) -> None:
+        looked = self._dirs.pop(directory, None)
+        if looked is not None:
+            self._count -= 1
+            with contextlib.suppress(OSError):
+                os.close(looked[0])
 
     def keep_only(self, owners: set[Any]) -> None:
         """Close the files of every owner not in ``owners`` (jobs that ended)."""
@@ -144,10 +170,12 @@ class KeptFiles:
             self._count -= len(files)
             for fd, directory in files.values():
                 os.close(fd)
-                self._seen.pop(directory, None)
+                self._forget(directory)
 
     def close(self) -> None:
         self.keep_only(set())
+        for directory in list(self._dirs):
+            self._forget(directory)
 
 
 def kept_files_limit() -> int:
@@ -156,9 +184,11 @@ def kept_files_limit() -> int:
     return 512 if soft == resource.RLIM_INFINITY else max(0, min(512, soft // 4))
 
 
-def _close_all(fds: dict[object, dict[str, tuple[int, str]]]) -> None:
-    for files in fds.values():
-        for fd, _ in files.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
+def _close_all(fds: dict[object, dict[str, tuple[int, str]]], dirs: dict[str, list[Any]]) -> None:
+    descriptors = [fd for files in fds.values() for fd, _ in files.values()]
+    descriptors += [looked[0] for looked in dirs.values()]
+    for fd in descriptors:
+        with contextlib.suppress(OSError):
+            os.close(fd)
     fds.clear()
+    dirs.clear()

@@ -126,31 +126,32 @@ def parse_cpu_list(text: str, source: str = "cpuset") -> int:
     return count
 
 
-def _non_negative_int(text: str, source: str) -> int:
+def _non_negative_int(text: str, source: str | Path, what: str = "") -> int:
+    """``text`` as an int64 >= 0; ``source`` (and ``what`` of it) name it in the error only."""
     value = text.strip()
     if not (value.isascii() and value.isdigit()) or len(value) > 19:
-        raise ParseError(f"{source}: expected a non-negative integer, got {value[:40]!r}")
+        raise ParseError(f"{source}{what}: expected a non-negative integer, got {value[:40]!r}")
     number = int(value)
     if number > _INT64_MAX:
-        raise ParseError(f"{source}: {number} does not fit in int64")
+        raise ParseError(f"{source}{what}: {number} does not fit in int64")
     return number
 
 
-def parse_cpu_stat_usage_usec(text: str, source: str = "cpu.stat") -> int:
+def parse_cpu_stat_usage_usec(text: str, source: str | Path = "cpu.stat") -> int:
     """The ``usage_usec`` value of a cgroup v2 ``cpu.stat`` file (µs). Raises ``ParseError``."""
     if text.startswith("usage_usec "):  # the kernel's first line: no need to split them all
         end = text.find("\n")
         value = (text[11:end] if end >= 0 else text[11:]).strip()
         if value.isascii() and value.isdigit():
-            return _non_negative_int(value, f"{source} usage_usec")
+            return _non_negative_int(value, source, " usage_usec")
     for line in text.splitlines():
         key, _, value = line.partition(" ")
         if key == "usage_usec":
-            return _non_negative_int(value, f"{source} usage_usec")
+            return _non_negative_int(value, source, " usage_usec")
     raise ParseError(f"{source}: no usage_usec line")
 
 
-def parse_counter(text: str, source: str) -> int:
+def parse_counter(text: str, source: str | Path) -> int:
     """A cgroup file holding one non-negative integer (``memory.current``, ``cpuacct.usage``)."""
     return _non_negative_int(text, source)
 
@@ -390,10 +391,10 @@ def read_cgroup_usage(
         usage = files.read(owner, usage_file)
         memory = files.read(owner, memory_file)
     if version == 2:
-        cpu_seconds = parse_cpu_stat_usage_usec(usage, str(usage_file)) / 1e6
+        cpu_seconds = parse_cpu_stat_usage_usec(usage, usage_file) / 1e6
     else:
-        cpu_seconds = parse_counter(usage, str(usage_file)) / 1e9
-    return cpu_seconds, parse_counter(memory, str(memory_file))
+        cpu_seconds = parse_counter(usage, usage_file) / 1e9
+    return cpu_seconds, parse_counter(memory, memory_file)
 
 
 def read_environ(path: Path) -> bytes:
@@ -415,7 +416,7 @@ def _subdir_names(path: Path) -> list[str]:
     """Names of the sub-directories of ``path``, sorted; none if it is missing or unreadable."""
     try:
         with os.scandir(path) as entries:
-            return sorted(e.name for e in entries if _is_dir(e))
+            return sorted([e.name for e in entries if _is_dir(e)])
     except OSError:
         return []
 
@@ -464,7 +465,11 @@ class JobCgroup:
     @property
     def key(self) -> tuple[str, str]:
         """(slurmd scope, job): what keeps two slurmd's copies of one job apart."""
-        return self.scope, self.job_id
+        key: tuple[str, str] | None = self.__dict__.get("_key")
+        if key is None:
+            key = (self.scope, self.job_id)
+            object.__setattr__(self, "_key", key)  # made once: it is asked a dozen times a round
+        return key
 
 
 def list_jobs(cgroup_root: Path) -> list[JobCgroup]:
@@ -481,19 +486,21 @@ def _v2_jobs(root: Path) -> Iterator[JobCgroup]:
     for scope in _subdirs(root / "system.slice"):
         if not scope.name.endswith("slurmstepd.scope"):
             continue
+        where = str(scope)
         for name in _subdir_names(scope):
-            job = _v2_job(scope, name)
+            job = _v2_job(where, name)
             if job is not None:
                 yield job
 
 
 @functools.lru_cache(maxsize=1024)
-def _v2_job(scope: Path, name: str) -> JobCgroup | None:
-    """The job cgroup ``scope/name`` (None: not a job), built once per job, not every round."""
+def _v2_job(scope_dir: str, name: str) -> JobCgroup | None:
+    """The job cgroup ``scope_dir/name`` (None: not a job), built once per job, not every round."""
     match = _JOB_DIR.fullmatch(name)
     sluid = name if _SLUID_DIR.fullmatch(name) else None
     if not (match or sluid):
         return None
+    scope = Path(scope_dir)
     job = scope / name
     return JobCgroup(
         job_id=match.group(1) if match else name,
