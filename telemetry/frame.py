@@ -11,6 +11,7 @@ nulls. :meth:`Frame.to_arrow` and :meth:`Frame.from_arrow` cross to Arrow where 
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -110,7 +111,7 @@ def column_array(kind: str, values: Sequence[Any]) -> tuple[np.ndarray, np.ndarr
         return np.array(filled, dtype=np.float32), valid
 
 
-def _checked_array(kind: str, values: list[Any]) -> tuple[np.ndarray, np.ndarray | None]:
+def _checked_array(kind: str, values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray | None]:
     """:func:`column_array` of values it has accepted before: nulls found, nothing checked."""
     valid: np.ndarray | None = None
     if None in values:
@@ -125,6 +126,20 @@ def _checked_array(kind: str, values: list[Any]) -> tuple[np.ndarray, np.ndarray
         return np.array(values, dtype=DTYPES[kind]), valid
     with np.errstate(over="ignore"):  # a float beyond float32 becomes inf, as in Arrow
         return np.array(values, dtype=np.float32), valid
+
+
+def _transposed(rows: Sequence[dict[str, Any]]) -> dict[str, Sequence[Any]]:
+    """The values of every key any row has, row by row (None where a row lacks it)."""
+    if not rows:
+        return {}
+    names = list(set().union(*rows))
+    if len(names) > 1:
+        try:  # rows that all have every key (the usual round): C-level calls, no Python step
+            columns = zip(*map(operator.itemgetter(*names), rows), strict=True)
+            return dict(zip(names, columns, strict=True))
+        except KeyError:
+            pass
+    return {name: [row.get(name) for row in rows] for name in names}
 
 
 class Frame:
@@ -169,12 +184,15 @@ class Frame:
         valid: dict[str, np.ndarray] = {}
         convert = _checked_array if checked else column_array
         missing: np.ndarray | None = None  # rows with a null in a required column
+        given = _transposed(rows)
+        nulls = [None] * len(rows)
         for column in TABLES[table]:
             name = column.name
+            values: Sequence[Any]
             if constants is not None and name in constants:
                 values = [constants[name]] * len(rows)
             else:
-                values = [row.get(name) for row in rows]
+                values = given.get(name, nulls)
             try:
                 array, mask = convert(column.kind, values)
             except (TypeError, ValueError, OverflowError) as exc:

@@ -88,6 +88,22 @@ def test_rows_become_what_pyarrow_makes_of_them(data: st.DataObject) -> None:
 
 @settings(max_examples=150, deadline=None)
 @given(st.data())
+def test_rows_lacking_columns_hold_nulls_there(data: st.DataObject) -> None:
+    """Rows need not all have the same columns (a MIG instance's row has fewer than its GPU's):
+    what a row lacks is null, as pyarrow makes it."""
+    table = data.draw(TABLE_NAMES)
+    drawn = data.draw(rows(table))
+    nullable = [c.name for c in TABLES[table] if c.nullable]
+    for row in drawn:
+        for name in nullable:
+            if data.draw(st.booleans()):
+                row.pop(name)
+    frame = Frame.from_rows(table, drawn, data.draw(st.booleans()))
+    assert _same(frame.to_arrow(), _arrow(table, drawn))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
 def test_rows_checked_before_become_the_same_frame_unchecked(data: st.DataObject) -> None:
     """The Runner's Frames skip the type checks its collectors' rows passed already: the
     arrays, their dtypes and the null masks are those of the checking path."""
