@@ -135,6 +135,11 @@ class _Server(socketserver.ThreadingTCPServer):
                 if ready:
                     self._handle_request_noblock()  # type: ignore[attr-defined]
 
+    def shutdown(self) -> None:
+        """End :meth:`serve_forever` (socketserver's own waits for a flag this loop never
+        sets); the caller joins the serving thread."""
+        self.wake()
+
     def wake(self) -> None:
         """End :meth:`serve_forever` (from any thread)."""
         fd = self.__dict__.get("wake_w")
@@ -188,9 +193,13 @@ class _Server(socketserver.ThreadingTCPServer):
                     continue
                 for entry in self.open.values():
                     if not entry[2] and entry[1] + self.connection_deadline_s <= now:
-                        entry[2] = True
-                        with contextlib.suppress(OSError):
+                        try:
                             entry[0].shutdown(socket.SHUT_RDWR)
+                            entry[2] = True
+                        except OSError:
+                            # Its socket is being wrapped for TLS (the raw one is detached
+                            # until finish_request swaps the new one in): again in a second.
+                            entry[1] = now - self.connection_deadline_s + 1.0
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # one line in the log, never a traceback on stderr (a misbehaving client is not news)

@@ -58,6 +58,7 @@ class Daemon:
         self.node = config.node or socket.gethostname()
         self.stop_event = threading.Event()
         self._wake_w: int | None = None  # the loop's wake-up pipe while it runs
+        self._wake_lock = threading.RLock()
         inventory = None
         if config.inventory is not None:  # the billing modules load only when asked for
             from telemetry.billing.inventory import load_inventory
@@ -126,10 +127,12 @@ class Daemon:
     def stop(self, *_: object) -> None:
         """End the loop after the round in progress (from a signal handler or any thread)."""
         self.stop_event.set()
-        wake = self._wake_w
-        if wake is not None:
-            with contextlib.suppress(OSError):
-                os.write(wake, b"x")
+        # Reentrant: a signal handler may run this on the main thread inside the loop's own
+        # hold of the lock; another thread waits, and never writes to a closed descriptor.
+        with self._wake_lock:
+            if self._wake_w is not None:
+                with contextlib.suppress(OSError):
+                    os.write(self._wake_w, b"x")
 
     def round(self) -> None:
         """Collect once and persist; the rows wait for the next aggregation (:meth:`snapshot`)."""
@@ -260,8 +263,10 @@ class Daemon:
         tick = 0
         # Between rounds the loop sleeps in poll() on a pipe that stop() writes to: an Event's
         # timed wait cost twice the CPU of a plain sleep, every second of the daemon's life.
-        wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_w, False)
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        with self._wake_lock:
+            self._wake_w = wake_w
         poller = select.poll()
         poller.register(wake_r, select.POLLIN)
         try:
@@ -281,10 +286,11 @@ class Daemon:
                     self._compact_now()
                 self.round()
         finally:
-            wake_w, self._wake_w = self._wake_w, None
-            os.close(wake_r)
-            if wake_w is not None:
-                os.close(wake_w)
+            with self._wake_lock:
+                wake_w, self._wake_w = self._wake_w, None
+                os.close(wake_r)
+                if wake_w is not None:
+                    os.close(wake_w)
 
     def _compact_now(self) -> None:
         """SIGHUP: compact every open journal to Parquet now and go on (log rotation, backups)."""

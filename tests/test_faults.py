@@ -170,6 +170,35 @@ def test_a_data_dir_deleted_while_running_is_noticed_counted_and_recreated(
     assert len(times) == 2, "the rounds after the deletion are stored in the new data dir"
 
 
+def test_a_journal_that_cannot_be_looked_at_is_not_taken_for_deleted(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a journal whose name is gone counts as deleted (lost, abandoned, its rows written
+    anew); a stat that fails otherwise (EIO, EACCES) is a store error for that round, and the
+    rows are held and written to the same journal when it answers again (review finding)."""
+    import os
+
+    _clock(daemon, [0, 5, 10, 15])
+    daemon.round()
+    journal = next(daemon.config.data_dir.rglob("*.arrows"))
+    real_stat = os.stat
+
+    def stat(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        if str(path) == str(journal):
+            raise OSError(5, "Input/output error", str(path))
+        return real_stat(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "stat", stat)
+    daemon.round()
+    assert daemon.store_errors >= 1 and daemon.store.lost_journals == 0
+    monkeypatch.setattr(os, "stat", real_stat)
+    daemon.round()
+    daemon.round()
+    assert daemon.store.lost_journals == 0
+    daemon.store.close()
+    assert len(_stored(daemon.config.data_dir)) == 4, "every round stored once"
+
+
 def test_stop_ends_a_long_wait_between_rounds_at_once(daemon: Daemon) -> None:
     """The loop sleeps between rounds until the next one is due; a stop (SIGTERM's handler, or
     another thread) must end that sleep, not wait out a 10-minute interval."""

@@ -128,6 +128,45 @@ def test_an_idle_server_sleeps_until_a_scrape_and_stops_at_once(server: MetricsS
     assert not server._thread.is_alive() and not server._watchdog.is_alive()
 
 
+def test_a_connection_that_cannot_be_cut_yet_is_tried_again_a_second_later(
+    server: MetricsServer,
+) -> None:
+    """A TLS connection's raw socket is detached while it is wrapped, so cutting it at the
+    deadline may fail once: the watchdog tries again a second later (neither gives up on it
+    nor spins on it holding the lock the wrapping needs)."""
+
+    class Wrapping:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def shutdown(self, how: int) -> None:
+            self.calls += 1
+            if self.calls == 1:
+                raise OSError(9, "Bad file descriptor")
+
+    httpd = server._httpd
+    httpd.connection_deadline_s = 0.2
+    sock = Wrapping()
+    with httpd.open_changed:
+        httpd.open[sock] = [sock, time.monotonic(), False]
+        httpd.open_changed.notify()
+    time.sleep(0.6)
+    assert sock.calls == 1, "tried at the deadline, and not again at once"
+    time.sleep(1.0)
+    assert sock.calls == 2
+    with httpd.open_lock:
+        assert httpd.open[sock][2], "cut the second time"
+        del httpd.open[sock]
+
+
+def test_socketservers_own_shutdown_ends_the_serving_loop(server: MetricsServer) -> None:
+    """socketserver's shutdown() waits for a flag its own loop sets; the server's loop is its
+    own, so shutdown() wakes it instead of waiting for ever."""
+    server._httpd.shutdown()
+    server._thread.join(timeout=2)
+    assert not server._thread.is_alive()
+
+
 def test_slow_clients_are_bounded_and_cut(server: MetricsServer) -> None:
     """Slowloris: at systemd's 1024 descriptors, 906 held threads took the descriptors the
     collectors needed. Connections past the limit are closed at once, and none lives past

@@ -866,6 +866,24 @@ def test_a_search_that_found_nothing_new_waits_before_walking_the_job_again(
     assert walks.count("job_1003") == 3
 
 
+def test_a_batch_child_that_kept_only_cuda_visible_devices_does_not_end_the_search(
+    tmp_path: Path,
+) -> None:
+    """A child of the batch script read first, whose environment lost SLURM_JOB_GPUS but
+    kept CUDA_VISIBLE_DEVICES, says too little: the script's own environment is still read
+    and names the job's GPUs (review finding: the search ended on the child)."""
+    root = copy_tree(V2, tmp_path)
+    task = root / V2_SCOPE / "job_1001" / "step_batch" / "user" / "task_0" / "cgroup.procs"
+    task.write_text("3006\n3004\n")
+    script = (root / "proc" / "3004" / "environ").read_bytes()
+    shutil.copytree(root / "proc" / "3004", root / "proc" / "3006")  # its status: the uid
+    (root / "proc" / "3006" / "environ").write_bytes(script + b"CUDA_VISIBLE_DEVICES=0\0")
+    (root / "proc" / "3004" / "environ").write_bytes(script + b"SLURM_JOB_GPUS=0,1\0")
+    rows, claims = collect(root, resolve_user=names)
+    assert rows["1001"]["gpus_allocated"] == 2.0
+    assert (0, "1001") in claims and (1, "1001") in claims
+
+
 def test_the_batch_environment_ends_a_cpu_only_jobs_search(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

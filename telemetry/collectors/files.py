@@ -73,6 +73,7 @@ class KeptFiles:
         self._round = 0  # 0: not in rounds, every kept file is asked itself
         # directory -> [a descriptor of it, its (mtime, ctime) at the last look, when: ns]
         self._dirs: dict[str, list[Any]] = {}
+        self._in_dir: dict[str, int] = {}  # kept files per directory
         self._settled: dict[str, bool] = {}  # this round's answers, by directory
         self._last_dir: str | None = None  # the last of them, asked again for the next file
         self._last_settled = False
@@ -109,8 +110,7 @@ class KeptFiles:
             except OSError:
                 pass  # removed, or the cgroup went away: read afresh below
             del files[key]
-            self._count -= 1
-            os.close(fd)
+            self._drop(fd, directory)
         text = read_text(path)
         if self._count < self._limit:
             try:
@@ -121,7 +121,18 @@ class KeptFiles:
             directory = sys.intern(key.rpartition("/")[0] or "/")
             self._fds.setdefault(owner, {})[key] = (fd, directory)
             self._count += 1
+            self._in_dir[directory] = self._in_dir.get(directory, 0) + 1
         return text
+
+    def _drop(self, fd: int, directory: str) -> None:
+        """Close a kept file, and its directory's descriptor with the last of its files."""
+        os.close(fd)
+        self._count -= 1
+        left = self._in_dir.pop(directory, 1) - 1
+        if left:
+            self._in_dir[directory] = left
+        else:
+            self._forget(directory)
 
     def _is_settled(self, directory: str) -> bool:
         """Whether ``directory`` had no entry changed since it was last looked at (once a
@@ -166,11 +177,8 @@ class KeptFiles:
     def keep_only(self, owners: set[Any]) -> None:
         """Close the files of every owner not in ``owners`` (jobs that ended)."""
         for owner in self._fds.keys() - owners:
-            files = self._fds.pop(owner)
-            self._count -= len(files)
-            for fd, directory in files.values():
-                os.close(fd)
-                self._forget(directory)
+            for fd, directory in self._fds.pop(owner).values():
+                self._drop(fd, directory)
 
     def close(self) -> None:
         self.keep_only(set())

@@ -621,9 +621,10 @@ class _Search:
     claims: tuple[int, ...] = ()
     shards: int | None = None  # SLURM_SHARDS_ON_NODE: GPU shards the job holds here
     uid: int | None = None  # real uid of a task process (v2)
-    # An environment of the batch step named the job. Slurm sets SLURM_JOB_GPUS there whenever
-    # the job holds GPUs on this node (the batch step's), so no other process can tell more of
-    # its GPUs: a CPU-only job's search ends here instead of walking the job for ever.
+    # An environment of the batch step named the job and either had SLURM_JOB_GPUS or no GPU
+    # variable at all. Slurm sets SLURM_JOB_GPUS there whenever the job holds GPUs on this node
+    # (the batch step's), so no other process can tell more of its GPUs: a CPU-only job's
+    # search ends here instead of walking the job for ever.
     batch_read: bool = False
     tried: set[int] | None = None
     # What these findings alone make of the job (no job-info file), kept until a walk adds to
@@ -900,7 +901,10 @@ class SlurmJobCollector(Collector):
                 continue  # gone, or not ours to read: try the next process
             if not _names_job(env, job):
                 continue  # not this job's environment (a stray process, or a forged one)
-            if place == BATCH:
+            rank, count, claims = gpu_evidence(env)
+            if place == BATCH and rank in (GPUS_JOB, GPUS_NONE):
+                # The script's environment, or a child's as it left it: a child that kept
+                # only CUDA_VISIBLE_DEVICES says too little to end the search on.
                 search.batch_read = True
             job_id = env.get("SLURM_JOB_ID", "")
             if search.job_id is None and job_id.isascii() and job_id.isdigit():
@@ -912,7 +916,6 @@ class SlurmJobCollector(Collector):
                     uid=int(uid_text) if uid_text.isascii() and uid_text.isdigit() else None,
                     account=env.get("SLURM_JOB_ACCOUNT") or "unknown",
                 )
-            rank, count, claims = gpu_evidence(env)
             if rank > search.gpu_rank:
                 search.gpu_rank, search.gpus, search.claims = rank, count, claims
             shards = env.get("SLURM_SHARDS_ON_NODE", "")

@@ -419,7 +419,7 @@ class StreamWriter:
 
     def _write(self, message: bytes) -> None:
         # An unbuffered file may take part of a message (a disk filling up): write the rest.
-        written = self.sink.write(message)
+        written = self.sink.write(message) or 0  # None: a non-blocking sink took nothing
         while written < len(message):
             more = self.sink.write(message[written:])
             if not more:

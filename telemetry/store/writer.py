@@ -188,9 +188,10 @@ class _Journal:
         self.name = str(self.path)
 
     def exists(self) -> bool:
+        """Whether the journal's name is still there; other errors raise, as ``Path.exists``."""
         try:
             os.stat(self.name)
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
             return False
         return True
 
