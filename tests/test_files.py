@@ -53,3 +53,17 @@ def test_a_file_that_failed_leaves_no_descriptor_of_its_directory_behind(tmp_pat
     assert len(files) == 0
     assert _open_fds() == baseline
     files.close()
+
+
+def test_a_kept_file_past_64_kib_is_read_whole_each_round(tmp_path: Path) -> None:
+    """A large host's /proc/stat passes 64 KiB (a line per CPU, one number per interrupt): a
+    kept file is read whole, and stays kept, round after round."""
+    path = tmp_path / "stat"
+    files = KeptFiles()
+    for size in (70_000, 200_000, 10):
+        text = "cpu " + "1" * size + "\n"
+        path.write_text(text)  # rewritten in place, as the kernel does
+        files.begin_round()
+        assert files.read("proc", path) == text
+    assert len(files) == 2  # the file and its directory, opened once
+    files.close()

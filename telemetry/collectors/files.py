@@ -105,8 +105,9 @@ class KeptFiles:
                     self._last_dir, self._last_settled = directory, settled
                 if settled or os.fstat(fd).st_nlink:
                     data = os.pread(fd, 65536, 0)
-                    if len(data) < 65536:
-                        return _decode(data)
+                    if len(data) == 65536:  # a big /proc/stat: read on where it stopped
+                        data = _pread_rest(fd, data)
+                    return _decode(data)
             except OSError:
                 pass  # removed, or the cgroup went away: read afresh below
             del files[key]
@@ -184,6 +185,15 @@ class KeptFiles:
         self.keep_only(set())
         for directory in list(self._dirs):
             self._forget(directory)
+
+
+def _pread_rest(fd: int, data: bytes) -> bytes:
+    chunks = [data]
+    offset = len(data)
+    while chunk := os.pread(fd, 65536, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
 
 
 def kept_files_limit() -> int:
