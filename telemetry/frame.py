@@ -266,8 +266,21 @@ class Frame:
             return frames[0]
         first = frames[0]
         columns = {n: np.concatenate([f.columns[n] for f in frames]) for n in first.columns}
-        nullable = {n for f in frames for n in f.valid}
-        valid = {n: np.concatenate([f.is_valid(n) for f in frames]) for n in nullable}
+        valid: dict[str, np.ndarray] = {}
+        for name in {n for f in frames for n in f.valid}:
+            masks = [f.valid.get(name) for f in frames]
+            present = [m for m in masks if m is not None]
+            if len(present) == len(masks):
+                valid[name] = np.concatenate(present)
+                continue
+            # Frames without a mask hold no null there: only the others' slices are copied.
+            mask = np.ones(sum(f.num_rows for f in frames), dtype=bool)
+            start = 0
+            for frame, part in zip(frames, masks, strict=True):
+                if part is not None:
+                    mask[start : start + frame.num_rows] = part
+                start += frame.num_rows
+            valid[name] = mask
         return Frame(first.table, columns, valid)
 
     def equals(self, other: Frame) -> bool:

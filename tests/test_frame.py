@@ -221,6 +221,20 @@ def test_values_pyarrow_refuses_are_refused_naming_the_column(column: str, value
         Frame.from_rows("gpu", [row])
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_concatenated_frames_are_what_arrow_concatenates(data: st.DataObject) -> None:
+    """Frames of one table one after another, some with nulls in a column and some without
+    (a round's gpu rows, then one whose MIG instances leave columns null)."""
+    table = data.draw(TABLE_NAMES)
+    frames = [
+        Frame.from_rows(table, data.draw(rows(table))) for _ in range(data.draw(st.integers(1, 4)))
+    ]
+    both = Frame.concat(frames)
+    expected = pa.concat_tables([f.to_arrow() for f in frames])
+    assert _same(both.to_arrow(), expected)
+
+
 def test_concat_take_and_nulls_keep_each_row() -> None:
     a = Frame.from_rows("job", [{"time": T0, "node": "n", "job_id": "1", "user": "u",
                                  "account": "a", "cpus_allocated": 1.0, "gpus_allocated": 0.0,
