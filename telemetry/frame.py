@@ -50,7 +50,7 @@ def _expected(kind: str) -> str:
 
 
 def check_column(kind: str, values: Sequence[Any]) -> None:
-    """Raise as :func:`column_array` would for ``values``, without building the arrays."""
+    """Raise as :func:`column_array` does for ``values``, without building the arrays."""
     types = set(map(type, values))
     types.discard(type(None))
     if kind == "string":
@@ -62,7 +62,7 @@ def check_column(kind: str, values: Sequence[Any]) -> None:
         got = sorted(t.__name__ for t in wrong)[0]
         raise TypeError(f"expected {_expected(kind)}, got {got}")
     if kind == "string":
-        "".join([v for v in values if v is not None]).encode("utf-8")
+        "".join([v for v in values if v is not None]).encode("utf-8")  # no lone surrogate
     elif kind in _INT_BOUNDS:
         present = [v for v in values if v is not None]
         low, high = _INT_BOUNDS[kind]
@@ -80,35 +80,8 @@ def column_array(kind: str, values: Sequence[Any]) -> tuple[np.ndarray, np.ndarr
     string for a number; a float or a bool for an integer: Arrow's ``from_pylist`` truncates
     1.5 to 1), ``OverflowError`` for an integer the column cannot hold, ``ValueError`` for a
     string that is not valid Unicode."""
-    types = set(map(type, values))
-    valid: np.ndarray | None = None
-    if type(None) in types:
-        types.discard(type(None))
-        valid = np.array([v is not None for v in values], dtype=bool)
-    if kind == "string":
-        allowed: frozenset[type] = frozenset({str})
-    else:
-        allowed = _INTEGERS if kind in _INT_BOUNDS else _NUMBERS
-    wrong = types - allowed
-    if wrong:
-        got = sorted(t.__name__ for t in wrong)[0]
-        raise TypeError(f"expected {_expected(kind)}, got {got}")
-    present = values if valid is None else [v for v in values if v is not None]
-    if kind == "string":
-        "".join(present).encode("utf-8")  # a lone surrogate cannot be stored
-        array = np.empty(len(values), dtype=object)
-        array[:] = list(values)
-        return array, valid
-    filled = values if valid is None else [0 if v is None else v for v in values]
-    if kind in _INT_BOUNDS:
-        low, high = _INT_BOUNDS[kind]
-        if present and not (low <= min(present) and max(present) <= high):
-            raise OverflowError(f"{max(present, key=abs)} does not fit {kind}")
-        return np.array(filled, dtype=DTYPES[kind]), valid
-    if kind != "float32":
-        return np.array(filled, dtype=np.float64), valid
-    with np.errstate(over="ignore"):  # a float beyond float32 becomes inf, as in Arrow
-        return np.array(filled, dtype=np.float32), valid
+    check_column(kind, values)
+    return _checked_array(kind, values)
 
 
 def _checked_array(kind: str, values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray | None]:
