@@ -58,14 +58,19 @@ def array_namespace(*arrays: Any) -> ModuleType:
 
     Python scalars and ``None`` are ignored.
     """
-    kinds = set()
+    host = device = False
     for array in arrays:
-        if array is None or isinstance(array, (int, float, bool, np.generic)):
+        if type(array) is np.ndarray:  # the usual case, asked first: kernels call this a lot
+            host = True
+        elif array is None or isinstance(array, (int, float, bool, np.generic)):
             continue
-        kinds.add("cupy" if _is_cupy(array) else "numpy")
-    if len(kinds) > 1:
+        elif _is_cupy(array):
+            device = True
+        else:
+            host = True
+    if host and device:
         raise TypeError("kernel inputs mix NumPy and CuPy arrays; copy at the boundary first")
-    if kinds == {"cupy"}:
+    if device:
         import sys
 
         return sys.modules["cupy"]

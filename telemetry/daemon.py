@@ -5,7 +5,8 @@ for) and writes each round to the journal at once; the HTTP server answers scrap
 threads. The live aggregation is done when a scrape asks for it (every round still counts: the
 rounds collected since the last scrape are ingested together, which costs about what one round
 costs), and at least every ``AGGREGATE_EVERY_SECONDS`` so that rounds nobody scrapes do not pile
-up: at a 1 s interval and a 15 s scrape, one aggregation in fifteen rounds.
+up: at a 1 s interval and a 15 s scrape, one aggregation in fifteen rounds, the scrape's (an
+aggregation of its own every 15 s as well cost a second one, its fixed part, per scrape).
 SIGTERM and SIGINT end the loop; the store then compacts its journals and the daemon exits 0.
 """
 
@@ -46,7 +47,9 @@ log = logging.getLogger("tally.daemon")
 # hour of a busy GPU node at 5 s; beyond that the oldest batches are given up.
 MAX_PENDING_ROWS = 200_000
 # Rounds not yet aggregated are ingested by the next scrape, or once they span this long.
-AGGREGATE_EVERY_SECONDS = 15.0
+AGGREGATE_EVERY_SECONDS = 60.0
+# How often the heap's free pages go back to the system (0.6 ms).
+TRIM_EVERY_SECONDS = 15.0
 
 
 class Daemon:
@@ -77,6 +80,7 @@ class Daemon:
         self._unaggregated: list[tuple[str, Frame]] = []
         self._rounds_unaggregated = 0
         self._aggregate_every = max(1, int(AGGREGATE_EVERY_SECONDS / config.interval_seconds))
+        self._trim_every = max(1, int(TRIM_EVERY_SECONDS / config.interval_seconds))
         self._rounds = 0
         self._status: dict[str, CollectorStatus] = {}
         self._published: Snapshot | None = Snapshot()
@@ -161,7 +165,7 @@ class Daemon:
             if self._rounds_unaggregated >= self._aggregate_every:
                 self._aggregate()
         self._rounds += 1
-        if self._rounds % self._aggregate_every == 0:
+        if self._rounds % self._trim_every == 0:
             heap.trim()
 
     def _aggregate(self) -> None:
