@@ -9,10 +9,8 @@ needs none of them (OpenSSL is loaded where TLS is configured).
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import logging
-import os
 import selectors
 import socket
 import socketserver
@@ -26,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias, overload
 from exporters.webconfig import FAILURE_WINDOW_S, WebConfig, load_web_config
 from telemetry.config import parse_listen
 from telemetry.errors import TallyError
+from telemetry.wake import WakePipe
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -102,6 +101,13 @@ class _Server(socketserver.ThreadingTCPServer):
     connection_deadline_s = 3 * CLIENT_TIMEOUT_SECONDS
     registry: Registry
     web: WebConfig | None = None
+    waker: WakePipe
+
+    def __init__(self, address: tuple[str, int], handler: type[Any]) -> None:
+        # Made before binding: a bind that fails closes the server, the pipe with it.
+        self.waker = WakePipe()
+        super().__init__(address, handler)
+
     text: Callable[[], bytes] | None = None
     openmetrics: Callable[[], bytes] | None = None
 
@@ -119,42 +125,29 @@ class _Server(socketserver.ThreadingTCPServer):
         self.open_lock = threading.Lock()
         self.open_changed = threading.Condition(self.open_lock)
         self.refused = 0
-        self.wake_r, self.wake_w = os.pipe()
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
-        """Accept connections until :meth:`wake`. Between connections the thread sleeps in the
-        kernel: socketserver's own loop wakes every ``poll_interval`` to look for a shutdown
-        request, which in a node daemon cost more CPU than its scrapes."""
+        """Accept connections until :meth:`shutdown`. Between connections the thread sleeps in
+        the kernel: socketserver's own loop wakes every ``poll_interval`` to look for a
+        shutdown request, which in a node daemon cost more CPU than its scrapes."""
         with selectors.PollSelector() as selector:
             selector.register(self, selectors.EVENT_READ)
-            selector.register(self.wake_r, selectors.EVENT_READ)
+            selector.register(self.waker.fd, selectors.EVENT_READ)
             while True:
                 ready = selector.select()
-                if any(key.fd == self.wake_r for key, _ in ready):
+                if any(key.fd == self.waker.fd for key, _ in ready):
                     return
                 if ready:
                     self._handle_request_noblock()  # type: ignore[attr-defined]
 
     def shutdown(self) -> None:
-        """End :meth:`serve_forever` (socketserver's own waits for a flag this loop never
-        sets); the caller joins the serving thread."""
-        self.wake()
-
-    def wake(self) -> None:
-        """End :meth:`serve_forever` (from any thread)."""
-        fd = self.__dict__.get("wake_w")
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.write(fd, b"x")
+        """End :meth:`serve_forever` from any thread (socketserver's own waits for a flag this
+        loop never sets); the caller joins the serving thread."""
+        self.waker.wake()
 
     def server_close(self) -> None:
         super().server_close()
-        # Also called where binding failed, before server_activate made the pipe.
-        for name in ("wake_r", "wake_w"):
-            fd = self.__dict__.pop(name, None)
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        self.waker.close()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self.open_lock:
@@ -485,7 +478,7 @@ class MetricsServer:
             self._stopping.set()
             self._httpd.open_changed.notify_all()
         if self._thread.is_alive():
-            self._httpd.wake()
+            self._httpd.shutdown()
             self._thread.join(timeout=5)
         if self._watchdog.is_alive():
             self._watchdog.join(timeout=5)

@@ -12,7 +12,6 @@ SIGTERM and SIGINT end the loop; the store then compacts its journals and the da
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import select
@@ -37,6 +36,7 @@ from telemetry.frame import Frame
 from telemetry.logs import OnceLogger, say
 from telemetry.state import Snapshot, State
 from telemetry.store.writer import Store
+from telemetry.wake import WakePipe
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -60,8 +60,7 @@ class Daemon:
         self.config = config
         self.node = config.node or socket.gethostname()
         self.stop_event = threading.Event()
-        self._wake_w: int | None = None  # the loop's wake-up pipe while it runs
-        self._wake_lock = threading.RLock()
+        self._waker: WakePipe | None = None  # what the loop sleeps on while it runs
         inventory = None
         if config.inventory is not None:  # the billing modules load only when asked for
             from telemetry.billing.inventory import load_inventory
@@ -131,12 +130,9 @@ class Daemon:
     def stop(self, *_: object) -> None:
         """End the loop after the round in progress (from a signal handler or any thread)."""
         self.stop_event.set()
-        # Reentrant: a signal handler may run this on the main thread inside the loop's own
-        # hold of the lock; another thread waits, and never writes to a closed descriptor.
-        with self._wake_lock:
-            if self._wake_w is not None:
-                with contextlib.suppress(OSError):
-                    os.write(self._wake_w, b"x")
+        waker = self._waker
+        if waker is not None:
+            waker.wake()
 
     def round(self) -> None:
         """Collect once and persist; the rows wait for the next aggregation (:meth:`snapshot`)."""
@@ -267,12 +263,9 @@ class Daemon:
         tick = 0
         # Between rounds the loop sleeps in poll() on a pipe that stop() writes to: an Event's
         # timed wait cost twice the CPU of a plain sleep, every second of the daemon's life.
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_w, False)
-        with self._wake_lock:
-            self._wake_w = wake_w
+        waker = self._waker = WakePipe()
         poller = select.poll()
-        poller.register(wake_r, select.POLLIN)
+        poller.register(waker.fd, select.POLLIN)
         try:
             while not self.stop_event.is_set():
                 tick += 1
@@ -290,11 +283,8 @@ class Daemon:
                     self._compact_now()
                 self.round()
         finally:
-            with self._wake_lock:
-                wake_w, self._wake_w = self._wake_w, None
-                os.close(wake_r)
-                if wake_w is not None:
-                    os.close(wake_w)
+            self._waker = None
+            waker.close()
 
     def _compact_now(self) -> None:
         """SIGHUP: compact every open journal to Parquet now and go on (log rotation, backups)."""

@@ -209,9 +209,9 @@ def test_stop_ends_a_long_wait_between_rounds_at_once(daemon: Daemon) -> None:
     runner = threading.Thread(target=daemon.run, daemon=True)
     runner.start()
     deadline = time.monotonic() + 10
-    while daemon._wake_w is None and time.monotonic() < deadline:  # in the loop's sleep
+    while daemon._waker is None and time.monotonic() < deadline:  # in the loop's sleep
         time.sleep(0.01)
-    assert daemon._wake_w is not None, "the loop never started"
+    assert daemon._waker is not None, "the loop never started"
     rounds = daemon._rounds
     began = time.monotonic()
     daemon.stop()
@@ -219,7 +219,7 @@ def test_stop_ends_a_long_wait_between_rounds_at_once(daemon: Daemon) -> None:
     assert not runner.is_alive(), "stop() did not end the wait"
     assert time.monotonic() - began < 5
     assert daemon._rounds == rounds, "no round after the stop"
-    assert daemon._wake_w is None
+    assert daemon._waker is None
 
 
 def test_a_first_round_that_raises_ends_the_daemon_instead_of_hanging(
