@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
-import sys
 import time
 import weakref
 from pathlib import Path
@@ -29,15 +28,23 @@ def read_text(path: Path) -> str:
     """
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        data = os.read(fd, 65536)
-        if len(data) == 65536:
-            chunks = [data]
-            while chunk := os.read(fd, 65536):
-                chunks.append(chunk)
-            data = b"".join(chunks)
+        return _decode(_read_whole(fd))
     finally:
         os.close(fd)
-    return _decode(data)
+
+
+def _read_whole(fd: int) -> bytes:
+    """All of an open file from its start: one ``pread`` for any small one (a large host's
+    ``/proc/stat`` passes 64 KiB and takes more)."""
+    data = os.pread(fd, 65536, 0)
+    if len(data) < 65536:
+        return data
+    chunks = [data]
+    offset = len(data)
+    while chunk := os.pread(fd, 65536, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
 
 
 def _decode(data: bytes) -> str:
@@ -75,8 +82,6 @@ class KeptFiles:
         self._dirs: dict[str, list[Any]] = {}
         self._in_dir: dict[str, int] = {}  # kept files per directory
         self._settled: dict[str, bool] = {}  # this round's answers, by directory
-        self._last_dir: str | None = None  # the last of them, asked again for the next file
-        self._last_settled = False
         # Closes the descriptors of a collector dropped without close() (tests make many).
         self._finalizer = weakref.finalize(self, _close_all, self._fds, self._dirs)
 
@@ -87,7 +92,6 @@ class KeptFiles:
         """A new round: directories are looked at again, once each."""
         self._round += 1
         self._settled.clear()
-        self._last_dir = None
 
     def read(self, owner: object, path: Path) -> str:
         """The text of ``path``. Raises ``OSError`` (gone, not readable) as :func:`read_text`."""
@@ -98,16 +102,8 @@ class KeptFiles:
             assert files is not None
             fd, directory = kept
             try:
-                if directory is self._last_dir:  # a job's files share one directory
-                    settled = self._last_settled
-                else:
-                    settled = self._is_settled(directory)
-                    self._last_dir, self._last_settled = directory, settled
-                if settled or os.fstat(fd).st_nlink:
-                    data = os.pread(fd, 65536, 0)
-                    if len(data) == 65536:  # a big /proc/stat: read on where it stopped
-                        data = _pread_rest(fd, data)
-                    return _decode(data)
+                if self._is_settled(directory) or os.fstat(fd).st_nlink:
+                    return _decode(_read_whole(fd))
             except OSError:
                 pass  # removed, or the cgroup went away: read afresh below
             del files[key]
@@ -118,8 +114,7 @@ class KeptFiles:
                 fd = os.open(key, os.O_RDONLY | os.O_CLOEXEC)
             except OSError:
                 return text
-            # one string object per directory: the next file of the job finds it by identity
-            directory = sys.intern(key.rpartition("/")[0] or "/")
+            directory = key.rpartition("/")[0] or "/"
             self._fds.setdefault(owner, {})[key] = (fd, directory)
             self._count += 1
             self._in_dir[directory] = self._in_dir.get(directory, 0) + 1
@@ -185,15 +180,6 @@ class KeptFiles:
         self.keep_only(set())
         for directory in list(self._dirs):
             self._forget(directory)
-
-
-def _pread_rest(fd: int, data: bytes) -> bytes:
-    chunks = [data]
-    offset = len(data)
-    while chunk := os.pread(fd, 65536, offset):
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
 
 
 def kept_files_limit() -> int:
