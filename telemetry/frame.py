@@ -142,7 +142,7 @@ class Frame:
         rows: Sequence[dict[str, Any]],
         checked: bool = False,
         constants: dict[str, Any] | None = None,
-        incomplete: str = "raise",
+        drop_incomplete: bool = False,
     ) -> Frame:
         """One frame from row dicts (a missing column is null). Raises ``ValueError`` naming the
         column for a value its type cannot hold, or a null in a required column.
@@ -151,8 +151,8 @@ class Frame:
         Runner checks each collector's rows inside its error boundary), so only nulls are
         looked for; a value of the wrong type is then converted as NumPy converts it.
         ``constants``: columns whose one value every row has (a round's time and node), not
-        looked up in the rows. ``incomplete="drop"``: a row with a null in a required column
-        is left out instead (``num_rows`` says how many stayed)."""
+        looked up in the rows. ``drop_incomplete``: a row with a null in a required column is
+        left out instead (``num_rows`` says how many stayed)."""
         columns: dict[str, np.ndarray] = {}
         valid: dict[str, np.ndarray] = {}
         convert = _checked_array if checked else column_array
@@ -173,7 +173,7 @@ class Frame:
             if mask is not None:
                 if column.nullable:
                     valid[name] = mask
-                elif incomplete == "drop":
+                elif drop_incomplete:
                     missing = ~mask if missing is None else missing | ~mask
                 else:
                     raise ValueError(f"{table}.{name}: null in a required column")

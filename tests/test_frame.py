@@ -133,7 +133,7 @@ def test_a_rounds_rows_leave_out_the_incomplete_and_take_time_and_node_given(
         if required and data.draw(st.booleans()):
             row[data.draw(st.sampled_from(required))] = None
     built = Frame.from_rows(
-        table, drawn, data.draw(st.booleans()), {"time": T0, "node": "n1"}, incomplete="drop"
+        table, drawn, data.draw(st.booleans()), {"time": T0, "node": "n1"}, drop_incomplete=True
     )
     complete = [
         {"time": T0, "node": "n1", **row}

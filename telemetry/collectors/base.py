@@ -192,7 +192,9 @@ def assemble(
             key = tuple([row.get(k) for k in keys])
             earlier = merged.get(key)
             merged[key] = row if earlier is None else {**earlier, **row}
-        frame = Frame.from_rows(table, list(merged.values()), checked, constants, incomplete="drop")
+        frame = Frame.from_rows(
+            table, list(merged.values()), checked, constants, drop_incomplete=True
+        )
         dropped += len(merged) - frame.num_rows
         if frame.num_rows:
             tables[table] = frame

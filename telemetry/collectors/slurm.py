@@ -32,9 +32,9 @@ processes) counts only if its ``SLURM_JOB_ID`` (or ``SLURM_JOB_SLUID``) is the c
 user and account are taken together from one that has ``SLURM_JOB_USER``. The job's step
 processes are read first, the batch script's before all; the search goes on over the rounds,
 at most ``_MAX_PIDS_PER_JOB`` new processes a job and round, until user, account and GPUs are
-known: GPUs are known from ``SLURM_JOB_GPUS``, or from the batch step's environment, where
-Slurm sets that variable whenever the job holds GPUs on the node. Jobs are keyed by
-(slurmd scope, job): the same job under two slurmd on one host adds up.
+known: GPUs are known from ``SLURM_JOB_GPUS``, or from a batch-step environment with no GPU
+variable at all (Slurm sets that one there whenever the job holds GPUs on the node). Jobs
+are keyed by (slurmd scope, job): the same job under two slurmd on one host adds up.
 
 Besides ``job`` rows it returns ``_gpu_job`` claims (``gpu_index`` → ``job_id``, ``share`` for
 shards), a side output
@@ -462,14 +462,11 @@ class JobCgroup:
     scope: str = ""  # the slurmd's scope (v2) or top directory (v1): several slurmd per host
     sluid: str | None = None  # the cgroup is named by this SLUID (Slurm >= 26.05)
 
-    @property
+    @functools.cached_property
     def key(self) -> tuple[str, str]:
-        """(slurmd scope, job): what keeps two slurmd's copies of one job apart."""
-        key: tuple[str, str] | None = self.__dict__.get("_key")
-        if key is None:
-            key = (self.scope, self.job_id)
-            object.__setattr__(self, "_key", key)  # made once: it is asked a dozen times a round
-        return key
+        """(slurmd scope, job): what keeps two slurmd's copies of one job apart (made once: it
+        is asked a dozen times a round)."""
+        return self.scope, self.job_id
 
 
 def list_jobs(cgroup_root: Path) -> list[JobCgroup]:
