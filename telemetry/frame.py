@@ -11,7 +11,6 @@ nulls. :meth:`Frame.to_arrow` and :meth:`Frame.from_arrow` cross to Arrow where 
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -101,20 +100,6 @@ def _checked_array(kind: str, values: Sequence[Any]) -> tuple[np.ndarray, np.nda
         return np.array(values, dtype=np.float32), valid
 
 
-def _transposed(rows: Sequence[dict[str, Any]]) -> dict[str, Sequence[Any]]:
-    """The values of every key any row has, row by row (None where a row lacks it)."""
-    if not rows:
-        return {}
-    names = list(set().union(*rows))
-    if len(names) > 1:
-        try:  # rows that all have every key (the usual round): C-level calls, no Python step
-            columns = zip(*map(operator.itemgetter(*names), rows), strict=True)
-            return dict(zip(names, columns, strict=True))
-        except KeyError:
-            pass
-    return {name: [row.get(name) for row in rows] for name in names}
-
-
 class Frame:
     """Rows of sample table ``table``; every declared column, in declared order."""
 
@@ -157,15 +142,12 @@ class Frame:
         valid: dict[str, np.ndarray] = {}
         convert = _checked_array if checked else column_array
         missing: np.ndarray | None = None  # rows with a null in a required column
-        given = _transposed(rows)
-        nulls = [None] * len(rows)
         for column in TABLES[table]:
             name = column.name
-            values: Sequence[Any]
             if constants is not None and name in constants:
                 values = [constants[name]] * len(rows)
             else:
-                values = given.get(name, nulls)
+                values = [row.get(name) for row in rows]
             try:
                 array, mask = convert(column.kind, values)
             except (TypeError, ValueError, OverflowError) as exc:
