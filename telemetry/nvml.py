@@ -82,7 +82,7 @@ class Gateway:
     @property
     def nvml(self) -> Any:
         """The initialised module; raises ``NvmlUnavailable``."""
-        if self._ready:  # as in _invoke: a racing shutdown fails in NVML as Uninitialized
+        if self._ready:  # read without the lock: a racing shutdown fails in NVML as Uninitialized
             return self._module
         with self._lock:
             if not self._ready:
@@ -131,9 +131,7 @@ class Gateway:
     ) -> Any:
         """As :meth:`call`; ``NotFound`` gives ``not_found`` (an expected answer for some calls,
         never logged) when that is not ``None``."""
-        # Reading the flag without the lock is safe: a call racing a shutdown fails in NVML as
-        # Uninitialized, handled below.
-        m = self._module if self._ready else self.nvml
+        m = self.nvml  # a call racing a shutdown fails in NVML as Uninitialized, handled below
         if name in self._missing:
             return None
         function = getattr(m, name, None)
@@ -229,7 +227,7 @@ class Gateway:
 
     def memory_info(self, handle: Any) -> Any:
         """Memory info, v2 (``used`` excludes reserved memory) when the driver has it."""
-        m = self._module if self._ready else self.nvml
+        m = self.nvml
         if self._memory_v2 is None:
             version = getattr(m, "nvmlMemory_v2", None)
             if version is not None:
