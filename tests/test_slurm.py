@@ -825,7 +825,11 @@ def test_fuzz_hostile_environ_through_the_collector(user: bytes, account: bytes)
     assert isinstance(tables["job"].to_arrow(), pa.Table)
 
 
-def _count_walks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+def _walked_collector(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[SlurmJobCollector, list[str], list[float]]:
+    """A collector on ``root`` whose clock is ``now[0]`` (monotonic seconds), and the job
+    directories it walks for their processes, one entry a walk."""
     walks: list[str] = []
     real = slurm.job_processes
 
@@ -834,7 +838,10 @@ def _count_walks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return real(procs_dir)
 
     monkeypatch.setattr(slurm, "job_processes", job_processes)
-    return walks
+    now = [100.0]
+    collector = SlurmJobCollector(ctx(root), resolve_user=names)
+    collector._clock = lambda: now[0]
+    return collector, walks, now
 
 
 def test_a_search_that_found_nothing_new_waits_before_walking_the_job_again(
@@ -845,10 +852,7 @@ def test_a_search_that_found_nothing_new_waits_before_walking_the_job_again(
     most of a round's cost; after a fruitless walk the next waits (1 s, doubling), and a process
     that appeared meanwhile is still read then."""
     root = copy_tree(V2, tmp_path)
-    walks = _count_walks(monkeypatch)
-    now = [100.0]
-    c = SlurmJobCollector(ctx(root), resolve_user=names)
-    c._clock = lambda: now[0]
+    c, walks, now = _walked_collector(root, monkeypatch)
     first = by_job(c.collect())["1003"]
     assert (first["user"], first["gpus_allocated"]) == ("carol", 2.0)
     c.collect()  # nothing new: the wait starts
@@ -891,10 +895,7 @@ def test_the_batch_environment_ends_a_cpu_only_jobs_search(
     in that environment had the job any GPUs on this node, so once it is read the job is not
     walked again, however long it runs (a process naming GPUs later is not believed)."""
     root = copy_tree(V2, tmp_path)
-    walks = _count_walks(monkeypatch)
-    now = [100.0]
-    c = SlurmJobCollector(ctx(root), resolve_user=names)
-    c._clock = lambda: now[0]
+    c, walks, now = _walked_collector(root, monkeypatch)
     first = by_job(c.collect())["1001"]
     assert (first["user"], first["account"], first["gpus_allocated"]) == ("alice", "physics", 0.0)
     task = root / V2_SCOPE / "job_1001" / "step_batch" / "user" / "task_0" / "cgroup.procs"
