@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any, BinaryIO, NamedTuple
@@ -227,12 +227,11 @@ def schema_message(table: str) -> bytes:
 
 
 class _Plan(NamedTuple):
-    """How one column is written: for numbers the values' dtype and its size in bytes."""
+    """How one column is written: for numbers the values' dtype."""
 
     name: str
     string: bool
     dtype: np.dtype[Any] | None
-    width: int
     column: Column
 
 
@@ -274,8 +273,7 @@ def _layout(table: str) -> _Layout:
     plans = []
     for column in columns:
         dtype = _VALUE_DTYPES.get(column.kind)
-        width = 0 if dtype is None else dtype.itemsize
-        plans.append(_Plan(column.name, dtype is None, dtype, width, column))
+        plans.append(_Plan(column.name, dtype is None, dtype, column))
     return _Layout(
         plans=tuple(plans),
         template=template,
@@ -357,27 +355,20 @@ def record_batch_message(frame: Frame) -> bytes:
     head = bytearray(layout.template)
     message: list[bytes | bytearray] = [head]  # then the body's buffers, each padded to 8
     at = 0
-    for i, (name, string, dtype, width, _) in enumerate(layout.plans):
+    for i, (name, string, dtype, _) in enumerate(layout.plans):
         values = columns.get(name)
         if values is None:
             raise ValueError(f"{frame.table}: column {name!r} missing")
         if len(values) != rows:
             raise ValueError(f"{frame.table}: column {name!r} has {len(values)} rows")
         mask = valid.get(name)
+        parts: Sequence[bytes]
         if mask is None and not string:
             # The common case, numbers without a mask: no bitmap, one value buffer.
-            if values.dtype != dtype:
-                values = values.astype(dtype)
-            size = rows * width
-            spans += (at, 0, at, size)
-            message.append(values.tobytes())
-            padding = -size & 7
-            if padding:
-                message.append(_PADDING[padding])
-            at += size + padding
-            continue
-        nulls, parts = _column_buffers(layout.plans[i], values, mask)
-        nodes[2 * i + 1] = nulls
+            parts = (b"", (values if values.dtype == dtype else values.astype(dtype)).tobytes())
+        else:
+            nulls, parts = _column_buffers(layout.plans[i], values, mask)
+            nodes[2 * i + 1] = nulls
         for part in parts:
             size = len(part)
             spans += (at, size)
