@@ -1,10 +1,13 @@
 """The daemon's own cost on a loaded node, side by side with node_exporter: CPU, RSS, scrapes.
 
 ``python -m benchmarks.daemon_cost [--seconds 120] [--interval 1] [--scrape-interval S] [--jobs 50]
-[--compare-with DIR] [--steady] [--breakdown ROUNDS]``
+[--compare-with DIR] [--nvml driver|module] [--steady] [--breakdown ROUNDS]``
 
 tally runs as ``tally daemon`` at ``--interval`` on a node tree with ``--jobs`` Slurm jobs and 8
-fake H100s (:mod:`benchmarks.node_tree`). In the same run, on the same machine:
+stand-in H100s (:mod:`benchmarks.node_tree`): by default the real pynvml over a stand-in
+``libnvidia-ml.so.1`` compiled from ``nvml_stub.c``, so the daemon pays pynvml's and ctypes' cost
+as on a GPU node and not the tests' Python stand-in's (``--nvml module``, which costs about
+0.25 ms more a round). In the same run, on the same machine:
 
 - ``prometheus-node-exporter`` (Debian's package, default collectors, this machine's /proc and
   /sys), the exporter node operators compare against;
@@ -119,21 +122,28 @@ class Exporter:
                 self.proc.wait()
 
 
-def _tally(name: str, checkout: Path, tree: Path, data: Path, interval: float) -> Exporter:
+def _tally(
+    name: str, checkout: Path, tree: Path, data: Path, interval: float, driver: Path | None
+) -> Exporter:
     port = _free_port()
     env = dict(os.environ)
-    # The stand-in module from this checkout, whatever checkout the daemon itself comes from.
-    standin = tree / "standin"
-    standin.mkdir(exist_ok=True)
-    shutil.copy(Path(node_tree.__file__), standin / "tally_bench_node.py")
-    env["PYTHONPATH"] = os.pathsep.join([str(checkout), str(REPO), str(standin)])
+    command = [sys.executable, "-m", "telemetry.cli", "daemon", "--listen", f"127.0.0.1:{port}",
+               "--data-dir", str(data), "--interval", f"{interval:g}", "--node", "bench",
+               "--path.procfs", str(tree / "proc"), "--path.sysfs", str(tree / "sys")]  # fmt: skip
+    if driver is not None:  # pynvml itself, over the stand-in driver
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            filter(None, [str(driver), env.get("LD_LIBRARY_PATH")])
+        )
+        env["PYTHONPATH"] = str(checkout)
+    else:  # the stand-in module from this checkout, whatever checkout the daemon comes from
+        standin = tree / "standin"
+        standin.mkdir(exist_ok=True)
+        shutil.copy(Path(node_tree.__file__), standin / "tally_bench_node.py")
+        env["PYTHONPATH"] = os.pathsep.join([str(checkout), str(REPO), str(standin)])
+        command += ["--nvml.module", "tally_bench_node:NVML"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "telemetry.cli", "daemon", "--listen", f"127.0.0.1:{port}",
-         "--data-dir", str(data), "--interval", f"{interval:g}", "--node", "bench",
-         "--path.procfs", str(tree / "proc"), "--path.sysfs", str(tree / "sys"),
-         "--nvml.module", "tally_bench_node:NVML"],
-        cwd=checkout, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        command, cwd=checkout, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     return Exporter(name, proc, f"http://127.0.0.1:{port}/metrics")
 
 
@@ -174,16 +184,20 @@ def measure(
     jobs: int = 50,
     compare_with: Path | None = None,
     scrape_interval: float | None = None,
+    driver: Path | None = None,
 ) -> list[Exporter]:
     """Run every exporter for ``seconds`` (tally collecting each ``interval``), scraped each
-    ``scrape_interval`` (default ``interval``); return them, measured."""
+    ``scrape_interval`` (default ``interval``); return them, measured. ``driver``: the stand-in
+    driver's directory (:func:`node_tree.build_driver_stub`), else the stand-in pynvml module."""
     with tempfile.TemporaryDirectory() as scratch:
         tree = Path(scratch) / "node"
         node_tree.write_node(tree, jobs)
-        exporters = [_tally("tally", REPO, tree, Path(scratch) / "data", interval)]
+        exporters = [_tally("tally", REPO, tree, Path(scratch) / "data", interval, driver)]
         if compare_with is not None:
             exporters.append(
-                _tally("tally (before)", compare_with, tree, Path(scratch) / "data0", interval)
+                _tally(
+                    "tally (before)", compare_with, tree, Path(scratch) / "data0", interval, driver
+                )
             )
         node = _node_exporter()
         if node is not None:
@@ -311,9 +325,10 @@ def run(
     jobs: int = 50,
     compare_with: Path | None = None,
     scrape_interval: float | None = None,
+    driver: Path | None = None,
 ) -> list[Exporter]:
     """Measure and print one table (one column per exporter)."""
-    exporters = measure(seconds, interval, jobs, compare_with, scrape_interval)
+    exporters = measure(seconds, interval, jobs, compare_with, scrape_interval, driver)
     every = interval if scrape_interval is None else scrape_interval
     print(f"\ndaemon cost: {seconds:g} s at a {interval:g} s interval, {jobs} Slurm jobs, "
           f"8 fake GPUs; every exporter scraped every {every:g} s")  # fmt: skip
@@ -334,21 +349,24 @@ def run(
     return exporters
 
 
-def round_breakdown(rounds: int, jobs: int = 50) -> dict[str, float]:
+def round_breakdown(rounds: int, jobs: int = 50, driver: Path | None = None) -> dict[str, float]:
     """CPU ms per round of each stage of a daemon round, in this process, at the daemon's real
     cadence (a 1 s sleep between rounds, so caches are as cold as a daemon's; a tight loop
     reads two to three times less): each collector with the check of its rows, the Runner's GPU
     attribution and assembly of Frames, the journal, and a scrape's snapshot and OpenMetrics
-    every 15 rounds."""
+    every 15 rounds. ``driver`` as for :func:`measure`."""
     from telemetry.config import DaemonConfig
     from telemetry.daemon import Daemon
 
+    if driver is not None:
+        node_tree.load_driver_stub(driver)
     with tempfile.TemporaryDirectory() as scratch:
         tree = Path(scratch) / "node"
         node_tree.write_node(tree, jobs)
         config = DaemonConfig(
             listen="127.0.0.1:0", data_dir=Path(scratch) / "data", procfs=tree / "proc",
-            sysfs=tree / "sys", node="bench", nvml_module="benchmarks.node_tree:NVML",
+            sysfs=tree / "sys", node="bench",
+            nvml_module=None if driver is not None else "benchmarks.node_tree:NVML",
         )  # fmt: skip
         daemon = Daemon(config)
         daemon.store.open()
@@ -391,18 +409,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=50)
     parser.add_argument("--compare-with", type=Path, help="another checkout's tally, same run")
     parser.add_argument(
+        "--nvml",
+        choices=["driver", "module"],
+        default="driver",
+        help="the GPUs' stand-in: a C libnvidia-ml under the real pynvml (default, where a C "
+        "compiler is at hand) or the tests' Python stand-in for the pynvml module",
+    )
+    parser.add_argument(
         "--steady", action="store_true", help="also time a round after an hour of rows (slow)"
     )
     parser.add_argument(
         "--breakdown", type=int, metavar="ROUNDS", help="only time each stage of ROUNDS rounds"
     )
     args = parser.parse_args(argv)
-    if args.breakdown:
-        print(f"CPU ms per round at a 1 s cadence, {args.jobs} jobs, 8 fake GPUs")
-        for stage, ms in round_breakdown(args.breakdown, args.jobs).items():
-            print(f"{stage:24}{ms:8.3f}")
-        return
-    run(args.seconds, args.interval, args.jobs, args.compare_with, args.scrape_interval)
+    with tempfile.TemporaryDirectory() as scratch:
+        driver = node_tree.build_driver_stub(Path(scratch)) if args.nvml == "driver" else None
+        standin = "a stand-in libnvidia-ml under pynvml" if driver else "the Python stand-in"
+        if args.nvml == "driver" and driver is None:
+            standin += " (no C compiler for the driver stand-in)"
+        if args.breakdown:
+            print(f"CPU ms per round at a 1 s cadence, {args.jobs} jobs, 8 GPUs ({standin})")
+            for stage, ms in round_breakdown(args.breakdown, args.jobs, driver).items():
+                print(f"{stage:24}{ms:8.3f}")
+            return
+        print(f"GPUs: {standin}")
+        run(args.seconds, args.interval, args.jobs, args.compare_with, args.scrape_interval, driver)
     if args.steady:
         print(f"\naggregation at steady state (an hour of 1 s rounds, {args.jobs} jobs, 8 GPUs): "
               "CPU ms per round (ingest + snapshot), MiB the hour of rows holds")  # fmt: skip

@@ -5,13 +5,23 @@ zones) and adds ``jobs`` Slurm jobs in the ``cgroup/v2`` plugin's layout, the sh
 ``slurm_v2`` fixture: ``sys/fs/cgroup/system.slice/slurmstepd.scope/job_<id>/`` with
 ``cpuset.cpus.effective``, ``cpuset.cpus``, ``cpu.stat``, ``memory.current``, and
 ``step_batch/{slurm,user/task_0}/cgroup.procs``; each task PID has ``proc/<pid>/environ``
-(NUL-separated ``SLURM_JOB_*``) and ``proc/<pid>/status``. :data:`NVML` stands in for pynvml
-with 8 loaded H100s (``--nvml.module benchmarks.node_tree:NVML``).
+(NUL-separated ``SLURM_JOB_*``) and ``proc/<pid>/status``.
+
+Two stand-ins present the same 8 loaded H100s (the ``H100_LOADED`` profile):
+
+- :func:`build_driver_stub` compiles ``nvml_stub.c`` into a ``libnvidia-ml.so.1`` that the real
+  nvidia-ml-py loads through ``LD_LIBRARY_PATH``: the daemon then runs tally, pynvml and ctypes
+  as on a GPU node, only the driver's own work left out. What the daemon benchmarks measure.
+- :data:`NVML` stands in for the whole pynvml module (``--nvml.module benchmarks.node_tree:NVML``):
+  the tests' stand-in, whose fault-injection bookkeeping costs more per call than pynvml itself.
+  Where no C compiler is at hand.
 """
 
 from __future__ import annotations
 
+import ctypes
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -22,7 +32,7 @@ FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 CPUS = 64  # normal_host's logical CPUs
 
 
-class _MonotonicClock(FakeClock):
+class MonotonicClock(FakeClock):
     """The fake driver's clock following real time, so energy and GPM samples advance."""
 
     def __init__(self) -> None:
@@ -35,7 +45,31 @@ class _MonotonicClock(FakeClock):
         return time.monotonic()
 
 
-NVML = FakeNVML([H100_LOADED] * 8, clock=_MonotonicClock())
+NVML = FakeNVML([H100_LOADED] * 8, clock=MonotonicClock())
+DRIVER_STUB_SOURCE = Path(__file__).resolve().parent / "nvml_stub.c"
+
+
+def build_driver_stub(directory: Path) -> Path | None:
+    """Compile the stand-in ``libnvidia-ml.so.1`` into ``directory`` (for ``LD_LIBRARY_PATH``);
+    ``None`` when there is no C compiler. Raises ``CalledProcessError`` when it does not build."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    library = directory / "libnvidia-ml.so.1"
+    subprocess.run(
+        [compiler, "-O2", "-shared", "-fPIC", "-Wl,-soname,libnvidia-ml.so.1", "-o",
+         str(library), str(DRIVER_STUB_SOURCE)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return directory
+
+
+def load_driver_stub(directory: Path) -> None:
+    """Load the stub in this process, so that pynvml's ``CDLL("libnvidia-ml.so.1")`` finds it
+    by its soname (``LD_LIBRARY_PATH`` is read only when a process starts)."""
+    ctypes.CDLL(str(directory / "libnvidia-ml.so.1"), mode=ctypes.RTLD_GLOBAL)
+
 
 _STATUS = """Name:\tpython3
 Umask:\t0022
