@@ -26,11 +26,11 @@ def _job(root: Path, n: int) -> list[Path]:
     return paths
 
 
-def test_a_file_that_failed_leaves_no_descriptor_of_its_directory_behind(tmp_path: Path) -> None:
+def test_a_file_that_failed_leaves_no_descriptor_or_watch_behind(tmp_path: Path) -> None:
     """On cgroup v1 a job's files sit in three directories, and one hierarchy's cgroup may go
     before the others: the file that failed is dropped, and when the job ends every
-    descriptor it held, its directories' included, is closed (review finding: they were
-    kept until the collector closed, and counted against the limit all along)."""
+    descriptor it held is closed and none of its directories is watched any more (review
+    finding: a directory's descriptor was kept until the collector closed)."""
     baseline = _open_fds()
     files = KeptFiles()
     jobs = {n: _job(tmp_path, n) for n in range(5)}
@@ -39,7 +39,10 @@ def test_a_file_that_failed_leaves_no_descriptor_of_its_directory_behind(tmp_pat
         for n, paths in jobs.items():
             for path in paths:
                 assert files.read(n, path) == "1\n"
-    assert len(files) == 5 * 3 + 5 * 3  # three files and three directories a job
+    assert len(files) == 5 * 3  # three files a job
+    watch = files._watch
+    assert watch is not None
+    assert all(watch.watching(str(path.parent)) for paths in jobs.values() for path in paths)
     for n, paths in jobs.items():
         paths[0].unlink()  # the cpuset cgroup's file is gone, its directory not yet
         files.begin_round()
@@ -51,7 +54,8 @@ def test_a_file_that_failed_leaves_no_descriptor_of_its_directory_behind(tmp_pat
             raise AssertionError("a removed file read")
         files.keep_only({m for m in jobs if m > n})  # the job ends
     assert len(files) == 0
-    assert _open_fds() == baseline
+    assert not any(watch.watching(str(path.parent)) for paths in jobs.values() for path in paths)
+    assert _open_fds() == baseline  # the watch's own descriptor too, with its last directory
     files.close()
 
 
@@ -65,5 +69,5 @@ def test_a_kept_file_past_64_kib_is_read_whole_each_round(tmp_path: Path) -> Non
         path.write_text(text)  # rewritten in place, as the kernel does
         files.begin_round()
         assert files.read("proc", path) == text
-    assert len(files) == 2  # the file and its directory, opened once
+    assert len(files) == 1  # opened once
     files.close()

@@ -11,7 +11,6 @@ import io
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from telemetry.collectors import REGISTRY, CollectorContext, Runner, files, slurm
+from telemetry.collectors import REGISTRY, CollectorContext, Runner, files, slurm, watch
 from telemetry.collectors.attribution import job_id_from_cgroup
 from telemetry.collectors.base import assemble, check_rows
 from telemetry.collectors.slurm import (
@@ -354,50 +353,65 @@ def test_a_kept_file_unlinked_in_a_live_job_reads_as_missing(
     assert len(warnings) == 1 and "memory.current" in warnings[0]
 
 
-def test_kept_files_of_a_settled_job_cost_one_fstat_a_round_and_still_see_a_replacement(
+def test_kept_files_of_a_watched_job_cost_no_fstat_a_round_and_still_see_every_change(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Once a job's directory has not changed for a while, one fstat of it a round stands for
-    asking each kept file whether it was unlinked (an fstat each). A file replaced, or a
-    replacement dressed in the directory's old mtime, is still read in the next round."""
-    monkeypatch.setattr(files, "SETTLED_NS", 200_000_000)
+    """Once a job's directory is watched (inotify), a round asks no kept file whether it was
+    unlinked: one read of the watch's queue answers for every directory. A file replaced is
+    still read in the next round, however its directory's times were dressed; a job directory
+    moved away and another put in its place is read from the new one."""
     root = copy_tree(V2, tmp_path)
     job = root / V2_SCOPE / "job_1001"
-    calls = {"fstat": 0, "stat": 0}
-    real_fstat, real_stat = os.fstat, os.stat
+    calls = {"fstat": 0}
+    real_fstat = os.fstat
 
     def fstat(fd: int) -> os.stat_result:
         calls["fstat"] += 1
         return real_fstat(fd)
 
-    def stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
-        calls["stat"] += str(path) == str(job)
-        return real_stat(path, *args, **kwargs)
-
     monkeypatch.setattr(os, "fstat", fstat)
-    monkeypatch.setattr(os, "stat", stat)
     collector = SlurmJobCollector(ctx(root), resolve_user=names)
-    for _ in range(3):  # the last look at the tree comes well after it was written
+    for _ in range(3):  # read, then kept and watched, then settled
         assert by_job(collector.collect()) == V2_EXPECTED
-        time.sleep(0.25)
-    calls.update(fstat=0, stat=0)
+    calls.update(fstat=0)
     for _ in range(2):
         assert by_job(collector.collect()) == V2_EXPECTED
-    jobs = len(V2_EXPECTED)
-    assert calls == {"fstat": 2 * jobs, "stat": 0}, "settled: one fstat a job directory a round"
+    assert calls == {"fstat": 0}, "watched: no fstat a round"
+    stamp = os.stat(job)
+    replacement = job / "cpu.new"
+    replacement.write_text("usage_usec 9000000000\nuser_usec 1\n")
+    os.replace(replacement, job / "cpu.stat")
+    os.utime(job, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # the old mtime
+    assert by_job(collector.collect())["1001"]["cpu_seconds"] == 9000.0
+    assert calls["fstat"] == 3, "the changed directory's kept files are asked themselves"
+    calls.update(fstat=0)
+    assert by_job(collector.collect())["1001"]["cpu_seconds"] == 9000.0
+    assert calls == {"fstat": 0}, "settled again"
+    # The job's directory moved away (its files still linked there) and a new one in its place.
+    os.rename(job, job.with_name("moved"))
+    shutil.copytree(V2 / V2_SCOPE / "job_1001", job)
+    (job / "memory.current").write_text("8192\n")
+    row = by_job(collector.collect())["1001"]
+    assert row["memory_bytes"] == 8192
+    assert row["cpu_seconds"] == V2_EXPECTED["1001"]["cpu_seconds"]
+    collector.close()
+
+
+def test_kept_files_without_inotify_are_each_asked_every_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where inotify cannot be had, every kept file is asked whether it was unlinked, every
+    round, and a replacement is read in the round it happens."""
+    monkeypatch.setattr(watch.DirectoryWatch, "open", classmethod(lambda cls: None))
+    root = copy_tree(V2, tmp_path)
+    job = root / V2_SCOPE / "job_1001"
+    collector = SlurmJobCollector(ctx(root), resolve_user=names)
+    for _ in range(3):
+        assert by_job(collector.collect()) == V2_EXPECTED
     replacement = job / "cpu.new"
     replacement.write_text("usage_usec 9000000000\nuser_usec 1\n")
     os.replace(replacement, job / "cpu.stat")
     assert by_job(collector.collect())["1001"]["cpu_seconds"] == 9000.0
-    time.sleep(0.25)
-    collector.collect()
-    time.sleep(0.25)
-    collector.collect()  # settled again
-    stamp = real_stat(job)
-    replacement.write_text("usage_usec 9100000000\nuser_usec 1\n")
-    os.replace(replacement, job / "cpu.stat")
-    os.utime(job, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # the old mtime; ctime moves on
-    assert by_job(collector.collect())["1001"]["cpu_seconds"] == 9100.0
     collector.close()
 
 
@@ -408,7 +422,7 @@ def test_no_files_kept_past_the_limit(tmp_path: Path, monkeypatch: pytest.Monkey
     collector = SlurmJobCollector(ctx(root), resolve_user=names)
     for _ in range(3):
         assert by_job(collector.collect()) == V2_EXPECTED
-    assert _open_fds() == baseline + 4
+    assert _open_fds() == baseline + 4 + 1  # and the watch of their directories
     collector.close()
     assert _open_fds() == baseline
 

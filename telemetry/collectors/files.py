@@ -10,14 +10,11 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
-import time
 import weakref
 from pathlib import Path
 from typing import Any
 
-# How long after a directory's last change a look at it must come for its timestamps to tell
-# every later change: file systems stamp times from a coarse clock (a jiffy, or a second).
-SETTLED_NS = 2_000_000_000
+from telemetry.collectors.watch import DirectoryWatch
 
 
 def read_text(path: Path) -> str:
@@ -65,12 +62,12 @@ class KeptFiles:
     At most ``limit`` files are kept; past that, files are opened each round as before.
 
     Asking each kept file whether its name was unlinked is one ``fstat`` a file and round. In
-    rounds (:meth:`begin_round`), one ``fstat`` of the file's directory (a descriptor of it is
-    kept too, and counts against ``limit``) answers for all of its files instead: a directory
-    still linked whose mtime and ctime are what they were when it was last looked at, which was
-    more than :data:`SETTLED_NS` after its last change, had no entry added, removed or renamed
-    since (a change would carry a later timestamp however coarse the file system's clock), so
-    its kept files are still the files their names name.
+    rounds (:meth:`begin_round`), a :class:`~telemetry.collectors.watch.DirectoryWatch` on the
+    kept files' directories answers for all of them with one read of its queue: a directory
+    watched since before the round began, with no entry added, removed or renamed since, still
+    names the kept files. The round a directory is first watched, and a round after it changed,
+    its files are asked themselves; the files of a directory moved away are closed. Without
+    inotify every file is asked, every round.
     """
 
     def __init__(self, limit: int = 512) -> None:
@@ -78,20 +75,34 @@ class KeptFiles:
         self._fds: dict[object, dict[str, tuple[int, str]]] = {}
         self._count = 0
         self._round = 0  # 0: not in rounds, every kept file is asked itself
-        # directory -> [a descriptor of it, its (mtime, ctime) at the last look, when: ns]
-        self._dirs: dict[str, list[Any]] = {}
+        self._watch: DirectoryWatch | None = None
+        self._watch_tried = False
+        self._watched: dict[str, int] = {}  # directory -> the round its watch began
+        self._changed: set[str] = set()  # directories changed since the round before
         self._in_dir: dict[str, int] = {}  # kept files per directory
-        self._settled: dict[str, bool] = {}  # this round's answers, by directory
+        self._opened: list[DirectoryWatch] = []  # the watch once opened, for the finalizer
         # Closes the descriptors of a collector dropped without close() (tests make many).
-        self._finalizer = weakref.finalize(self, _close_all, self._fds, self._dirs)
+        self._finalizer = weakref.finalize(self, _close_all, self._fds, self._opened)
 
     def __len__(self) -> int:
         return self._count
 
     def begin_round(self) -> None:
-        """A new round: directories are looked at again, once each."""
+        """A new round: what changed in the watched directories since the last is read."""
         self._round += 1
-        self._settled.clear()
+        watch = self._watch
+        if watch is None or not self._watched:
+            self._changed = set()
+            return
+        changed = watch.changed()
+        if changed is None:  # unknown: every directory is asked afresh and watched again
+            self._watched.clear()
+            self._changed = set()
+            return
+        for directory in changed:
+            if not watch.watching(directory):  # removed or moved away: its files are not ours
+                self._close_directory(directory)
+        self._changed = changed
 
     def read(self, owner: object, path: Path) -> str:
         """The text of ``path``. Raises ``OSError`` (gone, not readable) as :func:`read_text`."""
@@ -121,54 +132,54 @@ class KeptFiles:
         return text
 
     def _drop(self, fd: int, directory: str) -> None:
-        """Close a kept file, and its directory's descriptor with the last of its files."""
+        """Close a kept file, and stop watching its directory with the last of its files."""
         os.close(fd)
         self._count -= 1
         left = self._in_dir.pop(directory, 1) - 1
         if left:
             self._in_dir[directory] = left
         else:
-            self._forget(directory)
+            self._unwatch(directory)
+
+    def _close_directory(self, directory: str) -> None:
+        for files in self._fds.values():
+            for key, (fd, where) in list(files.items()):
+                if where == directory:
+                    del files[key]
+                    self._drop(fd, where)
+        self._unwatch(directory)
+
+    def _unwatch(self, directory: str) -> None:
+        """Stop watching ``directory``; with the last one, close the watch (opened again when a
+        directory is to be watched)."""
+        if self._watched.pop(directory, None) is None or self._watch is None:
+            return
+        self._watch.remove(directory)
+        if not self._watched:
+            self._watch.close()
+            self._watch, self._watch_tried = None, False
+            self._opened.clear()
 
     def _is_settled(self, directory: str) -> bool:
-        """Whether ``directory`` had no entry changed since it was last looked at (once a
-        round, through a descriptor of it kept with its files; never outside rounds)."""
+        """Whether ``directory`` is known to have had no entry changed since its files were
+        kept (only in rounds, and only where it was watched before this round began)."""
         if not self._round:
             return False
-        settled = self._settled.get(directory)
-        if settled is not None:
-            return settled
-        self._settled[directory] = False
-        looked = self._dirs.get(directory)
-        if looked is None:
-            if self._count >= self._limit:
+        began = self._watched.get(directory)
+        if began is not None:  # -1: it cannot be watched (a limit reached)
+            return 0 <= began < self._round and directory not in self._changed
+        watch = self._watch
+        if watch is None:
+            if self._watch_tried:
                 return False
-            try:
-                fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            except OSError:
+            self._watch_tried = True
+            watch = self._watch = DirectoryWatch.open()
+            if watch is None:
                 return False
-            looked = self._dirs[directory] = [fd, None, 0]
-            self._count += 1
-        try:
-            st = os.fstat(looked[0])
-        except OSError:
-            return False
-        if not st.st_nlink:  # removed: its files are gone too, and are read afresh
-            self._forget(directory)
-            return False
-        now = time.time_ns()
-        times = (st.st_mtime_ns, st.st_ctime_ns)
-        settled = bool(looked[1] == times and looked[2] - max(times) > SETTLED_NS)
-        looked[1], looked[2] = times, now
-        self._settled[directory] = settled
-        return settled
-
-    def _forget(self, directory: str) -> None:
-        looked = self._dirs.pop(directory, None)
-        if looked is not None:
-            self._count -= 1
-            with contextlib.suppress(OSError):
-                os.close(looked[0])
+            self._opened.append(watch)
+        # this round, its files are asked themselves
+        self._watched[directory] = self._round if watch.add(directory) else -1
+        return False
 
     def keep_only(self, owners: set[Any]) -> None:
         """Close the files of every owner not in ``owners`` (jobs that ended)."""
@@ -178,8 +189,8 @@ class KeptFiles:
 
     def close(self) -> None:
         self.keep_only(set())
-        for directory in list(self._dirs):
-            self._forget(directory)
+        for watch in self._opened:
+            watch.close()
 
 
 def kept_files_limit() -> int:
@@ -188,11 +199,13 @@ def kept_files_limit() -> int:
     return 512 if soft == resource.RLIM_INFINITY else max(0, min(512, soft // 4))
 
 
-def _close_all(fds: dict[object, dict[str, tuple[int, str]]], dirs: dict[str, list[Any]]) -> None:
+def _close_all(
+    fds: dict[object, dict[str, tuple[int, str]]], watches: list[DirectoryWatch]
+) -> None:
     descriptors = [fd for files in fds.values() for fd, _ in files.values()]
-    descriptors += [looked[0] for looked in dirs.values()]
     for fd in descriptors:
         with contextlib.suppress(OSError):
             os.close(fd)
     fds.clear()
-    dirs.clear()
+    for watch in watches:
+        watch.close()
