@@ -293,3 +293,34 @@ def test_a_sink_that_takes_part_of_a_message_gets_the_rest() -> None:
     stuck.sink.most = 0  # type: ignore[attr-defined]
     with pytest.raises(OSError, match="made no progress"):
         stuck.write_table(frames[1])
+
+
+def test_string_columns_repeating_the_batch_before_read_back_as_written(tmp_path: Path) -> None:
+    """A node's rounds repeat their job ids, users and UUIDs, whose buffers the writer keeps
+    from the batch before: a value changed, a null where a value was, one row more or fewer,
+    and the old values back again must each read back as their own batch."""
+    rows = [
+        {"node": "n1", "job_id": str(5000 + i), "user": f"user{i}", "account": "p",
+         "account_source": "environment", "cpus_allocated": 1.0, "gpus_allocated": 0.0,
+         "cpu_seconds": 1.0 * i, "memory_bytes": i}
+        for i in range(4)
+    ]  # fmt: skip
+    changed = [dict(r, user="ü" if i == 2 else r["user"]) for i, r in enumerate(rows)]
+    unknown = [dict(r, account_source=None if i == 1 else r["account_source"]) for i, r in
+               enumerate(rows)]  # fmt: skip
+    batches = [rows, rows, changed, rows, unknown, unknown, rows[:3], rows, rows]
+    frames = [
+        Frame.from_rows("job", [dict(r, time=at, cpu_seconds=float(at)) for r in batch])
+        for at, batch in enumerate(batches)
+    ]
+    path = tmp_path / "part.arrows"
+    _journal(path, "job", frames)
+    with pa.ipc.open_stream(path.read_bytes()) as reader:
+        read = list(reader)
+    for got, frame in zip(read, frames, strict=True):
+        got.validate(full=True)
+        assert_same(pa.Table.from_batches([got], schema=SCHEMAS["job"]), frame.to_arrow())
+    assert read[2].column("user").to_pylist() == ["user0", "user1", "ü", "user3"]
+    assert read[3].column("user").to_pylist() == ["user0", "user1", "user2", "user3"]
+    assert read[5].column("account_source").null_count == 1
+    assert read[7].column("account_source").null_count == 0

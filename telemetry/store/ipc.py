@@ -286,10 +286,14 @@ def _layout(table: str) -> _Layout:
     )
 
 
-def _string_buffers(column: Column, values: np.ndarray) -> tuple[np.ndarray | None, list[bytes]]:
-    """A validity mask when ``values`` holds None (else None), then the int32 offsets and the
+# A string column's last values and their buffers, by column name: a node's rounds repeat their
+# job ids, users and UUIDs, which need encoding only when they change.
+StringBuffers = dict[str, tuple[list[Any], tuple["np.ndarray | None", list[bytes]]]]
+
+
+def _string_buffers(column: Column, items: list[Any]) -> tuple[np.ndarray | None, list[bytes]]:
+    """A validity mask when ``items`` holds None (else None), then the int32 offsets and the
     UTF-8 bytes of a string column. Raises ``ValueError`` beyond 2 GiB of strings."""
-    items = values.tolist()
     valid = None
     try:
         text = "".join(items)  # TypeError for a None (a null)
@@ -313,9 +317,10 @@ def _string_buffers(column: Column, values: np.ndarray) -> tuple[np.ndarray | No
 
 
 def _column_buffers(
-    plan: _Plan, values: np.ndarray, valid: np.ndarray | None
+    plan: _Plan, values: np.ndarray, valid: np.ndarray | None, last: StringBuffers | None = None
 ) -> tuple[int, list[bytes]]:
-    """Null count, then validity bitmap (empty without nulls) and value buffers of one column.
+    """Null count, then validity bitmap (empty without nulls) and value buffers of one column;
+    ``last``: string buffers of the previous batch, reused for the same values and updated.
     Raises ``ValueError`` for a null in a required column."""
     rows = len(values)
     nulls = 0 if valid is None else rows - int(np.count_nonzero(valid))
@@ -324,7 +329,14 @@ def _column_buffers(
             # all null (a column no row has, as mig_profile mostly): nothing to encode
             data = [bytes(4 * rows + 4), b""]
         else:
-            found, data = _string_buffers(plan.column, values)
+            items = values.tolist()
+            kept = None if last is None else last.get(plan.column.name)
+            if kept is not None and kept[0] == items:
+                found, data = kept[1]
+            else:
+                found, data = _string_buffers(plan.column, items)
+                if last is not None:
+                    last[plan.column.name] = (items, (found, data))
             if valid is None and found is not None:
                 valid = found
                 nulls = rows - int(np.count_nonzero(valid))
@@ -340,8 +352,9 @@ def _column_buffers(
     return nulls, [np.packbits(valid, bitorder="little").tobytes(), *data]
 
 
-def record_batch_message(frame: Frame) -> bytes:
-    """One record batch message (metadata and body) of ``frame``'s rows.
+def record_batch_message(frame: Frame, last: StringBuffers | None = None) -> bytes:
+    """One record batch message (metadata and body) of ``frame``'s rows. ``last``: the string
+    buffers of the batch before (see :data:`StringBuffers`), reused and updated.
 
     Raises ``ValueError`` when a column is missing, of another length, or null where the table
     requires a value (nothing is written then).
@@ -367,7 +380,7 @@ def record_batch_message(frame: Frame) -> bytes:
             # The common case, numbers without a mask: no bitmap, one value buffer.
             parts = (b"", (values if values.dtype == dtype else values.astype(dtype)).tobytes())
         else:
-            nulls, parts = _column_buffers(layout.plans[i], values, mask)
+            nulls, parts = _column_buffers(layout.plans[i], values, mask, last)
             nodes[2 * i + 1] = nulls
         for part in parts:
             size = len(part)
@@ -397,13 +410,14 @@ class StreamWriter:
             raise ValueError(f"unknown table {table!r}")
         self.sink = sink
         self.table = table
+        self._strings: StringBuffers = {}
         self._write(schema_message(table))
 
     def write_table(self, frame: Frame) -> None:
         """Append ``frame`` (rows of this writer's table) as one record batch."""
         if frame.table != self.table:
             raise ValueError(f"rows of table {frame.table!r} in the {self.table!r} journal")
-        self._write(record_batch_message(frame))
+        self._write(record_batch_message(frame, self._strings))
 
     def close(self) -> None:
         self._write(END_OF_STREAM)
