@@ -337,8 +337,9 @@ def test_files_kept_open_between_rounds_see_every_change(tmp_path: Path) -> None
         if job.is_dir() and job.name != "system":
             shutil.rmtree(job)
     assert by_job(collector.collect()) == {}
-    assert _open_fds() == baseline
+    assert _open_fds() == baseline + 1  # the watch of the directories jobs are listed from
     collector.close()
+    assert _open_fds() == baseline
 
 
 def test_a_kept_file_unlinked_in_a_live_job_reads_as_missing(
@@ -397,6 +398,74 @@ def test_kept_files_of_a_watched_job_cost_no_fstat_a_round_and_still_see_every_c
     collector.close()
 
 
+def _scandir_counter(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    calls = {"scandir": 0}
+    real = os.scandir
+
+    def scandir(path: Any = ".") -> Any:
+        calls["scandir"] += 1
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    return calls
+
+
+def test_jobs_are_listed_again_only_when_a_listed_directory_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the directories jobs are listed from are watched, a round lists nothing; a job
+    started or ended is seen in the next round all the same."""
+    root = copy_tree(V2, tmp_path)
+    scope = root / V2_SCOPE
+    calls = _scandir_counter(monkeypatch)
+    collector = SlurmJobCollector(ctx(root), resolve_user=names)
+    for _ in range(3):  # listed, then listed under a watch, then known
+        assert by_job(collector.collect()) == V2_EXPECTED
+    calls.update(scandir=0)
+    for _ in range(3):
+        assert by_job(collector.collect()) == V2_EXPECTED
+    assert calls == {"scandir": 0}, "nothing changed: nothing listed"
+    shutil.copytree(V2 / V2_SCOPE / "job_1001", scope / "job_1006")
+    assert "1006" in by_job(collector.collect())
+    shutil.rmtree(scope / "job_1003")
+    assert "1003" not in by_job(collector.collect())
+    # A new slurmd scope (a second slurmd on the host) is a new entry of system.slice.
+    shutil.copytree(V2 / V2_SCOPE, scope.with_name("n2_slurmstepd.scope"))
+    rows = by_job(collector.collect())
+    assert rows["1002"]["cpus_allocated"] == 2 * V2_EXPECTED["1002"]["cpus_allocated"]
+    collector.close()
+
+
+def test_jobs_are_listed_again_at_least_every_minute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should the kernel ever not tell of a change, the jobs are listed afresh within
+    RELIST_ROUNDS rounds anyway."""
+    root = copy_tree(V2, tmp_path)
+    monkeypatch.setattr(slurm.JobListing, "RELIST_ROUNDS", 5)
+    collector = SlurmJobCollector(ctx(root), resolve_user=names)
+    for _ in range(3):
+        collector.collect()
+    monkeypatch.setattr(watch.DirectoryWatch, "changed", lambda self: set())  # told nothing
+    shutil.copytree(V2 / V2_SCOPE / "job_1001", root / V2_SCOPE / "job_1006")
+    seen = [("1006" in by_job(collector.collect())) for _ in range(6)]
+    assert seen[0] is False and seen[-1] is True
+    collector.close()
+
+
+def test_jobs_are_listed_every_round_without_inotify(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(watch.DirectoryWatch, "open", classmethod(lambda cls: None))
+    root = copy_tree(V2, tmp_path)
+    collector = SlurmJobCollector(ctx(root), resolve_user=names)
+    for _ in range(3):
+        assert by_job(collector.collect()) == V2_EXPECTED
+    shutil.copytree(V2 / V2_SCOPE / "job_1001", root / V2_SCOPE / "job_1006")
+    assert "1006" in by_job(collector.collect())
+    collector.close()
+
+
 def test_kept_files_without_inotify_are_each_asked_every_round(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -422,7 +491,8 @@ def test_no_files_kept_past_the_limit(tmp_path: Path, monkeypatch: pytest.Monkey
     collector = SlurmJobCollector(ctx(root), resolve_user=names)
     for _ in range(3):
         assert by_job(collector.collect()) == V2_EXPECTED
-    assert _open_fds() == baseline + 4 + 1  # and the watch of their directories
+    # and the watch of their directories, and that of the directories jobs are listed from
+    assert _open_fds() == baseline + 4 + 2
     collector.close()
     assert _open_fds() == baseline
 

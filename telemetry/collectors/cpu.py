@@ -144,7 +144,7 @@ class CpuCollector(Collector):
         self._counters = MonotonicCounters()
         self._stat_path = ctx.procfs / "stat"
         self._mem_path = ctx.procfs / "meminfo"
-        self._files = KeptFiles(limit=3)  # both files and their directory: no open a round
+        self._files = KeptFiles(limit=2)  # both files: no open a round
 
     def collect(self) -> dict[str, list[Row]]:
         stat_path, mem_path = self._stat_path, self._mem_path

@@ -60,6 +60,7 @@ from pathlib import Path
 
 from telemetry.collectors.base import Collector, CollectorContext, Row, register
 from telemetry.collectors.files import KeptFiles, kept_files_limit, read_text
+from telemetry.collectors.watch import DirectoryWatch
 from telemetry.errors import ParseError
 from telemetry.logs import OnceLogger, log
 
@@ -407,18 +408,22 @@ def _is_gone(exc: OSError) -> bool:
     return isinstance(exc, FileNotFoundError | ProcessLookupError) or exc.errno in _GONE
 
 
-def _subdirs(path: Path) -> list[Path]:
+def _subdirs(path: Path, scanned: list[str] | None = None) -> list[Path]:
     """Sub-directories of ``path`` sorted by name; none if it is missing or unreadable."""
-    return [path / name for name in _subdir_names(path)]
+    return [path / name for name in _subdir_names(path, scanned)]
 
 
-def _subdir_names(path: Path) -> list[str]:
-    """Names of the sub-directories of ``path``, sorted; none if it is missing or unreadable."""
+def _subdir_names(path: Path | str, scanned: list[str] | None = None) -> list[str]:
+    """Names of the sub-directories of ``path``, sorted; none if it is missing or unreadable.
+    ``scanned``: gets ``path`` where it could be listed."""
     try:
         with os.scandir(path) as entries:
-            return sorted([e.name for e in entries if _is_dir(e)])
+            names = sorted([e.name for e in entries if _is_dir(e)])
     except OSError:
         return []
+    if scanned is not None:
+        scanned.append(str(path))
+    return names
 
 
 def _is_dir(entry: os.DirEntry[str]) -> bool:
@@ -469,22 +474,26 @@ class JobCgroup:
         return self.scope, self.job_id
 
 
-def list_jobs(cgroup_root: Path) -> list[JobCgroup]:
-    """Every Slurm job cgroup under ``cgroup_root``, in the layout :func:`cgroup_version` names."""
+def list_jobs(cgroup_root: Path, scanned: list[str] | None = None) -> list[JobCgroup]:
+    """Every Slurm job cgroup under ``cgroup_root``, in the layout :func:`cgroup_version` names.
+    ``scanned``: gets every directory whose entries the answer depends on that could be listed
+    (a new job appears as an entry of one of them)."""
+    if scanned is not None:
+        scanned.append(str(cgroup_root))  # where cgroup.controllers or a hierarchy appears
     version = cgroup_version(cgroup_root)
     if version == 2:
-        return list(_v2_jobs(cgroup_root))
+        return list(_v2_jobs(cgroup_root, scanned))
     if version == 1:
-        return list(_v1_jobs(cgroup_root))
+        return list(_v1_jobs(cgroup_root, scanned))
     return []
 
 
-def _v2_jobs(root: Path) -> Iterator[JobCgroup]:
-    for scope in _subdirs(root / "system.slice"):
+def _v2_jobs(root: Path, scanned: list[str] | None = None) -> Iterator[JobCgroup]:
+    for scope in _subdirs(root / "system.slice", scanned):
         if not scope.name.endswith("slurmstepd.scope"):
             continue
         where = str(scope)
-        for name in _subdir_names(scope):
+        for name in _subdir_names(where, scanned):
             job = _v2_job(where, name)
             if job is not None:
                 yield job
@@ -512,18 +521,18 @@ def _v2_job(scope_dir: str, name: str) -> JobCgroup | None:
     )
 
 
-def _v1_jobs(root: Path) -> Iterator[JobCgroup]:
+def _v1_jobs(root: Path, scanned: list[str] | None = None) -> Iterator[JobCgroup]:
     cpuacct = root / "cpuacct"
     if not cpuacct.is_dir():
         cpuacct = root / "cpu,cpuacct"
-    for top in _subdirs(cpuacct):
+    for top in _subdirs(cpuacct, scanned):
         if top.name != "slurm" and not top.name.startswith("slurm_"):
             continue
-        for uid_dir in _subdirs(top):
+        for uid_dir in _subdirs(top, scanned):
             uid_match = _UID_DIR.fullmatch(uid_dir.name)
             if not uid_match or len(uid_match.group(1)) > 10:
                 continue
-            for job in _subdirs(uid_dir):
+            for job in _subdirs(uid_dir, scanned):
                 match = _JOB_DIR.fullmatch(job.name)
                 if not match:
                     continue
@@ -539,6 +548,58 @@ def _v1_jobs(root: Path) -> Iterator[JobCgroup]:
                     version=1,
                     scope=top.name,
                 )
+
+
+class JobListing:
+    """:func:`list_jobs` of one cgroup root, listed afresh only when a directory the last listing
+    read had an entry added, removed or renamed (one inotify watch of them all), and at least
+    every :data:`RELIST_ROUNDS` rounds; every round where they cannot all be watched. A node's
+    jobs start and end a few times an hour: listing ``system.slice`` (every systemd unit) and
+    each job directory every second bought nothing in between."""
+
+    RELIST_ROUNDS = 60
+
+    def __init__(self, cgroup_root: Path) -> None:
+        self._root = cgroup_root
+        self._watch: DirectoryWatch | None = None
+        self._watched: set[str] = set()
+        self._jobs: list[JobCgroup] | None = None
+        self._rounds = 0  # since the last listing
+
+    def jobs(self) -> list[JobCgroup]:
+        """This round's job cgroups (as :func:`list_jobs`)."""
+        self._rounds += 1
+        watch = self._watch
+        # Drained before listing: a change while the directories are listed stays queued.
+        changed = watch.changed() if watch is not None else None
+        if self._jobs is not None and changed == set() and self._rounds < self.RELIST_ROUNDS:
+            return self._jobs
+        scanned: list[str] = []
+        jobs = list_jobs(self._root, scanned)
+        self._jobs, self._rounds = None, 0
+        if watch is None:
+            watch = self._watch = DirectoryWatch.open()
+            if watch is None:
+                return jobs
+        for directory in self._watched.difference(scanned):
+            watch.remove(directory)
+        self._watched = set(scanned)
+        fresh = [d for d in scanned if not watch.watching(d)]
+        for directory in fresh:
+            watch.add(directory)
+        if not fresh:
+            # Every directory was watched since before the listing began: what changes after
+            # it is in the queue. A watch added now may have missed a change meanwhile, and
+            # one that could not be added misses them all: list again next round.
+            self._jobs = jobs
+        return jobs
+
+    def close(self) -> None:
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        self._watched.clear()
+        self._jobs = None
 
 
 # Where in a job's cgroup a process sits, best first for finding the job's identity: the batch
@@ -691,6 +752,7 @@ class SlurmJobCollector(Collector):
             self._gres_shards = {}
         self._clock: Callable[[], float] = time.monotonic  # seconds; tests may replace it
         self._files = KeptFiles(kept_files_limit())
+        self._listing = JobListing(ctx.sysfs / "fs" / "cgroup")
         self._bad: set[tuple[str, str]] = set()  # jobs whose last round failed (logged once)
         self._cpu_counts: dict[str, int] = {}  # cpuset text -> CPUs: the same few lists recur
 
@@ -702,7 +764,7 @@ class SlurmJobCollector(Collector):
         seen: set[tuple[str, str]] = set()
         info_dir_ok = self._job_info_dir_trusted()
         self._files.begin_round()
-        for job in list_jobs(self.ctx.sysfs / "fs" / "cgroup"):
+        for job in self._listing.jobs():
             seen.add(job.key)
             try:
                 row, info = self._read_job(job, info_dir_ok)
@@ -1001,6 +1063,7 @@ class SlurmJobCollector(Collector):
 
     def close(self) -> None:
         self._files.close()
+        self._listing.close()
 
     def _warn_bad(self, job: JobCgroup, exc: Exception) -> None:
         where = f"{job.scope}/{job.procs_dir.name}"
