@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> None:
         driver = node_tree.build_driver_stub(Path(scratch)) if args.nvml == "driver" else None
         standin = "a stand-in libnvidia-ml under pynvml" if driver else "the Python stand-in"
         if args.nvml == "driver" and driver is None:
-            standin += " (no C compiler for the driver stand-in)"
+            standin += " (the driver stand-in could not be built)"
         if args.breakdown:
             print(f"CPU ms per round at a 1 s cadence, {args.jobs} jobs, 8 GPUs ({standin})")
             for stage, ms in round_breakdown(args.breakdown, args.jobs, driver).items():

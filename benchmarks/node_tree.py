@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -51,17 +52,20 @@ DRIVER_STUB_SOURCE = Path(__file__).resolve().parent / "nvml_stub.c"
 
 def build_driver_stub(directory: Path) -> Path | None:
     """Compile the stand-in ``libnvidia-ml.so.1`` into ``directory`` (for ``LD_LIBRARY_PATH``);
-    ``None`` when there is no C compiler. Raises ``CalledProcessError`` when it does not build."""
+    ``None`` when there is no C compiler or it fails (the compiler's message on stderr)."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         return None
     directory.mkdir(parents=True, exist_ok=True)
     library = directory / "libnvidia-ml.so.1"
-    subprocess.run(
+    built = subprocess.run(
         [compiler, "-O2", "-shared", "-fPIC", "-Wl,-soname,libnvidia-ml.so.1", "-o",
          str(library), str(DRIVER_STUB_SOURCE)],
-        check=True, capture_output=True,
+        capture_output=True, text=True,
     )  # fmt: skip
+    if built.returncode != 0:
+        print(f"the stand-in driver did not build:\n{built.stderr}", file=sys.stderr)
+        return None
     return directory
 
 

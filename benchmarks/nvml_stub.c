@@ -11,7 +11,8 @@
  * with the power over CLOCK_MONOTONIC. Only what tally's daemon calls is here; any other symbol
  * is missing, which pynvml reports as NVML_ERROR_FUNCTION_NOT_FOUND.
  *
- * Layouts are nvml.h's (checked against pynvml's ctypes structures by the static asserts).
+ * Layouts are nvml.h's; the static asserts hold them to the sizes of nvidia-ml-py's ctypes
+ * structures, and tests/test_driver_stub.py to the Python stand-in's answers.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -86,7 +87,7 @@ _Static_assert(sizeof(nvmlEventData_t) == 32, "nvmlEventData_t");
 
 static device_t devices[GPUS] = {{0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}};
 static gpm_sample_t gpm_samples[4 * GPUS];
-static unsigned int gpm_allocated;
+static unsigned char gpm_in_use[4 * GPUS];
 static int event_set;
 static unsigned long long started_us;
 
@@ -97,7 +98,8 @@ static unsigned long long now_us(void) {
 }
 
 static int valid(nvmlDevice_t device) {
-    return device >= devices && device < devices + GPUS;
+    uintptr_t at = (uintptr_t)device, first = (uintptr_t)devices;
+    return at >= first && at < first + sizeof(devices) && (at - first) % sizeof(device_t) == 0;
 }
 
 const char *nvmlErrorString(int result) {
@@ -268,13 +270,20 @@ int nvmlGpmQueryDeviceSupport(nvmlDevice_t device, nvmlGpmSupport_t *support) {
 }
 
 int nvmlGpmSampleAlloc(gpm_sample_t **sample) {
-    if (gpm_allocated >= 4 * GPUS) return NVML_ERROR_INSUFFICIENT_SIZE;
-    *sample = &gpm_samples[gpm_allocated++];
-    return NVML_SUCCESS;
+    for (unsigned int i = 0; i < 4 * GPUS; i++) {
+        if (!gpm_in_use[i]) {
+            gpm_in_use[i] = 1;
+            *sample = &gpm_samples[i];
+            return NVML_SUCCESS;
+        }
+    }
+    return NVML_ERROR_INSUFFICIENT_SIZE;
 }
 
 int nvmlGpmSampleFree(gpm_sample_t *sample) {
-    (void)sample;
+    uintptr_t at = (uintptr_t)sample, first = (uintptr_t)gpm_samples;
+    if (at < first || at >= first + sizeof(gpm_samples)) return NVML_ERROR_INVALID_ARGUMENT;
+    gpm_in_use[(at - first) / sizeof(gpm_sample_t)] = 0;
     return NVML_SUCCESS;
 }
 

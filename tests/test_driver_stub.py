@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -48,9 +49,10 @@ def _second_round(collector: GpuCollector) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def driver(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    built = node_tree.build_driver_stub(tmp_path_factory.mktemp("driver"))
-    if built is None:
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler for the stand-in driver")
+    built = node_tree.build_driver_stub(tmp_path_factory.mktemp("driver"))
+    assert built is not None, "the stand-in driver did not build (its errors are above)"
     return built
 
 

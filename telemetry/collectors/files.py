@@ -64,10 +64,10 @@ class KeptFiles:
     Asking each kept file whether its name was unlinked is one ``fstat`` a file and round. In
     rounds (:meth:`begin_round`), a :class:`~telemetry.collectors.watch.DirectoryWatch` on the
     kept files' directories answers for all of them with one read of its queue: a directory
-    watched since before the round began, with no entry added, removed or renamed since, still
-    names the kept files. The round a directory is first watched, and a round after it changed,
-    its files are asked themselves; the files of a directory moved away are closed. Without
-    inotify every file is asked, every round.
+    watched since before its files were opened, with no entry added, removed or renamed since,
+    still names them. In the round after a directory changed its files are asked themselves; the
+    files of a directory moved away, and all of them when the queue overflowed, are closed and
+    opened again by name. Without inotify every file is asked, every round.
     """
 
     def __init__(self, limit: int = 512) -> None:
@@ -76,13 +76,12 @@ class KeptFiles:
         self._count = 0
         self._round = 0  # 0: not in rounds, every kept file is asked itself
         self._watch: DirectoryWatch | None = None
-        self._watch_tried = False
-        self._watched: dict[str, int] = {}  # directory -> the round its watch began
+        # directory -> the round its watch began (-1: it cannot be watched)
+        self._watched: dict[str, int] = {}
         self._changed: set[str] = set()  # directories changed since the round before
         self._in_dir: dict[str, int] = {}  # kept files per directory
-        self._opened: list[DirectoryWatch] = []  # the watch once opened, for the finalizer
         # Closes the descriptors of a collector dropped without close() (tests make many).
-        self._finalizer = weakref.finalize(self, _close_all, self._fds, self._opened)
+        self._finalizer = weakref.finalize(self, _close_all, self._fds)
 
     def __len__(self) -> int:
         return self._count
@@ -90,14 +89,16 @@ class KeptFiles:
     def begin_round(self) -> None:
         """A new round: what changed in the watched directories since the last is read."""
         self._round += 1
+        self._changed = set()
         watch = self._watch
         if watch is None or not self._watched:
-            self._changed = set()
             return
         changed = watch.changed()
-        if changed is None:  # unknown: every directory is asked afresh and watched again
+        if changed is None:  # events lost: nothing is known, every file is opened again
             self._watched.clear()
-            self._changed = set()
+            for owner in list(self._fds):
+                for fd, directory in self._fds.pop(owner).values():
+                    self._drop(fd, directory)
             return
         for directory in changed:
             if not watch.watching(directory):  # removed or moved away: its files are not ours
@@ -119,17 +120,41 @@ class KeptFiles:
                 pass  # removed, or the cgroup went away: read afresh below
             del files[key]
             self._drop(fd, directory)
-        text = read_text(path)
-        if self._count < self._limit:
-            try:
-                fd = os.open(key, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
-                return text
-            directory = key.rpartition("/")[0] or "/"
-            self._fds.setdefault(owner, {})[key] = (fd, directory)
-            self._count += 1
-            self._in_dir[directory] = self._in_dir.get(directory, 0) + 1
+            if directory in self._watched:  # made again under the same name (cgroupfs says
+                self._watch_directory(directory)  # nothing of a removal): watched anew
+        if self._count >= self._limit:
+            return read_text(path)
+        directory = key.rpartition("/")[0] or "/"
+        self._watch_directory(directory)  # before the file is opened: a change after is told
+        try:
+            text = read_text(path)
+        except OSError:
+            self._unwatch_unkept(directory)
+            raise
+        try:
+            fd = os.open(key, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._unwatch_unkept(directory)
+            return text  # read, not kept
+        self._fds.setdefault(owner, {})[key] = (fd, directory)
+        self._count += 1
+        self._in_dir[directory] = self._in_dir.get(directory, 0) + 1
         return text
+
+    def _watch_directory(self, directory: str) -> None:
+        """Watch ``directory`` where it is not (or where its name now names another one)."""
+        began = self._watched.get(directory)
+        if began is not None and began < 0:
+            return  # it could not be watched: its files are asked themselves
+        watch = self._watch
+        if watch is None:
+            watch = self._watch = DirectoryWatch.open()
+            if watch is None:
+                self._watched[directory] = -1
+                return
+        answer = watch.add(directory)
+        if answer == "new" or began is None:
+            self._watched[directory] = self._round if answer != "failed" else -1
 
     def _drop(self, fd: int, directory: str) -> None:
         """Close a kept file, and stop watching its directory with the last of its files."""
@@ -139,6 +164,10 @@ class KeptFiles:
         if left:
             self._in_dir[directory] = left
         else:
+            self._unwatch(directory)
+
+    def _unwatch_unkept(self, directory: str) -> None:
+        if not self._in_dir.get(directory):
             self._unwatch(directory)
 
     def _close_directory(self, directory: str) -> None:
@@ -157,29 +186,15 @@ class KeptFiles:
         self._watch.remove(directory)
         if not self._watched:
             self._watch.close()
-            self._watch, self._watch_tried = None, False
-            self._opened.clear()
+            self._watch = None
 
     def _is_settled(self, directory: str) -> bool:
         """Whether ``directory`` is known to have had no entry changed since its files were
-        kept (only in rounds, and only where it was watched before this round began)."""
+        opened: watched since a round before this one, and not changed since (rounds only)."""
         if not self._round:
             return False
         began = self._watched.get(directory)
-        if began is not None:  # -1: it cannot be watched (a limit reached)
-            return 0 <= began < self._round and directory not in self._changed
-        watch = self._watch
-        if watch is None:
-            if self._watch_tried:
-                return False
-            self._watch_tried = True
-            watch = self._watch = DirectoryWatch.open()
-            if watch is None:
-                return False
-            self._opened.append(watch)
-        # this round, its files are asked themselves
-        self._watched[directory] = self._round if watch.add(directory) else -1
-        return False
+        return began is not None and 0 <= began < self._round and directory not in self._changed
 
     def keep_only(self, owners: set[Any]) -> None:
         """Close the files of every owner not in ``owners`` (jobs that ended)."""
@@ -189,8 +204,10 @@ class KeptFiles:
 
     def close(self) -> None:
         self.keep_only(set())
-        for watch in self._opened:
-            watch.close()
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        self._watched.clear()
 
 
 def kept_files_limit() -> int:
@@ -199,13 +216,9 @@ def kept_files_limit() -> int:
     return 512 if soft == resource.RLIM_INFINITY else max(0, min(512, soft // 4))
 
 
-def _close_all(
-    fds: dict[object, dict[str, tuple[int, str]]], watches: list[DirectoryWatch]
-) -> None:
+def _close_all(fds: dict[object, dict[str, tuple[int, str]]]) -> None:
     descriptors = [fd for files in fds.values() for fd, _ in files.values()]
     for fd in descriptors:
         with contextlib.suppress(OSError):
             os.close(fd)
     fds.clear()
-    for watch in watches:
-        watch.close()

@@ -553,30 +553,36 @@ def _v1_jobs(root: Path, scanned: list[str] | None = None) -> Iterator[JobCgroup
 class JobListing:
     """:func:`list_jobs` of one cgroup root, listed afresh only when a directory the last listing
     read had an entry added, removed or renamed (one inotify watch of them all), and at least
-    every :data:`RELIST_ROUNDS` rounds; every round where they cannot all be watched. A node's
-    jobs start and end a few times an hour: listing ``system.slice`` (every systemd unit) and
-    each job directory every second bought nothing in between."""
+    every :data:`RELIST_SECONDS`; every round where they cannot all be watched. A node's jobs
+    start and end a few times an hour: listing ``system.slice`` (every systemd unit) and each
+    slurmd scope every second bought nothing in between."""
 
-    RELIST_ROUNDS = 60
+    RELIST_SECONDS = 60.0
 
-    def __init__(self, cgroup_root: Path) -> None:
+    def __init__(self, cgroup_root: Path, clock: Callable[[], float] = time.monotonic) -> None:
+        """``clock``: monotonic seconds."""
         self._root = cgroup_root
+        self._clock = clock
         self._watch: DirectoryWatch | None = None
         self._watched: set[str] = set()
         self._jobs: list[JobCgroup] | None = None
-        self._rounds = 0  # since the last listing
+        self._listed_at = 0.0
 
     def jobs(self) -> list[JobCgroup]:
         """This round's job cgroups (as :func:`list_jobs`)."""
-        self._rounds += 1
+        now = self._clock()
         watch = self._watch
         # Drained before listing: a change while the directories are listed stays queued.
         changed = watch.changed() if watch is not None else None
-        if self._jobs is not None and changed == set() and self._rounds < self.RELIST_ROUNDS:
+        if (
+            self._jobs is not None
+            and changed == set()
+            and now - self._listed_at < self.RELIST_SECONDS
+        ):
             return self._jobs
         scanned: list[str] = []
         jobs = list_jobs(self._root, scanned)
-        self._jobs, self._rounds = None, 0
+        self._jobs, self._listed_at = None, now
         if watch is None:
             watch = self._watch = DirectoryWatch.open()
             if watch is None:
@@ -584,13 +590,13 @@ class JobListing:
         for directory in self._watched.difference(scanned):
             watch.remove(directory)
         self._watched = set(scanned)
-        fresh = [d for d in scanned if not watch.watching(d)]
-        for directory in fresh:
-            watch.add(directory)
-        if not fresh:
-            # Every directory was watched since before the listing began: what changes after
-            # it is in the queue. A watch added now may have missed a change meanwhile, and
-            # one that could not be added misses them all: list again next round.
+        # Asked of every directory again: a directory removed and made again under its name
+        # is news to no watch on cgroupfs, only its inode tells.
+        answers = [watch.add(directory) for directory in scanned]
+        if all(answer == "kept" for answer in answers):
+            # Each directory was watched since before this listing: a change after it is in
+            # the queue. One watched only now may have changed unseen meanwhile, and one that
+            # cannot be watched goes unseen: list again next round.
             self._jobs = jobs
         return jobs
 
@@ -752,7 +758,8 @@ class SlurmJobCollector(Collector):
             self._gres_shards = {}
         self._clock: Callable[[], float] = time.monotonic  # seconds; tests may replace it
         self._files = KeptFiles(kept_files_limit())
-        self._listing = JobListing(ctx.sysfs / "fs" / "cgroup")
+        # the collector's clock as it is when asked: tests replace it
+        self._listing = JobListing(ctx.sysfs / "fs" / "cgroup", lambda: self._clock())  # noqa: PLW0108
         self._bad: set[tuple[str, str]] = set()  # jobs whose last round failed (logged once)
         self._cpu_counts: dict[str, int] = {}  # cpuset text -> CPUs: the same few lists recur
 

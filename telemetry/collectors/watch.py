@@ -1,21 +1,26 @@
 """Which directories had an entry added, removed or renamed since the last look (Linux inotify).
 
 :class:`KeptFiles <telemetry.collectors.files.KeptFiles>` keeps a job's cgroup files open between
-rounds; a kept file still is the file its name names while nothing in its directory was unlinked,
-created or renamed, which one drained inotify queue a round tells for every directory at once.
-Where inotify is missing (not Linux, no ``libc``, the instance or watch limit reached)
-:meth:`DirectoryWatch.open` gives ``None`` and :meth:`DirectoryWatch.add` ``False``: the caller
-then asks each file itself.
+rounds, and :class:`JobListing <telemetry.collectors.slurm.JobListing>` the list of job cgroups:
+both hold while nothing in the directories they came from was created, unlinked or renamed, which
+one drained inotify queue a round tells for every directory at once. Where inotify is missing
+(not Linux, no libc, the instance or watch limit reached) :meth:`DirectoryWatch.open` gives
+``None`` and :meth:`DirectoryWatch.add` ``"failed"``: the caller then looks itself.
+
+A directory removed on cgroupfs (kernfs) sends its own watch nothing, unlike tmpfs or ext4: a
+name whose directory was removed and made again is found out only by :meth:`DirectoryWatch.add`
+of that name, which then names another inode and answers ``"new"``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import os
 import struct
-from typing import Any
+import threading
+import weakref
+from typing import Any, Literal
 
 # <sys/inotify.h>
 IN_MOVED_FROM = 0x40
@@ -33,32 +38,45 @@ IN_CLOEXEC = os.O_CLOEXEC
 _CHANGES = IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, length of the name that follows
 
-_libc: Any = None
+_loaded: list[Any] = []  # [libc or None], once loaded
+_loading = threading.Lock()
 
 
 def _library() -> Any:
-    """libc with inotify's three calls typed, or ``None`` (loaded once)."""
-    global _libc
-    if _libc is None:
-        _libc = False
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            libc.inotify_init1.argtypes = [ctypes.c_int]
-            libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
-            libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
-            _libc = libc
-        except (OSError, AttributeError):
-            pass
-    return _libc or None
+    """The C library's inotify calls, typed; ``None`` where there are none (loaded once)."""
+    if not _loaded:
+        with _loading:
+            if not _loaded:
+                _loaded.append(_load())
+    return _loaded[0]
+
+
+def _load() -> Any:
+    try:  # the process' own symbols: libc's, whichever libc it is (no ldconfig run)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.inotify_init1.argtypes = [ctypes.c_int]
+        libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+        libc.inotify_rm_watch.argtypes = [ctypes.c_int, ctypes.c_int]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def _close(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
 
 class DirectoryWatch:
     """One inotify instance watching directories for entries added, removed or renamed."""
 
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
+    def __init__(self, libc: Any, fd: int) -> None:
+        self._libc = libc
+        self._fd = -1
+        self._closer: weakref.finalize[Any, DirectoryWatch] | None = None
         self._paths: dict[int, set[str]] = {}  # watch descriptor -> the paths it watches
         self._wd: dict[str, int] = {}
+        self._take(fd)
 
     @classmethod
     def open(cls) -> DirectoryWatch | None:
@@ -67,45 +85,61 @@ class DirectoryWatch:
         if libc is None:
             return None
         fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-        return None if fd < 0 else cls(fd)
+        return None if fd < 0 else cls(libc, fd)
+
+    def _take(self, fd: int) -> None:
+        """Own ``fd`` (closed by :meth:`close`, or when this watch is dropped unclosed)."""
+        if self._closer is not None:
+            self._closer.detach()
+        self._fd = fd
+        self._closer = weakref.finalize(self, _close, fd) if fd >= 0 else None
 
     @property
     def fd(self) -> int:
         return self._fd
 
-    def add(self, directory: str) -> bool:
-        """Watch ``directory``; ``False`` when it cannot be (gone, not a directory, a limit)."""
-        if directory in self._wd:
-            return True
+    def add(self, directory: str) -> Literal["kept", "new", "failed"]:
+        """Watch ``directory``: ``"kept"`` when the same directory was watched already (what
+        changed in it since is in the queue), ``"new"`` when it was not, or its name now names
+        another directory (changes before now are not), ``"failed"`` when it cannot be (gone,
+        not a directory, a limit)."""
         if self._fd < 0:
-            return False
-        wd = _libc.inotify_add_watch(self._fd, os.fsencode(directory), _CHANGES | IN_ONLYDIR)
+            return "failed"
+        wd = self._libc.inotify_add_watch(self._fd, os.fsencode(directory), _CHANGES | IN_ONLYDIR)
+        old = self._wd.get(directory)
+        if wd == old:
+            return "kept"
+        if old is not None:
+            self._forget(directory, old)
         if wd < 0:
-            return False
+            return "failed"
         self._wd[directory] = wd
         self._paths.setdefault(wd, set()).add(directory)  # two names of one directory: one wd
-        return True
+        return "new"
 
     def watching(self, directory: str) -> bool:
         return directory in self._wd
 
     def remove(self, directory: str) -> None:
         """Stop watching ``directory`` (nothing if it is not watched)."""
-        wd = self._wd.pop(directory, None)
-        if wd is None:
-            return
-        paths = self._paths[wd]
+        wd = self._wd.get(directory)
+        if wd is not None:
+            self._forget(directory, wd)
+
+    def _forget(self, directory: str, wd: int) -> None:
+        del self._wd[directory]
+        paths = self._paths.get(wd, set())
         paths.discard(directory)
         if not paths:
-            del self._paths[wd]
+            self._paths.pop(wd, None)
             if self._fd >= 0:
-                _libc.inotify_rm_watch(self._fd, wd)  # fails harmlessly for a watch gone already
+                self._libc.inotify_rm_watch(self._fd, wd)  # fails harmlessly if gone already
 
     def changed(self) -> set[str] | None:
         """The watched directories changed since the last call; one that was removed or moved
         away is no longer watched (:meth:`watching`). ``None`` when that cannot be told (the
         kernel's queue overflowed, or the instance failed): then nothing is watched any more,
-        and every directory must be asked afresh and added again."""
+        and every directory must be looked at afresh and added again."""
         if self._fd < 0:
             return None
         changed: set[str] = set()
@@ -129,26 +163,19 @@ class DirectoryWatch:
                     continue  # a watch removed meanwhile
                 changed |= paths
                 if mask & (IN_IGNORED | IN_MOVE_SELF):  # the name no longer is this directory
-                    self._paths.pop(wd)
-                    for path in paths:
-                        del self._wd[path]
-                    if not mask & IN_IGNORED:
-                        _libc.inotify_rm_watch(self._fd, wd)
+                    for path in list(paths):
+                        self._forget(path, wd)
 
     def _restart(self) -> None:
         """A new instance with no watch: what the old one's lost events said is unknown."""
-        fd = self._fd
-        self._fd = -1
         self.close()
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        new = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-        self._fd = new if new >= 0 else -1
+        fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        self._take(fd if fd >= 0 else -1)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = -1
         self._paths.clear()
         self._wd.clear()
+        if self._closer is not None:
+            self._closer()  # closes the descriptor once
+            self._closer = None
+        self._fd = -1
