@@ -412,7 +412,7 @@ class TableState:
                 windows[label] = np.clip(ratio[i], 0.0, 1.0)
         names = sorted({p for k in keys for p in self.totals.get(k, {})})
         totals = {
-            p: np.array([self.totals.get(k, {}).get(p, 0) for k in keys], dtype=np.int64)
+            p: np.array([_int64(self.totals.get(k, {}).get(p, 0)) for k in keys], dtype=np.int64)
             for p in names
         }
         latest = reader.take(order[current])
@@ -481,3 +481,12 @@ class State:
 
     def stats(self) -> dict[str, IngestStats]:
         return {name: st.stats for name, st in self.tables.items()}
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _int64(total: int) -> int:
+    """A running total as an int64 exposition value: saturated past int64 (garbage readings,
+    summed, can pass it; a scrape must not fail for them)."""
+    return min(max(total, _INT64_MIN), _INT64_MAX)

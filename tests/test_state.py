@@ -364,6 +364,16 @@ def test_cpu_totals_hand_computed() -> None:
     assert snap.totals["busy_us"].tolist() == [30_000_000]
 
 
+def test_totals_past_int64_saturate_instead_of_failing_every_scrape() -> None:
+    """Garbage counter readings, each within int64, can sum past it; the snapshot (every
+    scrape) must still be made, the total shown at int64's maximum."""
+    state = TableState("cpu")
+    state.ingest(table("cpu", [cpu_row("n1", ts(0), 4, (1.0, 0.0, 0.0, 0.0, 0.0), energy=0.0)]))
+    state.totals[("n1",)]["energy_mj"] = 2**64  # what two near-2^63 intervals add up to
+    snap = state.snapshot()
+    assert snap.totals["energy_mj"].tolist() == [2**63 - 1]
+
+
 def test_gpu_totals_equal_reference_after_batches() -> None:
     rows = [
         gpu_row("n1", "GPU-a", ts(s), util, energy, power)

@@ -61,8 +61,10 @@ def read_journal(path: Path) -> tuple[pa.Table | None, bool]:
 
     A journal holds one small batch per round, thousands an hour; they are joined into
     contiguous chunks as they are read, so the many small batch objects never all exist at once
-    (they cost far more memory than their rows). Returns ``(None, False)`` when not even the
-    schema can be read. Imports pyarrow (the daemon's store never calls this itself).
+    (they cost far more memory than their rows). A batch whose buffers do not hold together (a
+    flipped bit) is left out and reading goes on; damaged framing ends the reading. Returns
+    ``(None, False)`` when not even the schema can be read; the flag is False where anything
+    was left out. Imports pyarrow (the daemon's store never calls this itself).
     """
     import pyarrow as pa
 
@@ -70,19 +72,25 @@ def read_journal(path: Path) -> tuple[pa.Table | None, bool]:
         with pa.memory_map(str(path), "r") as source:
             try:
                 reader = pa.ipc.open_stream(source)
-            except (pa.ArrowInvalid, OSError):
+            except (pa.ArrowException, OSError):
                 return None, False
             parts: list[pa.Table] = []
             batches: list[pa.RecordBatch] = []
             clean = True
             while True:
                 try:
-                    batches.append(reader.read_next_batch())
+                    batch = reader.read_next_batch()
                 except StopIteration:
                     break
-                except (pa.ArrowInvalid, OSError):
+                except (pa.ArrowException, OSError):  # torn, or its framing damaged: the end
                     clean = False
                     break
+                try:
+                    batch.validate(full=True)
+                except pa.ArrowException:  # its body damaged (a flipped bit): it alone is lost
+                    clean = False
+                    continue
+                batches.append(batch)
                 if len(batches) >= _JOIN_BATCHES:
                     parts.append(
                         pa.Table.from_batches(batches, schema=reader.schema).combine_chunks()

@@ -120,7 +120,8 @@ def compact(journal: Path, root: Path, table: str) -> Path | None:
         return None
     if not clean:
         log.warning(
-            "%s: journal ends in a partial batch (crash); kept %d complete rows",
+            "%s: journal ends in a partial batch (crash) or holds a damaged one; kept %d "
+            "complete rows",
             journal,
             data.num_rows,
         )
