@@ -483,10 +483,10 @@ class State:
         return {name: st.stats for name, st in self.tables.items()}
 
 
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_INT64 = np.iinfo(np.int64)
 
 
 def _int64(total: int) -> int:
     """A running total as an int64 exposition value: saturated past int64 (garbage readings,
     summed, can pass it; a scrape must not fail for them)."""
-    return min(max(total, _INT64_MIN), _INT64_MAX)
+    return min(max(total, int(_INT64.min)), int(_INT64.max))

@@ -96,9 +96,7 @@ class KeptFiles:
         changed = watch.changed()
         if changed is None:  # events lost: nothing is known, every file is opened again
             self._watched.clear()
-            for owner in list(self._fds):
-                for fd, directory in self._fds.pop(owner).values():
-                    self._drop(fd, directory)
+            self.keep_only(set())
             return
         for directory in changed:
             if not watch.watching(directory):  # removed or moved away: its files are not ours
@@ -120,12 +118,12 @@ class KeptFiles:
                 pass  # removed, or the cgroup went away: read afresh below
             del files[key]
             self._drop(fd, directory)
-            if directory in self._watched:  # made again under the same name (cgroupfs says
-                self._watch_directory(directory)  # nothing of a removal): watched anew
         if self._count >= self._limit:
             return read_text(path)
         directory = key.rpartition("/")[0] or "/"
-        self._watch_directory(directory)  # before the file is opened: a change after is told
+        # Before the file is opened, a change after is told; and a directory made again under
+        # its name (cgroupfs tells no watch of a removal) is found here and watched anew.
+        self._watch_directory(directory)
         try:
             text = read_text(path)
         except OSError:
@@ -153,8 +151,10 @@ class KeptFiles:
                 self._watched[directory] = -1
                 return
         answer = watch.add(directory)
-        if answer == "new" or began is None:
-            self._watched[directory] = self._round if answer != "failed" else -1
+        if answer == "failed":  # gone, or a limit: no longer watched
+            self._watched[directory] = -1
+        elif answer == "new" or began is None:
+            self._watched[directory] = self._round
 
     def _drop(self, fd: int, directory: str) -> None:
         """Close a kept file, and stop watching its directory with the last of its files."""
