@@ -12,6 +12,13 @@
 - :attr:`Gateway.generation` counts successful initialisations: what a caller read once per
   device (UUID, name, handle) holds until it changes, i.e. until NVML went away and came back.
 - No library or no driver raises :class:`NvmlUnavailable` with a one-line reason.
+- The reads a GPU collector makes every round on every device (process lists, per-process
+  samples, field values, temperature) call NVML's C function past pynvml's Python wrapper, into
+  buffers made once: the wrappers build their structures, arrays and a Python object per process
+  on every call, which costs several times the call itself. A stand-in module without C
+  functions, or a symbol pynvml cannot find, takes the wrapper; a C call that fails is answered
+  as the wrapper's error would be. The buffers are the gateway's own: one gateway serves one
+  thread at a time (each collector has its own).
 
 Nothing here shells out to ``nvidia-smi``.
 """
@@ -19,12 +26,13 @@ Nothing here shells out to ``nvidia-smi``.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import importlib
 import logging
 import operator
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from telemetry.logs import OnceLogger
 
@@ -37,6 +45,21 @@ class NvmlUnavailable(RuntimeError):
 
 class GpuLost(RuntimeError):
     """The device fell off the bus (NVML ``GpuIsLost``)."""
+
+
+class ProcessSample(NamedTuple):
+    """One per-process utilisation sample NVML took."""
+
+    pid: int
+    time_us: int  # NVML's timestamp, µs
+    sm_ratio: float  # SM busy over the sample, 0-1
+
+
+# NVML return codes the direct calls answer themselves (the rest go through _failed)
+_SUCCESS, _NOT_FOUND, _INSUFFICIENT_SIZE, _UNKNOWN = 0, 6, 7, 999
+# NVML_VALUE_NOT_AVAILABLE as an unsigned long long: a process' framebuffer NVML cannot tell
+_NOT_AVAILABLE_ULL = 2**64 - 1
+_GROW_TRIES = 4  # a list that outgrows its buffer again this often is answered as an error
 
 
 # Versioned symbols, newest first: the first one the library and driver answer is kept.
@@ -77,6 +100,10 @@ class Gateway:
             None,
             _FIELD_ATTRIBUTES,
         )
+        # NVML's C functions by name (None: the wrapper is used), and the buffers they fill;
+        # found anew with each initialisation
+        self._c_functions: dict[str, Any] = {}
+        self._buffers: dict[object, Any] = {}
 
     # ------------------------------------------------------------------ life cycle
     @property
@@ -105,6 +132,8 @@ class Gateway:
         self._ready = True
         self.generation += 1
         self._readers = None
+        self._c_functions.clear()
+        self._buffers.clear()
         if self.generation == 1:
             atexit.register(self.shutdown)
 
@@ -143,31 +172,37 @@ class Gateway:
             return None
         try:
             return function(*args, **kwargs)
-        except m.NVMLError_NotFound as exc:
+        except m.NVMLError as exc:
+            return self._failed(name, exc, not_found)
+
+    def _failed(self, name: str, exc: BaseException, not_found: Any = None) -> Any:
+        """What a call of ``name`` that raised NVML error ``exc`` answers (see :meth:`_invoke`);
+        raises ``GpuLost`` or ``NvmlUnavailable`` where :meth:`call` says so."""
+        m = self._module
+        if isinstance(exc, m.NVMLError_NotFound):
             if not_found is not None:
                 return not_found
             self._once.warning(f"error:{name}", f"nvml: {name} failed: {_reason(exc)}; null")
             return None
-        except m.NVMLError_GpuIsLost:
+        if isinstance(exc, m.NVMLError_GpuIsLost):
             raise GpuLost(f"{name}: GPU is lost") from None
-        except m.NVMLError_FunctionNotFound:
+        if isinstance(exc, m.NVMLError_FunctionNotFound):
             self._missing.add(name)
             self._once.warning(
                 f"missing:{name}", f"nvml: the driver has no {name}; its value is null"
             )
             return None
-        except m.NVMLError_NotSupported:
+        if isinstance(exc, m.NVMLError_NotSupported):
             self._once.warning(
                 f"unsupported:{name}", f"nvml: {name} is not supported on some device; null"
             )
             return None
-        except (m.NVMLError_Uninitialized, m.NVMLError_DriverNotLoaded) as exc:
+        if isinstance(exc, m.NVMLError_Uninitialized | m.NVMLError_DriverNotLoaded):
             with self._lock:
                 self._ready = False
             raise NvmlUnavailable(f"{name}: {_reason(exc)}") from None
-        except m.NVMLError as exc:
-            self._once.warning(f"error:{name}", f"nvml: {name} failed: {_reason(exc)}; null")
-            return None
+        self._once.warning(f"error:{name}", f"nvml: {name} failed: {_reason(exc)}; null")
+        return None
 
     def variant(self, kind: str, *args: Any) -> Any:
         """Call the newest working symbol of a versioned family (probed once)."""
@@ -183,25 +218,132 @@ class Gateway:
             return value
         return None
 
-    def process_utilization(self, key: str, handle: Any) -> list[Any] | None:
+    def process_utilization(self, key: str, handle: Any) -> list[ProcessSample] | None:
         """Per-process utilisation samples NVML took on ``handle`` since the last call for
         ``key`` (the device's UUID), oldest first; each sample is returned once.
 
-        Samples carry ``pid``, ``timeStamp`` (µs), ``smUtil``, ``memUtil``, ``encUtil`` and
-        ``decUtil`` (percent). ``[]`` when NVML has no new sample (``NotFound``); ``None`` when
-        the device or driver cannot tell (``NotSupported``/``FunctionNotFound``, logged once).
+        ``[]`` when NVML has no new sample (``NotFound``); ``None`` when the device or driver
+        cannot tell (``NotSupported``/``FunctionNotFound``, logged once).
         """
+        m = self.nvml
+        name = "nvmlDeviceGetProcessUtilization"
         last = self._last_seen.get(key, 0)
-        samples = self._invoke("nvmlDeviceGetProcessUtilization", (handle, last), {}, [])
-        if samples is None:
-            return None
-        # each sample's timestamp read once (a pynvml structure's attribute runs Python code)
+        function = self._c_function(name)
+        struct = getattr(m, "c_nvmlProcessUtilizationSample_t", None)
+        if function is None or struct is None or name in self._missing:
+            samples = self._invoke(name, (handle, last), {}, [])
+            if samples is None:
+                return None
+            read = [(int(s.timeStamp), int(s.pid), int(s.smUtil)) for s in samples]
+        else:
+            buffer = self._buffer(name, struct, 128)  # drivers answer about 100 samples
+            code = self._fill(function, buffer, lambda b: (handle, b.array, b.ref, b.since(last)))
+            if code == _NOT_FOUND:
+                return []
+            if code != _SUCCESS:
+                self._failed(name, m.NVMLError(code))  # raises, or logs once
+                return None
+            pid, stamp, sm = buffer.getters("pid", "timeStamp", "smUtil")
+            read = [(stamp(e), pid(e), sm(e)) for e in buffer.entries()]
         stamped = sorted(
-            ((stamp, i, s) for i, s in enumerate(samples) if (stamp := int(s.timeStamp)) > last)
+            (stamp, i, pid, sm) for i, (stamp, pid, sm) in enumerate(read) if stamp > last
         )
         if stamped:
             self._last_seen[key] = stamped[-1][0]
-        return [s for _, _, s in stamped]
+        return [ProcessSample(pid, stamp, sm / 100.0) for stamp, _, pid, sm in stamped]
+
+    def processes(self, handle: Any) -> list[tuple[int, int | None]] | None:
+        """(PID, framebuffer bytes) of each compute process NVML lists on ``handle``, bytes
+        ``None`` where NVML cannot tell; ``None`` when NVML cannot list them (logged once)."""
+        m = self.nvml
+        name = self._chosen.get("processes")
+        function = self._c_function(name) if name == _VARIANTS["processes"][0] else None
+        struct = getattr(m, "c_nvmlProcessInfo_v3_t", None)
+        if function is None or struct is None or name is None or name in self._missing:
+            listed = self.variant("processes", handle)
+            if listed is None:
+                return None
+            found: list[tuple[int, int | None]] = []
+            for p in listed:
+                used = getattr(p, "usedGpuMemory", None)
+                found.append((int(p.pid), None if used is None else int(used)))
+            return found
+        buffer = self._buffer(name, struct, 64)
+        code = self._fill(function, buffer, lambda b: (handle, b.ref, b.array))
+        if code != _SUCCESS:
+            self._failed(name, m.NVMLError(code))  # raises, or logs once
+            return None
+        pid, used_bytes = buffer.getters("pid", "usedGpuMemory")
+        return [
+            (pid(e), None if (used := used_bytes(e)) == _NOT_AVAILABLE_ULL else used)
+            for e in buffer.entries()
+        ]
+
+    def temperature(self, handle: Any) -> int | None:
+        """The GPU's core temperature (°C) by the newest symbol that works; ``None`` when
+        NVML cannot tell (logged once)."""
+        m = self.nvml
+        name = self._chosen.get("temperature")
+        function = self._c_function(name) if name == _VARIANTS["temperature"][0] else None
+        request = self._buffers.get("temperature")
+        if function is not None and request is None:
+            struct = getattr(m, "c_nvmlTemperature_v1_t", None)
+            version = getattr(m, "nvmlTemperature_v1", None)
+            if struct is not None and version is not None:
+                answer = struct()
+                struct.version.__set__(answer, version)
+                struct.sensorType.__set__(answer, m.NVML_TEMPERATURE_GPU)
+                request = (ctypes.byref(answer), struct.temperature.__get__, answer)
+                self._buffers["temperature"] = request
+        if function is None or request is None or name is None or name in self._missing:
+            value = self.variant("temperature", handle, m.NVML_TEMPERATURE_GPU)
+            return None if value is None else int(value)
+        ref, read, answer = request
+        code = function(handle, ref)
+        if code != _SUCCESS:
+            self._failed(name, m.NVMLError(code))  # raises, or logs once
+            return None
+        return int(read(answer))
+
+    def _c_function(self, name: str | None) -> Any:
+        """NVML's C function ``name``, or ``None`` where its wrapper is to be used (a stand-in
+        module without C functions, a symbol pynvml cannot find)."""
+        if name is None:
+            return None
+        try:
+            return self._c_functions[name]
+        except KeyError:
+            pass
+        function = None
+        lookup = getattr(self._module, "_nvmlGetFunctionPointer", None)
+        if lookup is not None:
+            try:
+                function = lookup(name)
+            except Exception as exc:  # the wrapper answers what went wrong, where it matters
+                log.debug("nvml: %s is called through its wrapper: %s", name, exc)
+        self._c_functions[name] = function
+        return function
+
+    def _buffer(self, name: str, struct: Any, size: int) -> _Buffer:
+        buffer = self._buffers.get(name)
+        if buffer is None:
+            buffer = self._buffers[name] = _Buffer(struct, size)
+        return buffer
+
+    @staticmethod
+    def _fill(
+        function: Any, buffer: _Buffer, arguments: Callable[[_Buffer], tuple[Any, ...]]
+    ) -> int:
+        """Call a C function that lists entries into ``buffer`` (its count in, the entries
+        written out), growing the buffer while NVML answers it is too small; the return code."""
+        code = _INSUFFICIENT_SIZE
+        for _ in range(_GROW_TRIES):
+            buffer.count.value = len(buffer.array)
+            code = function(*arguments(buffer))
+            if code != _INSUFFICIENT_SIZE:
+                return int(code)
+            buffer.grow(buffer.count.value)
+        return int(code)
 
     def full_gpu_slices(self, handle: Any) -> int | None:
         """The compute slices of a whole MIG-capable GPU (7 on A100/H100, 4 on A30): the largest
@@ -249,14 +391,34 @@ class Gateway:
 
     def field_values(self, handle: Any, field_ids: Sequence[int]) -> dict[int, float | None]:
         """Several fields in one NVML call; each unsupported field is ``None``."""
+        m = self.nvml
         ids = tuple(field_ids)
-        request = self._field_requests.get(ids)
-        if request is None:
-            request = self._field_requests[ids] = [(field_id, 0) for field_id in ids]
-        values = self._invoke("nvmlDeviceGetFieldValues", (handle, request), {})
         out: dict[int, float | None] = dict.fromkeys(ids)
-        if values is None:
-            return out
+        name = "nvmlDeviceGetFieldValues"
+        function = self._c_function(name)
+        struct = getattr(m, "c_nvmlFieldValue_t", None)
+        if function is not None and struct is not None and name not in self._missing:
+            request = self._buffers.get(ids)
+            if request is None:
+                values = (struct * len(ids))()
+                for entry, field_id in zip(values, ids, strict=True):
+                    struct.fieldId.__set__(entry, field_id)  # scopeId 0
+                    # what NVML leaves unwritten never passes for a reading
+                    struct.nvmlReturn.__set__(entry, _UNKNOWN)
+                request = self._buffers[ids] = (values, bytes(values))
+            values, unanswered = request
+            ctypes.memmove(values, unanswered, len(unanswered))
+            code = function(handle, len(ids), values)
+            if code != _SUCCESS:
+                self._failed(name, m.NVMLError(code))
+                return out
+        else:
+            request = self._field_requests.get(ids)
+            if request is None:
+                request = self._field_requests[ids] = [(field_id, 0) for field_id in ids]
+            values = self._invoke(name, (handle, request), {})
+            if values is None:
+                return out
         readers = self._readers
         if readers is None:
             readers = self._readers = self._value_readers()
@@ -298,6 +460,39 @@ class Gateway:
         if signed_int is not None:
             readers[signed_int] = lambda v: v.siVal
         return readers
+
+
+class _Buffer:
+    """An array of ``struct`` a C function lists entries into, with its count (in: the
+    entries the array holds; out: the entries written) and the structure's field getters."""
+
+    def __init__(self, struct: Any, size: int) -> None:
+        self.struct = struct
+        self.count = ctypes.c_uint(0)
+        self.ref = ctypes.byref(self.count)
+        self.array: Any = (struct * size)()
+        self._since = ctypes.c_ulonglong(0)
+        self._getters: dict[tuple[str, ...], tuple[Callable[[Any], Any], ...]] = {}
+
+    def grow(self, needed: int) -> None:
+        size = max(needed, 2 * len(self.array))
+        self.array = (self.struct * size)()
+
+    def since(self, time_us: int) -> ctypes.c_ulonglong:
+        self._since.value = time_us
+        return self._since
+
+    def entries(self) -> list[Any]:
+        """The entries written by the last call."""
+        return self.array[: min(self.count.value, len(self.array))]  # type: ignore[no-any-return]
+
+    def getters(self, *names: str) -> tuple[Callable[[Any], Any], ...]:
+        """Each field's own getter: pynvml's structures run Python code on every attribute
+        read (a bytes-to-str check, moot for numbers) that costs several times the read."""
+        found = self._getters.get(names)
+        if found is None:
+            found = self._getters[names] = tuple(getattr(self.struct, n).__get__ for n in names)
+        return found
 
 
 # nvmlReturn, valueType and value of a field value, read as attributes

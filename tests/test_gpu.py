@@ -18,7 +18,14 @@ from telemetry.nvml import Gateway, NvmlUnavailable
 from telemetry.state import State
 from tests.support.daemon import scrape_daemon
 from tests.support.nvml.library import FakeClock, FakeNVML
-from tests.support.nvml.profiles import H100_IDLE, H100_LOADED, H100_MIG, H200_LOADED, MiB
+from tests.support.nvml.profiles import (
+    H100_IDLE,
+    H100_LOADED,
+    H100_MIG,
+    H200_LOADED,
+    MiB,
+    ProcessProfile,
+)
 from tests.support.promtool import promtool_check
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -151,10 +158,12 @@ def test_field_values_are_batched_and_versioned_symbols_probed_once(clock: FakeC
     assert fake.calls["nvmlGpmQueryDeviceSupport"] <= 2  # once per device, never again
 
 
+@pytest.mark.parametrize("c_functions", [True, False], ids=["c-functions", "wrappers"])
 def test_field_values_from_pynvml_arrays_and_from_plain_objects(
-    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch, c_functions: bool
 ) -> None:
-    fake = FakeNVML([H100_LOADED], clock=clock)
+    hidden = [] if c_functions else ["_nvmlGetFunctionPointer"]
+    fake = FakeNVML([H100_LOADED], clock=clock, hidden=hidden)
     fake.set_unsupported_fields(0, fake.NVML_FI_DEV_ECC_DBE_VOL_TOTAL)
     gateway = Gateway(fake)
     handle = gateway.call("nvmlDeviceGetHandleByIndex", 0)
@@ -164,12 +173,17 @@ def test_field_values_from_pynvml_arrays_and_from_plain_objects(
         fake.NVML_FI_DEV_MEMORY_TEMP,  # unsigned int
         10_000,  # unknown to the driver
     ]
-    assert gateway.field_values(handle, ids) == {
-        ids[0]: float(fake.devices[0].energy_mj()),
-        ids[1]: None,
-        ids[2]: float(H100_LOADED.temperature_memory),
-        ids[3]: None,
-    }
+    for _ in range(2):  # the second call reuses the first one's request
+        assert gateway.field_values(handle, ids) == {
+            ids[0]: float(fake.devices[0].energy_mj()),
+            ids[1]: None,
+            ids[2]: float(H100_LOADED.temperature_memory),
+            ids[3]: None,
+        }
+        clock.advance(1.0)
+    assert fake.c_calls["nvmlDeviceGetFieldValues"] == (2 if c_functions else 0)
+    if c_functions:
+        return
     asked: list[Any] = []
 
     def plain(handle: Any, fieldIds: list[Any]) -> list[Any]:  # another binding's answer
@@ -180,6 +194,51 @@ def test_field_values_from_pynvml_arrays_and_from_plain_objects(
     monkeypatch.setattr(fake, "nvmlDeviceGetFieldValues", plain)
     assert gateway.field_values(handle, ids[:1]) == {ids[0]: 2.5}
     assert asked == [[(ids[0], 0)]]  # scope 0: what pynvml writes for a bare id as well
+
+
+def test_c_functions_read_what_the_wrappers_read(clock: FakeClock) -> None:
+    """The gateway's calls past pynvml's wrappers (buffers kept between calls, grown when NVML
+    answers they are too small) give the collector what the wrappers give, round after round,
+    through faults."""
+    profiles = [H100_LOADED, H100_IDLE, H100_MIG, H200_LOADED]
+    fakes = {
+        hidden: FakeNVML(profiles, clock=clock, hidden=hidden)
+        for hidden in ((), ("_nvmlGetFunctionPointer",))
+    }
+    # more processes and samples than the kept buffers first hold; one framebuffer unknown
+    unknown = 2**64 - 1
+    crowd = [ProcessProfile(5000 + i, (i + 1) * MiB, sm_util_pct=i % 100) for i in range(150)]
+    crowd.append(ProcessProfile(9999, unknown, sm_util_pct=7))
+    for fake in fakes.values():
+        fake.set_processes(1, crowd)
+    collectors = {hidden: GpuCollector(_ctx(fake)) for hidden, fake in fakes.items()}
+    faults = {
+        2: lambda f: f.set_unsupported(0, "nvmlDeviceGetTemperatureV"),
+        3: lambda f: f.set_unsupported(1, "nvmlDeviceGetComputeRunningProcesses_v3"),
+        4: lambda f: f.set_unsupported(1, "nvmlDeviceGetProcessUtilization"),
+        5: lambda f: f.lose_gpu(3),
+        6: lambda f: f.set_unsupported_fields(0, f.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION),
+    }
+    for round_ in range(8):
+        clock.advance(1.0)
+        for fake in fakes.values():
+            if round_ in faults:
+                faults[round_](fake)
+        with_c, wrappers = (c.collect() for c in collectors.values())
+        assert with_c == wrappers, f"round {round_}"
+        if round_ == 1:  # all 151 processes and their samples, the unknown framebuffer null
+            side = {r["gpu_uuid"]: r for r in with_c["_gpu_pids"]}[fakes[()].devices[1].uuid]
+            assert len(side["pids"]) == 151 and side["memory"][9999] is None
+            assert side["sm"][5042] == 0.42
+            assert side["memory"][5149] == 150 * MiB
+    assert with_c["gpu"][0]["temperature_celsius"] is None
+    assert with_c["gpu"][0]["energy_joules"] is not None  # the older call answers instead
+    assert 3 not in {r["gpu_index"] for r in with_c["gpu"]}
+    c_calls = fakes[()].c_calls
+    assert c_calls["nvmlDeviceGetComputeRunningProcesses_v3"] > 8
+    assert c_calls["nvmlDeviceGetProcessUtilization"] > 8
+    assert c_calls["nvmlDeviceGetFieldValues"] > 8 and c_calls["nvmlDeviceGetTemperatureV"] > 8
+    assert not fakes[("_nvmlGetFunctionPointer",)].c_calls
 
 
 def test_no_library_or_driver_fails_the_collector_not_the_round(

@@ -161,14 +161,14 @@ def test_process_utilization_returns_each_sample_once() -> None:
     clock.advance(2.0)
     first = gateway.process_utilization("gpu0", handle)
     assert first and {s.pid for s in first} == {11345}  # gpu_burn; memhog runs no kernels
-    assert all(s.smUtil == 100 for s in first)
-    stamps = [s.timeStamp for s in first]
+    assert all(s.sm_ratio == 1.0 for s in first)
+    stamps = [s.time_us for s in first]
     assert stamps == sorted(stamps) and stamps[-1] == 1_002_000_000  # µs
     assert gateway.process_utilization("gpu0", handle) == []  # NotFound: nothing new
     clock.advance(1.0)
     again = gateway.process_utilization("gpu0", handle)
     assert again is not None
-    assert [s.timeStamp for s in again] == [1_002_500_000, 1_003_000_000]
+    assert [s.time_us for s in again] == [1_002_500_000, 1_003_000_000]
 
 
 def test_process_utilization_unsupported_is_null_and_logged_once(

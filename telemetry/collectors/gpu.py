@@ -192,7 +192,7 @@ class GpuCollector(Collector):
         util = self.gw.call("nvmlDeviceGetUtilizationRates", handle)
         memory = self.gw.memory_info(handle)
         power_mw = self.gw.call("nvmlDeviceGetPowerUsage", handle)
-        temperature = self.gw.variant("temperature", handle, m.NVML_TEMPERATURE_GPU)
+        temperature = self.gw.temperature(handle)
         reasons = self.gw.variant("clock_reasons", handle)
         for code in xids.get(index, []):
             state.xid_total += 1
@@ -243,17 +243,13 @@ class GpuCollector(Collector):
         """The side-output row of one GPU or MIG instance: PIDs, framebuffer bytes per PID
         (``None`` where NVML cannot tell) and mean SM utilisation per PID (0-1) since the last
         round (``None`` where NVML gives no samples)."""
-        processes = self.gw.variant("processes", handle) or []
-        memory: dict[int, int | None] = {}
-        for p in processes:
-            used = getattr(p, "usedGpuMemory", None)
-            memory[int(p.pid)] = None if used is None else int(used)
+        memory = dict(self.gw.processes(handle) or ())
         sm: dict[int, float] | None = None
         samples = self.gw.process_utilization(uuid, handle) if sampled else None
         if samples:  # [] (no sample since the last round) tells nothing per job: null
             totals: dict[int, list[float]] = {}
             for sample in samples:
-                totals.setdefault(int(sample.pid), []).append(float(sample.smUtil) / 100.0)
+                totals.setdefault(sample.pid, []).append(sample.sm_ratio)
             sm = {pid: sum(values) / len(values) for pid, values in totals.items()}
         return {
             "gpu_uuid": uuid,

@@ -27,6 +27,7 @@ Fault injection (all from tests, at any time)::
     fake.driver_loaded = False             # nvmlInit -> NVMLError_DriverNotLoaded
     FakeNVML(..., old_driver=True)         # versioned symbols -> NVMLError_FunctionNotFound
     FakeNVML(..., hidden=["nvmlDeviceGetTemperatureV"])   # attribute absent (old bindings)
+    FakeNVML(..., hidden=["_nvmlGetFunctionPointer"])     # no C functions: wrappers only
     fake.lose_gpu(0, after_calls=3)        # 4th handle call on GPU 0 onwards -> GpuIsLost
     fake.restore_gpu(0)
     fake.set_unsupported(1, "nvmlDeviceGetTotalEnergyConsumption")   # -> NotSupported
@@ -38,6 +39,12 @@ Fault injection (all from tests, at any time)::
     fake.clock.advance(10.0)
     fake.calls["nvmlDeviceGetFieldValues"] # per-function call counter (every call, even failing)
     fake.handle_calls[("nvmlDeviceGetPowerUsage", uuid)]   # per-function, per-handle counter
+    fake.c_calls["nvmlDeviceGetFieldValues"]  # calls of the C function, past pynvml's wrapper
+
+The C functions (``fake._nvmlGetFunctionPointer(name)``, pynvml's lookup) answer as
+libnvidia-ml does, with a return code and the results written into the caller's buffers, for the
+few functions tally's gateway calls past pynvml's wrappers (``C_FUNCTIONS``); each calls the
+fake's Python function of that name, so every fault injected above shows through it too.
 
 The devices it presents are the profiles of ``tests.support.nvml.profiles``.
 """
@@ -492,13 +499,14 @@ class FakeNVML:
         # Python attribute names that do not exist at all (older nvidia-ml-py bindings): this
         # instance gets a class of its own where they are absent, so that no attribute access
         # pays for a check (a ``__getattribute__`` override would, ~1,000 times a round).
-        absent = {name: _Absent(name) for name in hidden if name.startswith("nvml")}
+        absent = {name: _Absent(name) for name in hidden if name.startswith(("nvml", "_nvml"))}
         if absent:
             self.__class__ = type(type(self).__name__, (type(self),), absent)
         #: True: nvmlEventSetWait_v2 really waits (up to its timeout) for inject_xid from
         #: another thread.  False: it raises NVMLError_Timeout at once when nothing is pending.
         self.blocking_event_wait = blocking_event_wait
         self.calls: Counter[str] = Counter()
+        self.c_calls: Counter[str] = Counter()
         self.handle_calls: Counter[tuple[str, str]] = Counter()
         self._lib_loaded = False
         self._init_count = 0
@@ -515,6 +523,24 @@ class FakeNVML:
                 self._objects[mig.address] = mig
             self.devices.append(dev)
             self._objects[dev.address] = dev
+
+    def _nvmlGetFunctionPointer(self, name: str) -> Callable[..., int]:
+        """pynvml's lookup of a C function: one of ``C_FUNCTIONS``, taking the C arguments and
+        answering a return code. Library not loaded -> Uninitialized; a symbol the fake has no C
+        function for, or a missing one, -> FunctionNotFound (as pynvml raises them)."""
+        with self._lock:
+            if not self._lib_loaded:
+                _raise(pynvml.NVML_ERROR_UNINITIALIZED)
+            c_function = C_FUNCTIONS.get(name)
+            if c_function is None or name in self.missing_symbols:
+                _raise(pynvml.NVML_ERROR_FUNCTION_NOT_FOUND)
+
+        def call(*args: Any) -> int:
+            with self._lock:
+                self.c_calls[name] += 1
+            return c_function(self, *args)
+
+        return call
 
     @property
     def hidden(self) -> frozenset[str]:
@@ -865,8 +891,13 @@ class FakeNVML:
                 if p.gpu_instance_id == dev.gpu_instance_id
                 and p.compute_instance_id in (None, dev.compute_instance_id)
             ]
-        # pynvml's wrapper turns each structure the library filled into a new friendly object
-        return [pynvml.nvmlStructToFriendlyObject(_process_info(p)) for p in procs]
+        # pynvml's wrapper turns each structure the library filled into a new friendly object,
+        # a framebuffer NVML cannot tell (NVML_VALUE_NOT_AVAILABLE) into None
+        listed = [pynvml.nvmlStructToFriendlyObject(_process_info(p)) for p in procs]
+        for obj in listed:
+            if obj.usedGpuMemory == pynvml.NVML_VALUE_NOT_AVAILABLE_ulonglong.value:
+                obj.usedGpuMemory = None
+        return listed
 
     @_nvml_api("nvmlDeviceGetComputeRunningProcesses_v3", device=True)
     def nvmlDeviceGetComputeRunningProcesses(self, handle: Any) -> list[Any]:
@@ -1105,6 +1136,100 @@ class FakeNVML:
     def nvmlEventSetFree(self, eventSet: Any) -> None:
         event_set = self._lookup(eventSet, _EventSet)
         del self._objects[event_set.address]
+
+
+# --------------------------------------------------------------------------------------------
+# The C functions: libnvidia-ml's calling convention over the fake's Python functions
+# --------------------------------------------------------------------------------------------
+
+_SUCCESS = pynvml.NVML_SUCCESS
+_INSUFFICIENT_SIZE = pynvml.NVML_ERROR_INSUFFICIENT_SIZE
+
+
+def _target(argument: Any) -> Any:
+    """What a pointer argument points to: ``byref(x)`` -> x; an array passed as is."""
+    return getattr(argument, "_obj", argument)
+
+
+def _list_into(count_ref: Any, array: Any, entries: list[Any], write: Callable[..., None]) -> int:
+    """NVML's listing convention: the count says how many entries the array holds; too few (or
+    no array) -> InsufficientSize with the count needed, else the entries and their count."""
+    count = _target(count_ref)
+    if array is None or count.value < len(entries):
+        count.value = len(entries)
+        return _INSUFFICIENT_SIZE if entries else _SUCCESS
+    for i, entry in enumerate(entries):
+        write(array, i, entry)
+    count.value = len(entries)
+    return _SUCCESS
+
+
+def _write_process(array: Any, i: int, p: Any) -> None:
+    used = p.usedGpuMemory
+    _write(
+        array[i],
+        pid=p.pid,
+        usedGpuMemory=pynvml.NVML_VALUE_NOT_AVAILABLE_ulonglong.value if used is None else used,
+        gpuInstanceId=p.gpuInstanceId,
+        computeInstanceId=p.computeInstanceId,
+    )
+
+
+def _write_sample(array: Any, i: int, sample: Any) -> None:
+    array[i] = sample  # a structure assigned to an array element is copied
+
+
+def _c_processes(fake: FakeNVML, handle: Any, count_ref: Any, infos: Any) -> int:
+    try:
+        listed = fake.nvmlDeviceGetComputeRunningProcesses_v3(handle)
+    except pynvml.NVMLError as exc:
+        return int(exc.value)
+    return _list_into(count_ref, infos, listed, _write_process)
+
+
+def _c_process_utilization(
+    fake: FakeNVML, handle: Any, samples: Any, count_ref: Any, last_seen: Any
+) -> int:
+    try:
+        found = fake.nvmlDeviceGetProcessUtilization(handle, getattr(last_seen, "value", last_seen))
+    except pynvml.NVMLError as exc:
+        return int(exc.value)
+    return _list_into(count_ref, samples, found, _write_sample)
+
+
+def _c_temperature(fake: FakeNVML, handle: Any, answer_ref: Any) -> int:
+    answer = _target(answer_ref)
+    if _read(answer, "version") != pynvml.nvmlTemperature_v1:
+        return int(pynvml.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
+    try:
+        value = fake.nvmlDeviceGetTemperatureV(handle, _read(answer, "sensorType"))
+    except pynvml.NVMLError as exc:
+        return int(exc.value)
+    _write(answer, temperature=value)
+    return _SUCCESS
+
+
+def _c_field_values(fake: FakeNVML, handle: Any, count: Any, values: Any) -> int:
+    array = _target(values)
+    requested = [
+        (_read(array[i], "fieldId"), _read(array[i], "scopeId"))
+        for i in range(getattr(count, "value", count))
+    ]
+    try:
+        answered = fake.nvmlDeviceGetFieldValues(handle, requested)
+    except pynvml.NVMLError as exc:
+        return int(exc.value)
+    ctypes.memmove(array, answered, ctypes.sizeof(answered))
+    return _SUCCESS
+
+
+#: The C functions the fake library has (``FakeNVML._nvmlGetFunctionPointer``).
+C_FUNCTIONS: dict[str, Callable[..., int]] = {
+    "nvmlDeviceGetComputeRunningProcesses_v3": _c_processes,
+    "nvmlDeviceGetProcessUtilization": _c_process_utilization,
+    "nvmlDeviceGetTemperatureV": _c_temperature,
+    "nvmlDeviceGetFieldValues": _c_field_values,
+}
 
 
 def _is_exported(name: str, value: Any) -> bool:
