@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from telemetry.collectors import REGISTRY, CollectorContext, Round, Runner, rapl
+from telemetry.collectors import REGISTRY, CollectorContext, Round, Runner, files, rapl
 from telemetry.collectors.cpu import CpuCollector
 from telemetry.collectors.rapl import RaplCollector, package_zones
 from telemetry.schema import CPU_MODES, CPU_SCHEMA
@@ -324,8 +324,8 @@ def test_rapl_permission_denied_logs_once(
 ) -> None:
     root = copy_tree("normal_host", tmp_path)
     denied = root / POWERCAP / "intel-rapl:1" / "energy_uj"
-    deny = {"on": False}
-    real_read_text = rapl.read_text
+    deny = {"on": True}
+    real_read_text = files.read_text
 
     def read_text(path: Path) -> str:
         # Tests run as root, where chmod 000 denies nothing: fake the EACCES of Linux >= 5.10.
@@ -333,13 +333,10 @@ def test_rapl_permission_denied_logs_once(
             raise PermissionError(13, "Permission denied", str(path))
         return real_read_text(path)
 
-    monkeypatch.setattr(rapl, "read_text", read_text)
-    runner = make_runner(root)
-    assert cpu_row(runner.run())["energy_joules"] == 0.0
+    monkeypatch.setattr(files, "read_text", read_text)  # where a counter is first opened
     start0, start1 = uj(root, "intel-rapl:0"), uj(root, "intel-rapl:1")
-
-    deny["on"] = True
-    for k in range(1, 6):
+    runner = make_runner(root)
+    for k in range(0, 6):
         set_uj(root, "intel-rapl:0", start0 + k * 1_000_000)
         set_uj(root, "intel-rapl:1", start1 + k * 3_000_000)
         rnd = runner.run()
@@ -353,10 +350,56 @@ def test_rapl_permission_denied_logs_once(
     assert len(messages) == 1, messages
     assert "intel-rapl:1/energy_uj" in messages[0]
 
-    # Readable again: the energy of both zones over the null rounds is all there.
+    # Readable (a udev rule, say): the energy counts from the first round both zones are read.
     deny["on"] = False
-    assert cpu_row(runner.run())["energy_joules"] == pytest.approx(5.0 + 15.0, rel=1e-12)
+    assert cpu_row(runner.run())["energy_joules"] == 0.0
+    set_uj(root, "intel-rapl:0", start0 + 7_000_000)
+    set_uj(root, "intel-rapl:1", start1 + 18_000_000)
+    assert cpu_row(runner.run())["energy_joules"] == pytest.approx(2.0 + 3.0, rel=1e-12)
     assert len(warnings_of(tally_logs)) == 1
+
+
+def test_rapl_counters_are_kept_open_and_read_afresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each zone's counter is opened once and read with a pread every round; a zone whose
+    driver went away (the file gone) fails that round and the zones are listed again."""
+    root = copy_tree("normal_host", tmp_path)
+    opened: list[str] = []
+    real_read_text = files.read_text
+
+    def read_text(path: Path) -> str:
+        opened.append(path.name)
+        return real_read_text(path)
+
+    monkeypatch.setattr(files, "read_text", read_text)
+    runner = make_runner(root)
+    runner.run()
+    collector = next(c for c in runner.collectors if c.name == "rapl")
+    assert len(collector._files) == 2  # type: ignore[attr-defined]
+    assert opened.count("energy_uj") == 2
+    start0 = uj(root, "intel-rapl:0")
+    before = _open_counters()
+    for k in range(1, 4):
+        set_uj(root, "intel-rapl:0", start0 + k * 1_000_000)  # the same file, written over
+        assert cpu_row(runner.run())["energy_joules"] == pytest.approx(k * 1.0, rel=1e-12)
+    assert _open_counters() == before == 2
+    assert opened.count("energy_uj") == 2  # no file opened again
+    counter = root / POWERCAP / "intel-rapl:0" / "energy_uj"
+    counter.unlink()
+    assert runner.run().status["rapl"].success is False
+    set_uj(root, "intel-rapl:0", start0 + 5_000_000)
+    assert cpu_row(runner.run())["energy_joules"] == pytest.approx(5.0, rel=1e-12)
+    runner.close()
+    assert len(collector._files) == 0  # type: ignore[attr-defined]
+
+
+def _open_counters() -> int:
+    return sum(
+        os.readlink(f"/proc/self/fd/{fd}").endswith("energy_uj")
+        for fd in os.listdir("/proc/self/fd")
+        if os.path.exists(f"/proc/self/fd/{fd}")
+    )
 
 
 def test_rapl_bad_counter_fails_rapl_and_loses_no_energy(tmp_path: Path) -> None:
