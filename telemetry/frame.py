@@ -73,6 +73,21 @@ def check_column(kind: str, values: Sequence[Any]) -> None:
                 float(v)  # an integer past float's range raises OverflowError, as NumPy does
 
 
+def row_columns(rows: Sequence[dict[str, Any]]) -> dict[str, Sequence[Any]]:
+    """Each key of ``rows`` (in the order keys first appear) with its values down the rows,
+    ``None`` where a row lacks it. Rows that all hold the same keys in the same order, as a
+    collector's do, are transposed in one pass instead of a lookup a value."""
+    if not rows:
+        return {}
+    names = tuple(rows[0])
+    if all(tuple(row) == names for row in rows):
+        return dict(
+            zip(names, zip(*[tuple(row.values()) for row in rows], strict=True), strict=True)
+        )
+    everything = dict.fromkeys(name for row in rows for name in row)
+    return {name: [row.get(name) for row in rows] for name in everything}
+
+
 def column_array(kind: str, values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray | None]:
     """``values`` (Python, None for null) as a column of ``kind``: the array and its validity
     mask (None when nothing is null). Raises ``TypeError`` for a value of the wrong type (a
@@ -142,12 +157,14 @@ class Frame:
         valid: dict[str, np.ndarray] = {}
         convert = _checked_array if checked else column_array
         missing: np.ndarray | None = None  # rows with a null in a required column
+        given = row_columns(rows)
+        absent = [None] * len(rows)
         for column in TABLES[table]:
             name = column.name
             if constants is not None and name in constants:
-                values = [constants[name]] * len(rows)
+                values: Sequence[Any] = [constants[name]] * len(rows)
             else:
-                values = [row.get(name) for row in rows]
+                values = given.get(name, absent)
             try:
                 array, mask = convert(column.kind, values)
             except (TypeError, ValueError, OverflowError) as exc:

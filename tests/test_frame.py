@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from telemetry.frame import Frame, check_column, column_array
+from telemetry.frame import Frame, check_column, column_array, row_columns
 from telemetry.schema import SCHEMAS, screen, validate
 from telemetry.tables import EARLIEST_NS, LATEST_NS, TABLES
 from tests.support.units import NS
@@ -252,3 +252,24 @@ def test_a_fraction_in_an_integer_column_is_refused_where_arrow_would_truncate_i
     assert _arrow("gpu", [row]).column("memory_used_bytes").to_pylist() == [1]
     with pytest.raises(ValueError, match=r"gpu\.memory_used_bytes: expected an integer"):
         Frame.from_rows("gpu", [row])
+
+
+def test_row_columns_transposes_rows_whatever_their_keys() -> None:
+    same = [{"a": 1, "b": "x"}, {"a": 2, "b": None}]
+    assert {k: list(v) for k, v in row_columns(same).items()} == {"a": [1, 2], "b": ["x", None]}
+    # keys in another order, or missing: each value under its own key, None where absent
+    mixed = [{"a": 1, "b": "x"}, {"b": "y", "a": 2}, {"c": 3.5}]
+    assert {k: list(v) for k, v in row_columns(mixed).items()} == {
+        "a": [1, 2, None],
+        "b": ["x", "y", None],
+        "c": [None, None, 3.5],
+    }
+    assert row_columns([]) == {}
+    frame = Frame.from_rows(
+        "gpu_job",
+        [
+            {"time": 5, "node": "n", "gpu_uuid": "g", "job_id": "1", "share": 0.5},
+            {"share": 0.25, "job_id": "2", "gpu_uuid": "g", "node": "m", "time": 6},
+        ],
+    )
+    assert frame.values("share") == [0.5, 0.25] and frame.values("node") == ["n", "m"]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from telemetry.collectors.attribution import attribute_gpus
-from telemetry.frame import Frame, check_column
+from telemetry.frame import Frame, check_column, row_columns
 from telemetry.logs import OnceLogger
 from telemetry.tables import SERIES_KEYS, TABLES
 
@@ -156,11 +156,12 @@ def check_rows(produced: dict[str, list[Row]]) -> None:
         kinds = _KINDS.get(table)
         if kinds is None:
             raise ValueError(f"rows for unknown table {table!r}")
-        for name in sorted(set().union(*rows)):
+        columns = row_columns(rows)
+        for name in sorted(columns):
             if name not in kinds:
                 raise ValueError(f"{table}: unknown column {name!r}")
             try:
-                check_column(kinds[name], [row.get(name) for row in rows])
+                check_column(kinds[name], columns[name])
             except (ValueError, OverflowError, TypeError) as exc:
                 raise ValueError(f"{table}.{name}: {exc}") from None
 
