@@ -31,6 +31,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from telemetry.collectors.files import read_text
+
 _CGROUP_JOB = re.compile(
     r"(?:^|/)(?:slurm[^/]*/uid_[0-9]+/job_([0-9]+)"
     r"|[^/]*slurmstepd\.scope/(?:job_([0-9]+)|(s[0-9A-HJKMNP-TV-Z]{13})))(?=/|$)"
@@ -68,7 +70,7 @@ class _PidJobs:
     def __call__(self, pid: int) -> str | None:
         if pid not in self._seen:
             try:
-                text = (self.procfs / str(pid) / "cgroup").read_text(errors="replace")
+                text = read_text(f"{self.procfs}/{pid}/cgroup")
             except OSError:
                 text = ""  # the process ended, or is not ours to read
             job = job_id_from_cgroup(text)

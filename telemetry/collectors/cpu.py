@@ -142,16 +142,16 @@ class CpuCollector(Collector):
     def __init__(self, ctx: CollectorContext) -> None:
         super().__init__(ctx)
         self._counters = MonotonicCounters()
-        self._stat_path = ctx.procfs / "stat"
-        self._mem_path = ctx.procfs / "meminfo"
+        self._stat_path = str(ctx.procfs / "stat")
+        self._mem_path = str(ctx.procfs / "meminfo")
         self._files = KeptFiles(limit=2)  # both files: no open a round
 
     def collect(self) -> dict[str, list[Row]]:
         stat_path, mem_path = self._stat_path, self._mem_path
         self._files.begin_round()
         stat_text = self._files.read("proc", stat_path)
-        stat = parse_proc_stat(stat_text, self.ctx.user_hz, str(stat_path))
-        mem = parse_meminfo(self._files.read("proc", mem_path), str(mem_path))
+        stat = parse_proc_stat(stat_text, self.ctx.user_hz, stat_path)
+        mem = parse_meminfo(self._files.read("proc", mem_path), mem_path)
         seconds = self._counters.update(stat.seconds)
         row: Row = {f"{mode}_seconds": seconds[mode] for mode in CPU_MODES}
         row.update(

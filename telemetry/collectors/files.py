@@ -17,7 +17,7 @@ from typing import Any
 from telemetry.collectors.watch import DirectoryWatch
 
 
-def read_text(path: Path) -> str:
+def read_text(path: Path | str) -> str:
     """Read a small kernel file (module-level so tests can make a job vanish mid-read).
 
     Plain ``os.read`` calls: a few hundred small files a round cost less without a text stream
@@ -103,10 +103,11 @@ class KeptFiles:
                 self._close_directory(directory)
         self._changed = changed
 
-    def read(self, owner: object, path: Path) -> str:
-        """The text of ``path``. Raises ``OSError`` (gone, not readable) as :func:`read_text`."""
+    def read(self, owner: object, path: Path | str) -> str:
+        """The text of ``path``. Raises ``OSError`` (gone, not readable) as :func:`read_text`.
+        A name given as a string saves turning a ``Path`` into one every round."""
         files = self._fds.get(owner)
-        key = str(path)
+        key = path if type(path) is str else str(path)
         kept = files.get(key) if files is not None else None
         if kept is not None:
             assert files is not None
@@ -118,14 +119,16 @@ class KeptFiles:
                 pass  # removed, or the cgroup went away: read afresh below
             del files[key]
             self._drop(fd, directory)
+        # what the seam takes, made only where a file is opened
+        opened = path if isinstance(path, Path) else Path(path)
         if self._count >= self._limit:
-            return read_text(path)
+            return read_text(opened)
         directory = key.rpartition("/")[0] or "/"
         # Before the file is opened, a change after is told; and a directory made again under
         # its name (cgroupfs tells no watch of a removal) is found here and watched anew.
         self._watch_directory(directory)
         try:
-            text = read_text(path)
+            text = read_text(opened)
         except OSError:
             self._unwatch_unkept(directory)
             raise

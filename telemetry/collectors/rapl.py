@@ -90,6 +90,7 @@ class RaplCollector(Collector):
         # Listing the zones cost more than reading them; they change only when a driver is
         # loaded or unloaded, so the list is kept a while, and dropped on any failed read.
         self._zones: list[Path] = []
+        self._counters: list[tuple[Path, str, str]] = []
         self._listed_at = -ZONES_KEPT_S
         self._clock = time.monotonic  # seconds; tests may replace it
         # each zone's counter kept open and read with one pread: no open and close a round
@@ -99,10 +100,11 @@ class RaplCollector(Collector):
         now = self._clock()
         if not self._zones or now - self._listed_at >= ZONES_KEPT_S:
             self._zones, self._listed_at = package_zones(self.ctx.sysfs), now
+            # each zone with its name and its counter's, made once a listing
+            self._counters = [(z, z.name, str(z / "energy_uj")) for z in self._zones]
             self._files.keep_only({zone.name for zone in self._zones})
         self._files.begin_round()
-        zones = self._zones
-        if not zones:
+        if not self._zones:
             # Failing (success 0, one log line from the runner) says what a 1 would hide: this
             # host reports no CPU energy at all; the cpu rows go on with energy_joules null.
             raise CollectorUnavailable(
@@ -111,14 +113,13 @@ class RaplCollector(Collector):
             )
         # Read every zone before touching any state: a round that fails or is null part-way must
         # not advance some zones' last readings, or their increase in that round would be lost.
-        readings: list[tuple[Path, int]] = []
-        for zone in zones:
-            counter = zone / "energy_uj"
+        readings: list[tuple[Path, str, int]] = []
+        for zone, name, counter in self._counters:
             try:
-                text = self._files.read(zone.name, counter)
+                text = self._files.read(name, counter)
             except PermissionError:
                 self._once.warning(
-                    f"perm:{zone.name}",
+                    f"perm:{name}",
                     f"rapl: {counter} is not readable (root only since Linux 5.10); "
                     "energy_joules is null",
                 )
@@ -126,13 +127,13 @@ class RaplCollector(Collector):
             except OSError:
                 self._zones = []  # a zone went away (driver unloaded): list them again
                 raise
-            readings.append((zone, parse_microjoules(text, str(counter))))
-            self._once.clear(f"perm:{zone.name}")
+            readings.append((zone, name, parse_microjoules(text, counter)))
+            self._once.clear(f"perm:{name}")
         increase_uj = 0
-        for zone, current in readings:
-            state = self._state.get(zone.name)
+        for zone, name, current in readings:
+            state = self._state.get(name)
             if state is None:
-                self._state[zone.name] = _ZoneState(current, self._max_range(zone))
+                self._state[name] = _ZoneState(current, self._max_range(zone))
                 continue
             increase_uj += wrap_delta(state.last_uj, current, state.max_range_uj)
             state.last_uj = current

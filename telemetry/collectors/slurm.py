@@ -378,8 +378,8 @@ def passwd_file_resolver(path: Path) -> Callable[[int], str]:
 
 def read_cgroup_usage(
     version: int,
-    usage_file: Path,
-    memory_file: Path,
+    usage_file: Path | str,
+    memory_file: Path | str,
     files: KeptFiles | None = None,
     owner: object = None,
 ) -> tuple[float, int]:
@@ -387,7 +387,7 @@ def read_cgroup_usage(
     ``cpuacct.usage`` (ns), and the memory file's one integer; read through ``files`` (kept
     open for ``owner``) when given. Raises ``OSError`` (gone, not readable) or ``ParseError``."""
     if files is None:
-        usage, memory = read_text(usage_file), read_text(memory_file)
+        usage, memory = read_text(Path(usage_file)), read_text(Path(memory_file))
     else:
         usage = files.read(owner, usage_file)
         memory = files.read(owner, memory_file)
@@ -472,6 +472,12 @@ class JobCgroup:
         """(slurmd scope, job): what keeps two slurmd's copies of one job apart (made once: it
         is asked a dozen times a round)."""
         return self.scope, self.job_id
+
+    @functools.cached_property
+    def names(self) -> tuple[tuple[str, ...], str, str]:
+        """The cpuset files', the usage file's and the memory file's names as strings, what
+        :class:`KeptFiles` keeps them under (made once: read every round)."""
+        return tuple(map(str, self.cpus_files)), str(self.usage_file), str(self.memory_file)
 
 
 def list_jobs(cgroup_root: Path, scanned: list[str] | None = None) -> list[JobCgroup]:
@@ -811,9 +817,10 @@ class SlurmJobCollector(Collector):
         return {"job": rows, "_gpu_job": claims, "_job_alias": aliases}
 
     def _read_job(self, job: JobCgroup, info_dir_ok: bool) -> tuple[Row, JobInfo]:
-        cpus = self._cpus(job)
+        cpus_names, usage_name, memory_name = job.names
+        cpus = self._cpus(job, cpus_names)
         cpu_seconds, memory = read_cgroup_usage(
-            job.version, job.usage_file, job.memory_file, self._files, job.key
+            job.version, usage_name, memory_name, self._files, job.key
         )
         info = self._job_info(job, info_dir_ok)
         row: Row = {
@@ -828,10 +835,11 @@ class SlurmJobCollector(Collector):
         }
         return row, info
 
-    def _cpus(self, job: JobCgroup) -> int:
-        """CPUs in the first non-empty cpuset file; 0 if all are empty, gone if all are missing."""
+    def _cpus(self, job: JobCgroup, names: tuple[str, ...]) -> int:
+        """CPUs in the first non-empty of the cpuset files ``names``; 0 if all are empty, gone
+        if all are missing."""
         missing: list[FileNotFoundError] = []
-        for path in job.cpus_files:
+        for path in names:
             try:
                 text = self._files.read(job.key, path)
             except FileNotFoundError as exc:
@@ -846,7 +854,7 @@ class SlurmJobCollector(Collector):
                     self._cpu_counts.clear()
                 self._cpu_counts[text] = count
                 return count
-        if len(missing) == len(job.cpus_files):
+        if len(missing) == len(names):
             raise missing[0]
         return 0
 
