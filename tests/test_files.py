@@ -71,3 +71,17 @@ def test_a_kept_file_past_64_kib_is_read_whole_each_round(tmp_path: Path) -> Non
         assert files.read("proc", path) == text
     assert len(files) == 1  # opened once
     files.close()
+
+
+def test_a_kept_file_reads_as_a_text_mode_read(tmp_path: Path) -> None:
+    """Newlines are translated as a text-mode read does, and bytes that are not UTF-8 are
+    replaced, on the first read (which opens the file) and on every kept one after."""
+    path = tmp_path / "odd"
+    files = KeptFiles()
+    for data in (b"a\r\nb\rc\n", b"x\xffy\r\n", b"plain\n"):
+        path.write_bytes(data)
+        files.begin_round()
+        with path.open(encoding="utf-8", errors="replace") as text_mode:
+            assert files.read("o", path) == text_mode.read()
+    assert len(files) == 1
+    files.close()
