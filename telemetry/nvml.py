@@ -160,7 +160,9 @@ class Gateway:
     ) -> Any:
         """As :meth:`call`; ``NotFound`` gives ``not_found`` (an expected answer for some calls,
         never logged) when that is not ``None``."""
-        m = self.nvml  # a call racing a shutdown fails in NVML as Uninitialized, handled below
+        # the module without the property's call where it is ready (every call of a round); a
+        # call racing a shutdown fails in NVML as Uninitialized, handled below
+        m = self._module if self._ready else self.nvml
         if name in self._missing:
             return None
         function = getattr(m, name, None)
@@ -225,7 +227,7 @@ class Gateway:
         ``[]`` when NVML has no new sample (``NotFound``); ``None`` when the device or driver
         cannot tell (``NotSupported``/``FunctionNotFound``, logged once).
         """
-        m = self.nvml
+        m = self._module if self._ready else self.nvml
         name = "nvmlDeviceGetProcessUtilization"
         last = self._last_seen.get(key, 0)
         function = self._c_function(name)
@@ -255,7 +257,7 @@ class Gateway:
     def processes(self, handle: Any) -> list[tuple[int, int | None]] | None:
         """(PID, framebuffer bytes) of each compute process NVML lists on ``handle``, bytes
         ``None`` where NVML cannot tell; ``None`` when NVML cannot list them (logged once)."""
-        m = self.nvml
+        m = self._module if self._ready else self.nvml
         name = self._chosen.get("processes")
         function = self._c_function(name) if name == _VARIANTS["processes"][0] else None
         struct = getattr(m, "c_nvmlProcessInfo_v3_t", None)
@@ -282,7 +284,7 @@ class Gateway:
     def temperature(self, handle: Any) -> int | None:
         """The GPU's core temperature (°C) by the newest symbol that works; ``None`` when
         NVML cannot tell (logged once)."""
-        m = self.nvml
+        m = self._module if self._ready else self.nvml
         name = self._chosen.get("temperature")
         function = self._c_function(name) if name == _VARIANTS["temperature"][0] else None
         request = self._buffers.get("temperature")
@@ -369,7 +371,7 @@ class Gateway:
 
     def memory_info(self, handle: Any) -> Any:
         """Memory info, v2 (``used`` excludes reserved memory) when the driver has it."""
-        m = self.nvml
+        m = self._module if self._ready else self.nvml
         if self._memory_v2 is None:
             version = getattr(m, "nvmlMemory_v2", None)
             if version is not None:
@@ -391,7 +393,7 @@ class Gateway:
 
     def field_values(self, handle: Any, field_ids: Sequence[int]) -> dict[int, float | None]:
         """Several fields in one NVML call; each unsupported field is ``None``."""
-        m = self.nvml
+        m = self._module if self._ready else self.nvml
         ids = tuple(field_ids)
         out: dict[int, float | None] = dict.fromkeys(ids)
         name = "nvmlDeviceGetFieldValues"
