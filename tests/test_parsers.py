@@ -189,6 +189,51 @@ def test_non_positive_user_hz(user_hz: int) -> None:
         parse_proc_stat(read("normal_host", "stat"), user_hz)
 
 
+_STAT_LINES = st.sampled_from(
+    [
+        "cpu  10 20 30 40 50 60 70 80 0 0",
+        "cpu  1 2 3 4",
+        "cpu0 1 2 3 4 5 6 7 8 0 0",
+        "cpu17 9 9 9 9 9 9 9 9 0 0",
+        "cpufreq 1 2 3",
+        "cpu",
+        " cpu1 1 2 3 4",
+        "intr 123 0 0 1",
+        "ctxt 99",
+        "",
+    ]
+)
+
+
+def _stat_by_lines(text: str, user_hz: int) -> tuple[list[float], int] | None:
+    """What /proc/stat says, line by line: the last aggregate ``cpu`` line's first eight modes
+    in seconds and the ``cpuN`` lines; None where the parser must refuse it."""
+    lines = text.split("\n")
+    heads = [line[3:].split(" ")[0] for line in lines if line.startswith("cpu")]
+    online = sum(1 for head in heads if head.isdigit())
+    aggregates = [line[4:] for line in lines if line.startswith("cpu ")]
+    if not aggregates or online == 0:
+        return None
+    fields = aggregates[-1].split()[: len(CPU_MODES)]
+    if len(fields) < 4:
+        return None
+    fields += ["0"] * (len(CPU_MODES) - len(fields))
+    return [int(f) / user_hz for f in fields], online
+
+
+@given(st.lists(_STAT_LINES, max_size=12))
+@settings(max_examples=300, deadline=None)
+def test_proc_stat_parse_agrees_with_reading_line_by_line(lines: list[str]) -> None:
+    text = "\n".join(lines) + "\n"
+    expected = _stat_by_lines(text, 100)
+    if expected is None:
+        with pytest.raises(ParseError):
+            parse_proc_stat(text, 100)
+        return
+    stat = parse_proc_stat(text, 100)
+    assert ([stat.seconds[m] for m in CPU_MODES], stat.cpus_online) == expected
+
+
 # ---------------------------------------------------------------- parse_meminfo
 
 

