@@ -143,6 +143,7 @@ class Frame:
         checked: bool = False,
         constants: dict[str, Any] | None = None,
         drop_incomplete: bool = False,
+        columns: dict[str, Sequence[Any]] | None = None,
     ) -> Frame:
         """One frame from row dicts (a missing column is null). Raises ``ValueError`` naming the
         column for a value its type cannot hold, or a null in a required column.
@@ -152,12 +153,13 @@ class Frame:
         looked for; a value of the wrong type is then converted as NumPy converts it.
         ``constants``: columns whose one value every row has (a round's time and node), not
         looked up in the rows. ``drop_incomplete``: a row with a null in a required column is
-        left out instead (``num_rows`` says how many stayed)."""
-        columns: dict[str, np.ndarray] = {}
+        left out instead (``num_rows`` says how many stayed). ``columns``: what
+        :func:`row_columns` made of ``rows`` already."""
+        arrays: dict[str, np.ndarray] = {}
         valid: dict[str, np.ndarray] = {}
         convert = _checked_array if checked else column_array
         missing: np.ndarray | None = None  # rows with a null in a required column
-        given = row_columns(rows)
+        given = row_columns(rows) if columns is None else columns
         absent = [None] * len(rows)
         for column in TABLES[table]:
             name = column.name
@@ -176,8 +178,8 @@ class Frame:
                     missing = ~mask if missing is None else missing | ~mask
                 else:
                     raise ValueError(f"{table}.{name}: null in a required column")
-            columns[name] = array
-        frame = cls(table, columns, valid)
+            arrays[name] = array
+        frame = cls(table, arrays, valid)
         return frame if missing is None else frame.filter(~missing)
 
     def has(self, name: str) -> bool:

@@ -188,15 +188,26 @@ def assemble(
             continue
         # Time and node are the round's: the rest of a series key tells its rows apart.
         keys = [k for k in SERIES_KEYS[table] if k not in constants]
-        merged: dict[tuple[Any, ...], Row] = {}
-        for row in rows:
-            key = tuple([row.get(k) for k in keys])
-            earlier = merged.get(key)
-            merged[key] = row if earlier is None else {**earlier, **row}
-        frame = Frame.from_rows(
-            table, list(merged.values()), checked, constants, drop_incomplete=True
-        )
-        dropped += len(merged) - frame.num_rows
+        columns = row_columns(rows)
+        absent = [None] * len(rows)
+        if keys:
+            series = list(zip(*[columns.get(k, absent) for k in keys], strict=True))
+        else:
+            series = [()] * len(rows)
+        if len(set(series)) == len(rows):  # one row a series, as a collector's rows are
+            frame = Frame.from_rows(
+                table, rows, checked, constants, drop_incomplete=True, columns=columns
+            )
+            dropped += len(rows) - frame.num_rows
+        else:
+            merged: dict[tuple[Any, ...], Row] = {}
+            for key, row in zip(series, rows, strict=True):
+                earlier = merged.get(key)
+                merged[key] = row if earlier is None else {**earlier, **row}
+            frame = Frame.from_rows(
+                table, list(merged.values()), checked, constants, drop_incomplete=True
+            )
+            dropped += len(merged) - frame.num_rows
         if frame.num_rows:
             tables[table] = frame
     return tables, dropped
