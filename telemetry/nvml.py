@@ -13,12 +13,13 @@
   device (UUID, name, handle) holds until it changes, i.e. until NVML went away and came back.
 - No library or no driver raises :class:`NvmlUnavailable` with a one-line reason.
 - The reads a GPU collector makes every round on every device (process lists, per-process
-  samples, field values, temperature) call NVML's C function past pynvml's Python wrapper, into
-  buffers made once: the wrappers build their structures, arrays and a Python object per process
-  on every call, which costs several times the call itself. A stand-in module without C
-  functions, or a symbol pynvml cannot find, takes the wrapper; a C call that fails is answered
-  as the wrapper's error would be. The buffers are the gateway's own: one gateway serves one
-  thread at a time (each collector has its own).
+  samples, field values, temperature), and its look for pending events, call NVML's C function
+  past pynvml's Python wrapper, into buffers made once: the wrappers build their structures,
+  arrays and a Python object per process on every call (and raise for "no event"), which costs
+  several times the call itself. A stand-in module without C functions, or a symbol pynvml
+  cannot find, takes the wrapper; a C call that fails is answered as the wrapper's error would
+  be. The buffers are the gateway's own: one gateway serves one thread at a time (each
+  collector has its own).
 
 Nothing here shells out to ``nvidia-smi``.
 """
@@ -56,7 +57,7 @@ class ProcessSample(NamedTuple):
 
 
 # NVML return codes the direct calls answer themselves (the rest go through _failed)
-_SUCCESS, _NOT_FOUND, _INSUFFICIENT_SIZE, _UNKNOWN = 0, 6, 7, 999
+_SUCCESS, _NOT_FOUND, _INSUFFICIENT_SIZE, _TIMEOUT, _UNKNOWN = 0, 6, 7, 10, 999
 # NVML_VALUE_NOT_AVAILABLE as an unsigned long long: a process' framebuffer NVML cannot tell
 _NOT_AVAILABLE_ULL = 2**64 - 1
 _GROW_TRIES = 4  # a list that outgrows its buffer again this often is answered as an error
@@ -306,6 +307,27 @@ class Gateway:
             self._failed(name, m.NVMLError(code))  # raises, or logs once
             return None
         return int(read(answer))
+
+    def next_event(self, events: Any) -> Any:
+        """The next event pending in event set ``events`` (an ``nvmlEventData_t``), without
+        waiting; ``None`` when none is. Raises the binding's ``NVMLError`` for any other answer
+        (a lost GPU, a broken set): nothing pending, the answer of nearly every round, raises
+        nothing."""
+        m = self._module if self._ready else self.nvml
+        function = self._c_function("nvmlEventSetWait_v2")
+        struct = getattr(m, "c_nvmlEventData_t", None)
+        if function is None or struct is None:
+            try:
+                return m.nvmlEventSetWait_v2(events, 0)
+            except m.NVMLError_Timeout:
+                return None
+        data = struct()
+        code = function(events, ctypes.byref(data), 0)
+        if code == _TIMEOUT:
+            return None
+        if code != _SUCCESS:
+            raise m.NVMLError(code)
+        return data
 
     def _c_function(self, name: str | None) -> Any:
         """NVML's C function ``name``, or ``None`` where its wrapper is to be used (a stand-in

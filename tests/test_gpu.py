@@ -213,6 +213,7 @@ def test_c_functions_read_what_the_wrappers_read(clock: FakeClock) -> None:
         fake.set_processes(1, crowd)
     collectors = {hidden: GpuCollector(_ctx(fake)) for hidden, fake in fakes.items()}
     faults = {
+        1: lambda f: (f.inject_xid(0, 79), f.inject_xid(0, 48), f.inject_xid(2, 13)),
         2: lambda f: f.set_unsupported(0, "nvmlDeviceGetTemperatureV"),
         3: lambda f: f.set_unsupported(1, "nvmlDeviceGetComputeRunningProcesses_v3"),
         4: lambda f: f.set_unsupported(1, "nvmlDeviceGetProcessUtilization"),
@@ -231,6 +232,7 @@ def test_c_functions_read_what_the_wrappers_read(clock: FakeClock) -> None:
             assert len(side["pids"]) == 151 and side["memory"][9999] is None
             assert side["sm"][5042] == 0.42
             assert side["memory"][5149] == 150 * MiB
+    assert (with_c["gpu"][0]["xid_errors"], with_c["gpu"][0]["xid_last"]) == (2, 48)
     assert with_c["gpu"][0]["temperature_celsius"] is None
     assert with_c["gpu"][0]["energy_joules"] is not None  # the older call answers instead
     assert 3 not in {r["gpu_index"] for r in with_c["gpu"]}
@@ -238,6 +240,7 @@ def test_c_functions_read_what_the_wrappers_read(clock: FakeClock) -> None:
     assert c_calls["nvmlDeviceGetComputeRunningProcesses_v3"] > 8
     assert c_calls["nvmlDeviceGetProcessUtilization"] > 8
     assert c_calls["nvmlDeviceGetFieldValues"] > 8 and c_calls["nvmlDeviceGetTemperatureV"] > 8
+    assert c_calls["nvmlEventSetWait_v2"] >= 8 + 3  # each round's look, and each XID
     assert not fakes[("_nvmlGetFunctionPointer",)].c_calls
 
 

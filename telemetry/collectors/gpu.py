@@ -378,12 +378,14 @@ class GpuCollector(Collector):
         found: dict[int, list[int]] = {}
         for _ in range(1000):  # bounded: never hold the loop on an event storm
             try:
-                data = m.nvmlEventSetWait_v2(self._events, 0)
-            except (m.NVMLError_Timeout, m.NVMLError_GpuIsLost):
-                break  # nothing pending; a lost GPU is reported by the device loop
+                data = self.gw.next_event(self._events)
+            except m.NVMLError_GpuIsLost:
+                break  # reported by the device loop
             except m.NVMLError as exc:
                 self._once.warning("xid", f"gpu: reading XID events failed: {exc}")
                 break
+            if data is None:
+                break  # nothing pending
             index = _device_index(m, data.device)  # events carry a fresh handle object
             if index is not None:
                 found.setdefault(index, []).append(int(data.eventData))

@@ -1223,12 +1223,23 @@ def _c_field_values(fake: FakeNVML, handle: Any, count: Any, values: Any) -> int
     return _SUCCESS
 
 
+def _c_event_wait(fake: FakeNVML, event_set: Any, data_ref: Any, timeout_ms: Any) -> int:
+    try:
+        data = fake.nvmlEventSetWait_v2(event_set, getattr(timeout_ms, "value", timeout_ms))
+    except pynvml.NVMLError as exc:
+        return int(exc.value)
+    target = _target(data_ref)
+    ctypes.memmove(ctypes.addressof(target), ctypes.addressof(data), ctypes.sizeof(data))
+    return _SUCCESS
+
+
 #: The C functions the fake library has (``FakeNVML._nvmlGetFunctionPointer``).
 C_FUNCTIONS: dict[str, Callable[..., int]] = {
     "nvmlDeviceGetComputeRunningProcesses_v3": _c_processes,
     "nvmlDeviceGetProcessUtilization": _c_process_utilization,
     "nvmlDeviceGetTemperatureV": _c_temperature,
     "nvmlDeviceGetFieldValues": _c_field_values,
+    "nvmlEventSetWait_v2": _c_event_wait,
 }
 
 
