@@ -51,6 +51,7 @@ def _expected(kind: str) -> str:
 def check_column(kind: str, values: Sequence[Any]) -> None:
     """Raise as :func:`column_array` does for ``values``, without building the arrays."""
     types = set(map(type, values))
+    nulls = type(None) in types
     types.discard(type(None))
     if kind == "string":
         allowed: frozenset[type] = frozenset({str})
@@ -61,9 +62,11 @@ def check_column(kind: str, values: Sequence[Any]) -> None:
         got = sorted(t.__name__ for t in wrong)[0]
         raise TypeError(f"expected {_expected(kind)}, got {got}")
     if kind == "string":
-        "".join([v for v in values if v is not None]).encode("utf-8")  # no lone surrogate
+        joined = "".join([v for v in values if v is not None] if nulls else values)
+        if not joined.isascii():
+            joined.encode("utf-8")  # no lone surrogate
     elif kind in _INT_BOUNDS:
-        present = [v for v in values if v is not None]
+        present = [v for v in values if v is not None] if nulls else values
         low, high = _INT_BOUNDS[kind]
         if present and not (low <= min(present) and max(present) <= high):
             raise OverflowError(f"{max(present, key=abs)} does not fit {kind}")

@@ -483,10 +483,10 @@ class State:
         return {name: st.stats for name, st in self.tables.items()}
 
 
-_INT64 = np.iinfo(np.int64)
+_INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
 
 
 def _int64(total: int) -> int:
     """A running total as an int64 exposition value: saturated past int64 (garbage readings,
     summed, can pass it; a scrape must not fail for them)."""
-    return min(max(total, int(_INT64.min)), int(_INT64.max))
+    return min(max(total, _INT64_MIN), _INT64_MAX)
