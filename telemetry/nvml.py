@@ -257,7 +257,8 @@ class Gateway:
 
     def processes(self, handle: Any) -> list[tuple[int, int | None]] | None:
         """(PID, framebuffer bytes) of each compute process NVML lists on ``handle``, bytes
-        ``None`` where NVML cannot tell; ``None`` when NVML cannot list them (logged once)."""
+        ``None`` where NVML cannot tell; ``None`` when NVML cannot list them (logged once).
+        Raises ``GpuLost`` and ``NvmlUnavailable`` as :meth:`call` does."""
         m = self._module if self._ready else self.nvml
         name = self._chosen.get("processes")
         function = self._c_function(name) if name == _VARIANTS["processes"][0] else None
@@ -284,7 +285,8 @@ class Gateway:
 
     def temperature(self, handle: Any) -> int | None:
         """The GPU's core temperature (°C) by the newest symbol that works; ``None`` when
-        NVML cannot tell (logged once)."""
+        NVML cannot tell (logged once). Raises ``GpuLost`` and ``NvmlUnavailable`` as
+        :meth:`call` does."""
         m = self._module if self._ready else self.nvml
         name = self._chosen.get("temperature")
         function = self._c_function(name) if name == _VARIANTS["temperature"][0] else None
@@ -359,14 +361,20 @@ class Gateway:
         function: Any, buffer: _Buffer, arguments: Callable[[_Buffer], tuple[Any, ...]]
     ) -> int:
         """Call a C function that lists entries into ``buffer`` (its count in, the entries
-        written out), growing the buffer while NVML answers it is too small; the return code."""
+        written out), growing the buffer while NVML answers it is too small, or fills it to the
+        last entry (a driver that writes what fits and succeeds must not cut a list short); the
+        return code."""
         code = _INSUFFICIENT_SIZE
-        for _ in range(_GROW_TRIES):
-            buffer.count.value = len(buffer.array)
+        for tries_left in range(_GROW_TRIES - 1, -1, -1):
+            size = len(buffer.array)
+            buffer.count.value = size
             code = function(*arguments(buffer))
-            if code != _INSUFFICIENT_SIZE:
+            if code == _SUCCESS and buffer.count.value < size:
+                return _SUCCESS
+            if code not in (_SUCCESS, _INSUFFICIENT_SIZE):
                 return int(code)
-            buffer.grow(buffer.count.value)
+            if tries_left:
+                buffer.grow(max(buffer.count.value, size + 1))
         return int(code)
 
     def full_gpu_slices(self, handle: Any) -> int | None:

@@ -359,6 +359,45 @@ def test_rapl_permission_denied_logs_once(
     assert len(warnings_of(tally_logs)) == 1
 
 
+def test_rapl_counter_failing_mid_run_loses_no_energy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tally_logs: pytest.LogCaptureFixture
+) -> None:
+    """A counter read before that fails for a while (its kept read and a fresh open both
+    denied) makes those rounds' energy null; readable again, the energy of both zones over the
+    null rounds is all there."""
+    root = copy_tree("normal_host", tmp_path)
+    denied = root / POWERCAP / "intel-rapl:1" / "energy_uj"
+    deny = {"on": False}
+    real_read_text, real_pread = files.read_text, os.pread
+
+    def read_text(path: Path) -> str:
+        if deny["on"] and path == denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_read_text(path)
+
+    def pread(fd: int, size: int, offset: int) -> bytes:
+        if deny["on"] and os.readlink(f"/proc/self/fd/{fd}") == str(denied):
+            raise PermissionError(13, "Permission denied")
+        return real_pread(fd, size, offset)
+
+    monkeypatch.setattr(files, "read_text", read_text)
+    monkeypatch.setattr(files.os, "pread", pread)
+    runner = make_runner(root)
+    assert cpu_row(runner.run())["energy_joules"] == 0.0
+    start0, start1 = uj(root, "intel-rapl:0"), uj(root, "intel-rapl:1")
+    deny["on"] = True
+    for k in range(1, 6):
+        set_uj(root, "intel-rapl:0", start0 + k * 1_000_000)
+        set_uj(root, "intel-rapl:1", start1 + k * 3_000_000)
+        rnd = runner.run()
+        assert rnd.status["rapl"].success is True
+        assert cpu_row(rnd)["energy_joules"] is None
+    assert len(warnings_of(tally_logs)) == 1
+    deny["on"] = False
+    assert cpu_row(runner.run())["energy_joules"] == pytest.approx(5.0 + 15.0, rel=1e-12)
+    runner.close()
+
+
 def test_rapl_counters_are_kept_open_and_read_afresh(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

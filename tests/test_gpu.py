@@ -244,6 +244,30 @@ def test_c_functions_read_what_the_wrappers_read(clock: FakeClock) -> None:
     assert not fakes[("_nvmlGetFunctionPointer",)].c_calls
 
 
+def test_c_lists_are_read_whole_when_a_driver_fills_what_fits(clock: FakeClock) -> None:
+    """A driver that fills an array too small and succeeds (rather than answering
+    InsufficientSize) still has every process and every sample read: an array filled to its
+    last entry is grown and asked again."""
+    crowd = [ProcessProfile(5000 + i, MiB, sm_util_pct=1 + i % 99) for i in range(150)]
+    answers = []
+    for hidden in ((), ("_nvmlGetFunctionPointer",)):
+        fake = FakeNVML([H100_LOADED], clock=clock, hidden=hidden)
+        fake.c_lists_fill_what_fits = True
+        fake.set_processes(0, crowd)
+        gateway = Gateway(fake)
+        handle = gateway.call("nvmlDeviceGetHandleByIndex", 0)
+        gateway.processes(handle)  # the first call probes the versions through the wrappers
+        clock.advance(2.0)
+        answers.append((gateway.processes(handle), gateway.process_utilization("g", handle)))
+    (processes, samples), (wrapper_processes, wrapper_samples) = answers
+    assert processes is not None and len(processes) == 150
+    assert processes == wrapper_processes
+    assert samples is not None and len(samples) > 128  # more than the first array held
+    assert [(s.pid, s.sm_ratio) for s in samples] == [
+        (s.pid, s.sm_ratio) for s in wrapper_samples or []
+    ]
+
+
 def test_no_library_or_driver_fails_the_collector_not_the_round(
     clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -40,6 +40,7 @@ Fault injection (all from tests, at any time)::
     fake.calls["nvmlDeviceGetFieldValues"] # per-function call counter (every call, even failing)
     fake.handle_calls[("nvmlDeviceGetPowerUsage", uuid)]   # per-function, per-handle counter
     fake.c_calls["nvmlDeviceGetFieldValues"]  # calls of the C function, past pynvml's wrapper
+    fake.c_lists_fill_what_fits = True     # a list too long for its array: filled, success
 
 The C functions (``fake._nvmlGetFunctionPointer(name)``, pynvml's lookup) answer as
 libnvidia-ml does, with a return code and the results written into the caller's buffers, for the
@@ -507,6 +508,9 @@ class FakeNVML:
         self.blocking_event_wait = blocking_event_wait
         self.calls: Counter[str] = Counter()
         self.c_calls: Counter[str] = Counter()
+        #: True: a C function listing into an array too small fills it and succeeds (what
+        #: NVML's documentation does not rule out) instead of answering InsufficientSize.
+        self.c_lists_fill_what_fits = False
         self.handle_calls: Counter[tuple[str, str]] = Counter()
         self._lib_loaded = False
         self._init_count = 0
@@ -1151,10 +1155,17 @@ def _target(argument: Any) -> Any:
     return getattr(argument, "_obj", argument)
 
 
-def _list_into(count_ref: Any, array: Any, entries: list[Any], write: Callable[..., None]) -> int:
+def _list_into(
+    fake: FakeNVML, count_ref: Any, array: Any, entries: list[Any], write: Callable[..., None]
+) -> int:
     """NVML's listing convention: the count says how many entries the array holds; too few (or
-    no array) -> InsufficientSize with the count needed, else the entries and their count."""
+    no array) -> InsufficientSize with the count needed, else the entries and their count. With
+    ``fake.c_lists_fill_what_fits``, an array too small is filled and the call succeeds."""
     count = _target(count_ref)
+    if array is not None and count.value < len(entries) and fake.c_lists_fill_what_fits:
+        for i in range(count.value):
+            write(array, i, entries[i])
+        return _SUCCESS
     if array is None or count.value < len(entries):
         count.value = len(entries)
         return _INSUFFICIENT_SIZE if entries else _SUCCESS
@@ -1184,7 +1195,7 @@ def _c_processes(fake: FakeNVML, handle: Any, count_ref: Any, infos: Any) -> int
         listed = fake.nvmlDeviceGetComputeRunningProcesses_v3(handle)
     except pynvml.NVMLError as exc:
         return int(exc.value)
-    return _list_into(count_ref, infos, listed, _write_process)
+    return _list_into(fake, count_ref, infos, listed, _write_process)
 
 
 def _c_process_utilization(
@@ -1194,7 +1205,7 @@ def _c_process_utilization(
         found = fake.nvmlDeviceGetProcessUtilization(handle, getattr(last_seen, "value", last_seen))
     except pynvml.NVMLError as exc:
         return int(exc.value)
-    return _list_into(count_ref, samples, found, _write_sample)
+    return _list_into(fake, count_ref, samples, found, _write_sample)
 
 
 def _c_temperature(fake: FakeNVML, handle: Any, answer_ref: Any) -> int:
