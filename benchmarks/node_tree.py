@@ -13,8 +13,8 @@ Two stand-ins present the same 8 loaded H100s (the ``H100_LOADED`` profile):
   nvidia-ml-py loads through ``LD_LIBRARY_PATH``: the daemon then runs tally, pynvml and ctypes
   as on a GPU node, only the driver's own work left out. What the daemon benchmarks measure.
 - :data:`NVML` stands in for the whole pynvml module (``--nvml.module benchmarks.node_tree:NVML``):
-  the tests' stand-in, whose fault-injection bookkeeping costs more per call than pynvml itself.
-  Where no C compiler is at hand.
+  the tests' stand-in, whose fault-injection bookkeeping costs more per call than pynvml itself,
+  called through its wrappers only. Where no C compiler is at hand.
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ class MonotonicClock(FakeClock):
         return time.monotonic()
 
 
-NVML = FakeNVML([H100_LOADED] * 8, clock=MonotonicClock())
+# Without its C functions: they are Python over its Python functions, dearer than its wrappers,
+# so the daemon calls the wrappers, as it did before it called NVML's C functions.
+NVML = FakeNVML([H100_LOADED] * 8, clock=MonotonicClock(), hidden=("_nvmlGetFunctionPointer",))
 DRIVER_STUB_SOURCE = Path(__file__).resolve().parent / "nvml_stub.c"
 
 
