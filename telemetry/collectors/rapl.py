@@ -89,8 +89,8 @@ class RaplCollector(Collector):
         self._once = OnceLogger(log)
         # Listing the zones cost more than reading them; they change only when a driver is
         # loaded or unloaded, so the list is kept a while, and dropped on any failed read.
-        self._zones: list[Path] = []
-        self._counters: list[tuple[Path, str, str]] = []
+        # each zone with its name and its counter's, made once a listing
+        self._zones: list[tuple[Path, str, str]] = []
         self._listed_at = -ZONES_KEPT_S
         self._clock = time.monotonic  # seconds; tests may replace it
         # each zone's counter kept open and read with one pread: no open and close a round
@@ -99,10 +99,10 @@ class RaplCollector(Collector):
     def collect(self) -> dict[str, list[Row]]:
         now = self._clock()
         if not self._zones or now - self._listed_at >= ZONES_KEPT_S:
-            self._zones, self._listed_at = package_zones(self.ctx.sysfs), now
-            # each zone with its name and its counter's, made once a listing
-            self._counters = [(z, z.name, str(z / "energy_uj")) for z in self._zones]
-            self._files.keep_only({zone.name for zone in self._zones})
+            zones = package_zones(self.ctx.sysfs)
+            self._zones = [(z, z.name, str(z / "energy_uj")) for z in zones]
+            self._listed_at = now
+            self._files.keep_only({name for _, name, _ in self._zones})
         self._files.begin_round()
         if not self._zones:
             # Failing (success 0, one log line from the runner) says what a 1 would hide: this
@@ -114,7 +114,7 @@ class RaplCollector(Collector):
         # Read every zone before touching any state: a round that fails or is null part-way must
         # not advance some zones' last readings, or their increase in that round would be lost.
         readings: list[tuple[Path, str, int]] = []
-        for zone, name, counter in self._counters:
+        for zone, name, counter in self._zones:
             try:
                 text = self._files.read(name, counter)
             except PermissionError:

@@ -1135,8 +1135,6 @@ _SOURCE_RANK = {"job-info": 2, "environment": 1, None: 0}
 def _combine(job_id: str, pieces: list[tuple[Row, JobInfo]]) -> Row:
     """One row for a job seen under several slurmd scopes: their CPUs, GPUs, CPU time and memory
     add up; user and account come from the piece with the most trusted account."""
-    if len(pieces) == 1:
-        return pieces[0][0]
     best = max(pieces, key=lambda piece: _SOURCE_RANK[piece[1].account_source])[0]
     row = dict(best)
     for column in ("cpus_allocated", "gpus_allocated", "cpu_seconds", "memory_bytes"):
