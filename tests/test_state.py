@@ -109,11 +109,13 @@ def row_kind(request: pytest.FixtureRequest) -> Any:
 
 
 # Retained rows live in a base and a small per-series tail that compactions merge into it: every
-# test here also runs with a two-row tail (a compaction every other row of a series), and with it
-# and the base searched series by series (its one packed key made to overflow).
+# test here also runs with a two-row tail (a compaction every other row of a series), with a tail
+# that narrows from eight rows to two as series come (compactions for the narrowing), and with a
+# two-row tail and the base searched series by series (its one packed key made to overflow).
 LAYOUTS = {
     "wide": {},
     "tiny": {"TAIL_ROWS": 2},
+    "narrowing": {"TAIL_ROWS": 8, "MIN_TAIL_ROWS": 2, "TAIL_CELLS": 16},
     "unpacked": {"TAIL_ROWS": 2, "_PACKED_KEY_LIMIT": 0},
 }
 
