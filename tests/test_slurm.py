@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from telemetry.collectors import REGISTRY, CollectorContext, Runner, files, slurm, watch
 from telemetry.collectors.attribution import job_id_from_cgroup
 from telemetry.collectors.base import assemble, check_rows
+from telemetry.collectors.files import KeptFiles
 from telemetry.collectors.slurm import (
     MAX_VALUE_CHARS,
     SlurmJobCollector,
@@ -31,6 +32,7 @@ from telemetry.collectors.slurm import (
     parse_cpu_list,
     parse_cpu_stat_usage_usec,
     parse_environ,
+    read_cgroup_usage,
 )
 from telemetry.errors import ParseError
 from telemetry.schema import JOB_SCHEMA
@@ -781,9 +783,30 @@ def test_parse_cpu_stat() -> None:
     text = (V2 / V2_SCOPE / "job_1001/cpu.stat").read_text()
     assert parse_cpu_stat_usage_usec(text) == 7_212_345_678
     assert parse_cpu_stat_usage_usec("user_usec 1\nusage_usec 7\n") == 7
-    for bad in ["", "usage_usec\n", "usage_usec x\n", "usage_usec 1e3\n", f"usage_usec {2**63}"]:
+    # around the 18 digits that always fit int64, read without a closer look
+    for value in [10**18 - 1, 10**18, 2**63 - 1]:
+        assert parse_cpu_stat_usage_usec(f"usage_usec {value}\nuser_usec 1\n") == value
+    bad_values = ["", "x", "1e3", str(2**63), "9" * 25, "\u0661\u0662"]  # Arabic-Indic digits
+    for bad in ["", "usage_usec\n", *[f"usage_usec {value}\n" for value in bad_values]]:
         with pytest.raises(ParseError):
             parse_cpu_stat_usage_usec(bad)
+
+
+@pytest.mark.parametrize("memory", [str(10**18 - 1), str(10**18), str(2**63 - 1), " 42\n"])
+def test_read_cgroup_usage_reads_memory_up_to_int64(tmp_path: Path, memory: str) -> None:
+    (tmp_path / "cpu.stat").write_text("usage_usec 5\n")
+    (tmp_path / "memory.current").write_text(memory)
+    for kept in [None, KeptFiles()]:
+        got = read_cgroup_usage(2, tmp_path / "cpu.stat", tmp_path / "memory.current", kept, "j")
+        assert got == (5e-6, int(memory))
+
+
+@pytest.mark.parametrize("memory", [str(2**63), "-1", "\u0661", "1.5", ""])
+def test_read_cgroup_usage_rejects_memory_past_int64(tmp_path: Path, memory: str) -> None:
+    (tmp_path / "cpu.stat").write_text("usage_usec 5\n")
+    (tmp_path / "memory.current").write_text(memory)
+    with pytest.raises(ParseError):
+        read_cgroup_usage(2, tmp_path / "cpu.stat", tmp_path / "memory.current")
 
 
 def test_parse_environ() -> None:

@@ -117,8 +117,12 @@ class KeptFiles:
         if kept is not None:
             assert files is not None
             fd, directory = kept
+            # Settled: known to have had no entry changed since its files were opened (watched
+            # since a round before this one, not changed since; in rounds only), so no fstat.
+            began = self._watched.get(directory, -1)
+            settled = 0 <= began < self._round and directory not in self._changed
             try:
-                if self._is_settled(directory) or os.fstat(fd).st_nlink:
+                if settled or os.fstat(fd).st_nlink:
                     # the one pread of a small file, inline: a node reads hundreds a second
                     data = os.pread(fd, 65536, 0)
                     if len(data) < 65536:
@@ -200,14 +204,6 @@ class KeptFiles:
         if not self._watched:
             self._watch.close()
             self._watch = None
-
-    def _is_settled(self, directory: str) -> bool:
-        """Whether ``directory`` is known to have had no entry changed since its files were
-        opened: watched since a round before this one, and not changed since (rounds only)."""
-        if not self._round:
-            return False
-        began = self._watched.get(directory)
-        return began is not None and 0 <= began < self._round and directory not in self._changed
 
     def keep_only(self, owners: set[Any]) -> None:
         """Close the files of every owner not in ``owners`` (jobs that ended)."""

@@ -144,6 +144,9 @@ def parse_cpu_stat_usage_usec(text: str, source: str | Path = "cpu.stat") -> int
         end = text.find("\n")
         value = (text[11:end] if end >= 0 else text[11:]).strip()
         if value.isascii() and value.isdigit():
+            # 18 digits always fit int64; longer ones are looked at closer
+            if len(value) <= 18:
+                return int(value)
             return _non_negative_int(value, source, " usage_usec")
     for line in text.splitlines():
         key, _, value = line.partition(" ")
@@ -395,7 +398,10 @@ def read_cgroup_usage(
         cpu_seconds = parse_cpu_stat_usage_usec(usage, usage_file) / 1e6
     else:
         cpu_seconds = _non_negative_int(usage, usage_file) / 1e9
-    return cpu_seconds, _non_negative_int(memory, memory_file)  # parse_counter, one call less
+    value = memory.strip()  # parse_counter, inline where the value is plainly an int64
+    if value.isascii() and value.isdigit() and len(value) <= 18:
+        return cpu_seconds, int(value)
+    return cpu_seconds, _non_negative_int(memory, memory_file)
 
 
 def read_environ(path: Path) -> bytes:
