@@ -17,6 +17,7 @@ import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -107,6 +108,8 @@ def _escape_column(column: pa.Array) -> pa.Array:
 
 def go_float(value: float) -> str:
     """A float as Prometheus' text format writes it (Go's shortest form, ``+Inf``, ``NaN``)."""
+    if -math.inf < value < 1e6:  # most values: repr's form is the client's (NaN is not here)
+        return repr(value)
     if value == math.inf:
         return "+Inf"
     if value == -math.inf:
@@ -199,11 +202,27 @@ def _exponent_form(texts: pa.Array) -> pa.Array:
 _ARROW_FROM_ROWS = 256
 
 
-class PrefixCache(dict[tuple[tuple[str, ...], tuple[str, ...]], str]):
-    """``name{labels} `` of each small-block series by ((name, *label names), raw label values),
-    kept across scrapes: a node's series keep their labels from one scrape to the next, so
-    escaping and joining them is done once per series, not per scrape. Emptied when it grows
-    past 65,536 series (series that went away: ended jobs)."""
+class PrefixCache:
+    """``name{labels} `` of each small-block series, by family (name and label names) and raw
+    label values, kept across scrapes: a node's series keep their labels from one scrape to the
+    next, so escaping and joining them is done once per series, not per scrape. Emptied when it
+    holds more than 65,536 series (series that went away: ended jobs)."""
+
+    def __init__(self) -> None:
+        self._families: dict[tuple[str, ...], dict[tuple[str, ...], str]] = {}
+
+    def __len__(self) -> int:
+        return sum(map(len, self._families.values()))
+
+    def family(self, key: tuple[str, ...]) -> dict[tuple[str, ...], str]:
+        """The prefixes of family ``key`` (name, then label names), by label values."""
+        found = self._families.get(key)
+        if found is None:
+            found = self._families[key] = {}
+        return found
+
+    def clear(self) -> None:
+        self._families.clear()
 
 
 def _block_text_small(
@@ -216,18 +235,19 @@ def _block_text_small(
         column = block.columns[i]
         columns.append([column] * n if isinstance(column, str) else label_values(column))
     names = [labels[i] for i in order]
-    cache = PrefixCache() if prefixes is None else prefixes
-    family = (name, *names)
-    keys = zip(*columns, strict=True) if names else iter([()] * n)
+    cache = (PrefixCache() if prefixes is None else prefixes).family((name, *names))
+    keys = zip(*columns, strict=True) if names else repeat((), n)
+    inf, isnan = math.inf, math.isnan
     lines = []
     for key, value in zip(keys, block.values.tolist(), strict=True):
-        if math.isnan(value):  # no reading
+        if isnan(value):  # no reading
             continue
-        prefix = cache.get((family, key))
+        prefix = cache.get(key)
         if prefix is None:
             pairs = ",".join(f'{k}="{_escape_label(v)}"' for k, v in zip(names, key, strict=True))
-            prefix = cache[(family, key)] = f"{name}{{{pairs}}} " if names else f"{name} "
-        lines.append(f"{prefix}{go_float(value)}\n")
+            prefix = cache[key] = f"{name}{{{pairs}}} " if names else f"{name} "
+        # go_float, its common case inline: a line a series
+        lines.append(f"{prefix}{repr(value) if -inf < value < 1e6 else go_float(value)}\n")
     return "".join(lines).encode()
 
 

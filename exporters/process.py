@@ -19,6 +19,16 @@ from exporters.exposition import ColumnFamily
 SELF = Path("/proc/self")
 
 
+def _read(path: str) -> str:
+    """A small /proc file's text, by plain ``os`` calls (read at every scrape: a text stream and
+    pathlib's joins cost more than the read)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 65536).decode("utf-8", errors="replace")
+    finally:
+        os.close(fd)
+
+
 def parse_stat(text: str, ticks: float, page_size: int, boot_time: float) -> dict[str, float]:
     """``process_*`` values from ``/proc/<pid>/stat``: CPU seconds (user + system), virtual and
     resident memory in bytes, start time in seconds since the epoch. Raises ``ValueError`` for a
@@ -71,7 +81,7 @@ class ProcessFamilies:
     read (not Linux, or hidden)."""
 
     def __init__(self, proc_self: Path = SELF) -> None:
-        self._self = proc_self
+        self._stat, self._limits, self._fd = (str(proc_self / n) for n in ("stat", "limits", "fd"))
         self._ticks = float(os.sysconf("SC_CLK_TCK"))
         self._page_size = os.sysconf("SC_PAGESIZE")
         try:
@@ -84,15 +94,13 @@ class ProcessFamilies:
             return []
         values: dict[str, float] = {}
         try:
-            stat = parse_stat(
-                (self._self / "stat").read_text(), self._ticks, self._page_size, self._boot_time
-            )
+            stat = parse_stat(_read(self._stat), self._ticks, self._page_size, self._boot_time)
             values.update({f"process_{k}": v for k, v in stat.items()})
         except (OSError, ValueError, IndexError):
             pass
         try:
-            max_fds = parse_max_fds((self._self / "limits").read_text())
-            values["process_open_fds"] = float(len(os.listdir(self._self / "fd")))
+            max_fds = parse_max_fds(_read(self._limits))
+            values["process_open_fds"] = float(len(os.listdir(self._fd)))
             if max_fds is not None:
                 values["process_max_fds"] = max_fds
         except OSError:
