@@ -277,10 +277,15 @@ class Frame:
         """Row positions ordered by ``keys`` ascending (strings by code point, as Arrow sorts
         UTF-8; nulls last)."""
 
+        names = list(keys)
+        if not any(name in self.valid for name in names):  # no nulls: the values themselves
+            rows = list(zip(*[self.columns[name].tolist() for name in names], strict=True))
+            return np.array(sorted(range(self.num_rows), key=rows.__getitem__), dtype=np.int64)
+
         def key(name: str) -> list[tuple[bool, Any]]:
             return [(v is None, 0 if v is None else v) for v in self.values(name)]
 
-        columns = [key(name) for name in keys]
+        columns = [key(name) for name in names]
         order = sorted(range(self.num_rows), key=lambda i: tuple(c[i] for c in columns))
         return np.array(order, dtype=np.int64)
 

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from telemetry.frame import Frame, check_column, column_array, row_columns
@@ -184,6 +184,7 @@ def test_screening_keeps_what_the_arrow_screen_keeps(data: st.DataObject) -> Non
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.text(max_size=4), st.one_of(st.none(), st.text(max_size=3))),
                 max_size=12))  # fmt: skip
+@example([("b", "x"), ("a", "y"), ("a", "x"), ("\u00e9", "z"), ("a", "x")])  # no null: no mask
 def test_rows_sort_as_arrow_sorts_them(keys: list[tuple[str, str | None]]) -> None:
     drawn = [
         {"time": T0, "node": node, "gpu_uuid": "u", "gpu_index": i, "gpu_model": "m",
