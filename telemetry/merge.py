@@ -168,6 +168,7 @@ def merge_rows(
     canonical: bool,
     drop_late: bool,
     xp: ModuleType = np,
+    series: tuple[np.ndarray, list[tuple[str, ...]]] | None = None,
 ) -> MergedRows:
     """Merge ``new`` rows after ``earlier`` ones (which open the intervals of new rows).
 
@@ -179,10 +180,13 @@ def merge_rows(
     ordering, de-duplication, intervals and contributions run there; ``codes``, ``times``,
     ``is_new`` and ``parts`` of the result are device arrays. String keys, the rare canonical
     choice among conflicting duplicates and late rows stay on the host.
+
+    ``series``: the series codes and keys of ``earlier`` then ``new`` rows where the caller has
+    them (as :meth:`Rows.series_codes` of the two together gives them, codes in any order).
     """
     combined = concat(earlier, new)
     reader = as_rows(combined, name)
-    host_codes, labels = reader.series_codes()
+    host_codes, labels = reader.series_codes() if series is None else series
     host_times = reader.times()
     codes, times = to_backend(xp, host_codes), to_backend(xp, host_times)  # one copy each
     is_new = xp.ones(combined.num_rows, dtype=bool)

@@ -109,6 +109,9 @@ class TableState:
         self.max_gap_ns = int(max_gap_seconds * NS)
         self.retain_ns = max(WINDOWS.values()) * NS + self.max_gap_ns
         self.newest: Table = Frame.empty(name)  # each live series' newest row
+        # The series key of each of those rows where they are a Frame (None for Arrow): a Frame
+        # batch's series are coded once per ingest, not again with the newest rows.
+        self._newest_keys: list[tuple[str, ...]] | None = []
         self.totals: dict[tuple[str, ...], dict[str, int]] = {}
         self.stats = IngestStats()
         self._parts = RATIO_PARTS.get(name, ())
@@ -153,11 +156,18 @@ class TableState:
         if new.num_rows == 0:
             return
         self.stats.rows += new.num_rows
-        new = self._drop_repeats_of_older_rows(new)
+        new_codes, new_keys = as_rows(new, self.name).series_codes()
+        new, new_codes = self._drop_repeats_of_older_rows(new, new_codes, new_keys)
         if new.num_rows == 0:
             return  # nothing kept: the newest rows, and so every horizon, are unchanged
         merged = merge_rows(
-            self.newest, new, self.name, self.max_gap_ns, canonical=False, drop_late=True
+            self.newest,
+            new,
+            self.name,
+            self.max_gap_ns,
+            canonical=False,
+            drop_late=True,
+            series=self._series_after_newest(new, new_codes, new_keys),
         )
         self.stats.duplicates += merged.duplicates
         self.stats.late += merged.late
@@ -179,7 +189,11 @@ class TableState:
         for code in codes[last][~alive[codes[last]]].tolist():
             self.totals.pop(labels[code], None)
             self._ids.pop(labels[code], None)
-        self.newest = as_rows(table, self.name).take(last[alive[codes[last]]])
+        newest_rows = last[alive[codes[last]]]
+        self.newest = as_rows(table, self.name).take(newest_rows)
+        self._newest_keys = None
+        if isinstance(self.newest, Frame):
+            self._newest_keys = [labels[c] for c in codes[newest_rows].tolist()]
         fresh = np.nonzero(is_new & alive[codes])[0]
         if fresh.size:
             runs, _ = kernels.segment_bounds(codes[fresh])  # rows are sorted by series, time
@@ -332,21 +346,36 @@ class TableState:
         )
         return bisected
 
-    def _drop_repeats_of_older_rows(self, new: Table) -> Table:
-        """``new`` without the rows that repeat (series, time) of a retained row older than the
-        series' newest, counted as duplicates: the earlier row wins, as in a full merge."""
+    def _series_after_newest(
+        self, new: Table, codes: np.ndarray, keys: list[tuple[str, ...]]
+    ) -> tuple[np.ndarray, list[tuple[str, ...]]] | None:
+        """Series codes and keys of the newest rows then ``new``'s (its rows' ``codes`` of
+        ``keys``), numbered from the newest rows' keys kept from the last ingest: Frames only
+        (None otherwise: the merge codes the rows itself)."""
+        if self._newest_keys is None or not isinstance(new, Frame):
+            return None
+        ids = {key: code for code, key in enumerate(self._newest_keys)}  # one row a series
+        recode = np.fromiter((ids.setdefault(k, len(ids)) for k in keys), np.int64, len(keys))
+        combined = np.concatenate([np.arange(len(self._newest_keys)), recode[codes]])
+        return combined, list(ids)
+
+    def _drop_repeats_of_older_rows(
+        self, new: Table, codes: np.ndarray, labels: list[tuple[str, ...]]
+    ) -> tuple[Table, np.ndarray]:
+        """``new`` (its rows' series ``codes`` of keys ``labels``) without the rows that repeat
+        (series, time) of a retained row older than the series' newest, counted as duplicates:
+        the earlier row wins, as in a full merge; and the codes of the rows kept."""
         if not self._ids:
-            return new
+            return new, codes
         reader = as_rows(new, self.name)
         times = reader.times()
-        codes, labels = reader.series_codes()
         code_slots = np.array([self._ids.get(key, -1) for key in labels], dtype=np.int64)
         slots = code_slots[codes]
         unseen = np.iinfo(np.int64).min  # a new series repeats nothing
         newest = np.where(slots >= 0, self._newest_ns[slots], unseen)
         older = np.nonzero(times < newest)[0]
         if older.size == 0:
-            return new
+            return new, codes
         slots, at = slots[older], times[older]
         first = self._base_first_after(slots, at - 1)
         in_base = first < self._base_end[slots]
@@ -362,11 +391,12 @@ class TableState:
         # A row past its series' horizon is gone (whether compacted away yet or not).
         found &= at > newest[older] - self.retain_ns
         if not found.any():
-            return new
+            return new, codes
         self.stats.duplicates += int(found.sum())
         repeat = np.zeros(new.num_rows, dtype=bool)
         repeat[older] = found
-        return reader.take(np.nonzero(~repeat)[0])
+        kept = np.nonzero(~repeat)[0]
+        return reader.take(kept), codes[kept]
 
     def _window_sums(self, slots: np.ndarray) -> dict[str, np.ndarray]:
         """Per window (rows) and slot (columns), each ratio part summed over the slot's rows with
@@ -395,7 +425,10 @@ class TableState:
         if table.num_rows == 0:
             return TableSnapshot(latest=table)
         reader = as_rows(table, self.name)
-        codes, labels = reader.series_codes()
+        if self._newest_keys is not None:  # a Frame's rows, one a series: coded already
+            codes, labels = np.arange(table.num_rows), self._newest_keys
+        else:
+            codes, labels = reader.series_codes()
         times = reader.times()
         order = kernels.series_order(codes, times)  # one row per series: by series key
         codes, times = codes[order], times[order]
