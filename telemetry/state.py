@@ -171,7 +171,7 @@ class TableState:
         )
         self.stats.duplicates += merged.duplicates
         self.stats.late += merged.late
-        table, codes, labels, times = merged.table, merged.codes, merged.labels, merged.times
+        codes, labels, times = merged.codes, merged.labels, merged.times
         is_new, parts = merged.is_new, merged.parts
 
         starts, _ = kernels.segment_bounds(codes)
@@ -190,7 +190,7 @@ class TableState:
             self.totals.pop(labels[code], None)
             self._ids.pop(labels[code], None)
         newest_rows = last[alive[codes[last]]]
-        self.newest = as_rows(table, self.name).take(newest_rows)
+        self.newest = merged.rows.take(newest_rows)  # from the rows as they came: no reordering
         self._newest_keys = None
         if isinstance(self.newest, Frame):
             self._newest_keys = [labels[c] for c in codes[newest_rows].tolist()]
@@ -451,11 +451,9 @@ class TableState:
             ratio = kernels.ratio_of_sums(num, den)  # trailing_ratio's own division
             for i, label in enumerate(WINDOWS):
                 windows[label] = np.clip(ratio[i], 0.0, 1.0)
-        names = sorted({p for k in keys for p in self.totals.get(k, {})})
-        totals = {
-            p: np.array([_int64(self.totals.get(k, {}).get(p, 0)) for k in keys], dtype=np.int64)
-            for p in names
-        }
+        series_totals = [self.totals.get(k, {}) for k in keys]
+        names = sorted({p for series in series_totals for p in series})
+        totals = {p: _int64_array([series.get(p, 0) for series in series_totals]) for p in names}
         latest = reader.take(order[current])
         return TableSnapshot(latest=latest, totals=totals, windows=windows)
 
@@ -530,6 +528,13 @@ class State:
 
 
 _INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)
+
+
+def _int64_array(totals: list[int]) -> np.ndarray:
+    """Running totals as int64 exposition values (see :func:`_int64`)."""
+    if totals and not (min(totals) >= _INT64_MIN and max(totals) <= _INT64_MAX):
+        totals = [_int64(total) for total in totals]
+    return np.array(totals, dtype=np.int64)
 
 
 def _int64(total: int) -> int:

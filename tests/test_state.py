@@ -370,10 +370,14 @@ def test_totals_past_int64_saturate_instead_of_failing_every_scrape() -> None:
     """Garbage counter readings, each within int64, can sum past it; the snapshot (every
     scrape) must still be made, the total shown at int64's maximum."""
     state = TableState("cpu")
-    state.ingest(table("cpu", [cpu_row("n1", ts(0), 4, (1.0, 0.0, 0.0, 0.0, 0.0), energy=0.0)]))
+    busy = (1.0, 0.0, 0.0, 0.0, 0.0)
+    state.ingest(table("cpu", [cpu_row(n, ts(0), 4, busy, energy=0.0) for n in ["n1", "n2", "n3"]]))
     state.totals[("n1",)]["energy_mj"] = 2**64  # what two near-2^63 intervals add up to
+    state.totals[("n2",)]["energy_mj"] = -(2**64)
     snap = state.snapshot()
-    assert snap.totals["energy_mj"].tolist() == [2**63 - 1]
+    nodes = arrow(snap.latest).column("node").to_pylist()
+    shown = dict(zip(nodes, snap.totals["energy_mj"].tolist(), strict=True))
+    assert shown == {"n1": 2**63 - 1, "n2": -(2**63), "n3": 0}
 
 
 def test_gpu_totals_equal_reference_after_batches() -> None:
