@@ -402,7 +402,9 @@ class _Handler(socketserver.StreamRequestHandler):
         accept = self.headers.get("Accept-Encoding", "")
         gzipped = compress and "gzip" in [p.split(";")[0].strip() for p in accept.split(",")]
         if gzipped:
-            body = gzip.compress(body, compresslevel=6)
+            # Level 1: a node's 40 KB scrape compresses in 0.1 ms instead of level 6's 0.43 ms,
+            # 12 % larger; the bytes cross a data centre's network, the CPU is the node's.
+            body = gzip.compress(body, compresslevel=1)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         if gzipped:
