@@ -109,13 +109,13 @@ def row_kind(request: pytest.FixtureRequest) -> Any:
 
 
 # Retained rows live in a base and a small per-series tail that compactions merge into it: every
-# test here also runs with a two-row tail (a compaction every other row of a series), with a tail
-# that narrows from eight rows to two as series come (compactions for the narrowing), and with a
-# two-row tail and the base searched series by series (its one packed key made to overflow).
+# test here also runs with a tail of eight rows that narrows to two (as a node's narrows where
+# series are many: by a compaction of its own when five or more series come before the first)
+# and then compacts every other row of a series, and with a two-row tail and the base searched
+# series by series (its one packed key made to overflow).
 LAYOUTS = {
     "wide": {},
-    "tiny": {"TAIL_ROWS": 2},
-    "narrowing": {"TAIL_ROWS": 8, "MIN_TAIL_ROWS": 2, "TAIL_CELLS": 16},
+    "tiny": {"TAIL_ROWS": 8, "MIN_TAIL_ROWS": 2, "TAIL_CELLS": 16},
     "unpacked": {"TAIL_ROWS": 2, "_PACKED_KEY_LIMIT": 0},
 }
 
@@ -364,6 +364,33 @@ def test_cpu_totals_hand_computed() -> None:
     assert snap.windows["1m"].tolist() == [10 / 60]
     assert snap.windows["5m"].tolist() == [30 / 140]
     assert snap.totals["busy_us"].tolist() == [30_000_000]
+
+
+def test_many_new_series_narrow_the_tail_and_sums_stay_exact(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tail wide for a few series is narrowed by a compaction when many more come (before any
+    series' tail is full); every row is kept through it."""
+    monkeypatch.setattr(state_module, "TAIL_ROWS", 8)
+    monkeypatch.setattr(state_module, "MIN_TAIL_ROWS", 2)
+    monkeypatch.setattr(state_module, "TAIL_CELLS", 16)
+    state = State()
+    rows: list[Row] = []
+
+    def add(batch: list[Row]) -> None:
+        rows.extend(batch)
+        state.ingest("cpu", table("cpu", batch))
+
+    for s in range(3):  # three rows of one series: its tail of eight is not full
+        add([cpu_row("n0", ts(10 * s), busy=(float(s), 0.0, 0.0, 0.0, 0.0), idle=20.0 * s)])
+    assert state.tables["cpu"]._tail_times.shape[1] == 8
+    nodes = [f"n{i}" for i in range(12)]
+    for s in range(3, 9):
+        busy = (2.0 * s, 0.0, 0.0, 0.0, 0.0)
+        add([cpu_row(n, ts(10 * s), busy=busy, idle=9.0 * s) for n in nodes])
+        if s == 3:
+            assert state.tables["cpu"]._tail_times.shape[1] == 2  # narrowed by the new series
+        check_against_reference(state, {"cpu": rows})
 
 
 def test_totals_past_int64_saturate_instead_of_failing_every_scrape() -> None:
