@@ -156,8 +156,11 @@ class TableState:
         if new.num_rows == 0:
             return
         self.stats.rows += new.num_rows
-        new_codes, new_keys = as_rows(new, self.name).series_codes()
-        new, new_codes = self._drop_repeats_of_older_rows(new, new_codes, new_keys)
+        coded = None
+        if isinstance(new, Frame) or self._ids:  # an Arrow batch is coded by the merge itself
+            new_codes, new_keys = as_rows(new, self.name).series_codes()
+            new, new_codes = self._drop_repeats_of_older_rows(new, new_codes, new_keys)
+            coded = self._series_after_newest(new, new_codes, new_keys)
         if new.num_rows == 0:
             return  # nothing kept: the newest rows, and so every horizon, are unchanged
         merged = merge_rows(
@@ -167,7 +170,7 @@ class TableState:
             self.max_gap_ns,
             canonical=False,
             drop_late=True,
-            series=self._series_after_newest(new, new_codes, new_keys),
+            series=coded,
         )
         self.stats.duplicates += merged.duplicates
         self.stats.late += merged.late
@@ -216,13 +219,18 @@ class TableState:
 
     def _reserve(self, more: int) -> None:
         """Room for ``more`` new slots: a compaction drops forgotten slots when they are the
-        most, else the per-slot arrays grow by half."""
-        if self._slots + more <= self._tail_n.size:
+        most, else the per-slot arrays grow by half. A tail more than twice as wide as the
+        slots to come allow is narrowed: made anew while it is empty, else by a compaction."""
+        needed = self._slots + more
+        too_wide = self._tail_times.shape[1] > 2 * _tail_width(needed)
+        if needed <= self._tail_n.size and not too_wide:
             return
-        if self._slots - len(self._ids) > len(self._ids):
-            self._compact()
-        if self._slots and self._tail_times.shape[1] > 2 * _tail_width(self._slots + more):
-            self._compact()  # twice the series or more: a narrower tail
+        if too_wide and not self._tail_n[: self._slots].any():
+            width = _tail_width(_capacity(needed))
+            self._tail_times = np.full((self._tail_n.size, width), _NO_TIME, dtype=np.int64)
+            self._tail_cum = {p: np.zeros(self._tail_times.shape, np.int64) for p in self._parts}
+        elif too_wide or self._slots - len(self._ids) > len(self._ids):
+            self._compact(more=more)
         if self._slots + more > self._tail_n.size:
             self._resize(max(self._slots + more, self._tail_n.size * 3 // 2, 8))
 
@@ -274,10 +282,13 @@ class TableState:
         self._tail_n[slots] += counts
 
     def _compact(
-        self, extra: tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]] | None = None
+        self,
+        extra: tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]] | None = None,
+        more: int = 0,
     ) -> None:
         """Merge the tail (and ``extra`` rows: slots, times, running sums before each) into the
-        base; drop rows past their series' horizon and the slots of forgotten series; renumber
+        base, with room (and a tail width) for ``more`` slots to come; drop rows past their
+        series' horizon and the slots of forgotten series; renumber
         the live slots in their order."""
         n = self._slots
         live = np.sort(np.fromiter(self._ids.values(), dtype=np.int64, count=len(self._ids)))
@@ -316,7 +327,7 @@ class TableState:
         self._slots = self._base_slots = live.size
         # Fresh per-slot tail and base ranges (with room for new series), the tail empty.
         self._tail_n = self._base_start = self._base_end = np.zeros(0, dtype=np.int64)
-        capacity = live.size + live.size // 8 + 8
+        capacity = _capacity(live.size + more)
         self._tail_times = np.zeros((0, _tail_width(capacity)), dtype=np.int64)
         self._tail_cum = {p: self._tail_times for p in self._parts}
         self._resize(capacity)
@@ -456,6 +467,11 @@ class TableState:
         totals = {p: _int64_array([series.get(p, 0) for series in series_totals]) for p in names}
         latest = reader.take(order[current])
         return TableSnapshot(latest=latest, totals=totals, windows=windows)
+
+
+def _capacity(slots: int) -> int:
+    """Per-slot arrays for ``slots`` slots, with room for some more."""
+    return slots + slots // 8 + 8
 
 
 def _tail_width(capacity: int) -> int:

@@ -393,6 +393,23 @@ def test_many_new_series_narrow_the_tail_and_sums_stay_exact(
         check_against_reference(state, {"cpu": rows})
 
 
+@pytest.mark.parametrize("before", [0, 10])
+def test_a_batch_of_many_series_gets_a_narrow_tail(
+    monkeypatch: pytest.MonkeyPatch, before: int
+) -> None:
+    """Thousands of series in one batch, first or after a few: their tails are the narrow ones
+    at once (not a wide tail for each until one fills), so memory stays as it was."""
+    for name, value in {"TAIL_ROWS": 256, "MIN_TAIL_ROWS": 64, "TAIL_CELLS": 1 << 16}.items():
+        monkeypatch.setattr(state_module, name, value)
+    state = TableState("cpu")
+    if before:
+        state.ingest(table("cpu", [cpu_row(f"n{i}", ts(0)) for i in range(before)]))
+        assert state._tail_times.shape[1] == 256  # few series: a wide tail
+    state.ingest(table("cpu", [cpu_row(f"n{i}", ts(1)) for i in range(2000)]))
+    assert state._tail_times.shape == (state._tail_n.size, 64)
+    assert state._tail_n.size < 2 * 2000
+
+
 def test_totals_past_int64_saturate_instead_of_failing_every_scrape() -> None:
     """Garbage counter readings, each within int64, can sum past it; the snapshot (every
     scrape) must still be made, the total shown at int64's maximum."""
