@@ -231,11 +231,12 @@ def measure(
 
 
 # One hour (plus the max gap) of 1 s rounds of a node with 8 GPUs, one CPU row and ``jobs`` jobs
-# ingested into the live state, then the CPU time of the next rounds' ingest and snapshot: the
-# daemon's aggregation at steady state, which a run of a minute or two does not reach (the
-# trailing windows keep an hour); and the most RSS the hour of rows added meanwhile, the heap
-# trimmed every 15 rounds as the daemon trims it. Runs in a subprocess on the given checkout's
-# telemetry.
+# ingested into the live state, then the CPU time per round of the next rounds' ingest and
+# snapshot: the daemon's aggregation at steady state, which a run of a minute or two does not
+# reach (the trailing windows keep an hour, and each compaction rewrites the hour of rows
+# retained); and the most RSS the hour of rows added meanwhile. As the daemon at 15 s scrapes:
+# fifteen rounds ingested at once, a snapshot, the heap trimmed. Runs in a subprocess on the
+# given checkout's telemetry.
 _STEADY = """
 import sys, time
 NS = 10**9
@@ -284,32 +285,40 @@ try:  # the daemon trims glibc's heap every 15 s: so does this (no-op where the 
     from telemetry.heap import trim
 except ImportError:
     trim = lambda: None
+def batched(first):  # rounds first .. first + 14, one table each: a 15 s scrape's ingest
+    per_table = {}
+    for k in range(first, first + 15):
+        for name, table in tables(k).items():
+            per_table.setdefault(name, []).append(table)
+    if Frame is not None:
+        return {name: Frame.concat(parts) for name, parts in per_table.items()}
+    import pyarrow as pa
+    return {name: pa.concat_tables(parts) for name, parts in per_table.items()}
 state = State()
 before = rss_mib()
-for k in range(PREFILL):
-    for name, table in tables(k).items():
+for k in range(0, PREFILL, 15):
+    for name, table in batched(k).items():
         state.ingest(name, table)
-    if k % 15 == 14:
-        trim()
-ready = [tables(PREFILL + k) for k in range(MEASURE)]
+    trim()
+ready = [batched(PREFILL + k) for k in range(0, MEASURE, 15)]
 grown = 0.0
 start = time.process_time()
-for k, round_tables in enumerate(ready):
+for round_tables in ready:
     for name, table in round_tables.items():
         state.ingest(name, table)
     state.snapshot()
-    if k % 15 == 14:
-        trim()
+    trim()
     grown = max(grown, rss_mib() - before)
-print((time.process_time() - start) / MEASURE * 1e3, grown)
+print((time.process_time() - start) / (15 * len(ready)) * 1e3, grown)
 """
 
 
 def steady_round_ms(
-    checkout: Path, jobs: int = 50, prefill: int = 3660, rounds: int = 30
+    checkout: Path, jobs: int = 50, prefill: int = 3660, rounds: int = 1020
 ) -> tuple[float, float]:
-    """CPU ms of one round's ingest and snapshot after ``prefill`` 1 s rounds (see _STEADY), and
-    the most MiB the live state's hour of rows added to the process' RSS."""
+    """CPU ms a round of ingest and snapshot over ``rounds`` rounds (68 scrapes: every table
+    compacts a few times) after ``prefill`` 1 s rounds (see _STEADY), and the most MiB the live
+    state's hour of rows added to the process' RSS."""
     env = dict(os.environ, PYTHONPATH=str(checkout))
     result = subprocess.run(
         [sys.executable, "-c", _STEADY, str(jobs), str(prefill), str(rounds)],
