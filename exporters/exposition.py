@@ -237,7 +237,7 @@ def _block_text_small(
     names = [labels[i] for i in order]
     cache = (PrefixCache() if prefixes is None else prefixes).family((name, *names))
     keys = zip(*columns, strict=True) if names else repeat((), n)
-    inf, isnan = math.inf, math.isnan
+    isnan = math.isnan
     lines = []
     for key, value in zip(keys, block.values.tolist(), strict=True):
         if isnan(value):  # no reading
@@ -246,8 +246,7 @@ def _block_text_small(
         if prefix is None:
             pairs = ",".join(f'{k}="{_escape_label(v)}"' for k, v in zip(names, key, strict=True))
             prefix = cache[key] = f"{name}{{{pairs}}} " if names else f"{name} "
-        # go_float, its common case inline: a line a series
-        lines.append(f"{prefix}{repr(value) if -inf < value < 1e6 else go_float(value)}\n")
+        lines.append(f"{prefix}{go_float(value)}\n")
     return "".join(lines).encode()
 
 

@@ -288,8 +288,8 @@ class TableState:
     ) -> None:
         """Merge the tail (and ``extra`` rows: slots, times, running sums before each) into the
         base, with room (and a tail width) for ``more`` slots to come; drop rows past their
-        series' horizon and the slots of forgotten series; renumber
-        the live slots in their order."""
+        series' horizon and the slots of forgotten series; renumber the live slots in their
+        order."""
         n = self._slots
         live = np.sort(np.fromiter(self._ids.values(), dtype=np.int64, count=len(self._ids)))
         renumber = np.full(n, -1, dtype=np.int64)

@@ -68,6 +68,8 @@ from telemetry.logs import OnceLogger, log
 MAX_VALUE_CHARS = 1024
 
 _INT64_MAX = 2**63 - 1
+# Digits of a decimal that always fits int64: a counter this short is read without a closer look.
+_INT64_SAFE_DIGITS = 18
 _INT16_MAX = 2**15 - 1
 # A CPU number at or above this is garbage, not a big host: Linux's NR_CPUS tops out at 8192.
 _CPU_LIMIT = 1 << 20
@@ -144,8 +146,7 @@ def parse_cpu_stat_usage_usec(text: str, source: str | Path = "cpu.stat") -> int
         end = text.find("\n")
         value = (text[11:end] if end >= 0 else text[11:]).strip()
         if value.isascii() and value.isdigit():
-            # 18 digits always fit int64; longer ones are looked at closer
-            if len(value) <= 18:
+            if len(value) <= _INT64_SAFE_DIGITS:
                 return int(value)
             return _non_negative_int(value, source, " usage_usec")
     for line in text.splitlines():
@@ -399,7 +400,7 @@ def read_cgroup_usage(
     else:
         cpu_seconds = _non_negative_int(usage, usage_file) / 1e9
     value = memory.strip()  # parse_counter, inline where the value is plainly an int64
-    if value.isascii() and value.isdigit() and len(value) <= 18:
+    if value.isascii() and value.isdigit() and len(value) <= _INT64_SAFE_DIGITS:
         return cpu_seconds, int(value)
     return cpu_seconds, _non_negative_int(memory, memory_file)
 
