@@ -482,6 +482,61 @@ def test_a_listing_is_not_trusted_before_its_directories_were_watched(
     collector.close()
 
 
+def _cpus_after(collector: SlurmJobCollector, now: list[float], seconds: float) -> float:
+    now[0] += seconds
+    return float(by_job(collector.collect())["1001"]["cpus_allocated"])
+
+
+def test_a_new_jobs_cpuset_is_read_every_round_until_it_settles(tmp_path: Path) -> None:
+    """slurmd writes a job's cpuset just after making its cgroup: a first read sees the parent's
+    CPUs (all of them), and the next round must already count the job's own."""
+    root = copy_tree(V2, tmp_path)
+    job = root / V2_SCOPE / "job_1001"
+    (job / "cpuset.cpus.effective").write_text("0-31\n")  # the parent's, before slurmd wrote
+    collector = SlurmJobCollector(ctx(root), resolve_user=names)
+    now = [1000.0]
+    collector._clock = lambda: now[0]
+    assert _cpus_after(collector, now, 0) == 32.0
+    (job / "cpuset.cpus.effective").write_text("0-3\n")
+    assert _cpus_after(collector, now, 1) == 4.0
+    collector.close()
+
+
+def test_a_settled_cpuset_is_read_again_within_the_recheck_interval(tmp_path: Path) -> None:
+    """Once a job's cpuset read the same for CPUSET_RECHECK_SECONDS it is read that often (it
+    holds for the job's life); a change, CPU hotplug say, counts from the next read on."""
+    root = copy_tree(V2, tmp_path)
+    job = root / V2_SCOPE / "job_1001"
+    collector = SlurmJobCollector(ctx(root), resolve_user=names)
+    now = [1000.0]
+    collector._clock = lambda: now[0]
+    recheck = slurm.CPUSET_RECHECK_SECONDS
+    for _ in range(12):  # a round a second: settled after recheck seconds of the same answer
+        assert _cpus_after(collector, now, 1) == 4.0
+    (job / "cpuset.cpus.effective").write_text("0-1\n")
+    assert _cpus_after(collector, now, 1) == 4.0  # not read: the settled count stands
+    assert _cpus_after(collector, now, recheck - 1) == 2.0  # read recheck seconds after the last
+    (job / "cpuset.cpus.effective").write_text("0-3\n")
+    assert _cpus_after(collector, now, 1) == 4.0  # changed lately: read every round again
+    collector.close()
+
+
+def test_a_requeued_jobs_new_cgroup_has_its_cpuset_read_at_once(tmp_path: Path) -> None:
+    """A job requeued onto the same node gets a new cgroup under the same name, maybe with other
+    CPUs; its CPU time starting again from 0 tells, and its cpuset is read in that round."""
+    root = copy_tree(V2, tmp_path)
+    job = root / V2_SCOPE / "job_1001"
+    collector = SlurmJobCollector(ctx(root), resolve_user=names)
+    now = [1000.0]
+    collector._clock = lambda: now[0]
+    for _ in range(12):
+        assert _cpus_after(collector, now, 1) == 4.0
+    (job / "cpuset.cpus.effective").write_text("0-7\n")
+    (job / "cpu.stat").write_text("usage_usec 1000\nuser_usec 1000\nsystem_usec 0\n")
+    assert _cpus_after(collector, now, 1) == 8.0
+    collector.close()
+
+
 def _cgroup2_mount() -> Path | None:
     """A cgroup v2 file system this process may make directories in (root on a Linux host)."""
     try:

@@ -82,6 +82,11 @@ _MAX_DEPTH = 8  # job/step/user/task is 3 deep; anything deeper is not Slurm's
 # doubling up to the maximum; most of a round's cost on a node of many jobs was these walks.
 _RESEARCH_FIRST_S = 1.0
 _RESEARCH_MAX_S = 8.0
+# A job's CPUs are its cpuset, which slurmd writes just after it makes the job's cgroup (a read
+# in between sees the parent's CPUs) and which then holds for the job's life, CPU hotplug aside.
+# So a job's cpuset is read every round until it has read the same for this long, and then once
+# this often; a requeued job's new cgroup (its CPU time starts again from 0) is read at once.
+CPUSET_RECHECK_SECONDS = 10.0
 # Errors that mean "the job (or process) ended while we read it": the file is gone (ENOENT), the
 # process is gone (ESRCH), or the cgroup was removed while a file of it was open (ENODEV).
 _GONE = frozenset({errno.ENOENT, errno.ESRCH, errno.ENODEV})
@@ -775,6 +780,9 @@ class SlurmJobCollector(Collector):
         self._listing = JobListing(ctx.sysfs / "fs" / "cgroup", lambda: self._clock())  # noqa: PLW0108
         self._bad: set[tuple[str, str]] = set()  # jobs whose last round failed (logged once)
         self._cpu_counts: dict[str, int] = {}  # cpuset text -> CPUs: the same few lists recur
+        # per job: (CPUs, when read, since when read the same, CPU seconds then)
+        self._cpusets: dict[tuple[str, str], tuple[int, float, float, float]] = {}
+        self._now = 0.0  # this round's clock
 
     # ------------------------------------------------------------ the round
 
@@ -784,6 +792,7 @@ class SlurmJobCollector(Collector):
         seen: set[tuple[str, str]] = set()
         info_dir_ok = self._job_info_dir_trusted()
         self._files.begin_round()
+        self._now = self._clock()
         for job in self._listing.jobs():
             seen.add(job.key)
             try:
@@ -806,6 +815,8 @@ class SlurmJobCollector(Collector):
                 aliases.append({"cgroup": job.sluid, "job_id": info.job_id})
         for key in self._search.keys() - seen:
             del self._search[key]
+        for key in self._cpusets.keys() - seen:
+            del self._cpusets[key]
         self._files.keep_only(seen)
         rows: list[Row] = []
         claims: list[Row] = []
@@ -831,10 +842,10 @@ class SlurmJobCollector(Collector):
 
     def _read_job(self, job: JobCgroup, info_dir_ok: bool) -> tuple[Row, JobInfo]:
         cpus_names, usage_name, memory_name = job.names
-        cpus = self._cpus(job, cpus_names)
         cpu_seconds, memory = read_cgroup_usage(
             job.version, usage_name, memory_name, self._files, job.key
         )
+        cpus = self._job_cpus(job, cpus_names, cpu_seconds)
         info = self._job_info(job, info_dir_ok)
         row: Row = {
             "job_id": info.job_id,
@@ -847,6 +858,23 @@ class SlurmJobCollector(Collector):
             "memory_bytes": memory,
         }
         return row, info
+
+    def _job_cpus(self, job: JobCgroup, names: tuple[str, ...], cpu_seconds: float) -> int:
+        """The job's CPUs, its cpuset read as :data:`CPUSET_RECHECK_SECONDS` says."""
+        now = self._now
+        known = self._cpusets.get(job.key)
+        if known is not None:
+            count, read_at, same_since, seconds_then = known
+            if (
+                now - same_since >= CPUSET_RECHECK_SECONDS
+                and now - read_at < CPUSET_RECHECK_SECONDS
+                and cpu_seconds >= seconds_then
+            ):
+                return count
+        count = self._cpus(job, names)
+        same_since = known[2] if known is not None and known[0] == count else now
+        self._cpusets[job.key] = (count, now, same_since, cpu_seconds)
+        return count
 
     def _cpus(self, job: JobCgroup, names: tuple[str, ...]) -> int:
         """CPUs in the first non-empty of the cpuset files ``names``; 0 if all are empty, gone
