@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 from telemetry.collectors import REGISTRY
 from telemetry.collectors.cpu import parse_meminfo, parse_proc_stat
+from telemetry.collectors.jobinfo import job_info_dir_problem
 from telemetry.collectors.rapl import package_zones
-from telemetry.collectors.slurm import cgroup_version, job_info_dir_problem, list_jobs
+from telemetry.collectors.slurm import cgroup_version, list_jobs
 from telemetry.config import DaemonConfig, load_object, parse_listen
 from telemetry.errors import TallyError
 from telemetry.nvml import Gateway, GpuLost, NvmlUnavailable

@@ -25,8 +25,8 @@ from telemetry.collectors import REGISTRY, CollectorContext, Runner, files, slur
 from telemetry.collectors.attribution import job_id_from_cgroup
 from telemetry.collectors.base import assemble, check_rows
 from telemetry.collectors.files import KeptFiles
+from telemetry.collectors.jobinfo import MAX_VALUE_CHARS
 from telemetry.collectors.slurm import (
-    MAX_VALUE_CHARS,
     SlurmJobCollector,
     gpus_from_environ,
     parse_cpu_list,

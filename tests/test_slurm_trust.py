@@ -17,14 +17,14 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from telemetry.collectors import CollectorContext, Runner, slurm
+from telemetry.collectors import CollectorContext, Runner, jobinfo, slurm, watch
 from telemetry.collectors.attribution import attribute_gpus, job_id_from_cgroup
+from telemetry.collectors.jobinfo import parse_job_info
 from telemetry.collectors.slurm import (
     SlurmJobCollector,
     cgroup_version,
     gpu_evidence,
     list_jobs,
-    parse_job_info,
     parse_passwd,
     parse_status_uid,
 )
@@ -424,6 +424,119 @@ def test_job_info_gpus_win(tmp_path: Path) -> None:
     out = collector(root).collect()
     assert by_job(out)["1009250"]["gpus_allocated"] == 2.0
     assert (3, "1009250") in claims_of(out)
+
+
+def _reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the job-info files read from now on."""
+    read: list[str] = []
+    real = jobinfo.JobInfoFiles._read
+
+    def counted(self: jobinfo.JobInfoFiles, name: str, by_sluid: bool) -> Any:
+        read.append(name)
+        return real(self, name, by_sluid)
+
+    monkeypatch.setattr(jobinfo.JobInfoFiles, "_read", counted)
+    return read
+
+
+def _account(c: SlurmJobCollector, job: str = "1009251") -> tuple[str, str | None]:
+    got = by_job(c.collect())[job]
+    return got["account"], got["account_source"]
+
+
+def test_job_info_files_are_read_once_while_the_directory_tells_no_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening, checking and parsing every job's file every second cost more than the rest of
+    the collector: each is read once, and again after the directory told of a change."""
+    root = copy_tree(tmp_path)
+    read = _reads(monkeypatch)
+    c = collector(root)
+    for _ in range(5):
+        assert _account(c) == ("research-lab", "job-info")
+    jobs = len(EXPECTED)  # each job's name once (1009252's is its SLUID)
+    assert len(read) == jobs and len(set(read)) == jobs
+    c.close()
+
+
+@pytest.mark.parametrize("how", ["prolog", "in place"])
+def test_a_rewritten_job_info_file_counts_from_the_next_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The prolog's way (a temporary file renamed over the name) and an editor's (written in
+    place) both count from the next round."""
+    root = copy_tree(tmp_path)
+    path = root / INFO / "1009251"
+    c = collector(root)
+    assert _account(c) == ("research-lab", "job-info")
+    text = path.read_text().replace("research-lab", "bank-q")
+    if how == "prolog":
+        tmp = root / INFO / ".prolog.x"
+        tmp.write_text(text)
+        tmp.chmod(0o644)
+        tmp.rename(path)
+    else:
+        path.write_text(text)
+    assert _account(c) == ("bank-q", "job-info")
+    c.close()
+
+
+def test_a_job_info_file_made_writable_by_others_is_dropped_the_next_round(
+    tmp_path: Path,
+) -> None:
+    """A change of mode or owner alone (no write) is a change too: the file is checked again."""
+    root = copy_tree(tmp_path)
+    c = collector(root)
+    assert _account(c) == ("research-lab", "job-info")
+    (root / INFO / "1009251").chmod(0o666)
+    assert _account(c) == ("bank-y", "environment")
+    (root / INFO / "1009251").chmod(0o644)
+    assert _account(c) == ("research-lab", "job-info")
+    c.close()
+
+
+def test_a_removed_job_info_file_counts_from_the_next_round(tmp_path: Path) -> None:
+    root = copy_tree(tmp_path)
+    c = collector(root)
+    assert _account(c) == ("research-lab", "job-info")
+    (root / INFO / "1009251").unlink()
+    assert _account(c) == ("bank-y", "environment")
+    c.close()
+
+
+def test_job_info_files_are_read_again_within_a_minute_whatever_the_watch_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file edited through a hard link outside the directory tells its watch nothing."""
+    root = copy_tree(tmp_path)
+    c = collector(root)
+    now = [1000.0]
+    c._clock = lambda: now[0]
+    assert _account(c) == ("research-lab", "job-info")
+    monkeypatch.setattr(watch.DirectoryWatch, "changed", lambda self: set())  # told nothing
+    path = root / INFO / "1009251"
+    path.write_text(path.read_text().replace("research-lab", "bank-q"))
+    now[0] += jobinfo.REREAD_SECONDS - 1
+    assert _account(c) == ("research-lab", "job-info")
+    now[0] += 1
+    assert _account(c) == ("bank-q", "job-info")
+    c.close()
+
+
+def test_without_inotify_job_info_files_are_read_every_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = copy_tree(tmp_path)
+    monkeypatch.setattr(watch.DirectoryWatch, "open", classmethod(lambda cls, contents=False: None))
+    read = _reads(monkeypatch)
+    c = collector(root)
+    for _ in range(3):
+        assert _account(c) == ("research-lab", "job-info")
+    path = root / INFO / "1009251"
+    path.write_text(path.read_text().replace("research-lab", "bank-q"))
+    assert _account(c) == ("bank-q", "job-info")
+    assert read.count("1009251") == 4
+    c.close()
 
 
 def test_parse_job_info() -> None:

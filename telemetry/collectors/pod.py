@@ -57,7 +57,8 @@ from typing import Any
 
 from telemetry.collectors.base import Collector, CollectorContext, Row, register
 from telemetry.collectors.files import read_text
-from telemetry.collectors.slurm import MAX_VALUE_CHARS, parse_counter, read_cgroup_usage
+from telemetry.collectors.jobinfo import MAX_VALUE_CHARS
+from telemetry.collectors.slurm import parse_counter, read_cgroup_usage
 from telemetry.errors import CollectorUnavailable, ParseError
 from telemetry.logs import OnceLogger
 

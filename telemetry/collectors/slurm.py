@@ -60,12 +60,10 @@ from pathlib import Path
 
 from telemetry.collectors.base import Collector, CollectorContext, Row, register
 from telemetry.collectors.files import KeptFiles, kept_files_limit, read_text
+from telemetry.collectors.jobinfo import MAX_VALUE_CHARS, JobInfoFiles, job_info_dir_problem
 from telemetry.collectors.watch import DirectoryWatch
 from telemetry.errors import ParseError
 from telemetry.logs import OnceLogger, log
-
-#: Longest user, account or other environment string kept, in characters.
-MAX_VALUE_CHARS = 1024
 
 _INT64_MAX = 2**63 - 1
 # Digits of a decimal that always fits int64: a counter this short is read without a closer look.
@@ -318,38 +316,6 @@ def parse_status_uid(text: str, source: str = "status") -> int:
                 raise ParseError(f"{source}: uid {uid} out of range")
             return uid
     raise ParseError(f"{source}: no Uid line")
-
-
-#: Keys of a job-info file (``deploy/slurm/prolog``); others are ignored.
-JOB_INFO_KEYS = frozenset({"job_id", "sluid", "uid", "user", "account", "gpus", "shards"})
-_JOB_INFO_MAX_BYTES = 64 << 10
-
-
-def parse_job_info(text: str, source: str = "job-info") -> dict[str, str]:
-    """A job-info file: ``key=value`` lines (``job_id``, ``sluid``, ``uid``, ``user``,
-    ``account``, ``gpus``); blank lines and ``#`` comments skipped, unknown keys ignored, values
-    cut to ``MAX_VALUE_CHARS``. Raises ``ParseError`` for a line without ``=``, a repeated key, or
-    a ``job_id``/``uid`` that is not a number.
-    """
-    info: dict[str, str] = {}
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ParseError(f"{source} line {number}: expected key=value, got {line[:40]!r}")
-        if key not in JOB_INFO_KEYS:
-            continue
-        if key in info:
-            raise ParseError(f"{source} line {number}: {key} given twice")
-        value = value.strip()[:MAX_VALUE_CHARS]
-        numeric = value.isascii() and value.isdigit() and len(value) <= 10
-        if key in ("job_id", "uid") and not numeric:
-            raise ParseError(f"{source} line {number}: {key} must be a number, got {value[:40]!r}")
-        info[key] = value
-    return info
 
 
 def parse_passwd(text: str) -> dict[int, str]:
@@ -709,9 +675,11 @@ class _Search:
     # search ends here instead of walking the job for ever.
     batch_read: bool = False
     tried: set[int] | None = None
-    # What these findings alone make of the job (no job-info file), kept until a walk adds to
-    # them: the same every round of a job's life, and a node reads 50 jobs a second.
+    # What these findings and the job-info file ``info_from`` (None: none) make of the job,
+    # kept until a walk adds to them or the file reads otherwise: the same every round of a
+    # job's life, and a node reads 50 jobs a second.
     info: JobInfo | None = None
+    info_from: dict[str, str] | None = None
     # When (monotonic seconds) to walk the job's processes again, and the wait after the next
     # walk that finds nothing new.
     next_walk: float = 0.0
@@ -783,6 +751,12 @@ class SlurmJobCollector(Collector):
         # per job: (CPUs, when read, since when read the same, CPU seconds then)
         self._cpusets: dict[tuple[str, str], tuple[int, float, float, float]] = {}
         self._now = 0.0  # this round's clock
+        self._job_info_files = JobInfoFiles(
+            ctx.slurm_job_info_dir,
+            job_info_owner,
+            self._once,
+            lambda: self._clock(),  # noqa: PLW0108
+        )
 
     # ------------------------------------------------------------ the round
 
@@ -791,6 +765,10 @@ class SlurmJobCollector(Collector):
         aliases: list[Row] = []
         seen: set[tuple[str, str]] = set()
         info_dir_ok = self._job_info_dir_trusted()
+        if info_dir_ok:
+            self._job_info_files.begin_round()
+        else:
+            self._job_info_files.forget()
         self._files.begin_round()
         self._now = self._clock()
         for job in self._listing.jobs():
@@ -817,6 +795,7 @@ class SlurmJobCollector(Collector):
             del self._search[key]
         for key in self._cpusets.keys() - seen:
             del self._cpusets[key]
+        self._job_info_files.keep_only({job_id for _, job_id in seen})
         self._files.keep_only(seen)
         rows: list[Row] = []
         claims: list[Row] = []
@@ -904,10 +883,15 @@ class SlurmJobCollector(Collector):
     def _job_info(self, job: JobCgroup, info_dir_ok: bool) -> JobInfo:
         """The job's id, user, account and GPUs, each from the most trusted source there is.
 
-        The job-info file is read every round, so it wins from the round it appears in; what
-        the environments said is kept for the job's life, and searched further while incomplete.
+        The job-info file wins from the round it appears in (:class:`JobInfoFiles` reads it
+        again after a change); what the environments said is kept for the job's life, and
+        searched further while incomplete.
         """
-        trusted = self._read_job_info(job) if info_dir_ok else None
+        trusted = (
+            self._job_info_files.read(job.sluid or job.job_id, job.sluid is not None)
+            if info_dir_ok
+            else None
+        )
         search = self._search.get(job.key)
         if search is None:
             search = self._search[job.key] = _Search()
@@ -923,8 +907,8 @@ class SlurmJobCollector(Collector):
             and self._clock() >= search.next_walk
         ):
             self._search_environments(job, search)
-        if trusted is None and search.info is not None:
-            return search.info
+        if search.info is not None and search.info_from is trusted:
+            return search.info  # the very dict read before: the file did not change
         if trusted is not None and "job_id" in trusted:
             job_id = trusted["job_id"]
         elif job.sluid is not None and search.job_id is not None:
@@ -936,11 +920,15 @@ class SlurmJobCollector(Collector):
             uid = int(trusted["uid"])  # written by root from what slurmd told the prolog
         # Kept only where nothing in it is read afresh each round: the cgroup's owner, a name
         # the user database did not give yet.
-        keep = trusted is None and uid is not None
+        keep = uid is not None
         if uid is None:
             uid = job.procs_dir.stat().st_uid  # no task's status readable: the cgroup's owner
         user = self._user(uid, trusted, search.identity)
-        keep = keep and (uid in self._names or user == getattr(search.identity, "user", None))
+        keep = keep and (
+            uid in self._names
+            or user == getattr(search.identity, "user", None)
+            or (trusted is not None and user == trusted.get("user"))
+        )
         if trusted is not None and "account" in trusted:
             account, source = trusted["account"] or "unknown", "job-info"
         elif search.identity is not None:
@@ -960,7 +948,7 @@ class SlurmJobCollector(Collector):
         else:
             info = JobInfo(job_id, user, account, source, gpus, claims)
         if keep:
-            search.info = info
+            search.info, search.info_from = info, trusted
         return info
 
     def _shard_share(
@@ -1067,40 +1055,6 @@ class SlurmJobCollector(Collector):
         self._once.clear("job-info-dir")
         return True
 
-    def _read_job_info(self, job: JobCgroup) -> dict[str, str] | None:
-        """The job's job-info file, if there is one that root wrote and that names this job."""
-        name = job.sluid if job.sluid is not None else job.job_id
-        path = self.ctx.slurm_job_info_dir / name
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            return None  # no file (yet): the prolog has not run, or is not installed
-        try:
-            st = os.fstat(fd)
-            if not _owned_safely(st, self._job_info_owner, directory=False):
-                self._once.warning(
-                    f"job-info:{name}",
-                    f"job: ignoring {path}: not a regular file owned by uid "
-                    f"{self._job_info_owner} and writable by it alone",
-                )
-                return None
-            data = os.read(fd, _JOB_INFO_MAX_BYTES)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-        try:
-            info = parse_job_info(data.decode("utf-8", errors="replace"), str(path))
-        except ParseError as exc:
-            self._once.warning(f"job-info:{name}", f"job: ignoring {exc}")
-            return None
-        named = info.get("sluid") if job.sluid is not None else info.get("job_id", job.job_id)
-        if named != name:
-            self._once.warning(f"job-info:{name}", f"job: ignoring {path}: it names another job")
-            return None
-        self._once.clear(f"job-info:{name}")
-        return info
-
     # ------------------------------------------------------------ helpers
 
     def _user_name(self, uid: int) -> str:
@@ -1120,6 +1074,7 @@ class SlurmJobCollector(Collector):
     def close(self) -> None:
         self._files.close()
         self._listing.close()
+        self._job_info_files.close()
 
     def _warn_bad(self, job: JobCgroup, exc: Exception) -> None:
         where = f"{job.scope}/{job.procs_dir.name}"
@@ -1137,31 +1092,12 @@ class SlurmJobCollector(Collector):
         )
 
 
-def job_info_dir_problem(directory: Path, owner: int = 0) -> str | None:
-    """Why the job-info directory cannot be trusted ("missing", …), or ``None`` when it can: it
-    must be a directory owned by ``owner`` (root) that nobody else may write to."""
-    try:
-        st = os.stat(directory)
-    except FileNotFoundError:
-        return "missing"
-    except OSError as exc:
-        return f"is not readable ({exc.strerror or exc})"
-    if not _owned_safely(st, owner, directory=True):
-        return f"is not a directory owned by uid {owner} and writable by it alone"
-    return None
-
-
 def _names_job(env: dict[str, str], job: JobCgroup) -> bool:
     """Whether an environment belongs to ``job``: its SLURM_JOB_SLUID (SLUID-named cgroups) or
     SLURM_JOB_ID is the cgroup's."""
     if job.sluid is not None:
         return env.get("SLURM_JOB_SLUID") == job.sluid
     return env.get("SLURM_JOB_ID") == job.job_id
-
-
-def _owned_safely(st: os.stat_result, owner: int, *, directory: bool) -> bool:
-    kind_ok = (st.st_mode & 0o170000) == (0o040000 if directory else 0o100000)
-    return kind_ok and st.st_uid == owner and not st.st_mode & 0o022
 
 
 _SOURCE_RANK = {"job-info": 2, "environment": 1, None: 0}

@@ -1,11 +1,14 @@
-"""Which directories had an entry added, removed or renamed since the last look (Linux inotify).
+"""Which directories had an entry added, removed or renamed (or, watching contents, a file
+changed) since the last look (Linux inotify).
 
 :class:`KeptFiles <telemetry.collectors.files.KeptFiles>` keeps a job's cgroup files open between
 rounds, and :class:`JobListing <telemetry.collectors.slurm.JobListing>` the list of job cgroups:
 both hold while nothing in the directories they came from was created, unlinked or renamed, which
-one drained inotify queue a round tells for every directory at once. Where inotify is missing
-(not Linux, no libc, the instance or watch limit reached) :meth:`DirectoryWatch.open` gives
-``None`` and :meth:`DirectoryWatch.add` ``"failed"``: the caller then looks itself.
+one drained inotify queue a round tells for every directory at once. :class:`JobInfoFiles
+<telemetry.collectors.jobinfo.JobInfoFiles>` watches the job-info directory's files' contents
+too (``contents``). Where inotify is missing (not Linux, no libc, the instance or watch limit
+reached) :meth:`DirectoryWatch.open` gives ``None`` and :meth:`DirectoryWatch.add` ``"failed"``:
+the caller then looks itself.
 
 A directory removed on cgroupfs (kernfs) sends its own watch nothing, unlike tmpfs or ext4: a
 name whose directory was removed and made again is found out only by :meth:`DirectoryWatch.add`
@@ -23,6 +26,9 @@ import weakref
 from typing import Any, Literal
 
 # <sys/inotify.h>
+IN_MODIFY = 0x2
+IN_ATTRIB = 0x4
+IN_CLOSE_WRITE = 0x8
 IN_MOVED_FROM = 0x40
 IN_MOVED_TO = 0x80
 IN_CREATE = 0x100
@@ -36,6 +42,8 @@ IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 # An entry added, removed or renamed, or the directory itself removed or moved.
 _CHANGES = IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
+# ... or, watching contents too, a file in it written, or its mode, owner or link count changed.
+_CONTENT_CHANGES = _CHANGES | IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, length of the name that follows
 
 _loaded: list[Any] = []  # [libc or None], once loaded
@@ -68,10 +76,12 @@ def _close(fd: int) -> None:
 
 
 class DirectoryWatch:
-    """One inotify instance watching directories for entries added, removed or renamed."""
+    """One inotify instance watching directories for entries added, removed or renamed (and,
+    ``contents``: for their files written, or their mode, owner or link count changed)."""
 
-    def __init__(self, libc: Any, fd: int) -> None:
+    def __init__(self, libc: Any, fd: int, contents: bool = False) -> None:
         self._libc = libc
+        self._mask = (_CONTENT_CHANGES if contents else _CHANGES) | IN_ONLYDIR
         self._fd = -1
         self._closer: weakref.finalize[Any, DirectoryWatch] | None = None
         self._paths: dict[int, set[str]] = {}  # watch descriptor -> the paths it watches
@@ -79,13 +89,13 @@ class DirectoryWatch:
         self._take(fd)
 
     @classmethod
-    def open(cls) -> DirectoryWatch | None:
+    def open(cls, contents: bool = False) -> DirectoryWatch | None:
         """A new watch; ``None`` where inotify cannot be had."""
         libc = _library()
         if libc is None:
             return None
         fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
-        return None if fd < 0 else cls(libc, fd)
+        return None if fd < 0 else cls(libc, fd, contents)
 
     def _take(self, fd: int) -> None:
         """Own ``fd`` (closed by :meth:`close`, or when this watch is dropped unclosed)."""
@@ -105,7 +115,7 @@ class DirectoryWatch:
         not a directory, a limit)."""
         if self._fd < 0:
             return "failed"
-        wd = self._libc.inotify_add_watch(self._fd, os.fsencode(directory), _CHANGES | IN_ONLYDIR)
+        wd = self._libc.inotify_add_watch(self._fd, os.fsencode(directory), self._mask)
         old = self._wd.get(directory)
         if wd == old:
             return "kept"
