@@ -7,7 +7,9 @@ tally runs as ``tally daemon`` at ``--interval`` on a node tree with ``--jobs`` 
 stand-in H100s (:mod:`benchmarks.node_tree`): by default the real pynvml over a stand-in
 ``libnvidia-ml.so.1`` compiled from ``nvml_stub.c``, so the daemon pays pynvml's and ctypes' cost
 as on a GPU node and not the tests' Python stand-in's (``--nvml module``, which costs about
-0.25 ms more a round). In the same run, on the same machine:
+0.25 ms more a round). Each job has the job-info file the Slurm prolog writes, trusted where the
+benchmark runs as root (the deployment ``docs/operations.md`` describes; run as another user the
+daemon ignores the files, with one log line). In the same run, on the same machine:
 
 - ``prometheus-node-exporter`` (Debian's package, default collectors, this machine's /proc and
   /sys), the exporter node operators compare against;
@@ -129,7 +131,8 @@ def _tally(
     env = dict(os.environ)
     command = [sys.executable, "-m", "telemetry.cli", "daemon", "--listen", f"127.0.0.1:{port}",
                "--data-dir", str(data), "--interval", f"{interval:g}", "--node", "bench",
-               "--path.procfs", str(tree / "proc"), "--path.sysfs", str(tree / "sys")]  # fmt: skip
+               "--path.procfs", str(tree / "proc"), "--path.sysfs", str(tree / "sys"),
+               "--slurm.job-info-dir", str(node_tree.job_info_dir(tree))]  # fmt: skip
     if driver is not None:  # pynvml itself, over the stand-in driver
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             filter(None, [str(driver), env.get("LD_LIBRARY_PATH")])
@@ -374,7 +377,7 @@ def round_breakdown(rounds: int, jobs: int = 50, driver: Path | None = None) -> 
         node_tree.write_node(tree, jobs)
         config = DaemonConfig(
             listen="127.0.0.1:0", data_dir=Path(scratch) / "data", procfs=tree / "proc",
-            sysfs=tree / "sys", node="bench",
+            sysfs=tree / "sys", node="bench", slurm_job_info_dir=node_tree.job_info_dir(tree),
             nvml_module=None if driver is not None else "benchmarks.node_tree:NVML",
         )  # fmt: skip
         daemon = Daemon(config)
@@ -436,6 +439,10 @@ def main(argv: list[str] | None = None) -> None:
         standin = "a stand-in libnvidia-ml under pynvml" if driver else "the Python stand-in"
         if args.nvml == "driver" and driver is None:
             standin += " (the driver stand-in could not be built)"
+        if os.getuid() == 0:
+            standin += "; the jobs' job-info files trusted"
+        else:
+            standin += "; the jobs' job-info files ignored (not root's): run as root to count them"
         if args.breakdown:
             print(f"CPU ms per round at a 1 s cadence, {args.jobs} jobs, 8 GPUs ({standin})")
             for stage, ms in round_breakdown(args.breakdown, args.jobs, driver).items():

@@ -5,7 +5,9 @@ zones) and adds ``jobs`` Slurm jobs in the ``cgroup/v2`` plugin's layout, the sh
 ``slurm_v2`` fixture: ``sys/fs/cgroup/system.slice/slurmstepd.scope/job_<id>/`` with
 ``cpuset.cpus.effective``, ``cpuset.cpus``, ``cpu.stat``, ``memory.current``, and
 ``step_batch/{slurm,user/task_0}/cgroup.procs``; each task PID has ``proc/<pid>/environ``
-(NUL-separated ``SLURM_JOB_*``) and ``proc/<pid>/status``.
+(NUL-separated ``SLURM_JOB_*``) and ``proc/<pid>/status``. Each job also has the job-info file
+``deploy/slurm/tally-prolog`` writes, in :func:`job_info_dir` (mode 0644 in a 0755 directory, as
+the prolog leaves them): the daemon trusts them where it runs as root, who then owns them.
 
 Two stand-ins present the same 8 loaded H100s (the ``H100_LOADED`` profile):
 
@@ -103,6 +105,11 @@ burst_usec 0
 """
 
 
+def job_info_dir(root: Path) -> Path:
+    """The node's job-info directory (``--slurm.job-info-dir``)."""
+    return root / "run" / "tally" / "jobs"
+
+
 def write_node(root: Path, jobs: int = 50) -> tuple[Path, Path]:
     """Write the tree under ``root``; return (procfs, sysfs).
 
@@ -117,6 +124,10 @@ def write_node(root: Path, jobs: int = 50) -> tuple[Path, Path]:
     scope = cgroup / "system.slice" / "slurmstepd.scope"
     (scope / "system").mkdir(parents=True, exist_ok=True)
     (scope / "cgroup.procs").write_text("")
+    info = job_info_dir(root)
+    info.mkdir(parents=True, exist_ok=True)
+    for directory in (info.parent.parent, info.parent, info):
+        directory.chmod(0o755)
     for i in range(jobs):
         job_id, uid = 5000 + i, 2000 + i % 10
         stepd, task = 20_000 + 2 * i, 20_001 + 2 * i
@@ -148,6 +159,12 @@ def write_node(root: Path, jobs: int = 50) -> tuple[Path, Path]:
         }
         if i < 8:
             env |= {"SLURM_JOB_GPUS": str(i), "CUDA_VISIBLE_DEVICES": "0"}
+        written = info / str(job_id)
+        written.write_text(
+            f"# written by tally-prolog for Slurm job {job_id}\njob_id={job_id}\nuid={uid}\n"
+            f"user=user{uid}\naccount=project{i % 5}\ngpus={env.get('SLURM_JOB_GPUS', '')}\n"
+        )
+        written.chmod(0o644)
         (proc / str(task)).mkdir(parents=True, exist_ok=True)
         (proc / str(task) / "environ").write_bytes(
             b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items())
