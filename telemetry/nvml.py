@@ -13,10 +13,10 @@
   device (UUID, name, handle) holds until it changes, i.e. until NVML went away and came back.
 - No library or no driver raises :class:`NvmlUnavailable` with a one-line reason.
 - The reads a GPU collector makes every round on every device (process lists, per-process
-  samples, field values, temperature), and its look for pending events, call NVML's C function
-  past pynvml's Python wrapper, into buffers made once: the wrappers build their structures,
-  arrays and a Python object per process on every call (and raise for "no event"), which costs
-  several times the call itself. A stand-in module without C functions, or a symbol pynvml
+  samples, field values, utilisation, memory, power, temperature, clock event reasons), and its
+  look for pending events, call NVML's C function past pynvml's Python wrapper, into buffers
+  made once: the wrappers build their structures, arrays and a Python object per process on
+  every call (and raise for "no event"), which costs several times the call itself. A stand-in module without C functions, or a symbol pynvml
   cannot find, takes the wrapper; a C call that fails is answered as the wrapper's error would
   be. The buffers are the gateway's own: one gateway serves one thread at a time (each
   collector has its own).
@@ -399,8 +399,10 @@ class Gateway:
         count = self.call("nvmlDeviceGetMaxMigDeviceCount", handle)
         return int(count) if count else None
 
-    def memory_info(self, handle: Any) -> Any:
-        """Memory info, v2 (``used`` excludes reserved memory) when the driver has it."""
+    def memory(self, handle: Any) -> tuple[int, int] | None:
+        """(used, total) framebuffer bytes, v2 (``used`` excludes reserved memory) when the
+        driver has it; ``None`` when NVML cannot tell (logged once). Raises ``GpuLost`` and
+        ``NvmlUnavailable`` as :meth:`call` does."""
         m = self._module if self._ready else self.nvml
         if self._memory_v2 is None:
             version = getattr(m, "nvmlMemory_v2", None)
@@ -408,7 +410,7 @@ class Gateway:
                 try:
                     info = m.nvmlDeviceGetMemoryInfo(handle, version=version)
                     self._memory_v2 = True
-                    return info
+                    return int(info.used), int(info.total)
                 except m.NVMLError_GpuIsLost:
                     raise GpuLost("nvmlDeviceGetMemoryInfo: GPU is lost") from None
                 except (m.NVMLError_FunctionNotFound, m.NVMLError_NotSupported, TypeError):
@@ -418,8 +420,86 @@ class Gateway:
                         raise
             self._memory_v2 = False
         if self._memory_v2:
-            return self._invoke("nvmlDeviceGetMemoryInfo", (handle,), {"version": m.nvmlMemory_v2})
-        return self._invoke("nvmlDeviceGetMemoryInfo", (handle,), {})
+            name = "nvmlDeviceGetMemoryInfo_v2"
+            request = self._answer(
+                name, "c_nvmlMemory_v2_t", ("used", "total"), version=m.nvmlMemory_v2
+            )
+            if request is not None:
+                function, ref, answer, (used, total) = request
+                code = function(handle, ref)
+                if code != _SUCCESS:
+                    self._failed("nvmlDeviceGetMemoryInfo", m.NVMLError(code))
+                    return None
+                return used(answer), total(answer)
+            info = self._invoke("nvmlDeviceGetMemoryInfo", (handle,), {"version": m.nvmlMemory_v2})
+        else:
+            info = self._invoke("nvmlDeviceGetMemoryInfo", (handle,), {})
+        return None if info is None else (int(info.used), int(info.total))
+
+    def utilization(self, handle: Any) -> int | None:
+        """The percent of NVML's last sample period in which a kernel ran on the GPU;
+        ``None`` when NVML cannot tell (logged once). Raises as :meth:`call` does."""
+        name = "nvmlDeviceGetUtilizationRates"
+        request = self._answer(name, "c_nvmlUtilization_t", ("gpu",))
+        if request is None:
+            util = self._invoke(name, (handle,), {})
+            return None if util is None else int(util.gpu)
+        function, ref, answer, (gpu,) = request
+        code = function(handle, ref)
+        if code != _SUCCESS:
+            self._failed(name, self._module.NVMLError(code))
+            return None
+        return int(gpu(answer))
+
+    def power_mw(self, handle: Any) -> int | None:
+        """The GPU's power draw, milliwatts, as ``nvmlDeviceGetPowerUsage`` tells it; ``None``
+        when NVML cannot tell (logged once). Raises as :meth:`call` does."""
+        return self._number("nvmlDeviceGetPowerUsage", ctypes.c_uint, handle)
+
+    def clock_reasons(self, handle: Any) -> int | None:
+        """The bit mask of what holds the GPU's clocks down, by the newest symbol that works;
+        ``None`` when NVML cannot tell (logged once). Raises as :meth:`call` does."""
+        name = self._chosen.get("clock_reasons")
+        if name is None or name != _VARIANTS["clock_reasons"][0]:
+            value = self.variant("clock_reasons", handle)
+            return None if value is None else int(value)
+        return self._number(name, ctypes.c_ulonglong, handle)
+
+    def _number(self, name: str, kind: Any, handle: Any) -> int | None:
+        """A call of ``name`` that writes one number of C type ``kind``."""
+        request = self._answer(name, kind, ("value",))
+        if request is None:
+            value = self._invoke(name, (handle,), {})
+            return None if value is None else int(value)
+        function, ref, answer, _ = request
+        code = function(handle, ref)
+        if code != _SUCCESS:
+            self._failed(name, self._module.NVMLError(code))
+            return None
+        return int(answer.value)
+
+    def _answer(
+        self, name: str, kind: str | Any, fields: tuple[str, ...], version: int | None = None
+    ) -> tuple[Any, Any, Any, tuple[Callable[[Any], Any], ...]] | None:
+        """NVML's C function ``name`` that writes one answer of type ``kind`` (a ctypes type, or
+        the name of the module's structure, whose ``version`` field is set once where given):
+        the function, a reference to the answer made once, the answer, and its ``fields``' own
+        getters. ``None`` where the wrapper is to be used."""
+        key = ("answer", name)
+        kept: tuple[Any, Any, Any, tuple[Callable[[Any], Any], ...]] | None
+        kept = self._buffers.get(key)
+        if kept is not None:
+            return None if name in self._missing else kept
+        function = self._c_function(name) if name not in self._missing else None
+        struct = getattr(self._module, kind, None) if isinstance(kind, str) else kind
+        if function is None or struct is None:
+            return None
+        answer = struct()
+        if version is not None:
+            struct.version.__set__(answer, version)
+        getters = tuple(getattr(struct, f).__get__ for f in fields)
+        kept = self._buffers[key] = (function, ctypes.byref(answer), answer, getters)
+        return kept
 
     def field_values(self, handle: Any, field_ids: Sequence[int]) -> dict[int, float | None]:
         """Several fields in one NVML call; each unsupported field is ``None``."""

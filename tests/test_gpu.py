@@ -219,6 +219,12 @@ def test_c_functions_read_what_the_wrappers_read(clock: FakeClock) -> None:
         4: lambda f: f.set_unsupported(1, "nvmlDeviceGetProcessUtilization"),
         5: lambda f: f.lose_gpu(3),
         6: lambda f: f.set_unsupported_fields(0, f.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION),
+        7: lambda f: (
+            f.set_unsupported(0, "nvmlDeviceGetPowerUsage"),
+            f.set_unsupported(1, "nvmlDeviceGetUtilizationRates"),
+            f.set_unsupported(1, "nvmlDeviceGetMemoryInfo"),
+            f.set_unsupported(0, "nvmlDeviceGetCurrentClocksEventReasons"),
+        ),
     }
     for round_ in range(8):
         clock.advance(1.0)
@@ -236,11 +242,22 @@ def test_c_functions_read_what_the_wrappers_read(clock: FakeClock) -> None:
     assert with_c["gpu"][0]["temperature_celsius"] is None
     assert with_c["gpu"][0]["energy_joules"] is not None  # the older call answers instead
     assert 3 not in {r["gpu_index"] for r in with_c["gpu"]}
+    assert with_c["gpu"][0]["power_watts"] is None
+    assert with_c["gpu"][0]["clock_event_reasons"] is None
+    idle = {r["gpu_index"]: r for r in with_c["gpu"]}[1]
+    assert (idle["utilization_ratio"], idle["memory_used_bytes"]) == (None, 0)
     c_calls = fakes[()].c_calls
     assert c_calls["nvmlDeviceGetComputeRunningProcesses_v3"] > 8
     assert c_calls["nvmlDeviceGetProcessUtilization"] > 8
     assert c_calls["nvmlDeviceGetFieldValues"] > 8 and c_calls["nvmlDeviceGetTemperatureV"] > 8
     assert c_calls["nvmlEventSetWait_v2"] >= 8 + 3  # each round's look, and each XID
+    for name in (
+        "nvmlDeviceGetUtilizationRates",
+        "nvmlDeviceGetMemoryInfo_v2",
+        "nvmlDeviceGetPowerUsage",
+        "nvmlDeviceGetCurrentClocksEventReasons",
+    ):
+        assert c_calls[name] > 8, name
     assert not fakes[("_nvmlGetFunctionPointer",)].c_calls
 
 

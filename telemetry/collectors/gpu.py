@@ -189,11 +189,11 @@ class GpuCollector(Collector):
         energy_mj = fields[energy_id]
         if energy_mj is None:
             energy_mj = self.gw.call("nvmlDeviceGetTotalEnergyConsumption", handle)
-        util = self.gw.call("nvmlDeviceGetUtilizationRates", handle)
-        memory = self.gw.memory_info(handle)
-        power_mw = self.gw.call("nvmlDeviceGetPowerUsage", handle)
+        util = self.gw.utilization(handle)
+        memory = self.gw.memory(handle)
+        power_mw = self.gw.power_mw(handle)
         temperature = self.gw.temperature(handle)
-        reasons = self.gw.variant("clock_reasons", handle)
+        reasons = self.gw.clock_reasons(handle)
         for code in xids.get(index, []):
             state.xid_total += 1
             state.xid_last = code
@@ -201,10 +201,10 @@ class GpuCollector(Collector):
             "gpu_uuid": uuid,
             "gpu_index": index,
             "gpu_model": model,
-            "utilization_ratio": None if util is None else util.gpu / 100.0,
+            "utilization_ratio": None if util is None else util / 100.0,
             "sm_active_ratio": self._sm_active(m, uuid, handle, state),
-            "memory_used_bytes": 0 if memory is None else int(memory.used),
-            "memory_total_bytes": 0 if memory is None else int(memory.total),
+            "memory_used_bytes": 0 if memory is None else memory[0],
+            "memory_total_bytes": 0 if memory is None else memory[1],
             "power_watts": None if power_mw is None else power_mw / 1000.0,
             "energy_joules": None if energy_mj is None else energy_mj / 1000.0,
             "temperature_celsius": None if temperature is None else float(temperature),
@@ -213,7 +213,7 @@ class GpuCollector(Collector):
             "ecc_corrected_errors": _int(fields[sbe_id]),
             "ecc_uncorrected_errors": _int(fields[dbe_id]),
             "remapped_rows_pending": _int(fields[remapped_id]),
-            "clock_event_reasons": None if reasons is None else int(reasons),
+            "clock_event_reasons": reasons,
             "xid_errors": state.xid_total,
             "xid_last": state.xid_last,
             "capacity_units": 1.0,
@@ -289,17 +289,17 @@ class GpuCollector(Collector):
                 continue
             uuid = _text(self.gw.call("nvmlDeviceGetUUID", mig))
             name = _text(self.gw.call("nvmlDeviceGetName", mig) or parent_model)
-            memory = self.gw.memory_info(mig)
-            util = self.gw.call("nvmlDeviceGetUtilizationRates", mig)
+            memory = self.gw.memory(mig)
+            util = self.gw.utilization(mig)
             profile = mig_profile(name) or name
             instance = self.gw.call("nvmlDeviceGetGpuInstanceId", mig)
             row: Row = {
                 "gpu_uuid": uuid,
                 "gpu_index": index,
                 "gpu_model": parent_model,
-                "utilization_ratio": None if util is None else util.gpu / 100.0,
-                "memory_used_bytes": 0 if memory is None else int(memory.used),
-                "memory_total_bytes": 0 if memory is None else int(memory.total),
+                "utilization_ratio": None if util is None else util / 100.0,
+                "memory_used_bytes": 0 if memory is None else memory[0],
+                "memory_total_bytes": 0 if memory is None else memory[1],
                 "job_id": None,
                 "mig_profile": profile,
                 "gpu_instance_id": None if instance is None else int(instance),

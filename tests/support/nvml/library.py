@@ -1220,6 +1220,40 @@ def _c_temperature(fake: FakeNVML, handle: Any, answer_ref: Any) -> int:
     return _SUCCESS
 
 
+def _c_utilization(fake: FakeNVML, handle: Any, answer_ref: Any) -> int:
+    try:
+        util = fake.nvmlDeviceGetUtilizationRates(handle)
+    except pynvml.NVMLError as exc:
+        return int(exc.value)
+    _write(_target(answer_ref), gpu=_read(util, "gpu"), memory=_read(util, "memory"))
+    return _SUCCESS
+
+
+def _c_memory_v2(fake: FakeNVML, handle: Any, answer_ref: Any) -> int:
+    answer = _target(answer_ref)
+    try:
+        memory = fake.nvmlDeviceGetMemoryInfo(handle, version=_read(answer, "version"))
+    except pynvml.NVMLError as exc:
+        return int(exc.value)
+    fields = ("total", "reserved", "free", "used")
+    _write(answer, **{name: _read(memory, name) for name in fields})
+    return _SUCCESS
+
+
+def _c_number(name: str) -> Callable[..., int]:
+    """The C function of a call that writes one number (``c_uint``, ``c_ulonglong``)."""
+
+    def call(fake: FakeNVML, handle: Any, answer_ref: Any) -> int:
+        try:
+            value = getattr(fake, name)(handle)
+        except pynvml.NVMLError as exc:
+            return int(exc.value)
+        _target(answer_ref).value = value
+        return _SUCCESS
+
+    return call
+
+
 def _c_field_values(fake: FakeNVML, handle: Any, count: Any, values: Any) -> int:
     array = _target(values)
     requested = [
@@ -1251,6 +1285,10 @@ C_FUNCTIONS: dict[str, Callable[..., int]] = {
     "nvmlDeviceGetTemperatureV": _c_temperature,
     "nvmlDeviceGetFieldValues": _c_field_values,
     "nvmlEventSetWait_v2": _c_event_wait,
+    "nvmlDeviceGetUtilizationRates": _c_utilization,
+    "nvmlDeviceGetMemoryInfo_v2": _c_memory_v2,
+    "nvmlDeviceGetPowerUsage": _c_number("nvmlDeviceGetPowerUsage"),
+    "nvmlDeviceGetCurrentClocksEventReasons": _c_number("nvmlDeviceGetCurrentClocksEventReasons"),
 }
 
 
