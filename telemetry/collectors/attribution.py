@@ -104,7 +104,7 @@ def attribute_gpus(partial: dict[str, list[dict[str, Any]]], procfs: Path) -> No
         uuid = str(row.get("gpu_uuid"))
         mig = row.get("mig_profile") is not None
         seen = processes.get(uuid, {})
-        pid_jobs = {int(pid): job_of(int(pid)) for pid in seen.get("pids", [])}
+        pid_jobs = {pid: job_of(pid) for pid in map(int, seen.get("pids", ()))}
         # A claim by index names the whole GPU, never one of its MIG instances.
         held = by_uuid.get(uuid, []) + ([] if mig else by_index.get(int(row["gpu_index"]), []))
         if row.get("job_id") is None:
@@ -171,6 +171,8 @@ def _mig_allocation(partial: dict[str, list[dict[str, Any]]], parents: set[str])
             on_mig.add(str(job))
         fraction = row.get("capacity_units")
         units[str(job)] = units.get(str(job), 0.0) + (1.0 if fraction is None else fraction)
+    if not on_mig:
+        return  # no job holds a MIG instance: every job's GPUs count as they came
     for row in partial.get("job", []):
         job = str(row.get("job_id"))
         if job in on_mig and "gpus_allocated" in row:
