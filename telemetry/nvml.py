@@ -16,10 +16,10 @@
   samples, field values, utilisation, memory, power, temperature, clock event reasons), and its
   look for pending events, call NVML's C function past pynvml's Python wrapper, into buffers
   made once: the wrappers build their structures, arrays and a Python object per process on
-  every call (and raise for "no event"), which costs several times the call itself. A stand-in module without C functions, or a symbol pynvml
-  cannot find, takes the wrapper; a C call that fails is answered as the wrapper's error would
-  be. The buffers are the gateway's own: one gateway serves one thread at a time (each
-  collector has its own).
+  every call (and raise for "no event"), which costs several times the call itself. A
+  stand-in module without C functions, or a symbol pynvml cannot find, takes the wrapper; a C
+  call that fails is answered as the wrapper's error would be. The buffers are the gateway's
+  own: one gateway serves one thread at a time (each collector has its own).
 
 Nothing here shells out to ``nvidia-smi``.
 """

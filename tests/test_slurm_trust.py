@@ -526,16 +526,28 @@ def test_job_info_files_are_read_again_within_a_minute_whatever_the_watch_says(
 def test_without_inotify_job_info_files_are_read_every_round(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Where no inotify instance can be had, every file is read every round, and an instance is
+    asked for again each REREAD_SECONDS: from then on the files are read once."""
     root = copy_tree(tmp_path)
+    real_open = watch.DirectoryWatch.open
     monkeypatch.setattr(watch.DirectoryWatch, "open", classmethod(lambda cls, contents=False: None))
     read = _reads(monkeypatch)
     c = collector(root)
+    now = [1000.0]
+    c._clock = lambda: now[0]
     for _ in range(3):
+        now[0] += 1
         assert _account(c) == ("research-lab", "job-info")
     path = root / INFO / "1009251"
     path.write_text(path.read_text().replace("research-lab", "bank-q"))
     assert _account(c) == ("bank-q", "job-info")
     assert read.count("1009251") == 4
+    monkeypatch.setattr(watch.DirectoryWatch, "open", real_open)  # instances to be had again
+    now[0] += jobinfo.REREAD_SECONDS
+    for _ in range(3):
+        now[0] += 1
+        assert _account(c) == ("bank-q", "job-info")
+    assert read.count("1009251") == 5
     c.close()
 
 

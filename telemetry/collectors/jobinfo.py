@@ -8,7 +8,8 @@ so :class:`JobInfoFiles` reads a job's file once and again only after the direct
 change (one inotify watch: an entry added, removed or renamed, a file written, or a file's mode,
 owner or link count changed; any change re-reads every file), and at least every
 :data:`REREAD_SECONDS` (a file edited through a hard link outside the directory tells this
-watch nothing). Where inotify cannot be had, every file is read every round.
+watch nothing). Where inotify cannot be had (the instance limit is shared by all of root's
+processes), every file is read every round, and inotify asked again each :data:`REREAD_SECONDS`.
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ class JobInfoFiles:
         self._once = once
         self._clock = clock
         self._watch: DirectoryWatch | None = None
-        self._watchable = True  # False once inotify could not be had: read every round
+        # where inotify could not be had (the instance limit), when to try again; meanwhile
+        # every file is read every round
+        self._retry_at = 0.0
         # file name -> what it said (None: no usable file), while the watch vouches for it
         self._known: dict[str, dict[str, str] | None] = {}
         self._read_at = 0.0  # when the files known were first read
@@ -107,14 +110,13 @@ class JobInfoFiles:
         """Drop what the directory told changed since the last round (all of it: jobs start
         and end a few times an hour), or what is older than :data:`REREAD_SECONDS`."""
         now = self._clock()
-        if not self._watchable:
-            self._known.clear()
-            return
         watch = self._watch
         if watch is None:
+            if now < self._retry_at:
+                return
             watch = self._watch = DirectoryWatch.open(contents=True)
             if watch is None:
-                self._watchable = False
+                self._retry_at = now + REREAD_SECONDS
                 self._known.clear()
                 return
         changed = watch.changed()
