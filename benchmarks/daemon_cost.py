@@ -1,7 +1,7 @@
 """The daemon's own cost on a loaded node, side by side with node_exporter: CPU, RSS, scrapes.
 
 ``python -m benchmarks.daemon_cost [--seconds 120] [--interval 1] [--scrape-interval S] [--jobs 50]
-[--compare-with DIR] [--nvml driver|module] [--steady] [--breakdown ROUNDS]``
+[--compare-with DIR] [--nvml driver|module] [--no-job-info] [--steady] [--breakdown ROUNDS]``
 
 tally runs as ``tally daemon`` at ``--interval`` on a node tree with ``--jobs`` Slurm jobs and 8
 stand-in H100s (:mod:`benchmarks.node_tree`): by default the real pynvml over a stand-in
@@ -188,13 +188,15 @@ def measure(
     compare_with: Path | None = None,
     scrape_interval: float | None = None,
     driver: Path | None = None,
+    job_info: bool = True,
 ) -> list[Exporter]:
     """Run every exporter for ``seconds`` (tally collecting each ``interval``), scraped each
     ``scrape_interval`` (default ``interval``); return them, measured. ``driver``: the stand-in
-    driver's directory (:func:`node_tree.build_driver_stub`), else the stand-in pynvml module."""
+    driver's directory (:func:`node_tree.build_driver_stub`), else the stand-in pynvml module.
+    ``job_info``: the jobs have job-info files (:func:`node_tree.write_node`)."""
     with tempfile.TemporaryDirectory() as scratch:
         tree = Path(scratch) / "node"
-        node_tree.write_node(tree, jobs)
+        node_tree.write_node(tree, jobs, job_info)
         exporters = [_tally("tally", REPO, tree, Path(scratch) / "data", interval, driver)]
         if compare_with is not None:
             exporters.append(
@@ -338,9 +340,10 @@ def run(
     compare_with: Path | None = None,
     scrape_interval: float | None = None,
     driver: Path | None = None,
+    job_info: bool = True,
 ) -> list[Exporter]:
     """Measure and print one table (one column per exporter)."""
-    exporters = measure(seconds, interval, jobs, compare_with, scrape_interval, driver)
+    exporters = measure(seconds, interval, jobs, compare_with, scrape_interval, driver, job_info)
     every = interval if scrape_interval is None else scrape_interval
     print(f"\ndaemon cost: {seconds:g} s at a {interval:g} s interval, {jobs} Slurm jobs, "
           f"8 fake GPUs; every exporter scraped every {every:g} s")  # fmt: skip
@@ -361,7 +364,9 @@ def run(
     return exporters
 
 
-def round_breakdown(rounds: int, jobs: int = 50, driver: Path | None = None) -> dict[str, float]:
+def round_breakdown(
+    rounds: int, jobs: int = 50, driver: Path | None = None, job_info: bool = True
+) -> dict[str, float]:
     """CPU ms per round of each stage of a daemon round, in this process, at the daemon's real
     cadence (a 1 s sleep between rounds, so caches are as cold as a daemon's; a tight loop
     reads two to three times less): each collector with the check of its rows, the Runner's GPU
@@ -374,7 +379,7 @@ def round_breakdown(rounds: int, jobs: int = 50, driver: Path | None = None) -> 
         node_tree.load_driver_stub(driver)
     with tempfile.TemporaryDirectory() as scratch:
         tree = Path(scratch) / "node"
-        node_tree.write_node(tree, jobs)
+        node_tree.write_node(tree, jobs, job_info)
         config = DaemonConfig(
             listen="127.0.0.1:0", data_dir=Path(scratch) / "data", procfs=tree / "proc",
             sysfs=tree / "sys", node="bench", slurm_job_info_dir=node_tree.job_info_dir(tree),
@@ -433,23 +438,34 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--breakdown", type=int, metavar="ROUNDS", help="only time each stage of ROUNDS rounds"
     )
+    parser.add_argument(
+        "--no-job-info",
+        dest="job_info",
+        action="store_false",
+        help="no job-info files: a node without the Slurm prolog (the shape earlier releases "
+        "were measured on)",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         driver = node_tree.build_driver_stub(Path(scratch)) if args.nvml == "driver" else None
         standin = "a stand-in libnvidia-ml under pynvml" if driver else "the Python stand-in"
         if args.nvml == "driver" and driver is None:
             standin += " (the driver stand-in could not be built)"
-        if os.getuid() == 0:
+        if not args.job_info:
+            standin += "; no job-info files"
+        elif os.getuid() == 0:
             standin += "; the jobs' job-info files trusted"
         else:
             standin += "; the jobs' job-info files ignored (not root's): run as root to count them"
         if args.breakdown:
             print(f"CPU ms per round at a 1 s cadence, {args.jobs} jobs, 8 GPUs ({standin})")
-            for stage, ms in round_breakdown(args.breakdown, args.jobs, driver).items():
+            stages = round_breakdown(args.breakdown, args.jobs, driver, args.job_info)
+            for stage, ms in stages.items():
                 print(f"{stage:24}{ms:8.3f}")
             return
         print(f"GPUs: {standin}")
-        run(args.seconds, args.interval, args.jobs, args.compare_with, args.scrape_interval, driver)
+        run(args.seconds, args.interval, args.jobs, args.compare_with, args.scrape_interval, driver,
+            args.job_info)  # fmt: skip
     if args.steady:
         print(f"\naggregation at steady state (an hour of 1 s rounds, {args.jobs} jobs, 8 GPUs): "
               "CPU ms per round (ingest + snapshot), MiB the hour of rows holds")  # fmt: skip

@@ -110,8 +110,9 @@ def job_info_dir(root: Path) -> Path:
     return root / "run" / "tally" / "jobs"
 
 
-def write_node(root: Path, jobs: int = 50) -> tuple[Path, Path]:
-    """Write the tree under ``root``; return (procfs, sysfs).
+def write_node(root: Path, jobs: int = 50, job_info: bool = True) -> tuple[Path, Path]:
+    """Write the tree under ``root``; return (procfs, sysfs). ``job_info``: with the job-info
+    directory and files (else neither, as on a node without the prolog).
 
     Job ``i`` (id ``5000 + i``) holds one CPU and, for the first 8 jobs, GPU ``i``; its batch
     step's task runs as uid ``2000 + i % 10``.
@@ -125,9 +126,10 @@ def write_node(root: Path, jobs: int = 50) -> tuple[Path, Path]:
     (scope / "system").mkdir(parents=True, exist_ok=True)
     (scope / "cgroup.procs").write_text("")
     info = job_info_dir(root)
-    info.mkdir(parents=True, exist_ok=True)
-    for directory in (info.parent.parent, info.parent, info):
-        directory.chmod(0o755)
+    if job_info:
+        info.mkdir(parents=True, exist_ok=True)
+        for directory in (info.parent.parent, info.parent, info):
+            directory.chmod(0o755)
     for i in range(jobs):
         job_id, uid = 5000 + i, 2000 + i % 10
         stepd, task = 20_000 + 2 * i, 20_001 + 2 * i
@@ -159,12 +161,14 @@ def write_node(root: Path, jobs: int = 50) -> tuple[Path, Path]:
         }
         if i < 8:
             env |= {"SLURM_JOB_GPUS": str(i), "CUDA_VISIBLE_DEVICES": "0"}
-        written = info / str(job_id)
-        written.write_text(
-            f"# written by tally-prolog for Slurm job {job_id}\njob_id={job_id}\nuid={uid}\n"
-            f"user=user{uid}\naccount=project{i % 5}\ngpus={env.get('SLURM_JOB_GPUS', '')}\n"
-        )
-        written.chmod(0o644)
+        if job_info:
+            written = info / str(job_id)
+            written.write_text(
+                f"# written by tally-prolog for Slurm job {job_id}\njob_id={job_id}\n"
+                f"uid={uid}\nuser=user{uid}\naccount=project{i % 5}\n"
+                f"gpus={env.get('SLURM_JOB_GPUS', '')}\n"
+            )
+            written.chmod(0o644)
         (proc / str(task)).mkdir(parents=True, exist_ok=True)
         (proc / str(task) / "environ").write_bytes(
             b"".join(f"{k}={v}".encode() + b"\0" for k, v in env.items())
