@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporters.prometheus import TallyCollector
-from telemetry.collectors import CollectorContext, Runner
+from telemetry.collectors import CollectorContext, Runner, files
 from telemetry.collectors.base import Collector, Row
 from telemetry.collectors.gpu import GpuCollector, profile_slices
 from telemetry.nvml import Gateway
@@ -228,6 +229,38 @@ def test_a_gpu_held_by_two_jobs_gets_a_gpu_job_row_each(tmp_path: Path) -> None:
     assert rows["502"]["sm_utilization_ratio"] == pytest.approx(0.4)
     assert rows["501"]["memory_used_bytes"] == 5000 * MiB
     assert rows["502"]["memory_used_bytes"] == 2000 * MiB
+
+
+def test_gpu_processes_cgroup_files_are_opened_once_and_follow_a_pid_used_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU process's /proc/<pid>/cgroup is kept open between rounds (opening it cost twice the
+    read); a process that ended and whose PID another job's process took is read afresh."""
+    clock = FakeClock(start=1000.0)
+    fake, proc = _shared_gpu(tmp_path, clock)
+    opened: list[str] = []
+    real = files.read_text
+
+    def counted(path: Any) -> str:
+        opened.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(files, "read_text", counted)
+    runner = Runner([GpuCollector(_ctx(fake, proc))])
+    for _ in range(3):
+        clock.advance(1.0)
+        assert set(_gpu_job(runner.run())) == {"501", "502"}
+    assert sorted(opened) == sorted(f"{proc}/{pid}/cgroup" for pid in (100, 101, 200))
+    shutil.rmtree(proc / "200")  # job 502's process ends; its PID goes to one of job 503's
+    _cgroup(proc, 200, "503")
+    clock.advance(1.0)
+    assert set(_gpu_job(runner.run())) == {"501", "503"}
+    fake.set_processes(0, [ProcessProfile(100, 4000 * MiB, sm_util_pct=30)])
+    clock.advance(1.0)
+    runner.run()
+    assert len(runner._pid_files) == 1  # the files of processes no longer listed are closed
+    runner.close()
+    assert len(runner._pid_files) == 0
 
 
 def test_utilisation_is_the_mean_over_this_rounds_samples_only(tmp_path: Path) -> None:

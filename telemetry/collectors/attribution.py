@@ -26,6 +26,7 @@ holds.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -60,32 +61,47 @@ def job_id_from_cgroup(text: str) -> str | None:
 
 
 class _PidJobs:
-    """PID → job of this round, each ``/proc/<pid>/cgroup`` read once."""
+    """PID → job of this round, each ``/proc/<pid>/cgroup`` read once, through ``kept`` (files
+    kept open between rounds) where given."""
 
-    def __init__(self, procfs: Path, aliases: dict[str, str]) -> None:
+    def __init__(
+        self, procfs: Path, aliases: dict[str, str], kept: files.KeptFiles | None = None
+    ) -> None:
         self.procfs = procfs
         self.aliases = aliases  # SLUID → job id
-        self._seen: dict[int, str | None] = {}
+        self.kept = kept
+        self.seen: dict[int, str | None] = {}
 
     def __call__(self, pid: int) -> str | None:
-        if pid not in self._seen:
-            try:
-                text = files.read_text(f"{self.procfs}/{pid}/cgroup")  # the tests' seam
+        if pid not in self.seen:
+            path = f"{self.procfs}/{pid}/cgroup"
+            kept = self.kept
+            try:  # read_text: the tests' seam
+                text = kept.read(pid, path) if kept is not None else files.read_text(path)
             except OSError:
                 text = ""  # the process ended, or is not ours to read
-            job = job_id_from_cgroup(text)
-            self._seen[pid] = None if job is None else self.aliases.get(job, job)
-        return self._seen[pid]
+            job = _job_of_text(text)
+            self.seen[pid] = None if job is None else self.aliases.get(job, job)
+        return self.seen[pid]
+
+
+@functools.lru_cache(maxsize=1024)
+def _job_of_text(text: str) -> str | None:
+    """:func:`job_id_from_cgroup`, once per text: a job's processes read the same few."""
+    return job_id_from_cgroup(text)
 
 
 def _first(values: Iterable[str | None]) -> str | None:
     return next((v for v in values if v is not None), None)
 
 
-def attribute_gpus(partial: dict[str, list[dict[str, Any]]], procfs: Path) -> None:
+def attribute_gpus(
+    partial: dict[str, list[dict[str, Any]]], procfs: Path, kept: files.KeptFiles | None = None
+) -> None:
     """Fill ``job_id`` of this round's gpu rows in place, add ``gpu_job`` rows for GPUs held
     by several jobs, count MIG instances in the holders' ``gpus_allocated`` at their fraction,
-    and drop the side outputs."""
+    and drop the side outputs. ``kept``: the processes' cgroup files, kept open from round to
+    round (a file of a process that ended reads ESRCH, so a PID used again is opened anew)."""
     claim_rows = partial.pop("_gpu_job", [])
     by_index: dict[int, list[dict[str, Any]]] = {}
     by_uuid: dict[str, list[dict[str, Any]]] = {}
@@ -96,7 +112,9 @@ def attribute_gpus(partial: dict[str, list[dict[str, Any]]], procfs: Path) -> No
             by_index.setdefault(int(claim["gpu_index"]), []).append(claim)
     processes = {str(r["gpu_uuid"]): r for r in partial.pop("_gpu_pids", [])}
     aliases = {str(r["cgroup"]): str(r["job_id"]) for r in partial.pop("_job_alias", [])}
-    job_of = _PidJobs(procfs, aliases)
+    job_of = _PidJobs(procfs, aliases, kept)
+    if kept is not None:
+        kept.begin_round()
     written = {str(r["gpu_uuid"]) for r in partial.get("gpu_job", [])}
     shared: list[dict[str, Any]] = []
     parents: set[str] = set()
@@ -118,6 +136,8 @@ def attribute_gpus(partial: dict[str, list[dict[str, Any]]], procfs: Path) -> No
             shared.extend(_shared_rows(uuid, held, pid_jobs, seen))
     if shared:
         partial.setdefault("gpu_job", []).extend(shared)
+    if kept is not None:
+        kept.keep_only(set(job_of.seen))
     _mig_allocation(partial, parents)
 
 

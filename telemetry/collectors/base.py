@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from telemetry.collectors.attribution import attribute_gpus
+from telemetry.collectors.files import KeptFiles
 from telemetry.frame import Frame, check_column, row_columns
 from telemetry.logs import OnceLogger
 from telemetry.tables import SERIES_KEYS, TABLES
@@ -107,6 +108,8 @@ class Runner:
         self.collectors = collectors
         self.clock_ns = clock_ns
         self.once = once or OnceLogger()
+        # the cgroup files of the processes NVML lists on GPUs, read every round
+        self._pid_files = KeptFiles(limit=256)
 
     def run(self) -> Round:
         """Collect one round. Never raises for a collector's fault; it is reported in status."""
@@ -130,7 +133,7 @@ class Runner:
                 partial.setdefault(table, []).extend(rows)
         node = self.collectors[0].ctx.node if self.collectors else ""
         if self.collectors:
-            attribute_gpus(partial, self.collectors[0].ctx.procfs)
+            attribute_gpus(partial, self.collectors[0].ctx.procfs, self._pid_files)
             # the one table attribution makes rather than fills in from checked rows
             check_rows({"gpu_job": partial.get("gpu_job", [])})
         tables, dropped = assemble(partial, now, node, checked=True)
@@ -139,6 +142,7 @@ class Runner:
     def close(self) -> None:
         for collector in self.collectors:
             collector.close()
+        self._pid_files.close()
 
 
 _KINDS = {table: {c.name: c.kind for c in columns} for table, columns in TABLES.items()}

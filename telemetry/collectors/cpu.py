@@ -43,7 +43,7 @@ def parse_proc_stat(text: str, user_hz: int, source: str = "/proc/stat") -> Proc
     # step per line: a large host lists hundreds of CPUs and thousands of interrupts.
     lined = "\n" + text
     heads = _CPU_HEADS.findall(lined)
-    online = sum(1 for head in heads if head.isdigit())
+    online = sum(map(str.isdigit, heads))
     lines = _AGGREGATE.findall(lined)
     if not lines:
         raise ParseError(f"{source}: no aggregate 'cpu' line")
