@@ -5,7 +5,8 @@ zones) and adds ``jobs`` Slurm jobs in the ``cgroup/v2`` plugin's layout, the sh
 ``slurm_v2`` fixture: ``sys/fs/cgroup/system.slice/slurmstepd.scope/job_<id>/`` with
 ``cpuset.cpus.effective``, ``cpuset.cpus``, ``cpu.stat``, ``memory.current``, and
 ``step_batch/{slurm,user/task_0}/cgroup.procs``; each task PID has ``proc/<pid>/environ``
-(NUL-separated ``SLURM_JOB_*``) and ``proc/<pid>/status``. Each job also has the job-info file
+(NUL-separated ``SLURM_JOB_*``) and ``proc/<pid>/status``; the GPUs' processes have a
+``proc/<pid>/cgroup`` outside any job. Each job also has the job-info file
 ``deploy/slurm/tally-prolog`` writes, in :func:`job_info_dir` (mode 0644 in a 0755 directory, as
 the prolog leaves them): the daemon trusts them where it runs as root, who then owns them.
 
@@ -125,6 +126,11 @@ def write_node(root: Path, jobs: int = 50, job_info: bool = True) -> tuple[Path,
     scope = cgroup / "system.slice" / "slurmstepd.scope"
     (scope / "system").mkdir(parents=True, exist_ok=True)
     (scope / "cgroup.procs").write_text("")
+    # The processes the stand-in H100s list (the same three on each) run outside any Slurm job
+    # here: the daemon reads their cgroup every round, as on a GPU node, and finds no job.
+    for process in H100_LOADED.processes:
+        (proc / str(process.pid)).mkdir(parents=True, exist_ok=True)
+        (proc / str(process.pid) / "cgroup").write_text("0::/system.slice/gpu-burn.service\n")
     info = job_info_dir(root)
     if job_info:
         info.mkdir(parents=True, exist_ok=True)
