@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporters.prometheus import TallyCollector
-from telemetry.collectors import CollectorContext, Runner, files
+from telemetry.collectors import CollectorContext, Runner, base, files
 from telemetry.collectors.base import Collector, Row
 from telemetry.collectors.gpu import GpuCollector, profile_slices
 from telemetry.nvml import Gateway
@@ -149,6 +149,43 @@ def test_a_job_on_a_mig_instance_is_allocated_its_fraction(tmp_path: Path) -> No
     held = {r["gpu_uuid"]: r["job_id"] for r in gpus if r["mig_profile"]}
     assert held[fake.devices[0].mig_devices[0].uuid] == "880"
     assert "gpu_job" not in result.tables  # one job per instance: MIG is not a shared GPU
+
+
+def test_rounds_assemble_from_checked_columns_as_from_the_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Runner hands assembly the columns it checked, with what attribution changed in place
+    (ATTRIBUTION_WRITES) read again: the frames are those the rows make, a MIG job's allocation,
+    shared GPUs and attributed GPUs included."""
+    proc = tmp_path / "proc"
+    for pid in (21180, 21181, 21198):
+        _cgroup(proc, pid, "880")
+    fake = FakeNVML([H100_MIG, H100_LOADED])
+    ctx = _ctx(fake, proc)
+    claims = [
+        {"gpu_uuid": fake.devices[0].mig_devices[0].uuid, "job_id": "880"},
+        {"gpu_index": 1, "job_id": "881"},
+        {"gpu_index": 1, "job_id": "882"},
+    ]
+    jobs = [_job("880", 1.0), _job("881", 1.0), _job("882", 1.0)]
+    compared: list[str] = []
+    real = base.assemble
+
+    def both(partial: Any, time_ns: int, node: str, checked: bool = False, columns: Any = None):
+        given, _ = real(partial, time_ns, node, checked, columns)
+        made, _ = real(partial, time_ns, node, checked)
+        assert set(given) == set(made)
+        for table, frame in given.items():
+            assert frame.to_arrow().equals(made[table].to_arrow()), table
+            compared.append(table)
+        return real(partial, time_ns, node, checked, columns)
+
+    monkeypatch.setattr(base, "assemble", both)
+    result = Runner([GpuCollector(ctx), _Jobs(ctx, jobs, claims)]).run()
+    assert set(compared) == {"gpu", "job", "gpu_job"}
+    allocated = {r["job_id"]: r["gpus_allocated"] for r in _pylist(result.tables["job"].to_arrow())}
+    assert allocated["880"] == pytest.approx(3 / 7, rel=1e-6)
+    assert {r["job_id"] for r in _pylist(result.tables["gpu_job"].to_arrow())} == {"881", "882"}
 
 
 # ------------------------------------------------------------------ per-process utilisation

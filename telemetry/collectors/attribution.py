@@ -95,6 +95,11 @@ def _first(values: Iterable[str | None]) -> str | None:
     return next((v for v in values if v is not None), None)
 
 
+#: The columns :func:`attribute_gpus` may change in rows it is given, by table (it adds the
+#: ``gpu_job`` rows besides).
+ATTRIBUTION_WRITES: dict[str, tuple[str, ...]] = {"gpu": ("job_id",), "job": ("gpus_allocated",)}
+
+
 def attribute_gpus(
     partial: dict[str, list[dict[str, Any]]], procfs: Path, kept: files.KeptFiles | None = None
 ) -> None:

@@ -10,18 +10,19 @@ roots come in a :class:`CollectorContext`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from telemetry.collectors.attribution import attribute_gpus
+from telemetry.collectors.attribution import ATTRIBUTION_WRITES, attribute_gpus
 from telemetry.collectors.files import KeptFiles
 from telemetry.frame import Frame, check_column, row_columns
 from telemetry.logs import OnceLogger
 from telemetry.tables import SERIES_KEYS, TABLES
 
 Row = dict[str, Any]
+Columns = dict[str, Sequence[Any]]  # a table's values by column, down its rows
 
 
 @dataclass(frozen=True)
@@ -115,12 +116,14 @@ class Runner:
         """Collect one round. Never raises for a collector's fault; it is reported in status."""
         now = self.clock_ns()
         partial: dict[str, list[Row]] = {}
+        # each table's columns as checked, while one collector alone gave its rows (None: more)
+        checked_columns: dict[str, Columns | None] = {}
         status: dict[str, CollectorStatus] = {}
         for collector in self.collectors:
             start = time.perf_counter()
             try:
                 produced = collector.collect()
-                check_rows(produced)
+                columns = check_rows(produced)
             except Exception as exc:
                 took = time.perf_counter() - start
                 message = f"collector {collector.name} failed: {_one_line(exc)}"
@@ -131,12 +134,21 @@ class Runner:
             self.once.clear(f"collector:{collector.name}")
             for table, rows in produced.items():
                 partial.setdefault(table, []).extend(rows)
+                first = table not in checked_columns
+                checked_columns[table] = columns.get(table) if first else None
         node = self.collectors[0].ctx.node if self.collectors else ""
         if self.collectors:
             attribute_gpus(partial, self.collectors[0].ctx.procfs, self._pid_files)
+            for table, names in ATTRIBUTION_WRITES.items():  # what it changed in place
+                kept = checked_columns.get(table)
+                if kept is not None:
+                    rows = partial[table]
+                    for name in names:
+                        kept[name] = [row.get(name) for row in rows]
             # the one table attribution makes rather than fills in from checked rows
-            check_rows({"gpu_job": partial.get("gpu_job", [])})
-        tables, dropped = assemble(partial, now, node, checked=True)
+            gpu_job = check_rows({"gpu_job": partial.get("gpu_job", [])})
+            checked_columns["gpu_job"] = gpu_job.get("gpu_job")
+        tables, dropped = assemble(partial, now, node, checked=True, columns=checked_columns)
         return Round(time_ns=now, tables=tables, status=status, rows_dropped=dropped)
 
     def close(self) -> None:
@@ -148,12 +160,14 @@ class Runner:
 _KINDS = {table: {c.name: c.kind for c in columns} for table, columns in TABLES.items()}
 
 
-def check_rows(produced: dict[str, list[Row]]) -> None:
-    """Raise ``ValueError`` unless every value fits its table's column type.
+def check_rows(produced: dict[str, list[Row]]) -> dict[str, Columns]:
+    """Raise ``ValueError`` unless every value fits its table's column type; the columns of
+    each sample table's rows (:func:`row_columns`), checked.
 
     Run inside a collector's error boundary, so a value that would not convert (an int64
     overflow, a string for a number) fails that collector alone, not the round's assembly.
     """
+    checked: dict[str, Columns] = {}
     for table, rows in produced.items():
         if table.startswith("_"):
             continue  # side outputs for attribution, not sample tables
@@ -168,6 +182,8 @@ def check_rows(produced: dict[str, list[Row]]) -> None:
                 check_column(kinds[name], columns[name])
             except (ValueError, OverflowError, TypeError) as exc:
                 raise ValueError(f"{table}.{name}: {exc}") from None
+        checked[table] = columns
+    return checked
 
 
 def _one_line(exc: BaseException) -> str:
@@ -176,13 +192,18 @@ def _one_line(exc: BaseException) -> str:
 
 
 def assemble(
-    partial: dict[str, list[Row]], time_ns: int, node: str, checked: bool = False
+    partial: dict[str, list[Row]],
+    time_ns: int,
+    node: str,
+    checked: bool = False,
+    columns: dict[str, Columns | None] | None = None,
 ) -> tuple[dict[str, Frame], int]:
     """Merge partial rows of one round by series key into one Frame per sample table.
 
     Rows lacking a non-nullable column after merging (e.g. only RAPL energy because the ``cpu``
     collector failed) are dropped; their count is returned. ``checked``: every value passed
     :func:`check_rows` already, so the Frames only look for nulls (``Frame.from_rows``).
+    ``columns``: what :func:`row_columns` made of a table's rows already, where it is known.
     """
     tables: dict[str, Frame] = {}
     dropped = 0
@@ -192,15 +213,16 @@ def assemble(
             continue
         # Time and node are the round's: the rest of a series key tells its rows apart.
         keys = [k for k in SERIES_KEYS[table] if k not in constants]
-        columns = row_columns(rows)
+        given = columns.get(table) if columns is not None else None
+        table_columns = row_columns(rows) if given is None else given
         absent = [None] * len(rows)
         if keys:
-            series = list(zip(*[columns.get(k, absent) for k in keys], strict=True))
+            series = list(zip(*[table_columns.get(k, absent) for k in keys], strict=True))
         else:
             series = [()] * len(rows)
         if len(set(series)) == len(rows):  # one row a series, as a collector's rows are
             frame = Frame.from_rows(
-                table, rows, checked, constants, drop_incomplete=True, columns=columns
+                table, rows, checked, constants, drop_incomplete=True, columns=table_columns
             )
             dropped += len(rows) - frame.num_rows
         else:
