@@ -428,7 +428,7 @@ class Gateway:
                 function, ref, answer, (used, total) = request
                 code = function(handle, ref)
                 if code != _SUCCESS:
-                    self._failed("nvmlDeviceGetMemoryInfo", m.NVMLError(code))
+                    self._failed(name, m.NVMLError(code))
                     return None
                 return used(answer), total(answer)
             info = self._invoke("nvmlDeviceGetMemoryInfo", (handle,), {"version": m.nvmlMemory_v2})

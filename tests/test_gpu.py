@@ -261,6 +261,21 @@ def test_c_functions_read_what_the_wrappers_read(clock: FakeClock) -> None:
     assert not fakes[("_nvmlGetFunctionPointer",)].c_calls
 
 
+def test_a_c_function_the_driver_lacks_is_not_called_again(clock: FakeClock) -> None:
+    """Memory v2 found missing in the driver by its C function: null, and never asked again
+    (review finding: it was remembered under the wrapper's name, and called every round)."""
+    fake = FakeNVML([H100_IDLE], clock=clock)
+    gateway = Gateway(fake)
+    handle = gateway.call("nvmlDeviceGetHandleByIndex", 0)
+    for _ in range(2):  # the first probes the version through the wrapper, the second is C
+        assert gateway.memory(handle) is not None
+    fake.missing_symbols.add("nvmlDeviceGetMemoryInfo_v2")
+    before = fake.c_calls["nvmlDeviceGetMemoryInfo_v2"]
+    for _ in range(3):
+        assert gateway.memory(handle) is None
+    assert fake.c_calls["nvmlDeviceGetMemoryInfo_v2"] == before + 1
+
+
 def test_c_lists_are_read_whole_when_a_driver_fills_what_fits(clock: FakeClock) -> None:
     """A driver that fills an array too small and succeeds (rather than answering
     InsufficientSize) still has every process and every sample read: an array filled to its

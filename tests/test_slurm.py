@@ -537,6 +537,28 @@ def test_a_requeued_jobs_new_cgroup_has_its_cpuset_read_at_once(tmp_path: Path) 
     collector.close()
 
 
+def test_a_requeued_jobs_cgroup_made_anew_has_its_cpuset_read_at_once(tmp_path: Path) -> None:
+    """A job requeued onto this node gets its cgroup made anew under the same name: its files
+    are opened anew, and its cpuset is read in that round, whatever its CPU time says (review
+    finding: a job that had used little CPU time passed its old reading within a round)."""
+    root = copy_tree(V2, tmp_path)
+    job = root / V2_SCOPE / "job_1001"
+    (job / "cpu.stat").write_text("usage_usec 200000\nuser_usec 200000\nsystem_usec 0\n")
+    collector = SlurmJobCollector(ctx(root), resolve_user=names)
+    now = [1000.0]
+    collector._clock = lambda: now[0]
+    for _ in range(12):
+        assert _cpus_after(collector, now, 1) == 4.0
+    made = tmp_path / "made"
+    shutil.copytree(job, made)
+    shutil.rmtree(job)
+    (made / "cpuset.cpus.effective").write_text("0-7\n")
+    (made / "cpu.stat").write_text("usage_usec 500000\nuser_usec 500000\nsystem_usec 0\n")
+    made.rename(job)
+    assert _cpus_after(collector, now, 1) == 8.0
+    collector.close()
+
+
 def _cgroup2_mount() -> Path | None:
     """A cgroup v2 file system this process may make directories in (root on a Linux host)."""
     try:

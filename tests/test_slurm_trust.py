@@ -7,6 +7,7 @@ user, account and GPUs from the first environment with any ``SLURM_JOB_*`` varia
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -520,6 +521,70 @@ def test_job_info_files_are_read_again_within_a_minute_whatever_the_watch_says(
     assert _account(c) == ("research-lab", "job-info")
     now[0] += 1
     assert _account(c) == ("bank-q", "job-info")
+    c.close()
+
+
+def test_a_job_info_read_that_failed_is_tried_again_the_next_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of descriptors for a moment (EMFILE): that round the account comes from the
+    environment, but the failure is not kept as "no file" until the directory changes (review
+    finding: the job's own environment then set its account for up to a minute)."""
+    root = copy_tree(tmp_path)
+    c = collector(root)
+    assert _account(c) == ("research-lab", "job-info")
+    real = os.open
+    failed: list[bool] = []
+
+    def flaky(path: Any, flags: int, *args: Any) -> int:
+        if str(path).endswith("/1009251") and not failed:
+            failed.append(True)
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real(path, flags, *args)
+
+    monkeypatch.setattr(jobinfo.os, "open", flaky)
+    (root / INFO / "unrelated").write_text("")  # a change: every file is read again
+    assert _account(c) == ("bank-y", "environment")
+    assert [_account(c) for _ in range(3)] == [("research-lab", "job-info")] * 3
+    c.close()
+
+
+def test_a_job_info_symlink_is_ignored_with_one_line(tmp_path: Path, warnings: list[str]) -> None:
+    root = copy_tree(tmp_path)
+    elsewhere = tmp_path / "forged"
+    elsewhere.write_text("job_id=1009251\naccount=bank-z\n")
+    (root / INFO / "1009251").unlink()
+    (root / INFO / "1009251").symlink_to(elsewhere)
+    c = collector(root)
+    for _ in range(3):
+        assert _account(c) == ("bank-y", "environment")
+    assert len([m for m in warnings if "symbolic link" in m]) == 1
+    c.close()
+
+
+def test_job_info_watch_that_failed_for_good_is_made_again_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An inotify instance that failed and could not be made again (a queue overflow when no
+    instance is left) is asked for again each REREAD_SECONDS, not given up on."""
+    root = copy_tree(tmp_path)
+    read = _reads(monkeypatch)
+    c = collector(root)
+    now = [1000.0]
+    c._clock = lambda: now[0]
+    assert _account(c) == ("research-lab", "job-info")
+    files = c._job_info_files
+    assert files._watch is not None
+    files._watch.close()  # what a failed restart leaves: no descriptor
+    for _ in range(3):
+        now[0] += 1
+        assert _account(c) == ("research-lab", "job-info")
+    now[0] += jobinfo.REREAD_SECONDS
+    for _ in range(3):
+        now[0] += 1
+        assert _account(c) == ("research-lab", "job-info")
+    assert files._watch is not None and files._watch.fd >= 0
+    assert read.count("1009251") == 1 + 3 + 1  # read every round only while it had no watch
     c.close()
 
 

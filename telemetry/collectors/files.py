@@ -85,6 +85,7 @@ class KeptFiles:
         self._watched: dict[str, int] = {}
         self._changed: set[str] = set()  # directories changed since the round before
         self._in_dir: dict[str, int] = {}  # kept files per directory
+        self._opened: dict[object, int] = {}  # owner -> the round a file of it was last opened
         # Closes the descriptors of a collector dropped without close() (tests make many).
         self._finalizer = weakref.finalize(self, _close_all, self._fds)
 
@@ -135,6 +136,7 @@ class KeptFiles:
             self._drop(fd, directory)
         # what the seam takes, made only where a file is opened
         opened = path if isinstance(path, Path) else Path(path)
+        self._opened[owner] = self._round
         if self._count >= self._limit:
             return read_text(opened)
         directory = key.rpartition("/")[0] or "/"
@@ -155,6 +157,11 @@ class KeptFiles:
         self._count += 1
         self._in_dir[directory] = self._in_dir.get(directory, 0) + 1
         return text
+
+    def opened_in_round(self, owner: object) -> bool:
+        """Whether a file of ``owner`` was opened by name this round (:meth:`begin_round`): read
+        for the first time, or again because the one kept was gone (a cgroup made anew)."""
+        return self._opened.get(owner) == self._round
 
     def _watch_directory(self, directory: str) -> None:
         """Watch ``directory`` where it is not (or where its name now names another one)."""
@@ -210,6 +217,8 @@ class KeptFiles:
         for owner in self._fds.keys() - owners:
             for fd, directory in self._fds.pop(owner).values():
                 self._drop(fd, directory)
+        for owner in self._opened.keys() - owners:
+            del self._opened[owner]
 
     def close(self) -> None:
         self.keep_only(set())

@@ -14,6 +14,7 @@ processes), every file is read every round, and inotify asked again each :data:`
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Callable
@@ -122,6 +123,10 @@ class JobInfoFiles:
         changed = watch.changed()
         if changed is None or changed or now - self._read_at >= REREAD_SECONDS:
             self._known.clear()
+        if watch.fd < 0:  # the instance failed and could not be made again: try later
+            self._watch = None
+            self._retry_at = now + REREAD_SECONDS
+            return
         if not watch.watching(self._name):
             # before any file is read: a change from now on is in the queue
             self._known.clear()
@@ -137,17 +142,25 @@ class JobInfoFiles:
             return self._known[name]
         except KeyError:
             pass
-        info = self._read(name, by_sluid)
-        if self._watch is not None and self._watch.watching(self._name):
+        info, settled = self._read(name, by_sluid)
+        if settled and self._watch is not None and self._watch.watching(self._name):
             self._known[name] = info
         return info
 
-    def _read(self, name: str, by_sluid: bool) -> dict[str, str] | None:
+    def _read(self, name: str, by_sluid: bool) -> tuple[dict[str, str] | None, bool]:
+        """What the file says (None: nothing usable), and whether that holds until the file
+        changes: a file that is not there, not root's or not well formed says so until then; a
+        read that failed (out of descriptors, say) is tried again next round."""
         path = self.directory / name
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            return None  # no file (yet): the prolog has not run, or is not installed
+        except FileNotFoundError:
+            return None, True  # no file (yet): the prolog has not run, or is not installed
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                return None, False
+            self._once.warning(f"job-info:{name}", f"job: ignoring {path}: a symbolic link")
+            return None, True  # as settled as a file not owned by root
         try:
             st = os.fstat(fd)
             if not owned_safely(st, self._owner, directory=False):
@@ -156,23 +169,23 @@ class JobInfoFiles:
                     f"job: ignoring {path}: not a regular file owned by uid "
                     f"{self._owner} and writable by it alone",
                 )
-                return None
+                return None, True
             data = os.read(fd, _JOB_INFO_MAX_BYTES)
         except OSError:
-            return None
+            return None, False
         finally:
             os.close(fd)
         try:
             info = parse_job_info(data.decode("utf-8", errors="replace"), str(path))
         except ParseError as exc:
             self._once.warning(f"job-info:{name}", f"job: ignoring {exc}")
-            return None
+            return None, True
         named = info.get("sluid") if by_sluid else info.get("job_id", name)
         if named != name:
             self._once.warning(f"job-info:{name}", f"job: ignoring {path}: it names another job")
-            return None
+            return None, True
         self._once.clear(f"job-info:{name}")
-        return info
+        return info, True
 
     def keep_only(self, names: set[str]) -> None:
         """Forget the files of jobs no longer listed."""

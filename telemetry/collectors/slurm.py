@@ -83,7 +83,8 @@ _RESEARCH_MAX_S = 8.0
 # A job's CPUs are its cpuset, which slurmd writes just after it makes the job's cgroup (a read
 # in between sees the parent's CPUs) and which then holds for the job's life, CPU hotplug aside.
 # So a job's cpuset is read every round until it has read the same for this long, and then once
-# this often; a requeued job's new cgroup (its CPU time starts again from 0) is read at once.
+# this often; a requeued job's new cgroup (whose files had to be opened anew, or whose CPU time
+# started again from 0) is read at once.
 CPUSET_RECHECK_SECONDS = 10.0
 # Errors that mean "the job (or process) ended while we read it": the file is gone (ENOENT), the
 # process is gone (ESRCH), or the cgroup was removed while a file of it was open (ENODEV).
@@ -848,6 +849,7 @@ class SlurmJobCollector(Collector):
                 now - same_since >= CPUSET_RECHECK_SECONDS
                 and now - read_at < CPUSET_RECHECK_SECONDS
                 and cpu_seconds >= seconds_then
+                and not self._files.opened_in_round(job.key)
             ):
                 return count
         count = self._cpus(job, names)
