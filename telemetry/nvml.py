@@ -63,6 +63,10 @@ _NOT_AVAILABLE_ULL = 2**64 - 1
 _GROW_TRIES = 4  # a list that outgrows its buffer again this often is answered as an error
 
 
+# A C function that writes one answer, made once (Gateway._answer): the function, a reference to
+# the answer, the answer, and getters of the fields read from it.
+_Request = tuple[Any, Any, Any, tuple[Callable[[Any], Any], ...]]
+
 # Versioned symbols, newest first: the first one the library and driver answer is kept.
 _VARIANTS: dict[str, tuple[str, ...]] = {
     "temperature": ("nvmlDeviceGetTemperatureV", "nvmlDeviceGetTemperature"),
@@ -289,26 +293,20 @@ class Gateway:
         :meth:`call` does."""
         m = self._module if self._ready else self.nvml
         name = self._chosen.get("temperature")
-        function = self._c_function(name) if name == _VARIANTS["temperature"][0] else None
-        request = self._buffers.get("temperature")
-        if function is not None and request is None:
-            struct = getattr(m, "c_nvmlTemperature_v1_t", None)
-            version = getattr(m, "nvmlTemperature_v1", None)
-            if struct is not None and version is not None:
-                answer = struct()
-                struct.version.__set__(answer, version)
-                struct.sensorType.__set__(answer, m.NVML_TEMPERATURE_GPU)
-                request = (ctypes.byref(answer), struct.temperature.__get__, answer)
-                self._buffers["temperature"] = request
-        if function is None or request is None or name is None or name in self._missing:
+        request = None
+        if name is not None and name == _VARIANTS["temperature"][0]:
+            request = self._answer(
+                name,
+                "c_nvmlTemperature_v1_t",
+                ("temperature",),
+                version=getattr(m, "nvmlTemperature_v1", None),
+                sensorType=m.NVML_TEMPERATURE_GPU,
+            )
+        if name is None or request is None:
             value = self.variant("temperature", handle, m.NVML_TEMPERATURE_GPU)
             return None if value is None else int(value)
-        ref, read, answer = request
-        code = function(handle, ref)
-        if code != _SUCCESS:
-            self._failed(name, m.NVMLError(code))  # raises, or logs once
-            return None
-        return int(read(answer))
+        answer = self._ask(name, request, handle)
+        return None if answer is None else int(request[3][0](answer))
 
     def next_event(self, events: Any) -> Any:
         """The next event pending in event set ``events`` (an ``nvmlEventData_t``), without
@@ -425,11 +423,10 @@ class Gateway:
                 name, "c_nvmlMemory_v2_t", ("used", "total"), version=m.nvmlMemory_v2
             )
             if request is not None:
-                function, ref, answer, (used, total) = request
-                code = function(handle, ref)
-                if code != _SUCCESS:
-                    self._failed(name, m.NVMLError(code))
+                answer = self._ask(name, request, handle)
+                if answer is None:
                     return None
+                used, total = request[3]
                 return used(answer), total(answer)
             info = self._invoke("nvmlDeviceGetMemoryInfo", (handle,), {"version": m.nvmlMemory_v2})
         else:
@@ -439,22 +436,12 @@ class Gateway:
     def utilization(self, handle: Any) -> int | None:
         """The percent of NVML's last sample period in which a kernel ran on the GPU;
         ``None`` when NVML cannot tell (logged once). Raises as :meth:`call` does."""
-        name = "nvmlDeviceGetUtilizationRates"
-        request = self._answer(name, "c_nvmlUtilization_t", ("gpu",))
-        if request is None:
-            util = self._invoke(name, (handle,), {})
-            return None if util is None else int(util.gpu)
-        function, ref, answer, (gpu,) = request
-        code = function(handle, ref)
-        if code != _SUCCESS:
-            self._failed(name, self._module.NVMLError(code))
-            return None
-        return int(gpu(answer))
+        return self._number("nvmlDeviceGetUtilizationRates", "c_nvmlUtilization_t", "gpu", handle)
 
     def power_mw(self, handle: Any) -> int | None:
         """The GPU's power draw, milliwatts, as ``nvmlDeviceGetPowerUsage`` tells it; ``None``
         when NVML cannot tell (logged once). Raises as :meth:`call` does."""
-        return self._number("nvmlDeviceGetPowerUsage", ctypes.c_uint, handle)
+        return self._number("nvmlDeviceGetPowerUsage", ctypes.c_uint, "value", handle)
 
     def clock_reasons(self, handle: Any) -> int | None:
         """The bit mask of what holds the GPU's clocks down, by the newest symbol that works;
@@ -463,43 +450,53 @@ class Gateway:
         if name is None or name != _VARIANTS["clock_reasons"][0]:
             value = self.variant("clock_reasons", handle)
             return None if value is None else int(value)
-        return self._number(name, ctypes.c_ulonglong, handle)
+        return self._number(name, ctypes.c_ulonglong, "value", handle)
 
-    def _number(self, name: str, kind: Any, handle: Any) -> int | None:
-        """A call of ``name`` that writes one number of C type ``kind``."""
-        request = self._answer(name, kind, ("value",))
+    def _number(self, name: str, kind: str | Any, field: str, handle: Any) -> int | None:
+        """One number NVML's ``name`` answers: ``field`` of its answer of type ``kind`` (see
+        :meth:`_answer`), or the wrapper's answer (that field of it, or the number itself)."""
+        request = self._answer(name, kind, (field,))
         if request is None:
             value = self._invoke(name, (handle,), {})
-            return None if value is None else int(value)
+            if value is None:
+                return None
+            # a wrapper answers a structure, or for a plain C number the number itself
+            return int(getattr(value, field) if field != "value" else value)
+        answer = self._ask(name, request, handle)
+        return None if answer is None else int(request[3][0](answer))
+
+    def _answer(
+        self, name: str, kind: str | Any, fields: tuple[str, ...], **settings: Any
+    ) -> _Request | None:
+        """NVML's C function ``name`` that writes one answer of type ``kind`` (a ctypes type, or
+        the name of the module's structure, whose fields ``settings`` are set once): the
+        function, a reference to the answer made once, the answer, and its ``fields``' own
+        getters. ``None`` where the wrapper is to be used (no C function, no such structure,
+        a setting the binding lacks: ``None``)."""
+        key = ("answer", name)
+        kept: _Request | None = self._buffers.get(key)
+        if kept is not None:
+            return None if name in self._missing else kept
+        function = self._c_function(name) if name not in self._missing else None
+        struct = getattr(self._module, kind, None) if isinstance(kind, str) else kind
+        if function is None or struct is None or None in settings.values():
+            return None
+        answer = struct()
+        for field, value in settings.items():
+            getattr(struct, field).__set__(answer, value)
+        getters = tuple(getattr(struct, f).__get__ for f in fields)
+        kept = self._buffers[key] = (function, ctypes.byref(answer), answer, getters)
+        return kept
+
+    def _ask(self, name: str, request: _Request, handle: Any) -> Any:
+        """Call the C function of ``request`` (:meth:`_answer`) for ``handle``: its answer, or
+        ``None`` where it failed (logged once; raises as :meth:`call` does)."""
         function, ref, answer, _ = request
         code = function(handle, ref)
         if code != _SUCCESS:
             self._failed(name, self._module.NVMLError(code))
             return None
-        return int(answer.value)
-
-    def _answer(
-        self, name: str, kind: str | Any, fields: tuple[str, ...], version: int | None = None
-    ) -> tuple[Any, Any, Any, tuple[Callable[[Any], Any], ...]] | None:
-        """NVML's C function ``name`` that writes one answer of type ``kind`` (a ctypes type, or
-        the name of the module's structure, whose ``version`` field is set once where given):
-        the function, a reference to the answer made once, the answer, and its ``fields``' own
-        getters. ``None`` where the wrapper is to be used."""
-        key = ("answer", name)
-        kept: tuple[Any, Any, Any, tuple[Callable[[Any], Any], ...]] | None
-        kept = self._buffers.get(key)
-        if kept is not None:
-            return None if name in self._missing else kept
-        function = self._c_function(name) if name not in self._missing else None
-        struct = getattr(self._module, kind, None) if isinstance(kind, str) else kind
-        if function is None or struct is None:
-            return None
-        answer = struct()
-        if version is not None:
-            struct.version.__set__(answer, version)
-        getters = tuple(getattr(struct, f).__get__ for f in fields)
-        kept = self._buffers[key] = (function, ctypes.byref(answer), answer, getters)
-        return kept
+        return answer
 
     def field_values(self, handle: Any, field_ids: Sequence[int]) -> dict[int, float | None]:
         """Several fields in one NVML call; each unsupported field is ``None``."""
