@@ -889,10 +889,9 @@ class SlurmJobCollector(Collector):
         again after a change); what the environments said is kept for the job's life, and
         searched further while incomplete.
         """
+        # named by the cgroup's job_id: the SLUID where the cgroup is named by one (keep_only's)
         trusted = (
-            self._job_info_files.read(job.sluid or job.job_id, job.sluid is not None)
-            if info_dir_ok
-            else None
+            self._job_info_files.read(job.job_id, job.sluid is not None) if info_dir_ok else None
         )
         search = self._search.get(job.key)
         if search is None:
