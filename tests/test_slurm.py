@@ -559,6 +559,26 @@ def test_a_requeued_jobs_cgroup_made_anew_has_its_cpuset_read_at_once(tmp_path: 
     collector.close()
 
 
+def test_a_settled_cpuset_holds_for_a_job_whose_files_are_past_the_kept_limit(
+    tmp_path: Path,
+) -> None:
+    """Past the limit of files kept open, a job's files are opened by name every round; that
+    is no requeue, so its settled cpuset is not read every round for it (review finding)."""
+    root = copy_tree(V2, tmp_path)
+    job = root / V2_SCOPE / "job_1001"
+    collector = SlurmJobCollector(ctx(root), resolve_user=names)
+    collector._files.close()
+    collector._files = KeptFiles(limit=0)  # nothing kept: every file opened every round
+    now = [1000.0]
+    collector._clock = lambda: now[0]
+    for _ in range(12):
+        assert _cpus_after(collector, now, 1) == 4.0
+    (job / "cpuset.cpus.effective").write_text("0-1\n")
+    assert _cpus_after(collector, now, 1) == 4.0  # settled: not read within the recheck
+    assert _cpus_after(collector, now, slurm.CPUSET_RECHECK_SECONDS - 1) == 2.0
+    collector.close()
+
+
 def _cgroup2_mount() -> Path | None:
     """A cgroup v2 file system this process may make directories in (root on a Linux host)."""
     try:

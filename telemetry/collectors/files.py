@@ -136,9 +136,9 @@ class KeptFiles:
             self._drop(fd, directory)
         # what the seam takes, made only where a file is opened
         opened = path if isinstance(path, Path) else Path(path)
-        self._opened[owner] = self._round
         if self._count >= self._limit:
-            return read_text(opened)
+            return read_text(opened)  # not kept: opened by name every round, nothing to tell
+        self._opened[owner] = self._round
         directory = key.rpartition("/")[0] or "/"
         # Before the file is opened, a change after is told; and a directory made again under
         # its name (cgroupfs tells no watch of a removal) is found here and watched anew.
@@ -159,8 +159,9 @@ class KeptFiles:
         return text
 
     def opened_in_round(self, owner: object) -> bool:
-        """Whether a file of ``owner`` was opened by name this round (:meth:`begin_round`): read
-        for the first time, or again because the one kept was gone (a cgroup made anew)."""
+        """Whether a file of ``owner`` was opened by name to be kept this round
+        (:meth:`begin_round`): read for the first time, or again because the one kept was gone
+        (a cgroup made anew). Files past the limit, opened every round, do not count."""
         return self._opened.get(owner) == self._round
 
     def _watch_directory(self, directory: str) -> None:
