@@ -394,11 +394,11 @@ def round_breakdown(
             t0 = time.process_time()
             result = daemon.runner.run()
             t1 = time.process_time()
-            for table, frame in result.tables.items():
+            for table, frame in result.batches.items():
                 daemon.store.append(table, frame)
             t2 = time.process_time()
             with daemon._lock:
-                daemon._unaggregated.extend(result.tables.items())
+                daemon._unaggregated.extend(result.batches.items())
                 daemon._rounds_unaggregated += 1
                 daemon._published = None
             if k % 15 == 14:

@@ -32,7 +32,7 @@ from telemetry.clock import SteadyClock
 from telemetry.collectors import REGISTRY, CollectorContext, Runner
 from telemetry.collectors.base import CollectorStatus
 from telemetry.config import DaemonConfig, load_object
-from telemetry.frame import Frame
+from telemetry.frame import RoundBatch
 from telemetry.logs import OnceLogger, say
 from telemetry.state import Snapshot, State
 from telemetry.store.writer import Store
@@ -69,14 +69,14 @@ class Daemon:
         self.state = State(config.max_gap_seconds, inventory)
         self.store = Store(config.data_dir, self.node, config.rotate_seconds)
         self.store_errors = 0
-        self._pending: list[tuple[str, Frame]] = []
+        self._pending: list[tuple[str, RoundBatch]] = []
         self.pending_dropped = 0
         self._last_time_ns = 0
         self.clock_dropped: dict[str, int] = {}
         # Rounds collected but not yet ingested into the live state, the last round's collector
         # status, and the snapshot of everything ingested (None: rounds came in since it was made).
         self._lock = threading.Lock()
-        self._unaggregated: list[tuple[str, Frame]] = []
+        self._unaggregated: list[tuple[str, RoundBatch]] = []
         self._rounds_unaggregated = 0
         self._aggregate_every = max(1, int(AGGREGATE_EVERY_SECONDS / config.interval_seconds))
         self._trim_every = max(1, int(TRIM_EVERY_SECONDS / config.interval_seconds))
@@ -141,20 +141,20 @@ class Daemon:
         if result.time_ns <= self._last_time_ns:
             # The system clock stepped back: these samples would sit before ones already
             # stored and turn counter deltas into false restarts. Drop and count them.
-            dropped = {table: batch.num_rows for table, batch in result.tables.items()}
+            dropped = {table: batch.num_rows for table, batch in result.batches.items()}
             self._once.warning(
                 "clock", "system clock stepped backwards; samples dropped until it catches up"
             )
-            result.tables = {}
+            result.batches = {}
         else:
             self._last_time_ns = result.time_ns
             self._once.clear("clock")
-        self._pending.extend(result.tables.items())
+        self._pending.extend(result.batches.items())
         self._flush_pending()
         with self._lock:  # scrapes read these from their own threads
             for table, rows in dropped.items():
                 self.clock_dropped[table] = self.clock_dropped.get(table, 0) + rows
-            self._unaggregated.extend(result.tables.items())
+            self._unaggregated.extend(result.batches.items())
             self._rounds_unaggregated += 1
             self._status = result.status
             self._published = None
@@ -167,13 +167,13 @@ class Daemon:
     def _aggregate(self) -> None:
         """Ingest the rounds collected since the last aggregation, one batch per table (the
         state's sums do not depend on how the rows are split). Called with the lock held."""
-        by_table: dict[str, list[Frame]] = {}
+        by_table: dict[str, list[RoundBatch]] = {}
         for table, batch in self._unaggregated:
             by_table.setdefault(table, []).append(batch)
         self._unaggregated, self._rounds_unaggregated = [], 0
         for table, batches in by_table.items():
             try:
-                self.state.ingest(table, Frame.concat(batches))
+                self.state.ingest(table, RoundBatch.concat(batches))
             except ValueError as exc:  # never expected of our own rows: the journal has them
                 self._once.warning(f"ingest:{table}", f"live {table} rows left out: {exc}")
 

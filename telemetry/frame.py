@@ -6,6 +6,8 @@ nothing there. A :class:`Frame` holds every column of its table (``telemetry.tab
 in arrays of the column's own width (so a float32 reading is rounded once, as the journal and
 every bill see it), strings in object arrays, and a validity mask where a nullable column holds
 nulls. :meth:`Frame.to_arrow` and :meth:`Frame.from_arrow` cross to Arrow where a reader needs it.
+A :class:`RoundBatch` is one round's rows still as Python values: the daemon journals it every
+round and makes one Frame of many rounds when it aggregates.
 """
 
 from __future__ import annotations
@@ -101,10 +103,13 @@ def column_array(kind: str, values: Sequence[Any]) -> tuple[np.ndarray, np.ndarr
     return _checked_array(kind, values)
 
 
-def _checked_array(kind: str, values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray | None]:
-    """:func:`column_array` of values it has accepted before: nulls found, nothing checked."""
+def _checked_array(
+    kind: str, values: Sequence[Any], nulls: bool | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """:func:`column_array` of values it has accepted before: nulls found (``nulls``: whether
+    there are any, where that is known), nothing checked."""
     valid: np.ndarray | None = None
-    if None in values:
+    if nulls if nulls is not None else None in values:
         valid = np.array([v is not None for v in values], dtype=bool)
         if kind != "string":
             values = [0 if v is None else v for v in values]
@@ -353,3 +358,86 @@ class Frame:
 
 def _is_nan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
+
+
+class RoundBatch:
+    """One round's rows of sample table ``table`` as Python values by column, each value
+    checked already (:func:`check_column`): what the daemon journals every round without NumPy,
+    and turns into one :class:`Frame` for many rounds (:meth:`concat`) when it aggregates.
+
+    ``values`` holds every declared column in declared order (None for a null); ``nulls`` names
+    the columns that hold a null. No required column holds one (:meth:`from_columns` leaves such
+    rows out).
+    """
+
+    __slots__ = ("_frame", "nulls", "num_rows", "table", "values")
+
+    def __init__(
+        self, table: str, values: dict[str, Sequence[Any]], num_rows: int, nulls: frozenset[str]
+    ) -> None:
+        self.table = table
+        self.values = values
+        self.num_rows = num_rows
+        self.nulls = nulls
+        self._frame: Frame | None = None
+
+    @classmethod
+    def from_columns(
+        cls,
+        table: str,
+        columns: dict[str, Sequence[Any]],
+        num_rows: int,
+        constants: dict[str, Any] | None = None,
+    ) -> RoundBatch:
+        """The rows whose ``columns`` (checked values down the rows; a column not given is
+        null) hold a value in every required column of ``table``, each of the ``constants``
+        (a round's time and node) in every row."""
+        values: dict[str, Sequence[Any]] = {}
+        nulls: set[str] = set()
+        incomplete: list[str] = []  # required columns holding a null
+        absent = (None,) * num_rows
+        for column in TABLES[table]:
+            name = column.name
+            if constants is not None and name in constants:
+                values[name] = (constants[name],) * num_rows
+                continue
+            got = columns.get(name, absent)
+            values[name] = got
+            if None in got:
+                (nulls.add if column.nullable else incomplete.append)(name)
+        if incomplete:
+            keep = [i for i in range(num_rows) if all(values[n][i] is not None for n in incomplete)]
+            values = {n: [v[i] for i in keep] for n, v in values.items()}
+            nulls = {n for n in nulls if None in values[n]}
+            num_rows = len(keep)
+        return cls(table, values, num_rows, frozenset(nulls))
+
+    def frame(self) -> Frame:
+        """The same rows as a :class:`Frame` (made once)."""
+        if self._frame is None:
+            self._frame = RoundBatch.concat([self])
+        return self._frame
+
+    def to_arrow(self) -> pa.Table:
+        """The same rows as an Arrow table of the table's schema (imports pyarrow)."""
+        return self.frame().to_arrow()
+
+    @staticmethod
+    def concat(batches: Sequence[RoundBatch]) -> Frame:
+        """The rows of ``batches`` (one table) one after another, as one Frame: one NumPy
+        array a column for all of them."""
+        first = batches[0]
+        arrays: dict[str, np.ndarray] = {}
+        valid: dict[str, np.ndarray] = {}
+        for column in TABLES[first.table]:
+            name = column.name
+            if len(batches) == 1:
+                values = first.values[name]
+            else:
+                values = [v for batch in batches for v in batch.values[name]]
+            nulls = any(name in batch.nulls for batch in batches)
+            array, mask = _checked_array(column.kind, values, nulls)
+            arrays[name] = array
+            if mask is not None:
+                valid[name] = mask
+        return Frame(first.table, arrays, valid)

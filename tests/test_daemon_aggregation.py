@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 
 from telemetry.daemon import AGGREGATE_EVERY_SECONDS, Daemon
+from telemetry.frame import Frame, RoundBatch
 from telemetry.schema import SchemaError
 from telemetry.state import State
 from tests.support.daemon import daemon_in_process
@@ -31,13 +32,13 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         yield d
 
 
-def _stored_rounds(d: Daemon) -> list[list[tuple[str, pa.Table]]]:
-    """Spy on the journal: each round's batches as the daemon wrote them."""
-    rounds: list[list[tuple[str, pa.Table]]] = []
+def _stored_rounds(d: Daemon) -> list[list[tuple[str, Frame]]]:
+    """Spy on the journal: each round's rows as the daemon wrote them."""
+    rounds: list[list[tuple[str, Frame]]] = []
     append = d.store.append
 
-    def record(table: str, batch: pa.Table) -> None:
-        rounds[-1].append((table, batch))
+    def record(table: str, batch: RoundBatch) -> None:
+        rounds[-1].append((table, batch.frame()))
         append(table, batch)
 
     d.store.append = record  # type: ignore[method-assign]

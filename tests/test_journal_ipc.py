@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from telemetry.frame import DTYPES, Frame
+from telemetry.frame import DTYPES, Frame, RoundBatch
 from telemetry.schema import SCHEMAS
 from telemetry.store import ipc
 from telemetry.store.layout import read_journal
@@ -350,3 +350,79 @@ def test_string_columns_repeating_the_batch_before_read_back_as_written(tmp_path
     assert read[3].column("user").to_pylist() == ["user0", "user1", "user2", "user3"]
     assert read[5].column("account_source").null_count == 1
     assert read[7].column("account_source").null_count == 0
+
+
+# float64 values for float32 columns: past float32's range (inf, as NumPy and Arrow make it),
+# just under it, halfway between two float32s (rounded to even), subnormal.
+_WIDE_FLOATS = [1e300, -1e39, 3.4028235e38, 1.0000000596046448, 1e-45, 1e-46, np.nan, -0.0]
+
+
+def _round_batches(table: str, seed: int) -> list[RoundBatch]:
+    """Random rounds of ``table`` as the Runner hands them on: Python values (None for null,
+    float64 and Python ints as the collectors give them, float32 columns unrounded)."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for rows in [3, 0, 1, 58, 7, 7, *rng.integers(0, 60, size=12).tolist()]:
+        frame = random_frame(rng, table, int(rows))
+        columns: dict[str, list[Any]] = {}
+        for column in TABLES[table]:
+            values = frame.values(column.name)
+            if column.kind == "float32":
+                values = [
+                    None if v is None else float(rng.choice(_WIDE_FLOATS))
+                    if rng.random() < 0.4 else float(rng.normal(0, 1e6))
+                    for v in values
+                ]  # fmt: skip
+            columns[column.name] = values
+        if rows == 7 and batches and batches[-1].num_rows == 7:
+            columns = {**columns, "node": list(batches[-1].values["node"])}  # strings repeated
+        batches.append(RoundBatch.from_columns(table, columns, int(rows)))
+    return batches
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("table", list(TABLES))
+def test_a_round_batch_is_written_as_the_same_bytes_as_its_frame(
+    tmp_path: Path, table: str, seed: int
+) -> None:
+    """The daemon's path (Python values packed with struct, no NumPy array) and the Frame's
+    write the same bytes, batch after batch (string buffers reused from the batch before), and
+    what they write reads back as the Frames' Arrow tables."""
+    batches = _round_batches(table, seed)
+    packed, arrays = {}, {}  # type: ignore[var-annotated]
+    for batch in batches:
+        frame = batch.frame()
+        assert frame.num_rows == batch.num_rows
+        assert ipc.round_batch_message(batch, packed) == ipc.record_batch_message(frame, arrays)
+    path = tmp_path / "part.arrows"
+    with open(path, "wb") as sink:
+        writer = ipc.StreamWriter(sink, table)
+        for batch in batches:
+            writer.write_table(batch)
+        writer.close()
+    frames = [batch.frame() for batch in batches]
+    data, clean = read_journal(path)
+    assert clean and data is not None
+    assert_same(data, _expected(table, frames))
+    together = RoundBatch.concat([b for b in batches if b.num_rows])
+    assert together.equals(Frame.concat([f for f in frames if f.num_rows]))
+
+
+def test_a_float_past_float32_is_written_as_infinity() -> None:
+    rows = {"gpu_uuid": ["GPU-a", "GPU-b"], "gpu_index": [0, 1], "gpu_model": ["H100"] * 2,
+            "memory_used_bytes": [1, 2], "memory_total_bytes": [3, 4],
+            "temperature_celsius": [1e300, -1e39]}  # fmt: skip
+    batch = RoundBatch.from_columns("gpu", rows, 2, {"time": 0, "node": "n1"})
+    read = pa.ipc.open_stream(
+        ipc.schema_message("gpu") + ipc.round_batch_message(batch) + ipc.END_OF_STREAM
+    ).read_all()
+    assert read.column("temperature_celsius").to_pylist() == [float("inf"), float("-inf")]
+
+
+def test_rows_without_a_required_value_are_left_out_of_a_round_batch() -> None:
+    rows = {"job_id": ["1", None, "3"], "cpus_allocated": [1.0, 2.0, None],
+            "cpu_seconds": [5.0, 6.0, 7.0], "memory_bytes": [1, 2, 3], "user": ["a", "b", None],
+            "account": ["p", "p", "p"], "gpus_allocated": [0.0, 0.0, 0.0]}  # fmt: skip
+    batch = RoundBatch.from_columns("job", rows, 3, {"time": 0, "node": "n1"})
+    assert batch.num_rows == 1 and list(batch.values["job_id"]) == ["1"]
+    assert batch.nulls == {"account_source"}

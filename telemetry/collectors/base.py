@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from telemetry.collectors.attribution import ATTRIBUTION_WRITES, attribute_gpus
 from telemetry.collectors.files import KeptFiles
-from telemetry.frame import Frame, check_column, row_columns
+from telemetry.frame import Frame, RoundBatch, check_column, row_columns
 from telemetry.logs import OnceLogger
 from telemetry.tables import SERIES_KEYS, TABLES
 
@@ -89,16 +89,21 @@ class CollectorStatus:
 
 @dataclass
 class Round:
-    """Everything one collection round produced."""
+    """Everything one collection round produced: each sample table's rows (``batches``)."""
 
     time_ns: int
-    tables: dict[str, Frame]
+    batches: dict[str, RoundBatch]
     status: dict[str, CollectorStatus] = field(default_factory=dict)
     rows_dropped: int = 0
 
+    @property
+    def tables(self) -> dict[str, Frame]:
+        """Each table's rows as a :class:`Frame`."""
+        return {table: batch.frame() for table, batch in self.batches.items()}
+
 
 class Runner:
-    """Runs enabled collectors with one error boundary each and assembles one Frame a table."""
+    """Runs enabled collectors with one error boundary each and assembles one batch a table."""
 
     def __init__(
         self,
@@ -148,8 +153,8 @@ class Runner:
             # the one table attribution makes rather than fills in from checked rows
             gpu_job = check_rows({"gpu_job": partial.get("gpu_job", [])})
             checked_columns["gpu_job"] = gpu_job.get("gpu_job")
-        tables, dropped = assemble(partial, now, node, checked=True, columns=checked_columns)
-        return Round(time_ns=now, tables=tables, status=status, rows_dropped=dropped)
+        batches, dropped = assemble(partial, now, node, checked=True, columns=checked_columns)
+        return Round(time_ns=now, batches=batches, status=status, rows_dropped=dropped)
 
     def close(self) -> None:
         for collector in self.collectors:
@@ -197,15 +202,17 @@ def assemble(
     node: str,
     checked: bool = False,
     columns: dict[str, Columns | None] | None = None,
-) -> tuple[dict[str, Frame], int]:
-    """Merge partial rows of one round by series key into one Frame per sample table.
+) -> tuple[dict[str, RoundBatch], int]:
+    """Merge partial rows of one round by series key into one batch per sample table.
 
     Rows lacking a non-nullable column after merging (e.g. only RAPL energy because the ``cpu``
     collector failed) are dropped; their count is returned. ``checked``: every value passed
-    :func:`check_rows` already, so the Frames only look for nulls (``Frame.from_rows``).
-    ``columns``: what :func:`row_columns` made of a table's rows already, where it is known.
+    :func:`check_rows` already (else they are checked here: ``ValueError``). ``columns``: what
+    :func:`row_columns` made of a table's rows already, where it is known.
     """
-    tables: dict[str, Frame] = {}
+    if not checked:
+        check_rows(partial)
+    batches: dict[str, RoundBatch] = {}
     dropped = 0
     constants = {"time": time_ns, "node": node}
     for table, rows in partial.items():
@@ -220,20 +227,16 @@ def assemble(
             series = list(zip(*[table_columns.get(k, absent) for k in keys], strict=True))
         else:
             series = [()] * len(rows)
-        if len(set(series)) == len(rows):  # one row a series, as a collector's rows are
-            frame = Frame.from_rows(
-                table, rows, checked, constants, drop_incomplete=True, columns=table_columns
-            )
-            dropped += len(rows) - frame.num_rows
-        else:
+        count = len(rows)
+        if len(set(series)) != count:  # rows of one series from two collectors: merged
             merged: dict[tuple[Any, ...], Row] = {}
             for key, row in zip(series, rows, strict=True):
                 earlier = merged.get(key)
                 merged[key] = row if earlier is None else {**earlier, **row}
-            frame = Frame.from_rows(
-                table, list(merged.values()), checked, constants, drop_incomplete=True
-            )
-            dropped += len(merged) - frame.num_rows
-        if frame.num_rows:
-            tables[table] = frame
-    return tables, dropped
+            table_columns = row_columns(list(merged.values()))
+            count = len(merged)
+        batch = RoundBatch.from_columns(table, table_columns, count, constants)
+        dropped += count - batch.num_rows
+        if batch.num_rows:
+            batches[table] = batch
+    return batches, dropped

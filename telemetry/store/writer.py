@@ -38,7 +38,7 @@ from urllib.parse import quote
 
 from telemetry import heap
 from telemetry.errors import TallyError
-from telemetry.frame import Frame
+from telemetry.frame import Frame, RoundBatch
 from telemetry.store.ipc import StreamWriter
 from telemetry.store.layout import (
     JOURNAL_SUFFIX,
@@ -197,9 +197,10 @@ class _Journal:
         return True
 
 
-def _as_frame(batch: Frame | pa.Table, table: str) -> Frame:
-    """``batch`` as a Frame of ``table``; a pa.Table (tests, tools) is validated first."""
-    if isinstance(batch, Frame):
+def _as_frame(batch: Frame | RoundBatch | pa.Table, table: str) -> Frame | RoundBatch:
+    """``batch`` as a Frame (or the daemon's RoundBatch) of ``table``; a pa.Table (tests,
+    tools) is validated first."""
+    if isinstance(batch, Frame | RoundBatch):
         if batch.table != table:
             raise ValueError(f"rows of table {batch.table!r} appended to {table!r}")
         return batch
@@ -264,17 +265,19 @@ class Store:
         child.process.wait()
         self._reap(child)
 
-    def append(self, table: str, batch: Frame | pa.Table) -> None:
+    def append(self, table: str, batch: Frame | RoundBatch | pa.Table) -> None:
         """Append one round's rows of ``table`` (all with the same time) to its journal.
 
-        ``batch`` is a :class:`Frame` (the daemon's; no pyarrow is loaded) or a ``pa.Table``.
+        ``batch`` is a :class:`RoundBatch` (the daemon's) or a :class:`Frame` (no pyarrow is
+        loaded for either), or a ``pa.Table``.
         Raises ``OSError`` when the disk refuses, ``ValueError`` for rows the table cannot hold.
         """
         frame = _as_frame(batch, table)
         if frame.num_rows == 0:
             self._poll()
             return
-        first_ns = int(frame.columns["time"][0])
+        times = frame.values["time"] if isinstance(frame, RoundBatch) else frame.columns["time"]
+        first_ns = int(times[0])
         hour = first_ns // self.rotate_ns
         journal = self._journals.get(table)
         if journal is not None and not journal.exists():
