@@ -144,51 +144,25 @@ class Frame:
         return cls(table, {c.name: np.zeros(0, DTYPES[c.kind]) for c in TABLES[table]})
 
     @classmethod
-    def from_rows(
-        cls,
-        table: str,
-        rows: Sequence[dict[str, Any]],
-        checked: bool = False,
-        constants: dict[str, Any] | None = None,
-        drop_incomplete: bool = False,
-        columns: dict[str, Sequence[Any]] | None = None,
-    ) -> Frame:
+    def from_rows(cls, table: str, rows: Sequence[dict[str, Any]]) -> Frame:
         """One frame from row dicts (a missing column is null). Raises ``ValueError`` naming the
-        column for a value its type cannot hold, or a null in a required column.
-
-        ``checked``: every value already passed :func:`column_array` for its column (the
-        Runner checks each collector's rows inside its error boundary), so only nulls are
-        looked for; a value of the wrong type is then converted as NumPy converts it.
-        ``constants``: columns whose one value every row has (a round's time and node), not
-        looked up in the rows. ``drop_incomplete``: a row with a null in a required column is
-        left out instead (``num_rows`` says how many stayed). ``columns``: what
-        :func:`row_columns` made of ``rows`` already."""
+        column for a value its type cannot hold, or a null in a required column."""
         arrays: dict[str, np.ndarray] = {}
         valid: dict[str, np.ndarray] = {}
-        convert = _checked_array if checked else column_array
-        missing: np.ndarray | None = None  # rows with a null in a required column
-        given = row_columns(rows) if columns is None else columns
+        given = row_columns(rows)
         absent = [None] * len(rows)
         for column in TABLES[table]:
             name = column.name
-            if constants is not None and name in constants:
-                values: Sequence[Any] = [constants[name]] * len(rows)
-            else:
-                values = given.get(name, absent)
             try:
-                array, mask = convert(column.kind, values)
+                array, mask = column_array(column.kind, given.get(name, absent))
             except (TypeError, ValueError, OverflowError) as exc:
                 raise ValueError(f"{table}.{name}: {exc}") from None
             if mask is not None:
-                if column.nullable:
-                    valid[name] = mask
-                elif drop_incomplete:
-                    missing = ~mask if missing is None else missing | ~mask
-                else:
+                if not column.nullable:
                     raise ValueError(f"{table}.{name}: null in a required column")
+                valid[name] = mask
             arrays[name] = array
-        frame = cls(table, arrays, valid)
-        return frame if missing is None else frame.filter(~missing)
+        return cls(table, arrays, valid)
 
     def has(self, name: str) -> bool:
         return name in self.columns

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from telemetry.frame import Frame, check_column, column_array, row_columns
+from telemetry.frame import Frame, RoundBatch, check_column, column_array, row_columns
 from telemetry.schema import SCHEMAS, screen, validate
 from telemetry.tables import EARLIEST_NS, LATEST_NS, TABLES
 from tests.support.units import NS
@@ -98,18 +98,20 @@ def test_rows_lacking_columns_hold_nulls_there(data: st.DataObject) -> None:
         for name in nullable:
             if data.draw(st.booleans()):
                 row.pop(name)
-    frame = Frame.from_rows(table, drawn, data.draw(st.booleans()))
+    frame = Frame.from_rows(table, drawn)
     assert _same(frame.to_arrow(), _arrow(table, drawn))
+    batch = RoundBatch.from_columns(table, row_columns(drawn), len(drawn))
+    assert _same(batch.to_arrow(), _arrow(table, drawn))
 
 
 @settings(max_examples=150, deadline=None)
 @given(st.data())
 def test_rows_checked_before_become_the_same_frame_unchecked(data: st.DataObject) -> None:
-    """The Runner's Frames skip the type checks its collectors' rows passed already: the
-    arrays, their dtypes and the null masks are those of the checking path."""
+    """The Runner's batches skip the type checks its collectors' rows passed already: their
+    Frames' arrays, dtypes and null masks are those of the checking path."""
     table = data.draw(TABLE_NAMES)
     drawn = data.draw(rows(table))
-    checked = Frame.from_rows(table, drawn, checked=True)
+    checked = RoundBatch.from_columns(table, row_columns(drawn), len(drawn)).frame()
     frame = Frame.from_rows(table, drawn)
     assert checked.equals(frame)
     for name, array in frame.columns.items():
@@ -122,7 +124,7 @@ def test_rows_checked_before_become_the_same_frame_unchecked(data: st.DataObject
 def test_a_rounds_rows_leave_out_the_incomplete_and_take_time_and_node_given(
     data: st.DataObject,
 ) -> None:
-    """How the Runner builds a round's Frame: time and node given once, and a row missing a
+    """How the Runner builds a round's batch: time and node given once, and a row missing a
     required column left out (not the whole table refused) — the same Frame as the rows that
     are complete, built with time and node in each."""
     table = data.draw(TABLE_NAMES)
@@ -132,15 +134,17 @@ def test_a_rounds_rows_leave_out_the_incomplete_and_take_time_and_node_given(
         del row["time"], row["node"]
         if required and data.draw(st.booleans()):
             row[data.draw(st.sampled_from(required))] = None
-    built = Frame.from_rows(
-        table, drawn, data.draw(st.booleans()), {"time": T0, "node": "n1"}, drop_incomplete=True
-    )
+    constants = {"time": T0, "node": "n1"}
+    batch = RoundBatch.from_columns(table, row_columns(drawn), len(drawn), constants)
+    built = batch.frame()
     complete = [
         {"time": T0, "node": "n1", **row}
         for row in drawn
         if all(row.get(name) is not None for name in required)
     ]
     assert built.equals(Frame.from_rows(table, complete))
+    assert batch.num_rows == len(complete)
+    assert batch.nulls == {name for name, values in batch.values.items() if None in values}
     if len(complete) < len(drawn):  # by default such rows refuse the whole Frame
         with pytest.raises(ValueError, match="null in a required column"):
             Frame.from_rows(table, [{"time": T0, "node": "n1", **row} for row in drawn])
