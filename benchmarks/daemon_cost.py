@@ -369,9 +369,10 @@ def round_breakdown(
 ) -> dict[str, float]:
     """CPU ms per round of each stage of a daemon round, in this process, at the daemon's real
     cadence (a 1 s sleep between rounds, so caches are as cold as a daemon's; a tight loop
-    reads about a quarter less, most of it on whichever stage runs first): each collector with the check of its rows, the Runner's GPU
-    attribution and assembly of Frames, the journal, and a scrape's snapshot and OpenMetrics
-    every 15 rounds. ``driver`` as for :func:`measure`."""
+    reads about a quarter less, most of it on whichever stage runs first): each collector with
+    the check of its rows, the Runner's GPU attribution and assembly of a batch a table, the
+    journal, and a scrape's snapshot and OpenMetrics every 15 rounds. ``driver`` as for
+    :func:`measure`."""
     from telemetry.config import DaemonConfig
     from telemetry.daemon import Daemon
 

@@ -173,7 +173,7 @@ class Daemon:
         self._unaggregated, self._rounds_unaggregated = [], 0
         for table, batches in by_table.items():
             try:
-                self.state.ingest(table, RoundBatch.concat(batches))
+                self.state.ingest(table, RoundBatch.frame_of(batches))
             except ValueError as exc:  # never expected of our own rows: the journal has them
                 self._once.warning(f"ingest:{table}", f"live {table} rows left out: {exc}")
 

@@ -109,7 +109,7 @@ def _checked_array(
     """:func:`column_array` of values it has accepted before: nulls found (``nulls``: whether
     there are any, where that is known), nothing checked."""
     valid: np.ndarray | None = None
-    if nulls if nulls is not None else None in values:
+    if (None in values) if nulls is None else nulls:
         valid = np.array([v is not None for v in values], dtype=bool)
         if kind != "string":
             values = [0 if v is None else v for v in values]
@@ -337,7 +337,7 @@ def _is_nan(value: Any) -> bool:
 class RoundBatch:
     """One round's rows of sample table ``table`` as Python values by column, each value
     checked already (:func:`check_column`): what the daemon journals every round without NumPy,
-    and turns into one :class:`Frame` for many rounds (:meth:`concat`) when it aggregates.
+    and turns into one :class:`Frame` for many rounds (:meth:`frame_of`) when it aggregates.
 
     ``values`` holds every declared column in declared order (None for a null); ``nulls`` names
     the columns that hold a null. No required column holds one (:meth:`from_columns` leaves such
@@ -389,7 +389,7 @@ class RoundBatch:
     def frame(self) -> Frame:
         """The same rows as a :class:`Frame` (made once)."""
         if self._frame is None:
-            self._frame = RoundBatch.concat([self])
+            self._frame = RoundBatch.frame_of([self])
         return self._frame
 
     def to_arrow(self) -> pa.Table:
@@ -397,7 +397,7 @@ class RoundBatch:
         return self.frame().to_arrow()
 
     @staticmethod
-    def concat(batches: Sequence[RoundBatch]) -> Frame:
+    def frame_of(batches: Sequence[RoundBatch]) -> Frame:
         """The rows of ``batches`` (one table) one after another, as one Frame: one NumPy
         array a column for all of them."""
         first = batches[0]

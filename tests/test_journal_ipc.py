@@ -352,9 +352,13 @@ def test_string_columns_repeating_the_batch_before_read_back_as_written(tmp_path
     assert read[7].column("account_source").null_count == 0
 
 
-# float64 values for float32 columns: past float32's range (inf, as NumPy and Arrow make it),
-# just under it, halfway between two float32s (rounded to even), subnormal.
-_WIDE_FLOATS = [1e300, -1e39, 3.4028235e38, 1.0000000596046448, 1e-45, 1e-46, np.nan, -0.0]
+# Values for float columns: past float32's range (inf, as NumPy and Arrow make it), just under
+# it, halfway between two float32s (rounded to even), subnormal; integers, Python's and NumPy's,
+# past float32's range and past 2**53 (rounded once, to float32, not to a double first).
+_WIDE_FLOATS: list[Any] = [1e300, -1e39, 3.4028235e38, 1.0000000596046448, 1e-45, 1e-46,
+                           np.nan, -0.0, np.float32(0.1), np.float64(1e39), 10**39, 7,
+                           2**60 + 2**36 + 1, np.int64(2**60 + 2**36 + 1), np.int32(-5),
+                           np.uint32(2**32 - 1)]  # fmt: skip
 
 
 def _round_batches(table: str, seed: int) -> list[RoundBatch]:
@@ -367,9 +371,9 @@ def _round_batches(table: str, seed: int) -> list[RoundBatch]:
         columns: dict[str, list[Any]] = {}
         for column in TABLES[table]:
             values = frame.values(column.name)
-            if column.kind == "float32":
+            if column.kind in ("float32", "float64"):
                 values = [
-                    None if v is None else float(rng.choice(_WIDE_FLOATS))
+                    None if v is None else _WIDE_FLOATS[int(rng.integers(len(_WIDE_FLOATS)))]
                     if rng.random() < 0.4 else float(rng.normal(0, 1e6))
                     for v in values
                 ]  # fmt: skip
@@ -404,7 +408,7 @@ def test_a_round_batch_is_written_as_the_same_bytes_as_its_frame(
     data, clean = read_journal(path)
     assert clean and data is not None
     assert_same(data, _expected(table, frames))
-    together = RoundBatch.concat([b for b in batches if b.num_rows])
+    together = RoundBatch.frame_of([b for b in batches if b.num_rows])
     assert together.equals(Frame.concat([f for f in frames if f.num_rows]))
 
 

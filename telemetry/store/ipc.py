@@ -26,6 +26,7 @@ counts, buffer offsets and lengths, body length), so it is built once per table
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import struct
 from collections.abc import Iterable, Sequence
@@ -382,12 +383,22 @@ def record_batch_message(frame: Frame, last: StringBuffers | None = None) -> byt
 
 
 # struct codes of the numeric column kinds, little-endian as Arrow's buffers are
-_STRUCT_CODES = {"time": "q", "int16": "h", "int32": "i", "int64": "q", "float32": "f"}
+_STRUCT_CODES = {
+    "time": "q",
+    "int16": "h",
+    "int32": "i",
+    "int64": "q",
+    "float32": "f",
+    "float64": "d",
+}
+# What struct turns into a float32 as NumPy does, rounding once: an integer it would round to
+# a double first, and then again.
+_FLOAT32_EXACT = frozenset({float, np.float64, np.float32, type(None)})
 
 
 @functools.lru_cache(maxsize=1024)
 def _packer(kind: str, rows: int) -> struct.Struct:
-    return struct.Struct(f"<{rows}{_STRUCT_CODES.get(kind, 'd')}")
+    return struct.Struct(f"<{rows}{_STRUCT_CODES[kind]}")
 
 
 def _validity(values: Sequence[Any]) -> tuple[int, bytes]:
@@ -413,16 +424,23 @@ def round_batch_message(batch: RoundBatch, last: StringBuffers | None = None) ->
     buffers: list[tuple[int, Sequence[bytes]]] = []
     for plan in layout.plans:
         name, string, dtype, column = plan
-        items = values[name]
+        items = values.get(name)
+        if items is None:
+            raise ValueError(f"{batch.table}: column {name!r} missing")
+        if len(items) != rows:
+            raise ValueError(f"{batch.table}: column {name!r} has {len(items)} rows")
         count, bitmap = _validity(items) if name in nulls else (0, b"")
         if count and not column.nullable:
             raise ValueError(f"column {name!r} is required but holds nulls")
         if not string:
+            exact = column.kind != "float32" or _FLOAT32_EXACT.issuperset(map(type, items))
             if count:
                 items = [0 if v is None else v for v in items]
-            try:
-                data = _packer(column.kind, rows).pack(*items)
-            except OverflowError:  # a float beyond float32 becomes inf, as in Arrow and NumPy
+            data = None
+            if exact:
+                with contextlib.suppress(OverflowError, struct.error):
+                    data = _packer(column.kind, rows).pack(*items)
+            if data is None:  # as NumPy converts: a float beyond float32 is inf, as in Arrow
                 with np.errstate(over="ignore"):
                     data = np.array(items, dtype=dtype).tobytes()
             buffers.append((count, (bitmap, data)))
@@ -485,14 +503,14 @@ class StreamWriter:
         self._strings: StringBuffers = {}
         self._write(schema_message(table))
 
-    def write_table(self, frame: Frame | RoundBatch) -> None:
-        """Append ``frame`` (rows of this writer's table) as one record batch."""
-        if frame.table != self.table:
-            raise ValueError(f"rows of table {frame.table!r} in the {self.table!r} journal")
-        if isinstance(frame, RoundBatch):
-            self._write(round_batch_message(frame, self._strings))
+    def write_table(self, rows: Frame | RoundBatch) -> None:
+        """Append ``rows`` (of this writer's table) as one record batch."""
+        if rows.table != self.table:
+            raise ValueError(f"rows of table {rows.table!r} in the {self.table!r} journal")
+        if isinstance(rows, RoundBatch):
+            self._write(round_batch_message(rows, self._strings))
         else:
-            self._write(record_batch_message(frame, self._strings))
+            self._write(record_batch_message(rows, self._strings))
 
     def close(self) -> None:
         self._write(END_OF_STREAM)
