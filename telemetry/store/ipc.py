@@ -26,7 +26,6 @@ counts, buffer offsets and lengths, body length), so it is built once per table
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import struct
 from collections.abc import Iterable, Sequence
@@ -436,10 +435,10 @@ def round_batch_message(batch: RoundBatch, last: StringBuffers | None = None) ->
             exact = column.kind != "float32" or _FLOAT32_EXACT.issuperset(map(type, items))
             if count:
                 items = [0 if v is None else v for v in items]
-            data = None
-            if exact:
-                with contextlib.suppress(OverflowError, struct.error):
-                    data = _packer(column.kind, rows).pack(*items)
+            try:  # (a with-statement a column costs more than the packing)
+                data = _packer(column.kind, rows).pack(*items) if exact else None
+            except (OverflowError, struct.error):
+                data = None
             if data is None:  # as NumPy converts: a float beyond float32 is inf, as in Arrow
                 with np.errstate(over="ignore"):
                     data = np.array(items, dtype=dtype).tobytes()
