@@ -354,11 +354,16 @@ def test_string_columns_repeating_the_batch_before_read_back_as_written(tmp_path
 
 # Values for float columns: past float32's range (inf, as NumPy and Arrow make it), just under
 # it, halfway between two float32s (rounded to even), subnormal; integers, Python's and NumPy's,
-# past float32's range and past 2**53 (rounded once, to float32, not to a double first).
+# past float32's range and past 2**53 (which NumPy rounds to float32 its own way: a NumPy
+# integer once, a Python one to a double first); for float32 columns a float32 signalling NaN
+# too (kept as it is).
 _WIDE_FLOATS: list[Any] = [1e300, -1e39, 3.4028235e38, 1.0000000596046448, 1e-45, 1e-46,
                            np.nan, -0.0, np.float32(0.1), np.float64(1e39), 10**39, 7,
                            2**60 + 2**36 + 1, np.int64(2**60 + 2**36 + 1), np.int32(-5),
                            np.uint32(2**32 - 1)]  # fmt: skip
+_FLOAT32_VALUES = [*_WIDE_FLOATS, np.frombuffer(b"\x01\x00\x80\x7f", np.float32)[0]]
+# NumPy's integer types a collector may hand an integer column in
+_NUMPY_INTS = {"time": np.int64, "int64": np.int64, "int32": np.int32, "int16": np.int16}
 
 
 def _round_batches(table: str, seed: int) -> list[RoundBatch]:
@@ -371,9 +376,13 @@ def _round_batches(table: str, seed: int) -> list[RoundBatch]:
         columns: dict[str, list[Any]] = {}
         for column in TABLES[table]:
             values = frame.values(column.name)
+            if column.kind in _NUMPY_INTS:
+                kind = _NUMPY_INTS[column.kind]
+                values = [kind(v) if v is not None and rng.random() < 0.3 else v for v in values]
             if column.kind in ("float32", "float64"):
+                drawn = _FLOAT32_VALUES if column.kind == "float32" else _WIDE_FLOATS
                 values = [
-                    None if v is None else _WIDE_FLOATS[int(rng.integers(len(_WIDE_FLOATS)))]
+                    None if v is None else drawn[int(rng.integers(len(drawn)))]
                     if rng.random() < 0.4 else float(rng.normal(0, 1e6))
                     for v in values
                 ]  # fmt: skip

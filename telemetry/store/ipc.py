@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any, BinaryIO, NamedTuple
@@ -366,11 +366,7 @@ def record_batch_message(frame: Frame, last: StringBuffers | None = None) -> byt
     buffers: list[tuple[int, Sequence[bytes]]] = []  # null count and buffers of each column
     for plan in layout.plans:
         name, string, dtype, _ = plan
-        values = columns.get(name)
-        if values is None:
-            raise ValueError(f"{frame.table}: column {name!r} missing")
-        if len(values) != rows:
-            raise ValueError(f"{frame.table}: column {name!r} has {len(values)} rows")
+        values = _column(frame.table, columns, name, rows)
         mask = valid.get(name)
         if mask is None and not string:
             # The common case, numbers without a mask: no bitmap, one value buffer.
@@ -379,6 +375,16 @@ def record_batch_message(frame: Frame, last: StringBuffers | None = None) -> byt
         else:
             buffers.append(_column_buffers(plan, values, mask, last))
     return _message_of(layout, rows, buffers)
+
+
+def _column(table: str, columns: Mapping[str, Any], name: str, rows: int) -> Any:
+    """Column ``name`` of ``columns``; ``ValueError`` where it is missing or not ``rows`` long."""
+    values = columns.get(name)
+    if values is None:
+        raise ValueError(f"{table}: column {name!r} missing")
+    if len(values) != rows:
+        raise ValueError(f"{table}: column {name!r} has {len(values)} rows, not {rows}")
+    return values
 
 
 # struct codes of the numeric column kinds, little-endian as Arrow's buffers are
@@ -390,9 +396,10 @@ _STRUCT_CODES = {
     "float32": "f",
     "float64": "d",
 }
-# What struct turns into a float32 as NumPy does, rounding once: an integer it would round to
-# a double first, and then again.
-_FLOAT32_EXACT = frozenset({float, np.float64, np.float32, type(None)})
+# What struct turns into a float32 as NumPy does: a double, rounded once. An integer struct
+# would round to a double first and then again (NumPy rounds a NumPy integer once), and a float32
+# it would pass through a double (a signalling NaN comes out quiet).
+_FLOAT32_EXACT = frozenset({float, np.float64, type(None)})
 
 
 @functools.lru_cache(maxsize=1024)
@@ -423,14 +430,10 @@ def round_batch_message(batch: RoundBatch, last: StringBuffers | None = None) ->
     buffers: list[tuple[int, Sequence[bytes]]] = []
     for plan in layout.plans:
         name, string, dtype, column = plan
-        items = values.get(name)
-        if items is None:
-            raise ValueError(f"{batch.table}: column {name!r} missing")
-        if len(items) != rows:
-            raise ValueError(f"{batch.table}: column {name!r} has {len(items)} rows")
+        items = _column(batch.table, values, name, rows)
         count, bitmap = _validity(items) if name in nulls else (0, b"")
         if count and not column.nullable:
-            raise ValueError(f"column {name!r} is required but holds nulls")
+            raise ValueError(f"{batch.table}: column {name!r} is required but holds nulls")
         if not string:
             exact = column.kind != "float32" or _FLOAT32_EXACT.issuperset(map(type, items))
             if count:
