@@ -5,6 +5,9 @@ from __future__ import annotations
 import gc
 import os
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from telemetry.collectors.files import KeptFiles
 
@@ -121,3 +124,41 @@ def test_two_files_read_together_read_as_each_on_its_own(tmp_path: Path) -> None
         raise AssertionError("a removed file read")
     together.close()
     alone.close()
+
+
+def test_a_file_past_64_kib_is_read_from_one_moment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proc file is made afresh for every read of it: one past 64 KiB read in two pieces could
+    join the start of one moment's text to the end of the next's. It is read whole, from its
+    start, in one read (opened by name, and kept)."""
+    path = tmp_path / "stat"
+    path.write_text("x")
+    moments = iter(range(10**6))
+    real = os.pread
+    opened: set[int] = set()
+
+    def proc_pread(fd: int, size: int, offset: int) -> bytes:
+        if fd not in opened:
+            return real(fd, size, offset)
+        k = next(moments)  # each read sees the file as it is now
+        text = f"cpu {k}\n" + "y" * 100_000 + f"\nintr {k}\n"
+        return text.encode()[offset : offset + size]
+
+    monkeypatch.setattr(os, "pread", proc_pread)
+    real_open = os.open
+
+    def open_proc(name: Any, flags: int, *args: Any) -> int:
+        fd = real_open(name, flags, *args)
+        opened.add(fd)
+        return fd
+
+    monkeypatch.setattr(os, "open", open_proc)
+    files = KeptFiles()
+    for _ in range(3):
+        files.begin_round()
+        text = files.read("proc", path)
+        first, last = text.splitlines()[0], text.splitlines()[-1]
+        assert first.split()[1] == last.split()[1], (first, last)
+        assert len(text) > 100_000
+    files.close()

@@ -30,18 +30,19 @@ def read_text(path: Path | str) -> str:
         os.close(fd)
 
 
-def _read_whole(fd: int, offset: int = 0) -> bytes:
-    """An open file from ``offset`` to its end: one ``pread`` for any small one (a large
-    host's ``/proc/stat`` passes 64 KiB and takes more)."""
-    data = os.pread(fd, 65536, offset)
-    if len(data) < 65536:
-        return data
-    chunks = [data]
-    offset += len(data)
-    while chunk := os.pread(fd, 65536, offset):
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
+def _read_whole(fd: int, first: bytes | None = None) -> bytes:
+    """An open file whole, in one ``pread`` from its start (``first``: what a 64 KiB one gave).
+
+    A proc file read in pieces is made afresh for each piece (a large host's ``/proc/stat``
+    passes 64 KiB), so the pieces could come from two moments and tear a line where they meet:
+    a buffer twice as large is tried until the whole file fits one read.
+    """
+    size = 65536
+    data = os.pread(fd, size, 0) if first is None else first
+    while len(data) >= size:
+        size *= 2
+        data = os.pread(fd, size, 0)
+    return data
 
 
 def _decode(data: bytes) -> str:
@@ -129,7 +130,7 @@ class KeptFiles:
                     if len(data) < 65536:
                         text = data.decode("utf-8", errors="replace")
                         return _newlines(text) if "\r" in text else text
-                    return _decode(data + _read_whole(fd, len(data)))
+                    return _decode(_read_whole(fd, data))
             except OSError:
                 pass  # removed, or the cgroup went away: read afresh below
             del files[key]
