@@ -36,7 +36,6 @@ from telemetry.collectors.slurm import (
 )
 from telemetry.errors import ParseError
 from telemetry.schema import JOB_SCHEMA
-from tests.support.job_rounds import planned_rounds_read_as_job_by_job
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 V2 = FIXTURES / "slurm_v2"
@@ -1193,26 +1192,3 @@ def test_the_batch_environment_ends_a_cpu_only_jobs_search(
         assert by_job(c.collect())["1001"] == first
     assert walks.count("job_1001") == 1
     assert walks.count("job_1003") > 1  # no batch step here: still searched
-
-
-@pytest.mark.parametrize(("src", "settled"), [(V2, False), (V2, True), (V1, False)])
-def test_rounds_read_as_planned_read_as_job_by_job(
-    tmp_path: Path, src: Path, settled: bool
-) -> None:
-    """Jobs with nothing new to find are read as the plan laid them out (cgroup v2): the same
-    rows, claims and failures as read job by job, round after round while the jobs change;
-    many job rows are read that way, and none on cgroup v1. ``settled``: without the jobs whose
-    search never ends (1003: no batch step here; 1005: no process), so that whole rounds are
-    read as planned too."""
-    root = copy_tree(src, tmp_path)
-    if settled:
-        for job in ("1003", "1005"):
-            shutil.rmtree(root / V2_SCOPE / f"job_{job}")
-    as_planned, whole = planned_rounds_read_as_job_by_job(
-        lambda: SlurmJobCollector(ctx(root), resolve_user=names)
-    )
-    if src == V1:
-        assert (as_planned, whole) == (0, 0)
-    else:
-        assert as_planned > 40, as_planned
-        assert (whole > 10) if settled else (whole == 0), whole

@@ -87,9 +87,6 @@ class KeptFiles:
         self._changed: set[str] = set()  # directories changed since the round before
         self._in_dir: dict[str, int] = {}  # kept files per directory
         self._opened: dict[object, int] = {}  # owner -> the round a file of it was last opened
-        # Changes whenever a file is kept or dropped, or a watched directory changed: the same
-        # number says every kept file is the one it was, and settled as it was.
-        self.generation = 0
         # Closes the descriptors of a collector dropped without close() (tests make many).
         self._finalizer = weakref.finalize(self, _close_all, self._fds)
 
@@ -104,10 +101,7 @@ class KeptFiles:
         if watch is None or not self._watched:
             return
         changed = watch.changed()
-        if changed:
-            self.generation += 1
         if changed is None:  # events lost: nothing is known, every file is opened again
-            self.generation += 1
             self._watched.clear()
             self.keep_only(set())
             return
@@ -162,7 +156,6 @@ class KeptFiles:
             return text  # read, not kept
         self._fds.setdefault(owner, {})[key] = (fd, directory)
         self._count += 1
-        self.generation += 1
         self._in_dir[directory] = self._in_dir.get(directory, 0) + 1
         return text
 
@@ -170,35 +163,28 @@ class KeptFiles:
         """:meth:`read` of ``first`` and then ``second`` (a cgroup's CPU and memory files), with
         one look-up of what is kept for both where they are kept and settled in one directory:
         a node reads two such files of every job, every round."""
-        fds = self.settled_fds(owner, first, second)
-        if fds is not None:
-            try:
-                data, more = os.pread(fds[0], 65536, 0), os.pread(fds[1], 65536, 0)
-            except OSError:
-                pass  # removed, or the cgroup went away: each read on its own below
-            else:
-                if len(data) < 65536 and len(more) < 65536 and b"\r" not in data + more:
-                    return (
-                        data.decode("utf-8", errors="replace"),
-                        more.decode("utf-8", errors="replace"),
-                    )
-        return self.read(owner, first), self.read(owner, second)
-
-    def settled_fds(self, owner: object, first: str, second: str) -> tuple[int, int] | None:
-        """The descriptors of ``first`` and ``second`` where both are kept and settled in one
-        directory (watched since a round before this one, no entry of it changed since: the
-        names still name these files); else ``None``."""
         files = self._fds.get(owner)
-        if files is None:
-            return None
-        one, two = files.get(first), files.get(second)
-        if one is None or two is None:
-            return None
-        directory = one[1]
-        began = self._watched.get(directory, -1)
-        if two[1] != directory or not 0 <= began < self._round or directory in self._changed:
-            return None
-        return one[0], two[0]
+        if files is not None:
+            one, two = files.get(first), files.get(second)
+            if one is not None and two is not None:
+                directory = one[1]
+                began = self._watched.get(directory, -1)
+                if (
+                    two[1] == directory
+                    and 0 <= began < self._round
+                    and directory not in self._changed
+                ):
+                    try:
+                        data, more = os.pread(one[0], 65536, 0), os.pread(two[0], 65536, 0)
+                    except OSError:
+                        pass  # removed, or the cgroup went away: each read on its own below
+                    else:
+                        if len(data) < 65536 and len(more) < 65536 and b"\r" not in data + more:
+                            return (
+                                data.decode("utf-8", errors="replace"),
+                                more.decode("utf-8", errors="replace"),
+                            )
+        return self.read(owner, first), self.read(owner, second)
 
     def opened_in_round(self, owner: object) -> bool:
         """Whether a file of ``owner`` was opened by name to be kept this round
@@ -227,7 +213,6 @@ class KeptFiles:
         """Close a kept file, and stop watching its directory with the last of its files."""
         os.close(fd)
         self._count -= 1
-        self.generation += 1
         left = self._in_dir.pop(directory, 1) - 1
         if left:
             self._in_dir[directory] = left
