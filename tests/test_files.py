@@ -90,42 +90,6 @@ def test_a_kept_file_reads_as_a_text_mode_read(tmp_path: Path) -> None:
     files.close()
 
 
-def test_two_files_read_together_read_as_each_on_its_own(tmp_path: Path) -> None:
-    """A job's CPU and memory files read together (one look-up while both are kept and
-    settled) read as two :meth:`KeptFiles.read` calls do: rewritten in place, with text-mode
-    newlines and bytes that are not UTF-8, past 64 KiB, in two directories, and gone."""
-    job = tmp_path / "job_1"
-    job.mkdir()
-    usage, memory = job / "cpu.stat", job / "memory.current"
-    other = tmp_path / "elsewhere"
-    other.mkdir()
-    apart = other / "memory.current"
-    together, alone = KeptFiles(), KeptFiles()
-    contents = [(b"usage_usec 1\n", b"10\n"), (b"usage_usec 2\n", b"20\n"),
-                (b"usage_usec 3\r\n", b"x\xff\n"), (b"usage_usec 4\n" + b"9" * 70_000, b"40\n"),
-                (b"usage_usec 5\n", b"50\n")]  # fmt: skip
-    for first, second in contents * 2:
-        usage.write_bytes(first)
-        memory.write_bytes(second)
-        apart.write_bytes(second)
-        for files in (together, alone):
-            files.begin_round()
-        want = (alone.read(1, str(usage)), alone.read(1, str(memory)))
-        assert together.read_two(1, str(usage), str(memory)) == want
-        assert together.read_two(2, str(usage), str(apart)) == (want[0], alone.read(2, apart))
-    assert len(together) == 4  # each file opened once, and kept
-    memory.unlink()
-    together.begin_round()
-    try:
-        together.read_two(1, str(usage), str(memory))
-    except FileNotFoundError:
-        pass
-    else:
-        raise AssertionError("a removed file read")
-    together.close()
-    alone.close()
-
-
 def test_a_file_past_64_kib_is_read_from_one_moment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -159,33 +159,6 @@ class KeptFiles:
         self._in_dir[directory] = self._in_dir.get(directory, 0) + 1
         return text
 
-    def read_two(self, owner: object, first: str, second: str) -> tuple[str, str]:
-        """:meth:`read` of ``first`` and then ``second`` (a cgroup's CPU and memory files), with
-        one look-up of what is kept for both where they are kept and settled in one directory:
-        a node reads two such files of every job, every round."""
-        files = self._fds.get(owner)
-        if files is not None:
-            one, two = files.get(first), files.get(second)
-            if one is not None and two is not None:
-                directory = one[1]
-                began = self._watched.get(directory, -1)
-                if (
-                    two[1] == directory
-                    and 0 <= began < self._round
-                    and directory not in self._changed
-                ):
-                    try:
-                        data, more = os.pread(one[0], 65536, 0), os.pread(two[0], 65536, 0)
-                    except OSError:
-                        pass  # removed, or the cgroup went away: each read on its own below
-                    else:
-                        if len(data) < 65536 and len(more) < 65536 and b"\r" not in data + more:
-                            return (
-                                data.decode("utf-8", errors="replace"),
-                                more.decode("utf-8", errors="replace"),
-                            )
-        return self.read(owner, first), self.read(owner, second)
-
     def opened_in_round(self, owner: object) -> bool:
         """Whether a file of ``owner`` was opened by name to be kept this round
         (:meth:`begin_round`): read for the first time, or again because the one kept was gone

@@ -365,7 +365,8 @@ def read_cgroup_usage(
     if files is None:
         usage, memory = read_text(Path(usage_file)), read_text(Path(memory_file))
     else:
-        usage, memory = files.read_two(owner, str(usage_file), str(memory_file))
+        usage = files.read(owner, usage_file)
+        memory = files.read(owner, memory_file)
     if version == 2:
         cpu_seconds = parse_cpu_stat_usage_usec(usage, usage_file) / 1e6
     else:
