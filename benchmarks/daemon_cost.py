@@ -395,8 +395,8 @@ def round_breakdown(
             t0 = time.process_time()
             result = daemon.runner.run()
             t1 = time.process_time()
-            for table, frame in result.batches.items():
-                daemon.store.append(table, frame)
+            for table, batch in result.batches.items():
+                daemon.store.append(table, batch)
             t2 = time.process_time()
             with daemon._lock:
                 daemon._unaggregated.extend(result.batches.items())

@@ -386,6 +386,10 @@ class RoundBatch:
             num_rows = len(keep)
         return cls(table, values, num_rows, frozenset(nulls))
 
+    def times(self) -> Sequence[int]:
+        """Sample times, int64 ns."""
+        return self.values["time"]
+
     def frame(self) -> Frame:
         """The same rows as a :class:`Frame` (made once)."""
         if self._frame is None:

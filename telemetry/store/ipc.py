@@ -316,6 +316,20 @@ def _string_buffers(column: Column, items: list[Any]) -> tuple[np.ndarray | None
     return valid, [offsets.tobytes(), data]
 
 
+def _strings_again(
+    column: Column, items: list[Any], last: StringBuffers | None
+) -> tuple[np.ndarray | None, list[bytes]]:
+    """:func:`_string_buffers` of ``items``, or the batch before's (``last``) where it held the
+    same values; ``last`` is updated."""
+    kept = None if last is None else last.get(column.name)
+    if kept is not None and kept[0] == items:
+        return kept[1]
+    found = _string_buffers(column, items)
+    if last is not None:
+        last[column.name] = (items, found)
+    return found
+
+
 def _column_buffers(
     plan: _Plan, values: np.ndarray, valid: np.ndarray | None, last: StringBuffers | None = None
 ) -> tuple[int, list[bytes]]:
@@ -329,14 +343,7 @@ def _column_buffers(
             # all null (a column no row has, as mig_profile mostly): nothing to encode
             data = [bytes(4 * rows + 4), b""]
         else:
-            items = values.tolist()
-            kept = None if last is None else last.get(plan.column.name)
-            if kept is not None and kept[0] == items:
-                found, data = kept[1]
-            else:
-                found, data = _string_buffers(plan.column, items)
-                if last is not None:
-                    last[plan.column.name] = (items, (found, data))
+            found, data = _strings_again(plan.column, values.tolist(), last)
             if valid is None and found is not None:
                 valid = found
                 nulls = rows - int(np.count_nonzero(valid))
@@ -449,15 +456,7 @@ def round_batch_message(batch: RoundBatch, last: StringBuffers | None = None) ->
         elif count == rows:  # all null (a column no row has, as mig_profile mostly)
             buffers.append((count, (bitmap, bytes(4 * rows + 4), b"")))
         else:
-            listed = list(items)
-            kept = None if last is None else last.get(name)
-            if kept is not None and kept[0] == listed:
-                strings = kept[1][1]
-            else:
-                found = _string_buffers(column, listed)
-                strings = found[1]
-                if last is not None:
-                    last[name] = (listed, found)
+            strings = _strings_again(column, list(items), last)[1]
             buffers.append((count, (bitmap, *strings)))
     return _message_of(layout, rows, buffers)
 

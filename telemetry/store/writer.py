@@ -276,8 +276,7 @@ class Store:
         if frame.num_rows == 0:
             self._poll()
             return
-        times = frame.values["time"] if isinstance(frame, RoundBatch) else frame.columns["time"]
-        first_ns = int(times[0])
+        first_ns = int(frame.times()[0])
         hour = first_ns // self.rotate_ns
         journal = self._journals.get(table)
         if journal is not None and not journal.exists():
