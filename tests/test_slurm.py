@@ -36,6 +36,7 @@ from telemetry.collectors.slurm import (
 )
 from telemetry.errors import ParseError
 from telemetry.schema import JOB_SCHEMA
+from tests.support.job_rounds import planned_rounds_read_as_job_by_job
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 V2 = FIXTURES / "slurm_v2"
@@ -1192,3 +1193,47 @@ def test_the_batch_environment_ends_a_cpu_only_jobs_search(
         assert by_job(c.collect())["1001"] == first
     assert walks.count("job_1001") == 1
     assert walks.count("job_1003") > 1  # no batch step here: still searched
+
+
+@pytest.mark.parametrize(("src", "settled"), [(V2, False), (V2, True), (V1, False)])
+def test_rounds_read_as_planned_read_as_job_by_job(
+    tmp_path: Path, src: Path, settled: bool
+) -> None:
+    """Jobs with nothing new to find are read as the plan laid them out (cgroup v2): the same
+    rows, claims and failures as read job by job, round after round while the jobs change;
+    many job rows are read that way, and none on cgroup v1. ``settled``: without the jobs whose
+    search never ends (1003: no batch step here; 1005: no process), so that whole rounds are
+    read as planned too."""
+    root = copy_tree(src, tmp_path)
+    if settled:
+        for job in ("1003", "1005"):
+            shutil.rmtree(root / V2_SCOPE / f"job_{job}")
+    seen = planned_rounds_read_as_job_by_job(
+        lambda: SlurmJobCollector(ctx(root), resolve_user=names)
+    )
+    if src == V1:
+        assert (sum(seen.rows), sum(seen.whole)) == (0, 0)
+    else:
+        assert sum(seen.rows) > 40, seen.rows
+        assert (sum(seen.whole) > 10) if settled else not any(seen.whole), seen.whole
+
+
+def test_jobs_started_apart_are_read_as_planned_every_round_once_settled(tmp_path: Path) -> None:
+    """Jobs that started in different rounds have their cpusets fall due in different rounds:
+    each is read again within the plan, which holds on, and each job joins the plan once its
+    cpuset has read the same for the recheck time. From then on every round is read as a
+    whole as planned, with the same output as job by job."""
+    root = copy_tree(V2, tmp_path)
+    for job in ("1003", "1005"):
+        shutil.rmtree(root / V2_SCOPE / f"job_{job}")
+    seen = planned_rounds_read_as_job_by_job(
+        lambda: SlurmJobCollector(ctx(root), resolve_user=names),
+        rounds=60,
+        stagger=True,
+        quiet=True,
+    )
+    # the last of the three later jobs appears at round 8, has read the same cpuset for 10 s
+    # at round 18 (the plan is made again then, read job by job) and is planned from 19
+    settled = 19
+    assert all(seen.whole[settled:]), seen.whole
+    assert not all(seen.whole[:settled])

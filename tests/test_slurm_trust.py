@@ -32,6 +32,7 @@ from telemetry.collectors.slurm import (
 from telemetry.errors import ParseError
 from telemetry.schema import JOB_SCHEMA
 from tests.support.cli import tally
+from tests.support.job_rounds import planned_rounds_read_as_job_by_job
 from tests.support.tables import cpu_table, write_dataset
 
 TREE = Path(__file__).resolve().parent / "fixtures" / "slurm_trust"
@@ -875,3 +876,15 @@ def test_shards_without_a_gres_conf_count_the_gpu_whole(
     jobs = by_job(collector(root).collect())
     assert jobs["1009250"]["gpus_allocated"] == 1.0
     assert any("shards" in w and "gres.conf" in w for w in warnings)
+
+
+def test_rounds_read_as_planned_read_as_job_by_job(tmp_path: Path) -> None:
+    """On a node with job-info files, a SLUID-named cgroup and GPU claims, jobs read as the
+    plan laid them out give what the jobs read one by one give, round after round while they
+    change, the job-info file rewritten included (the new account shows in the same round)."""
+    root = copy_tree(tmp_path)
+    info_file = root / INFO / "1009251"
+    seen = planned_rounds_read_as_job_by_job(
+        lambda: collector(root, resolve_user=lambda uid: f"user-{uid}"), info_file=info_file
+    )
+    assert sum(seen.rows) > 40, seen.rows

@@ -87,6 +87,9 @@ class KeptFiles:
         self._changed: set[str] = set()  # directories changed since the round before
         self._in_dir: dict[str, int] = {}  # kept files per directory
         self._opened: dict[object, int] = {}  # owner -> the round a file of it was last opened
+        # Changes whenever a file is kept or dropped, or a watched directory changed: the same
+        # number says every kept file is the one it was, and settled as it was.
+        self.generation = 0
         # Closes the descriptors of a collector dropped without close() (tests make many).
         self._finalizer = weakref.finalize(self, _close_all, self._fds)
 
@@ -101,7 +104,10 @@ class KeptFiles:
         if watch is None or not self._watched:
             return
         changed = watch.changed()
+        if changed:
+            self.generation += 1
         if changed is None:  # events lost: nothing is known, every file is opened again
+            self.generation += 1
             self._watched.clear()
             self.keep_only(set())
             return
@@ -156,8 +162,25 @@ class KeptFiles:
             return text  # read, not kept
         self._fds.setdefault(owner, {})[key] = (fd, directory)
         self._count += 1
+        self.generation += 1
         self._in_dir[directory] = self._in_dir.get(directory, 0) + 1
         return text
+
+    def settled_fds(self, owner: object, first: str, second: str) -> tuple[int, int] | None:
+        """The descriptors of ``first`` and ``second`` where both are kept and settled in one
+        directory (watched since a round before this one, no entry of it changed since: the
+        names still name these files); else ``None``."""
+        files = self._fds.get(owner)
+        if files is None:
+            return None
+        one, two = files.get(first), files.get(second)
+        if one is None or two is None:
+            return None
+        directory = one[1]
+        began = self._watched.get(directory, -1)
+        if two[1] != directory or not 0 <= began < self._round or directory in self._changed:
+            return None
+        return one[0], two[0]
 
     def opened_in_round(self, owner: object) -> bool:
         """Whether a file of ``owner`` was opened by name to be kept this round
@@ -184,6 +207,7 @@ class KeptFiles:
 
     def _drop(self, fd: int, directory: str) -> None:
         """Close a kept file, and stop watching its directory with the last of its files."""
+        self.generation += 1  # first: a close that fails still ends what was kept
         os.close(fd)
         self._count -= 1
         left = self._in_dir.pop(directory, 1) - 1

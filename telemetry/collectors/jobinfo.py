@@ -106,6 +106,8 @@ class JobInfoFiles:
         # file name -> what it said (None: no usable file), while the watch vouches for it
         self._known: dict[str, dict[str, str] | None] = {}
         self._read_at = 0.0  # when the files known were first read
+        # Changes whenever what is known does: the same number says every answer is the same.
+        self.generation = 0
 
     def begin_round(self) -> None:
         """Drop what the directory told changed since the last round (all of it: jobs start
@@ -118,22 +120,32 @@ class JobInfoFiles:
             watch = self._watch = DirectoryWatch.open(contents=True)
             if watch is None:
                 self._retry_at = now + REREAD_SECONDS
-                self._known.clear()
+                self._forget_known()
                 return
         changed = watch.changed()
         if changed is None or changed or now - self._read_at >= REREAD_SECONDS:
-            self._known.clear()
+            self._forget_known()
         if watch.fd < 0:  # the instance failed and could not be made again: try later
             self._watch = None
             self._retry_at = now + REREAD_SECONDS
             return
         if not watch.watching(self._name):
             # before any file is read: a change from now on is in the queue
-            self._known.clear()
+            self._forget_known()
             if watch.add(self._name) == "failed":
                 return  # gone or a limit: nothing is kept this round, the next tries again
         if not self._known:
             self._read_at = now
+
+    def _forget_known(self) -> None:
+        if self._known:
+            self._known.clear()
+            self.generation += 1
+
+    def known(self, name: str) -> tuple[bool, dict[str, str] | None]:
+        """Whether the file ``name`` is known (read, and vouched for by the watch since), and
+        what :meth:`read` answers for it then."""
+        return name in self._known, self._known.get(name)
 
     def read(self, name: str, by_sluid: bool) -> dict[str, str] | None:
         """The file ``name`` (a job id, or a SLUID where ``by_sluid``) if root wrote it and it
@@ -145,6 +157,7 @@ class JobInfoFiles:
         info, settled = self._read(name, by_sluid)
         if settled and self._watch is not None and self._watch.watching(self._name):
             self._known[name] = info
+            self.generation += 1
         return info
 
     def _read(self, name: str, by_sluid: bool) -> tuple[dict[str, str] | None, bool]:
@@ -191,10 +204,11 @@ class JobInfoFiles:
         """Forget the files of jobs no longer listed."""
         for name in self._known.keys() - names:
             del self._known[name]
+            self.generation += 1
 
     def forget(self) -> None:
         """The directory is not trusted (or not there): nothing is kept, nothing watched."""
-        self._known.clear()
+        self._forget_known()
         if self._watch is not None:
             self._watch.close()
             self._watch = None

@@ -50,6 +50,8 @@ from __future__ import annotations
 
 import errno
 import functools
+import math
+import operator
 import os
 import pwd
 import re
@@ -91,6 +93,9 @@ CPUSET_RECHECK_SECONDS = 10.0
 _GONE = frozenset({errno.ENOENT, errno.ESRCH, errno.ENODEV})
 
 _JOB_DIR = re.compile(r"job_([0-9]+)")
+JobKey = tuple[str, str]  # (slurmd scope, job id): JobCgroup.key
+# The first line of a cgroup v2 cpu.stat, as the kernel writes it (µs).
+_USAGE_LINE = re.compile(rb"usage_usec ([0-9]{1,18})\n")
 _UID_DIR = re.compile(r"uid_([0-9]+)")
 
 
@@ -710,6 +715,36 @@ class JobInfo:
 _MAX_TRIED = 65536  # PIDs remembered per job; past this the oldest knowledge is dropped
 
 
+@dataclass
+class _Plan:
+    """The jobs with nothing new to find, laid out to be read again as they are: a node's jobs
+    stay the same for minutes, and reading each one's files through the collector's every step
+    cost most of a round. It holds while the listing, the job-info files and the kept files are
+    those it was made with; a job's cpuset is read again within it when due, as job by job, and
+    one that changed ends it. Then it is made again from the round read job by job, and so
+    when a job new to it has read the same cpuset long enough to join. A job that settles
+    otherwise (its search of its processes ends) joins at the next making, within a minute: the
+    jobs are listed afresh and the job-info files read again that often."""
+
+    jobs: list[JobCgroup]  # the listing's list (the same object while the jobs are the same)
+    info_dir_ok: bool
+    files_generation: int  # KeptFiles.generation
+    info_generation: int  # JobInfoFiles.generation
+    used_at: float  # the collector's clock when it last held: one going back ends the plan
+    remake_at: float  # when a job left out for its cpuset alone may join (monotonic seconds)
+    # Of each job planned:
+    planned: list[JobCgroup]
+    keys: list[JobKey]
+    fds: list[tuple[int, int]]  # its CPU (cpu.stat) and memory files
+    floors: list[float]  # its CPU seconds when its cpuset was read: less is a new cgroup
+    due: list[float]  # when its cpuset is to be read again (monotonic seconds)
+    rows: list[Row]  # its row of the round the plan was made of
+    infos: list[JobInfo]
+    # Where it holds every job: that round's GPU claims and aliases (each job's alone, so the
+    # same while the jobs are what they were).
+    whole: tuple[list[Row], list[Row]] | None
+
+
 @register
 class SlurmJobCollector(Collector):
     name = "job"
@@ -751,6 +786,7 @@ class SlurmJobCollector(Collector):
         self._cpu_counts: dict[str, int] = {}  # cpuset text -> CPUs: the same few lists recur
         # per job: (CPUs, when read, since when read the same, CPU seconds then)
         self._cpusets: dict[tuple[str, str], tuple[int, float, float, float]] = {}
+        self._plan: _Plan | None = None  # the last round, where nothing new was to be found
         self._now = 0.0  # this round's clock
         self._job_info_files = JobInfoFiles(
             ctx.slurm_job_info_dir,
@@ -772,20 +808,36 @@ class SlurmJobCollector(Collector):
             self._job_info_files.forget()
         self._files.begin_round()
         self._now = self._clock()
-        for job in self._listing.jobs():
+        jobs = self._listing.jobs()
+        planned = self._planned_rows(jobs, info_dir_ok)
+        plan = self._plan
+        if plan is not None and plan.whole is not None and planned and len(planned) == len(jobs):
+            # every job as planned: the round as the one the plan was made of, its numbers new
+            held, named = plan.whole
+            return {
+                "job": [row for row, _ in planned.values()],
+                "_gpu_job": [dict(claim) for claim in held],
+                "_job_alias": [dict(alias) for alias in named],
+            }
+        read: dict[JobKey, tuple[Row, JobInfo]] = {}  # each job read this round
+        for job in jobs:
             seen.add(job.key)
-            try:
-                row, info = self._read_job(job, info_dir_ok)
-            except OSError as exc:
-                if _is_gone(exc):
-                    self._report_missing(job, exc)
-                else:
+            got = planned.get(job.key)
+            if got is None:
+                try:
+                    got = self._read_job(job, info_dir_ok)
+                except OSError as exc:
+                    if _is_gone(exc):
+                        self._report_missing(job, exc)
+                    else:
+                        self._warn_bad(job, exc)
+                    continue
+                except (ParseError, ValueError) as exc:
+                    # One job's garbage costs that job this round, never the other jobs.
                     self._warn_bad(job, exc)
-                continue
-            except (ParseError, ValueError) as exc:
-                # One job's garbage costs that job this round, never the other jobs.
-                self._warn_bad(job, exc)
-                continue
+                    continue
+            read[job.key] = got
+            row, info = got
             if job.key in self._bad:
                 self._bad.discard(job.key)
                 self._once.clear(f"bad:{job.scope}/{job.procs_dir.name}")
@@ -818,7 +870,143 @@ class SlurmJobCollector(Collector):
                 else {"gpu_index": i, "job_id": job_id, "share": share}
                 for i in indices
             )
+        if self._plan is None:
+            self._plan = self._make_plan(jobs, info_dir_ok, read, parts, (claims, aliases))
         return {"job": rows, "_gpu_job": claims, "_job_alias": aliases}
+
+    # ------------------------------------------------------------ rounds with nothing new
+
+    def _make_plan(
+        self,
+        jobs: list[JobCgroup],
+        info_dir_ok: bool,
+        read: dict[JobKey, tuple[Row, JobInfo]],
+        parts: dict[str, list[tuple[Row, JobInfo]]],
+        extras: tuple[list[Row], list[Row]],
+    ) -> _Plan | None:
+        """This round's settled jobs laid out to be read again as they are (:class:`_Plan`):
+        cgroup v2 jobs read whole, alone under their job id, not failing; what each is made
+        before from the same job-info file (or none, known to the watch) with nothing left to
+        search its processes for; its cpuset settled; its CPU and memory files kept and settled.
+        ``None`` where no job is. ``extras``: the round's GPU claims and aliases, what a round
+        of the same jobs as planned gives where the plan holds every job."""
+        planned: list[JobCgroup] = []
+        keys: list[JobKey] = []
+        fds: list[tuple[int, int]] = []
+        floors: list[float] = []
+        due: list[float] = []
+        rows: list[Row] = []
+        remake_at = math.inf
+        for job in jobs:
+            key = job.key
+            search = self._search.get(key)
+            got = read.get(key)
+            if job.version != 2 or search is None or got is None or key in self._bad:
+                continue
+            row, info = got
+            if info is not search.info or len(parts[info.job_id]) != 1:
+                continue
+            trusted = None
+            if info_dir_ok:
+                found, trusted = self._job_info_files.known(job.job_id)
+                if not found:
+                    continue
+            if search.info_from is not trusted or self._walk_wanted(job, search, trusted):
+                continue
+            cpuset = self._cpusets.get(key)
+            _, usage_name, memory_name = job.names
+            kept = self._files.settled_fds(key, usage_name, memory_name)
+            if cpuset is None or kept is None:
+                continue
+            count, read_at, same_since, seconds_then = cpuset
+            if self._now - same_since < CPUSET_RECHECK_SECONDS:
+                remake_at = min(remake_at, same_since + CPUSET_RECHECK_SECONDS)
+                continue
+            planned.append(job)
+            keys.append(key)
+            fds.append(kept)
+            floors.append(seconds_then)
+            due.append(read_at + CPUSET_RECHECK_SECONDS)
+            rows.append({**row, "cpus_allocated": float(count)})
+        if not keys:
+            return None
+        return _Plan(
+            jobs=jobs,
+            info_dir_ok=info_dir_ok,
+            files_generation=self._files.generation,
+            info_generation=self._job_info_files.generation,
+            used_at=self._now,
+            remake_at=remake_at,
+            planned=planned,
+            keys=keys,
+            fds=fds,
+            floors=floors,
+            due=due,
+            rows=rows,
+            infos=[read[key][1] for key in keys],
+            whole=(
+                ([dict(c) for c in extras[0]], [dict(a) for a in extras[1]])
+                if len(keys) == len(jobs)
+                else None
+            ),
+        )
+
+    def _planned_rows(
+        self, jobs: list[JobCgroup], info_dir_ok: bool
+    ) -> dict[JobKey, tuple[Row, JobInfo]]:
+        """The rows of the jobs the plan holds, read as it says where it still holds: the same
+        listing, job-info files and kept files as when it was made, each job's files read as
+        the kernel writes them, its CPU time not gone back, a cpuset read when due the same as
+        before. Else none (and the plan is made again at the end of the round): every job is
+        read its own way."""
+        plan = self._plan
+        now = self._now
+        if (
+            plan is None
+            or jobs is not plan.jobs
+            or info_dir_ok != plan.info_dir_ok
+            or now < plan.used_at
+            or now >= plan.remake_at
+            or self._files.generation != plan.files_generation
+            or self._job_info_files.generation != plan.info_generation
+        ):
+            self._plan = None
+            return {}
+        self._plan = None  # until this round's reads turn out as planned
+        pread = os.pread
+        try:
+            usage = [pread(fd, 65536, 0) for fd, _ in plan.fds]
+            memory = [pread(fd, 65536, 0) for _, fd in plan.fds]
+        except OSError:
+            return {}  # a cgroup went away: read job by job, each tells
+        found = [_USAGE_LINE.match(data) for data in usage]
+        if None in found:
+            return {}
+        seconds = [int(match[1]) / 1e6 for match in found]  # type: ignore[index]
+        values = [data.rstrip(b"\n") for data in memory]
+        if not all(v.isdigit() and len(v) <= _INT64_SAFE_DIGITS for v in values):
+            return {}
+        if not all(map(operator.ge, seconds, plan.floors)):
+            return {}  # CPU time went back: a cgroup made anew (its cpuset is read at once)
+        for i, due in enumerate(plan.due):
+            if now < due:
+                continue
+            job = plan.planned[i]
+            try:  # as job by job: the same read, the same record of it
+                count = self._job_cpus(job, job.names[0], seconds[i])
+            except (OSError, ParseError, ValueError):
+                return {}  # read job by job, where it tells
+            if count != plan.rows[i]["cpus_allocated"]:
+                return {}  # CPU hotplug: read every round again until it settles
+            plan.floors[i], plan.due[i] = seconds[i], now + CPUSET_RECHECK_SECONDS
+        plan.used_at = now
+        self._plan = plan
+        return {
+            key: ({**row, "cpu_seconds": cpu_seconds, "memory_bytes": int(value)}, info)
+            for key, row, info, cpu_seconds, value in zip(
+                plan.keys, plan.rows, plan.infos, seconds, values, strict=True
+            )
+        }
 
     def _read_job(self, job: JobCgroup, info_dir_ok: bool) -> tuple[Row, JobInfo]:
         cpus_names, usage_name, memory_name = job.names
@@ -896,17 +1084,7 @@ class SlurmJobCollector(Collector):
         search = self._search.get(job.key)
         if search is None:
             search = self._search[job.key] = _Search()
-        need_uid = job.uid is None
-        if (
-            not search.complete(need_uid)
-            and not (
-                trusted is not None
-                and "account" in trusted
-                and "gpus" in trusted
-                and (search.uid is not None or not need_uid)
-            )
-            and self._clock() >= search.next_walk
-        ):
+        if self._walk_wanted(job, search, trusted) and self._clock() >= search.next_walk:
             self._search_environments(job, search)
         if search.info is not None and search.info_from is trusted:
             return search.info  # the very dict read before: the file did not change
@@ -951,6 +1129,18 @@ class SlurmJobCollector(Collector):
         if keep:
             search.info, search.info_from = info, trusted
         return info
+
+    @staticmethod
+    def _walk_wanted(job: JobCgroup, search: _Search, trusted: dict[str, str] | None) -> bool:
+        """Whether the job's processes are still to be searched: the environments have not told
+        all a row needs, nor has the job-info file ``trusted``."""
+        need_uid = job.uid is None
+        return not search.complete(need_uid) and not (
+            trusted is not None
+            and "account" in trusted
+            and "gpus" in trusted
+            and (search.uid is not None or not need_uid)
+        )
 
     def _shard_share(
         self, job: JobCgroup, shards: int | None, claims: tuple[int, ...]

@@ -1,0 +1,121 @@
+"""Two Slurm job collectors on one tree, round after round while its jobs change: one that may
+read settled jobs as its plan says (``SlurmJobCollector._planned_rows``) and one that reads
+every job its own way each round; what each round gives must be the same."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from telemetry.collectors.slurm import SlurmJobCollector, list_jobs
+
+
+@dataclass
+class PlannedRounds:
+    """What the planned collector read as planned, round by round: job rows, and whether that
+    was every job of the round (the round as a whole as planned)."""
+
+    rows: list[int] = field(default_factory=list)
+    whole: list[bool] = field(default_factory=list)
+
+
+def planned_rounds_read_as_job_by_job(
+    make: Callable[[], SlurmJobCollector],
+    rounds: int = 50,
+    info_file: Path | None = None,
+    stagger: bool = False,
+    quiet: bool = False,
+) -> PlannedRounds:
+    """Run both collectors ``rounds`` rounds, 1 s apart, while each job's CPU time and memory
+    grow every round, and: at round 12 a job's cpu.stat takes another shape (CRLF, two
+    spaces); at 15 a job's cpuset changes (CPU hotplug, told at its next recheck, up to 10 s
+    later, with nothing else changing meanwhile); at 27 a job's memory file is replaced by
+    another file under its name; at 30 a memory file holds no number; at 33 ``info_file`` (a
+    job-info file, if given) is rewritten with another account; at 36 a job's CPU time goes
+    back and its cpuset changes (its cgroup made anew under the same name); at 42 the last job
+    ends; at 46 the clock steps back 40 s and a job's cpuset changes. ``quiet``: none of that,
+    only the numbers growing. ``stagger``: cgroup v2 jobs after the first appear one by one,
+    at rounds 2, 5, 8, …, so that their cpusets settle and fall due in different rounds.
+    Asserts every round's output (rows, GPU claims, aliases) and the jobs failing are the
+    same; returns what was read as planned (the first round not counted)."""
+    now = [100.0]
+    planned, each = make(), make()
+    each._planned_rows = lambda jobs, info_dir_ok: {}  # type: ignore[method-assign]
+    each._make_plan = lambda *args: None  # type: ignore[method-assign]
+    seen = PlannedRounds()
+    real = planned._planned_rows
+
+    def counted(jobs: Any, info_dir_ok: bool) -> Any:
+        out = real(jobs, info_dir_ok)
+        seen.rows.append(len(out))
+        seen.whole.append(bool(out) and len(out) == len(jobs))
+        return out
+
+    planned._planned_rows = counted  # type: ignore[method-assign]
+    for c in (planned, each):
+        c._clock = lambda: now[0]  # type: ignore[method-assign]
+    jobs = list_jobs(planned._listing._root)
+    aside: dict[int, tuple[Path, Path]] = {}  # round -> a job's cgroup and where it waits
+    if stagger:
+        later = [job for job in jobs if job.version == 2][1:]
+        for n, job in enumerate(later):
+            away = job.procs_dir.parent.parent / f"aside-{n}"
+            job.procs_dir.rename(away)
+            aside[2 + 3 * n] = (job.procs_dir, away)
+    assert planned.collect() == each.collect()
+    seen.rows.clear()
+    seen.whole.clear()
+    event = (lambda k, n=-1: False) if quiet else (lambda k, n=-1: (k, n) in _EVENTS)
+    replaced = None  # the job whose memory file is replaced: one the plan holds then
+    for k in range(rounds):
+        now[0] += -40.0 if event(k, 46) else 1.0
+        if k in aside:
+            back, away = aside.pop(k)
+            away.rename(back)
+        if event(k, 27):
+            held = planned._plan.keys if planned._plan is not None else [jobs[-1].key]
+            replaced = next(job for job in jobs if job.key == held[-1])
+        for n, job in enumerate(jobs):
+            if not job.procs_dir.exists():
+                continue
+            usage = 1_000_000 * (k + 1) + 7 * n
+            if event(k, n) and k == 36:
+                usage = 5  # less than before: a cgroup made anew under the same name
+            if job.version == 2:
+                text = f"usage_usec {usage}\nuser_usec {usage // 2}\nsystem_usec 0\n"
+                if event(k, n) and k == 12:
+                    text = f"usage_usec  {usage}\r\n"
+                job.usage_file.write_text(text)
+            else:
+                job.usage_file.write_text(f"{usage * 1000}\n")
+            memory = f"{4096 * (k + n)}\n"
+            if job is replaced:  # another file under the name: the kept one is not it
+                other = job.memory_file.with_name("memory.new")
+                other.write_text(f"{777 + k}\n")
+                os.replace(other, job.memory_file)
+                replaced = None
+                continue
+            job.memory_file.write_text("max\n" if event(k, n) and k == 30 else memory)
+        if event(k, 15):
+            jobs[0].cpus_files[0].write_text("0-7\n")
+        if event(k, 33) and info_file is not None:
+            text = info_file.read_text()
+            info_file.write_text(text.replace("research-lab", "research-lab-2"))
+        if event(k, 36):
+            jobs[2].cpus_files[0].write_text("0-5\n")  # the new cgroup's CPUs
+        if event(k, 42):
+            shutil.rmtree(jobs[-1].procs_dir, ignore_errors=True)
+        if event(k, 46):
+            jobs[1].cpus_files[0].write_text("0-2\n")
+        got, want = planned.collect(), each.collect()
+        assert got == want, k
+        assert planned._bad == each._bad, k
+    return seen
+
+
+# (round, job): what changes then; (round, round) for a change of no one job's numbers
+_EVENTS = {(12, 0), (15, 15), (27, 27), (30, 1), (33, 33), (36, 2), (36, 36), (42, 42), (46, 46)}
