@@ -1237,3 +1237,41 @@ def test_jobs_started_apart_are_read_as_planned_every_round_once_settled(tmp_pat
     settled = 19
     assert all(seen.whole[settled:]), seen.whole
     assert not all(seen.whole[:settled])
+
+
+@pytest.mark.parametrize("src", [V1, V2])
+def test_a_plan_that_cannot_be_made_or_does_not_hold_is_tried_again_only_a_while_later(
+    tmp_path: Path, src: Path
+) -> None:
+    """Looking for a plan costs what a round job by job costs again: where no job can be
+    planned (cgroup v1), or a planned job's file always reads otherwise than planned (a
+    cpu.stat in CRLF), a plan is looked for once in PLAN_RETRY_SECONDS, not every round; the
+    rows are those read job by job all along."""
+    root = copy_tree(src, tmp_path)
+    if src == V2:
+        for job in ("1003", "1005"):
+            shutil.rmtree(root / V2_SCOPE / f"job_{job}")
+    now = [100.0]
+    collector = SlurmJobCollector(ctx(root), resolve_user=names)
+    collector._clock = lambda: now[0]  # type: ignore[method-assign]
+    made: list[float] = []
+    real = collector._make_plan
+
+    def counted(*args: Any) -> Any:
+        made.append(now[0])
+        return real(*args)
+
+    collector._make_plan = counted  # type: ignore[method-assign]
+    for _ in range(12):  # the cpusets settle: a plan, on v2
+        collector.collect()
+        now[0] += 1.0
+    assert (collector._plan is not None) == (src == V2)
+    if src == V2:
+        stat = root / V2_SCOPE / "job_1001" / "cpu.stat"
+        stat.write_text(stat.read_text().replace("\n", "\r\n"))
+    made.clear()
+    first = collector.collect()
+    for _ in range(20):
+        now[0] += 1.0
+        assert collector.collect() == first  # nothing else changes
+    assert 2 <= len(made) <= 1 + 20 / slurm.PLAN_RETRY_SECONDS, made

@@ -88,6 +88,9 @@ _RESEARCH_MAX_S = 8.0
 # this often; a requeued job's new cgroup (whose files had to be opened anew, or whose CPU time
 # started again from 0) is read at once.
 CPUSET_RECHECK_SECONDS = 10.0
+# How long the job collector goes without a plan of settled jobs (SlurmJobCollector._plan) when
+# it found none to make, or its files did not read as it said.
+PLAN_RETRY_SECONDS = 5.0
 # Errors that mean "the job (or process) ended while we read it": the file is gone (ENOENT), the
 # process is gone (ESRCH), or the cgroup was removed while a file of it was open (ENODEV).
 _GONE = frozenset({errno.ENOENT, errno.ESRCH, errno.ENODEV})
@@ -787,6 +790,8 @@ class SlurmJobCollector(Collector):
         # per job: (CPUs, when read, since when read the same, CPU seconds then)
         self._cpusets: dict[tuple[str, str], tuple[int, float, float, float]] = {}
         self._plan: _Plan | None = None  # the last round, where nothing new was to be found
+        self._plan_at = 0.0  # no plan is made before (monotonic seconds)
+        self._plan_retry = PLAN_RETRY_SECONDS  # tests may shorten it
         self._now = 0.0  # this round's clock
         self._job_info_files = JobInfoFiles(
             ctx.slurm_job_info_dir,
@@ -870,7 +875,7 @@ class SlurmJobCollector(Collector):
                 else {"gpu_index": i, "job_id": job_id, "share": share}
                 for i in indices
             )
-        if self._plan is None:
+        if self._plan is None and self._now >= self._plan_at:
             self._plan = self._make_plan(jobs, info_dir_ok, read, parts, (claims, aliases))
         return {"job": rows, "_gpu_job": claims, "_job_alias": aliases}
 
@@ -928,7 +933,8 @@ class SlurmJobCollector(Collector):
             floors.append(seconds_then)
             due.append(read_at + CPUSET_RECHECK_SECONDS)
             rows.append({**row, "cpus_allocated": float(count)})
-        if not keys:
+        if not keys:  # looked for again when a job may join, or a while later
+            self._plan_at = min(remake_at, self._now + self._plan_retry)
             return None
         return _Plan(
             jobs=jobs,
@@ -972,7 +978,11 @@ class SlurmJobCollector(Collector):
         ):
             self._plan = None
             return {}
-        self._plan = None  # until this round's reads turn out as planned
+        # Until this round's reads turn out as planned. A plan its files do not bear out is
+        # made again only a while later: a file that always reads otherwise would cost the
+        # making of one every round.
+        self._plan = None
+        self._plan_at = now + self._plan_retry
         pread = os.pread
         try:
             usage = [pread(fd, 65536, 0) for fd, _ in plan.fds]
@@ -1000,7 +1010,7 @@ class SlurmJobCollector(Collector):
                 return {}  # CPU hotplug: read every round again until it settles
             plan.floors[i], plan.due[i] = seconds[i], now + CPUSET_RECHECK_SECONDS
         plan.used_at = now
-        self._plan = plan
+        self._plan, self._plan_at = plan, 0.0
         return {
             key: ({**row, "cpu_seconds": cpu_seconds, "memory_bytes": int(value)}, info)
             for key, row, info, cpu_seconds, value in zip(

@@ -56,6 +56,8 @@ def planned_rounds_read_as_job_by_job(
         return out
 
     planned._planned_rows = counted  # type: ignore[method-assign]
+    if not quiet:  # each change in its turn with a plan to tell it to
+        planned._plan_retry = 0.0
     for c in (planned, each):
         c._clock = lambda: now[0]  # type: ignore[method-assign]
     jobs = list_jobs(planned._listing._root)
