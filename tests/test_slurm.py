@@ -29,6 +29,7 @@ from telemetry.collectors.jobinfo import MAX_VALUE_CHARS
 from telemetry.collectors.slurm import (
     SlurmJobCollector,
     gpus_from_environ,
+    list_jobs,
     parse_cpu_list,
     parse_cpu_stat_usage_usec,
     parse_environ,
@@ -36,7 +37,7 @@ from telemetry.collectors.slurm import (
 )
 from telemetry.errors import ParseError
 from telemetry.schema import JOB_SCHEMA
-from tests.support.job_rounds import planned_rounds_read_as_job_by_job
+from tests.support.job_rounds import PlanPair, planned_rounds_read_as_job_by_job
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 V2 = FIXTURES / "slurm_v2"
@@ -1275,3 +1276,105 @@ def test_a_plan_that_cannot_be_made_or_does_not_hold_is_tried_again_only_a_while
         now[0] += 1.0
         assert collector.collect() == first  # nothing else changes
     assert 2 <= len(made) <= 1 + 20 / slurm.PLAN_RETRY_SECONDS, made
+
+
+def settled_pair(tmp_path: Path, start: float = 100.0, rounds: int = 15) -> PlanPair:
+    """The v2 tree without the jobs whose search never ends, ``rounds`` rounds on: every job
+    planned, whole rounds read as planned."""
+    root = copy_tree(V2, tmp_path)
+    for job in ("1003", "1005"):
+        shutil.rmtree(root / V2_SCOPE / f"job_{job}")
+    pair = PlanPair(lambda: SlurmJobCollector(ctx(root), resolve_user=names), root, start)
+    pair.round(0.0)
+    for _ in range(rounds):
+        pair.round()
+    assert pair.log[-1][2], pair.log
+    pair.log.clear()
+    pair.made.clear()
+    return pair
+
+
+def test_a_planned_cpuset_falls_due_as_job_by_job_tells_it_to_the_last_bit(
+    tmp_path: Path,
+) -> None:
+    """A planned job's cpuset is read again when ``now - read_at`` reaches the recheck time,
+    as job by job reads it: ``read_at + 10`` can be a float an ulp away (128.2 - 118.2 <
+    10). A cpuset changed then shows in the same round both ways."""
+    pair = settled_pair(tmp_path, start=109.2, rounds=14)
+    job = next(j for j in list_jobs(pair.root / "sys/fs/cgroup") if j.job_id == "1001")
+    read_at = pair.each._cpusets[job.key][1]
+    due = read_at + slurm.CPUSET_RECHECK_SECONDS
+    assert due - read_at < slurm.CPUSET_RECHECK_SECONDS  # the fixture's clock meets the ulp
+    while pair.now[0] + 1.0 < due:
+        pair.round()
+    pair.round(at=due)  # at read_at + 10 as a float: not due by subtraction, nothing read
+    job.cpus_files[0].write_text("0-7\n")  # CPU hotplug
+    for _ in range(12):
+        pair.round()  # each round the same both ways
+    assert by_job(pair.round())["1001"]["cpus_allocated"] == 8.0
+
+
+def test_a_job_that_starts_or_whose_steps_change_joins_the_plan_again_soon(
+    tmp_path: Path,
+) -> None:
+    """A job that starts joins the plan once its cpuset has read the same for the recheck
+    time, not at the listing's next minute; a step starting in a job takes that job alone out
+    of the plan (the other jobs stay planned), and it joins again PLAN_RETRY_SECONDS on."""
+    pair = settled_pair(tmp_path)
+    job, aside = pair.root / V2_SCOPE / "job_1001", pair.root / V2_SCOPE.parent / "aside"
+    job.rename(aside)
+    for _ in range(70):
+        pair.round()
+    pair.log.clear()
+    aside.rename(job)  # a job starts
+    for _ in range(30):
+        pair.round()
+    whole = [w for _, _, w in pair.log]
+    assert whole.index(True) <= slurm.CPUSET_RECHECK_SECONDS + 2, pair.log
+    pair.log.clear()
+    (job / "step_0").mkdir()  # a step starts
+    for _ in range(20):
+        pair.round()
+    rows = [n for n, _, _ in pair.log]
+    whole = [w for _, _, w in pair.log]
+    assert min(rows) == 3, pair.log  # the other three jobs, every round
+    assert whole.index(True) <= slurm.PLAN_RETRY_SECONDS + 2, pair.log
+    assert all(whole[whole.index(True) :]), pair.log
+
+
+def test_steps_coming_and_going_every_round_keep_only_their_job_out_of_the_plan(
+    tmp_path: Path,
+) -> None:
+    """An srun loop: a step made and the one before removed every round in one job. The other
+    jobs are read as planned every round, and a plan is looked for once in PLAN_RETRY_SECONDS
+    at most."""
+    pair = settled_pair(tmp_path)
+    job = pair.root / V2_SCOPE / "job_1001"
+    for n in range(30):
+        (job / f"step_{n}").mkdir()
+        if n:
+            (job / f"step_{n - 1}").rmdir()
+        pair.round()
+    assert [n for n, _, _ in pair.log] == [3] * 30, pair.log
+    assert len(pair.made) <= 1 + 30 / slurm.PLAN_RETRY_SECONDS, pair.made
+
+
+def test_a_counter_too_long_for_the_plan_keeps_its_job_out_of_it(tmp_path: Path) -> None:
+    """memory.current of 19 digits (an int64 still, read job by job): the job is not planned
+    (the plan reads 18 digits at most), the other jobs are, and the plan is not made again
+    round after round."""
+    pair = settled_pair(tmp_path)
+    memory = pair.root / V2_SCOPE / "job_1001" / "memory.current"
+    grow = pair.grow
+
+    def grow_big() -> None:
+        grow()
+        memory.write_text("1000000000000000000\n")
+
+    pair.grow = grow_big  # type: ignore[method-assign]
+    for _ in range(20):
+        out = pair.round()
+    assert by_job(out)["1001"]["memory_bytes"] == 10**18
+    assert sum(pair.made) <= 2, pair.made
+    # its file read otherwise than planned: a plan again PLAN_RETRY_SECONDS on, without it
+    assert [n for n, _, _ in pair.log[-12:]] == [3] * 12, pair.log

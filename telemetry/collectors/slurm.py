@@ -70,6 +70,9 @@ from telemetry.logs import OnceLogger, log
 _INT64_MAX = 2**63 - 1
 # Digits of a decimal that always fits int64: a counter this short is read without a closer look.
 _INT64_SAFE_DIGITS = 18
+# What a counter of that many digits holds at most, and CPU seconds from such microseconds.
+_SAFE_NUMBER = 10**_INT64_SAFE_DIGITS
+_SAFE_SECONDS = _SAFE_NUMBER / 1e6
 _INT16_MAX = 2**15 - 1
 # A CPU number at or above this is garbage, not a big host: Linux's NR_CPUS tops out at 8192.
 _CPU_LIMIT = 1 << 20
@@ -722,30 +725,41 @@ _MAX_TRIED = 65536  # PIDs remembered per job; past this the oldest knowledge is
 class _Plan:
     """The jobs with nothing new to find, laid out to be read again as they are: a node's jobs
     stay the same for minutes, and reading each one's files through the collector's every step
-    cost most of a round. It holds while the listing, the job-info files and the kept files are
-    those it was made with; a job's cpuset is read again within it when due, as job by job, and
-    one that changed ends it. Then it is made again from the round read job by job, and so
-    when a job new to it has read the same cpuset long enough to join. A job that settles
-    otherwise (its search of its processes ends) joins at the next making, within a minute: the
-    jobs are listed afresh and the job-info files read again that often."""
+    cost most of a round. It holds while the listing and the job-info files are those it was
+    made with; a job whose kept files changed (a step started or ended) leaves it, a job's
+    cpuset is read again within it when due, as job by job, and one that changed ends it. Then
+    it is made again from the round read job by job; so too once a job left out for an unsettled
+    cpuset has read the same long enough to join, and a while after a job was left out for
+    files not settled. A job that settles otherwise (its search of its processes ends) joins at
+    the next making, within a minute: the jobs are listed afresh and the job-info files read
+    again that often."""
 
     jobs: list[JobCgroup]  # the listing's list (the same object while the jobs are the same)
     info_dir_ok: bool
-    files_generation: int  # KeptFiles.generation
+    files_generation: int  # KeptFiles.generation when the kept files were last found as planned
     info_generation: int  # JobInfoFiles.generation
     used_at: float  # the collector's clock when it last held: one going back ends the plan
-    remake_at: float  # when a job left out for its cpuset alone may join (monotonic seconds)
+    # The earliest "same since" of the cpusets of jobs left out until theirs settles (inf: none)
+    waiting_since: float
+    remake_at: float  # when it is made again whatever else (monotonic seconds; inf: never)
     # Of each job planned:
     planned: list[JobCgroup]
     keys: list[JobKey]
     fds: list[tuple[int, int]]  # its CPU (cpu.stat) and memory files
     floors: list[float]  # its CPU seconds when its cpuset was read: less is a new cgroup
-    due: list[float]  # when its cpuset is to be read again (monotonic seconds)
+    read_at: list[float]  # when its cpuset was read (the collector's clock)
     rows: list[Row]  # its row of the round the plan was made of
     infos: list[JobInfo]
     # Where it holds every job: that round's GPU claims and aliases (each job's alone, so the
     # same while the jobs are what they were).
     whole: tuple[list[Row], list[Row]] | None
+
+    def leave(self, gone: set[int]) -> None:
+        """Take the jobs at the indices ``gone`` out (read job by job from now on)."""
+        for name in ("planned", "keys", "fds", "floors", "read_at", "rows", "infos"):
+            kept = [v for i, v in enumerate(getattr(self, name)) if i not in gone]
+            setattr(self, name, kept)
+        self.whole = None
 
 
 @register
@@ -792,6 +806,7 @@ class SlurmJobCollector(Collector):
         self._plan: _Plan | None = None  # the last round, where nothing new was to be found
         self._plan_at = 0.0  # no plan is made before (monotonic seconds)
         self._plan_retry = PLAN_RETRY_SECONDS  # tests may shorten it
+        self._remake = False  # the plan holds this round, and is made again at its end
         self._now = 0.0  # this round's clock
         self._job_info_files = JobInfoFiles(
             ctx.slurm_job_info_dir,
@@ -816,7 +831,13 @@ class SlurmJobCollector(Collector):
         jobs = self._listing.jobs()
         planned = self._planned_rows(jobs, info_dir_ok)
         plan = self._plan
-        if plan is not None and plan.whole is not None and planned and len(planned) == len(jobs):
+        if (
+            plan is not None
+            and plan.whole is not None
+            and planned
+            and len(planned) == len(jobs)
+            and not self._remake
+        ):
             # every job as planned: the round as the one the plan was made of, its numbers new
             held, named = plan.whole
             return {
@@ -875,7 +896,7 @@ class SlurmJobCollector(Collector):
                 else {"gpu_index": i, "job_id": job_id, "share": share}
                 for i in indices
             )
-        if self._plan is None and self._now >= self._plan_at:
+        if (self._plan is None or self._remake) and self._now >= self._plan_at:
             self._plan = self._make_plan(jobs, info_dir_ok, read, parts, (claims, aliases))
         return {"job": rows, "_gpu_job": claims, "_job_alias": aliases}
 
@@ -899,9 +920,9 @@ class SlurmJobCollector(Collector):
         keys: list[JobKey] = []
         fds: list[tuple[int, int]] = []
         floors: list[float] = []
-        due: list[float] = []
+        read_ats: list[float] = []
         rows: list[Row] = []
-        remake_at = math.inf
+        waiting_since = remake_at = math.inf
         for job in jobs:
             key = job.key
             search = self._search.get(key)
@@ -919,22 +940,28 @@ class SlurmJobCollector(Collector):
             if search.info_from is not trusted or self._walk_wanted(job, search, trusted):
                 continue
             cpuset = self._cpusets.get(key)
-            _, usage_name, memory_name = job.names
-            kept = self._files.settled_fds(key, usage_name, memory_name)
-            if cpuset is None or kept is None:
+            if cpuset is None:
                 continue
             count, read_at, same_since, seconds_then = cpuset
             if self._now - same_since < CPUSET_RECHECK_SECONDS:
-                remake_at = min(remake_at, same_since + CPUSET_RECHECK_SECONDS)
+                waiting_since = min(waiting_since, same_since)
                 continue
+            _, usage_name, memory_name = job.names
+            kept = self._files.settled_fds(key, usage_name, memory_name)
+            if kept is None:  # its directory changed, or its files were opened, this round
+                remake_at = self._now + self._plan_retry
+                continue
+            if row["memory_bytes"] >= _SAFE_NUMBER or row["cpu_seconds"] >= _SAFE_SECONDS:
+                continue  # too long for the plan's reading of the files (never on a real node)
             planned.append(job)
             keys.append(key)
             fds.append(kept)
             floors.append(seconds_then)
-            due.append(read_at + CPUSET_RECHECK_SECONDS)
+            read_ats.append(read_at)
             rows.append({**row, "cpus_allocated": float(count)})
-        if not keys:  # looked for again when a job may join, or a while later
-            self._plan_at = min(remake_at, self._now + self._plan_retry)
+        if not keys:  # looked for again a while later, and when a job's cpuset has settled
+            settles = waiting_since + CPUSET_RECHECK_SECONDS
+            self._plan_at = min(settles, self._now + self._plan_retry)
             return None
         return _Plan(
             jobs=jobs,
@@ -942,12 +969,13 @@ class SlurmJobCollector(Collector):
             files_generation=self._files.generation,
             info_generation=self._job_info_files.generation,
             used_at=self._now,
+            waiting_since=waiting_since,
             remake_at=remake_at,
             planned=planned,
             keys=keys,
             fds=fds,
             floors=floors,
-            due=due,
+            read_at=read_ats,
             rows=rows,
             infos=[read[key][1] for key in keys],
             whole=(
@@ -967,14 +995,14 @@ class SlurmJobCollector(Collector):
         read its own way."""
         plan = self._plan
         now = self._now
+        self._remake = False
         if (
             plan is None
             or jobs is not plan.jobs
             or info_dir_ok != plan.info_dir_ok
             or now < plan.used_at
-            or now >= plan.remake_at
-            or self._files.generation != plan.files_generation
             or self._job_info_files.generation != plan.info_generation
+            or (self._files.generation != plan.files_generation and not self._files_as_planned())
         ):
             self._plan = None
             return {}
@@ -998,25 +1026,47 @@ class SlurmJobCollector(Collector):
             return {}
         if not all(map(operator.ge, seconds, plan.floors)):
             return {}  # CPU time went back: a cgroup made anew (its cpuset is read at once)
-        for i, due in enumerate(plan.due):
-            if now < due:
-                continue
-            job = plan.planned[i]
-            try:  # as job by job: the same read, the same record of it
-                count = self._job_cpus(job, job.names[0], seconds[i])
-            except (OSError, ParseError, ValueError):
-                return {}  # read job by job, where it tells
-            if count != plan.rows[i]["cpus_allocated"]:
-                return {}  # CPU hotplug: read every round again until it settles
-            plan.floors[i], plan.due[i] = seconds[i], now + CPUSET_RECHECK_SECONDS
+        if now - min(plan.read_at) >= CPUSET_RECHECK_SECONDS:
+            for i, read_at in enumerate(plan.read_at):
+                if now - read_at < CPUSET_RECHECK_SECONDS:  # as _job_cpus tells it
+                    continue
+                job = plan.planned[i]
+                try:  # as job by job: the same read, the same record of it
+                    count = self._job_cpus(job, job.names[0], seconds[i])
+                except (OSError, ParseError, ValueError):
+                    return {}  # read job by job, where it tells
+                if count != plan.rows[i]["cpus_allocated"]:
+                    return {}  # CPU hotplug: read every round again until it settles
+                _, plan.read_at[i], _, plan.floors[i] = self._cpusets[job.key]
         plan.used_at = now
         self._plan, self._plan_at = plan, 0.0
+        # made again at the end of the round, from this one's rows, where a job may join
+        self._remake = now >= plan.remake_at or now - plan.waiting_since >= CPUSET_RECHECK_SECONDS
         return {
             key: ({**row, "cpu_seconds": cpu_seconds, "memory_bytes": int(value)}, info)
             for key, row, info, cpu_seconds, value in zip(
                 plan.keys, plan.rows, plan.infos, seconds, values, strict=True
             )
         }
+
+    def _files_as_planned(self) -> bool:
+        """After the kept files changed (:attr:`KeptFiles.generation`): take out of the plan
+        each job whose CPU and memory files are not the settled ones it holds (its directory
+        changed: a step started or ended; its files closed), to be made again a while later;
+        False where no job is left."""
+        plan = self._plan
+        assert plan is not None
+        settled = self._files.settled_fds
+        gone = {
+            i
+            for i, (job, fds) in enumerate(zip(plan.planned, plan.fds, strict=True))
+            if settled(job.key, job.names[1], job.names[2]) != fds
+        }
+        plan.files_generation = self._files.generation
+        if gone:
+            plan.leave(gone)
+            plan.remake_at = min(plan.remake_at, self._now + self._plan_retry)
+        return bool(plan.keys)
 
     def _read_job(self, job: JobCgroup, info_dir_ok: bool) -> tuple[Row, JobInfo]:
         cpus_names, usage_name, memory_name = job.names

@@ -121,3 +121,62 @@ def planned_rounds_read_as_job_by_job(
 
 # (round, job): what changes then; (round, round) for a change of no one job's numbers
 _EVENTS = {(12, 0), (15, 15), (27, 27), (30, 1), (33, 33), (36, 2), (36, 36), (42, 42), (46, 46)}
+
+
+class PlanPair:
+    """A collector that may read as planned and one that reads job by job, on one tree and
+    one clock (seconds, from ``start``), stepped a round at a time: each round's output and
+    failing jobs must be the same. ``log``: (rows read as planned, jobs, whole round as
+    planned) a round."""
+
+    def __init__(
+        self, make: Callable[[], SlurmJobCollector], root: Path, start: float = 100.0
+    ) -> None:
+        self.root = root
+        self.now = [start]
+        self.planned, self.each = make(), make()
+        self.each._planned_rows = lambda jobs, info_dir_ok: {}  # type: ignore[method-assign]
+        self.each._make_plan = lambda *args: None  # type: ignore[method-assign]
+        for c in (self.planned, self.each):
+            c._clock = lambda: self.now[0]  # type: ignore[method-assign]
+        self.log: list[tuple[int, int, bool]] = []
+        real = self.planned._planned_rows
+
+        def counted(jobs: Any, info_dir_ok: bool) -> Any:
+            out = real(jobs, info_dir_ok)
+            self.log.append((len(out), len(jobs), bool(out) and len(out) == len(jobs)))
+            return out
+
+        self.planned._planned_rows = counted  # type: ignore[method-assign]
+        self.made: list[bool] = []  # a plan was looked for: whether one was made
+        make_plan = self.planned._make_plan
+
+        def making(*args: Any) -> Any:
+            plan = make_plan(*args)
+            self.made.append(plan is not None)
+            return plan
+
+        self.planned._make_plan = making  # type: ignore[method-assign]
+        self.k = 0
+
+    def grow(self) -> None:
+        """Every cgroup v2 job's CPU time and memory grow."""
+        self.k += 1
+        for n, job in enumerate(list_jobs(self.root / "sys" / "fs" / "cgroup")):
+            if job.version == 2 and job.procs_dir.exists():
+                usage = 1_000_000 * self.k + 7 * n
+                job.usage_file.write_text(f"usage_usec {usage}\nuser_usec 1\nsystem_usec 0\n")
+                job.memory_file.write_text(f"{4096 * (self.k + n)}\n")
+
+    def round(
+        self, seconds: float = 1.0, grow: bool = True, at: float | None = None
+    ) -> dict[str, list[Any]]:
+        """One round ``seconds`` after the last (at the clock reading ``at`` where given); its
+        output."""
+        self.now[0] = self.now[0] + seconds if at is None else at
+        if grow:
+            self.grow()
+        got, want = self.planned.collect(), self.each.collect()
+        assert got == want, self.k
+        assert self.planned._bad == self.each._bad, self.k
+        return got
