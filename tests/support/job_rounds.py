@@ -5,6 +5,7 @@ every job its own way each round; what each round gives must be the same."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -180,3 +181,103 @@ class PlanPair:
         assert got == want, self.k
         assert self.planned._bad == self.each._bad, self.k
         return got
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+_CPUSETS = ["0-3", "0-7", "4-7,10-11", "1", "0-1", "2-3"]
+
+
+def random_rounds(make: Callable[[], SlurmJobCollector], root: Path, seed: int, rounds: int) -> int:
+    """:class:`PlanPair` rounds on the tree ``root`` (a copy of a fixture tree of
+    ``FIXTURES``), each a random clock step (mostly 1 s; fractions, the recheck time and
+    around it, a minute, and back) and, in two rounds of five, one or two random changes: a
+    cpuset rewritten, a job's cgroup removed or made again (its CPU time starting anew), a step
+    made or removed, ``max`` in a memory file, a cpu.stat in CRLF, job-info files (where the
+    tree has ``run/tally/jobs``) rewritten, made, removed, by SLUID too, their directory made
+    writable by others and safe again. Returns the job rows read as planned."""
+    rng = random.Random(seed)
+    src = FIXTURES / root.name
+    cgroup = root / "sys" / "fs" / "cgroup"
+    info_dir = root / "run" / "tally" / "jobs"
+    jobs = list_jobs(cgroup)
+    pair = PlanPair(make, root, 100.0 + rng.random())
+    usage = dict.fromkeys((str(j.procs_dir) for j in jobs), 1000)
+    removed: set[str] = set()
+    steps = 0
+    for k in range(rounds):
+        draw = rng.random()
+        if draw < 0.75:
+            pair.now[0] += 1.0
+        elif draw < 0.85:
+            pair.now[0] += rng.choice([0.25, 0.5, 2.0, 9.0, 10.0, 11.0])
+        elif draw < 0.9:
+            pair.now[0] += rng.choice([30.0, 60.0])
+        elif draw < 0.93:
+            pair.now[0] -= rng.choice([0.5, 5.0, 40.0])
+        odd: dict[str, str] = {}  # a job's directory -> its files read otherwise this round
+        for _ in range(rng.randint(1, 2) if rng.random() < 0.4 else 0):
+            job, change = rng.choice(jobs), rng.randrange(12)
+            where = job.procs_dir
+            there = where.exists()
+            if change == 0 and there and job.version == 2:
+                job.cpus_files[0].write_text(rng.choice(_CPUSETS) + "\n")
+            elif change == 1 and there:
+                removed.add(str(where))
+                shutil.rmtree(where)
+            elif change == 2 and str(where) in removed:
+                shutil.copytree(src / where.relative_to(root), where)
+                usage[str(where)] = 3  # a new cgroup: its CPU time starts again
+                removed.discard(str(where))
+            elif change == 3 and there:
+                steps += 1
+                (where / f"step_{100 + steps}").mkdir()
+            elif change == 4 and there:
+                made = sorted(where.glob("step_1[0-9][0-9]*"))
+                if made:
+                    made[0].rmdir()
+            elif change in (5, 6) and there:
+                odd[str(where)] = "max" if change == 5 else "crlf"
+            elif change >= 7 and info_dir.is_dir():
+                _change_job_info(info_dir, change, k)
+        for job in jobs:
+            where = str(job.procs_dir)
+            if not job.procs_dir.exists():
+                continue
+            usage[where] += 1_000_000
+            used = usage[where]
+            if job.version == 1:
+                job.usage_file.write_text(f"{used * 1000}\n")
+            elif odd.get(where) == "crlf":
+                job.usage_file.write_text(f"usage_usec {used}\r\n")
+            else:
+                job.usage_file.write_text(f"usage_usec {used}\nuser_usec 1\nsystem_usec 0\n")
+            memory = "max" if odd.get(where) == "max" else str(4096 * (k + 1))
+            job.memory_file.write_text(memory + "\n")
+        pair.round(grow=False, at=pair.now[0])
+    pair.planned.close()
+    pair.each.close()
+    return sum(n for n, _, _ in pair.log)
+
+
+def _change_job_info(info_dir: Path, change: int, k: int) -> None:
+    """One change to the job-info files of the ``slurm_trust`` tree (``change`` 7 to 11)."""
+    if change == 7:
+        path = info_dir / "1009251"
+        if path.exists():
+            path.write_text(path.read_text().replace("research-lab", f"lab-{k}") + "#\n")
+        return
+    if change == 10:  # the directory writable by others (ignored, logged), and safe again
+        info_dir.chmod(0o777 if info_dir.stat().st_mode & 0o022 == 0 else 0o755)
+        return
+    name, text = {
+        8: ("1009250", "job_id=1009250\nuid=2002\nuser=u2\naccount=acc\ngpus=1\n"),
+        9: ("sEKNKTV3WPV500", "job_id=1009252\nsluid=sEKNKTV3WPV500\nuid=2001\nuser=u1\n"
+            "account=acc1\ngpus=0\n"),
+        11: ("1009248", "job_id=1009248\nuid=2001\nuser=u1\naccount=acc9\ngpus=\n"),
+    }[change]  # fmt: skip
+    path = info_dir / name
+    if path.exists():
+        path.unlink()
+    else:
+        path.write_text(text)
+        path.chmod(0o644)
