@@ -7,6 +7,7 @@ cross-checked against the files' text with small independent splitters.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import io
 import os
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 
 from telemetry.collectors import REGISTRY, CollectorContext, Runner, files, slurm, watch
 from telemetry.collectors.attribution import job_id_from_cgroup
-from telemetry.collectors.base import assemble, check_rows
+from telemetry.collectors.base import CheckedRows, assemble, check_rows
 from telemetry.collectors.files import KeptFiles
 from telemetry.collectors.jobinfo import MAX_VALUE_CHARS
 from telemetry.collectors.slurm import (
@@ -1378,3 +1379,43 @@ def test_a_counter_too_long_for_the_plan_keeps_its_job_out_of_it(tmp_path: Path)
     assert sum(pair.made) <= 2, pair.made
     # its file read otherwise than planned: a plan again PLAN_RETRY_SECONDS on, without it
     assert [n for n, _, _ in pair.log[-12:]] == [3] * 12, pair.log
+
+
+def test_whole_rounds_as_planned_give_their_checked_columns_but_never_unchecked_values(
+    tmp_path: Path,
+) -> None:
+    """A round of every job as planned gives the rows with their columns (CheckedRows), which
+    check_rows takes as they are; a plan whose rows hold a value check_rows refuses (a user
+    name no UTF-8 can hold) never does, so that the collector fails each round as job by job
+    rather than passing the value on."""
+    pair = settled_pair(tmp_path)
+    out = pair.round()
+    assert isinstance(out["job"], CheckedRows)
+    assert check_rows(out)["job"] is out["job"].columns
+
+    root = copy_tree(V2, tmp_path / "bad")
+    for job in ("1003", "1005"):
+        shutil.rmtree(root / V2_SCOPE / f"job_{job}")
+
+    def make() -> SlurmJobCollector:
+        collector = SlurmJobCollector(ctx(root), resolve_user=names)
+        real = collector._job_info
+
+        def job_info(job: Any, info_dir_ok: bool) -> Any:
+            info = real(job, info_dir_ok)
+            bad = dataclasses.replace(info, user="\udcff")
+            search = collector._search[job.key]
+            if search.info is info:  # kept as the job's, as a name read would be
+                search.info = bad
+            return bad
+
+        collector._job_info = job_info  # type: ignore[method-assign]
+        return collector
+
+    bad = PlanPair(make, root)
+    for _ in range(20):
+        out = bad.round()
+        assert not isinstance(out["job"], CheckedRows)
+        with pytest.raises(ValueError, match="surrogate"):
+            check_rows(out)
+    assert any(n for n, _, _ in bad.log)  # planned all the same

@@ -60,7 +60,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from telemetry.collectors.base import Collector, CollectorContext, Row, register
+from telemetry.collectors.base import (
+    CheckedRows,
+    Collector,
+    CollectorContext,
+    Columns,
+    Row,
+    check_rows,
+    register,
+)
 from telemetry.collectors.files import KeptFiles, kept_files_limit, read_text
 from telemetry.collectors.jobinfo import MAX_VALUE_CHARS, JobInfoFiles, job_info_dir_problem
 from telemetry.collectors.watch import DirectoryWatch
@@ -751,8 +759,9 @@ class _Plan:
     rows: list[Row]  # its row of the round the plan was made of
     infos: list[JobInfo]
     # Where it holds every job: that round's GPU claims and aliases (each job's alone, so the
-    # same while the jobs are what they were).
-    whole: tuple[list[Row], list[Row]] | None
+    # same while the jobs are what they were), and the rows' columns, checked, but for the
+    # numbers read anew.
+    whole: tuple[list[Row], list[Row], Columns] | None
 
     def leave(self, gone: set[int]) -> None:
         """Take the jobs at the indices ``gone`` out (read job by job from now on)."""
@@ -807,6 +816,8 @@ class SlurmJobCollector(Collector):
         self._plan_at = 0.0  # no plan is made before (monotonic seconds)
         self._plan_retry = PLAN_RETRY_SECONDS  # tests may shorten it
         self._remake = False  # the plan holds this round, and is made again at its end
+        # the planned jobs' CPU seconds and memory bytes of the round, in the plan's order
+        self._numbers: tuple[list[float], list[int]] = ([], [])
         self._now = 0.0  # this round's clock
         self._job_info_files = JobInfoFiles(
             ctx.slurm_job_info_dir,
@@ -839,9 +850,14 @@ class SlurmJobCollector(Collector):
             and not self._remake
         ):
             # every job as planned: the round as the one the plan was made of, its numbers new
-            held, named = plan.whole
+            # (CPU seconds from at most 18 digits, int64 counters: they fit their columns)
+            held, named, columns = plan.whole
+            seconds, memory = self._numbers
             return {
-                "job": [row for row, _ in planned.values()],
+                "job": CheckedRows(
+                    [row for row, _ in planned.values()],
+                    {**columns, "cpu_seconds": seconds, "memory_bytes": memory},
+                ),
                 "_gpu_job": [dict(claim) for claim in held],
                 "_job_alias": [dict(alias) for alias in named],
             }
@@ -978,12 +994,22 @@ class SlurmJobCollector(Collector):
             read_at=read_ats,
             rows=rows,
             infos=[read[key][1] for key in keys],
-            whole=(
-                ([dict(c) for c in extras[0]], [dict(a) for a in extras[1]])
-                if len(keys) == len(jobs)
-                else None
-            ),
+            whole=self._whole(rows, extras) if len(keys) == len(jobs) else None,
         )
+
+    @staticmethod
+    def _whole(
+        rows: list[Row], extras: tuple[list[Row], list[Row]]
+    ) -> tuple[list[Row], list[Row], Columns] | None:
+        """What a round of every job as planned gives besides the numbers read anew (see
+        :attr:`_Plan.whole`); None where a value would not pass :func:`check_rows` (the round
+        job by job fails the collector for it)."""
+        try:
+            columns = dict(check_rows({"job": rows})["job"])
+        except ValueError:
+            return None
+        del columns["cpu_seconds"], columns["memory_bytes"]
+        return [dict(c) for c in extras[0]], [dict(a) for a in extras[1]], columns
 
     def _planned_rows(
         self, jobs: list[JobCgroup], info_dir_ok: bool
@@ -1040,12 +1066,14 @@ class SlurmJobCollector(Collector):
                 _, plan.read_at[i], _, plan.floors[i] = self._cpusets[job.key]
         plan.used_at = now
         self._plan, self._plan_at = plan, 0.0
+        counts = [int(value) for value in values]
+        self._numbers = (seconds, counts)
         # made again at the end of the round, from this one's rows, where a job may join
         self._remake = now >= plan.remake_at or now - plan.waiting_since >= CPUSET_RECHECK_SECONDS
         return {
-            key: ({**row, "cpu_seconds": cpu_seconds, "memory_bytes": int(value)}, info)
-            for key, row, info, cpu_seconds, value in zip(
-                plan.keys, plan.rows, plan.infos, seconds, values, strict=True
+            key: ({**row, "cpu_seconds": cpu_seconds, "memory_bytes": count}, info)
+            for key, row, info, cpu_seconds, count in zip(
+                plan.keys, plan.rows, plan.infos, seconds, counts, strict=True
             )
         }
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from telemetry.collectors.base import CheckedRows, check_rows
 from telemetry.collectors.slurm import SlurmJobCollector, list_jobs
 
 
@@ -117,11 +118,23 @@ def planned_rounds_read_as_job_by_job(
         got, want = planned.collect(), each.collect()
         assert got == want, k
         assert planned._bad == each._bad, k
+        columns_as_checked(got)
     return seen
 
 
 # (round, job): what changes then; (round, round) for a change of no one job's numbers
 _EVENTS = {(12, 0), (15, 15), (27, 27), (30, 1), (33, 33), (36, 2), (36, 36), (42, 42), (46, 46)}
+
+
+def columns_as_checked(out: dict[str, list[Any]]) -> None:
+    """Rows a collector gave with their columns (:class:`CheckedRows`) hold the columns
+    :func:`check_rows` makes of them, and pass it."""
+    for table, rows in out.items():
+        if isinstance(rows, CheckedRows):
+            want = check_rows({table: list(rows)})[table]
+            assert {k: tuple(v) for k, v in rows.columns.items()} == {
+                k: tuple(v) for k, v in want.items()
+            }, table
 
 
 class PlanPair:
@@ -180,6 +193,7 @@ class PlanPair:
         got, want = self.planned.collect(), self.each.collect()
         assert got == want, self.k
         assert self.planned._bad == self.each._bad, self.k
+        columns_as_checked(got)
         return got
 
 
