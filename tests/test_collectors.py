@@ -15,6 +15,7 @@ import pyarrow as pa
 import pytest
 
 from telemetry.collectors import REGISTRY, CollectorContext, Round, Runner, files, rapl
+from telemetry.collectors.base import CheckedRows, check_rows
 from telemetry.collectors.cpu import CpuCollector
 from telemetry.collectors.rapl import RaplCollector, package_zones
 from telemetry.schema import CPU_MODES, CPU_SCHEMA
@@ -579,3 +580,16 @@ def test_a_value_that_does_not_fit_fails_only_its_collector() -> None:
     assert "memory_total_bytes" in (result.status["broken-test"].error or "")
     assert not result.status["foreign-test"].success
     assert result.tables["cpu"].to_arrow().column("memory_total_bytes")[0].as_py() < 2**63
+
+
+def test_checked_rows_columns_are_taken_only_for_a_known_table_and_its_columns() -> None:
+    """check_rows takes a CheckedRows' columns as they are (no value looked at again), but only
+    of a sample table and columns it has; else the rows are checked as any are."""
+    rows = [{"job_id": "1", "cpu_seconds": 2.5}]
+    columns = {"job_id": ("1",), "cpu_seconds": (2.5,)}
+    assert check_rows({"job": CheckedRows(rows, columns)})["job"] is columns
+    with pytest.raises(ValueError, match="unknown table 'jobs'"):
+        check_rows({"jobs": CheckedRows(rows, columns)})
+    odd = [{"job_id": "1", "cpu_second": 2.5}]
+    with pytest.raises(ValueError, match="unknown column 'cpu_second'"):
+        check_rows({"job": CheckedRows(odd, {"job_id": ("1",), "cpu_second": (2.5,)})})

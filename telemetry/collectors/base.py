@@ -186,12 +186,12 @@ def check_rows(produced: dict[str, list[Row]]) -> dict[str, Columns]:
     for table, rows in produced.items():
         if table.startswith("_"):
             continue  # side outputs for attribution, not sample tables
-        if type(rows) is CheckedRows:
-            checked[table] = rows.columns
-            continue
         kinds = _KINDS.get(table)
         if kinds is None:
             raise ValueError(f"rows for unknown table {table!r}")
+        if type(rows) is CheckedRows and rows.columns.keys() <= kinds.keys():
+            checked[table] = rows.columns
+            continue
         columns = row_columns(rows)
         for name in sorted(columns):
             if name not in kinds:

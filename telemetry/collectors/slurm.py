@@ -102,6 +102,9 @@ CPUSET_RECHECK_SECONDS = 10.0
 # How long the job collector goes without a plan of settled jobs (SlurmJobCollector._plan) when
 # it found none to make, or its files did not read as it said.
 PLAN_RETRY_SECONDS = 5.0
+# How often the plan is made again whatever happened: a job that became plannable otherwise
+# than by its cpuset settling (the search of its processes ended) joins then.
+PLAN_REMAKE_SECONDS = 60.0
 # Errors that mean "the job (or process) ended while we read it": the file is gone (ENOENT), the
 # process is gone (ESRCH), or the cgroup was removed while a file of it was open (ENODEV).
 _GONE = frozenset({errno.ENOENT, errno.ESRCH, errno.ENODEV})
@@ -737,12 +740,11 @@ class _Plan:
     made with; a job whose kept files changed (a step started or ended) leaves it, a job's
     cpuset is read again within it when due, as job by job, and one that changed ends it. Then
     it is made again from the round read job by job; so too once a job left out for an unsettled
-    cpuset has read the same long enough to join, and a while after a job was left out for
-    files not settled. A job that settles otherwise (its search of its processes ends) joins at
-    the next making, within a minute: the jobs are listed afresh and the job-info files read
-    again that often."""
+    cpuset has read the same long enough to join, a while after a job was left out for files
+    not settled, and at least every PLAN_REMAKE_SECONDS, when a job that settled otherwise (the
+    search of its processes ended) joins."""
 
-    jobs: list[JobCgroup]  # the listing's list (the same object while the jobs are the same)
+    jobs: list[JobCgroup]  # the listing's last list of the same jobs (looked at first)
     info_dir_ok: bool
     files_generation: int  # KeptFiles.generation when the kept files were last found as planned
     info_generation: int  # JobInfoFiles.generation
@@ -938,7 +940,8 @@ class SlurmJobCollector(Collector):
         floors: list[float] = []
         read_ats: list[float] = []
         rows: list[Row] = []
-        waiting_since = remake_at = math.inf
+        waiting_since = math.inf
+        remake_at = self._now + PLAN_REMAKE_SECONDS  # for jobs whose search ended meanwhile
         for job in jobs:
             key = job.key
             search = self._search.get(key)
@@ -1024,7 +1027,7 @@ class SlurmJobCollector(Collector):
         self._remake = False
         if (
             plan is None
-            or jobs is not plan.jobs
+            or (jobs is not plan.jobs and jobs != plan.jobs)
             or info_dir_ok != plan.info_dir_ok
             or now < plan.used_at
             or self._job_info_files.generation != plan.info_generation
@@ -1037,6 +1040,7 @@ class SlurmJobCollector(Collector):
         # making of one every round.
         self._plan = None
         self._plan_at = now + self._plan_retry
+        plan.jobs = jobs  # the same jobs listed anew: this list is looked at first from now on
         pread = os.pread
         try:
             usage = [pread(fd, 65536, 0) for fd, _ in plan.fds]
