@@ -754,7 +754,6 @@ class _Plan:
     remake_at: float  # when it is made again whatever else (monotonic seconds; inf: never)
     # Of each job planned:
     planned: list[JobCgroup]
-    keys: list[JobKey]
     fds: list[tuple[int, int]]  # its CPU (cpu.stat) and memory files
     floors: list[float]  # its CPU seconds when its cpuset was read: less is a new cgroup
     read_at: list[float]  # when its cpuset was read (the collector's clock)
@@ -767,7 +766,7 @@ class _Plan:
 
     def leave(self, gone: set[int]) -> None:
         """Take the jobs at the indices ``gone`` out (read job by job from now on)."""
-        for name in ("planned", "keys", "fds", "floors", "read_at", "rows", "infos"):
+        for name in ("planned", "fds", "floors", "read_at", "rows", "infos"):
             kept = [v for i, v in enumerate(getattr(self, name)) if i not in gone]
             setattr(self, name, kept)
         self.whole = None
@@ -935,11 +934,11 @@ class SlurmJobCollector(Collector):
         ``None`` where no job is. ``extras``: the round's GPU claims and aliases, what a round
         of the same jobs as planned gives where the plan holds every job."""
         planned: list[JobCgroup] = []
-        keys: list[JobKey] = []
         fds: list[tuple[int, int]] = []
         floors: list[float] = []
         read_ats: list[float] = []
         rows: list[Row] = []
+        infos: list[JobInfo] = []
         waiting_since = math.inf
         remake_at = self._now + PLAN_REMAKE_SECONDS  # for jobs whose search ended meanwhile
         for job in jobs:
@@ -973,12 +972,12 @@ class SlurmJobCollector(Collector):
             if row["memory_bytes"] >= _SAFE_NUMBER or row["cpu_seconds"] >= _SAFE_SECONDS:
                 continue  # too long for the plan's reading of the files (never on a real node)
             planned.append(job)
-            keys.append(key)
             fds.append(kept)
             floors.append(seconds_then)
             read_ats.append(read_at)
             rows.append({**row, "cpus_allocated": float(count)})
-        if not keys:  # looked for again a while later, and when a job's cpuset has settled
+            infos.append(info)
+        if not planned:  # looked for again a while later, and when a job's cpuset has settled
             settles = waiting_since + CPUSET_RECHECK_SECONDS
             self._plan_at = min(settles, self._now + self._plan_retry)
             return None
@@ -991,13 +990,12 @@ class SlurmJobCollector(Collector):
             waiting_since=waiting_since,
             remake_at=remake_at,
             planned=planned,
-            keys=keys,
             fds=fds,
             floors=floors,
             read_at=read_ats,
             rows=rows,
-            infos=[read[key][1] for key in keys],
-            whole=self._whole(rows, extras) if len(keys) == len(jobs) else None,
+            infos=infos,
+            whole=self._whole(rows, extras) if len(planned) == len(jobs) else None,
         )
 
     @staticmethod
@@ -1031,7 +1029,7 @@ class SlurmJobCollector(Collector):
             or info_dir_ok != plan.info_dir_ok
             or now < plan.used_at
             or self._job_info_files.generation != plan.info_generation
-            or (self._files.generation != plan.files_generation and not self._files_as_planned())
+            or (self._files.generation != plan.files_generation and not self._files_as(plan))
         ):
             self._plan = None
             return {}
@@ -1075,19 +1073,17 @@ class SlurmJobCollector(Collector):
         # made again at the end of the round, from this one's rows, where a job may join
         self._remake = now >= plan.remake_at or now - plan.waiting_since >= CPUSET_RECHECK_SECONDS
         return {
-            key: ({**row, "cpu_seconds": cpu_seconds, "memory_bytes": count}, info)
-            for key, row, info, cpu_seconds, count in zip(
-                plan.keys, plan.rows, plan.infos, seconds, counts, strict=True
+            job.key: ({**row, "cpu_seconds": cpu_seconds, "memory_bytes": count}, info)
+            for job, row, info, cpu_seconds, count in zip(
+                plan.planned, plan.rows, plan.infos, seconds, counts, strict=True
             )
         }
 
-    def _files_as_planned(self) -> bool:
-        """After the kept files changed (:attr:`KeptFiles.generation`): take out of the plan
+    def _files_as(self, plan: _Plan) -> bool:
+        """After the kept files changed (:attr:`KeptFiles.generation`): take out of ``plan``
         each job whose CPU and memory files are not the settled ones it holds (its directory
         changed: a step started or ended; its files closed), to be made again a while later;
         False where no job is left."""
-        plan = self._plan
-        assert plan is not None
         settled = self._files.settled_fds
         gone = {
             i
@@ -1098,7 +1094,7 @@ class SlurmJobCollector(Collector):
         if gone:
             plan.leave(gone)
             plan.remake_at = min(plan.remake_at, self._now + self._plan_retry)
-        return bool(plan.keys)
+        return bool(plan.planned)
 
     def _read_job(self, job: JobCgroup, info_dir_ok: bool) -> tuple[Row, JobInfo]:
         cpus_names, usage_name, memory_name = job.names

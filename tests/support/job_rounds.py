@@ -81,7 +81,8 @@ def planned_rounds_read_as_job_by_job(
             back, away = aside.pop(k)
             away.rename(back)
         if event(k, 27):
-            held = planned._plan.keys if planned._plan is not None else [jobs[-1].key]
+            plan = planned._plan
+            held = [job.key for job in plan.planned] if plan is not None else [jobs[-1].key]
             replaced = next(job for job in jobs if job.key == held[-1])
         for n, job in enumerate(jobs):
             if not job.procs_dir.exists():
