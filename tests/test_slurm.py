@@ -1285,7 +1285,7 @@ def settled_pair(tmp_path: Path, start: float = 100.0, rounds: int = 15) -> Plan
     root = copy_tree(V2, tmp_path)
     for job in ("1003", "1005"):
         shutil.rmtree(root / V2_SCOPE / f"job_{job}")
-    pair = PlanPair(lambda: SlurmJobCollector(ctx(root), resolve_user=names), root, start)
+    pair = PlanPair(lambda: SlurmJobCollector(ctx(root), resolve_user=names), start)
     pair.round(0.0)
     for _ in range(rounds):
         pair.round()
@@ -1412,7 +1412,7 @@ def test_whole_rounds_as_planned_give_their_checked_columns_but_never_unchecked_
         collector._job_info = job_info  # type: ignore[method-assign]
         return collector
 
-    bad = PlanPair(make, root)
+    bad = PlanPair(make)
     for _ in range(20):
         out = bad.round()
         assert not isinstance(out["job"], CheckedRows)
