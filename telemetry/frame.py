@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -407,14 +408,14 @@ class RoundBatch:
         first = batches[0]
         arrays: dict[str, np.ndarray] = {}
         valid: dict[str, np.ndarray] = {}
+        with_nulls = first.nulls.union(*[batch.nulls for batch in batches[1:]])
         for column in TABLES[first.table]:
             name = column.name
             if len(batches) == 1:
                 values = first.values[name]
             else:
-                values = [v for batch in batches for v in batch.values[name]]
-            nulls = any(name in batch.nulls for batch in batches)
-            array, mask = _checked_array(column.kind, values, nulls)
+                values = list(chain.from_iterable([batch.values[name] for batch in batches]))
+            array, mask = _checked_array(column.kind, values, name in with_nulls)
             arrays[name] = array
             if mask is not None:
                 valid[name] = mask

@@ -428,8 +428,92 @@ def _validity(values: Sequence[Any]) -> tuple[int, bytes]:
 
 def round_batch_message(batch: RoundBatch, last: StringBuffers | None = None) -> bytes:
     """:func:`record_batch_message` of a :class:`RoundBatch`, the same bytes as of its Frame:
-    numbers packed from the Python values with one ``struct`` call a column, no NumPy array
-    made (a round of a node is a few dozen rows, and the daemon writes one every interval)."""
+    the whole body packed from the Python values by one ``struct`` call, no NumPy array made (a
+    round of a node is a few dozen rows, and the daemon writes one every interval). The call
+    and the metadata are made once for each shape a table's batches take (rows, null counts,
+    string lengths): a node's rounds repeat theirs."""
+    layout = _layout(batch.table)
+    rows = batch.num_rows
+    values = batch.values
+    nulls = batch.nulls
+    shape: list[Any] = [batch.table, rows]  # what fixes the metadata and the body's layout
+    parts: list[Any] = []  # what the body's struct packs, in order
+    for plan in layout.plans:
+        name, string, _, column = plan
+        items = _column(batch.table, values, name, rows)
+        if name in nulls:
+            count, bitmap = _validity(items)
+            if count and not column.nullable:
+                raise ValueError(f"{batch.table}: column {name!r} is required but holds nulls")
+        else:
+            count, bitmap = 0, b""
+        if count:
+            parts.append(bitmap)
+        if not string:
+            if column.kind == "float32" and not _FLOAT32_EXACT.issuperset(map(type, items)):
+                return _round_batch_message_by_column(batch, last)  # NumPy rounds these
+            parts.extend([0 if v is None else v for v in items] if count else items)
+            shape.append(count)
+        elif count == rows:  # all null (a column no row has, as mig_profile mostly)
+            parts += (bytes(4 * rows + 4), b"")
+            shape.append(count)
+        else:
+            offsets, data = _strings_again(column, list(items), last)[1]
+            parts += (offsets, data)
+            shape += (count, len(data))
+    key = tuple(shape)
+    packing = _PACKINGS.get(key)
+    if packing is None:
+        packing = _packing(layout, key)
+    head, body = packing
+    try:
+        return head + body.pack(*parts)
+    except (OverflowError, struct.error):  # a float beyond float32: NumPy makes it inf
+        return _round_batch_message_by_column(batch, last)
+
+
+# struct formats and metadata of the round batches' shapes seen (see round_batch_message)
+_PACKINGS: dict[tuple[Any, ...], tuple[bytes, struct.Struct]] = {}
+_MAX_PACKINGS = 1024
+
+
+def _packing(layout: _Layout, key: tuple[Any, ...]) -> tuple[bytes, struct.Struct]:
+    """The metadata and the body's struct of a round batch of shape ``key`` (table, rows, then
+    per column its null count and for strings its bytes), kept for the batches to come."""
+    rows = key[1]
+    shape = iter(key[2:])
+    sizes: list[tuple[int, list[int]]] = []  # null count and buffer sizes of each column
+    body = ["<"]
+    for plan in layout.plans:
+        count = next(shape)
+        bitmap = (rows + 7) // 8 if count else 0
+        if bitmap:
+            body.append(f"{bitmap}s{-bitmap & 7}x")
+        if not plan.string:
+            code = _STRUCT_CODES[plan.column.kind]
+            width = rows * struct.calcsize("<" + code)
+            body.append(f"{rows}{code}{-width & 7}x")
+            sizes.append((count, [bitmap, width]))
+            continue
+        data = 0 if count == rows else next(shape)
+        offsets = 4 * rows + 4
+        body.append(f"{offsets}s{-offsets & 7}x{data}s{-data & 7}x")
+        sizes.append((count, [bitmap, offsets, data]))
+    head = _message_of(layout, rows, [(n, [bytes(size) for size in b]) for n, b in sizes])
+    packing = (head[: len(head) - _body_length(sizes)], struct.Struct("".join(body)))
+    if len(_PACKINGS) >= _MAX_PACKINGS:  # shapes of long gone rounds
+        _PACKINGS.clear()
+    _PACKINGS[key] = packing
+    return packing
+
+
+def _body_length(sizes: list[tuple[int, list[int]]]) -> int:
+    return sum(size + (-size & 7) for _, buffers in sizes for size in buffers)
+
+
+def _round_batch_message_by_column(batch: RoundBatch, last: StringBuffers | None) -> bytes:
+    """:func:`round_batch_message` a column at a time, NumPy converting what ``struct`` would
+    not as NumPy does (an integer or a float32 in a float32 column, a float beyond float32)."""
     layout = _layout(batch.table)
     rows = batch.num_rows
     values = batch.values
