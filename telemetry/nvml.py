@@ -31,9 +31,10 @@ import ctypes
 import importlib
 import logging
 import operator
+import struct
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from telemetry.logs import OnceLogger
 
@@ -66,6 +67,16 @@ _GROW_TRIES = 4  # a list that outgrows its buffer again this often is answered 
 # A C function that writes one answer, made once (Gateway._answer): the function, a reference to
 # the answer, the answer, and getters of the fields read from it.
 _Request = tuple[Any, Any, Any, tuple[Callable[[Any], Any], ...]]
+
+# The C functions of one number each (Gateway._number): name, answer type, field (clock
+# reasons: type and field, the name being the probed variant's)
+_UTILIZATION = ("nvmlDeviceGetUtilizationRates", "c_nvmlUtilization_t", "gpu")
+_POWER = ("nvmlDeviceGetPowerUsage", ctypes.c_uint, "value")
+_CLOCK_REASONS = (ctypes.c_ulonglong, "value")
+
+# What Gateway.readings answers: utilisation (%), memory (used, total bytes), power (mW),
+# temperature (°C), clock event reasons (bit mask); None where NVML cannot tell.
+Readings = tuple[int | None, tuple[int, int] | None, int | None, int | None, int | None]
 
 # Versioned symbols, newest first: the first one the library and driver answer is kept.
 _VARIANTS: dict[str, tuple[str, ...]] = {
@@ -109,6 +120,10 @@ class Gateway:
         # found anew with each initialisation
         self._c_functions: dict[str, Any] = {}
         self._buffers: dict[object, Any] = {}
+        # readings' C requests (None: not planned, or not all C: asked one by one)
+        self._readings: list[tuple[str, _Request]] | None = None
+        # field_values' reader of the C function's answers (False: read them field by field)
+        self._field_reader: _FieldReader | Literal[False] | None = None
 
     # ------------------------------------------------------------------ life cycle
     @property
@@ -137,6 +152,8 @@ class Gateway:
         self._ready = True
         self.generation += 1
         self._readers = None
+        self._field_reader = None
+        self._readings = None
         self._c_functions.clear()
         self._buffers.clear()
         if self.generation == 1:
@@ -293,15 +310,7 @@ class Gateway:
         :meth:`call` does."""
         m = self._module if self._ready else self.nvml
         name = self._chosen.get("temperature")
-        request = None
-        if name is not None and name == _VARIANTS["temperature"][0]:
-            request = self._answer(
-                name,
-                "c_nvmlTemperature_v1_t",
-                ("temperature",),
-                version=getattr(m, "nvmlTemperature_v1", None),
-                sensorType=m.NVML_TEMPERATURE_GPU,
-            )
+        request = self._temperature_request(name)
         if name is None or request is None:
             value = self.variant("temperature", handle, m.NVML_TEMPERATURE_GPU)
             return None if value is None else int(value)
@@ -419,9 +428,7 @@ class Gateway:
             self._memory_v2 = False
         if self._memory_v2:
             name = "nvmlDeviceGetMemoryInfo_v2"
-            request = self._answer(
-                name, "c_nvmlMemory_v2_t", ("used", "total"), version=m.nvmlMemory_v2
-            )
+            request = self._memory_request()
             if request is not None:
                 answer = self._ask(name, request, handle)
                 if answer is None:
@@ -436,12 +443,12 @@ class Gateway:
     def utilization(self, handle: Any) -> int | None:
         """The percent of NVML's last sample period in which a kernel ran on the GPU;
         ``None`` when NVML cannot tell (logged once). Raises as :meth:`call` does."""
-        return self._number("nvmlDeviceGetUtilizationRates", "c_nvmlUtilization_t", "gpu", handle)
+        return self._number(*_UTILIZATION, handle)
 
     def power_mw(self, handle: Any) -> int | None:
         """The GPU's power draw, milliwatts, as ``nvmlDeviceGetPowerUsage`` tells it; ``None``
         when NVML cannot tell (logged once). Raises as :meth:`call` does."""
-        return self._number("nvmlDeviceGetPowerUsage", ctypes.c_uint, "value", handle)
+        return self._number(*_POWER, handle)
 
     def clock_reasons(self, handle: Any) -> int | None:
         """The bit mask of what holds the GPU's clocks down, by the newest symbol that works;
@@ -450,7 +457,75 @@ class Gateway:
         if name is None or name != _VARIANTS["clock_reasons"][0]:
             value = self.variant("clock_reasons", handle)
             return None if value is None else int(value)
-        return self._number(name, ctypes.c_ulonglong, "value", handle)
+        return self._number(name, *_CLOCK_REASONS, handle)
+
+    def readings(self, handle: Any) -> Readings:
+        """:meth:`utilization`, :meth:`memory`, :meth:`power_mw`, :meth:`temperature` and
+        :meth:`clock_reasons` of ``handle``, in that order, each answered as its method
+        answers; in one go where each has its C function (every round on a GPU node)."""
+        plan = self._readings
+        if plan is None:
+            plan = self._readings = self._readings_plan()
+        if plan is None:  # a wrapper or a symbol not yet probed: each asked as its method asks
+            return (
+                self.utilization(handle),
+                self.memory(handle),
+                self.power_mw(handle),
+                self.temperature(handle),
+                self.clock_reasons(handle),
+            )
+        answers: list[Any] = []
+        for name, (function, ref, answer, getters) in plan:
+            code = function(handle, ref)
+            if code != _SUCCESS:
+                self._readings = None  # planned anew: the failure may have ruled a symbol out
+                self._failed(name, self._module.NVMLError(code))  # raises, or logs once
+                answers.append(None)
+            elif len(getters) == 1:
+                answers.append(getters[0](answer))
+            else:
+                answers.append(tuple(getter(answer) for getter in getters))
+        return tuple(answers)
+
+    def _readings_plan(self) -> list[tuple[str, _Request]] | None:
+        """The C requests :meth:`readings` makes, each as its method makes it; ``None`` while
+        any reading goes through a wrapper (or its symbol is not probed yet)."""
+        temperature = self._chosen.get("temperature")
+        reasons = self._chosen.get("clock_reasons")
+        if temperature is None or reasons is None or not self._memory_v2:
+            return None
+        if reasons != _VARIANTS["clock_reasons"][0]:
+            return None
+        requests = [
+            (_UTILIZATION[0], self._answer(_UTILIZATION[0], _UTILIZATION[1], _UTILIZATION[2:])),
+            ("nvmlDeviceGetMemoryInfo_v2", self._memory_request()),
+            (_POWER[0], self._answer(_POWER[0], _POWER[1], _POWER[2:])),
+            (temperature, self._temperature_request(temperature)),
+            (reasons, self._answer(reasons, _CLOCK_REASONS[0], _CLOCK_REASONS[1:])),
+        ]
+        planned = [(name, request) for name, request in requests if request is not None]
+        return planned if len(planned) == len(requests) else None
+
+    def _memory_request(self) -> _Request | None:
+        m = self._module
+        return self._answer(
+            "nvmlDeviceGetMemoryInfo_v2",
+            "c_nvmlMemory_v2_t",
+            ("used", "total"),
+            version=getattr(m, "nvmlMemory_v2", None),
+        )
+
+    def _temperature_request(self, name: str | None) -> _Request | None:
+        if name is None or name != _VARIANTS["temperature"][0]:
+            return None
+        m = self._module
+        return self._answer(
+            name,
+            "c_nvmlTemperature_v1_t",
+            ("temperature",),
+            version=getattr(m, "nvmlTemperature_v1", None),
+            sensorType=m.NVML_TEMPERATURE_GPU,
+        )
 
     def _number(self, name: str, kind: str | Any, field: str, handle: Any) -> int | None:
         """One number NVML's ``name`` answers: ``field`` of its answer of type ``kind`` (see
@@ -521,6 +596,12 @@ class Gateway:
             if code != _SUCCESS:
                 self._failed(name, m.NVMLError(code))
                 return out
+            reader = self._field_reader
+            if reader is None:
+                reader = self._field_reader = _FieldReader.of(struct, m) or False
+            if reader:
+                reader.read(values, ids, out)
+                return out
         else:
             request = self._field_requests.get(ids)
             if request is None:
@@ -569,6 +650,61 @@ class Gateway:
         if signed_int is not None:
             readers[signed_int] = lambda v: v.siVal
         return readers
+
+
+class _FieldReader:
+    """Reads an array of ``nvmlFieldValue_t`` NVML filled with one ``struct`` call: each
+    entry's value type, return code and value (the union's 8 bytes, read as its member of that
+    type is read: from its first byte, in this machine's byte order)."""
+
+    def __init__(self, entry: str, values: dict[int, struct.Struct]) -> None:
+        self._entry = entry
+        self._values = values
+        self._arrays: dict[int, struct.Struct] = {}
+
+    @classmethod
+    def of(cls, struct_type: Any, m: Any) -> _FieldReader | None:
+        """The reader of ``struct_type`` (pynvml's ``c_nvmlFieldValue_t``) and the value types
+        of binding ``m``; ``None`` where the structure is not laid out as NVML's."""
+        try:
+            kind, code, value = struct_type.valueType, struct_type.nvmlReturn, struct_type.value
+            size = ctypes.sizeof(struct_type)
+        except (AttributeError, TypeError):
+            return None
+        if (kind.size, code.size, value.size) != (4, 4, 8):
+            return None
+        if not (kind.offset + 4 == code.offset and code.offset + 4 == value.offset):
+            return None
+        entry = f"{kind.offset}xII8s{size - value.offset - 8}x"
+        long_code = "Q" if ctypes.sizeof(ctypes.c_ulong) == 8 else "I"
+        codes = {
+            "NVML_VALUE_TYPE_DOUBLE": "d",
+            "NVML_VALUE_TYPE_UNSIGNED_INT": "I",
+            "NVML_VALUE_TYPE_UNSIGNED_LONG": long_code,
+            "NVML_VALUE_TYPE_UNSIGNED_LONG_LONG": "Q",
+            "NVML_VALUE_TYPE_SIGNED_LONG_LONG": "q",
+            "NVML_VALUE_TYPE_SIGNED_INT": "i",
+        }
+        values = {
+            getattr(m, name): struct.Struct("=" + letter)
+            for name, letter in codes.items()
+            if getattr(m, name, None) is not None
+        }
+        return cls(entry, values)
+
+    def read(self, array: Any, ids: tuple[int, ...], out: dict[int, float | None]) -> None:
+        """Each entry of ``array`` (for field ``ids``) NVML answered with a value of a known
+        type, as a float into ``out``."""
+        packing = self._arrays.get(len(ids))
+        if packing is None:
+            packing = self._arrays[len(ids)] = struct.Struct("=" + self._entry * len(ids))
+        read = iter(packing.unpack_from(array))
+        values = self._values
+        for field_id, kind, code, value in zip(ids, read, read, read, strict=True):
+            if code == _SUCCESS:
+                number = values.get(kind)
+                if number is not None:
+                    out[field_id] = float(number.unpack_from(value)[0])
 
 
 class _Buffer:

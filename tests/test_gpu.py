@@ -196,6 +196,53 @@ def test_field_values_from_pynvml_arrays_and_from_plain_objects(
     assert asked == [[(ids[0], 0)]]  # scope 0: what pynvml writes for a bare id as well
 
 
+def test_field_values_of_every_value_type_read_as_the_union_reads_them(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The C function's answers are read by one struct call: each value type's member of the
+    union, as ctypes reads it (a wide unsigned, a negative signed, a double, 32 bits of a
+    union whose other bytes are set), a failed entry and an unknown type null."""
+    fake = FakeNVML([H100_LOADED], clock=clock)
+    gateway = Gateway(fake)
+    handle = gateway.call("nvmlDeviceGetHandleByIndex", 0)
+    entries = [  # value type, union member, value
+        (fake.NVML_VALUE_TYPE_DOUBLE, "dVal", -2.5e-300),
+        (fake.NVML_VALUE_TYPE_UNSIGNED_INT, "uiVal", 2**32 - 1),
+        (fake.NVML_VALUE_TYPE_UNSIGNED_LONG, "ulVal", 2**40 + 3),
+        (fake.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, "ullVal", 2**64 - 2),
+        (fake.NVML_VALUE_TYPE_SIGNED_LONG_LONG, "sllVal", -(2**62) - 1),
+        (fake.NVML_VALUE_TYPE_SIGNED_INT, "siVal", -7),
+        (fake.NVML_VALUE_TYPE_UNSIGNED_INT, "ullVal", 2**63 + 5),  # high bytes not the uint's
+        (fake.NVML_VALUE_TYPE_DOUBLE, "dVal", 1.0),  # answered with an error
+        (99, "ullVal", 5),  # a type this gateway does not know
+    ]
+    ids = tuple(range(1000, 1000 + len(entries)))
+    expected: dict[int, float | None] = {}
+
+    def answer(handle: Any, count: int, values: Any) -> int:
+        for entry, field_id, (kind, member, value) in zip(values, ids, entries, strict=True):
+            entry.fieldId, entry.valueType = field_id, kind
+            entry.nvmlReturn = 3 if field_id == ids[7] else 0
+            setattr(entry.value, member, value)
+            known = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5: "siVal"}
+            read = None if kind not in known else getattr(entry.value, known[kind])
+            expected[field_id] = None if entry.nvmlReturn or read is None else float(read)
+        return 0
+
+    lookup = fake._nvmlGetFunctionPointer
+    monkeypatch.setattr(
+        fake,
+        "_nvmlGetFunctionPointer",
+        lambda name: answer if name == "nvmlDeviceGetFieldValues" else lookup(name),
+    )
+    for _ in range(2):  # the second call reads with the struct the first made
+        expected.clear()
+        got = gateway.field_values(handle, ids)
+        assert got == expected and len(expected) == len(entries)
+    assert got[ids[1]] == 2**32 - 1 and got[ids[5]] == -7.0 and got[ids[6]] == 5.0
+    assert got[ids[7]] is None and got[ids[8]] is None
+
+
 def test_c_functions_read_what_the_wrappers_read(clock: FakeClock) -> None:
     """The gateway's calls past pynvml's wrappers (buffers kept between calls, grown when NVML
     answers they are too small) give the collector what the wrappers give, round after round,

@@ -189,11 +189,7 @@ class GpuCollector(Collector):
         energy_mj = fields[energy_id]
         if energy_mj is None:
             energy_mj = self.gw.call("nvmlDeviceGetTotalEnergyConsumption", handle)
-        util = self.gw.utilization(handle)
-        memory = self.gw.memory(handle)
-        power_mw = self.gw.power_mw(handle)
-        temperature = self.gw.temperature(handle)
-        reasons = self.gw.clock_reasons(handle)
+        util, memory, power_mw, temperature, reasons = self.gw.readings(handle)
         for code in xids.get(index, []):
             state.xid_total += 1
             state.xid_last = code
