@@ -212,6 +212,7 @@ class Gateway:
             raise GpuLost(f"{name}: GPU is lost") from None
         if isinstance(exc, m.NVMLError_FunctionNotFound):
             self._missing.add(name)
+            self._readings = None  # planned anew, without it
             self._once.warning(
                 f"missing:{name}", f"nvml: the driver has no {name}; its value is null"
             )
@@ -478,8 +479,8 @@ class Gateway:
         for name, (function, ref, answer, getters) in plan:
             code = function(handle, ref)
             if code != _SUCCESS:
-                self._readings = None  # planned anew: the failure may have ruled a symbol out
-                self._failed(name, self._module.NVMLError(code))  # raises, or logs once
+                # raises, or logs once (a symbol the driver lacks: the plan is made anew)
+                self._failed(name, self._module.NVMLError(code))
                 answers.append(None)
             elif len(getters) == 1:
                 answers.append(getters[0](answer))

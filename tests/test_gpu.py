@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporters.prometheus import TallyCollector
 from telemetry.collectors import CollectorContext, Runner
 from telemetry.collectors.gpu import GpuCollector, mig_profile
-from telemetry.nvml import Gateway, NvmlUnavailable
+from telemetry.nvml import Gateway, GpuLost, NvmlUnavailable
 from telemetry.state import State
 from tests.support.daemon import scrape_daemon
 from tests.support.nvml.library import FakeClock, FakeNVML
@@ -321,6 +321,71 @@ def test_a_c_function_the_driver_lacks_is_not_called_again(clock: FakeClock) -> 
     for _ in range(3):
         assert gateway.memory(handle) is None
     assert fake.c_calls["nvmlDeviceGetMemoryInfo_v2"] == before + 1
+
+
+_READINGS = (
+    "nvmlDeviceGetUtilizationRates",
+    "nvmlDeviceGetMemoryInfo_v2",
+    "nvmlDeviceGetPowerUsage",
+    "nvmlDeviceGetTemperatureV",
+    "nvmlDeviceGetCurrentClocksEventReasons",
+)
+
+
+def _alone(gateway: Gateway, handle: Any) -> tuple[Any, ...]:
+    """The five readings, each asked by its own method."""
+    return (
+        gateway.utilization(handle),
+        gateway.memory(handle),
+        gateway.power_mw(handle),
+        gateway.temperature(handle),
+        gateway.clock_reasons(handle),
+    )
+
+
+def test_readings_in_one_go_answer_and_fail_as_each_reading_alone(clock: FakeClock) -> None:
+    """A device's five readings asked in one go (each on its C function) answer what their own
+    methods answer: NotSupported nulls that reading alone, asked again next round; a symbol the
+    driver lacks is null and never called again, also where another call found it missing
+    first; a lost GPU raises."""
+    fake = FakeNVML([H100_LOADED, H100_LOADED], clock=clock)
+    gateway = Gateway(fake)
+    h0, h1 = (gateway.call("nvmlDeviceGetHandleByIndex", i) for i in (0, 1))
+    first = gateway.readings(h0)  # probes the versions through the wrappers
+    assert first == _alone(gateway, h0) and None not in first
+    c_calls = dict(fake.c_calls)
+    assert gateway.readings(h0) == first == _alone(gateway, h0)
+    assert all(fake.c_calls[name] == c_calls[name] + 2 for name in _READINGS)
+
+    fake.set_unsupported(0, "nvmlDeviceGetPowerUsage")
+    for _ in range(2):
+        before = fake.c_calls["nvmlDeviceGetPowerUsage"]
+        util, memory, power, temperature, reasons = gateway.readings(h0)
+        assert power is None and fake.c_calls["nvmlDeviceGetPowerUsage"] == before + 1
+        assert (util, memory, temperature, reasons) == (first[0], first[1], *first[3:])
+        assert gateway.readings(h1)[2] == first[2]  # the other GPU answers it
+
+    fake.missing_symbols.add("nvmlDeviceGetMemoryInfo_v2")
+    before = fake.c_calls["nvmlDeviceGetMemoryInfo_v2"]
+    for _ in range(3):
+        assert gateway.readings(h1) == (first[0], None, *first[2:])
+    assert fake.c_calls["nvmlDeviceGetMemoryInfo_v2"] == before + 1
+
+    fake.lose_gpu(1)
+    with pytest.raises(GpuLost):
+        gateway.readings(h1)
+
+    # found missing by a reading's own method (as a MIG instance's is asked): not called again
+    fresh = FakeNVML([H100_LOADED], clock=clock)
+    gateway = Gateway(fresh)
+    handle = gateway.call("nvmlDeviceGetHandleByIndex", 0)
+    gateway.readings(handle)
+    gateway.readings(handle)
+    fresh.missing_symbols.add("nvmlDeviceGetMemoryInfo_v2")
+    assert gateway.memory(handle) is None
+    before = fresh.c_calls["nvmlDeviceGetMemoryInfo_v2"]
+    assert gateway.readings(handle)[1] is None
+    assert fresh.c_calls["nvmlDeviceGetMemoryInfo_v2"] == before
 
 
 def test_c_lists_are_read_whole_when_a_driver_fills_what_fits(clock: FakeClock) -> None:

@@ -453,6 +453,25 @@ def test_rounds_of_one_shape_are_written_as_the_same_bytes_as_their_frames(table
         assert message == ipc.record_batch_message(batch.frame(), arrays), f"round {round_}"
 
 
+def test_shapes_past_the_kept_ones_are_made_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """More shapes than are kept (rounds of ever new jobs): the kept ones are dropped and each
+    batch still writes its Frame's bytes, an all-null string column among them."""
+    monkeypatch.setattr(ipc, "_PACKINGS", {})
+    monkeypatch.setattr(ipc, "_MAX_PACKINGS", 2)
+    packed, arrays = {}, {}  # type: ignore[var-annotated]
+    for round_ in range(7):
+        rows = 1 + round_ % 3
+        columns = {"gpu_uuid": [f"GPU-{round_}-{i}" for i in range(rows)],
+                   "gpu_index": list(range(rows)), "gpu_model": ["H100"] * rows,
+                   "memory_used_bytes": [round_] * rows, "memory_total_bytes": [80] * rows,
+                   "mig_profile": [None] * rows, "power_watts": [1.5 * round_] * rows}  # fmt: skip
+        batch = RoundBatch.from_columns("gpu", columns, rows, {"time": round_, "node": "n1"})
+        assert ipc.round_batch_message(batch, packed) == ipc.record_batch_message(
+            batch.frame(), arrays
+        )
+        assert len(ipc._PACKINGS) <= 2
+
+
 def test_a_float_past_float32_is_written_as_infinity() -> None:
     rows = {"gpu_uuid": ["GPU-a", "GPU-b"], "gpu_index": [0, 1], "gpu_model": ["H100"] * 2,
             "memory_used_bytes": [1, 2], "memory_total_bytes": [3, 4],
