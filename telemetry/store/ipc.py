@@ -474,7 +474,7 @@ def round_batch_message(batch: RoundBatch, last: StringBuffers | None = None) ->
 
 # struct formats and metadata of the round batches' shapes seen (see round_batch_message)
 _PACKINGS: dict[tuple[Any, ...], tuple[bytes, struct.Struct]] = {}
-_MAX_PACKINGS = 1024
+_MAX_PACKINGS = 64  # a few live shapes a table; some 2-3 KB each
 
 
 def _packing(layout: _Layout, key: tuple[Any, ...]) -> tuple[bytes, struct.Struct]:
