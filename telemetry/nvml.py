@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import functools
 import importlib
 import logging
 import operator
@@ -120,6 +121,9 @@ class Gateway:
         # found anew with each initialisation
         self._c_functions: dict[str, Any] = {}
         self._buffers: dict[object, Any] = {}
+        # gpm_metric's requests by metric id: the request, a reference to it, its samples'
+        # setters and its one metric's return code and value, made once an initialisation
+        self._gpm_requests: dict[int, tuple[Any, ...]] = {}
         # readings' C requests (None: not planned, or not all C: asked one by one)
         self._readings: list[tuple[str, _Request]] | None = None
         # field_values' reader of the C function's answers (False: read them field by field)
@@ -154,6 +158,7 @@ class Gateway:
         self._readers = None
         self._field_reader = None
         self._readings = None
+        self._gpm_requests.clear()
         self._c_functions.clear()
         self._buffers.clear()
         if self.generation == 1:
@@ -384,6 +389,55 @@ class Gateway:
             if tries_left:
                 buffer.grow(max(buffer.count.value, size + 1))
         return int(code)
+
+    def gpm_sample(self, handle: Any, sample: Any) -> bool:
+        """Take a GPM sample of ``handle`` into ``sample`` (``nvmlGpmSampleGet``, its C
+        function where it has one); False where NVML could not (logged once). Raises as
+        :meth:`call` does."""
+        name = "nvmlGpmSampleGet"
+        function = None if name in self._missing else self._c_function(name)
+        if function is None:
+            return self._invoke(name, (handle, sample), {}) is not None
+        code = function(handle, sample)
+        if code != _SUCCESS:
+            self._failed(name, self._module.NVMLError(code))  # raises, or logs once
+            return False
+        return True
+
+    def gpm_metric(self, metric_id: int, sample1: Any, sample2: Any) -> float | None:
+        """GPM metric ``metric_id`` between two samples of one device (``nvmlGpmMetricsGet``),
+        as NVML gives it; ``None`` where NVML could not tell (logged once where the call
+        failed). Raises as :meth:`call` does."""
+        m = self._module if self._ready else self.nvml
+        name = "nvmlGpmMetricsGet"
+        kept = self._gpm_requests.get(metric_id)
+        if kept is None:
+            request = m.c_nvmlGpmMetricsGet_t()
+            request.version = m.NVML_GPM_METRICS_GET_VERSION
+            request.numMetrics = 1
+            metric = request.metrics[0]
+            metric.metricId = metric_id
+            kept = self._gpm_requests[metric_id] = (
+                request,
+                ctypes.byref(request),
+                _setter(request, "sample1"),
+                _setter(request, "sample2"),
+                _getter(metric, "nvmlReturn"),
+                _getter(metric, "value"),
+            )
+        request, ref, first, second, return_of, value_of = kept
+        first(request, sample1)
+        second(request, sample2)
+        function = None if name in self._missing else self._c_function(name)
+        if function is None:
+            if self._invoke(name, (request,), {}) is None:
+                return None
+        else:
+            code = function(ref)
+            if code != _SUCCESS:
+                self._failed(name, m.NVMLError(code))  # raises, or logs once
+                return None
+        return None if return_of() != _SUCCESS else float(value_of())
 
     def full_gpu_slices(self, handle: Any) -> int | None:
         """The compute slices of a whole MIG-capable GPU (7 on A100/H100, 4 on A30): the largest
@@ -739,6 +793,23 @@ class _Buffer:
         if found is None:
             found = self._getters[names] = tuple(getattr(self.struct, n).__get__ for n in names)
         return found
+
+
+def _setter(structure: Any, field: str) -> Callable[[Any, Any], None]:
+    """The setter of ``field`` of ``structure``: its ctypes field's own, past what a binding's
+    structure class runs on every attribute access."""
+    descriptor = getattr(type(structure), field, None)
+    if descriptor is not None and hasattr(descriptor, "offset"):  # a ctypes field
+        return descriptor.__set__  # type: ignore[no-any-return]
+    return lambda target, value: setattr(target, field, value)
+
+
+def _getter(structure: Any, field: str) -> Callable[[], Any]:
+    """A reader of ``field`` of ``structure`` as it is when called (see :func:`_setter`)."""
+    descriptor = getattr(type(structure), field, None)
+    if descriptor is not None and hasattr(descriptor, "offset"):
+        return functools.partial(descriptor.__get__, structure)
+    return functools.partial(getattr, structure, field)
 
 
 # nvmlReturn, valueType and value of a field value, read as attributes

@@ -263,7 +263,10 @@ def test_c_functions_read_what_the_wrappers_read(clock: FakeClock) -> None:
         1: lambda f: (f.inject_xid(0, 79), f.inject_xid(0, 48), f.inject_xid(2, 13)),
         2: lambda f: f.set_unsupported(0, "nvmlDeviceGetTemperatureV"),
         3: lambda f: f.set_unsupported(1, "nvmlDeviceGetComputeRunningProcesses_v3"),
-        4: lambda f: f.set_unsupported(1, "nvmlDeviceGetProcessUtilization"),
+        4: lambda f: (
+            f.set_unsupported(1, "nvmlDeviceGetProcessUtilization"),
+            f.set_unsupported(2, "nvmlGpmSampleGet"),
+        ),
         5: lambda f: f.lose_gpu(3),
         6: lambda f: f.set_unsupported_fields(0, f.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION),
         7: lambda f: (
@@ -298,6 +301,9 @@ def test_c_functions_read_what_the_wrappers_read(clock: FakeClock) -> None:
     assert c_calls["nvmlDeviceGetProcessUtilization"] > 8
     assert c_calls["nvmlDeviceGetFieldValues"] > 8 and c_calls["nvmlDeviceGetTemperatureV"] > 8
     assert c_calls["nvmlEventSetWait_v2"] >= 8 + 3  # each round's look, and each XID
+    assert c_calls["nvmlGpmSampleGet"] > 8 and c_calls["nvmlGpmMetricsGet"] > 8
+    gpm = {r["gpu_index"]: r["sm_active_ratio"] for r in with_c["gpu"] if "sm_active_ratio" in r}
+    assert gpm[0] is not None and gpm[2] is None  # GPM given up where a sample failed
     for name in (
         "nvmlDeviceGetUtilizationRates",
         "nvmlDeviceGetMemoryInfo_v2",

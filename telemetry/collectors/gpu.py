@@ -82,9 +82,6 @@ class _DeviceState:
     xid_total: int = 0
     xid_last: int | None = None
     spare: list[Any] = field(default_factory=list)
-    # nvmlGpmMetricsGet_t asking for SM utilisation, and a view of its one metric (NVML's
-    # answer shows through it): made once, only the samples change from round to round
-    gpm_request: tuple[Any, Any] | None = None
 
 
 @register
@@ -325,25 +322,16 @@ class GpuCollector(Collector):
             if not self._gpm_ok[uuid]:
                 return None
         sample = state.spare.pop() if state.spare else self.gw.call("nvmlGpmSampleAlloc")
-        if sample is None or self.gw.call("nvmlGpmSampleGet", handle, sample) is None:
+        if sample is None or not self.gw.gpm_sample(handle, sample):
             self._gpm_ok[uuid] = False
             return None
         now = time.monotonic()
         previous, previous_time = state.gpm_sample, state.gpm_time
         ratio = None
         if previous is not None and now - previous_time >= GPM_MIN_SECONDS:
-            if state.gpm_request is None:
-                request = m.c_nvmlGpmMetricsGet_t()
-                request.version = m.NVML_GPM_METRICS_GET_VERSION
-                request.numMetrics = 1
-                request.metrics[0].metricId = m.NVML_GPM_METRIC_SM_UTIL
-                state.gpm_request = (request, request.metrics[0])
-            metrics, metric = state.gpm_request
-            metrics.sample1 = previous
-            metrics.sample2 = sample
-            result = self.gw.call("nvmlGpmMetricsGet", metrics)
-            if result is not None and metric.nvmlReturn == 0:
-                ratio = min(max(float(metric.value) / 100.0, 0.0), 1.0)
+            percent = self.gw.gpm_metric(m.NVML_GPM_METRIC_SM_UTIL, previous, sample)
+            if percent is not None:
+                ratio = min(max(percent / 100.0, 0.0), 1.0)
         elif previous is not None:
             state.spare.append(sample)  # too soon: keep the older sample as the baseline
             return None

@@ -1254,6 +1254,22 @@ def _c_number(name: str) -> Callable[..., int]:
     return call
 
 
+def _c_gpm_sample_get(fake: FakeNVML, handle: Any, sample: Any) -> int:
+    try:
+        fake.nvmlGpmSampleGet(handle, sample)
+    except pynvml.NVMLError as exc:
+        return int(exc.value)
+    return _SUCCESS
+
+
+def _c_gpm_metrics_get(fake: FakeNVML, request_ref: Any) -> int:
+    try:
+        fake.nvmlGpmMetricsGet(_target(request_ref))
+    except pynvml.NVMLError as exc:
+        return int(exc.value)
+    return _SUCCESS
+
+
 def _c_field_values(fake: FakeNVML, handle: Any, count: Any, values: Any) -> int:
     array = _target(values)
     requested = [
@@ -1289,6 +1305,8 @@ C_FUNCTIONS: dict[str, Callable[..., int]] = {
     "nvmlDeviceGetMemoryInfo_v2": _c_memory_v2,
     "nvmlDeviceGetPowerUsage": _c_number("nvmlDeviceGetPowerUsage"),
     "nvmlDeviceGetCurrentClocksEventReasons": _c_number("nvmlDeviceGetCurrentClocksEventReasons"),
+    "nvmlGpmSampleGet": _c_gpm_sample_get,
+    "nvmlGpmMetricsGet": _c_gpm_metrics_get,
 }
 
 
