@@ -394,13 +394,14 @@ class Gateway:
         """Take a GPM sample of ``handle`` into ``sample`` (``nvmlGpmSampleGet``, its C
         function where it has one); False where NVML could not (logged once). Raises as
         :meth:`call` does."""
+        m = self._module if self._ready else self.nvml
         name = "nvmlGpmSampleGet"
         function = None if name in self._missing else self._c_function(name)
         if function is None:
             return self._invoke(name, (handle, sample), {}) is not None
         code = function(handle, sample)
         if code != _SUCCESS:
-            self._failed(name, self._module.NVMLError(code))  # raises, or logs once
+            self._failed(name, m.NVMLError(code))  # raises, or logs once
             return False
         return True
 
@@ -419,7 +420,7 @@ class Gateway:
             metric.metricId = metric_id
             kept = self._gpm_requests[metric_id] = (
                 request,
-                ctypes.byref(request),
+                ctypes.byref(request) if isinstance(request, ctypes.Structure) else None,
                 _setter(request, "sample1"),
                 _setter(request, "sample2"),
                 _getter(metric, "nvmlReturn"),
@@ -428,7 +429,7 @@ class Gateway:
         request, ref, first, second, return_of, value_of = kept
         first(request, sample1)
         second(request, sample2)
-        function = None if name in self._missing else self._c_function(name)
+        function = None if name in self._missing or ref is None else self._c_function(name)
         if function is None:
             if self._invoke(name, (request,), {}) is None:
                 return None

@@ -8,6 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pynvml
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -392,6 +393,50 @@ def test_readings_in_one_go_answer_and_fail_as_each_reading_alone(clock: FakeClo
     before = fresh.c_calls["nvmlDeviceGetMemoryInfo_v2"]
     assert gateway.readings(handle)[1] is None
     assert fresh.c_calls["nvmlDeviceGetMemoryInfo_v2"] == before
+
+
+@pytest.mark.parametrize("c_functions", [True, False], ids=["c-functions", "wrappers"])
+def test_gpm_metrics_answer_and_fail_alike_through_c_and_wrappers(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch, c_functions: bool
+) -> None:
+    """GPM through its C functions answers as through pynvml's wrappers: the SM metric between
+    two samples, null for a metric NVML does not give, null (logged) for a failed call, a lost
+    GPU raised; the kept request is made anew after NVML is initialised again."""
+    hidden = [] if c_functions else ["_nvmlGetFunctionPointer"]
+    fake = FakeNVML([H100_LOADED], clock=clock, hidden=hidden)
+    gateway = Gateway(fake)
+    handle = gateway.call("nvmlDeviceGetHandleByIndex", 0)
+
+    def two_samples() -> tuple[Any, Any]:
+        first, second = gateway.call("nvmlGpmSampleAlloc"), gateway.call("nvmlGpmSampleAlloc")
+        assert gateway.gpm_sample(handle, first)
+        clock.advance(1.0)
+        assert gateway.gpm_sample(handle, second)
+        return first, second
+
+    s1, s2 = two_samples()
+    sm = gateway.gpm_metric(fake.NVML_GPM_METRIC_SM_UTIL, s1, s2)
+    assert sm is not None and 0.0 < sm <= 100.0
+    assert gateway.gpm_metric(fake.NVML_GPM_METRIC_SM_OCCUPANCY, s1, s2) is None
+    works = fake.nvmlGpmMetricsGet
+
+    def failing(code: int) -> Any:
+        def answer(request: Any) -> Any:
+            raise pynvml.NVMLError(code)
+
+        return answer
+
+    monkeypatch.setattr(fake, "nvmlGpmMetricsGet", failing(pynvml.NVML_ERROR_UNKNOWN))
+    assert gateway.gpm_metric(fake.NVML_GPM_METRIC_SM_UTIL, s1, s2) is None
+    monkeypatch.setattr(fake, "nvmlGpmMetricsGet", failing(pynvml.NVML_ERROR_GPU_IS_LOST))
+    with pytest.raises(GpuLost):
+        gateway.gpm_metric(fake.NVML_GPM_METRIC_SM_UTIL, s1, s2)
+    monkeypatch.setattr(fake, "nvmlGpmMetricsGet", works)
+    gateway.shutdown()
+    handle = gateway.call("nvmlDeviceGetHandleByIndex", 0)  # initialised again
+    s1, s2 = two_samples()
+    assert gateway.gpm_metric(fake.NVML_GPM_METRIC_SM_UTIL, s1, s2) == pytest.approx(sm)
+    assert fake.c_calls["nvmlGpmMetricsGet"] == (5 if c_functions else 0)
 
 
 def test_c_lists_are_read_whole_when_a_driver_fills_what_fits(clock: FakeClock) -> None:
