@@ -409,11 +409,6 @@ _STRUCT_CODES = {
 _FLOAT32_EXACT = frozenset({float, np.float64, type(None)})
 
 
-@functools.lru_cache(maxsize=1024)
-def _packer(kind: str, rows: int) -> struct.Struct:
-    return struct.Struct(f"<{rows}{_STRUCT_CODES[kind]}")
-
-
 def _validity(values: Sequence[Any]) -> tuple[int, bytes]:
     """Null count and validity bitmap (LSB first) of ``values``."""
     bits = 0
@@ -432,6 +427,17 @@ def round_batch_message(batch: RoundBatch, last: StringBuffers | None = None) ->
     round of a node is a few dozen rows, and the daemon writes one every interval). The call
     and the metadata are made once for each shape a table's batches take (rows, null counts,
     string lengths): a node's rounds repeat theirs."""
+    try:
+        return _round_batch_message(batch, last, numpy_floats=False)
+    except (OverflowError, struct.error):  # a float beyond float32: NumPy makes it inf
+        return _round_batch_message(batch, last, numpy_floats=True)
+
+
+def _round_batch_message(
+    batch: RoundBatch, last: StringBuffers | None, numpy_floats: bool
+) -> bytes:
+    """:func:`round_batch_message`; ``numpy_floats``: float32 columns converted by NumPy (as
+    they are anyway where they hold anything but Python floats), else packed by ``struct``."""
     layout = _layout(batch.table)
     rows = batch.num_rows
     values = batch.values
@@ -439,7 +445,7 @@ def round_batch_message(batch: RoundBatch, last: StringBuffers | None = None) ->
     shape: list[Any] = [batch.table, rows]  # what fixes the metadata and the body's layout
     parts: list[Any] = []  # what the body's struct packs, in order
     for plan in layout.plans:
-        name, string, _, column = plan
+        name, string, dtype, column = plan
         items = _column(batch.table, values, name, rows)
         if name in nulls:
             count, bitmap = _validity(items)
@@ -450,10 +456,16 @@ def round_batch_message(batch: RoundBatch, last: StringBuffers | None = None) ->
         if count:
             parts.append(bitmap)
         if not string:
-            if column.kind == "float32" and not _FLOAT32_EXACT.issuperset(map(type, items)):
-                return _round_batch_message_by_column(batch, last)  # NumPy rounds these
-            parts.extend([0 if v is None else v for v in items] if count else items)
-            shape.append(count)
+            numbers = [0 if v is None else v for v in items] if count else items
+            if column.kind == "float32" and (
+                numpy_floats or not _FLOAT32_EXACT.issuperset(map(type, items))
+            ):
+                with np.errstate(over="ignore"):  # beyond float32: inf, as in Arrow
+                    parts.append(np.array(numbers, dtype=dtype).tobytes())
+                shape.append((count,))  # (a tuple: bytes NumPy made)
+            else:
+                parts.extend(numbers)
+                shape.append(count)
         elif count == rows:  # all null (a column no row has, as mig_profile mostly)
             parts += (bytes(4 * rows + 4), b"")
             shape.append(count)
@@ -466,10 +478,7 @@ def round_batch_message(batch: RoundBatch, last: StringBuffers | None = None) ->
     if packing is None:
         packing = _packing(layout, key)
     head, body = packing
-    try:
-        return head + body.pack(*parts)
-    except (OverflowError, struct.error):  # a float beyond float32: NumPy makes it inf
-        return _round_batch_message_by_column(batch, last)
+    return head + body.pack(*parts)
 
 
 # struct formats and metadata of the round batches' shapes seen (see round_batch_message)
@@ -479,97 +488,72 @@ _MAX_PACKINGS = 64  # a few live shapes a table; some 2-3 KB each
 
 def _packing(layout: _Layout, key: tuple[Any, ...]) -> tuple[bytes, struct.Struct]:
     """The metadata and the body's struct of a round batch of shape ``key`` (table, rows, then
-    per column its null count and for strings its bytes), kept for the batches to come."""
+    per column its null count, in a tuple for numbers whose bytes NumPy made, and for strings
+    their bytes), kept for the batches to come."""
     rows = key[1]
     shape = iter(key[2:])
     sizes: list[tuple[int, list[int]]] = []  # null count and buffer sizes of each column
     body = ["<"]
     for plan in layout.plans:
         count = next(shape)
+        made_by_numpy = isinstance(count, tuple)
+        if made_by_numpy:
+            (count,) = count
         bitmap = (rows + 7) // 8 if count else 0
         if bitmap:
             body.append(f"{bitmap}s{-bitmap & 7}x")
         if not plan.string:
             code = _STRUCT_CODES[plan.column.kind]
             width = rows * struct.calcsize("<" + code)
-            body.append(f"{rows}{code}{-width & 7}x")
+            made = f"{width}s" if made_by_numpy else f"{rows}{code}"
+            body.append(f"{made}{-width & 7}x")
             sizes.append((count, [bitmap, width]))
             continue
         data = 0 if count == rows else next(shape)
         offsets = 4 * rows + 4
         body.append(f"{offsets}s{-offsets & 7}x{data}s{-data & 7}x")
         sizes.append((count, [bitmap, offsets, data]))
-    head = _message_of(layout, rows, [(n, [bytes(size) for size in b]) for n, b in sizes])
-    packing = (head[: len(head) - _body_length(sizes)], struct.Struct("".join(body)))
+    packing = (bytes(_head(layout, rows, sizes)), struct.Struct("".join(body)))
     if len(_PACKINGS) >= _MAX_PACKINGS:  # shapes of long gone rounds
         _PACKINGS.clear()
     _PACKINGS[key] = packing
     return packing
 
 
-def _body_length(sizes: list[tuple[int, list[int]]]) -> int:
-    return sum(size + (-size & 7) for _, buffers in sizes for size in buffers)
-
-
-def _round_batch_message_by_column(batch: RoundBatch, last: StringBuffers | None) -> bytes:
-    """:func:`round_batch_message` a column at a time, NumPy converting what ``struct`` would
-    not as NumPy does (an integer or a float32 in a float32 column, a float beyond float32)."""
-    layout = _layout(batch.table)
-    rows = batch.num_rows
-    values = batch.values
-    nulls = batch.nulls
-    buffers: list[tuple[int, Sequence[bytes]]] = []
-    for plan in layout.plans:
-        name, string, dtype, column = plan
-        items = _column(batch.table, values, name, rows)
-        count, bitmap = _validity(items) if name in nulls else (0, b"")
-        if count and not column.nullable:
-            raise ValueError(f"{batch.table}: column {name!r} is required but holds nulls")
-        if not string:
-            exact = column.kind != "float32" or _FLOAT32_EXACT.issuperset(map(type, items))
-            if count:
-                items = [0 if v is None else v for v in items]
-            try:  # (a with-statement a column costs more than the packing)
-                data = _packer(column.kind, rows).pack(*items) if exact else None
-            except (OverflowError, struct.error):
-                data = None
-            if data is None:  # as NumPy converts: a float beyond float32 is inf, as in Arrow
-                with np.errstate(over="ignore"):
-                    data = np.array(items, dtype=dtype).tobytes()
-            buffers.append((count, (bitmap, data)))
-        elif count == rows:  # all null (a column no row has, as mig_profile mostly)
-            buffers.append((count, (bitmap, bytes(4 * rows + 4), b"")))
-        else:
-            strings = _strings_again(column, list(items), last)[1]
-            buffers.append((count, (bitmap, *strings)))
-    return _message_of(layout, rows, buffers)
-
-
 def _message_of(layout: _Layout, rows: int, buffers: list[tuple[int, Sequence[bytes]]]) -> bytes:
     """The message of a batch of ``rows`` rows whose columns hold ``buffers`` (null count and
-    buffers, in the layout's order): the metadata's numbers packed into its template, the
-    buffers each padded to 8 bytes."""
-    nodes = [rows, 0] * len(layout.plans)
-    spans: list[int] = []  # offset and length of each buffer in the body
-    head = bytearray(layout.template)
-    message: list[bytes | bytearray] = [head]  # then the body's buffers, each padded to 8
-    at = 0
-    for i, (nulls, parts) in enumerate(buffers):
-        if nulls:
-            nodes[2 * i + 1] = nulls
+    buffers, in the layout's order): its metadata (:func:`_head`), then the buffers each
+    padded to 8 bytes."""
+    sizes = [(nulls, [len(part) for part in parts]) for nulls, parts in buffers]
+    message: list[bytes | bytearray] = [_head(layout, rows, sizes)]
+    for _, parts in buffers:
         for part in parts:
-            size = len(part)
-            spans += (at, size)
             message.append(part)
-            padding = -size & 7
+            padding = -len(part) & 7
             if padding:
                 message.append(_PADDING[padding])
-            at += size + padding
+    return b"".join(message)
+
+
+def _head(layout: _Layout, rows: int, sizes: Sequence[tuple[int, Sequence[int]]]) -> bytearray:
+    """The metadata of a batch of ``rows`` rows whose columns hold buffers of ``sizes`` (null
+    count and each buffer's bytes, in the layout's order): the numbers packed into the
+    layout's template, each buffer starting at a multiple of 8 bytes of the body."""
+    nodes = [rows, 0] * len(layout.plans)
+    spans: list[int] = []  # offset and length of each buffer in the body
+    at = 0
+    for i, (nulls, buffers) in enumerate(sizes):
+        if nulls:
+            nodes[2 * i + 1] = nulls
+        for size in buffers:
+            spans += (at, size)
+            at += size + (-size & 7)
+    head = bytearray(layout.template)
     layout.nodes.pack_into(head, layout.nodes_at, *nodes)
     layout.buffers.pack_into(head, layout.buffers_at, *spans)
     _I64.pack_into(head, layout.rows_at, rows)
     _I64.pack_into(head, layout.body_length_at, at)
-    return b"".join(message)
+    return head
 
 
 class StreamWriter:
