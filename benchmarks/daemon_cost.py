@@ -1,7 +1,8 @@
 """The daemon's own cost on a loaded node, side by side with node_exporter: CPU, RSS, scrapes.
 
 ``python -m benchmarks.daemon_cost [--seconds 120] [--interval 1] [--scrape-interval S] [--jobs 50]
-[--compare-with DIR] [--nvml driver|module] [--no-job-info] [--steady] [--breakdown ROUNDS]``
+[--compare-with DIR] [--nvml driver|module] [--no-job-info] [--steady] [--breakdown ROUNDS]
+[--python PATH]``
 
 tally runs as ``tally daemon`` at ``--interval`` on a node tree with ``--jobs`` Slurm jobs and 8
 stand-in H100s (:mod:`benchmarks.node_tree`): by default the real pynvml over a stand-in
@@ -17,6 +18,11 @@ daemon ignores the files, with one log line). In the same run, on the same machi
   Python exporter pays;
 - with ``--compare-with DIR``, the tally of another checkout (an older commit, unpacked with
   ``git archive``) on the same tree: before and after in one run.
+
+The Python exporters run under ``--python`` (default: this interpreter; it must import tally's
+dependencies, e.g. a virtual environment made from it): an interpreter built without PGO and
+LTO, as pyenv builds one by default, costs tally about an eighth more CPU than the
+distribution's ``/usr/bin/python3``, which is what a node's packaged Python is.
 
 Each is scraped over HTTP once per ``--scrape-interval`` (default: ``--interval``; Prometheus'
 usual is 15 s) from one thread, with the Accept and Accept-Encoding headers Prometheus sends. CPU is
@@ -125,11 +131,17 @@ class Exporter:
 
 
 def _tally(
-    name: str, checkout: Path, tree: Path, data: Path, interval: float, driver: Path | None
+    name: str,
+    checkout: Path,
+    tree: Path,
+    data: Path,
+    interval: float,
+    driver: Path | None,
+    python: str,
 ) -> Exporter:
     port = _free_port()
     env = dict(os.environ)
-    command = [sys.executable, "-m", "telemetry.cli", "daemon", "--listen", f"127.0.0.1:{port}",
+    command = [python, "-m", "telemetry.cli", "daemon", "--listen", f"127.0.0.1:{port}",
                "--data-dir", str(data), "--interval", f"{interval:g}", "--node", "bench",
                "--path.procfs", str(tree / "proc"), "--path.sysfs", str(tree / "sys"),
                "--slurm.job-info-dir", str(node_tree.job_info_dir(tree))]  # fmt: skip
@@ -162,13 +174,13 @@ def _node_exporter() -> Exporter | None:
     return Exporter("node_exporter", proc, f"http://127.0.0.1:{port}/metrics")
 
 
-def _client_baseline() -> Exporter:
+def _client_baseline(python: str) -> Exporter:
     port = _free_port()
     code = (
         f"import time, prometheus_client as p; p.start_http_server({port}, addr='127.0.0.1'); "
         "time.sleep(86400)"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code])
+    proc = subprocess.Popen([python, "-c", code])
     return Exporter("prometheus-client", proc, f"http://127.0.0.1:{port}/metrics")
 
 
@@ -189,25 +201,34 @@ def measure(
     scrape_interval: float | None = None,
     driver: Path | None = None,
     job_info: bool = True,
+    python: str = sys.executable,
 ) -> list[Exporter]:
     """Run every exporter for ``seconds`` (tally collecting each ``interval``), scraped each
     ``scrape_interval`` (default ``interval``); return them, measured. ``driver``: the stand-in
     driver's directory (:func:`node_tree.build_driver_stub`), else the stand-in pynvml module.
-    ``job_info``: the jobs have job-info files (:func:`node_tree.write_node`)."""
+    ``job_info``: the jobs have job-info files (:func:`node_tree.write_node`). ``python``: the
+    interpreter of the Python exporters."""
     with tempfile.TemporaryDirectory() as scratch:
         tree = Path(scratch) / "node"
         node_tree.write_node(tree, jobs, job_info)
-        exporters = [_tally("tally", REPO, tree, Path(scratch) / "data", interval, driver)]
+        data = Path(scratch) / "data"
+        exporters = [_tally("tally", REPO, tree, data, interval, driver, python)]
         if compare_with is not None:
             exporters.append(
                 _tally(
-                    "tally (before)", compare_with, tree, Path(scratch) / "data0", interval, driver
+                    "tally (before)",
+                    compare_with,
+                    tree,
+                    Path(scratch) / "data0",
+                    interval,
+                    driver,
+                    python,
                 )
             )
         node = _node_exporter()
         if node is not None:
             exporters.append(node)
-        exporters.append(_client_baseline())
+        exporters.append(_client_baseline(python))
         try:
             for e in exporters:
                 e.wait_ready()
@@ -341,9 +362,12 @@ def run(
     scrape_interval: float | None = None,
     driver: Path | None = None,
     job_info: bool = True,
+    python: str = sys.executable,
 ) -> list[Exporter]:
     """Measure and print one table (one column per exporter)."""
-    exporters = measure(seconds, interval, jobs, compare_with, scrape_interval, driver, job_info)
+    exporters = measure(
+        seconds, interval, jobs, compare_with, scrape_interval, driver, job_info, python
+    )
     every = interval if scrape_interval is None else scrape_interval
     print(f"\ndaemon cost: {seconds:g} s at a {interval:g} s interval, {jobs} Slurm jobs, "
           f"8 fake GPUs; every exporter scraped every {every:g} s")  # fmt: skip
@@ -446,6 +470,12 @@ def main(argv: list[str] | None = None) -> None:
         help="no job-info files: a node without the Slurm prolog (the shape earlier releases "
         "were measured on)",
     )
+    parser.add_argument(
+        "--python",
+        default=sys.executable,
+        help="interpreter of the Python exporters (default: this one); it must import tally's "
+        "dependencies",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         driver = node_tree.build_driver_stub(Path(scratch)) if args.nvml == "driver" else None
@@ -464,9 +494,9 @@ def main(argv: list[str] | None = None) -> None:
             for stage, ms in stages.items():
                 print(f"{stage:24}{ms:8.3f}")
             return
-        print(f"GPUs: {standin}")
+        print(f"GPUs: {standin}; Python exporters under {args.python}")
         run(args.seconds, args.interval, args.jobs, args.compare_with, args.scrape_interval, driver,
-            args.job_info)  # fmt: skip
+            args.job_info, args.python)  # fmt: skip
     if args.steady:
         print(f"\naggregation at steady state (an hour of 1 s rounds, {args.jobs} jobs, 8 GPUs): "
               "CPU ms per round (ingest + snapshot), MiB the hour of rows holds")  # fmt: skip
