@@ -51,9 +51,9 @@ def scan(
 
     Files are planned as the bill plans them: each file's schema is checked from its footer,
     files that do not fit are quarantined (``warn`` says which) and files under ``quarantine/``
-    are skipped. Rows are not de-duplicated or range-checked (the bill does that). Raises
-    ``TallyError`` for a missing dataset or an unknown table, and for a file lacking a required
-    column (naming file and column).
+    are skipped; so is a file lacking a required column. Rows are not de-duplicated or
+    range-checked (the bill does that). Raises ``TallyError`` for a missing dataset or an
+    unknown table.
     """
     if table not in SCHEMAS:
         raise TallyError(f"unknown table {table!r}; expected one of {', '.join(SCHEMAS)}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -63,6 +64,9 @@ class JsonFormatter(logging.Formatter):
         )
 
 
+_LINE_BREAKS = re.compile(r"\s*\n\s*")
+
+
 def say(
     message: str,
     level: str = "info",
@@ -78,6 +82,8 @@ def say(
     JSON never meets a plain line.
     """
     out = sys.stderr if stream is None else stream
+    if "\n" in message:  # a library's multi-line reason (pyarrow's thrift errors): one line
+        message = _LINE_BREAKS.sub(" ", message).strip()
     if _FORMAT[0] == "json":
         line = _json_line(time.time(), level, "tally", message, **extra)
     elif plain is not None:

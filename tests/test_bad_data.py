@@ -47,6 +47,8 @@ def _damage(part: Path, good: Path) -> list[str]:
         table.schema.get_field_index("gpu_index"), "gpu_index", pa.array(["zero"] * table.num_rows)
     )
     pq.write_table(retyped, part / "wrong-type.parquet")
+    pq.write_table(table.drop_columns(["gpu_uuid"]), part / "lacks-a-column.parquet")
+    pq.write_table(pa.table({"a": [1, 2, 3]}), part / "someone-elses.parquet")
     node = table.column("node").combine_chunks()
     invalid = pa.Array.from_buffers(pa.string(), len(node), node.buffers())  # same bytes...
     raw = bytearray(invalid.buffers()[2].to_pybytes())
@@ -62,6 +64,8 @@ def _damage(part: Path, good: Path) -> list[str]:
         "bad-utf8.parquet",
         "bitflip.parquet",
         "foreign.parquet",
+        "lacks-a-column.parquet",
+        "someone-elses.parquet",
         "truncated.parquet",
         "wrong-type.parquet",
         "zero.parquet",

@@ -214,17 +214,37 @@ def test_unused_glob_is_a_warning(dataset: tuple[Path, Path], tmp_path: Path) ->
     assert "tally: warning:" in result.stderr and "'h100-*' matches no node" in result.stderr
 
 
-def test_missing_required_column_is_an_error_naming_file_and_column(
+def test_files_of_another_layout_are_quarantined_and_the_bill_goes_on(
     dataset: tuple[Path, Path],
 ) -> None:
+    """SPEC §7: a foreign file (not tally's columns at all) and one lacking a required column
+    (another writer's layout) are moved aside, named with the column on stderr, and counted;
+    the bill is the bill of the other files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     root, inv = dataset
+    before = json.loads(tally("bill", str(root), "--inventory", str(inv)).stdout)
     times = [0.0, 30.0]
-    path = write_dataset(
+    old = write_dataset(
         root, "cpu", cpu_table("c9", times).drop_columns(["idle_seconds"]), name="old"
     )
+    foreign = next((root / "gpu").rglob("*.parquet")).parent / "foreign.parquet"
+    pq.write_table(pa.table({"a": [1, 2, 3]}), foreign)
     result = tally("bill", str(root), "--inventory", str(inv))
-    assert result.returncode == 2
-    assert str(path) in result.stderr and "'idle_seconds'" in result.stderr
+    assert result.returncode == 0, result.stderr
+    assert str(old) in result.stderr and "'idle_seconds'" in result.stderr
+    assert str(foreign) in result.stderr and "'time'" in result.stderr
+    after = json.loads(result.stdout)
+    assert after["input"]["files_quarantined"] == 2
+    assert {k: v for k, v in after.items() if k != "input"} == {
+        k: v for k, v in before.items() if k != "input"
+    }
+    assert not old.exists() and not foreign.exists()
+    assert sorted(p.name for p in (root / "quarantine").rglob("*.parquet")) == [
+        foreign.name,
+        old.name,
+    ]
 
 
 def test_corrupt_files_are_quarantined_and_the_bill_goes_on(dataset: tuple[Path, Path]) -> None:

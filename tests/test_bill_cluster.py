@@ -274,16 +274,26 @@ def test_owners_newest_first_and_ties_do_not_depend_on_order() -> None:
 
 
 def test_bad_data_in_a_partition_is_exit_2_naming_its_files(tmp_path: Path) -> None:
+    """A file found damaged while its rows are read that cannot be set aside (something is in
+    the way of quarantine/) fails its partition: exit 2, one line naming the partition's files
+    and the file, no partial bill."""
     root = _dataset(tmp_path / "data", 11)
     victim = sorted(root.glob("job/*/node=gpu-a1/*.parquet"))[0]
-    pq.write_table(pq.read_table(victim).drop_columns(["cpus_allocated"]), victim)
+    column = pq.ParquetFile(victim).metadata.row_group(0).column(0)
+    data = bytearray(victim.read_bytes())
+    start = column.data_page_offset + 10  # the footer stays whole: found only while reading
+    for i in range(start, column.data_page_offset + column.total_compressed_size - 2):
+        data[i] ^= 0x5A
+    victim.write_bytes(bytes(data))
+    (root / "quarantine").write_text("a file where the quarantine directory would be")
     inv = tmp_path / "inv.toml"
     inv.write_text(INVENTORY)
     result = tally("--quiet", "bill", str(root), "--inventory", str(inv), "--workers", "2")
     assert result.returncode == 2, result.stderr
     assert result.stdout == ""  # no partial bill
-    line = result.stderr.strip().splitlines()[-1]
-    assert "partition of" in line and "node=gpu-a1" in line and "cpus_allocated" in line
+    (line,) = result.stderr.strip().splitlines()
+    assert "partition of" in line and "node=gpu-a1" in line and str(victim) in line
+    assert "cannot be moved to quarantine" in line
 
 
 def test_a_bug_in_a_partition_fails_the_bill_naming_its_files(

@@ -49,10 +49,10 @@ def test_bad_files_are_quarantined_or_skipped_and_counted(tmp_path: Path) -> Non
     table = read_table(tmp_path, "cpu", discover(tmp_path)["cpu"], stats)
     assert table.equals(good)
     assert (stats.files, stats.rows) == (1, 3)
-    assert stats.files_quarantined == 3 and stats.files_skipped == 1
+    assert stats.files_quarantined == 4 and stats.files_skipped == 0
     assert any("old-schema.parquet" in p and "'cpus'" in p for p in stats.problems)
     moved = sorted(p.name for p in (tmp_path / "quarantine").rglob("*.parquet"))
-    assert moved == ["foreign.parquet", "truncated.parquet", "zero.parquet"]
+    assert moved == ["foreign.parquet", "old-schema.parquet", "truncated.parquet", "zero.parquet"]
     # A second read does not see the quarantined files again.
     again = ReadStats()
     read_table(tmp_path, "cpu", discover(tmp_path)["cpu"], again)

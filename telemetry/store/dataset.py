@@ -10,12 +10,11 @@ hour, still being written) are read up to their last complete batch. Three ways 
   thread while the consumers work on this one;
 - ``Follower``: a growing dataset, polled for the rows not read before (aggregate).
 
-One rule for a file that cannot be used, whoever reads it (``_reject``): a Parquet file that cannot
-be decoded or whose columns have other types (foreign or damaged) is moved to
-``<root>/quarantine/`` and counted (skipped and counted where it cannot be moved); a journal is
-never moved, since a daemon may be writing it, only skipped; a file that lacks a required column
-(another writer's layout) is an error naming the file and the column where the reader is
-``strict`` (bills and reports, which would be wrong without it), else skipped and counted.
+One rule for a file that cannot be used, whoever reads it (``_reject``, SPEC §7): a Parquet file
+that cannot be decoded, lacks a required column or has columns of other types (foreign, another
+writer's layout, or damaged) is moved to ``<root>/quarantine/`` and counted (skipped and counted
+where it cannot be moved), with a warning naming the file and why; a journal is never moved,
+since a daemon may be writing it, only skipped. The bill goes on without the file.
 """
 
 from __future__ import annotations
@@ -145,19 +144,9 @@ def _usable(root: Path, files: Mapping[str, list[Path]]) -> Iterator[tuple[str, 
                 yield table, path
 
 
-def _reject(root: Path, path: Path, exc: Exception, stats: ReadStats, strict: bool) -> None:
-    """Set aside a file that cannot be used, by the one rule of this module's docstring.
-
-    Raises ``TallyError`` for a file lacking a required column when ``strict``.
-    """
+def _reject(root: Path, path: Path, exc: Exception, stats: ReadStats) -> None:
+    """Set aside a file that cannot be used, by the one rule of this module's docstring."""
     if isinstance(exc, SchemaError):
-        if exc.missing:
-            if strict:
-                raise TallyError(f"{path}: {exc}") from None
-            stats.files_skipped += 1
-            stats.problems.append(f"{path}: {exc}")
-            log.warning("skipping %s: %s", path, exc)
-            return
         reason = f"schema does not match: {exc}"
     else:
         reason = f"unreadable: {exc}"
@@ -218,7 +207,7 @@ def read_table(
         except (SchemaError, pa.ArrowException, OSError) as exc:
             if not path.exists():
                 continue  # removed since it was listed (a compacted journal: read its twin anew)
-            _reject(root, path, exc, stats, strict=False)
+            _reject(root, path, exc, stats)
             continue
         stats.files += 1
         stats.rows += data.num_rows
@@ -342,8 +331,8 @@ def _journal_rows(path: Path, table: str) -> pa.Table:
 
 
 def plan(root: Path, files: dict[str, list[Path]], stats: ReadStats) -> list[Piece]:
-    """Every readable piece of the dataset; files that cannot be used are set aside (``_reject``,
-    strict: a missing required column raises ``TallyError``)."""
+    """Every readable piece of the dataset; files that cannot be used are set aside
+    (``_reject``)."""
     pieces: list[Piece] = []
     for table, path in _usable(root, files):
         try:
@@ -359,7 +348,7 @@ def plan(root: Path, files: dict[str, list[Path]], stats: ReadStats) -> list[Pie
         except (SchemaError, pa.ArrowException, OSError) as exc:
             if not path.exists():
                 raise Vanished(path) from None  # compacted or removed since it was listed
-            _reject(root, path, exc, stats, strict=True)
+            _reject(root, path, exc, stats)
             continue
         stats.files += 1
     return pieces
@@ -899,7 +888,7 @@ class Follower:
                 seen.failed_at = state
                 return None
             if not seen.parquet_done:
-                _reject(self.root, path, exc, self.stats, strict=False)
+                _reject(self.root, path, exc, self.stats)
             # read again only once it changes
             seen.parquet_done = True
             seen.size, seen.mtime_ns = info.st_size, info.st_mtime_ns
