@@ -447,11 +447,14 @@ def test_api_scan_honours_quarantine_and_checks_the_schema(tmp_path: Path) -> No
     assert not (where / "torn.parquet").exists() and (aside / "torn.parquet").exists()
     assert not (where / "foreign.parquet").exists() and (aside / "foreign.parquet").exists()
     assert len(said) == 2 and any("foreign.parquet" in s and "node" in s for s in said)
-    # a file lacking a required column is an error naming the file and the column
+    # a file lacking a required column is set aside as well, the warning naming the column
     pq.write_table(pa.table({"time": pa.array([T0], pa.timestamp("ns", tz="UTC"))}),
                    where / "old-layout.parquet")  # fmt: skip
-    with pytest.raises(TallyError, match=r"old-layout\.parquet.*node"):
-        tally.scan(root, "job")
+    said.clear()
+    assert tally.scan(root, "job", warn=said.append).collect().height == len(rows)
+    assert not (where / "old-layout.parquet").exists()
+    assert (aside / "old-layout.parquet").exists()
+    assert len(said) == 1 and "old-layout.parquet" in said[0] and "'node'" in said[0]
 
 
 # ------------------------------------------------------------------- the report
