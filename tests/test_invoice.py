@@ -698,12 +698,15 @@ def test_a_job_in_two_accounting_files_keeps_what_knows_most(tmp_path: Path) -> 
     assert one == other and one[0].end_ns is not None
 
 
-def test_the_newest_sample_on_a_window_start_keeps_capacity_at_least_monitored(
+def test_declared_capacity_of_a_range_is_the_same_in_windows_of_any_length(
     tmp_path: Path,
 ) -> None:
-    """Without --to the range ends at the newest sample; one at 02:00 sharp closes an interval
-    that belongs to the 02:00 window (SPEC §3), where declared capacity has not begun: the
-    window's capacity is what was monitored, never less."""
+    """SPEC §4: declared capacity is the declared units × the window's hours inside the range,
+    never raised to what was monitored. Without --to the range ends at the newest sample; one
+    at 02:00 sharp closes an interval that belongs to the 02:00 window (SPEC §3), where no
+    declared time is left: that window shows monitored time and no capacity, and the range
+    costs 2 GPUs × 2 h whatever the window length (raising the window to what was monitored
+    made the hourly bill dearer than the daily one)."""
     inv = parse_inventory(inventory_text(extra_top="", gpu_extra="capacity_units = 2"), "i")
     times = [T0 + i * 60 * NS for i in range(121)]
     gpu = [gpu_row(t, "gpu-a1", f"GPU-{g}", g, 0.5, 300.0, None, None) for t in times
@@ -714,9 +717,14 @@ def test_the_newest_sample_on_a_window_start_keeps_capacity_at_least_monitored(
     bill = bill_of(tmp_path, inv, 3600)
     last = [p for p in bill.pools if p["pool"] == "gpu-own"][-1]
     assert last["window_start"] == "2026-09-01T02:00:00Z"
-    assert last["capacity_unit_hours"] == last["monitored_unit_hours"] == 2 / 60
-    assert last["allocation_ratio"] == 0.5
+    assert last["capacity_unit_hours"] == 0 and last["monitored_unit_hours"] == 2 / 60
+    assert last["unmonitored_unit_hours"] == 0 and last["allocation_ratio"] is None
     assert_same(bill_dict(bill), reference_bill(stored(tables), inv, 3600, files=files))
+    for window in (900, 3600, 86400):
+        pools = [p for p in bill_of(tmp_path, inv, window).pools if p["pool"] == "gpu-own"]
+        assert round(sum(p["capacity_unit_hours"] for p in pools), 9) == 4, window
+        assert round(sum(p["monitored_unit_hours"] for p in pools), 9) == 4, window
+        assert sum(Decimal(str(p["cost"])) for p in pools) == 4 * Decimal("6.5"), window
 
 
 def test_unmeasured_energy_is_null_on_tenant_and_job_lines_too(tmp_path: Path) -> None:

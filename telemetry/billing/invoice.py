@@ -182,10 +182,11 @@ def _pool_row(
         start, end = frame.bounds(window)
         if frame.span is not None:
             start, end = max(start, frame.span[0]), min(end, frame.span[1])
+        # exactly the declared units over the window's part of the range (SPEC §4), whatever
+        # was seen: the same range costs the same in windows of any length. More monitored
+        # than declared (a node added without updating the inventory) shows as an allocation
+        # ratio above 1 and no unmonitored time, not as capacity nobody declared.
         capacity_us = pool.declared_us(start, end) if end > start else 0
-        # never below what was seen: a node added without updating the inventory, or the
-        # newest sample on a window's first instant (its interval ends in that window)
-        capacity_us = max(capacity_us, monitored_us)
     measured = bool(readings)
     energy_kwh = Fraction(energy_mj, MJ_PER_KWH)
     pue = exact(pool.pue) if pool.pue is not None else Fraction(1)

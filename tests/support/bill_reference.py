@@ -513,7 +513,6 @@ def _pool_row(
         if span is not None:
             a, b = max(a, span[0]), min(b, span[1])
         capacity = declared_us(pool, a, b) if b > a else 0
-        capacity = max(capacity, monitored)  # never below what the samples show
     with localcontext() as ctx:
         ctx.prec = 60
         kwh = Decimal(energy_mj) / MJ_PER_KWH
