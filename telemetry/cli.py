@@ -81,7 +81,8 @@ def _max_gap_option(p: argparse.ArgumentParser, default: float | None) -> None:
         "--max-gap",
         type=duration_arg("max-gap", MAX_GAP_RANGE),
         default=default,
-        help=f"longest interval that still counts (default {DEFAULT_MAX_GAP_SECONDS:g}s)",
+        help="longest interval that still counts (default: the inventory's max_gap_seconds, "
+        f"else {DEFAULT_MAX_GAP_SECONDS:g}s)",
     )
 
 
@@ -227,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--once", action="store_true", help="print the final exposition to stdout and exit"
     )
-    _max_gap_option(r, default=DEFAULT_MAX_GAP_SECONDS)
+    _max_gap_option(r, default=None)
 
     s = sub.add_parser("demo", help="write a small realistic demo dataset and its inventory")
     s.add_argument("out", type=Path, help="directory to create (must not exist)")

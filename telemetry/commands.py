@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from telemetry.config import parse_window
+from telemetry.config import parse_window, resolve_max_gap
 from telemetry.errors import TallyError
 from telemetry.logs import say
 
@@ -67,6 +67,7 @@ def replay(args: argparse.Namespace) -> int:
     from telemetry.state import Snapshot
 
     inventory = load_inventory(args.inventory) if args.inventory is not None else None
+    max_gap = resolve_max_gap(args.max_gap, args.inventory)
     current: list[Snapshot] = [Snapshot()]
     registry = CollectorRegistry()
     collector = TallyCollector(lambda: current[0], dcgm_compat=args.dcgm_compat)
@@ -90,9 +91,7 @@ def replay(args: argparse.Namespace) -> int:
         current[0] = snapshot
 
     with Progress("replay", quiet=args.quiet or args.speed is not None) as bar:
-        _, stats = replay(
-            args.dataset, args.max_gap, args.speed, publish, stop, inventory, progress=bar
-        )
+        _, stats = replay(args.dataset, max_gap, args.speed, publish, stop, inventory, progress=bar)
     if stats.files_quarantined or stats.files_skipped:
         summary = (
             f"tally replay: {stats.files} files read, {stats.files_quarantined} quarantined, "

@@ -8,6 +8,7 @@ the config file).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import ipaddress
 import math
@@ -255,6 +256,28 @@ def config_keys(collectors: Iterable[str]) -> dict[str, str]:
     return {**_CONFIG_KEYS, **{f"collector.{name}": f"collector_{name}" for name in collectors}}
 
 
+def resolve_max_gap(given: float | None, inventory: Path | None) -> float:
+    """SPEC §3's ``max_gap_seconds``: ``--max-gap`` where given, else the inventory's, else
+    60 s. With an inventory the node series and the pool counters must count gaps alike: a
+    ``--max-gap`` other than the inventory's raises ``TallyError``. An inventory that does not
+    load is left to the code that loads it (its own error, or doctor's line)."""
+    declared = None
+    if inventory is not None:
+        from telemetry.billing.inventory import load_inventory
+
+        with contextlib.suppress(TallyError):
+            declared = load_inventory(inventory).max_gap_seconds
+    if declared is None:
+        return DEFAULT_MAX_GAP_SECONDS if given is None else given
+    if given is not None and given != declared:
+        raise TallyError(
+            f"max-gap {given:g}s differs from max_gap_seconds = {declared:g} of inventory "
+            f"{inventory}: node and pool counters would count gaps differently; set it in one "
+            "place"
+        )
+    return declared
+
+
 def daemon_config(args: Any, collector_defaults: dict[str, bool]) -> DaemonConfig:
     """Daemon settings from the parsed command line ``args``, then its ``--config`` file, then
     the defaults. ``collector_defaults`` maps each collector name to whether it runs by default.
@@ -293,7 +316,7 @@ def daemon_config(args: Any, collector_defaults: dict[str, bool]) -> DaemonConfi
         listen=pick("listen", DEFAULT_LISTEN),
         data_dir=pick("data_dir", Path(DEFAULT_DATA_DIR)),
         interval_seconds=pick("interval", DEFAULT_INTERVAL_SECONDS),
-        max_gap_seconds=pick("max_gap", DEFAULT_MAX_GAP_SECONDS),
+        max_gap_seconds=resolve_max_gap(pick("max_gap", None), pick("inventory", None)),
         procfs=pick("path_procfs", Path("/proc")),
         sysfs=pick("path_sysfs", Path("/sys")),
         rootfs=pick("path_rootfs", Path("/")),

@@ -299,6 +299,35 @@ def test_replay_pool_counters_equal_the_bill_summed(
     assert any(t["busy_unit_hours"] for t in bill["tenants"]), "the dataset has busy tenants"
 
 
+def test_replay_counts_gaps_by_the_inventory_alone(tmp_path: Path) -> None:
+    """SPEC §3: max_gap_seconds is the inventory's. A 90 s interval under an inventory's 120 s
+    counts for the GPU's own counter as for its pool's (replay's 60 s default counted it for
+    the pool alone); a --max-gap that differs is a one-line usage error."""
+    root = tmp_path / "ds"
+    times = [0.0, 30.0, 60.0, 150.0, 180.0]  # one interval of 90 s
+    write_dataset(root, "gpu", gpu_table("n1", "GPU-a", 0, times, util=1.0))
+    inv = tmp_path / "inv.toml"
+    inv.write_text(
+        'max_gap_seconds = 120\n[[pool]]\nname = "p1"\nkind = "gpu"\nownership = "own"\n'
+        'nodes = ["n*"]\ncost_per_unit_hour = 1.0\nprice_per_unit_hour = 2.0\n'
+    )
+    for extra in ([], ["--max-gap", "120s"]):
+        result = tally("replay", str(root), "--once", "--inventory", str(inv), *extra)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert 'tally_gpu_busy_seconds_total{gpu="0",node="n1",uuid="GPU-a"} 180.0' in lines
+        assert 'tally_pool_busy_unit_seconds_total{kind="gpu",pool="p1"} 180.0' in lines
+    # without an inventory, 60 s: the 90 s interval is a gap
+    alone = tally("replay", str(root), "--once")
+    assert 'tally_gpu_busy_seconds_total{gpu="0",node="n1",uuid="GPU-a"} 90.0' in (
+        alone.stdout.splitlines()
+    )
+    clash = tally("replay", str(root), "--once", "--inventory", str(inv), "--max-gap", "90s")
+    assert clash.returncode == 2 and clash.stdout == ""
+    (line,) = clash.stderr.strip().splitlines()
+    assert "max-gap 90s differs from max_gap_seconds = 120" in line and str(inv) in line
+
+
 def test_daemon_with_inventory_exports_pool_counters(tmp_path: Path) -> None:
     from tests.support.daemon import scrape_daemon
 

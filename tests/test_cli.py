@@ -106,6 +106,29 @@ def test_config_file_precedence_and_errors(
     assert f"config {config}: not valid TOML" in capsys.readouterr().err
 
 
+def test_daemon_counts_gaps_by_its_inventory(tmp_path: Path) -> None:
+    """The daemon's node series take the inventory's max_gap_seconds, as its pool counters do;
+    a --max-gap (or config file max-gap) that differs is refused; one that agrees is fine."""
+    from telemetry.errors import TallyError
+
+    inv = tmp_path / "inv.toml"
+    inv.write_text(
+        'max_gap_seconds = 120\n[[pool]]\nname = "p"\nkind = "cpu"\nownership = "own"\n'
+        'nodes = ["*"]\ncost_per_unit_hour = 1.0\nprice_per_unit_hour = 2.0\n'
+    )
+    parser = build_parser()
+    given = ["daemon", "--inventory", str(inv)]
+    assert daemon_config(parser.parse_args(given)).max_gap_seconds == 120
+    assert daemon_config(parser.parse_args([*given, "--max-gap", "2m"])).max_gap_seconds == 120
+    with pytest.raises(TallyError, match=r"max-gap 90s differs from max_gap_seconds = 120"):
+        daemon_config(parser.parse_args([*given, "--max-gap", "90s"]))
+    config = tmp_path / "tally.toml"
+    config.write_text('max-gap = "30s"\n')
+    with pytest.raises(TallyError, match=r"max-gap 30s differs"):
+        daemon_config(parser.parse_args([*given, "--config", str(config)]))
+    assert daemon_config(parser.parse_args(["daemon"])).max_gap_seconds == 60
+
+
 def test_replay_once_prints_a_promtool_clean_exposition(tmp_path: Path, promtool: str) -> None:
     times = [float(t) for t in range(0, 900, 10)]
     write_dataset(tmp_path, "cpu", cpu_table("n1", times, busy_share=0.4))
