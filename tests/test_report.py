@@ -212,9 +212,11 @@ def test_headline_leads_with_the_answer(dataset: tuple[Path, Path], report: str)
     capacity = sum(p["capacity_unit_hours"] for p in gpu)
     allocated = sum(p["allocated_unit_hours"] for p in gpu)
     busy = sum(p["busy_unit_hours"] for p in gpu)
+    monitored = sum(p["monitored_unit_hours"] for p in gpu)
+    assert monitored < capacity, "the dataset has an outage: busy of monitored ≠ of capacity"
     assert card("gpu-hours") == f"{capacity:,.1f} GPU-h"
     assert card("allocation") == f"{100 * allocated / capacity:.1f}%"
-    assert card("busy") == f"{100 * busy / capacity:.1f}%"
+    assert card("busy") == f"{100 * busy / monitored:.1f}%"  # SPEC §4 busy_ratio
     idle_cost = sum(p["idle_cost"] or 0.0 for p in bill["pools"])
     assert card("idle-cost") == _money(idle_cost)
     wasted = 0.0
@@ -229,6 +231,29 @@ def test_headline_leads_with_the_answer(dataset: tuple[Path, Path], report: str)
     revenue = sum(p["revenue"] for p in bill["pools"])
     cost = sum(p["cost"] for p in bill["pools"])
     assert card("margin") == f"{100 * (revenue - cost) / revenue:.1f}%"
+
+
+def test_pools_busy_is_of_what_was_monitored(dataset: tuple[Path, Path], report: str) -> None:
+    """A pool's busy column is SPEC §4's busy_ratio over the range: busy / monitored, so a
+    pool with a node down does not look idle."""
+    root, inventory = dataset
+    result = tally("bill", str(root), "--inventory", str(inventory), "--window", "1d")
+    bill = json.loads(result.stdout)
+    pools = report.split("<h2>Pools</h2>")[1].split("</table>", maxsplit=1)[0]
+    cells = {
+        found[0]: found[1:]
+        for found in re.findall(
+            r'<tr><td class="text">([^<]*)</td>(?:<td[^>]*>[^<]*</td>){4}'
+            r"<td[^>]*>([^<]*)</td>",
+            pools,
+        )
+    }
+    for name in {p["pool"] for p in bill["pools"]}:
+        rows = [p for p in bill["pools"] if p["pool"] == name]
+        busy = sum(p["busy_unit_hours"] for p in rows)
+        monitored = sum(p["monitored_unit_hours"] for p in rows)
+        if monitored:
+            assert cells[name] == (f"{100 * busy / monitored:.1f}%",), name
 
 
 def test_pools_gpu_first_and_no_amount_without_a_number(report: str) -> None:

@@ -204,6 +204,7 @@ def _headline(data: ReportData, currency: str) -> str:
     capacity = sum(p["capacity_unit_hours"] for p in gpu)
     allocated = sum(p["allocated_unit_hours"] for p in gpu)
     busy = sum(p["busy_unit_hours"] for p in gpu)
+    monitored = sum(p["monitored_unit_hours"] for p in gpu)  # SPEC §4: busy of what was seen
     revenue = sum(p["revenue"] for p in pools)
     cost = sum(p["cost"] for p in pools)
     idle_cost = sum(p["idle_cost"] or 0.0 for p in pools)
@@ -212,7 +213,8 @@ def _headline(data: ReportData, currency: str) -> str:
         _card("gpu-hours", "GPU capacity", f"{capacity:,.1f} GPU-h"),
         _card("allocation", "GPUs allocated", _pct(_ratio(allocated, capacity)),
               f"{allocated:,.1f} GPU-h sold"),
-        _card("busy", "GPUs busy", _pct(_ratio(busy, capacity)), f"{busy:,.1f} GPU-h busy"),
+        _card("busy", "GPUs busy", _pct(_ratio(busy, monitored)),
+              f"{busy:,.1f} of {monitored:,.1f} GPU-h monitored"),
         _card("idle-cost", "Idle cost", _money(idle_cost, currency),
               "capacity nobody was allocated"),
         _card("waste", "Waste charge", _money(wasted, currency),
@@ -227,6 +229,7 @@ def _pools_section(data: ReportData, charts: _Charts, currency: str) -> str:
     rows = data.bill.pools  # per window: the charts
     fields = (
         "capacity_unit_hours",
+        "monitored_unit_hours",
         "allocated_unit_hours",
         "busy_unit_hours",
         "energy_kwh",
@@ -249,7 +252,7 @@ def _pools_section(data: ReportData, charts: _Charts, currency: str) -> str:
                 t["ownership"] or "—",
                 f"{_num(capacity, 1)} {UNITS[t['kind']]}",
                 _pct(_ratio(allocated, capacity)),
-                _pct(_ratio(t["busy_unit_hours"], capacity)),
+                _pct(_ratio(t["busy_unit_hours"], t["monitored_unit_hours"])),
                 _num(t["energy_kwh"], 1) if t["energy_kwh"] else "—",
                 _money(t["cost"], currency),
                 _money(t["revenue"], currency),
