@@ -515,6 +515,69 @@ def test_a_job_on_gpu_shards_keeps_its_sampled_gpu_allocation(tmp_path: Path) ->
     assert_same(bill_dict(bill), want)
 
 
+def test_a_job_on_a_mig_instance_keeps_its_sampled_gpu_allocation(tmp_path: Path) -> None:
+    """Slurm counts a MIG instance as one GPU (gres/gpu=1) where capacity counts it as its
+    slice fraction (1/7): on a node with MIG rows an accounted job's GPU allocation stays the
+    sampled one (never 7× the GPU-hours its slice is), its CPUs and owner come from the record,
+    and the bill says so. A job on whole GPUs elsewhere is accounted as ever."""
+    start = datetime.fromtimestamp(S0).isoformat()
+    text = ("JobIDRaw|User|Account|Start|End|AllocTRES|NodeList\n"
+            f"7|ann|lab|{start}Z|Unknown|cpu=2,gres/gpu=1|gpu-a1\n"
+            f"8|bob|ops|{start}Z|Unknown|cpu=4,gres/gpu=1|gpu-a2\n")  # fmt: skip
+    records = parse_sacct_parsable(text)
+    inv = parse_inventory(inventory_text(extra_top=""), "inv.toml")
+    times = [T0 + i * 60 * NS for i in range(61)]
+    gpu, jobs = [], []
+    for t in times:
+        parent = gpu_row(t, "gpu-a1", "GPU-P", 0, None, 300.0, None, None)
+        gpu.append({**parent, "capacity_units": 0.0})  # every slice held by an instance
+        for k in range(7):
+            mig = gpu_row(t, "gpu-a1", f"MIG-{k}", 0, 1.0 if k == 0 else 0.0, None, None,
+                          "7" if k == 0 else None)  # fmt: skip
+            gpu.append({**mig, "capacity_units": 1 / 7, "mig_profile": "1g.10gb"})
+        gpu.append(gpu_row(t, "gpu-a2", "GPU-W", 0, 0.5, 300.0, None, "8"))
+        jobs.append(job_row(t, "gpu-a1", "7", "ann", "lab", 2.0, 1 / 7, 0.0))
+        jobs.append(job_row(t, "gpu-a2", "8", "bob", "ops", 4.0, 1.0, 0.0))
+    tables: Tables = {"gpu": gpu, "job": jobs}
+    files = write_tables(tmp_path, tables, Layout())
+    bill = bill_of(tmp_path, inv, 3600, accounting=records)
+
+    def total(pool: str, job: str, field: str) -> float:
+        return sum(j[field] for j in bill.jobs if (j["pool"], j["job_id"]) == (pool, job))
+
+    # an hour (00:00 to the newest sample at 01:00, two windows) of 1/7 of a GPU (float32)
+    assert total("gpu-own", "7", "allocated_unit_hours") == pytest.approx(1 / 7, rel=1e-6)
+    assert total("gpu-own", "7", "busy_unit_hours") == pytest.approx(1 / 7, rel=1e-6)
+    assert {(j["tenant"], j["user"]) for j in bill.jobs if j["job_id"] == "7"} == {("lab", "ann")}
+    assert total("cpu", "7", "allocated_unit_hours") == 2.0  # the record's, the whole hour
+    assert total("gpu-own", "8", "allocated_unit_hours") == 1.0  # the record's
+    assert {j["allocation_source"] for j in bill.jobs} == {"accounting"}
+    pools = [p for p in bill.pools if p["pool"] == "gpu-own"]
+    allocated = sum(p["allocated_unit_hours"] for p in pools)
+    assert allocated == pytest.approx(1 / 7 + 1.0, rel=1e-6)
+    assert allocated <= sum(p["capacity_unit_hours"] for p in pools)
+    assert any("MIG" in note and "gpu-a1" in note and "gpu-a2" not in note for note in bill.notes)
+    want = reference_bill(stored(tables), inv, 3600, files=files, accounting=records)
+    assert_same(bill_dict(bill), want)
+
+
+def test_unit_cost_comes_from_the_exact_cost(tmp_path: Path) -> None:
+    """unit_cost = cost / allocated from the exact sums, rounded like every money field: ten
+    core-minutes at 0.01 a core-hour cost 0.0017 (0.00 on the line), and a unit-hour still cost
+    0.01, not 0.00 / allocated."""
+    inv = parse_inventory(inventory_text(extra_top=""), "inv.toml")
+    times = [T0 + i * 60 * NS for i in range(11)]
+    cpu = [cpu_row(t, "c1", 1, {"user": 30.0 * i}, None) for i, t in enumerate(times)]
+    jobs = [job_row(t, "c1", "5", "u", "acme", 1.0, 0.0, 30.0 * i) for i, t in enumerate(times)]
+    tables: Tables = {"cpu": cpu, "job": jobs}
+    files = write_tables(tmp_path, tables, Layout())
+    bill = bill_of(tmp_path, inv, 3600)
+    (pool,) = [p for p in bill.pools if p["pool"] == "cpu"]
+    assert pool["cost"] == 0.0 and pool["allocated_unit_hours"] == pytest.approx(1 / 6)
+    assert pool["unit_cost"] == 0.01
+    assert_same(bill_dict(bill), reference_bill(stored(tables), inv, 3600, files=files))
+
+
 def test_pending_jobs_and_steps_carry_no_allocation() -> None:
     text = ("JobIDRaw|User|Account|Start|End|AllocTRES|NodeList\n"
             "8|u|a|Unknown|Unknown||None assigned\n"

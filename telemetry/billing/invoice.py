@@ -40,6 +40,8 @@ class _Jobs:
     # job id → (user id, tenant id) from accounting, over every node of the job
     owners: dict[int, tuple[int, int]] = field(default_factory=dict)
     accounted: set[int] = field(default_factory=set)
+    # MIG nodes where an accounted job's GPU allocation stayed the sampled one
+    mig_sampled: set[str] = field(default_factory=set)
 
 
 def bill_range(biller: Biller) -> tuple[int, int] | None:
@@ -134,6 +136,14 @@ def build_bill(
             f"pools without capacity_units ({', '.join(sorted(undeclared))}): capacity is what "
             "was monitored, so time without samples costs nothing; declare capacity_units"
         )
+    if jobs.mig_sampled:
+        shown = ", ".join(sorted(jobs.mig_sampled)[:5])
+        more = len(jobs.mig_sampled) - 5
+        notes.append(
+            f"accounting counts each MIG instance as a GPU: on MIG nodes ({shown}"
+            f"{f' and {more} more' if more > 0 else ''}) accounted jobs' GPU allocation is "
+            "their sampled one, each instance at its slice fraction"
+        )
     stats: dict[str, Any] = {"files": 0, "rows": biller.rows,
                              "rows_skipped": biller.duplicates, "files_quarantined": 0}  # fmt: skip
     stats.update(input_stats)
@@ -220,7 +230,10 @@ def _pool_row(
         "emissions_kg": emissions,
         "cost": cost,
         "revenue": revenue,
-        "unit_cost": _ratio(cost, allocated),
+        # money per allocated unit-hour from the exact sums, rounded like every money field
+        "unit_cost": money(cost_exact / Fraction(allocated_us, US_PER_HOUR))
+        if allocated_us
+        else None,
         "gross_margin_ratio": _ratio(revenue - cost, revenue),
         "idle_cost": money(idle),
         "gap_hours": gap_us / US_PER_HOUR,
@@ -311,7 +324,11 @@ def _apply_accounting(
     whole: bool,
 ) -> dict[str, Any]:
     """Replace the sampled allocation of every accounted job by the exact overlap of its
-    [start, end) with each window of the range (SPEC §4), and return ``input.reconciliation``."""
+    [start, end) with each window of the range (SPEC §4), and return ``input.reconciliation``.
+
+    Not a job's GPUs on MIG nodes (:attr:`Biller.mig_nodes`): Slurm counts each MIG instance as
+    one GPU, where capacity counts it at its slice fraction (SPEC §2), so there the GPU
+    allocation stays the sampled one, as for shards (the record's count is no count of GPUs)."""
     sampled_jobs = {job for _, job in biller.owner} & set(jobs.keys[3].tolist())
     lo, hi = span if span is not None else (0, 0)
     inside = [r for r in records if r.start_ns < hi and (r.end_ns is None or r.end_ns > lo)]
@@ -333,6 +350,9 @@ def _apply_accounting(
             for kind, total in kinds:
                 if not total:
                     continue
+                if kind == "gpu" and node_name in biller.mig_nodes:
+                    jobs.mig_sampled.add(node_name)
+                    continue
                 units = exact(total) / share
                 pool = biller.inventory.assign([node_name], kind)[0] + biller._first[kind]
                 window = biller.windows.id_of(a)
@@ -345,9 +365,12 @@ def _apply_accounting(
                         rows.append((window, pool, node, job, round(units * overlap / 1000)))
                     window += 1
     gpu_pools = biller._first["cpu"]  # pool indexes below it are gpu pools
+    mig = {biller.nodes.id(name) for name in biller.mig_nodes}
     was = np.array(
         [("gpu" if pool < gpu_pools else "cpu") in replaced.get(job, ())
-         for pool, job in zip(jobs.keys[1].tolist(), jobs.keys[3].tolist(), strict=True)],
+         and not (pool < gpu_pools and node in mig)
+         for pool, node, job in zip(jobs.keys[1].tolist(), jobs.keys[2].tolist(),
+                                    jobs.keys[3].tolist(), strict=True)],
         dtype=bool,
     )  # fmt: skip
     both = sampled_jobs & jobs.accounted

@@ -1,6 +1,7 @@
 """Datasets for the partitioned bill (SPEC §9): several nodes with every awkwardness a merge could
 get wrong — duplicates, gaps, counter restarts, a job on several nodes, a job whose owner
-changes, shared GPUs — written in any split, and sacct records for some of the jobs."""
+changes, shared GPUs, a MIG instance on the gpu-b nodes — written in any split, and sacct records
+for some of the jobs."""
 
 from __future__ import annotations
 
@@ -90,8 +91,10 @@ def generate(seed: int, nodes: int = 5, hours: float = 1.5) -> Tables:
                 k = min(3, (t - start) // span)
                 holder = jobs[k][0] if jobs[k][1] == g else None
                 util = None if rng.random() < 0.05 else round(rng.random(), 2)
-                tables["gpu"].append(gpu_row(t, node, f"GPU-{node}-{g}", g, util, power, energy,
-                                             holder))  # fmt: skip
+                row = gpu_row(t, node, f"GPU-{node}-{g}", g, util, power, energy, holder)
+                if node.startswith("gpu-b") and g == 1:  # a MIG 3g instance: 3/7 of a GPU
+                    row.update(capacity_units=3 / 7, mig_profile="3g.40gb")
+                tables["gpu"].append(row)
                 if g == 1 and k == 2:  # GPU 1 shared by two pods in the third quarter
                     tables["gpu_job"] += [
                         gpu_job_row(t, node, f"GPU-{node}-1", f"pod-{n}-a", 0.5, None),

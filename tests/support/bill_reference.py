@@ -341,24 +341,35 @@ def reference_bill(
         sampled_jobs = {job for (_, _, _, job) in party} & {job for (_, job) in owner}
         both = sampled_jobs & set(accounted)
 
+        # nodes with a counted gpu row of less than one GPU: MIG, where Slurm counts instances
+        mig_nodes = {
+            row["node"]
+            for row in tables.get("gpu", [])
+            if counted(row["time"])
+            and row.get("capacity_units") is not None
+            and row["capacity_units"] < 1
+        }
+
         # the sampled allocation of accounted jobs is replaced (GPUs only where the record
-        # counts GPUs, not shards)
-        def replaced(job: str, pi: int) -> bool:
+        # counts GPUs: not shards, not MIG instances)
+        def replaced(job: str, pi: int, node: str) -> bool:
             record = accounted.get(job)
             if record is None:
                 return False
-            return pools[pi]["kind"] == "cpu" or record.gpus is not None
+            if pools[pi]["kind"] == "cpu":
+                return True
+            return record.gpus is not None and node not in mig_nodes
 
         sampled_by = {
             kind: sum(
                 s.get("allocated", 0)
-                for (_, pi, _, job), s in party.items()
-                if job in both and replaced(job, pi) and pools[pi]["kind"] == kind
+                for (_, pi, node, job), s in party.items()
+                if job in both and replaced(job, pi, node) and pools[pi]["kind"] == kind
             )
             for kind in ("gpu", "cpu")
         }
-        for (w, pi, _, job), s in party.items():
-            if replaced(job, pi) and s.get("allocated", 0):
+        for (w, pi, node, job), s in party.items():
+            if replaced(job, pi, node) and s.get("allocated", 0):
                 pool_sums[(w, pi)]["allocated"] -= s["allocated"]
                 s["allocated"] = 0
         accounted_by = {"gpu": 0, "cpu": 0}
@@ -366,7 +377,7 @@ def reference_bill(
             a, b = max(r.start_ns, a_lo), min(a_hi if r.end_ns is None else r.end_ns, a_hi)
             for node in r.nodes:
                 for kind, total in (("gpu", r.gpus), ("cpu", r.cpus)):
-                    if not total or b <= a:
+                    if not total or b <= a or (kind == "gpu" and node in mig_nodes):
                         continue
                     units = dec(total) / len(r.nodes)
                     pi = pool_index(pools, node, kind)
@@ -524,6 +535,9 @@ def _pool_row(
         idle = cost_exact
         if capacity:
             idle = cost_exact * max(Decimal(0), 1 - Decimal(alloc_us) / Decimal(capacity))
+        unit_cost = None
+        if alloc_us:
+            unit_cost = money(cost_exact * US_PER_HOUR / Decimal(alloc_us), decimals)
     emissions = None
     if pool["gco2"] is not None and readings:
         pue_f = Fraction(Decimal(repr(pool["pue"]))) if pool["pue"] is not None else 1
@@ -550,7 +564,7 @@ def _pool_row(
         "emissions_kg": emissions,
         "cost": cost,
         "revenue": revenue,
-        "unit_cost": _ratio(cost, allocated),
+        "unit_cost": unit_cost,
         "gross_margin_ratio": _ratio(revenue - cost, revenue),
         "idle_cost": money(idle, decimals),
         "gap_hours": gap_us / US_PER_HOUR,
