@@ -66,7 +66,9 @@ class Daemon:
             from telemetry.billing.inventory import load_inventory
 
             inventory = load_inventory(config.inventory)
-        self.state = State(config.max_gap_seconds, inventory)
+        # a node's pool counters count its own capacity, so that they sum across nodes
+        # (SPEC §6); the pool's declared units are the whole pool's, which no node has alone
+        self.state = State(config.max_gap_seconds, inventory, declared_capacity=False)
         self.store = Store(config.data_dir, self.node, config.rotate_seconds)
         self.store_errors = 0
         self._pending: list[tuple[str, RoundBatch]] = []

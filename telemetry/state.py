@@ -499,10 +499,16 @@ class State:
     """
 
     def __init__(
-        self, max_gap_seconds: float = DEFAULT_MAX_GAP_SECONDS, inventory: Inventory | None = None
+        self,
+        max_gap_seconds: float = DEFAULT_MAX_GAP_SECONDS,
+        inventory: Inventory | None = None,
+        declared_capacity: bool = True,
     ) -> None:
         self.tables = {name: TableState(name, max_gap_seconds) for name in TABLES}
         self.biller = None
+        # pool capacity: the inventory's declared units (a whole dataset), else what the
+        # series show (one node of many: Biller.live_totals)
+        self.declared_capacity = declared_capacity
         if inventory is not None:
             from telemetry.billing.engine import LIVE_WINDOW_SECONDS, Biller
 
@@ -534,7 +540,9 @@ class State:
     def snapshot(self, collectors: dict[str, CollectorStatus] | None = None) -> Snapshot:
         tables = {name: st.snapshot() for name, st in self.tables.items() if st.retained.num_rows}
         ingest = {name: IngestStats(**vars(st.stats)) for name, st in self.tables.items()}
-        pools = self.biller.live_totals() if self.biller is not None else None
+        pools = None
+        if self.biller is not None:
+            pools = self.biller.live_totals(self.declared_capacity)
         return Snapshot(
             tables=tables, collectors=dict(collectors or {}), ingest=ingest, pools=pools
         )

@@ -332,9 +332,11 @@ def test_daemon_with_inventory_exports_pool_counters(tmp_path: Path) -> None:
     from tests.support.daemon import scrape_daemon
 
     inv = tmp_path / "inv.toml"
+    # The pool declares 100,000 cores across the cluster: no one node's counter may carry them,
+    # or summing the nodes' counters (SPEC §6) counts the pool once per node.
     inv.write_text(
         '[[pool]]\nname = "this-node"\nkind = "cpu"\nownership = "own"\nnodes = ["inv-node"]\n'
-        "cost_per_unit_hour = 0.01\nprice_per_unit_hour = 0.02\n"
+        "cost_per_unit_hour = 0.01\nprice_per_unit_hour = 0.02\ncapacity_units = 100000\n"
     )
     text = scrape_daemon(
         tmp_path / "data", "inv-node", "--inventory", str(inv), settle=1.5
@@ -344,7 +346,8 @@ def test_daemon_with_inventory_exports_pool_counters(tmp_path: Path) -> None:
     )
     assert 'pool="this-node"' in line and 'kind="cpu"' in line
     cpus = next(float(x.split()[-1]) for x in text.splitlines() if x.startswith("tally_cpus{"))
-    # About 1.5 s of rounds at `cpus` cores; generous bounds for a loaded CI machine.
+    # About 1.5 s of rounds at this node's `cpus` cores (the declared 100,000 would be 10^5 a
+    # second); generous bounds for a loaded CI machine.
     assert 0.2 * cpus <= float(line.split()[-1]) <= 3.0 * cpus
 
 

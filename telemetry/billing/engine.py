@@ -566,15 +566,23 @@ class Biller:
                     for f, v in enumerate(sums)]  # fmt: skip
         return group_sums(keys, sums)
 
-    def live_totals(self) -> LiveTotals:
-        """Totals over every window so far, per pool and per (pool, tenant)."""
+    def live_totals(self, declared: bool = True) -> LiveTotals:
+        """Totals over every window so far, per pool and per (pool, tenant). ``declared``:
+        pools declaring capacity_units count it from the first sample to the newest (the
+        whole dataset's exporters: replay, aggregate); else every pool counts what its
+        series show (a node daemon: its own share, which sums across nodes, SPEC §6)."""
         keys, sums = self.pool_totals()
         by_pool, by_pool_sums = group_sums([keys[1]], sums)
         pools = []
         for i in range(by_pool[0].size):
             pool = self.pools[int(by_pool[0][i])]
             capacity, allocated, busy = (int(by_pool_sums[j][i]) / 1e6 for j in range(3))
-            if pool.declared and self.first_ns is not None and self.last_ns is not None:
+            if (
+                declared
+                and pool.declared
+                and self.first_ns is not None
+                and self.last_ns is not None
+            ):
                 # declared capacity from the first sample seen to the newest (SPEC §4)
                 capacity = pool.declared_us(self.first_ns, self.last_ns) / 1e6
             pools.append((pool.name, pool.kind, capacity, allocated, busy))
