@@ -140,7 +140,8 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     ),
     "tally_gpu_job_info": (
         "gauge",
-        "Job holding a GPU; always 1. Join on it rather than labelling every GPU series.",
+        "Job holding a GPU (each job of a shared GPU); always 1. Join on it rather than "
+        "labelling every GPU series.",
         ("node", "gpu", "uuid", "job"),
     ),
     "tally_gpu_job_utilization_ratio": (
@@ -372,7 +373,10 @@ def cpu_families(snap: TableSnapshot) -> Iterator[ColumnFamily]:
     yield util
 
 
-def gpu_families(snap: TableSnapshot) -> Iterator[ColumnFamily]:
+def gpu_families(
+    snap: TableSnapshot, shared: TableSnapshot | None = None
+) -> Iterator[ColumnFamily]:
+    """The GPU families; ``shared``: the gpu_job rows, whose jobs join tally_gpu_job_info."""
     snap = _sorted(snap, ["node", "gpu_index", "gpu_uuid"])
     t = snap.latest
     ids = [_column(t, "node"), _column(t, "gpu_index"), _column(t, "gpu_uuid")]
@@ -402,7 +406,32 @@ def gpu_families(snap: TableSnapshot) -> Iterator[ColumnFamily]:
     yield _one("tally_gpu_xid_errors", ids, _numbers(t, "xid_errors"))
     yield _one("tally_gpu_last_xid", ids, _numbers(t, "xid_last"))
     held = _valid(t, "job_id")
-    yield _one("tally_gpu_job_info", [*ids, _column(t, "job_id")], np.where(held, 1.0, np.nan))
+    info = _one("tally_gpu_job_info", [*ids, _column(t, "job_id")], np.where(held, 1.0, np.nan))
+    if shared is not None and shared.latest.num_rows:
+        info.add(*_holders(t, shared.latest))
+    yield info
+
+
+def _holders(gpus: Table, shared: Table) -> tuple[list[list[str]], np.ndarray]:
+    """tally_gpu_job_info series of the jobs holding shared GPUs (SPEC §2 gpu_job) besides the
+    job in the GPU's own row: one per (GPU, job), for GPUs with a current row."""
+    nodes, uuids = _labels_of(_column(gpus, "node")), _labels_of(_column(gpus, "gpu_uuid"))
+    index = dict(zip(zip(nodes, uuids, strict=True), _labels_of(_column(gpus, "gpu_index")),
+                     strict=True))  # fmt: skip
+    jobs = _labels_of(_column(gpus, "job_id"))
+    own = {
+        key for key, valid in zip(zip(nodes, uuids, jobs, strict=True), _valid(gpus, "job_id"),
+                                  strict=True) if valid
+    }  # fmt: skip
+    t = _take(shared, _order(shared, ["node", "gpu_uuid", "job_id"]))
+    extra = sorted({
+        key for key in zip(_labels_of(_column(t, "node")), _labels_of(_column(t, "gpu_uuid")),
+                           _labels_of(_column(t, "job_id")), strict=True)
+        if key not in own and key[:2] in index
+    })  # fmt: skip
+    columns = [[k[0] for k in extra], [index[k[:2]] for k in extra], [k[1] for k in extra],
+               [k[2] for k in extra]]  # fmt: skip
+    return columns, np.ones(len(extra))
 
 
 def _labels_of(column: LabelColumn) -> list[str]:
@@ -579,7 +608,10 @@ class TallyCollector:
         for table, render in _RENDERERS.items():
             snap = snapshot.tables.get(table)
             if snap is not None and snap.latest.num_rows:
-                yield from render(snap)
+                if table == "gpu":
+                    yield from gpu_families(snap, snapshot.tables.get("gpu_job"))
+                else:
+                    yield from render(snap)
                 if table == "gpu" and self._dcgm:
                     yield from dcgm_families(snap)
         shared = snapshot.tables.get("gpu_job")

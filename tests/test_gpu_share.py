@@ -18,7 +18,7 @@ from telemetry.collectors import CollectorContext, Runner, base, files
 from telemetry.collectors.base import Collector, Row
 from telemetry.collectors.gpu import GpuCollector, profile_slices
 from telemetry.nvml import Gateway
-from telemetry.schema import validate
+from telemetry.schema import SCHEMAS, validate
 from telemetry.state import State
 from tests.support.nvml.library import FakeClock, FakeNVML
 from tests.support.nvml.profiles import H100_IDLE, H100_LOADED, H100_MIG, MiB, ProcessProfile
@@ -378,7 +378,46 @@ def test_shared_gpu_series_from_the_live_state_pass_promtool(tmp_path: Path, pro
         labels = (("gpu", "0"), ("job", job), ("node", "gpu-a1"), ("uuid", uuid))
         assert samples[("tally_gpu_job_utilization_ratio", labels)] == pytest.approx(utilization)
         assert samples[("tally_gpu_job_share", labels)] == 0.5
+        # every holder joins the GPU through tally_gpu_job_info (SPEC §6), not only the one
+        # its gpu row names
+        assert samples[("tally_gpu_job_info", labels)] == 1.0
     assert not any(k[0] == "tally_gpu_job_share" and ("gpu", "1") in k[1] for k in samples)
+    info = [k for k in samples if k[0] == "tally_gpu_job_info" and ("uuid", uuid) in k[1]]
+    assert len(info) == 2
+
+
+def test_replay_joins_every_holder_of_a_gpu_no_row_names(tmp_path: Path, promtool: str) -> None:
+    """Kubernetes time-slicing replicas: the gpu rows name no job (only gpu_job rows do); each
+    pod still gets its tally_gpu_job_info series, once, from stored rows (Arrow, not Frames)."""
+    import pyarrow.parquet as pq
+
+    from telemetry.store.layout import partition_dir
+    from tests.support.cli import tally
+    from tests.support.tables import gpu_table
+
+    root = tmp_path / "ds"
+    times = [1_788_220_800.0 + 10 * i for i in range(4)]
+    gpu = gpu_table("k1", "GPU-k", 0, times, util=0.8)
+    directory = partition_dir(root, "gpu", int(times[0] * 1e9), "k1")
+    directory.mkdir(parents=True)
+    pq.write_table(gpu, directory / "part-0.parquet")
+    rows = [
+        {"time": int(t * 1e9), "node": "k1", "gpu_uuid": "GPU-k", "job_id": job, "share": share,
+         "sm_utilization_ratio": None, "memory_used_bytes": None}
+        for t in times for job, share in (("ns/a", 0.75), ("ns/b", 0.25))
+    ]  # fmt: skip
+    shared = validate(pa.Table.from_pylist(rows, schema=SCHEMAS["gpu_job"]), "gpu_job")
+    directory = partition_dir(root, "gpu_job", int(times[0] * 1e9), "k1")
+    directory.mkdir(parents=True)
+    pq.write_table(shared, directory / "part-0.parquet")
+    result = tally("replay", str(root), "--once")
+    assert result.returncode == 0, result.stderr
+    assert promtool_check(promtool, result.stdout.encode()).returncode == 0
+    info = [x for x in result.stdout.splitlines() if x.startswith("tally_gpu_job_info{")]
+    assert info == [
+        'tally_gpu_job_info{gpu="0",job="ns/a",node="k1",uuid="GPU-k"} 1.0',
+        'tally_gpu_job_info{gpu="0",job="ns/b",node="k1",uuid="GPU-k"} 1.0',
+    ]
 
 
 def test_claims_by_uuid_with_replica_shares_name_a_whole_gpu(tmp_path: Path) -> None:
