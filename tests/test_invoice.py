@@ -750,6 +750,51 @@ def test_real_parsable2_records_that_bill_nothing_or_name_no_account() -> None:
     assert (record.job_id, record.account, record.cpus, record.gpus) == ("1", "unknown", 2.0, 1.0)
 
 
+@pytest.mark.parametrize("version", ["v0.0.39", "v0.0.40"])
+def test_a_running_jobs_unset_energy_does_not_refuse_the_file(version: str) -> None:
+    """sacct prints a running job's energy TRES as -2 (Slurm's no-value marker as a signed
+    count): tally bills no energy TRES, so the job is read as any other."""
+    text = _sacct_json([{"id": 31, "user": "ann", "account": "lab", "nodes": "gpu-a1",
+                         "start": S0, "end": None, "cpus": 4, "gpus": 2}], version)  # fmt: skip
+    raw = json.loads(text)
+    raw["jobs"][0]["tres"]["allocated"].append({"type": "energy", "name": "", "id": 3, "count": -2})
+    (record,) = parse_sacct_json(json.dumps(raw))
+    assert (record.job_id, record.cpus, record.gpus, record.end_ns) == ("31", 4.0, 2.0, None)
+    raw["jobs"][0]["tres"]["allocated"][0]["count"] = -2  # a billed TRES so: still refused
+    with pytest.raises(TallyError, match="count -2"):
+        parse_sacct_json(json.dumps(raw))
+
+
+def test_each_run_of_a_requeued_job_is_billed(tmp_path: Path) -> None:
+    """``sacct -D`` lists every run of a requeued job: the run that ended in a requeue
+    (REQUEUED, with its end) holds its allocation as the later run does, under one job id; a
+    REQUEUED record without an end says nothing of when the run stopped and bills nothing."""
+    head = "JobIDRaw|User|Account|Start|End|AllocTRES|NodeList|State\n"
+    (tmp_path / "sacct").write_text(
+        head
+        + "20|u|a|2026-09-01T00:00:00Z|2026-09-01T00:20:00Z|cpu=4,gres/gpu=1|n1|REQUEUED\n"
+        + "20|u|a|2026-09-01T00:30:00Z|2026-09-01T01:00:00Z|cpu=4,gres/gpu=1|n2|COMPLETED\n"
+        + "21|u|a|2026-09-01T00:00:00Z|Unknown|cpu=2|n1|REQUEUED\n"
+    )
+    records = load_accounting([tmp_path / "sacct"])
+    assert [(r.job_id, r.nodes, r.end_ns - r.start_ns) for r in records if r.end_ns] == [
+        ("20", ("n1",), 1200 * NS),
+        ("20", ("n2",), 1800 * NS),
+    ]
+    assert len(records) == 2
+    inv = parse_inventory(inventory_text(extra_top=""), "inv.toml")
+    times = [T0 + i * 60 * NS for i in range(61)]
+    tables: Tables = {"cpu": [cpu_row(t, n, 8, {}, None) for t in times for n in ("n1", "n2")]}
+    write_tables(tmp_path / "ds", tables, Layout())
+    bill = bill_of(tmp_path / "ds", inv, 3600, accounting=records)
+
+    def allocated(pool: str) -> float:
+        return sum(j["allocated_unit_hours"] for j in bill.jobs if (j["job_id"], j["pool"]) ==
+                   ("20", pool))  # fmt: skip
+
+    assert allocated("cpu") == pytest.approx(4 * (20 + 30) / 60)  # both runs' cores
+
+
 def test_a_job_in_two_accounting_files_keeps_what_knows_most(tmp_path: Path) -> None:
     head = "JobIDRaw|User|Account|Start|End|AllocTRES|NodeList\n"
     (tmp_path / "old").write_text(head + "7|u|a|2026-09-01T00:00:00Z|Unknown|cpu=1|n1\n")

@@ -22,8 +22,12 @@ from telemetry.errors import TallyError, read_text_file
 _PARSABLE_NEEDS = ("JobIDRaw", "User", "Account", "Start", "End", "AllocTRES", "NodeList")
 _NOT_STARTED = {"", "Unknown", "None", "N/A"}
 _NO_NODES = {"", "None assigned", "(null)"}
-# states whose record holds no allocation (a requeued job's record starts anew)
-_NOT_RUNNING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"}
+# states whose record holds no allocation
+_NOT_RUNNING = {"PENDING", "REQUEUE_HOLD", "REQUEUE_FED"}
+# the record of a run that ended in a requeue (``sacct -D`` lists each run of a job): billed
+# from its start to its end; without an end it says nothing of when the run stopped
+_REQUEUED = "REQUEUED"
+_GRES = ("gpu:", "shard")  # gres entries named so count GPUs or shards
 # a hostlist this long is not a real allocation but a typo or an attack on memory (the largest
 # machines have some 10,000 nodes)
 MAX_HOSTS = 65_536
@@ -127,7 +131,7 @@ def load_accounting(paths: Iterable[Path]) -> list[Record]:
     """Records of every file, JSON or parsable2 by content. A job in several files keeps the
     record that knows most — an end over none (a later sacct run saw it finish), then the later
     end — whatever order the files come in."""
-    records: dict[str, Record] = {}
+    records: dict[tuple[str, int], Record] = {}  # by job and start: each run of a requeued job
     for path in paths:
         text = read_text_file(path, "accounting")
         parsed = (
@@ -136,9 +140,10 @@ def load_accounting(paths: Iterable[Path]) -> list[Record]:
             else parse_sacct_parsable(text, str(path))
         )
         for record in parsed:
-            seen = records.get(record.job_id)
+            key = (record.job_id, record.start_ns)
+            seen = records.get(key)
             if seen is None or _knows_more(record, seen):
-                records[record.job_id] = record
+                records[key] = record
     return sorted(records.values(), key=lambda r: (r.start_ns, r.job_id))
 
 
@@ -210,11 +215,14 @@ def _json_record(job: dict[str, Any]) -> Record | None:
     if not isinstance(time, dict):
         raise TypeError("time is not an object")
     start, _ = _number(time.get("start"))
-    if not start or _state(job) & _NOT_RUNNING:
+    states = _state(job)
+    if not start or states & _NOT_RUNNING:
         return None  # pending or never started: no allocation
     end, infinite = _number(time.get("end"))
     if end is not None and end == start:
         return None  # cancelled as it started: nothing allocated
+    if _REQUEUED in states and (infinite or not end):
+        return None
     allocated = (job.get("tres") or {}).get("allocated") or []
     if not isinstance(allocated, list):
         raise TypeError("tres.allocated is not an array")
@@ -222,10 +230,12 @@ def _json_record(job: dict[str, Any]) -> Record | None:
     for entry in allocated:
         if not isinstance(entry, dict):
             raise TypeError("tres.allocated holds a non-object")
+        kind, name = entry.get("type"), entry.get("name") or ""
+        if kind != "cpu" and not (kind == "gres" and (name == "gpu" or name.startswith(_GRES))):
+            continue  # not billed (energy, memory, licenses: a running job's energy is -2)
         count, _ = _number(entry.get("count"))
         if count is None or count < 0:
             raise ValueError(f"tres.allocated count {entry.get('count')!r} is not a number >= 0")
-        kind, name = entry.get("type"), entry.get("name") or ""
         if kind == "cpu":
             cpus += count
         elif kind == "gres" and name == "gpu":
@@ -313,8 +323,10 @@ def parse_sacct_parsable(text: str, source: str = "<accounting>") -> list[Record
         state = (cells[at["State"]].split() or [""])[0].upper() if "State" in at else ""
         if state in _NOT_RUNNING:
             continue
+        end = cells[at["End"]].strip()
+        if state == _REQUEUED and end in _NOT_STARTED:
+            continue
         try:
-            end = cells[at["End"]].strip()
             cpus, gpus = _alloc_tres(cells[at["AllocTRES"]])
             record = _record(
                 job_id,
