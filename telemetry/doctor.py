@@ -19,7 +19,7 @@ from telemetry.collectors import REGISTRY
 from telemetry.collectors.cpu import parse_meminfo, parse_proc_stat
 from telemetry.collectors.jobinfo import job_info_dir_problem
 from telemetry.collectors.rapl import package_zones
-from telemetry.collectors.slurm import cgroup_version, list_jobs
+from telemetry.collectors.slurm import cgroup_version, list_jobs, slurmstepd_scopes
 from telemetry.config import DaemonConfig, load_object, parse_listen
 from telemetry.errors import TallyError
 from telemetry.nvml import Gateway, GpuLost, NvmlUnavailable
@@ -162,10 +162,7 @@ def check_slurm(config: DaemonConfig) -> list[Finding]:
     jobs = list_jobs(root)
     running = len({job.job_id for job in jobs})
     if version == 2:
-        slices = root / "system.slice"
-        scopes = (
-            [s for s in slices.glob("*slurmstepd.scope") if s.is_dir()] if slices.is_dir() else []
-        )
+        scopes = slurmstepd_scopes(root)
         if not scopes:
             return [
                 Finding(

@@ -185,6 +185,25 @@ def test_cgroup_v2_tree() -> None:
     assert claims == V2_CLAIMS
 
 
+def test_cgroup_v2_jobs_under_another_slice(tmp_path: Path) -> None:
+    """cgroup.conf's CgroupSlice puts slurmstepd's scope under a slice of the site's choosing
+    (default system.slice): the same jobs are found under slurm.slice, and doctor sees them."""
+    from telemetry.config import DaemonConfig
+    from telemetry.doctor import check_slurm
+
+    root = tmp_path / "node"
+    shutil.copytree(V2, root, symlinks=True)
+    cgroup = root / "sys/fs/cgroup"
+    (cgroup / "system.slice").rename(cgroup / "slurm.slice")
+    (cgroup / "user.slice/user-1000.slice/session-1.scope").mkdir(parents=True)
+    rows, claims = collect(root, resolve_user=names)
+    assert rows == V2_EXPECTED
+    assert claims == V2_CLAIMS
+    config = DaemonConfig(procfs=root / "proc", sysfs=root / "sys", node="n1")
+    found = check_slurm(config)[0]
+    assert found.status == "ok" and f"{len(V2_EXPECTED)} job(s) running" in found.detail
+
+
 def test_cgroup_v1_tree() -> None:
     rows, claims = collect(V1, resolve_user=names)
     assert rows == V1_EXPECTED

@@ -495,10 +495,21 @@ def list_jobs(cgroup_root: Path, scanned: list[str] | None = None) -> list[JobCg
     return []
 
 
+def slurmstepd_scopes(root: Path, scanned: list[str] | None = None) -> list[Path]:
+    """The ``[<node>_]slurmstepd.scope`` directories of a cgroup v2 root: under
+    ``system.slice`` by default, under whatever top-level slice cgroup.conf's ``CgroupSlice``
+    names otherwise (``slurm.slice``, …)."""
+    return [
+        scope
+        for name in _subdir_names(root, scanned)
+        if name.endswith(".slice")
+        for scope in _subdirs(root / name, scanned)
+        if scope.name.endswith("slurmstepd.scope")
+    ]
+
+
 def _v2_jobs(root: Path, scanned: list[str] | None = None) -> Iterator[JobCgroup]:
-    for scope in _subdirs(root / "system.slice", scanned):
-        if not scope.name.endswith("slurmstepd.scope"):
-            continue
+    for scope in slurmstepd_scopes(root, scanned):
         where = str(scope)
         for name in _subdir_names(where, scanned):
             job = _v2_job(where, name)
