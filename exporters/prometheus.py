@@ -412,22 +412,33 @@ def gpu_families(
     yield info
 
 
+def _times(table: Table) -> list[int]:
+    """Sample times, int64 ns."""
+    if isinstance(table, Frame):
+        return [int(t) for t in table.times()]
+    import pyarrow as pa
+
+    return [int(t) for t in table.column("time").cast(pa.int64()).to_numpy()]
+
+
 def _holders(gpus: Table, shared: Table) -> tuple[list[list[str]], np.ndarray]:
     """tally_gpu_job_info series of the jobs holding shared GPUs (SPEC §2 gpu_job) besides the
-    job in the GPU's own row: one per (GPU, job), for GPUs with a current row."""
+    job in the GPU's own row: one per (GPU, job) whose gpu_job row is of the GPU's newest row's
+    time (SPEC §3 matches them by it: a job that let the GPU go is listed no more)."""
     nodes, uuids = _labels_of(_column(gpus, "node")), _labels_of(_column(gpus, "gpu_uuid"))
-    index = dict(zip(zip(nodes, uuids, strict=True), _labels_of(_column(gpus, "gpu_index")),
-                     strict=True))  # fmt: skip
+    keys = list(zip(nodes, uuids, strict=True))
+    index = dict(zip(keys, _labels_of(_column(gpus, "gpu_index")), strict=True))
+    newest = dict(zip(keys, _times(gpus), strict=True))
     jobs = _labels_of(_column(gpus, "job_id"))
     own = {
         key for key, valid in zip(zip(nodes, uuids, jobs, strict=True), _valid(gpus, "job_id"),
                                   strict=True) if valid
     }  # fmt: skip
-    t = _take(shared, _order(shared, ["node", "gpu_uuid", "job_id"]))
+    held = zip(_labels_of(_column(shared, "node")), _labels_of(_column(shared, "gpu_uuid")),
+               _labels_of(_column(shared, "job_id")), _times(shared), strict=True)  # fmt: skip
     extra = sorted({
-        key for key in zip(_labels_of(_column(t, "node")), _labels_of(_column(t, "gpu_uuid")),
-                           _labels_of(_column(t, "job_id")), strict=True)
-        if key not in own and key[:2] in index
+        (node, uuid, job) for node, uuid, job, time in held
+        if (node, uuid, job) not in own and newest.get((node, uuid)) == time
     })  # fmt: skip
     columns = [[k[0] for k in extra], [index[k[:2]] for k in extra], [k[1] for k in extra],
                [k[2] for k in extra]]  # fmt: skip

@@ -388,26 +388,28 @@ def test_shared_gpu_series_from_the_live_state_pass_promtool(tmp_path: Path, pro
 
 def test_replay_joins_every_holder_of_a_gpu_no_row_names(tmp_path: Path, promtool: str) -> None:
     """Kubernetes time-slicing replicas: the gpu rows name no job (only gpu_job rows do); each
-    pod still gets its tally_gpu_job_info series, once, from stored rows (Arrow, not Frames)."""
+    pod holding the GPU at its newest row gets its tally_gpu_job_info series, once, from stored
+    rows (Arrow, not Frames); a pod that let it go 20 s ago (ns/c) is listed no more."""
     import pyarrow.parquet as pq
 
     from telemetry.store.layout import partition_dir
     from tests.support.cli import tally
-    from tests.support.tables import gpu_table
+    from tests.support.tables import T0, gpu_table
 
     root = tmp_path / "ds"
-    times = [1_788_220_800.0 + 10 * i for i in range(4)]
-    gpu = gpu_table("k1", "GPU-k", 0, times, util=0.8)
-    directory = partition_dir(root, "gpu", int(times[0] * 1e9), "k1")
+    offsets = [0.0, 10.0, 20.0, 30.0]
+    gpu = gpu_table("k1", "GPU-k", 0, offsets, util=0.8)
+    directory = partition_dir(root, "gpu", T0, "k1")
     directory.mkdir(parents=True)
     pq.write_table(gpu, directory / "part-0.parquet")
+    held = [("ns/a", 0.75, offsets), ("ns/b", 0.25, offsets), ("ns/c", 0.5, offsets[:2])]
     rows = [
-        {"time": int(t * 1e9), "node": "k1", "gpu_uuid": "GPU-k", "job_id": job, "share": share,
-         "sm_utilization_ratio": None, "memory_used_bytes": None}
-        for t in times for job, share in (("ns/a", 0.75), ("ns/b", 0.25))
+        {"time": T0 + int(t * 1e9), "node": "k1", "gpu_uuid": "GPU-k", "job_id": job,
+         "share": share, "sm_utilization_ratio": None, "memory_used_bytes": None}
+        for job, share, times in held for t in times
     ]  # fmt: skip
     shared = validate(pa.Table.from_pylist(rows, schema=SCHEMAS["gpu_job"]), "gpu_job")
-    directory = partition_dir(root, "gpu_job", int(times[0] * 1e9), "k1")
+    directory = partition_dir(root, "gpu_job", T0, "k1")
     directory.mkdir(parents=True)
     pq.write_table(shared, directory / "part-0.parquet")
     result = tally("replay", str(root), "--once")
