@@ -170,6 +170,8 @@ class DaemonConfig:
         ):
             if not low <= value <= high:
                 raise TallyError(f"{what}: {value:g}s must be between {low:g}s and {high:g}s")
+        if self.inventory is not None:  # the same gaps as the inventory's pool counters
+            resolve_max_gap(self.max_gap_seconds, self.inventory)
         if self.interval_seconds * 2 > self.max_gap_seconds:
             raise TallyError(
                 f"interval {self.interval_seconds:g}s is more than half of max-gap "
@@ -256,11 +258,12 @@ def config_keys(collectors: Iterable[str]) -> dict[str, str]:
     return {**_CONFIG_KEYS, **{f"collector.{name}": f"collector_{name}" for name in collectors}}
 
 
-def resolve_max_gap(given: float | None, inventory: Path | None) -> float:
+def resolve_max_gap(given: float | None, inventory: Path | None, strict: bool = True) -> float:
     """SPEC §3's ``max_gap_seconds``: ``--max-gap`` where given, else the inventory's, else
     60 s. With an inventory the node series and the pool counters must count gaps alike: a
-    ``--max-gap`` other than the inventory's raises ``TallyError``. An inventory that does not
-    load is left to the code that loads it (its own error, or doctor's line)."""
+    ``--max-gap`` other than the inventory's raises ``TallyError`` where ``strict`` (else it is
+    returned, for :meth:`DaemonConfig.check` to refuse). An inventory that does not load is
+    left to the code that loads it (its own error, or doctor's line)."""
     declared = None
     if inventory is not None:
         from telemetry.billing.inventory import load_inventory
@@ -270,6 +273,8 @@ def resolve_max_gap(given: float | None, inventory: Path | None) -> float:
     if declared is None:
         return DEFAULT_MAX_GAP_SECONDS if given is None else given
     if given is not None and given != declared:
+        if not strict:
+            return given
         raise TallyError(
             f"max-gap {given:g}s differs from max_gap_seconds = {declared:g} of inventory "
             f"{inventory}: node and pool counters would count gaps differently; set it in one "
@@ -316,7 +321,9 @@ def daemon_config(args: Any, collector_defaults: dict[str, bool]) -> DaemonConfi
         listen=pick("listen", DEFAULT_LISTEN),
         data_dir=pick("data_dir", Path(DEFAULT_DATA_DIR)),
         interval_seconds=pick("interval", DEFAULT_INTERVAL_SECONDS),
-        max_gap_seconds=resolve_max_gap(pick("max_gap", None), pick("inventory", None)),
+        max_gap_seconds=resolve_max_gap(
+            pick("max_gap", None), pick("inventory", None), strict=False
+        ),
         procfs=pick("path_procfs", Path("/proc")),
         sysfs=pick("path_sysfs", Path("/sys")),
         rootfs=pick("path_rootfs", Path("/")),

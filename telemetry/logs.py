@@ -93,6 +93,15 @@ def say(
     print(line, file=out, flush=True)
 
 
+class _OneLine(logging.Formatter):
+    """A text log record on one line: a library's multi-line reason (pyarrow's thrift errors)
+    joined with spaces, a traceback (debug) left as it is."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        text = super().formatMessage(record)
+        return _LINE_BREAKS.sub(" ", text).strip() if "\n" in text else text
+
+
 def setup(level: str = "info", fmt: str = "text") -> None:
     """Send ``tally`` logs to stderr, one line each, at ``level``, as text or JSON."""
     handler = logging.StreamHandler()
@@ -100,7 +109,7 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_OneLine("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("tally")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -55,6 +55,33 @@ def test_bad_usage_is_one_line_and_exit_2(args: list[str], message: str) -> None
     assert "Traceback" not in result.stderr
 
 
+def test_a_multi_line_reason_is_one_line_in_logs_and_errors(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """pyarrow's thrift errors span lines; a log line and an error line are one line each."""
+    import logging
+
+    from telemetry.logs import say, setup
+
+    root = logging.getLogger("tally")
+    kept = (root.handlers[:], root.propagate, root.level)
+    setup("info", "text")
+    reason = (
+        "Couldn't deserialize thrift: don't know what type: \nDeserializing page header failed.\n"
+    )
+    logging.getLogger("tally.store").warning("quarantined x.parquet: unreadable: %s", reason)
+    say(f"x.parquet: {reason}", "error")
+    root.handlers[:], root.propagate = kept[0], kept[1]
+    root.setLevel(kept[2])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].endswith("type: Deserializing page header failed.")
+    assert lines[1] == (
+        "tally: error: x.parquet: Couldn't deserialize thrift: don't know what type: "
+        "Deserializing page header failed."
+    )
+
+
 def test_unwritable_data_dir_and_busy_port_exit_2(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -120,13 +147,20 @@ def test_daemon_counts_gaps_by_its_inventory(tmp_path: Path) -> None:
     given = ["daemon", "--inventory", str(inv)]
     assert daemon_config(parser.parse_args(given)).max_gap_seconds == 120
     assert daemon_config(parser.parse_args([*given, "--max-gap", "2m"])).max_gap_seconds == 120
+    clash = daemon_config(parser.parse_args([*given, "--max-gap", "90s"]))
     with pytest.raises(TallyError, match=r"max-gap 90s differs from max_gap_seconds = 120"):
-        daemon_config(parser.parse_args([*given, "--max-gap", "90s"]))
+        clash.check()  # what the daemon runs first, and doctor reports as one line
     config = tmp_path / "tally.toml"
     config.write_text('max-gap = "30s"\n')
     with pytest.raises(TallyError, match=r"max-gap 30s differs"):
-        daemon_config(parser.parse_args([*given, "--config", str(config)]))
+        daemon_config(parser.parse_args([*given, "--config", str(config)])).check()
     assert daemon_config(parser.parse_args(["daemon"])).max_gap_seconds == 60
+    refused = tally("daemon", *given[1:], "--max-gap", "90s", "--listen", "127.0.0.1:0")
+    assert refused.returncode == 2 and "differs from max_gap_seconds" in refused.stderr
+    doctor = tally("doctor", *given[1:], "--max-gap", "90s", "--listen", "127.0.0.1:0")
+    lines = doctor.stdout.splitlines()
+    assert any(x.startswith("[FAIL] settings:") and "differs" in x for x in lines), doctor.stdout
+    assert any(x.startswith("[  ok] inventory:") for x in lines)  # and the other checks ran
 
 
 def test_replay_once_prints_a_promtool_clean_exposition(tmp_path: Path, promtool: str) -> None:
