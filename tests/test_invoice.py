@@ -517,13 +517,16 @@ def test_a_job_on_gpu_shards_keeps_its_sampled_gpu_allocation(tmp_path: Path) ->
 
 def test_a_job_on_a_mig_instance_keeps_its_sampled_gpu_allocation(tmp_path: Path) -> None:
     """Slurm counts a MIG instance as one GPU (gres/gpu=1) where capacity counts it as its
-    slice fraction (1/7): on a node with MIG rows an accounted job's GPU allocation stays the
-    sampled one (never 7× the GPU-hours its slice is), its CPUs and owner come from the record,
-    and the bill says so. A job on whole GPUs elsewhere is accounted as ever."""
+    slice fraction (1/7): an accounted job's GPU allocation on a node where it held MIG
+    instances stays the sampled one (never 7x the GPU-hours its slice is), its CPUs and owner
+    come from the record, and the bill says so. On the same node a job on a whole GPU, and a
+    record without samples, are accounted as ever; so is a job on another node."""
     start = datetime.fromtimestamp(S0).isoformat()
     text = ("JobIDRaw|User|Account|Start|End|AllocTRES|NodeList\n"
             f"7|ann|lab|{start}Z|Unknown|cpu=2,gres/gpu=1|gpu-a1\n"
-            f"8|bob|ops|{start}Z|Unknown|cpu=4,gres/gpu=1|gpu-a2\n")  # fmt: skip
+            f"8|bob|ops|{start}Z|Unknown|cpu=4,gres/gpu=1|gpu-a2\n"
+            f"9|cid|ops|{start}Z|Unknown|cpu=1,gres/gpu=1|gpu-a1\n"
+            f"10|dan|ops|{start}Z|Unknown|cpu=1,gres/gpu=1|gpu-a1\n")  # fmt: skip
     records = parse_sacct_parsable(text)
     inv = parse_inventory(inventory_text(extra_top=""), "inv.toml")
     times = [T0 + i * 60 * NS for i in range(61)]
@@ -535,8 +538,10 @@ def test_a_job_on_a_mig_instance_keeps_its_sampled_gpu_allocation(tmp_path: Path
             mig = gpu_row(t, "gpu-a1", f"MIG-{k}", 0, 1.0 if k == 0 else 0.0, None, None,
                           "7" if k == 0 else None)  # fmt: skip
             gpu.append({**mig, "capacity_units": 1 / 7, "mig_profile": "1g.10gb"})
-        gpu.append(gpu_row(t, "gpu-a2", "GPU-W", 0, 0.5, 300.0, None, "8"))
+        gpu.append(gpu_row(t, "gpu-a1", "GPU-W", 1, 0.5, 300.0, None, "9"))  # a whole GPU
+        gpu.append(gpu_row(t, "gpu-a2", "GPU-X", 0, 0.5, 300.0, None, "8"))
         jobs.append(job_row(t, "gpu-a1", "7", "ann", "lab", 2.0, 1 / 7, 0.0))
+        jobs.append(job_row(t, "gpu-a1", "9", "cid", "ops", 1.0, 0.5, 0.0))  # sampled: 0.5
         jobs.append(job_row(t, "gpu-a2", "8", "bob", "ops", 4.0, 1.0, 0.0))
     tables: Tables = {"gpu": gpu, "job": jobs}
     files = write_tables(tmp_path, tables, Layout())
@@ -551,14 +556,23 @@ def test_a_job_on_a_mig_instance_keeps_its_sampled_gpu_allocation(tmp_path: Path
     assert {(j["tenant"], j["user"]) for j in bill.jobs if j["job_id"] == "7"} == {("lab", "ann")}
     assert total("cpu", "7", "allocated_unit_hours") == 2.0  # the record's, the whole hour
     assert total("gpu-own", "8", "allocated_unit_hours") == 1.0  # the record's
+    assert total("gpu-own", "9", "allocated_unit_hours") == 1.0  # the record's, not 0.5
+    assert total("gpu-own", "10", "allocated_unit_hours") == 1.0  # the record alone
     assert {j["allocation_source"] for j in bill.jobs} == {"accounting"}
     pools = [p for p in bill.pools if p["pool"] == "gpu-own"]
     allocated = sum(p["allocated_unit_hours"] for p in pools)
-    assert allocated == pytest.approx(1 / 7 + 1.0, rel=1e-6)
-    assert allocated <= sum(p["capacity_unit_hours"] for p in pools)
-    assert any("MIG" in note and "gpu-a1" in note and "gpu-a2" not in note for note in bill.notes)
+    assert allocated == pytest.approx(1 / 7 + 3.0, rel=1e-6)
+    assert [n for n in bill.notes if "MIG" in n] == [
+        "accounting counts each MIG instance as a GPU: the GPU allocation of accounted jobs on "
+        "MIG instances (job 7 on gpu-a1) is their sampled one, each instance at its slice "
+        "fraction"
+    ]
     want = reference_bill(stored(tables), inv, 3600, files=files, accounting=records)
     assert_same(bill_dict(bill), want)
+    # the same window whatever the range: a whole-GPU job keeps its record however far it runs
+    early = bill_of(tmp_path, inv, 3600, end="2026-09-01T00:30:00Z", accounting=records)
+    assert sum(j["allocated_unit_hours"] for j in early.jobs
+               if (j["pool"], j["job_id"]) == ("gpu-own", "9")) == 0.5  # fmt: skip
 
 
 def test_unit_cost_comes_from_the_exact_cost(tmp_path: Path) -> None:
@@ -828,6 +842,13 @@ def test_declared_capacity_of_a_range_is_the_same_in_windows_of_any_length(
     assert last["capacity_unit_hours"] == 0 and last["monitored_unit_hours"] == 2 / 60
     assert last["unmonitored_unit_hours"] == 0 and last["allocation_ratio"] is None
     assert_same(bill_dict(bill), reference_bill(stored(tables), inv, 3600, files=files))
+    # its energy costs money, but no capacity sat idle: there is none
+    priced = parse_inventory(
+        inventory_text(extra_top="", gpu_extra="capacity_units = 2\nenergy_price_per_kwh = 5"),
+        "i",
+    )
+    last = [p for p in bill_of(tmp_path, priced, 3600).pools if p["pool"] == "gpu-own"][-1]
+    assert last["cost"] > 0 and last["idle_cost"] == 0
     for window in (900, 3600, 86400):
         pools = [p for p in bill_of(tmp_path, inv, window).pools if p["pool"] == "gpu-own"]
         assert round(sum(p["capacity_unit_hours"] for p in pools), 9) == 4, window

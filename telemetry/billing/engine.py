@@ -207,9 +207,9 @@ class Biller:
         self.fine_pool_parts = PartialSums(width=2, xp=xp)  # (fine window, pool)
         self.job_parts = PartialSums(width=4, xp=xp)  # (window, pool, node, job)
         self.owner: dict[tuple[int, int], tuple[int, int, int]] = {}  # → (time, user, tenant)
-        # nodes with a counted gpu row of less than one GPU of capacity (MIG instances, or a
-        # MIG GPU's parent): there an accounting record's GPU count is no count of GPUs
-        self.mig_nodes: set[str] = set()
+        # (node, job) of counted gpu rows of less than one GPU of capacity naming the job: MIG
+        # instances it held, which an accounting record counts as whole GPUs
+        self.mig_held: set[tuple[str, str]] = set()
         # sums of jobs retired from a live bill, per (window, pool, tenant): JOB_FIELDS
         self.retired: dict[tuple[int, int, int], list[int]] = {}
         self.retire_after_ns = max(RETIRE_AFTER_NS, self.max_gap_ns + 3600 * NS)
@@ -248,15 +248,18 @@ class Biller:
                 table = table.select(list(wanted)) if checked else validate(table, name, wanted)
                 self.carry[name] = last_of_series(self.carry[name], table, name)
 
-    def _note_mig_nodes(self, rows: SortedRows, counted: Any, nodes: Any) -> None:
-        """Add the nodes of counted gpu rows holding less than one GPU (``capacity_units``);
-        ``counted`` and ``nodes`` (ids) are in the rows' sorted order."""
+    def _note_mig_held(self, rows: SortedRows, counted: Any, nodes: Any, jobs: Any) -> None:
+        """Add (node, job) of counted gpu rows of less than one GPU (``capacity_units``) that
+        name a job; ``counted``, ``nodes`` and ``jobs`` (ids) are in the rows' sorted order."""
         split = pc.fill_null(pc.less(rows.arrow.column("capacity_units"), 1.0), False)
         if not pc.any(split).as_py():
             return
         ordered = rows.gather(split.to_numpy(zero_copy_only=False).astype(np.int64))
-        held = to_host(nodes[(ordered > 0) & counted])
-        self.mig_nodes.update(self.nodes.values[i] for i in np.unique(held).tolist())
+        held = (ordered > 0) & counted & (jobs >= 0)
+        pairs = np.unique(np.stack([to_host(nodes[held]), to_host(jobs[held])]), axis=1)
+        self.mig_held.update(
+            (self.nodes.values[n], self.jobs.values[j]) for n, j in pairs.T.tolist()
+        )
 
     def pool_ids(self, nodes: list[str], kind: str) -> np.ndarray:
         """The pool (index into ``pools``) of each named node for ``kind`` (gpu, cpu)."""
@@ -320,8 +323,8 @@ class Biller:
             add_pool(pool, [parts["capacity_us"], zeros, parts["busy_us"], parts["energy_mj"],
                             parts["gap_us"], measured])  # fmt: skip
         if name == "gpu":
-            self._note_mig_nodes(rows, m, nodes)
             jobs = rows.gather(self.jobs.encode(rows.arrow.column("job_id")))
+            self._note_mig_held(rows, m, nodes, jobs)
             held = m & (jobs >= 0)
             if holders is not None:
                 shared = self._split_shared(holders, merged, m, window, pool, nodes, parts)

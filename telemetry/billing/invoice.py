@@ -40,7 +40,7 @@ class _Jobs:
     # job id → (user id, tenant id) from accounting, over every node of the job
     owners: dict[int, tuple[int, int]] = field(default_factory=dict)
     accounted: set[int] = field(default_factory=set)
-    # MIG nodes where an accounted job's GPU allocation stayed the sampled one
+    # accounted jobs whose GPU allocation stayed the sampled one: they held MIG instances
     mig_sampled: set[str] = field(default_factory=set)
 
 
@@ -140,9 +140,9 @@ def build_bill(
         shown = ", ".join(sorted(jobs.mig_sampled)[:5])
         more = len(jobs.mig_sampled) - 5
         notes.append(
-            f"accounting counts each MIG instance as a GPU: on MIG nodes ({shown}"
-            f"{f' and {more} more' if more > 0 else ''}) accounted jobs' GPU allocation is "
-            "their sampled one, each instance at its slice fraction"
+            f"accounting counts each MIG instance as a GPU: the GPU allocation of accounted "
+            f"jobs on MIG instances ({shown}{f' and {more} more' if more > 0 else ''}) is their "
+            "sampled one, each instance at its slice fraction"
         )
     stats: dict[str, Any] = {"files": 0, "rows": biller.rows,
                              "rows_skipped": biller.duplicates, "files_quarantined": 0}  # fmt: skip
@@ -211,7 +211,9 @@ def _pool_row(
     cost = money(cost_exact)
     revenue = float(charges.get((window, index), Fraction(0))) + 0.0  # rounded lines' sum
     allocated = allocated_us / US_PER_HOUR
-    idle = cost_exact
+    # capacity nobody bought; none where the window holds no capacity (the newest sample's
+    # interval past the declared range: its energy is no idle capacity)
+    idle = Fraction(0)
     if capacity_us:
         idle = cost_exact * max(Fraction(0), 1 - Fraction(allocated_us, capacity_us))
     return {
@@ -326,9 +328,10 @@ def _apply_accounting(
     """Replace the sampled allocation of every accounted job by the exact overlap of its
     [start, end) with each window of the range (SPEC §4), and return ``input.reconciliation``.
 
-    Not a job's GPUs on MIG nodes (:attr:`Biller.mig_nodes`): Slurm counts each MIG instance as
-    one GPU, where capacity counts it at its slice fraction (SPEC §2), so there the GPU
-    allocation stays the sampled one, as for shards (the record's count is no count of GPUs)."""
+    Not a job's GPUs on a node where it held MIG instances (:attr:`Biller.mig_held`): Slurm
+    counts each instance as one GPU, where capacity counts it at its slice fraction (SPEC §2),
+    so there its GPU allocation stays the sampled one, as for shards (the record's count is no
+    count of GPUs). A record without samples is billed from the record alone."""
     sampled_jobs = {job for _, job in biller.owner} & set(jobs.keys[3].tolist())
     lo, hi = span if span is not None else (0, 0)
     inside = [r for r in records if r.start_ns < hi and (r.end_ns is None or r.end_ns > lo)]
@@ -350,8 +353,8 @@ def _apply_accounting(
             for kind, total in kinds:
                 if not total:
                     continue
-                if kind == "gpu" and node_name in biller.mig_nodes:
-                    jobs.mig_sampled.add(node_name)
+                if kind == "gpu" and (node_name, record.job_id) in biller.mig_held:
+                    jobs.mig_sampled.add(f"job {record.job_id} on {node_name}")
                     continue
                 units = exact(total) / share
                 pool = biller.inventory.assign([node_name], kind)[0] + biller._first[kind]
@@ -365,10 +368,10 @@ def _apply_accounting(
                         rows.append((window, pool, node, job, round(units * overlap / 1000)))
                     window += 1
     gpu_pools = biller._first["cpu"]  # pool indexes below it are gpu pools
-    mig = {biller.nodes.id(name) for name in biller.mig_nodes}
+    mig = {(biller.nodes.id(node), biller.jobs.id(job)) for node, job in biller.mig_held}
     was = np.array(
         [("gpu" if pool < gpu_pools else "cpu") in replaced.get(job, ())
-         and not (pool < gpu_pools and node in mig)
+         and not (pool < gpu_pools and (node, job) in mig)
          for pool, node, job in zip(jobs.keys[1].tolist(), jobs.keys[2].tolist(),
                                     jobs.keys[3].tolist(), strict=True)],
         dtype=bool,

@@ -85,7 +85,7 @@ def merge_parts(
         biller.rows += part.rows
         biller.duplicates += part.duplicates
         biller.shared_intervals += part.shared_intervals
-        biller.mig_nodes |= part.mig_nodes
+        biller.mig_held |= part.mig_held
         biller.first_ns = _pick(min, biller.first_ns, part.first_ns)
         biller.last_ns = _pick(max, biller.last_ns, part.last_ns)
     for (node, job), (time, user, tenant) in sorted(owners.items(), key=lambda kv: kv[0]):

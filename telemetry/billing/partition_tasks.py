@@ -100,7 +100,7 @@ class BillPart:
     stats: ReadStats
     warnings: list[str] = field(default_factory=list)
     nodes_seen: frozenset[str] = frozenset()
-    mig_nodes: frozenset[str] = frozenset()  # Biller.mig_nodes
+    mig_held: frozenset[tuple[str, str]] = frozenset()  # Biller.mig_held
     grids: list[Any] | None = None  # a report's SeriesGrid (gpu, cpu) and HealthGrid
     time_slice: TimeSlice | None = None
     # a time slice's capacity series: (table, label) -> (first time, last time, carried in)
@@ -248,7 +248,7 @@ def _bill_partition(task: BillTask) -> BillPart:
         stats=stats,
         warnings=warnings,
         nodes_seen=frozenset(biller.nodes.values) | frozenset(seen.seen),
-        mig_nodes=frozenset(biller.mig_nodes),
+        mig_held=frozenset(biller.mig_held),
         grids=grids or None,
         time_slice=task.time_slice,
         ends=ends.ends if task.time_slice is not None else {},

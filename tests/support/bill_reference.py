@@ -341,24 +341,26 @@ def reference_bill(
         sampled_jobs = {job for (_, _, _, job) in party} & {job for (_, job) in owner}
         both = sampled_jobs & set(accounted)
 
-        # nodes with a counted gpu row of less than one GPU: MIG, where Slurm counts instances
-        mig_nodes = {
-            row["node"]
+        # (node, job) of counted gpu rows of less than one GPU naming a job: MIG instances it
+        # held, which Slurm counts as whole GPUs
+        mig_held = {
+            (row["node"], row["job_id"])
             for row in tables.get("gpu", [])
             if counted(row["time"])
+            and row.get("job_id") is not None
             and row.get("capacity_units") is not None
             and row["capacity_units"] < 1
         }
 
         # the sampled allocation of accounted jobs is replaced (GPUs only where the record
-        # counts GPUs: not shards, not MIG instances)
+        # counts GPUs: not shards, not the MIG instances a job held on a node)
         def replaced(job: str, pi: int, node: str) -> bool:
             record = accounted.get(job)
             if record is None:
                 return False
             if pools[pi]["kind"] == "cpu":
                 return True
-            return record.gpus is not None and node not in mig_nodes
+            return record.gpus is not None and (node, job) not in mig_held
 
         sampled_by = {
             kind: sum(
@@ -377,7 +379,7 @@ def reference_bill(
             a, b = max(r.start_ns, a_lo), min(a_hi if r.end_ns is None else r.end_ns, a_hi)
             for node in r.nodes:
                 for kind, total in (("gpu", r.gpus), ("cpu", r.cpus)):
-                    if not total or b <= a or (kind == "gpu" and node in mig_nodes):
+                    if not total or b <= a or (kind == "gpu" and (node, r.job_id) in mig_held):
                         continue
                     units = dec(total) / len(r.nodes)
                     pi = pool_index(pools, node, kind)
@@ -532,7 +534,7 @@ def _pool_row(
         if pool["energy_price"] is not None and readings:
             energy_cost = kwh * pue * dec(pool["energy_price"])
         cost_exact = Decimal(capacity) * dec(pool["cost"]) / US_PER_HOUR + (energy_cost or 0)
-        idle = cost_exact
+        idle = Decimal(0)  # no capacity: none idle
         if capacity:
             idle = cost_exact * max(Decimal(0), 1 - Decimal(alloc_us) / Decimal(capacity))
         unit_cost = None
