@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from telemetry.config import parse_window, resolve_max_gap
+from telemetry.config import max_gap_of, parse_window
 from telemetry.errors import TallyError
 from telemetry.logs import say
 
@@ -67,7 +67,8 @@ def replay(args: argparse.Namespace) -> int:
     from telemetry.state import Snapshot
 
     inventory = load_inventory(args.inventory) if args.inventory is not None else None
-    max_gap = resolve_max_gap(args.max_gap, args.inventory)
+    declared = None if inventory is None else inventory.max_gap_seconds
+    max_gap = max_gap_of(args.max_gap, declared, args.inventory)
     current: list[Snapshot] = [Snapshot()]
     registry = CollectorRegistry()
     collector = TallyCollector(lambda: current[0], dcgm_compat=args.dcgm_compat)

@@ -259,17 +259,26 @@ def config_keys(collectors: Iterable[str]) -> dict[str, str]:
 
 
 def resolve_max_gap(given: float | None, inventory: Path | None, strict: bool = True) -> float:
-    """SPEC §3's ``max_gap_seconds``: ``--max-gap`` where given, else the inventory's, else
-    60 s. With an inventory the node series and the pool counters must count gaps alike: a
-    ``--max-gap`` other than the inventory's raises ``TallyError`` where ``strict`` (else it is
-    returned, for :meth:`DaemonConfig.check` to refuse). An inventory that does not load is
-    left to the code that loads it (its own error, or doctor's line)."""
+    """SPEC §3's ``max_gap_seconds`` (:func:`max_gap_of`) with the inventory at ``inventory``.
+    An inventory that does not load is left to the code that loads it (its own error, or
+    doctor's line)."""
     declared = None
     if inventory is not None:
         from telemetry.billing.inventory import load_inventory
 
         with contextlib.suppress(TallyError):
             declared = load_inventory(inventory).max_gap_seconds
+    return max_gap_of(given, declared, inventory, strict)
+
+
+def max_gap_of(
+    given: float | None, declared: float | None, inventory: object, strict: bool = True
+) -> float:
+    """SPEC §3's ``max_gap_seconds``: ``--max-gap`` where given, else the inventory's
+    (``declared``; None: no inventory), else 60 s. With an inventory the node series and the
+    pool counters must count gaps alike: a ``--max-gap`` other than the inventory's raises
+    ``TallyError`` naming ``inventory`` where ``strict`` (else it is returned, for
+    :meth:`DaemonConfig.check` to refuse)."""
     if declared is None:
         return DEFAULT_MAX_GAP_SECONDS if given is None else given
     if given is not None and given != declared:

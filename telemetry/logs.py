@@ -67,6 +67,12 @@ class JsonFormatter(logging.Formatter):
 _LINE_BREAKS = re.compile(r"\s*\n\s*")
 
 
+def _one_line(text: str) -> str:
+    """``text`` on one line: a library's multi-line reason (pyarrow's thrift errors) joined
+    with spaces."""
+    return _LINE_BREAKS.sub(" ", text).strip() if "\n" in text else text
+
+
 def say(
     message: str,
     level: str = "info",
@@ -82,8 +88,7 @@ def say(
     JSON never meets a plain line.
     """
     out = sys.stderr if stream is None else stream
-    if "\n" in message:  # a library's multi-line reason (pyarrow's thrift errors): one line
-        message = _LINE_BREAKS.sub(" ", message).strip()
+    message = _one_line(message)
     if _FORMAT[0] == "json":
         line = _json_line(time.time(), level, "tally", message, **extra)
     elif plain is not None:
@@ -94,12 +99,10 @@ def say(
 
 
 class _OneLine(logging.Formatter):
-    """A text log record on one line: a library's multi-line reason (pyarrow's thrift errors)
-    joined with spaces, a traceback (debug) left as it is."""
+    """A text log record on one line (:func:`_one_line`), a traceback (debug) left as it is."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        text = super().formatMessage(record)
-        return _LINE_BREAKS.sub(" ", text).strip() if "\n" in text else text
+        return _one_line(super().formatMessage(record))
 
 
 def setup(level: str = "info", fmt: str = "text") -> None:
