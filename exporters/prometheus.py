@@ -138,6 +138,12 @@ METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
         "Number of the last XID critical error.",
         ("node", "gpu", "uuid"),
     ),
+    "tally_gpu_lost": (
+        "gauge",
+        "1 for a GPU NVML answers is lost (off the bus: XID 79, a reset needed); its other "
+        "series are left out until it answers again.",
+        ("node", "gpu", "uuid"),
+    ),
     "tally_gpu_job_info": (
         "gauge",
         "Job holding a GPU (each job of a shared GPU); always 1. Join on it rather than "
@@ -412,6 +418,14 @@ def gpu_families(
     yield info
 
 
+def lost_gpu_family(lost: list[tuple[str, int, str | None]]) -> ColumnFamily:
+    """tally_gpu_lost of each (node, index, UUID or None) lost GPU."""
+    rows = sorted((node, index, uuid or "") for node, index, uuid in lost)
+    columns = [strings([r[0] for r in rows]), strings([str(r[1]) for r in rows]),
+               strings([r[2] for r in rows])]  # fmt: skip
+    return _one("tally_gpu_lost", columns, np.ones(len(rows)))
+
+
 def _times(table: Table) -> list[int]:
     """Sample times, int64 ns."""
     if isinstance(table, Frame):
@@ -625,6 +639,8 @@ class TallyCollector:
                     yield from render(snap)
                 if table == "gpu" and self._dcgm:
                     yield from dcgm_families(snap)
+        if snapshot.lost_gpus:
+            yield lost_gpu_family(snapshot.lost_gpus)
         shared = snapshot.tables.get("gpu_job")
         if shared is not None and shared.latest.num_rows:
             yield from gpu_job_families(shared, snapshot.tables.get("gpu"))

@@ -84,6 +84,7 @@ class Daemon:
         self._trim_every = max(1, int(TRIM_EVERY_SECONDS / config.interval_seconds))
         self._rounds = 0
         self._status: dict[str, CollectorStatus] = {}
+        self._lost_gpus: list[tuple[int, str | None]] = []
         self._published: Snapshot | None = Snapshot()
         self.compact_requested = False
         self._once = OnceLogger(log)
@@ -159,6 +160,7 @@ class Daemon:
             self._unaggregated.extend(result.batches.items())
             self._rounds_unaggregated += 1
             self._status = result.status
+            self._lost_gpus = result.lost_gpus
             self._published = None
             if self._rounds_unaggregated >= self._aggregate_every:
                 self._aggregate()
@@ -187,6 +189,8 @@ class Daemon:
                 return self._published
             self._aggregate()
             snapshot = self.state.snapshot(self._status)
+            snapshot.lost_gpus = [(self.node, index, uuid) for index, uuid in self._lost_gpus]
+            snapshot.hide_lost_gpus()
             for table, rows in self.clock_dropped.items():
                 snapshot.ingest[table].late += rows
             snapshot.store = {

@@ -69,6 +69,22 @@ class TableSnapshot:
     totals: dict[str, np.ndarray] = field(default_factory=dict)
     windows: dict[str, np.ndarray] = field(default_factory=dict)
 
+    def filtered(self, keep: np.ndarray) -> TableSnapshot:
+        """The rows where ``keep`` (bool, one per row) is true, with their totals and ratios."""
+        rows = np.nonzero(keep)[0]
+        latest = self.latest
+        if isinstance(latest, Frame):
+            latest = latest.take(rows)
+        else:
+            import pyarrow as pa
+
+            latest = latest.take(pa.array(rows, type=pa.int64()))
+        return TableSnapshot(
+            latest=latest,
+            totals={k: v[rows] for k, v in self.totals.items()},
+            windows={k: v[rows] for k, v in self.windows.items()},
+        )
+
 
 @dataclass
 class Snapshot:
@@ -81,6 +97,32 @@ class Snapshot:
     store: dict[str, int] = field(default_factory=dict)
     # Pool and tenant totals since start, when an inventory was given (one all-time window).
     pools: LiveTotals | None = None
+    # (node, index, UUID or None) of each GPU NVML answered "lost" for in the newest round
+    # (daemon only; see hide_lost_gpus)
+    lost_gpus: list[tuple[str, int, str | None]] = field(default_factory=list)
+
+    def hide_lost_gpus(self) -> None:
+        """Leave the GPUs of :attr:`lost_gpus` (with their MIG instances and gpu_job rows) out of
+        the tables: their newest readings are from before they were lost, not current. Their
+        totals stay in the state and are shown again when the GPU answers again."""
+        gpus = self.tables.get("gpu")
+        if not self.lost_gpus or gpus is None:
+            return
+        lost = {(node, index) for node, index, _ in self.lost_gpus}
+        nodes, indices = _values(gpus.latest, "node"), _values(gpus.latest, "gpu_index")
+        hidden = np.array([key in lost for key in zip(nodes, indices, strict=True)], dtype=bool)
+        if not hidden.any():
+            return
+        uuids = _values(gpus.latest, "gpu_uuid")
+        gone = {(n, u) for n, u, h in zip(nodes, uuids, hidden.tolist(), strict=True) if h}
+        self.tables["gpu"] = gpus.filtered(~hidden)
+        shared = self.tables.get("gpu_job")
+        if shared is not None:
+            keys = zip(_values(shared.latest, "node"), _values(shared.latest, "gpu_uuid"),
+                       strict=True)  # fmt: skip
+            self.tables["gpu_job"] = shared.filtered(
+                np.array([key not in gone for key in keys], dtype=bool)
+            )
 
 
 class TableState:
@@ -549,6 +591,13 @@ class State:
 
     def stats(self) -> dict[str, IngestStats]:
         return {name: st.stats for name, st in self.tables.items()}
+
+
+def _values(table: Table, column: str) -> list[object]:
+    """A column as Python values (None for null)."""
+    if isinstance(table, Frame):
+        return table.values(column)
+    return table.column(column).to_pylist()  # type: ignore[no-any-return]
 
 
 _INT64_MIN, _INT64_MAX = int(np.iinfo(np.int64).min), int(np.iinfo(np.int64).max)

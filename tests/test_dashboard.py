@@ -325,6 +325,9 @@ SERIES_VALUES: tuple[tuple[str, dict[str, str], float], ...] = (
     ("tally_gpu_last_xid", {}, 0),
     ("tally_gpu_remapped_rows_pending", {"uuid": "GPU-a01-1"}, 1),
     ("tally_gpu_remapped_rows_pending", {}, 0),
+    ("tally_gpu_lost", {"uuid": "GPU-a01-0"}, 1),
+    ("tally_gpu_lost", {"uuid": "GPU-x99-0"}, 1),  # a node $node leaves out
+    ("tally_gpu_lost", {}, 0),
     ("tally_collector_success", {"instance": "cpu-b01:8469", "collector": "gpu"}, 0),
     ("tally_collector_duration_seconds", {}, 2**-9),
     ("tally_store_errors_total", {}, 0),
@@ -426,6 +429,7 @@ EXPECTED: dict[tuple[str, str], tuple[str, dict[str, float]]] = {
     ("GPUs needing attention", "A"): ("", {"": 1}),
     ("GPUs needing attention", "B"): ("", {"": 1}),
     ("GPUs needing attention", "C"): ("", {"": 1}),
+    ("GPUs needing attention", "D"): ("", {"": 1}),
     ("$node", ""): ("node", {'node="gpu-a01"': 1, 'node="cpu-b01"': 1, 'node="gpu-x99"': 1}),
     ("$pool", ""): (
         "pool",

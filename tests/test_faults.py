@@ -1,4 +1,5 @@
-"""Environment faults: data dir full or read-only, the clock stepping back, NVML lost mid-run."""
+"""Environment faults: data dir full or read-only, the clock stepping back, NVML or a GPU lost
+mid-run."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from telemetry.daemon import Daemon
 from telemetry.store.dataset import ReadStats, discover, read_table
 from telemetry.store.writer import Store
 from tests.support.daemon import daemon_in_process
 from tests.support.nvml.library import FakeNVML
-from tests.support.nvml.profiles import H100_LOADED
+from tests.support.nvml.profiles import H100_LOADED, H100_MIG
+from tests.support.promtool import find_promtool, promtool_check
 
 FAKE = FakeNVML([H100_LOADED])
 
@@ -247,3 +250,52 @@ def test_a_first_round_that_raises_ends_the_daemon_instead_of_hanging(
     runner.join(timeout=10)
     assert not runner.is_alive(), "the daemon hangs"
     assert failure and "first round failed" in str(failure[0])
+
+
+TWO = FakeNVML([H100_LOADED, H100_MIG])
+
+
+def _series(exposition: bytes, name: str) -> dict[str, float]:
+    """``gpu`` label (and ``uuid``) → value of each sample of family ``name``."""
+    found = {}
+    for family in text_string_to_metric_families(exposition.decode()):
+        for sample in family.samples:
+            if sample.name == name:
+                found[f"{sample.labels['gpu']}/{sample.labels['uuid']}"] = sample.value
+    return found
+
+
+def test_a_lost_gpu_is_marked_and_its_stale_readings_are_not_shown(tmp_path: Path) -> None:
+    """SPEC §7: a lost GPU is marked (tally_gpu_lost) and skipped: none of its readings from
+    before it was lost pass for current ones, MIG instances on it included; the other GPU goes
+    on, and the lost one's counters go on from where they were when it answers again."""
+    promtool = find_promtool()
+    parent = TWO.devices[1].uuid
+    with daemon_in_process(tmp_path / "data", "lossy", "tests.test_faults:TWO") as d:
+        _clock(d, [float(i) for i in range(8)])
+        d.round()
+        d.round()
+        before = d.render_text()
+        shown = _series(before, "tally_gpu_memory_total_bytes")
+        assert {key.split("/")[0] for key in shown} == {"0", "1"}
+        assert sum(key.startswith("1/") for key in _series(before, "tally_gpu_info")) > 1  # MIG
+        assert not _series(before, "tally_gpu_lost")
+        energy_before = _series(before, "tally_gpu_energy_joules_total")[f"1/{parent}"]
+        TWO.lose_gpu(1)
+        try:
+            d.round()
+            lost = d.render_text()
+            assert _series(lost, "tally_gpu_lost") == {f"1/{parent}": 1.0}
+            for name in ("tally_gpu_info", "tally_gpu_memory_total_bytes",
+                         "tally_gpu_energy_joules_total", "tally_gpu_power_watts"):  # fmt: skip
+                assert {key.split("/")[0] for key in _series(lost, name)} == {"0"}, name
+            assert d.snapshot().collectors["gpu"].success  # the other GPU was read
+            checked = promtool_check(promtool, lost)
+            assert checked.returncode == 0, checked.stdout + checked.stderr
+        finally:
+            TWO.restore_gpu(1)
+        d.round()
+        back = d.render_text()
+        assert not _series(back, "tally_gpu_lost")
+        energy_after = _series(back, "tally_gpu_energy_joules_total")[f"1/{parent}"]
+        assert energy_after >= energy_before  # the counter was kept, not started again

@@ -105,6 +105,8 @@ class Round:
     batches: dict[str, RoundBatch]
     status: dict[str, CollectorStatus] = field(default_factory=dict)
     rows_dropped: int = 0
+    # (index, UUID or None) of each GPU NVML answered "lost" for this round
+    lost_gpus: list[tuple[int, str | None]] = field(default_factory=list)
 
     @property
     def tables(self) -> dict[str, Frame]:
@@ -163,8 +165,9 @@ class Runner:
             # the one table attribution makes rather than fills in from checked rows
             gpu_job = check_rows({"gpu_job": partial.get("gpu_job", [])})
             checked_columns["gpu_job"] = gpu_job.get("gpu_job")
+        lost = [(int(r["gpu_index"]), r["gpu_uuid"]) for r in partial.get("_gpu_lost", [])]
         batches, dropped = assemble(partial, now, node, checked=True, columns=checked_columns)
-        return Round(time_ns=now, batches=batches, status=status, rows_dropped=dropped)
+        return Round(now, batches, status, dropped, lost)
 
     def close(self) -> None:
         for collector in self.collectors:

@@ -4,7 +4,9 @@ Per device one batched field-value read (energy, ECC, row remapping) plus the ca
 field for. SM activity comes from GPM (Hopper and later): the previous round's sample is kept
 and compared with this round's, so the collector never sleeps. XID critical errors arrive through
 an NVML event set drained without blocking. A lost GPU is logged once and skipped until NVML
-answers for it again; the others go on.
+answers for it again; the others go on. Each round lists the GPUs lost in it (side output
+``_gpu_lost``: index and the UUID last seen at that index, ``None`` if never), so that the
+exposition marks them and shows none of their stale readings.
 
 What cannot change while NVML stays initialised is asked once per device: the device count, each
 handle, UUID and name, and the current MIG mode (a mode change is only activated by a GPU reset,
@@ -104,6 +106,7 @@ class GpuCollector(Collector):
         self._count: int | None = None
         self._generation = -1
         self._field_ids: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self._uuids: dict[int, str] = {}  # the UUID last read at each index (for a lost GPU)
 
     # ------------------------------------------------------------------ round
     def collect(self) -> dict[str, list[Row]]:
@@ -123,13 +126,14 @@ class GpuCollector(Collector):
             count = self.gw.call("nvmlDeviceGetCount") or 0
             self._count = count or None  # a failed count is asked again next round
         handles = []
+        lost: list[Row] = []
         for index in range(count):
             device = self._devices.get(index)
             if device is None:
                 try:
                     handle = self.gw.call("nvmlDeviceGetHandleByIndex", index)
                 except GpuLost:
-                    self._mark_lost(index)
+                    self._mark_lost(index, lost)
                     continue
                 if handle is None:
                     continue
@@ -145,7 +149,7 @@ class GpuCollector(Collector):
                 device_rows, device_pids = self._read_device(m, index, device, xids)
             except GpuLost:
                 self._devices.pop(index, None)  # asked afresh when it answers again
-                self._mark_lost(index)
+                self._mark_lost(index, lost)
                 continue
             if index in self._lost:
                 self._lost.discard(index)
@@ -153,9 +157,10 @@ class GpuCollector(Collector):
                 log.warning("gpu %d answers again", index)
             rows.extend(device_rows)
             pids.extend(device_pids)
-        return {"gpu": rows, "_gpu_pids": pids}
+        return {"gpu": rows, "_gpu_pids": pids, "_gpu_lost": lost}
 
-    def _mark_lost(self, index: int) -> None:
+    def _mark_lost(self, index: int, lost: list[Row]) -> None:
+        lost.append({"gpu_index": index, "gpu_uuid": self._uuids.get(index)})
         self._lost.add(index)
         self._once.warning(
             f"lost:{index}", f"gpu {index}: GPU is lost; skipped until it answers again"
@@ -172,6 +177,7 @@ class GpuCollector(Collector):
             uuid = _text(answer)
             if answer is not None:  # a failed call is asked again next round
                 device.uuid = uuid
+                self._uuids[index] = uuid
         model = device.model
         if model is None:
             answer = self.gw.call("nvmlDeviceGetName", handle)
