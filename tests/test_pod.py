@@ -268,6 +268,115 @@ def test_replicas_share_equally_when_the_kubelet_cannot_count_them(
     assert len(said) == 1 and "UNIMPLEMENTED" in said[0].getMessage()
 
 
+def test_replicas_keep_their_count_when_the_kubelet_stops_listing_the_gpu(
+    kubelet: FakeKubelet,
+) -> None:
+    """The kubelet lists only healthy devices as allocatable: a time-sliced GPU in trouble
+    (an XID) drops out while its pods hold their replicas; and a failed call tells nothing.
+    Either way the shares stay replicas held / replicas of the GPU as last counted."""
+    import grpc
+
+    collector = PodCollector(context(SYSTEMD_V2, kubelet.socket))
+    try:
+        rounds = [collector.collect()]
+        kubelet.allocatable = [(r, ids) for r, ids in ALLOCATABLE if r != SHARED]
+        rounds.append(collector.collect())
+        kubelet.allocatable_code = grpc.StatusCode.UNAVAILABLE
+        rounds.append(collector.collect())
+    finally:
+        collector.close()
+    for out in rounds:
+        assert {(r["gpu_uuid"], r["job_id"]): r["share"] for r in out["gpu_job"]} == EXPECTED_SHARES
+        assert by_job(out["job"])["ml-team/notebook-alice"]["gpus_allocated"] == 0.25
+
+
+def test_a_replica_past_the_count_raises_it(kubelet: FakeKubelet) -> None:
+    """A count the kubelet gave before a GPU was split further (4, now ::5 is held) is raised
+    to the highest replica held, so the shares of one GPU never sum past 1."""
+    kubelet.allocatable = [(SHARED, [f"{GPU_C}::{n}" for n in range(2)])]
+    kubelet.pods = [
+        FakePod("ml-team", "notebook-alice", [("notebook", [(SHARED, [f"{GPU_C}::5"])], [])]),
+        FakePod("research", "infer-7d9f8b6c5-x2x4q",
+                [("server", [(SHARED, [f"{GPU_C}::0", f"{GPU_C}::1"])], [])]),
+    ]  # fmt: skip
+    out = collect(SYSTEMD_V2, kubelet.socket)
+    shares = {r["job_id"]: r["share"] for r in out["gpu_job"]}
+    assert shares == {"ml-team/notebook-alice": 1 / 6, "research/infer-7d9f8b6c5-x2x4q": 2 / 6}
+
+
+def test_time_sliced_mig_instances_count_at_their_share_of_the_slices(
+    kubelet: FakeKubelet,
+) -> None:
+    """A replica of a MIG instance is a share of the instance, which is a fraction of a GPU:
+    1 of 2 replicas of a 1g instance of 7 slices is 1/14 of a GPU allocated, not 1/2."""
+    kubelet.allocatable = [("nvidia.com/mig-1g.18gb", [MIG_1, f"{MIG_2}::0", f"{MIG_2}::1"])]
+    kubelet.pods = [
+        FakePod("research", "mig-eval", [("eval", [("nvidia.com/mig-1g.18gb", [MIG_1])], [])]),
+        FakePod("ml-team", "notebook-alice",
+                [("notebook", [("nvidia.com/mig-1g.18gb", [f"{MIG_2}::1"])], [])]),
+    ]  # fmt: skip
+    out = collect(SYSTEMD_V2, kubelet.socket)
+    parent = "GPU-4a5b6c7d-8e9f-4a0b-9c1d-2e3f4a5b6c7d"
+    gpu_rows = [
+        {"gpu_uuid": parent, "gpu_index": 3, "job_id": None, "mig_profile": None,
+         "capacity_units": 5 / 7},
+        {"gpu_uuid": MIG_1, "gpu_index": 3, "job_id": None, "mig_profile": "1g.18gb",
+         "capacity_units": 1 / 7},
+        {"gpu_uuid": MIG_2, "gpu_index": 3, "job_id": None, "mig_profile": "1g.18gb",
+         "capacity_units": 1 / 7},
+    ]  # fmt: skip
+    partial: dict[str, list[dict[str, Any]]] = {
+        "gpu": gpu_rows,
+        "job": out["job"],
+        "gpu_job": out["gpu_job"],
+        "_gpu_job": out["_gpu_job"],
+        "_gpu_pids": [{"gpu_uuid": parent, "gpu_index": 3, "pids": [], "memory": {},
+                       "sm": None, "mig_parent": True}],
+    }  # fmt: skip
+    attribute_gpus(partial, SYSTEMD_V2 / "proc")
+    allocated = {r["job_id"]: r["gpus_allocated"] for r in partial["job"]}
+    assert allocated["research/mig-eval"] == pytest.approx(1 / 7, rel=1e-12)
+    assert allocated["ml-team/notebook-alice"] == pytest.approx(1 / 14, rel=1e-12)
+
+
+def test_one_pod_listed_twice_is_one_job_holding_what_both_hold(kubelet: FakeKubelet) -> None:
+    """A static pod being updated: the kubelet lists the old incarnation, still terminating,
+    beside the new one under one namespace/name; that is one job row, not two of one key."""
+    kubelet.pods = [
+        FakePod("ml-team", "trainer-0", [("trainer", [("nvidia.com/gpu", [GPU_A, GPU_B])], [])]),
+        FakePod("ml-team", "trainer-0", [("trainer", [("nvidia.com/gpu", [GPU_B])], [])]),
+    ]
+    out = collect(SYSTEMD_V2, kubelet.socket)
+    assert [r["job_id"] for r in out["job"]] == ["ml-team/trainer-0"]
+    assert out["job"][0]["gpus_allocated"] == 2.0
+    assert sorted(r["gpu_uuid"] for r in out["_gpu_job"]) == [GPU_B, GPU_A]
+
+
+@pytest.mark.parametrize("hidden", ["logs", "cgroups"])
+def test_pods_the_node_paths_do_not_show_are_said_not_dropped_silently(
+    tmp_path: Path, kubelet: FakeKubelet, caplog: pytest.LogCaptureFixture, hidden: str
+) -> None:
+    """A daemon in a container without /var/log/pods (or the host's cgroups) mounted sees
+    none of the pods the kubelet lists: one line says so, instead of a node without pods."""
+    tree = tmp_path / "node"
+    shutil.copytree(SYSTEMD_V2, tree, symlinks=True)
+    if hidden == "logs":
+        shutil.rmtree(tree / "var" / "log" / "pods")
+    else:
+        shutil.rmtree(tree / "sys" / "fs" / "cgroup" / "kubepods.slice")
+    collector = PodCollector(context(tree, kubelet.socket))
+    try:
+        with caplog.at_level(logging.WARNING, logger="tally"):
+            for _ in range(3):
+                assert collector.collect()["job"] == []
+    finally:
+        collector.close()
+    said = [r.getMessage() for r in caplog.records if "no pod rows" in r.getMessage()]
+    assert len(said) == 1, said
+    assert ("--path.rootfs" if hidden == "logs" else "--path.sysfs") in said[0]
+    assert "\n" not in said[0]
+
+
 # ---------------------------------------------------------------- the wire format
 
 

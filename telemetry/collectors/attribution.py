@@ -21,7 +21,8 @@ replicas) keeps those.
 MIG allocation: a job row's ``gpus_allocated`` counts a MIG instance as the instance is counted
 in capacity (``capacity_units``, e.g. 1/7), not as a whole GPU: where a job holds any MIG
 instance this round, its ``gpus_allocated`` is the sum of ``capacity_units`` of the GPU rows it
-holds.
+holds, each at the job's ``share`` where the row has ``gpu_job`` rows (Kubernetes time-slicing
+replicas of a MIG instance: 1 of 2 replicas of a 1g instance of 7 is 1/14 of a GPU).
 """
 
 from __future__ import annotations
@@ -185,17 +186,34 @@ def _shared_rows(
 
 def _mig_allocation(partial: dict[str, list[dict[str, Any]]], parents: set[str]) -> None:
     """``gpus_allocated`` of jobs holding MIG instances: the capacity units of what they hold
-    (``parents``: UUIDs of MIG-enabled GPUs, whose instances are what jobs hold)."""
+    (``parents``: UUIDs of MIG-enabled GPUs, whose instances are what jobs hold). A GPU or
+    instance with ``gpu_job`` rows (time-slicing replicas of a MIG instance, or several jobs'
+    processes on one) counts for each holder at its share of the capacity units, not whole for
+    the job in its row."""
+    holders_of: dict[str, list[tuple[str, float]]] = {}
+    for claim in partial.get("gpu_job", []):
+        share = claim.get("share")
+        holders_of.setdefault(str(claim["gpu_uuid"]), []).append(
+            (str(claim["job_id"]), 1.0 if share is None else float(share))
+        )
     units: dict[str, float] = {}
     on_mig: set[str] = set()
     for row in partial.get("gpu", []):
-        job = row.get("job_id")
-        if job is None or str(row.get("gpu_uuid")) in parents:
+        uuid = str(row.get("gpu_uuid"))
+        if uuid in parents:
             continue
-        if row.get("mig_profile") is not None:
-            on_mig.add(str(job))
+        holders = holders_of.get(uuid)
+        if holders is None:
+            job = row.get("job_id")
+            if job is None:
+                continue
+            holders = [(str(job), 1.0)]
         fraction = row.get("capacity_units")
-        units[str(job)] = units.get(str(job), 0.0) + (1.0 if fraction is None else fraction)
+        fraction = 1.0 if fraction is None else fraction
+        for job, share in holders:
+            if row.get("mig_profile") is not None:
+                on_mig.add(job)
+            units[job] = units.get(job, 0.0) + share * fraction
     if not on_mig:
         return  # no job holds a MIG instance: every job's GPUs count as they came
     for row in partial.get("job", []):

@@ -431,6 +431,7 @@ class _Held:
 
     whole: frozenset[str]
     replicas: dict[str, int]
+    highest: dict[str, int]  # the highest replica index held, per GPU
 
 
 def _held_gpus(pod: Pod) -> _Held:
@@ -449,7 +450,27 @@ def _held_gpus(pod: Pod) -> _Held:
                     whole.add(uuid)
                 else:
                     replicas.setdefault(uuid, set()).add(replica)
-    return _Held(frozenset(whole), {u: len(r) for u, r in replicas.items()})
+    return _Held(
+        frozenset(whole),
+        {u: len(r) for u, r in replicas.items()},
+        {u: max(r) for u, r in replicas.items()},
+    )
+
+
+def _one_per_name(pods: list[Pod]) -> list[Pod]:
+    """The pods with each namespace/name once: a kubelet lists an old incarnation still
+    terminating beside the new one (a static pod updated), which are one job; it holds what
+    both hold."""
+    merged: dict[tuple[str, str], Pod] = {}
+    for pod in pods:
+        key = (pod.namespace, pod.name)
+        earlier = merged.get(key)
+        merged[key] = (
+            pod
+            if earlier is None
+            else Pod(pod.namespace, pod.name, earlier.containers + pod.containers)
+        )
+    return list(merged.values())
 
 
 def _exclusive_cpus(pod: Pod) -> int:
@@ -493,6 +514,9 @@ class PodCollector(Collector):
         self._client: _Client | None = None
         self._once = OnceLogger(log)
         self._said_no_cpus = False
+        # Replicas of each GPU as the kubelet last told them: it lists only healthy devices as
+        # allocatable, so a GPU in trouble drops out while its pods still hold their replicas
+        self._replicas: dict[str, int] = {}
         if ctx.k8s_tenant_label:
             log.info(
                 "pod: --k8s.tenant-label %s needs the Kubernetes API server, which is not "
@@ -506,7 +530,11 @@ class PodCollector(Collector):
         except Exception:
             self.close()  # a fresh channel next round reconnects at once, without backoff
             raise
-        cgroups = find_pod_cgroups(self.ctx.sysfs / "fs" / "cgroup")
+        if replicas is not None:
+            self._replicas.update(replicas)
+        pods = _one_per_name(pods)
+        cgroup_root = self.ctx.sysfs / "fs" / "cgroup"
+        cgroups = find_pod_cgroups(cgroup_root)
         logs = pod_log_dirs(self.ctx.rootfs)
         # A pod without a cgroup has not started or has finished: nothing runs, nothing counts.
         running = [
@@ -514,7 +542,13 @@ class PodCollector(Collector):
             for pod in pods
             if (cgroup := self._cgroup_of(pod, cgroups, logs)) is not None
         ]
+        self._say_unmatched(pods, running, cgroup_root, logs, cgroups)
         holders = Counter(uuid for _, _, gpus in running for uuid in gpus.replicas)
+        # no GPU has fewer replicas than the highest one held, whatever the kubelet said before
+        floors: dict[str, int] = {}
+        for _, _, gpus in running:
+            for uuid, top in gpus.highest.items():
+                floors[uuid] = max(floors.get(uuid, 0), top + 1)
         rows: list[Row] = []
         shares: list[Row] = []
         claims: list[Row] = []
@@ -532,7 +566,7 @@ class PodCollector(Collector):
                 continue
             allocated = float(len(gpus.whole))
             for uuid, count in sorted(gpus.replicas.items()):
-                share = self._share(uuid, count, replicas, holders)
+                share = self._share(uuid, count, floors, holders)
                 allocated += share
                 shares.append({"gpu_uuid": uuid, "job_id": job_id, "share": share})
             row["gpus_allocated"] = allocated
@@ -573,8 +607,8 @@ class PodCollector(Collector):
             why = _rpc_failure("GetAllocatableResources", self.socket, exc)
             self._once.warning(
                 "allocatable",
-                f"pod: {why}: a GPU's time-slicing replicas are shared equally by the pods "
-                "holding it",
+                f"pod: {why}: each GPU's time-slicing replicas are taken as last counted, "
+                "and shared equally by the pods holding it where never counted",
             )
             allocatable = None
         return pods, allocatable
@@ -617,13 +651,38 @@ class PodCollector(Collector):
             "memory_bytes": memory,
         }
 
-    def _share(
-        self, uuid: str, held: int, replicas: dict[str, int] | None, holders: Counter[str]
-    ) -> float:
-        total = replicas.get(uuid) if replicas is not None else None
+    def _share(self, uuid: str, held: int, floors: dict[str, int], holders: Counter[str]) -> float:
+        """Replicas held / replicas of the GPU, as the kubelet last counted them (raised to the
+        highest replica held); 1 / holders where it never counted them."""
+        total = self._replicas.get(uuid)
         if not total:
             return 1.0 / holders[uuid]
-        return min(1.0, held / total)
+        return min(1.0, held / max(total, floors.get(uuid, 0)))
+
+    def _say_unmatched(
+        self,
+        pods: list[Pod],
+        running: list[tuple[Pod, PodCgroup, _Held]],
+        cgroup_root: Path,
+        logs: dict[tuple[str, str], list[tuple[str, float]]],
+        cgroups: dict[str, PodCgroup],
+    ) -> None:
+        """One line when the kubelet lists pods but this node's pod log directories or pod
+        cgroups cannot be seen at all (a container without the host's paths mounted): every
+        pod is left out, which must not pass for a node without pods."""
+        if pods and not running and not (logs and cgroups):
+            where = (
+                f"pod log directories in {self.ctx.rootfs / 'var' / 'log' / 'pods'} "
+                "(see --path.rootfs)"
+                if not logs
+                else f"pod cgroups under {cgroup_root} (see --path.sysfs)"
+            )
+            self._once.warning(
+                "unmatched",
+                f"pod: the kubelet lists {len(pods)} pods but no {where} can be seen; no pod rows",
+            )
+        else:
+            self._once.clear("unmatched")
 
     def close(self) -> None:
         if self._client is not None:
