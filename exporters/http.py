@@ -101,6 +101,7 @@ class _Server(socketserver.ThreadingTCPServer):
     connection_deadline_s = 3 * CLIENT_TIMEOUT_SECONDS
     registry: Registry
     web: WebConfig | None = None
+    web_problem: str | None = None  # why the changed web config did not load, said once
     waker: WakePipe
 
     def __init__(self, address: tuple[str, int], handler: type[Any]) -> None:
@@ -198,14 +199,46 @@ class _Server(socketserver.ThreadingTCPServer):
         # one line in the log, never a traceback on stderr (a misbehaving client is not news)
         log.debug("connection from %s ended: %s", client_address, sys.exc_info()[1])
 
+    def current_web(self) -> WebConfig | None:
+        """The web config, read again where its file or a certificate, key or CA file it
+        names changed (rotated certificates are served without a restart); a changed file
+        that does not load keeps the one before (logged once per change): never less
+        protection than configured."""
+        web = self.web
+        if web is None or not web.changed():
+            return web
+        with self.open_lock:
+            web = self.web
+            if web is None or not web.changed():
+                return web
+            try:
+                fresh = load_web_config(Path(web.source))
+            except TallyError as exc:
+                if self.web_problem != str(exc):
+                    self.web_problem = str(exc)
+                    log.warning("%s; serving with the web config read before", exc)
+                return web
+            self.web_problem = None
+            if (fresh.tls is None) != (web.tls is None):
+                log.warning(
+                    "web config %s: TLS turned %s; takes effect at the next start",
+                    web.source,
+                    "on" if fresh.tls is not None else "off",
+                )
+                fresh.tls = web.tls
+            log.info("web config %s read again", web.source)
+            self.web = fresh
+            return fresh
+
     def finish_request(self, request: Any, client_address: Any) -> None:
         # The TLS handshake runs here, in the connection's own thread, so a client that stalls
         # it holds only that thread (wrapping the listening socket would stall accept()).
-        if self.web is not None and self.web.tls is not None:
+        web = self.current_web()
+        if web is not None and web.tls is not None:
             accepted = request
             request.settimeout(CLIENT_TIMEOUT_SECONDS)
             try:
-                request = self.web.tls.wrap_socket(
+                request = web.tls.wrap_socket(
                     request, server_side=True, do_handshake_on_connect=False
                 )
                 with self.open_lock:  # the watchdog must cut the TLS socket: it owns the fd now
@@ -335,6 +368,9 @@ class _Handler(socketserver.StreamRequestHandler):
             f"Server: {self.server_version}",
             f"Date: {http_date(time.time())}",
         ]
+        web = self.server.web
+        if web is not None:  # the web config's headers go with every answer, as the toolkit's
+            self._reply.extend(f"{name}: {value}" for name, value in web.headers.items())
 
     def send_header(self, name: str, value: str) -> None:
         self._reply.append(f"{name}: {value}")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import http.client
+import logging
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -137,10 +139,38 @@ def test_verified_passwords_are_cached_wrong_ones_are_not() -> None:
             "tls_server_config.ciphers: unknown key",
         ),
         ("tls_server_config:\n  cert_file: nope.crt\n  key_file: server.key\n", "cannot load"),
+        (TLS_KEYS + "  min_version: TLS10\n", "min_version: TLS10 is not supported by tally"),
+        (TLS_KEYS + "  min_version: SSL3\n", "min_version: must be one of"),
         (
-            TLS_KEYS + "  min_version: TLS10\n",
-            "min_version: must be one of",
+            TLS_KEYS + "  min_version: TLS13\n  max_version: TLS12\n",
+            "max_version: TLS12 is below min_version TLS13",
         ),
+        # the exporter toolkit refuses a CA nothing checks against; serving without client
+        # certificates while the file names a CA would be a hole
+        (TLS_KEYS + "  client_ca_file: ca.crt\n", "client_ca_file: given without a client_auth"),
+        (
+            TLS_KEYS + "  client_auth_type: NoClientCert\n  client_ca_file: ca.crt\n",
+            "client_ca_file: given without a client_auth",
+        ),
+        (
+            TLS_KEYS + "  client_auth_type: RequireAnyClientCert\n  client_ca_file: ca.crt\n",
+            "RequireAnyClientCert (a client certificate asked for but not verified) is not",
+        ),
+        (TLS_KEYS + "  client_auth_type: Sometimes\n", "client_auth_type: must be one of"),
+        (TLS_KEYS + "  cipher_suites: [TLS_RSA_WITH_RC4_128_SHA]\n", "unknown cipher: TLS_RSA"),
+        (
+            TLS_KEYS + "  curve_preferences: [CurveP256, X25519]\n",
+            "curve_preferences: tally can limit TLS to one curve only",
+        ),
+        (TLS_KEYS + "  curve_preferences: [P256]\n", "unknown curve: P256"),
+        (TLS_KEYS + "  client_allowed_sans: [a]\n", "client_allowed_sans: not supported"),
+        (TLS_KEYS + "  prefer_server_cipher_suites: maybe\n", "expected true or false"),
+        ("http_server_config:\n  headers:\n    Foo: bar\n", "headers.Foo: cannot be configured"),
+        (
+            "http_server_config:\n  headers:\n    X-Frame-Options: allow\n",
+            "headers.X-Frame-Options: expected one of deny, sameorigin",
+        ),
+        ("http_server_config:\n  junk: 1\n", "http_server_config.junk: unknown key"),
         (
             TLS_KEYS + "  client_auth_type: RequireAndVerifyClientCert\n",
             "client_ca_file: required",
@@ -158,6 +188,160 @@ def test_bad_web_configs_name_the_file_and_key(tmp_path: Path, body: str, messag
     with pytest.raises(TallyError) as info:
         load_web_config(path)
     assert str(info.value).startswith(f"web config {path}") and message in str(info.value)
+
+
+def test_an_encrypted_key_is_one_line_not_a_passphrase_prompt(tmp_path: Path) -> None:
+    """OpenSSL would ask for the passphrase on the terminal (a daemon under systemd hangs)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not installed")
+    path = _config(tmp_path, TLS_KEYS)
+    subprocess.run(
+        [openssl, "rsa", "-aes256", "-passout", "pass:secret", "-in", str(TLS / "server.key"),
+         "-out", str(tmp_path / "server.key")],
+        check=True, capture_output=True, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    with pytest.raises(TallyError) as info:
+        load_web_config(path)
+    assert "server.key is encrypted" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_hashes_are_checked_for_shape_not_run_at_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cost-18 hash (the exporter toolkit's own fixture has one) would take 20 s to run at
+    every start and every doctor; its shape is what loading checks, as the toolkit does."""
+    costly = "$2y$18$" + HASH[7:]
+
+    def refuse(*_: object) -> bool:
+        raise AssertionError("bcrypt ran while loading the web config")
+
+    monkeypatch.setattr(bcrypt, "checkpw", refuse)
+    web = load_web_config(_config(tmp_path, f"basic_auth_users:\n  bob: '{costly}'\n"))
+    assert web.users == {"bob": costly.encode()}
+
+
+def test_toolkit_tls_settings_are_honoured(tmp_path: Path) -> None:
+    """The exporter toolkit's someCiphers shape: TLS 1.2 only, two suites, server order; a
+    TLS 1.3-only client is refused, a TLS 1.2 client gets one of the two suites."""
+    web = load_web_config(
+        _config(
+            tmp_path,
+            TLS_KEYS + "  min_version: TLS12\n  max_version: TLS12\n"
+            "  prefer_server_cipher_suites: true\n  curve_preferences: [CurveP256]\n"
+            "  cipher_suites:\n    - TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256\n"
+            "    - TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384\n",
+        )
+    )
+    srv = MetricsServer(CollectorRegistry(), "127.0.0.1", 0, web=web)
+    srv.start()
+    try:
+        assert _get(srv.port, {}, _client_context())[0] == 200
+        raw = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        with _client_context().wrap_socket(raw, server_hostname="localhost") as tls:
+            assert tls.version() == "TLSv1.2"
+            cipher = tls.cipher()
+            assert cipher is not None
+            assert cipher[0] in {"ECDHE-RSA-AES128-GCM-SHA256", "ECDHE-RSA-AES256-GCM-SHA384"}
+        modern = _client_context()
+        modern.minimum_version = ssl.TLSVersion.TLSv1_3
+        with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
+            _get(srv.port, {}, modern)
+    finally:
+        srv.stop()
+
+
+def test_client_certificate_verified_if_given(tmp_path: Path) -> None:
+    web = load_web_config(
+        _config(
+            tmp_path,
+            TLS_KEYS + "  client_auth_type: VerifyClientCertIfGiven\n  client_ca_file: ca.crt\n",
+        )
+    )
+    srv = MetricsServer(CollectorRegistry(), "127.0.0.1", 0, web=web)
+    srv.start()
+    try:
+        assert _get(srv.port, {}, _client_context(cert=False))[0] == 200
+        assert _get(srv.port, {}, _client_context(cert=True))[0] == 200
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            pytest.skip("openssl not installed")
+        subprocess.run(
+            [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=stranger", "-keyout", str(tmp_path / "self.key"),
+             "-out", str(tmp_path / "self.crt")],
+            check=True, capture_output=True, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        stranger = _client_context()  # a certificate no client CA signed
+        stranger.load_cert_chain(tmp_path / "self.crt", tmp_path / "self.key")
+        with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
+            _get(srv.port, {}, stranger)
+    finally:
+        srv.stop()
+
+
+def test_headers_lowercase_scheme_and_long_passwords(tmp_path: Path) -> None:
+    """http_server_config headers go with every answer (401 too); the Basic scheme is
+    case-insensitive; a password past bcrypt's 72 bytes is read to 72, as Go's bcrypt does."""
+    long_password = "p" * 80
+    hashed = bcrypt.hashpw(long_password.encode()[:72], bcrypt.gensalt(rounds=4)).decode()
+    web = load_web_config(
+        _config(
+            tmp_path,
+            "http_server_config:\n  headers:\n    X-Frame-Options: deny\n"
+            "    Strict-Transport-Security: max-age=31536000\n"
+            f"basic_auth_users:\n  prometheus: '{hashed}'\n",
+        )
+    )
+    srv = MetricsServer(CollectorRegistry(), "127.0.0.1", 0, web=web)
+    srv.start()
+    try:
+        for headers, status in (
+            ({}, 401),
+            (_auth("prometheus", long_password), 200),
+            ({"Authorization": _auth("prometheus", long_password)["Authorization"].lower()[:6]
+              + _auth("prometheus", long_password)["Authorization"][6:]}, 200),
+        ):  # fmt: skip
+            conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
+            conn.request("GET", "/metrics", headers=headers)
+            response = conn.getresponse()
+            assert response.status == status
+            assert response.getheader("X-Frame-Options") == "deny"
+            assert response.getheader("Strict-Transport-Security") == "max-age=31536000"
+            conn.close()
+    finally:
+        srv.stop()
+
+
+def test_a_changed_web_config_is_read_again_and_a_broken_one_keeps_the_last(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As the exporter toolkit, the file (and the certificates it names) is read again when it
+    changes: a new password works without a restart. A change that does not load keeps what
+    was served before, with one log line: never less protection than configured."""
+    other = bcrypt.hashpw(b"n3w", bcrypt.gensalt(rounds=4)).decode()
+    path = _config(tmp_path, f"basic_auth_users:\n  prometheus: '{HASH}'\n")
+    srv = MetricsServer(CollectorRegistry(), "127.0.0.1", 0, web=load_web_config(path))
+    srv.start()
+
+    def status(password: str) -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=5)
+        conn.request("GET", "/metrics", headers=_auth("prometheus", password))
+        answer = conn.getresponse().status
+        conn.close()
+        return answer
+
+    try:
+        assert (status("s3cret"), status("n3w")) == (200, 401)
+        path.write_text(f"basic_auth_users:\n  prometheus: '{other}'\n")
+        assert (status("s3cret"), status("n3w")) == (401, 200)
+        path.write_text("basic_auth_users:\n  prometheus: plaintext\n")
+        with caplog.at_level(logging.WARNING, logger="tally"):
+            assert (status("s3cret"), status("n3w"), status("n3w")) == (401, 200, 200)
+        said = [r.getMessage() for r in caplog.records if "read before" in r.getMessage()]
+        assert len(said) == 1 and "not a bcrypt hash" in said[0]
+    finally:
+        srv.stop()
 
 
 def test_daemon_with_web_config_end_to_end(tmp_path: Path) -> None:
