@@ -27,6 +27,7 @@ from exporters.prometheus import TallyCollector
 from telemetry.cli import build_parser, daemon_config
 from telemetry.collectors import REGISTRY, CollectorContext, Runner
 from telemetry.collectors.attribution import attribute_gpus
+from telemetry.collectors.kubepods import pod_uid_from_cgroup
 from telemetry.collectors.pod import (
     PodCollector,
     decode_allocatable_response,
@@ -337,6 +338,51 @@ def test_time_sliced_mig_instances_count_at_their_share_of_the_slices(
     allocated = {r["job_id"]: r["gpus_allocated"] for r in partial["job"]}
     assert allocated["research/mig-eval"] == pytest.approx(1 / 7, rel=1e-12)
     assert allocated["ml-team/notebook-alice"] == pytest.approx(1 / 14, rel=1e-12)
+
+
+def test_time_sliced_pods_get_their_processes_sm_utilisation_and_memory(
+    tmp_path: Path, kubelet: FakeKubelet
+) -> None:
+    """SPEC §3 splits a shared GPU's busy time by each holder's SM utilisation where every
+    holder has one: the pods holding replicas get theirs from the processes NVML lists on the
+    GPU, each process's pod found by its kubepods cgroup (systemd v2 and cgroupfs v1 lines);
+    a process of no pod, or of a pod not running this round, belongs to no holder."""
+    alice, infer = "b7e2d9a0-5c14-4f3e-a6d8-0e9c1b2a3f45", "0c9d8e7f-6a5b-4c3d-2e1f-0a9b8c7d6e5f"
+    lines = {
+        100: "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod"
+        f"{alice.replace('-', '_')}.slice/cri-containerd-{'a' * 64}.scope\n",
+        200: f"12:cpuacct,cpu:/kubepods/burstable/pod{infer}/{'b' * 64}\n"
+        f"11:memory:/kubepods/burstable/pod{infer}/{'b' * 64}\n",
+        201: "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod"
+        f"{infer.replace('-', '_')}.slice/cri-containerd-{'c' * 64}.scope\n",
+        300: "0::/system.slice/nvidia-persistenced.service\n",
+        400: "0::/kubepods.slice/kubepods-pod11111111_2222_3333_4444_555555555555.slice/x\n",
+    }
+    for pid, text in lines.items():
+        (tmp_path / "proc" / str(pid)).mkdir(parents=True)
+        (tmp_path / "proc" / str(pid) / "cgroup").write_text(text)
+    out = collect(SYSTEMD_V2, kubelet.socket)
+    assert pod_uid_from_cgroup(lines[200]) == infer and pod_uid_from_cgroup(lines[300]) is None
+    partial: dict[str, list[dict[str, Any]]] = {
+        **out,
+        "gpu": [{"gpu_uuid": GPU_C, "gpu_index": 2, "job_id": None, "mig_profile": None,
+                 "capacity_units": 1.0}],
+        "_gpu_pids": [{"gpu_uuid": GPU_C, "gpu_index": 2, "pids": list(lines),
+                       "sm": {100: 0.5, 200: 0.125, 201: 0.25, 300: 0.0625, 400: 0.0625},
+                       "memory": {100: 1 << 30, 200: 2 << 30, 201: None, 300: 1 << 20,
+                                  400: 1 << 20}}],
+    }  # fmt: skip
+    attribute_gpus(partial, tmp_path / "proc")
+    rows = {r["job_id"]: r for r in partial["gpu_job"]}
+    assert {job: r["share"] for job, r in rows.items()} == {
+        "ml-team/notebook-alice": 0.25,
+        "research/infer-7d9f8b6c5-x2x4q": 0.5,
+    }
+    assert rows["ml-team/notebook-alice"]["sm_utilization_ratio"] == 0.5
+    assert rows["ml-team/notebook-alice"]["memory_used_bytes"] == 1 << 30
+    assert rows["research/infer-7d9f8b6c5-x2x4q"]["sm_utilization_ratio"] == 0.375
+    assert rows["research/infer-7d9f8b6c5-x2x4q"]["memory_used_bytes"] == 2 << 30
+    assert partial["gpu"][0]["job_id"] is None  # the gpu_job rows say who holds it
 
 
 def test_one_pod_listed_twice_is_one_job_holding_what_both_hold(kubelet: FakeKubelet) -> None:

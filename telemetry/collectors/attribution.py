@@ -16,7 +16,9 @@ or the active thread percentage / 100; Kubernetes replicas likewise), else 1 / n
 holders. ``sm_utilization_ratio`` sums the job's PIDs' mean SM utilisation over the NVML samples
 of the past round (null where NVML gave none); ``memory_used_bytes`` sums their framebuffer use.
 A GPU a collector already wrote ``gpu_job`` rows for (the ``pod`` collector's time-slicing
-replicas) keeps those.
+replicas) keeps those, with each pod's SM utilisation and framebuffer use filled in from the
+processes NVML lists on it (a process's pod from its kubepods cgroup, named by the ``pod``
+collector's ``_job_alias`` rows); its gpu row's ``job_id`` stays empty.
 
 MIG allocation: a job row's ``gpus_allocated`` counts a MIG instance as the instance is counted
 in capacity (``capacity_units``, e.g. 1/7), not as a whole GPU: where a job holds any MIG
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from telemetry.collectors import files
+from telemetry.collectors.kubepods import POD_CGROUP, pod_uid_from_cgroup
 
 _CGROUP_JOB = re.compile(
     r"(?:^|/)(?:slurm[^/]*/uid_[0-9]+/job_([0-9]+)"
@@ -82,7 +85,11 @@ class _PidJobs:
             except OSError:
                 text = ""  # the process ended, or is not ours to read
             job = _job_of_text(text)
-            self.seen[pid] = None if job is None else self.aliases.get(job, job)
+            if job is not None:
+                self.seen[pid] = self.aliases.get(job, job)
+            else:  # a pod's process: its pod, where this round's pods include it
+                uid = _pod_of_text(text)
+                self.seen[pid] = None if uid is None else self.aliases.get(POD_CGROUP + uid)
         return self.seen[pid]
 
 
@@ -90,6 +97,12 @@ class _PidJobs:
 def _job_of_text(text: str) -> str | None:
     """:func:`job_id_from_cgroup`, once per text: a job's processes read the same few."""
     return job_id_from_cgroup(text)
+
+
+@functools.lru_cache(maxsize=1024)
+def _pod_of_text(text: str) -> str | None:
+    """:func:`pod_uid_from_cgroup`, once per text."""
+    return pod_uid_from_cgroup(text)
 
 
 def _first(values: Iterable[str | None]) -> str | None:
@@ -131,7 +144,9 @@ def attribute_gpus(
         pid_jobs = {pid: job_of(pid) for pid in map(int, seen.get("pids", ()))}
         # A claim by index names the whole GPU, never one of its MIG instances.
         held = by_uuid.get(uuid, []) + ([] if mig else by_index.get(int(row["gpu_index"]), []))
-        if row.get("job_id") is None:
+        if uuid in written:  # held through replicas: the pods' own gpu_job rows say who
+            _fill_usage(partial["gpu_job"], uuid, pid_jobs, seen)
+        elif row.get("job_id") is None:
             by_process = _first(pid_jobs.values())
             by_claim = str(held[0]["job_id"]) if held else None
             row["job_id"] = (by_process or by_claim) if mig else (by_claim or by_process)
@@ -164,24 +179,49 @@ def _shared_rows(
     if len(holders) < 2:
         return []
     stated = all(share is not None for share in holders.values())
-    sm: dict[int, float] | None = seen.get("sm")
-    memory: dict[int, int | None] = seen.get("memory", {})
     rows = []
     for job, share in holders.items():
-        pids = [pid for pid, owner in pid_jobs.items() if owner == job]
-        used = [m for m in (memory.get(pid) for pid in pids) if m is not None]
-        utilization = None if sm is None else min(sum(sm.get(pid, 0.0) for pid in pids), 1.0)
+        utilization, used = _usage(job, pid_jobs, seen)
         rows.append(
             {
                 "gpu_uuid": uuid,
                 "job_id": job,
                 "share": share if stated and share is not None else 1.0 / len(holders),
                 "sm_utilization_ratio": utilization,
-                # no process: nothing used; processes NVML gives no figure for: unknown
-                "memory_used_bytes": sum(used) if used or not pids else None,
+                "memory_used_bytes": used,
             }
         )
     return rows
+
+
+def _usage(
+    job: str, pid_jobs: dict[int, str | None], seen: dict[str, Any]
+) -> tuple[float | None, int | None]:
+    """The SM utilisation (summed over the job's PIDs, at most 1; None where NVML gave no
+    samples) and framebuffer bytes (None where NVML tells none for a process it lists) of one
+    job's processes on one GPU."""
+    sm: dict[int, float] | None = seen.get("sm")
+    memory: dict[int, int | None] = seen.get("memory", {})
+    pids = [pid for pid, owner in pid_jobs.items() if owner == job]
+    used = [m for m in (memory.get(pid) for pid in pids) if m is not None]
+    utilization = None if sm is None else min(sum(sm.get(pid, 0.0) for pid in pids), 1.0)
+    # no process: nothing used; processes NVML gives no figure for: unknown
+    return utilization, sum(used) if used or not pids else None
+
+
+def _fill_usage(
+    rows: list[dict[str, Any]], uuid: str, pid_jobs: dict[int, str | None], seen: dict[str, Any]
+) -> None:
+    """Each holder's SM utilisation and framebuffer use in the ``gpu_job`` rows a collector
+    wrote for GPU ``uuid`` (the pods of time-slicing replicas), from the processes NVML lists
+    on it, where it lists them."""
+    if not seen:
+        return  # NVML said nothing of this GPU: the rows stay as written
+    for row in rows:
+        if str(row["gpu_uuid"]) == uuid:
+            row["sm_utilization_ratio"], row["memory_used_bytes"] = _usage(
+                str(row["job_id"]), pid_jobs, seen
+            )
 
 
 def _mig_allocation(partial: dict[str, list[dict[str, Any]]], parents: set[str]) -> None:

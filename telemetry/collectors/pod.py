@@ -58,6 +58,7 @@ from typing import Any
 from telemetry.collectors.base import Collector, CollectorContext, Row, register
 from telemetry.collectors.files import read_text
 from telemetry.collectors.jobinfo import MAX_VALUE_CHARS
+from telemetry.collectors.kubepods import POD_CGROUP, QOS_DIRS, normal_uid, pod_uid_of_dir
 from telemetry.collectors.slurm import parse_counter, read_cgroup_usage
 from telemetry.errors import CollectorUnavailable, ParseError
 from telemetry.logs import OnceLogger
@@ -273,23 +274,6 @@ def replicas_per_gpu(devices: list[Devices]) -> dict[str, int]:
 
 # ---------------------------------------------------------------- pod cgroups
 
-_SYSTEMD_POD = re.compile(r"kubepods(?:-burstable|-besteffort)?-pod([0-9A-Fa-f_]{1,64})\.slice")
-_CGROUPFS_POD = re.compile(r"pod([0-9A-Fa-f-]{1,64})")
-_QOS_DIRS = frozenset(
-    {"kubepods-burstable.slice", "kubepods-besteffort.slice", "burstable", "besteffort"}
-)
-
-
-def normal_uid(uid: str) -> str:
-    """A pod UID as the API writes it: the systemd driver's ``_`` back to ``-``, lower case."""
-    return uid.replace("_", "-").lower()
-
-
-def pod_uid_of_dir(name: str) -> str | None:
-    """The pod UID a kubepods cgroup directory name holds, or None for any other directory."""
-    match = _SYSTEMD_POD.fullmatch(name) or _CGROUPFS_POD.fullmatch(name)
-    return normal_uid(match.group(1)) if match else None
-
 
 @dataclass(frozen=True)
 class PodCgroup:
@@ -325,7 +309,7 @@ def _pod_dirs(hierarchy: Path) -> Iterator[tuple[str, Path]]:
             uid = pod_uid_of_dir(child.name)
             if uid is not None:
                 yield uid, child  # Guaranteed
-            elif child.name in _QOS_DIRS:
+            elif child.name in QOS_DIRS:
                 for pod in _subdirs(child):
                     uid = pod_uid_of_dir(pod.name)
                     if uid is not None:
@@ -552,6 +536,7 @@ class PodCollector(Collector):
         rows: list[Row] = []
         shares: list[Row] = []
         claims: list[Row] = []
+        aliases: list[Row] = []
         for pod, cgroup, gpus in running:
             job_id = f"{pod.namespace}/{pod.name}"
             try:
@@ -572,7 +557,9 @@ class PodCollector(Collector):
             row["gpus_allocated"] = allocated
             rows.append(row)
             claims.extend({"gpu_uuid": uuid, "job_id": job_id} for uuid in sorted(gpus.whole))
-        return {"job": rows, "gpu_job": shares, "_gpu_job": claims}
+            # for the pod of a process NVML lists on a GPU (attribution, by its cgroup)
+            aliases.append({"cgroup": f"{POD_CGROUP}{cgroup.uid}", "job_id": job_id})
+        return {"job": rows, "gpu_job": shares, "_gpu_job": claims, "_job_alias": aliases}
 
     def _ask_kubelet(self) -> tuple[list[Pod], dict[str, int] | None]:
         """The pods and the replicas per GPU (None where the kubelet cannot tell)."""
