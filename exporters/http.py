@@ -102,11 +102,13 @@ class _Server(socketserver.ThreadingTCPServer):
     registry: Registry
     web: WebConfig | None = None
     web_problem: str | None = None  # why the changed web config did not load, said once
+    web_lock: threading.Lock  # one reload of the web config at a time
     waker: WakePipe
 
     def __init__(self, address: tuple[str, int], handler: type[Any]) -> None:
         # Made before binding: a bind that fails closes the server, the pipe with it.
         self.waker = WakePipe()
+        self.web_lock = threading.Lock()
         super().__init__(address, handler)
 
     text: Callable[[], bytes] | None = None
@@ -207,7 +209,7 @@ class _Server(socketserver.ThreadingTCPServer):
         web = self.web
         if web is None or not web.changed():
             return web
-        with self.open_lock:
+        with self.web_lock:  # one reload; never under open_lock, which accept and the watchdog need
             web = self.web
             if web is None or not web.changed():
                 return web
