@@ -288,3 +288,27 @@ def test_head_metrics_answers_like_get_without_a_body(tmp_path: Path) -> None:
         conn.close()
     finally:
         daemon.stop()
+
+
+def test_a_column_name_that_is_not_utf8_is_quarantined_not_a_traceback(tmp_path: Path) -> None:
+    from tests.support.tables import cpu_table, write_dataset, write_undecodable_column_name
+
+    root = tmp_path / "ds"
+    good = write_dataset(root, "cpu", cpu_table("n1", [0.0, 30.0]))
+    bad = good.parent.parent / "node=n2" / "foreign.parquet"
+    write_undecodable_column_name(bad, cpu_table("n2", [0.0, 30.0]), "node")
+    inventory = tmp_path / "inv.toml"
+    inventory.write_text(
+        '[[pool]]\nname = "p"\nkind = "cpu"\nownership = "own"\nnodes = ["*"]\n'
+        "cost_per_unit_hour = 1\nprice_per_unit_hour = 2\n"
+    )
+    result = tally("bill", str(root), "--inventory", str(inventory))
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "foreign.parquet" in result.stderr and "column name is not valid UTF-8" in result.stderr
+    import json
+
+    billed = json.loads(result.stdout)
+    assert billed["input"]["files_quarantined"] == 1
+    assert (billed["input"]["files"], billed["input"]["rows"]) == (1, 2)  # n1's file, whole
+    assert not bad.exists() and (root / "quarantine").is_dir()

@@ -331,3 +331,50 @@ def test_recovery_that_cannot_start_a_child_is_said_and_the_daemon_starts(
     monkeypatch.undo()
     store.close()
     assert _read_all(tmp_path).num_rows == 1
+
+
+def test_recovery_quarantines_a_parquet_file_whose_column_name_is_not_utf8(tmp_path: Path) -> None:
+    from telemetry.store.layout import partition_dir
+    from telemetry.store.writer import recover_node
+    from tests.support.tables import write_undecodable_column_name
+
+    table = cpu_table("n1", [0.0, 30.0])
+    bad = partition_dir(tmp_path, "cpu", T0, "n1") / "part-0.parquet"
+    write_undecodable_column_name(bad, table, "node")
+    recover_node(tmp_path, "n1")  # no raise: the daemon starts
+    assert not bad.exists()
+    assert len(list((tmp_path / "quarantine").rglob("*.parquet"))) == 1
+
+
+def test_a_compactor_traceback_is_relayed_line_by_line_never_as_blank_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from telemetry.store import writer
+
+    output = (tmp_path / "child.log").open("w+b")
+    child_code = (
+        "import sys\n"
+        "print('INFO\\tcompacted one journal', file=sys.stderr, flush=True)\n"
+        "raise ValueError('boom')\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", child_code], stdout=output, stderr=output)
+    process.wait()
+    said: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = said.append  # type: ignore[method-assign]
+    monkeypatch.setattr(writer.log, "disabled", False)
+    level = writer.log.level
+    writer.log.setLevel(logging.DEBUG)
+    writer.log.addHandler(handler)
+    store = Store(tmp_path, "n1")
+    try:
+        store._reap(writer._Child(process, [], output, "the compactor"))
+    finally:
+        writer.log.removeHandler(handler)
+        writer.log.setLevel(level)
+    relayed = [(r.levelno, r.getMessage()) for r in said]
+    assert (logging.INFO, "compacted one journal") in relayed
+    errors = [message for levelno, message in relayed if levelno == logging.ERROR]
+    assert errors[0] == "Traceback (most recent call last):"
+    assert "ValueError: boom" in errors and all(message.strip() for message in errors)
+    assert store.compaction_failures == 1

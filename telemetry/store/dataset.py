@@ -27,7 +27,7 @@ import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -169,6 +169,19 @@ def _check_name(path: Path) -> None:
         raise pa.ArrowInvalid("the file name is not valid UTF-8") from None
 
 
+@contextmanager
+def _names_decoded() -> Iterator[None]:
+    """Arrow decodes a file's column names when it opens the file: a name that is not UTF-8
+    (a foreign or damaged footer) makes the file unreadable like any other damage, never a
+    traceback."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise pa.ArrowInvalid(
+            f"a column name is not valid UTF-8 (byte {exc.object[exc.start : exc.end]!r})"
+        ) from None
+
+
 def read_file(path: Path, table: str) -> pa.Table:
     """One file, whole, as table ``table`` (validated, extra columns dropped).
 
@@ -176,13 +189,14 @@ def read_file(path: Path, table: str) -> pa.Table:
     for a file that cannot be decoded.
     """
     _check_name(path)
-    if path.suffix == JOURNAL_SUFFIX:
-        data, _ = read_journal(path)
-        if data is None:
-            raise pa.ArrowInvalid("not an Arrow IPC stream")
-    else:
-        data = pq.read_table(path)
-    return validate(data, table).select(SCHEMAS[table].names)
+    with _names_decoded():
+        if path.suffix == JOURNAL_SUFFIX:
+            data, _ = read_journal(path)
+            if data is None:
+                raise pa.ArrowInvalid("not an Arrow IPC stream")
+        else:
+            data = pq.read_table(path)
+        return validate(data, table).select(SCHEMAS[table].names)
 
 
 def read_table(
@@ -289,9 +303,10 @@ def _time_range(values: pa.ChunkedArray | pa.Array) -> tuple[int, int]:
 
 def _parquet_pieces(path: Path, table: str) -> list[Piece]:
     _check_name(path)
-    meta = pq.read_metadata(path)
-    arrow_schema = meta.schema.to_arrow_schema()
-    _check_columns(table, arrow_schema)
+    with _names_decoded():
+        meta = pq.read_metadata(path)
+        arrow_schema = meta.schema.to_arrow_schema()
+        _check_columns(table, arrow_schema)
     time_type = arrow_schema.field("time").type
     scale = _UNIT_NS[time_type.unit]
     column = arrow_schema.get_field_index("time")
@@ -323,10 +338,11 @@ def _journal_rows(path: Path, table: str) -> pa.Table:
     """A journal's rows, its name and columns checked; raises ``SchemaError`` or
     ``pa.ArrowException`` where it cannot be used."""
     _check_name(path)
-    data, _ = read_journal(path)
-    if data is None:
-        raise pa.ArrowInvalid("not an Arrow IPC stream")
-    _check_columns(table, data.schema)
+    with _names_decoded():
+        data, _ = read_journal(path)
+        if data is None:
+            raise pa.ArrowInvalid("not an Arrow IPC stream")
+        _check_columns(table, data.schema)
     return data
 
 
@@ -440,8 +456,9 @@ def _read_piece(piece: Piece, columns: Sequence[str] | None, opened: _OpenFiles)
     else:
         wanted = SCHEMAS[piece.table].names if columns is None else list(columns)
         strings = [n for n in wanted if pa.types.is_string(SCHEMAS[piece.table].field(n).type)]
-        parquet = opened.get(piece.path, strings)
-        present = set(parquet.schema_arrow.names)
+        with _names_decoded():
+            parquet = opened.get(piece.path, strings)
+            present = set(parquet.schema_arrow.names)
         # only what the consumers read is decoded
         data = parquet.read_row_group(
             piece.row_group,

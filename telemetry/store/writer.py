@@ -156,7 +156,8 @@ def recover_node(root: Path, node: str) -> None:
                 elif path.suffix == PARQUET_SUFFIX:
                     try:
                         pq.read_metadata(path)
-                    except (pa.ArrowInvalid, OSError) as exc:
+                    # a column name that is not UTF-8 fails decoding when the footer is read
+                    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
                         quarantine(root, path, f"unreadable Parquet: {exc}")
 
 
@@ -417,8 +418,8 @@ class Store:
         child.output.close()
         for line in lines:
             name, tab, message = line.partition("\t")
-            level = logging.getLevelName(name) if tab else logging.ERROR
-            if not isinstance(level, int):
+            level = logging.getLevelName(name)
+            if not tab or not isinstance(level, int):  # a traceback's line, not a log record
                 level, message = logging.ERROR, line
             # while failing, each retry would say the same again: said once
             log.log(logging.DEBUG if self._failing and not ok else level, "%s", message)

@@ -126,3 +126,15 @@ def write_dataset(root: Path, table_name: str, table: pa.Table, name: str = "par
     path = directory / f"{name}.parquet"
     pq.write_table(table, path)
     return path
+
+
+def write_undecodable_column_name(path: Path, table: pa.Table, column: str) -> None:
+    """``table`` written to ``path`` as Parquet with ``column``'s name made invalid UTF-8 in the
+    footer (a foreign writer's or a damaged file): its last letter becomes byte 0xFF."""
+    placeholder = column[:-1] + "\x7f"  # same length, found only where the name is
+    renamed = table.rename_columns([placeholder if n == column else n for n in table.column_names])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(renamed, path, store_schema=False)  # no Arrow schema beside the footer's
+    raw = path.read_bytes()
+    assert placeholder.encode() in raw
+    path.write_bytes(raw.replace(placeholder.encode(), column[:-1].encode() + b"\xff"))
