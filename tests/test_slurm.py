@@ -89,7 +89,7 @@ V2_EXPECTED = {
     "1004": row(HOSTILE_USER, HOSTILE_ACCOUNT, 2.0, 0.0, 0.000999, 4096),
     # cpuset 14; no readable environ → owner of the job directory through the resolver
     "1005": row(names(v2_job_uid("1005")), "unknown", 1.0, 0.0, 0.0, 0),
-    # node07_slurmstepd.scope; cpuset 16-31; SLURM_JOB_GPUS=3 (CUDA_VISIBLE_DEVICES=0)
+    # node07_slurmstepd.scope; cpuset 16-31; step_0 only: SLURM_STEP_GPUS=3 (CUDA_VISIBLE_DEVICES=0)
     "2001": row("dave", "astro", 16.0, 1.0, 3600.0, 17_179_869_184),
 }
 V2_CLAIMS = [(0, "1002"), (1, "1002"), (3, "2001")]
@@ -102,7 +102,7 @@ V1_EXPECTED = {
     "504": row(HOSTILE_USER, HOSTILE_ACCOUNT, 1.0, 0.0, 1.5, 8192),  # effective empty → 7
     "505": row("user-4242", "unknown", 4.0, 0.0, 0.0, 0),  # 20-23; no environ
     "506": row("alice", "physics", 2.0, 0.0, 2.0, 1_048_576),  # no effective_cpus file: 10-11
-    "601": row("dave", "astro", 4.0, 1.0, 60.0, 4_294_967_296),  # slurm_node07/; 12-15; GPUS=2
+    "601": row("dave", "astro", 4.0, 1.0, 60.0, 4_294_967_296),  # slurm_node07/; 12-15; STEP_GPUS=2
 }
 V1_CLAIMS = [(0, "502"), (1, "502"), (2, "601")]
 
@@ -798,13 +798,17 @@ def test_unreadable_environ_tries_the_next_pid(monkeypatch: pytest.MonkeyPatch) 
     assert tried.index("3102") < tried.index("3103")
 
 
-def test_no_environ_readable_falls_back_to_the_owner(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_environ_readable_falls_back_to_the_owner(
+    monkeypatch: pytest.MonkeyPatch, warnings: list[str]
+) -> None:
     def read_environ(path: Path) -> bytes:
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(slurm, "read_environ", read_environ)
     rows, claims = collect(V2, resolve_user=names)
     assert claims == []
+    said = [w for w in warnings if "permission denied" in w and "environ" in w]
+    assert len(said) == 1, warnings  # said once, not once a process
     # The user is still known: the real uid of the job's task (proc/<pid>/status), else (job
     # 1005, no status) the owner of the job's directory.
     task_uids = {"1001": 1000, "1002": 1001, "1003": 1002, "1004": 1003, "2001": 1004}
@@ -1167,7 +1171,7 @@ def test_a_search_that_found_nothing_new_waits_before_walking_the_job_again(
     step.mkdir(parents=True)
     (step / "cgroup.procs").write_text("3206\n")
     (root / "proc" / "3206").mkdir()
-    env = (root / "proc" / "3202" / "environ").read_bytes() + b"SLURM_JOB_GPUS=0,1,2\0"
+    env = (root / "proc" / "3202" / "environ").read_bytes() + b"SLURM_STEP_GPUS=0,1,2\0"
     (root / "proc" / "3206" / "environ").write_bytes(env)
     assert by_job(c.collect())["1003"]["gpus_allocated"] == 2.0  # waiting: not walked
     assert walks.count("job_1003") == 2

@@ -868,6 +868,49 @@ def test_two_jobs_on_shards_of_one_gpu_hold_their_shares(tmp_path: Path) -> None
     assert held == [("1009249", 0.5), ("1009250", 0.25)]
 
 
+def test_shards_a_prolog_cannot_see_come_from_the_jobs_environment(tmp_path: Path) -> None:
+    """A prolog's environment has SLURM_JOB_GPUS but no SLURM_SHARDS_ON_NODE (Slurm sets that
+    for the job's steps only), so its job-info file names the GPU and no shards: the shards
+    come from the job's own environment, not the whole GPU billed. A file that does give
+    shards wins."""
+    root = copy_tree(tmp_path)
+    (root / "etc" / "slurm").mkdir()
+    (root / "etc" / "slurm" / "gres.conf").write_text(
+        "Name=gpu File=/dev/nvidia[0-3]\nName=shard Count=32\n"
+    )
+    set_environ(root, 4302, SLURM_SHARDS_ON_NODE="2")  # job 1009250, SLURM_JOB_GPUS=1
+    info = root / INFO / "1009250"
+    info.write_text(f"job_id=1009250\nuid={ME}\nuser=testusr2\naccount=lab-a\ngpus=1\n")
+    info.chmod(0o644)
+    job = by_job(collector(root).collect())["1009250"]
+    assert (job["account"], job["account_source"]) == ("lab-a", "job-info")
+    assert job["gpus_allocated"] == 0.25  # 2 of GPU 1's 8 shards
+    info.write_text(f"job_id=1009250\nuid={ME}\nuser=testusr2\naccount=lab-a\ngpus=1\nshards=4\n")
+    assert by_job(collector(root).collect())["1009250"]["gpus_allocated"] == 0.5
+
+
+def test_a_step_elsewhere_is_held_to_its_own_gpus_not_the_batch_nodes(tmp_path: Path) -> None:
+    """srun carries the batch node's SLURM_JOB_GPUS to the job's steps on other nodes, where
+    it names that node's GPUs: a step's environment is read for its SLURM_STEP_GPUS, and two
+    steps side by side hold the GPUs of both."""
+    root = copy_tree(tmp_path)
+    # job 1009249 runs only step_0 here (PID 4401); the batch node held GPUs 6,7
+    set_environ(root, 4401, SLURM_JOB_GPUS="6,7", SLURM_STEP_GPUS="0")
+    out = collector(root).collect()
+    assert by_job(out)["1009249"]["gpus_allocated"] == 1.0
+    assert (0, "1009249") in claims_of(out) and (6, "1009249") not in claims_of(out)
+    step = root / SCOPE1 / "job_1009249/step_1/user/task_0"
+    step.mkdir(parents=True)
+    (step / "cgroup.procs").write_text("4402\n")
+    shutil.copytree(root / "proc/4401", root / "proc/4402")
+    set_environ(root, 4402, SLURM_STEP_GPUS="2,3")
+    out = collector(root).collect()
+    assert by_job(out)["1009249"]["gpus_allocated"] == 3.0
+    assert [c for c in claims_of(out) if c[1] == "1009249"] == [
+        (0, "1009249"), (2, "1009249"), (3, "1009249")
+    ]  # fmt: skip
+
+
 def test_shards_without_a_gres_conf_count_the_gpu_whole(
     tmp_path: Path, warnings: list[str]
 ) -> None:

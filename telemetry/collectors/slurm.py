@@ -20,9 +20,11 @@ the cgroup. Who the job belongs to comes from what the job cannot change:
 - the **account**: from the job-info file a Slurm prolog writes (``--slurm.job-info-dir``, see
   ``deploy/slurm/``; ``account_source`` "job-info"), else from the job's environment, which the
   job's owner controls (``account_source`` "environment", untrusted), else ``unknown``;
-- the **GPUs**: job-info ``gpus=``, else ``SLURM_JOB_GPUS``, ``SLURM_STEP_GPUS``,
-  ``CUDA_VISIBLE_DEVICES`` in that order. A job on GPU **shards** (``SLURM_SHARDS_ON_NODE``,
-  job-info ``shards=``) holds shards / shards-of-the-GPU of the GPUs it names, as the node's
+- the **GPUs**: job-info ``gpus=``, else ``SLURM_JOB_GPUS`` of the batch (or interactive)
+  step, the ``SLURM_STEP_GPUS`` of the steps taken together (on nodes without the batch step,
+  where an inherited ``SLURM_JOB_GPUS`` names the batch node's GPUs), ``CUDA_VISIBLE_DEVICES``
+  in that order. A job on GPU **shards** (job-info ``shards=``, else ``SLURM_SHARDS_ON_NODE``,
+  which a prolog never sees) holds shards / shards-of-the-GPU of the GPUs it names, as the node's
   ``<rootfs>/etc/slurm/gres.conf`` tells (``Name=shard Count=N`` over the GPU files); its
   claims carry that share and its ``gpus_allocated`` is their sum. Where gres.conf does not
   say, the job counts its GPUs whole (one log line).
@@ -33,7 +35,8 @@ user and account are taken together from one that has ``SLURM_JOB_USER``. The jo
 processes are read first, the batch script's before all; the search goes on over the rounds,
 at most ``_MAX_PIDS_PER_JOB`` new processes a job and round, until user, account and GPUs are
 known: GPUs are known from ``SLURM_JOB_GPUS``, or from a batch-step environment with no GPU
-variable at all (Slurm sets that one there whenever the job holds GPUs on the node). Jobs
+variable at all (Slurm sets that one there whenever the job holds GPUs on the node), or, where
+no batch step runs, once every process was read for its step's ``SLURM_STEP_GPUS``. Jobs
 are keyed by (slurmd scope, job): the same job under two slurmd on one host adds up.
 
 Besides ``job`` rows it returns ``_gpu_job`` claims (``gpu_index`` → ``job_id``, ``share`` for
@@ -57,7 +60,7 @@ import pwd
 import re
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from telemetry.collectors.base import (
@@ -240,16 +243,20 @@ def _gpu_claims(entries: list[str]) -> tuple[int, ...]:
 GPUS_NONE, GPUS_CUDA, GPUS_STEP, GPUS_JOB = 0, 1, 2, 3
 
 
-def gpu_evidence(env: dict[str, str]) -> tuple[int, int, tuple[int, ...]]:
+def gpu_evidence(env: dict[str, str], batch: bool = True) -> tuple[int, int, tuple[int, ...]]:
     """GPUs a job holds per one environment: (rank, count, GPU indices claimed).
 
     ``SLURM_JOB_GPUS`` (the job's GPU indices on this node; rank ``GPUS_JOB``), else
     ``SLURM_STEP_GPUS`` (the step's, set for ``srun`` steps outside a batch job; ``GPUS_STEP``),
     else the devices in ``CUDA_VISIBLE_DEVICES`` (indices or UUIDs, which may be renumbered per
     task, so they make no claims; ``GPUS_CUDA``), else nothing (``GPUS_NONE``, count 0). Claims
-    are the listed entries that are valid NVML indices.
+    are the listed entries that are valid NVML indices. Slurm sets ``SLURM_JOB_GPUS`` only in
+    the batch (or interactive) step; a step elsewhere inherits it from the batch node through
+    ``srun``, where it names that node's GPUs: read from an environment that is not the batch
+    step's (``batch`` False) it is passed over.
     """
-    for name, rank in (("SLURM_JOB_GPUS", GPUS_JOB), ("SLURM_STEP_GPUS", GPUS_STEP)):
+    names = (("SLURM_JOB_GPUS", GPUS_JOB),) if batch else ()
+    for name, rank in (*names, ("SLURM_STEP_GPUS", GPUS_STEP)):
         entries = _list_entries(env.get(name, ""))
         if entries:
             return rank, len(entries), _gpu_claims(entries)
@@ -638,7 +645,7 @@ def _place(parts: tuple[str, ...]) -> int:
         return OTHER
     if len(parts) > 1 and parts[1] == "slurm":
         return STEPD
-    if parts[0] == "step_batch":
+    if parts[0] in ("step_batch", "step_interactive"):  # both hold the job's own environment
         return BATCH
     return EXTERN if parts[0] == "step_extern" else TASK
 
@@ -701,6 +708,7 @@ class _Search:
     gpu_rank: int = GPUS_NONE
     gpus: int = 0
     claims: tuple[int, ...] = ()
+    step_gpus: list[str] = field(default_factory=list)  # what the steps' SLURM_STEP_GPUS list
     shards: int | None = None  # SLURM_SHARDS_ON_NODE: GPU shards the job holds here
     uid: int | None = None  # real uid of a task process (v2)
     # An environment of the batch step named the job and either had SLURM_JOB_GPUS or no GPU
@@ -708,6 +716,10 @@ class _Search:
     # (the batch step's), so no other process can tell more of its GPUs: a CPU-only job's
     # search ends here instead of walking the job for ever.
     batch_read: bool = False
+    # Where no batch step runs (a node the job spans besides its first): every process of the
+    # job was read once and its steps' SLURM_STEP_GPUS taken together. A step started later
+    # adds nothing: the job-info file says the job's GPUs on every node.
+    steps_read: bool = False
     tried: set[int] | None = None
     # What these findings and the job-info file ``info_from`` (None: none) make of the job,
     # kept until a walk adds to them or the file reads otherwise: the same every round of a
@@ -722,7 +734,7 @@ class _Search:
     def complete(self, need_uid: bool) -> bool:
         return (
             self.identity is not None
-            and (self.gpu_rank == GPUS_JOB or self.batch_read)
+            and (self.gpu_rank == GPUS_JOB or self.batch_read or self.steps_read)
             and (self.uid is not None or not need_uid)
         )
 
@@ -1217,7 +1229,11 @@ class SlurmJobCollector(Collector):
         if trusted is not None and "gpus" in trusted:
             entries = _list_entries(trusted["gpus"])
             gpus, claims = len(entries), _gpu_claims(entries)
-            shards = int(trusted["shards"]) if trusted.get("shards", "").isdigit() else None
+            if trusted.get("shards", "").isdigit():
+                shards = min(int(trusted["shards"]), _INT16_MAX)
+            # else: a prolog's environment has no SLURM_SHARDS_ON_NODE (Slurm sets it for the
+            # job's steps only), so the job's own tells; Slurm removes one a job without
+            # shards brought along, so it is not the user's to forge
         else:
             gpus, claims = search.gpus, search.claims
         share = self._shard_share(job, shards, claims)
@@ -1229,17 +1245,22 @@ class SlurmJobCollector(Collector):
             search.info, search.info_from = info, trusted
         return info
 
-    @staticmethod
-    def _walk_wanted(job: JobCgroup, search: _Search, trusted: dict[str, str] | None) -> bool:
+    def _walk_wanted(self, job: JobCgroup, search: _Search, trusted: dict[str, str] | None) -> bool:
         """Whether the job's processes are still to be searched: the environments have not told
-        all a row needs, nor has the job-info file ``trusted``."""
+        all a row needs, nor has the job-info file ``trusted`` (whose GPUs, where gres.conf
+        gives them shards, need the shards only the job's environment tells)."""
         need_uid = job.uid is None
         return not search.complete(need_uid) and not (
             trusted is not None
             and "account" in trusted
             and "gpus" in trusted
             and (search.uid is not None or not need_uid)
+            and ("shards" in trusted or not self._may_hold_shards(trusted["gpus"]))
         )
+
+    def _may_hold_shards(self, gpus: str) -> bool:
+        """Whether GPUs listed so (``SLURM_JOB_GPUS``) are shared out in shards here."""
+        return any(self._gres_shards.get(i) for i in _gpu_claims(_list_entries(gpus)))
 
     def _shard_share(
         self, job: JobCgroup, shards: int | None, claims: tuple[int, ...]
@@ -1288,13 +1309,22 @@ class SlurmJobCollector(Collector):
                 search.uid = self._real_uid(pid)
             if place == STEPD:
                 continue  # slurmstepd runs as root with slurmd's environment, not the job's
+            environ = self.ctx.procfs / str(pid) / "environ"
             try:
-                env = parse_environ(read_environ(self.ctx.procfs / str(pid) / "environ"))
+                env = parse_environ(read_environ(environ))
+            except PermissionError:
+                self._once.warning(
+                    "environ",
+                    f"cannot read {self.ctx.procfs}/<pid>/environ of jobs' processes "
+                    "(permission denied): without root, jobs' users, "
+                    "accounts and GPUs come from job-info files and cgroups alone",
+                )
+                continue
             except OSError:
-                continue  # gone, or not ours to read: try the next process
+                continue  # gone meanwhile: try the next process
             if not _names_job(env, job):
                 continue  # not this job's environment (a stray process, or a forged one)
-            rank, count, claims = gpu_evidence(env)
+            rank, count, claims = gpu_evidence(env, batch=place == BATCH)
             if place == BATCH and rank in (GPUS_JOB, GPUS_NONE):
                 # The script's environment, or a child's as it left it: a child that kept
                 # only CUDA_VISIBLE_DEVICES says too little to end the search on.
@@ -1311,9 +1341,18 @@ class SlurmJobCollector(Collector):
                 )
             if rank > search.gpu_rank:
                 search.gpu_rank, search.gpus, search.claims = rank, count, claims
+                stepped = rank == GPUS_STEP
+                search.step_gpus = _list_entries(env["SLURM_STEP_GPUS"]) if stepped else []
+            elif rank == search.gpu_rank == GPUS_STEP:
+                # steps running side by side hold GPUs of their own: the job holds them all
+                entries = _list_entries(",".join((*search.step_gpus, env["SLURM_STEP_GPUS"])))
+                search.step_gpus, search.gpus = entries, len(entries)
+                search.claims = _gpu_claims(entries)
             shards = env.get("SLURM_SHARDS_ON_NODE", "")
             if search.shards is None and shards.isascii() and shards.isdigit():
                 search.shards = min(int(shards), _INT16_MAX)
+        if not capped and search.gpu_rank == GPUS_STEP:
+            search.steps_read = True
         if read or capped:
             search.backoff, search.next_walk = 0.0, 0.0
         else:
