@@ -19,7 +19,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from telemetry.billing.accounting import (
-    expand_hostlist,
     load_accounting,
     parse_sacct_json,
     parse_sacct_parsable,
@@ -27,6 +26,7 @@ from telemetry.billing.accounting import (
 from telemetry.billing.inventory import parse_inventory
 from telemetry.billing.writers import to_csv, to_json
 from telemetry.errors import TallyError
+from telemetry.hostlist import expand_hostlist
 from tests.support.bill_reference import reference_bill
 from tests.support.bill_rows import (
     T0,

@@ -839,6 +839,40 @@ def test_gres_conf_shards_per_gpu() -> None:
     assert slurm.parse_gres_shards("Name=gpu File=/dev/nvidia[0-2]\nName=shard Count=8") == {}
 
 
+def test_a_shared_gres_conf_is_read_for_this_node() -> None:
+    """One gres.conf for the cluster: NodeName= lines count for their nodes only (by hostlist,
+    the short name of an FQDN too); where no line names the node, the file tells only if it
+    gives every node the same shards."""
+    conf = (
+        "NodeName=a[1-2] Name=gpu File=/dev/nvidia[0-3]\n"
+        "NodeName=a[1-2] Name=shard Count=32\n"
+        "NodeName=b[1-2] Name=gpu File=/dev/nvidia[0-1]\n"
+        "NodeName=b[1-2] Name=shard Count=64\n"
+    )
+    assert slurm.parse_gres_shards(conf, "a2") == {0: 8, 1: 8, 2: 8, 3: 8}
+    assert slurm.parse_gres_shards(conf, "b1.cluster.example") == {0: 32, 1: 32}
+    assert slurm.parse_gres_shards(conf, "c1") == {}  # unknown here, and the groups differ
+    alike = (
+        "NodeName=a[1-2] Name=shard Count=8 File=/dev/nvidia0\n"
+        "NodeName=b1 Name=shard Count=8 File=/dev/nvidia0\n"
+    )
+    assert slurm.parse_gres_shards(alike, "c1") == {0: 8}
+    common = "Name=gpu File=/dev/nvidia[0-1]\nNodeName=a1 Name=shard Count=4\n"
+    assert slurm.parse_gres_shards(common, "a1") == {0: 2, 1: 2}
+    assert slurm.parse_gres_shards("NodeName=a[1- Name=shard Count=4", "a1") == {}
+
+
+def test_a_configless_nodes_gres_conf_is_found_where_slurmd_keeps_it(tmp_path: Path) -> None:
+    """In configless mode slurmd fetches gres.conf and keeps it under /run/slurm/conf."""
+    root = copy_tree(tmp_path)
+    (root / "run" / "slurm" / "conf").mkdir(parents=True)
+    (root / "run" / "slurm" / "conf" / "gres.conf").write_text(
+        "NodeName=n1 Name=gpu File=/dev/nvidia[0-3]\nNodeName=n1 Name=shard Count=32\n"
+    )
+    set_environ(root, 4302, SLURM_SHARDS_ON_NODE="2")  # job 1009250 on GPU 1, node "n1"
+    assert by_job(collector(root).collect())["1009250"]["gpus_allocated"] == 0.25
+
+
 def test_two_jobs_on_shards_of_one_gpu_hold_their_shares(tmp_path: Path) -> None:
     """Two jobs on GPU 1 with 2 and 4 of its 8 shards (SLURM_SHARDS_ON_NODE): each is allocated
     its share, the claims carry it, and the GPU gets gpu_job rows with those shares (SPEC §2),

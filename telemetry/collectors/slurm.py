@@ -25,7 +25,8 @@ the cgroup. Who the job belongs to comes from what the job cannot change:
   where an inherited ``SLURM_JOB_GPUS`` names the batch node's GPUs), ``CUDA_VISIBLE_DEVICES``
   in that order. A job on GPU **shards** (job-info ``shards=``, else ``SLURM_SHARDS_ON_NODE``,
   which a prolog never sees) holds shards / shards-of-the-GPU of the GPUs it names, as the node's
-  ``<rootfs>/etc/slurm/gres.conf`` tells (``Name=shard Count=N`` over the GPU files); its
+  gres.conf tells (``<rootfs>/etc/slurm/``, else where configless slurmd keeps it, see
+  ``GRES_CONF_PATHS``; its lines for this node, ``Name=shard Count=N`` over the GPU files); its
   claims carry that share and its ``gpus_allocated`` is their sum. Where gres.conf does not
   say, the job counts its GPUs whole (one log line).
 
@@ -76,6 +77,7 @@ from telemetry.collectors.files import KeptFiles, kept_files_limit, read_text
 from telemetry.collectors.jobinfo import MAX_VALUE_CHARS, JobInfoFiles, job_info_dir_problem
 from telemetry.collectors.watch import DirectoryWatch
 from telemetry.errors import ParseError
+from telemetry.hostlist import expand_hostlist
 from telemetry.logs import OnceLogger, log
 
 _INT64_MAX = 2**63 - 1
@@ -295,13 +297,26 @@ def _device_indices(files: str) -> list[int]:
     return out
 
 
-def parse_gres_shards(text: str) -> dict[int, int]:
+#: Where a node's gres.conf is, below ``--path.rootfs``, first found wins: the packaged place,
+#: older Debian packages' place, and where slurmd keeps what it fetched in configless mode.
+GRES_CONF_PATHS = (
+    "etc/slurm/gres.conf",
+    "etc/slurm-llnl/gres.conf",
+    "run/slurm/conf/gres.conf",
+    "var/spool/slurmd/conf-cache/gres.conf",
+)
+
+
+def parse_gres_shards(text: str, node: str | None = None) -> dict[int, int]:
     """Shards of each GPU index per a node's gres.conf: ``Name=shard Count=N`` lines, their
-    count spread evenly over their ``File=`` GPUs, else over every ``Name=gpu`` file. Lines for
-    other nodes (``NodeName=``) are read too: a gres.conf is usually shared by like nodes. A
-    shape this does not understand gives {} (shares unknown), never a guess."""
-    gpus: list[int] = []
-    shards: list[tuple[int, list[int]]] = []
+    count spread evenly over their ``File=`` GPUs, else over every ``Name=gpu`` file.
+
+    A gres.conf is usually shared by the cluster: a line with ``NodeName=`` (a hostlist) counts
+    for those nodes only. Lines for ``node`` are read; where no line names it (slurmd may know
+    the node by another name), the file must give every node it names the same shards, or it
+    does not tell. A shape this does not understand gives {} (shares unknown), never a guess."""
+    common: list[dict[str, str]] = []  # lines for every node
+    groups: dict[tuple[str, ...], list[dict[str, str]]] = {}  # lines by their NodeName
     for raw in text.splitlines():
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -311,6 +326,29 @@ def parse_gres_shards(text: str) -> dict[int, int]:
             key, sep, value = token.partition("=")
             if sep:
                 fields[key.lower()] = value
+        if "nodename" not in fields:
+            common.append(fields)
+            continue
+        try:
+            names = tuple(expand_hostlist(fields["nodename"]))
+        except ValueError:
+            return {}
+        groups.setdefault(names, []).append(fields)
+    if not groups:
+        return _shards_of(common)
+    known_as = {node, node.split(".")[0]} if node else set()  # slurmd uses the short name
+    mine = [fields for names, lines in groups.items() if known_as & set(names) for fields in lines]
+    if mine:
+        return _shards_of(common + mine)
+    answers = {tuple(sorted(_shards_of(common + lines).items())) for lines in groups.values()}
+    return dict(answers.pop()) if len(answers) == 1 else {}
+
+
+def _shards_of(lines: list[dict[str, str]]) -> dict[int, int]:
+    """Shards per GPU index of one node's gres.conf lines (keys lower-cased); {} where unsure."""
+    gpus: list[int] = []
+    shards: list[tuple[int, list[int]]] = []
+    for fields in lines:
         name = fields.get("name", "").split(":")[0].lower()
         files = _device_indices(fields["file"]) if "file" in fields else []
         if name == "gpu":
@@ -823,11 +861,15 @@ class SlurmJobCollector(Collector):
         self._names: dict[int, str] = {}
         self._once = OnceLogger(log)
         # shards per GPU index, read once: gres.conf changes take a slurmd restart too
-        self._gres_path = ctx.rootfs / "etc" / "slurm" / "gres.conf"
-        try:
-            self._gres_shards = parse_gres_shards(self._gres_path.read_text(errors="replace"))
-        except OSError:
-            self._gres_shards = {}
+        self._gres_path, self._gres_shards = ctx.rootfs / GRES_CONF_PATHS[0], {}
+        for relative in GRES_CONF_PATHS:
+            path = ctx.rootfs / relative
+            try:
+                text = path.read_text(errors="replace")
+            except OSError:
+                continue
+            self._gres_path, self._gres_shards = path, parse_gres_shards(text, ctx.node)
+            break
         self._clock: Callable[[], float] = time.monotonic  # seconds; tests may replace it
         self._files = KeptFiles(kept_files_limit())
         # the collector's clock as it is when asked: tests replace it
