@@ -945,6 +945,30 @@ def test_a_step_elsewhere_is_held_to_its_own_gpus_not_the_batch_nodes(tmp_path: 
     ]  # fmt: skip
 
 
+def test_an_mps_job_holds_the_share_of_its_gpu_the_prolog_saw(tmp_path: Path) -> None:
+    """gres/mps: Slurm gives the prolog CUDA_MPS_ACTIVE_THREAD_PERCENTAGE; the job-info file
+    carries it and the job holds that share of its GPU. The same variable in the job's own
+    environment is the user's to set, and changes nothing."""
+    root = copy_tree(tmp_path)
+    info = root / INFO
+    env = {
+        "SLURM_JOB_ID": "1009250", "SLURM_JOB_UID": str(ME), "SLURM_JOB_USER": "testusr2",
+        "SLURM_JOB_ACCOUNT": "lab-a", "SLURM_JOB_GPUS": "1",
+        "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "25",
+    }  # fmt: skip
+    assert run_script("tally-prolog", info, **env).returncode == 0
+    assert parse_job_info((info / "1009250").read_text())["mps_percentage"] == "25"
+    out = collector(root).collect()
+    assert by_job(out)["1009250"]["gpus_allocated"] == 0.25
+    assert [c.get("share") for c in out["_gpu_job"] if c["job_id"] == "1009250"] == [0.25]
+    set_environ(root, 4302, CUDA_MPS_ACTIVE_THREAD_PERCENTAGE="5")
+    (info / "1009250").write_text(f"job_id=1009250\nuid={ME}\naccount=lab-a\ngpus=1\n")
+    assert by_job(collector(root).collect())["1009250"]["gpus_allocated"] == 1.0
+    for wrong in ("0", "100", "250", "x"):
+        (info / "1009250").write_text(f"job_id=1009250\nuid={ME}\ngpus=1\nmps_percentage={wrong}\n")
+        assert by_job(collector(root).collect())["1009250"]["gpus_allocated"] == 1.0, wrong
+
+
 def test_shards_without_a_gres_conf_count_the_gpu_whole(
     tmp_path: Path, warnings: list[str]
 ) -> None:

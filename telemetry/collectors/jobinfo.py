@@ -28,7 +28,9 @@ from telemetry.logs import OnceLogger
 MAX_VALUE_CHARS = 1024
 
 #: Keys of a job-info file (``deploy/slurm/tally-prolog``); others are ignored.
-JOB_INFO_KEYS = frozenset({"job_id", "sluid", "uid", "user", "account", "gpus", "shards"})
+JOB_INFO_KEYS = frozenset(
+    {"job_id", "sluid", "uid", "user", "account", "gpus", "shards", "mps_percentage"}
+)
 _JOB_INFO_MAX_BYTES = 64 << 10
 # A job-info file read is read again at least this often, whatever the watch says.
 REREAD_SECONDS = 60.0
@@ -36,9 +38,9 @@ REREAD_SECONDS = 60.0
 
 def parse_job_info(text: str, source: str = "job-info") -> dict[str, str]:
     """A job-info file: ``key=value`` lines (``job_id``, ``sluid``, ``uid``, ``user``,
-    ``account``, ``gpus``); blank lines and ``#`` comments skipped, unknown keys ignored, values
-    cut to ``MAX_VALUE_CHARS``. Raises ``ParseError`` for a line without ``=``, a repeated key, or
-    a ``job_id``/``uid`` that is not a number.
+    ``account``, ``gpus``, ``shards``, ``mps_percentage``); blank lines and ``#`` comments
+    skipped, unknown keys ignored, values cut to ``MAX_VALUE_CHARS``. Raises ``ParseError`` for
+    a line without ``=``, a repeated key, or a ``job_id``/``uid`` that is not a number.
     """
     info: dict[str, str] = {}
     for number, raw in enumerate(text.splitlines(), 1):

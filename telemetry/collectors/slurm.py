@@ -28,7 +28,9 @@ the cgroup. Who the job belongs to comes from what the job cannot change:
   gres.conf tells (``<rootfs>/etc/slurm/``, else where configless slurmd keeps it, see
   ``GRES_CONF_PATHS``; its lines for this node, ``Name=shard Count=N`` over the GPU files); its
   claims carry that share and its ``gpus_allocated`` is their sum. Where gres.conf does not
-  say, the job counts its GPUs whole (one log line).
+  say, the job counts its GPUs whole (one log line). A job on **MPS** (``gres/mps``) holds the
+  job-info ``mps_percentage`` of its GPUs the same way (the prolog's alone: users set
+  ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` themselves).
 
 An environment (``<procfs>/<pid>/environ``, which only root can read for other users'
 processes) counts only if its ``SLURM_JOB_ID`` (or ``SLURM_JOB_SLUID``) is the cgroup's job;
@@ -1279,6 +1281,8 @@ class SlurmJobCollector(Collector):
         else:
             gpus, claims = search.gpus, search.claims
         share = self._shard_share(job, shards, claims)
+        if share is None and trusted is not None and claims:
+            share = _mps_share(trusted.get("mps_percentage", ""))
         if share is not None:
             info = JobInfo(job_id, user, account, source, share * len(claims), claims, share)
         else:
@@ -1461,6 +1465,16 @@ class SlurmJobCollector(Collector):
             f"job: {Path(exc.filename).name} missing in Slurm job cgroups (controller not "
             f"enabled?), e.g. {exc.filename}; such jobs are left out",
         )
+
+
+def _mps_share(percentage: str) -> float | None:
+    """A gres/mps job's share of each of its GPUs from the prolog's ``mps_percentage`` (Slurm's
+    ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``), or None where it is not 1-99. The job's own
+    environment is not asked: users set that variable themselves to limit their own runs."""
+    if not (percentage.isascii() and percentage.isdigit() and len(percentage) <= 3):
+        return None
+    value = int(percentage)
+    return value / 100 if 0 < value < 100 else None
 
 
 def _names_job(env: dict[str, str], job: JobCgroup) -> bool:
