@@ -867,3 +867,23 @@ def test_unmeasured_energy_is_null_on_tenant_and_job_lines_too(tmp_path: Path) -
     gpu_lines = [r for r in bill.pools + bill.tenants + bill.jobs if r["pool"] == "gpu-own"]
     assert gpu_lines and all(r["energy_kwh"] is None for r in gpu_lines)
     assert_same(bill_dict(bill), reference_bill(stored(tables), inv, 86400, files=files))
+
+
+@pytest.mark.parametrize("version", ["v0.0.39", "v0.0.40"])
+def test_a_job_on_mps_keeps_its_sampled_gpu_allocation(version: str) -> None:
+    """gres/mps counts shares of a GPU's threads (100 a GPU, as gres.conf sets it), not GPUs:
+    like shards, the record leaves the GPU allocation to the samples instead of billing none."""
+    text = _sacct_json([{"id": 41, "user": "ann", "account": "lab", "nodes": "gpu-a1",
+                         "start": S0, "end": None, "cpus": 4, "gpus": 0}], version)  # fmt: skip
+    raw = json.loads(text)
+    raw["jobs"][0]["tres"]["allocated"].append(
+        {"type": "gres", "name": "mps", "id": 1003, "count": 25}
+    )
+    (record,) = parse_sacct_json(json.dumps(raw))
+    assert (record.cpus, record.gpus) == (4.0, None)
+    parsable = ("JobIDRaw|User|Account|Start|End|AllocTRES|NodeList\n"
+                "41|ann|lab|2026-09-01T00:00:00Z|Unknown|cpu=4,gres/mps=25|gpu-a1\n")  # fmt: skip
+    (record,) = parse_sacct_parsable(parsable)
+    assert (record.cpus, record.gpus) == (4.0, None)
+    whole = parsable.replace("gres/mps=25", "gres/gpu=1")
+    assert parse_sacct_parsable(whole)[0].gpus == 1.0

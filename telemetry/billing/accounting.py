@@ -28,14 +28,15 @@ _NOT_RUNNING = {"PENDING", "REQUEUE_HOLD", "REQUEUE_FED"}
 # the record of a run that ended in a requeue (``sacct -D`` lists each run of a job): billed
 # from its start to its end; without an end it says nothing of when the run stopped
 _REQUEUED = "REQUEUED"
-_GRES = ("gpu:", "shard")  # gres entries named so count GPUs or shards
+_GRES = ("gpu:", "shard", "mps")  # gres entries named so count GPUs or shares of GPUs
 
 
 @dataclass(frozen=True)
 class Record:
     """One job's allocation: ``cpus`` and ``gpus`` over all its ``nodes``, [start, end) in ns
-    (``end`` None: still running). ``gpus`` is None for a job on GPU shards: accounting counts
-    shards, not what fraction of a GPU they are, so its GPU allocation stays the sampled one."""
+    (``end`` None: still running). ``gpus`` is None for a job on GPU shards or MPS: accounting
+    counts shards or MPS shares, not what fraction of a GPU they are, so its GPU allocation
+    stays the sampled one."""
 
     job_id: str
     user: str
@@ -163,7 +164,7 @@ def _json_record(job: dict[str, Any]) -> Record | None:
             gpus += count
         elif kind == "gres" and name.startswith("gpu:"):
             typed_gpus += count
-        elif kind == "gres" and (name == "shard" or name.startswith("shard:")):
+        elif kind == "gres" and name.split(":")[0] in ("shard", "mps"):
             shards += count
     nodes = job.get("nodes")
     if not isinstance(nodes, str):
@@ -275,11 +276,12 @@ _TRES = re.compile(r"^([^=]+)=([0-9.]+)([KMGTP]?)$")
 
 
 def _alloc_tres(text: str) -> tuple[float, float | None]:
-    """``billing=8,cpu=8,gres/gpu=2,mem=64G,node=1`` → (cpus, gpus); gpus None for shards."""
+    """``billing=8,cpu=8,gres/gpu=2,mem=64G,node=1`` → (cpus, gpus); gpus None for shards or
+    MPS shares."""
     cpus = gpus = typed = shards = 0.0
     for item in filter(None, (t.strip() for t in text.split(","))):
         name = item.partition("=")[0]
-        counted = name == "cpu" or name.startswith(("gres/gpu", "gres/shard"))
+        counted = name == "cpu" or name.startswith(("gres/gpu", "gres/shard", "gres/mps"))
         match = _TRES.match(item)
         if match is None:
             if counted or "=" not in item:
@@ -292,6 +294,6 @@ def _alloc_tres(text: str) -> tuple[float, float | None]:
             gpus = count
         elif name.startswith("gres/gpu:"):
             typed += count
-        elif name == "gres/shard" or name.startswith("gres/shard:"):
+        elif name.split(":")[0] in ("gres/shard", "gres/mps"):
             shards += count
     return cpus, _gpus(gpus or typed, shards)
