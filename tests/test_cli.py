@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -251,6 +252,16 @@ def test_inventory_values_a_finance_team_would_not_type(tmp_path: Path) -> None:
     assert str(negative_zero.pools[0].price_per_unit_hour) == "0.0"  # never "-0.00" on a bill
 
 
+def _bill_on_one_cpu_pool(tmp_path: Path, root: Path) -> subprocess.CompletedProcess[str]:
+    """``tally bill`` of ``root`` with an inventory of one owned CPU pool over every node."""
+    inventory = tmp_path / "inv.toml"
+    inventory.write_text(
+        '[[pool]]\nname = "p"\nkind = "cpu"\nownership = "own"\nnodes = ["*"]\n'
+        "cost_per_unit_hour = 1\nprice_per_unit_hour = 2\n"
+    )
+    return tally("bill", str(root), "--inventory", str(inventory))
+
+
 def test_a_file_name_that_is_not_utf8_is_said_not_a_traceback(tmp_path: Path) -> None:
     from tests.support.tables import cpu_table, write_dataset
 
@@ -259,12 +270,7 @@ def test_a_file_name_that_is_not_utf8_is_said_not_a_traceback(tmp_path: Path) ->
     (good.parent / b"caf\xe9-torn.parquet".decode("utf-8", "surrogateescape")).write_bytes(
         b"PAR1 torn"
     )
-    inventory = tmp_path / "inv.toml"
-    inventory.write_text(
-        '[[pool]]\nname = "p"\nkind = "cpu"\nownership = "own"\nnodes = ["*"]\n'
-        "cost_per_unit_hour = 1\nprice_per_unit_hour = 2\n"
-    )
-    result = tally("bill", str(root), "--inventory", str(inventory))
+    result = _bill_on_one_cpu_pool(tmp_path, root)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr and "Logging error" not in result.stderr
     assert "caf\\udce9-torn.parquet" in result.stderr and "not valid UTF-8" in result.stderr
@@ -297,12 +303,7 @@ def test_a_column_name_that_is_not_utf8_is_quarantined_not_a_traceback(tmp_path:
     good = write_dataset(root, "cpu", cpu_table("n1", [0.0, 30.0]))
     bad = good.parent.parent / "node=n2" / "foreign.parquet"
     write_undecodable_column_name(bad, cpu_table("n2", [0.0, 30.0]), "node")
-    inventory = tmp_path / "inv.toml"
-    inventory.write_text(
-        '[[pool]]\nname = "p"\nkind = "cpu"\nownership = "own"\nnodes = ["*"]\n'
-        "cost_per_unit_hour = 1\nprice_per_unit_hour = 2\n"
-    )
-    result = tally("bill", str(root), "--inventory", str(inventory))
+    result = _bill_on_one_cpu_pool(tmp_path, root)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert "foreign.parquet" in result.stderr and "column name is not valid UTF-8" in result.stderr
