@@ -176,8 +176,8 @@ def check_slurm(config: DaemonConfig) -> list[Finding]:
             OK, "slurm", f"cgroup v2, {len(scopes)} slurmstepd scope(s), {running} job(s) running"
         )
     elif version == 1:
-        cpuacct = root / "cpuacct" if (root / "cpuacct").is_dir() else root / "cpu,cpuacct"
-        if not any(cpuacct.glob("slurm*")):
+        hierarchies = ("cpuacct", "cpu,cpuacct", "freezer", "cpuset", "memory")
+        if not any(any((root / h).glob("slurm*")) for h in hierarchies):
             return [
                 Finding(
                     WARN,

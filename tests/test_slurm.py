@@ -210,6 +210,46 @@ def test_cgroup_v1_tree() -> None:
     assert claims == V1_CLAIMS
 
 
+def test_v1_jobs_without_cpuacct_memory_or_cpuset_cgroups_are_read_from_their_processes(
+    tmp_path: Path, warnings: list[str]
+) -> None:
+    """cgroup v1 Slurm makes a cpuacct cgroup only with jobacct_gather/cgroup, a memory one with
+    ConstrainRAMSpace, a cpuset one with ConstrainCores: a job is listed wherever it has a
+    cgroup, and what a missing one would tell comes from its processes (CPU time held from
+    going back when a process ends), said once."""
+    root = copy_tree(V1, tmp_path)
+    cgroup = root / "sys/fs/cgroup"
+    for top in ("slurm", "slurm_node07"):
+        shutil.rmtree(cgroup / "cpuacct" / top)  # jobacct_gather/linux: no cpuacct cgroups
+    proc = root / "proc" / "5102"  # job 502's batch script (cpuset step_batch/task_0)
+    page = os.sysconf("SC_PAGE_SIZE")
+    stat = "5102 (bash) S 1 5102 5102 0 -1 4194560 1 0 0 0 {u} 100 300 100 20 0 1 0 9 1 2560 0\n"
+    (proc / "stat").write_text(stat.format(u=500))
+    (proc / "status").write_text("Name:\tbash\nCpus_allowed_list:\t0-2,7\n")
+    c = SlurmJobCollector(ctx(root), resolve_user=names)
+    job = by_job(c.collect())["502"]
+    want = V1_EXPECTED["502"]
+    assert job["cpu_seconds"] == 10.0  # (500 + 100 + 300 + 100) ticks at 100 Hz
+    assert (job["memory_bytes"], job["cpus_allocated"]) == (want["memory_bytes"], 4.0)
+    assert set(by_job(c.collect())) == set(V1_EXPECTED)  # every job still listed
+    (proc / "stat").write_text(stat.format(u=100))  # a process ended: the time is held
+    assert by_job(c.collect())["502"]["cpu_seconds"] == 10.0
+    (proc / "stat").write_text(stat.format(u=700))
+    assert by_job(c.collect())["502"]["cpu_seconds"] == 12.0
+    said = [w for w in warnings if "cgroup v1" in w]
+    assert len(said) == 1 and "no cpu cgroup" in said[0]  # once, not once a job or round
+    # no memory and no cpuset cgroup either (ConstrainRAMSpace=no, ConstrainCores=no): the
+    # job is still listed by its freezer cgroup (proctrack/cgroup)
+    freezer = cgroup / "freezer/slurm/uid_1001/job_502/step_batch"
+    shutil.copytree(cgroup / "cpuset/slurm/uid_1001/job_502/step_batch", freezer)
+    for hierarchy in ("memory", "cpuset"):
+        shutil.rmtree(cgroup / hierarchy / "slurm/uid_1001/job_502")
+    job = by_job(SlurmJobCollector(ctx(root), resolve_user=names).collect())["502"]
+    assert (job["memory_bytes"], job["cpus_allocated"]) == (2560 * page, 4.0)  # 0-2,7
+    assert (job["user"], job["account"]) == (want["user"], want["account"])
+    assert any("no cpu/memory/cpus cgroup" in w for w in warnings)
+
+
 def test_rows_fit_the_job_schema_and_survive_parquet() -> None:
     for root in (V2, V1):
         out = SlurmJobCollector(ctx(root), resolve_user=names).collect()

@@ -6,9 +6,12 @@ several slurmd run on one host; since Slurm 26.05 the job directory is named by 
 ``s`` and 13 Crockford base-32 digits, unless cgroup.conf sets ``CgroupJobIdPaths=yes``), with
 the steps in ``step_<s>/`` and their processes in ``step_<s>/user/task_<n>/`` (slurmstepd itself
 in ``step_<s>/slurm/``); with cgroup v1 it is ``<cgroup>/<controller>/slurm/uid_<uid>/job_<id>/``
-(``slurm_<nodename>/`` for several slurmd) in each of the ``cpuset``, ``cpuacct`` and ``memory``
-hierarchies. ``<cgroup>`` is ``<sysfs>/fs/cgroup``; :func:`cgroup_version` decides which of the
-two the host runs, for this collector and ``tally doctor`` alike.
+(``slurm_<nodename>/`` for several slurmd) in each of the ``cpuacct``, ``freezer``, ``cpuset`` and
+``memory`` hierarchies (a job is listed wherever it has one: Slurm makes the cpuacct cgroup
+only with jobacct_gather/cgroup, memory with ConstrainRAMSpace, cpuset with ConstrainCores;
+what a missing one would tell comes from the job's processes). ``<cgroup>`` is
+``<sysfs>/fs/cgroup``; :func:`cgroup_version` decides which of the two the host runs, for this
+collector and ``tally doctor`` alike.
 
 The collector reads the job's allocated CPUs, its cumulative CPU time and its current memory in
 the cgroup. Who the job belongs to comes from what the job cannot change:
@@ -514,6 +517,9 @@ class JobCgroup:
     version: int  # 2: usage_file is cpu.stat; 1: it is cpuacct.usage
     scope: str = ""  # the slurmd's scope (v2) or top directory (v1): several slurmd per host
     sluid: str | None = None  # the cgroup is named by this SLUID (Slurm >= 26.05)
+    # v1 hierarchies Slurm made no cgroup for this job in ("cpu": cpuacct, "memory", "cpus":
+    # cpuset): what they would tell is taken from the job's processes instead
+    fallback: tuple[str, ...] = ()
 
     @functools.cached_property
     def key(self) -> tuple[str, str]:
@@ -586,33 +592,53 @@ def _v2_job(scope_dir: str, name: str) -> JobCgroup | None:
     )
 
 
+# cgroup v1 hierarchies a Slurm job may have a cgroup in: cpuacct only with
+# JobAcctGatherType=jobacct_gather/cgroup, cpuset with ConstrainCores, memory with
+# ConstrainRAMSpace, freezer with ProctrackType=proctrack/cgroup
+_V1_HIERARCHIES = (("cpuacct", "cpuacct"), ("cpu,cpuacct", "cpuacct"), ("freezer", "freezer"),
+                   ("cpuset", "cpuset"), ("memory", "memory"))  # fmt: skip
+
+
 def _v1_jobs(root: Path, scanned: list[str] | None = None) -> Iterator[JobCgroup]:
-    cpuacct = root / "cpuacct"
-    if not cpuacct.is_dir():
-        cpuacct = root / "cpu,cpuacct"
-    for top in _subdirs(cpuacct, scanned):
-        if top.name != "slurm" and not top.name.startswith("slurm_"):
-            continue
-        for uid_dir in _subdirs(top, scanned):
-            uid_match = _UID_DIR.fullmatch(uid_dir.name)
-            if not uid_match or len(uid_match.group(1)) > 10:
+    """The jobs of every v1 hierarchy Slurm uses (a job is listed wherever it has a cgroup);
+    what a hierarchy without the job's cgroup would tell is left to its processes."""
+    found: dict[tuple[str, str, str], dict[str, Path]] = {}
+    for directory, kind in _V1_HIERARCHIES:
+        hierarchy = root / directory
+        if kind == "cpuacct" and directory == "cpu,cpuacct" and (root / "cpuacct").is_dir():
+            continue  # the same hierarchy (cpuacct is a link to it where both are there)
+        for top in _subdirs(hierarchy, scanned):
+            if top.name != "slurm" and not top.name.startswith("slurm_"):
                 continue
-            for job in _subdirs(uid_dir, scanned):
-                match = _JOB_DIR.fullmatch(job.name)
-                if not match:
+            for uid_dir in _subdirs(top, scanned):
+                uid_match = _UID_DIR.fullmatch(uid_dir.name)
+                if not uid_match or len(uid_match.group(1)) > 10:
                     continue
-                rel = job.relative_to(cpuacct)
-                cpuset = root / "cpuset" / rel
-                yield JobCgroup(
-                    job_id=match.group(1),
-                    procs_dir=job,
-                    cpus_files=(cpuset / "cpuset.effective_cpus", cpuset / "cpuset.cpus"),
-                    usage_file=job / "cpuacct.usage",
-                    memory_file=root / "memory" / rel / "memory.usage_in_bytes",
-                    uid=int(uid_match.group(1)),
-                    version=1,
-                    scope=top.name,
-                )
+                for job in _subdirs(uid_dir, scanned):
+                    if _JOB_DIR.fullmatch(job.name):
+                        key = (top.name, uid_dir.name, job.name)
+                        found.setdefault(key, {}).setdefault(kind, job)
+    for (top_name, uid_name, job_name), paths in found.items():
+        match = _JOB_DIR.fullmatch(job_name)
+        uid_match = _UID_DIR.fullmatch(uid_name)
+        assert match is not None and uid_match is not None
+        acct, cpuset, memory = paths.get("cpuacct"), paths.get("cpuset"), paths.get("memory")
+        procs_dir = acct or paths.get("freezer") or cpuset or memory
+        assert procs_dir is not None
+        fallback = tuple(
+            name for name, path in (("cpu", acct), ("memory", memory), ("cpus", cpuset)) if not path
+        )
+        yield JobCgroup(
+            job_id=match.group(1),
+            procs_dir=procs_dir,
+            cpus_files=(cpuset / "cpuset.effective_cpus", cpuset / "cpuset.cpus") if cpuset else (),
+            usage_file=(acct or procs_dir) / "cpuacct.usage",
+            memory_file=(memory or procs_dir) / "memory.usage_in_bytes",
+            uid=int(uid_match.group(1)),
+            version=1,
+            scope=top_name,
+            fallback=fallback,
+        )
 
 
 class JobListing:
@@ -792,6 +818,7 @@ class JobInfo:
     gpu_share: float | None = None  # of each GPU in gpu_indices, for a job on shards
 
 
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _MAX_TRIED = 65536  # PIDs remembered per job; past this the oldest knowledge is dropped
 
 
@@ -880,6 +907,8 @@ class SlurmJobCollector(Collector):
         self._cpu_counts: dict[str, int] = {}  # cpuset text -> CPUs: the same few lists recur
         # per job: (CPUs, when read, since when read the same, CPU seconds then)
         self._cpusets: dict[tuple[str, str], tuple[int, float, float, float]] = {}
+        # per v1 job without a cpuacct cgroup: the most CPU seconds its processes showed
+        self._process_seconds: dict[tuple[str, str], float] = {}
         self._plan: _Plan | None = None  # the last round, where nothing new was to be found
         self._plan_at = 0.0  # no plan is made before (monotonic seconds)
         self._plan_retry = PLAN_RETRY_SECONDS  # tests may shorten it
@@ -958,6 +987,8 @@ class SlurmJobCollector(Collector):
             del self._search[key]
         for key in self._cpusets.keys() - seen:
             del self._cpusets[key]
+        for key in self._process_seconds.keys() - seen:
+            del self._process_seconds[key]
         self._job_info_files.keep_only({job_id for _, job_id in seen})
         self._files.keep_only(seen)
         rows: list[Row] = []
@@ -1165,9 +1196,12 @@ class SlurmJobCollector(Collector):
 
     def _read_job(self, job: JobCgroup, info_dir_ok: bool) -> tuple[Row, JobInfo]:
         cpus_names, usage_name, memory_name = job.names
-        cpu_seconds, memory = read_cgroup_usage(
-            job.version, usage_name, memory_name, self._files, job.key
-        )
+        if job.fallback:
+            cpu_seconds, memory = self._usage_with_fallback(job, usage_name, memory_name)
+        else:
+            cpu_seconds, memory = read_cgroup_usage(
+                job.version, usage_name, memory_name, self._files, job.key
+            )
         cpus = self._job_cpus(job, cpus_names, cpu_seconds)
         info = self._job_info(job, info_dir_ok)
         row: Row = {
@@ -1181,6 +1215,54 @@ class SlurmJobCollector(Collector):
             "memory_bytes": memory,
         }
         return row, info
+
+    def _usage_with_fallback(
+        self, job: JobCgroup, usage_name: str, memory_name: str
+    ) -> tuple[float, int]:
+        """CPU seconds and memory bytes of a v1 job some of whose hierarchies hold no cgroup of
+        it: from the cgroup files there are, else from its processes (``/proc/<pid>/stat``: CPU
+        time of the living ones and of the children they waited for, held from going back when
+        one ends; resident memory)."""
+        cpu_seconds: float | None = None
+        memory: int | None = None
+        if "cpu" not in job.fallback:
+            text = self._files.read(job.key, usage_name)
+            cpu_seconds = _non_negative_int(text, usage_name) / 1e9
+        if "memory" not in job.fallback:
+            memory = parse_counter(self._files.read(job.key, memory_name), memory_name)
+        if cpu_seconds is None or memory is None:
+            self._once.warning(
+                f"v1-fallback:{','.join(job.fallback)}",
+                f"cgroup v1: Slurm makes no {'/'.join(job.fallback)} cgroup for jobs here "
+                "(JobAcctGatherType=jobacct_gather/cgroup, ConstrainRAMSpace, ConstrainCores): "
+                "those figures come from each job's processes, and CPU time of processes that "
+                "ended unwaited is not counted",
+            )
+            ticks, resident = self._process_usage(job)
+            if cpu_seconds is None:
+                seconds = ticks / self.ctx.user_hz
+                cpu_seconds = max(seconds, self._process_seconds.get(job.key, 0.0))
+                self._process_seconds[job.key] = cpu_seconds
+            if memory is None:
+                memory = resident
+        return cpu_seconds, memory
+
+    def _process_usage(self, job: JobCgroup) -> tuple[int, int]:
+        """Clock ticks of CPU (user, system, and of waited-for children) and resident bytes of
+        the job's processes; a process that ends meanwhile counts nothing."""
+        ticks = resident = 0
+        for pid in job_pids(job.procs_dir):
+            try:
+                text = read_text(self.ctx.procfs / str(pid) / "stat")
+            except OSError:
+                continue
+            fields = text.rpartition(")")[2].split()
+            if len(fields) < 22 or not all(f.isdigit() for f in fields[11:15]):
+                continue
+            ticks += sum(int(f) for f in fields[11:15])
+            if fields[21].isdigit():
+                resident += int(fields[21]) * _PAGE_BYTES
+        return ticks, resident
 
     def _job_cpus(self, job: JobCgroup, names: tuple[str, ...], cpu_seconds: float) -> int:
         """The job's CPUs, its cpuset read as :data:`CPUSET_RECHECK_SECONDS` says."""
@@ -1202,7 +1284,10 @@ class SlurmJobCollector(Collector):
 
     def _cpus(self, job: JobCgroup, names: tuple[str, ...]) -> int:
         """CPUs in the first non-empty of the cpuset files ``names``; 0 if all are empty, gone
-        if all are missing."""
+        if all are missing. A v1 job without a cpuset cgroup (ConstrainCores=no): the CPUs its
+        first process may run on."""
+        if not names:
+            return self._affinity_cpus(job)
         missing: list[FileNotFoundError] = []
         for path in names:
             try:
@@ -1222,6 +1307,18 @@ class SlurmJobCollector(Collector):
         if len(missing) == len(names):
             raise missing[0]
         return 0
+
+    def _affinity_cpus(self, job: JobCgroup) -> int:
+        """``Cpus_allowed_list`` of the job's first process that has one; gone if none does."""
+        for pid in job_pids(job.procs_dir):
+            try:
+                status = read_text(self.ctx.procfs / str(pid) / "status")
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("Cpus_allowed_list:"):
+                    return parse_cpu_list(line.partition(":")[2].strip(), "Cpus_allowed_list")
+        raise FileNotFoundError(errno.ENOENT, "no process of the job is left", str(job.procs_dir))
 
     # ------------------------------------------------------------ who the job is
 
