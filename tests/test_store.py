@@ -378,3 +378,25 @@ def test_a_compactor_traceback_is_relayed_line_by_line_never_as_blank_errors(
     assert errors[0] == "Traceback (most recent call last):"
     assert "ValueError: boom" in errors and all(message.strip() for message in errors)
     assert store.compaction_failures == 1
+
+
+def test_recovery_quarantines_a_journal_whose_column_name_is_not_utf8(tmp_path: Path) -> None:
+    from telemetry.store.layout import partition_dir
+    from telemetry.store.writer import recover_node
+
+    table = cpu_table("n1", [0.0, 30.0]).rename_columns(
+        ["nod\x7f" if n == "node" else n for n in cpu_table("n1", [0.0]).column_names]
+    )
+    journal = partition_dir(tmp_path, "cpu", T0, "n1") / "part-0.arrows"
+    journal.parent.mkdir(parents=True)
+    with pa.OSFile(str(journal), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    journal.write_bytes(journal.read_bytes().replace(b"nod\x7f", b"nod\xff"))
+    later = partition_dir(tmp_path, "cpu", T0, "n1") / "part-1.arrows"
+    rows = cpu_table("n1", [60.0])
+    with pa.OSFile(str(later), "wb") as sink, pa.ipc.new_stream(sink, rows.schema) as writer:
+        writer.write_table(rows)
+    recover_node(tmp_path, "n1")  # no raise: the journal after it is compacted too
+    assert not journal.exists() and not later.exists()
+    assert len(list((tmp_path / "quarantine").rglob("*.arrows"))) == 1
+    assert later.with_suffix(".parquet").exists()

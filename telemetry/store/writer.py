@@ -106,17 +106,21 @@ def compact(journal: Path, root: Path, table: str) -> Path | None:
     if target.exists():
         journal.unlink(missing_ok=True)  # compacted just before a crash
         return target
-    data, clean = read_journal(journal)
+    try:
+        data, clean = read_journal(journal)
+        if data is not None:
+            data = validate(data, table)
+    except SchemaError as exc:
+        quarantine(root, journal, str(exc))
+        return None
+    except UnicodeDecodeError:  # Arrow decodes column names as it joins the batches
+        quarantine(root, journal, "a column name is not valid UTF-8")
+        return None
     if data is None:
         if journal.stat().st_size == 0:
             journal.unlink(missing_ok=True)
         else:
             quarantine(root, journal, "journal header unreadable")
-        return None
-    try:
-        data = validate(data, table)
-    except SchemaError as exc:
-        quarantine(root, journal, str(exc))
         return None
     if not clean:
         log.warning(
