@@ -902,11 +902,11 @@ def test_two_jobs_on_shards_of_one_gpu_hold_their_shares(tmp_path: Path) -> None
     assert held == [("1009249", 0.5), ("1009250", 0.25)]
 
 
-def test_shards_a_prolog_cannot_see_come_from_the_jobs_environment(tmp_path: Path) -> None:
-    """A prolog's environment has SLURM_JOB_GPUS but no SLURM_SHARDS_ON_NODE (Slurm sets that
-    for the job's steps only), so its job-info file names the GPU and no shards: the shards
-    come from the job's own environment, not the whole GPU billed. A file that does give
-    shards wins."""
+def test_a_job_info_file_without_shards_counts_the_gpus_whole(tmp_path: Path) -> None:
+    """A job-info file names the job's GPUs; without shards= they count whole, whatever the job's
+    environment says: Slurm leaves a SLURM_SHARDS_ON_NODE the user exported in place in a job
+    on whole GPUs (the GPU plugin protects the environment), so trusting it would let a
+    whole-GPU job pay for 2 shards of 8. A file that gives shards= is taken."""
     root = copy_tree(tmp_path)
     (root / "etc" / "slurm").mkdir()
     (root / "etc" / "slurm" / "gres.conf").write_text(
@@ -918,7 +918,7 @@ def test_shards_a_prolog_cannot_see_come_from_the_jobs_environment(tmp_path: Pat
     info.chmod(0o644)
     job = by_job(collector(root).collect())["1009250"]
     assert (job["account"], job["account_source"]) == ("lab-a", "job-info")
-    assert job["gpus_allocated"] == 0.25  # 2 of GPU 1's 8 shards
+    assert job["gpus_allocated"] == 1.0
     info.write_text(f"job_id=1009250\nuid={ME}\nuser=testusr2\naccount=lab-a\ngpus=1\nshards=4\n")
     assert by_job(collector(root).collect())["1009250"]["gpus_allocated"] == 0.5
 

@@ -26,8 +26,8 @@ the cgroup. Who the job belongs to comes from what the job cannot change:
 - the **GPUs**: job-info ``gpus=``, else ``SLURM_JOB_GPUS`` of the batch (or interactive)
   step, the ``SLURM_STEP_GPUS`` of the steps taken together (on nodes without the batch step,
   where an inherited ``SLURM_JOB_GPUS`` names the batch node's GPUs), ``CUDA_VISIBLE_DEVICES``
-  in that order. A job on GPU **shards** (job-info ``shards=``, else ``SLURM_SHARDS_ON_NODE``,
-  which a prolog never sees) holds shards / shards-of-the-GPU of the GPUs it names, as the node's
+  in that order. A job on GPU **shards** (job-info ``shards=``; without a job-info file
+  ``SLURM_SHARDS_ON_NODE``) holds shards / shards-of-the-GPU of the GPUs it names, as the node's
   gres.conf tells (``<rootfs>/etc/slurm/``, else where configless slurmd keeps it, see
   ``GRES_CONF_PATHS``; its lines for this node, ``Name=shard Count=N`` over the GPU files); its
   claims carry that share and its ``gpus_allocated`` is their sum. Where gres.conf does not
@@ -1370,11 +1370,14 @@ class SlurmJobCollector(Collector):
         if trusted is not None and "gpus" in trusted:
             entries = _list_entries(trusted["gpus"])
             gpus, claims = len(entries), _gpu_claims(entries)
-            if trusted.get("shards", "").isdigit():
-                shards = min(int(trusted["shards"]), _INT16_MAX)
-            # else: a prolog's environment has no SLURM_SHARDS_ON_NODE (Slurm sets it for the
-            # job's steps only), so the job's own tells; Slurm removes one a job without
-            # shards brought along, so it is not the user's to forge
+            # Without shards= the GPUs count whole, whatever the job's environment says: Slurm
+            # keeps a SLURM_SHARDS_ON_NODE the user brought along in a job on whole GPUs, so
+            # it could lower the bill of one (a prolog never sees the variable, see docs)
+            shards = (
+                min(int(trusted["shards"]), _INT16_MAX)
+                if trusted.get("shards", "").isdigit()
+                else None
+            )
         else:
             gpus, claims = search.gpus, search.claims
         share = self._shard_share(job, shards, claims)
@@ -1390,20 +1393,14 @@ class SlurmJobCollector(Collector):
 
     def _walk_wanted(self, job: JobCgroup, search: _Search, trusted: dict[str, str] | None) -> bool:
         """Whether the job's processes are still to be searched: the environments have not told
-        all a row needs, nor has the job-info file ``trusted`` (whose GPUs, where gres.conf
-        gives them shards, need the shards only the job's environment tells)."""
+        all a row needs, nor has the job-info file ``trusted``."""
         need_uid = job.uid is None
         return not search.complete(need_uid) and not (
             trusted is not None
             and "account" in trusted
             and "gpus" in trusted
             and (search.uid is not None or not need_uid)
-            and ("shards" in trusted or not self._may_hold_shards(trusted["gpus"]))
         )
-
-    def _may_hold_shards(self, gpus: str) -> bool:
-        """Whether GPUs listed so (``SLURM_JOB_GPUS``) are shared out in shards here."""
-        return any(self._gres_shards.get(i) for i in _gpu_claims(_list_entries(gpus)))
 
     def _shard_share(
         self, job: JobCgroup, shards: int | None, claims: tuple[int, ...]
