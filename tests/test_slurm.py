@@ -210,42 +210,68 @@ def test_cgroup_v1_tree() -> None:
     assert claims == V1_CLAIMS
 
 
+def _stat(pid: int, ppid: int, user: int, children: int = 0, rss_pages: int = 2560) -> str:
+    """A ``/proc/<pid>/stat`` line: ``user`` ticks of user time, 100 of system time, ``children``
+    ticks of waited-for children's user time (and 100 of their system time where any)."""
+    waited = f"{children} 100" if children else "0 0"
+    return (f"{pid} (work) S {ppid} {pid} {pid} 0 -1 4194560 1 0 0 0 {user} 100 {waited} 20 0 1"
+            f" 0 9{pid} 1 {rss_pages} 0\n")  # fmt: skip
+
+
 def test_v1_jobs_without_cpuacct_memory_or_cpuset_cgroups_are_read_from_their_processes(
     tmp_path: Path, warnings: list[str]
 ) -> None:
     """cgroup v1 Slurm makes a cpuacct cgroup only with jobacct_gather/cgroup, a memory one with
     ConstrainRAMSpace, a cpuset one with ConstrainCores: a job is listed wherever it has a
-    cgroup, and what a missing one would tell comes from its processes (CPU time held from
-    going back when a process ends), said once."""
+    cgroup, and what a missing one would tell comes from its processes, said once. CPU time: the
+    living processes' own and waited-for children's, plus the last total of a process that
+    ended with no parent in the job (a step's slurmstepd), held from going back."""
     root = copy_tree(V1, tmp_path)
     cgroup = root / "sys/fs/cgroup"
     for top in ("slurm", "slurm_node07"):
         shutil.rmtree(cgroup / "cpuacct" / top)  # jobacct_gather/linux: no cpuacct cgroups
-    proc = root / "proc" / "5102"  # job 502's batch script (cpuset step_batch/task_0)
-    page = os.sysconf("SC_PAGE_SIZE")
-    stat = "5102 (bash) S 1 5102 5102 0 -1 4194560 1 0 0 0 {u} 100 300 100 20 0 1 0 9 1 2560 0\n"
-    (proc / "stat").write_text(stat.format(u=500))
-    (proc / "status").write_text("Name:\tbash\nCpus_allowed_list:\t0-2,7\n")
+    proc = root / "proc"
+    (proc / "5102" / "stat").write_text(_stat(5102, 1, 500, children=300))  # 1000 ticks
     c = SlurmJobCollector(ctx(root), resolve_user=names)
     job = by_job(c.collect())["502"]
     want = V1_EXPECTED["502"]
-    assert job["cpu_seconds"] == 10.0  # (500 + 100 + 300 + 100) ticks at 100 Hz
+    assert job["cpu_seconds"] == 10.0  # at 100 ticks a second
     assert (job["memory_bytes"], job["cpus_allocated"]) == (want["memory_bytes"], 4.0)
     assert set(by_job(c.collect())) == set(V1_EXPECTED)  # every job still listed
-    (proc / "stat").write_text(stat.format(u=100))  # a process ended: the time is held
-    assert by_job(c.collect())["502"]["cpu_seconds"] == 10.0
-    (proc / "stat").write_text(stat.format(u=700))
-    assert by_job(c.collect())["502"]["cpu_seconds"] == 12.0
     said = [w for w in warnings if "cgroup v1" in w]
     assert len(said) == 1 and "no cpu cgroup" in said[0]  # once, not once a job or round
-    # no memory and no cpuset cgroup either (ConstrainRAMSpace=no, ConstrainCores=no): the
-    # job is still listed by its freezer cgroup (proctrack/cgroup)
+    # a step starts: its slurmstepd (parent slurmd, outside the job) and a task under it
+    task_dir = cgroup / "cpuset/slurm/uid_1001/job_502/step_batch/task_0"
+    (task_dir / "cgroup.procs").write_text("5102\n5110\n5111\n")
+    for pid in (5110, 5111):
+        (proc / str(pid)).mkdir()
+        (proc / str(pid) / "environ").write_bytes(b"SLURM_JOB_ID=502\0")
+    (proc / "5110" / "stat").write_text(_stat(5110, 900, 10))  # 110 ticks
+    (proc / "5111" / "stat").write_text(_stat(5111, 5110, 400))  # 500 ticks
+    assert by_job(c.collect())["502"]["cpu_seconds"] == 16.1
+    # the task ends and slurmstepd waits for it: its time moves into slurmstepd's
+    (task_dir / "cgroup.procs").write_text("5102\n5110\n")
+    (proc / "5110" / "stat").write_text(_stat(5110, 900, 10, children=500))  # 110 + 600
+    assert by_job(c.collect())["502"]["cpu_seconds"] == 17.1
+    # the step ends: slurmstepd goes, nobody in the job waits for it: its total is kept
+    (task_dir / "cgroup.procs").write_text("5102\n")
+    assert by_job(c.collect())["502"]["cpu_seconds"] == 17.1
+    (proc / "5102" / "stat").write_text(_stat(5102, 1, 100))  # its counters went back: held
+    assert by_job(c.collect())["502"]["cpu_seconds"] == 17.1
+    # no memory and no cpuset cgroup either (ConstrainRAMSpace=no, ConstrainCores=no): the job
+    # is still listed by its freezer cgroup (proctrack/cgroup); its CPUs are its environment's
     freezer = cgroup / "freezer/slurm/uid_1001/job_502/step_batch"
-    shutil.copytree(cgroup / "cpuset/slurm/uid_1001/job_502/step_batch", freezer)
+    shutil.copytree(task_dir.parent, freezer)
     for hierarchy in ("memory", "cpuset"):
         shutil.rmtree(cgroup / hierarchy / "slurm/uid_1001/job_502")
+    (proc / "5102" / "status").write_text("Name:\tbash\nCpus_allowed_list:\t0-127\n")
     job = by_job(SlurmJobCollector(ctx(root), resolve_user=names).collect())["502"]
-    assert (job["memory_bytes"], job["cpus_allocated"]) == (2560 * page, 4.0)  # 0-2,7
+    assert job["memory_bytes"] == 2560 * os.sysconf("SC_PAGE_SIZE")
+    assert job["cpus_allocated"] == 128.0  # no SLURM_CPUS_ON_NODE: its affinity
+    env = (proc / "5102" / "environ").read_bytes()
+    (proc / "5102" / "environ").write_bytes(env + b"SLURM_CPUS_ON_NODE=6\0")
+    job = by_job(SlurmJobCollector(ctx(root), resolve_user=names).collect())["502"]
+    assert job["cpus_allocated"] == 6.0
     assert (job["user"], job["account"]) == (want["user"], want["account"])
     assert any("no cpu/memory/cpus cgroup" in w for w in warnings)
 

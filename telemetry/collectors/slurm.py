@@ -65,7 +65,7 @@ import os
 import pwd
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -862,6 +862,43 @@ class _Plan:
         self.whole = None
 
 
+class _ProcessTicks:
+    """CPU time of a job's processes as a counter (clock ticks): each living process's user and
+    system time and that of the children it waited for, plus the last such total of each process
+    that ended with no parent in the job to wait for it (a step's slurmstepd, whose parent is
+    slurmd); a child waited for is counted in its parent. Held from going back."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, tuple[str, int, int]] = {}  # pid → (start time, parent, ticks)
+        self.ended = 0
+        self.most = 0
+
+    def update(self, procfs: Path, pids: Iterable[int]) -> tuple[int, int]:
+        """This round's total ticks and resident bytes of the processes ``pids``."""
+        now: dict[int, tuple[str, int, int]] = {}
+        resident = 0
+        for pid in pids:
+            try:
+                text = read_text(procfs / str(pid) / "stat")
+            except OSError:
+                continue  # ended meanwhile
+            fields = text.rpartition(")")[2].split()
+            numbers = fields[11:15]
+            if len(fields) < 22 or not all(f.isascii() and f.isdigit() for f in numbers):
+                continue
+            parent = int(fields[1]) if fields[1].isdigit() else 0
+            now[pid] = (fields[19], parent, sum(int(f) for f in numbers))
+            if fields[21].isascii() and fields[21].isdigit():
+                resident += int(fields[21]) * _PAGE_BYTES
+        for pid, (start, parent, ticks) in self.seen.items():
+            current = now.get(pid)
+            if (current is None or current[0] != start) and parent not in self.seen:
+                self.ended += ticks
+        self.seen = now
+        self.most = max(self.most, self.ended + sum(t for _, _, t in now.values()))
+        return self.most, resident
+
+
 @register
 class SlurmJobCollector(Collector):
     name = "job"
@@ -907,8 +944,10 @@ class SlurmJobCollector(Collector):
         self._cpu_counts: dict[str, int] = {}  # cpuset text -> CPUs: the same few lists recur
         # per job: (CPUs, when read, since when read the same, CPU seconds then)
         self._cpusets: dict[tuple[str, str], tuple[int, float, float, float]] = {}
-        # per v1 job without a cpuacct cgroup: the most CPU seconds its processes showed
-        self._process_seconds: dict[tuple[str, str], float] = {}
+        # per v1 job without a cpuacct cgroup, its processes' CPU time; without a cpuset
+        # cgroup, its CPUs as its environment tells
+        self._process_ticks: dict[tuple[str, str], _ProcessTicks] = {}
+        self._env_cpus: dict[tuple[str, str], int] = {}
         self._plan: _Plan | None = None  # the last round, where nothing new was to be found
         self._plan_at = 0.0  # no plan is made before (monotonic seconds)
         self._plan_retry = PLAN_RETRY_SECONDS  # tests may shorten it
@@ -987,8 +1026,9 @@ class SlurmJobCollector(Collector):
             del self._search[key]
         for key in self._cpusets.keys() - seen:
             del self._cpusets[key]
-        for key in self._process_seconds.keys() - seen:
-            del self._process_seconds[key]
+        for kept in (self._process_ticks, self._env_cpus):
+            for key in kept.keys() - seen:
+                del kept[key]
         self._job_info_files.keep_only({job_id for _, job_id in seen})
         self._files.keep_only(seen)
         rows: list[Row] = []
@@ -1220,9 +1260,8 @@ class SlurmJobCollector(Collector):
         self, job: JobCgroup, usage_name: str, memory_name: str
     ) -> tuple[float, int]:
         """CPU seconds and memory bytes of a v1 job some of whose hierarchies hold no cgroup of
-        it: from the cgroup files there are, else from its processes (``/proc/<pid>/stat``: CPU
-        time of the living ones and of the children they waited for, held from going back when
-        one ends; resident memory)."""
+        it: from the cgroup files there are, else from its processes (:class:`_ProcessTicks`;
+        resident memory)."""
         cpu_seconds: float | None = None
         memory: int | None = None
         if "cpu" not in job.fallback:
@@ -1235,34 +1274,18 @@ class SlurmJobCollector(Collector):
                 f"v1-fallback:{','.join(job.fallback)}",
                 f"cgroup v1: Slurm makes no {'/'.join(job.fallback)} cgroup for jobs here "
                 "(JobAcctGatherType=jobacct_gather/cgroup, ConstrainRAMSpace, ConstrainCores): "
-                "those figures come from each job's processes, and CPU time of processes that "
-                "ended unwaited is not counted",
+                "those figures come from each job's processes; CPU time of a process that lived "
+                "less than a round and was not waited for in the job is missed",
             )
-            ticks, resident = self._process_usage(job)
+            ticks = self._process_ticks.get(job.key)
+            if ticks is None:
+                ticks = self._process_ticks[job.key] = _ProcessTicks()
+            total, resident = ticks.update(self.ctx.procfs, job_pids(job.procs_dir))
             if cpu_seconds is None:
-                seconds = ticks / self.ctx.user_hz
-                cpu_seconds = max(seconds, self._process_seconds.get(job.key, 0.0))
-                self._process_seconds[job.key] = cpu_seconds
+                cpu_seconds = total / self.ctx.user_hz
             if memory is None:
                 memory = resident
         return cpu_seconds, memory
-
-    def _process_usage(self, job: JobCgroup) -> tuple[int, int]:
-        """Clock ticks of CPU (user, system, and of waited-for children) and resident bytes of
-        the job's processes; a process that ends meanwhile counts nothing."""
-        ticks = resident = 0
-        for pid in job_pids(job.procs_dir):
-            try:
-                text = read_text(self.ctx.procfs / str(pid) / "stat")
-            except OSError:
-                continue
-            fields = text.rpartition(")")[2].split()
-            if len(fields) < 22 or not all(f.isdigit() for f in fields[11:15]):
-                continue
-            ticks += sum(int(f) for f in fields[11:15])
-            if fields[21].isdigit():
-                resident += int(fields[21]) * _PAGE_BYTES
-        return ticks, resident
 
     def _job_cpus(self, job: JobCgroup, names: tuple[str, ...], cpu_seconds: float) -> int:
         """The job's CPUs, its cpuset read as :data:`CPUSET_RECHECK_SECONDS` says."""
@@ -1287,7 +1310,7 @@ class SlurmJobCollector(Collector):
         if all are missing. A v1 job without a cpuset cgroup (ConstrainCores=no): the CPUs its
         first process may run on."""
         if not names:
-            return self._affinity_cpus(job)
+            return self._cpus_without_cpuset(job)
         missing: list[FileNotFoundError] = []
         for path in names:
             try:
@@ -1308,17 +1331,38 @@ class SlurmJobCollector(Collector):
             raise missing[0]
         return 0
 
-    def _affinity_cpus(self, job: JobCgroup) -> int:
-        """``Cpus_allowed_list`` of the job's first process that has one; gone if none does."""
-        for pid in job_pids(job.procs_dir):
+    def _cpus_without_cpuset(self, job: JobCgroup) -> int:
+        """CPUs of a v1 job without a cpuset cgroup: ``SLURM_CPUS_ON_NODE`` of the first
+        environment of its own (the batch script's first; slurmstepd's is slurmd's), else the
+        ``Cpus_allowed_list`` of its first process but slurmstepd. Raises ``FileNotFoundError``
+        (quietly left out) where it has no process."""
+        known = self._env_cpus.get(job.key)
+        if known is not None:
+            return known
+        affinity: int | None = None
+        for place, pid in job_processes(job.procs_dir):
+            if place == STEPD:
+                continue  # slurmd's environment and its all-CPU mask, not the job's
             try:
-                status = read_text(self.ctx.procfs / str(pid) / "status")
+                env = parse_environ(read_environ(self.ctx.procfs / str(pid) / "environ"))
             except OSError:
-                continue
-            for line in status.splitlines():
-                if line.startswith("Cpus_allowed_list:"):
-                    return parse_cpu_list(line.partition(":")[2].strip(), "Cpus_allowed_list")
-        raise FileNotFoundError(errno.ENOENT, "no process of the job is left", str(job.procs_dir))
+                env = {}
+            cpus = env.get("SLURM_CPUS_ON_NODE", "")
+            if _names_job(env, job) and cpus.isascii() and cpus.isdigit() and len(cpus) <= 6:
+                self._env_cpus[job.key] = int(cpus)
+                return int(cpus)
+            if affinity is None:
+                try:
+                    status = read_text(self.ctx.procfs / str(pid) / "status")
+                except OSError:
+                    continue
+                for line in status.splitlines():
+                    if line.startswith("Cpus_allowed_list:"):
+                        text = line.partition(":")[2].strip()
+                        affinity = parse_cpu_list(text, "Cpus_allowed_list")
+        if affinity is None:
+            raise FileNotFoundError(errno.ENOENT, "no process of the job to ask")
+        return affinity
 
     # ------------------------------------------------------------ who the job is
 
