@@ -860,6 +860,9 @@ def test_a_shared_gres_conf_is_read_for_this_node() -> None:
     common = "Name=gpu File=/dev/nvidia[0-1]\nNodeName=a1 Name=shard Count=4\n"
     assert slurm.parse_gres_shards(common, "a1") == {0: 2, 1: 2}
     assert slurm.parse_gres_shards("NodeName=a[1- Name=shard Count=4", "a1") == {}
+    # digits str.isdigit takes but int refuses: not understood, never a crash at start
+    assert slurm.parse_gres_shards("Name=gpu File=/dev/nvidia[0-1]\nName=shard Count=\u00b2") == {}
+    assert slurm.parse_gres_shards("Name=gpu File=/dev/nvidia[0-\u00b2]\nName=shard Count=2") == {}
 
 
 def test_a_configless_nodes_gres_conf_is_found_where_slurmd_keeps_it(tmp_path: Path) -> None:

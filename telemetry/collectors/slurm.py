@@ -284,6 +284,12 @@ def gpus_from_environ(env: dict[str, str]) -> tuple[int, tuple[int, ...]]:
 _DEVICE_FILE = re.compile(r"^/dev/nvidia(?:\[([0-9,\-]+)\]|([0-9]+))$")
 
 
+def _ascii_digits(text: str) -> bool:
+    """Whether ``text`` is a plain decimal number (``str.isdigit`` takes "²", which ``int``
+    refuses)."""
+    return text.isascii() and text.isdigit()
+
+
 def _device_indices(files: str) -> list[int]:
     """``/dev/nvidia[0-3]``, ``/dev/nvidia0,/dev/nvidia1`` → GPU indices (unknown forms: [])."""
     out: list[int] = []
@@ -296,7 +302,7 @@ def _device_indices(files: str) -> list[int]:
             continue
         for part in match.group(1).split(","):
             low, _, high = part.partition("-")
-            if not low.isdigit() or (high and not high.isdigit()):
+            if not _ascii_digits(low) or (high and not _ascii_digits(high)):
                 return []
             out.extend(range(int(low), int(high or low) + 1))
     return out
@@ -360,7 +366,7 @@ def _shards_of(lines: list[dict[str, str]]) -> dict[int, int]:
             gpus.extend(files)
         elif name == "shard":
             text = fields.get("count", "")
-            if not text.isdigit():
+            if not _ascii_digits(text):
                 return {}
             shards.append((int(text), files))
     out: dict[int, int] = {}
@@ -886,7 +892,7 @@ class _ProcessTicks:
             numbers = fields[11:15]
             if len(fields) < 22 or not all(f.isascii() and f.isdigit() for f in numbers):
                 continue
-            parent = int(fields[1]) if fields[1].isdigit() else 0
+            parent = int(fields[1]) if _ascii_digits(fields[1]) else 0
             now[pid] = (fields[19], parent, sum(int(f) for f in numbers))
             if fields[21].isascii() and fields[21].isdigit():
                 resident += int(fields[21]) * _PAGE_BYTES
@@ -1419,7 +1425,7 @@ class SlurmJobCollector(Collector):
             # it could lower the bill of one (a prolog never sees the variable, see docs)
             shards = (
                 min(int(trusted["shards"]), _INT16_MAX)
-                if trusted.get("shards", "").isdigit()
+                if _ascii_digits(trusted.get("shards", ""))
                 else None
             )
         else:
