@@ -187,6 +187,16 @@ def check_slurm(config: DaemonConfig) -> list[Finding]:
                 )
             ]
         found = Finding(OK, "slurm", f"cgroup v1, {running} job(s) running")
+        missing = sorted({part for job in jobs for part in job.fallback})
+        if missing:
+            fallback = Finding(
+                WARN,
+                "slurm",
+                f"cgroup v1 jobs without a {'/'.join(missing)} cgroup",
+                "their figures come from their processes; JobAcctGatherType="
+                "jobacct_gather/cgroup, ConstrainRAMSpace=yes and ConstrainCores=yes give them one",
+            )
+            return [found, fallback, _check_job_info(config)]
     else:
         return [
             Finding(

@@ -274,6 +274,12 @@ def test_v1_jobs_without_cpuacct_memory_or_cpuset_cgroups_are_read_from_their_pr
     assert job["cpus_allocated"] == 6.0
     assert (job["user"], job["account"]) == (want["user"], want["account"])
     assert any("no cpu/memory/cpus cgroup" in w for w in warnings)
+    from telemetry.config import DaemonConfig
+    from telemetry.doctor import check_slurm
+
+    said = check_slurm(DaemonConfig(procfs=proc, sysfs=root / "sys", node="n1"))
+    assert said[0].status == "ok" and f"{len(V1_EXPECTED)} job(s) running" in said[0].detail
+    assert said[1].status == "warn" and "without a cpu/cpus/memory cgroup" in said[1].detail
 
 
 def test_rows_fit_the_job_schema_and_survive_parquet() -> None:
