@@ -7,9 +7,9 @@ several slurmd run on one host; since Slurm 26.05 the job directory is named by 
 the steps in ``step_<s>/`` and their processes in ``step_<s>/user/task_<n>/`` (slurmstepd itself
 in ``step_<s>/slurm/``); with cgroup v1 it is ``<cgroup>/<controller>/slurm/uid_<uid>/job_<id>/``
 (``slurm_<nodename>/`` for several slurmd) in each of the ``cpuacct``, ``freezer``, ``cpuset`` and
-``memory`` hierarchies (a job is listed wherever it has one: Slurm makes the cpuacct cgroup
-only with jobacct_gather/cgroup, memory with ConstrainRAMSpace, cpuset with ConstrainCores;
-what a missing one would tell comes from the job's processes). ``<cgroup>`` is
+``memory`` hierarchies Slurm uses on the node (the cpuacct one only with jobacct_gather/cgroup,
+memory with ConstrainRAMSpace, cpuset with ConstrainCores; what one it does not use would tell
+comes from the job's processes). ``<cgroup>`` is
 ``<sysfs>/fs/cgroup``; :func:`cgroup_version` decides which of the two the host runs, for this
 collector and ``tally doctor`` alike.
 
@@ -606,9 +606,11 @@ _V1_HIERARCHIES = (("cpuacct", "cpuacct"), ("cpu,cpuacct", "cpuacct"), ("freezer
 
 
 def _v1_jobs(root: Path, scanned: list[str] | None = None) -> Iterator[JobCgroup]:
-    """The jobs of every v1 hierarchy Slurm uses (a job is listed wherever it has a cgroup);
-    what a hierarchy without the job's cgroup would tell is left to its processes."""
+    """The jobs of every v1 hierarchy Slurm uses on this node (a job is listed once it has its
+    cgroup in each of them); what a hierarchy Slurm does not use here would tell is left to the
+    job's processes."""
     found: dict[tuple[str, str, str], dict[str, Path]] = {}
+    used: set[str] = set()  # the hierarchies Slurm makes cgroups in on this node
     for directory, kind in _V1_HIERARCHIES:
         hierarchy = root / directory
         if kind == "cpuacct" and directory == "cpu,cpuacct" and (root / "cpuacct").is_dir():
@@ -616,6 +618,7 @@ def _v1_jobs(root: Path, scanned: list[str] | None = None) -> Iterator[JobCgroup
         for top in _subdirs(hierarchy, scanned):
             if top.name != "slurm" and not top.name.startswith("slurm_"):
                 continue
+            used.add(kind)
             for uid_dir in _subdirs(top, scanned):
                 uid_match = _UID_DIR.fullmatch(uid_dir.name)
                 if not uid_match or len(uid_match.group(1)) > 10:
@@ -628,6 +631,8 @@ def _v1_jobs(root: Path, scanned: list[str] | None = None) -> Iterator[JobCgroup
         match = _JOB_DIR.fullmatch(job_name)
         uid_match = _UID_DIR.fullmatch(uid_name)
         assert match is not None and uid_match is not None
+        if any(kind in used and kind not in paths for kind in ("cpuacct", "cpuset", "memory")):
+            continue  # Slurm is making (or removing) the job's cgroups: listed once all are there
         acct, cpuset, memory = paths.get("cpuacct"), paths.get("cpuset"), paths.get("memory")
         procs_dir = acct or paths.get("freezer") or cpuset or memory
         assert procs_dir is not None
