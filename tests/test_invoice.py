@@ -887,3 +887,20 @@ def test_a_job_on_mps_keeps_its_sampled_gpu_allocation(version: str) -> None:
     assert (record.cpus, record.gpus) == (4.0, None)
     whole = parsable.replace("gres/mps=25", "gres/gpu=1")
     assert parse_sacct_parsable(whole)[0].gpus == 1.0
+
+
+def test_a_tres_entry_of_another_shape_is_one_error_line_not_a_traceback() -> None:
+    """A gres entry whose name is not a string (a foreign or damaged file) names the record;
+    gres names that merely begin like a billed one (``mpsx``, ``shardy``) are not billed."""
+    text = _sacct_json([{"id": 51, "user": "ann", "account": "lab", "nodes": "gpu-a1",
+                         "start": S0, "end": None, "cpus": 2, "gpus": 1}], "v0.0.40")  # fmt: skip
+    raw = json.loads(text)
+    raw["jobs"][0]["tres"]["allocated"] += [
+        {"type": "gres", "name": "mpsx", "id": 1010, "count": -2},
+        {"type": "gres", "name": "shardy", "id": 1011, "count": -2},
+    ]
+    (record,) = parse_sacct_json(json.dumps(raw))
+    assert (record.cpus, record.gpus) == (2.0, 1.0)
+    raw["jobs"][0]["tres"]["allocated"].append({"type": "gres", "name": 5, "count": 1})
+    with pytest.raises(TallyError, match=r"jobs\[0\]: tres.allocated name 5 is not a string"):
+        parse_sacct_json(json.dumps(raw))

@@ -28,7 +28,7 @@ _NOT_RUNNING = {"PENDING", "REQUEUE_HOLD", "REQUEUE_FED"}
 # the record of a run that ended in a requeue (``sacct -D`` lists each run of a job): billed
 # from its start to its end; without an end it says nothing of when the run stopped
 _REQUEUED = "REQUEUED"
-_GRES = ("gpu:", "shard", "mps")  # gres entries named so count GPUs or shares of GPUs
+_GRES = ("gpu", "shard", "mps")  # gres entries named so (or "<name>:<type>") count GPUs or shares
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,9 @@ def _json_record(job: dict[str, Any]) -> Record | None:
         if not isinstance(entry, dict):
             raise TypeError("tres.allocated holds a non-object")
         kind, name = entry.get("type"), entry.get("name") or ""
-        if kind != "cpu" and not (kind == "gres" and (name == "gpu" or name.startswith(_GRES))):
+        if not isinstance(name, str):
+            raise TypeError(f"tres.allocated name {name!r} is not a string")
+        if kind != "cpu" and not (kind == "gres" and name.split(":")[0] in _GRES):
             continue  # not billed (energy, memory, licenses: a running job's energy is -2)
         count, _ = _number(entry.get("count"))
         if count is None or count < 0:
