@@ -609,7 +609,7 @@ def _v1_jobs(root: Path, scanned: list[str] | None = None) -> Iterator[JobCgroup
     """The jobs of every v1 hierarchy Slurm uses on this node (a job is listed once it has its
     cgroup in each of them); what a hierarchy Slurm does not use here would tell is left to the
     job's processes."""
-    found: dict[tuple[str, str, str], dict[str, Path]] = {}
+    found: dict[tuple[str, str, str], dict[str, Path]] = {}  # (top, uid, job id) → its cgroups
     used: set[str] = set()  # the hierarchies Slurm makes cgroups in on this node
     for directory, kind in _V1_HIERARCHIES:
         hierarchy = root / directory
@@ -624,13 +624,11 @@ def _v1_jobs(root: Path, scanned: list[str] | None = None) -> Iterator[JobCgroup
                 if not uid_match or len(uid_match.group(1)) > 10:
                     continue
                 for job in _subdirs(uid_dir, scanned):
-                    if _JOB_DIR.fullmatch(job.name):
-                        key = (top.name, uid_dir.name, job.name)
+                    match = _JOB_DIR.fullmatch(job.name)
+                    if match:
+                        key = (top.name, uid_match.group(1), match.group(1))
                         found.setdefault(key, {}).setdefault(kind, job)
-    for (top_name, uid_name, job_name), paths in found.items():
-        match = _JOB_DIR.fullmatch(job_name)
-        uid_match = _UID_DIR.fullmatch(uid_name)
-        assert match is not None and uid_match is not None
+    for (top_name, uid, job_id), paths in found.items():
         if any(kind in used and kind not in paths for kind in ("cpuacct", "cpuset", "memory")):
             continue  # Slurm is making (or removing) the job's cgroups: listed once all are there
         acct, cpuset, memory = paths.get("cpuacct"), paths.get("cpuset"), paths.get("memory")
@@ -640,12 +638,12 @@ def _v1_jobs(root: Path, scanned: list[str] | None = None) -> Iterator[JobCgroup
             name for name, path in (("cpu", acct), ("memory", memory), ("cpus", cpuset)) if not path
         )
         yield JobCgroup(
-            job_id=match.group(1),
+            job_id=job_id,
             procs_dir=procs_dir,
             cpus_files=(cpuset / "cpuset.effective_cpus", cpuset / "cpuset.cpus") if cpuset else (),
             usage_file=(acct or procs_dir) / "cpuacct.usage",
             memory_file=(memory or procs_dir) / "memory.usage_in_bytes",
-            uid=int(uid_match.group(1)),
+            uid=int(uid),
             version=1,
             scope=top_name,
             fallback=fallback,
@@ -895,11 +893,11 @@ class _ProcessTicks:
                 continue  # ended meanwhile
             fields = text.rpartition(")")[2].split()
             numbers = fields[11:15]
-            if len(fields) < 22 or not all(f.isascii() and f.isdigit() for f in numbers):
+            if len(fields) < 22 or not all(map(_ascii_digits, numbers)):
                 continue
             parent = int(fields[1]) if _ascii_digits(fields[1]) else 0
             now[pid] = (fields[19], parent, sum(int(f) for f in numbers))
-            if fields[21].isascii() and fields[21].isdigit():
+            if _ascii_digits(fields[21]):
                 resident += int(fields[21]) * _PAGE_BYTES
         for pid, (start, parent, ticks) in self.seen.items():
             current = now.get(pid)
@@ -1033,11 +1031,7 @@ class SlurmJobCollector(Collector):
             parts.setdefault(info.job_id, []).append((row, info))
             if job.sluid is not None and info.job_id != job.sluid:
                 aliases.append({"cgroup": job.sluid, "job_id": info.job_id})
-        for key in self._search.keys() - seen:
-            del self._search[key]
-        for key in self._cpusets.keys() - seen:
-            del self._cpusets[key]
-        for kept in (self._process_ticks, self._env_cpus):
+        for kept in (self._search, self._cpusets, self._process_ticks, self._env_cpus):
             for key in kept.keys() - seen:
                 del kept[key]
         self._job_info_files.keep_only({job_id for _, job_id in seen})
@@ -1318,8 +1312,8 @@ class SlurmJobCollector(Collector):
 
     def _cpus(self, job: JobCgroup, names: tuple[str, ...]) -> int:
         """CPUs in the first non-empty of the cpuset files ``names``; 0 if all are empty, gone
-        if all are missing. A v1 job without a cpuset cgroup (ConstrainCores=no): the CPUs its
-        first process may run on."""
+        if all are missing. A v1 job without a cpuset cgroup (ConstrainCores=no):
+        :meth:`_cpus_without_cpuset`."""
         if not names:
             return self._cpus_without_cpuset(job)
         missing: list[FileNotFoundError] = []
@@ -1359,7 +1353,7 @@ class SlurmJobCollector(Collector):
             except OSError:
                 env = {}
             cpus = env.get("SLURM_CPUS_ON_NODE", "")
-            if _names_job(env, job) and cpus.isascii() and cpus.isdigit() and len(cpus) <= 6:
+            if _names_job(env, job) and _ascii_digits(cpus) and len(cpus) <= 6:
                 self._env_cpus[job.key] = int(cpus)
                 return int(cpus)
             if affinity is None:
@@ -1446,7 +1440,8 @@ class SlurmJobCollector(Collector):
             search.info, search.info_from = info, trusted
         return info
 
-    def _walk_wanted(self, job: JobCgroup, search: _Search, trusted: dict[str, str] | None) -> bool:
+    @staticmethod
+    def _walk_wanted(job: JobCgroup, search: _Search, trusted: dict[str, str] | None) -> bool:
         """Whether the job's processes are still to be searched: the environments have not told
         all a row needs, nor has the job-info file ``trusted``."""
         need_uid = job.uid is None
@@ -1620,7 +1615,7 @@ def _mps_share(percentage: str) -> float | None:
     """A gres/mps job's share of each of its GPUs from the prolog's ``mps_percentage`` (Slurm's
     ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``), or None where it is not 1-99. The job's own
     environment is not asked: users set that variable themselves to limit their own runs."""
-    if not (percentage.isascii() and percentage.isdigit() and len(percentage) <= 3):
+    if not (_ascii_digits(percentage) and len(percentage) <= 3):
         return None
     value = int(percentage)
     return value / 100 if 0 < value < 100 else None
