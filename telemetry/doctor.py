@@ -19,7 +19,7 @@ from telemetry.collectors import REGISTRY
 from telemetry.collectors.cpu import parse_meminfo, parse_proc_stat
 from telemetry.collectors.jobinfo import job_info_dir_problem
 from telemetry.collectors.rapl import package_zones
-from telemetry.collectors.slurm import cgroup_version, list_jobs, slurmstepd_scopes
+from telemetry.collectors.slurm import cgroup_version, list_jobs, slurmstepd_scopes, v2_fallback
 from telemetry.config import DaemonConfig, load_object, parse_listen
 from telemetry.errors import TallyError
 from telemetry.nvml import Gateway, GpuLost, NvmlUnavailable
@@ -175,6 +175,17 @@ def check_slurm(config: DaemonConfig) -> list[Finding]:
         found = Finding(
             OK, "slurm", f"cgroup v2, {len(scopes)} slurmstepd scope(s), {running} job(s) running"
         )
+        lacking = {part for scope in scopes for part in v2_fallback(scope)}
+        if lacking:
+            controllers = "/".join(sorted("cpuset" if p == "cpus" else p for p in lacking))
+            fallback = Finding(
+                WARN,
+                "slurm",
+                f"cgroup v2 jobs without the {controllers} controller",
+                "their figures come from their processes; enable it in the slurmstepd scope's "
+                "cgroup.subtree_control (systemd before 244 delegates no cpuset)",
+            )
+            return [found, fallback, _check_job_info(config)]
     elif version == 1:
         hierarchies = ("cpuacct", "cpu,cpuacct", "freezer", "cpuset", "memory")
         if not any(any((root / h).glob("slurm*")) for h in hierarchies):

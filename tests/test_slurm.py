@@ -1537,3 +1537,72 @@ def test_the_same_jobs_listed_anew_keep_the_plan_which_is_made_again_each_minute
         pair.round()
     assert all(whole for _, _, whole in pair.log), pair.log
     assert 2 <= len(pair.made) <= 1 + 130 / slurm.PLAN_REMAKE_SECONDS, pair.made
+
+
+def test_v2_jobs_without_cpuset_or_memory_controllers_are_read_from_their_processes(
+    tmp_path: Path, warnings: list[str]
+) -> None:
+    """A slurmstepd scope whose cgroup.subtree_control enables no cpuset and no memory
+    controller for its jobs (systemd before 244 delegates no cpuset; a container may hold
+    controllers back) leaves job cgroups with cpu.stat alone: the jobs are listed all the same,
+    CPU time from cpu.stat, CPUs from the job's environment (else its affinity), memory from its
+    processes, said once; the doctor says it too. Read as planned, the rounds are the same as
+    job by job."""
+    root = copy_tree(V2, tmp_path)
+    scope = root / V2_SCOPE
+    (scope / "cgroup.subtree_control").write_text("cpu io pids\n")
+    for pattern in ("cpuset.*", "memory.*"):
+        for path in scope.rglob(pattern):
+            path.unlink()
+    proc = root / "proc"
+    for pid, pages in ((3003, 1000), (3004, 3000), (3005, 500)):
+        (proc / str(pid) / "stat").write_text(_stat(pid, 3003, 100, rss_pages=pages))
+    (proc / "3004" / "status").write_text("Name:\trun.sh\nCpus_allowed_list:\t0-3,8\n")
+    c = SlurmJobCollector(ctx(root), resolve_user=names)
+    rows = by_job(c.collect())
+    # every job listed, but 1005: no process of it tells its CPUs (as on cgroup v1)
+    assert set(rows) == set(V2_EXPECTED) - {"1005"}
+    job = rows["1001"]
+    want = V2_EXPECTED["1001"]
+    assert job["cpu_seconds"] == want["cpu_seconds"]  # cpu.stat is there whatever is enabled
+    assert job["memory_bytes"] == 4500 * os.sysconf("SC_PAGE_SIZE")  # its processes' RSS
+    assert job["cpus_allocated"] == 5.0  # no SLURM_CPUS_ON_NODE: its task's affinity
+    assert (job["user"], job["account"]) == (want["user"], want["account"])
+    assert rows["2001"] == V2_EXPECTED["2001"]  # the other slurmd's scope enables both
+    assert by_job(c.collect())["1001"] == job
+    said = [w for w in warnings if "cgroup v2" in w]
+    assert len(said) == 1 and "no memory/cpus controller" in said[0], said  # once
+    env = (proc / "3004" / "environ").read_bytes()
+    (proc / "3004" / "environ").write_bytes(env + b"SLURM_CPUS_ON_NODE=4\0")
+    again = by_job(SlurmJobCollector(ctx(root), resolve_user=names).collect())["1001"]
+    assert again["cpus_allocated"] == 4.0
+
+    from telemetry.config import DaemonConfig
+    from telemetry.doctor import check_slurm
+
+    found = check_slurm(DaemonConfig(procfs=proc, sysfs=root / "sys", node="n1"))
+    assert found[0].status == "ok"
+    assert found[1].status == "warn"
+    assert "without the cpuset/memory controller" in found[1].detail
+    assert not any(
+        f.status == "warn"
+        for f in check_slurm(DaemonConfig(procfs=V2 / "proc", sysfs=V2 / "sys"))
+        if "controller" in f.detail
+    )
+
+
+def test_v2_jobs_without_a_cpuset_controller_are_read_as_planned(tmp_path: Path) -> None:
+    """Jobs whose CPUs come from their environment (no cpuset controller) are still read as
+    planned, round after round the same as job by job."""
+    root = copy_tree(V2, tmp_path)
+    scope = root / V2_SCOPE
+    (scope / "cgroup.subtree_control").write_text("cpu io memory pids\n")
+    for path in scope.rglob("cpuset.*"):
+        path.unlink()
+    for job in ("1003", "1005"):
+        shutil.rmtree(scope / f"job_{job}")
+    seen = planned_rounds_read_as_job_by_job(
+        lambda: SlurmJobCollector(ctx(root), resolve_user=names), quiet=True
+    )
+    assert sum(seen.rows) > 40, seen.rows
+    assert max(seen.rows) == 4, seen.rows  # 1001, 1002 and 1004 with 2001 of the other scope

@@ -524,7 +524,8 @@ class JobCgroup:
     scope: str = ""  # the slurmd's scope (v2) or top directory (v1): several slurmd per host
     sluid: str | None = None  # the cgroup is named by this SLUID (Slurm >= 26.05)
     # v1 hierarchies Slurm made no cgroup for this job in ("cpu": cpuacct, "memory", "cpus":
-    # cpuset): what they would tell is taken from the job's processes instead
+    # cpuset), v2 controllers its cgroup lacks ("memory", "cpus"): what they would tell is taken
+    # from the job's processes instead
     fallback: tuple[str, ...] = ()
 
     @functools.cached_property
@@ -570,31 +571,53 @@ def slurmstepd_scopes(root: Path, scanned: list[str] | None = None) -> list[Path
 def _v2_jobs(root: Path, scanned: list[str] | None = None) -> Iterator[JobCgroup]:
     for scope in slurmstepd_scopes(root, scanned):
         where = str(scope)
+        fallback = v2_fallback(scope)
         for name in _subdir_names(where, scanned):
-            job = _v2_job(where, name)
+            job = _v2_job(where, name, fallback)
             if job is not None:
                 yield job
 
 
+# cgroup v2 controllers whose files a job's figures come from: a job's cgroup has cpu.stat
+# whatever is enabled, memory.current only with the memory controller, cpuset.cpus.effective
+# only with the cpuset controller
+_V2_CONTROLLERS = (("memory", "memory"), ("cpus", "cpuset"))
+
+
+def v2_fallback(scope: Path) -> tuple[str, ...]:
+    """What the jobs under slurmd's ``scope`` have no controller for (``"memory"``,
+    ``"cpus"``): those the scope's ``cgroup.subtree_control`` does not enable for its children
+    (systemd before 244 delegates no cpuset, a container may hold back controllers). None
+    where the file cannot be read: the jobs' own files tell."""
+    try:
+        enabled = set(read_text(scope / "cgroup.subtree_control").split())
+    except OSError:
+        return ()
+    return tuple(name for name, controller in _V2_CONTROLLERS if controller not in enabled)
+
+
 @functools.lru_cache(maxsize=1024)
-def _v2_job(scope_dir: str, name: str) -> JobCgroup | None:
-    """The job cgroup ``scope_dir/name`` (None: not a job), built once per job, not every round."""
+def _v2_job(scope_dir: str, name: str, fallback: tuple[str, ...] = ()) -> JobCgroup | None:
+    """The job cgroup ``scope_dir/name`` (None: not a job), built once per job, not every round.
+    ``fallback``: as :func:`v2_fallback` says of the scope."""
     match = _JOB_DIR.fullmatch(name)
     sluid = name if _SLUID_DIR.fullmatch(name) else None
     if not (match or sluid):
         return None
     scope = Path(scope_dir)
     job = scope / name
+    cpus_files = (job / "cpuset.cpus.effective", job / "cpuset.cpus")
     return JobCgroup(
         job_id=match.group(1) if match else name,
         procs_dir=job,
-        cpus_files=(job / "cpuset.cpus.effective", job / "cpuset.cpus"),
+        cpus_files=() if "cpus" in fallback else cpus_files,
         usage_file=job / "cpu.stat",
         memory_file=job / "memory.current",
         uid=None,
         version=2,
         scope=scope.name,
         sluid=sluid,
+        fallback=fallback,
     )
 
 
@@ -1090,6 +1113,8 @@ class SlurmJobCollector(Collector):
             got = read.get(key)
             if job.version != 2 or search is None or got is None or key in self._bad:
                 continue
+            if "memory" in job.fallback:
+                continue  # no memory file to keep: read job by job, from its processes
             row, info = got
             if info is not search.info or len(parts[info.job_id]) != 1:
                 continue
@@ -1264,24 +1289,21 @@ class SlurmJobCollector(Collector):
     def _usage_with_fallback(
         self, job: JobCgroup, usage_name: str, memory_name: str
     ) -> tuple[float, int]:
-        """CPU seconds and memory bytes of a v1 job some of whose hierarchies hold no cgroup of
-        it: from the cgroup files there are, else from its processes (:class:`_ProcessTicks`;
-        resident memory)."""
+        """CPU seconds and memory bytes of a job with a :attr:`JobCgroup.fallback`: from the
+        cgroup files there are, else from its processes (:class:`_ProcessTicks`; resident
+        memory)."""
         cpu_seconds: float | None = None
         memory: int | None = None
         if "cpu" not in job.fallback:
             text = self._files.read(job.key, usage_name)
-            cpu_seconds = _non_negative_int(text, usage_name) / 1e9
+            if job.version == 2:
+                cpu_seconds = parse_cpu_stat_usage_usec(text, usage_name) / 1e6
+            else:
+                cpu_seconds = _non_negative_int(text, usage_name) / 1e9
         if "memory" not in job.fallback:
             memory = parse_counter(self._files.read(job.key, memory_name), memory_name)
+        self._say_fallback(job)
         if cpu_seconds is None or memory is None:
-            self._once.warning(
-                f"v1-fallback:{','.join(job.fallback)}",
-                f"cgroup v1: Slurm makes no {'/'.join(job.fallback)} cgroup for jobs here "
-                "(JobAcctGatherType=jobacct_gather/cgroup, ConstrainRAMSpace, ConstrainCores): "
-                "those figures come from each job's processes; CPU time of a process that lived "
-                "less than a round and was not waited for in the job is missed",
-            )
             ticks = self._process_ticks.get(job.key)
             if ticks is None:
                 ticks = self._process_ticks[job.key] = _ProcessTicks()
@@ -1291,6 +1313,28 @@ class SlurmJobCollector(Collector):
             if memory is None:
                 memory = resident
         return cpu_seconds, memory
+
+    def _say_fallback(self, job: JobCgroup) -> None:
+        """Say once for each kind of job whose figures come from its processes, and why."""
+        parts = "/".join(job.fallback)
+        if job.version == 2:
+            message = (
+                f"cgroup v2: Slurm's job cgroups here have no {parts} controller (not in "
+                f"{job.scope}/cgroup.subtree_control)"
+            )
+        else:
+            message = (
+                f"cgroup v1: Slurm makes no {parts} cgroup for jobs here (JobAcctGatherType="
+                "jobacct_gather/cgroup, ConstrainRAMSpace, ConstrainCores)"
+            )
+        extra = ""
+        if "cpu" in job.fallback:
+            extra = "; CPU time of a process that lived less than a round and was not waited "
+            extra += "for in the job is missed"
+        self._once.warning(
+            f"fallback:{job.version}:{parts}",
+            f"{message}: those figures come from each job's processes{extra}",
+        )
 
     def _job_cpus(self, job: JobCgroup, names: tuple[str, ...], cpu_seconds: float) -> int:
         """The job's CPUs, its cpuset read as :data:`CPUSET_RECHECK_SECONDS` says."""
@@ -1312,8 +1356,8 @@ class SlurmJobCollector(Collector):
 
     def _cpus(self, job: JobCgroup, names: tuple[str, ...]) -> int:
         """CPUs in the first non-empty of the cpuset files ``names``; 0 if all are empty, gone
-        if all are missing. A v1 job without a cpuset cgroup (ConstrainCores=no):
-        :meth:`_cpus_without_cpuset`."""
+        if all are missing. A job without cpuset files (v1 ConstrainCores=no, v2 without the
+        cpuset controller): :meth:`_cpus_without_cpuset`."""
         if not names:
             return self._cpus_without_cpuset(job)
         missing: list[FileNotFoundError] = []
@@ -1337,7 +1381,7 @@ class SlurmJobCollector(Collector):
         return 0
 
     def _cpus_without_cpuset(self, job: JobCgroup) -> int:
-        """CPUs of a v1 job without a cpuset cgroup: ``SLURM_CPUS_ON_NODE`` of the first
+        """CPUs of a job without cpuset files: ``SLURM_CPUS_ON_NODE`` of the first
         environment of its own (the batch script's first; slurmstepd's is slurmd's), else the
         ``Cpus_allowed_list`` of its first process but slurmstepd. Raises ``FileNotFoundError``
         (quietly left out) where it has no process."""
