@@ -19,7 +19,13 @@ from telemetry.collectors import REGISTRY
 from telemetry.collectors.cpu import parse_meminfo, parse_proc_stat
 from telemetry.collectors.jobinfo import job_info_dir_problem
 from telemetry.collectors.rapl import package_zones
-from telemetry.collectors.slurm import cgroup_version, list_jobs, slurmstepd_scopes, v2_fallback
+from telemetry.collectors.slurm import (
+    FALLBACK_NAMES,
+    cgroup_version,
+    list_jobs,
+    slurmstepd_scopes,
+    v2_fallback,
+)
 from telemetry.config import DaemonConfig, load_object, parse_listen
 from telemetry.errors import TallyError
 from telemetry.nvml import Gateway, GpuLost, NvmlUnavailable
@@ -175,15 +181,19 @@ def check_slurm(config: DaemonConfig) -> list[Finding]:
         found = Finding(
             OK, "slurm", f"cgroup v2, {len(scopes)} slurmstepd scope(s), {running} job(s) running"
         )
-        lacking = {part for scope in scopes for part in v2_fallback(scope)}
-        if lacking:
-            controllers = "/".join(sorted("cpuset" if p == "cpus" else p for p in lacking))
+        lacking = {scope.name: v2_fallback(scope) for scope in scopes}
+        parts = sorted(
+            {FALLBACK_NAMES[2][p] for missing_here in lacking.values() for p in missing_here}
+        )
+        if parts:
+            where = ", ".join(name for name, missing_here in lacking.items() if missing_here)
             fallback = Finding(
                 WARN,
                 "slurm",
-                f"cgroup v2 jobs without the {controllers} controller",
-                "their figures come from their processes; enable it in the slurmstepd scope's "
-                "cgroup.subtree_control (systemd before 244 delegates no cpuset)",
+                f"cgroup v2 jobs without the {'/'.join(parts)} controller under {where}",
+                "their figures come from their processes; Slurm enables for its jobs what its "
+                "scope is given: delegate the controller down to it (systemd 244 and later "
+                "delegates cpuset; a container runtime must pass it through)",
             )
             return [found, fallback, _check_job_info(config)]
     elif version == 1:
@@ -198,7 +208,7 @@ def check_slurm(config: DaemonConfig) -> list[Finding]:
                 )
             ]
         found = Finding(OK, "slurm", f"cgroup v1, {running} job(s) running")
-        missing = sorted({part for job in jobs for part in job.fallback})
+        missing = sorted({FALLBACK_NAMES[1][part] for job in jobs for part in job.fallback})
         if missing:
             fallback = Finding(
                 WARN,

@@ -578,6 +578,12 @@ def _v2_jobs(root: Path, scanned: list[str] | None = None) -> Iterator[JobCgroup
                 yield job
 
 
+# What each part of JobCgroup.fallback is called, by cgroup version: a v1 hierarchy, a v2
+# controller
+FALLBACK_NAMES = {
+    1: {"cpu": "cpuacct", "memory": "memory", "cpus": "cpuset"},
+    2: {"memory": "memory", "cpus": "cpuset"},
+}
 # cgroup v2 controllers whose files a job's figures come from: a job's cgroup has cpu.stat
 # whatever is enabled, memory.current only with the memory controller, cpuset.cpus.effective
 # only with the cpuset controller
@@ -587,8 +593,8 @@ _V2_CONTROLLERS = (("memory", "memory"), ("cpus", "cpuset"))
 def v2_fallback(scope: Path) -> tuple[str, ...]:
     """What the jobs under slurmd's ``scope`` have no controller for (``"memory"``,
     ``"cpus"``): those the scope's ``cgroup.subtree_control`` does not enable for its children
-    (systemd before 244 delegates no cpuset, a container may hold back controllers). None
-    where the file cannot be read: the jobs' own files tell."""
+    (systemd before 244 delegates no cpuset, a container may hold back controllers). Nothing
+    where the file cannot be read (not cgroupfs): the jobs' own files tell."""
     try:
         enabled = set(read_text(scope / "cgroup.subtree_control").split())
     except OSError:
@@ -958,6 +964,7 @@ class SlurmJobCollector(Collector):
         self._search: dict[tuple[str, str], _Search] = {}
         self._names: dict[int, str] = {}
         self._once = OnceLogger(log)
+        self._fallback_said: set[tuple[int, str, tuple[str, ...]]] = set()
         # shards per GPU index, read once: gres.conf changes take a slurmd restart too
         self._gres_path, self._gres_shards = ctx.rootfs / GRES_CONF_PATHS[0], {}
         for relative in GRES_CONF_PATHS:
@@ -1315,12 +1322,17 @@ class SlurmJobCollector(Collector):
         return cpu_seconds, memory
 
     def _say_fallback(self, job: JobCgroup) -> None:
-        """Say once for each kind of job whose figures come from its processes, and why."""
-        parts = "/".join(job.fallback)
+        """Say once for each kind of job whose figures come from its processes (on cgroup v2,
+        for each slurmd's scope: each is given its controllers), and why."""
+        key = (job.version, job.scope if job.version == 2 else "", job.fallback)
+        if key in self._fallback_said:
+            return
+        self._fallback_said.add(key)
+        parts = "/".join(FALLBACK_NAMES[job.version][part] for part in job.fallback)
         if job.version == 2:
             message = (
-                f"cgroup v2: Slurm's job cgroups here have no {parts} controller (not in "
-                f"{job.scope}/cgroup.subtree_control)"
+                f"cgroup v2: Slurm's job cgroups under {job.scope} have no {parts} controller "
+                "(none given to the scope)"
             )
         else:
             message = (
@@ -1331,10 +1343,7 @@ class SlurmJobCollector(Collector):
         if "cpu" in job.fallback:
             extra = "; CPU time of a process that lived less than a round and was not waited "
             extra += "for in the job is missed"
-        self._once.warning(
-            f"fallback:{job.version}:{parts}",
-            f"{message}: those figures come from each job's processes{extra}",
-        )
+        log.warning("%s: those figures come from each job's processes%s", message, extra)
 
     def _job_cpus(self, job: JobCgroup, names: tuple[str, ...], cpu_seconds: float) -> int:
         """The job's CPUs, its cpuset read as :data:`CPUSET_RECHECK_SECONDS` says."""
@@ -1383,8 +1392,8 @@ class SlurmJobCollector(Collector):
     def _cpus_without_cpuset(self, job: JobCgroup) -> int:
         """CPUs of a job without cpuset files: ``SLURM_CPUS_ON_NODE`` of the first
         environment of its own (the batch script's first; slurmstepd's is slurmd's), else the
-        ``Cpus_allowed_list`` of its first process but slurmstepd. Raises ``FileNotFoundError``
-        (quietly left out) where it has no process."""
+        ``Cpus_allowed_list`` of its first process but slurmstepd and the extern step's. Raises
+        ``FileNotFoundError`` (quietly left out) where no such process tells."""
         known = self._env_cpus.get(job.key)
         if known is not None:
             return known
@@ -1392,6 +1401,10 @@ class SlurmJobCollector(Collector):
         for place, pid in job_processes(job.procs_dir):
             if place == STEPD:
                 continue  # slurmd's environment and its all-CPU mask, not the job's
+            if place == EXTERN:
+                # its sleep and the ssh sessions pam_slurm_adopt puts there: no job environment,
+                # and without a cpuset the whole node's mask, not the job's CPUs
+                continue
             try:
                 env = parse_environ(read_environ(self.ctx.procfs / str(pid) / "environ"))
             except OSError:
