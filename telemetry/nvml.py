@@ -106,6 +106,9 @@ class Gateway:
         self._once = OnceLogger(log)
         # Per device key: the newest per-process utilisation sample's timestamp (µs) read so far.
         self._last_seen: dict[str, int] = {}
+        #: NVML's timestamp (CPU µs) of the newest value the last :meth:`field_values` call
+        #: answered; None where it answered none, or gave no timestamp.
+        self.field_stamp_us: int | None = None
         #: Successful initialisations so far (0: never initialised).
         self.generation = 0
         # field_values' readers by value type, built once per initialisation
@@ -248,9 +251,12 @@ class Gateway:
             return value
         return None
 
-    def process_utilization(self, key: str, handle: Any) -> list[ProcessSample] | None:
+    def process_utilization(
+        self, key: str, handle: Any, since: int | None = None
+    ) -> list[ProcessSample] | None:
         """Per-process utilisation samples NVML took on ``handle`` since the last call for
-        ``key`` (the device's UUID), oldest first; each sample is returned once.
+        ``key`` (the device's UUID) and after ``since`` (NVML's CPU µs, where given), oldest
+        first; each sample is returned once.
 
         ``[]`` when NVML has no new sample (``NotFound``); ``None`` when the device or driver
         cannot tell (``NotSupported``/``FunctionNotFound``, logged once).
@@ -258,6 +264,8 @@ class Gateway:
         m = self._module if self._ready else self.nvml
         name = "nvmlDeviceGetProcessUtilization"
         last = self._last_seen.get(key, 0)
+        if since is not None and since > last:
+            last = since
         function = self._c_function(name)
         struct = getattr(m, "c_nvmlProcessUtilizationSample_t", None)
         if function is None or struct is None or name in self._missing:
@@ -634,6 +642,7 @@ class Gateway:
         m = self._module if self._ready else self.nvml
         ids = tuple(field_ids)
         out: dict[int, float | None] = dict.fromkeys(ids)
+        self.field_stamp_us = None
         name = "nvmlDeviceGetFieldValues"
         function = self._c_function(name)
         struct = getattr(m, "c_nvmlFieldValue_t", None)
@@ -656,7 +665,7 @@ class Gateway:
             if reader is None:
                 reader = self._field_reader = _FieldReader.of(struct, m) or False
             if reader:
-                reader.read(values, ids, out)
+                self.field_stamp_us = reader.read(values, ids, out)
                 return out
         else:
             request = self._field_requests.get(ids)
@@ -672,11 +681,16 @@ class Gateway:
         if getattr(values, "_type_", None) is not struct_type:  # not pynvml's array: no shortcut
             getters = _FIELD_ATTRIBUTES
         return_of, type_of, value_of = getters
+        newest: int | None = None
         for field_id, value in zip(ids, values, strict=False):
             if return_of(value) == 0:
                 read = readers.get(type_of(value))
                 if read is not None:
                     out[field_id] = float(read(value_of(value)))
+                stamp = getattr(value, "timestamp", None)
+                if isinstance(stamp, int) and stamp > 0 and (newest is None or stamp > newest):
+                    newest = stamp
+        self.field_stamp_us = newest
         return out
 
     def _value_readers(self) -> dict[int, Callable[[Any], float]]:
@@ -714,7 +728,7 @@ class _FieldReader:
     type is read: from its first byte, in this machine's byte order)."""
 
     def __init__(self, entry: str, values: dict[int, struct.Struct]) -> None:
-        self._entry = entry
+        self._entry = entry  # an entry's timestamp, value type, return code and value
         self._values = values
         self._arrays: dict[int, struct.Struct] = {}
 
@@ -724,14 +738,18 @@ class _FieldReader:
         of binding ``m``; ``None`` where the structure is not laid out as NVML's."""
         try:
             kind, code, value = struct_type.valueType, struct_type.nvmlReturn, struct_type.value
+            stamp = struct_type.timestamp
             size = ctypes.sizeof(struct_type)
         except (AttributeError, TypeError):
             return None
-        if (kind.size, code.size, value.size) != (4, 4, 8):
+        if (stamp.size, kind.size, code.size, value.size) != (8, 4, 4, 8):
             return None
         if not (kind.offset + 4 == code.offset and code.offset + 4 == value.offset):
             return None
-        entry = f"{kind.offset}xII8s{size - value.offset - 8}x"
+        if stamp.offset + 8 > kind.offset:
+            return None
+        gap = kind.offset - stamp.offset - 8
+        entry = f"{stamp.offset}xq{gap}xII8s{size - value.offset - 8}x"
         long_code = "Q" if ctypes.sizeof(ctypes.c_ulong) == 8 else "I"
         codes = {
             "NVML_VALUE_TYPE_DOUBLE": "d",
@@ -748,19 +766,23 @@ class _FieldReader:
         }
         return cls(entry, values)
 
-    def read(self, array: Any, ids: tuple[int, ...], out: dict[int, float | None]) -> None:
+    def read(self, array: Any, ids: tuple[int, ...], out: dict[int, float | None]) -> int | None:
         """Each entry of ``array`` (for field ``ids``) NVML answered with a value of a known
-        type, as a float into ``out``."""
+        type, as a float into ``out``; the newest timestamp (µs) of an answered entry, None
+        where none was answered."""
         packing = self._arrays.get(len(ids))
         if packing is None:
             packing = self._arrays[len(ids)] = struct.Struct("=" + self._entry * len(ids))
         read = iter(packing.unpack_from(array))
         values = self._values
-        for field_id, kind, code, value in zip(ids, read, read, read, strict=True):
+        newest = 0
+        for field_id, stamp, kind, code, value in zip(ids, read, read, read, read, strict=True):
             if code == _SUCCESS:
                 number = values.get(kind)
                 if number is not None:
                     out[field_id] = float(number.unpack_from(value)[0])
+                newest = max(newest, stamp)
+        return newest or None
 
 
 class _Buffer:

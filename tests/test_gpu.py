@@ -18,6 +18,7 @@ from telemetry.collectors.gpu import GpuCollector, mig_profile
 from telemetry.nvml import Gateway, GpuLost, NvmlUnavailable
 from telemetry.state import State
 from tests.support.daemon import scrape_daemon
+from tests.support.gpu_side import asked
 from tests.support.nvml.library import FakeClock, FakeNVML
 from tests.support.nvml.profiles import (
     H100_IDLE,
@@ -282,7 +283,7 @@ def test_c_functions_read_what_the_wrappers_read(clock: FakeClock) -> None:
         for fake in fakes.values():
             if round_ in faults:
                 faults[round_](fake)
-        with_c, wrappers = (c.collect() for c in collectors.values())
+        with_c, wrappers = (asked(c.collect()) for c in collectors.values())
         assert with_c == wrappers, f"round {round_}"
         if round_ == 1:  # all 151 processes and their samples, the unknown framebuffer null
             side = {r["gpu_uuid"]: r for r in with_c["_gpu_pids"]}[fakes[()].devices[1].uuid]

@@ -439,3 +439,42 @@ def test_claims_by_uuid_with_replica_shares_name_a_whole_gpu(tmp_path: Path) -> 
     assert {j: r["share"] for j, r in rows.items()} == {"pod-a": 0.5, "pod-b": 0.25}
     assert all(r["memory_used_bytes"] == 0 for r in rows.values())  # no process yet
     assert result.tables["gpu"].to_arrow().column("job_id").to_pylist() == ["pod-a", None]
+
+
+def test_process_samples_are_asked_of_shared_gpus_only_and_cover_the_last_round(
+    tmp_path: Path,
+) -> None:
+    """NVML's per-process samples are asked for where several jobs hold a GPU (its gpu_job rows
+    need them), not every round of every GPU; a GPU asked again after rounds held by one job
+    gives its last round's samples, not all NVML's buffer kept since it was last asked."""
+    name = "nvmlDeviceGetProcessUtilization"
+    clock = FakeClock(start=1000.0)
+    fake, proc = _shared_gpu(tmp_path, clock)
+    fake.set_processes(0, [ProcessProfile(100, 0, sm_util_pct=90)])  # job 501 alone
+
+    def asked() -> int:  # calls of NVML's C function (the collector calls no wrapper)
+        return fake.c_calls[name]
+
+    runner = Runner([GpuCollector(_ctx(fake, proc))])
+    clock.advance(1.0)
+    runner.run()  # NVML's time of a previous round unknown yet: asked at once
+    first = asked()
+    assert first == 2  # both GPUs
+    for _ in range(5):
+        clock.advance(1.0)
+        assert "gpu_job" not in runner.run().tables
+    assert asked() == first  # nobody needed them
+    # job 502 joins GPU 0 with a light process; job 501's runs lighter from now on
+    fake.set_processes(
+        0,
+        [ProcessProfile(100, 0, sm_util_pct=30), ProcessProfile(200, 0, sm_util_pct=10)],
+    )
+    clock.advance(1.0)
+    rows = _gpu_job(runner.run())
+    assert asked() == first + 1  # GPU 0 alone
+    assert rows["501"]["sm_utilization_ratio"] == pytest.approx(0.3)  # not 90 % of before
+    assert rows["502"]["sm_utilization_ratio"] == pytest.approx(0.1)
+    clock.advance(1.0)
+    rows = _gpu_job(runner.run())
+    assert rows["501"]["sm_utilization_ratio"] == pytest.approx(0.3)
+    assert asked() == first + 2

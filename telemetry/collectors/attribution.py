@@ -200,7 +200,9 @@ def _usage(
     """The SM utilisation (summed over the job's PIDs, at most 1; None where NVML gave no
     samples) and framebuffer bytes (None where NVML tells none for a process it lists) of one
     job's processes on one GPU."""
-    sm: dict[int, float] | None = seen.get("sm")
+    sm = seen.get("sm")
+    if callable(sm):  # the gpu collector's ProcessSm: NVML is asked for GPUs jobs share only
+        sm = seen["sm"] = sm()
     memory: dict[int, int | None] = seen.get("memory", {})
     pids = [pid for pid, owner in pid_jobs.items() if owner == job]
     used = [m for m in (memory.get(pid) for pid in pids) if m is not None]

@@ -37,7 +37,7 @@ from typing import Any
 
 from telemetry.collectors.base import Collector, CollectorContext, Row, register
 from telemetry.logs import OnceLogger
-from telemetry.nvml import Gateway, GpuLost
+from telemetry.nvml import Gateway, GpuLost, NvmlUnavailable, ProcessSample
 
 log = logging.getLogger("tally.gpu")
 
@@ -84,6 +84,44 @@ class _DeviceState:
     xid_total: int = 0
     xid_last: int | None = None
     spare: list[Any] = field(default_factory=list)
+    field_stamp_us: int | None = None  # NVML's time of the last round's field values
+
+
+class ProcessSm:
+    """The mean SM utilisation (0-1) of each PID over the past round on one GPU, asked of NVML
+    when first called: only a GPU several jobs hold needs it (attribution asks), and a node's
+    GPUs are mostly held whole. The samples are those after ``since``, NVML's time of the
+    previous round's field values, so that a GPU not asked for rounds gives its last round's,
+    not what NVML's buffer kept since. ``None`` where NVML gives no sample (or cannot tell,
+    or the GPU stopped answering since the round read it)."""
+
+    __slots__ = ("_answer", "_asked", "_gateway", "_handle", "_since", "_uuid")
+
+    def __init__(self, gateway: Gateway, uuid: str, handle: Any, since: int | None) -> None:
+        self._gateway, self._uuid, self._handle, self._since = gateway, uuid, handle, since
+        self._asked = False
+        self._answer: dict[int, float] | None = None
+
+    def __call__(self) -> dict[int, float] | None:
+        if not self._asked:
+            self._asked = True
+            try:
+                samples = self._gateway.process_utilization(self._uuid, self._handle, self._since)
+            except (GpuLost, NvmlUnavailable):  # said by the next round's reading of the GPU
+                samples = None
+            self._answer = mean_sm(samples)
+        return self._answer
+
+
+def mean_sm(samples: list[ProcessSample] | None) -> dict[int, float] | None:
+    """Each PID's mean SM utilisation over ``samples``; None where there is none ([] tells
+    nothing per job: null)."""
+    if not samples:
+        return None
+    totals: dict[int, list[float]] = {}
+    for sample in samples:
+        totals.setdefault(sample.pid, []).append(sample.sm_ratio)
+    return {pid: sum(values) / len(values) for pid, values in totals.items()}
 
 
 @register
@@ -189,6 +227,7 @@ class GpuCollector(Collector):
             state = self._state[uuid] = _DeviceState()
         energy_id, sbe_id, dbe_id, remapped_id = self._field_ids
         fields = self.gw.field_values(handle, self._field_ids)
+        since, state.field_stamp_us = state.field_stamp_us, self.gw.field_stamp_us
         energy_mj = fields[energy_id]
         if energy_mj is None:
             energy_mj = self.gw.call("nvmlDeviceGetTotalEnergyConsumption", handle)
@@ -225,7 +264,7 @@ class GpuCollector(Collector):
             if mode is not None:  # no answer (not supported, failed) is asked again
                 device.mig_enabled = mig_enabled
         # In MIG mode the processes belong to the instances; the parent lists them all again.
-        pids = [self._processes(uuid, index, handle, sampled=not mig_enabled)]
+        pids = [self._processes(uuid, index, handle, not mig_enabled, since)]
         pids[0]["mig_parent"] = mig_enabled
         if mig_enabled:
             total = self._total_slices(uuid, handle)
@@ -238,18 +277,19 @@ class GpuCollector(Collector):
             row["capacity_units"] = max(total - held, 0) / total  # the slices no instance holds
         return rows, pids
 
-    def _processes(self, uuid: str, index: int, handle: Any, sampled: bool = True) -> Row:
+    def _processes(
+        self, uuid: str, index: int, handle: Any, sampled: bool = True, since: int | None = None
+    ) -> Row:
         """The side-output row of one GPU or MIG instance: PIDs, framebuffer bytes per PID
-        (``None`` where NVML cannot tell) and mean SM utilisation per PID (0-1) since the last
-        round (``None`` where NVML gives no samples)."""
+        (``None`` where NVML cannot tell) and ``sm``, the mean SM utilisation per PID (0-1)
+        over the past round (``None`` where NVML gives no samples): a :class:`ProcessSm` to
+        call where NVML's time of the last round (``since``) is known, else read now."""
         memory = dict(self.gw.processes(handle) or ())
-        sm: dict[int, float] | None = None
-        samples = self.gw.process_utilization(uuid, handle) if sampled else None
-        if samples:  # [] (no sample since the last round) tells nothing per job: null
-            totals: dict[int, list[float]] = {}
-            for sample in samples:
-                totals.setdefault(sample.pid, []).append(sample.sm_ratio)
-            sm = {pid: sum(values) / len(values) for pid, values in totals.items()}
+        sm: dict[int, float] | ProcessSm | None = None
+        if sampled and since is not None:
+            sm = ProcessSm(self.gw, uuid, handle, since)
+        elif sampled:
+            sm = mean_sm(self.gw.process_utilization(uuid, handle))
         return {
             "gpu_uuid": uuid,
             "gpu_index": index,
