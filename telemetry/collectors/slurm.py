@@ -584,10 +584,6 @@ FALLBACK_NAMES = {
     1: {"cpu": "cpuacct", "memory": "memory", "cpus": "cpuset"},
     2: {"memory": "memory", "cpus": "cpuset"},
 }
-# cgroup v2 controllers whose files a job's figures come from: a job's cgroup has cpu.stat
-# whatever is enabled, memory.current only with the memory controller, cpuset.cpus.effective
-# only with the cpuset controller
-_V2_CONTROLLERS = (("memory", "memory"), ("cpus", "cpuset"))
 
 
 def v2_fallback(scope: Path) -> tuple[str, ...]:
@@ -599,7 +595,10 @@ def v2_fallback(scope: Path) -> tuple[str, ...]:
         enabled = set(read_text(scope / "cgroup.subtree_control").split())
     except OSError:
         return ()
-    return tuple(name for name, controller in _V2_CONTROLLERS if controller not in enabled)
+    # a job's cgroup has cpu.stat whatever is enabled, memory.current only with the memory
+    # controller, cpuset.cpus.effective only with cpuset
+    names = FALLBACK_NAMES[2]
+    return tuple(part for part, controller in names.items() if controller not in enabled)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -964,7 +963,6 @@ class SlurmJobCollector(Collector):
         self._search: dict[tuple[str, str], _Search] = {}
         self._names: dict[int, str] = {}
         self._once = OnceLogger(log)
-        self._fallback_said: set[tuple[int, str, tuple[str, ...]]] = set()
         # shards per GPU index, read once: gres.conf changes take a slurmd restart too
         self._gres_path, self._gres_shards = ctx.rootfs / GRES_CONF_PATHS[0], {}
         for relative in GRES_CONF_PATHS:
@@ -1324,10 +1322,6 @@ class SlurmJobCollector(Collector):
     def _say_fallback(self, job: JobCgroup) -> None:
         """Say once for each kind of job whose figures come from its processes (on cgroup v2,
         for each slurmd's scope: each is given its controllers), and why."""
-        key = (job.version, job.scope if job.version == 2 else "", job.fallback)
-        if key in self._fallback_said:
-            return
-        self._fallback_said.add(key)
         parts = "/".join(FALLBACK_NAMES[job.version][part] for part in job.fallback)
         if job.version == 2:
             message = (
@@ -1343,7 +1337,11 @@ class SlurmJobCollector(Collector):
         if "cpu" in job.fallback:
             extra = "; CPU time of a process that lived less than a round and was not waited "
             extra += "for in the job is missed"
-        log.warning("%s: those figures come from each job's processes%s", message, extra)
+        scope = job.scope if job.version == 2 else ""
+        self._once.warning(
+            f"fallback:{job.version}:{scope}:{parts}",
+            f"{message}: those figures come from each job's processes{extra}",
+        )
 
     def _job_cpus(self, job: JobCgroup, names: tuple[str, ...], cpu_seconds: float) -> int:
         """The job's CPUs, its cpuset read as :data:`CPUSET_RECHECK_SECONDS` says."""
