@@ -67,8 +67,15 @@ class Daemon:
 
             inventory = load_inventory(config.inventory)
         # a node's pool counters count its own capacity, so that they sum across nodes
-        # (SPEC §6); the pool's declared units are the whole pool's, which no node has alone
-        self.state = State(config.max_gap_seconds, inventory, declared_capacity=False)
+        # (SPEC §6); the pool's declared units are the whole pool's, which no node has alone.
+        # Its rows come in time order (a clock step back drops them) and its job tables are
+        # shown only as they are now: kept as their newest rows.
+        self.state = State(
+            config.max_gap_seconds,
+            inventory,
+            declared_capacity=False,
+            latest_only=frozenset({"job", "gpu_job"}),
+        )
         self.store = Store(config.data_dir, self.node, config.rotate_seconds)
         self.store_errors = 0
         self._pending: list[tuple[str, RoundBatch]] = []

@@ -9,14 +9,14 @@ daemon, which so never loads Arrow); the snapshot holds the kind that came in.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 import kernels
 from telemetry.collectors.base import CollectorStatus
 from telemetry.frame import Frame
-from telemetry.merge import Table, as_rows, merge_rows
+from telemetry.merge import Table, as_rows, concat, merge_rows
 from telemetry.tables import TABLES
 
 if TYPE_CHECKING:  # the bill engine is imported only when an inventory asks for pools
@@ -469,10 +469,26 @@ class TableState:
             sums[p] = self._running[p][slots][None, :] - before
         return sums
 
-    def snapshot(self) -> TableSnapshot:
+    def node_newest(self) -> dict[str, int]:
+        """Each node's newest sample time in this table, int64 ns."""
+        table = self.newest
+        if table.num_rows == 0:
+            return {}
+        reader = as_rows(table, self.name)
+        if self._newest_keys is not None:
+            nodes = [key[0] for key in self._newest_keys]
+        else:
+            codes, labels = reader.series_codes()
+            nodes = [labels[c][0] for c in codes.tolist()]
+        return _newest_by_node(nodes, reader.times())
+
+    def snapshot(self, node_newest: dict[str, int] | None = None) -> TableSnapshot:
         """Newest row, totals and trailing ratios of every current series.
 
-        A series is current while its newest sample is within ``max_gap`` of its node's newest.
+        A series is current while its newest sample is within ``max_gap`` of its node's newest,
+        in this table or in ``node_newest`` (each node's newest sample in any table: a job
+        that ended on a node that has no job left is not current once the node's other tables
+        run a max gap past it).
         """
         table = self.newest
         if table.num_rows == 0:
@@ -491,9 +507,12 @@ class TableState:
             [node_ids.setdefault(labels[c][0], len(node_ids)) for c in codes.tolist()],
             dtype=np.int64,
         )
-        node_newest = np.full(len(node_ids), np.iinfo(np.int64).min, dtype=np.int64)
-        np.maximum.at(node_newest, node_codes, times)
-        current = times >= node_newest[node_codes] - self.max_gap_ns
+        newest = np.full(len(node_ids), np.iinfo(np.int64).min, dtype=np.int64)
+        np.maximum.at(newest, node_codes, times)
+        if node_newest:
+            elsewhere = [node_newest.get(node, _NO_NODE_TIME) for node in node_ids]
+            newest = np.maximum(newest, np.array(elsewhere, dtype=np.int64))
+        current = times >= newest[node_codes] - self.max_gap_ns
         keys = [labels[c] for c in codes[current].tolist()]
 
         windows: dict[str, np.ndarray] = {}
@@ -509,6 +528,111 @@ class TableState:
         totals = {p: _int64_array([series.get(p, 0) for series in series_totals]) for p in names}
         latest = reader.take(order[current])
         return TableSnapshot(latest=latest, totals=totals, windows=windows)
+
+
+class LatestTableState:
+    """The newest row of each series of one table, and nothing older: for the tables the
+    exporter shows only as they are now (``job``, ``gpu_job``: no counters, no windows) where
+    their rows come in time order, as the node daemon's do. No totals, no trailing ratios.
+
+    A row at or before its series' newest time is dropped and counted: a duplicate at that
+    time, else late (a full :class:`TableState` tells a late row that repeats an older retained
+    row as a duplicate; this one keeps no older row). Of rows repeating one (series, time)
+    within a batch the first wins. A series silent for 1h + max gap behind the table's newest
+    sample is forgotten, as in :class:`TableState`.
+    """
+
+    def __init__(self, name: str, max_gap_seconds: float = DEFAULT_MAX_GAP_SECONDS) -> None:
+        self.name = name
+        self.max_gap_ns = int(max_gap_seconds * NS)
+        self.retain_ns = max(WINDOWS.values()) * NS + self.max_gap_ns
+        self.newest: Table = Frame.empty(name)  # each live series' newest row
+        self._keys: list[tuple[str, ...]] = []  # the series key of each of those rows
+        self._times = np.zeros(0, dtype=np.int64)  # and its time, int64 ns
+        self.totals: dict[tuple[str, ...], dict[str, int]] = {}  # none kept
+        self.stats = IngestStats()
+
+    @property
+    def retained(self) -> Table:
+        return self.newest
+
+    def ingest(self, batch: Table, checked: bool = False) -> None:
+        """Add rows (any order, any series); raises ``SchemaError`` for a non-conforming Arrow
+        table (``checked``: already validated)."""
+        new = batch if isinstance(batch, Frame) else _conformed(batch, self.name, checked)
+        if new.num_rows == 0:
+            return
+        self.stats.rows += new.num_rows
+        reader = as_rows(new, self.name)
+        codes, keys = reader.series_codes()
+        times = np.asarray(reader.times(), dtype=np.int64)
+        held = {key: row for row, key in enumerate(self._keys)}
+        old_row = np.array([held.get(key, -1) for key in keys], dtype=np.int64)
+        code_before = np.where(
+            old_row >= 0, self._times[np.maximum(old_row, 0)] if self._keys else 0, _NO_NODE_TIME
+        )
+        order = kernels.series_order(codes, times)
+        sorted_codes, sorted_times = codes[order], times[order]
+        before = code_before[sorted_codes]
+        repeat = np.zeros(order.size, dtype=bool)
+        repeat[1:] = (sorted_codes[1:] == sorted_codes[:-1]) & (
+            sorted_times[1:] == sorted_times[:-1]
+        )
+        stale = sorted_times <= before
+        late = sorted_times < before
+        self.stats.late += int(late.sum())
+        self.stats.duplicates += int((stale & ~late).sum() + (repeat & ~stale).sum())
+        kept = ~(stale | repeat)
+        if not kept.any():
+            return
+        runs = sorted_codes[kept]
+        last = order[kept][kernels.last_rows(runs)]  # each updated series' newest new row
+        updated = old_row[codes[last]]
+        stay = np.ones(len(self._keys), dtype=bool)
+        stay[updated[updated >= 0]] = False
+        staying = np.nonzero(stay)[0]
+        rows = concat(as_rows(self.newest, self.name).take(staying), reader.take(last))
+        row_keys = [self._keys[i] for i in staying.tolist()]
+        row_keys += [keys[c] for c in codes[last].tolist()]
+        row_times = np.concatenate([self._times[staying], times[last]])
+        alive = row_times > int(row_times.max()) - self.retain_ns
+        if not alive.all():
+            live = np.nonzero(alive)[0]
+            rows = as_rows(rows, self.name).take(live)
+            row_keys = [row_keys[i] for i in live.tolist()]
+            row_times = row_times[live]
+        self.newest, self._keys, self._times = rows, row_keys, row_times
+
+    def node_newest(self) -> dict[str, int]:
+        """Each node's newest sample time in this table, int64 ns."""
+        return _newest_by_node([key[0] for key in self._keys], self._times)
+
+    def snapshot(self, node_newest: dict[str, int] | None = None) -> TableSnapshot:
+        """The newest row of every current series (as :meth:`TableState.snapshot` tells
+        current), in the order they were kept."""
+        table = self.newest
+        if table.num_rows == 0:
+            return TableSnapshot(latest=table)
+        newest = self.node_newest()
+        if node_newest:
+            newest = {node: max(t, node_newest.get(node, t)) for node, t in newest.items()}
+        horizon = np.array([newest[key[0]] for key in self._keys], dtype=np.int64) - self.max_gap_ns
+        current = self._times >= horizon
+        if current.all():
+            return TableSnapshot(latest=table)
+        return TableSnapshot(latest=as_rows(table, self.name).take(np.nonzero(current)[0]))
+
+
+_NO_NODE_TIME = np.iinfo(np.int64).min
+
+
+def _newest_by_node(nodes: list[str], times: Any) -> dict[str, int]:
+    """Per node of ``nodes``, the newest of its rows' ``times`` (int64 ns)."""
+    newest: dict[str, int] = {}
+    for node, time in zip(nodes, np.asarray(times, dtype=np.int64).tolist(), strict=True):
+        if time > newest.get(node, _NO_NODE_TIME):
+            newest[node] = time
+    return newest
 
 
 def _capacity(slots: int) -> int:
@@ -545,8 +669,14 @@ class State:
         max_gap_seconds: float = DEFAULT_MAX_GAP_SECONDS,
         inventory: Inventory | None = None,
         declared_capacity: bool = True,
+        latest_only: frozenset[str] = frozenset(),
     ) -> None:
-        self.tables = {name: TableState(name, max_gap_seconds) for name in TABLES}
+        """``latest_only``: tables kept as :class:`LatestTableState` (rows in time order, shown
+        only as they are now: the node daemon's job and gpu_job)."""
+        self.tables: dict[str, TableState | LatestTableState] = {
+            name: (LatestTableState if name in latest_only else TableState)(name, max_gap_seconds)
+            for name in TABLES
+        }
         self.biller = None
         # pool capacity: the inventory's declared units (a whole dataset), else what the
         # series show (one node of many: Biller.live_totals)
@@ -580,7 +710,15 @@ class State:
                     self.biller.retire()
 
     def snapshot(self, collectors: dict[str, CollectorStatus] | None = None) -> Snapshot:
-        tables = {name: st.snapshot() for name, st in self.tables.items() if st.retained.num_rows}
+        node_newest: dict[str, int] = {}  # each node's newest sample in any table
+        for st in self.tables.values():
+            for node, time in st.node_newest().items():
+                node_newest[node] = max(time, node_newest.get(node, time))
+        tables = {
+            name: st.snapshot(node_newest)
+            for name, st in self.tables.items()
+            if st.retained.num_rows
+        }
         ingest = {name: IngestStats(**vars(st.stats)) for name, st in self.tables.items()}
         pools = None
         if self.biller is not None:

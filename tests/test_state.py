@@ -167,10 +167,12 @@ def snapshot_dict(name: str, snap: TableSnapshot | None) -> dict[tuple[str, ...]
 
 def check_against_reference(state: State, data: dict[str, list[Row]]) -> None:
     snap = state.snapshot()
+    newest = ref.newest_by_node(data)
     for name, rows in data.items():
         st_ = state.tables[name]
         assert st_.totals == ref.table_totals(name, rows), name
-        assert snapshot_dict(name, snap.tables.get(name)) == ref.table_snapshot(name, rows), name
+        expected = ref.table_snapshot(name, rows, elsewhere=newest)
+        assert snapshot_dict(name, snap.tables.get(name)) == expected, name
 
 
 # --- generated data -----------------------------------------------------------------------------
@@ -334,6 +336,47 @@ def test_resent_rows_are_duplicates_and_change_nothing(
         assert snapshot_dict(name, after.tables.get(name)) == snapshot_dict(
             name, before.tables.get(name)
         )
+
+
+def _by_key(name: str, latest: Table) -> list[dict[str, Any]]:
+    latest = arrow(latest)
+    at = latest.schema.get_field_index("time")
+    rows: list[dict[str, Any]] = latest.set_column(
+        at, "time", latest.column("time").cast(pa.int64())
+    ).to_pylist()
+    return sorted(rows, key=lambda r: tuple(r[k] for k in SERIES_KEYS[name]))
+
+
+@settings(max_examples=80, deadline=None)
+@given(datasets(), st.randoms(use_true_random=False), st.lists(st.integers(0, 200), max_size=5))
+def test_a_latest_only_table_shows_the_rows_the_full_state_shows(
+    data: dict[str, list[Row]], rnd: Any, cuts: list[int]
+) -> None:
+    """Batches in any order, with duplicates and late rows: the job table kept as its newest
+    rows only shows what the full state shows, and drops as many rows."""
+    for rows in data.values():
+        rnd.shuffle(rows)
+    full, latest = State(), State(latest_only=frozenset({"job"}))
+    for name, rows in data.items():
+        bounds = sorted({0, len(rows), *(c for c in cuts if c < len(rows))})
+        for lo, hi in itertools.pairwise(bounds):
+            full.ingest(name, table(name, rows[lo:hi]))
+            latest.ingest(name, table(name, rows[lo:hi]))
+    a, b = full.snapshot(), latest.snapshot()
+    assert sorted(a.tables) == sorted(b.tables)
+    for name in a.tables:
+        assert _by_key(name, a.tables[name].latest) == _by_key(name, b.tables[name].latest)
+    shown = b.tables.get("job")
+    expected = ref.table_snapshot("job", data["job"], elsewhere=ref.newest_by_node(data))
+    assert {k: v["time"] for k, v in snapshot_dict("job", shown).items()} == {
+        k: v["time"] for k, v in expected.items()
+    }
+    assert shown is None or (not shown.totals and not shown.windows)
+    kept, dropped = full.tables["job"].stats, latest.tables["job"].stats
+    assert kept.rows == dropped.rows == len(data["job"])
+    assert kept.duplicates + kept.late == dropped.duplicates + dropped.late
+    if not cuts:  # one batch: nothing is late, every repeat a duplicate
+        assert (dropped.duplicates, dropped.late) == (n_duplicates("job", data["job"]), 0)
 
 
 # --- hand-computed cases ----------------------------------------------------------------------
@@ -507,6 +550,30 @@ def test_series_far_behind_its_node_is_not_current() -> None:
     assert snap.windows["1m"].tolist() == [0.5, 0.5, 0.5]
     # their totals stay in the state, they are only left out of the snapshot
     assert state.tables["gpu"].totals[("n1", "GPU-b")]["capacity_us"] == 200_000_000
+
+
+@pytest.mark.parametrize("latest_only", [frozenset(), frozenset({"job"})])
+def test_the_jobs_of_a_node_left_without_jobs_leave_once_its_other_tables_run_on(
+    latest_only: frozenset[str],
+) -> None:
+    """No job row comes once a node's last jobs end: they are current while the node's newest
+    sample in any table is within max gap of theirs, not for as long as no job row comes."""
+    state = State(latest_only=latest_only)
+    state.ingest("job", table("job", [job_row("n1", j, ts(s)) for j in ("7", "8")
+                                      for s in range(0, 101, 10)]))  # fmt: skip
+    state.ingest("job", table("job", [job_row("n2", "9", ts(s)) for s in range(0, 101, 10)]))
+    state.ingest("cpu", table("cpu", [cpu_row("n1", ts(s), 2) for s in range(0, 161, 10)]))
+
+    def shown() -> list[tuple[str, str]]:
+        latest = arrow(state.snapshot().tables["job"].latest)
+        return sorted(zip(*(latest.column(k).to_pylist() for k in ("node", "job_id")),
+                          strict=True))  # fmt: skip
+
+    assert shown() == [("n1", "7"), ("n1", "8"), ("n2", "9")]  # n1's newest is 60 s on: current
+    state.ingest("cpu", table("cpu", [cpu_row("n1", ts(170), 2)]))
+    assert shown() == [("n2", "9")]  # 70 s behind its node; n2 has no other table: still shown
+    state.ingest("job", table("job", [job_row("n1", "10", ts(175))]))
+    assert shown() == [("n1", "10"), ("n2", "9")]
 
 
 def test_silent_series_is_evicted_with_its_totals() -> None:

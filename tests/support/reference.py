@@ -280,17 +280,30 @@ def _clip(ratio: float | None) -> float | None:
     return None if ratio is None else min(1.0, max(0.0, ratio))
 
 
+def newest_by_node(data: dict[str, Sequence[Row]]) -> dict[str, int]:
+    """Each node's newest sample time over every table's rows."""
+    newest: dict[str, int] = {}
+    for rows in data.values():
+        for row in rows:
+            newest[row["node"]] = max(newest.get(row["node"], row["time"]), row["time"])
+    return newest
+
+
 def table_snapshot(
-    name: str, rows: Sequence[Row], max_gap_seconds: float = 60
+    name: str,
+    rows: Sequence[Row],
+    max_gap_seconds: float = 60,
+    elsewhere: dict[str, int] | None = None,
 ) -> dict[tuple[str, ...], dict[str, Any]]:
     """What a snapshot should hold per current series: newest time, totals, window ratios.
 
-    Current: alive, and newest sample no more than max_gap behind the newest of its node.
+    Current: alive, and newest sample no more than max_gap behind the newest of its node, in
+    this table or in ``elsewhere`` (each node's newest sample in any table).
     Ratios (gpu and cpu only) are clipped to [0, 1]; None where the window holds no capacity.
     """
     max_gap_ns = int(max_gap_seconds * NS)
     series = alive_series(table_series(name, rows), max_gap_seconds)
-    node_newest: dict[str, int] = {}
+    node_newest: dict[str, int] = dict(elsewhere or {})
     for key, s in series.items():
         node_newest[key[0]] = max(node_newest.get(key[0], s[-1]["time"]), s[-1]["time"])
     out: dict[tuple[str, ...], dict[str, Any]] = {}
