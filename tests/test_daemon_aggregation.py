@@ -4,6 +4,8 @@ and what a scrape shows is what ingesting every round on its own would show."""
 from __future__ import annotations
 
 import logging
+import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from tests.support.nvml.profiles import H100_LOADED
 
 FAKE = FakeNVML([H100_LOADED, H100_LOADED])
 T0_NS = 1_800_000_000 * 10**9
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture
@@ -125,3 +128,43 @@ def test_a_table_that_fails_to_ingest_costs_only_its_own_live_rows(
     assert shown.ingest["gpu"].rows == 3 * 2
     assert "cpu" not in shown.tables
     assert "live cpu rows left out: cpu: injected" in caplog.text
+
+
+def test_the_last_jobs_of_a_node_leave_the_scrape_a_max_gap_after_they_end(
+    tmp_path: Path,
+) -> None:
+    """Once a node's last jobs end no job row comes at all: the scrape drops them when the
+    node's other series run a max gap past them, not whenever the next job starts."""
+    root = tmp_path / "node"
+    shutil.copytree(FIXTURES / "slurm_v2", root, symlinks=True)
+    for name in ("stat", "meminfo"):
+        shutil.copy(FIXTURES / "normal_host" / "proc" / name, root / "proc" / name)
+    with daemon_in_process(
+        tmp_path / "data",
+        "n1",
+        "tests.test_daemon_aggregation:FAKE",
+        procfs=root / "proc",
+        sysfs=root / "sys",
+        collectors={"cpu": True, "rapl": False, "gpu": False, "job": True},
+        interval_seconds=1,
+        max_gap_seconds=5,
+    ) as d:
+        ticks = iter(range(10**6))
+        d.runner.clock_ns = lambda: T0_NS + next(ticks) * 10**9
+
+        def jobs_shown() -> set[str]:
+            text = d.render_text().decode()
+            return set(re.findall(r'^tally_job_info\{.*[{,]job="([0-9]+)"', text, re.M))
+
+        for _ in range(3):
+            d.round()
+        running = jobs_shown()
+        assert running >= {"1001", "1002"}
+        for job in (root / "sys/fs/cgroup/system.slice").glob("*slurmstepd.scope/job_*"):
+            shutil.rmtree(job)
+        for _ in range(5):  # the node's newest cpu row is 5 s past the jobs' last row
+            d.round()
+        assert jobs_shown() == running
+        d.round()  # 6 s: past the max gap
+        assert jobs_shown() == set()
+        assert d.snapshot().tables["cpu"].latest.num_rows == 1
