@@ -13,7 +13,6 @@ import functools
 from collections.abc import Sequence
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from telemetry.errors import SchemaError
 from telemetry.tables import (
@@ -139,6 +138,8 @@ def _conformed(
                 f"{name}: column {field.name!r} has type {column.type}, expected {field.type}"
             )
         if column.type != field.type:
+            import pyarrow.compute as pc  # not on the compactor's path: 0.1 s to import
+
             try:
                 column = pc.cast(column, field.type, safe=True)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
@@ -185,7 +186,7 @@ def validate(
         else:
             raise SchemaError(f"{name}: missing column {field.name!r} ({field.type})", missing=True)
         if dictionaries and pa.types.is_string(field.type) and column.type != DICTIONARY_STRING:
-            column = pc.dictionary_encode(column)  # a chunked column stays chunked
+            column = column.dictionary_encode()  # a chunked column stays chunked
         conformed.append(column)
     fields = [pa.field(f.name, c.type, f.nullable) for f, c in zip(schema, conformed, strict=False)]
     for extra in names:
@@ -221,6 +222,8 @@ def screen(table: pa.Table, name: str) -> tuple[pa.Table, dict[str, int]]:
     ``{"gpu.power_watts": n}`` (a row ruled out by two columns counts under both). Null passes
     where a column may be null.
     """
+    import pyarrow.compute as pc
+
     if table.num_rows == 0:
         return table, {}
     checks: list[tuple[str, pa.ChunkedArray | pa.Array]] = []

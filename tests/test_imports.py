@@ -116,3 +116,18 @@ def test_a_running_daemon_imports_no_billing_report_or_cluster_module(tmp_path: 
         m for m in loaded if any(m == n or m.startswith(n + ".") for n in NOT_IN_THE_DAEMON)
     )
     assert bad == []
+
+
+def test_the_compactor_child_loads_no_compute_kernels() -> None:
+    """The daemon's hourly compaction child reads journals, validates and writes Parquet:
+    pyarrow.compute (0.1 s of CPU to import, its function table built from docstrings) is not
+    on that path."""
+    code = (
+        "import sys, telemetry.store.compactor, telemetry.schema, pyarrow.parquet, pyarrow.ipc\n"
+        "print('pyarrow.compute' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
