@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.daemon_cost [--seconds 120] [--interval 1] [--scrape-interval S] [--jobs 50]
 [--compare-with DIR] [--nvml driver|module] [--no-job-info] [--steady] [--breakdown ROUNDS]
-[--python PATH]``
+[--instructions ROUNDS] [--python PATH]``
 
 tally runs as ``tally daemon`` at ``--interval`` on a node tree with ``--jobs`` Slurm jobs and 8
 stand-in H100s (:mod:`benchmarks.node_tree`): by default the real pynvml over a stand-in
@@ -31,6 +31,13 @@ VmHWM (peak). Scrape latencies (200 more scrapes) come after the CPU window. Onc
 also pays a child that compacts the hour's journals into Parquet, which a window shorter than an
 hour would miss: after the window, an hour of the same node's rounds is journalled and compacted
 as the daemon does it, and the child's CPU seconds are added to tally's hour ("in all").
+
+Two daemons side by side differ by more than most changes do: run against a copy of itself, the
+daemon started first read 6 % more CPU (10.08 against 9.48 s/h over 300 s). ``--instructions
+ROUNDS`` counts instead the instructions of ROUNDS rounds and their scrapes (one every 15) under
+valgrind's callgrind, for this checkout and ``--compare-with``'s: the same code counts the same
+within 0.2 %, so a change of a few percent shows (the kernel's share, the syscalls themselves,
+is not counted; the cold caches a real second between rounds brings neither).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -419,6 +427,74 @@ def hourly_compaction_seconds(
     return float(result.stdout.split()[-1])
 
 
+# ROUNDS daemon rounds of a node tree and their scrapes, counted by callgrind: the daemon is set
+# up and warmed (its job plan settles on its own clock) uninstrumented, then instrumentation is
+# switched on for the rounds alone (``callgrind_control``). Runs under valgrind on a checkout.
+_INSTRUCTIONS = """
+import os, subprocess, sys, tempfile
+from pathlib import Path
+from benchmarks import node_tree
+from telemetry.config import DaemonConfig
+from telemetry.daemon import Daemon
+tree, driver, rounds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+if driver:
+    node_tree.load_driver_stub(Path(driver))
+def instrument(state):
+    subprocess.run(["callgrind_control", "-i", state, str(os.getpid())], check=True,
+                   capture_output=True)
+with tempfile.TemporaryDirectory() as scratch:
+    config = DaemonConfig(
+        listen="127.0.0.1:0", data_dir=Path(scratch), procfs=tree / "proc", sysfs=tree / "sys",
+        node="bench", slurm_job_info_dir=node_tree.job_info_dir(tree),
+        nvml_module=None if driver else "benchmarks.node_tree:NVML",
+    )
+    daemon = Daemon(config)
+    daemon.store.open()
+    seconds, clock = [0.0], [1_788_220_800 * 10**9]
+    for collector in daemon.runner.collectors:
+        if collector.name == "job":
+            collector._clock = lambda: seconds[0]
+    daemon.runner.clock_ns = lambda: clock[0]
+    scrape = getattr(daemon, "render_openmetrics", None) or daemon.render_text
+    def run(n):
+        for k in range(n):
+            seconds[0] += 1.0
+            clock[0] += 10**9
+            daemon.round()
+            if k % 15 == 14:
+                scrape()
+    run(120)
+    instrument("on")
+    run(rounds)
+    instrument("off")
+    daemon.runner.close()
+    daemon.store.close()
+"""
+
+
+def round_instructions(
+    checkout: Path, tree: Path, rounds: int, driver: Path | None, python: str
+) -> int | None:
+    """Instructions (callgrind) of ``rounds`` rounds of ``tree``'s node and a scrape every 15
+    rounds by ``checkout``'s daemon; None where valgrind is not installed."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None or shutil.which("callgrind_control") is None:
+        return None
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(checkout), str(REPO)]))
+    if driver is not None:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            filter(None, [str(driver), env.get("LD_LIBRARY_PATH")])
+        )
+    command = [valgrind, "--tool=callgrind", "--instr-atstart=no", "--callgrind-out-file=/dev/null",
+               python, "-c", _INSTRUCTIONS, str(tree), str(driver or ""), str(rounds)]  # fmt: skip
+    result = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True,
+                            check=True)  # fmt: skip
+    found = re.search(r"Collected : (\d+)", result.stderr)
+    if found is None:
+        raise RuntimeError(f"callgrind printed no count: {result.stderr[-300:]}")
+    return int(found[1])
+
+
 def run(
     seconds: float,
     interval: float,
@@ -510,6 +586,33 @@ def round_breakdown(
     return {stage: seconds / rounds * 1e3 for stage, seconds in spent.items()}
 
 
+def instructions(
+    rounds: int,
+    jobs: int,
+    compare_with: Path | None,
+    driver: Path | None,
+    job_info: bool,
+    python: str,
+) -> None:
+    """Print the instructions a round (scrapes included) of this checkout and of
+    ``compare_with``, and their ratio."""
+    with tempfile.TemporaryDirectory() as scratch:
+        tree = Path(scratch) / "node"
+        node_tree.write_node(tree, jobs, job_info)
+        counts = [("tally", round_instructions(REPO, tree, rounds, driver, python))]
+        if compare_with is not None:
+            counts.append(
+                ("tally (before)", round_instructions(compare_with, tree, rounds, driver, python))
+            )
+    if counts[0][1] is None:
+        print("valgrind (callgrind) is not installed: nothing counted")
+        return
+    for name, count in counts:
+        print(f"{name:24}{(count or 0) / rounds:14,.0f} instructions a round")
+    if len(counts) == 2 and counts[1][1]:
+        print(f"{'ratio':24}{(counts[0][1] or 0) / counts[1][1]:14.4f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=120.0)
@@ -529,6 +632,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--breakdown", type=int, metavar="ROUNDS", help="only time each stage of ROUNDS rounds"
+    )
+    parser.add_argument(
+        "--instructions",
+        type=int,
+        metavar="ROUNDS",
+        help="only count the instructions of ROUNDS rounds and their scrapes (valgrind), of "
+        "this checkout and --compare-with's",
     )
     parser.add_argument(
         "--no-job-info",
@@ -560,6 +670,12 @@ def main(argv: list[str] | None = None) -> None:
             stages = round_breakdown(args.breakdown, args.jobs, driver, args.job_info)
             for stage, ms in stages.items():
                 print(f"{stage:24}{ms:8.3f}")
+            return
+        if args.instructions:
+            print(f"instructions of {args.instructions} rounds at 1 s and a scrape every 15, "
+                  f"{args.jobs} jobs, 8 GPUs ({standin}), under {args.python}")  # fmt: skip
+            instructions(args.instructions, args.jobs, args.compare_with, driver, args.job_info,
+                         args.python)  # fmt: skip
             return
         print(f"GPUs: {standin}; Python exporters under {args.python}")
         run(args.seconds, args.interval, args.jobs, args.compare_with, args.scrape_interval, driver,
