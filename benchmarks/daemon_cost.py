@@ -274,7 +274,7 @@ def measure(
         for e in exporters:
             if e.checkout is not None:
                 try:
-                    e.compaction = hourly_compaction_seconds(e.checkout, tree, jobs, driver, python)
+                    e.compaction = hourly_compaction_seconds(e.checkout, tree, driver, python)
                 except subprocess.CalledProcessError:  # a checkout whose store differs
                     e.compaction = math.nan
     return exporters
@@ -378,39 +378,48 @@ def steady_round_ms(
     return float(ms), float(mib)
 
 
-_HOUR = """
-import resource, sys, tempfile
+# What the scripts below open with: a daemon on the node tree of argv[1] (the stand-in driver of
+# argv[2], else the Python stand-in), its store open in a scratch directory. They run on a
+# checkout, its telemetry and benchmarks first on the path.
+_NODE_DAEMON = """
+import os, resource, subprocess, sys, tempfile
 from pathlib import Path
 from benchmarks import node_tree
 from telemetry.config import DaemonConfig
 from telemetry.daemon import Daemon
-tree, jobs, driver = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+tree, driver = Path(sys.argv[1]), sys.argv[2]
 if driver:
     node_tree.load_driver_stub(Path(driver))
-with tempfile.TemporaryDirectory() as scratch:
-    config = DaemonConfig(
-        listen="127.0.0.1:0", data_dir=Path(scratch), procfs=tree / "proc", sysfs=tree / "sys",
-        node="bench", slurm_job_info_dir=node_tree.job_info_dir(tree),
-        nvml_module=None if driver else "benchmarks.node_tree:NVML",
-    )
-    daemon = Daemon(config)
-    daemon.store.open()
-    clock = [1_788_220_800 * 10**9]  # an hour boundary: the journals hold this hour alone
-    daemon.runner.clock_ns = lambda: clock[0]
-    for _ in range(3599):  # an hour of 1 s rounds, written as the daemon writes them
-        clock[0] += 10**9
-        for table, batch in daemon.runner.run().batches.items():
-            daemon.store.append(table, batch)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    daemon.store.close()  # the compactor child of the hour, run and waited for
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    daemon.runner.close()
+scratch = tempfile.TemporaryDirectory()
+daemon = Daemon(DaemonConfig(
+    listen="127.0.0.1:0", data_dir=Path(scratch.name), procfs=tree / "proc",
+    sysfs=tree / "sys", node="bench", slurm_job_info_dir=node_tree.job_info_dir(tree),
+    nvml_module=None if driver else "benchmarks.node_tree:NVML",
+))
+daemon.store.open()
+"""
+
+_HOUR = (
+    _NODE_DAEMON
+    + """
+clock = [1_788_220_800 * 10**9]  # an hour boundary: the journals hold this hour alone
+daemon.runner.clock_ns = lambda: clock[0]
+for _ in range(3599):  # an hour of 1 s rounds, written as the daemon writes them
+    clock[0] += 10**9
+    for table, batch in daemon.runner.run().batches.items():
+        daemon.store.append(table, batch)
+before = resource.getrusage(resource.RUSAGE_CHILDREN)
+daemon.store.close()  # the compactor child of the hour, run and waited for
+after = resource.getrusage(resource.RUSAGE_CHILDREN)
+daemon.runner.close()
+scratch.cleanup()
 print(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
 """
+)
 
 
 def hourly_compaction_seconds(
-    checkout: Path, tree: Path, jobs: int, driver: Path | None, python: str
+    checkout: Path, tree: Path, driver: Path | None, python: str
 ) -> float:
     """CPU seconds of the compactor child that turns an hour of the daemon's journals (3,600
     rounds of ``tree``'s node, collected as the daemon collects them) into Parquet: the daemon
@@ -421,7 +430,7 @@ def hourly_compaction_seconds(
             filter(None, [str(driver), env.get("LD_LIBRARY_PATH")])
         )
     result = subprocess.run(
-        [python, "-c", _HOUR, str(tree), str(jobs), str(driver or "")],
+        [python, "-c", _HOUR, str(tree), str(driver or "")],
         cwd=checkout, env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
     return float(result.stdout.split()[-1])
@@ -430,46 +439,35 @@ def hourly_compaction_seconds(
 # ROUNDS daemon rounds of a node tree and their scrapes, counted by callgrind: the daemon is set
 # up and warmed (its job plan settles on its own clock) uninstrumented, then instrumentation is
 # switched on for the rounds alone (``callgrind_control``). Runs under valgrind on a checkout.
-_INSTRUCTIONS = """
-import os, subprocess, sys, tempfile
-from pathlib import Path
-from benchmarks import node_tree
-from telemetry.config import DaemonConfig
-from telemetry.daemon import Daemon
-tree, driver, rounds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-if driver:
-    node_tree.load_driver_stub(Path(driver))
+_INSTRUCTIONS = (
+    _NODE_DAEMON
+    + """
+rounds = int(sys.argv[3])
 def instrument(state):
     subprocess.run(["callgrind_control", "-i", state, str(os.getpid())], check=True,
                    capture_output=True)
-with tempfile.TemporaryDirectory() as scratch:
-    config = DaemonConfig(
-        listen="127.0.0.1:0", data_dir=Path(scratch), procfs=tree / "proc", sysfs=tree / "sys",
-        node="bench", slurm_job_info_dir=node_tree.job_info_dir(tree),
-        nvml_module=None if driver else "benchmarks.node_tree:NVML",
-    )
-    daemon = Daemon(config)
-    daemon.store.open()
-    seconds, clock = [0.0], [1_788_220_800 * 10**9]
-    for collector in daemon.runner.collectors:
-        if collector.name == "job":
-            collector._clock = lambda: seconds[0]
-    daemon.runner.clock_ns = lambda: clock[0]
-    scrape = getattr(daemon, "render_openmetrics", None) or daemon.render_text
-    def run(n):
-        for k in range(n):
-            seconds[0] += 1.0
-            clock[0] += 10**9
-            daemon.round()
-            if k % 15 == 14:
-                scrape()
-    run(120)
-    instrument("on")
-    run(rounds)
-    instrument("off")
-    daemon.runner.close()
-    daemon.store.close()
+seconds, clock = [0.0], [1_788_220_800 * 10**9]
+for collector in daemon.runner.collectors:
+    if collector.name == "job":
+        collector._clock = lambda: seconds[0]
+daemon.runner.clock_ns = lambda: clock[0]
+scrape = getattr(daemon, "render_openmetrics", None) or daemon.render_text
+def run(n):
+    for k in range(n):
+        seconds[0] += 1.0
+        clock[0] += 10**9
+        daemon.round()
+        if k % 15 == 14:
+            scrape()
+run(120)
+instrument("on")
+run(rounds)
+instrument("off")
+daemon.runner.close()
+daemon.store.close()
+scratch.cleanup()
 """
+)
 
 
 def round_instructions(

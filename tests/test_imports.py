@@ -5,6 +5,15 @@ import sys
 from pathlib import Path
 
 
+def _python(code: str, timeout: float = 60, cwd: Path | None = None) -> str:
+    """What ``code`` prints, run by this interpreter in a fresh process (which must succeed)."""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 def test_importing_the_packages_touches_neither_cupy_nor_nvml() -> None:
     code = (
         "import sys, telemetry, kernels, exporters, telemetry.cli, telemetry.daemon, "
@@ -13,11 +22,7 @@ def test_importing_the_packages_touches_neither_cupy_nor_nvml() -> None:
         "bad = sorted(roots & {'cupy', 'pynvml', 'cupy_backends'})\n"
         "print(','.join(bad))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == ""
+    assert _python(code).strip() == ""
 
 
 def test_billing_on_workers_imports_dask_only_when_a_cluster_is_asked_for() -> None:
@@ -28,11 +33,7 @@ def test_billing_on_workers_imports_dask_only_when_a_cluster_is_asked_for() -> N
         "roots = {m.split('.')[0] for m in sys.modules}\n"
         "print(','.join(sorted(roots & {'dask', 'distributed', 'tornado'})))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == ""
+    assert _python(code).strip() == ""
 
 
 # What a node daemon must not load: Arrow (it collects, journals and aggregates NumPy columns;
@@ -102,15 +103,7 @@ def test_a_running_daemon_imports_no_billing_report_or_cluster_module(tmp_path: 
         "daemon.store.close()\n"
         "print('\\n'.join(sorted(sys.modules)))\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
-    assert result.returncode == 0, result.stderr
-    loaded = set(result.stdout.split())
+    loaded = set(_python(code, timeout=120, cwd=Path(__file__).resolve().parent.parent).split())
     assert "telemetry.daemon" in loaded and "numpy" in loaded
     bad = sorted(
         m for m in loaded if any(m == n or m.startswith(n + ".") for n in NOT_IN_THE_DAEMON)
@@ -126,8 +119,4 @@ def test_the_compactor_child_loads_no_compute_kernels() -> None:
         "import sys, telemetry.store.compactor, telemetry.schema, pyarrow.parquet, pyarrow.ipc\n"
         "print('pyarrow.compute' in sys.modules)\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False"
+    assert _python(code).strip() == "False"
