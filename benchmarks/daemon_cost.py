@@ -33,8 +33,7 @@ hour would miss: after the window, an hour of the same node's rounds is journall
 as the daemon does it, and the child's CPU seconds are added to tally's hour ("in all").
 
 Two daemons side by side differ by more than most changes do: run against a copy of itself, one
-read 6 % more CPU than the other (10.08 against 9.48 s/h over 300 s), and two releases read +11 %
-in one order and -6 % in the other. ``--instructions
+read 6 % more CPU than the other (10.08 against 9.48 s/h over 300 s). ``--instructions
 ROUNDS`` counts instead the instructions of ROUNDS rounds and their scrapes (one every 15) under
 valgrind's callgrind, for this checkout and ``--compare-with``'s: the same code counts the same
 within 0.2 %, so a change of a few percent shows (the kernel's share, the syscalls themselves,
