@@ -424,7 +424,7 @@ class TableState:
         times = reader.times()
         code_slots = np.array([self._ids.get(key, -1) for key in labels], dtype=np.int64)
         slots = code_slots[codes]
-        unseen = np.iinfo(np.int64).min  # a new series repeats nothing
+        unseen = _INT64_MIN  # a new series repeats nothing
         newest = np.where(slots >= 0, self._newest_ns[slots], unseen)
         older = np.nonzero(times < newest)[0]
         if older.size == 0:
@@ -485,14 +485,16 @@ class TableState:
     def snapshot(self, node_newest: dict[str, int] | None = None) -> TableSnapshot:
         """Newest row, totals and trailing ratios of every current series.
 
-        A series is current while its newest sample is within ``max_gap`` of its node's newest,
-        in this table or in ``node_newest`` (each node's newest sample in any table: a job
+        A series is current while its newest sample is within ``max_gap`` of its node's newest:
+        ``node_newest``, each node's newest sample in every table, this one included (a job
         that ended on a node that has no job left is not current once the node's other tables
-        run a max gap past it).
+        run a max gap past it); by default this table's own (:meth:`node_newest`).
         """
         table = self.newest
         if table.num_rows == 0:
             return TableSnapshot(latest=table)
+        if node_newest is None:
+            node_newest = self.node_newest()
         reader = as_rows(table, self.name)
         if self._newest_keys is not None:  # a Frame's rows, one a series: coded already
             codes, labels = np.arange(table.num_rows), self._newest_keys
@@ -501,18 +503,9 @@ class TableState:
         times = reader.times()
         order = kernels.series_order(codes, times)  # one row per series: by series key
         codes, times = codes[order], times[order]
-
-        node_ids: dict[str, int] = {}  # every series key starts with its node
-        node_codes = np.array(
-            [node_ids.setdefault(labels[c][0], len(node_ids)) for c in codes.tolist()],
-            dtype=np.int64,
-        )
-        newest = np.full(len(node_ids), np.iinfo(np.int64).min, dtype=np.int64)
-        np.maximum.at(newest, node_codes, times)
-        if node_newest:
-            elsewhere = [node_newest.get(node, _NO_NODE_TIME) for node in node_ids]
-            newest = np.maximum(newest, np.array(elsewhere, dtype=np.int64))
-        current = times >= newest[node_codes] - self.max_gap_ns
+        # every series key starts with its node
+        newest = np.array([node_newest[labels[c][0]] for c in codes.tolist()], dtype=np.int64)
+        current = times >= newest - self.max_gap_ns
         keys = [labels[c] for c in codes[current].tolist()]
 
         windows: dict[str, np.ndarray] = {}
@@ -569,7 +562,7 @@ class LatestTableState:
         held = {key: row for row, key in enumerate(self._keys)}
         old_row = np.array([held.get(key, -1) for key in keys], dtype=np.int64)
         code_before = np.where(
-            old_row >= 0, self._times[np.maximum(old_row, 0)] if self._keys else 0, _NO_NODE_TIME
+            old_row >= 0, self._times[np.maximum(old_row, 0)] if self._keys else 0, _INT64_MIN
         )
         order = kernels.series_order(codes, times)
         sorted_codes, sorted_times = codes[order], times[order]
@@ -613,24 +606,21 @@ class LatestTableState:
         table = self.newest
         if table.num_rows == 0:
             return TableSnapshot(latest=table)
-        newest = self.node_newest()
-        if node_newest:
-            newest = {node: max(t, node_newest.get(node, t)) for node, t in newest.items()}
-        horizon = np.array([newest[key[0]] for key in self._keys], dtype=np.int64) - self.max_gap_ns
+        if node_newest is None:
+            node_newest = self.node_newest()
+        newest = [node_newest[key[0]] for key in self._keys]
+        horizon = np.array(newest, dtype=np.int64) - self.max_gap_ns
         current = self._times >= horizon
         if current.all():
             return TableSnapshot(latest=table)
         return TableSnapshot(latest=as_rows(table, self.name).take(np.nonzero(current)[0]))
 
 
-_NO_NODE_TIME = np.iinfo(np.int64).min
-
-
 def _newest_by_node(nodes: list[str], times: Any) -> dict[str, int]:
     """Per node of ``nodes``, the newest of its rows' ``times`` (int64 ns)."""
     newest: dict[str, int] = {}
     for node, time in zip(nodes, np.asarray(times, dtype=np.int64).tolist(), strict=True):
-        if time > newest.get(node, _NO_NODE_TIME):
+        if time > newest.get(node, _INT64_MIN):
             newest[node] = time
     return newest
 
