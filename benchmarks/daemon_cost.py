@@ -148,6 +148,21 @@ class Exporter:
                 self.proc.wait()
 
 
+def _load_driver_from(env: dict[str, str], driver: Path) -> None:
+    """Make ``env``'s processes load the stand-in driver of directory ``driver``."""
+    paths = [str(driver), env.get("LD_LIBRARY_PATH")]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, paths))
+
+
+def _script_env(checkout: Path, driver: Path | None) -> dict[str, str]:
+    """The environment of an in-process script (below) on ``checkout``: its telemetry and
+    benchmarks first, this checkout's benchmarks after; the stand-in driver where given."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(checkout), str(REPO)]))
+    if driver is not None:
+        _load_driver_from(env, driver)
+    return env
+
+
 def _tally(
     name: str,
     checkout: Path,
@@ -164,9 +179,7 @@ def _tally(
                "--path.procfs", str(tree / "proc"), "--path.sysfs", str(tree / "sys"),
                "--slurm.job-info-dir", str(node_tree.job_info_dir(tree))]  # fmt: skip
     if driver is not None:  # pynvml itself, over the stand-in driver
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            filter(None, [str(driver), env.get("LD_LIBRARY_PATH")])
-        )
+        _load_driver_from(env, driver)
         env["PYTHONPATH"] = str(checkout)
     else:  # the stand-in module from this checkout, whatever checkout the daemon comes from
         standin = tree / "standin"
@@ -424,14 +437,10 @@ def hourly_compaction_seconds(
     """CPU seconds of the compactor child that turns an hour of the daemon's journals (3,600
     rounds of ``tree``'s node, collected as the daemon collects them) into Parquet: the daemon
     pays this once an hour, outside any measuring window shorter than an hour."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(checkout), str(REPO)]))
-    if driver is not None:
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            filter(None, [str(driver), env.get("LD_LIBRARY_PATH")])
-        )
     result = subprocess.run(
         [python, "-c", _HOUR, str(tree), str(driver or "")],
-        cwd=checkout, env=env, capture_output=True, text=True, check=True,
+        cwd=checkout, env=_script_env(checkout, driver), capture_output=True, text=True,
+        check=True,
     )  # fmt: skip
     return float(result.stdout.split()[-1])
 
@@ -472,21 +481,14 @@ scratch.cleanup()
 
 def round_instructions(
     checkout: Path, tree: Path, rounds: int, driver: Path | None, python: str
-) -> int | None:
+) -> int:
     """Instructions (callgrind) of ``rounds`` rounds of ``tree``'s node and a scrape every 15
-    rounds by ``checkout``'s daemon; None where valgrind is not installed."""
-    valgrind = shutil.which("valgrind")
-    if valgrind is None or shutil.which("callgrind_control") is None:
-        return None
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(checkout), str(REPO)]))
-    if driver is not None:
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            filter(None, [str(driver), env.get("LD_LIBRARY_PATH")])
-        )
-    command = [valgrind, "--tool=callgrind", "--instr-atstart=no", "--callgrind-out-file=/dev/null",
-               python, "-c", _INSTRUCTIONS, str(tree), str(driver or ""), str(rounds)]  # fmt: skip
-    result = subprocess.run(command, cwd=checkout, env=env, capture_output=True, text=True,
-                            check=True)  # fmt: skip
+    rounds by ``checkout``'s daemon (valgrind must be installed)."""
+    command = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+               "--callgrind-out-file=/dev/null", python, "-c", _INSTRUCTIONS, str(tree),
+               str(driver or ""), str(rounds)]  # fmt: skip
+    result = subprocess.run(command, cwd=checkout, env=_script_env(checkout, driver),
+                            capture_output=True, text=True, check=True)  # fmt: skip
     found = re.search(r"Collected : (\d+)", result.stderr)
     if found is None:
         raise RuntimeError(f"callgrind printed no count: {result.stderr[-300:]}")
@@ -594,6 +596,9 @@ def instructions(
 ) -> None:
     """Print the instructions a round (scrapes included) of this checkout and of
     ``compare_with``, and their ratio."""
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        print("valgrind (callgrind) is not installed: nothing counted")
+        return
     with tempfile.TemporaryDirectory() as scratch:
         tree = Path(scratch) / "node"
         node_tree.write_node(tree, jobs, job_info)
@@ -602,13 +607,10 @@ def instructions(
             counts.append(
                 ("tally (before)", round_instructions(compare_with, tree, rounds, driver, python))
             )
-    if counts[0][1] is None:
-        print("valgrind (callgrind) is not installed: nothing counted")
-        return
     for name, count in counts:
-        print(f"{name:24}{(count or 0) / rounds:14,.0f} instructions a round")
-    if len(counts) == 2 and counts[1][1]:
-        print(f"{'ratio':24}{(counts[0][1] or 0) / counts[1][1]:14.4f}")
+        print(f"{name:24}{count / rounds:14,.0f} instructions a round")
+    if len(counts) == 2:
+        print(f"{'ratio':24}{counts[0][1] / counts[1][1]:14.4f}")
 
 
 def main(argv: list[str] | None = None) -> None:
