@@ -6,6 +6,13 @@ usage, configuration or input (one line on stderr), 1 unexpected.
 
 from __future__ import annotations
 
+# ruff: noqa: E402 - the imports below come after NumPy's BLAS is asked for one thread
+import os
+
+from telemetry.blas import one_thread
+
+one_thread(os.environ)  # before anything below imports NumPy (telemetry.blas says why)
+
 import argparse
 import logging
 import sys

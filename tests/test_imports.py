@@ -1,14 +1,22 @@
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 
-def _python(code: str, timeout: float = 60, cwd: Path | None = None) -> str:
+def _python(
+    code: str, timeout: float = 60, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> str:
     """What ``code`` prints, run by this interpreter in a fresh process (which must succeed)."""
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=cwd
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -23,6 +31,44 @@ def test_importing_the_packages_touches_neither_cupy_nor_nvml() -> None:
         "print(','.join(bad))\n"
     )
     assert _python(code).strip() == ""
+
+
+# Records the BLAS thread variables as they stand when NumPy is first imported.
+_BLAS_AT_NUMPY_IMPORT = """
+import os, sys
+seen = []
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":
+            seen.append([os.environ.get(v) for v in
+                         ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")])
+        return None
+sys.meta_path.insert(0, Watch())
+"""
+
+
+def _without_blas_settings() -> dict[str, str]:
+    unset = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
+    return {k: v for k, v in os.environ.items() if k not in unset}
+
+
+def test_the_command_line_asks_for_one_blas_thread_before_numpy_is_imported() -> None:
+    """NumPy's OpenBLAS would start a spinning thread per core in the daemon, its hourly
+    compactor child and every bill worker; tally multiplies no matrices."""
+    code = _BLAS_AT_NUMPY_IMPORT + (
+        "import telemetry.cli\nprint(seen, len(os.listdir('/proc/self/task')))\n"
+    )
+    assert _python(code, env=_without_blas_settings()).split() == ["[['1',", "'1',", "'1']]", "1"]
+
+
+def test_an_operators_own_blas_threads_are_kept_and_the_library_sets_none() -> None:
+    env = _without_blas_settings() | {"OPENBLAS_NUM_THREADS": "4"}
+    code = _BLAS_AT_NUMPY_IMPORT + "import telemetry.cli\nprint(seen)\n"
+    assert _python(code, env=env).strip() == "[['4', '1', '1']]"
+    library = _BLAS_AT_NUMPY_IMPORT + (
+        "import telemetry.daemon, telemetry.state, telemetry.api\nprint(seen)\n"
+    )
+    assert _python(library, env=_without_blas_settings()).strip() == "[[None, None, None]]"
 
 
 def test_billing_on_workers_imports_dask_only_when_a_cluster_is_asked_for() -> None:

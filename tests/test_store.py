@@ -303,6 +303,34 @@ def test_a_service_stop_signalling_the_compactor_child_costs_nothing(tmp_path: P
     assert _read_all(tmp_path).num_rows == 3
 
 
+def test_the_compactor_child_is_asked_for_one_blas_thread_unless_the_operator_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hourly child imports NumPy (through pyarrow): without one BLAS thread asked for,
+    OpenBLAS would start a spinning thread per core every hour."""
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")  # the operator's, kept
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    store = Store(tmp_path, "n1")
+    store.open()
+    start = 3600 - 10
+    for batch in _rounds([start, start + 3605]):  # hour 0's journal goes to a child
+        store.append("cpu", batch)
+    child = store._child
+    assert child is not None
+    # as the child was started; empty for a moment while the kernel still sets up its exec
+    deadline = time.monotonic() + 10
+    while not (environ := Path(f"/proc/{child.process.pid}/environ").read_bytes()):
+        assert child.process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.001)
+    variables = dict(item.split(b"=", 1) for item in environ.split(b"\0") if b"=" in item)
+    assert store.finish_compaction()
+    store.close()
+    names = (b"OPENBLAS_NUM_THREADS", b"MKL_NUM_THREADS", b"OMP_NUM_THREADS")
+    assert [variables.get(name) for name in names] == [b"4", b"1", b"1"]
+    assert "MKL_NUM_THREADS" not in os.environ  # the daemon's own environment is left alone
+
+
 def test_recovery_that_cannot_start_a_child_is_said_and_the_daemon_starts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

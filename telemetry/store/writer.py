@@ -37,6 +37,7 @@ from typing import IO, TYPE_CHECKING, BinaryIO
 from urllib.parse import quote
 
 from telemetry import heap
+from telemetry.blas import one_thread
 from telemetry.errors import TallyError
 from telemetry.frame import Frame, RoundBatch
 from telemetry.store.ipc import StreamWriter
@@ -364,6 +365,7 @@ class Store:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_package_root(), env.get("PYTHONPATH", "")) if p
         )
+        one_thread(env)  # an hourly NumPy import without a BLAS thread per core
         argv = [sys.executable, "-m", COMPACTOR, "--parent", str(os.getpid()), *args]
         try:
             process = subprocess.Popen(
