@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from telemetry.blas import BLAS_THREAD_VARIABLES
+
 
 def _python(
     code: str, timeout: float = 60, cwd: Path | None = None, env: dict[str, str] | None = None
@@ -48,8 +50,8 @@ sys.meta_path.insert(0, Watch())
 
 
 def _without_blas_settings() -> dict[str, str]:
-    unset = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
-    return {k: v for k, v in os.environ.items() if k not in unset}
+    """This environment without any variable tally sets (one this process set would pass)."""
+    return {k: v for k, v in os.environ.items() if k not in BLAS_THREAD_VARIABLES}
 
 
 def test_the_command_line_asks_for_one_blas_thread_before_numpy_is_imported() -> None:
