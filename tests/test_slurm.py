@@ -1483,6 +1483,37 @@ def test_a_counter_too_long_for_the_plan_keeps_its_job_out_of_it(tmp_path: Path)
     assert [n for n, _, _ in pair.log[-12:]] == [3] * 12, pair.log
 
 
+def test_files_misshapen_only_together_are_not_read_as_planned(tmp_path: Path) -> None:
+    """The plan reads every job's files in one go, each after a NUL: a memory.current without
+    its newline beside one of two lines (which joined would make two good lines), or a
+    cpu.stat with a NUL of its own ahead of a usage line, is seen as misshapen as job by job
+    sees it; the round is read job by job, and the files mended, as planned again."""
+    pair = settled_pair(tmp_path)
+    plan = pair.planned._plan
+    assert plan is not None
+    first, second = plan.planned[:2]  # read one after the other
+    grow = pair.grow
+
+    def memory_misshapen() -> None:
+        grow()
+        first.memory_file.write_text(f"{pair.k}")
+        second.memory_file.write_text("3\n4\n")
+
+    def usage_misshapen() -> None:
+        grow()
+        first.usage_file.write_text(f"usage_usec {10**6 * pair.k}\n\0usage_usec 5\n")
+
+    for misshapen in (memory_misshapen, usage_misshapen):
+        pair.grow = misshapen  # type: ignore[method-assign]
+        pair.log.clear()
+        pair.round()
+        assert [n for n, _, _ in pair.log] == [0], pair.log
+        pair.grow = grow  # type: ignore[method-assign]
+        for _ in range(int(slurm.PLAN_RETRY_SECONDS) + 2):
+            pair.round()
+        assert pair.log[-1] == (len(plan.planned), len(plan.planned), True), pair.log
+
+
 def test_whole_rounds_as_planned_give_their_checked_columns_but_never_unchecked_values(
     tmp_path: Path,
 ) -> None:

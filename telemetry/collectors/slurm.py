@@ -67,6 +67,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain, repeat
 from pathlib import Path
 
 from telemetry.collectors.base import (
@@ -121,8 +122,13 @@ _GONE = frozenset({errno.ENOENT, errno.ESRCH, errno.ENODEV})
 
 _JOB_DIR = re.compile(r"job_([0-9]+)")
 JobKey = tuple[str, str]  # (slurmd scope, job id): JobCgroup.key
-# The first line of a cgroup v2 cpu.stat, as the kernel writes it (µs).
-_USAGE_LINE = re.compile(rb"usage_usec ([0-9]{1,18})\n")
+# The first line of each cgroup v2 cpu.stat (µs) in the planned jobs' files, each after a NUL
+# (which no kernel text holds): one match at the start of every file, or the plan does not hold.
+_USAGE_LINES = re.compile(rb"\0usage_usec ([0-9]{1,18})\n")
+# Each memory.current, after a NUL likewise: the whole file one number and a newline.
+_MEMORY_LINES = re.compile(rb"\0([0-9]{1,18})\n(?=\0|\Z)")
+# What the plan reads of each file at most, as KeptFiles reads one (a cpu.stat is a few lines).
+_PLAN_READ_BYTES = 65536
 _UID_DIR = re.compile(r"uid_([0-9]+)")
 
 
@@ -890,12 +896,23 @@ class _Plan:
     # same while the jobs are what they were), and the rows' columns, checked, but for the
     # numbers read anew.
     whole: tuple[list[Row], list[Row], Columns] | None
+    usage_fds: list[int] = field(init=False)  # the CPU files of fds, in its order
+    memory_fds: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._split_fds()
+
+    def _split_fds(self) -> None:
+        # each round reads all the CPU files, then all the memory files, in one call each
+        self.usage_fds = [usage for usage, _ in self.fds]
+        self.memory_fds = [memory for _, memory in self.fds]
 
     def leave(self, gone: set[int]) -> None:
         """Take the jobs at the indices ``gone`` out (read job by job from now on)."""
         for name in ("planned", "fds", "floors", "read_at", "rows", "infos"):
             kept = [v for i, v in enumerate(getattr(self, name)) if i not in gone]
             setattr(self, name, kept)
+        self._split_fds()
         self.whole = None
 
 
@@ -1013,13 +1030,11 @@ class SlurmJobCollector(Collector):
         self._files.begin_round()
         self._now = self._clock()
         jobs = self._listing.jobs()
-        planned = self._planned_rows(jobs, info_dir_ok)
-        plan = self._plan
+        plan = self._plan if self._plan_holds(jobs, info_dir_ok) else None
         if (
             plan is not None
             and plan.whole is not None
-            and planned
-            and len(planned) == len(jobs)
+            and len(plan.planned) == len(jobs)
             and not self._remake
         ):
             # every job as planned: the round as the one the plan was made of, its numbers new
@@ -1028,12 +1043,16 @@ class SlurmJobCollector(Collector):
             seconds, memory = self._numbers
             return {
                 "job": CheckedRows(
-                    [row for row, _ in planned.values()],
+                    [
+                        {**row, "cpu_seconds": cpu_seconds, "memory_bytes": count}
+                        for row, cpu_seconds, count in zip(plan.rows, seconds, memory, strict=True)
+                    ],
                     {**columns, "cpu_seconds": seconds, "memory_bytes": memory},
                 ),
                 "_gpu_job": [dict(claim) for claim in held],
                 "_job_alias": [dict(alias) for alias in named],
             }
+        planned = self._planned_rows(plan)
         read: dict[JobKey, tuple[Row, JobInfo]] = {}  # each job read this round
         for job in jobs:
             seen.add(job.key)
@@ -1185,13 +1204,11 @@ class SlurmJobCollector(Collector):
         del columns["cpu_seconds"], columns["memory_bytes"]
         return [dict(c) for c in extras[0]], [dict(a) for a in extras[1]], columns
 
-    def _planned_rows(
-        self, jobs: list[JobCgroup], info_dir_ok: bool
-    ) -> dict[JobKey, tuple[Row, JobInfo]]:
-        """The rows of the jobs the plan holds, read as it says where it still holds: the same
-        listing, job-info files and kept files as when it was made, each job's files read as
-        the kernel writes them, its CPU time not gone back, a cpuset read when due the same as
-        before. Else none (and the plan is made again at the end of the round): every job is
+    def _plan_holds(self, jobs: list[JobCgroup], info_dir_ok: bool) -> bool:
+        """Whether the plan holds this round, its jobs' numbers read (:attr:`_numbers`): the
+        same listing, job-info files and kept files as when it was made, each job's files read
+        as the kernel writes them, its CPU time not gone back, a cpuset read when due the same
+        as before. Else it is dropped (and made again at the end of the round): every job is
         read its own way."""
         plan = self._plan
         now = self._now
@@ -1205,46 +1222,58 @@ class SlurmJobCollector(Collector):
             or (self._files.generation != plan.files_generation and not self._files_as(plan))
         ):
             self._plan = None
-            return {}
+            return False
         # Until this round's reads turn out as planned. A plan its files do not bear out is
         # made again only a while later: a file that always reads otherwise would cost the
         # making of one every round.
         self._plan = None
         self._plan_at = now + self._plan_retry
         plan.jobs = jobs  # the same jobs listed anew: this list is looked at first from now on
-        pread = os.pread
+        count = len(plan.fds)
+        size, start = repeat(_PLAN_READ_BYTES, count), repeat(0, count)
         try:
-            usage = [pread(fd, 65536, 0) for fd, _ in plan.fds]
-            memory = [pread(fd, 65536, 0) for _, fd in plan.fds]
+            usage = b"\0".join(chain((b"",), map(os.pread, plan.usage_fds, size, start)))
+            size, start = repeat(_PLAN_READ_BYTES, count), repeat(0, count)
+            memory = b"\0".join(chain((b"",), map(os.pread, plan.memory_fds, size, start)))
         except OSError:
-            return {}  # a cgroup went away: read job by job, each tells
-        found = [_USAGE_LINE.match(data) for data in usage]
-        if None in found:
-            return {}
-        seconds = [int(match[1]) / 1e6 for match in found]  # type: ignore[index]
-        values = [data.rstrip(b"\n") for data in memory]
-        if not all(v.isdigit() and len(v) <= _INT64_SAFE_DIGITS for v in values):
-            return {}
+            return False  # a cgroup went away: read job by job, each tells
+        found = _USAGE_LINES.findall(usage)
+        values = _MEMORY_LINES.findall(memory)
+        # a match at the start of each file, and no file with a NUL of its own
+        if (
+            len(found) != count
+            or len(values) != count
+            or usage.count(b"\0") != count
+            or memory.count(b"\0") != count
+        ):
+            return False
+        seconds = [int(micros) / 1e6 for micros in found]
         if not all(map(operator.ge, seconds, plan.floors)):
-            return {}  # CPU time went back: a cgroup made anew (its cpuset is read at once)
+            return False  # CPU time went back: a cgroup made anew (its cpuset is read at once)
         if now - min(plan.read_at) >= CPUSET_RECHECK_SECONDS:
             for i, read_at in enumerate(plan.read_at):
                 if now - read_at < CPUSET_RECHECK_SECONDS:  # as _job_cpus tells it
                     continue
                 job = plan.planned[i]
                 try:  # as job by job: the same read, the same record of it
-                    count = self._job_cpus(job, job.names[0], seconds[i])
+                    cpus = self._job_cpus(job, job.names[0], seconds[i])
                 except (OSError, ParseError, ValueError):
-                    return {}  # read job by job, where it tells
-                if count != plan.rows[i]["cpus_allocated"]:
-                    return {}  # CPU hotplug: read every round again until it settles
+                    return False  # read job by job, where it tells
+                if cpus != plan.rows[i]["cpus_allocated"]:
+                    return False  # CPU hotplug: read every round again until it settles
                 _, plan.read_at[i], _, plan.floors[i] = self._cpusets[job.key]
         plan.used_at = now
         self._plan, self._plan_at = plan, 0.0
-        counts = [int(value) for value in values]
-        self._numbers = (seconds, counts)
+        self._numbers = (seconds, list(map(int, values)))
         # made again at the end of the round, from this one's rows, where a job may join
         self._remake = now >= plan.remake_at or now - plan.waiting_since >= CPUSET_RECHECK_SECONDS
+        return True
+
+    def _planned_rows(self, plan: _Plan | None) -> dict[JobKey, tuple[Row, JobInfo]]:
+        """The rows of the jobs ``plan`` holds this round (:meth:`_plan_holds`), by job."""
+        if plan is None:
+            return {}
+        seconds, counts = self._numbers
         return {
             job.key: ({**row, "cpu_seconds": cpu_seconds, "memory_bytes": count}, info)
             for job, row, info, cpu_seconds, count in zip(

@@ -1,5 +1,5 @@
 """Two Slurm job collectors on one tree, round after round while its jobs change: one that may
-read settled jobs as its plan says (``SlurmJobCollector._planned_rows``) and one that reads
+read settled jobs as its plan says (``SlurmJobCollector._plan_holds``) and one that reads
 every job its own way each round; what each round gives must be the same."""
 
 from __future__ import annotations
@@ -130,19 +130,21 @@ class PlanPair:
         self.now = [start]
         self.planned, self.each = make(), make()
         self.root = self.planned.ctx.sysfs.parent  # the tree the collectors read
-        self.each._planned_rows = lambda jobs, info_dir_ok: {}  # type: ignore[method-assign]
+        self.each._plan_holds = lambda jobs, info_dir_ok: False  # type: ignore[method-assign]
         self.each._make_plan = lambda *args: None  # type: ignore[method-assign]
         for c in (self.planned, self.each):
             c._clock = lambda: self.now[0]  # type: ignore[method-assign]
         self.log: list[tuple[int, int, bool]] = []
-        real = self.planned._planned_rows
+        real = self.planned._plan_holds
 
-        def counted(jobs: Any, info_dir_ok: bool) -> Any:
-            out = real(jobs, info_dir_ok)
-            self.log.append((len(out), len(jobs), bool(out) and len(out) == len(jobs)))
-            return out
+        def counted(jobs: Any, info_dir_ok: bool) -> bool:
+            holds = real(jobs, info_dir_ok)
+            plan = self.planned._plan
+            read = len(plan.planned) if holds and plan is not None else 0
+            self.log.append((read, len(jobs), bool(read) and read == len(jobs)))
+            return holds
 
-        self.planned._planned_rows = counted  # type: ignore[method-assign]
+        self.planned._plan_holds = counted  # type: ignore[method-assign]
         self.made: list[bool] = []  # a plan was looked for: whether one was made
         make_plan = self.planned._make_plan
 
