@@ -1554,20 +1554,20 @@ def test_whole_rounds_as_planned_give_their_checked_columns_but_never_unchecked_
     assert any(n for n, _, _ in bad.log)  # planned all the same
 
 
-def test_the_same_jobs_listed_anew_keep_the_plan_which_is_made_again_each_minute(
+def test_the_same_jobs_listed_anew_keep_the_plan_which_holding_every_job_is_not_made_again(
     tmp_path: Path,
 ) -> None:
     """Jobs listed afresh every round (their directories cannot be watched) but the same keep
-    the plan: every round is read as planned. The plan is made again every
-    PLAN_REMAKE_SECONDS all the same (a job whose search ended joins then), at the end of a
-    round read as planned."""
+    the plan: every round is read as planned. A plan that holds every job leaves none to join
+    it, so it is not made again each PLAN_REMAKE_SECONDS (nor are the job-info files, read
+    again each minute and the same, a reason to read a round job by job)."""
     pair = settled_pair(tmp_path)
     for collector in (pair.planned, pair.each):
         collector._listing.RELIST_SECONDS = 0.0  # type: ignore[misc]
     for _ in range(130):
         pair.round()
     assert all(whole for _, _, whole in pair.log), pair.log
-    assert 2 <= len(pair.made) <= 1 + 130 / slurm.PLAN_REMAKE_SECONDS, pair.made
+    assert pair.made == [], pair.made
 
 
 def test_v2_jobs_without_cpuset_or_memory_controllers_are_read_from_their_processes(

@@ -30,6 +30,7 @@ from telemetry.collectors.slurm import (
     parse_status_uid,
 )
 from telemetry.errors import ParseError
+from telemetry.logs import OnceLogger
 from telemetry.schema import JOB_SCHEMA
 from tests.support.cli import tally
 from tests.support.job_rounds import planned_rounds_read_as_job_by_job
@@ -523,6 +524,40 @@ def test_job_info_files_are_read_again_within_a_minute_whatever_the_watch_says(
     now[0] += 1
     assert _account(c) == ("bank-q", "job-info")
     c.close()
+
+
+def test_job_info_files_read_again_and_the_same_change_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read each minute whatever the watch says reads every file again, but one that
+    says what it said keeps its answer (the very dict) and the generation: the collector's
+    plan, made while the generation stays, is not dropped for nothing once a minute. One that
+    changed, or cannot be read, is forgotten and read anew."""
+    root = copy_tree(tmp_path)
+    read = _reads(monkeypatch)
+    now = [1000.0]
+    files = jobinfo.JobInfoFiles(root / INFO, ME, OnceLogger(), lambda: now[0])
+    names = sorted(p.name for p in (root / INFO).iterdir())
+    files.begin_round()
+    first = {name: files.read(name, False) for name in names}
+    generation, count = files.generation, len(read)
+    now[0] += jobinfo.REREAD_SECONDS
+    files.begin_round()
+    assert len(read) == count + len(names)  # every file read again
+    assert files.generation == generation
+    assert all(files.known(name) == (True, first[name]) for name in names)
+    assert all(files.read(name, False) is first[name] for name in names)
+
+    monkeypatch.setattr(watch.DirectoryWatch, "changed", lambda self: set())  # told nothing
+    path = root / INFO / "1009251"
+    path.write_text(path.read_text().replace("research-lab", "bank-q"))
+    now[0] += jobinfo.REREAD_SECONDS
+    files.begin_round()
+    assert files.generation != generation
+    assert files.known("1009251") == (False, None)
+    assert files.read("1009251", False)["account"] == "bank-q"  # type: ignore[index]
+    assert all(files.read(name, False) is first[name] for name in names if name != "1009251")
+    files.close()
 
 
 def test_a_job_info_read_that_failed_is_tried_again_the_next_round(

@@ -107,6 +107,7 @@ class JobInfoFiles:
         self._retry_at = 0.0
         # file name -> what it said (None: no usable file), while the watch vouches for it
         self._known: dict[str, dict[str, str] | None] = {}
+        self._by_sluid: set[str] = set()  # the names known that are SLUIDs (see read)
         self._read_at = 0.0  # when the files known were first read
         # Changes whenever what is known does: the same number says every answer is the same.
         self.generation = 0
@@ -125,8 +126,10 @@ class JobInfoFiles:
                 self._forget_known()
                 return
         changed = watch.changed()
-        if changed is None or changed or now - self._read_at >= REREAD_SECONDS:
+        if changed is None or changed:
             self._forget_known()
+        elif now - self._read_at >= REREAD_SECONDS and self._known:
+            self._read_known_again(now)
         if watch.fd < 0:  # the instance failed and could not be made again: try later
             self._watch = None
             self._retry_at = now + REREAD_SECONDS
@@ -139,7 +142,22 @@ class JobInfoFiles:
         if not self._known:
             self._read_at = now
 
+    def _read_known_again(self, now: float) -> None:
+        """Read every known file again (the watch told nothing for :data:`REREAD_SECONDS`):
+        one that says what it said is kept as it was, the same answer, and the generation
+        stays; one that says otherwise, or could not be read, is forgotten, to be read anew."""
+        forgotten = False
+        for name, before in list(self._known.items()):
+            info, settled = self._read(name, name in self._by_sluid)
+            if not settled or info != before:
+                del self._known[name]
+                forgotten = True
+        if forgotten:
+            self.generation += 1
+        self._read_at = now
+
     def _forget_known(self) -> None:
+        self._by_sluid.clear()
         if self._known:
             self._known.clear()
             self.generation += 1
@@ -159,6 +177,10 @@ class JobInfoFiles:
         info, settled = self._read(name, by_sluid)
         if settled and self._watch is not None and self._watch.watching(self._name):
             self._known[name] = info
+            if by_sluid:
+                self._by_sluid.add(name)
+            else:
+                self._by_sluid.discard(name)
             self.generation += 1
         return info
 
@@ -206,6 +228,7 @@ class JobInfoFiles:
         """Forget the files of jobs no longer listed."""
         for name in self._known.keys() - names:
             del self._known[name]
+            self._by_sluid.discard(name)
             self.generation += 1
 
     def forget(self) -> None:

@@ -874,8 +874,8 @@ class _Plan:
     cpuset is read again within it when due, as job by job, and one that changed ends it. Then
     it is made again from the round read job by job; so too once a job left out for an unsettled
     cpuset has read the same long enough to join, a while after a job was left out for files
-    not settled, and at least every PLAN_REMAKE_SECONDS, when a job that settled otherwise (the
-    search of its processes ended) joins."""
+    not settled, and, while it leaves a job out, at least every PLAN_REMAKE_SECONDS, when a job
+    that settled otherwise (the search of its processes ended) joins."""
 
     jobs: list[JobCgroup]  # the listing's last list of the same jobs (looked at first)
     info_dir_ok: bool
@@ -1173,6 +1173,8 @@ class SlurmJobCollector(Collector):
             settles = waiting_since + CPUSET_RECHECK_SECONDS
             self._plan_at = min(settles, self._now + self._plan_retry)
             return None
+        if len(planned) == len(jobs):
+            remake_at = math.inf  # no job is left to join while it holds
         return _Plan(
             jobs=jobs,
             info_dir_ok=info_dir_ok,
