@@ -8,8 +8,10 @@ exponent, empty families, pools, dcgm names, every collector state.
 from __future__ import annotations
 
 import math
+import os
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,7 +34,7 @@ from exporters.exposition import (
     to_client_metric,
 )
 from exporters.http import OPENMETRICS_1_0_0, TEXT_0_0_4, MetricsServer, negotiate
-from exporters.process import ProcessFamilies
+from exporters.process import ProcessFamilies, fd_dir_sized, open_fds
 from exporters.prometheus import TallyCollector
 from telemetry.billing.inventory import parse_inventory
 from telemetry.collectors.base import CollectorStatus
@@ -277,6 +279,25 @@ def test_process_families_are_the_clients() -> None:
         if metric.name == "process_open_fds":
             low, high = low - 2, high + 2
         assert low <= value <= high, metric.name
+
+
+def test_open_fds_by_the_directory_size_count_as_a_listing_does(tmp_path: Path) -> None:
+    """Where /proc/self/fd tells its entries by its size, that size (one more for the
+    listing's own descriptor) is the listing's count, descriptors opened meanwhile included;
+    an ordinary directory's size tells nothing, and its entries are listed."""
+    fd_dir = "/proc/self/fd"
+    sized = fd_dir_sized(fd_dir)
+    opened = [os.open(tmp_path, os.O_RDONLY) for _ in range(5)]
+    try:
+        assert open_fds(fd_dir, sized) == len(os.listdir(fd_dir))
+        assert open_fds(fd_dir, False) == len(os.listdir(fd_dir))
+    finally:
+        for fd in opened:
+            os.close(fd)
+    for name in "abc":
+        (tmp_path / name).write_text("")
+    assert not fd_dir_sized(str(tmp_path))
+    assert open_fds(str(tmp_path), False) == 3
 
 
 @settings(max_examples=100, deadline=None)
