@@ -17,9 +17,9 @@ import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import chain, repeat
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import numpy as np
 
@@ -225,10 +225,16 @@ class PrefixCache:
         self._families.clear()
 
 
+@functools.lru_cache(maxsize=256)
+def _label_order(labels: tuple[str, ...]) -> tuple[int, ...]:
+    """The indices of ``labels`` in the order the text format writes them (by name)."""
+    return tuple(sorted(range(len(labels)), key=lambda i: labels[i]))
+
+
 def _block_text_small(
     name: str, labels: tuple[str, ...], block: Block, prefixes: PrefixCache | None = None
 ) -> bytes:
-    order = sorted(range(len(labels)), key=lambda i: labels[i])
+    order = _label_order(labels)
     n = block.values.size
     columns: list[list[str]] = []
     for i in order:
@@ -236,17 +242,28 @@ def _block_text_small(
         columns.append([column] * n if isinstance(column, str) else label_values(column))
     names = [labels[i] for i in order]
     cache = (PrefixCache() if prefixes is None else prefixes).family((name, *names))
-    keys = zip(*columns, strict=True) if names else repeat((), n)
+    keys = list(zip(*columns, strict=True)) if names else [()] * n
+    values = block.values.tolist()
+    heads = list(map(cache.get, keys))
+    if None in heads:  # series new to this scrape: their labels escaped and joined once
+        for i, (key, head) in enumerate(zip(keys, heads, strict=True)):
+            if head is None:
+                pairs = ",".join(
+                    f'{k}="{_escape_label(v)}"' for k, v in zip(names, key, strict=True)
+                )
+                heads[i] = cache[key] = f"{name}{{{pairs}}} " if names else f"{name} "
+    total = sum(values)
+    if -math.inf < total < math.inf:  # every value finite (a NaN or an infinity would show)
+        # repr is go_float below 1e6, and of every negative value
+        texts = map(repr, values) if max(values) < 1e6 else map(go_float, values)
+        filled = cast("list[str]", heads)
+        return "".join(chain.from_iterable(zip(filled, texts, repeat("\n")))).encode()
     isnan = math.isnan
     lines = []
-    for key, value in zip(keys, block.values.tolist(), strict=True):
+    for head, value in zip(heads, values, strict=True):
         if isnan(value):  # no reading
             continue
-        prefix = cache.get(key)
-        if prefix is None:
-            pairs = ",".join(f'{k}="{_escape_label(v)}"' for k, v in zip(names, key, strict=True))
-            prefix = cache[key] = f"{name}{{{pairs}}} " if names else f"{name} "
-        lines.append(f"{prefix}{go_float(value)}\n")
+        lines.append(f"{head}{go_float(value)}\n")
     return "".join(lines).encode()
 
 
