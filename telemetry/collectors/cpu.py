@@ -42,6 +42,11 @@ def parse_proc_stat(text: str, user_hz: int, source: str = "/proc/stat") -> Proc
     # counts), "cpuN" (one online CPU). The regular expressions find them without a Python
     # step per line: a large host lists hundreds of CPUs and thousands of interrupts.
     lined = "\n" + text
+    # The kernel writes every cpu line before "intr", whose line alone is thousands of numbers
+    # on a large host: the expressions scan the cpu lines only, where no cpu line follows.
+    cut = lined.find("\nintr ")
+    if cut >= 0 and lined.find("\ncpu", cut) < 0:
+        lined = lined[:cut]
     heads = _CPU_HEADS.findall(lined)
     online = sum(map(str.isdigit, heads))
     lines = _AGGREGATE.findall(lined)
