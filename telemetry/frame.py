@@ -43,6 +43,8 @@ _INT_BOUNDS = {
 
 _INTEGERS = frozenset({int, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32})
 _NUMBERS = _INTEGERS | {float, np.float32, np.float64}
+_STRINGS: frozenset[type] = frozenset({str})
+_NONE = type(None)
 
 
 def _expected(kind: str) -> str:
@@ -54,15 +56,12 @@ def _expected(kind: str) -> str:
 def check_column(kind: str, values: Sequence[Any]) -> None:
     """Raise as :func:`column_array` does for ``values``, without building the arrays."""
     types = set(map(type, values))
-    nulls = type(None) in types
-    types.discard(type(None))
-    if kind == "string":
-        allowed: frozenset[type] = frozenset({str})
-    else:
-        allowed = _INTEGERS if kind in _INT_BOUNDS else _NUMBERS
-    wrong = types - allowed
-    if wrong:
-        got = sorted(t.__name__ for t in wrong)[0]
+    nulls = _NONE in types
+    if nulls:
+        types.discard(_NONE)
+    allowed = _STRINGS if kind == "string" else _INTEGERS if kind in _INT_BOUNDS else _NUMBERS
+    if not types <= allowed:
+        got = sorted(t.__name__ for t in types - allowed)[0]
         raise TypeError(f"expected {_expected(kind)}, got {got}")
     if kind == "string":
         joined = "".join([v for v in values if v is not None] if nulls else values)

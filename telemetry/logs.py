@@ -38,8 +38,9 @@ class OnceLogger:
 
     def clear(self, key: str) -> None:
         """Forget ``key`` so its next fault is logged again (the fault went away)."""
-        with self._lock:
-            self._seen.pop(key, None)
+        if key in self._seen:  # called for every key every round: most have nothing to forget
+            with self._lock:
+                self._seen.pop(key, None)
 
 
 def _json_line(created: float, level: str, logger: str, message: str, **extra: str) -> str:

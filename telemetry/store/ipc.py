@@ -446,7 +446,9 @@ def _round_batch_message(
     parts: list[Any] = []  # what the body's struct packs, in order
     for plan in layout.plans:
         name, string, dtype, column = plan
-        items = _column(batch.table, values, name, rows)
+        items = values.get(name)
+        if items is None or len(items) != rows:
+            items = _column(batch.table, values, name, rows)  # raises: missing, or not rows long
         if name in nulls:
             count, bitmap = _validity(items)
             if count and not column.nullable:
