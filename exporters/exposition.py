@@ -243,7 +243,11 @@ def _block_text_small(
     names = [labels[i] for i in order]
     cache = (PrefixCache() if prefixes is None else prefixes).family((name, *names))
     keys = list(zip(*columns, strict=True)) if names else [()] * n
+    if len(keys) != n:
+        raise ValueError(f"{name}: {len(keys)} label values for {n} samples")
     values = block.values.tolist()
+    if not values:
+        return b""
     heads = list(map(cache.get, keys))
     if None in heads:  # series new to this scrape: their labels escaped and joined once
         for i, (key, head) in enumerate(zip(keys, heads, strict=True)):

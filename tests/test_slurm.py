@@ -1485,9 +1485,11 @@ def test_a_counter_too_long_for_the_plan_keeps_its_job_out_of_it(tmp_path: Path)
 
 def test_files_misshapen_only_together_are_not_read_as_planned(tmp_path: Path) -> None:
     """The plan reads every job's files in one go, each after a NUL: a memory.current without
-    its newline beside one of two lines (which joined would make two good lines), or a
-    cpu.stat with a NUL of its own ahead of a usage line, is seen as misshapen as job by job
-    sees it; the round is read job by job, and the files mended, as planned again."""
+    its newline beside one of two lines (which joined would make two good lines), one with
+    more after its number's line, a cpu.stat with a NUL of its own ahead of a second usage
+    line, alone or beside a cpu.stat without one (the count of lines would match), is seen as
+    misshapen as job by job sees it; the round is read job by job, and the files mended, as
+    planned again."""
     pair = settled_pair(tmp_path)
     plan = pair.planned._plan
     assert plan is not None
@@ -1499,11 +1501,21 @@ def test_files_misshapen_only_together_are_not_read_as_planned(tmp_path: Path) -
         first.memory_file.write_text(f"{pair.k}")
         second.memory_file.write_text("3\n4\n")
 
+    def memory_trailing() -> None:
+        grow()
+        first.memory_file.write_text(f"{pair.k}\nxyz")  # a number, then more than its newline
+
     def usage_misshapen() -> None:
         grow()
         first.usage_file.write_text(f"usage_usec {10**6 * pair.k}\n\0usage_usec 5\n")
 
-    for misshapen in (memory_misshapen, usage_misshapen):
+    def usage_lent() -> None:
+        grow()  # the second file has no usage line; the first a NUL and another: one each
+        lent = 10**17  # ahead of the second job's CPU time: no going back gives it away
+        first.usage_file.write_text(f"usage_usec {10**6 * pair.k}\n\0usage_usec {lent}\n")
+        second.usage_file.write_text("bogus\n")
+
+    for misshapen in (memory_misshapen, memory_trailing, usage_misshapen, usage_lent):
         pair.grow = misshapen  # type: ignore[method-assign]
         pair.log.clear()
         pair.round()
