@@ -1043,10 +1043,7 @@ class SlurmJobCollector(Collector):
             seconds, memory = self._numbers
             return {
                 "job": CheckedRows(
-                    [
-                        {**row, "cpu_seconds": cpu_seconds, "memory_bytes": count}
-                        for row, cpu_seconds, count in zip(plan.rows, seconds, memory, strict=True)
-                    ],
+                    self._fresh_rows(plan),
                     {**columns, "cpu_seconds": seconds, "memory_bytes": memory},
                 ),
                 "_gpu_job": [dict(claim) for claim in held],
@@ -1231,14 +1228,13 @@ class SlurmJobCollector(Collector):
         self._plan = None
         self._plan_at = now + self._plan_retry
         plan.jobs = jobs  # the same jobs listed anew: this list is looked at first from now on
-        count = len(plan.fds)
-        size, start = repeat(_PLAN_READ_BYTES, count), repeat(0, count)
+        size, start = repeat(_PLAN_READ_BYTES), repeat(0)  # map stops with the descriptors
         try:
             usage = b"\0".join(chain((b"",), map(os.pread, plan.usage_fds, size, start)))
-            size, start = repeat(_PLAN_READ_BYTES, count), repeat(0, count)
             memory = b"\0".join(chain((b"",), map(os.pread, plan.memory_fds, size, start)))
         except OSError:
             return False  # a cgroup went away: read job by job, each tells
+        count = len(plan.fds)
         found = _USAGE_LINES.findall(usage)
         values = _MEMORY_LINES.findall(memory)
         # a match at the start of each file, and no file with a NUL of its own
@@ -1271,16 +1267,21 @@ class SlurmJobCollector(Collector):
         self._remake = now >= plan.remake_at or now - plan.waiting_since >= CPUSET_RECHECK_SECONDS
         return True
 
+    def _fresh_rows(self, plan: _Plan) -> list[Row]:
+        """The rows of the jobs ``plan`` holds, with this round's numbers (:attr:`_numbers`)."""
+        seconds, counts = self._numbers
+        return [
+            {**row, "cpu_seconds": cpu_seconds, "memory_bytes": count}
+            for row, cpu_seconds, count in zip(plan.rows, seconds, counts, strict=True)
+        ]
+
     def _planned_rows(self, plan: _Plan | None) -> dict[JobKey, tuple[Row, JobInfo]]:
         """The rows of the jobs ``plan`` holds this round (:meth:`_plan_holds`), by job."""
         if plan is None:
             return {}
-        seconds, counts = self._numbers
         return {
-            job.key: ({**row, "cpu_seconds": cpu_seconds, "memory_bytes": count}, info)
-            for job, row, info, cpu_seconds, count in zip(
-                plan.planned, plan.rows, plan.infos, seconds, counts, strict=True
-            )
+            job.key: (row, info)
+            for job, row, info in zip(plan.planned, self._fresh_rows(plan), plan.infos, strict=True)
         }
 
     def _files_as(self, plan: _Plan) -> bool:
