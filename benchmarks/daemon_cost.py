@@ -20,9 +20,10 @@ daemon ignores the files, with one log line). In the same run, on the same machi
   ``git archive``) on the same tree: before and after in one run.
 
 The Python exporters run under ``--python`` (default: this interpreter; it must import tally's
-dependencies, e.g. a virtual environment made from it): an interpreter built without PGO and
-LTO, as pyenv builds one by default, costs tally about an eighth more CPU than the
-distribution's ``/usr/bin/python3``, which is what a node's packaged Python is.
+dependencies, e.g. a virtual environment made from it; the header line names its version and
+whether it runs from a shared ``libpython``): an interpreter built as pyenv builds one by
+default (a shared ``libpython``, no ``--enable-optimizations``) costs tally about a sixth more
+CPU than Debian's ``/usr/bin/python3``, which is what a node's packaged Python is.
 
 Each is scraped over HTTP once per ``--scrape-interval`` (default: ``--interval``; Prometheus'
 usual is 15 s) from one thread, with the Accept and Accept-Encoding headers Prometheus sends. CPU is
@@ -72,6 +73,24 @@ PROMETHEUS_HEADERS = {
 }
 WARMUP_SECONDS = 5.0
 REPO = Path(__file__).resolve().parent.parent
+
+
+_INTERPRETER = (
+    "import platform; shared = any('libpython' in line for line in open('/proc/self/maps')); "
+    "print(platform.python_version(), shared)"
+)
+
+
+def interpreter(python: str) -> str:
+    """``python``'s version and whether its interpreter runs from a shared ``libpython``, as
+    pyenv builds it (``--enable-shared``, no ``--enable-optimizations``): the daemon costs
+    about a sixth more CPU under such a build than under Debian's ``/usr/bin/python3``, which
+    links the interpreter into the executable."""
+    version, shared = subprocess.run(
+        [python, "-c", _INTERPRETER], capture_output=True, text=True, check=True
+    ).stdout.split()
+    linked = "a shared libpython" if shared == "True" else "libpython linked in"
+    return f"Python {version}, {linked}"
 
 
 def _free_port() -> int:
@@ -689,7 +708,8 @@ def main(argv: list[str] | None = None) -> None:
             instructions(args.instructions, args.jobs, args.compare_with, driver, args.job_info,
                          args.python)  # fmt: skip
             return
-        print(f"GPUs: {standin}; Python exporters under {args.python}")
+        print(f"GPUs: {standin}; Python exporters under {args.python} "
+              f"({interpreter(args.python)})")  # fmt: skip
         run(args.seconds, args.interval, args.jobs, args.compare_with, args.scrape_interval, driver,
             args.job_info, args.python)  # fmt: skip
     if args.steady:
