@@ -94,7 +94,7 @@ def generate(root: Path, nodes: int, hours: int, seed: int = 1) -> int:
                 "user": np.char.add("u", (block % 7).astype(str)), "account": np.char.add("tenant-", (gpu % 3).astype(str)),
                 "cpus_allocated": np.full(size, 12.0, np.float32), "gpus_allocated": share,
                 "cpu_seconds": np.cumsum(np.full(size, 12.0 * INTERVAL_S * 0.6)), "memory_bytes": np.full(size, 64 << 30, np.int64),
-            }, schema=JOB_SCHEMA), node, day_ns)  # fmt: skip
+            }, schema=pa.schema([f for f in JOB_SCHEMA if f.name not in OPTIONAL_COLUMNS["job"]])), node, day_ns)  # fmt: skip
             cpu: dict[str, object] = {
                 "time": t,
                 "node": np.full(steps, node),
