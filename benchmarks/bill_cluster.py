@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from benchmarks import bill_duckdb
-from benchmarks.bill_scale import INVENTORY, write_day
+from benchmarks.bill_scale import INVENTORY, cached, write_day
 from telemetry.schema import CPU_MODES, CPU_SCHEMA, GPU_SCHEMA, JOB_SCHEMA, OPTIONAL_COLUMNS
 
 NS = 1_000_000_000
@@ -119,8 +119,9 @@ def versus_duckdb(root: Path, nodes: int, hours: int) -> list[tuple[str, float, 
     """(case, tally default s, tally --workers 1 s, DuckDB s) for 1 h and 1 d windows, with and
     without the job table; the sums compared first."""
     with_jobs = root / f"n{nodes}-h{hours}"
-    if not with_jobs.exists():
-        print(f"generated {generate(with_jobs, nodes, hours):,} rows in {with_jobs}")
+    made = cached(with_jobs, lambda into: generate(into, nodes, hours))
+    if made is not None:
+        print(f"generated {made:,} rows in {with_jobs}")
     without = root / f"n{nodes}-h{hours}-nojobs"
     if not without.exists():
         without.mkdir()
@@ -155,8 +156,9 @@ def scaling(root: Path, nodes: int, hours: int, workers: tuple[int, ...] = (1, 2
     from telemetry.billing.writers import to_json
 
     data = root / f"n{nodes}-h{hours}"
-    if not data.exists():
-        print(f"generated {generate(data, nodes, hours):,} rows in {data}")
+    made = cached(data, lambda into: generate(into, nodes, hours))
+    if made is not None:
+        print(f"generated {made:,} rows in {data}")
     inventory = parse_inventory(f"max_gap_seconds = 60\n{INVENTORY}", "inventory.toml")
     quiet = {"warn": lambda _: None, "progress": lambda *_: None}
     start = time.perf_counter()
@@ -186,9 +188,9 @@ def peak_rss(root: Path, nodes: int, hours: int, *flags: str) -> None:
     """``/usr/bin/time -v tally bill`` of a large dataset: wall time, rows/s, peak RSS of the
     command and of its largest worker."""
     data = root / f"n{nodes}-h{hours}"
-    if not data.exists():
-        start = time.perf_counter()
-        made = generate(data, nodes, hours)
+    start = time.perf_counter()
+    made = cached(data, lambda into: generate(into, nodes, hours))
+    if made is not None:
         print(f"generated {made:,} rows in {data} in {time.perf_counter() - start:.0f} s")
     inventory = root / "inventory.toml"
     inventory.write_text(f"max_gap_seconds = 60\n{INVENTORY}")

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.bill_scale import INVENTORY, generate
+from benchmarks.bill_scale import INVENTORY, cached, generate
 
 WINDOW_S = 86400
 MAX_GAP_S = 60
@@ -187,8 +187,8 @@ def run(rows: int, nodes: int, root: Path) -> tuple[float, float]:
     """Seconds for tally bill and for DuckDB on the same ~``rows`` rows."""
     hours = max(1, round(rows / (nodes * (2 * 8 + 1) * 360)))
     data = root / f"n{nodes}-h{hours}"
-    if not data.exists():
-        made = generate(data, nodes, hours)
+    made = cached(data, lambda into: generate(into, nodes, hours))
+    if made is not None:
         print(f"generated {made:,} rows in {data}")
     inventory = root / "inventory.toml"
     inventory.write_text(f"max_gap_seconds = {MAX_GAP_S}\n" + INVENTORY)

@@ -11,9 +11,11 @@ dataset with pyarrow, which any approach that is not chunked pays at least.
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +60,22 @@ def write_day(root: Path, table: str, data: pa.Table, node: str, day_ns: int) ->
     directory = partition_dir(root, table, day_ns, node)
     directory.mkdir(parents=True, exist_ok=True)
     pq.write_table(data, directory / "part-0.parquet", compression="zstd")
+
+
+def cached(data: Path, make: Callable[[Path], int]) -> int | None:
+    """Make the dataset ``data`` with ``make`` unless a whole one is there: the rows written, or
+    None when one was there.
+
+    It is written under ``<name>.partial`` and renamed when whole, so that a run cut off while
+    generating leaves nothing a later run would take for the dataset.
+    """
+    if data.exists():
+        return None
+    partial = data.with_name(data.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    rows = make(partial)
+    partial.rename(data)
+    return rows
 
 
 def generate(root: Path, nodes: int, hours: int, seed: int = 1) -> int:
@@ -144,9 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     per_hour = args.nodes * (2 * GPUS + 1) * 3600 // INTERVAL_S
     hours = max(1, args.rows // per_hour)
     data = args.dir / "dataset"
-    if not data.exists():
-        start = time.perf_counter()
-        rows = generate(data, args.nodes, hours)
+    start = time.perf_counter()
+    rows = cached(data, lambda into: generate(into, args.nodes, hours))
+    if rows is not None:
         print(
             f"generated {rows:,} rows ({args.nodes} nodes x {GPUS} GPUs, {hours} h) in {time.perf_counter() - start:.0f} s"
         )

@@ -33,3 +33,22 @@ def test_generated_dataset_is_read_whole(
     assert stats.rows_out_of_range == {}
     assert sum(read.values()) == written > 0
     assert all(len(paths) == 4 for paths in files.values())  # 2 nodes x 2 days
+
+
+def test_dataset_cut_off_while_generated_is_made_again(tmp_path: Path) -> None:
+    data = tmp_path / "n2-h26"
+
+    def cut_off(into: Path) -> int:
+        bill_scale.generate(into, 1, 1)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        bill_scale.cached(data, cut_off)
+    assert not data.exists()  # nothing a later run would take for the whole dataset
+    made = bill_scale.cached(data, lambda into: bill_scale.generate(into, 2, 26))
+    assert made is not None and data.is_dir()
+    assert not (tmp_path / "n2-h26.partial").exists()
+    stats = ReadStats()
+    read = sum(read_table(data, t, p, stats).num_rows for t, p in discover(data).items())
+    assert read == made
+    assert bill_scale.cached(data, lambda into: pytest.fail("made again")) is None
