@@ -366,6 +366,30 @@ def test_values_of_every_magnitude_render_as_the_client_does() -> None:
     assert render_text([family]) == generate_latest(registry)
 
 
+@pytest.mark.parametrize("hostile", ["", "a\\b", "two\nlines", 'say "no"'])
+@pytest.mark.parametrize("sliced", [False, True])
+def test_large_blocks_escape_label_columns_as_the_client_does(hostile: str, sliced: bool) -> None:
+    """The Arrow path escapes a label column only when its bytes hold a backslash, newline or
+    quote: one such value among thousands is still escaped, and a column sliced out of a larger
+    one (whose other rows hold all three) renders its own rows as the client does."""
+    import pyarrow as pa
+
+    n = 2 * ARROW_FROM_ROWS
+    names = [f"host-{i}" for i in range(n)]
+    names[n // 2] += hostile
+    column: pa.Array = pa.array(names, pa.string())
+    if sliced:
+        column = pa.array(['x\\y"\n', *names, 'q"'], pa.string()).slice(1, n)
+    family = ColumnFamily("tally_y", "gauge", "h", ("node", "job"))
+    family.add([column, strings([str(i) for i in range(n)])], np.arange(n, dtype=np.float64))
+    registry = CollectorRegistry()
+    registry.register(_One(family))
+    rendered = render_text([family])
+    assert rendered == generate_latest(registry)
+    if hostile:  # the client's oracle saw the escaped value, not the raw one
+        assert hostile.encode() not in rendered
+
+
 def test_prefixes_kept_across_scrapes_follow_changed_labels() -> None:
     """The second scrape reuses the first's series prefixes; a label that changed, a series
     that is new and one whose value became NaN render as the client renders them."""
