@@ -280,11 +280,29 @@ def _block_text_small(
     return "".join(lines).encode()
 
 
+def _joined_span(span: list[Any], cache: dict[Any, tuple[Any, Any]]) -> pa.Array:
+    """The label columns of ``span`` and the literals between them joined row by row, once a
+    scrape: the families of one entity (a GPU's dozen) share their label columns, and one join
+    of a series' labels and its value is 2-3 times cheaper than a join of every part. Keyed by
+    the columns' identities; the cache holds them, so no id can be reused meanwhile."""
+    key = ("span", *(p if isinstance(p, str) else id(p) for p in span))
+    held = cache.get(key)
+    arrays = tuple(p for p in span if not isinstance(p, str))
+    if held is None or any(a is not b for a, b in zip(held[0], arrays, strict=True)):
+        arrow = _arrow()
+        pa = arrow.pa
+        joined = arrow.pc.binary_join_element_wise(
+            *[pa.scalar(p, pa.string()) if isinstance(p, str) else p for p in span], arrow.empty
+        )
+        held = cache[key] = (arrays, joined)
+    return held[1]
+
+
 def _block_text(
     name: str,
     labels: tuple[str, ...],
     block: Block,
-    cache: dict[int, tuple[Any, pa.Array]],
+    cache: dict[Any, tuple[Any, Any]],
     prefixes: PrefixCache | None = None,
     use_arrow: bool = True,
 ) -> bytes:
@@ -296,8 +314,7 @@ def _block_text(
     arrow = _arrow()
     pa, pc = arrow.pa, arrow.pc
     everything = bool(keep.all())
-    mask = None if everything else pa.array(keep)
-    parts: list[Any] = []
+    heads: list[Any] = []  # the series' names and labels: literals and escaped label columns
     literal = name
     order = sorted(range(len(labels)), key=lambda i: labels[i])
     for n, i in enumerate(order):
@@ -311,13 +328,17 @@ def _block_text(
         if held is None or held[0] is not column:
             values = pa.array(column, pa.string()) if isinstance(column, list) else column
             held = cache[id(column)] = (column, _escape_column(values))
-        escaped = held[1]
-        parts.extend([literal, escaped if mask is None else pc.filter(escaped, mask)])
+        heads.extend([literal, held[1]])
         literal = '"'
-    literal += "} " if labels else " "
+    heads.append(literal + ("} " if labels else " "))
+    if len(heads) > 3:  # two label columns or more: [literal, column, ..., column, literal]
+        heads = [heads[0], _joined_span(heads[1:-1], cache), heads[-1]]
+    if not everything:
+        mask = pa.array(keep)
+        heads = [h if isinstance(h, str) else pc.filter(h, mask) for h in heads]
     values = block.values if everything else block.values[keep]
     texts, line_ends = _value_strings(values)
-    parts.extend([literal, texts, line_ends])
+    parts = [*heads, texts, line_ends]
     lines = pc.binary_join_element_wise(
         *[pa.scalar(p, pa.string()) if isinstance(p, str) else p for p in parts], arrow.empty
     )
@@ -342,7 +363,7 @@ def render_text(
     ``arrow`` False formats large blocks in Python too (the node daemon, which never loads Arrow).
     """
     out: list[bytes] = []
-    cache: dict[int, tuple[Any, pa.Array]] = {}
+    cache: dict[Any, tuple[Any, Any]] = {}
     for family in families:
         counter = family.kind == "counter"
         name = family.name + "_total" if counter and family.total_suffix else family.name

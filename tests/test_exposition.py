@@ -390,6 +390,25 @@ def test_large_blocks_escape_label_columns_as_the_client_does(hostile: str, slic
         assert hostile.encode() not in rendered
 
 
+def test_families_sharing_label_columns_render_as_the_client_does() -> None:
+    """Families of one entity share their label columns, whose joined labels the Arrow path
+    makes once a scrape: each family still gets its own name, constants and values, and one
+    with missing readings only its own rows."""
+    n = 2 * ARROW_FROM_ROWS
+    node = strings([f"n{i // 8}" for i in range(n)])
+    gpu = strings([str(i % 8) for i in range(n)])
+    power = ColumnFamily("tally_gpu_power_watts", "gauge", "h", ("node", "gpu"))
+    power.add([node, gpu], np.linspace(70.0, 700.0, n))
+    avg = ColumnFamily("tally_gpu_avg_ratio", "gauge", "h", ("window", "node", "gpu"))
+    sparse = np.where(np.arange(n) % 3 == 0, math.nan, np.linspace(0.0, 1.0, n))
+    avg.add(["5m", node, gpu], sparse)
+    avg.add(["1h", node, gpu], np.linspace(1.0, 0.0, n))
+    registry = CollectorRegistry()
+    registry.register(_One(power))
+    registry.register(_One(avg))
+    assert render_text([power, avg]) == generate_latest(registry)
+
+
 def test_prefixes_kept_across_scrapes_follow_changed_labels() -> None:
     """The second scrape reuses the first's series prefixes; a label that changed, a series
     that is new and one whose value became NaN render as the client renders them."""
