@@ -86,11 +86,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:  # the GPUs: pynvml over a stand-in driver
         driver = node_tree.build_driver_stub(Path(scratch))
-        exporters = {e.name: e for e in daemon_cost.run(10 if quick else 120, 1.0, driver=driver)}
+        # Scraped as Prometheus usually scrapes (every 15 s), as the goal and the docs measure.
+        measured = daemon_cost.run(10 if quick else 300, 1.0, scrape_interval=15.0, driver=driver)
+    exporters = {e.name: e for e in measured}
     tally, node = exporters["tally"], exporters.get("node_exporter")
-    tally_cpu = tally.cpu / tally.wall * 100
+    tally_cpu = (tally.cpu / tally.wall + tally.compaction / 3600) * 100
     node_cpu = node.cpu / node.wall * 100 if node else math.nan
-    table.append(("daemon at 1 s, 8 GPUs, 50 jobs: CPU % of a core (baseline: node_exporter)",
+    table.append(("daemon at 1 s, 8 GPUs, 50 jobs, scraped every 15 s: CPU % of a core in all"
+                  " (baseline: node_exporter)",
                   f"{tally_cpu:.2f} %", f"{node_cpu:.2f} %" if node else "not installed",
                   f"{tally_cpu / node_cpu:.1f}" if node else "–", "tally ≤ 0.25 %"))  # fmt: skip
     node_rss = node.rss / 2**20 if node else math.nan
