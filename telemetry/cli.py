@@ -31,6 +31,7 @@ from telemetry.config import (
     DEFAULT_JOB_INFO_DIR,
     DEFAULT_LISTEN,
     DEFAULT_MAX_GAP_SECONDS,
+    GPU_ENERGY_SOURCES,
     INTERVAL_RANGE,
     MAX_GAP_RANGE,
     POLL_RANGE,
@@ -168,6 +169,10 @@ def _node_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("--slurm.job-info-dir", dest="slurm_job_info_dir", type=Path,
                    help=f"{info} and GPUs, trusted before job environments "
                    f"(default {DEFAULT_JOB_INFO_DIR})")  # fmt: skip
+    d.add_argument("--gpu.energy", dest="gpu_energy", choices=GPU_ENERGY_SOURCES,
+                   help="GPU energy from the driver's total-energy counter (exact; on some "
+                   "drivers a read spins ~3 ms of CPU a GPU), or from power x time, the counter "
+                   "left null (SPEC §3's fallback) (default counter)")  # fmt: skip
     d.add_argument("--node", help="node name to record (default: the host name)")
     _inventory_option(d, required=False)
     _web_config_option(d, "/metrics")

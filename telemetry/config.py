@@ -160,6 +160,7 @@ class DaemonConfig:
     rotate_seconds: float = 3600.0
     web_config: Path | None = None
     slurm_job_info_dir: Path = Path(DEFAULT_JOB_INFO_DIR)
+    gpu_energy: str = "counter"  # one of GPU_ENERGY_SOURCES
 
     def check(self) -> None:
         """Raise ``TallyError`` for settings that cannot work together."""
@@ -224,6 +225,10 @@ def load_config_file(path: Path, known: set[str]) -> dict[str, Any]:
     return flat
 
 
+# Where GPU energy comes from: the driver's total-energy counter, or power x time (SPEC §3's
+# fallback, the counter left null).
+GPU_ENERGY_SOURCES = ("counter", "power")
+
 # Config-file keys and the command-line destination each one sets (collectors added per call).
 _CONFIG_KEYS = {
     "listen": "listen",
@@ -240,6 +245,7 @@ _CONFIG_KEYS = {
     "dcgm-compat": "dcgm_compat",
     "web.config.file": "web_config",
     "slurm.job-info-dir": "slurm_job_info_dir",
+    "gpu.energy": "gpu_energy",
 }
 _PATH_KEYS = (
     "data_dir",
@@ -310,6 +316,10 @@ def daemon_config(args: Any, collector_defaults: dict[str, bool]) -> DaemonConfi
                 if isinstance(raw_value, bool) or not isinstance(raw_value, (str, int, float)):
                     raise TallyError(f'{where} must be a duration like "5s", got {raw_value!r}')
                 value = parse_duration(str(raw_value), where)
+            elif dest == "gpu_energy":
+                if raw_value not in GPU_ENERGY_SOURCES:
+                    choices = " or ".join(GPU_ENERGY_SOURCES)
+                    raise TallyError(f"{where} must be {choices}, got {raw_value!r}")
             elif key.startswith("collector.") or dest == "dcgm_compat":
                 # "no" is a true string: only a TOML boolean says what it means
                 if not isinstance(raw_value, bool):
@@ -349,4 +359,5 @@ def daemon_config(args: Any, collector_defaults: dict[str, bool]) -> DaemonConfi
         rotate_seconds=args.store_rotate or 3600.0,
         web_config=pick("web_config", None),
         slurm_job_info_dir=pick("slurm_job_info_dir", Path(DEFAULT_JOB_INFO_DIR)),
+        gpu_energy=pick("gpu_energy", "counter"),
     )

@@ -105,6 +105,7 @@ class Daemon:
             podresources=config.podresources,
             k8s_tenant_label=config.k8s_tenant_label,
             slurm_job_info_dir=config.slurm_job_info_dir,
+            gpu_energy_counter=config.gpu_energy == "counter",
         )
         enabled = [
             name

@@ -7,6 +7,7 @@ import pytest
 
 from telemetry.cli import build_parser, daemon_config, main
 from telemetry.collectors import REGISTRY
+from telemetry.errors import TallyError
 from tests.support.cli import tally
 from tests.support.net import free_port
 from tests.support.promtool import promtool_check
@@ -112,6 +113,19 @@ def test_collector_flags_come_from_the_registry() -> None:
     assert set(daemon_config(parser.parse_args(["daemon"])).collectors) == set(REGISTRY)
 
 
+def test_gpu_energy_source_from_the_command_line_or_the_config_file(tmp_path: Path) -> None:
+    parser = build_parser()
+    assert daemon_config(parser.parse_args(["daemon"])).gpu_energy == "counter"  # the default
+    config = tmp_path / "tally.toml"
+    config.write_text('[collector]\ngpu = true\n[gpu]\nenergy = "power"\n')  # both: valid TOML
+    cfg = daemon_config(parser.parse_args(["daemon", "--config", str(config)]))
+    assert cfg.gpu_energy == "power" and cfg.collectors["gpu"] is True
+    args = parser.parse_args(["daemon", "--config", str(config), "--gpu.energy", "counter"])
+    assert daemon_config(args).gpu_energy == "counter"  # command line beats the file
+    with pytest.raises(TallyError, match="invalid choice: 'watts'"):
+        parser.parse_args(["daemon", "--gpu.energy", "watts"])
+
+
 def test_config_file_precedence_and_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -214,6 +228,7 @@ def test_help_says_defaults_and_the_forms_each_option_takes() -> None:
         ("node = 5\n", "node must be a string, got 5"),
         ('dcgm-compat = "no"\n', "dcgm-compat must be true or false"),
         ('[collector]\ngpu = "off"\n', "collector.gpu must be true or false"),
+        ('[gpu]\nenergy = "watts"\n', "gpu.energy must be counter or power, got 'watts'"),
         ("interval = true\n", "interval must be a duration"),
         ('max-gap = "30d"\n', "max-gap: 2.592e+06s must be between"),
     ],

@@ -17,7 +17,8 @@ from telemetry.collectors import CollectorContext, Runner
 from telemetry.collectors.gpu import GpuCollector, mig_profile
 from telemetry.nvml import Gateway, GpuLost, NvmlUnavailable
 from telemetry.state import State
-from tests.support.daemon import scrape_daemon
+from telemetry.store.dataset import ReadStats, discover, read_table
+from tests.support.daemon import daemon_in_process, scrape_daemon
 from tests.support.gpu_side import asked
 from tests.support.nvml.library import FakeClock, FakeNVML
 from tests.support.nvml.profiles import (
@@ -79,6 +80,45 @@ def test_energy_is_the_cumulative_counter_in_joules(clock: FakeClock) -> None:
     clock.advance(10.0)
     second = next(iter(_rows(collector).values()))["energy_joules"]
     assert second - first == pytest.approx(629.45 * 10.0, rel=1e-3)
+
+
+POWER_ONLY = FakeNVML([H100_LOADED])  # the daemon's stand-in in the energy-from-power test
+
+
+def test_energy_from_power_leaves_the_counter_unread_and_counts_power_times_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--gpu.energy power``: the driver's energy counter is never asked (neither as a field
+    nor by its own function), rows carry no energy, the health fields are still read, and
+    the exported energy is SPEC §3's fallback, power x time."""
+    asked: list[int] = []
+    answer = POWER_ONLY.nvmlDeviceGetFieldValues
+
+    def recording(handle: Any, field_ids: Any) -> Any:
+        asked.extend(f[0] if isinstance(f, tuple) else f for f in field_ids)
+        return answer(handle, field_ids)
+
+    monkeypatch.setattr(POWER_ONLY, "nvmlDeviceGetFieldValues", recording)
+    data = tmp_path / "data"
+    with daemon_in_process(data, "watts", "tests.test_gpu:POWER_ONLY", gpu_energy="power") as d:
+        ticks = iter(int((1_800_000_000 + s) * 1e9) for s in (0, 10, 20))
+        d.runner.clock_ns = lambda: next(ticks)
+        for _ in range(3):
+            d.round()
+        text = d.render_text().decode()
+        stored = read_table(data, "gpu", discover(data)["gpu"], ReadStats())
+    assert asked and pynvml.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION not in asked
+    assert pynvml.NVML_FI_DEV_ECC_DBE_VOL_TOTAL in asked
+    assert POWER_ONLY.calls["nvmlDeviceGetTotalEnergyConsumption"] == 0
+    assert stored.num_rows == 3 and stored.column("energy_joules").null_count == 3
+    watts = H100_LOADED.power_mw / 1000
+    assert stored.column("power_watts").to_pylist() == [pytest.approx(watts)] * 3  # float32
+    energy = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("tally_gpu_energy_joules_total{")
+    ]
+    assert energy == [pytest.approx(watts * 20)]  # two 10 s intervals
 
 
 def test_sm_activity_from_gpm_needs_two_samples_100ms_apart(clock: FakeClock) -> None:

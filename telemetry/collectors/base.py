@@ -43,6 +43,9 @@ class CollectorContext:
     k8s_tenant_label: str | None = None
     # Root-owned files a Slurm prolog writes, one per job (--slurm.job-info-dir).
     slurm_job_info_dir: Path = Path("/run/tally/jobs")
+    # --gpu.energy: read the driver's total-energy counter (True), or leave GPU energy
+    # null for SPEC §3's power x time (the counter read spins 3 ms of CPU on some drivers).
+    gpu_energy_counter: bool = True
 
 
 class Collector:

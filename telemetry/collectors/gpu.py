@@ -143,7 +143,9 @@ class GpuCollector(Collector):
         self._devices: dict[int, _Device] = {}
         self._count: int | None = None
         self._generation = -1
-        self._field_ids: tuple[int, int, int, int] = (0, 0, 0, 0)
+        # ECC SBE and DBE totals and remapped rows pending, after the energy counter if read
+        self._field_ids: tuple[int, ...] = ()
+        self._energy_id: int | None = None
         self._uuids: dict[int, str] = {}  # the UUID last read at each index (for a lost GPU)
 
     # ------------------------------------------------------------------ round
@@ -153,12 +155,15 @@ class GpuCollector(Collector):
             self._generation = self.gw.generation
             self._devices.clear()
             self._count = None
-            self._field_ids = (
-                m.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION,
+            health = (
                 m.NVML_FI_DEV_ECC_SBE_VOL_TOTAL,
                 m.NVML_FI_DEV_ECC_DBE_VOL_TOTAL,
                 m.NVML_FI_DEV_REMAPPED_PENDING,
             )
+            self._energy_id = None
+            if self.ctx.gpu_energy_counter:
+                self._energy_id = m.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION
+            self._field_ids = health if self._energy_id is None else (self._energy_id, *health)
         count = self._count
         if count is None:
             count = self.gw.call("nvmlDeviceGetCount") or 0
@@ -225,12 +230,14 @@ class GpuCollector(Collector):
         state = self._state.get(uuid)
         if state is None:
             state = self._state[uuid] = _DeviceState()
-        energy_id, sbe_id, dbe_id, remapped_id = self._field_ids
+        sbe_id, dbe_id, remapped_id = self._field_ids[-3:]
         fields = self.gw.field_values(handle, self._field_ids)
         since, state.field_stamp_us = state.field_stamp_us, self.gw.field_stamp_us
-        energy_mj = fields[energy_id]
-        if energy_mj is None:
-            energy_mj = self.gw.call("nvmlDeviceGetTotalEnergyConsumption", handle)
+        energy_mj = None
+        if self._energy_id is not None:
+            energy_mj = fields[self._energy_id]
+            if energy_mj is None:
+                energy_mj = self.gw.call("nvmlDeviceGetTotalEnergyConsumption", handle)
         util, memory, power_mw, temperature, reasons = self.gw.readings(handle)
         for code in xids.get(index, []):
             state.xid_total += 1
