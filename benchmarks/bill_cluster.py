@@ -28,16 +28,14 @@ import numpy as np
 import pyarrow as pa
 
 from benchmarks import bill_duckdb
-from benchmarks.bill_scale import INVENTORY, cached, write_day
-from telemetry.schema import CPU_MODES, CPU_SCHEMA, GPU_SCHEMA, JOB_SCHEMA, OPTIONAL_COLUMNS
+from benchmarks.bill_scale import GPU_WRITTEN, INVENTORY, JOB_WRITTEN, cached, write_day
+from telemetry.schema import CPU_MODES, CPU_SCHEMA
 
 NS = 1_000_000_000
 T0 = 1_788_220_800 * NS  # 2026-09-01T00:00:00Z
 GPUS = 8
 STEP_S = 10
 JOB_HOURS = 3
-_GPU = pa.schema([f for f in GPU_SCHEMA if f.name not in OPTIONAL_COLUMNS["gpu"]])
-_JOB = pa.schema([f for f in JOB_SCHEMA if f.name not in OPTIONAL_COLUMNS["job"]])
 
 
 def _strings(values: list[str], indices: np.ndarray) -> pa.Array:
@@ -77,7 +75,7 @@ def generate(root: Path, nodes: int, hours: int, jobs: bool = True, seed: int = 
                 "power_watts": power, "energy_joules": energy,
                 "temperature_celsius": np.full(size, 55.0, np.float32),
                 "job_id": _strings(names, np.tile(job_of_step, GPUS)),
-            }, schema=_GPU), node, int(t[0]))  # fmt: skip
+            }, schema=GPU_WRITTEN), node, int(t[0]))  # fmt: skip
             if jobs:
                 write_day(root, "job", pa.table({
                     "time": t, "node": _strings([node], np.zeros(steps)),
@@ -88,7 +86,7 @@ def generate(root: Path, nodes: int, hours: int, jobs: bool = True, seed: int = 
                     "gpus_allocated": np.full(steps, 8.0, np.float32),
                     "cpu_seconds": np.cumsum(np.full(steps, 96.0 * STEP_S * 0.6)),
                     "memory_bytes": np.full(steps, 64 << 30, np.int64),
-                }, schema=_JOB), node, int(t[0]))  # fmt: skip
+                }, schema=JOB_WRITTEN), node, int(t[0]))  # fmt: skip
                 rows += steps
             elapsed = (t - T0) / NS + 1
             cpu: dict[str, object] = {"time": t, "node": _strings([node], np.zeros(steps)),

@@ -29,6 +29,10 @@ NS = 1_000_000_000
 T0 = 1_788_220_800 * NS  # 2026-09-01T00:00:00Z
 GPUS = 8
 INTERVAL_S = 10
+# The gpu and job files as a release before the optional columns wrote them (the reader fills
+# them in): the generated datasets exercise that path too.
+GPU_WRITTEN = pa.schema([f for f in GPU_SCHEMA if f.name not in OPTIONAL_COLUMNS["gpu"]])
+JOB_WRITTEN = pa.schema([f for f in JOB_SCHEMA if f.name not in OPTIONAL_COLUMNS["job"]])
 INVENTORY = """
 currency = "USD"
 [[pool]]
@@ -105,14 +109,14 @@ def generate(root: Path, nodes: int, hours: int, seed: int = 1) -> int:
                 "memory_used_bytes": np.full(size, 40 << 30, np.int64), "memory_total_bytes": np.full(size, 80 << 30, np.int64),
                 "power_watts": power, "energy_joules": energy, "temperature_celsius": np.full(size, 55.0, np.float32),
                 "job_id": jobs,
-            }, schema=pa.schema([f for f in GPU_SCHEMA if f.name not in OPTIONAL_COLUMNS["gpu"]])), node, day_ns)  # fmt: skip
+            }, schema=GPU_WRITTEN), node, day_ns)  # fmt: skip
             share = rng.choice([0.46, 1.0], size=size).astype(np.float32)
             write_day(root, "job", pa.table({
                 "time": t_rep, "node": np.full(size, node), "job_id": jobs,
                 "user": np.char.add("u", (block % 7).astype(str)), "account": np.char.add("tenant-", (gpu % 3).astype(str)),
                 "cpus_allocated": np.full(size, 12.0, np.float32), "gpus_allocated": share,
                 "cpu_seconds": np.cumsum(np.full(size, 12.0 * INTERVAL_S * 0.6)), "memory_bytes": np.full(size, 64 << 30, np.int64),
-            }, schema=pa.schema([f for f in JOB_SCHEMA if f.name not in OPTIONAL_COLUMNS["job"]])), node, day_ns)  # fmt: skip
+            }, schema=JOB_WRITTEN), node, day_ns)  # fmt: skip
             cpu: dict[str, object] = {
                 "time": t,
                 "node": np.full(steps, node),
