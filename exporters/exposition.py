@@ -280,6 +280,15 @@ def _block_text_small(
     return "".join(lines).encode()
 
 
+def _join_rows(parts: list[Any]) -> pa.Array:
+    """``parts`` (string arrays of one length, and literals) joined row by row."""
+    arrow = _arrow()
+    pa = arrow.pa
+    return arrow.pc.binary_join_element_wise(
+        *[pa.scalar(p, pa.string()) if isinstance(p, str) else p for p in parts], arrow.empty
+    )
+
+
 def _joined_span(span: list[Any], cache: dict[Any, tuple[Any, Any]]) -> pa.Array:
     """The label columns of ``span`` and the literals between them joined row by row, once a
     scrape: the families of one entity (a GPU's dozen) share their label columns, and one join
@@ -289,12 +298,7 @@ def _joined_span(span: list[Any], cache: dict[Any, tuple[Any, Any]]) -> pa.Array
     held = cache.get(key)
     arrays = tuple(p for p in span if not isinstance(p, str))
     if held is None or any(a is not b for a, b in zip(held[0], arrays, strict=True)):
-        arrow = _arrow()
-        pa = arrow.pa
-        joined = arrow.pc.binary_join_element_wise(
-            *[pa.scalar(p, pa.string()) if isinstance(p, str) else p for p in span], arrow.empty
-        )
-        held = cache[key] = (arrays, joined)
+        held = cache[key] = (arrays, _join_rows(span))
     return held[1]
 
 
@@ -338,10 +342,7 @@ def _block_text(
         heads = [h if isinstance(h, str) else pc.filter(h, mask) for h in heads]
     values = block.values if everything else block.values[keep]
     texts, line_ends = _value_strings(values)
-    parts = [*heads, texts, line_ends]
-    lines = pc.binary_join_element_wise(
-        *[pa.scalar(p, pa.string()) if isinstance(p, str) else p for p in parts], arrow.empty
-    )
+    lines = _join_rows([*heads, texts, line_ends])
     # The lines lie back to back in the array's data buffer: that buffer is the block's text.
     _, offsets, data = lines.buffers()
     bounds = np.frombuffer(offsets, dtype=np.int32)[lines.offset : lines.offset + len(lines) + 1]
